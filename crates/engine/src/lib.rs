@@ -1,1 +1,11 @@
-//! placeholder
+//! Running a model: a single-sequence [`Session`] (the CLI's chat, generate, eval and bench)
+//! with its paged KV cache, and the text edge of generation ([`text::TextStream`]).
+//!
+//! The continuous-batching engine of the server grows here on the same pieces: the model's
+//! flat batch, `ferrolm-kv` block ids, the sampler and the text stream.
+
+pub mod session;
+pub mod text;
+
+pub use session::{FinishReason, GenerateOptions, Generation, Session, SessionError, TokenEvent};
+pub use text::TextStream;

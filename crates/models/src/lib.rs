@@ -1,1 +1,128 @@
-//! placeholder
+//! Transformer models as pure math over a flat batch: tokens, positions and KV-cache slots
+//! in, logits out. No sampling, scheduling or text here (see `../shared/STYLE.md`).
+//!
+//! * [`llama`] — the Llama family (`llama`: SmolLM2, TinyLlama, Llama 2/3; `qwen2`).
+//! * [`quant`] — repacked 4/8-bit weights and their SIMD kernels, with a scalar reference.
+//! * [`KvCache`] — K/V storage in fixed-size blocks addressed by slot
+//!   (`block_id * block_size + offset`); which blocks a sequence owns is `ferrolm-kv`'s business.
+
+use ferrolm_gguf::{GgufFile, TensorInfo};
+
+pub mod linear;
+pub mod llama;
+pub mod quant;
+pub mod simd;
+
+pub use llama::{Llama, LlamaConfig, Scratch};
+pub use quant::Isa;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] ferrolm_gguf::GgufError),
+    #[error("{path}: tensor `{name}`: {reason}")]
+    Tensor {
+        path: String,
+        name: String,
+        reason: String,
+    },
+    #[error("{path}: architecture `{arch}` is not supported (supported: llama, qwen2)")]
+    UnsupportedArchitecture { path: String, arch: String },
+    #[error("{path}: {key}: {reason}")]
+    Config {
+        path: String,
+        key: String,
+        reason: String,
+    },
+    #[error("invalid batch: {0}")]
+    Batch(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    #[error("tensor library: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub(crate) fn tensor(g: &GgufFile, info: &TensorInfo, reason: &str) -> Self {
+        ModelError::Tensor {
+            path: g.path.display().to_string(),
+            name: info.name.clone(),
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+/// One sequence's part of a flat batch.
+#[derive(Debug, Clone)]
+pub struct SeqSpan<'a> {
+    /// Index of the sequence's first token in the batch, and how many it has in this step.
+    pub start: usize,
+    pub len: usize,
+    /// The blocks holding this sequence's KV, in position order.
+    pub block_table: &'a [u32],
+}
+
+/// A flat batch: tokens of several sequences back to back. Token `i` sits at `positions[i]`
+/// of its sequence; a sequence's tokens are consecutive, in position order, and its cache
+/// already holds positions `0..positions[start]` (earlier steps or a shared prefix).
+#[derive(Debug, Clone)]
+pub struct Batch<'a> {
+    pub tokens: &'a [u32],
+    pub positions: &'a [u32],
+    pub seqs: &'a [SeqSpan<'a>],
+    /// Batch indices whose logits are wanted (e.g. each sequence's last token; all of them for
+    /// perplexity). Logits come back in this order.
+    pub logits_for: &'a [usize],
+}
+
+/// K and V for every layer, in blocks of `block_size` token slots.
+/// Layout per layer: `[num_blocks, block_size, n_kv_heads, head_dim]`, f32.
+pub struct KvCache {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    n_layers: usize,
+    kv_dim: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl KvCache {
+    /// Zero-initialised storage; pages are only touched (and so only resident) once written.
+    pub fn new(cfg: &LlamaConfig, block_size: usize, num_blocks: usize) -> Self {
+        let kv_dim = cfg.n_kv_heads * cfg.head_dim;
+        let n = cfg.n_layers * num_blocks * block_size * kv_dim;
+        KvCache {
+            block_size,
+            num_blocks,
+            n_layers: cfg.n_layers,
+            kv_dim,
+            k: vec![0.0; n],
+            v: vec![0.0; n],
+        }
+    }
+
+    pub fn num_slots(&self) -> usize {
+        self.block_size * self.num_blocks
+    }
+
+    pub fn bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * 4
+    }
+
+    #[inline]
+    fn offset(&self, layer: usize, slot: usize) -> usize {
+        (layer * self.num_blocks * self.block_size + slot) * self.kv_dim
+    }
+
+    /// Copy the K/V of `src` block into `dst` (copy-on-write of a shared partial block).
+    pub fn copy_block(&mut self, src: u32, dst: u32) {
+        let bs = self.block_size;
+        for l in 0..self.n_layers {
+            let s = self.offset(l, src as usize * bs);
+            let d = self.offset(l, dst as usize * bs);
+            let len = bs * self.kv_dim;
+            self.k.copy_within(s..s + len, d);
+            self.v.copy_within(s..s + len, d);
+        }
+    }
+}

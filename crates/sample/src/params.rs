@@ -244,7 +244,9 @@ mod tests {
     const VOCAB: usize = 100;
 
     fn rejects(p: SamplingParams, needles: &[&str]) -> SampleError {
-        let err = p.validate(VOCAB).expect_err("these params must be rejected");
+        let err = p
+            .validate(VOCAB)
+            .expect_err("these params must be rejected");
         let msg = err.to_string();
         for n in needles {
             assert!(msg.contains(n), "message {msg:?} lacks {n:?}");
@@ -259,7 +261,10 @@ mod tests {
         assert!(SamplingParams::greedy().is_greedy());
         assert!(!SamplingParams::default().is_greedy());
         let d = SamplingParams::default();
-        assert_eq!((d.temperature, d.top_k, d.top_p, d.min_p), (0.8, 40, 0.95, 0.05));
+        assert_eq!(
+            (d.temperature, d.top_k, d.top_p, d.min_p),
+            (0.8, 40, 0.95, 0.05)
+        );
     }
 
     #[test]

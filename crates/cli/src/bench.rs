@@ -1,0 +1,120 @@
+//! `ferrolm bench`: prefill and decode speed, and peak memory, the way llama-bench reports them.
+//!
+//! Prefill N: N prompt tokens evaluated from an empty cache in one pass, tokens/s.
+//! Decode: 128 tokens generated one at a time after a 16-token prompt, greedy, timing only the
+//! decode steps. Each figure is the median of `--reps` runs after one warm-up. Peak RSS is the
+//! process' high-water mark (VmHWM) at the end.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use ferrolm_engine::Session;
+use serde_json::json;
+
+use crate::{load, threads, ModelArgs};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+    /// Repetitions per figure (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Tokens generated in the decode measurement.
+    #[arg(long, default_value_t = 128)]
+    decode_tokens: usize,
+    /// Print JSON: {"prefill_tps_128", "prefill_tps_512", "decode_tps", "peak_rss_mb", "threads"}.
+    #[arg(long)]
+    json: bool,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let m = load(&a.model)?;
+    let threads = threads(a.threads)?;
+    let reps = a.reps.max(1);
+    // A fixed, realistic token stream: the tokenized text of a public-domain sonnet, repeated.
+    let text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate: \
+                Rough winds do shake the darling buds of May, And summer's lease hath all too short a date. ";
+    let base = m.tok.encode(text, false)?;
+    let stream: Vec<u32> = base.iter().copied().cycle().take(512 + a.decode_tokens + 16).collect();
+    let ctx = 1024.max(16 + a.decode_tokens + 1);
+    let mut session = Session::new(&m.model, ctx, threads)?;
+
+    let mut prefill = |n: usize| -> Result<f64> {
+        let mut v = Vec::new();
+        for r in 0..=reps {
+            session.reset();
+            let t = Instant::now();
+            session.eval(&stream[..n], &[n - 1])?;
+            let dt = t.elapsed().as_secs_f64();
+            if r > 0 {
+                v.push(n as f64 / dt);
+            }
+        }
+        Ok(median(v))
+    };
+    let p128 = prefill(128)?;
+    let p512 = prefill(512)?;
+    let mut dv = Vec::new();
+    for r in 0..=reps {
+        session.reset();
+        let logits = session.eval(&stream[..16], &[15])?;
+        let mut next = argmax(&logits);
+        let t = Instant::now();
+        for _ in 0..a.decode_tokens {
+            let l = session.eval(&[next], &[0])?;
+            next = argmax(&l);
+        }
+        let dt = t.elapsed().as_secs_f64();
+        if r > 0 {
+            dv.push(a.decode_tokens as f64 / dt);
+        }
+    }
+    let decode = median(dv);
+    let rss = peak_rss_mb();
+    if a.json {
+        println!(
+            "{}",
+            json!({"engine": "ferrolm", "prefill_tps_128": p128, "prefill_tps_512": p512, "decode_tps": decode,
+                   "peak_rss_mb": rss, "threads": threads, "isa": m.model.isa.name(), "reps": reps})
+        );
+    } else {
+        println!("model:         {}", m.path.display());
+        println!("threads:       {threads} (kernels: {})", m.model.isa.name());
+        println!("prefill 128:   {p128:.1} tokens/s");
+        println!("prefill 512:   {p512:.1} tokens/s");
+        println!("decode:        {decode:.1} tokens/s ({} tokens)", a.decode_tokens);
+        println!("peak RSS:      {rss:.1} MiB");
+    }
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! One conversation with a model: KV cache, scratch and thread pool owned together.
+//!
+//! Contract: [`Session::eval`] appends tokens to the sequence (reusing whatever prefix is
+//! already cached: a chat's next turn only computes its new tokens) and returns the logits
+//! the caller asked for; [`Session::generate`] runs the sampler loop with stop conditions and
+//! streams each token's final text to a callback. Prompts longer than the context are an error,
+//! never a silent truncation.
+
+use std::time::{Duration, Instant};
+
+use ferrolm_kv::BlockAllocator;
+use ferrolm_models::{Batch, KvCache, Llama, ModelError, Scratch, SeqSpan};
+use ferrolm_sample::{Rng, SampleError, Sampled, Sampler, SamplingParams};
+use ferrolm_tokenizer::Tokenizer;
+
+use crate::text::TextStream;
+
+/// Tokens per KV block.
+pub const BLOCK_SIZE: usize = 16;
+/// Largest number of tokens in one forward pass (prefill is split into chunks of this size).
+pub const MAX_CHUNK: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Sample(#[from] SampleError),
+    #[error("the prompt has {prompt} tokens and the context holds {ctx}: shorten the prompt or raise --ctx (the model supports up to {model_ctx})")]
+    ContextFull { prompt: usize, ctx: usize, model_ctx: usize },
+    #[error("--max-tokens must be at least 1")]
+    ZeroMaxTokens,
+    #[error("the prompt is empty: give some text (or a chat message)")]
+    EmptyPrompt,
+    #[error("could not start {threads} threads: {reason}")]
+    Threads { threads: usize, reason: String },
+}
+
+pub struct Session<'m> {
+    pub model: &'m Llama,
+    kv: KvCache,
+    scratch: Scratch,
+    blocks: BlockAllocator,
+    table: Vec<u32>,
+    /// Tokens whose K/V are in the cache, in order.
+    cached: Vec<u32>,
+    pool: rayon::ThreadPool,
+    pub ctx: usize,
+    sampler: Sampler,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end token or a stop string.
+    Stop,
+    /// `max_tokens` reached or the context is full.
+    Length,
+    /// The caller's callback asked to stop (Ctrl-C).
+    Cancelled,
+}
+
+pub struct GenerateOptions {
+    pub params: SamplingParams,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    /// Token ids that end generation (EOS, the template's end-of-turn).
+    pub end_ids: Vec<u32>,
+    pub seed: u64,
+}
+
+/// One generated token as it streams out.
+#[derive(Debug)]
+pub struct TokenEvent<'a> {
+    pub id: u32,
+    /// Final text released by this token (may be empty while bytes or a stop prefix are held).
+    pub text: &'a str,
+    pub sampled: &'a Sampled,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Generation {
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    /// (chosen logprob, top alternatives) per token when logprobs were asked for.
+    pub logprobs: Vec<(Option<f32>, Vec<(u32, f32)>)>,
+    pub prompt_tokens: usize,
+    /// Prompt tokens served from the cache of earlier turns.
+    pub cached_tokens: usize,
+    #[serde(with = "secs")]
+    pub prefill_time: Duration,
+    #[serde(with = "secs")]
+    pub decode_time: Duration,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+impl<'m> Session<'m> {
+    /// A session with room for `ctx` tokens (capped by the model's context) on `threads` threads.
+    pub fn new(model: &'m Llama, ctx: usize, threads: usize) -> Result<Self, SessionError> {
+        let ctx = ctx.clamp(1, model.cfg.context_length);
+        let num_blocks = ctx.div_ceil(BLOCK_SIZE);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("ferrolm-{i}"))
+            .build()
+            .map_err(|e| SessionError::Threads {
+                threads,
+                reason: e.to_string(),
+            })?;
+        Ok(Session {
+            model,
+            kv: KvCache::new(&model.cfg, BLOCK_SIZE, num_blocks),
+            scratch: Scratch::new(),
+            blocks: BlockAllocator::new(BLOCK_SIZE, num_blocks),
+            table: Vec::new(),
+            cached: Vec::new(),
+            pool,
+            ctx,
+            sampler: Sampler::new(),
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Forget the cached sequence.
+    pub fn reset(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Keep only the first `len` cached tokens, returning freed blocks to the pool.
+    fn truncate(&mut self, len: usize) {
+        let len = len.min(self.cached.len());
+        self.cached.truncate(len);
+        let keep = self.blocks.blocks_for(len);
+        for b in self.table.drain(keep..) {
+            // Blocks in the table are allocated by construction.
+            let _ = self.blocks.release(b);
+        }
+    }
+
+    pub fn cached_tokens(&self) -> &[u32] {
+        &self.cached
+    }
+
+    /// Make the cached sequence equal `tokens` minus whatever is new, and return how many
+    /// tokens of `tokens` were already cached. At least one token is always left to compute,
+    /// so the caller gets fresh logits.
+    fn reuse_prefix(&mut self, tokens: &[u32]) -> usize {
+        let common = self
+            .cached
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(tokens.len().saturating_sub(1));
+        self.truncate(common);
+        common
+    }
+
+    /// Append `tokens` to the cached sequence; return logits for the positions in `want`
+    /// (indices into `tokens`), in order, as `want.len() × vocab` floats.
+    pub fn eval(&mut self, tokens: &[u32], want: &[usize]) -> Result<Vec<f32>, SessionError> {
+        let vocab = self.model.cfg.vocab_size;
+        let start = self.cached.len();
+        if start + tokens.len() > self.ctx {
+            return Err(SessionError::ContextFull {
+                prompt: start + tokens.len(),
+                ctx: self.ctx,
+                model_ctx: self.model.cfg.context_length,
+            });
+        }
+        if !self.blocks.grow(&mut self.table, start + tokens.len()) {
+            return Err(SessionError::ContextFull {
+                prompt: start + tokens.len(),
+                ctx: self.ctx,
+                model_ctx: self.model.cfg.context_length,
+            });
+        }
+        let mut out = Vec::with_capacity(want.len() * vocab);
+        let mut positions = Vec::with_capacity(MAX_CHUNK);
+        let mut logits_for = Vec::new();
+        for (c, chunk) in tokens.chunks(MAX_CHUNK).enumerate() {
+            let base = c * MAX_CHUNK;
+            positions.clear();
+            positions.extend((0..chunk.len()).map(|i| (start + base + i) as u32));
+            logits_for.clear();
+            logits_for.extend(want.iter().filter(|&&w| w >= base && w < base + chunk.len()).map(|&w| w - base));
+            let seqs = [SeqSpan {
+                start: 0,
+                len: chunk.len(),
+                block_table: &self.table,
+            }];
+            // The model always runs its head on at least one row; when this chunk wants no
+            // logits, one row is computed and dropped (one row of 49k dot products: cheap).
+            let need_head = if logits_for.is_empty() { vec![chunk.len() - 1] } else { Vec::new() };
+            let batch = Batch {
+                tokens: chunk,
+                positions: &positions,
+                seqs: &seqs,
+                logits_for: if logits_for.is_empty() { &need_head } else { &logits_for },
+            };
+            let (model, kv, scratch) = (self.model, &mut self.kv, &mut self.scratch);
+            self.pool.install(|| model.forward(&batch, kv, scratch))?;
+            if !logits_for.is_empty() {
+                out.extend_from_slice(&self.scratch.logits[..logits_for.len() * vocab]);
+            }
+            self.cached.extend_from_slice(chunk);
+        }
+        Ok(out)
+    }
+
+    /// Generate from `prompt` (ids, no BOS added here). `on_token` sees each token with its
+    /// released text; returning `false` cancels.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        tok: &Tokenizer,
+        opts: &GenerateOptions,
+        mut on_token: impl FnMut(TokenEvent) -> bool,
+    ) -> Result<Generation, SessionError> {
+        if prompt.is_empty() {
+            return Err(SessionError::EmptyPrompt);
+        }
+        if opts.max_tokens == 0 {
+            return Err(SessionError::ZeroMaxTokens);
+        }
+        opts.params.validate(self.model.cfg.vocab_size)?;
+        if prompt.len() >= self.ctx {
+            return Err(SessionError::ContextFull {
+                prompt: prompt.len(),
+                ctx: self.ctx,
+                model_ctx: self.model.cfg.context_length,
+            });
+        }
+        let t0 = Instant::now();
+        let cached = self.reuse_prefix(prompt);
+        let new = &prompt[cached..];
+        let mut logits = self.eval(new, &[new.len() - 1])?;
+        let prefill_time = t0.elapsed();
+
+        let t1 = Instant::now();
+        let mut rng = Rng::new(opts.params.seed.unwrap_or(opts.seed));
+        let mut history: Vec<u32> = prompt.to_vec();
+        let mut stream = TextStream::new(&opts.stop);
+        let mut ids = Vec::new();
+        let mut logprobs = Vec::new();
+        let finish;
+        loop {
+            let s = self.sampler.sample(&logits, &opts.params, &history, &mut rng);
+            ids.push(s.token);
+            history.push(s.token);
+            if opts.params.logprobs.is_some() {
+                logprobs.push((s.logprob, s.top.clone()));
+            }
+            if opts.end_ids.contains(&s.token) {
+                let rest = stream.finish();
+                on_token(TokenEvent { id: s.token, text: &rest, sampled: &s });
+                finish = FinishReason::Stop;
+                break;
+            }
+            let piece = stream.push(tok.token_bytes(s.token));
+            let keep_going = on_token(TokenEvent {
+                id: s.token,
+                text: &piece.text,
+                sampled: &s,
+            });
+            if piece.stop.is_some() {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if !keep_going {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            if ids.len() >= opts.max_tokens || self.cached.len() + 1 >= self.ctx {
+                finish = FinishReason::Length;
+                let rest = stream.finish();
+                if !rest.is_empty() {
+                    on_token(TokenEvent { id: s.token, text: &rest, sampled: &s });
+                }
+                break;
+            }
+            logits = self.eval(&[s.token], &[0])?;
+        }
+        Ok(Generation {
+            text: stream.text().to_owned(),
+            ids,
+            finish_reason: finish,
+            logprobs,
+            prompt_tokens: prompt.len(),
+            cached_tokens: cached,
+            prefill_time,
+            decode_time: t1.elapsed(),
+        })
+    }
+}

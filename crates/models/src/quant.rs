@@ -1,0 +1,655 @@
+//! Quantized weight matrices and their matrix-vector kernels — the hot path of inference.
+//!
+//! Every supported block format is repacked once at load into one layout, so one kernel
+//! family serves them all. A weight row is a sequence of 32-element blocks; for block `b`
+//!
+//! ```text
+//! w[i] = d[b] * q[i] + (offset)      q[i] unsigned (4-bit 0..15, or 8-bit 0..255)
+//! dot(w, x) = Σ_b  d[b]·dx[b]·Σ_i q[i]·qx[i]  +  m[b]·sx[b]
+//! ```
+//!
+//! where the activation `x` is quantized per 32-block to `qx` (i8) with scale `dx` and
+//! `sx = dx · Σ qx`. The offset folds into `m`: Q4_1 stores `m` itself, Q4_0 (`q - 8`) becomes
+//! `m = -8·d`, Q8_0 (signed `q`) is stored as `q + 128` with `m = -128·d`. So the integer part is
+//! always unsigned × signed bytes — exactly what AVX-512 VNNI `vpdpbusd` and AVX2 `vpmaddubsw`
+//! compute — and the float part is a short dot product. This is the same arithmetic as
+//! llama.cpp's Q4_1 × Q8_1 path (activations quantized to 8 bits), so results agree with it,
+//! not bit-for-bit with an f32 reference; `tests` bounds the difference.
+//!
+//! 4-bit layout: blocks are taken in pairs; the 32 bytes of a pair hold element `j` of the pair
+//! in the low nibble of byte `j` (j < 32) and element `j + 32` in the high nibble, so the low
+//! nibbles are block 0 in order and the high nibbles block 1. An odd last block is stored on its
+//! own the same way (element `j` low, `j + 16` high). 8-bit rows are plain bytes.
+//!
+//! Kernels: AVX-512 VNNI, AVX2 and scalar, picked at run time ([`Isa::detect`]); the scalar one
+//! is the obviously-correct path the tests hold the others to.
+
+use half::f16;
+
+/// Elements per quantization block.
+pub const QK: usize = 32;
+
+/// Instruction set the kernels run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512Vnni,
+    Avx2,
+    Scalar,
+}
+
+impl Isa {
+    /// Best available on this CPU; `FERROLM_ISA=scalar|avx2|avx512` forces a lower one.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        let best = if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+        {
+            Isa::Avx512Vnni
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let best = Isa::Scalar;
+        match std::env::var("FERROLM_ISA").as_deref() {
+            Ok("scalar") => Isa::Scalar,
+            Ok("avx2") if best != Isa::Scalar => Isa::Avx2,
+            _ => best,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Avx2 => "avx2",
+            Isa::Scalar => "scalar",
+        }
+    }
+}
+
+/// Bits per weight of a repacked matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QBits {
+    Four,
+    Eight,
+}
+
+/// A quantized `[rows, cols]` matrix in the repacked layout described in the module docs.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub bits: QBits,
+    /// `rows * nb` block scales.
+    d: Vec<f32>,
+    /// `rows * nb` block offsets (see module docs).
+    m: Vec<f32>,
+    /// Packed quants, `row_bytes` per row.
+    qs: Vec<u8>,
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Pack one row's 4-bit values (one per element, 0..15) into the paired-nibble layout.
+fn pack_nibbles(vals: &[u8], out: &mut Vec<u8>) {
+    let nb = vals.len() / QK;
+    let mut b = 0;
+    while b + 1 < nb {
+        let v = &vals[b * QK..(b + 2) * QK];
+        out.extend((0..32).map(|j| v[j] | (v[j + 32] << 4)));
+        b += 2;
+    }
+    if b < nb {
+        let v = &vals[b * QK..(b + 1) * QK];
+        out.extend((0..16).map(|j| v[j] | (v[j + 16] << 4)));
+    }
+}
+
+impl QMatrix {
+    pub fn nb(&self) -> usize {
+        self.cols / QK
+    }
+
+    fn row_bytes(&self) -> usize {
+        match self.bits {
+            QBits::Four => self.cols / 2,
+            QBits::Eight => self.cols,
+        }
+    }
+
+    /// Repack ggml Q4_0 / Q4_1 / Q8_0 bytes of a `[rows, cols]` matrix. `None` for other
+    /// types or a byte count that does not match.
+    pub fn from_ggml(ty: ferrolm_gguf::GgmlType, rows: usize, cols: usize, raw: &[u8]) -> Option<Self> {
+        use ferrolm_gguf::GgmlType as T;
+        if cols % QK != 0 {
+            return None;
+        }
+        let nb = cols / QK;
+        let bb = ty.block_bytes() as usize;
+        if raw.len() != rows * nb * bb {
+            return None;
+        }
+        let bits = match ty {
+            T::Q4_0 | T::Q4_1 => QBits::Four,
+            T::Q8_0 => QBits::Eight,
+            _ => return None,
+        };
+        let mut d = Vec::with_capacity(rows * nb);
+        let mut m = Vec::with_capacity(rows * nb);
+        let mut qs = Vec::with_capacity(rows * if bits == QBits::Four { cols / 2 } else { cols });
+        let mut vals = vec![0u8; cols];
+        for r in 0..rows {
+            for b in 0..nb {
+                let blk = &raw[(r * nb + b) * bb..(r * nb + b + 1) * bb];
+                let scale = f16_at(blk, 0);
+                let v = &mut vals[b * QK..(b + 1) * QK];
+                match ty {
+                    T::Q4_0 => {
+                        d.push(scale);
+                        m.push(-8.0 * scale);
+                        for j in 0..16 {
+                            v[j] = blk[2 + j] & 0x0F;
+                            v[j + 16] = blk[2 + j] >> 4;
+                        }
+                    }
+                    T::Q4_1 => {
+                        d.push(scale);
+                        m.push(f16_at(blk, 2));
+                        for j in 0..16 {
+                            v[j] = blk[4 + j] & 0x0F;
+                            v[j + 16] = blk[4 + j] >> 4;
+                        }
+                    }
+                    _ => {
+                        d.push(scale);
+                        m.push(-128.0 * scale);
+                        for j in 0..QK {
+                            v[j] = (blk[2 + j] as i8 as i16 + 128) as u8;
+                        }
+                    }
+                }
+            }
+            match bits {
+                QBits::Four => pack_nibbles(&vals, &mut qs),
+                QBits::Eight => qs.extend_from_slice(&vals),
+            }
+        }
+        Some(QMatrix {
+            rows,
+            cols,
+            bits,
+            d,
+            m,
+            qs,
+        })
+    }
+
+    /// Unpacked quant values of row `r` (one per element).
+    fn row_values(&self, r: usize) -> Vec<u8> {
+        let rb = self.row_bytes();
+        let q = &self.qs[r * rb..(r + 1) * rb];
+        match self.bits {
+            QBits::Eight => q.to_vec(),
+            QBits::Four => {
+                let nb = self.nb();
+                let mut out = vec![0u8; self.cols];
+                let mut b = 0;
+                while b + 1 < nb {
+                    let p = &q[b * 16..b * 16 + 32];
+                    for j in 0..32 {
+                        out[b * QK + j] = p[j] & 0x0F;
+                        out[b * QK + j + 32] = p[j] >> 4;
+                    }
+                    b += 2;
+                }
+                if b < nb {
+                    let p = &q[b * 16..b * 16 + 16];
+                    for j in 0..16 {
+                        out[b * QK + j] = p[j] & 0x0F;
+                        out[b * QK + j + 16] = p[j] >> 4;
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// Dequantize row `r` into `out` (the slow, obviously-correct path; also the embedding lookup).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let nb = self.nb();
+        let vals = self.row_values(r);
+        for b in 0..nb {
+            let (d, m) = (self.d[r * nb + b], self.m[r * nb + b]);
+            for j in 0..QK {
+                out[b * QK + j] = d * vals[b * QK + j] as f32 + m;
+            }
+        }
+    }
+
+    pub fn memory_bytes(&self) -> usize {
+        (self.d.len() + self.m.len()) * 4 + self.qs.len()
+    }
+
+    /// Stack matrices of the same width and bits along the rows. `None` if they differ.
+    pub fn concat_rows(parts: &[QMatrix]) -> Option<QMatrix> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.cols != first.cols || p.bits != first.bits) {
+            return None;
+        }
+        Some(QMatrix {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            bits: first.bits,
+            d: parts.iter().flat_map(|p| p.d.iter().copied()).collect(),
+            m: parts.iter().flat_map(|p| p.m.iter().copied()).collect(),
+            qs: parts.iter().flat_map(|p| p.qs.iter().copied()).collect(),
+        })
+    }
+}
+
+/// Activations quantized to 8 bits per 32-block: `n` rows of `cols`.
+#[derive(Debug, Default)]
+pub struct QActs {
+    pub n: usize,
+    pub cols: usize,
+    d: Vec<f32>,
+    sx: Vec<f32>,
+    qs: Vec<i8>,
+}
+
+impl QActs {
+    /// Quantize `x` (`n × cols`, row-major) in place of the previous contents; buffers are
+    /// reused, so steady-state decoding allocates nothing.
+    pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize) {
+        debug_assert_eq!(x.len(), n * cols);
+        let nb = cols / QK;
+        self.n = n;
+        self.cols = cols;
+        self.d.resize(n * nb, 0.0);
+        self.sx.resize(n * nb, 0.0);
+        self.qs.resize(n * cols, 0);
+        for (bi, blk) in x.chunks_exact(QK).enumerate() {
+            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let q = &mut self.qs[bi * QK..(bi + 1) * QK];
+            let mut sum = 0i32;
+            for (qi, &v) in q.iter_mut().zip(blk) {
+                let r = (v * id).round() as i32;
+                *qi = r as i8;
+                sum += r;
+            }
+            self.d[bi] = d;
+            self.sx[bi] = d * sum as f32;
+        }
+    }
+}
+
+/// `dot(w row r, x row t)` with the kernel for `isa`.
+fn dot_row(isa: Isa, w: &QMatrix, r: usize, x: &QActs, t: usize) -> f32 {
+    let nb = w.nb();
+    let rb = w.row_bytes();
+    let wq = &w.qs[r * rb..(r + 1) * rb];
+    let wd = &w.d[r * nb..(r + 1) * nb];
+    let wm = &w.m[r * nb..(r + 1) * nb];
+    let xq = &x.qs[t * w.cols..(t + 1) * w.cols];
+    let xd = &x.d[t * nb..(t + 1) * nb];
+    let xs = &x.sx[t * nb..(t + 1) * nb];
+    let mut acc = 0f32;
+    for b in 0..nb {
+        acc += wm[b] * xs[b];
+    }
+    acc + match (isa, w.bits) {
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512Vnni, QBits::Four) => unsafe { x86::dot4_avx512(wq, wd, xq, xd) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx512Vnni, QBits::Eight) => unsafe { x86::dot8_avx512(wq, wd, xq, xd) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, QBits::Four) => unsafe { x86::dot4_avx2(wq, wd, xq, xd) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, QBits::Eight) => unsafe { x86::dot8_avx2(wq, wd, xq, xd) },
+        (_, QBits::Four) => dot4_scalar(wq, wd, xq, xd),
+        (_, QBits::Eight) => dot8_scalar(wq, wd, xq, xd),
+    }
+}
+
+fn block_isum_u8(q: impl Iterator<Item = u8>, x: &[i8]) -> i32 {
+    q.zip(x).map(|(a, &b)| a as i32 * b as i32).sum()
+}
+
+/// Σ_b d_w·d_x·Σ q·qx for 4-bit rows (scalar reference).
+pub fn dot4_scalar(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
+    let nb = wd.len();
+    let mut acc = 0f32;
+    let mut b = 0;
+    while b + 1 < nb {
+        let p = &wq[b * 16..b * 16 + 32];
+        let s0 = block_isum_u8(p.iter().map(|v| v & 0x0F), &xq[b * QK..(b + 1) * QK]);
+        let s1 = block_isum_u8(p.iter().map(|v| v >> 4), &xq[(b + 1) * QK..(b + 2) * QK]);
+        acc += wd[b] * xd[b] * s0 as f32 + wd[b + 1] * xd[b + 1] * s1 as f32;
+        b += 2;
+    }
+    if b < nb {
+        let p = &wq[b * 16..b * 16 + 16];
+        let x = &xq[b * QK..(b + 1) * QK];
+        let s = block_isum_u8(p.iter().map(|v| v & 0x0F), &x[..16])
+            + block_isum_u8(p.iter().map(|v| v >> 4), &x[16..]);
+        acc += wd[b] * xd[b] * s as f32;
+    }
+    acc
+}
+
+/// Σ_b d_w·d_x·Σ q·qx for 8-bit rows (scalar reference).
+pub fn dot8_scalar(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for b in 0..wd.len() {
+        let s = block_isum_u8(wq[b * QK..(b + 1) * QK].iter().copied(), &xq[b * QK..(b + 1) * QK]);
+        acc += wd[b] * xd[b] * s as f32;
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::QK;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Broadcast `a` to lanes 0..8 and `b` to lanes 8..16.
+    #[inline(always)]
+    unsafe fn scale_pair(a: f32, b: f32) -> __m512 {
+        _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512dq,avx2,fma")]
+    pub unsafe fn dot4_avx512(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
+        let nb = wd.len();
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm512_setzero_ps();
+        let mut b = 0;
+        let wp = wq.as_ptr();
+        let xp = xq.as_ptr();
+        unsafe {
+            while b + 1 < nb {
+                let v = _mm256_loadu_si256(wp.add(b * 16) as *const __m256i);
+                let lo = _mm256_and_si256(v, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                let w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                let x = _mm512_loadu_si512(xp.add(b * QK) as *const __m512i);
+                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+                let s = scale_pair(wd[b] * xd[b], wd[b + 1] * xd[b + 1]);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), s, acc);
+                b += 2;
+            }
+            let mut tail = _mm256_setzero_ps();
+            if b < nb {
+                let v = _mm_loadu_si128(wp.add(b * 16) as *const __m128i);
+                let m = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(v, m);
+                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+                let w = _mm256_set_m128i(hi, lo);
+                let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+                tail = _mm256_mul_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(wd[b] * xd[b]));
+            }
+            _mm512_reduce_add_ps(acc) + hsum256(tail)
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512dq,avx2,fma")]
+    pub unsafe fn dot8_avx512(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
+        let nb = wd.len();
+        let mut acc = _mm512_setzero_ps();
+        let mut b = 0;
+        let wp = wq.as_ptr();
+        let xp = xq.as_ptr();
+        unsafe {
+            while b + 1 < nb {
+                let w = _mm512_loadu_si512(wp.add(b * QK) as *const __m512i);
+                let x = _mm512_loadu_si512(xp.add(b * QK) as *const __m512i);
+                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+                let s = scale_pair(wd[b] * xd[b], wd[b + 1] * xd[b + 1]);
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), s, acc);
+                b += 2;
+            }
+            let mut tail = _mm256_setzero_ps();
+            if b < nb {
+                let w = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
+                let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+                tail = _mm256_mul_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(wd[b] * xd[b]));
+            }
+            _mm512_reduce_add_ps(acc) + hsum256(tail)
+        }
+    }
+
+    /// u8 × i8 block of 32 → 8 i32 partial sums, without VNNI. `vpmaddubsw` saturates at
+    /// ±32767, which 255 · 127 · 2 = 64770 could reach for 8-bit rows, so split the u8 into
+    /// its high and low nibbles for those (4-bit rows cannot saturate: 15 · 128 · 2 < 32767).
+    #[inline(always)]
+    unsafe fn isum_u4(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    unsafe fn isum_u8(w: __m256i, x: __m256i) -> __m256i {
+        let m = _mm256_set1_epi8(0x0F);
+        let lo = _mm256_and_si256(w, m);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);
+        let slo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x), _mm256_set1_epi16(1));
+        let shi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x), _mm256_set1_epi16(16));
+        _mm256_add_epi32(slo, shi)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4_avx2(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
+        let nb = wd.len();
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut acc = _mm256_setzero_ps();
+        let mut b = 0;
+        let wp = wq.as_ptr();
+        let xp = xq.as_ptr();
+        unsafe {
+            while b + 1 < nb {
+                let v = _mm256_loadu_si256(wp.add(b * 16) as *const __m256i);
+                let lo = _mm256_and_si256(v, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
+                let s0 = _mm256_cvtepi32_ps(isum_u4(lo, x0));
+                let s1 = _mm256_cvtepi32_ps(isum_u4(hi, x1));
+                acc = _mm256_fmadd_ps(s0, _mm256_set1_ps(wd[b] * xd[b]), acc);
+                acc = _mm256_fmadd_ps(s1, _mm256_set1_ps(wd[b + 1] * xd[b + 1]), acc);
+                b += 2;
+            }
+            if b < nb {
+                let v = _mm_loadu_si128(wp.add(b * 16) as *const __m128i);
+                let m = _mm_set1_epi8(0x0F);
+                let w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+                let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                let s = _mm256_cvtepi32_ps(isum_u4(w, x));
+                acc = _mm256_fmadd_ps(s, _mm256_set1_ps(wd[b] * xd[b]), acc);
+            }
+            hsum256(acc)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot8_avx2(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let wp = wq.as_ptr();
+        let xp = xq.as_ptr();
+        unsafe {
+            for b in 0..wd.len() {
+                let w = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
+                let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                let s = _mm256_cvtepi32_ps(isum_u8(w, x));
+                acc = _mm256_fmadd_ps(s, _mm256_set1_ps(wd[b] * xd[b]), acc);
+            }
+            hsum256(acc)
+        }
+    }
+}
+
+/// A raw pointer that may cross threads: each thread writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `out (n × w.rows) = x (n × w.cols) · wᵀ`, rows of `w` split across the rayon pool.
+pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
+    use rayon::prelude::*;
+    let n = x.n;
+    let m = w.rows;
+    assert_eq!(x.cols, w.cols, "activation width must equal the weight's input width");
+    assert!(out.len() >= n * m);
+    let ptr = SendPtr(out.as_mut_ptr());
+    // Enough chunks for work stealing to absorb a busy core, few enough to stay cheap.
+    let chunk = (m / (4 * rayon::current_num_threads().max(1))).clamp(16, 512);
+    (0..m.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let p = ptr;
+        for r in c * chunk..((c + 1) * chunk).min(m) {
+            for t in 0..n {
+                let v = dot_row(isa, w, r, x, t);
+                // SAFETY: (t, r) pairs are disjoint across chunks and within bounds (asserted).
+                unsafe { *p.0.add(t * m + r) = v };
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use ferrolm_gguf::GgmlType;
+
+    /// Deterministic pseudo-random bytes/floats.
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (*seed >> 33) as u32
+    }
+
+    fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
+        let nb = cols / QK;
+        let bb = ty.block_bytes() as usize;
+        let mut raw = Vec::with_capacity(rows * nb * bb);
+        for _ in 0..rows * nb {
+            let d = f16::from_f32(0.001 + (lcg(seed) % 1000) as f32 * 1e-5);
+            raw.extend_from_slice(&d.to_le_bytes());
+            if ty == GgmlType::Q4_1 {
+                let m = f16::from_f32(-0.01 * (lcg(seed) % 100) as f32 / 100.0);
+                raw.extend_from_slice(&m.to_le_bytes());
+            }
+            let n = bb - raw.len() % bb;
+            for _ in 0..(if n == bb { 0 } else { n }) {
+                raw.push(lcg(seed) as u8);
+            }
+        }
+        raw
+    }
+
+    /// Reference dequantization straight from the ggml block definitions.
+    fn ggml_dequant(ty: GgmlType, raw: &[u8], n: usize) -> Vec<f32> {
+        let bb = ty.block_bytes() as usize;
+        let mut out = vec![0f32; n];
+        for (b, blk) in raw.chunks_exact(bb).enumerate() {
+            let d = f16_at(blk, 0);
+            for j in 0..QK {
+                out[b * QK + j] = match ty {
+                    GgmlType::Q4_0 => {
+                        let q = if j < 16 { blk[2 + j] & 15 } else { blk[2 + j - 16] >> 4 };
+                        (q as f32 - 8.0) * d
+                    }
+                    GgmlType::Q4_1 => {
+                        let q = if j < 16 { blk[4 + j] & 15 } else { blk[4 + j - 16] >> 4 };
+                        q as f32 * d + f16_at(blk, 2)
+                    }
+                    _ => blk[2 + j] as i8 as f32 * d,
+                };
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn repack_matches_ggml_dequantization() {
+        let mut seed = 7;
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            for cols in [32, 64, 96, 576] {
+                let rows = 3;
+                let raw = random_blocks(ty, rows, cols, &mut seed);
+                let w = QMatrix::from_ggml(ty, rows, cols, &raw).unwrap();
+                let want = ggml_dequant(ty, &raw, rows * cols);
+                let mut got = vec![0f32; cols];
+                for r in 0..rows {
+                    w.dequantize_row(r, &mut got);
+                    for (a, b) in got.iter().zip(&want[r * cols..(r + 1) * cols]) {
+                        assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{ty:?} {cols}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_kernels_match_scalar_and_f32() {
+        let mut seed = 11;
+        let isas: Vec<Isa> = [Isa::Avx512Vnni, Isa::Avx2]
+            .into_iter()
+            .filter(|&i| match i {
+                Isa::Avx512Vnni => Isa::detect() == Isa::Avx512Vnni,
+                Isa::Avx2 => Isa::detect() != Isa::Scalar,
+                Isa::Scalar => true,
+            })
+            .collect();
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            for cols in [32, 64, 96, 576, 1536] {
+                let (rows, n) = (5, 3);
+                let raw = random_blocks(ty, rows, cols, &mut seed);
+                let w = QMatrix::from_ggml(ty, rows, cols, &raw).unwrap();
+                let x: Vec<f32> = (0..n * cols).map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0).collect();
+                let mut qa = QActs::default();
+                qa.quantize(&x, n, cols);
+                let mut want = vec![0f32; n * rows];
+                matmul(Isa::Scalar, &w, &qa, &mut want);
+                for &isa in &isas {
+                    let mut got = vec![0f32; n * rows];
+                    matmul(isa, &w, &qa, &mut got);
+                    for (a, b) in got.iter().zip(&want) {
+                        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{ty:?} {isa:?} {cols}: {a} vs {b}");
+                    }
+                }
+                // Against f32 math on the dequantized weights: the only difference is the
+                // activations' 8-bit quantization, |err| ≤ Σ|w|·dx/2 per row.
+                let mut wrow = vec![0f32; cols];
+                for r in 0..rows {
+                    w.dequantize_row(r, &mut wrow);
+                    for t in 0..n {
+                        let xr = &x[t * cols..(t + 1) * cols];
+                        let exact: f32 = wrow.iter().zip(xr).map(|(a, b)| a * b).sum();
+                        let amax = xr.iter().fold(0f32, |a, v| a.max(v.abs()));
+                        let bound = wrow.iter().map(|v| v.abs()).sum::<f32>() * amax / 127.0 / 2.0 + 1e-4;
+                        let got = want[t * rows + r];
+                        assert!((got - exact).abs() <= bound, "{ty:?} {cols}: {got} vs {exact} (bound {bound})");
+                    }
+                }
+            }
+        }
+    }
+}
