@@ -20,6 +20,15 @@ rounds for each engine and the ratio ferrolm/llama.cpp of the medians (higher
 is better for the tokens/s figures, lower is better for peak_rss_mb).
 --json-out FILE also writes everything (machine info, every round, summary) as JSON.
 
+Comparability: both use n_ctx 1024, one pass for each prefill from an empty
+cache, and decode = 128 greedy single-token steps (step + argmax timed) after a
+16-token prompt, median of 3 after one warm-up by default. The prompt text
+differs (ferrolm: a repeated sonnet; bench_llamacpp.py: tinyshakespeare), which
+does not matter for a dense model's speed. ferrolm's peak_rss_mb is its VmHWM;
+llama.cpp's includes a Python interpreter (python_baseline_rss_mb, shown).
+On a 2-core machine with other load, threads=2 runs of spin-waiting thread pools
+can be many times slower than usual: check the load averages and min..max.
+
 This script itself needs only the Python standard library; llama.cpp needs the
 venv described in scripts/bench_llamacpp.py (default: .venv-bench/bin/python).
 """
@@ -173,6 +182,9 @@ def print_report(info, summary, args):
     out.write(f"nproc           {info['nproc']}    mem {info['mem_total_gib']} GiB    kernel {info['kernel']}\n")
     la0, la1 = info["loadavg_start"], info["loadavg_end"]
     out.write(f"load avg        start {' '.join(map(str, la0 or []))}   end {' '.join(map(str, la1 or []))}\n")
+    if (la0 and la0[0] > 0.5) or (la1 and la1[0] > 0.5):
+        out.write("WARNING         the machine was not idle (1-min load avg > 0.5): timings are noisy; with\n"
+                  "                spin-waiting thread pools, threads >= free cores can be many times slower\n")
     out.write(f"repo            {info['repo_commit']}\n")
     out.write(f"model           {args.model}\n")
     out.write(f"threads         {args.threads}    rounds {args.rounds} (order alternates each round)\n")

@@ -17,12 +17,12 @@ imports llama_cpp or numpy):
      logits_all=False) and measures
        * prefill_tps_N (N = 128, 512): one llama_decode() of the first N
          tokens of the prompt text, KV cache cleared before each run;
-         1 warm-up + median of --reps-prefill runs; tps = N / seconds.
+         1 warm-up + median of --reps-prefill runs (default 3); tps = N / seconds.
        * decode_tps: KV cleared, a --decode-prompt-token (default 16) prompt is
          prefilled (not timed), then --decode-tokens (default 128) greedy steps,
-         each one llama_decode() of a single token; only the llama_decode()
-         calls are timed (the argmax over the logits is not);
-         tps = steps / summed seconds; 1 warm-up + median of --reps-decode runs.
+         each one llama_decode() of a single token + argmax over the logits
+         (the same definition as `ferrolm bench`); the loop of steps is timed;
+         tps = steps / seconds; 1 warm-up + median of --reps-decode runs.
   2. rss worker: a separate fresh process that loads the model and runs the
      same workload; peak_rss_mb = its getrusage(RUSAGE_SELF).ru_maxrss / 1024
      (KiB -> MiB; includes the Python interpreter, numpy and the llama_cpp
@@ -38,9 +38,9 @@ add_special=False, parse_special=False: no BOS) and truncated to N tokens.
 
 Usage (from the repository root, with the bench venv):
   .venv-bench/bin/python scripts/bench_llamacpp.py --model PATH.gguf --threads 1
-  .venv-bench/bin/python scripts/bench_llamacpp.py --model PATH.gguf --threads 2 --reps-prefill 5 --reps-decode 3
+  .venv-bench/bin/python scripts/bench_llamacpp.py --model PATH.gguf --threads 2 --reps-prefill 5 --reps-decode 5
 
-Install (what was used; CPU backend only, native CPU flags, ~20-30 min on 2 busy cores):
+Install (what was used; CPU backend only, native CPU flags; took 491 s (download + build) with 2 busy cores):
   python3 -m venv .venv-bench
   MAKEFLAGS=-j2 CMAKE_BUILD_PARALLEL_LEVEL=2 \\
   CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF" \\
@@ -181,10 +181,11 @@ class Engine:
             self.clear()
             self.decode(prompt[:n_prompt])  # not timed
             tok = self.argmax_last()
-            total = 0.0
+            t0 = time.perf_counter()
             for _ in range(steps):
-                total += self.decode([tok])
+                self.decode([tok])
                 tok = self.argmax_last()
+            total = time.perf_counter() - t0
             if i:
                 runs.append(steps / total)
         return runs
@@ -249,8 +250,8 @@ def main():
     ap.add_argument("--model", required=True, help="GGUF file")
     ap.add_argument("--threads", type=int, required=True, help="n_threads = n_threads_batch")
     ap.add_argument("--text", default=DEFAULT_TEXT, help="prompt text file (default: %(default)s)")
-    ap.add_argument("--reps-prefill", type=int, default=5, help="timed prefill runs per length (default 5)")
-    ap.add_argument("--reps-decode", type=int, default=3, help="timed decode runs (default 3)")
+    ap.add_argument("--reps-prefill", type=int, default=3, help="timed prefill runs per length (default 3, as ferrolm bench)")
+    ap.add_argument("--reps-decode", type=int, default=3, help="timed decode runs (default 3, as ferrolm bench)")
     ap.add_argument("--decode-tokens", type=int, default=128, help="decode steps per run (default 128)")
     ap.add_argument("--decode-prompt", type=int, default=16, help="prompt tokens before decoding (default 16)")
     ap.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
@@ -288,6 +289,8 @@ def main():
         "mmap": not args.no_mmap,
         "flash_attn": args.flash_attn,
         "reps": {"prefill": args.reps_prefill, "decode": args.reps_decode},
+        # the individual timed runs behind each median (timing worker)
+        "runs": {k[:-5]: timing[k] for k in timing if k.endswith("_runs")},
     }
     print(json.dumps(out), flush=True)
 

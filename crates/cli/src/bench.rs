@@ -66,7 +66,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate: \
                 Rough winds do shake the darling buds of May, And summer's lease hath all too short a date. ";
     let base = m.tok.encode(text, false)?;
-    let stream: Vec<u32> = base.iter().copied().cycle().take(512 + a.decode_tokens + 16).collect();
+    let stream: Vec<u32> = base
+        .iter()
+        .copied()
+        .cycle()
+        .take(512 + a.decode_tokens + 16)
+        .collect();
     let ctx = 1024.max(16 + a.decode_tokens + 1);
     let mut session = Session::new(&m.model, ctx, threads)?;
 
@@ -113,7 +118,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("threads:       {threads} (kernels: {})", m.model.isa.name());
         println!("prefill 128:   {p128:.1} tokens/s");
         println!("prefill 512:   {p512:.1} tokens/s");
-        println!("decode:        {decode:.1} tokens/s ({} tokens)", a.decode_tokens);
+        println!(
+            "decode:        {decode:.1} tokens/s ({} tokens)",
+            a.decode_tokens
+        );
         println!("peak RSS:      {rss:.1} MiB");
     }
     Ok(())

@@ -69,10 +69,17 @@ pub fn run(a: ChatArgs) -> Result<()> {
                     eprintln!("(conversation cleared)");
                 }
                 "system" => {
-                    system = if arg.trim().is_empty() { None } else { Some(arg.to_owned()) };
+                    system = if arg.trim().is_empty() {
+                        None
+                    } else {
+                        Some(arg.to_owned())
+                    };
                     history.clear();
                     session.reset();
-                    eprintln!("(system prompt {}; conversation cleared)", if system.is_some() { "set" } else { "removed" });
+                    eprintln!(
+                        "(system prompt {}; conversation cleared)",
+                        if system.is_some() { "set" } else { "removed" }
+                    );
                 }
                 "stats" => {
                     stats = !stats;

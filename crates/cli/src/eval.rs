@@ -47,10 +47,15 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         bail!("--ctx must be at least 2 (position 0 of each window is not scored)");
     }
     let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
-    let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{}: not valid UTF-8 text", a.file.display()))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| anyhow::anyhow!("{}: not valid UTF-8 text", a.file.display()))?;
     let m = load(&a.model)?;
     if a.ctx > m.model.cfg.context_length {
-        bail!("--ctx {} exceeds the model's context length {}", a.ctx, m.model.cfg.context_length);
+        bail!(
+            "--ctx {} exceeds the model's context length {}",
+            a.ctx,
+            m.model.cfg.context_length
+        );
     }
     let mut ids = m.tok.encode(&text, false)?;
     if let Some(t) = a.tokens {
@@ -58,7 +63,11 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
     }
     let windows = ids.len() / a.ctx;
     if windows == 0 {
-        bail!("the file has {} tokens, fewer than one window of --ctx {}", ids.len(), a.ctx);
+        bail!(
+            "the file has {} tokens, fewer than one window of --ctx {}",
+            ids.len(),
+            a.ctx
+        );
     }
     let mut session = Session::new(&m.model, a.ctx, threads(a.threads)?)?;
     let vocab = m.model.cfg.vocab_size;
@@ -75,7 +84,9 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         session.reset();
         for start in (0..a.ctx).step_by(CHUNK) {
             let chunk = &win[start..(start + CHUNK).min(a.ctx)];
-            let want: Vec<usize> = (0..chunk.len()).filter(|&i| start + i + 1 < a.ctx).collect();
+            let want: Vec<usize> = (0..chunk.len())
+                .filter(|&i| start + i + 1 < a.ctx)
+                .collect();
             let logits = session.eval(chunk, &want)?;
             for (j, &i) in want.iter().enumerate() {
                 let row = &logits[j * vocab..(j + 1) * vocab];

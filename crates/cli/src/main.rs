@@ -18,7 +18,11 @@ mod eval;
 mod store;
 
 #[derive(Parser)]
-#[command(name = "ferrolm", version, about = "Run, serve and train language models, self-hosted.")]
+#[command(
+    name = "ferrolm",
+    version,
+    about = "Run, serve and train language models, self-hosted."
+)]
 #[command(
     after_help = "With no --model, commands use the default model (SmolLM2-135M-Instruct Q4_1), installed on first use into $FERROLM_HOME (default ~/.cache/ferrolm)."
 )]
@@ -70,31 +74,31 @@ pub struct RunArgs {
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Keep the k most likely tokens (0: off).
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
     /// Nucleus sampling mass in (0, 1] (1: off).
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Drop tokens less likely than min_p × the most likely one (0: off).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
     pub min_p: f32,
     /// Repetition penalty (1: off), over the last --repeat-last-n tokens.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repeat_penalty: f32,
     /// Window of previous tokens the penalties look at.
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
     /// OpenAI frequency penalty in [-2, 2].
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub frequency_penalty: f32,
     /// OpenAI presence penalty in [-2, 2].
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub presence_penalty: f32,
     /// Add BIAS to token ID's logit, as ID=BIAS (repeatable; -100 bans a token).
-    #[arg(long = "logit-bias", value_name = "ID=BIAS")]
+    #[arg(long = "logit-bias", value_name = "ID=BIAS", allow_hyphen_values = true)]
     pub logit_bias: Vec<String>,
     /// Random seed (same seed + same input ⇒ same output). Default: random.
     #[arg(long)]
@@ -108,8 +112,14 @@ impl SamplingArgs {
             let (id, v) = b
                 .split_once('=')
                 .with_context(|| format!("--logit-bias `{b}`: expected ID=BIAS, e.g. 42=-100"))?;
-            let id: u32 = id.trim().parse().with_context(|| format!("--logit-bias `{b}`: `{id}` is not a token id"))?;
-            let v: f32 = v.trim().parse().with_context(|| format!("--logit-bias `{b}`: `{v}` is not a number"))?;
+            let id: u32 = id
+                .trim()
+                .parse()
+                .with_context(|| format!("--logit-bias `{b}`: `{id}` is not a token id"))?;
+            let v: f32 = v
+                .trim()
+                .parse()
+                .with_context(|| format!("--logit-bias `{b}`: `{v}` is not a number"))?;
             bias.push((id, v));
         }
         Ok(SamplingParams {
@@ -208,7 +218,14 @@ impl Loaded {
     /// Ids that end a reply: EOS and the usual end-of-turn tokens the vocabulary has.
     pub fn end_ids(&self) -> Vec<u32> {
         let mut ids: Vec<u32> = self.tok.eos_id.into_iter().collect();
-        for s in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<|end|>", "</s>", "<|end_of_text|>"] {
+        for s in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|endoftext|>",
+            "<|end|>",
+            "</s>",
+            "<|end_of_text|>",
+        ] {
             if let Some(id) = self.tok.special_id(s) {
                 if !ids.contains(&id) {
                     ids.push(id);
@@ -242,7 +259,11 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    bar.set_message(path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default());
+    bar.set_message(
+        path.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
     let model = Llama::load(&gguf, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
@@ -379,7 +400,8 @@ fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
     };
     let ids = if a.chat {
         let msgs = if text.trim_start().starts_with('[') {
-            serde_json::from_str(&text).context("--chat: the text starts with `[` but is not a JSON array of messages")?
+            serde_json::from_str(&text)
+                .context("--chat: the text starts with `[` but is not a JSON array of messages")?
         } else {
             messages(a.system.as_deref(), &text)
         };
@@ -389,7 +411,10 @@ fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
     };
     let pieces: Vec<&str> = ids.iter().map(|&i| tok.piece(i)).collect();
     if a.json {
-        println!("{}", json!({"ids": ids, "pieces": pieces, "count": ids.len()}));
+        println!(
+            "{}",
+            json!({"ids": ids, "pieces": pieces, "count": ids.len()})
+        );
     } else {
         for (id, p) in ids.iter().zip(&pieces) {
             println!("{id:>7}  {p:?}");
@@ -408,7 +433,10 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
         *types.entry(format!("{:?}", t.ggml_type)).or_default() += 1;
     }
     println!("file:            {}", m.path.display());
-    println!("name:            {}", g.get_str("general.name").unwrap_or("?"));
+    println!(
+        "name:            {}",
+        g.get_str("general.name").unwrap_or("?")
+    );
     println!("architecture:    {} ({:?})", g.architecture()?, c.arch);
     println!("parameters:      {:.1} M", m.model.n_params() as f64 / 1e6);
     println!(
@@ -416,9 +444,22 @@ fn cmd_info(a: ModelArgs) -> Result<()> {
         c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim
     );
     println!("context length:  {}", c.context_length);
-    println!("rope:            theta {}, {} dims, {}", c.rope_theta, c.rope_dim, if c.rope_neox { "neox" } else { "interleaved" });
-    println!("tensor types:    {types:?} ({} tensors, {:.1} MiB)", g.tensors.len(), g.tensor_data_bytes() as f64 / 1048576.0);
-    println!("in memory:       {:.1} MiB of weights; {}", m.model.weight_bytes() as f64 / 1048576.0, m.model.kernel_summary());
+    println!(
+        "rope:            theta {}, {} dims, {}",
+        c.rope_theta,
+        c.rope_dim,
+        if c.rope_neox { "neox" } else { "interleaved" }
+    );
+    println!(
+        "tensor types:    {types:?} ({} tensors, {:.1} MiB)",
+        g.tensors.len(),
+        g.tensor_data_bytes() as f64 / 1048576.0
+    );
+    println!(
+        "in memory:       {:.1} MiB of weights; {}",
+        m.model.weight_bytes() as f64 / 1048576.0,
+        m.model.kernel_summary()
+    );
     println!(
         "tokenizer:       {} / pre `{}`, {} tokens, {} special, bos {:?}, eos {:?}",
         g.get_str("tokenizer.ggml.model").unwrap_or("?"),

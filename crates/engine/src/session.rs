@@ -27,7 +27,11 @@ pub enum SessionError {
     #[error(transparent)]
     Sample(#[from] SampleError),
     #[error("the prompt has {prompt} tokens and the context holds {ctx}: shorten the prompt or raise --ctx (the model supports up to {model_ctx})")]
-    ContextFull { prompt: usize, ctx: usize, model_ctx: usize },
+    ContextFull {
+        prompt: usize,
+        ctx: usize,
+        model_ctx: usize,
+    },
     #[error("--max-tokens must be at least 1")]
     ZeroMaxTokens,
     #[error("the prompt is empty: give some text (or a chat message)")]
@@ -78,13 +82,16 @@ pub struct TokenEvent<'a> {
     pub sampled: &'a Sampled,
 }
 
+/// A token's log-probability and its top alternatives `(id, logprob)`.
+pub type TokenLogprobs = (Option<f32>, Vec<(u32, f32)>);
+
 #[derive(Debug, serde::Serialize)]
 pub struct Generation {
     pub ids: Vec<u32>,
     pub text: String,
     pub finish_reason: FinishReason,
     /// (chosen logprob, top alternatives) per token when logprobs were asked for.
-    pub logprobs: Vec<(Option<f32>, Vec<(u32, f32)>)>,
+    pub logprobs: Vec<TokenLogprobs>,
     pub prompt_tokens: usize,
     /// Prompt tokens served from the cache of earlier turns.
     pub cached_tokens: usize,
@@ -95,7 +102,10 @@ pub struct Generation {
 }
 
 mod secs {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
     }
 }
@@ -192,7 +202,11 @@ impl<'m> Session<'m> {
             positions.clear();
             positions.extend((0..chunk.len()).map(|i| (start + base + i) as u32));
             logits_for.clear();
-            logits_for.extend(want.iter().filter(|&&w| w >= base && w < base + chunk.len()).map(|&w| w - base));
+            logits_for.extend(
+                want.iter()
+                    .filter(|&&w| w >= base && w < base + chunk.len())
+                    .map(|&w| w - base),
+            );
             let seqs = [SeqSpan {
                 start: 0,
                 len: chunk.len(),
@@ -200,12 +214,20 @@ impl<'m> Session<'m> {
             }];
             // The model always runs its head on at least one row; when this chunk wants no
             // logits, one row is computed and dropped (one row of 49k dot products: cheap).
-            let need_head = if logits_for.is_empty() { vec![chunk.len() - 1] } else { Vec::new() };
+            let need_head = if logits_for.is_empty() {
+                vec![chunk.len() - 1]
+            } else {
+                Vec::new()
+            };
             let batch = Batch {
                 tokens: chunk,
                 positions: &positions,
                 seqs: &seqs,
-                logits_for: if logits_for.is_empty() { &need_head } else { &logits_for },
+                logits_for: if logits_for.is_empty() {
+                    &need_head
+                } else {
+                    &logits_for
+                },
             };
             let (model, kv, scratch) = (self.model, &mut self.kv, &mut self.scratch);
             self.pool.install(|| model.forward(&batch, kv, scratch))?;
@@ -254,7 +276,9 @@ impl<'m> Session<'m> {
         let mut logprobs = Vec::new();
         let finish;
         loop {
-            let s = self.sampler.sample(&logits, &opts.params, &history, &mut rng);
+            let s = self
+                .sampler
+                .sample(&logits, &opts.params, &history, &mut rng);
             ids.push(s.token);
             history.push(s.token);
             if opts.params.logprobs.is_some() {
@@ -262,7 +286,11 @@ impl<'m> Session<'m> {
             }
             if opts.end_ids.contains(&s.token) {
                 let rest = stream.finish();
-                on_token(TokenEvent { id: s.token, text: &rest, sampled: &s });
+                on_token(TokenEvent {
+                    id: s.token,
+                    text: &rest,
+                    sampled: &s,
+                });
                 finish = FinishReason::Stop;
                 break;
             }
@@ -284,7 +312,11 @@ impl<'m> Session<'m> {
                 finish = FinishReason::Length;
                 let rest = stream.finish();
                 if !rest.is_empty() {
-                    on_token(TokenEvent { id: s.token, text: &rest, sampled: &s });
+                    on_token(TokenEvent {
+                        id: s.token,
+                        text: &rest,
+                        sampled: &s,
+                    });
                 }
                 break;
             }

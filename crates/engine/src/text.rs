@@ -37,7 +37,10 @@ impl TextStream {
 
     pub fn push(&mut self, bytes: &[u8]) -> Piece {
         if self.stopped.is_some() {
-            return Piece { text: String::new(), stop: None };
+            return Piece {
+                text: String::new(),
+                stop: None,
+            };
         }
         self.pending.extend_from_slice(bytes);
         let valid = match std::str::from_utf8(&self.pending) {
@@ -73,13 +76,19 @@ impl TextStream {
             self.text.truncate(self.emitted + at);
             self.emitted = self.text.len();
             self.stopped = Some(stop.clone());
-            return Piece { text: out, stop: Some(stop) };
+            return Piece {
+                text: out,
+                stop: Some(stop),
+            };
         }
         let hold = self.holdback(hay);
         let end = self.text.len() - hold;
         let out = self.text[self.emitted..end].to_owned();
         self.emitted = end;
-        Piece { text: out, stop: None }
+        Piece {
+            text: out,
+            stop: None,
+        }
     }
 
     /// Bytes at the end of `hay` that are a proper prefix of some stop string.

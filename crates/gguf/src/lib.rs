@@ -187,13 +187,15 @@ impl Reader<'_> {
             return Err(self.truncated(field));
         }
         let mut buf = [0u8; N];
-        self.inner.read_exact(&mut buf).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => self.truncated(field),
-            _ => GgufError::Io {
-                path: self.path.to_owned(),
-                source: e,
-            },
-        })?;
+        self.inner
+            .read_exact(&mut buf)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => self.truncated(field),
+                _ => GgufError::Io {
+                    path: self.path.to_owned(),
+                    source: e,
+                },
+            })?;
         self.pos += N as u64;
         Ok(buf)
     }
@@ -222,7 +224,10 @@ impl Reader<'_> {
     fn string(&mut self, field: &str) -> Result<String, GgufError> {
         let n = self.u64(field)?;
         if n > MAX_STRING_BYTES {
-            return Err(self.invalid(field, format!("string length {n} exceeds the {MAX_STRING_BYTES}-byte limit")));
+            return Err(self.invalid(
+                field,
+                format!("string length {n} exceeds the {MAX_STRING_BYTES}-byte limit"),
+            ));
         }
         if n > self.len - self.pos {
             return Err(self.truncated(field));
@@ -348,15 +353,22 @@ impl GgufFile {
             let field = |what: &str| format!("tensor `{name}` {what}");
             let n_dims = r.u32(&field("n_dims"))?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(r.invalid(&field("n_dims"), format!("{n_dims} is outside 1..={MAX_DIMS}")));
+                return Err(r.invalid(
+                    &field("n_dims"),
+                    format!("{n_dims} is outside 1..={MAX_DIMS}"),
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
                 dims.push(r.u64(&field("dims"))?);
             }
             let type_id = r.u32(&field("type"))?;
-            let ggml_type = GgmlType::from_id(type_id)
-                .ok_or_else(|| r.invalid(&field("type"), format!("unknown or unsupported ggml type id {type_id}")))?;
+            let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
+                r.invalid(
+                    &field("type"),
+                    format!("unknown or unsupported ggml type id {type_id}"),
+                )
+            })?;
             let rel_offset = r.u64(&field("offset"))?;
             infos.push((name, dims, ggml_type, rel_offset));
         }
@@ -385,7 +397,9 @@ impl GgufFile {
                 .checked_mul(ggml_type.block_bytes())
                 .ok_or_else(|| bad("byte size overflows".into()))?;
             if rel_offset % alignment != 0 {
-                return Err(bad(format!("offset {rel_offset} is not aligned to {alignment}")));
+                return Err(bad(format!(
+                    "offset {rel_offset} is not aligned to {alignment}"
+                )));
             }
             let offset = data_start
                 .checked_add(rel_offset)
@@ -480,7 +494,8 @@ impl GgufFile {
 
     pub fn get_u64(&self, key: &str) -> Result<u64, GgufError> {
         let v = self.require(key)?;
-        v.as_u64().ok_or_else(|| self.wrong(key, v, "unsigned integer"))
+        v.as_u64()
+            .ok_or_else(|| self.wrong(key, v, "unsigned integer"))
     }
 
     pub fn get_f64(&self, key: &str) -> Result<f64, GgufError> {

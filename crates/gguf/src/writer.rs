@@ -74,7 +74,8 @@ impl GgufWriter {
 
     /// Add a tensor; `dims` in ggml order (innermost first), `data` in the type's layout.
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.to_owned(), dims.to_vec(), ty, data));
+        self.tensors
+            .push((name.to_owned(), dims.to_vec(), ty, data));
         self
     }
 

@@ -30,7 +30,10 @@ fn round_trip() {
     assert_eq!(g.version, 3);
     assert_eq!(g.architecture().unwrap(), "llama");
     assert_eq!(g.get_u64("llama.block_count").unwrap(), 2);
-    assert_eq!(g.get_str_array("tokenizer.ggml.tokens").unwrap(), vec!["a", "b"]);
+    assert_eq!(
+        g.get_str_array("tokenizer.ggml.tokens").unwrap(),
+        vec!["a", "b"]
+    );
     let a = g.tensor("a").unwrap();
     assert_eq!(a.dims, vec![4, 2]);
     let bytes = g.tensor_bytes(a).unwrap();
@@ -38,8 +41,14 @@ fn round_trip() {
     let q = g.tensor("q").unwrap();
     assert_eq!(q.ggml_type, GgmlType::Q8_0);
     assert_eq!(g.tensor_bytes(q).unwrap(), vec![7u8; 34]);
-    assert!(matches!(g.get_str("llama.block_count"), Err(GgufError::WrongType { .. })));
-    assert!(matches!(g.get_str("nope"), Err(GgufError::MissingKey { .. })));
+    assert!(matches!(
+        g.get_str("llama.block_count"),
+        Err(GgufError::WrongType { .. })
+    ));
+    assert!(matches!(
+        g.get_str("nope"),
+        Err(GgufError::MissingKey { .. })
+    ));
 }
 
 #[test]
@@ -69,7 +78,10 @@ fn unknown_version() {
     let mut b = sample();
     b[4..8].copy_from_slice(&99u32.to_le_bytes());
     let e = open_bytes(&b).unwrap_err();
-    assert!(matches!(e, GgufError::UnsupportedVersion { version: 99, .. }), "{e}");
+    assert!(
+        matches!(e, GgufError::UnsupportedVersion { version: 99, .. }),
+        "{e}"
+    );
 }
 
 #[test]
@@ -104,7 +116,10 @@ fn forged_array_length() {
     assert_eq!(u64::from_le_bytes(b[at..at + 8].try_into().unwrap()), 2);
     b[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
     let e = open_bytes(&b).unwrap_err().to_string();
-    assert!(e.contains("tokenizer.ggml.tokens") && e.contains("cannot fit"), "{e}");
+    assert!(
+        e.contains("tokenizer.ggml.tokens") && e.contains("cannot fit"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -113,7 +128,10 @@ fn tensor_data_past_the_end() {
     w.tensor_f32("big", &[1024], &[0.0; 1024]);
     let b = w.to_bytes();
     let e = open_bytes(&b[..b.len() - 100]).unwrap_err().to_string();
-    assert!(e.contains("tensor `big`") && e.contains("past the end"), "{e}");
+    assert!(
+        e.contains("tensor `big`") && e.contains("past the end"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -149,6 +167,8 @@ fn bad_alignment_and_missing_file() {
     w.meta("general.alignment", Value::U32(3));
     let e = open_bytes(&w.to_bytes()).unwrap_err().to_string();
     assert!(e.contains("general.alignment"), "{e}");
-    let e = GgufFile::open("/nonexistent/model.gguf").unwrap_err().to_string();
+    let e = GgufFile::open("/nonexistent/model.gguf")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("/nonexistent/model.gguf"), "{e}");
 }

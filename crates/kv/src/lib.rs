@@ -54,7 +54,10 @@ impl BlockAllocator {
 
     /// One more holder of an allocated block.
     pub fn retain(&mut self, id: u32) -> Result<(), KvError> {
-        let rc = self.refcount.get_mut(id as usize).ok_or(KvError::OutOfRange(id))?;
+        let rc = self
+            .refcount
+            .get_mut(id as usize)
+            .ok_or(KvError::OutOfRange(id))?;
         if *rc == 0 {
             return Err(KvError::NotAllocated(id));
         }
@@ -64,7 +67,10 @@ impl BlockAllocator {
 
     /// Drop one holder; the block is free again when none is left. Returns the new count.
     pub fn release(&mut self, id: u32) -> Result<u32, KvError> {
-        let rc = self.refcount.get_mut(id as usize).ok_or(KvError::OutOfRange(id))?;
+        let rc = self
+            .refcount
+            .get_mut(id as usize)
+            .ok_or(KvError::OutOfRange(id))?;
         if *rc == 0 {
             return Err(KvError::NotAllocated(id));
         }

@@ -14,13 +14,27 @@ use crate::ModelError;
 
 pub enum Linear {
     Q(QMatrix),
-    Candle { mm: QMatMul, rows: usize, cols: usize },
-    F32 { w: Tensor, rows: usize, cols: usize },
+    Candle {
+        mm: QMatMul,
+        rows: usize,
+        cols: usize,
+    },
+    F32 {
+        w: Tensor,
+        rows: usize,
+        cols: usize,
+    },
 }
 
 impl std::fmt::Debug for Linear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Linear({}x{}, {})", self.rows(), self.cols(), self.kind())
+        write!(
+            f,
+            "Linear({}x{}, {})",
+            self.rows(),
+            self.cols(),
+            self.kind()
+        )
     }
 }
 
@@ -49,8 +63,10 @@ fn candle_dtype(t: GgmlType) -> Option<GgmlDType> {
 pub fn dequantize(g: &GgufFile, info: &TensorInfo) -> Result<Vec<f32>, ModelError> {
     let raw = g.tensor_bytes(info)?;
     let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
-    let dt = candle_dtype(info.ggml_type).ok_or_else(|| ModelError::tensor(g, info, "unsupported type"))?;
-    let qt = qtensor_from_ggml(dt, &raw, dims, &Device::Cpu).map_err(|e| ModelError::tensor(g, info, &e.to_string()))?;
+    let dt = candle_dtype(info.ggml_type)
+        .ok_or_else(|| ModelError::tensor(g, info, "unsupported type"))?;
+    let qt = qtensor_from_ggml(dt, &raw, dims, &Device::Cpu)
+        .map_err(|e| ModelError::tensor(g, info, &e.to_string()))?;
     let t = qt
         .dequantize(&Device::Cpu)
         .and_then(|t| t.flatten_all())
@@ -67,7 +83,10 @@ impl Linear {
             return Err(ModelError::tensor(
                 g,
                 info,
-                &format!("shape {:?} (ggml order), expected [{cols}, {rows}]", info.dims),
+                &format!(
+                    "shape {:?} (ggml order), expected [{cols}, {rows}]",
+                    info.dims
+                ),
             ));
         }
         match info.ggml_type {
@@ -84,7 +103,8 @@ impl Linear {
             }
             other => {
                 let raw = g.tensor_bytes(info)?;
-                let dt = candle_dtype(other).ok_or_else(|| ModelError::tensor(g, info, "unsupported type"))?;
+                let dt = candle_dtype(other)
+                    .ok_or_else(|| ModelError::tensor(g, info, "unsupported type"))?;
                 let qt = qtensor_from_ggml(dt, &raw, vec![rows, cols], &Device::Cpu)
                     .map_err(|e| ModelError::tensor(g, info, &e.to_string()))?;
                 let mm = QMatMul::from_qtensor(qt)?;
@@ -147,7 +167,14 @@ impl Linear {
     }
 
     /// `out (n × rows) = x (n × cols) · Wᵀ`.
-    pub fn forward(&self, isa: Isa, x: &[f32], n: usize, acts: &mut QActs, out: &mut [f32]) -> Result<(), ModelError> {
+    pub fn forward(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        n: usize,
+        acts: &mut QActs,
+        out: &mut [f32],
+    ) -> Result<(), ModelError> {
         match self {
             Linear::Q(q) => {
                 acts.quantize(&x[..n * q.cols], n, q.cols);
@@ -172,11 +199,10 @@ impl Linear {
         match self {
             Linear::Q(q) => q.dequantize_row(r, out),
             Linear::F32 { w, .. } => out.copy_from_slice(&w.get(r)?.to_vec1::<f32>()?),
-            Linear::Candle { .. } => {
-                return Err(ModelError::Unsupported(
-                    "embedding lookup from a candle-quantized matrix (load it with Embedding::load)".into(),
-                ))
-            }
+            Linear::Candle { .. } => return Err(ModelError::Unsupported(
+                "embedding lookup from a candle-quantized matrix (load it with Embedding::load)"
+                    .into(),
+            )),
         }
         Ok(())
     }

@@ -57,7 +57,8 @@ impl LlamaConfig {
             }
         };
         let p = arch_name;
-        let get = |k: &str| -> Result<usize, ModelError> { Ok(g.get_u64(&format!("{p}.{k}"))? as usize) };
+        let get =
+            |k: &str| -> Result<usize, ModelError> { Ok(g.get_u64(&format!("{p}.{k}"))? as usize) };
         let n_layers = get("block_count")?;
         let dim = get("embedding_length")?;
         let n_heads = get("attention.head_count")?;
@@ -73,7 +74,10 @@ impl LlamaConfig {
             reason,
         };
         if n_heads == 0 || dim % n_heads != 0 {
-            return Err(bad("attention.head_count", format!("{n_heads} does not divide the width {dim}")));
+            return Err(bad(
+                "attention.head_count",
+                format!("{n_heads} does not divide the width {dim}"),
+            ));
         }
         if n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
             return Err(bad(
@@ -85,22 +89,37 @@ impl LlamaConfig {
             .get_u64(&format!("{p}.attention.key_length"))
             .map(|v| v as usize)
             .unwrap_or(dim / n_heads);
-        if head_dim > 256 || head_dim % 2 != 0 {
-            return Err(bad("attention.key_length", format!("head size {head_dim} must be even and at most 256")));
+        if head_dim > 256 || !head_dim.is_multiple_of(2) {
+            return Err(bad(
+                "attention.key_length",
+                format!("head size {head_dim} must be even and at most 256"),
+            ));
         }
         let rope_dim = g
             .get_u64(&format!("{p}.rope.dimension_count"))
             .map(|v| v as usize)
             .unwrap_or(head_dim);
-        if rope_dim > head_dim || rope_dim % 2 != 0 {
-            return Err(bad("rope.dimension_count", format!("{rope_dim} must be even and at most {head_dim}")));
+        if rope_dim > head_dim || !rope_dim.is_multiple_of(2) {
+            return Err(bad(
+                "rope.dimension_count",
+                format!("{rope_dim} must be even and at most {head_dim}"),
+            ));
         }
-        for (k, v) in [("block_count", n_layers), ("embedding_length", dim), ("feed_forward_length", ffn_dim)] {
+        for (k, v) in [
+            ("block_count", n_layers),
+            ("embedding_length", dim),
+            ("feed_forward_length", ffn_dim),
+        ] {
             if v == 0 || v > 1 << 20 {
                 return Err(bad(k, format!("{v} is out of range")));
             }
         }
-        let vocab_size = g.tensor("token_embd.weight")?.dims.get(1).copied().unwrap_or(0) as usize;
+        let vocab_size = g
+            .tensor("token_embd.weight")?
+            .dims
+            .get(1)
+            .copied()
+            .unwrap_or(0) as usize;
         Ok(LlamaConfig {
             arch,
             n_layers,
@@ -111,7 +130,9 @@ impl LlamaConfig {
             ffn_dim,
             vocab_size,
             context_length: context_length.max(1),
-            rope_theta: g.get_f64(&format!("{p}.rope.freq_base")).unwrap_or(10_000.0) as f32,
+            rope_theta: g
+                .get_f64(&format!("{p}.rope.freq_base"))
+                .unwrap_or(10_000.0) as f32,
             rope_dim,
             rope_neox: arch == Arch::Qwen2,
             rms_eps: g
@@ -171,7 +192,11 @@ pub struct Llama {
 fn vector(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
     let info = g.tensor(name)?;
     if info.n_elements() != len as u64 {
-        return Err(ModelError::tensor(g, info, &format!("has {} elements, expected {len}", info.n_elements())));
+        return Err(ModelError::tensor(
+            g,
+            info,
+            &format!("has {} elements, expected {len}", info.n_elements()),
+        ));
     }
     dequantize(g, info)
 }
@@ -183,13 +208,20 @@ impl Llama {
         let (dim, q_dim, kv_dim, ffn) = (cfg.dim, cfg.q_dim(), cfg.kv_dim(), cfg.ffn_dim);
         let embd_info = g.tensor("token_embd.weight")?;
         let tok_embd = match embd_info.ggml_type {
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
-                Linear::load(g, "token_embd.weight", cfg.vocab_size, dim)?
-            }
+            GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q8_0
+            | GgmlType::F32
+            | GgmlType::F16
+            | GgmlType::BF16 => Linear::load(g, "token_embd.weight", cfg.vocab_size, dim)?,
             // Rows of other formats are looked up dequantized.
             _ => {
                 let w = dequantize(g, embd_info)?;
-                let w = candle_core::Tensor::from_vec(w, (cfg.vocab_size, dim), &candle_core::Device::Cpu)?;
+                let w = candle_core::Tensor::from_vec(
+                    w,
+                    (cfg.vocab_size, dim),
+                    &candle_core::Device::Cpu,
+                )?;
                 Linear::F32 {
                     w,
                     rows: cfg.vocab_size,
@@ -257,11 +289,15 @@ impl Llama {
             None
         };
         if output.is_none() && matches!(tok_embd, Linear::Candle { .. }) {
-            return Err(ModelError::Unsupported("tied output head on a candle-quantized embedding".into()));
+            return Err(ModelError::Unsupported(
+                "tied output head on a candle-quantized embedding".into(),
+            ));
         }
         let half = cfg.rope_dim / 2;
         let mut inv_freq: Vec<f32> = (0..half)
-            .map(|i| (1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.rope_dim as f64)) as f32)
+            .map(|i| {
+                (1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.rope_dim as f64)) as f32
+            })
             .collect();
         // Llama 3.1-style per-frequency scaling factors.
         if g.has_tensor("rope_freqs.weight") {
@@ -284,18 +320,24 @@ impl Llama {
     /// Parameter count (all weights, the tied head counted once).
     pub fn n_params(&self) -> usize {
         let c = &self.cfg;
-        let per_layer = 2 * c.dim + c.dim * (c.q_dim() + 2 * c.kv_dim()) + c.q_dim() * c.dim + 3 * c.dim * c.ffn_dim;
+        let per_layer = 2 * c.dim
+            + c.dim * (c.q_dim() + 2 * c.kv_dim())
+            + c.q_dim() * c.dim
+            + 3 * c.dim * c.ffn_dim;
         let bias = if self.layers.first().is_some_and(|l| l.qkv_bias.is_some()) {
             c.q_dim() + 2 * c.kv_dim()
         } else {
             0
         };
-        c.vocab_size * c.dim * (1 + usize::from(self.output.is_some())) + c.n_layers * (per_layer + bias) + c.dim
+        c.vocab_size * c.dim * (1 + usize::from(self.output.is_some()))
+            + c.n_layers * (per_layer + bias)
+            + c.dim
     }
 
     /// Bytes of weights in memory.
     pub fn weight_bytes(&self) -> usize {
-        let mut b = self.tok_embd.memory_bytes() + self.output.as_ref().map_or(0, |o| o.memory_bytes());
+        let mut b =
+            self.tok_embd.memory_bytes() + self.output.as_ref().map_or(0, |o| o.memory_bytes());
         for l in &self.layers {
             b += match &l.qkv {
                 Qkv::Fused(x) => x.memory_bytes(),
@@ -314,14 +356,25 @@ impl Llama {
     pub fn kernel_summary(&self) -> String {
         let head = self.output.as_ref().unwrap_or(&self.tok_embd);
         let l0 = &self.layers[0];
-        format!("{} layers: {} ; output head: {} ; isa: {}", self.layers.len(), l0.wo.kind(), head.kind(), self.isa.name())
+        format!(
+            "{} layers: {} ; output head: {} ; isa: {}",
+            self.layers.len(),
+            l0.wo.kind(),
+            head.kind(),
+            self.isa.name()
+        )
     }
 
     // ---- forward --------------------------------------------------------------------------
 
     /// Run the batch: write its K/V into `kv` at its slots, and return logits (`vocab` floats
     /// per entry of `batch.logits_for`, in that order) in `s.logits`.
-    pub fn forward(&self, batch: &Batch, kv: &mut KvCache, s: &mut Scratch) -> Result<(), ModelError> {
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        kv: &mut KvCache,
+        s: &mut Scratch,
+    ) -> Result<(), ModelError> {
         let c = &self.cfg;
         let n = batch.tokens.len();
         self.check_batch(batch, kv)?;
@@ -330,7 +383,8 @@ impl Llama {
         let qkv_dim = q_dim + 2 * kv_dim;
 
         for (i, &t) in batch.tokens.iter().enumerate() {
-            self.tok_embd.row(t as usize, &mut s.x[i * dim..(i + 1) * dim])?;
+            self.tok_embd
+                .row(t as usize, &mut s.x[i * dim..(i + 1) * dim])?;
         }
         self.rope_table(batch.positions, s);
         let mut slots = std::mem::take(&mut s.slots);
@@ -338,14 +392,24 @@ impl Llama {
 
         for (l, layer) in self.layers.iter().enumerate() {
             // attention
-            rms_norm(&s.x[..n * dim], &layer.attn_norm, c.rms_eps, &mut s.xb[..n * dim]);
+            rms_norm(
+                &s.x[..n * dim],
+                &layer.attn_norm,
+                c.rms_eps,
+                &mut s.xb[..n * dim],
+            );
             match &layer.qkv {
                 Qkv::Fused(w) => w.forward(self.isa, &s.xb, n, &mut s.acts, &mut s.qkv)?,
                 Qkv::Split(wq, wk, wv) => {
-                    for (w, off, rows) in [(wq, 0, q_dim), (wk, q_dim, kv_dim), (wv, q_dim + kv_dim, kv_dim)] {
+                    for (w, off, rows) in [
+                        (wq, 0, q_dim),
+                        (wk, q_dim, kv_dim),
+                        (wv, q_dim + kv_dim, kv_dim),
+                    ] {
                         w.forward(self.isa, &s.xb, n, &mut s.acts, &mut s.tmp)?;
                         for i in 0..n {
-                            s.qkv[i * qkv_dim + off..i * qkv_dim + off + rows].copy_from_slice(&s.tmp[i * rows..(i + 1) * rows]);
+                            s.qkv[i * qkv_dim + off..i * qkv_dim + off + rows]
+                                .copy_from_slice(&s.tmp[i * rows..(i + 1) * rows]);
                         }
                     }
                 }
@@ -356,18 +420,25 @@ impl Llama {
                 }
             }
             self.apply_rope(n, s);
-            for i in 0..n {
+            for (i, &slot) in slots.iter().enumerate() {
                 let row = &s.qkv[i * qkv_dim..(i + 1) * qkv_dim];
-                let off = kv.offset(l, slots[i]);
+                let off = kv.offset(l, slot);
                 kv.k[off..off + kv_dim].copy_from_slice(&row[q_dim..q_dim + kv_dim]);
                 kv.v[off..off + kv_dim].copy_from_slice(&row[q_dim + kv_dim..]);
             }
             self.attention(l, batch, kv, s);
-            layer.wo.forward(self.isa, &s.att, n, &mut s.acts, &mut s.tmp)?;
+            layer
+                .wo
+                .forward(self.isa, &s.att, n, &mut s.acts, &mut s.tmp)?;
             add_in_place(&mut s.x[..n * dim], &s.tmp[..n * dim]);
 
             // feed-forward
-            rms_norm(&s.x[..n * dim], &layer.ffn_norm, c.rms_eps, &mut s.xb[..n * dim]);
+            rms_norm(
+                &s.x[..n * dim],
+                &layer.ffn_norm,
+                c.rms_eps,
+                &mut s.xb[..n * dim],
+            );
             match &layer.gate_up {
                 GateUp::Fused(w) => {
                     w.forward(self.isa, &s.xb, n, &mut s.acts, &mut s.gu)?;
@@ -380,11 +451,17 @@ impl Llama {
                     wg.forward(self.isa, &s.xb, n, &mut s.acts, &mut s.gu[..n * ffn])?;
                     wu.forward(self.isa, &s.xb, n, &mut s.acts, &mut s.tmp)?;
                     for i in 0..n {
-                        swiglu(&s.gu[i * ffn..(i + 1) * ffn], &s.tmp[i * ffn..(i + 1) * ffn], &mut s.h[i * ffn..(i + 1) * ffn]);
+                        swiglu(
+                            &s.gu[i * ffn..(i + 1) * ffn],
+                            &s.tmp[i * ffn..(i + 1) * ffn],
+                            &mut s.h[i * ffn..(i + 1) * ffn],
+                        );
                     }
                 }
             }
-            layer.w_down.forward(self.isa, &s.h, n, &mut s.acts, &mut s.tmp)?;
+            layer
+                .w_down
+                .forward(self.isa, &s.h, n, &mut s.acts, &mut s.tmp)?;
             add_in_place(&mut s.x[..n * dim], &s.tmp[..n * dim]);
         }
         s.slots = slots;
@@ -392,7 +469,10 @@ impl Llama {
         // output head on the wanted rows only
         let m = batch.logits_for.len();
         for (j, &i) in batch.logits_for.iter().enumerate() {
-            let (src, dst) = (&s.x[i * dim..(i + 1) * dim], &mut s.xb[j * dim..(j + 1) * dim]);
+            let (src, dst) = (
+                &s.x[i * dim..(i + 1) * dim],
+                &mut s.xb[j * dim..(j + 1) * dim],
+            );
             rms_norm(src, &self.output_norm, c.rms_eps, dst);
         }
         let head = self.output.as_ref().unwrap_or(&self.tok_embd);
@@ -403,35 +483,62 @@ impl Llama {
     fn check_batch(&self, b: &Batch, kv: &KvCache) -> Result<(), ModelError> {
         let n = b.tokens.len();
         if n == 0 || b.positions.len() != n {
-            return Err(ModelError::Batch(format!("{n} tokens but {} positions", b.positions.len())));
+            return Err(ModelError::Batch(format!(
+                "{n} tokens but {} positions",
+                b.positions.len()
+            )));
         }
-        if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::Batch(format!("token id {t} is outside the vocabulary ({})", self.cfg.vocab_size)));
+        if let Some(&t) = b
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= self.cfg.vocab_size)
+        {
+            return Err(ModelError::Batch(format!(
+                "token id {t} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            )));
         }
         if let Some(&i) = b.logits_for.iter().find(|&&i| i >= n) {
-            return Err(ModelError::Batch(format!("logits requested for index {i} of a {n}-token batch")));
+            return Err(ModelError::Batch(format!(
+                "logits requested for index {i} of a {n}-token batch"
+            )));
         }
         let mut covered = 0;
         for sq in b.seqs {
             if sq.start != covered || sq.len == 0 {
-                return Err(ModelError::Batch("sequences must tile the batch in order".into()));
+                return Err(ModelError::Batch(
+                    "sequences must tile the batch in order".into(),
+                ));
             }
             covered += sq.len;
             for i in sq.start..sq.start + sq.len {
                 let p = b.positions[i] as usize;
                 if i > sq.start && p != b.positions[i - 1] as usize + 1 {
-                    return Err(ModelError::Batch("positions within a sequence must be consecutive".into()));
+                    return Err(ModelError::Batch(
+                        "positions within a sequence must be consecutive".into(),
+                    ));
                 }
                 if p / kv.block_size >= sq.block_table.len() {
-                    return Err(ModelError::Batch(format!("position {p} has no KV block in its block table")));
+                    return Err(ModelError::Batch(format!(
+                        "position {p} has no KV block in its block table"
+                    )));
                 }
             }
-            if let Some(&bad) = sq.block_table.iter().find(|&&blk| blk as usize >= kv.num_blocks) {
-                return Err(ModelError::Batch(format!("block id {bad} is outside the cache ({} blocks)", kv.num_blocks)));
+            if let Some(&bad) = sq
+                .block_table
+                .iter()
+                .find(|&&blk| blk as usize >= kv.num_blocks)
+            {
+                return Err(ModelError::Batch(format!(
+                    "block id {bad} is outside the cache ({} blocks)",
+                    kv.num_blocks
+                )));
             }
         }
         if covered != n {
-            return Err(ModelError::Batch(format!("sequences cover {covered} of {n} tokens")));
+            return Err(ModelError::Batch(format!(
+                "sequences cover {covered} of {n} tokens"
+            )));
         }
         Ok(())
     }
@@ -453,12 +560,19 @@ impl Llama {
         let (hd, half) = (c.head_dim, c.rope_dim / 2);
         let qkv_dim = c.q_dim() + 2 * c.kv_dim();
         for i in 0..n {
-            let (cos, sin) = (&s.cos[i * half..(i + 1) * half], &s.sin[i * half..(i + 1) * half]);
+            let (cos, sin) = (
+                &s.cos[i * half..(i + 1) * half],
+                &s.sin[i * half..(i + 1) * half],
+            );
             // q heads then k heads: both rotate the same way.
             let row = &mut s.qkv[i * qkv_dim..i * qkv_dim + c.q_dim() + c.kv_dim()];
             for head in row.chunks_exact_mut(hd) {
                 for j in 0..half {
-                    let (a, b) = if c.rope_neox { (j, j + half) } else { (2 * j, 2 * j + 1) };
+                    let (a, b) = if c.rope_neox {
+                        (j, j + half)
+                    } else {
+                        (2 * j, 2 * j + 1)
+                    };
                     let (x0, x1) = (head[a], head[b]);
                     head[a] = x0 * cos[j] - x1 * sin[j];
                     head[b] = x0 * sin[j] + x1 * cos[j];
@@ -486,33 +600,36 @@ impl Llama {
             seq_of.extend(std::iter::repeat_n(si as u32, sq.len));
         }
         let seq_of = &s.seq_of;
-        s.att[..n * q_dim].par_chunks_mut(hd).enumerate().for_each(|(task, out)| {
-            let (i, h) = (task / nh, task % nh);
-            let q = &qkv[i * qkv_dim + h * hd..i * qkv_dim + (h + 1) * hd];
-            let kvh = h / group;
-            let table = b.seqs[seq_of[i] as usize].block_table;
-            let mut acc = [0f32; 256];
-            let acc = &mut acc[..hd];
-            let (mut mx, mut sum) = (f32::NEG_INFINITY, 0f32);
-            for j in 0..=b.positions[i] as usize {
-                let slot = table[j / bs] as usize * bs + j % bs;
-                let off = slot * kv_dim + kvh * hd;
-                let score = simd::dot(q, &kc[off..off + hd]) * scale;
-                if score > mx {
-                    let r = (mx - score).exp();
-                    acc.iter_mut().for_each(|a| *a *= r);
-                    sum *= r;
-                    mx = score;
+        s.att[..n * q_dim]
+            .par_chunks_mut(hd)
+            .enumerate()
+            .for_each(|(task, out)| {
+                let (i, h) = (task / nh, task % nh);
+                let q = &qkv[i * qkv_dim + h * hd..i * qkv_dim + (h + 1) * hd];
+                let kvh = h / group;
+                let table = b.seqs[seq_of[i] as usize].block_table;
+                let mut acc = [0f32; 256];
+                let acc = &mut acc[..hd];
+                let (mut mx, mut sum) = (f32::NEG_INFINITY, 0f32);
+                for j in 0..=b.positions[i] as usize {
+                    let slot = table[j / bs] as usize * bs + j % bs;
+                    let off = slot * kv_dim + kvh * hd;
+                    let score = simd::dot(q, &kc[off..off + hd]) * scale;
+                    if score > mx {
+                        let r = (mx - score).exp();
+                        acc.iter_mut().for_each(|a| *a *= r);
+                        sum *= r;
+                        mx = score;
+                    }
+                    let w = (score - mx).exp();
+                    sum += w;
+                    simd::axpy(acc, w, &vc[off..off + hd]);
                 }
-                let w = (score - mx).exp();
-                sum += w;
-                simd::axpy(acc, w, &vc[off..off + hd]);
-            }
-            let inv = 1.0 / sum;
-            for (o, a) in out.iter_mut().zip(acc.iter()) {
-                *o = a * inv;
-            }
-        });
+                let inv = 1.0 / sum;
+                for (o, a) in out.iter_mut().zip(acc.iter()) {
+                    *o = a * inv;
+                }
+            });
     }
 }
 

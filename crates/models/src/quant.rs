@@ -126,9 +126,14 @@ impl QMatrix {
 
     /// Repack ggml Q4_0 / Q4_1 / Q8_0 bytes of a `[rows, cols]` matrix. `None` for other
     /// types or a byte count that does not match.
-    pub fn from_ggml(ty: ferrolm_gguf::GgmlType, rows: usize, cols: usize, raw: &[u8]) -> Option<Self> {
+    pub fn from_ggml(
+        ty: ferrolm_gguf::GgmlType,
+        rows: usize,
+        cols: usize,
+        raw: &[u8],
+    ) -> Option<Self> {
         use ferrolm_gguf::GgmlType as T;
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return None;
         }
         let nb = cols / QK;
@@ -240,7 +245,10 @@ impl QMatrix {
     /// Stack matrices of the same width and bits along the rows. `None` if they differ.
     pub fn concat_rows(parts: &[QMatrix]) -> Option<QMatrix> {
         let first = parts.first()?;
-        if parts.iter().any(|p| p.cols != first.cols || p.bits != first.bits) {
+        if parts
+            .iter()
+            .any(|p| p.cols != first.cols || p.bits != first.bits)
+        {
             return None;
         }
         Some(QMatrix {
@@ -350,7 +358,10 @@ pub fn dot4_scalar(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
 pub fn dot8_scalar(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
     let mut acc = 0f32;
     for b in 0..wd.len() {
-        let s = block_isum_u8(wq[b * QK..(b + 1) * QK].iter().copied(), &xq[b * QK..(b + 1) * QK]);
+        let s = block_isum_u8(
+            wq[b * QK..(b + 1) * QK].iter().copied(),
+            &xq[b * QK..(b + 1) * QK],
+        );
         acc += wd[b] * xd[b] * s as f32;
     }
     acc
@@ -479,7 +490,8 @@ mod x86 {
             if b < nb {
                 let v = _mm_loadu_si128(wp.add(b * 16) as *const __m128i);
                 let m = _mm_set1_epi8(0x0F);
-                let w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+                let w =
+                    _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
                 let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
                 let s = _mm256_cvtepi32_ps(isum_u4(w, x));
                 acc = _mm256_fmadd_ps(s, _mm256_set1_ps(wd[b] * xd[b]), acc);
@@ -516,7 +528,10 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
     use rayon::prelude::*;
     let n = x.n;
     let m = w.rows;
-    assert_eq!(x.cols, w.cols, "activation width must equal the weight's input width");
+    assert_eq!(
+        x.cols, w.cols,
+        "activation width must equal the weight's input width"
+    );
     assert!(out.len() >= n * m);
     let ptr = SendPtr(out.as_mut_ptr());
     // Enough chunks for work stealing to absorb a busy core, few enough to stay cheap.
@@ -541,7 +556,9 @@ mod tests {
 
     /// Deterministic pseudo-random bytes/floats.
     fn lcg(seed: &mut u64) -> u32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (*seed >> 33) as u32
     }
 
@@ -573,11 +590,19 @@ mod tests {
             for j in 0..QK {
                 out[b * QK + j] = match ty {
                     GgmlType::Q4_0 => {
-                        let q = if j < 16 { blk[2 + j] & 15 } else { blk[2 + j - 16] >> 4 };
+                        let q = if j < 16 {
+                            blk[2 + j] & 15
+                        } else {
+                            blk[2 + j - 16] >> 4
+                        };
                         (q as f32 - 8.0) * d
                     }
                     GgmlType::Q4_1 => {
-                        let q = if j < 16 { blk[4 + j] & 15 } else { blk[4 + j - 16] >> 4 };
+                        let q = if j < 16 {
+                            blk[4 + j] & 15
+                        } else {
+                            blk[4 + j - 16] >> 4
+                        };
                         q as f32 * d + f16_at(blk, 2)
                     }
                     _ => blk[2 + j] as i8 as f32 * d,
@@ -600,7 +625,10 @@ mod tests {
                 for r in 0..rows {
                     w.dequantize_row(r, &mut got);
                     for (a, b) in got.iter().zip(&want[r * cols..(r + 1) * cols]) {
-                        assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{ty:?} {cols}: {a} vs {b}");
+                        assert!(
+                            (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                            "{ty:?} {cols}: {a} vs {b}"
+                        );
                     }
                 }
             }
@@ -623,7 +651,9 @@ mod tests {
                 let (rows, n) = (5, 3);
                 let raw = random_blocks(ty, rows, cols, &mut seed);
                 let w = QMatrix::from_ggml(ty, rows, cols, &raw).unwrap();
-                let x: Vec<f32> = (0..n * cols).map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0).collect();
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0)
+                    .collect();
                 let mut qa = QActs::default();
                 qa.quantize(&x, n, cols);
                 let mut want = vec![0f32; n * rows];
@@ -632,7 +662,10 @@ mod tests {
                     let mut got = vec![0f32; n * rows];
                     matmul(isa, &w, &qa, &mut got);
                     for (a, b) in got.iter().zip(&want) {
-                        assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{ty:?} {isa:?} {cols}: {a} vs {b}");
+                        assert!(
+                            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                            "{ty:?} {isa:?} {cols}: {a} vs {b}"
+                        );
                     }
                 }
                 // Against f32 math on the dequantized weights: the only difference is the
@@ -644,9 +677,13 @@ mod tests {
                         let xr = &x[t * cols..(t + 1) * cols];
                         let exact: f32 = wrow.iter().zip(xr).map(|(a, b)| a * b).sum();
                         let amax = xr.iter().fold(0f32, |a, v| a.max(v.abs()));
-                        let bound = wrow.iter().map(|v| v.abs()).sum::<f32>() * amax / 127.0 / 2.0 + 1e-4;
+                        let bound =
+                            wrow.iter().map(|v| v.abs()).sum::<f32>() * amax / 127.0 / 2.0 + 1e-4;
                         let got = want[t * rows + r];
-                        assert!((got - exact).abs() <= bound, "{ty:?} {cols}: {got} vs {exact} (bound {bound})");
+                        assert!(
+                            (got - exact).abs() <= bound,
+                            "{ty:?} {cols}: {got} vs {exact} (bound {bound})"
+                        );
                     }
                 }
             }

@@ -12,7 +12,7 @@ fn has_avx2() -> bool {
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && a.len() % 8 == 0 {
+    if has_avx2() && a.len().is_multiple_of(8) {
         // SAFETY: features checked above; lengths equal and a multiple of 8.
         return unsafe { dot_avx2(a, b) };
     }
@@ -24,7 +24,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     debug_assert_eq!(x.len(), y.len());
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && x.len() % 8 == 0 {
+    if has_avx2() && x.len().is_multiple_of(8) {
         // SAFETY: as in `dot`.
         return unsafe { axpy_avx2(y, a, x) };
     }
@@ -45,7 +45,11 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     unsafe {
         while i + 16 <= n {
             acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
+            acc1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i + 8)),
+                _mm256_loadu_ps(pb.add(i + 8)),
+                acc1,
+            );
             i += 16;
         }
         if i < n {

@@ -122,7 +122,9 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned("chat", source.to_owned())
-            .map_err(|e| TokenizerError::Template(format!("the model's chat template does not compile: {e}")))?;
+            .map_err(|e| {
+                TokenizerError::Template(format!("the model's chat template does not compile: {e}"))
+            })?;
         Ok(ChatTemplate {
             env,
             source: source.to_owned(),
@@ -133,7 +135,9 @@ impl ChatTemplate {
 
     /// The template of a GGUF (`tokenizer.chat_template`), or ChatML when it has none.
     pub fn from_gguf(g: &ferrolm_gguf::GgufFile, tok: &Tokenizer) -> Result<Self, TokenizerError> {
-        let source = g.get_str("tokenizer.chat_template").unwrap_or(CHATML_TEMPLATE);
+        let source = g
+            .get_str("tokenizer.chat_template")
+            .unwrap_or(CHATML_TEMPLATE);
         let text = |id: Option<u32>| {
             id.map(|i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned())
                 .unwrap_or_default()
@@ -151,7 +155,9 @@ impl ChatTemplate {
         tools: Option<&Value>,
     ) -> Result<RenderedChat, TokenizerError> {
         let Value::Array(_) = messages else {
-            return Err(TokenizerError::Template("`messages` must be an array".into()));
+            return Err(TokenizerError::Template(
+                "`messages` must be an array".into(),
+            ));
         };
         let mut originals = Vec::new();
         let mut marked_messages = messages.clone();
@@ -171,12 +177,15 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| TokenizerError::Template(e.to_string()))?;
-        let marked = tmpl.render(minijinja::value::Serde(&ctx)).map_err(|e| match e.kind() {
-            ErrorKind::InvalidOperation => {
-                TokenizerError::Template(format!("the model's template rejected the conversation: {}", e.detail().unwrap_or("")))
-            }
-            _ => TokenizerError::Template(format!("rendering failed: {e}")),
-        })?;
+        let marked = tmpl
+            .render(minijinja::value::Serde(&ctx))
+            .map_err(|e| match e.kind() {
+                ErrorKind::InvalidOperation => TokenizerError::Template(format!(
+                    "the model's template rejected the conversation: {}",
+                    e.detail().unwrap_or("")
+                )),
+                _ => TokenizerError::Template(format!("rendering failed: {e}")),
+            })?;
         Ok(RenderedChat { marked, originals })
     }
 }
@@ -195,7 +204,13 @@ fn mark_value(v: &mut Value, tok: &Tokenizer, originals: &mut Vec<String>) {
 fn mark_str(s: &str, tok: &Tokenizer, originals: &mut Vec<String>) -> String {
     let clean: String = s
         .chars()
-        .map(|c| if c == OPEN || c == CLOSE { '\u{FFFD}' } else { c })
+        .map(|c| {
+            if c == OPEN || c == CLOSE {
+                '\u{FFFD}'
+            } else {
+                c
+            }
+        })
         .collect();
     let mut out = String::with_capacity(clean.len());
     let mut rest = clean.as_str();

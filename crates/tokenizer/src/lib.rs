@@ -60,9 +60,9 @@ const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 fn pre_tokenizer_for(pre: &str) -> Option<PreTokenizerKind> {
     Some(match pre {
         "smollm" | "starcoder" | "refact" => PreTokenizerKind::Gpt2 { split_digits: true },
-        "gpt2" | "default" | "gpt-2" | "phi-2" | "olmo" => {
-            PreTokenizerKind::Gpt2 { split_digits: false }
-        }
+        "gpt2" | "default" | "gpt-2" | "phi-2" | "olmo" => PreTokenizerKind::Gpt2 {
+            split_digits: false,
+        },
         "llama3" | "llama-bpe" | "llama-v3" | "falcon3" | "smaug-bpe" => {
             PreTokenizerKind::Regex(LLAMA3_REGEX)
         }
@@ -193,7 +193,11 @@ impl Tokenizer {
                     false,
                 )
                 .map_err(|e| invalid(format!("pre-tokenizer regex: {e}")))?;
-                Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into()
+                Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, true, false).into(),
+                ])
+                .into()
             }
         };
         hf.with_pre_tokenizer(Some(pre_tok));

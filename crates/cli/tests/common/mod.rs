@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// A model store shared by all test processes of this checkout.
@@ -24,10 +27,16 @@ pub fn ferrolm() -> Command {
 /// The default model, installed with `ferrolm pull` on first use (atomic, so concurrent test
 /// processes are safe).
 pub fn default_model() -> PathBuf {
-    let p = test_home().join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = test_home()
+        .join("models")
+        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if !p.exists() {
         let out = ferrolm().arg("pull").output().unwrap();
-        assert!(out.status.success(), "ferrolm pull failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ferrolm pull failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     assert!(p.exists());
     p
@@ -44,9 +53,14 @@ pub fn json_of(out: &Output) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
