@@ -98,7 +98,11 @@ pub struct SamplingArgs {
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub presence_penalty: f32,
     /// Add BIAS to token ID's logit, as ID=BIAS (repeatable; -100 bans a token).
-    #[arg(long = "logit-bias", value_name = "ID=BIAS", allow_hyphen_values = true)]
+    #[arg(
+        long = "logit-bias",
+        value_name = "ID=BIAS",
+        allow_hyphen_values = true
+    )]
     pub logit_bias: Vec<String>,
     /// Random seed (same seed + same input ⇒ same output). Default: random.
     #[arg(long)]

@@ -10,16 +10,32 @@ use std::process::{Output, Stdio};
 
 fn assert_clean_error(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure, got success: {err}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "panic: {err}");
-    assert!(err.contains(needle), "error should mention `{needle}`: {err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "error should mention `{needle}`: {err}"
+    );
     assert!(err.trim().starts_with("error:"), "{err}");
 }
 
 #[test]
 fn tokenize_json_plain_and_special() {
     let m = default_model();
-    let plain = json_of(&ferrolm().args(["tokenize", "--json", "--model"]).arg(&m).arg("<|im_start|>hi").output().unwrap());
+    let plain = json_of(
+        &ferrolm()
+            .args(["tokenize", "--json", "--model"])
+            .arg(&m)
+            .arg("<|im_start|>hi")
+            .output()
+            .unwrap(),
+    );
     let special = json_of(
         &ferrolm()
             .args(["tokenize", "--json", "--special", "--model"])
@@ -38,12 +54,19 @@ fn tokenize_chat_renders_template() {
     default_model();
     let out = json_of(
         &ferrolm()
-            .args(["tokenize", "--json", "--chat", "--system", "You are a helpful assistant."])
+            .args([
+                "tokenize",
+                "--json",
+                "--chat",
+                "--system",
+                "You are a helpful assistant.",
+            ])
             .arg("What is the capital of France?")
             .output()
             .unwrap(),
     );
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(golden("smollm2_reference.json")).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden("smollm2_reference.json")).unwrap()).unwrap();
     assert_eq!(ids(&out["ids"]), ids(&r["chat"]["ids"]));
 }
 
@@ -53,7 +76,17 @@ fn raw_generation_with_seed_is_reproducible_and_stops_on_strings() {
     let run = || {
         json_of(
             &ferrolm()
-                .args(["generate", "--json", "--raw", "--temperature", "0.9", "--seed", "7", "--max-tokens", "24"])
+                .args([
+                    "generate",
+                    "--json",
+                    "--raw",
+                    "--temperature",
+                    "0.9",
+                    "--seed",
+                    "7",
+                    "--max-tokens",
+                    "24",
+                ])
                 .args(["--prompt", "Once upon a time", "--threads", "2"])
                 .output()
                 .unwrap(),
@@ -64,12 +97,33 @@ fn raw_generation_with_seed_is_reproducible_and_stops_on_strings() {
     assert_eq!(a["prompt_ids"].as_array().unwrap().len(), 4);
     // A stop string taken from the middle of that output cuts the text before it.
     let text = a["text"].as_str().unwrap().to_owned();
-    let cut = text.char_indices().nth(text.chars().count() / 2).map(|(i, _)| i).unwrap();
+    let cut = text
+        .char_indices()
+        .nth(text.chars().count() / 2)
+        .map(|(i, _)| i)
+        .unwrap();
     let stop: String = text[cut..].chars().take(3).collect();
     let c = json_of(
         &ferrolm()
-            .args(["generate", "--json", "--raw", "--temperature", "0.9", "--seed", "7", "--max-tokens", "24"])
-            .args(["--prompt", "Once upon a time", "--threads", "2", "--stop", &stop])
+            .args([
+                "generate",
+                "--json",
+                "--raw",
+                "--temperature",
+                "0.9",
+                "--seed",
+                "7",
+                "--max-tokens",
+                "24",
+            ])
+            .args([
+                "--prompt",
+                "Once upon a time",
+                "--threads",
+                "2",
+                "--stop",
+                &stop,
+            ])
             .output()
             .unwrap(),
     );
@@ -83,7 +137,16 @@ fn length_finish_and_logprobs() {
     default_model();
     let v = json_of(
         &ferrolm()
-            .args(["generate", "--json", "--temperature", "0", "--max-tokens", "3", "--logprobs", "2"])
+            .args([
+                "generate",
+                "--json",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "3",
+                "--logprobs",
+                "2",
+            ])
             .args(["--prompt", "Write a long story about a dragon."])
             .output()
             .unwrap(),
@@ -106,27 +169,48 @@ fn bad_sampling_values_and_max_tokens() {
         (vec!["--top-p", "1.5"], "top_p"),
         (vec!["--logit-bias", "abc"], "logit-bias"),
     ] {
-        let out = ferrolm().args(["generate", "--prompt", "hi"]).args(&args).output().unwrap();
+        let out = ferrolm()
+            .args(["generate", "--prompt", "hi"])
+            .args(&args)
+            .output()
+            .unwrap();
         assert_clean_error(&out, needle);
     }
 }
 
 #[test]
 fn missing_and_corrupt_model_files() {
-    let out = ferrolm().args(["generate", "--prompt", "hi", "--model", "/nonexistent/x.gguf"]).output().unwrap();
+    let out = ferrolm()
+        .args([
+            "generate",
+            "--prompt",
+            "hi",
+            "--model",
+            "/nonexistent/x.gguf",
+        ])
+        .output()
+        .unwrap();
     assert_clean_error(&out, "/nonexistent/x.gguf");
 
     let dir = tempfile::tempdir().unwrap();
     let not_gguf = dir.path().join("model.gguf");
     std::fs::write(&not_gguf, b"this is not a model at all").unwrap();
-    let out = ferrolm().args(["info", "--model"]).arg(&not_gguf).output().unwrap();
+    let out = ferrolm()
+        .args(["info", "--model"])
+        .arg(&not_gguf)
+        .output()
+        .unwrap();
     assert_clean_error(&out, "not a GGUF file");
 
     // The real model cut in half: its tensor data runs past the end.
     let full = std::fs::read(default_model()).unwrap();
     let half = dir.path().join("half.gguf");
     std::fs::write(&half, &full[..full.len() / 2]).unwrap();
-    let out = ferrolm().args(["generate", "--prompt", "hi", "--model"]).arg(&half).output().unwrap();
+    let out = ferrolm()
+        .args(["generate", "--prompt", "hi", "--model"])
+        .arg(&half)
+        .output()
+        .unwrap();
     assert_clean_error(&out, "truncated");
 }
 
@@ -134,7 +218,10 @@ fn missing_and_corrupt_model_files() {
 fn prompt_longer_than_context() {
     default_model();
     let long = "word ".repeat(300);
-    let out = ferrolm().args(["generate", "--ctx", "64", "--prompt", &long]).output().unwrap();
+    let out = ferrolm()
+        .args(["generate", "--ctx", "64", "--prompt", &long])
+        .output()
+        .unwrap();
     assert_clean_error(&out, "context");
 }
 
@@ -148,7 +235,12 @@ fn non_utf8_stdin() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"caf\xe9 au lait").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"caf\xe9 au lait")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert_clean_error(&out, "UTF-8");
 }
@@ -156,18 +248,40 @@ fn non_utf8_stdin() {
 #[test]
 fn info_and_bench_report() {
     let m = default_model();
-    let out = ferrolm().args(["info", "--model"]).arg(&m).output().unwrap();
+    let out = ferrolm()
+        .args(["info", "--model"])
+        .arg(&m)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    assert!(text.contains("llama") && text.contains("134.5 M") && text.contains("8192"), "{text}");
+    assert!(
+        text.contains("llama") && text.contains("134.5 M") && text.contains("8192"),
+        "{text}"
+    );
     let v = json_of(
         &ferrolm()
-            .args(["bench", "--json", "--threads", "1", "--reps", "1", "--decode-tokens", "8", "--model"])
+            .args([
+                "bench",
+                "--json",
+                "--threads",
+                "1",
+                "--reps",
+                "1",
+                "--decode-tokens",
+                "8",
+                "--model",
+            ])
             .arg(&m)
             .output()
             .unwrap(),
     );
-    for k in ["prefill_tps_128", "prefill_tps_512", "decode_tps", "peak_rss_mb"] {
+    for k in [
+        "prefill_tps_128",
+        "prefill_tps_512",
+        "decode_tps",
+        "peak_rss_mb",
+    ] {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
     }
 }

@@ -11,6 +11,7 @@ use ferrolm_gguf::{GgufFile, TensorInfo};
 pub mod linear;
 pub mod llama;
 pub mod quant;
+pub mod reference;
 pub mod simd;
 
 pub use llama::{Llama, LlamaConfig, Scratch};

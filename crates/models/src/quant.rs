@@ -448,6 +448,112 @@ mod x86 {
         }
     }
 
+    /// Dots of weight row `r` with tokens `t0..t0+nt` (nt ≤ TILE), unpacking the row once.
+    /// Includes the `m·sx` offset term. Lanes `nt..TILE` of the result are garbage-free zeros.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512dq,avx2,fma")]
+    pub unsafe fn tile_avx512(
+        w: &super::QMatrix,
+        r: usize,
+        x: &super::QActs,
+        t0: usize,
+        nt: usize,
+    ) -> [f32; super::TILE] {
+        match nt {
+            4 => unsafe { tile_n::<4>(w, r, x, t0) },
+            3 => unsafe { tile_n::<3>(w, r, x, t0) },
+            2 => unsafe { tile_n::<2>(w, r, x, t0) },
+            _ => unsafe { tile_n::<1>(w, r, x, t0) },
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load2(p: *const f32) -> __m128 {
+        unsafe { _mm_castpd_ps(_mm_load_sd(p as *const f64)) }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512dq,avx2,fma")]
+    unsafe fn tile_n<const NT: usize>(
+        w: &super::QMatrix,
+        r: usize,
+        x: &super::QActs,
+        t0: usize,
+    ) -> [f32; super::TILE] {
+        let nb = w.cols / QK;
+        let four = w.bits == super::QBits::Four;
+        let rb = if four { w.cols / 2 } else { w.cols };
+        debug_assert!((r + 1) * nb <= w.d.len() && (t0 + NT) * nb <= x.d.len());
+        let wq = unsafe { w.qs.as_ptr().add(r * rb) };
+        let wd = unsafe { w.d.as_ptr().add(r * nb) };
+        let wm = unsafe { w.m.as_ptr().add(r * nb) };
+        let mut xq = [std::ptr::null::<i8>(); NT];
+        let mut xd = [std::ptr::null::<f32>(); NT];
+        let mut xs = [std::ptr::null::<f32>(); NT];
+        for t in 0..NT {
+            unsafe {
+                xq[t] = x.qs.as_ptr().add((t0 + t) * w.cols);
+                xd[t] = x.d.as_ptr().add((t0 + t) * nb);
+                xs[t] = x.sx.as_ptr().add((t0 + t) * nb);
+            }
+        }
+        let mask = _mm256_set1_epi8(0x0F);
+        // lanes 0..8 take element 0 of a pair of scales, lanes 8..16 element 1
+        let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let mut acc = [_mm512_setzero_ps(); NT];
+        let mut macc = [_mm_setzero_ps(); NT];
+        let mut b = 0;
+        unsafe {
+            while b + 1 < nb {
+                let wv = if four {
+                    let v = _mm256_loadu_si256(wq.add(b * 16) as *const __m256i);
+                    let lo = _mm256_and_si256(v, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+                } else {
+                    _mm512_loadu_si512(wq.add(b * QK) as *const __m512i)
+                };
+                let wd2 = load2(wd.add(b));
+                let wm2 = load2(wm.add(b));
+                for t in 0..NT {
+                    let xv = _mm512_loadu_si512(xq[t].add(b * QK) as *const __m512i);
+                    let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+                    let s2 = _mm_mul_ps(wd2, load2(xd[t].add(b)));
+                    let s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s2));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), s, acc[t]);
+                    macc[t] = _mm_fmadd_ps(wm2, load2(xs[t].add(b)), macc[t]);
+                }
+                b += 2;
+            }
+            let mut out = [0f32; super::TILE];
+            for t in 0..NT {
+                let mut v = _mm512_reduce_add_ps(acc[t]);
+                let m2 = macc[t];
+                v += _mm_cvtss_f32(m2) + _mm_cvtss_f32(_mm_movehdup_ps(m2));
+                if b < nb {
+                    // odd last block: scalar-width path
+                    let wrow = std::slice::from_raw_parts(wq, rb);
+                    let xrow = std::slice::from_raw_parts(xq[t], w.cols);
+                    let isum: i32 = if four {
+                        let p = &wrow[b * 16..b * 16 + 16];
+                        let xb = &xrow[b * QK..(b + 1) * QK];
+                        (0..16)
+                            .map(|j| {
+                                (p[j] & 15) as i32 * xb[j] as i32
+                                    + (p[j] >> 4) as i32 * xb[j + 16] as i32
+                            })
+                            .sum()
+                    } else {
+                        (0..QK)
+                            .map(|j| wrow[b * QK + j] as i32 * xrow[b * QK + j] as i32)
+                            .sum()
+                    };
+                    v += *wd.add(b) * *xd[t].add(b) * isum as f32 + *wm.add(b) * *xs[t].add(b);
+                }
+                out[t] = v;
+            }
+            out
+        }
+    }
+
     /// u8 × i8 block of 32 → 8 i32 partial sums, without VNNI. `vpmaddubsw` saturates at
     /// ±32767, which 255 · 127 · 2 = 64770 could reach for 8-bit rows, so split the u8 into
     /// its high and low nibbles for those (4-bit rows cannot saturate: 15 · 128 · 2 < 32767).
@@ -523,6 +629,9 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+/// Tokens per tile of the AVX-512 kernels: one unpacked weight row serves this many tokens.
+const TILE: usize = 4;
+
 /// `out (n × w.rows) = x (n × w.cols) · wᵀ`, rows of `w` split across the rayon pool.
 pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
     use rayon::prelude::*;
@@ -538,10 +647,28 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
     let chunk = (m / (4 * rayon::current_num_threads().max(1))).clamp(16, 512);
     (0..m.div_ceil(chunk)).into_par_iter().for_each(|c| {
         let p = ptr;
-        for r in c * chunk..((c + 1) * chunk).min(m) {
+        let rows = c * chunk..((c + 1) * chunk).min(m);
+        // SAFETY (all writes below): (t, r) pairs are disjoint across chunks and in bounds.
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512Vnni {
+            // Token groups outside, rows inside: the chunk's weights stay in cache while
+            // each group of activations streams through once.
+            let mut t = 0;
+            while t < n {
+                let nt = (n - t).min(TILE);
+                for r in rows.clone() {
+                    let v = unsafe { x86::tile_avx512(w, r, x, t, nt) };
+                    for (j, &val) in v.iter().enumerate().take(nt) {
+                        unsafe { *p.0.add((t + j) * m + r) = val };
+                    }
+                }
+                t += nt;
+            }
+            return;
+        }
+        for r in rows {
             for t in 0..n {
                 let v = dot_row(isa, w, r, x, t);
-                // SAFETY: (t, r) pairs are disjoint across chunks and within bounds (asserted).
                 unsafe { *p.0.add(t * m + r) = v };
             }
         }
@@ -647,8 +774,8 @@ mod tests {
             })
             .collect();
         for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
-            for cols in [32, 64, 96, 576, 1536] {
-                let (rows, n) = (5, 3);
+            for (cols, n) in [(32, 1), (64, 3), (96, 6), (576, 5), (1536, 2)] {
+                let rows = 5;
                 let raw = random_blocks(ty, rows, cols, &mut seed);
                 let w = QMatrix::from_ggml(ty, rows, cols, &raw).unwrap();
                 let x: Vec<f32> = (0..n * cols)
