@@ -582,7 +582,7 @@ impl Llama {
     }
 
     /// Causal attention of every (token, head) over its sequence's cached positions
-    /// `0..=position`, with an online softmax (no score buffer).
+    /// `0..=position`: scores, softmax (vectorized exp), weighted sum of V.
     fn attention(&self, layer: usize, b: &Batch, kv: &KvCache, s: &mut Scratch) {
         let c = &self.cfg;
         let (hd, nh, group) = (c.head_dim, c.n_heads, c.n_heads / c.n_kv_heads);
@@ -603,31 +603,30 @@ impl Llama {
         s.att[..n * q_dim]
             .par_chunks_mut(hd)
             .enumerate()
-            .for_each(|(task, out)| {
+            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, out)| {
                 let (i, h) = (task / nh, task % nh);
                 let q = &qkv[i * qkv_dim + h * hd..i * qkv_dim + (h + 1) * hd];
                 let kvh = h / group;
                 let table = b.seqs[seq_of[i] as usize].block_table;
-                let mut acc = [0f32; 256];
-                let acc = &mut acc[..hd];
-                let (mut mx, mut sum) = (f32::NEG_INFINITY, 0f32);
-                for j in 0..=b.positions[i] as usize {
-                    let slot = table[j / bs] as usize * bs + j % bs;
-                    let off = slot * kv_dim + kvh * hd;
-                    let score = simd::dot(q, &kc[off..off + hd]) * scale;
-                    if score > mx {
-                        let r = (mx - score).exp();
-                        acc.iter_mut().for_each(|a| *a *= r);
-                        sum *= r;
-                        mx = score;
+                let ctx = b.positions[i] as usize + 1;
+                scores.clear();
+                // Walk the block table: positions j = blk * bs + o.
+                for (blk, &id) in table.iter().enumerate().take(ctx.div_ceil(bs)) {
+                    for o in 0..bs.min(ctx - blk * bs) {
+                        let off = (id as usize * bs + o) * kv_dim + kvh * hd;
+                        scores.push(simd::dot(q, &kc[off..off + hd]) * scale);
                     }
-                    let w = (score - mx).exp();
-                    sum += w;
-                    simd::axpy(acc, w, &vc[off..off + hd]);
                 }
-                let inv = 1.0 / sum;
-                for (o, a) in out.iter_mut().zip(acc.iter()) {
-                    *o = a * inv;
+                let mx = scores.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                let inv = 1.0 / simd::exp_sub_sum(scores, mx);
+                out.fill(0.0);
+                let mut j = 0;
+                for (blk, &id) in table.iter().enumerate().take(ctx.div_ceil(bs)) {
+                    for o in 0..bs.min(ctx - blk * bs) {
+                        let off = (id as usize * bs + o) * kv_dim + kvh * hd;
+                        simd::axpy(out, scores[j] * inv, &vc[off..off + hd]);
+                        j += 1;
+                    }
                 }
             });
     }

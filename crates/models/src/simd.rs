@@ -33,6 +33,81 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// `x[i] = exp(x[i] - max)` in place; returns the sum. Inputs at or below `max` (softmax).
+pub fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: features checked above.
+        return unsafe { exp_sub_sum_avx2(x, max) };
+    }
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    sum
+}
+
+/// exp on 8 lanes for arguments in [-87, 0]: 2^n · p(r) with r = x - n·ln2, |r| ≤ ln2/2, and a
+/// degree-6 polynomial (relative error < 2e-7, like Cephes' expf).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp256(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+    let n = _mm256_round_ps(
+        _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+    );
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+    let mut p = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let r2 = _mm256_mul_ps(r, r);
+    let p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+    let e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+        23,
+    );
+    _mm256_mul_ps(p, _mm256_castsi256_ps(e))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_sub_sum_avx2(x: &mut [f32], max: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let m = _mm256_set1_ps(max);
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    let p = x.as_mut_ptr();
+    unsafe {
+        while i + 8 <= x.len() {
+            let v = exp256(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
+            _mm256_storeu_ps(p.add(i), v);
+            acc = _mm256_add_ps(acc, v);
+            i += 8;
+        }
+    }
+    let mut sum = {
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    };
+    for v in &mut x[i..] {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    sum
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
@@ -88,6 +163,13 @@ mod tests {
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
             let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             assert!((super::dot(&a, &b) - want).abs() < 1e-4);
+            let mut e: Vec<f32> = a.iter().map(|v| v * 40.0 - 45.0).collect();
+            let want_e: Vec<f32> = e.iter().map(|v| (v - 1.0).exp()).collect();
+            let sum = super::exp_sub_sum(&mut e, 1.0);
+            for (g, w) in e.iter().zip(&want_e) {
+                assert!((g - w).abs() <= 1e-6 * w.abs() + 1e-30, "{g} vs {w}");
+            }
+            assert!((sum - want_e.iter().sum::<f32>()).abs() <= 1e-5 * sum);
             let mut y = b.clone();
             super::axpy(&mut y, 0.5, &a);
             for i in 0..n {
