@@ -545,6 +545,20 @@ impl GgufFile {
         }
     }
 
+    pub fn get_f32_array(&self, key: &str) -> Result<Vec<f32>, GgufError> {
+        match self.require(key)? {
+            Value::Array(items) => items
+                .iter()
+                .map(|v| {
+                    v.as_f64()
+                        .map(|x| x as f32)
+                        .ok_or_else(|| self.wrong(key, v, "array of numbers"))
+                })
+                .collect(),
+            v => Err(self.wrong(key, v, "array of numbers")),
+        }
+    }
+
     /// `general.architecture`.
     pub fn architecture(&self) -> Result<&str, GgufError> {
         self.get_str("general.architecture")

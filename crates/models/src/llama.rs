@@ -690,6 +690,8 @@ impl Scratch {
     }
 
     fn ensure(&mut self, c: &LlamaConfig, n: usize, n_logits: usize) {
+        // The output head reads `n_logits` normed rows from `xb` (indices may repeat).
+        let n = n.max(n_logits);
         if n > self.cap {
             let qkv = c.q_dim() + 2 * c.kv_dim();
             let widest = c.dim.max(qkv).max(2 * c.ffn_dim).max(c.q_dim());

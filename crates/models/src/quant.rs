@@ -448,43 +448,30 @@ mod x86 {
         }
     }
 
-    /// Dots of weight row `r` with tokens `t0..t0+nt` (nt ≤ TILE), unpacking the row once.
-    /// Includes the `m·sx` offset term. Lanes `nt..TILE` of the result are garbage-free zeros.
+    /// Dots of weight rows `r0..r0+R` with tokens `t0..t0+NT`, each weight pair unpacked
+    /// once and each activation pair loaded once per tile; `R·NT` independent accumulators keep
+    /// the FMA pipes busy. Includes the `m·sx` offset term.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512dq,avx2,fma")]
-    pub unsafe fn tile_avx512(
+    pub unsafe fn tile<const R: usize, const NT: usize>(
         w: &super::QMatrix,
-        r: usize,
+        r0: usize,
         x: &super::QActs,
         t0: usize,
-        nt: usize,
-    ) -> [f32; super::TILE] {
-        match nt {
-            4 => unsafe { tile_n::<4>(w, r, x, t0) },
-            3 => unsafe { tile_n::<3>(w, r, x, t0) },
-            2 => unsafe { tile_n::<2>(w, r, x, t0) },
-            _ => unsafe { tile_n::<1>(w, r, x, t0) },
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn load2(p: *const f32) -> __m128 {
-        unsafe { _mm_castpd_ps(_mm_load_sd(p as *const f64)) }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512dq,avx2,fma")]
-    unsafe fn tile_n<const NT: usize>(
-        w: &super::QMatrix,
-        r: usize,
-        x: &super::QActs,
-        t0: usize,
-    ) -> [f32; super::TILE] {
+    ) -> [[f32; NT]; R] {
         let nb = w.cols / QK;
         let four = w.bits == super::QBits::Four;
         let rb = if four { w.cols / 2 } else { w.cols };
-        debug_assert!((r + 1) * nb <= w.d.len() && (t0 + NT) * nb <= x.d.len());
-        let wq = unsafe { w.qs.as_ptr().add(r * rb) };
-        let wd = unsafe { w.d.as_ptr().add(r * nb) };
-        let wm = unsafe { w.m.as_ptr().add(r * nb) };
+        debug_assert!((r0 + R) * nb <= w.d.len() && (t0 + NT) * nb <= x.d.len());
+        let mut wq = [std::ptr::null::<u8>(); R];
+        let mut wd = [std::ptr::null::<f32>(); R];
+        let mut wm = [std::ptr::null::<f32>(); R];
+        for i in 0..R {
+            unsafe {
+                wq[i] = w.qs.as_ptr().add((r0 + i) * rb);
+                wd[i] = w.d.as_ptr().add((r0 + i) * nb);
+                wm[i] = w.m.as_ptr().add((r0 + i) * nb);
+            }
+        }
         let mut xq = [std::ptr::null::<i8>(); NT];
         let mut xd = [std::ptr::null::<f32>(); NT];
         let mut xs = [std::ptr::null::<f32>(); NT];
@@ -498,60 +485,80 @@ mod x86 {
         let mask = _mm256_set1_epi8(0x0F);
         // lanes 0..8 take element 0 of a pair of scales, lanes 8..16 element 1
         let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        let mut acc = [_mm512_setzero_ps(); NT];
-        let mut macc = [_mm_setzero_ps(); NT];
+        let mut acc = [[_mm512_setzero_ps(); NT]; R];
+        let mut macc = [[_mm_setzero_ps(); NT]; R];
         let mut b = 0;
         unsafe {
             while b + 1 < nb {
-                let wv = if four {
-                    let v = _mm256_loadu_si256(wq.add(b * 16) as *const __m256i);
-                    let lo = _mm256_and_si256(v, mask);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                    _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
-                } else {
-                    _mm512_loadu_si512(wq.add(b * QK) as *const __m512i)
-                };
-                let wd2 = load2(wd.add(b));
-                let wm2 = load2(wm.add(b));
+                let mut xv = [_mm512_setzero_si512(); NT];
+                let mut xd2 = [_mm_setzero_ps(); NT];
+                let mut xs2 = [_mm_setzero_ps(); NT];
                 for t in 0..NT {
-                    let xv = _mm512_loadu_si512(xq[t].add(b * QK) as *const __m512i);
-                    let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-                    let s2 = _mm_mul_ps(wd2, load2(xd[t].add(b)));
-                    let s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(s2));
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), s, acc[t]);
-                    macc[t] = _mm_fmadd_ps(wm2, load2(xs[t].add(b)), macc[t]);
+                    xv[t] = _mm512_loadu_si512(xq[t].add(b * QK) as *const __m512i);
+                    xd2[t] = load2(xd[t].add(b));
+                    xs2[t] = load2(xs[t].add(b));
+                }
+                for i in 0..R {
+                    let wv = if four {
+                        let v = _mm256_loadu_si256(wq[i].add(b * 16) as *const __m256i);
+                        let lo = _mm256_and_si256(v, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                        _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
+                    } else {
+                        _mm512_loadu_si512(wq[i].add(b * QK) as *const __m512i)
+                    };
+                    let wd2 = load2(wd[i].add(b));
+                    let wm2 = load2(wm[i].add(b));
+                    for t in 0..NT {
+                        let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[t]);
+                        let s = _mm512_permutexvar_ps(
+                            spread,
+                            _mm512_castps128_ps512(_mm_mul_ps(wd2, xd2[t])),
+                        );
+                        acc[i][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), s, acc[i][t]);
+                        macc[i][t] = _mm_fmadd_ps(wm2, xs2[t], macc[i][t]);
+                    }
                 }
                 b += 2;
             }
-            let mut out = [0f32; super::TILE];
-            for t in 0..NT {
-                let mut v = _mm512_reduce_add_ps(acc[t]);
-                let m2 = macc[t];
-                v += _mm_cvtss_f32(m2) + _mm_cvtss_f32(_mm_movehdup_ps(m2));
-                if b < nb {
-                    // odd last block: scalar-width path
-                    let wrow = std::slice::from_raw_parts(wq, rb);
-                    let xrow = std::slice::from_raw_parts(xq[t], w.cols);
-                    let isum: i32 = if four {
-                        let p = &wrow[b * 16..b * 16 + 16];
-                        let xb = &xrow[b * QK..(b + 1) * QK];
-                        (0..16)
-                            .map(|j| {
-                                (p[j] & 15) as i32 * xb[j] as i32
-                                    + (p[j] >> 4) as i32 * xb[j + 16] as i32
-                            })
-                            .sum()
-                    } else {
-                        (0..QK)
-                            .map(|j| wrow[b * QK + j] as i32 * xrow[b * QK + j] as i32)
-                            .sum()
-                    };
-                    v += *wd.add(b) * *xd[t].add(b) * isum as f32 + *wm.add(b) * *xs[t].add(b);
+            let mut out = [[0f32; NT]; R];
+            for i in 0..R {
+                for t in 0..NT {
+                    let m2 = macc[i][t];
+                    let mut v = _mm512_reduce_add_ps(acc[i][t])
+                        + _mm_cvtss_f32(m2)
+                        + _mm_cvtss_f32(_mm_movehdup_ps(m2));
+                    if b < nb {
+                        // odd last block
+                        let wrow = std::slice::from_raw_parts(wq[i], rb);
+                        let xrow = std::slice::from_raw_parts(xq[t], w.cols);
+                        let isum: i32 = if four {
+                            let p = &wrow[b * 16..b * 16 + 16];
+                            let xb = &xrow[b * QK..(b + 1) * QK];
+                            (0..16)
+                                .map(|j| {
+                                    (p[j] & 15) as i32 * xb[j] as i32
+                                        + (p[j] >> 4) as i32 * xb[j + 16] as i32
+                                })
+                                .sum()
+                        } else {
+                            (0..QK)
+                                .map(|j| wrow[b * QK + j] as i32 * xrow[b * QK + j] as i32)
+                                .sum()
+                        };
+                        v += *wd[i].add(b) * *xd[t].add(b) * isum as f32
+                            + *wm[i].add(b) * *xs[t].add(b);
+                    }
+                    out[i][t] = v;
                 }
-                out[t] = v;
             }
             out
         }
+    }
+
+    #[inline(always)]
+    unsafe fn load2(p: *const f32) -> __m128 {
+        unsafe { _mm_castpd_ps(_mm_load_sd(p as *const f64)) }
     }
 
     /// u8 × i8 block of 32 → 8 i32 partial sums, without VNNI. `vpmaddubsw` saturates at
@@ -631,6 +638,9 @@ unsafe impl Sync for SendPtr {}
 
 /// Tokens per tile of the AVX-512 kernels: one unpacked weight row serves this many tokens.
 const TILE: usize = 4;
+/// Weight rows per tile when decoding one token. 2 and 4 measured slower here (decode 68 and
+/// 61 tok/s against 95 on one thread): the row tiles spill; revisit with callgrind.
+const DECODE_ROWS: usize = 1;
 
 /// `out (n × w.rows) = x (n × w.cols) · wᵀ`, rows of `w` split across the rayon pool.
 pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
@@ -651,15 +661,37 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
         // SAFETY (all writes below): (t, r) pairs are disjoint across chunks and in bounds.
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx512Vnni {
-            // Token groups outside, rows inside: the chunk's weights stay in cache while
-            // each group of activations streams through once.
+            let put = |t: usize, r: usize, v: f32| unsafe { *p.0.add(t * m + r) = v };
+            if n == 1 {
+                // Decode: four rows share each activation load.
+                let mut r = rows.start;
+                while r + DECODE_ROWS <= rows.end {
+                    let v = unsafe { x86::tile::<DECODE_ROWS, 1>(w, r, x, 0) };
+                    (0..DECODE_ROWS).for_each(|i| put(0, r + i, v[i][0]));
+                    r += DECODE_ROWS;
+                }
+                for r in r..rows.end {
+                    put(0, r, unsafe { x86::tile::<1, 1>(w, r, x, 0) }[0][0]);
+                }
+                return;
+            }
+            // Prefill: token groups outside, rows inside, so the chunk's weights stay in cache
+            // while each group of activations streams through once.
             let mut t = 0;
             while t < n {
                 let nt = (n - t).min(TILE);
                 for r in rows.clone() {
-                    let v = unsafe { x86::tile_avx512(w, r, x, t, nt) };
-                    for (j, &val) in v.iter().enumerate().take(nt) {
-                        unsafe { *p.0.add((t + j) * m + r) = val };
+                    macro_rules! go {
+                        ($nt:literal) => {{
+                            let v = unsafe { x86::tile::<1, $nt>(w, r, x, t) };
+                            (0..$nt).for_each(|j| put(t + j, r, v[0][j]));
+                        }};
+                    }
+                    match nt {
+                        4 => go!(4),
+                        3 => go!(3),
+                        2 => go!(2),
+                        _ => go!(1),
                     }
                 }
                 t += nt;

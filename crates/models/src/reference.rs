@@ -5,8 +5,9 @@
 //! Contract:
 //! * [`Reference::load`] reads the same GGUF files as [`crate::Llama::load`] (`llama`, `qwen2`)
 //!   and dequantizes every tensor with candle's ggml decoder ([`crate::linear::dequantize`]),
-//!   which is independent of our repacked kernels in [`crate::quant`]. It shares only the
-//!   blueprint ([`LlamaConfig::from_gguf`]) with the fast path.
+//!   which is independent of our repacked 4/8-bit kernels in [`crate::quant`] (the fast path
+//!   uses it only for norms, biases and f32/f16 weights). Beyond that it shares only the
+//!   blueprint, [`LlamaConfig::from_gguf`], with the fast path.
 //! * [`Reference::forward_full`] runs one sequence at positions `0..tokens.len()` from scratch —
 //!   no KV cache, full causal attention with an explicit softmax — and returns the logits of
 //!   every position. Values are f32 as in the model; sums (dot products, norms, softmax) are
@@ -16,40 +17,88 @@
 //!   first `rope_dim` dimensions of each head, `rope_freqs.weight` frequency factors, q/k/v
 //!   biases, tied or untied output head.
 //!
-//! What the fast path does differently, and so what a comparison measures: it quantizes
-//! activations to 8 bits before Q4/Q8 matrix products (see [`crate::quant`]), keeps K/V in a
-//! paged cache, and uses an online softmax. Cost here is O(T² + T·params) with no threads —
-//! meant for tiny test models and a handful of tokens of a real one.
+//! What the fast path does differently, and so what a comparison measures: besides batching
+//! and a paged cache, it rounds the activations entering a quantized matrix product to 8 bits
+//! (our Q4_0/Q4_1/Q8_0 kernels: per 32 values, see [`crate::quant`]; candle's K-quant kernels:
+//! Q8_K, per 256). [`Reference::forward_full_with`] with [`Activations::LikeKernels`] applies
+//! the same rounding before the same products, so the exact reference bounds the
+//! approximation and the rounded one shows that the approximation is all there is: what is
+//! left is summation order — which, for a value within an ulp of a rounding boundary, decides
+//! which way it rounds (`tests/tiny.rs` measures what such a tie costs). Q5_0/Q5_1 and other
+//! types candle computes with f16-scaled activations are not mirrored: their inputs stay exact.
+//!
+//! Cost is O(T² + T·params) with no threads — meant for tiny test models and a handful of
+//! tokens of a real one.
 
-use ferrolm_gguf::GgufFile;
+use ferrolm_gguf::{GgmlType, GgufFile};
 
 use crate::linear::dequantize;
 use crate::{LlamaConfig, ModelError};
 
-/// One transformer block's weights, f32, matrices row-major `[rows, cols]`.
+/// What happens to the activations entering a matrix product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// Used as they are (the model's own arithmetic).
+    Exact,
+    /// Rounded as the fast path's kernel for each weight type rounds them.
+    LikeKernels,
+}
+
+/// How the fast path rounds a product's input, by the weight's GGUF type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rounding {
+    /// f32 / f16 / bf16 weights (candle GEMM), and types not mirrored here.
+    None,
+    /// Our kernels (`quant::QActs`): per 32 values, `d = amax / 127`, `q = round(x / d)`.
+    Q8Blocks32,
+    /// candle's K-quant kernels (`BlockQ8K`): per 256 values, `d = -max / 127` with `max` the
+    /// value of largest magnitude, `q = clamp(round(x / d), -128, 127)`.
+    Q8K,
+}
+
+impl Rounding {
+    fn of(t: GgmlType) -> Rounding {
+        match t {
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => Rounding::Q8Blocks32,
+            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
+                Rounding::Q8K
+            }
+            _ => Rounding::None,
+        }
+    }
+}
+
+/// A weight matrix `[rows, cols]`, f32 row-major, with the rounding its fast form applies.
+struct Matrix {
+    w: Vec<f32>,
+    rounding: Rounding,
+}
+
+/// One transformer block's weights.
 struct Block {
     attn_norm: Vec<f32>,
-    wq: Vec<f32>, // (q_dim, dim)
-    wk: Vec<f32>, // (kv_dim, dim)
-    wv: Vec<f32>, // (kv_dim, dim)
+    wq: Matrix, // (q_dim, dim)
+    wk: Matrix, // (kv_dim, dim)
+    wv: Matrix, // (kv_dim, dim)
     bq: Option<Vec<f32>>,
     bk: Option<Vec<f32>>,
     bv: Option<Vec<f32>>,
-    wo: Vec<f32>, // (dim, q_dim)
+    wo: Matrix, // (dim, q_dim)
     ffn_norm: Vec<f32>,
-    w_gate: Vec<f32>, // (ffn, dim)
-    w_up: Vec<f32>,   // (ffn, dim)
-    w_down: Vec<f32>, // (dim, ffn)
+    w_gate: Matrix, // (ffn, dim)
+    w_up: Matrix,   // (ffn, dim)
+    w_down: Matrix, // (dim, ffn)
 }
 
 /// All weights of the model as f32.
 pub struct Reference {
     pub cfg: LlamaConfig,
-    tok_embd: Vec<f32>, // (vocab, dim)
+    /// (vocab, dim); rows are looked up exactly, the rounding applies when it is the head.
+    tok_embd: Matrix,
     blocks: Vec<Block>,
     output_norm: Vec<f32>,
     /// `None`: the head is tied to `tok_embd`.
-    output: Option<Vec<f32>>, // (vocab, dim)
+    output: Option<Matrix>, // (vocab, dim)
     /// RoPE frequency of pair `i`: `theta^(-2i / rope_dim)` (divided by `rope_freqs[i]`).
     inv_freq: Vec<f64>,
 }
@@ -69,8 +118,11 @@ fn load(g: &GgufFile, name: &str, dims: &[usize]) -> Result<Vec<f32>, ModelError
 }
 
 /// `[rows, cols]` matrix, stored with ggml dims `[cols, rows]`.
-fn matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>, ModelError> {
-    load(g, name, &[cols, rows])
+fn matrix(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Matrix, ModelError> {
+    Ok(Matrix {
+        w: load(g, name, &[cols, rows])?,
+        rounding: Rounding::of(g.tensor(name)?.ggml_type),
+    })
 }
 
 fn optional(g: &GgufFile, name: &str, len: usize) -> Result<Option<Vec<f32>>, ModelError> {
@@ -116,8 +168,13 @@ impl Reference {
                 f / factors.as_ref().map_or(1.0, |s| s[i] as f64)
             })
             .collect();
+        let mut tok_embd = matrix(g, "token_embd.weight", cfg.vocab_size, dim)?;
+        if tok_embd.rounding == Rounding::Q8K {
+            // The fast path dequantizes a K-quant embedding to f32 (a tied head is then f32).
+            tok_embd.rounding = Rounding::None;
+        }
         Ok(Reference {
-            tok_embd: matrix(g, "token_embd.weight", cfg.vocab_size, dim)?,
+            tok_embd,
             output_norm: load(g, "output_norm.weight", &[dim])?,
             output,
             inv_freq,
@@ -127,9 +184,23 @@ impl Reference {
     }
 
     /// Logits (`vocab` floats) of every position of `tokens`, the sequence starting at
-    /// position 0.
+    /// position 0, computed exactly.
     pub fn forward_full(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_full_with(tokens, Activations::Exact)
+    }
+
+    /// [`Self::forward_full`], with the inputs of matrix products rounded as `acts` says.
+    pub fn forward_full_with(
+        &self,
+        tokens: &[u32],
+        acts: Activations,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let c = &self.cfg;
+        // out = W · x, with x rounded first if asked to
+        let mul = |out: &mut [f32], m: &Matrix, x: &[f32]| match acts {
+            Activations::Exact => matvec(out, &m.w, x),
+            Activations::LikeKernels => matvec(out, &m.w, &round(x, m.rounding)),
+        };
         let (dim, hd, ffn) = (c.dim, c.head_dim, c.ffn_dim);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let group = c.n_heads / c.n_kv_heads; // query heads per KV head
@@ -145,7 +216,7 @@ impl Reference {
                     c.vocab_size
                 )));
             }
-            x.push(self.tok_embd[t * dim..(t + 1) * dim].to_vec());
+            x.push(self.tok_embd.w[t * dim..(t + 1) * dim].to_vec());
         }
 
         for b in &self.blocks {
@@ -155,9 +226,9 @@ impl Reference {
             let mut v = vec![vec![0f32; kv_dim]; t_len];
             for t in 0..t_len {
                 let xb = rms_norm(&x[t], &b.attn_norm, c.rms_eps);
-                matvec(&mut q[t], &b.wq, &xb);
-                matvec(&mut k[t], &b.wk, &xb);
-                matvec(&mut v[t], &b.wv, &xb);
+                mul(&mut q[t], &b.wq, &xb);
+                mul(&mut k[t], &b.wk, &xb);
+                mul(&mut v[t], &b.wv, &xb);
                 add_bias(&mut q[t], b.bq.as_deref());
                 add_bias(&mut k[t], b.bk.as_deref());
                 add_bias(&mut v[t], b.bv.as_deref());
@@ -185,7 +256,7 @@ impl Reference {
                     }
                 }
                 let mut out = vec![0f32; dim];
-                matvec(&mut out, &b.wo, &att);
+                mul(&mut out, &b.wo, &att);
                 add(&mut x[t], &out);
             }
 
@@ -194,8 +265,8 @@ impl Reference {
                 let xb = rms_norm(xt, &b.ffn_norm, c.rms_eps);
                 let mut gate = vec![0f32; ffn];
                 let mut up = vec![0f32; ffn];
-                matvec(&mut gate, &b.w_gate, &xb);
-                matvec(&mut up, &b.w_up, &xb);
+                mul(&mut gate, &b.w_gate, &xb);
+                mul(&mut up, &b.w_up, &xb);
                 let hidden: Vec<f32> = gate
                     .iter()
                     .zip(&up)
@@ -205,7 +276,7 @@ impl Reference {
                     })
                     .collect();
                 let mut out = vec![0f32; dim];
-                matvec(&mut out, &b.w_down, &hidden);
+                mul(&mut out, &b.w_down, &hidden);
                 add(xt, &out);
             }
         }
@@ -216,7 +287,7 @@ impl Reference {
             .map(|xt| {
                 let xb = rms_norm(xt, &self.output_norm, c.rms_eps);
                 let mut logits = vec![0f32; c.vocab_size];
-                matvec(&mut logits, head, &xb);
+                mul(&mut logits, head, &xb);
                 logits
             })
             .collect())
@@ -262,6 +333,39 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         .zip(w)
         .map(|(&v, &g)| (v as f64 * r * g as f64) as f32)
         .collect()
+}
+
+/// `x` as the fast path's kernels see it after quantizing it to 8 bits (see [`Rounding`]).
+fn round(x: &[f32], r: Rounding) -> Vec<f32> {
+    let mut out = x.to_vec();
+    match r {
+        Rounding::None => {}
+        Rounding::Q8Blocks32 => {
+            for blk in out.chunks_mut(32) {
+                let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                for v in blk.iter_mut() {
+                    *v = (*v * id).round() * d;
+                }
+            }
+        }
+        Rounding::Q8K => {
+            for blk in out.chunks_mut(256) {
+                let max = blk
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                if max == 0.0 {
+                    continue;
+                }
+                let iscale = -127.0 / max;
+                for v in blk.iter_mut() {
+                    *v = (iscale * *v).round().clamp(-128.0, 127.0) * (1.0 / iscale);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn softmax(x: &mut [f64]) {

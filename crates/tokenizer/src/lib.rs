@@ -32,7 +32,7 @@ pub mod chat;
 pub enum TokenizerError {
     #[error(transparent)]
     Gguf(#[from] ferrolm_gguf::GgufError),
-    #[error("{path}: tokenizer model `{model}` is not supported (supported: gpt2 byte-level BPE). Pass a tokenizer.json with --tokenizer")]
+    #[error("{path}: tokenizer model `{model}` is not supported (supported: `gpt2` byte-level BPE and `llama` SentencePiece)")]
     UnsupportedModel { path: PathBuf, model: String },
     #[error("{path}: invalid tokenizer data: {reason}")]
     Invalid { path: PathBuf, reason: String },
@@ -93,6 +93,71 @@ fn byte_level_inverse() -> HashMap<char, u8> {
         .collect()
 }
 
+/// How vocabulary strings spell bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PieceKind {
+    /// GPT-2's printable byte alphabet (`Ġ` = space).
+    ByteLevel,
+    /// SentencePiece: `▁` = space, `<0xNN>` = raw byte.
+    Sentencepiece,
+}
+
+fn piece_bytes(piece: &str, kind: PieceKind, inverse: &HashMap<char, u8>) -> Vec<u8> {
+    match kind {
+        PieceKind::ByteLevel => {
+            let mut b = Vec::with_capacity(piece.len());
+            for c in piece.chars() {
+                // Chars outside the byte alphabet (rare user-defined tokens) stand for themselves.
+                match inverse.get(&c) {
+                    Some(&x) => b.push(x),
+                    None => b.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                }
+            }
+            b
+        }
+        PieceKind::Sentencepiece => {
+            if let Some(hex) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+                if let Ok(b) = u8::from_str_radix(hex, 16) {
+                    return vec![b];
+                }
+            }
+            piece.replace('\u{2581}', " ").into_bytes()
+        }
+    }
+}
+
+/// Tell the HF tokenizer about the special tokens (so a saved `tokenizer.json` is complete)
+/// while keeping it from ever matching them: ferrolm decides when text is special.
+fn register_specials(hf: &mut HfTokenizer, specials: &[SpecialToken]) -> tokenizers::Result<()> {
+    let added: Vec<tokenizers::AddedToken> = specials
+        .iter()
+        .map(|s| tokenizers::AddedToken::from(s.text.clone(), true))
+        .collect();
+    hf.add_special_tokens(added)?;
+    hf.set_encode_special_tokens(true);
+    Ok(())
+}
+
+/// SentencePiece BPE merges recovered from scores, as llama.cpp's SPM tokenizer applies them:
+/// a pair merges when its concatenation is in the vocabulary, higher score first.
+fn spm_merges(tokens: &[&str], scores: &[f32], types: &[i64]) -> Vec<(String, String)> {
+    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let mut merges: Vec<(f32, usize, String, String)> = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if types[i] != 1 {
+            continue;
+        }
+        for (k, _) in t.char_indices().skip(1) {
+            let (a, b) = t.split_at(k);
+            if index.contains_key(a) && index.contains_key(b) {
+                merges.push((scores[i], i, a.to_owned(), b.to_owned()));
+            }
+        }
+    }
+    merges.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
+    merges.into_iter().map(|(_, _, a, b)| (a, b)).collect()
+}
+
 /// A special (control) token: matched in text only when the caller asks for it.
 #[derive(Debug, Clone)]
 pub struct SpecialToken {
@@ -133,6 +198,9 @@ impl Tokenizer {
             reason,
         };
         let model = g.get_str("tokenizer.ggml.model")?;
+        if model == "llama" {
+            return Self::spm_from_gguf(g);
+        }
         if model != "gpt2" {
             return Err(TokenizerError::UnsupportedModel {
                 path: path.clone(),
@@ -177,6 +245,7 @@ impl Tokenizer {
             .build()
             .map_err(|e| invalid(format!("BPE: {e}")))?;
         let mut hf = HfTokenizer::new(bpe);
+        hf.with_decoder(Some(ByteLevelDecoder::default()));
         let byte_level = ByteLevel::new(false, true, true);
         let pre_tok: PreTokenizerWrapper = match pre {
             PreTokenizerKind::Gpt2 { split_digits } => {
@@ -201,7 +270,6 @@ impl Tokenizer {
             }
         };
         hf.with_pre_tokenizer(Some(pre_tok));
-        hf.with_decoder(Some(ByteLevelDecoder::default()));
 
         let inverse = byte_level_inverse();
         let mut specials = Vec::new();
@@ -214,18 +282,12 @@ impl Tokenizer {
                 });
                 bytes.push(t.as_bytes().to_vec());
             } else {
-                // Non-byte-level chars (rare user-defined tokens) stand for themselves.
-                let mut b = Vec::with_capacity(t.len());
-                for c in t.chars() {
-                    match inverse.get(&c) {
-                        Some(&x) => b.push(x),
-                        None => b.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
-                    }
-                }
-                bytes.push(b);
+                bytes.push(piece_bytes(t, PieceKind::ByteLevel, &inverse));
             }
         }
         specials.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
+        register_specials(&mut hf, &specials)
+            .map_err(|e| invalid(format!("special tokens: {e}")))?;
         let id_key = |k: &str| -> Option<u32> {
             g.get_u64(k)
                 .ok()
@@ -241,6 +303,98 @@ impl Tokenizer {
             eos_id: id_key("tokenizer.ggml.eos_token_id"),
             add_bos: g.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
         })
+    }
+
+    /// A SentencePiece (`tokenizer.ggml.model = "llama"`) vocabulary: Llama 2, TinyLlama,
+    /// Mistral. BPE over the scored pieces with byte fallback; a space is `▁`, and one is
+    /// prepended to the text when `tokenizer.ggml.add_space_prefix` (default true).
+    fn spm_from_gguf(g: &GgufFile) -> Result<Self, TokenizerError> {
+        use tokenizers::normalizers::{Prepend, Replace, Sequence as NSeq};
+        let path = &g.path;
+        let invalid = |reason: String| TokenizerError::Invalid {
+            path: path.clone(),
+            reason,
+        };
+        let tokens = g.get_str_array("tokenizer.ggml.tokens")?;
+        let scores = g.get_f32_array("tokenizer.ggml.scores")?;
+        let types = g.get_i64_array("tokenizer.ggml.token_type")?;
+        if scores.len() != tokens.len() || types.len() != tokens.len() {
+            return Err(invalid(
+                "tokens, scores and token_type differ in length".into(),
+            ));
+        }
+        let mut vocab = tokenizers::models::bpe::Vocab::default();
+        for (i, t) in tokens.iter().enumerate() {
+            vocab.insert((*t).to_owned(), i as u32);
+        }
+        let unk = g
+            .get_u64("tokenizer.ggml.unknown_token_id")
+            .ok()
+            .and_then(|i| tokens.get(i as usize))
+            .map(|s| (*s).to_owned());
+        let mut builder = BPE::builder()
+            .vocab_and_merges(vocab, spm_merges(&tokens, &scores, &types))
+            .byte_fallback(true)
+            .fuse_unk(true);
+        if let Some(u) = unk {
+            builder = builder.unk_token(u);
+        }
+        let bpe = builder.build().map_err(|e| invalid(format!("BPE: {e}")))?;
+        let mut hf = HfTokenizer::new(bpe);
+        let replace = Replace::new(" ", "\u{2581}").map_err(|e| invalid(e.to_string()))?;
+        let norm: tokenizers::NormalizerWrapper = if g
+            .get_bool("tokenizer.ggml.add_space_prefix")
+            .unwrap_or(true)
+        {
+            NSeq::new(vec![Prepend::new("\u{2581}".into()).into(), replace.into()]).into()
+        } else {
+            replace.into()
+        };
+        hf.with_normalizer(Some(norm))
+            .map_err(|e| invalid(e.to_string()))?;
+        let inverse = HashMap::new();
+        let mut specials = Vec::new();
+        let mut bytes = Vec::with_capacity(tokens.len());
+        for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
+            if *ty == TOKEN_TYPE_CONTROL {
+                specials.push(SpecialToken {
+                    id: i as u32,
+                    text: (*t).to_owned(),
+                });
+                bytes.push(t.as_bytes().to_vec());
+            } else {
+                bytes.push(piece_bytes(t, PieceKind::Sentencepiece, &inverse));
+            }
+        }
+        specials.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
+        register_specials(&mut hf, &specials)
+            .map_err(|e| invalid(format!("special tokens: {e}")))?;
+        let id_key = |k: &str| {
+            g.get_u64(k)
+                .ok()
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|&v| (v as usize) < tokens.len())
+        };
+        Ok(Tokenizer {
+            hf,
+            bytes,
+            pieces: tokens.iter().map(|s| (*s).to_owned()).collect(),
+            specials,
+            bos_id: id_key("tokenizer.ggml.bos_token_id"),
+            eos_id: id_key("tokenizer.ggml.eos_token_id"),
+            add_bos: g.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(true),
+        })
+    }
+
+    /// Write the tokenizer as a Hugging Face `tokenizer.json` (loadable with
+    /// [`Tokenizer::from_json_file`] and by `transformers`).
+    pub fn save_json(&self, path: &Path) -> Result<(), TokenizerError> {
+        self.hf
+            .save(path, true)
+            .map_err(|e| TokenizerError::Invalid {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })
     }
 
     /// Build from a Hugging Face `tokenizer.json`. Its added tokens marked `special` become
@@ -264,15 +418,29 @@ impl Tokenizer {
         specials.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
         // The HF added-vocabulary must not match specials: ferrolm does that itself.
         hf.set_encode_special_tokens(true);
+        let decoder = hf
+            .get_decoder()
+            .and_then(|d| serde_json::to_string(d).ok())
+            .unwrap_or_default();
+        let kind = if decoder.contains("ByteLevel") {
+            Some(PieceKind::ByteLevel)
+        } else if decoder.contains("ByteFallback") || decoder.contains("Metaspace") {
+            Some(PieceKind::Sentencepiece)
+        } else {
+            None
+        };
+        let inverse = byte_level_inverse();
         let mut bytes = Vec::with_capacity(vocab_size);
         let mut pieces = Vec::with_capacity(vocab_size);
         for id in 0..vocab_size as u32 {
             let piece = hf.id_to_token(id).unwrap_or_default();
-            let text = match added.get(&id) {
-                Some(t) => t.content.clone(),
-                None => hf.decode(&[id], false).unwrap_or_default(),
+            let b = match (added.get(&id), kind) {
+                (Some(t), _) => t.content.clone().into_bytes(),
+                (None, Some(k)) => piece_bytes(&piece, k, &inverse),
+                // Unknown decoder: ask it (exact for whole characters).
+                (None, None) => hf.decode(&[id], false).unwrap_or_default().into_bytes(),
             };
-            bytes.push(text.into_bytes());
+            bytes.push(b);
             pieces.push(piece);
         }
         let find = |names: &[&str]| {
