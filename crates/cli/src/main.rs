@@ -42,7 +42,7 @@ enum Cmd {
     /// Show token ids and pieces for a text.
     Tokenize(TokenizeArgs),
     /// Describe a model: architecture, parameters, tensor types, context, tokenizer, template.
-    Info(ModelArgs),
+    Info(InfoArgs),
     /// Evaluate a model.
     Eval {
         #[command(subcommand)]
@@ -186,6 +186,15 @@ struct GenerateArgs {
     /// Print one JSON object: prompt_ids, ids, text, finish_reason, logprobs, timings.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// GGUF model file (same as --model).
+    #[arg(value_name = "MODEL", conflicts_with = "model")]
+    path: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
 }
 
 #[derive(Args)]
@@ -428,8 +437,10 @@ fn cmd_tokenize(a: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_info(a: ModelArgs) -> Result<()> {
-    let m = load(&a)?;
+fn cmd_info(a: InfoArgs) -> Result<()> {
+    let m = load(&ModelArgs {
+        model: a.path.or(a.model.model),
+    })?;
     let g = &m.gguf;
     let c = &m.model.cfg;
     let mut types = std::collections::BTreeMap::<String, usize>::new();

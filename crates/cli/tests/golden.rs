@@ -46,6 +46,33 @@ fn tokenizer_matches_reference_vectors() {
 }
 
 #[test]
+fn tokenizer_json_round_trip_matches_vectors() {
+    let (tok, _) = tokenizer();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    tok.save_json(&path).unwrap();
+    let back = Tokenizer::from_json_file(&path).unwrap();
+    assert_eq!(back.vocab_size(), tok.vocab_size());
+    assert_eq!(back.special_id("<|im_start|>"), Some(1));
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(golden("tokenizer_vectors.json")).unwrap()).unwrap();
+    for c in &cases {
+        let text = c["text"].as_str().unwrap();
+        assert_eq!(
+            back.encode(text, false).unwrap(),
+            ids(&c["ids"]),
+            "{text:?}"
+        );
+        assert_eq!(
+            back.encode(text, true).unwrap(),
+            ids(&c["ids_special"]),
+            "{text:?}"
+        );
+        assert_eq!(back.decode(&ids(&c["ids"])), text);
+    }
+}
+
+#[test]
 fn chat_template_renders_reference_ids() {
     let (tok, tmpl) = tokenizer();
     let r = reference();
