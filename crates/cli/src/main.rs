@@ -66,7 +66,7 @@ pub struct RunArgs {
     /// Threads for the forward pass (default: available cores).
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
-    /// Context size in tokens (default: 4096, capped by the model's).
+    /// Context size in tokens (capped by the model's own context length).
     #[arg(long, default_value_t = 4096)]
     pub ctx: usize,
 }

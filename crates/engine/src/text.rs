@@ -175,8 +175,12 @@ mod tests {
 
     #[test]
     fn earliest_stop_wins() {
+        // "abc" starts before "b" does, so it is the one that ends the text.
         let (out, stop, _) = run(&["b", "abc"], &[b"xxabcd"]);
-        assert_eq!(out.concat(), "xxa");
+        assert_eq!(out.concat(), "xx");
+        assert_eq!(stop.as_deref(), Some("abc"));
+        let (out, stop, _) = run(&["b", "abc"], &[b"xxbabc"]);
+        assert_eq!(out.concat(), "xx");
         assert_eq!(stop.as_deref(), Some("b"));
     }
 

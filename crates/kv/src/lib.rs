@@ -3,8 +3,14 @@
 //! Contract: a pool of `num_blocks` fixed-size blocks. [`BlockAllocator::allocate`] hands out a
 //! free block with reference count 1 or returns `None` — the caller's signal to wait or preempt,
 //! never an error. Blocks shared between sequences (a common prefix) are retained once per
-//! holder and return to the pool when the last holder releases them. The prefix cache of the
-//! server builds on these ids.
+//! holder and return to the pool when the last holder releases them. It serves one sequence
+//! (the CLI session); the server's scheduler uses [`KvCacheManager`] ([`manager`]), which adds
+//! per-request block tables, automatic prefix caching and LRU eviction on the same terms.
+
+mod free_queue;
+pub mod manager;
+
+pub use manager::{BlockHash, ComputedBlocks, KvCacheManager, PrefixCacheStats, RequestId};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KvError {
@@ -12,6 +18,31 @@ pub enum KvError {
     OutOfRange(u32),
     #[error("block {0} is not allocated (double free?)")]
     NotAllocated(u32),
+    #[error("the KV block size must be at least 1 token")]
+    ZeroBlockSize,
+    #[error("{requested} KV blocks is more than block ids can name (at most {max}): raise the block size or give the cache less memory")]
+    TooManyBlocks { requested: usize, max: usize },
+    #[error("request {0} holds no KV blocks: call allocate_slots first (or it was already freed)")]
+    UnknownRequest(u64),
+    #[error("request {0} already holds KV blocks: a prefix hit is taken only by a request's first allocate_slots call; pass ComputedBlocks::default() afterwards")]
+    PrefixForRunningRequest(u64),
+    #[error("prefix-cache block {block} was evicted or dropped after get_computed_blocks returned it: call get_computed_blocks again right before allocate_slots")]
+    StalePrefix { block: u32 },
+    #[error("request {req} changed its cache salt from {was} to {now}: the salt (its adapter) is fixed for a request's lifetime")]
+    SaltChanged { req: u64, was: u64, now: u64 },
+    #[error("request {req}: {num_computed} tokens are computed but only {num_tokens} token ids were given: pass all of the request's tokens")]
+    MissingTokens {
+        req: u64,
+        num_computed: usize,
+        num_tokens: usize,
+    },
+    #[error("request {req}: {num_computed} computed tokens fill {needed} blocks but it holds {held}: allocate_slots before computing tokens")]
+    TableTooShort {
+        req: u64,
+        num_computed: usize,
+        needed: usize,
+        held: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
