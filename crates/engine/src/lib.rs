@@ -4,8 +4,10 @@
 //! The continuous-batching engine of the server grows here on the same pieces: the model's
 //! flat batch, `ferrolm-kv` block ids, the sampler and the text stream.
 
+pub mod engine;
 pub mod session;
 pub mod text;
 
+pub use engine::{spawn, Command, Engine, EngineConfig, EngineHandle, Event, Request, Usage};
 pub use session::{FinishReason, GenerateOptions, Generation, Session, SessionError, TokenEvent};
 pub use text::TextStream;

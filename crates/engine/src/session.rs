@@ -36,6 +36,8 @@ pub enum SessionError {
     ZeroMaxTokens,
     #[error("the prompt is empty: give some text (or a chat message)")]
     EmptyPrompt,
+    #[error("KV cache: {0}")]
+    Kv(#[from] ferrolm_kv::KvError),
     #[error("could not start {threads} threads: {reason}")]
     Threads { threads: usize, reason: String },
 }

@@ -1,0 +1,501 @@
+//! The continuous-batching engine: many requests share each forward pass.
+//!
+//! Contract: [`Engine::add`] queues a request (token ids + options + its own reply channel);
+//! each [`Engine::step`] is `schedule → execute → update` (vLLM v1's `EngineCore.step`):
+//!
+//! * **schedule** — running requests first, then waiting ones, under a per-step token budget.
+//!   There is no prefill or decode mode: a request's computed-token count simply catches up
+//!   with its token count (a long prompt is prefilled in chunks across steps, mixed with other
+//!   requests' decode tokens). A new request first takes whatever full blocks of its prompt are
+//!   in the prefix cache ([`ferrolm_kv::KvCacheManager`]) and computes only the rest. When the
+//!   pool is full a running request is preempted (its blocks freed, back to the front of the
+//!   queue; it resumes from the prefix cache later) rather than failed.
+//! * **execute** — one flat batch through the model; logits only for requests whose prompt is
+//!   now fully computed.
+//! * **update** — sample, detokenize incrementally, apply stop conditions, send each token on
+//!   the request's channel, free the blocks of finished requests. A request whose receiver is
+//!   gone (client disconnected) is dropped and its blocks freed.
+//!
+//! The engine owns all of its state (STYLE principle 9); callers talk to it through channels.
+
+use std::collections::VecDeque;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ferrolm_kv::{ComputedBlocks, KvCacheManager, RequestId};
+use ferrolm_models::{Batch, KvCache, Llama, Scratch, SeqSpan};
+use ferrolm_sample::{Rng, Sampler};
+use ferrolm_tokenizer::Tokenizer;
+
+use crate::session::{FinishReason, GenerateOptions, SessionError};
+use crate::text::TextStream;
+
+/// Sizes of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Blocks in the pool (KV memory = blocks × block_size × layers × 2 × kv_dim × 4 bytes).
+    pub num_blocks: usize,
+    /// Most tokens computed in one step (prefill chunks + decode tokens).
+    pub max_batch_tokens: usize,
+    /// Most requests running at once.
+    pub max_running: usize,
+    pub threads: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            block_size: 16,
+            num_blocks: 512,
+            max_batch_tokens: 512,
+            max_running: 16,
+            threads: 2,
+        }
+    }
+}
+
+/// A request as the engine sees it: ids in, events out.
+pub struct Request {
+    pub id: RequestId,
+    /// Prompt ids (BOS included when the model wants one).
+    pub prompt: Vec<u32>,
+    pub opts: GenerateOptions,
+    /// Prefix-cache namespace (e.g. the LoRA adapter): requests with different salts never
+    /// share cached blocks.
+    pub salt: u64,
+    pub reply: Sender<Event>,
+}
+
+/// Usage of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// What a request's channel receives.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// One generated token and the text it released (may be empty).
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<f32>,
+        top: Vec<(u32, f32)>,
+    },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+        /// Seconds from admission to the first token.
+        time_to_first_token: f64,
+    },
+    /// The request could not run (e.g. its prompt does not fit the KV pool).
+    Error(String),
+}
+
+struct Seq {
+    req: Request,
+    /// Prompt followed by generated ids.
+    tokens: Vec<u32>,
+    num_computed: usize,
+    cached_tokens: usize,
+    generated: usize,
+    rng: Rng,
+    stream: TextStream,
+    admitted: Instant,
+    first_token: Option<f64>,
+}
+
+pub struct Engine {
+    model: Arc<Llama>,
+    tok: Arc<Tokenizer>,
+    cfg: EngineConfig,
+    kv: KvCache,
+    blocks: KvCacheManager,
+    scratch: Scratch,
+    sampler: Sampler,
+    pool: rayon::ThreadPool,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    preemptions: u64,
+}
+
+/// What one step runs: (index into `running`, tokens computed this step).
+type Plan = Vec<(usize, usize)>;
+
+impl Engine {
+    pub fn new(
+        model: Arc<Llama>,
+        tok: Arc<Tokenizer>,
+        cfg: EngineConfig,
+    ) -> Result<Self, SessionError> {
+        let blocks = KvCacheManager::new(cfg.block_size, cfg.num_blocks)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.threads.max(1))
+            .thread_name(|i| format!("ferrolm-engine-{i}"))
+            .build()
+            .map_err(|e| SessionError::Threads {
+                threads: cfg.threads,
+                reason: e.to_string(),
+            })?;
+        Ok(Engine {
+            kv: KvCache::new(&model.cfg, cfg.block_size, cfg.num_blocks),
+            model,
+            tok,
+            cfg,
+            blocks,
+            scratch: Scratch::new(),
+            sampler: Sampler::new(),
+            pool,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            preemptions: 0,
+        })
+    }
+
+    /// Queue a request. Invalid ones are answered with [`Event::Error`] at once.
+    pub fn add(&mut self, req: Request) {
+        let capacity = self.cfg.num_blocks * self.cfg.block_size;
+        let limit = capacity.min(self.model.cfg.context_length);
+        let problem = if req.prompt.is_empty() {
+            Some("the prompt is empty".to_owned())
+        } else if req.opts.max_tokens == 0 {
+            Some("max_tokens must be at least 1".to_owned())
+        } else if req.prompt.len() >= limit {
+            Some(format!(
+                "the prompt has {} tokens but at most {} fit (context {}, KV pool {})",
+                req.prompt.len(),
+                limit - 1,
+                self.model.cfg.context_length,
+                capacity
+            ))
+        } else if let Some(&t) = req
+            .prompt
+            .iter()
+            .find(|&&t| t as usize >= self.model.cfg.vocab_size)
+        {
+            Some(format!("token id {t} is outside the vocabulary"))
+        } else {
+            req.opts
+                .params
+                .validate(self.model.cfg.vocab_size)
+                .err()
+                .map(|e| e.to_string())
+        };
+        if let Some(p) = problem {
+            let _ = req.reply.send(Event::Error(p));
+            return;
+        }
+        let seed = req.opts.params.seed.unwrap_or(req.opts.seed);
+        self.waiting.push_back(Seq {
+            tokens: req.prompt.clone(),
+            stream: TextStream::new(&req.opts.stop),
+            rng: Rng::new(seed),
+            req,
+            num_computed: 0,
+            cached_tokens: 0,
+            generated: 0,
+            admitted: Instant::now(),
+            first_token: None,
+        });
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Requests preempted so far (pool full).
+    pub fn num_preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
+    /// The prefix cache's hit statistics.
+    pub fn prefix_cache_stats(&self) -> ferrolm_kv::PrefixCacheStats {
+        self.blocks.stats()
+    }
+
+    /// One step: schedule → execute → update. Returns how many tokens were computed.
+    pub fn step(&mut self) -> Result<usize, SessionError> {
+        let plan = self.schedule();
+        if plan.is_empty() {
+            return Ok(0);
+        }
+        let logits_rows = self.execute(&plan)?;
+        self.update(&plan, &logits_rows);
+        Ok(plan.iter().map(|p| p.1).sum())
+    }
+
+    fn schedule(&mut self) -> Plan {
+        let mut budget = self.cfg.max_batch_tokens;
+        let mut plan = Plan::new();
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let s = &self.running[i];
+            let n = (s.tokens.len() - s.num_computed).min(budget);
+            let total = s.num_computed + n;
+            match self
+                .blocks
+                .allocate_slots(s.req.id, total, &ComputedBlocks::default())
+            {
+                Ok(Some(())) => {
+                    plan.push((i, n));
+                    budget -= n;
+                    i += 1;
+                }
+                Ok(None) => {
+                    // Pool full: preempt the most recent request (maybe this one) and retry.
+                    let victim = self.running.len() - 1;
+                    self.preempt(victim);
+                    plan.retain(|&(j, _)| j != victim);
+                    if victim == i {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    let s = self.running.remove(i);
+                    let _ = self.blocks.free(s.req.id);
+                    let _ = s.req.reply.send(Event::Error(format!("KV cache: {e}")));
+                    plan.clear(); // indices shifted: reschedule from scratch next step
+                    return plan;
+                }
+            }
+        }
+        // Admit waiting requests while budget, slots and blocks allow.
+        while budget > 0 && self.running.len() < self.cfg.max_running {
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
+            let hit = self.blocks.get_computed_blocks(&s.tokens, s.req.salt);
+            let start = hit.num_tokens();
+            let n = (s.tokens.len() - start).min(budget);
+            match self.blocks.allocate_slots(s.req.id, start + n, &hit) {
+                Ok(Some(())) => {
+                    if s.generated == 0 {
+                        s.cached_tokens = start;
+                    }
+                    s.num_computed = start;
+                    plan.push((self.running.len(), n));
+                    self.running.push(s);
+                    budget -= n;
+                }
+                Ok(None) => {
+                    self.waiting.push_front(s);
+                    break;
+                }
+                Err(e) => {
+                    let _ = self.blocks.free(s.req.id);
+                    let _ = s.req.reply.send(Event::Error(format!("KV cache: {e}")));
+                }
+            }
+        }
+        plan
+    }
+
+    fn preempt(&mut self, idx: usize) {
+        self.preemptions += 1;
+        let mut s = self.running.remove(idx);
+        let _ = self.blocks.free(s.req.id);
+        s.num_computed = 0;
+        self.waiting.push_front(s);
+    }
+
+    /// Run the planned tokens; returns, per plan entry, the row of its logits if it has one.
+    fn execute(&mut self, plan: &Plan) -> Result<Vec<Option<usize>>, SessionError> {
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut spans = Vec::with_capacity(plan.len());
+        let mut logits_for = Vec::new();
+        let mut rows = Vec::with_capacity(plan.len());
+        for &(i, n) in plan {
+            let s = &self.running[i];
+            let start = tokens.len();
+            tokens.extend_from_slice(&s.tokens[s.num_computed..s.num_computed + n]);
+            positions.extend((s.num_computed..s.num_computed + n).map(|p| p as u32));
+            spans.push((start, n, s.req.id));
+            if s.num_computed + n == s.tokens.len() {
+                rows.push(Some(logits_for.len()));
+                logits_for.push(start + n - 1);
+            } else {
+                rows.push(None);
+            }
+        }
+        let tables: Vec<&[u32]> = spans
+            .iter()
+            .map(|&(_, _, id)| self.blocks.block_table(id).unwrap_or(&[]))
+            .collect();
+        let seqs: Vec<SeqSpan> = spans
+            .iter()
+            .zip(&tables)
+            .map(|(&(start, len, _), table)| SeqSpan {
+                start,
+                len,
+                block_table: table,
+            })
+            .collect();
+        if logits_for.is_empty() {
+            // The head always runs on one row; pick the last token and ignore its logits.
+            logits_for.push(tokens.len() - 1);
+        }
+        let batch = Batch {
+            tokens: &tokens,
+            positions: &positions,
+            seqs: &seqs,
+            logits_for: &logits_for,
+        };
+        let (model, kv, scratch) = (&self.model, &mut self.kv, &mut self.scratch);
+        self.pool.install(|| model.forward(&batch, kv, scratch))?;
+        Ok(rows)
+    }
+
+    fn update(&mut self, plan: &Plan, rows: &[Option<usize>]) {
+        let vocab = self.model.cfg.vocab_size;
+        let mut finished = Vec::new();
+        for (&(i, n), row) in plan.iter().zip(rows) {
+            let s = &mut self.running[i];
+            s.num_computed += n;
+            let _ = self
+                .blocks
+                .cache_full_blocks(s.req.id, &s.tokens, s.num_computed, s.req.salt);
+            let Some(row) = *row else { continue };
+            let logits = self.scratch.logits_row(row, vocab);
+            let out = self
+                .sampler
+                .sample(logits, &s.req.opts.params, &s.tokens, &mut s.rng);
+            s.tokens.push(out.token);
+            s.generated += 1;
+            if s.first_token.is_none() {
+                s.first_token = Some(s.admitted.elapsed().as_secs_f64());
+            }
+            let end = s.req.opts.end_ids.contains(&out.token);
+            let (text, stopped) = if end {
+                (s.stream.finish(), false)
+            } else {
+                let p = s.stream.push(self.tok.token_bytes(out.token));
+                (p.text, p.stop.is_some())
+            };
+            let ctx_full = s.tokens.len()
+                >= self
+                    .model
+                    .cfg
+                    .context_length
+                    .min(self.cfg.num_blocks * self.cfg.block_size);
+            let reason = if end || stopped {
+                Some(FinishReason::Stop)
+            } else if s.generated >= s.req.opts.max_tokens || ctx_full {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let mut text = text;
+            if reason == Some(FinishReason::Length) {
+                text.push_str(&s.stream.finish());
+            }
+            let sent = s.req.reply.send(Event::Token {
+                id: out.token,
+                text,
+                logprob: out.logprob,
+                top: out.top,
+            });
+            match (sent, reason) {
+                (Err(_), _) => finished.push((i, None)),
+                (Ok(()), Some(r)) => finished.push((i, Some(r))),
+                _ => {}
+            }
+        }
+        // Remove from the back so indices stay valid.
+        finished.sort_by_key(|f| std::cmp::Reverse(f.0));
+        for (i, reason) in finished {
+            let s = self.running.remove(i);
+            let _ = self.blocks.free(s.req.id);
+            if let Some(reason) = reason {
+                let _ = s.req.reply.send(Event::Finished {
+                    reason,
+                    usage: Usage {
+                        prompt_tokens: s.req.prompt.len(),
+                        cached_tokens: s.cached_tokens,
+                        completion_tokens: s.generated,
+                    },
+                    time_to_first_token: s.first_token.unwrap_or(0.0),
+                });
+            }
+        }
+    }
+
+    /// Drop a request wherever it is (client gone); its blocks return to the pool.
+    pub fn abort(&mut self, id: RequestId) {
+        if let Some(i) = self.running.iter().position(|s| s.req.id == id) {
+            self.running.remove(i);
+            let _ = self.blocks.free(id);
+        }
+        self.waiting.retain(|s| s.req.id != id);
+    }
+
+    /// Free KV blocks (cached-but-unused ones count as free).
+    pub fn num_free_blocks(&self) -> usize {
+        self.blocks.num_free_blocks()
+    }
+}
+
+/// What callers send to a running engine thread.
+pub enum Command {
+    Submit(Box<Request>),
+    Abort(RequestId),
+}
+
+/// A handle on an engine running in its own thread; dropping every sender stops it once the
+/// work in flight is done.
+pub struct EngineHandle {
+    pub tx: Sender<Command>,
+    pub join: std::thread::JoinHandle<()>,
+}
+
+/// Run `engine` on a dedicated thread: block while idle, otherwise drain commands and step.
+pub fn spawn(mut engine: Engine) -> std::io::Result<EngineHandle> {
+    let (tx, rx) = std::sync::mpsc::channel::<Command>();
+    let join = std::thread::Builder::new()
+        .name("ferrolm-engine".into())
+        .spawn(move || {
+            let apply = |engine: &mut Engine, c: Command| match c {
+                Command::Submit(r) => engine.add(*r),
+                Command::Abort(id) => engine.abort(id),
+            };
+            loop {
+                if !engine.has_work() {
+                    match rx.recv() {
+                        Ok(c) => apply(&mut engine, c),
+                        Err(_) => return,
+                    }
+                }
+                while let Ok(c) = rx.try_recv() {
+                    apply(&mut engine, c);
+                }
+                if let Err(e) = engine.step() {
+                    // A model error fails every request in flight, never the thread.
+                    engine.fail_all(&e.to_string());
+                }
+            }
+        })?;
+    Ok(EngineHandle { tx, join })
+}
+
+impl Engine {
+    fn fail_all(&mut self, why: &str) {
+        for s in self.running.drain(..).chain(self.waiting.drain(..)) {
+            let _ = self.blocks.free(s.req.id);
+            let _ = s.req.reply.send(Event::Error(why.to_owned()));
+        }
+    }
+}
