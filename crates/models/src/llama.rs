@@ -603,32 +603,25 @@ impl Llama {
         s.att[..n * q_dim]
             .par_chunks_mut(hd)
             .enumerate()
-            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, out)| {
-                let (i, h) = (task / nh, task % nh);
-                let q = &qkv[i * qkv_dim + h * hd..i * qkv_dim + (h + 1) * hd];
-                let kvh = h / group;
-                let table = b.seqs[seq_of[i] as usize].block_table;
-                let ctx = b.positions[i] as usize + 1;
-                scores.clear();
-                // Walk the block table: positions j = blk * bs + o.
-                for (blk, &id) in table.iter().enumerate().take(ctx.div_ceil(bs)) {
-                    for o in 0..bs.min(ctx - blk * bs) {
-                        let off = (id as usize * bs + o) * kv_dim + kvh * hd;
-                        scores.push(simd::dot(q, &kc[off..off + hd]) * scale);
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(scores, offs): &mut (Vec<f32>, Vec<usize>), (task, out)| {
+                    let (i, h) = (task / nh, task % nh);
+                    let q = &qkv[i * qkv_dim + h * hd..i * qkv_dim + (h + 1) * hd];
+                    let kvh = h / group;
+                    let table = b.seqs[seq_of[i] as usize].block_table;
+                    let ctx = b.positions[i] as usize + 1;
+                    // Offsets of positions 0..ctx in the cache, walking the block table.
+                    offs.clear();
+                    for (blk, &id) in table.iter().enumerate().take(ctx.div_ceil(bs)) {
+                        let base = id as usize * bs;
+                        offs.extend(
+                            (0..bs.min(ctx - blk * bs)).map(|o| (base + o) * kv_dim + kvh * hd),
+                        );
                     }
-                }
-                let mx = scores.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                let inv = 1.0 / simd::exp_sub_sum(scores, mx);
-                out.fill(0.0);
-                let mut j = 0;
-                for (blk, &id) in table.iter().enumerate().take(ctx.div_ceil(bs)) {
-                    for o in 0..bs.min(ctx - blk * bs) {
-                        let off = (id as usize * bs + o) * kv_dim + kvh * hd;
-                        simd::axpy(out, scores[j] * inv, &vc[off..off + hd]);
-                        j += 1;
-                    }
-                }
-            });
+                    simd::attend(q, kc, vc, offs, scale, scores, out);
+                },
+            );
     }
 }
 

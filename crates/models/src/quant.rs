@@ -283,21 +283,39 @@ impl QActs {
         self.d.resize(n * nb, 0.0);
         self.sx.resize(n * nb, 0.0);
         self.qs.resize(n * cols, 0);
+        #[cfg(target_arch = "x86_64")]
+        let simd = is_x86_feature_detected!("avx2")
+            && std::env::var_os("FERROLM_ISA").is_none_or(|v| v != "scalar");
         for (bi, blk) in x.chunks_exact(QK).enumerate() {
-            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
             let q = &mut self.qs[bi * QK..(bi + 1) * QK];
-            let mut sum = 0i32;
-            for (qi, &v) in q.iter_mut().zip(blk) {
-                let r = (v * id).round() as i32;
-                *qi = r as i8;
-                sum += r;
-            }
+            #[cfg(target_arch = "x86_64")]
+            let (d, sum) = if simd {
+                // SAFETY: AVX2 checked above; both slices are exactly one block.
+                unsafe { x86::quantize_block_avx2(blk, q) }
+            } else {
+                quantize_block(blk, q)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (d, sum) = quantize_block(blk, q);
             self.d[bi] = d;
             self.sx[bi] = d * sum as f32;
         }
     }
+}
+
+/// One block of 32 activations → i8 with scale `amax / 127`, rounding half to even (as
+/// `vcvtps2dq` does); returns the scale and the sum of the quants.
+fn quantize_block(blk: &[f32], q: &mut [i8]) -> (f32, i32) {
+    let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for (qi, &v) in q.iter_mut().zip(blk) {
+        let r = (v * id).round_ties_even() as i32;
+        *qi = r as i8;
+        sum += r;
+    }
+    (d, sum)
 }
 
 /// `dot(w row r, x row t)` with the kernel for `isa`.
@@ -561,6 +579,37 @@ mod x86 {
         unsafe { _mm_castpd_ps(_mm_load_sd(p as *const f64)) }
     }
 
+    /// [`super::quantize_block`] with AVX2: same arithmetic, same rounding.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_block_avx2(blk: &[f32], q: &mut [i8]) -> (f32, i32) {
+        assert!(blk.len() == QK && q.len() == QK);
+        let p = blk.as_ptr();
+        let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(p.add(8 * i)) });
+        let sign = _mm256_set1_ps(-0.0);
+        let mut m = _mm256_andnot_ps(sign, v[0]);
+        for x in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *x));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        // vcvtps2dq rounds to nearest even under the default MXCSR mode.
+        let i: [__m256i; 4] = std::array::from_fn(|k| _mm256_cvtps_epi32(_mm256_mul_ps(v[k], id)));
+        let s = _mm256_add_epi32(_mm256_add_epi32(i[0], i[1]), _mm256_add_epi32(i[2], i[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0b01_00_11_10));
+        let sum = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0b00_00_00_01)));
+        // pack i32 → i16 → i8 (per 128-bit lane), then undo the lane interleave
+        let w01 = _mm256_packs_epi32(i[0], i[1]);
+        let w23 = _mm256_packs_epi32(i[2], i[3]);
+        let b = _mm256_packs_epi16(w01, w23);
+        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        unsafe { _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b) };
+        (d, sum)
+    }
+
     /// u8 × i8 block of 32 → 8 i32 partial sums, without VNNI. `vpmaddubsw` saturates at
     /// ±32767, which 255 · 127 · 2 = 64770 could reach for 8-bit rows, so split the u8 into
     /// its high and low nibbles for those (4-bit rows cannot saturate: 15 · 128 · 2 < 32767).
@@ -769,6 +818,26 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn simd_activation_quantization_matches_scalar() {
+        let mut seed = 3;
+        for scale in [0.0f32, 1e-3, 1.0, 250.0] {
+            let x: Vec<f32> = (0..QK * 8)
+                .map(|_| ((lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0) * scale)
+                .collect();
+            for blk in x.chunks_exact(QK) {
+                let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
+                let want = quantize_block(blk, &mut a);
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx2") {
+                    let got = unsafe { x86::quantize_block_avx2(blk, &mut b) };
+                    assert_eq!((got, b), (want, a), "{blk:?}");
+                }
+                let _ = &mut b;
+            }
+        }
     }
 
     #[test]

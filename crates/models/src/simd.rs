@@ -33,6 +33,58 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// One attention head: `out = softmax(scale · q·K_j) · V_j` over the rows of `k` and `v` that
+/// start at `offs[j]` (each `q.len()` long). `scores` is scratch.
+pub fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    offs: &[usize],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && q.len().is_multiple_of(8) {
+        // SAFETY: features checked above; every row is bounds-checked inside.
+        return unsafe { attend_avx2(q, k, v, offs, scale, scores, out) };
+    }
+    let hd = q.len();
+    scores.clear();
+    scores.extend(offs.iter().map(|&o| dot(q, &k[o..o + hd]) * scale));
+    let mx = scores.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    let inv = 1.0 / exp_sub_sum(scores, mx);
+    out.fill(0.0);
+    for (&o, &w) in offs.iter().zip(scores.iter()) {
+        axpy(out, w * inv, &v[o..o + hd]);
+    }
+}
+
+/// [`attend`] with the dot products, exp and axpys inlined into one AVX2 function.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    offs: &[usize],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    scores.clear();
+    for &o in offs {
+        scores.push(unsafe { dot_avx2(q, &k[o..o + hd]) } * scale);
+    }
+    let mx = scores.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    let inv = 1.0 / unsafe { exp_sub_sum_avx2(scores, mx) };
+    out.fill(0.0);
+    for (&o, &w) in offs.iter().zip(scores.iter()) {
+        unsafe { axpy_avx2(out, w * inv, &v[o..o + hd]) };
+    }
+}
+
 /// `x[i] = exp(x[i] - max)` in place; returns the sum. Inputs at or below `max` (softmax).
 pub fn exp_sub_sum(x: &mut [f32], max: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -170,6 +222,20 @@ mod tests {
                 assert!((g - w).abs() <= 1e-6 * w.abs() + 1e-30, "{g} vs {w}");
             }
             assert!((sum - want_e.iter().sum::<f32>()).abs() <= 1e-5 * sum);
+            // attend: two rows, scores 0 and 1 → weights 1/(1+e), e/(1+e)
+            let kk: Vec<f32> = [vec![0.0; n], a.clone()].concat();
+            let vv: Vec<f32> = [b.clone(), a.clone()].concat();
+            let q: Vec<f32> = a
+                .iter()
+                .map(|x| x / a.iter().map(|y| y * y).sum::<f32>())
+                .collect();
+            let (mut sc, mut o) = (Vec::new(), vec![0.0; n]);
+            super::attend(&q, &kk, &vv, &[0, n], 1.0, &mut sc, &mut o);
+            let e = 1f32.exp();
+            for i in 0..n {
+                let want = (b[i] + e * a[i]) / (1.0 + e);
+                assert!((o[i] - want).abs() < 1e-4, "attend {i}: {} vs {want}", o[i]);
+            }
             let mut y = b.clone();
             super::axpy(&mut y, 0.5, &a);
             for i in 0..n {
