@@ -15,6 +15,7 @@ use serde_json::json;
 mod bench;
 mod chat;
 mod eval;
+mod serve;
 mod store;
 
 #[derive(Parser)]
@@ -50,6 +51,9 @@ enum Cmd {
     },
     /// Measure prefill and decode speed and peak memory.
     Bench(bench::BenchArgs),
+    /// Serve the model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models)
+    /// and Ollama (/api/chat, /api/generate, /api/tags) APIs, many requests batched together.
+    Serve(serve::ServeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -498,6 +502,7 @@ fn main() {
         Cmd::Info(a) => cmd_info(a),
         Cmd::Eval { what } => eval::run(what),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Serve(a) => serve::run(a),
     };
     if let Err(e) = r {
         let mut msg = format!("{e}");
