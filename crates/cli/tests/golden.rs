@@ -155,11 +155,19 @@ fn greedy_generation_matches_reference() {
 }
 
 /// Logits at the last chat-prompt position against the f32 reference. The quantized path
-/// differs by the 8-bit quantization of activations (llama.cpp's Q4_1×Q8_1 arithmetic). Most of
-/// that difference is a near-constant shift of all logits (≈ +0.26 here), which softmax ignores,
-/// so the bounds are on the distribution: after removing the mean shift, max |Δ| ≤ 0.9 and
-/// mean |Δ| ≤ 0.15 over the whole vocabulary (logits span ~[-10, 25]); KL(reference ‖ ours) ≤
-/// 0.005 nats; the same top-5 ids.
+/// differs by the 8-bit quantization of activations (llama.cpp's Q4_1×Q8_1 arithmetic). Which
+/// activations round up or down depends on float summation order, so each kernel path lands on
+/// its own realisation of that noise; measured here (2026-11-27):
+///
+/// | kernels (`FERROLM_ISA`) | mean shift | max \|Δ\| after shift | mean \|Δ\| | KL(ref‖ours) |
+/// |---|---|---|---|---|
+/// | avx512-vnni | +0.264 | 0.604 | 0.099 | 0.0016 |
+/// | avx2        | -0.173 | 0.721 | 0.110 | 0.0069 |
+/// | scalar      | +0.446 | 0.569 | 0.095 | 0.0045 |
+///
+/// The shift is common to all logits and softmax ignores it, so the bounds are on the rest:
+/// max |Δ| ≤ 0.9, mean |Δ| ≤ 0.15 over the whole vocabulary (logits span ~[-10, 25]),
+/// KL ≤ 0.01 nats, and the same top-5 ids.
 #[test]
 fn last_logits_within_tolerance() {
     let path = default_model();
@@ -205,7 +213,7 @@ fn last_logits_within_tolerance() {
     eprintln!("last logits: shift {shift:.4}, then max |Δ| {max:.4}, mean |Δ| {mean:.4}; KL(ref‖ours) {kl:.6}");
     assert!(max <= 0.9, "max |Δ| {max}");
     assert!(mean <= 0.15, "mean |Δ| {mean}");
-    assert!(kl <= 0.005, "KL {kl}");
+    assert!(kl <= 0.01, "KL {kl}");
     assert_eq!(top(&got), top(&want));
 }
 

@@ -318,7 +318,7 @@ fn quantize_block(blk: &[f32], q: &mut [i8]) -> (f32, i32) {
     (d, sum)
 }
 
-/// `dot(w row r, x row t)` with the kernel for `isa`.
+/// `dot(w row r, x row t)` for the AVX2 and scalar paths (AVX-512 runs the tiles in `matmul`).
 fn dot_row(isa: Isa, w: &QMatrix, r: usize, x: &QActs, t: usize) -> f32 {
     let nb = w.nb();
     let rb = w.row_bytes();
@@ -333,10 +333,6 @@ fn dot_row(isa: Isa, w: &QMatrix, r: usize, x: &QActs, t: usize) -> f32 {
         acc += wm[b] * xs[b];
     }
     acc + match (isa, w.bits) {
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512Vnni, QBits::Four) => unsafe { x86::dot4_avx512(wq, wd, xq, xd) },
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx512Vnni, QBits::Eight) => unsafe { x86::dot8_avx512(wq, wd, xq, xd) },
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, QBits::Four) => unsafe { x86::dot4_avx2(wq, wd, xq, xd) },
         #[cfg(target_arch = "x86_64")]
@@ -396,74 +392,6 @@ mod x86 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
-    }
-
-    /// Broadcast `a` to lanes 0..8 and `b` to lanes 8..16.
-    #[inline(always)]
-    unsafe fn scale_pair(a: f32, b: f32) -> __m512 {
-        _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1)
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512dq,avx2,fma")]
-    pub unsafe fn dot4_avx512(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
-        let nb = wd.len();
-        let mask = _mm256_set1_epi8(0x0F);
-        let mut acc = _mm512_setzero_ps();
-        let mut b = 0;
-        let wp = wq.as_ptr();
-        let xp = xq.as_ptr();
-        unsafe {
-            while b + 1 < nb {
-                let v = _mm256_loadu_si256(wp.add(b * 16) as *const __m256i);
-                let lo = _mm256_and_si256(v, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                let w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-                let x = _mm512_loadu_si512(xp.add(b * QK) as *const __m512i);
-                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
-                let s = scale_pair(wd[b] * xd[b], wd[b + 1] * xd[b + 1]);
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), s, acc);
-                b += 2;
-            }
-            let mut tail = _mm256_setzero_ps();
-            if b < nb {
-                let v = _mm_loadu_si128(wp.add(b * 16) as *const __m128i);
-                let m = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(v, m);
-                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
-                let w = _mm256_set_m128i(hi, lo);
-                let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
-                tail = _mm256_mul_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(wd[b] * xd[b]));
-            }
-            _mm512_reduce_add_ps(acc) + hsum256(tail)
-        }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512dq,avx2,fma")]
-    pub unsafe fn dot8_avx512(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
-        let nb = wd.len();
-        let mut acc = _mm512_setzero_ps();
-        let mut b = 0;
-        let wp = wq.as_ptr();
-        let xp = xq.as_ptr();
-        unsafe {
-            while b + 1 < nb {
-                let w = _mm512_loadu_si512(wp.add(b * QK) as *const __m512i);
-                let x = _mm512_loadu_si512(xp.add(b * QK) as *const __m512i);
-                let dp = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
-                let s = scale_pair(wd[b] * xd[b], wd[b + 1] * xd[b + 1]);
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dp), s, acc);
-                b += 2;
-            }
-            let mut tail = _mm256_setzero_ps();
-            if b < nb {
-                let w = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
-                let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                let dp = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
-                tail = _mm256_mul_ps(_mm256_cvtepi32_ps(dp), _mm256_set1_ps(wd[b] * xd[b]));
-            }
-            _mm512_reduce_add_ps(acc) + hsum256(tail)
-        }
     }
 
     /// Dots of weight rows `r0..r0+R` with tokens `t0..t0+NT`, each weight pair unpacked
