@@ -235,7 +235,7 @@ pub async fn tags(State(s): State<AppState>) -> Json<Value> {
     Json(json!({"models": [{
         "name": m.id,
         "model": m.id,
-        "modified_at": rfc3339(m.created),
+        "modified_at": ferrolm_tokenizer::chat::rfc3339(m.created),
         "size": m.file_size,
         "digest": "",
         "details": {"format": "gguf", "file": m.file_name},
@@ -247,36 +247,5 @@ pub async fn version() -> Json<Value> {
 }
 
 fn rfc3339_now() -> String {
-    rfc3339(unix_now())
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` for Unix seconds (civil-from-days, H. Hinnant's algorithm).
-fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rfc3339_matches_known_dates() {
-        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(super::rfc3339(1_764_246_896), "2025-11-27T12:34:56Z");
-    }
+    ferrolm_tokenizer::chat::rfc3339(unix_now())
 }

@@ -84,8 +84,14 @@ fn strftime_now(_fmt: String) -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    rfc3339(secs)[..10].to_owned()
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for Unix seconds (civil-from-days, H. Hinnant's algorithm). Lives
+/// here because templates need today's date; the server's Ollama replies use it too.
+pub fn rfc3339(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
-    // civil-from-days (Howard Hinnant)
+    let rem = secs % 86_400;
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -95,7 +101,22 @@ fn strftime_now(_fmt: String) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_matches_known_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339(1_764_246_896), "2025-11-27T12:34:56Z");
+    }
 }
 
 #[derive(Serialize)]
