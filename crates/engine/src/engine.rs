@@ -345,10 +345,6 @@ impl Engine {
                 block_table: table,
             })
             .collect();
-        if logits_for.is_empty() {
-            // The head always runs on one row; pick the last token and ignore its logits.
-            logits_for.push(tokens.len() - 1);
-        }
         let batch = Batch {
             tokens: &tokens,
             positions: &positions,

@@ -214,22 +214,11 @@ impl<'m> Session<'m> {
                 len: chunk.len(),
                 block_table: &self.table,
             }];
-            // The model always runs its head on at least one row; when this chunk wants no
-            // logits, one row is computed and dropped (one row of 49k dot products: cheap).
-            let need_head = if logits_for.is_empty() {
-                vec![chunk.len() - 1]
-            } else {
-                Vec::new()
-            };
             let batch = Batch {
                 tokens: chunk,
                 positions: &positions,
                 seqs: &seqs,
-                logits_for: if logits_for.is_empty() {
-                    &need_head
-                } else {
-                    &logits_for
-                },
+                logits_for: &logits_for,
             };
             let (model, kv, scratch) = (self.model, &mut self.kv, &mut self.scratch);
             self.pool.install(|| model.forward(&batch, kv, scratch))?;

@@ -468,6 +468,9 @@ impl Llama {
 
         // output head on the wanted rows only
         let m = batch.logits_for.len();
+        if m == 0 {
+            return Ok(()); // a prefill chunk that wants no logits skips the head
+        }
         for (j, &i) in batch.logits_for.iter().enumerate() {
             let (src, dst) = (
                 &s.x[i * dim..(i + 1) * dim],

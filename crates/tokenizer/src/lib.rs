@@ -271,38 +271,7 @@ impl Tokenizer {
         };
         hf.with_pre_tokenizer(Some(pre_tok));
 
-        let inverse = byte_level_inverse();
-        let mut specials = Vec::new();
-        let mut bytes = Vec::with_capacity(tokens.len());
-        for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
-            if *ty == TOKEN_TYPE_CONTROL {
-                specials.push(SpecialToken {
-                    id: i as u32,
-                    text: (*t).to_owned(),
-                });
-                bytes.push(t.as_bytes().to_vec());
-            } else {
-                bytes.push(piece_bytes(t, PieceKind::ByteLevel, &inverse));
-            }
-        }
-        specials.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
-        register_specials(&mut hf, &specials)
-            .map_err(|e| invalid(format!("special tokens: {e}")))?;
-        let id_key = |k: &str| -> Option<u32> {
-            g.get_u64(k)
-                .ok()
-                .and_then(|v| u32::try_from(v).ok())
-                .filter(|&v| (v as usize) < tokens.len())
-        };
-        Ok(Tokenizer {
-            hf,
-            bytes,
-            pieces: tokens.iter().map(|s| (*s).to_owned()).collect(),
-            specials,
-            bos_id: id_key("tokenizer.ggml.bos_token_id"),
-            eos_id: id_key("tokenizer.ggml.eos_token_id"),
-            add_bos: g.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
-        })
+        Self::from_gguf_vocab(g, hf, &tokens, &types, PieceKind::ByteLevel, false)
     }
 
     /// A SentencePiece (`tokenizer.ggml.model = "llama"`) vocabulary: Llama 2, TinyLlama,
@@ -352,10 +321,26 @@ impl Tokenizer {
         };
         hf.with_normalizer(Some(norm))
             .map_err(|e| invalid(e.to_string()))?;
-        let inverse = HashMap::new();
+        Self::from_gguf_vocab(g, hf, &tokens, &types, PieceKind::Sentencepiece, true)
+    }
+
+    /// What both GGUF vocabularies share once the HF pipeline is built: control tokens become
+    /// ferrolm specials, every id gets its byte string, BOS/EOS ids are read and checked.
+    fn from_gguf_vocab(
+        g: &GgufFile,
+        mut hf: HfTokenizer,
+        tokens: &[&str],
+        types: &[i64],
+        kind: PieceKind,
+        default_add_bos: bool,
+    ) -> Result<Self, TokenizerError> {
+        let inverse = match kind {
+            PieceKind::ByteLevel => byte_level_inverse(),
+            PieceKind::Sentencepiece => HashMap::new(),
+        };
         let mut specials = Vec::new();
         let mut bytes = Vec::with_capacity(tokens.len());
-        for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
+        for (i, (t, ty)) in tokens.iter().zip(types).enumerate() {
             if *ty == TOKEN_TYPE_CONTROL {
                 specials.push(SpecialToken {
                     id: i as u32,
@@ -363,12 +348,14 @@ impl Tokenizer {
                 });
                 bytes.push(t.as_bytes().to_vec());
             } else {
-                bytes.push(piece_bytes(t, PieceKind::Sentencepiece, &inverse));
+                bytes.push(piece_bytes(t, kind, &inverse));
             }
         }
         specials.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
-        register_specials(&mut hf, &specials)
-            .map_err(|e| invalid(format!("special tokens: {e}")))?;
+        register_specials(&mut hf, &specials).map_err(|e| TokenizerError::Invalid {
+            path: g.path.clone(),
+            reason: format!("special tokens: {e}"),
+        })?;
         let id_key = |k: &str| {
             g.get_u64(k)
                 .ok()
@@ -382,7 +369,9 @@ impl Tokenizer {
             specials,
             bos_id: id_key("tokenizer.ggml.bos_token_id"),
             eos_id: id_key("tokenizer.ggml.eos_token_id"),
-            add_bos: g.get_bool("tokenizer.ggml.add_bos_token").unwrap_or(true),
+            add_bos: g
+                .get_bool("tokenizer.ggml.add_bos_token")
+                .unwrap_or(default_add_bos),
         })
     }
 
