@@ -109,6 +109,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
             stop: Vec::new(),
             end_ids: m.end_ids(),
             seed,
+            grammar: None,
         };
         seed = seed.wrapping_add(1);
         generating.store(true, Ordering::SeqCst);

@@ -15,8 +15,10 @@ use serde_json::json;
 mod bench;
 mod chat;
 mod eval;
+mod keys;
 mod serve;
 mod store;
+mod usage;
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +56,10 @@ enum Cmd {
     /// Serve the model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models)
     /// and Ollama (/api/chat, /api/generate, /api/tags) APIs, many requests batched together.
     Serve(serve::ServeArgs),
+    /// Manage the server's API keys: create (secret shown once), list, revoke.
+    Keys(keys::KeysArgs),
+    /// Report usage from the server's ledger: requests, tokens, cost, latency by key/model/day.
+    Usage(usage::UsageArgs),
 }
 
 #[derive(Args, Clone)]
@@ -366,6 +372,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         stop: a.stop,
         end_ids: m.end_ids(),
         seed: a.sampling.seed.unwrap_or_else(random_seed),
+        grammar: None,
     };
     let stream = !a.json;
     let mut out = std::io::stdout().lock();
@@ -503,6 +510,8 @@ fn main() {
         Cmd::Eval { what } => eval::run(what),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Serve(a) => serve::run(a),
+        Cmd::Keys(a) => keys::run(a),
+        Cmd::Usage(a) => usage::run(a),
     };
     if let Err(e) = r {
         let mut msg = format!("{e}");

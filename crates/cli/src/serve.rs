@@ -1,32 +1,61 @@
-//! `ferrolm serve`: load the model, start the engine thread, serve HTTP until Ctrl-C/SIGTERM,
-//! then let the requests in flight finish and stop the engine.
+//! `ferrolm serve`: load the models, start one engine thread per model, serve HTTP until
+//! Ctrl-C/SIGTERM, then let the requests in flight finish (their ledger rows are written as they
+//! finish) and stop the engines.
+//!
+//! Models come from `--model PATH` (repeatable) and from a `--config` TOML file; with neither,
+//! the installed default model. The config file, shaped like this (unknown keys are errors):
+//!
+//! ```toml
+//! [[model]]
+//! path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"  # or "default": the installed default model
+//! id = "smollm2"                                     # optional: else derived from the file name
+//! aliases = ["gpt-4o-mini"]                          # optional: other names clients may send
+//! price = "smollm2-135m-instruct"                    # optional: catalog entry for costs (default: id)
+//! ```
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ferrolm_engine::{Engine, EngineConfig};
-use ferrolm_server::{AppState, ServedModel};
+use ferrolm_accounting::{PriceCatalog, Store};
+use ferrolm_engine::{Engine, EngineConfig, EngineHandle};
+use ferrolm_server::{Access, AppState, ModelDetails, ServedModel};
+use serde::Deserialize;
 
-use crate::{load, threads, ModelArgs};
+use crate::{load, store, threads, ModelArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
-    #[command(flatten)]
-    model: ModelArgs,
-    /// Address to listen on. Anything but loopback exposes the API to the network, which has no
-    /// authentication yet.
+    /// A GGUF model to serve (repeat for several; default: the installed default model).
+    #[arg(long, short = 'm')]
+    model: Vec<PathBuf>,
+    /// A TOML file listing models to serve, with ids and aliases (see the docs of `serve`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on. A non-loopback address is refused while the data dir has no API
+    /// keys, unless --allow-unauthenticated.
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
     /// Port to listen on (0: any free port; the URL printed says which).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Threads for the forward pass (default: available cores).
+    /// Where the key store and usage ledger live (default: $FERROLM_HOME/server).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Serve a non-loopback address without API keys (anyone who can reach it can use it).
+    #[arg(long)]
+    allow_unauthenticated: bool,
+    /// A price catalog (TOML) that overrides or extends the built-in one.
+    #[arg(long)]
+    prices: Option<PathBuf>,
+    /// Threads for the forward pass of each model (default: available cores).
     #[arg(long, short = 't')]
     threads: Option<usize>,
-    /// KV cache size in tokens, shared by all requests in flight (rounded up to blocks of 16).
-    /// One request holds at most this many tokens, and at most the model's context.
+    /// KV cache size in tokens per model, shared by its requests in flight (rounded up to
+    /// blocks of 16). One request holds at most this many tokens, and at most the model's
+    /// context.
     #[arg(long, default_value_t = 8192)]
     ctx: usize,
     /// KV cache size in blocks of 16 tokens (overrides --ctx).
@@ -35,9 +64,30 @@ pub struct ServeArgs {
     /// Most tokens computed in one engine step (prefill chunks + decode tokens of all requests).
     #[arg(long, default_value_t = 512)]
     max_batch_tokens: usize,
-    /// Most requests generating at once; later ones wait in the queue.
+    /// Most requests generating at once per model; later ones wait in the queue.
     #[arg(long, default_value_t = 16)]
     max_running: usize,
+    /// Most requests waiting per model beyond --max-running; past it, 429 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+}
+
+/// The config file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    model: Vec<ModelEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelEntry {
+    path: String,
+    id: Option<String>,
+    #[serde(default)]
+    aliases: Vec<String>,
+    price: Option<String>,
 }
 
 /// The id clients use: the file name up to its first dot, lowercased
@@ -48,6 +98,123 @@ fn model_id(file_name: &str) -> String {
         .next()
         .unwrap_or(file_name)
         .to_lowercase()
+}
+
+fn read_config(path: &Path) -> Result<Vec<ModelEntry>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    let cfg: ConfigFile = toml::from_str(&text)
+        .with_context(|| format!("{}: not a valid ferrolm serve config", path.display()))?;
+    if cfg.model.is_empty() {
+        bail!(
+            "{}: no [[model]] entries: add one with at least `path = \"...\"`",
+            path.display()
+        );
+    }
+    Ok(cfg.model)
+}
+
+/// The models to serve, in order (the first answers requests that name none).
+fn model_entries(a: &ServeArgs) -> Result<Vec<ModelEntry>> {
+    let mut entries: Vec<ModelEntry> = a
+        .model
+        .iter()
+        .map(|p| ModelEntry {
+            path: p.to_string_lossy().into_owned(),
+            id: None,
+            aliases: Vec::new(),
+            price: None,
+        })
+        .collect();
+    if let Some(c) = &a.config {
+        entries.extend(read_config(c)?);
+    }
+    if entries.is_empty() {
+        entries.push(ModelEntry {
+            path: "default".into(),
+            id: None,
+            aliases: Vec::new(),
+            price: None,
+        });
+    }
+    Ok(entries)
+}
+
+/// Load one model and start its engine.
+fn start_model(
+    e: &ModelEntry,
+    a: &ServeArgs,
+    cfg: &EngineConfig,
+    catalog: &PriceCatalog,
+) -> Result<(ServedModel, EngineHandle)> {
+    let path = (e.path != "default").then(|| PathBuf::from(&e.path));
+    let m = load(&ModelArgs { model: path })?;
+    let file_name = m
+        .path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let meta = std::fs::metadata(&m.path)
+        .with_context(|| format!("{}: cannot read the file's metadata", m.path.display()))?;
+    let created = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let id = e.id.clone().unwrap_or_else(|| model_id(&file_name));
+    let price_id = e.price.as_deref().unwrap_or(&id);
+    let price = catalog.get(price_id).cloned();
+    if price.is_none() {
+        eprintln!(
+            "ferrolm serve: `{price_id}` has no entry in the price catalog: its requests are recorded at $0; add one with --prices FILE (see `ferrolm keys --help`)"
+        );
+    }
+    let c = m.model.cfg.clone();
+    let kv_bytes = cfg.num_blocks * cfg.block_size * c.n_layers * 2 * c.kv_dim() * 4;
+    // The weight type most tensors have (by bytes), as Ollama's `quantization_level`.
+    let mut by_type = std::collections::BTreeMap::<String, u64>::new();
+    for t in &m.gguf.tensors {
+        *by_type.entry(format!("{:?}", t.ggml_type)).or_default() += t.n_bytes;
+    }
+    let quantization = by_type
+        .into_iter()
+        .max_by_key(|(_, b)| *b)
+        .map_or_else(String::new, |(t, _)| t.to_uppercase());
+    let details = ModelDetails {
+        architecture: m.gguf.architecture()?.to_owned(),
+        parameter_count: m.model.n_params() as u64,
+        quantization,
+        context_length: c.context_length,
+        embedding_length: c.dim,
+        block_count: c.n_layers,
+        head_count: c.n_heads,
+        head_count_kv: c.n_kv_heads,
+        memory_bytes: (m.model.weight_bytes() + kv_bytes) as u64,
+    };
+    let end_ids = m.end_ids();
+    let tok = Arc::new(m.tok);
+    let engine = Engine::new(Arc::new(m.model), tok.clone(), cfg.clone())?;
+    let stats = engine.stats();
+    let handle = ferrolm_engine::spawn(engine).context("could not start the engine thread")?;
+    let served = ServedModel {
+        id,
+        aliases: e.aliases.clone(),
+        file_name,
+        file_size: meta.len(),
+        created,
+        vocab_size: c.vocab_size,
+        max_context: c.context_length.min(cfg.num_blocks * cfg.block_size),
+        details,
+        end_ids,
+        template: m.template,
+        tok,
+        engine: handle.tx.clone(),
+        stats,
+        max_running: cfg.max_running,
+        max_queue: a.max_queue,
+        price,
+    };
+    Ok((served, handle))
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -61,20 +228,21 @@ pub fn run(a: ServeArgs) -> Result<()> {
         None if a.ctx == 0 => bail!("--ctx must be at least 1"),
         None => a.ctx.div_ceil(block_size),
     };
-    let m = load(&a.model)?;
-    let file_name = m
-        .path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let meta = std::fs::metadata(&m.path)
-        .with_context(|| format!("{}: cannot read the file's metadata", m.path.display()))?;
-    let created = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs());
-    let end_ids = m.end_ids();
+    let data_dir = match &a.data_dir {
+        Some(d) => d.clone(),
+        None => store::home()?.join("server"),
+    };
+    let db = Store::open(&data_dir)
+        .with_context(|| format!("cannot open the data dir {}", data_dir.display()))?;
+    let has_keys = db.has_keys()?;
+    if !a.host.is_loopback() && !has_keys && !a.allow_unauthenticated {
+        bail!(
+            "refusing to listen on {} without API keys: anyone on the network could use the server. Create a key first (`ferrolm keys create --data-dir {} --name NAME`), or pass --allow-unauthenticated",
+            a.host,
+            data_dir.display()
+        );
+    }
+    let catalog = PriceCatalog::load(a.prices.as_deref())?;
     let cfg = EngineConfig {
         block_size,
         num_blocks,
@@ -82,19 +250,25 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_running: a.max_running,
         threads: threads(a.threads)?,
     };
-    let served = ServedModel {
-        id: model_id(&file_name),
-        file_name,
-        file_size: meta.len(),
-        created,
-        vocab_size: m.model.cfg.vocab_size,
-        max_context: m.model.cfg.context_length.min(num_blocks * block_size),
-        end_ids,
-        template: m.template,
-        tok: Arc::new(m.tok),
-    };
-    let engine = Engine::new(Arc::new(m.model), served.tok.clone(), cfg)?;
-    let handle = ferrolm_engine::spawn(engine).context("could not start the engine thread")?;
+    let entries = model_entries(&a)?;
+    let mut served = Vec::with_capacity(entries.len());
+    let mut handles = Vec::with_capacity(entries.len());
+    for e in &entries {
+        let (m, h) = start_model(e, &a, &cfg, &catalog)?;
+        let names = std::iter::once(&m.id).chain(&m.aliases);
+        for name in names {
+            if served.iter().any(|o: &ServedModel| {
+                o.id.eq_ignore_ascii_case(name)
+                    || o.aliases.iter().any(|x| x.eq_ignore_ascii_case(name))
+            }) {
+                bail!(
+                    "two models are both called `{name}`: give one another `id` in the config file"
+                );
+            }
+        }
+        served.push(m);
+        handles.push(h);
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -106,16 +280,23 @@ pub fn run(a: ServeArgs) -> Result<()> {
         format!("cannot listen on {addr}: is another server using the port? pick another with --port")
     })?;
     let local = listener.local_addr()?;
-    if !a.host.is_loopback() {
-        eprintln!(
-            "warning: listening on {local}, which other machines can reach; the API has no authentication yet"
-        );
-    }
+    let ids: Vec<String> = served.iter().map(|m| m.id.clone()).collect();
     println!(
-        "ferrolm serve: {} on http://{local} (OpenAI: /v1, Ollama: /api); Ctrl-C stops",
-        served.id
+        "ferrolm serve: {} on http://{local} (OpenAI: /v1, Ollama: /api); {}; Ctrl-C stops",
+        ids.join(", "),
+        if has_keys {
+            "API keys required".to_owned()
+        } else if a.host.is_loopback() {
+            "no API keys yet, so loopback clients need none".to_owned()
+        } else {
+            "WITHOUT authentication".to_owned()
+        }
     );
-    let state = AppState::new(served, handle.tx);
+    let access = Access {
+        store: db,
+        open_without_keys: a.host.is_loopback() || a.allow_unauthenticated,
+    };
+    let state = AppState::new(served, access, catalog);
     rt.block_on(ferrolm_server::serve(
         listener,
         state,
@@ -123,11 +304,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
     ))
     .context("the HTTP server failed")?;
     eprintln!("ferrolm serve: stopped");
-    // The state (and with it the last command sender) is gone: the engine thread ends.
+    // The state (and with it the last command senders) is gone: the engine threads end.
     drop(rt);
-    handle
-        .join
-        .join()
-        .map_err(|_| anyhow::anyhow!("the engine thread panicked"))?;
+    for h in handles {
+        drop(h.tx);
+        h.join
+            .join()
+            .map_err(|_| anyhow::anyhow!("an engine thread panicked"))?;
+    }
     Ok(())
 }

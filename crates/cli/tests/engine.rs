@@ -48,6 +48,7 @@ fn opts(max_tokens: usize) -> GenerateOptions {
         stop: Vec::new(),
         end_ids: vec![2, 0],
         seed: 1,
+        grammar: None,
     }
 }
 

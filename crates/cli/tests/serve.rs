@@ -4,101 +4,13 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 const PARIS: &str = "The capital of France is Paris.";
-
-/// A running `ferrolm serve`, killed when dropped (also when a test panics).
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Server {
-        let model = default_model();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut child = ferrolm()
-            .args(["serve", "--threads", "1", "--port", &port.to_string()])
-            .arg("--model")
-            .arg(&model)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let base = format!("http://127.0.0.1:{port}");
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("ferrolm serve exited early ({status}): {err}");
-            }
-            if ureq::get(&format!("{base}/v1/models")).call().is_ok() {
-                return Server { child, base };
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(120),
-                "server never answered"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    fn get(&self, path: &str) -> (u16, Value) {
-        let (status, body) = match ureq::get(&self.url(path)).call() {
-            Ok(r) => (r.status(), r.into_string().unwrap()),
-            Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
-            Err(e) => panic!("GET {path}: {e}"),
-        };
-        (status, serde_json::from_str(&body).unwrap())
-    }
-
-    /// POST a raw body; (status, body text).
-    fn post_raw(&self, path: &str, body: &str) -> (u16, String) {
-        match ureq::post(&self.url(path))
-            .set("Content-Type", "application/json")
-            .send_string(body)
-        {
-            Ok(r) => (r.status(), r.into_string().unwrap()),
-            Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
-            Err(e) => panic!("POST {path}: {e}"),
-        }
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let (status, text) = self.post_raw(path, &body.to_string());
-        let v = serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("POST {path}: not JSON ({e}): {text}"));
-        (status, v)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn paris_request() -> Value {
     json!({
@@ -175,18 +87,35 @@ fn bad_requests_are_400_with_an_openai_error_body() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(error_of(&v).0, "invalid_request_error");
 
+    for n in [0, 17] {
+        let mut req = paris_request();
+        req["n"] = json!(n);
+        let (status, v) = s.post("/v1/chat/completions", &req);
+        assert_eq!(status, 400);
+        assert_eq!(v["error"]["param"], "n");
+    }
+
     let mut req = paris_request();
-    req["n"] = json!(2);
+    req["max_tokens"] = json!(250);
     let (status, v) = s.post("/v1/chat/completions", &req);
-    assert_eq!(status, 400);
-    assert_eq!(v["error"]["param"], "n");
-    assert!(v["error"]["message"].as_str().unwrap().contains("n=1"));
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "max_tokens");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ask for at most"),
+        "{v}"
+    );
 
     let mut req = paris_request();
     req["messages"][1]["content"] = json!("tell me a story ".repeat(100));
     let (status, v) = s.post("/v1/chat/completions", &req);
     assert_eq!(status, 400);
     assert_eq!(error_of(&v).1, "context_length_exceeded");
+    // It says by how much.
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(m.contains("more than the 256"), "{m}");
 
     let mut req = paris_request();
     req["messages"][1]["role"] = json!("wizard");
@@ -480,4 +409,120 @@ fn sigterm_stops_the_server_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn a_config_file_serves_several_models_with_aliases() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("serve.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[model]]\npath = {:?}\nid = \"small\"\naliases = [\"gpt-4o-mini\"]\n",
+            default_model().to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let s = Server::start(&["--config", cfg.to_str().unwrap(), "--ctx", "1024"]);
+    let (_, v) = s.get("/v1/models");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["smollm2-135m-instruct", "small"]);
+    let mut req = paris_request();
+    req["model"] = json!("gpt-4o-mini");
+    req["max_tokens"] = json!(8);
+    let (status, v) = s.post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["model"], "small");
+    let (status, v) = s.post("/api/show", &json!({"model": "small"}));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["details"]["quantization_level"], "Q4_1");
+    let (_, v) = s.get("/api/ps");
+    assert_eq!(v["models"].as_array().unwrap().len(), 2);
+
+    // Unknown keys in the config are errors that name them.
+    std::fs::write(&cfg, "[[model]]\npath = \"x.gguf\"\nalias = [\"y\"]\n").unwrap();
+    let out = ferrolm()
+        .args(["serve", "--port", "0", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("alias"), "{err}");
+}
+
+#[test]
+fn health_metrics_and_request_ids() {
+    let s = Server::start(&[]);
+    let (status, v) = s.get("/health");
+    assert_eq!((status, v["status"].as_str()), (200, Some("ok")));
+    let r = ureq::post(&s.url("/v1/chat/completions"))
+        .set("x-request-id", "trace-42")
+        .send_string(&paris_request().to_string())
+        .unwrap();
+    assert_eq!(r.header("x-request-id"), Some("trace-42"));
+    assert!(r.header("x-ferrolm-cost-usd").is_some());
+    let r = ureq::get(&s.url("/v1/models")).call().unwrap();
+    assert!(r
+        .header("x-request-id")
+        .is_some_and(|id| id.starts_with("req_")));
+    let text = ureq::get(&s.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    for needle in [
+        "ferrolm_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1",
+        "ferrolm_completion_tokens_total{model=\"smollm2-135m-instruct\"}",
+        "ferrolm_time_to_first_token_seconds_count 1",
+        "ferrolm_inter_token_latency_seconds_bucket",
+        "ferrolm_kv_blocks_free{model=\"smollm2-135m-instruct\"}",
+        "ferrolm_prefix_cache_hit_rate{model=\"smollm2-135m-instruct\"}",
+        "ferrolm_requests_waiting{model=\"smollm2-135m-instruct\"} 0",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    // One request runs, none may wait: a second concurrent one is refused at once.
+    let s = Server::start(&["--max-running", "1", "--max-queue", "0"]);
+    let mut long = paris_request();
+    long["messages"][1]["content"] = json!("Count from 1 to 500.");
+    long["max_tokens"] = json!(400);
+    long["stream"] = json!(true);
+    let url = s.url("/v1/chat/completions");
+    let first = ureq::post(&url).send_string(&long.to_string()).unwrap();
+    let mut reader = BufReader::new(first.into_reader());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap(); // the stream has started
+    match ureq::post(&url).send_string(&paris_request().to_string()) {
+        Err(ureq::Error::Status(429, r)) => {
+            let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+            assert!(retry >= 1);
+            let v: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+            assert_eq!(v["error"]["code"], "server_overloaded");
+        }
+        other => panic!("expected a 429, got {other:?}"),
+    }
+    drop(reader);
+    // Once the first is gone, requests are served again.
+    let t0 = Instant::now();
+    loop {
+        match ureq::post(&url).send_string(&paris_request().to_string()) {
+            Ok(r) => {
+                assert_eq!(r.status(), 200);
+                break;
+            }
+            Err(ureq::Error::Status(429, _)) if t0.elapsed() < Duration::from_secs(20) => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
 }

@@ -19,15 +19,18 @@
 //! The engine owns all of its state (STYLE principle 9); callers talk to it through channels.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
+use ferrolm_grammar::{Matcher, Vocab};
 use ferrolm_kv::{ComputedBlocks, KvCacheManager, RequestId};
 use ferrolm_models::{Batch, KvCache, Llama, Scratch, SeqSpan};
 use ferrolm_sample::{Rng, Sampler};
 use ferrolm_tokenizer::Tokenizer;
 
+use crate::constrain::{self, MaskScratch};
 use crate::session::{FinishReason, GenerateOptions, SessionError};
 use crate::text::TextStream;
 
@@ -70,7 +73,7 @@ pub struct Request {
 }
 
 /// Usage of a finished request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Usage {
     pub prompt_tokens: usize,
     /// Prompt tokens served from the prefix cache.
@@ -98,6 +101,28 @@ pub enum Event {
     Error(String),
 }
 
+/// Figures the engine publishes after every step for `/metrics` and `/api/ps`: plain atomics
+/// written only by the engine thread (which still owns all of its state) and read by anyone.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub running: AtomicU64,
+    pub waiting: AtomicU64,
+    pub kv_blocks_total: AtomicU64,
+    pub kv_blocks_free: AtomicU64,
+    pub prefix_queried_tokens: AtomicU64,
+    pub prefix_hit_tokens: AtomicU64,
+    pub preemptions: AtomicU64,
+    pub steps: AtomicU64,
+    /// Tokens run through the model (prompt chunks + decode tokens).
+    pub tokens_computed: AtomicU64,
+}
+
+impl EngineStats {
+    pub fn get(v: &AtomicU64) -> u64 {
+        v.load(Ordering::Relaxed)
+    }
+}
+
 struct Seq {
     req: Request,
     /// Prompt followed by generated ids.
@@ -109,6 +134,8 @@ struct Seq {
     stream: TextStream,
     admitted: Instant,
     first_token: Option<f64>,
+    /// Where the output stands in the request's grammar, if it has one.
+    matcher: Option<Matcher>,
 }
 
 pub struct Engine {
@@ -123,6 +150,10 @@ pub struct Engine {
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     preemptions: u64,
+    stats: Arc<EngineStats>,
+    /// The vocabulary as bytes for grammars, built on the first request that has one.
+    grammar_vocab: Option<Arc<Vocab>>,
+    mask: MaskScratch,
 }
 
 /// What one step runs: (index into `running`, tokens computed this step).
@@ -155,6 +186,9 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
+            stats: Arc::default(),
+            grammar_vocab: None,
+            mask: MaskScratch::default(),
         })
     }
 
@@ -192,7 +226,12 @@ impl Engine {
             return;
         }
         let seed = req.opts.params.seed.unwrap_or(req.opts.seed);
+        let matcher = req.opts.grammar.clone().map(Matcher::new);
+        if matcher.is_some() && self.grammar_vocab.is_none() {
+            self.grammar_vocab = Some(Arc::new(constrain::grammar_vocab(&self.tok)));
+        }
         self.waiting.push_back(Seq {
+            matcher,
             tokens: req.prompt.clone(),
             stream: TextStream::new(&req.opts.stop),
             rng: Rng::new(seed),
@@ -222,6 +261,25 @@ impl Engine {
         self.preemptions
     }
 
+    /// A live view of the engine's figures, updated after every step.
+    pub fn stats(&self) -> Arc<EngineStats> {
+        self.publish_stats();
+        self.stats.clone()
+    }
+
+    fn publish_stats(&self) {
+        let st = &self.stats;
+        let set = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        set(&st.running, self.running.len() as u64);
+        set(&st.waiting, self.waiting.len() as u64);
+        set(&st.kv_blocks_total, self.cfg.num_blocks as u64);
+        set(&st.kv_blocks_free, self.blocks.num_free_blocks() as u64);
+        let p = self.blocks.stats();
+        set(&st.prefix_queried_tokens, p.queried_tokens);
+        set(&st.prefix_hit_tokens, p.hit_tokens);
+        set(&st.preemptions, self.preemptions);
+    }
+
     /// The prefix cache's hit statistics.
     pub fn prefix_cache_stats(&self) -> ferrolm_kv::PrefixCacheStats {
         self.blocks.stats()
@@ -231,11 +289,18 @@ impl Engine {
     pub fn step(&mut self) -> Result<usize, SessionError> {
         let plan = self.schedule();
         if plan.is_empty() {
+            self.publish_stats();
             return Ok(0);
         }
         let logits_rows = self.execute(&plan)?;
         self.update(&plan, &logits_rows);
-        Ok(plan.iter().map(|p| p.1).sum())
+        let computed: usize = plan.iter().map(|p| p.1).sum();
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .tokens_computed
+            .fetch_add(computed as u64, Ordering::Relaxed);
+        self.publish_stats();
+        Ok(computed)
     }
 
     fn schedule(&mut self) -> Plan {
@@ -367,15 +432,36 @@ impl Engine {
                 .cache_full_blocks(s.req.id, &s.tokens, s.num_computed, s.req.salt);
             let Some(row) = *row else { continue };
             let logits = self.scratch.logits_row(row, vocab);
-            let out = self
-                .sampler
-                .sample(logits, &s.req.opts.params, &s.tokens, &mut s.rng);
+            let grammar = s.matcher.as_ref().zip(self.grammar_vocab.as_deref());
+            let out = match constrain::sample(
+                &mut self.sampler,
+                logits,
+                &s.req.opts.params,
+                &s.tokens,
+                &mut s.rng,
+                grammar,
+                &self.tok,
+                &s.req.opts.end_ids,
+                &mut self.mask,
+            ) {
+                Ok(out) => out,
+                Err(e) => {
+                    let _ = s.req.reply.send(Event::Error(e));
+                    finished.push((i, None));
+                    continue;
+                }
+            };
             s.tokens.push(out.token);
             s.generated += 1;
             if s.first_token.is_none() {
                 s.first_token = Some(s.admitted.elapsed().as_secs_f64());
             }
             let end = s.req.opts.end_ids.contains(&out.token);
+            if let (Some(m), false) = (&mut s.matcher, end) {
+                // `sample` only returns tokens the grammar allows.
+                let _ = m.accept(self.tok.token_bytes(out.token));
+            }
+            let grammar_done = s.matcher.as_ref().is_some_and(Matcher::is_finished);
             let (text, stopped) = if end {
                 (s.stream.finish(), false)
             } else {
@@ -388,7 +474,7 @@ impl Engine {
                     .cfg
                     .context_length
                     .min(self.cfg.num_blocks * self.cfg.block_size);
-            let reason = if end || stopped {
+            let reason = if end || stopped || grammar_done {
                 Some(FinishReason::Stop)
             } else if s.generated >= s.req.opts.max_tokens || ctx_full {
                 Some(FinishReason::Length)
@@ -396,7 +482,7 @@ impl Engine {
                 None
             };
             let mut text = text;
-            if reason == Some(FinishReason::Length) {
+            if reason == Some(FinishReason::Length) || (grammar_done && !end && !stopped) {
                 text.push_str(&s.stream.finish());
             }
             let sent = s.req.reply.send(Event::Token {
@@ -464,9 +550,12 @@ pub fn spawn(mut engine: Engine) -> std::io::Result<EngineHandle> {
     let join = std::thread::Builder::new()
         .name("ferrolm-engine".into())
         .spawn(move || {
-            let apply = |engine: &mut Engine, c: Command| match c {
-                Command::Submit(r) => engine.add(*r),
-                Command::Abort(id) => engine.abort(id),
+            let apply = |engine: &mut Engine, c: Command| {
+                match c {
+                    Command::Submit(r) => engine.add(*r),
+                    Command::Abort(id) => engine.abort(id),
+                }
+                engine.publish_stats();
             };
             loop {
                 if !engine.has_work() {

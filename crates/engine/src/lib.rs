@@ -4,10 +4,13 @@
 //! The continuous-batching engine of the server grows here on the same pieces: the model's
 //! flat batch, `ferrolm-kv` block ids, the sampler and the text stream.
 
+pub mod constrain;
 pub mod engine;
 pub mod session;
 pub mod text;
 
-pub use engine::{spawn, Command, Engine, EngineConfig, EngineHandle, Event, Request, Usage};
+pub use engine::{
+    spawn, Command, Engine, EngineConfig, EngineHandle, EngineStats, Event, Request, Usage,
+};
 pub use session::{FinishReason, GenerateOptions, Generation, Session, SessionError, TokenEvent};
 pub use text::TextStream;

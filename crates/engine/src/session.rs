@@ -40,6 +40,8 @@ pub enum SessionError {
     Kv(#[from] ferrolm_kv::KvError),
     #[error("could not start {threads} threads: {reason}")]
     Threads { threads: usize, reason: String },
+    #[error("{0}")]
+    Grammar(String),
 }
 
 pub struct Session<'m> {
@@ -66,6 +68,7 @@ pub enum FinishReason {
     Cancelled,
 }
 
+#[derive(Debug, Clone)]
 pub struct GenerateOptions {
     pub params: SamplingParams,
     pub max_tokens: usize,
@@ -73,6 +76,9 @@ pub struct GenerateOptions {
     /// Token ids that end generation (EOS, the template's end-of-turn).
     pub end_ids: Vec<u32>,
     pub seed: u64,
+    /// Constrain the output to this grammar (JSON schema, forced tool call); generation ends as
+    /// soon as the grammar is finished.
+    pub grammar: Option<std::sync::Arc<ferrolm_grammar::Grammar>>,
 }
 
 /// One generated token as it streams out.
@@ -265,11 +271,25 @@ impl<'m> Session<'m> {
         let mut stream = TextStream::new(&opts.stop);
         let mut ids = Vec::new();
         let mut logprobs = Vec::new();
+        let mut matcher = opts.grammar.clone().map(ferrolm_grammar::Matcher::new);
+        let vocab = matcher
+            .as_ref()
+            .map(|_| crate::constrain::grammar_vocab(tok));
+        let mut mask = crate::constrain::MaskScratch::default();
         let finish;
         loop {
-            let s = self
-                .sampler
-                .sample(&logits, &opts.params, &history, &mut rng);
+            let s = crate::constrain::sample(
+                &mut self.sampler,
+                &logits,
+                &opts.params,
+                &history,
+                &mut rng,
+                matcher.as_ref().zip(vocab.as_ref()),
+                tok,
+                &opts.end_ids,
+                &mut mask,
+            )
+            .map_err(SessionError::Grammar)?;
             ids.push(s.token);
             history.push(s.token);
             if opts.params.logprobs.is_some() {
@@ -294,6 +314,20 @@ impl<'m> Session<'m> {
             if piece.stop.is_some() {
                 finish = FinishReason::Stop;
                 break;
+            }
+            if let Some(m) = &mut matcher {
+                // `sample` only returns tokens the grammar allows.
+                let _ = m.accept(tok.token_bytes(s.token));
+                if m.is_finished() {
+                    let rest = stream.finish();
+                    on_token(TokenEvent {
+                        id: s.token,
+                        text: &rest,
+                        sampled: &s,
+                    });
+                    finish = FinishReason::Stop;
+                    break;
+                }
             }
             if !keep_going {
                 finish = FinishReason::Cancelled;

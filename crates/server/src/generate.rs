@@ -1,14 +1,18 @@
-//! The bridge between HTTP handlers and the engine thread.
+//! The bridge between HTTP handlers and an engine thread.
 //!
-//! Contract: [`start`] submits one [`Request`] whose reply channel is its own `std::sync::mpsc`
-//! sender, forwards that channel onto a tokio channel from a small thread (the engine never
-//! blocks on a client), and waits for the first event so that a request the engine rejects
-//! (prompt too long, bad parameters) becomes a 400 before any response is started. Dropping the
-//! returned [`Running`] before its last event sends `Command::Abort`: a client that goes away
-//! frees its KV blocks at once. [`pump`] turns a [`Running`] into a response stream and stops
-//! (aborting) as soon as the client has disconnected.
+//! Contract: [`start`] reserves room in the model's bounded queue (or fails with a 429), then
+//! submits one [`Request`] per choice (`n`), each with its own `std::sync::mpsc` reply channel
+//! that a small thread forwards, tagged with the choice's index, onto one tokio channel (the
+//! engine never blocks on a client). It waits until every choice has either been accepted
+//! (first event) or rejected, so that a request the engine refuses becomes a 400 before any
+//! response is started. Dropping the [`Job`] before its choices finish sends `Command::Abort`
+//! for each: a client that goes away frees its KV blocks at once. [`pump`] turns a job into a
+//! response stream and stops (aborting) as soon as the client has disconnected; [`collect`]
+//! gathers whole answers.
 
+use std::collections::VecDeque;
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::http::StatusCode;
@@ -17,16 +21,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::ApiError;
-use crate::AppState;
-
-/// A request in the engine, seen from a handler.
-pub struct Running {
-    first: Option<Event>,
-    events: mpsc::UnboundedReceiver<Event>,
-    abort: AbortOnDrop,
-    /// When the HTTP request was accepted (Ollama's `total_duration` starts here).
-    pub started: Instant,
-}
+use crate::{AppState, InFlight, Model};
 
 /// Sends `Command::Abort` when dropped before the request's last event.
 struct AbortOnDrop {
@@ -43,60 +38,92 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Submit `prompt` and wait until the engine has either accepted it (first token) or rejected it.
+/// The `n` choices of one HTTP request, in the engine.
+pub struct Job {
+    events: mpsc::UnboundedReceiver<(usize, Event)>,
+    /// Events read while waiting for every choice to start.
+    pending: VecDeque<(usize, Event)>,
+    aborts: Vec<AbortOnDrop>,
+    last_token: Vec<Option<Instant>>,
+    live: usize,
+    _slots: InFlight,
+    state: AppState,
+    /// When the first token of any choice arrived.
+    pub first_token: Option<Instant>,
+}
+
+/// Submit `n` choices of `prompt` (choice `i` samples with seed + `i`) and wait until the engine
+/// has accepted or rejected each.
 pub async fn start(
     state: &AppState,
+    model: &Arc<Model>,
     prompt: Vec<u32>,
     opts: GenerateOptions,
-) -> Result<Running, ApiError> {
-    let started = Instant::now();
-    let id = state.next_request_id();
-    let (reply, from_engine) = std::sync::mpsc::channel::<Event>();
-    let (to_handler, events) = mpsc::unbounded_channel::<Event>();
-    std::thread::Builder::new()
-        .name(format!("ferrolm-reply-{id}"))
-        .spawn(move || {
-            // Ends when the engine drops the request (finished or aborted) or the handler is gone.
-            for ev in from_engine {
-                if to_handler.send(ev).is_err() {
-                    break;
-                }
-            }
-        })
-        .map_err(|e| {
-            ApiError::server(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("could not start a reply thread ({e}): the machine is out of threads; retry later"),
-            )
-        })?;
-    let req = Request {
-        id,
-        prompt,
-        opts,
-        salt: 0,
-        reply,
-    };
-    state
-        .engine
-        .send(Command::Submit(Box::new(req)))
-        .map_err(|_| engine_gone())?;
-    let mut run = Running {
-        first: None,
+    n: usize,
+) -> Result<Job, ApiError> {
+    let slots = model.reserve(n)?;
+    let (to_handler, events) = mpsc::unbounded_channel::<(usize, Event)>();
+    let mut job = Job {
         events,
-        abort: AbortOnDrop {
-            id,
-            engine: state.engine.clone(),
-            done: false,
-        },
-        started,
+        pending: VecDeque::new(),
+        aborts: Vec::with_capacity(n),
+        last_token: vec![None; n],
+        live: n,
+        _slots: slots,
+        state: state.clone(),
+        first_token: None,
     };
-    match run.next().await {
-        Event::Error(message) => Err(ApiError::invalid(message, None)),
-        ev => {
-            run.first = Some(ev);
-            Ok(run)
-        }
+    for i in 0..n {
+        let id = state.next_request_id();
+        let (reply, from_engine) = std::sync::mpsc::channel::<Event>();
+        let tx = to_handler.clone();
+        std::thread::Builder::new()
+            .name(format!("ferrolm-reply-{id}"))
+            .spawn(move || {
+                // Ends when the engine drops the request (finished or aborted) or the job is gone.
+                for ev in from_engine {
+                    if tx.send((i, ev)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| {
+                ApiError::server(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("could not start a reply thread ({e}): the machine is out of threads; retry later"),
+                )
+            })?;
+        let mut opts = opts.clone();
+        opts.seed = opts.seed.wrapping_add(i as u64);
+        opts.params.seed = opts.params.seed.map(|s| s.wrapping_add(i as u64));
+        let req = Request {
+            id,
+            prompt: prompt.clone(),
+            opts,
+            salt: 0,
+            reply,
+        };
+        model
+            .engine
+            .send(Command::Submit(Box::new(req)))
+            .map_err(|_| engine_gone())?;
+        job.aborts.push(AbortOnDrop {
+            id,
+            engine: model.engine.clone(),
+            done: false,
+        });
     }
+    drop(to_handler);
+    let mut started = vec![false; n];
+    while started.iter().any(|s| !s) {
+        let (i, ev) = job.recv().await;
+        if let Event::Error(message) = ev {
+            return Err(ApiError::invalid(message, None));
+        }
+        started[i] = true;
+        job.pending.push_back((i, ev));
+    }
+    Ok(job)
 }
 
 fn engine_gone() -> ApiError {
@@ -106,64 +133,90 @@ fn engine_gone() -> ApiError {
     )
 }
 
-impl Running {
-    /// The next event; a vanished engine reads as [`Event::Error`]. After `Finished` or `Error`
-    /// do not call again.
-    pub async fn next(&mut self) -> Event {
-        let ev = match self.first.take() {
-            Some(ev) => ev,
-            None => match self.events.recv().await {
-                Some(ev) => ev,
-                None => Event::Error(engine_gone().message),
-            },
-        };
-        if matches!(ev, Event::Finished { .. } | Event::Error(_)) {
-            self.abort.done = true;
+impl Job {
+    async fn recv(&mut self) -> (usize, Event) {
+        match self.events.recv().await {
+            Some(x) => x,
+            // Every forwarding thread is gone before every choice finished.
+            None => (
+                self.aborts.iter().position(|a| !a.done).unwrap_or(0),
+                Event::Error(engine_gone().message),
+            ),
         }
-        ev
+    }
+
+    /// The next event of any choice; `None` once every choice has finished.
+    pub async fn next(&mut self) -> Option<(usize, Event)> {
+        if self.live == 0 {
+            return None;
+        }
+        let (i, ev) = match self.pending.pop_front() {
+            Some(x) => x,
+            None => self.recv().await,
+        };
+        match &ev {
+            Event::Token { .. } => {
+                let now = Instant::now();
+                self.first_token.get_or_insert(now);
+                if let Some(prev) = self.last_token[i].replace(now) {
+                    self.state.metrics.inter_token((now - prev).as_secs_f64());
+                }
+            }
+            Event::Finished { .. } | Event::Error(_) => {
+                if let Some(a) = self.aborts.get_mut(i) {
+                    if !a.done {
+                        a.done = true;
+                        self.live -= 1;
+                    }
+                }
+            }
+        }
+        Some((i, ev))
+    }
+
+    pub fn choices(&self) -> usize {
+        self.aborts.len()
     }
 }
 
 /// One token as reported back: id, chosen logprob, top alternatives.
 pub type TokenInfo = (u32, Option<f32>, Vec<(u32, f32)>);
 
-/// A whole generation, for non-streaming answers.
+/// One whole choice, for non-streaming answers.
+#[derive(Debug, Default)]
 pub struct Outcome {
     pub text: String,
     pub tokens: Vec<TokenInfo>,
-    pub reason: FinishReason,
+    pub reason: Option<FinishReason>,
     pub usage: Usage,
     /// Seconds from admission to the first token (engine side).
     pub time_to_first_token: f64,
-    pub started: Instant,
 }
 
-pub async fn collect(mut run: Running) -> Result<Outcome, ApiError> {
-    let (mut text, mut tokens) = (String::new(), Vec::new());
-    loop {
-        match run.next().await {
+/// Run every choice to its end. Returns the outcomes (by choice) and the usage of the whole
+/// request: the prompt counted once, completions summed.
+pub async fn collect(mut job: Job) -> Result<(Vec<Outcome>, Usage, Option<Instant>), ApiError> {
+    let mut outs: Vec<Outcome> = (0..job.choices()).map(|_| Outcome::default()).collect();
+    while let Some((i, ev)) = job.next().await {
+        let o = &mut outs[i];
+        match ev {
             Event::Token {
                 id,
-                text: t,
+                text,
                 logprob,
                 top,
             } => {
-                text.push_str(&t);
-                tokens.push((id, logprob, top));
+                o.text.push_str(&text);
+                o.tokens.push((id, logprob, top));
             }
             Event::Finished {
                 reason,
                 usage,
                 time_to_first_token,
             } => {
-                return Ok(Outcome {
-                    text,
-                    tokens,
-                    reason,
-                    usage,
-                    time_to_first_token,
-                    started: run.started,
-                })
+                o.reason = Some(reason);
+                o.usage = usage;
+                o.time_to_first_token = time_to_first_token;
             }
             Event::Error(m) => {
                 return Err(ApiError::server(
@@ -173,28 +226,49 @@ pub async fn collect(mut run: Running) -> Result<Outcome, ApiError> {
             }
         }
     }
+    let usage = total_usage(outs.iter().map(|o| &o.usage));
+    Ok((outs, usage, job.first_token))
 }
 
-/// Stream a running request: `render` turns each event into items of the response body. Stops
-/// after `Finished` or `Error`, or as soon as the client disconnects (dropping `run` aborts).
+/// The usage of `n` choices of one prompt: the prompt once, completions summed.
+pub fn total_usage<'a>(us: impl Iterator<Item = &'a Usage>) -> Usage {
+    let mut total = Usage {
+        prompt_tokens: 0,
+        cached_tokens: 0,
+        completion_tokens: 0,
+    };
+    for (i, u) in us.enumerate() {
+        if i == 0 {
+            total.prompt_tokens = u.prompt_tokens;
+            total.cached_tokens = u.cached_tokens;
+        }
+        total.completion_tokens += u.completion_tokens;
+    }
+    total
+}
+
+/// Stream a job: `render` turns each (choice, event) into items of the response body, and is
+/// called once more with `None` after the last choice finished (for trailers such as usage and
+/// `[DONE]`). Stops as soon as the client disconnects (dropping the job aborts it).
 pub fn pump<T: Send + 'static>(
-    mut run: Running,
-    mut render: impl FnMut(&Running, Event) -> Vec<T> + Send + 'static,
+    mut job: Job,
+    mut render: impl FnMut(&Job, Option<(usize, Event)>) -> Vec<T> + Send + 'static,
 ) -> ReceiverStream<T> {
     let (tx, rx) = mpsc::channel::<T>(32);
     tokio::spawn(async move {
         loop {
             let ev = tokio::select! {
                 _ = tx.closed() => return,
-                ev = run.next() => ev,
+                ev = job.next() => ev,
             };
-            let last = matches!(ev, Event::Finished { .. } | Event::Error(_));
-            for item in render(&run, ev) {
+            let last = ev.is_none();
+            let failed = matches!(ev, Some((_, Event::Error(_))));
+            for item in render(&job, ev) {
                 if tx.send(item).await.is_err() {
                     return;
                 }
             }
-            if last {
+            if last || failed {
                 return;
             }
         }

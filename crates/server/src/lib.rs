@@ -1,42 +1,81 @@
-//! `ferrolm serve`: an OpenAI- and Ollama-compatible HTTP API in front of one engine.
+//! `ferrolm serve`: an OpenAI- and Ollama-compatible HTTP API in front of one engine per model.
 //!
 //! Contract: the server never touches tensors. A handler validates the JSON, renders the chat
-//! template, tokenizes, and submits a [`ferrolm_engine::Request`] carrying its own reply channel
-//! to the engine thread through the [`ferrolm_engine::Command`] sender it was given; it then
-//! turns the events that come back into a JSON answer, an SSE stream (OpenAI) or NDJSON lines
-//! (Ollama). Stop strings and incremental detokenization happen in the engine's text stream. A
-//! client that disconnects mid-stream aborts its request in the engine.
+//! template, tokenizes, and submits [`ferrolm_engine::Request`]s (one per choice), each carrying
+//! its own reply channel, to the model's engine thread; it then turns the events that come back
+//! into a JSON answer, an SSE stream (OpenAI) or NDJSON lines (Ollama). Stop strings and
+//! incremental detokenization happen in the engine's text stream; JSON schemas and forced tool
+//! calls become a grammar the engine enforces token by token. A client that disconnects
+//! mid-stream aborts its requests in the engine.
 //!
-//! Served routes: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`,
-//! `POST /v1/completions`, `POST /api/chat`, `POST /api/generate`, `GET /api/tags`,
-//! `GET /api/version`. Not yet: authentication, rate limits, tools, JSON mode, `n > 1`.
+//! Every request passes [`auth::layer`] first: a request id (echoed in `x-request-id`), the
+//! caller's API key when the store has keys, and an access-log line. Handlers then ask
+//! [`AppState::admit`] for a [`Ticket`] (budget and rate limits, with OpenAI's `x-ratelimit-*`
+//! headers) and hand the finished usage to [`AppState::settle`], which prices it, writes the
+//! ledger row and updates `/metrics`.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::http::{Method, Uri};
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::Router;
-use ferrolm_engine::{Command, GenerateOptions};
+use ferrolm_accounting::{ModelPrice, PriceCatalog, RateLimiter, Store, UsageRow};
+use ferrolm_engine::{Command, EngineStats, GenerateOptions, Usage};
+use ferrolm_grammar::Grammar;
 use ferrolm_sample::SamplingParams;
 use ferrolm_tokenizer::{chat::ChatTemplate, Tokenizer};
 use serde::Deserialize;
 use serde_json::Value;
 
+mod auth;
 pub mod error;
 mod generate;
+mod metrics;
 mod ollama;
 mod openai;
+mod tools;
 
+pub use auth::Caller;
 pub use error::ApiError;
+pub use metrics::Metrics;
 
-/// What the server knows about the model it serves: text-side pieces and plain numbers, no weights.
+/// Largest request body accepted: a larger one (up to [`MAX_READ_BYTES`]) is read and refused
+/// with a 413 that says so.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Bodies beyond this are cut off while being read (the connection is closed after the 413).
+/// Reading up to it first lets clients that send the whole body before reading (most do) see
+/// the JSON error instead of a reset connection.
+pub const MAX_READ_BYTES: usize = 64 * 1024 * 1024;
+
+/// What `/api/show` and `/api/ps` report about a model.
+#[derive(Debug, Clone, Default)]
+pub struct ModelDetails {
+    /// GGUF `general.architecture`, e.g. `llama`.
+    pub architecture: String,
+    pub parameter_count: u64,
+    /// The dominant weight type, e.g. `Q4_1`.
+    pub quantization: String,
+    pub context_length: usize,
+    pub embedding_length: usize,
+    pub block_count: usize,
+    pub head_count: usize,
+    pub head_count_kv: usize,
+    /// Weights plus KV pool, in bytes.
+    pub memory_bytes: u64,
+}
+
+/// A model the server answers for: text-side pieces, plain numbers and its engine's sender.
 pub struct ServedModel {
     /// The id clients name, e.g. `smollm2-135m-instruct`.
     pub id: String,
+    /// Other names accepted for it (from the config file).
+    pub aliases: Vec<String>,
     /// The GGUF file name, also accepted as a model name.
     pub file_name: String,
     pub file_size: u64,
@@ -50,16 +89,54 @@ pub struct ServedModel {
     /// Most tokens (prompt + completion) one request may hold: the model's context or the KV
     /// pool, whichever is smaller.
     pub max_context: usize,
+    pub details: ModelDetails,
+    pub engine: Sender<Command>,
+    pub stats: Arc<EngineStats>,
+    /// Requests running at once in the engine (its `max_running`).
+    pub max_running: usize,
+    /// Requests that may wait beyond those; past it the server answers 429 with `Retry-After`.
+    pub max_queue: usize,
+    /// Its price: a catalog entry (self-hosted ones are priced from hardware $/hour and
+    /// measured throughput); `None` prices it at zero and says so in the ledger's cost.
+    pub price: Option<ModelPrice>,
 }
 
-/// Shared by every handler: read-only model facts, the engine's command sender, an id counter.
+/// A served model plus the counters the server keeps for it.
+pub struct Model {
+    pub m: ServedModel,
+    /// Choices submitted to its engine and not yet finished.
+    in_flight: AtomicUsize,
+    /// Seconds of the most recent finished requests, for `Retry-After` estimates (EWMA, µs).
+    avg_request_us: AtomicU64,
+}
+
+impl std::ops::Deref for Model {
+    type Target = ServedModel;
+    fn deref(&self) -> &ServedModel {
+        &self.m
+    }
+}
+
+/// How the server guards its routes.
+pub struct Access {
+    /// The key store and usage ledger (`--data-dir`).
+    pub store: Store,
+    /// Serve without keys while the store has none (loopback binds, or explicitly allowed).
+    pub open_without_keys: bool,
+}
+
+/// Shared by every handler: the models, the key store and ledger, limits, metrics, ids.
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
 
 pub struct Inner {
-    pub model: ServedModel,
-    pub engine: Sender<Command>,
+    pub models: Vec<Arc<Model>>,
+    pub access: Access,
+    pub limiter: RateLimiter,
+    pub metrics: Metrics,
+    pub catalog: PriceCatalog,
     next_id: AtomicU64,
+    pub started: Instant,
 }
 
 impl std::ops::Deref for AppState {
@@ -69,12 +146,41 @@ impl std::ops::Deref for AppState {
     }
 }
 
+/// What an admitted request carries to its end: the rate-limit headers and its token estimate.
+pub struct Ticket {
+    pub headers: Vec<(&'static str, String)>,
+    estimated: u64,
+}
+
+/// How a request ended, for the ledger and the metrics.
+pub struct Settled<'a> {
+    pub model: &'a Model,
+    pub endpoint: &'static str,
+    pub usage: Usage,
+    /// Seconds from submission to the first token.
+    pub ttft: Option<f64>,
+    pub finish_reason: Option<&'static str>,
+}
+
 impl AppState {
-    pub fn new(model: ServedModel, engine: Sender<Command>) -> Self {
+    pub fn new(models: Vec<ServedModel>, access: Access, catalog: PriceCatalog) -> Self {
         AppState(Arc::new(Inner {
-            model,
-            engine,
+            models: models
+                .into_iter()
+                .map(|m| {
+                    Arc::new(Model {
+                        m,
+                        in_flight: AtomicUsize::new(0),
+                        avg_request_us: AtomicU64::new(0),
+                    })
+                })
+                .collect(),
+            access,
+            limiter: RateLimiter::new(),
+            metrics: Metrics::new(),
+            catalog,
             next_id: AtomicU64::new(1),
+            started: Instant::now(),
         }))
     }
 
@@ -82,40 +188,138 @@ impl AppState {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Accept the served id, the file name, or either with Ollama's `:latest` tag; `None` means
-    /// the served model.
-    fn check_model(&self, asked: Option<&str>) -> Result<(), ApiError> {
-        let Some(asked) = asked else { return Ok(()) };
+    /// The model a request names: its id, an alias, its file name, or any of them with Ollama's
+    /// `:latest` tag; `None` (or an empty name) means the first model.
+    pub fn model(&self, asked: Option<&str>) -> Result<Arc<Model>, ApiError> {
+        let first = self.models.first().cloned();
+        let Some(asked) = asked.filter(|a| !a.is_empty()) else {
+            return first.ok_or_else(|| ApiError::unknown_model("", &[]));
+        };
         let name = asked.strip_suffix(":latest").unwrap_or(asked);
-        let m = &self.model;
-        if name.eq_ignore_ascii_case(&m.id) || name == m.file_name {
-            Ok(())
-        } else {
-            Err(ApiError::unknown_model(asked, &m.id))
+        self.models
+            .iter()
+            .find(|m| {
+                name.eq_ignore_ascii_case(&m.id)
+                    || name == m.file_name
+                    || m.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+            })
+            .cloned()
+            .ok_or_else(|| {
+                let ids: Vec<&str> = self.models.iter().map(|m| m.id.as_str()).collect();
+                ApiError::unknown_model(asked, &ids)
+            })
+    }
+
+    /// Check a caller's budget and rate limits before any work: `tokens` is the most the request
+    /// may use (prompt + every choice's `max_tokens`).
+    pub fn admit(&self, caller: &Caller, tokens: u64) -> Result<Ticket, ApiError> {
+        let Some(key) = &caller.key else {
+            return Ok(Ticket {
+                headers: Vec::new(),
+                estimated: tokens,
+            });
+        };
+        if let Some(budget) = key.budget_usd {
+            let spent = self
+                .access
+                .store
+                .spent_usd(key.id)
+                .map_err(ApiError::storage)?;
+            if spent >= budget {
+                return Err(ApiError::budget_exhausted(&key.name, spent, budget));
+            }
+        }
+        match self.limiter.admit(key, tokens, Instant::now()) {
+            Ok(h) => Ok(Ticket {
+                headers: h.headers(),
+                estimated: tokens,
+            }),
+            Err(l) => Err(ApiError::rate_limited(
+                l.message(),
+                l.retry_after_secs(),
+                l.headers(),
+            )),
         }
     }
 
-    /// Render OpenAI/Ollama-shaped messages through the chat template and tokenize them.
-    fn chat_prompt(&self, messages: &Value) -> Result<Vec<u32>, ApiError> {
+    /// Price a finished request, write its ledger row and count it in the metrics. Returns the
+    /// cost in USD. Storage failures are logged, never turned into a failed answer.
+    pub fn settle(&self, caller: &Caller, ticket: &Ticket, s: Settled<'_>) -> f64 {
+        let u = &s.usage;
+        let cost = s.model.price.as_ref().map_or(0.0, |p| {
+            p.cost_usd(
+                u.prompt_tokens as u64,
+                u.cached_tokens as u64,
+                u.completion_tokens as u64,
+            )
+        });
+        let used = (u.prompt_tokens + u.completion_tokens) as u64;
+        if let Some(key) = &caller.key {
+            self.limiter
+                .settle(key.id, ticket.estimated, used, Instant::now());
+        }
+        let latency = caller.started.elapsed().as_secs_f64();
+        let prev = s.model.avg_request_us.load(Ordering::Relaxed);
+        let now_us = (latency * 1e6) as u64;
+        let avg = if prev == 0 {
+            now_us
+        } else {
+            (prev * 7 + now_us) / 8
+        };
+        s.model.avg_request_us.store(avg, Ordering::Relaxed);
+        self.metrics.finished(&s.model.id, u, s.ttft, latency);
+        let row = UsageRow {
+            ts: auth::unix_ms(),
+            request_id: caller.request_id.clone(),
+            key_id: caller.key.as_ref().map(|k| k.id),
+            model: s.model.id.clone(),
+            endpoint: s.endpoint.to_owned(),
+            status: 200,
+            prompt_tokens: u.prompt_tokens as u64,
+            cached_tokens: u.cached_tokens as u64,
+            completion_tokens: u.completion_tokens as u64,
+            latency_ms: latency * 1e3,
+            ttft_ms: s.ttft.map(|t| t * 1e3),
+            cost_usd: cost,
+            finish_reason: s.finish_reason.map(str::to_owned),
+        };
+        if let Err(e) = self.access.store.record(&row) {
+            eprintln!(
+                "ferrolm serve: {}: could not write the usage ledger: {e}",
+                caller.request_id
+            );
+        }
+        cost
+    }
+}
+
+impl Model {
+    /// Render OpenAI/Ollama-shaped messages (and tools) through the chat template and tokenize.
+    fn chat_prompt(&self, messages: &Value, tools: Option<&Value>) -> Result<Vec<u32>, ApiError> {
         let messages = normalize_messages(messages)?;
-        let m = &self.model;
-        let rendered = m
+        let knows_tools = tools::template_knows_tools(&self.template);
+        let (messages, tools) = if knows_tools {
+            (messages, tools)
+        } else {
+            (tools::inline_tools(messages, tools), None)
+        };
+        let rendered = self
             .template
-            .render(&m.tok, &messages, true, None)
+            .render(&self.tok, &messages, true, tools)
             .map_err(|e| {
                 ApiError::invalid(
                     format!("messages: the model's chat template rejected them: {e}"),
                     Some("messages"),
                 )
             })?;
-        m.tok
+        self.tok
             .encode_chat(&rendered)
             .map_err(|e| ApiError::invalid(format!("messages: {e}"), Some("messages")))
     }
 
     /// A plain-text prompt: BOS (when the model wants one) + the text's ids.
     fn text_prompt(&self, text: &str) -> Result<Vec<u32>, ApiError> {
-        let tok = &self.model.tok;
+        let tok = &self.tok;
         let mut ids: Vec<u32> = tok.bos_id.filter(|_| tok.add_bos).into_iter().collect();
         ids.extend(
             tok.encode(text, false)
@@ -124,22 +328,26 @@ impl AppState {
         Ok(ids)
     }
 
-    /// Finish a request's options: check the prompt fits, cap `max_tokens` to the room left,
-    /// validate the sampling parameters, pick a seed when none was given.
+    /// Finish a request's options: the prompt must leave room for at least one token, and an
+    /// explicit `max_tokens` must fit the room left (never silently cut); validate the sampling
+    /// parameters; pick a seed when none was given.
     fn options(
         &self,
         prompt: &[u32],
         params: SamplingParams,
         max_tokens: Option<usize>,
         stop: Vec<String>,
+        grammar: Option<Arc<Grammar>>,
     ) -> Result<GenerateOptions, ApiError> {
-        let limit = self.model.max_context;
+        let limit = self.max_context;
         if prompt.len() >= limit {
             return Err(ApiError::invalid(
                 format!(
-                    "the prompt has {} tokens but a request here holds at most {} (prompt + completion): shorten the prompt, or restart `ferrolm serve` with a larger --ctx (the model's own context is the upper bound)",
+                    "the prompt has {} tokens, {} more than the {} a request here may hold with room for one token of reply: shorten the prompt, or restart `ferrolm serve` with a larger --ctx (the model's own context, {}, is the upper bound)",
                     prompt.len(),
-                    limit
+                    prompt.len() + 1 - limit,
+                    limit,
+                    self.details.context_length,
                 ),
                 Some("messages"),
             )
@@ -153,19 +361,59 @@ impl AppState {
                     Some("max_tokens"),
                 ))
             }
-            Some(n) => n.min(room),
+            Some(n) if n > room => {
+                return Err(ApiError::invalid(
+                    format!(
+                        "max_tokens is {n}, but the prompt ({} tokens) leaves room for {room} in this model's {limit}-token context: ask for at most {room}",
+                        prompt.len()
+                    ),
+                    Some("max_tokens"),
+                )
+                .with_code("context_length_exceeded"))
+            }
+            Some(n) => n,
             None => room,
         };
         params
-            .validate(self.model.vocab_size)
+            .validate(self.vocab_size)
             .map_err(|e| ApiError::invalid(e.to_string(), None))?;
         Ok(GenerateOptions {
             seed: params.seed.unwrap_or_else(random_seed),
             params,
             max_tokens,
             stop: stop.into_iter().filter(|s| !s.is_empty()).collect(),
-            end_ids: self.model.end_ids.clone(),
+            end_ids: self.end_ids.clone(),
+            grammar,
         })
+    }
+
+    /// Reserve room for `n` more requests in the engine, or answer 429 with a `Retry-After`.
+    fn reserve(self: &Arc<Self>, n: usize) -> Result<InFlight, ApiError> {
+        let cap = self.max_running + self.max_queue;
+        let prev = self.in_flight.fetch_add(n, Ordering::AcqRel);
+        if prev + n > cap {
+            self.in_flight.fetch_sub(n, Ordering::AcqRel);
+            let avg = self.avg_request_us.load(Ordering::Relaxed) as f64 / 1e6;
+            let waves = (prev as f64 / self.max_running.max(1) as f64).ceil();
+            let retry = (avg * waves).ceil().clamp(1.0, 600.0) as u64;
+            return Err(ApiError::overloaded(&self.id, prev, cap, retry));
+        }
+        Ok(InFlight {
+            model: self.clone(),
+            n,
+        })
+    }
+}
+
+/// Requests counted against a model's queue; released when dropped.
+pub struct InFlight {
+    model: Arc<Model>,
+    n: usize,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.model.in_flight.fetch_sub(self.n, Ordering::AcqRel);
     }
 }
 
@@ -188,7 +436,7 @@ impl Stop {
 }
 
 /// Messages as the template wants them: `developer` becomes `system`, content arrays of text
-/// parts become one string; other keys pass through.
+/// parts become one string; other keys (`tool_calls`, `tool_call_id`, `name`) pass through.
 fn normalize_messages(messages: &Value) -> Result<Value, ApiError> {
     let bad = |m: String| ApiError::invalid(m, Some("messages"));
     let Value::Array(list) = messages else {
@@ -282,6 +530,9 @@ fn logit_bias(map: Option<HashMap<String, f32>>) -> Result<Vec<(u32, f32)>, ApiE
 
 /// Parse a JSON body; bad JSON or wrong field types are a 400 that quotes serde's reason.
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(ApiError::too_large(body.len()));
+    }
     serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid(
             format!("the request body is not valid JSON for this endpoint: {e}"),
@@ -291,11 +542,18 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 fn random_seed() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    // splitmix64 finalizer: nearby clock readings give unrelated seeds.
-    let mut z = t.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    // splitmix64 finalizer over the clock and a counter: two calls in one clock tick differ.
+    let mut z = t
+        .wrapping_add(
+            COUNTER
+                .fetch_add(1, Ordering::Relaxed)
+                .wrapping_mul(0x2545_F491),
+        )
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -313,10 +571,10 @@ async fn no_route(method: Method, uri: Uri) -> ApiError {
 
 async fn wrong_method(method: Method, uri: Uri) -> ApiError {
     ApiError {
-        status: axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        status: StatusCode::METHOD_NOT_ALLOWED,
         ..ApiError::invalid(
             format!(
-                "{} does not take {method}: GET the models, tags and version, POST the rest",
+                "{} does not take {method}: GET the models, tags, version, health and metrics, POST the rest",
                 uri.path()
             ),
             None,
@@ -331,12 +589,22 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{id}", get(openai::model))
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/usage", get(auth::usage))
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))
         .route("/api/tags", get(ollama::tags))
+        .route("/api/show", post(ollama::show))
+        .route("/api/ps", get(ollama::ps))
         .route("/api/version", get(ollama::version))
+        .route("/health", get(metrics::health))
+        .route("/metrics", get(metrics::metrics))
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
+        .layer(DefaultBodyLimit::max(MAX_READ_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::layer,
+        ))
         .with_state(state)
 }
 
@@ -431,5 +699,14 @@ mod tests {
         );
         assert!(logit_bias(Some(HashMap::from([("the".to_owned(), 1.0)]))).is_err());
         assert!(logit_bias(Some(HashMap::from([("1".to_owned(), 101.0)]))).is_err());
+    }
+
+    #[test]
+    fn random_seeds_differ_within_one_clock_tick() {
+        let a: Vec<u64> = (0..64).map(|_| random_seed()).collect();
+        let mut b = a.clone();
+        b.sort_unstable();
+        b.dedup();
+        assert_eq!(a.len(), b.len());
     }
 }

@@ -1,27 +1,35 @@
 //! The Ollama-compatible routes: `/api/chat` and `/api/generate` (NDJSON lines by default, one
-//! JSON object with `"stream": false`), `/api/tags` and `/api/version`. Durations are in
+//! JSON object with `"stream": false`; `format` as `"json"` or a schema, enforced by a grammar;
+//! tools on chat), `/api/tags`, `/api/show`, `/api/ps` and `/api/version`. Durations are in
 //! nanoseconds, as Ollama reports them.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use ferrolm_engine::{Event, FinishReason, Usage};
+use axum::{Extension, Json};
+use ferrolm_engine::{Event, FinishReason, GenerateOptions, Usage};
+use ferrolm_grammar::Grammar;
 use ferrolm_sample::SamplingParams;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::auth::Caller;
 use crate::error::{ApiError, OllamaError};
-use crate::generate::{self, finish_name, Running};
-use crate::{parse, unix_now, AppState, Stop};
+use crate::generate::{self, finish_name};
+use crate::tools::{self, HoldBack, Tools};
+use crate::{parse, unix_now, AppState, Model, Settled, Stop};
 
-/// Ollama's `options`. Unknown ones (num_ctx, mirostat, ...) are ignored.
+/// Ollama's `options`. Unknown ones (mirostat, num_gpu, ...) are ignored.
 #[derive(Debug, Default, Deserialize)]
 struct Options {
+    /// This request's context window: prompt + reply must fit (a prompt that does not is a 400,
+    /// never cut as Ollama does).
+    num_ctx: Option<usize>,
     temperature: Option<f32>,
     /// Most tokens to generate; -1 (or absent) = until the context is full.
     num_predict: Option<i64>,
@@ -54,8 +62,22 @@ impl Options {
         }
     }
 
-    fn max_tokens(&self) -> Option<usize> {
-        self.num_predict.and_then(|n| usize::try_from(n).ok())
+    /// `num_predict` (negative: until the context is full), within `num_ctx` when given.
+    fn max_tokens(&self, prompt: usize) -> Result<Option<usize>, ApiError> {
+        let asked = self.num_predict.and_then(|n| usize::try_from(n).ok());
+        let Some(ctx) = self.num_ctx else {
+            return Ok(asked);
+        };
+        if prompt >= ctx {
+            return Err(ApiError::invalid(
+                format!(
+                    "the prompt has {prompt} tokens, {} more than options.num_ctx ({ctx}) leaves room for: raise num_ctx or shorten the prompt",
+                    prompt + 1 - ctx
+                ),
+                Some("options.num_ctx"),
+            ));
+        }
+        Ok(Some(asked.map_or(ctx - prompt, |n| n.min(ctx - prompt))))
     }
 }
 
@@ -84,20 +106,21 @@ struct GenerateRequest {
     format: Option<Value>,
 }
 
-fn check_supported(tools: Option<&Value>, format: Option<&Value>) -> Result<(), ApiError> {
-    if tools.is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty())) {
-        return Err(ApiError::invalid(
-            "tools: tool calling is not supported yet; remove `tools`",
-            Some("tools"),
-        ));
+/// Ollama's `format`: `"json"` (any JSON object) or a JSON schema, enforced by a grammar.
+fn format_grammar(format: Option<&Value>) -> Result<Option<Arc<Grammar>>, ApiError> {
+    let bad = |m: String| ApiError::invalid(m, Some("format"));
+    match format {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s == "json" => Ok(Some(Arc::new(Grammar::json_object()))),
+        Some(Value::String(s)) => Err(bad(format!(
+            "format `{s}` is not \"json\" or a JSON schema object"
+        ))),
+        Some(schema @ Value::Object(_)) => Grammar::json_schema(schema)
+            .map(|g| Some(Arc::new(g)))
+            .map_err(|e| bad(format!("format: {e}"))),
+        Some(_) => Err(bad("format must be \"json\" or a JSON schema object".into())),
     }
-    if format.is_some_and(|f| !f.is_null() && f != "") {
-        return Err(ApiError::invalid(
-            "format: JSON mode and structured outputs are not supported yet; remove `format`",
-            Some("format"),
-        ));
-    }
-    Ok(())
 }
 
 /// Which Ollama endpoint a stream answers: the key its text goes under differs.
@@ -152,33 +175,120 @@ fn done_stats(
     }
 }
 
-async fn answer(
-    s: AppState,
+/// One request, as the handlers below have prepared it.
+struct Prepared {
+    model: Arc<Model>,
     kind: Kind,
-    run: Running,
+    prompt: Vec<u32>,
+    opts: GenerateOptions,
+    tools: Option<Tools>,
     stream: bool,
-) -> Result<Response, OllamaError> {
-    let model = s.model.id.clone();
+}
+
+async fn answer(s: AppState, caller: Caller, p: Prepared) -> Result<Response, OllamaError> {
+    let Prepared {
+        model,
+        kind,
+        prompt,
+        opts,
+        tools,
+        stream,
+    } = p;
+    let endpoint = match kind {
+        Kind::Chat => "/api/chat",
+        Kind::Generate => "/api/generate",
+    };
+    let ticket = s.admit(&caller, (prompt.len() + opts.max_tokens) as u64)?;
+    let job = generate::start(&s, &model, prompt, opts, 1).await?;
+    let id = model.id.clone();
     if !stream {
-        let out = generate::collect(run).await?;
-        let stats = done_stats(out.reason, &out.usage, out.time_to_first_token, out.started);
-        return Ok(Json(line(kind, &model, &out.text, Some(stats))).into_response());
-    }
-    let lines = generate::pump(run, move |run, ev| {
-        let v = match ev {
-            Event::Token { text, .. } if text.is_empty() => return vec![],
-            Event::Token { text, .. } => line(kind, &model, &text, None),
-            Event::Finished {
-                reason,
+        let (mut outs, usage, first) = generate::collect(job).await?;
+        let out = outs.pop().unwrap_or_default();
+        let reason = out.reason.unwrap_or(FinishReason::Stop);
+        s.settle(
+            &caller,
+            &ticket,
+            Settled {
+                model: &model,
+                endpoint,
                 usage,
-                time_to_first_token,
-            } => line(
-                kind,
-                &model,
-                "",
-                Some(done_stats(reason, &usage, time_to_first_token, run.started)),
-            ),
-            Event::Error(m) => json!({"error": m}),
+                ttft: first.map(|f| f.saturating_duration_since(caller.started).as_secs_f64()),
+                finish_reason: Some(finish_name(reason)),
+            },
+        );
+        let stats = done_stats(reason, &usage, out.time_to_first_token, caller.started);
+        let (content, calls) = match &tools {
+            Some(t) => t.parse_reply(&out.text),
+            None => (Some(out.text), Vec::new()),
+        };
+        let mut v = line(kind, &id, content.as_deref().unwrap_or(""), Some(stats));
+        if !calls.is_empty() {
+            v["message"]["tool_calls"] = tools::ollama_calls(&calls);
+        }
+        return Ok(Json(v).into_response());
+    }
+    let mut hold = tools.as_ref().map(|_| HoldBack::default());
+    let mut done: Option<Value> = None;
+    let lines = generate::pump(job, move |job, ev| {
+        let v = match ev {
+            Some((_, Event::Token { text, .. })) => {
+                let text = match &mut hold {
+                    Some(h) => h.push(&text),
+                    None => text,
+                };
+                if text.is_empty() {
+                    return vec![];
+                }
+                line(kind, &id, &text, None)
+            }
+            Some((
+                _,
+                Event::Finished {
+                    reason,
+                    usage,
+                    time_to_first_token,
+                },
+            )) => {
+                s.settle(
+                    &caller,
+                    &ticket,
+                    Settled {
+                        model: &model,
+                        endpoint,
+                        usage,
+                        ttft: job
+                            .first_token
+                            .map(|f| f.saturating_duration_since(caller.started).as_secs_f64()),
+                        finish_reason: Some(finish_name(reason)),
+                    },
+                );
+                let stats = done_stats(reason, &usage, time_to_first_token, caller.started);
+                let mut out = Vec::new();
+                let mut last = line(kind, &id, "", Some(stats));
+                if let (Some(h), Some(t)) = (&mut hold, &tools) {
+                    let held = h.finish();
+                    let (content, calls) = t.parse_reply(&held);
+                    if calls.is_empty() {
+                        if !held.is_empty() {
+                            out.push(Ok::<_, Infallible>(format!(
+                                "{}\n",
+                                line(kind, &id, &held, None)
+                            )));
+                        }
+                    } else {
+                        let mut v = line(kind, &id, content.as_deref().unwrap_or(""), None);
+                        v["message"]["tool_calls"] = tools::ollama_calls(&calls);
+                        out.push(Ok(format!("{v}\n")));
+                    }
+                }
+                done = Some(std::mem::take(&mut last));
+                return out;
+            }
+            None => match done.take() {
+                Some(v) => v,
+                None => return vec![],
+            },
+            Some((_, Event::Error(m))) => json!({"error": m}),
         };
         vec![Ok::<_, Infallible>(format!("{v}\n"))]
     });
@@ -189,57 +299,187 @@ async fn answer(
         .into_response())
 }
 
-pub async fn chat(State(s): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {
+pub async fn chat(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, OllamaError> {
     let req: ChatRequest = parse(&body)?;
-    s.check_model(Some(&req.model))?;
-    check_supported(req.tools.as_ref(), req.format.as_ref())?;
-    let prompt = s.chat_prompt(&req.messages)?;
+    let model = s.model(Some(&req.model))?;
+    let tools = Tools::parse(req.tools.as_ref(), None, None)?;
+    let grammar = format_grammar(req.format.as_ref())?;
+    let prompt = model.chat_prompt(&req.messages, tools.as_ref().and_then(Tools::for_prompt))?;
     let o = &req.options;
-    let opts = s.options(
+    let opts = model.options(
         &prompt,
         o.params(),
-        o.max_tokens(),
+        o.max_tokens(prompt.len())?,
         Stop::into_vec(req.options.stop),
+        grammar,
     )?;
-    let run = generate::start(&s, prompt, opts).await?;
-    answer(s, Kind::Chat, run, req.stream.unwrap_or(true)).await
+    let p = Prepared {
+        model,
+        kind: Kind::Chat,
+        prompt,
+        opts,
+        tools,
+        stream: req.stream.unwrap_or(true),
+    };
+    answer(s, caller, p).await
 }
 
-pub async fn generate(State(s): State<AppState>, body: Bytes) -> Result<Response, OllamaError> {
+pub async fn generate(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, OllamaError> {
     let req: GenerateRequest = parse(&body)?;
-    s.check_model(Some(&req.model))?;
-    check_supported(None, req.format.as_ref())?;
+    let model = s.model(Some(&req.model))?;
+    let grammar = format_grammar(req.format.as_ref())?;
     let prompt = if req.raw {
-        s.text_prompt(&req.prompt)?
+        model.text_prompt(&req.prompt)?
     } else {
         let mut m = Vec::new();
         if let Some(sys) = &req.system {
             m.push(json!({"role": "system", "content": sys}));
         }
         m.push(json!({"role": "user", "content": req.prompt}));
-        s.chat_prompt(&Value::Array(m))?
+        model.chat_prompt(&Value::Array(m), None)?
     };
     let o = &req.options;
-    let opts = s.options(
+    let opts = model.options(
         &prompt,
         o.params(),
-        o.max_tokens(),
+        o.max_tokens(prompt.len())?,
         Stop::into_vec(req.options.stop),
+        grammar,
     )?;
-    let run = generate::start(&s, prompt, opts).await?;
-    answer(s, Kind::Generate, run, req.stream.unwrap_or(true)).await
+    let p = Prepared {
+        model,
+        kind: Kind::Generate,
+        prompt,
+        opts,
+        tools: None,
+        stream: req.stream.unwrap_or(true),
+    };
+    answer(s, caller, p).await
+}
+
+/// Ollama's `details` object.
+fn details(m: &Model) -> Value {
+    let d = &m.details;
+    json!({
+        "parent_model": "",
+        "format": "gguf",
+        "family": d.architecture,
+        "families": [d.architecture],
+        "parameter_size": parameter_size(d.parameter_count),
+        "quantization_level": d.quantization,
+    })
+}
+
+/// `134515008` → `134.5M`, as Ollama prints sizes.
+fn parameter_size(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.1}B", n / 1e9)
+    } else {
+        format!("{:.1}M", n / 1e6)
+    }
+}
+
+fn digest(m: &Model) -> String {
+    // Not the file's sha256 (hashing a large file per listing is too slow): a stable id built
+    // from its name, size and modification time.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{}:{}:{}", m.file_name, m.file_size, m.created).bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
 }
 
 pub async fn tags(State(s): State<AppState>) -> Json<Value> {
-    let m = &s.model;
-    Json(json!({"models": [{
-        "name": m.id,
-        "model": m.id,
+    let models: Vec<Value> = s
+        .models
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.id,
+                "model": m.id,
+                "modified_at": ferrolm_tokenizer::chat::rfc3339(m.created),
+                "size": m.file_size,
+                "digest": digest(m),
+                "details": details(m),
+            })
+        })
+        .collect();
+    Json(json!({"models": models}))
+}
+
+#[derive(Debug, Deserialize)]
+struct ShowRequest {
+    model: Option<String>,
+    /// The older name of the field.
+    name: Option<String>,
+}
+
+/// `POST /api/show`: the model's template, details, metadata and capabilities.
+pub async fn show(State(s): State<AppState>, body: Bytes) -> Result<Json<Value>, OllamaError> {
+    let req: ShowRequest = parse(&body)?;
+    let Some(name) = req.model.or(req.name) else {
+        return Err(ApiError::invalid("send {\"model\": \"<name>\"}", Some("model")).into());
+    };
+    let m = s.model(Some(&name))?;
+    let d = &m.details;
+    let arch = &d.architecture;
+    let mut info = serde_json::Map::new();
+    info.insert("general.architecture".into(), json!(arch));
+    info.insert("general.parameter_count".into(), json!(d.parameter_count));
+    for (k, v) in [
+        ("context_length", d.context_length),
+        ("embedding_length", d.embedding_length),
+        ("block_count", d.block_count),
+        ("attention.head_count", d.head_count),
+        ("attention.head_count_kv", d.head_count_kv),
+    ] {
+        info.insert(format!("{arch}.{k}"), json!(v));
+    }
+    info.insert(
+        "tokenizer.ggml.model_vocab_size".into(),
+        json!(m.vocab_size),
+    );
+    Ok(Json(json!({
+        "license": "",
+        "modelfile": format!("FROM {}\n", m.file_name),
+        "parameters": "",
+        "template": m.template.source,
+        "details": details(&m),
+        "model_info": info,
+        "capabilities": ["completion", "tools"],
         "modified_at": ferrolm_tokenizer::chat::rfc3339(m.created),
-        "size": m.file_size,
-        "digest": "",
-        "details": {"format": "gguf", "file": m.file_name},
-    }]}))
+    })))
+}
+
+/// `GET /api/ps`: the loaded models (all of them: ferrolm loads every model at start and keeps
+/// it until it stops).
+pub async fn ps(State(s): State<AppState>) -> Json<Value> {
+    let models: Vec<Value> = s
+        .models
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.id,
+                "model": m.id,
+                "size": m.details.memory_bytes,
+                "digest": digest(m),
+                "details": details(m),
+                "expires_at": "9999-12-31T23:59:59Z",
+                "size_vram": 0,
+                "context_length": m.max_context,
+            })
+        })
+        .collect();
+    Json(json!({"models": models}))
 }
 
 pub async fn version() -> Json<Value> {

@@ -1,22 +1,31 @@
 //! The OpenAI-compatible routes: models, chat completions and (legacy) completions, as JSON or
-//! as SSE streams of chunks ending with `data: [DONE]`.
+//! as SSE streams of chunks ending with `data: [DONE]`. `n` choices run as `n` requests in the
+//! same continuous batch; `response_format` and forced tool calls are enforced by a grammar.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
+use axum::http::{HeaderName, HeaderValue};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use ferrolm_engine::{Event, Usage};
+use ferrolm_grammar::Grammar;
 use ferrolm_sample::SamplingParams;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::generate::{self, finish_name, Running, TokenInfo};
-use crate::{logit_bias, parse, unix_now, AppState, Stop};
+use crate::generate::{self, finish_name, Job, TokenInfo};
+use crate::tools::{self, HoldBack, Tools};
+use crate::{logit_bias, parse, unix_now, AppState, Model, Settled, Stop, Ticket};
+
+/// Most choices one request may ask for.
+const MAX_N: u64 = 16;
 
 /// Fields shared by chat and text completions. Unknown fields are ignored.
 #[derive(Debug, Default, Deserialize)]
@@ -38,7 +47,6 @@ struct Common {
     stream_options: Option<StreamOptions>,
     max_tokens: Option<usize>,
     max_completion_tokens: Option<usize>,
-    tools: Option<Value>,
     response_format: Option<Value>,
 }
 
@@ -52,6 +60,9 @@ struct ChatRequest {
     messages: Value,
     logprobs: Option<bool>,
     top_logprobs: Option<usize>,
+    tools: Option<Value>,
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     common: Common,
 }
@@ -66,33 +77,15 @@ struct CompletionRequest {
 }
 
 impl Common {
-    /// Reject what the MVP cannot do, rather than silently ignore it.
-    fn check_supported(&self) -> Result<(), ApiError> {
-        if self.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::invalid(
-                "n: only n=1 is supported for now; send separate requests for more choices",
+    fn n(&self) -> Result<usize, ApiError> {
+        match self.n.unwrap_or(1) {
+            0 => Err(ApiError::invalid("n must be at least 1", Some("n"))),
+            n if n > MAX_N => Err(ApiError::invalid(
+                format!("n is {n}; at most {MAX_N} choices per request"),
                 Some("n"),
-            ));
+            )),
+            n => Ok(n as usize),
         }
-        if self
-            .tools
-            .as_ref()
-            .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()))
-        {
-            return Err(ApiError::invalid(
-                "tools: tool calling is not supported yet; remove `tools`",
-                Some("tools"),
-            ));
-        }
-        if let Some(f) = &self.response_format {
-            if f.get("type").and_then(Value::as_str) != Some("text") {
-                return Err(ApiError::invalid(
-                    "response_format: JSON mode and structured outputs are not supported yet; remove `response_format` or use {\"type\": \"text\"}",
-                    Some("response_format"),
-                ));
-            }
-        }
-        Ok(())
     }
 
     /// OpenAI's defaults: temperature 1, top_p 1, no other filter, no penalty.
@@ -118,6 +111,31 @@ impl Common {
             .and_then(|o| o.include_usage)
             .unwrap_or(false)
     }
+
+    /// `response_format`: text (no grammar), `json_object`, or `json_schema` (enforced).
+    fn grammar(&self) -> Result<Option<Grammar>, ApiError> {
+        let Some(f) = &self.response_format else {
+            return Ok(None);
+        };
+        let bad = |m: String| ApiError::invalid(m, Some("response_format"));
+        match f.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(Grammar::json_object())),
+            Some("json_schema") => {
+                let Some(schema) = f.pointer("/json_schema/schema") else {
+                    return Err(bad(
+                        "response_format.json_schema.schema is missing: send {\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}".into(),
+                    ));
+                };
+                Grammar::json_schema(schema)
+                    .map(Some)
+                    .map_err(|e| bad(format!("response_format.json_schema.schema: {e}")))
+            }
+            other => Err(bad(format!(
+                "response_format.type is {other:?}: use text, json_object or json_schema"
+            ))),
+        }
+    }
 }
 
 /// What every response object of one request repeats.
@@ -129,34 +147,35 @@ struct Meta {
 }
 
 impl Meta {
-    fn new(state: &AppState, prefix: &str) -> Self {
+    fn new(model: &Model, prefix: &str) -> Self {
         Meta {
             id: format!("{prefix}-{:016x}", crate::random_seed()),
             created: unix_now(),
-            model: state.model.id.clone(),
+            model: model.id.clone(),
         }
     }
 }
 
-fn model_object(state: &AppState) -> Value {
+fn model_object(m: &Model) -> Value {
     json!({
-        "id": state.model.id,
+        "id": m.id,
         "object": "model",
-        "created": state.model.created,
+        "created": m.created,
         "owned_by": "ferrolm",
     })
 }
 
 pub async fn models(State(s): State<AppState>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_object(&s)]}))
+    let data: Vec<Value> = s.models.iter().map(|m| model_object(m)).collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
 pub async fn model(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    s.check_model(Some(&id))?;
-    Ok(Json(model_object(&s)))
+    let m = s.model(Some(&id))?;
+    Ok(Json(model_object(&m)))
 }
 
 fn usage_json(u: &Usage) -> Value {
@@ -169,15 +188,15 @@ fn usage_json(u: &Usage) -> Value {
 }
 
 /// One token's text as OpenAI reports it: the token's own bytes, lossily decoded.
-fn token_text(s: &AppState, id: u32) -> (String, Vec<u8>) {
-    let b = s.model.tok.token_bytes(id).to_vec();
+fn token_text(m: &Model, id: u32) -> (String, Vec<u8>) {
+    let b = m.tok.token_bytes(id).to_vec();
     (String::from_utf8_lossy(&b).into_owned(), b)
 }
 
 /// Chat `logprobs.content` entries.
-fn chat_logprobs(s: &AppState, tokens: &[TokenInfo]) -> Value {
+fn chat_logprobs(m: &Model, tokens: &[TokenInfo]) -> Value {
     let entry = |id: u32, lp: f32| {
-        let (t, b) = token_text(s, id);
+        let (t, b) = token_text(m, id);
         json!({"token": t, "logprob": lp, "bytes": b})
     };
     let content: Vec<Value> = tokens
@@ -192,30 +211,71 @@ fn chat_logprobs(s: &AppState, tokens: &[TokenInfo]) -> Value {
 }
 
 /// Legacy completions `logprobs`: parallel arrays.
-fn completion_logprobs(s: &AppState, tokens: &[TokenInfo]) -> Value {
+fn completion_logprobs(m: &Model, tokens: &[TokenInfo]) -> Value {
     let mut offset = 0;
     let (mut toks, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
     for (id, lp, top) in tokens {
-        let (t, _) = token_text(s, *id);
+        let (t, _) = token_text(m, *id);
         offsets.push(offset);
         offset += t.len();
         toks.push(t);
         lps.push(*lp);
-        let m: serde_json::Map<String, Value> = top
+        let map: serde_json::Map<String, Value> = top
             .iter()
-            .map(|&(t, l)| (token_text(s, t).0, json!(l)))
+            .map(|&(t, l)| (token_text(m, t).0, json!(l)))
             .collect();
-        tops.push(m);
+        tops.push(map);
     }
     json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
-pub async fn chat(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+/// Add the rate-limit and cost headers to a response.
+fn with_headers(mut r: Response, ticket: &Ticket, cost: Option<f64>) -> Response {
+    let mut set = |k: &'static str, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            r.headers_mut().insert(HeaderName::from_static(k), v);
+        }
+    };
+    for (k, v) in &ticket.headers {
+        set(k, v.clone());
+    }
+    if let Some(c) = cost {
+        set("x-ferrolm-cost-usd", format!("{c:.8}"));
+    }
+    r
+}
+
+fn ttft(caller: &Caller, first: Option<std::time::Instant>) -> Option<f64> {
+    first.map(|f| f.saturating_duration_since(caller.started).as_secs_f64())
+}
+
+pub async fn chat(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let mut req: ChatRequest = parse(&body)?;
     let stop = Stop::into_vec(req.common.stop.take());
     let c = &req.common;
-    s.check_model(c.model.as_deref())?;
-    c.check_supported()?;
+    let model = s.model(c.model.as_deref())?;
+    let n = c.n()?;
+    let tools = Tools::parse(
+        req.tools.as_ref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )?;
+    let grammar = match (
+        c.grammar()?,
+        tools.as_ref().map(Tools::grammar).transpose()?.flatten(),
+    ) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "response_format and a forced tool call (tool_choice required or a named function) cannot both constrain one reply: drop one",
+                Some("response_format"),
+            ))
+        }
+        (a, b) => a.or(b).map(Arc::new),
+    };
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
         (false, Some(_)) => {
             return Err(ApiError::invalid(
@@ -226,32 +286,80 @@ pub async fn chat(State(s): State<AppState>, body: Bytes) -> Result<Response, Ap
         (false, None) => None,
         (true, n) => Some(n.unwrap_or(0)),
     };
-    let prompt = s.chat_prompt(&req.messages)?;
+    let prompt = model.chat_prompt(&req.messages, tools.as_ref().and_then(Tools::for_prompt))?;
     let max = c.max_completion_tokens.or(c.max_tokens);
-    let opts = s.options(&prompt, c.params(logprobs)?, max, stop)?;
+    let opts = model.options(&prompt, c.params(logprobs)?, max, stop, grammar)?;
+    let ticket = s.admit(&caller, (prompt.len() + opts.max_tokens * n) as u64)?;
     let stream = c.stream.unwrap_or(false);
     let include_usage = c.include_usage();
-    let run = generate::start(&s, prompt, opts).await?;
-    let meta = Meta::new(&s, "chatcmpl");
+    let job = generate::start(&s, &model, prompt, opts, n).await?;
+    let meta = Meta::new(&model, "chatcmpl");
     if stream {
-        return Ok(chat_stream(s, run, meta, include_usage, logprobs.is_some()));
+        let headers = ticket.headers.clone();
+        let r = chat_stream(
+            s,
+            caller,
+            ticket,
+            model,
+            job,
+            meta,
+            tools,
+            include_usage,
+            logprobs.is_some(),
+        );
+        return Ok(with_headers(
+            r,
+            &Ticket {
+                headers,
+                estimated: 0,
+            },
+            None,
+        ));
     }
-    let out = generate::collect(run).await?;
-    Ok(Json(json!({
+    let (outs, usage, first) = generate::collect(job).await?;
+    let mut choices = Vec::with_capacity(outs.len());
+    let mut last_finish = "stop";
+    for (i, out) in outs.into_iter().enumerate() {
+        let (content, calls) = match &tools {
+            Some(t) => t.parse_reply(&out.text),
+            None => (Some(out.text.clone()), Vec::new()),
+        };
+        let mut message = json!({"role": "assistant", "content": content, "refusal": null});
+        let finish = if calls.is_empty() {
+            out.reason.map_or("stop", finish_name)
+        } else {
+            message["tool_calls"] = tools::openai_calls(&calls);
+            "tool_calls"
+        };
+        last_finish = finish;
+        choices.push(json!({
+            "index": i,
+            "message": message,
+            "logprobs": if logprobs.is_some() { chat_logprobs(&model, &out.tokens) } else { Value::Null },
+            "finish_reason": finish,
+        }));
+    }
+    let cost = s.settle(
+        &caller,
+        &ticket,
+        Settled {
+            model: &model,
+            endpoint: "/v1/chat/completions",
+            usage,
+            ttft: ttft(&caller, first),
+            finish_reason: Some(last_finish),
+        },
+    );
+    let body = Json(json!({
         "id": meta.id,
         "object": "chat.completion",
         "created": meta.created,
         "model": meta.model,
         "system_fingerprint": null,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": out.text, "refusal": null},
-            "logprobs": if logprobs.is_some() { chat_logprobs(&s, &out.tokens) } else { Value::Null },
-            "finish_reason": finish_name(out.reason),
-        }],
-        "usage": usage_json(&out.usage),
-    }))
-    .into_response())
+        "choices": choices,
+        "usage": usage_json(&usage),
+    }));
+    Ok(with_headers(body.into_response(), &ticket, Some(cost)))
 }
 
 fn sse_json(v: &Value) -> Result<SseEvent, Infallible> {
@@ -271,34 +379,78 @@ fn stream_error(message: String) -> Result<SseEvent, Infallible> {
     sse_json(&ApiError::server(axum::http::StatusCode::INTERNAL_SERVER_ERROR, message).body())
 }
 
+/// Per-choice state of a chat stream.
+struct ChoiceStream {
+    started: bool,
+    hold: Option<HoldBack>,
+    usage: Usage,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn chat_stream(
     s: AppState,
-    run: Running,
+    caller: Caller,
+    ticket: Ticket,
+    model: Arc<Model>,
+    job: Job,
     meta: Meta,
+    tools: Option<Tools>,
     include_usage: bool,
     logprobs: bool,
 ) -> Response {
-    let chunk = move |choices: Value, usage: Option<&Usage>| {
-        let mut v = json!({
-            "id": meta.id,
-            "object": "chat.completion.chunk",
-            "created": meta.created,
-            "model": meta.model,
-            "system_fingerprint": null,
-            "choices": choices,
-        });
-        if include_usage {
-            v["usage"] = usage.map_or(Value::Null, usage_json);
+    let chunk = {
+        let meta = meta.clone();
+        move |choices: Value, usage: Option<&Usage>| {
+            let mut v = json!({
+                "id": meta.id,
+                "object": "chat.completion.chunk",
+                "created": meta.created,
+                "model": meta.model,
+                "system_fingerprint": null,
+                "choices": choices,
+            });
+            if include_usage {
+                v["usage"] = usage.map_or(Value::Null, usage_json);
+            }
+            sse_json(&v)
         }
-        sse_json(&v)
     };
-    let choice = |delta: Value, lp: Value, finish: Value| json!([{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]);
-    let mut first = true;
-    let stream = generate::pump(run, move |_, ev| {
+    let choice = |i: usize, delta: Value, lp: Value, finish: Value| json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]);
+    let mut per: Vec<ChoiceStream> = (0..job.choices())
+        .map(|_| ChoiceStream {
+            started: false,
+            hold: tools.as_ref().map(|_| HoldBack::default()),
+            usage: Usage::default(),
+        })
+        .collect();
+    let mut last_finish = "stop";
+    let stream = generate::pump(job, move |job, ev| {
         let mut out = Vec::new();
-        if std::mem::take(&mut first) {
+        let Some((i, ev)) = ev else {
+            // Every choice has finished: the usage chunk, the ledger, [DONE].
+            let usage = generate::total_usage(per.iter().map(|c| &c.usage));
+            s.settle(
+                &caller,
+                &ticket,
+                Settled {
+                    model: &model,
+                    endpoint: "/v1/chat/completions",
+                    usage,
+                    ttft: ttft(&caller, job.first_token),
+                    finish_reason: Some(last_finish),
+                },
+            );
+            if include_usage {
+                out.push(chunk(json!([]), Some(&usage)));
+            }
+            out.push(Ok(SseEvent::default().data("[DONE]")));
+            return out;
+        };
+        let c = &mut per[i];
+        if !std::mem::replace(&mut c.started, true) {
             out.push(chunk(
                 choice(
+                    i,
                     json!({"role": "assistant", "content": ""}),
                     Value::Null,
                     Value::Null,
@@ -313,27 +465,60 @@ fn chat_stream(
                 logprob,
                 top,
             } => {
-                if !text.is_empty() || logprobs {
-                    let lp = if logprobs {
-                        chat_logprobs(&s, &[(id, logprob, top)])
+                let text = match &mut c.hold {
+                    Some(h) => h.push(&text),
+                    None => text,
+                };
+                let held = c.hold.as_ref().is_some_and(HoldBack::capturing);
+                if !text.is_empty() || (logprobs && !held) {
+                    let lp = if logprobs && !held {
+                        chat_logprobs(&model, &[(id, logprob, top)])
                     } else {
                         Value::Null
                     };
                     out.push(chunk(
-                        choice(json!({"content": text}), lp, Value::Null),
+                        choice(i, json!({"content": text}), lp, Value::Null),
                         None,
                     ));
                 }
             }
             Event::Finished { reason, usage, .. } => {
+                c.usage = usage;
+                let mut finish = finish_name(reason);
+                if let (Some(h), Some(t)) = (&mut c.hold, &tools) {
+                    let held = h.finish();
+                    let (content, calls) = t.parse_reply(&held);
+                    if calls.is_empty() {
+                        if !held.is_empty() {
+                            out.push(chunk(
+                                choice(i, json!({"content": held}), Value::Null, Value::Null),
+                                None,
+                            ));
+                        }
+                    } else {
+                        if let Some(text) = content {
+                            out.push(chunk(
+                                choice(i, json!({"content": text}), Value::Null, Value::Null),
+                                None,
+                            ));
+                        }
+                        out.push(chunk(
+                            choice(
+                                i,
+                                json!({"tool_calls": tools::openai_calls(&calls)}),
+                                Value::Null,
+                                Value::Null,
+                            ),
+                            None,
+                        ));
+                        finish = "tool_calls";
+                    }
+                }
+                last_finish = finish;
                 out.push(chunk(
-                    choice(json!({}), Value::Null, json!(finish_name(reason))),
+                    choice(i, json!({}), Value::Null, json!(finish)),
                     None,
                 ));
-                if include_usage {
-                    out.push(chunk(json!([]), Some(&usage)));
-                }
-                out.push(Ok(SseEvent::default().data("[DONE]")));
             }
             Event::Error(m) => out.push(stream_error(m)),
         }
@@ -342,98 +527,146 @@ fn chat_stream(
     sse_stream(stream)
 }
 
-pub async fn completions(State(s): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn completions(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let mut req: CompletionRequest = parse(&body)?;
     let stop = Stop::into_vec(req.common.stop.take());
     let c = &req.common;
-    s.check_model(c.model.as_deref())?;
-    c.check_supported()?;
+    let model = s.model(c.model.as_deref())?;
+    let n = c.n()?;
     let text = match &req.prompt {
         Value::String(t) => t.as_str(),
         Value::Array(a) if a.len() == 1 && a[0].is_string() => a[0].as_str().unwrap_or_default(),
         _ => {
             return Err(ApiError::invalid(
-                "prompt must be a string (or an array holding one string): batches of prompts and token-id prompts are not supported yet",
+                "prompt must be a string (or an array holding one string): batches of prompts and token-id prompts are not supported; send one request per prompt",
                 Some("prompt"),
             ))
         }
     };
-    let prompt = s.text_prompt(text)?;
-    let opts = s.options(
+    let prompt = model.text_prompt(text)?;
+    let opts = model.options(
         &prompt,
         c.params(req.logprobs)?,
         c.max_completion_tokens.or(c.max_tokens).or(Some(16)),
         stop,
+        c.grammar()?.map(Arc::new),
     )?;
+    let ticket = s.admit(&caller, (prompt.len() + opts.max_tokens * n) as u64)?;
     let stream = c.stream.unwrap_or(false);
     let include_usage = c.include_usage();
     let logprobs = req.logprobs.is_some();
-    let run = generate::start(&s, prompt, opts).await?;
-    let meta = Meta::new(&s, "cmpl");
-    let object = move |meta: &Meta, text: String, lp: Value, finish: Value| {
+    let job = generate::start(&s, &model, prompt, opts, n).await?;
+    let meta = Meta::new(&model, "cmpl");
+    let object = move |meta: &Meta, i: usize, text: String, lp: Value, finish: Value| {
         json!({
             "id": meta.id,
             "object": "text_completion",
             "created": meta.created,
             "model": meta.model,
             "system_fingerprint": null,
-            "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}],
+            "choices": [{"text": text, "index": i, "logprobs": lp, "finish_reason": finish}],
         })
     };
     if stream {
-        let stream = generate::pump(run, move |_, ev| match ev {
-            Event::Token {
-                id,
-                text,
-                logprob,
-                top,
-            } => {
+        let headers = ticket.headers.clone();
+        let mut usages = vec![Usage::default(); job.choices()];
+        let mut last_finish = "stop";
+        let stream = generate::pump(job, move |job, ev| match ev {
+            None => {
+                let usage = generate::total_usage(usages.iter());
+                s.settle(
+                    &caller,
+                    &ticket,
+                    Settled {
+                        model: &model,
+                        endpoint: "/v1/completions",
+                        usage,
+                        ttft: ttft(&caller, job.first_token),
+                        finish_reason: Some(last_finish),
+                    },
+                );
+                let mut out = Vec::new();
+                if include_usage {
+                    let mut u = object(&meta, 0, String::new(), Value::Null, Value::Null);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage_json(&usage);
+                    out.push(sse_json(&u));
+                }
+                out.push(Ok(SseEvent::default().data("[DONE]")));
+                out
+            }
+            Some((
+                i,
+                Event::Token {
+                    id,
+                    text,
+                    logprob,
+                    top,
+                },
+            )) => {
                 if text.is_empty() && !logprobs {
                     return vec![];
                 }
                 let lp = if logprobs {
-                    completion_logprobs(&s, &[(id, logprob, top)])
+                    completion_logprobs(&model, &[(id, logprob, top)])
                 } else {
                     Value::Null
                 };
-                let mut v = object(&meta, text, lp, Value::Null);
+                let mut v = object(&meta, i, text, lp, Value::Null);
                 if include_usage {
                     v["usage"] = Value::Null;
                 }
                 vec![sse_json(&v)]
             }
-            Event::Finished { reason, usage, .. } => {
-                let mut v = object(
-                    &meta,
-                    String::new(),
-                    Value::Null,
-                    json!(finish_name(reason)),
-                );
-                let mut out = Vec::new();
+            Some((i, Event::Finished { reason, usage, .. })) => {
+                usages[i] = usage;
+                last_finish = finish_name(reason);
+                let mut v = object(&meta, i, String::new(), Value::Null, json!(last_finish));
                 if include_usage {
                     v["usage"] = Value::Null;
-                    out.push(sse_json(&v));
-                    let mut u = object(&meta, String::new(), Value::Null, Value::Null);
-                    u["choices"] = json!([]);
-                    u["usage"] = usage_json(&usage);
-                    out.push(sse_json(&u));
-                } else {
-                    out.push(sse_json(&v));
                 }
-                out.push(Ok(SseEvent::default().data("[DONE]")));
-                out
+                vec![sse_json(&v)]
             }
-            Event::Error(m) => vec![stream_error(m)],
+            Some((_, Event::Error(m))) => vec![stream_error(m)],
         });
-        return Ok(sse_stream(stream));
+        return Ok(with_headers(
+            sse_stream(stream),
+            &Ticket {
+                headers,
+                estimated: 0,
+            },
+            None,
+        ));
     }
-    let out = generate::collect(run).await?;
-    let lp = if logprobs {
-        completion_logprobs(&s, &out.tokens)
-    } else {
-        Value::Null
-    };
-    let mut v = object(&meta, out.text, lp, json!(finish_name(out.reason)));
-    v["usage"] = usage_json(&out.usage);
-    Ok(Json(v).into_response())
+    let (outs, usage, first) = generate::collect(job).await?;
+    let mut choices = Vec::with_capacity(outs.len());
+    let mut last_finish = "stop";
+    for (i, out) in outs.into_iter().enumerate() {
+        let lp = if logprobs {
+            completion_logprobs(&model, &out.tokens)
+        } else {
+            Value::Null
+        };
+        last_finish = out.reason.map_or("stop", finish_name);
+        choices.push(object(&meta, i, out.text, lp, json!(last_finish))["choices"][0].clone());
+    }
+    let cost = s.settle(
+        &caller,
+        &ticket,
+        Settled {
+            model: &model,
+            endpoint: "/v1/completions",
+            usage,
+            ttft: ttft(&caller, first),
+            finish_reason: Some(last_finish),
+        },
+    );
+    let mut v = object(&meta, 0, String::new(), Value::Null, Value::Null);
+    v["choices"] = Value::Array(choices);
+    v["usage"] = usage_json(&usage);
+    Ok(with_headers(Json(v).into_response(), &ticket, Some(cost)))
 }

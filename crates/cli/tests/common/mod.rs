@@ -1,8 +1,13 @@
 //! Shared test helpers: the default model (installed once per target dir) and the binary.
 #![allow(dead_code, clippy::unwrap_used)]
 
+use std::io::Read;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -63,4 +68,111 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
+}
+
+/// A running `ferrolm serve`, killed when dropped (also when a test panics).
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    /// The server's data dir (key store, ledger), removed with the server unless given.
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Start on a free port with a fresh data dir.
+    pub fn start(extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        let mut s = Server::start_in(&dir, extra);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Start on a free port with `data_dir` (e.g. one where keys were created).
+    pub fn start_in(data_dir: &Path, extra: &[&str]) -> Server {
+        let model = default_model();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = ferrolm()
+            .args(["serve", "--threads", "1", "--port", &port.to_string()])
+            .arg("--model")
+            .arg(&model)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                panic!("ferrolm serve exited early ({status}): {err}");
+            }
+            if ureq::get(&format!("{base}/health")).call().is_ok() {
+                return Server {
+                    child,
+                    base,
+                    data_dir: data_dir.to_owned(),
+                    _tmp: None,
+                };
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "server never answered"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let (status, body) = match ureq::get(&self.url(path)).call() {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+            Err(e) => panic!("GET {path}: {e}"),
+        };
+        (status, serde_json::from_str(&body).unwrap())
+    }
+
+    /// POST a raw body; (status, body text).
+    pub fn post_raw(&self, path: &str, body: &str) -> (u16, String) {
+        match ureq::post(&self.url(path))
+            .set("Content-Type", "application/json")
+            .send_string(body)
+        {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+            Err(e) => panic!("POST {path}: {e}"),
+        }
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = self.post_raw(path, &body.to_string());
+        let v = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("POST {path}: not JSON ({e}): {text}"));
+        (status, v)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

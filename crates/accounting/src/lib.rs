@@ -1,0 +1,27 @@
+//! Who may use the server, how fast, at what cost: API keys, rate limits, budgets, the usage
+//! ledger and the price catalog.
+//!
+//! - [`Store`]: one SQLite file (`ferrolm.db`) in the server's data dir holding the keys (only
+//!   a hash of each secret) and the append-only usage ledger, with a running spend per key for
+//!   budget checks. Shared by the server and the `ferrolm keys` / `ferrolm usage` commands.
+//! - [`RateLimiter`]: per-key requests-per-minute and tokens-per-minute over sliding 60-second
+//!   windows, in memory, producing OpenAI's `x-ratelimit-*` headers.
+//! - [`PriceCatalog`]: list prices per 1M tokens (builtin `prices.toml`, optionally merged with
+//!   a user file), and [`ModelPrice::cost_usd`] for one request.
+//!
+//! Nothing here knows about HTTP or the engine: the server decides when to verify, admit,
+//! record and settle.
+
+mod error;
+mod limits;
+mod prices;
+mod store;
+pub mod time;
+
+pub use error::AccountingError;
+pub use limits::{format_reset, Headroom, LimitKind, Limited, RateLimiter, Window, WINDOW};
+pub use prices::{ModelPrice, PriceCatalog, PriceTier, SelfHosted, BUILTIN_PRICES, PRICE_FORMAT};
+pub use store::{
+    GroupBy, KeyInfo, KeySpec, Store, UsageGroup, UsageQuery, UsageRow, DB_FILE, KEY_PREFIX,
+    NO_KEY, SCHEMA_VERSION,
+};

@@ -1,0 +1,664 @@
+//! The price catalog: what a request would cost at each model's list price.
+//!
+//! Contract:
+//! - The builtin catalog is `prices.toml` in this crate, compiled in. A user file in the same
+//!   layout may replace entries (same `id`) and add new ones; `models()` keeps builtin order,
+//!   then the user's new entries in file order.
+//! - Both files are read in two steps: a serde struct shaped like the file (unknown keys are
+//!   errors), then validation into [`ModelPrice`]. Every error names the file and the field.
+//! - Prices are US dollars per 1M tokens. `cached_tokens` are a subset of `prompt_tokens`,
+//!   charged at the cached rate (the full input rate when the model has none). A tier replaces
+//!   all three rates for the whole request once the prompt is longer than its threshold.
+//! - A `self_hosted` entry has no prices of its own: they are derived from the hardware's cost
+//!   and measured speed, `$/hour ÷ (tokens/s × 3600) × 1e6`, and cached tokens cost nothing.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::AccountingError;
+
+/// The builtin catalog's file, as shipped.
+pub const BUILTIN_PRICES: &str = include_str!("../prices.toml");
+/// The catalog layout this loader reads.
+pub const PRICE_FORMAT: u32 = 1;
+
+// ---- the file, as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PriceFile {
+    /// Layout version; required in the builtin file, defaults to 1 in a user file.
+    format: Option<u32>,
+    /// Catalog revision (a date), informational.
+    version: Option<String>,
+    #[serde(default)]
+    model: Vec<ModelEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelEntry {
+    id: String,
+    provider: String,
+    input_per_mtok: Option<f64>,
+    cached_input_per_mtok: Option<f64>,
+    output_per_mtok: Option<f64>,
+    context_window: Option<u64>,
+    tokenizer: Option<String>,
+    source: String,
+    as_of: String,
+    #[serde(default)]
+    tiers: Vec<TierEntry>,
+    self_hosted: Option<SelfHostedEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierEntry {
+    above_input_tokens: u64,
+    input_per_mtok: f64,
+    cached_input_per_mtok: Option<f64>,
+    output_per_mtok: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SelfHostedEntry {
+    hardware: String,
+    hardware_usd_per_hour: f64,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+}
+
+// ---- the validated catalog ----
+
+/// Rates that replace the base rates for prompts longer than `above_input_tokens`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PriceTier {
+    pub above_input_tokens: u64,
+    pub input_per_mtok: f64,
+    pub cached_input_per_mtok: Option<f64>,
+    pub output_per_mtok: f64,
+}
+
+/// The hardware a self-hosted model's prices are derived from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SelfHosted {
+    pub hardware_usd_per_hour: f64,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub hardware: String,
+}
+
+impl SelfHosted {
+    /// Dollars per 1M tokens of a machine costing `usd_per_hour` that computes `tokens_per_s`.
+    pub fn per_mtok(usd_per_hour: f64, tokens_per_s: f64) -> f64 {
+        usd_per_hour / (tokens_per_s * 3600.0) * 1e6
+    }
+}
+
+/// One model's prices, validated. For self-hosted models the rates are the derived ones.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelPrice {
+    pub id: String,
+    pub provider: String,
+    pub input_per_mtok: f64,
+    pub cached_input_per_mtok: Option<f64>,
+    pub output_per_mtok: f64,
+    pub context_window: Option<u64>,
+    pub tokenizer: Option<String>,
+    pub source: String,
+    /// `YYYY-MM-DD`: when the price was read from `source`.
+    pub as_of: String,
+    /// Ascending by `above_input_tokens`.
+    pub tiers: Vec<PriceTier>,
+    pub self_hosted: Option<SelfHosted>,
+}
+
+impl ModelPrice {
+    /// The cost in dollars of one request. `cached_tokens` are part of `prompt_tokens` (a
+    /// larger value is clamped to it); the tier is chosen by `prompt_tokens`.
+    pub fn cost_usd(&self, prompt_tokens: u64, cached_tokens: u64, completion_tokens: u64) -> f64 {
+        let (input, cached, output) = match self
+            .tiers
+            .iter()
+            .rev()
+            .find(|t| prompt_tokens > t.above_input_tokens)
+        {
+            Some(t) => (t.input_per_mtok, t.cached_input_per_mtok, t.output_per_mtok),
+            None => (
+                self.input_per_mtok,
+                self.cached_input_per_mtok,
+                self.output_per_mtok,
+            ),
+        };
+        let cached_tokens = cached_tokens.min(prompt_tokens);
+        let fresh = (prompt_tokens - cached_tokens) as f64;
+        let cached_rate = cached.unwrap_or(input);
+        (fresh * input + cached_tokens as f64 * cached_rate + completion_tokens as f64 * output)
+            / 1e6
+    }
+}
+
+/// Builtin prices, optionally merged with a user file.
+#[derive(Clone, Debug)]
+pub struct PriceCatalog {
+    version: Option<String>,
+    models: Vec<ModelPrice>,
+    index: HashMap<String, usize>,
+}
+
+impl PriceCatalog {
+    /// The catalog compiled into this crate.
+    pub fn builtin() -> PriceCatalog {
+        // The file is part of this crate and a unit test parses it, so failing here is a bug in
+        // the crate, never a user error.
+        match parse("builtin prices.toml", BUILTIN_PRICES, true) {
+            Ok((version, models)) => {
+                let mut c = PriceCatalog {
+                    version,
+                    models: Vec::new(),
+                    index: HashMap::new(),
+                };
+                c.merge(models);
+                c
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// The builtin catalog, merged with `user_file` if given: an entry with the id of a builtin
+    /// one replaces it, others are added.
+    pub fn load(user_file: Option<&Path>) -> Result<PriceCatalog, AccountingError> {
+        let mut c = PriceCatalog::builtin();
+        if let Some(path) = user_file {
+            let name = path.display().to_string();
+            let text = std::fs::read_to_string(path).map_err(|e| AccountingError::PriceFile {
+                file: name.clone(),
+                message: format!("cannot read it: {e}"),
+            })?;
+            let (_, models) = parse(&name, &text, false)?;
+            c.merge(models);
+        }
+        Ok(c)
+    }
+
+    /// Parse a catalog from text, without the builtin entries (for tests and tools).
+    pub fn from_toml(file_name: &str, text: &str) -> Result<PriceCatalog, AccountingError> {
+        let (version, models) = parse(file_name, text, false)?;
+        let mut c = PriceCatalog {
+            version,
+            models: Vec::new(),
+            index: HashMap::new(),
+        };
+        c.merge(models);
+        Ok(c)
+    }
+
+    /// The builtin catalog's revision date (`version` in prices.toml).
+    pub fn version(&self) -> Option<&str> {
+        self.version.as_deref()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&ModelPrice> {
+        self.index.get(id).map(|&i| &self.models[i])
+    }
+
+    pub fn models(&self) -> &[ModelPrice] {
+        &self.models
+    }
+
+    fn merge(&mut self, models: Vec<ModelPrice>) {
+        for m in models {
+            match self.index.get(&m.id) {
+                Some(&i) => self.models[i] = m,
+                None => {
+                    self.index.insert(m.id.clone(), self.models.len());
+                    self.models.push(m);
+                }
+            }
+        }
+    }
+}
+
+/// Read and validate one catalog file: `(version, models)`.
+fn parse(
+    file: &str,
+    text: &str,
+    builtin: bool,
+) -> Result<(Option<String>, Vec<ModelPrice>), AccountingError> {
+    let err = |message: String| AccountingError::PriceFile {
+        file: file.to_owned(),
+        message,
+    };
+    let raw: PriceFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+    match raw.format {
+        Some(PRICE_FORMAT) => {}
+        None if !builtin => {}
+        None => return Err(err(format!("`format = {PRICE_FORMAT}` is missing"))),
+        Some(f) => {
+            return Err(err(format!(
+                "format = {f}, but this ferrolm reads format {PRICE_FORMAT}: write the file in format {PRICE_FORMAT} or upgrade ferrolm"
+            )))
+        }
+    }
+    let mut seen = HashMap::new();
+    let mut models = Vec::with_capacity(raw.model.len());
+    for (i, entry) in raw.model.into_iter().enumerate() {
+        let m = validate(entry, i).map_err(err)?;
+        if let Some(first) = seen.insert(m.id.clone(), i) {
+            return Err(err(format!(
+                "model[{i}]: id `{}` is already used by model[{first}]; each id may appear once",
+                m.id
+            )));
+        }
+        models.push(m);
+    }
+    Ok((raw.version, models))
+}
+
+/// A price: finite and not negative.
+fn price(at: &str, field: &str, v: f64) -> Result<f64, String> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{at}.{field} is {v}: a price must be a finite number >= 0 (dollars per 1M tokens)"
+        ))
+    }
+}
+
+/// A rate of the hardware: finite and above zero.
+fn positive(at: &str, field: &str, v: f64) -> Result<f64, String> {
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{at}.{field} is {v}: it must be a finite number > 0"
+        ))
+    }
+}
+
+fn validate(e: ModelEntry, i: usize) -> Result<ModelPrice, String> {
+    if e.id.trim().is_empty() {
+        return Err(format!(
+            "model[{i}].id is empty: give the model id clients send"
+        ));
+    }
+    let at = format!("model[{i}] (`{}`)", e.id);
+    for (field, v) in [
+        ("provider", &e.provider),
+        ("source", &e.source),
+        ("as_of", &e.as_of),
+    ] {
+        if v.trim().is_empty() {
+            return Err(format!("{at}.{field} is empty"));
+        }
+    }
+    if crate::time::parse_day(&e.as_of).is_err() {
+        return Err(format!(
+            "{at}.as_of is `{}`: expected the date the price was read, as YYYY-MM-DD",
+            e.as_of
+        ));
+    }
+    if e.context_window == Some(0) {
+        return Err(format!(
+            "{at}.context_window is 0: give the model's context in tokens, or leave it out"
+        ));
+    }
+    let (input, cached, output, self_hosted) = match e.self_hosted {
+        Some(h) => {
+            for (field, given) in [
+                ("input_per_mtok", e.input_per_mtok.is_some()),
+                ("cached_input_per_mtok", e.cached_input_per_mtok.is_some()),
+                ("output_per_mtok", e.output_per_mtok.is_some()),
+                ("tiers", !e.tiers.is_empty()),
+            ] {
+                if given {
+                    return Err(format!(
+                        "{at}.{field} is given, but a self_hosted model's prices are derived from its hardware: remove {field}"
+                    ));
+                }
+            }
+            let sh = format!("{at}.self_hosted");
+            if h.hardware.trim().is_empty() {
+                return Err(format!(
+                    "{sh}.hardware is empty: say what it runs on, e.g. \"2 vCPU cloud VM\""
+                ));
+            }
+            let usd = price(&sh, "hardware_usd_per_hour", h.hardware_usd_per_hour)?;
+            let prefill = positive(&sh, "prefill_tokens_per_s", h.prefill_tokens_per_s)?;
+            let decode = positive(&sh, "decode_tokens_per_s", h.decode_tokens_per_s)?;
+            (
+                SelfHosted::per_mtok(usd, prefill),
+                Some(0.0),
+                SelfHosted::per_mtok(usd, decode),
+                Some(SelfHosted {
+                    hardware_usd_per_hour: usd,
+                    prefill_tokens_per_s: prefill,
+                    decode_tokens_per_s: decode,
+                    hardware: h.hardware,
+                }),
+            )
+        }
+        None => {
+            let need = |field: &str, v: Option<f64>| {
+                v.ok_or_else(|| {
+                    format!("{at}.{field} is missing: give the list price in dollars per 1M tokens (or a [model.self_hosted] table)")
+                })
+                .and_then(|v| price(&at, field, v))
+            };
+            let input = need("input_per_mtok", e.input_per_mtok)?;
+            let output = need("output_per_mtok", e.output_per_mtok)?;
+            let cached = e
+                .cached_input_per_mtok
+                .map(|v| price(&at, "cached_input_per_mtok", v))
+                .transpose()?;
+            (input, cached, output, None)
+        }
+    };
+    let mut tiers = Vec::with_capacity(e.tiers.len());
+    let mut last = None;
+    for (j, t) in e.tiers.into_iter().enumerate() {
+        let ta = format!("{at}.tiers[{j}]");
+        if last.is_some_and(|l| t.above_input_tokens <= l) {
+            return Err(format!(
+                "{ta}.above_input_tokens is {}: tiers must be listed in increasing above_input_tokens",
+                t.above_input_tokens
+            ));
+        }
+        last = Some(t.above_input_tokens);
+        if t.cached_input_per_mtok.is_some() != cached.is_some() {
+            return Err(format!(
+                "{ta}.cached_input_per_mtok: give it in every tier or in none, like the model's own cached_input_per_mtok"
+            ));
+        }
+        tiers.push(PriceTier {
+            above_input_tokens: t.above_input_tokens,
+            input_per_mtok: price(&ta, "input_per_mtok", t.input_per_mtok)?,
+            cached_input_per_mtok: t
+                .cached_input_per_mtok
+                .map(|v| price(&ta, "cached_input_per_mtok", v))
+                .transpose()?,
+            output_per_mtok: price(&ta, "output_per_mtok", t.output_per_mtok)?,
+        });
+    }
+    Ok(ModelPrice {
+        id: e.id,
+        provider: e.provider,
+        input_per_mtok: input,
+        cached_input_per_mtok: cached,
+        output_per_mtok: output,
+        context_window: e.context_window,
+        tokenizer: e.tokenizer,
+        source: e.source,
+        as_of: e.as_of,
+        tiers,
+        self_hosted,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) {
+        assert!((a - b).abs() < 1e-12, "{a} != {b}");
+    }
+
+    fn cat() -> PriceCatalog {
+        PriceCatalog::builtin()
+    }
+
+    #[test]
+    fn builtin_parses_and_carries_the_published_prices() {
+        let c = cat();
+        assert_eq!(c.version(), Some("2025-11-28"));
+        // (id, input, cached, output) per 1M tokens, late-2025 list prices.
+        let want: &[(&str, f64, Option<f64>, f64)] = &[
+            ("gpt-5", 1.25, Some(0.125), 10.0),
+            ("gpt-5-mini", 0.25, Some(0.025), 2.0),
+            ("gpt-4o", 2.50, Some(1.25), 10.0),
+            ("gpt-4o-mini", 0.15, Some(0.075), 0.60),
+            ("claude-sonnet-4.5", 3.0, Some(0.30), 15.0),
+            ("claude-haiku-4.5", 1.0, Some(0.10), 5.0),
+            ("gemini-2.5-pro", 1.25, Some(0.125), 10.0),
+            ("gemini-2.5-flash", 0.30, Some(0.03), 2.50),
+            ("gemini-2.5-flash-lite", 0.10, Some(0.01), 0.40),
+            ("gemini-3-pro-preview", 2.0, Some(0.20), 12.0),
+            ("llama-3.1-70b-instruct", 0.40, None, 0.40),
+        ];
+        for &(id, i, ci, o) in want {
+            let m = c.get(id).unwrap_or_else(|| panic!("{id} missing"));
+            assert_eq!(
+                (m.input_per_mtok, m.cached_input_per_mtok, m.output_per_mtok),
+                (i, ci, o),
+                "{id}"
+            );
+            assert!(m.source.starts_with("https://"), "{id}");
+        }
+        assert_eq!(c.models().len(), want.len() + 1);
+        for id in ["gpt-5", "gpt-5-mini", "gpt-4o", "gpt-4o-mini"] {
+            assert_eq!(c.get(id).unwrap().tokenizer.as_deref(), Some("o200k_base"));
+        }
+        let tier = |id: &str| {
+            let t = &c.get(id).unwrap().tiers;
+            assert_eq!(t.len(), 1, "{id}");
+            (
+                t[0].above_input_tokens,
+                t[0].input_per_mtok,
+                t[0].cached_input_per_mtok,
+                t[0].output_per_mtok,
+            )
+        };
+        assert_eq!(tier("claude-sonnet-4.5"), (200_000, 6.0, Some(0.60), 22.50));
+        assert_eq!(tier("gemini-2.5-pro"), (200_000, 2.50, Some(0.25), 15.0));
+        assert_eq!(
+            tier("gemini-3-pro-preview"),
+            (200_000, 4.0, Some(0.40), 18.0)
+        );
+        assert!(c.get("no-such-model").is_none());
+    }
+
+    #[test]
+    fn gpt4o_request_costs() {
+        let m = cat().get("gpt-4o").cloned().unwrap();
+        // 10,550 × 2.50/1M + 500 × 10/1M = 0.026375 + 0.005.
+        close(m.cost_usd(10_550, 0, 500), 0.031375);
+        // 3,050 × 2.50/1M + 500 × 10/1M = 0.007625 + 0.005.
+        close(m.cost_usd(3_050, 0, 500), 0.012625);
+        close(m.cost_usd(0, 0, 0), 0.0);
+    }
+
+    #[test]
+    fn cached_prefix_at_a_90_percent_discount() {
+        let m = cat().get("claude-sonnet-4.5").cloned().unwrap();
+        // 3,050 prompt tokens of which 2,500 are a cached prefix, 500 out:
+        // 550 × 3 + 2,500 × 0.30 + 500 × 15 = 1,650 + 750 + 7,500 → $0.0099.
+        close(m.cost_usd(3_050, 2_500, 500), 0.0099);
+        // Without the cache the same request is 9,150 + 7,500 → $0.01665.
+        close(m.cost_usd(3_050, 0, 500), 0.01665);
+        // The 2,500 cached tokens cost 10% of full price: 0.00075 instead of 0.0075.
+        close(
+            m.cost_usd(3_050, 0, 500) - m.cost_usd(3_050, 2_500, 500),
+            0.9 * 2_500.0 * 3.0 / 1e6,
+        );
+        // More "cached" than prompt tokens is clamped: the whole prompt at the cached rate.
+        close(m.cost_usd(1_000, 5_000, 0), 1_000.0 * 0.30 / 1e6);
+        // A model without a cached rate charges cached tokens at the full input rate.
+        let l = cat().get("llama-3.1-70b-instruct").cloned().unwrap();
+        close(l.cost_usd(3_050, 2_500, 500), l.cost_usd(3_050, 0, 500));
+    }
+
+    #[test]
+    fn tier_switches_above_200k_prompt_tokens() {
+        let c = cat();
+        let s = c.get("claude-sonnet-4.5").unwrap();
+        // Exactly 200K is still the base tier; one more token moves the whole request.
+        close(s.cost_usd(200_000, 0, 1_000), 0.6 + 0.015);
+        close(
+            s.cost_usd(200_001, 0, 1_000),
+            200_001.0 * 6.0 / 1e6 + 0.0225,
+        );
+        close(
+            s.cost_usd(300_000, 100_000, 0),
+            (200_000.0 * 6.0 + 100_000.0 * 0.60) / 1e6,
+        );
+        let g = c.get("gemini-2.5-pro").unwrap();
+        close(g.cost_usd(150_000, 0, 10_000), 0.1875 + 0.1);
+        close(g.cost_usd(250_000, 0, 10_000), 0.625 + 0.15);
+    }
+
+    #[test]
+    fn self_hosted_prices_come_from_the_hardware() {
+        let c = cat();
+        let m = c.get("smollm2-135m-instruct").unwrap();
+        let h = m.self_hosted.as_ref().unwrap();
+        assert_eq!(h.hardware, "2 vCPU cloud VM");
+        assert_eq!(
+            (
+                h.hardware_usd_per_hour,
+                h.prefill_tokens_per_s,
+                h.decode_tokens_per_s
+            ),
+            (0.10, 570.0, 180.0)
+        );
+        // $0.10/h ÷ (570 tok/s × 3600 s/h) × 1e6 = $0.048733…/1M prompt tokens;
+        // ÷ (180 × 3600) × 1e6 = $0.154320…/1M completion tokens.
+        close(m.input_per_mtok, 0.1 / 2_052_000.0 * 1e6);
+        close(m.output_per_mtok, 0.1 / 648_000.0 * 1e6);
+        assert!((m.input_per_mtok - 0.048733).abs() < 1e-6);
+        assert!((m.output_per_mtok - 0.154321).abs() < 1e-6);
+        assert_eq!(m.cached_input_per_mtok, Some(0.0));
+        // One hour of decode (180 × 3600 tokens) costs exactly the hour of hardware.
+        close(m.cost_usd(0, 0, 180 * 3600), 0.10);
+        // Cached prompt tokens cost nothing to compute.
+        close(m.cost_usd(1_000, 1_000, 0), 0.0);
+    }
+
+    fn write(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+        let p = dir.path().join("my-prices.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn user_file_replaces_and_extends() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            &dir,
+            r#"
+[[model]]
+id = "gpt-4o"
+provider = "openai"
+input_per_mtok = 2.00
+output_per_mtok = 8.00
+source = "negotiated contract"
+as_of = "2025-12-01"
+
+[[model]]
+id = "my-model"
+provider = "self-hosted"
+source = "our GPU box"
+as_of = "2025-12-01"
+[model.self_hosted]
+hardware = "1x H100"
+hardware_usd_per_hour = 2.5
+prefill_tokens_per_s = 10000
+decode_tokens_per_s = 1000
+"#,
+        );
+        let c = PriceCatalog::load(Some(&p)).unwrap();
+        let n = cat().models().len();
+        assert_eq!(c.models().len(), n + 1);
+        let g = c.get("gpt-4o").unwrap();
+        assert_eq!((g.input_per_mtok, g.cached_input_per_mtok), (2.0, None));
+        assert_eq!(
+            c.models()[2].id,
+            "gpt-4o",
+            "a replaced entry keeps its place"
+        );
+        assert_eq!(c.models()[n].id, "my-model");
+        close(
+            c.get("my-model").unwrap().output_per_mtok,
+            2.5 / 3.6e6 * 1e6,
+        );
+        // Untouched builtin entries are still there.
+        assert_eq!(c.get("gpt-5").unwrap().input_per_mtok, 1.25);
+        // No user file: the builtin catalog.
+        assert_eq!(PriceCatalog::load(None).unwrap().models(), cat().models());
+    }
+
+    fn load_err(text: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(&dir, text);
+        let e = PriceCatalog::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("my-prices.toml"), "names the file: {e}");
+        e
+    }
+
+    const OK_ENTRY: &str = r#"
+[[model]]
+id = "x"
+provider = "p"
+input_per_mtok = 1.0
+output_per_mtok = 2.0
+source = "s"
+as_of = "2025-12-01"
+"#;
+
+    #[test]
+    fn user_file_errors_name_the_file_and_the_field() {
+        let e = load_err(&format!("{OK_ENTRY}input_price = 3\n"));
+        assert!(e.contains("unknown field `input_price`"), "{e}");
+        let e = load_err(&format!("{OK_ENTRY}[model.self_hosted]\nhardware = \"h\"\nhardware_usd_per_hour = 1\nprefill_tokens_per_s = 1\ndecode_tokens_per_s = 1\ngpu = 2\n"));
+        assert!(e.contains("unknown field `gpu`"), "{e}");
+        let e = load_err("prices = 1\n");
+        assert!(e.contains("unknown field `prices`"), "{e}");
+
+        let e = load_err(&OK_ENTRY.replace("input_per_mtok = 1.0", "input_per_mtok = -1.0"));
+        assert!(e.contains("model[0] (`x`).input_per_mtok is -1"), "{e}");
+        let e = load_err(&OK_ENTRY.replace("output_per_mtok = 2.0", "output_per_mtok = nan"));
+        assert!(e.contains("output_per_mtok is NaN"), "{e}");
+        let e = load_err(&OK_ENTRY.replace("output_per_mtok = 2.0\n", ""));
+        assert!(e.contains("output_per_mtok is missing"), "{e}");
+        let e = load_err(&OK_ENTRY.replace("2025-12-01", "Dec 2025"));
+        assert!(e.contains("as_of is `Dec 2025`"), "{e}");
+        let e = load_err(&format!("{OK_ENTRY}{OK_ENTRY}"));
+        assert!(e.contains("id `x` is already used by model[0]"), "{e}");
+        let e = load_err(&format!("format = 2\n{OK_ENTRY}"));
+        assert!(e.contains("format = 2"), "{e}");
+        let e = load_err(&format!(
+            "{OK_ENTRY}[[model.tiers]]\nabove_input_tokens = 100\ninput_per_mtok = 1\noutput_per_mtok = -2\n"
+        ));
+        assert!(e.contains("tiers[0].output_per_mtok is -2"), "{e}");
+        let e = load_err(&format!(
+            "{OK_ENTRY}[[model.tiers]]\nabove_input_tokens = 100\ninput_per_mtok = 1\noutput_per_mtok = 2\n[[model.tiers]]\nabove_input_tokens = 100\ninput_per_mtok = 1\noutput_per_mtok = 2\n"
+        ));
+        assert!(e.contains("tiers[1].above_input_tokens is 100"), "{e}");
+        let e = load_err(&format!(
+            "{OK_ENTRY}[model.self_hosted]\nhardware = \"h\"\nhardware_usd_per_hour = 1\nprefill_tokens_per_s = 0\ndecode_tokens_per_s = 1\n"
+        ));
+        assert!(e.contains("input_per_mtok is given"), "{e}");
+        let e = load_err(
+            "[[model]]\nid = \"y\"\nprovider = \"p\"\nsource = \"s\"\nas_of = \"2025-12-01\"\n[model.self_hosted]\nhardware = \"h\"\nhardware_usd_per_hour = 1\nprefill_tokens_per_s = 0\ndecode_tokens_per_s = 1\n",
+        );
+        assert!(
+            e.contains("self_hosted.prefill_tokens_per_s is 0: it must be a finite number > 0"),
+            "{e}"
+        );
+        let e = load_err("[[model]]\nid = \"y\"\n");
+        assert!(e.contains("missing field"), "{e}");
+
+        let missing = PriceCatalog::load(Some(Path::new("/nonexistent/prices.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("/nonexistent/prices.toml: cannot read it"),
+            "{missing}"
+        );
+    }
+}

@@ -1,0 +1,180 @@
+//! `ferrolm usage`: the usage ledger of a server's data dir, grouped by key, model and/or day,
+//! as a table with a totals row, or JSON `{"groups": [...], "total": {...}}`.
+//!
+//! Days are UTC; `--since` and `--until` are whole days, both included.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use ferrolm_accounting::{time, GroupBy, UsageGroup, UsageQuery};
+use serde::Serialize;
+
+use crate::keys::{data_dir, open_existing, print_table, DataDirArg};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// What `usage --json` prints.
+#[derive(Serialize)]
+struct Report<'a> {
+    since: Option<&'a str>,
+    until: Option<&'a str>,
+    key: Option<&'a str>,
+    groups: &'a [UsageGroup],
+    total: &'a UsageGroup,
+}
+
+#[derive(Args)]
+pub struct UsageArgs {
+    #[command(flatten)]
+    dir: DataDirArg,
+    /// Group by these, comma-separated, in order: key, model, day.
+    #[arg(long, value_delimiter = ',', default_value = "key,model")]
+    by: Vec<GroupBy>,
+    /// First day to include, YYYY-MM-DD (UTC).
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    since: Option<String>,
+    /// Last day to include, YYYY-MM-DD (UTC).
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    until: Option<String>,
+    /// Only this key's requests (its name, or id from `ferrolm keys list`).
+    #[arg(long, value_name = "NAME")]
+    key: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: UsageArgs) -> Result<()> {
+    let dir = data_dir(a.dir.data_dir.as_deref())?;
+    let since_ms = a.since.as_deref().map(time::day_start_ms).transpose()?;
+    let until_ms = a
+        .until
+        .as_deref()
+        .map(|d| time::day_start_ms(d).map(|ms| ms + DAY_MS))
+        .transpose()?;
+    if let (Some(s), Some(u), Some(sm), Some(um)) = (&a.since, &a.until, since_ms, until_ms) {
+        if sm >= um {
+            bail!("--since {s} is after --until {u}: the period is empty");
+        }
+    }
+    let store = open_existing(&dir)?;
+    let key_id = match (&a.key, &store) {
+        (Some(k), Some(s)) => Some(s.find_key(k)?.id),
+        (Some(k), None) => bail!(
+            "no key has the name or id `{k}`: there is no key store in {} yet",
+            dir.display()
+        ),
+        (None, _) => None,
+    };
+    let q = UsageQuery {
+        group_by: a.by.clone(),
+        key_id,
+        since_ms,
+        until_ms,
+    };
+    let (groups, total) = match &store {
+        Some(s) => {
+            let groups = s.usage(&q)?;
+            let total = s.usage(&UsageQuery {
+                group_by: Vec::new(),
+                ..q
+            })?;
+            (groups, total.into_iter().next())
+        }
+        None => (Vec::new(), None),
+    };
+    let total = total.unwrap_or(UsageGroup {
+        key: None,
+        model: None,
+        day: None,
+        requests: 0,
+        prompt_tokens: 0,
+        cached_tokens: 0,
+        completion_tokens: 0,
+        cost_usd: 0.0,
+        avg_latency_ms: 0.0,
+        avg_ttft_ms: None,
+    });
+    if a.json {
+        let report = Report {
+            since: a.since.as_deref(),
+            until: a.until.as_deref(),
+            key: a.key.as_deref(),
+            groups: &groups,
+            total: &total,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if total.requests == 0 {
+        eprintln!("no requests recorded in {} for this period", dir.display());
+    }
+    let mut by = Vec::new();
+    for g in &a.by {
+        if !by.contains(g) {
+            by.push(*g);
+        }
+    }
+    let mut headers: Vec<&str> = by
+        .iter()
+        .map(|g| match g {
+            GroupBy::Key => "KEY",
+            GroupBy::Model => "MODEL",
+            GroupBy::Day => "DAY",
+        })
+        .collect();
+    let lead = headers.len();
+    headers.extend([
+        "REQUESTS",
+        "PROMPT",
+        "CACHED",
+        "COMPLETION",
+        "COST_USD",
+        "AVG_LATENCY_MS",
+        "AVG_TTFT_MS",
+    ]);
+    let numbers = |g: &UsageGroup| {
+        vec![
+            g.requests.to_string(),
+            g.prompt_tokens.to_string(),
+            g.cached_tokens.to_string(),
+            g.completion_tokens.to_string(),
+            format!("{:.6}", g.cost_usd),
+            format!("{:.1}", g.avg_latency_ms),
+            g.avg_ttft_ms
+                .map_or_else(|| "-".to_owned(), |t| format!("{t:.1}")),
+        ]
+    };
+    let mut rows: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| {
+            let mut r: Vec<String> = by
+                .iter()
+                .map(|c| {
+                    match c {
+                        GroupBy::Key => &g.key,
+                        GroupBy::Model => &g.model,
+                        GroupBy::Day => &g.day,
+                    }
+                    .clone()
+                    .unwrap_or_default()
+                })
+                .collect();
+            r.extend(numbers(g));
+            r
+        })
+        .collect();
+    let mut t: Vec<String> = (0..lead)
+        .map(|i| {
+            if i == 0 {
+                "TOTAL".to_owned()
+            } else {
+                String::new()
+            }
+        })
+        .collect();
+    t.extend(numbers(&total));
+    rows.push(t);
+    let right: Vec<bool> = (0..headers.len()).map(|i| i >= lead).collect();
+    print_table(&headers, &right, &rows);
+    Ok(())
+}

@@ -1,0 +1,439 @@
+"""The official clients against a live `ferrolm serve` (started by crates/cli/tests/sdk.rs).
+
+Environment:
+  FERROLM_BASE      http://127.0.0.1:PORT of a server with no keys (loopback: open access)
+  FERROLM_KEYED     http://127.0.0.1:PORT of a second server whose data dir has keys
+  FERROLM_KEY_A     a key of FERROLM_KEYED without limits
+  FERROLM_KEY_B     a key of FERROLM_KEYED limited to 2 requests per minute
+
+Every check is a function named check_*; each runs even when an earlier one failed, and the
+script exits non-zero if any failed. After each bad request the server must still answer.
+"""
+
+import http.client
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+
+import jsonschema
+import ollama
+import openai
+from pydantic import BaseModel
+
+BASE = os.environ["FERROLM_BASE"]
+KEYED = os.environ["FERROLM_KEYED"]
+KEY_A = os.environ["FERROLM_KEY_A"]
+KEY_B = os.environ["FERROLM_KEY_B"]
+MODEL = "smollm2-135m-instruct"
+PARIS_Q = [{"role": "user", "content": "What is the capital of France?"}]
+
+client = openai.OpenAI(base_url=BASE + "/v1", api_key="not-needed", max_retries=0, timeout=300)
+
+
+def raw(method, path, body=None, headers=None, base=BASE):
+    """(status, headers, body bytes) of one plain HTTP request."""
+    u = urllib.parse.urlparse(base)
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
+    h = {"Content-Type": "application/json"}
+    h.update(headers or {})
+    c.request(method, path, body=body, headers=h)
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, dict(r.getheaders()), data
+
+
+def metrics():
+    _, _, body = raw("GET", "/metrics")
+    out = {}
+    for line in body.decode().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, value = line.rsplit(" ", 1)
+        out[name] = float(value)
+    return out
+
+
+def still_up():
+    status, _, body = raw("GET", "/health")
+    assert status == 200, (status, body)
+    r = client.chat.completions.create(model=MODEL, messages=PARIS_Q, temperature=0, max_tokens=4)
+    assert r.choices[0].message.content
+
+
+def greedy_paris(max_tokens=24):
+    return client.chat.completions.create(
+        model=MODEL, messages=PARIS_Q, temperature=0, max_tokens=max_tokens
+    )
+
+
+# --- OpenAI SDK -------------------------------------------------------------------------------
+
+
+def check_models():
+    ids = [m.id for m in client.models.list().data]
+    assert MODEL in ids, ids
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def check_chat_and_stream_agree():
+    r = greedy_paris()
+    text = r.choices[0].message.content
+    assert "Paris" in text, text
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=PARIS_Q,
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text, (streamed, text)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [r.choices[0].finish_reason], finishes
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def check_completions():
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert r.choices[0].text.strip(), r
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.completion_tokens <= 8
+    parts = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in parts if p.choices) == r.choices[0].text
+
+
+def check_n_choices():
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Write a word."}], n=3, temperature=1.0, seed=7, max_tokens=16
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2], r.choices
+    texts = [c.message.content for c in r.choices]
+    assert len(set(texts)) >= 2, texts
+    again = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Write a word."}], n=3, temperature=1.0, seed=7, max_tokens=16
+    )
+    assert [c.message.content for c in again.choices] == texts
+    seen = {}
+    for c in client.chat.completions.create(
+        model=MODEL, messages=PARIS_Q, n=2, temperature=0, max_tokens=12, stream=True
+    ):
+        for ch in c.choices:
+            seen.setdefault(ch.index, []).append(ch.delta.content or "")
+    assert sorted(seen) == [0, 1], seen
+    assert "".join(seen[0]) == "".join(seen[1])  # greedy: both choices agree
+
+
+def check_stop_strings():
+    r = client.chat.completions.create(model=MODEL, messages=PARIS_Q, temperature=0, max_tokens=24, stop=["Paris"])
+    text = r.choices[0].message.content
+    assert "Paris" not in text, text
+    assert r.choices[0].finish_reason == "stop"
+
+
+def check_seed_reproducibility():
+    def once(seed):
+        return client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], temperature=1.0, seed=seed, max_tokens=24
+        ).choices[0].message.content
+
+    assert once(42) == once(42)
+
+
+def check_logprobs():
+    r = client.chat.completions.create(model=MODEL, messages=PARIS_Q, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens, (len(content), r.usage)
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3
+        assert t.top_logprobs[0].logprob >= t.logprob - 1e-4  # greedy picks the top token
+
+
+def check_json_schema_validates():
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 40},
+            "country": {"type": "string", "maxLength": 40},
+            "population_millions": {"type": "number"},
+            "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 40}, "maxItems": 3},
+        },
+        "required": ["city", "country", "population_millions", "landmarks"],
+        "additionalProperties": False,
+    }
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe Paris as JSON."}],
+        temperature=0,
+        max_tokens=300,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}},
+    )
+    assert r.choices[0].finish_reason == "stop", r
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    parsed = client.chat.completions.parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Which city is the capital of France?"}],
+        temperature=0,
+        max_tokens=200,
+        response_format=City,
+    )
+    city = parsed.choices[0].message.parsed
+    assert isinstance(city, City), parsed
+
+    r = client.chat.completions.create(
+        model=MODEL, messages=PARIS_Q, temperature=0, max_tokens=200, response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+WEATHER = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"type": "string", "enum": ["C", "F"]}},
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    }
+]
+
+
+def check_forced_tool_call():
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=msgs,
+        temperature=0,
+        max_tokens=100,
+        tools=WEATHER,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, WEATHER[0]["function"]["parameters"])
+    # The conversation goes on with the tool's answer.
+    msgs += [choice.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"}]
+    r2 = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=30, tools=WEATHER)
+    assert r2.choices[0].message.content or r2.choices[0].message.tool_calls
+    # required + streaming: the call arrives as tool_call deltas.
+    calls = {}
+    finish = None
+    for c in client.chat.completions.create(
+        model=MODEL, messages=msgs[:1], temperature=0, max_tokens=100, tools=WEATHER, tool_choice="required", stream=True
+    ):
+        for tc in c.choices[0].delta.tool_calls or []:
+            calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            if tc.function.name:
+                calls[tc.index]["name"] = tc.function.name
+            calls[tc.index]["arguments"] += tc.function.arguments or ""
+        finish = c.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and calls[0]["name"] == "get_weather", calls
+    json.loads(calls[0]["arguments"])
+
+
+def check_cached_tokens_on_a_repeated_prefix():
+    system = "You are a careful assistant. " + " ".join(f"Rule {i}: answer plainly and briefly." for i in range(150))
+    def ask(q):
+        return client.chat.completions.create(
+            model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": q}], temperature=0, max_tokens=4
+        )
+    first = ask("What is 2+2?")
+    assert first.usage.prompt_tokens > 1000, first.usage
+    second = ask("What is the capital of Italy?")
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 1000, second.usage
+
+
+def check_sixteen_concurrent_streams():
+    want = greedy_paris().choices[0].message.content
+    results = [None] * 16
+    def run(i):
+        try:
+            s = client.chat.completions.create(model=MODEL, messages=PARIS_Q, temperature=0, max_tokens=24, stream=True)
+            results[i] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+        except Exception as e:  # noqa: BLE001 - reported below
+            results[i] = e
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r == want for r in results), results
+
+
+def wait_idle(timeout=20):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        m = metrics()
+        running = m.get(f'ferrolm_requests_running{{model="{MODEL}"}}')
+        used = m.get(f'ferrolm_kv_blocks_used{{model="{MODEL}"}}')
+        if running == 0 and used == 0:
+            return m
+        time.sleep(0.2)
+    raise AssertionError(f"engine still busy: {m}")
+
+
+def check_disconnect_frees_kv_blocks():
+    wait_idle()
+    s = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count from 1 to 1000."}], temperature=0, max_tokens=2000, stream=True
+    )
+    got = 0
+    for c in s:
+        got += 1
+        if got == 5:
+            break
+    assert f'ferrolm_kv_blocks_used{{model="{MODEL}"}}' in metrics()
+    s.close()
+    wait_idle()
+    still_up()
+
+
+def check_bad_input_is_refused_and_the_server_stays_up():
+    def post(body, path="/v1/chat/completions"):
+        status, _, data = raw("POST", path, body if isinstance(body, bytes) else json.dumps(body).encode())
+        return status, json.loads(data)
+
+    cases = [
+        (b'{"model": "x", "messages": [', 400, None),
+        ({"model": MODEL, "messages": "hello"}, 400, None),
+        ({"model": MODEL, "messages": PARIS_Q, "temperature": "hot"}, 400, None),
+        ({"model": MODEL, "messages": []}, 400, "empty"),
+        ({"model": MODEL, "messages": PARIS_Q, "n": 0}, 400, "n must"),
+        ({"model": MODEL, "messages": PARIS_Q, "max_tokens": 100000}, 400, "max_tokens"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hello " * 9000}]}, 400, "more than"),
+        (b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None),
+        ({"model": "gpt-17", "messages": PARIS_Q}, 404, "gpt-17"),
+    ]
+    for body, want, needle in cases:
+        status, err = post(body)
+        assert status == want, (body if isinstance(body, bytes) else str(body)[:80], status, err)
+        assert err["error"]["message"] and err["error"]["type"], err
+        if needle:
+            assert needle in err["error"]["message"], err
+        still_up()
+    status, _, data = raw("POST", "/v1/chat/completions", b"x" * (10 * 1024 * 1024))
+    assert status == 413, status
+    assert "larger" in json.loads(data)["error"]["message"]
+    try:
+        client.chat.completions.create(model="gpt-17", messages=PARIS_Q)
+        raise AssertionError("unknown model accepted")
+    except openai.NotFoundError:
+        pass
+    try:
+        client.chat.completions.create(model=MODEL, messages=PARIS_Q, max_tokens=100000)
+        raise AssertionError("max_tokens over the context accepted")
+    except openai.BadRequestError:
+        pass
+    still_up()
+
+
+# --- keys and limits ---------------------------------------------------------------------------
+
+
+def keyed(key):
+    return openai.OpenAI(base_url=KEYED + "/v1", api_key=key, max_retries=0, timeout=300)
+
+
+def check_keys_and_rate_limits():
+    for key in ["flm-not-a-key", ""]:
+        try:
+            keyed(key or "x").chat.completions.create(model=MODEL, messages=PARIS_Q, max_tokens=2)
+            raise AssertionError("a bad key was accepted")
+        except openai.AuthenticationError:
+            pass
+    status, _, _ = raw("GET", "/v1/models", base=KEYED)
+    assert status == 401
+    status, _, _ = raw("GET", "/health", base=KEYED)
+    assert status == 200
+    r = keyed(KEY_A).chat.completions.with_raw_response.create(model=MODEL, messages=PARIS_Q, temperature=0, max_tokens=4)
+    assert r.http_response.status_code == 200
+    assert float(r.headers["x-ferrolm-cost-usd"]) >= 0
+    b = keyed(KEY_B)
+    ok = b.chat.completions.with_raw_response.create(model=MODEL, messages=PARIS_Q, temperature=0, max_tokens=4)
+    assert ok.headers["x-ratelimit-limit-requests"] == "2", dict(ok.headers)
+    assert ok.headers["x-ratelimit-remaining-requests"] == "1", dict(ok.headers)
+    b.chat.completions.create(model=MODEL, messages=PARIS_Q, temperature=0, max_tokens=4)
+    try:
+        b.chat.completions.create(model=MODEL, messages=PARIS_Q, temperature=0, max_tokens=4)
+        raise AssertionError("the third request in a minute was accepted with rpm=2")
+    except openai.RateLimitError as e:
+        assert int(e.response.headers["retry-after"]) >= 1
+        assert e.response.headers["x-ratelimit-remaining-requests"] == "0"
+    # Each key sees only its own usage.
+    def usage(key):
+        status, _, data = raw("GET", "/v1/usage?by=model", headers={"Authorization": f"Bearer {key}"}, base=KEYED)
+        assert status == 200, data
+        return json.loads(data)["data"]
+    a, bb = usage(KEY_A), usage(KEY_B)
+    assert sum(g["requests"] for g in a) == 1, a
+    assert sum(g["requests"] for g in bb) >= 2, bb
+
+
+# --- Ollama client -----------------------------------------------------------------------------
+
+
+def check_ollama_client():
+    oc = ollama.Client(host=BASE)
+    r = oc.chat(model=MODEL, messages=PARIS_Q, options={"temperature": 0, "num_predict": 24})
+    assert "Paris" in r.message.content, r
+    assert r.done and r.eval_count > 0 and r.prompt_eval_count > 0 and r.total_duration > 0
+    streamed = "".join(p.message.content for p in oc.chat(model=MODEL, messages=PARIS_Q, options={"temperature": 0, "num_predict": 24}, stream=True))
+    assert streamed == r.message.content, (streamed, r.message.content)
+    g = oc.generate(model=MODEL, prompt="What is the capital of France?", options={"temperature": 0, "num_predict": 24})
+    assert "Paris" in g.response, g
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 30}}, "required": ["capital"]}
+    f = oc.chat(model=MODEL, messages=PARIS_Q, format=schema, options={"temperature": 0, "num_predict": 100})
+    jsonschema.validate(json.loads(f.message.content), schema)
+    assert MODEL in [m.model for m in oc.list().models]
+    show = oc.show(MODEL)
+    assert show.details.family == "llama" and show.modelinfo["llama.context_length"] == 8192, show
+    assert MODEL in [m.model for m in oc.ps().models]
+    try:
+        oc.chat(model="nope", messages=PARIS_Q)
+        raise AssertionError("unknown model accepted")
+    except ollama.ResponseError as e:
+        assert e.status_code == 404
+
+
+def main():
+    only = sys.argv[1:]
+    failed = []
+    for name, fn in list(globals().items()):
+        if not name.startswith("check_") or (only and name not in only):
+            continue
+        t0 = time.time()
+        try:
+            fn()
+            print(f"ok    {name} ({time.time() - t0:.1f} s)", flush=True)
+        except Exception:  # noqa: BLE001 - every failure is reported
+            failed.append(name)
+            print(f"FAIL  {name} ({time.time() - t0:.1f} s)\n{traceback.format_exc()}", flush=True)
+    print(f"{len(failed)} failed: {failed}" if failed else "all checks passed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
