@@ -24,7 +24,7 @@ use ferrolm_engine::{Engine, EngineConfig, EngineHandle};
 use ferrolm_server::{Access, AppState, ModelDetails, ServedModel};
 use serde::Deserialize;
 
-use crate::{load, store, threads, ModelArgs};
+use crate::{load, threads, ModelArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -228,10 +228,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         None if a.ctx == 0 => bail!("--ctx must be at least 1"),
         None => a.ctx.div_ceil(block_size),
     };
-    let data_dir = match &a.data_dir {
-        Some(d) => d.clone(),
-        None => store::home()?.join("server"),
-    };
+    let data_dir = crate::keys::data_dir(a.data_dir.as_deref())?;
     let db = Store::open(&data_dir)
         .with_context(|| format!("cannot open the data dir {}", data_dir.display()))?;
     let has_keys = db.has_keys()?;

@@ -1,9 +1,10 @@
-//! The official clients (`openai` and `ollama` for Python) against live servers: one open
-//! (loopback, no keys) and one whose data dir has keys. The checks themselves are in
-//! `tests/sdk/clients.py`; this test starts the servers, creates the keys and runs it.
+//! The official clients against live servers: `openai`, `ollama` and LangChain's `ChatOpenAI`
+//! for Python (`tests/sdk/clients.py`, against one open server and one whose data dir has keys),
+//! and `openai` and the Vercel AI SDK for Node (`tests/sdk/clients.mjs`). These tests start the
+//! servers, create the keys and run the scripts.
 //!
-//! The clients are installed by `.ci/run` into `target/sdk-venv` (pinned versions); set
-//! `FERROLM_SDK_PYTHON` to use another interpreter that has them.
+//! The clients are installed by `.ci/run` into `target/sdk-venv` and `target/sdk-node` (pinned
+//! versions); `FERROLM_SDK_PYTHON` / `FERROLM_SDK_NODE_DIR` point elsewhere.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -71,4 +72,36 @@ fn the_official_openai_and_ollama_clients_work_unchanged() {
     let v = json_of(&out);
     let text = v.to_string();
     assert!(text.contains("team-a") && text.contains("team-b"), "{text}");
+}
+
+#[test]
+fn the_node_openai_sdk_and_the_vercel_ai_sdk_work_unchanged() {
+    let node_dir = std::env::var_os("FERROLM_SDK_NODE_DIR")
+        .map_or_else(|| repo_root().join("target/sdk-node"), PathBuf::from);
+    assert!(
+        node_dir.join("node_modules/ai").exists(),
+        "{} has no node_modules: run `.ci/run` once (it installs openai, ai and @ai-sdk/openai-compatible there), or set FERROLM_SDK_NODE_DIR",
+        node_dir.display()
+    );
+    // ES modules resolve packages next to the script: run a copy inside the install dir.
+    let script = node_dir.join("clients.mjs");
+    std::fs::copy(
+        repo_root().join("crates/cli/tests/sdk/clients.mjs"),
+        &script,
+    )
+    .unwrap();
+    let open = Server::start(&[]);
+    let out = Command::new("node")
+        .arg(&script)
+        .env("FERROLM_BASE", &open.base)
+        .env("AI_SDK_LOG_WARNINGS", "false")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "client checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -526,3 +526,74 @@ fn a_full_queue_answers_429_with_retry_after() {
         }
     }
 }
+
+fn create_key(dir: &std::path::Path, name: &str, extra: &[&str]) -> String {
+    let out = ferrolm()
+        .args(["keys", "create", "--json", "--name", name, "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .output()
+        .unwrap();
+    json_of(&out)["secret"].as_str().unwrap().to_owned()
+}
+
+fn post_with_key(s: &Server, key: &str, body: &Value) -> (u16, Value) {
+    let r = ureq::post(&s.url("/v1/chat/completions"))
+        .set("Authorization", &format!("Bearer {key}"))
+        .send_string(&body.to_string());
+    let (status, text) = match r {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    };
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+#[test]
+fn budgets_stop_spending_and_revoked_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // One request of the default model costs a few millionths of a dollar at the catalog's
+    // self-hosted rate: a budget of one millionth is spent by the first request.
+    let thrifty = create_key(dir.path(), "thrifty", &["--budget-usd", "0.000001"]);
+    let other = create_key(dir.path(), "other", &[]);
+    let s = Server::start_in(dir.path(), &[]);
+    let mut req = paris_request();
+    req["max_tokens"] = json!(8);
+    let (status, v) = post_with_key(&s, &thrifty, &req);
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = post_with_key(&s, &thrifty, &req);
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["code"], "insufficient_quota");
+    // Another key is not affected.
+    assert_eq!(post_with_key(&s, &other, &req).0, 200);
+    // Revocation takes effect on the running server.
+    let out = ferrolm()
+        .args(["keys", "revoke", "other", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, v) = post_with_key(&s, &other, &req);
+    assert_eq!(status, 401, "{v}");
+    assert_eq!(v["error"]["type"], "authentication_error");
+}
+
+#[test]
+fn a_network_address_without_keys_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ferrolm()
+        .args(["serve", "--host", "0.0.0.0", "--port", "0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without API keys") && err.contains("--allow-unauthenticated"),
+        "{err}"
+    );
+}

@@ -438,7 +438,7 @@ mod tests {
             .is_some_and(|c| c.contains("get_weather") && c.contains("<tool_call>")));
         assert_eq!(
             list[2]["content"],
-            "<tool_call>\n{\"arguments\":{\"city\":\"Paris\"},\"name\":\"get_weather\"}\n</tool_call>"
+            "<tool_call>\n{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Paris\"}}\n</tool_call>"
         );
         assert_eq!(list[3]["role"], "user");
         assert_eq!(list[3]["content"], "<tool_response>\n18C\n</tool_response>");

@@ -6,7 +6,7 @@ Environment:
   FERROLM_KEY_A     a key of FERROLM_KEYED without limits
   FERROLM_KEY_B     a key of FERROLM_KEYED limited to 2 requests per minute
 
-Every check is a function named check_*; each runs even when an earlier one failed, and the
+Also LangChain's ChatOpenAI (langchain-openai). Every check is a function named check_*; each runs even when an earlier one failed, and the
 script exits non-zero if any failed. After each bad request the server must still answer.
 """
 
@@ -416,6 +416,36 @@ def check_ollama_client():
         raise AssertionError("unknown model accepted")
     except ollama.ResponseError as e:
         assert e.status_code == 404
+
+
+# --- LangChain ---------------------------------------------------------------------------------
+
+
+def check_langchain_chat_openai():
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=BASE + "/v1", api_key="not-needed", model=MODEL, temperature=0, max_tokens=24, max_retries=0)
+    r = llm.invoke("What is the capital of France?")
+    assert "Paris" in r.content, r
+    assert "".join(c.content for c in llm.stream("What is the capital of France?")) == r.content
+
+    class City(BaseModel):
+        name: str
+        country: str
+
+    roomy = ChatOpenAI(base_url=BASE + "/v1", api_key="not-needed", model=MODEL, temperature=0, max_tokens=200, max_retries=0)
+    city = roomy.with_structured_output(City, method="json_schema").invoke("Which city is the capital of France?")
+    assert isinstance(city, City), city
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "sunny"
+
+    m = roomy.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Paris?")
+    assert m.tool_calls and m.tool_calls[0]["name"] == "get_weather", m
+    assert isinstance(m.tool_calls[0]["args"].get("city"), str), m.tool_calls
 
 
 def main():

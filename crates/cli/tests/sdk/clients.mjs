@@ -1,0 +1,95 @@
+// The official Node `openai` SDK and the Vercel AI SDK's OpenAI-compatible provider against a
+// live `ferrolm serve` (FERROLM_BASE, no keys). Started by crates/cli/tests/sdk.rs; the packages
+// are installed (pinned) by .ci/run into target/sdk-node. Exits non-zero if any check fails.
+import assert from "node:assert/strict";
+
+import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
+import { generateObject, generateText, streamText, tool } from "ai";
+import OpenAI from "openai";
+import { z } from "zod";
+
+const BASE = process.env.FERROLM_BASE;
+const MODEL = "smollm2-135m-instruct";
+const PARIS = "What is the capital of France?";
+
+const checks = {
+  async openaiNode() {
+    const client = new OpenAI({ baseURL: `${BASE}/v1`, apiKey: "not-needed", maxRetries: 0 });
+    const r = await client.chat.completions.create({
+      model: MODEL,
+      messages: [{ role: "user", content: PARIS }],
+      temperature: 0,
+      max_tokens: 24,
+    });
+    const text = r.choices[0].message.content;
+    assert.match(text, /Paris/);
+    const stream = await client.chat.completions.create({
+      model: MODEL,
+      messages: [{ role: "user", content: PARIS }],
+      temperature: 0,
+      max_tokens: 24,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
+    let streamed = "";
+    let usage = null;
+    for await (const c of stream) {
+      streamed += c.choices[0]?.delta?.content ?? "";
+      usage = c.usage ?? usage;
+    }
+    assert.equal(streamed, text);
+    assert.equal(usage.completion_tokens, r.usage.completion_tokens);
+  },
+
+  async vercelAiSdk() {
+    const ferrolm = createOpenAICompatible({
+      name: "ferrolm",
+      baseURL: `${BASE}/v1`,
+      supportsStructuredOutputs: true,
+    });
+    const model = ferrolm.chatModel(MODEL);
+    const { text } = await generateText({ model, prompt: PARIS, temperature: 0, maxOutputTokens: 24 });
+    assert.match(text, /Paris/);
+    const s = streamText({ model, prompt: PARIS, temperature: 0, maxOutputTokens: 24 });
+    let streamed = "";
+    for await (const t of s.textStream) streamed += t;
+    assert.equal(streamed, text);
+    const { object } = await generateObject({
+      model,
+      schema: z.object({ city: z.string().max(40), country: z.string().max(40) }),
+      prompt: "Which city is the capital of France? Answer as JSON.",
+      temperature: 0,
+      maxOutputTokens: 200,
+    });
+    assert.equal(typeof object.city, "string");
+    const called = await generateText({
+      model,
+      prompt: "What is the weather in Paris?",
+      temperature: 0,
+      maxOutputTokens: 100,
+      tools: {
+        getWeather: tool({
+          description: "The current weather in a city",
+          inputSchema: z.object({ city: z.string().max(40) }),
+        }),
+      },
+      toolChoice: { type: "tool", toolName: "getWeather" },
+    });
+    assert.equal(called.toolCalls[0].toolName, "getWeather");
+    assert.equal(typeof called.toolCalls[0].input.city, "string");
+  },
+};
+
+let failed = 0;
+for (const [name, fn] of Object.entries(checks)) {
+  const t0 = Date.now();
+  try {
+    await fn();
+    console.log(`ok    ${name} (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
+  } catch (e) {
+    failed += 1;
+    console.log(`FAIL  ${name}\n${e.stack ?? e}`);
+  }
+}
+console.log(failed ? `${failed} failed` : "all checks passed");
+process.exit(failed ? 1 : 0);
