@@ -588,7 +588,7 @@ impl Llama {
     /// `0..=position`: scores, softmax (vectorized exp), weighted sum of V.
     fn attention(&self, layer: usize, b: &Batch, kv: &KvCache, s: &mut Scratch) {
         let c = &self.cfg;
-        let (hd, nh, group) = (c.head_dim, c.n_heads, c.n_heads / c.n_kv_heads);
+        let (hd, group) = (c.head_dim, c.n_heads / c.n_kv_heads);
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let qkv_dim = q_dim + 2 * kv_dim;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -603,15 +603,18 @@ impl Llama {
             seq_of.extend(std::iter::repeat_n(si as u32, sq.len));
         }
         let seq_of = &s.seq_of;
+        // One task per (token, KV head): the `group` query heads that share it are contiguous
+        // in q and in the output, and attend together.
+        let nkv = c.n_kv_heads;
         s.att[..n * q_dim]
-            .par_chunks_mut(hd)
+            .par_chunks_mut(group * hd)
             .enumerate()
             .for_each_init(
                 || (Vec::new(), Vec::new()),
                 |(scores, offs): &mut (Vec<f32>, Vec<usize>), (task, out)| {
-                    let (i, h) = (task / nh, task % nh);
-                    let q = &qkv[i * qkv_dim + h * hd..i * qkv_dim + (h + 1) * hd];
-                    let kvh = h / group;
+                    let (i, kvh) = (task / nkv, task % nkv);
+                    let q0 = i * qkv_dim + kvh * group * hd;
+                    let q = &qkv[q0..q0 + group * hd];
                     let table = b.seqs[seq_of[i] as usize].block_table;
                     let ctx = b.positions[i] as usize + 1;
                     // Offsets of positions 0..ctx in the cache, walking the block table.
@@ -622,7 +625,7 @@ impl Llama {
                             (0..bs.min(ctx - blk * bs)).map(|o| (base + o) * kv_dim + kvh * hd),
                         );
                     }
-                    simd::attend(q, kc, vc, offs, scale, scores, out);
+                    simd::attend(q, hd, kc, vc, offs, scale, scores, out);
                 },
             );
     }

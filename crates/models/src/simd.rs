@@ -33,10 +33,14 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// One attention head: `out = softmax(scale · q·K_j) · V_j` over the rows of `k` and `v` that
-/// start at `offs[j]` (each `q.len()` long). `scores` is scratch.
+/// Attention of the `g = q.len() / hd` query heads that share one KV head (GQA):
+/// `out_h = softmax(scale · q_h·K_j) · V_j` over the rows of `k` and `v` that start at `offs[j]`
+/// (each `hd` long). `q` and `out` hold the `g` heads back to back; `scores` is scratch.
+/// Doing the group together reads each K and V row once for all its heads.
+#[allow(clippy::too_many_arguments)]
 pub fn attend(
     q: &[f32],
+    hd: usize,
     k: &[f32],
     v: &[f32],
     offs: &[usize],
@@ -44,27 +48,35 @@ pub fn attend(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    debug_assert_eq!(q.len(), out.len());
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && q.len().is_multiple_of(8) {
+    if has_avx2() && hd.is_multiple_of(8) && q.len() / hd <= MAX_GROUP {
         // SAFETY: features checked above; every row is bounds-checked inside.
-        return unsafe { attend_avx2(q, k, v, offs, scale, scores, out) };
+        return unsafe { attend_avx2(q, hd, k, v, offs, scale, scores, out) };
     }
-    let hd = q.len();
-    scores.clear();
-    scores.extend(offs.iter().map(|&o| dot(q, &k[o..o + hd]) * scale));
-    let mx = scores.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-    let inv = 1.0 / exp_sub_sum(scores, mx);
-    out.fill(0.0);
-    for (&o, &w) in offs.iter().zip(scores.iter()) {
-        axpy(out, w * inv, &v[o..o + hd]);
+    for (qh, oh) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+        scores.clear();
+        scores.extend(offs.iter().map(|&o| dot(qh, &k[o..o + hd]) * scale));
+        let mx = scores.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let inv = 1.0 / exp_sub_sum(scores, mx);
+        oh.fill(0.0);
+        for (&o, &w) in offs.iter().zip(scores.iter()) {
+            axpy(oh, w * inv, &v[o..o + hd]);
+        }
     }
 }
+
+/// Most query heads per KV head the vectorized [`attend`] takes in one pass (one accumulator
+/// register each).
+const MAX_GROUP: usize = 8;
 
 /// [`attend`] with the dot products, exp and axpys inlined into one AVX2 function.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn attend_avx2(
     q: &[f32],
+    hd: usize,
     k: &[f32],
     v: &[f32],
     offs: &[usize],
@@ -72,16 +84,74 @@ unsafe fn attend_avx2(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let hd = q.len();
+    use std::arch::x86_64::*;
+    let g = q.len() / hd;
+    let n = offs.len();
+    assert!(offs.iter().all(|&o| o + hd <= k.len() && o + hd <= v.len()));
     scores.clear();
-    for &o in offs {
-        scores.push(unsafe { dot_avx2(q, &k[o..o + hd]) } * scale);
+    scores.resize(g * n, 0.0);
+    let qp = q.as_ptr();
+    unsafe {
+        // scores[h·n + j] = scale · q_h · K_j
+        for (j, &o) in offs.iter().enumerate() {
+            let kr = k.as_ptr().add(o);
+            let mut acc = [_mm256_setzero_ps(); MAX_GROUP];
+            for c in (0..hd).step_by(8) {
+                let kv = _mm256_loadu_ps(kr.add(c));
+                for (h, a) in acc.iter_mut().enumerate().take(g) {
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(h * hd + c)), kv, *a);
+                }
+            }
+            for (h, a) in acc.iter().enumerate().take(g) {
+                let s = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                scores[h * n + j] = _mm_cvtss_f32(s) * scale;
+            }
+        }
+        for row in scores.chunks_exact_mut(n.max(1)).take(g) {
+            let mx = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let inv = 1.0 / exp_sub_sum_avx2(row, mx);
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+        // out_h = Σ_j w_hj · V_j, with the output row held in registers across all j (a
+        // load-add-store per row would chain every step through memory).
+        for (h, oh) in out.chunks_exact_mut(hd).enumerate().take(g) {
+            let w = &scores[h * n..(h + 1) * n];
+            match hd {
+                32 => weighted_sum::<4>(w, v, offs, oh),
+                64 => weighted_sum::<8>(w, v, offs, oh),
+                128 => weighted_sum::<16>(w, v, offs, oh),
+                _ => {
+                    oh.fill(0.0);
+                    for (&o, &wj) in offs.iter().zip(w) {
+                        axpy_avx2(oh, wj, &v[o..o + hd]);
+                    }
+                }
+            }
+        }
     }
-    let mx = scores.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-    let inv = 1.0 / unsafe { exp_sub_sum_avx2(scores, mx) };
-    out.fill(0.0);
-    for (&o, &w) in offs.iter().zip(scores.iter()) {
-        unsafe { axpy_avx2(out, w * inv, &v[o..o + hd]) };
+}
+
+/// `out = Σ_j w[j] · v[offs[j]..][..8·C]`, the `C` accumulators in registers. Rows are
+/// bounds-checked by the caller.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sum<const C: usize>(w: &[f32], v: &[f32], offs: &[usize], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    debug_assert_eq!(out.len(), 8 * C);
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); C];
+        for (&o, &wj) in offs.iter().zip(w) {
+            let ws = _mm256_set1_ps(wj);
+            let vr = v.as_ptr().add(o);
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(ws, _mm256_loadu_ps(vr.add(8 * c)), *a);
+            }
+        }
+        for (c, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), *a);
+        }
     }
 }
 
@@ -230,7 +300,7 @@ mod tests {
                 .map(|x| x / a.iter().map(|y| y * y).sum::<f32>())
                 .collect();
             let (mut sc, mut o) = (Vec::new(), vec![0.0; n]);
-            super::attend(&q, &kk, &vv, &[0, n], 1.0, &mut sc, &mut o);
+            super::attend(&q, n, &kk, &vv, &[0, n], 1.0, &mut sc, &mut o);
             let e = 1f32.exp();
             for i in 0..n {
                 let want = (b[i] + e * a[i]) / (1.0 + e);
@@ -240,6 +310,56 @@ mod tests {
             super::axpy(&mut y, 0.5, &a);
             for i in 0..n {
                 assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
+            }
+        }
+    }
+
+    /// A group of query heads attends exactly as each head alone would (the slow path).
+    #[test]
+    fn grouped_attention_matches_one_head_at_a_time() {
+        for (hd, g, rows) in [
+            (64, 1, 5),
+            (64, 3, 37),
+            (32, 4, 1),
+            (128, 8, 70),
+            (40, 3, 9),
+            (64, 9, 3),
+        ] {
+            let f = |i: usize, a: f32| ((i as f32) * a).sin();
+            let q: Vec<f32> = (0..g * hd).map(|i| f(i, 0.31)).collect();
+            let k: Vec<f32> = (0..rows * hd).map(|i| f(i, 0.17)).collect();
+            let v: Vec<f32> = (0..rows * hd).map(|i| f(i, 0.07)).collect();
+            // Rows out of order, as a block table would give them.
+            let offs: Vec<usize> = (0..rows).rev().map(|r| r * hd).collect();
+            let mut got = vec![0.0; g * hd];
+            super::attend(&q, hd, &k, &v, &offs, 0.125, &mut Vec::new(), &mut got);
+            for h in 0..g {
+                let qh = &q[h * hd..(h + 1) * hd];
+                let sc: Vec<f64> = offs
+                    .iter()
+                    .map(|&o| {
+                        0.125
+                            * qh.iter()
+                                .zip(&k[o..o + hd])
+                                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                                .sum::<f64>()
+                    })
+                    .collect();
+                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+                for d in 0..hd {
+                    let want: f64 = offs
+                        .iter()
+                        .zip(&sc)
+                        .map(|(&o, x)| (x - mx).exp() / z * f64::from(v[o + d]))
+                        .sum();
+                    let e = (f64::from(got[h * hd + d]) - want).abs();
+                    assert!(
+                        e < 1e-5,
+                        "g={g} head {h} dim {d}: {} vs {want}",
+                        got[h * hd + d]
+                    );
+                }
             }
         }
     }

@@ -48,6 +48,8 @@ struct Common {
     max_tokens: Option<usize>,
     max_completion_tokens: Option<usize>,
     response_format: Option<Value>,
+    /// vLLM's and llama.cpp's extension: keep generating past end-of-turn tokens (benchmarks).
+    ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -288,7 +290,10 @@ pub async fn chat(
     };
     let prompt = model.chat_prompt(&req.messages, tools.as_ref().and_then(Tools::for_prompt))?;
     let max = c.max_completion_tokens.or(c.max_tokens);
-    let opts = model.options(&prompt, c.params(logprobs)?, max, stop, grammar)?;
+    let mut opts = model.options(&prompt, c.params(logprobs)?, max, stop, grammar)?;
+    if c.ignore_eos == Some(true) {
+        opts.end_ids.clear();
+    }
     let ticket = s.admit(&caller, (prompt.len() + opts.max_tokens * n) as u64)?;
     let stream = c.stream.unwrap_or(false);
     let include_usage = c.include_usage();
@@ -548,13 +553,16 @@ pub async fn completions(
         }
     };
     let prompt = model.text_prompt(text)?;
-    let opts = model.options(
+    let mut opts = model.options(
         &prompt,
         c.params(req.logprobs)?,
         c.max_completion_tokens.or(c.max_tokens).or(Some(16)),
         stop,
         c.grammar()?.map(Arc::new),
     )?;
+    if c.ignore_eos == Some(true) {
+        opts.end_ids.clear();
+    }
     let ticket = s.admit(&caller, (prompt.len() + opts.max_tokens * n) as u64)?;
     let stream = c.stream.unwrap_or(false);
     let include_usage = c.include_usage();
