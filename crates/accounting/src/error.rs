@@ -60,4 +60,10 @@ pub enum AccountingError {
 
     #[error("price file {file}: {message}")]
     PriceFile { file: String, message: String },
+
+    #[error("no model `{id}` in the price catalog; the closest ids are {closest}. `ferrolm cost prices` lists them all, and a --prices file can add one")]
+    UnknownModel { id: String, closest: String },
+
+    #[error("invalid estimate: {0}")]
+    InvalidEstimate(String),
 }

@@ -7,7 +7,9 @@
 //! - [`RateLimiter`]: per-key requests-per-minute and tokens-per-minute over sliding 60-second
 //!   windows, in memory, producing OpenAI's `x-ratelimit-*` headers.
 //! - [`PriceCatalog`]: list prices per 1M tokens (builtin `prices.toml`, optionally merged with
-//!   a user file), and [`ModelPrice::cost_usd`] for one request.
+//!   a user file), [`ModelPrice::cost_usd`] for one request, [`ModelPrice::estimate`] for a
+//!   month of a [`Workload`] (prompt caching, compression), and [`SelfHosted`]'s breakeven
+//!   against hosted prices.
 //!
 //! Nothing here knows about HTTP or the engine: the server decides when to verify, admit,
 //! record and settle.
@@ -20,7 +22,10 @@ pub mod time;
 
 pub use error::AccountingError;
 pub use limits::{format_reset, Headroom, LimitKind, Limited, RateLimiter, Window, WINDOW};
-pub use prices::{ModelPrice, PriceCatalog, PriceTier, SelfHosted, BUILTIN_PRICES, PRICE_FORMAT};
+pub use prices::{
+    Estimate, ModelPrice, PriceCatalog, PriceTier, PromptCache, SelfHosted, Workload,
+    BUILTIN_PRICES, HOURS_PER_MONTH, PRICE_FORMAT,
+};
 pub use store::{
     GroupBy, KeyInfo, KeySpec, Store, UsageGroup, UsageQuery, UsageRow, DB_FILE, KEY_PREFIX,
     NO_KEY, SCHEMA_VERSION,

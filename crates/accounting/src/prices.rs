@@ -11,6 +11,12 @@
 //!   all three rates for the whole request once the prompt is longer than its threshold.
 //! - A `self_hosted` entry has no prices of its own: they are derived from the hardware's cost
 //!   and measured speed, `$/hour ÷ (tokens/s × 3600) × 1e6`, and cached tokens cost nothing.
+//! - Estimates are pure arithmetic on these prices: [`ModelPrice::estimate`] prices a
+//!   [`Workload`] (one kind of request sent N times a month, optionally compressed and served
+//!   partly from the prompt cache) against the same requests sent whole and uncached;
+//!   [`SelfHosted`] says what a dedicated machine costs per request and per month
+//!   ([`HOURS_PER_MONTH`] hours, busy or idle) and from which monthly volume it is cheaper than
+//!   a hosted price per request.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -142,6 +148,244 @@ impl ModelPrice {
     }
 }
 
+// ---- estimates: a workload's monthly cost, and where a dedicated machine breaks even ----
+
+/// Hours a dedicated machine is billed per month: 24 × 30.
+pub const HOURS_PER_MONTH: f64 = 720.0;
+
+/// How much of each prompt the provider's prompt cache serves.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PromptCache {
+    /// Nothing: every prompt token is billed at the input rate.
+    Off,
+    /// A static prefix of this many tokens (system prompt, tools). The month's first request
+    /// writes it at the full input rate; every later one reads it at the cached rate. This
+    /// assumes the cache stays warm all month (requests come more often than the provider
+    /// evicts, which is minutes); cache-write surcharges are not modelled.
+    Prefix(u64),
+    /// This fraction of every request's prompt is read from the cache: an observed average,
+    /// e.g. cached ÷ prompt tokens in `ferrolm usage`.
+    HitRatio(f64),
+}
+
+/// One kind of request, sent `requests` times a month.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Workload {
+    /// Prompt tokens of one request, before compression.
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Fraction of the prompt removed before sending (pruning, summarising), in [0, 1).
+    pub compression_ratio: f64,
+    pub cache: PromptCache,
+    /// Requests per month, at least 1.
+    pub requests: u64,
+}
+
+impl Workload {
+    /// Prompt tokens actually sent: `input_tokens × (1 − compression_ratio)`, rounded.
+    pub fn sent_tokens(&self) -> u64 {
+        (self.input_tokens as f64 * (1.0 - self.compression_ratio)).round() as u64
+    }
+
+    /// Prompt tokens of a request read from the cache once it is warm.
+    pub fn cached_tokens(&self) -> u64 {
+        match self.cache {
+            PromptCache::Off => 0,
+            PromptCache::Prefix(n) => n,
+            PromptCache::HitRatio(r) => (self.sent_tokens() as f64 * r).round() as u64,
+        }
+    }
+
+    /// Ratios in range, at least one request, a cached prefix no longer than what is sent.
+    pub fn check(&self) -> Result<(), AccountingError> {
+        let bad = |m: String| Err(AccountingError::InvalidEstimate(m));
+        if self.requests == 0 {
+            return bad("0 requests per month: give at least 1".into());
+        }
+        let c = self.compression_ratio;
+        if !(0.0..1.0).contains(&c) {
+            return bad(format!("the compression ratio is {c}: it is the fraction of prompt tokens removed before sending, so it must be >= 0 and < 1"));
+        }
+        match self.cache {
+            PromptCache::HitRatio(r) if !(0.0..=1.0).contains(&r) => bad(format!(
+                "the cache hit ratio is {r}: it is the fraction of prompt tokens read from the cache, so it must be between 0 and 1"
+            )),
+            PromptCache::Prefix(n) if n > self.sent_tokens() => bad(format!(
+                "the cached prefix is {n} tokens, more than the {} prompt tokens sent: the prefix is part of the prompt",
+                self.sent_tokens()
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What a [`Workload`] costs at one model's prices, and what it would cost sent whole and
+/// uncached (the baseline).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Estimate {
+    pub requests: u64,
+    /// Prompt tokens per request as given, before compression.
+    pub input_tokens: u64,
+    /// Prompt tokens per request as sent, after compression.
+    pub sent_input_tokens: u64,
+    /// Prompt tokens per request read from the cache once it is warm.
+    pub cached_tokens: u64,
+    pub output_tokens: u64,
+    /// The month's first request: with a static prefix, its cache is still cold.
+    pub first_request_usd: f64,
+    /// Every later request.
+    pub warm_request_usd: f64,
+    /// The month's average: `monthly_usd ÷ requests`.
+    pub per_request_usd: f64,
+    pub monthly_usd: f64,
+    pub baseline_per_request_usd: f64,
+    pub baseline_monthly_usd: f64,
+    /// `baseline_monthly_usd − monthly_usd`.
+    pub saving_usd: f64,
+    /// `saving_usd` as a percentage of `baseline_monthly_usd` (0 when that is 0).
+    pub saving_pct: f64,
+}
+
+impl ModelPrice {
+    /// The month's cost of `w` at this model's prices.
+    pub fn estimate(&self, w: &Workload) -> Result<Estimate, AccountingError> {
+        w.check()?;
+        let (sent, cached, out) = (w.sent_tokens(), w.cached_tokens(), w.output_tokens);
+        let warm = self.cost_usd(sent, cached, out);
+        let first = match w.cache {
+            PromptCache::Prefix(_) => self.cost_usd(sent, 0, out),
+            PromptCache::Off | PromptCache::HitRatio(_) => warm,
+        };
+        let monthly = first + warm * (w.requests - 1) as f64;
+        let baseline = self.cost_usd(w.input_tokens, 0, out);
+        let baseline_monthly = baseline * w.requests as f64;
+        let saving = baseline_monthly - monthly;
+        Ok(Estimate {
+            requests: w.requests,
+            input_tokens: w.input_tokens,
+            sent_input_tokens: sent,
+            cached_tokens: cached,
+            output_tokens: out,
+            first_request_usd: first,
+            warm_request_usd: warm,
+            per_request_usd: monthly / w.requests as f64,
+            monthly_usd: monthly,
+            baseline_per_request_usd: baseline,
+            baseline_monthly_usd: baseline_monthly,
+            saving_usd: saving,
+            saving_pct: if baseline_monthly > 0.0 {
+                saving / baseline_monthly * 100.0
+            } else {
+                0.0
+            },
+        })
+    }
+}
+
+impl SelfHosted {
+    /// A machine, validated: a name, a price >= 0 and speeds > 0.
+    pub fn new(
+        hardware: &str,
+        usd_per_hour: f64,
+        prefill_tokens_per_s: f64,
+        decode_tokens_per_s: f64,
+    ) -> Result<SelfHosted, AccountingError> {
+        for (field, v, zero_ok) in [
+            ("hardware_usd_per_hour", usd_per_hour, true),
+            ("prefill_tokens_per_s", prefill_tokens_per_s, false),
+            ("decode_tokens_per_s", decode_tokens_per_s, false),
+        ] {
+            if !v.is_finite() || v < 0.0 || (v == 0.0 && !zero_ok) {
+                let need = if zero_ok { ">= 0" } else { "> 0" };
+                return Err(AccountingError::InvalidEstimate(format!(
+                    "the machine's {field} is {v}: it must be a finite number {need}"
+                )));
+            }
+        }
+        Ok(SelfHosted {
+            hardware_usd_per_hour: usd_per_hour,
+            prefill_tokens_per_s,
+            decode_tokens_per_s,
+            hardware: hardware.to_owned(),
+        })
+    }
+
+    /// Seconds of the whole machine one request takes: `input/prefill + output/decode`, one
+    /// request at a time (batching several would raise the throughput; measure it with
+    /// `ferrolm bench` and give that as the speed).
+    pub fn seconds_per_request(&self, input_tokens: u64, output_tokens: u64) -> f64 {
+        input_tokens as f64 / self.prefill_tokens_per_s
+            + output_tokens as f64 / self.decode_tokens_per_s
+    }
+
+    /// The marginal cost of one request: its seconds at the machine's hourly price.
+    pub fn request_usd(&self, input_tokens: u64, output_tokens: u64) -> f64 {
+        self.seconds_per_request(input_tokens, output_tokens) * self.hardware_usd_per_hour / 3600.0
+    }
+
+    /// The machine's fixed cost for a month, busy or idle.
+    pub fn monthly_usd(&self) -> f64 {
+        self.hardware_usd_per_hour * HOURS_PER_MONTH
+    }
+
+    /// Whole requests it can serve in a month at 100% utilisation (saturates at `u64::MAX`
+    /// for an empty request).
+    pub fn capacity_per_month(&self, input_tokens: u64, output_tokens: u64) -> u64 {
+        let secs = self.seconds_per_request(input_tokens, output_tokens);
+        (HOURS_PER_MONTH * 3600.0 / secs).floor() as u64
+    }
+
+    /// The monthly volume from which this machine costs no more than paying
+    /// `hosted_request_usd` per request: `⌈monthly_usd ÷ hosted_request_usd⌉`. `None` ("never")
+    /// when the hosted price is below the machine's marginal cost per request, which is the
+    /// same as that volume exceeding the machine's capacity (capacity × marginal cost =
+    /// monthly cost).
+    pub fn breakeven_requests(
+        &self,
+        hosted_request_usd: f64,
+        input_tokens: u64,
+        output_tokens: u64,
+    ) -> Option<u64> {
+        if hosted_request_usd <= 0.0
+            || hosted_request_usd < self.request_usd(input_tokens, output_tokens)
+        {
+            return None;
+        }
+        let volume = ceil_whole(self.monthly_usd() / hosted_request_usd);
+        (volume <= self.capacity_per_month(input_tokens, output_tokens) as f64)
+            .then_some(volume as u64)
+    }
+}
+
+/// `x` rounded up, except that a ratio of prices within 1e-9 of a whole number is that number:
+/// float noise in `2592 / 0.03` must not add a request.
+fn ceil_whole(x: f64) -> f64 {
+    let r = x.round();
+    if (x - r).abs() <= 1e-9 * x.abs().max(1.0) {
+        r
+    } else {
+        x.ceil()
+    }
+}
+
+/// Levenshtein distance between two strings, by chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (row[j + 1] + 1)
+                .min(row[j] + 1)
+                .min(diag + usize::from(ca != cb));
+            diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
 /// Builtin prices, optionally merged with a user file.
 #[derive(Clone, Debug)]
 pub struct PriceCatalog {
@@ -208,6 +452,30 @@ impl PriceCatalog {
 
     pub fn models(&self) -> &[ModelPrice] {
         &self.models
+    }
+
+    /// The model `id`, or an error naming the three ids closest to it (by edit distance,
+    /// ignoring case; ties in catalog order).
+    pub fn lookup(&self, id: &str) -> Result<&ModelPrice, AccountingError> {
+        if let Some(m) = self.get(id) {
+            return Ok(m);
+        }
+        let want = id.to_lowercase();
+        let mut ids: Vec<(usize, &str)> = self
+            .models
+            .iter()
+            .map(|m| (edit_distance(&want, &m.id.to_lowercase()), m.id.as_str()))
+            .collect();
+        ids.sort_by_key(|&(d, _)| d);
+        let closest: Vec<String> = ids.iter().take(3).map(|(_, i)| format!("`{i}`")).collect();
+        Err(AccountingError::UnknownModel {
+            id: id.to_owned(),
+            closest: if closest.is_empty() {
+                "none (the catalog is empty)".to_owned()
+            } else {
+                closest.join(", ")
+            },
+        })
     }
 
     fn merge(&mut self, models: Vec<ModelPrice>) {
@@ -537,6 +805,147 @@ mod tests {
         close(m.cost_usd(0, 0, 180 * 3600), 0.10);
         // Cached prompt tokens cost nothing to compute.
         close(m.cost_usd(1_000, 1_000, 0), 0.0);
+    }
+
+    fn workload(input: u64, output: u64, cache: PromptCache, requests: u64) -> Workload {
+        Workload {
+            input_tokens: input,
+            output_tokens: output,
+            compression_ratio: 0.0,
+            cache,
+            requests,
+        }
+    }
+
+    #[test]
+    fn estimate_of_the_worked_gpt4o_examples() {
+        let m = cat().get("gpt-4o").cloned().unwrap();
+        let e = m
+            .estimate(&workload(10_550, 500, PromptCache::Off, 100_000))
+            .unwrap();
+        close(e.per_request_usd, 0.031375);
+        assert!((e.monthly_usd - 3_137.50).abs() < 1e-6, "{}", e.monthly_usd);
+        close(e.saving_usd, 0.0);
+        let e = m
+            .estimate(&workload(3_050, 500, PromptCache::Off, 1))
+            .unwrap();
+        close(e.per_request_usd, 0.012625);
+        close(e.monthly_usd, 0.012625);
+    }
+
+    #[test]
+    fn a_cached_prefix_is_written_by_the_first_request_and_read_by_the_rest() {
+        // $2.50 input, $0.25 cached (90% off), $10 output per 1M.
+        let c = PriceCatalog::from_toml(
+            "t",
+            &OK_ENTRY
+                .replace(
+                    "input_per_mtok = 1.0",
+                    "input_per_mtok = 2.5\ncached_input_per_mtok = 0.25",
+                )
+                .replace("output_per_mtok = 2.0", "output_per_mtok = 10.0"),
+        )
+        .unwrap();
+        let m = c.get("x").unwrap();
+        let e = m
+            .estimate(&workload(3_050, 500, PromptCache::Prefix(2_500), 2))
+            .unwrap();
+        // First: 3,050 × 2.50 + 500 × 10 = $0.012625. Second: 550 × 2.50 + 2,500 × 0.25 +
+        // 500 × 10 = $0.007. Uncached, both cost $0.012625: $0.02525 against $0.019625.
+        close(e.first_request_usd, 0.012625);
+        close(e.warm_request_usd, 0.007);
+        close(e.monthly_usd, 0.019625);
+        close(e.per_request_usd, 0.0098125);
+        close(e.baseline_monthly_usd, 0.02525);
+        close(e.saving_usd, 0.005625);
+        close(e.saving_pct, 0.005625 / 0.02525 * 100.0);
+        assert!((e.saving_pct - 22.28).abs() < 0.005, "{}", e.saving_pct);
+        // One request alone never reads the cache.
+        let one = m
+            .estimate(&workload(3_050, 500, PromptCache::Prefix(2_500), 1))
+            .unwrap();
+        close(one.saving_usd, 0.0);
+    }
+
+    #[test]
+    fn compression_and_hit_ratio_apply_to_every_request() {
+        let m = cat().get("gpt-4o").cloned().unwrap();
+        let mut w = workload(10_000, 500, PromptCache::HitRatio(0.5), 10);
+        w.compression_ratio = 0.2;
+        let e = m.estimate(&w).unwrap();
+        // 8,000 sent, 4,000 of them cached: 4,000 × 2.50 + 4,000 × 1.25 + 500 × 10 = $0.02.
+        assert_eq!((e.sent_input_tokens, e.cached_tokens), (8_000, 4_000));
+        close(e.first_request_usd, 0.02);
+        close(e.warm_request_usd, 0.02);
+        close(e.monthly_usd, 0.2);
+        // Baseline: 10,000 × 2.50 + 500 × 10 = $0.03 a request.
+        close(e.baseline_monthly_usd, 0.3);
+        assert!((e.saving_pct - 100.0 / 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn workload_errors_say_what_is_allowed() {
+        let m = cat().get("gpt-4o").cloned().unwrap();
+        let err = |w: Workload| m.estimate(&w).unwrap_err().to_string();
+        let mut w = workload(100, 10, PromptCache::Off, 1);
+        w.compression_ratio = 1.0;
+        assert!(err(w).contains("compression ratio is 1: "), "{}", err(w));
+        w.compression_ratio = f64::NAN;
+        assert!(err(w).contains("compression ratio is NaN"), "{}", err(w));
+        w.compression_ratio = 0.5;
+        w.cache = PromptCache::Prefix(51);
+        assert!(
+            err(w).contains("cached prefix is 51 tokens, more than the 50 prompt tokens sent"),
+            "{}",
+            err(w)
+        );
+        w.cache = PromptCache::HitRatio(-0.1);
+        assert!(err(w).contains("cache hit ratio is -0.1"), "{}", err(w));
+        let w = workload(100, 10, PromptCache::Off, 0);
+        assert!(err(w).contains("0 requests per month"), "{}", err(w));
+    }
+
+    #[test]
+    fn breakeven_of_a_dedicated_machine() {
+        // $3.60/h = $0.001/s; 10,000 prompt tokens at 10,000 tok/s (1 s) + 500 at 100 tok/s
+        // (5 s): 6 s and $0.006 a request; $2,592 a month; 2,592,000 s / 6 = 432,000 requests.
+        let h = SelfHosted::new("box", 3.6, 10_000.0, 100.0).unwrap();
+        close(h.seconds_per_request(10_000, 500), 6.0);
+        close(h.request_usd(10_000, 500), 0.006);
+        close(h.monthly_usd(), 2_592.0);
+        assert_eq!(h.capacity_per_month(10_000, 500), 432_000);
+        // gpt-4o: 10,000 × 2.50 + 500 × 10 = $0.03 a request: 2,592 / 0.03 = 86,400.
+        let hosted = cat().get("gpt-4o").unwrap().cost_usd(10_000, 0, 500);
+        assert_eq!(h.breakeven_requests(hosted, 10_000, 500), Some(86_400));
+        // $0.0061 a request: 424,919 requests (⌈424,918.03⌉), under the capacity.
+        assert_eq!(h.breakeven_requests(0.0061, 10_000, 500), Some(424_919));
+        // At or below the machine's own cost per request it never pays off.
+        assert_eq!(h.breakeven_requests(0.0059, 10_000, 500), None);
+        assert_eq!(h.breakeven_requests(0.0, 10_000, 500), None);
+        let e = SelfHosted::new("box", 1.0, 0.0, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("prefill_tokens_per_s is 0: it must be a finite number > 0"),
+            "{e}"
+        );
+        let e = SelfHosted::new("box", -1.0, 1.0, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hardware_usd_per_hour is -1"), "{e}");
+    }
+
+    #[test]
+    fn unknown_model_names_the_closest_ids() {
+        let c = cat();
+        assert_eq!(c.lookup("gpt-4o").unwrap().id, "gpt-4o");
+        let e = c.lookup("GPT4o").unwrap_err().to_string();
+        assert!(
+            e.contains("no model `GPT4o`") && e.contains("closest ids are `gpt-4o`, `gpt-5`"),
+            "{e}"
+        );
+        let e = c.lookup("claude-sonet").unwrap_err().to_string();
+        assert!(e.contains("closest ids are `claude-sonnet-4.5`"), "{e}");
     }
 
     fn write(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {

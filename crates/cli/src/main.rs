@@ -14,6 +14,7 @@ use serde_json::json;
 
 mod bench;
 mod chat;
+mod cost;
 mod eval;
 mod keys;
 mod serve;
@@ -60,6 +61,9 @@ enum Cmd {
     Keys(keys::KeysArgs),
     /// Report usage from the server's ledger: requests, tokens, cost, latency by key/model/day.
     Usage(usage::UsageArgs),
+    /// Estimate and compare costs: the price catalog, a workload per month, self-hosting
+    /// breakeven, and a token audit of a real chat request.
+    Cost(cost::CostArgs),
 }
 
 #[derive(Args, Clone)]
@@ -512,6 +516,7 @@ fn main() {
         Cmd::Serve(a) => serve::run(a),
         Cmd::Keys(a) => keys::run(a),
         Cmd::Usage(a) => usage::run(a),
+        Cmd::Cost(a) => cost::run(a),
     };
     if let Err(e) = r {
         let mut msg = format!("{e}");

@@ -29,7 +29,11 @@ KEYED = os.environ["FERROLM_KEYED"]
 KEY_A = os.environ["FERROLM_KEY_A"]
 KEY_B = os.environ["FERROLM_KEY_B"]
 MODEL = "smollm2-135m-instruct"
-PARIS_Q = [{"role": "user", "content": "What is the capital of France?"}]
+# With SmolLM2's default system prompt the first token of this answer is a near-tie (logprobs
+# -1.99 / -2.02 for "L" / "The"), which numerically equivalent kernels may break either way;
+# the golden tests' system prompt gives a clear "The capital of France is Paris."
+SYSTEM = "You are a helpful assistant."
+PARIS_Q = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is the capital of France?"}]
 
 client = openai.OpenAI(base_url=BASE + "/v1", api_key="not-needed", max_retries=0, timeout=300)
 
@@ -402,7 +406,7 @@ def check_ollama_client():
     assert r.done and r.eval_count > 0 and r.prompt_eval_count > 0 and r.total_duration > 0
     streamed = "".join(p.message.content for p in oc.chat(model=MODEL, messages=PARIS_Q, options={"temperature": 0, "num_predict": 24}, stream=True))
     assert streamed == r.message.content, (streamed, r.message.content)
-    g = oc.generate(model=MODEL, prompt="What is the capital of France?", options={"temperature": 0, "num_predict": 24})
+    g = oc.generate(model=MODEL, system=SYSTEM, prompt="What is the capital of France?", options={"temperature": 0, "num_predict": 24})
     assert "Paris" in g.response, g
     schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 30}}, "required": ["capital"]}
     f = oc.chat(model=MODEL, messages=PARIS_Q, format=schema, options={"temperature": 0, "num_predict": 100})
@@ -426,9 +430,10 @@ def check_langchain_chat_openai():
     from langchain_openai import ChatOpenAI
 
     llm = ChatOpenAI(base_url=BASE + "/v1", api_key="not-needed", model=MODEL, temperature=0, max_tokens=24, max_retries=0)
-    r = llm.invoke("What is the capital of France?")
+    q = [("system", SYSTEM), ("human", "What is the capital of France?")]
+    r = llm.invoke(q)
     assert "Paris" in r.content, r
-    assert "".join(c.content for c in llm.stream("What is the capital of France?")) == r.content
+    assert "".join(c.content for c in llm.stream(q)) == r.content
 
     class City(BaseModel):
         name: str
