@@ -157,7 +157,7 @@ pub struct UsageQuery {
 }
 
 /// One line of a usage report. A grouping column that was not asked for is `None`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct UsageGroup {
     /// The key's name, or [`NO_KEY`] for requests made without one.
     pub key: Option<String>,
@@ -634,16 +634,10 @@ impl Store {
         let rows = st
             .query_map(rusqlite::params_from_iter(args.iter()), |r| {
                 let mut g = UsageGroup {
-                    key: None,
-                    model: None,
-                    day: None,
-                    requests: 0,
-                    prompt_tokens: 0,
-                    cached_tokens: 0,
-                    completion_tokens: 0,
                     cost_usd: r.get(n + 4)?,
                     avg_latency_ms: r.get(n + 5)?,
                     avg_ttft_ms: r.get(n + 6)?,
+                    ..UsageGroup::default()
                 };
                 for (i, col) in groups.iter().enumerate() {
                     let v: String = r.get(i)?;

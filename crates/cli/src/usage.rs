@@ -82,18 +82,7 @@ pub fn run(a: UsageArgs) -> Result<()> {
         }
         None => (Vec::new(), None),
     };
-    let total = total.unwrap_or(UsageGroup {
-        key: None,
-        model: None,
-        day: None,
-        requests: 0,
-        prompt_tokens: 0,
-        cached_tokens: 0,
-        completion_tokens: 0,
-        cost_usd: 0.0,
-        avg_latency_ms: 0.0,
-        avg_ttft_ms: None,
-    });
+    let total = total.unwrap_or_default();
     if a.json {
         let report = Report {
             since: a.since.as_deref(),

@@ -26,16 +26,15 @@ fn sdk_python() -> PathBuf {
     p
 }
 
-/// `ferrolm keys create` in `dir`; returns the secret.
-fn create_key(dir: &std::path::Path, name: &str, extra: &[&str]) -> String {
-    let out = ferrolm()
-        .args(["keys", "create", "--json", "--name", name, "--data-dir"])
-        .arg(dir)
-        .args(extra)
-        .output()
-        .unwrap();
-    let v = json_of(&out);
-    v["secret"].as_str().unwrap().to_owned()
+/// Print a client script's report (shown with --nocapture) and fail with it if any check failed.
+fn assert_checks_passed(out: &std::process::Output) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "client checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -55,13 +54,7 @@ fn the_official_openai_and_ollama_clients_work_unchanged() {
         .env("FERROLM_KEY_B", &key_b)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "client checks failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_checks_passed(&out);
     // The ledger saw every request of the keyed server, and `ferrolm usage` reports it by key.
     drop(keyed);
     let out = ferrolm()
@@ -97,11 +90,5 @@ fn the_node_openai_sdk_and_the_vercel_ai_sdk_work_unchanged() {
         .env("AI_SDK_LOG_WARNINGS", "false")
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "client checks failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_checks_passed(&out);
 }

@@ -527,16 +527,6 @@ fn a_full_queue_answers_429_with_retry_after() {
     }
 }
 
-fn create_key(dir: &std::path::Path, name: &str, extra: &[&str]) -> String {
-    let out = ferrolm()
-        .args(["keys", "create", "--json", "--name", name, "--data-dir"])
-        .arg(dir)
-        .args(extra)
-        .output()
-        .unwrap();
-    json_of(&out)["secret"].as_str().unwrap().to_owned()
-}
-
 fn post_with_key(s: &Server, key: &str, body: &Value) -> (u16, Value) {
     let r = ureq::post(&s.url("/v1/chat/completions"))
         .set("Authorization", &format!("Bearer {key}"))

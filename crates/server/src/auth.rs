@@ -31,6 +31,13 @@ pub struct Caller {
     pub started: Instant,
 }
 
+impl Caller {
+    /// Seconds from the request's arrival to `first` (its first token), if it came.
+    pub fn ttft(&self, first: Option<Instant>) -> Option<f64> {
+        first.map(|f| f.saturating_duration_since(self.started).as_secs_f64())
+    }
+}
+
 pub fn unix_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -212,7 +212,7 @@ async fn answer(s: AppState, caller: Caller, p: Prepared) -> Result<Response, Ol
                 model: &model,
                 endpoint,
                 usage,
-                ttft: first.map(|f| f.saturating_duration_since(caller.started).as_secs_f64()),
+                ttft: caller.ttft(first),
                 finish_reason: Some(finish_name(reason)),
             },
         );
@@ -256,9 +256,7 @@ async fn answer(s: AppState, caller: Caller, p: Prepared) -> Result<Response, Ol
                         model: &model,
                         endpoint,
                         usage,
-                        ttft: job
-                            .first_token
-                            .map(|f| f.saturating_duration_since(caller.started).as_secs_f64()),
+                        ttft: caller.ttft(job.first_token),
                         finish_reason: Some(finish_name(reason)),
                     },
                 );

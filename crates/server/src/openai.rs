@@ -232,23 +232,23 @@ fn completion_logprobs(m: &Model, tokens: &[TokenInfo]) -> Value {
 }
 
 /// Add the rate-limit and cost headers to a response.
-fn with_headers(mut r: Response, ticket: &Ticket, cost: Option<f64>) -> Response {
+fn with_headers(
+    mut r: Response,
+    headers: &[(&'static str, String)],
+    cost: Option<f64>,
+) -> Response {
     let mut set = |k: &'static str, v: String| {
         if let Ok(v) = HeaderValue::from_str(&v) {
             r.headers_mut().insert(HeaderName::from_static(k), v);
         }
     };
-    for (k, v) in &ticket.headers {
+    for (k, v) in headers {
         set(k, v.clone());
     }
     if let Some(c) = cost {
         set("x-ferrolm-cost-usd", format!("{c:.8}"));
     }
     r
-}
-
-fn ttft(caller: &Caller, first: Option<std::time::Instant>) -> Option<f64> {
-    first.map(|f| f.saturating_duration_since(caller.started).as_secs_f64())
 }
 
 pub async fn chat(
@@ -312,14 +312,7 @@ pub async fn chat(
             include_usage,
             logprobs.is_some(),
         );
-        return Ok(with_headers(
-            r,
-            &Ticket {
-                headers,
-                estimated: 0,
-            },
-            None,
-        ));
+        return Ok(with_headers(r, &headers, None));
     }
     let (outs, usage, first) = generate::collect(job).await?;
     let mut choices = Vec::with_capacity(outs.len());
@@ -351,7 +344,7 @@ pub async fn chat(
             model: &model,
             endpoint: "/v1/chat/completions",
             usage,
-            ttft: ttft(&caller, first),
+            ttft: caller.ttft(first),
             finish_reason: Some(last_finish),
         },
     );
@@ -364,7 +357,11 @@ pub async fn chat(
         "choices": choices,
         "usage": usage_json(&usage),
     }));
-    Ok(with_headers(body.into_response(), &ticket, Some(cost)))
+    Ok(with_headers(
+        body.into_response(),
+        &ticket.headers,
+        Some(cost),
+    ))
 }
 
 fn sse_json(v: &Value) -> Result<SseEvent, Infallible> {
@@ -441,7 +438,7 @@ fn chat_stream(
                     model: &model,
                     endpoint: "/v1/chat/completions",
                     usage,
-                    ttft: ttft(&caller, job.first_token),
+                    ttft: caller.ttft(job.first_token),
                     finish_reason: Some(last_finish),
                 },
             );
@@ -593,7 +590,7 @@ pub async fn completions(
                         model: &model,
                         endpoint: "/v1/completions",
                         usage,
-                        ttft: ttft(&caller, job.first_token),
+                        ttft: caller.ttft(job.first_token),
                         finish_reason: Some(last_finish),
                     },
                 );
@@ -641,14 +638,7 @@ pub async fn completions(
             }
             Some((_, Event::Error(m))) => vec![stream_error(m)],
         });
-        return Ok(with_headers(
-            sse_stream(stream),
-            &Ticket {
-                headers,
-                estimated: 0,
-            },
-            None,
-        ));
+        return Ok(with_headers(sse_stream(stream), &headers, None));
     }
     let (outs, usage, first) = generate::collect(job).await?;
     let mut choices = Vec::with_capacity(outs.len());
@@ -669,12 +659,16 @@ pub async fn completions(
             model: &model,
             endpoint: "/v1/completions",
             usage,
-            ttft: ttft(&caller, first),
+            ttft: caller.ttft(first),
             finish_reason: Some(last_finish),
         },
     );
     let mut v = object(&meta, 0, String::new(), Value::Null, Value::Null);
     v["choices"] = Value::Array(choices);
     v["usage"] = usage_json(&usage);
-    Ok(with_headers(Json(v).into_response(), &ticket, Some(cost)))
+    Ok(with_headers(
+        Json(v).into_response(),
+        &ticket.headers,
+        Some(cost),
+    ))
 }

@@ -176,3 +176,14 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// `ferrolm keys create` in `dir`; returns the secret.
+pub fn create_key(dir: &Path, name: &str, extra: &[&str]) -> String {
+    let out = ferrolm()
+        .args(["keys", "create", "--json", "--name", name, "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .output()
+        .unwrap();
+    json_of(&out)["secret"].as_str().unwrap().to_owned()
+}
