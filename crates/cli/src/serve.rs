@@ -11,6 +11,7 @@
 //! id = "smollm2"                                     # optional: else derived from the file name
 //! aliases = ["gpt-4o-mini"]                          # optional: other names clients may send
 //! price = "smollm2-135m-instruct"                    # optional: catalog entry for costs (default: id)
+//! context_strategy = "middle-out"                    # optional: else --context-strategy
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -70,6 +71,12 @@ pub struct ServeArgs {
     /// Most requests waiting per model beyond --max-running; past it, 429 with Retry-After.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// A conversation longer than the context: `error` (a 400 saying by how much) or
+    /// `middle-out` (drop the oldest turns after the system prompt until it fits; the response
+    /// header `x-ferrolm-context` says what was dropped). Requests may choose with the
+    /// `context_strategy` field; a model's config entry may set its own.
+    #[arg(long, default_value = "error")]
+    context_strategy: ferrolm_server::compress::Strategy,
 }
 
 /// The config file, as written.
@@ -88,6 +95,7 @@ struct ModelEntry {
     #[serde(default)]
     aliases: Vec<String>,
     price: Option<String>,
+    context_strategy: Option<ferrolm_server::compress::Strategy>,
 }
 
 /// The id clients use: the file name up to its first dot, lowercased
@@ -124,6 +132,7 @@ fn model_entries(a: &ServeArgs) -> Result<Vec<ModelEntry>> {
             id: None,
             aliases: Vec::new(),
             price: None,
+            context_strategy: None,
         })
         .collect();
     if let Some(c) = &a.config {
@@ -135,6 +144,7 @@ fn model_entries(a: &ServeArgs) -> Result<Vec<ModelEntry>> {
             id: None,
             aliases: Vec::new(),
             price: None,
+            context_strategy: None,
         });
     }
     Ok(entries)
@@ -212,6 +222,7 @@ fn start_model(
         stats,
         max_running: cfg.max_running,
         max_queue: a.max_queue,
+        context_strategy: e.context_strategy.unwrap_or(a.context_strategy),
         price,
     };
     Ok((served, handle))

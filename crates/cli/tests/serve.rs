@@ -587,3 +587,46 @@ fn a_network_address_without_keys_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn middle_out_drops_the_oldest_turns_and_says_so() {
+    let s = Server::start(&["--ctx", "256"]);
+    let mut messages = vec![json!({"role": "system", "content": "You are a helpful assistant."})];
+    for i in 0..8 {
+        messages.push(json!({"role": "user", "content": format!("Tell me fact number {i} about the history of the Roman empire and its roads.")}));
+        messages.push(json!({"role": "assistant", "content": format!("Fact {i}: the Romans built long straight roads paved with stone that connected the provinces to Rome.")}));
+    }
+    messages.push(json!({"role": "user", "content": "What is the capital of France?"}));
+    let mut req = json!({"model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": 16, "messages": messages});
+    // The default strategy is an error that says by how much.
+    let (status, v) = s.post("/v1/chat/completions", &req);
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    // middle-out keeps the system prompt and the latest turns.
+    req["context_strategy"] = json!("middle-out");
+    let r = ureq::post(&s.url("/v1/chat/completions"))
+        .send_string(&req.to_string())
+        .unwrap();
+    let header = r.header("x-ferrolm-context").unwrap().to_owned();
+    let v: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+    assert!(
+        header.starts_with("middle-out; dropped_messages="),
+        "{header}"
+    );
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt + 16 <= 256, "{v}");
+    assert!(header.ends_with(&format!("->{prompt}")), "{header} vs {v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{text}");
+    // A last message that cannot fit even alone is still an error.
+    req["messages"] = json!([{"role": "user", "content": "hello ".repeat(400)}]);
+    let (status, v) = s.post("/v1/chat/completions", &req);
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("middle-out dropped all 0"),
+        "{v}"
+    );
+}

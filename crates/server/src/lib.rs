@@ -34,6 +34,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 mod auth;
+pub mod compress;
 pub mod error;
 mod generate;
 mod metrics;
@@ -96,6 +97,8 @@ pub struct ServedModel {
     pub max_running: usize,
     /// Requests that may wait beyond those; past it the server answers 429 with `Retry-After`.
     pub max_queue: usize,
+    /// What to do with a conversation longer than the context (requests may override it).
+    pub context_strategy: compress::Strategy,
     /// Its price: a catalog entry (self-hosted ones are priced from hardware $/hour and
     /// measured throughput); `None` prices it at zero and says so in the ledger's cost.
     pub price: Option<ModelPrice>,
@@ -296,12 +299,16 @@ impl AppState {
 impl Model {
     /// Render OpenAI/Ollama-shaped messages (and tools) through the chat template and tokenize.
     fn chat_prompt(&self, messages: &Value, tools: Option<&Value>) -> Result<Vec<u32>, ApiError> {
-        let messages = normalize_messages(messages)?;
+        self.render_ids(&normalize_messages(messages)?, tools)
+    }
+
+    /// Render already normalized messages (and tools) and tokenize.
+    fn render_ids(&self, messages: &Value, tools: Option<&Value>) -> Result<Vec<u32>, ApiError> {
         let knows_tools = tools::template_knows_tools(&self.template);
         let (messages, tools) = if knows_tools {
-            (messages, tools)
+            (messages.clone(), tools)
         } else {
-            (tools::inline_tools(messages, tools), None)
+            (tools::inline_tools(messages.clone(), tools), None)
         };
         let rendered = self
             .template

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::auth::Caller;
+use crate::compress::{fit_chat, Strategy};
 use crate::error::{ApiError, OllamaError};
 use crate::generate::{self, finish_name};
 use crate::tools::{self, HoldBack, Tools};
@@ -85,6 +86,8 @@ impl Options {
 struct ChatRequest {
     model: String,
     messages: Value,
+    /// ferrolm's extension: `error` or `middle-out` for a conversation over the context.
+    context_strategy: Option<Strategy>,
     stream: Option<bool>,
     #[serde(default)]
     options: Options,
@@ -306,8 +309,14 @@ pub async fn chat(
     let model = s.model(Some(&req.model))?;
     let tools = Tools::parse(req.tools.as_ref(), None, None)?;
     let grammar = format_grammar(req.format.as_ref())?;
-    let prompt = model.chat_prompt(&req.messages, tools.as_ref().and_then(Tools::for_prompt))?;
     let o = &req.options;
+    let (prompt, compressed) = fit_chat(
+        &model,
+        &req.messages,
+        tools.as_ref().and_then(Tools::for_prompt),
+        req.context_strategy.unwrap_or(model.context_strategy),
+        o.num_predict.and_then(|n| usize::try_from(n).ok()),
+    )?;
     let opts = model.options(
         &prompt,
         o.params(),
@@ -323,7 +332,11 @@ pub async fn chat(
         tools,
         stream: req.stream.unwrap_or(true),
     };
-    answer(s, caller, p).await
+    let mut r = answer(s, caller, p).await?;
+    if let Some(v) = compressed.and_then(|c| axum::http::HeaderValue::from_str(&c.header()).ok()) {
+        r.headers_mut().insert("x-ferrolm-context", v);
+    }
+    Ok(r)
 }
 
 pub async fn generate(

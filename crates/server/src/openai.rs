@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
+use crate::compress::{fit_chat, Strategy};
 use crate::error::ApiError;
 use crate::generate::{self, finish_name, Job, TokenInfo};
 use crate::tools::{self, HoldBack, Tools};
@@ -65,6 +66,8 @@ struct ChatRequest {
     tools: Option<Value>,
     tool_choice: Option<Value>,
     parallel_tool_calls: Option<bool>,
+    /// ferrolm's extension: `error` or `middle-out` for a conversation over the context.
+    context_strategy: Option<Strategy>,
     #[serde(flatten)]
     common: Common,
 }
@@ -288,13 +291,22 @@ pub async fn chat(
         (false, None) => None,
         (true, n) => Some(n.unwrap_or(0)),
     };
-    let prompt = model.chat_prompt(&req.messages, tools.as_ref().and_then(Tools::for_prompt))?;
     let max = c.max_completion_tokens.or(c.max_tokens);
+    let (prompt, compressed) = fit_chat(
+        &model,
+        &req.messages,
+        tools.as_ref().and_then(Tools::for_prompt),
+        req.context_strategy.unwrap_or(model.context_strategy),
+        max,
+    )?;
     let mut opts = model.options(&prompt, c.params(logprobs)?, max, stop, grammar)?;
     if c.ignore_eos == Some(true) {
         opts.end_ids.clear();
     }
-    let ticket = s.admit(&caller, (prompt.len() + opts.max_tokens * n) as u64)?;
+    let mut ticket = s.admit(&caller, (prompt.len() + opts.max_tokens * n) as u64)?;
+    if let Some(c) = &compressed {
+        ticket.headers.push(("x-ferrolm-context", c.header()));
+    }
     let stream = c.stream.unwrap_or(false);
     let include_usage = c.include_usage();
     let job = generate::start(&s, &model, prompt, opts, n).await?;
