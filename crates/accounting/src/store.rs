@@ -30,7 +30,7 @@ use crate::AccountingError;
 /// The database's file name inside the data dir.
 pub const DB_FILE: &str = "ferrolm.db";
 /// The schema version this code writes; `MIGRATIONS[v - 1]` brings version v-1 to v.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// What every key starts with, so a leaked one is recognisable (and greppable by scanners).
 pub const KEY_PREFIX: &str = "flm-";
 /// Random characters after `KEY_PREFIX`.
@@ -74,6 +74,13 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX usage_key_ts ON usage(key_id, ts);
     CREATE INDEX usage_ts ON usage(ts);",
+    // 2: what the cost-cutting levers saved, per request (rows from version 1 saved nothing).
+    "ALTER TABLE usage ADD COLUMN route TEXT;   -- the virtual model (router) that chose `model`
+    ALTER TABLE usage ADD COLUMN compressed_tokens INTEGER NOT NULL DEFAULT 0
+        CHECK (compressed_tokens >= 0);         -- prompt tokens a context strategy removed
+    ALTER TABLE usage ADD COLUMN saved_by_cache_usd REAL NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN saved_by_compression_usd REAL NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN saved_by_routing_usd REAL NOT NULL DEFAULT 0;",
 ];
 
 /// What a new key may do. `None` is unlimited.
@@ -102,7 +109,7 @@ pub struct KeyInfo {
 }
 
 /// One request, as the ledger keeps it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct UsageRow {
     /// Unix milliseconds.
     pub ts: i64,
@@ -119,6 +126,16 @@ pub struct UsageRow {
     pub ttft_ms: Option<f64>,
     pub cost_usd: f64,
     pub finish_reason: Option<String>,
+    /// The virtual model (router) that picked `model`, if one did.
+    pub route: Option<String>,
+    /// Prompt tokens a context strategy removed before the request ran.
+    pub compressed_tokens: u64,
+    /// What the prefix cache saved: the cost with every prompt token computed, minus `cost_usd`.
+    pub saved_by_cache_usd: f64,
+    /// What compression saved: the cost with the removed tokens sent too, minus `cost_usd`.
+    pub saved_by_compression_usd: f64,
+    /// What routing saved: the same tokens on the router's top tier, minus `cost_usd`.
+    pub saved_by_routing_usd: f64,
 }
 
 /// A column to group the usage report by.
@@ -172,6 +189,12 @@ pub struct UsageGroup {
     pub avg_latency_ms: f64,
     /// Over the requests that reported a time to first token.
     pub avg_ttft_ms: Option<f64>,
+    pub compressed_tokens: u64,
+    pub saved_by_cache_usd: f64,
+    pub saved_by_compression_usd: f64,
+    pub saved_by_routing_usd: f64,
+    /// Requests a router placed.
+    pub routed_requests: u64,
 }
 
 /// The key store and ledger. `Send + Sync`: calls are serialised on one connection.
@@ -331,6 +354,15 @@ fn check_row(row: &UsageRow) -> Result<[i64; 3], AccountingError> {
                     "{field} is {v}: expected a finite number >= 0"
                 )));
             }
+        }
+    }
+    for (field, v) in [
+        ("saved_by_cache_usd", row.saved_by_cache_usd),
+        ("saved_by_compression_usd", row.saved_by_compression_usd),
+        ("saved_by_routing_usd", row.saved_by_routing_usd),
+    ] {
+        if !v.is_finite() {
+            return Err(bad(format!("{field} is {v}: expected a finite number")));
         }
     }
     let int = |field: &str, v: u64| {
@@ -509,8 +541,10 @@ impl Store {
         tx.execute(
             "INSERT INTO usage (ts, request_id, key_id, model, endpoint, status, prompt_tokens,
                                 cached_tokens, completion_tokens, latency_ms, ttft_ms, cost_usd,
-                                finish_reason)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                                finish_reason, route, compressed_tokens, saved_by_cache_usd,
+                                saved_by_compression_usd, saved_by_routing_usd)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                     ?17, ?18)",
             params![
                 row.ts,
                 row.request_id,
@@ -524,7 +558,12 @@ impl Store {
                 row.latency_ms,
                 row.ttft_ms,
                 row.cost_usd,
-                row.finish_reason
+                row.finish_reason,
+                row.route,
+                i64::try_from(row.compressed_tokens).unwrap_or(i64::MAX),
+                row.saved_by_cache_usd,
+                row.saved_by_compression_usd,
+                row.saved_by_routing_usd
             ],
         )
         .at(&self.path)?;
@@ -597,6 +636,11 @@ impl Store {
             "COALESCE(SUM(u.cost_usd), 0.0)",
             "COALESCE(AVG(u.latency_ms), 0.0)",
             "AVG(u.ttft_ms)",
+            "COALESCE(SUM(u.compressed_tokens), 0)",
+            "COALESCE(SUM(u.saved_by_cache_usd), 0.0)",
+            "COALESCE(SUM(u.saved_by_compression_usd), 0.0)",
+            "COALESCE(SUM(u.saved_by_routing_usd), 0.0)",
+            "COUNT(u.route)",
         ]);
         let mut conds = Vec::new();
         let mut args: Vec<i64> = Vec::new();
@@ -637,6 +681,9 @@ impl Store {
                     cost_usd: r.get(n + 4)?,
                     avg_latency_ms: r.get(n + 5)?,
                     avg_ttft_ms: r.get(n + 6)?,
+                    saved_by_cache_usd: r.get(n + 8)?,
+                    saved_by_compression_usd: r.get(n + 9)?,
+                    saved_by_routing_usd: r.get(n + 10)?,
                     ..UsageGroup::default()
                 };
                 for (i, col) in groups.iter().enumerate() {
@@ -655,6 +702,8 @@ impl Store {
                 g.prompt_tokens = count(n + 1)?;
                 g.cached_tokens = count(n + 2)?;
                 g.completion_tokens = count(n + 3)?;
+                g.compressed_tokens = count(n + 7)?;
+                g.routed_requests = count(n + 11)?;
                 Ok(g)
             })
             .at(&self.path)?;
@@ -790,7 +839,57 @@ mod tests {
             ttft_ms: Some(5.0),
             cost_usd: cost,
             finish_reason: Some("stop".to_owned()),
+            ..UsageRow::default()
         }
+    }
+
+    #[test]
+    fn savings_are_summed_per_group_and_a_version_1_ledger_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A ledger written by version 1 (schema 1), with one row.
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL);
+                 INSERT INTO schema_version VALUES (1);
+                 INSERT INTO usage (ts, request_id, model, endpoint, status, prompt_tokens,
+                    cached_tokens, completion_tokens, latency_ms, cost_usd)
+                 VALUES (1, 'old', 'm', '/v1/chat/completions', 200, 10, 0, 5, 1.0, 0.5);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let mut r = row(None, "m", 2, 0.25);
+        r.route = Some("auto".into());
+        r.compressed_tokens = 300;
+        r.saved_by_cache_usd = 0.125;
+        r.saved_by_compression_usd = 0.5;
+        r.saved_by_routing_usd = 2.0;
+        store.record(&r).unwrap();
+        let g = store
+            .usage(&UsageQuery {
+                group_by: vec![GroupBy::Model],
+                ..UsageQuery::default()
+            })
+            .unwrap();
+        assert_eq!(g.len(), 1);
+        let g = &g[0];
+        assert_eq!(
+            (g.requests, g.routed_requests, g.compressed_tokens),
+            (2, 1, 300)
+        );
+        assert_eq!(g.cost_usd, 0.75);
+        assert_eq!(
+            (
+                g.saved_by_cache_usd,
+                g.saved_by_compression_usd,
+                g.saved_by_routing_usd
+            ),
+            (0.125, 0.5, 2.0)
+        );
+        r.saved_by_routing_usd = f64::NAN;
+        assert!(store.record(&r).is_err());
     }
 
     #[test]

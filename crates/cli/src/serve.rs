@@ -12,6 +12,15 @@
 //! aliases = ["gpt-4o-mini"]                          # optional: other names clients may send
 //! price = "smollm2-135m-instruct"                    # optional: catalog entry for costs (default: id)
 //! context_strategy = "middle-out"                    # optional: else --context-strategy
+//!
+//! [[router]]              # a virtual model: each chat request goes to the first tier that
+//! id = "auto"             # takes it, falling back to later tiers when one is saturated
+//! [[router.tier]]
+//! model = "smollm2"
+//! max_prompt_tokens = 2000                           # optional; and tools/json/code = false
+//! code = false                                       # to send those requests up
+//! [[router.tier]]
+//! model = "big"                                      # the last tier takes anything
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,6 +31,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ferrolm_accounting::{PriceCatalog, Store};
 use ferrolm_engine::{Engine, EngineConfig, EngineHandle};
+use ferrolm_server::route::{Router, Tier};
 use ferrolm_server::{Access, AppState, ModelDetails, ServedModel};
 use serde::Deserialize;
 
@@ -80,11 +90,42 @@ pub struct ServeArgs {
 }
 
 /// The config file, as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     #[serde(default)]
     model: Vec<ModelEntry>,
+    #[serde(default)]
+    router: Vec<RouterEntry>,
+}
+
+/// A virtual model that routes chat requests to the cheapest tier that can take them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouterEntry {
+    id: String,
+    tier: Vec<TierEntry>,
+}
+
+/// One tier, cheapest first; the last one takes anything.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TierEntry {
+    /// A served model's id or alias.
+    model: String,
+    /// Prompts longer than this go to a later tier (default: no limit).
+    max_prompt_tokens: Option<usize>,
+    /// Does this tier take requests with tools / JSON output / code? (default: yes)
+    #[serde(default = "yes")]
+    tools: bool,
+    #[serde(default = "yes")]
+    json: bool,
+    #[serde(default = "yes")]
+    code: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -108,7 +149,7 @@ fn model_id(file_name: &str) -> String {
         .to_lowercase()
 }
 
-fn read_config(path: &Path) -> Result<Vec<ModelEntry>> {
+fn read_config(path: &Path) -> Result<ConfigFile> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the config file {}", path.display()))?;
     let cfg: ConfigFile = toml::from_str(&text)
@@ -119,11 +160,60 @@ fn read_config(path: &Path) -> Result<Vec<ModelEntry>> {
             path.display()
         );
     }
-    Ok(cfg.model)
+    Ok(cfg)
+}
+
+/// Check the routers against the served models' names.
+fn routers(entries: &[RouterEntry], served: &[ServedModel]) -> Result<Vec<Router>> {
+    let named = |name: &str| {
+        served.iter().find(|m| {
+            m.id.eq_ignore_ascii_case(name)
+                || m.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+        })
+    };
+    let mut out: Vec<Router> = Vec::new();
+    for r in entries {
+        if named(&r.id).is_some() || out.iter().any(|o| o.id.eq_ignore_ascii_case(&r.id)) {
+            bail!(
+                "router `{}`: the name is already a model's or another router's: pick another `id`",
+                r.id
+            );
+        }
+        if r.tier.is_empty() {
+            bail!("router `{}` has no [[router.tier]] entries", r.id);
+        }
+        let mut tiers = Vec::with_capacity(r.tier.len());
+        for t in &r.tier {
+            let Some(m) = named(&t.model) else {
+                bail!(
+                    "router `{}`: tier model `{}` is not served here (served: {})",
+                    r.id,
+                    t.model,
+                    served
+                        .iter()
+                        .map(|m| m.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            };
+            tiers.push(Tier {
+                model: m.id.clone(),
+                max_prompt_tokens: t.max_prompt_tokens,
+                tools: t.tools,
+                json: t.json,
+                code: t.code,
+            });
+        }
+        out.push(Router {
+            id: r.id.clone(),
+            tiers,
+        });
+    }
+    Ok(out)
 }
 
 /// The models to serve, in order (the first answers requests that name none).
-fn model_entries(a: &ServeArgs) -> Result<Vec<ModelEntry>> {
+fn model_entries(a: &ServeArgs, cfg: &ConfigFile) -> Result<Vec<ModelEntry>> {
     let mut entries: Vec<ModelEntry> = a
         .model
         .iter()
@@ -135,9 +225,7 @@ fn model_entries(a: &ServeArgs) -> Result<Vec<ModelEntry>> {
             context_strategy: None,
         })
         .collect();
-    if let Some(c) = &a.config {
-        entries.extend(read_config(c)?);
-    }
+    entries.extend(cfg.model.iter().cloned());
     if entries.is_empty() {
         entries.push(ModelEntry {
             path: "default".into(),
@@ -258,7 +346,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_running: a.max_running,
         threads: threads(a.threads)?,
     };
-    let entries = model_entries(&a)?;
+    let cfg_file = match &a.config {
+        Some(c) => read_config(c)?,
+        None => ConfigFile::default(),
+    };
+    let entries = model_entries(&a, &cfg_file)?;
     let mut served = Vec::with_capacity(entries.len());
     let mut handles = Vec::with_capacity(entries.len());
     for e in &entries {
@@ -304,7 +396,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         store: db,
         open_without_keys: a.host.is_loopback() || a.allow_unauthenticated,
     };
-    let state = AppState::new(served, access, catalog);
+    let routers = routers(&cfg_file.router, &served)?;
+    let state = AppState::new(served, routers, access, catalog);
     rt.block_on(ferrolm_server::serve(
         listener,
         state,

@@ -2,10 +2,16 @@
 //! as a table with a totals row, or JSON `{"groups": [...], "total": {...}}`.
 //!
 //! Days are UTC; `--since` and `--until` are whole days, both included.
+//!
+//! `--savings` reports, per group, what was spent, what each lever saved (prefix caching,
+//! context compression, tier routing; recorded per request by the server at its prices), and
+//! what the same traffic — the prompts as sent by the clients, before compression, with the
+//! same cached prefixes — would have cost on a hosted model from the price catalog
+//! (`--compare`, default `gpt-4o`; its base price, without long-context tiers).
 
 use anyhow::{bail, Result};
 use clap::Args;
-use ferrolm_accounting::{time, GroupBy, UsageGroup, UsageQuery};
+use ferrolm_accounting::{time, GroupBy, ModelPrice, PriceCatalog, UsageGroup, UsageQuery};
 use serde::Serialize;
 
 use crate::keys::{data_dir, open_existing, print_table, DataDirArg};
@@ -20,6 +26,16 @@ struct Report<'a> {
     key: Option<&'a str>,
     groups: &'a [UsageGroup],
     total: &'a UsageGroup,
+    /// With `--savings`: the same traffic's cost on the compared model, per group and in total.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    compare: Option<Compare<'a>>,
+}
+
+#[derive(Serialize)]
+struct Compare<'a> {
+    model: &'a str,
+    groups: Vec<f64>,
+    total: f64,
 }
 
 #[derive(Args)]
@@ -41,6 +57,25 @@ pub struct UsageArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Show what caching, compression and routing saved, and the cost on --compare.
+    #[arg(long)]
+    savings: bool,
+    /// The hosted model (a price catalog id) to compare against with --savings.
+    #[arg(long, default_value = "gpt-4o", requires = "savings")]
+    compare: String,
+    /// A price catalog (TOML) that overrides or extends the built-in one.
+    #[arg(long)]
+    prices: Option<std::path::PathBuf>,
+}
+
+/// The same traffic on a hosted model: the clients' prompts (compressed tokens included), the
+/// same cached prefixes, the same completions.
+fn on_hosted(p: &ModelPrice, g: &UsageGroup) -> f64 {
+    p.cost_usd(
+        g.prompt_tokens + g.compressed_tokens,
+        g.cached_tokens,
+        g.completion_tokens,
+    )
 }
 
 pub fn run(a: UsageArgs) -> Result<()> {
@@ -83,6 +118,13 @@ pub fn run(a: UsageArgs) -> Result<()> {
         None => (Vec::new(), None),
     };
     let total = total.unwrap_or_default();
+    let catalog;
+    let compare = if a.savings {
+        catalog = PriceCatalog::load(a.prices.as_deref())?;
+        Some(catalog.lookup(&a.compare)?)
+    } else {
+        None
+    };
     if a.json {
         let report = Report {
             since: a.since.as_deref(),
@@ -90,6 +132,11 @@ pub fn run(a: UsageArgs) -> Result<()> {
             key: a.key.as_deref(),
             groups: &groups,
             total: &total,
+            compare: compare.map(|p| Compare {
+                model: &p.id,
+                groups: groups.iter().map(|g| on_hosted(p, g)).collect(),
+                total: on_hosted(p, &total),
+            }),
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -112,17 +159,40 @@ pub fn run(a: UsageArgs) -> Result<()> {
         })
         .collect();
     let lead = headers.len();
-    headers.extend([
-        "REQUESTS",
-        "PROMPT",
-        "CACHED",
-        "COMPLETION",
-        "COST_USD",
-        "AVG_LATENCY_MS",
-        "AVG_TTFT_MS",
-    ]);
-    let numbers = |g: &UsageGroup| {
-        vec![
+    let on_compare = format!(
+        "ON_{}_USD",
+        compare.map_or("", |p| p.id.as_str()).to_uppercase()
+    );
+    if compare.is_some() {
+        headers.extend([
+            "REQUESTS",
+            "COST_USD",
+            "SAVED_CACHE",
+            "SAVED_COMPRESSION",
+            "SAVED_ROUTING",
+            on_compare.as_str(),
+        ]);
+    } else {
+        headers.extend([
+            "REQUESTS",
+            "PROMPT",
+            "CACHED",
+            "COMPLETION",
+            "COST_USD",
+            "AVG_LATENCY_MS",
+            "AVG_TTFT_MS",
+        ]);
+    }
+    let numbers = |g: &UsageGroup| match compare {
+        Some(p) => vec![
+            g.requests.to_string(),
+            format!("{:.6}", g.cost_usd),
+            format!("{:.6}", g.saved_by_cache_usd),
+            format!("{:.6}", g.saved_by_compression_usd),
+            format!("{:.6}", g.saved_by_routing_usd),
+            format!("{:.6}", on_hosted(p, g)),
+        ],
+        None => vec![
             g.requests.to_string(),
             g.prompt_tokens.to_string(),
             g.cached_tokens.to_string(),
@@ -131,7 +201,7 @@ pub fn run(a: UsageArgs) -> Result<()> {
             format!("{:.1}", g.avg_latency_ms),
             g.avg_ttft_ms
                 .map_or_else(|| "-".to_owned(), |t| format!("{t:.1}")),
-        ]
+        ],
     };
     let mut rows: Vec<Vec<String>> = groups
         .iter()

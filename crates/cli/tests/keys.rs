@@ -263,6 +263,7 @@ fn usage_reports_the_ledger() {
         ttft_ms: Some(20.0),
         cost_usd: cost,
         finish_reason: Some("stop".into()),
+        ..UsageRow::default()
     };
     store
         .record(&row(Some(1), "gpt-4o", day + 1, 0.031375))

@@ -630,3 +630,123 @@ fn middle_out_drops_the_oldest_turns_and_says_so() {
         "{v}"
     );
 }
+
+#[test]
+fn a_router_sends_easy_requests_to_the_small_tier_and_falls_back_when_it_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("serve.toml");
+    let model = default_model();
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[[model]]
+path = {m:?}
+id = "small"
+price = "smollm2-135m-instruct"
+[[model]]
+path = {m:?}
+id = "large"
+price = "gpt-4o"
+[[router]]
+id = "auto"
+[[router.tier]]
+model = "small"
+max_prompt_tokens = 60
+tools = false
+[[router.tier]]
+model = "large"
+"#,
+            m = model.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        data.path(),
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--ctx",
+            "1024",
+            "--max-running",
+            "1",
+            "--max-queue",
+            "0",
+        ],
+    );
+    let (_, v) = s.get("/v1/models");
+    assert!(v.to_string().contains("\"auto\""), "{v}");
+    let ask = |req: &Value| {
+        let (status, v) = s.post("/v1/chat/completions", req);
+        assert_eq!(status, 200, "{v}");
+        v["model"].as_str().unwrap().to_owned()
+    };
+    let mut req = paris_request();
+    req["model"] = json!("auto");
+    req["max_tokens"] = json!(8);
+    assert_eq!(ask(&req), "small");
+    // A long prompt, and a request with tools, go to the top tier.
+    let mut long = req.clone();
+    long["messages"][1]["content"] = json!("Tell me about Paris. ".repeat(20));
+    assert_eq!(ask(&long), "large");
+    let mut tools = req.clone();
+    tools["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
+    assert_eq!(ask(&tools), "large");
+    // With the small tier busy (one running, no queue), the next easy request falls back.
+    let mut busy = req.clone();
+    busy["model"] = json!("small");
+    busy["messages"][1]["content"] = json!("Count from 1 to 500.");
+    busy["max_tokens"] = json!(400);
+    busy["stream"] = json!(true);
+    let first = ureq::post(&s.url("/v1/chat/completions"))
+        .send_string(&busy.to_string())
+        .unwrap();
+    let mut reader = BufReader::new(first.into_reader());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(ask(&req), "large");
+    drop(reader);
+    // The ledger records the route and what routing saved against the top tier.
+    drop(s);
+    let out = ferrolm()
+        .args(["usage", "--json", "--by", "model", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    let v = json_of(&out);
+    let small = v["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["model"] == "small")
+        .unwrap();
+    assert_eq!(small["routed_requests"], 1, "{v}");
+    assert!(small["saved_by_routing_usd"].as_f64().unwrap() > 0.0, "{v}");
+    // --savings prices the same traffic on a hosted model.
+    let out = ferrolm()
+        .args([
+            "usage",
+            "--savings",
+            "--compare",
+            "gpt-4o-mini",
+            "--json",
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    let v = json_of(&out);
+    assert_eq!(v["compare"]["model"], "gpt-4o-mini");
+    assert!(v["compare"]["total"].as_f64().unwrap() > 0.0, "{v}");
+    let out = ferrolm()
+        .args(["usage", "--savings", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("SAVED_ROUTING") && text.contains("ON_GPT-4O_USD"),
+        "{text}"
+    );
+}

@@ -166,6 +166,7 @@ pub async fn layer(State(s): State<AppState>, mut req: Request, next: Next) -> R
             ttft_ms: None,
             cost_usd: 0.0,
             finish_reason: None,
+            ..UsageRow::default()
         };
         if let Err(e) = s.access.store.record(&row) {
             eprintln!("ferrolm serve: {id}: could not write the usage ledger: {e}");

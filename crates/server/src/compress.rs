@@ -47,6 +47,11 @@ pub struct Compression {
 }
 
 impl Compression {
+    /// Prompt tokens removed.
+    pub fn saved(&self) -> usize {
+        self.tokens_before - self.tokens_after
+    }
+
     /// The `x-ferrolm-context` header value.
     pub fn header(&self) -> String {
         format!(

@@ -40,6 +40,7 @@ mod generate;
 mod metrics;
 mod ollama;
 mod openai;
+pub mod route;
 mod tools;
 
 pub use auth::Caller;
@@ -134,6 +135,8 @@ pub struct AppState(Arc<Inner>);
 
 pub struct Inner {
     pub models: Vec<Arc<Model>>,
+    /// Virtual models that route chat requests to one of their tiers.
+    pub routers: Vec<route::Router>,
     pub access: Access,
     pub limiter: RateLimiter,
     pub metrics: Metrics,
@@ -163,11 +166,51 @@ pub struct Settled<'a> {
     /// Seconds from submission to the first token.
     pub ttft: Option<f64>,
     pub finish_reason: Option<&'static str>,
+    /// Prompt tokens a context strategy removed.
+    pub compressed_tokens: usize,
+    /// The router that chose `model`, and its top tier.
+    pub route: Option<(&'a str, &'a Model)>,
+}
+
+/// What the cost levers did to one request, carried to its settlement.
+#[derive(Clone, Default)]
+pub struct Levers {
+    /// Prompt tokens a context strategy removed.
+    pub compressed_tokens: usize,
+    /// The router that placed the request, and its top tier.
+    pub route: Option<(String, Arc<Model>)>,
+}
+
+impl Levers {
+    pub fn settled<'a>(
+        &'a self,
+        model: &'a Model,
+        endpoint: &'static str,
+        usage: Usage,
+        ttft: Option<f64>,
+        finish_reason: Option<&'static str>,
+    ) -> Settled<'a> {
+        Settled {
+            model,
+            endpoint,
+            usage,
+            ttft,
+            finish_reason,
+            compressed_tokens: self.compressed_tokens,
+            route: self.route.as_ref().map(|(r, m)| (r.as_str(), m.as_ref())),
+        }
+    }
 }
 
 impl AppState {
-    pub fn new(models: Vec<ServedModel>, access: Access, catalog: PriceCatalog) -> Self {
+    pub fn new(
+        models: Vec<ServedModel>,
+        routers: Vec<route::Router>,
+        access: Access,
+        catalog: PriceCatalog,
+    ) -> Self {
         AppState(Arc::new(Inner {
+            routers,
             models: models
                 .into_iter()
                 .map(|m| {
@@ -213,6 +256,15 @@ impl AppState {
             })
     }
 
+    /// The router a request names, if it names one.
+    pub fn router(&self, asked: Option<&str>) -> Option<&route::Router> {
+        let asked = asked?;
+        let name = asked.strip_suffix(":latest").unwrap_or(asked);
+        self.routers
+            .iter()
+            .find(|r| r.id.eq_ignore_ascii_case(name))
+    }
+
     /// Check a caller's budget and rate limits before any work: `tokens` is the most the request
     /// may use (prompt + every choice's `max_tokens`).
     pub fn admit(&self, caller: &Caller, tokens: u64) -> Result<Ticket, ApiError> {
@@ -249,13 +301,23 @@ impl AppState {
     /// cost in USD. Storage failures are logged, never turned into a failed answer.
     pub fn settle(&self, caller: &Caller, ticket: &Ticket, s: Settled<'_>) -> f64 {
         let u = &s.usage;
-        let cost = s.model.price.as_ref().map_or(0.0, |p| {
-            p.cost_usd(
-                u.prompt_tokens as u64,
-                u.cached_tokens as u64,
-                u.completion_tokens as u64,
-            )
+        let (prompt, cached, completion) = (
+            u.prompt_tokens as u64,
+            u.cached_tokens as u64,
+            u.completion_tokens as u64,
+        );
+        let price = s.model.price.as_ref();
+        let cost = price.map_or(0.0, |p| p.cost_usd(prompt, cached, completion));
+        // What each lever saved, at this model's price (routing: at the top tier's).
+        let saved_by_cache = price.map_or(0.0, |p| p.cost_usd(prompt, 0, completion) - cost);
+        let compressed = s.compressed_tokens as u64;
+        let saved_by_compression = price.map_or(0.0, |p| {
+            p.cost_usd(prompt + compressed, cached, completion) - cost
         });
+        let saved_by_routing = s
+            .route
+            .and_then(|(_, top)| top.price.as_ref())
+            .map_or(0.0, |p| p.cost_usd(prompt, cached, completion) - cost);
         let used = (u.prompt_tokens + u.completion_tokens) as u64;
         if let Some(key) = &caller.key {
             self.limiter
@@ -285,6 +347,11 @@ impl AppState {
             ttft_ms: s.ttft.map(|t| t * 1e3),
             cost_usd: cost,
             finish_reason: s.finish_reason.map(str::to_owned),
+            route: s.route.map(|(r, _)| r.to_owned()),
+            compressed_tokens: compressed,
+            saved_by_cache_usd: saved_by_cache,
+            saved_by_compression_usd: saved_by_compression,
+            saved_by_routing_usd: saved_by_routing,
         };
         if let Err(e) = self.access.store.record(&row) {
             eprintln!(

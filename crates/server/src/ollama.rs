@@ -23,7 +23,7 @@ use crate::compress::{fit_chat, Strategy};
 use crate::error::{ApiError, OllamaError};
 use crate::generate::{self, finish_name};
 use crate::tools::{self, HoldBack, Tools};
-use crate::{parse, unix_now, AppState, Model, Settled, Stop};
+use crate::{parse, unix_now, AppState, Levers, Model, Stop};
 
 /// Ollama's `options`. Unknown ones (mirostat, num_gpu, ...) are ignored.
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +186,7 @@ struct Prepared {
     opts: GenerateOptions,
     tools: Option<Tools>,
     stream: bool,
+    levers: Levers,
 }
 
 async fn answer(s: AppState, caller: Caller, p: Prepared) -> Result<Response, OllamaError> {
@@ -196,6 +197,7 @@ async fn answer(s: AppState, caller: Caller, p: Prepared) -> Result<Response, Ol
         opts,
         tools,
         stream,
+        levers,
     } = p;
     let endpoint = match kind {
         Kind::Chat => "/api/chat",
@@ -211,13 +213,13 @@ async fn answer(s: AppState, caller: Caller, p: Prepared) -> Result<Response, Ol
         s.settle(
             &caller,
             &ticket,
-            Settled {
-                model: &model,
+            levers.settled(
+                &model,
                 endpoint,
                 usage,
-                ttft: caller.ttft(first),
-                finish_reason: Some(finish_name(reason)),
-            },
+                caller.ttft(first),
+                Some(finish_name(reason)),
+            ),
         );
         let stats = done_stats(reason, &usage, out.time_to_first_token, caller.started);
         let (content, calls) = match &tools {
@@ -255,13 +257,13 @@ async fn answer(s: AppState, caller: Caller, p: Prepared) -> Result<Response, Ol
                 s.settle(
                     &caller,
                     &ticket,
-                    Settled {
-                        model: &model,
+                    levers.settled(
+                        &model,
                         endpoint,
                         usage,
-                        ttft: caller.ttft(job.first_token),
-                        finish_reason: Some(finish_name(reason)),
-                    },
+                        caller.ttft(job.first_token),
+                        Some(finish_name(reason)),
+                    ),
                 );
                 let stats = done_stats(reason, &usage, time_to_first_token, caller.started);
                 let mut out = Vec::new();
@@ -331,6 +333,10 @@ pub async fn chat(
         opts,
         tools,
         stream: req.stream.unwrap_or(true),
+        levers: Levers {
+            compressed_tokens: compressed.as_ref().map_or(0, |c| c.saved()),
+            route: None,
+        },
     };
     let mut r = answer(s, caller, p).await?;
     if let Some(v) = compressed.and_then(|c| axum::http::HeaderValue::from_str(&c.header()).ok()) {
@@ -372,6 +378,7 @@ pub async fn generate(
         opts,
         tools: None,
         stream: req.stream.unwrap_or(true),
+        levers: Levers::default(),
     };
     answer(s, caller, p).await
 }

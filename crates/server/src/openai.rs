@@ -19,11 +19,12 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
-use crate::compress::{fit_chat, Strategy};
+use crate::compress::{fit_chat, Compression, Strategy};
 use crate::error::ApiError;
 use crate::generate::{self, finish_name, Job, TokenInfo};
+use crate::route::{self, looks_like_code, Needs};
 use crate::tools::{self, HoldBack, Tools};
-use crate::{logit_bias, parse, unix_now, AppState, Model, Settled, Stop, Ticket};
+use crate::{logit_bias, parse, unix_now, AppState, Levers, Model, Stop, Ticket};
 
 /// Most choices one request may ask for.
 const MAX_N: u64 = 16;
@@ -171,7 +172,10 @@ fn model_object(m: &Model) -> Value {
 }
 
 pub async fn models(State(s): State<AppState>) -> Json<Value> {
-    let data: Vec<Value> = s.models.iter().map(|m| model_object(m)).collect();
+    let mut data: Vec<Value> = s.models.iter().map(|m| model_object(m)).collect();
+    data.extend(s.routers.iter().map(
+        |r| json!({"id": r.id, "object": "model", "created": 0, "owned_by": "ferrolm-router"}),
+    ));
     Json(json!({"object": "list", "data": data}))
 }
 
@@ -262,7 +266,6 @@ pub async fn chat(
     let mut req: ChatRequest = parse(&body)?;
     let stop = Stop::into_vec(req.common.stop.take());
     let c = &req.common;
-    let model = s.model(c.model.as_deref())?;
     let n = c.n()?;
     let tools = Tools::parse(
         req.tools.as_ref(),
@@ -292,24 +295,73 @@ pub async fn chat(
         (true, n) => Some(n.unwrap_or(0)),
     };
     let max = c.max_completion_tokens.or(c.max_tokens);
-    let (prompt, compressed) = fit_chat(
-        &model,
-        &req.messages,
-        tools.as_ref().and_then(Tools::for_prompt),
-        req.context_strategy.unwrap_or(model.context_strategy),
-        max,
-    )?;
-    let mut opts = model.options(&prompt, c.params(logprobs)?, max, stop, grammar)?;
-    if c.ignore_eos == Some(true) {
-        opts.end_ids.clear();
+    let prompt_tools = tools.as_ref().and_then(Tools::for_prompt);
+    // One model, or a router's tiers to try in order.
+    let (candidates, route) = match s.router(c.model.as_deref()) {
+        None => (vec![s.model(c.model.as_deref())?], None),
+        Some(r) => {
+            let first = s.model(r.tiers.first().map(|t| t.model.as_str()))?;
+            let needs = Needs {
+                prompt_tokens: first.chat_prompt(&req.messages, prompt_tools)?.len(),
+                tools: prompt_tools.is_some(),
+                json: c
+                    .response_format
+                    .as_ref()
+                    .is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text")),
+                code: looks_like_code(&req.messages),
+            };
+            (r.candidates(&s, &needs)?, Some((r.id.clone(), r.top(&s)?)))
+        }
+    };
+    let params = c.params(logprobs)?;
+    let mut ticket: Option<Ticket> = None;
+    let mut started = None;
+    for (i, model) in candidates.iter().enumerate() {
+        let last = i + 1 == candidates.len();
+        let attempt = async {
+            let strategy = req.context_strategy.unwrap_or(model.context_strategy);
+            let (prompt, compressed) = fit_chat(model, &req.messages, prompt_tools, strategy, max)?;
+            let mut opts =
+                model.options(&prompt, params.clone(), max, stop.clone(), grammar.clone())?;
+            if c.ignore_eos == Some(true) {
+                opts.end_ids.clear();
+            }
+            if ticket.is_none() {
+                let mut t = s.admit(&caller, (prompt.len() + opts.max_tokens * n) as u64)?;
+                if let Some(c) = &compressed {
+                    t.headers.push(("x-ferrolm-context", c.header()));
+                }
+                ticket = Some(t);
+            }
+            let job = generate::start(&s, model, prompt, opts, n).await?;
+            Ok::<_, ApiError>((job, compressed))
+        };
+        match attempt.await {
+            Ok(x) => {
+                started = Some((model.clone(), x));
+                break;
+            }
+            Err(e) if route.is_some() && !last && route::falls_back(&e) => {
+                eprintln!(
+                    "ferrolm serve: {}: tier `{}` could not take the request ({}), trying the next",
+                    caller.request_id, model.id, e.message
+                );
+            }
+            Err(e) => return Err(e),
+        }
     }
-    let mut ticket = s.admit(&caller, (prompt.len() + opts.max_tokens * n) as u64)?;
-    if let Some(c) = &compressed {
-        ticket.headers.push(("x-ferrolm-context", c.header()));
-    }
+    let (Some((model, (job, compressed))), Some(ticket)) = (started, ticket) else {
+        return Err(ApiError::server(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "no tier of the router could take the request",
+        ));
+    };
+    let levers = Levers {
+        compressed_tokens: compressed.as_ref().map_or(0, Compression::saved),
+        route,
+    };
     let stream = c.stream.unwrap_or(false);
     let include_usage = c.include_usage();
-    let job = generate::start(&s, &model, prompt, opts, n).await?;
     let meta = Meta::new(&model, "chatcmpl");
     if stream {
         let headers = ticket.headers.clone();
@@ -317,6 +369,7 @@ pub async fn chat(
             s,
             caller,
             ticket,
+            levers,
             model,
             job,
             meta,
@@ -352,13 +405,13 @@ pub async fn chat(
     let cost = s.settle(
         &caller,
         &ticket,
-        Settled {
-            model: &model,
-            endpoint: "/v1/chat/completions",
+        levers.settled(
+            &model,
+            "/v1/chat/completions",
             usage,
-            ttft: caller.ttft(first),
-            finish_reason: Some(last_finish),
-        },
+            caller.ttft(first),
+            Some(last_finish),
+        ),
     );
     let body = Json(json!({
         "id": meta.id,
@@ -405,6 +458,7 @@ fn chat_stream(
     s: AppState,
     caller: Caller,
     ticket: Ticket,
+    levers: Levers,
     model: Arc<Model>,
     job: Job,
     meta: Meta,
@@ -446,13 +500,13 @@ fn chat_stream(
             s.settle(
                 &caller,
                 &ticket,
-                Settled {
-                    model: &model,
-                    endpoint: "/v1/chat/completions",
+                levers.settled(
+                    &model,
+                    "/v1/chat/completions",
                     usage,
-                    ttft: caller.ttft(job.first_token),
-                    finish_reason: Some(last_finish),
-                },
+                    caller.ttft(job.first_token),
+                    Some(last_finish),
+                ),
             );
             if include_usage {
                 out.push(chunk(json!([]), Some(&usage)));
@@ -598,13 +652,13 @@ pub async fn completions(
                 s.settle(
                     &caller,
                     &ticket,
-                    Settled {
-                        model: &model,
-                        endpoint: "/v1/completions",
+                    Levers::default().settled(
+                        &model,
+                        "/v1/completions",
                         usage,
-                        ttft: caller.ttft(job.first_token),
-                        finish_reason: Some(last_finish),
-                    },
+                        caller.ttft(job.first_token),
+                        Some(last_finish),
+                    ),
                 );
                 let mut out = Vec::new();
                 if include_usage {
@@ -667,13 +721,13 @@ pub async fn completions(
     let cost = s.settle(
         &caller,
         &ticket,
-        Settled {
-            model: &model,
-            endpoint: "/v1/completions",
+        Levers::default().settled(
+            &model,
+            "/v1/completions",
             usage,
-            ttft: caller.ttft(first),
-            finish_reason: Some(last_finish),
-        },
+            caller.ttft(first),
+            Some(last_finish),
+        ),
     );
     let mut v = object(&meta, 0, String::new(), Value::Null, Value::Null);
     v["choices"] = Value::Array(choices);
