@@ -42,7 +42,10 @@ pub struct ServeArgs {
     /// A GGUF model to serve (repeat for several; default: the installed default model).
     #[arg(long, short = 'm')]
     model: Vec<PathBuf>,
-    /// A TOML file listing models to serve, with ids and aliases (see the docs of `serve`).
+    /// A TOML file: `[[model]]` entries (path, id, aliases, price, context_strategy) and
+    /// `[[router]]` virtual models (id, `[[router.tier]]` model / max_prompt_tokens / tools /
+    /// json / code); unknown keys are errors. The format is documented at the top of
+    /// crates/cli/src/serve.rs.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Address to listen on. A non-loopback address is refused while the data dir has no API
@@ -81,10 +84,12 @@ pub struct ServeArgs {
     /// Most requests waiting per model beyond --max-running; past it, 429 with Retry-After.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
-    /// A conversation longer than the context: `error` (a 400 saying by how much) or
-    /// `middle-out` (drop the oldest turns after the system prompt until it fits; the response
-    /// header `x-ferrolm-context` says what was dropped). Requests may choose with the
-    /// `context_strategy` field; a model's config entry may set its own.
+    /// A conversation longer than the context: `error` (a 400 saying by how much),
+    /// `middle-out` (drop the oldest turns after the system prompt until it fits) or
+    /// `summarize` (the model condenses the oldest ~70% of the turns into a system note, cached
+    /// for the conversation's next request). The response header `x-ferrolm-context` says what
+    /// was done. Requests may choose with the `context_strategy` field; a model's config entry
+    /// may set its own.
     #[arg(long, default_value = "error")]
     context_strategy: ferrolm_server::compress::Strategy,
 }

@@ -589,7 +589,7 @@ fn a_network_address_without_keys_is_refused() {
 }
 
 #[test]
-fn middle_out_drops_the_oldest_turns_and_says_so() {
+fn context_strategies_drop_or_summarize_old_turns_and_say_so() {
     let s = Server::start(&["--ctx", "256"]);
     let mut messages = vec![json!({"role": "system", "content": "You are a helpful assistant."})];
     for i in 0..8 {
@@ -618,6 +618,25 @@ fn middle_out_drops_the_oldest_turns_and_says_so() {
     assert!(header.ends_with(&format!("->{prompt}")), "{header} vs {v}");
     let text = v["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(text.contains("Paris"), "{text}");
+    // summarize: the model condenses the oldest turns into a note; the next identical request
+    // reuses the cached summary.
+    req["context_strategy"] = json!("summarize");
+    for want in ["summary=generated", "summary=cached"] {
+        let r = ureq::post(&s.url("/v1/chat/completions"))
+            .send_string(&req.to_string())
+            .unwrap();
+        let header = r.header("x-ferrolm-context").unwrap().to_owned();
+        assert!(
+            header.starts_with("summarize; summarized_messages=11"),
+            "{header}"
+        );
+        assert!(header.contains(want), "{header}");
+        let v: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+        assert!(
+            v["usage"]["prompt_tokens"].as_u64().unwrap() + 16 <= 256,
+            "{v}"
+        );
+    }
     // A last message that cannot fit even alone is still an error.
     req["messages"] = json!([{"role": "user", "content": "hello ".repeat(400)}]);
     let (status, v) = s.post("/v1/chat/completions", &req);

@@ -6,16 +6,33 @@
 //!   goes with the tool results that answer it — until the prompt leaves room for the reply;
 //!   the system prompt and the latest turns stay verbatim. If even the system messages and the
 //!   last message do not fit, it is a 400 that says so.
+//! * `summarize`: the model itself summarises the oldest ~70% of the turns after the system
+//!   messages into one system note; the rest stay verbatim (then middle-out, should that still
+//!   not fit). Summaries are cached by the exact turns they cover, so the conversation's next
+//!   request reuses its summary instead of generating it again.
 //!
 //! The strategy comes from the request (`context_strategy`, an extension field) or the
 //! server's `--context-strategy`. A compressed request's response carries
-//! `x-ferrolm-context: middle-out; dropped_messages=N; prompt_tokens=FROM->TO`.
+//! `x-ferrolm-context: STRATEGY; dropped_messages=N; prompt_tokens=FROM->TO` (summarize adds
+//! `summarized_messages=K; summary=generated|cached`).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ferrolm_engine::GenerateOptions;
+use ferrolm_sample::SamplingParams;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::error::ApiError;
-use crate::{normalize_messages, Model};
+use crate::{generate, normalize_messages, AppState, Model};
+
+/// Share of the turns after the system messages that `summarize` condenses.
+const SUMMARIZE_SHARE: f64 = 0.7;
+/// Longest summary, in tokens.
+const SUMMARY_MAX_TOKENS: usize = 160;
+/// Summaries kept for conversations' next requests.
+const SUMMARY_CACHE_ENTRIES: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -23,6 +40,7 @@ pub enum Strategy {
     #[default]
     Error,
     MiddleOut,
+    Summarize,
 }
 
 impl std::str::FromStr for Strategy {
@@ -31,19 +49,22 @@ impl std::str::FromStr for Strategy {
         match s {
             "error" => Ok(Strategy::Error),
             "middle-out" => Ok(Strategy::MiddleOut),
+            "summarize" => Ok(Strategy::Summarize),
             other => Err(format!(
-                "`{other}` is not a context strategy: use error or middle-out"
+                "`{other}` is not a context strategy: use error, middle-out or summarize"
             )),
         }
     }
 }
 
 /// What a strategy did to a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Compression {
     pub dropped_messages: usize,
     pub tokens_before: usize,
     pub tokens_after: usize,
+    /// Turns condensed into a summary note (summarize), and whether it came from the cache.
+    pub summarized: Option<(usize, bool)>,
 }
 
 impl Compression {
@@ -54,17 +75,61 @@ impl Compression {
 
     /// The `x-ferrolm-context` header value.
     pub fn header(&self) -> String {
-        format!(
-            "middle-out; dropped_messages={}; prompt_tokens={}->{}",
-            self.dropped_messages, self.tokens_before, self.tokens_after
-        )
+        match self.summarized {
+            None => format!(
+                "middle-out; dropped_messages={}; prompt_tokens={}->{}",
+                self.dropped_messages, self.tokens_before, self.tokens_after
+            ),
+            Some((k, cached)) => format!(
+                "summarize; summarized_messages={k}; summary={}; dropped_messages={}; prompt_tokens={}->{}",
+                if cached { "cached" } else { "generated" },
+                self.dropped_messages,
+                self.tokens_before,
+                self.tokens_after
+            ),
+        }
     }
+}
+
+/// Summaries by the hash of the model and the exact turns they cover.
+#[derive(Default)]
+pub struct SummaryCache(Mutex<HashMap<u64, String>>);
+
+impl SummaryCache {
+    fn get(&self, k: u64) -> Option<String> {
+        self.0.lock().ok()?.get(&k).cloned()
+    }
+
+    fn put(&self, k: u64, v: String) {
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= SUMMARY_CACHE_ENTRIES {
+                // Any entry will do: a miss costs one summary.
+                if let Some(&old) = m.keys().next() {
+                    m.remove(&old);
+                }
+            }
+            m.insert(k, v);
+        }
+    }
+}
+
+fn turns_key(model: &str, turns: &[Value]) -> u64 {
+    // FNV-1a over the model id and the turns' JSON.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in model
+        .bytes()
+        .chain(Value::from(turns.to_vec()).to_string().bytes())
+    {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// Render `messages` for `model`, applying `strategy` if the prompt would leave no room for
 /// `max_tokens` (or for one token when none is asked).
-pub fn fit_chat(
-    model: &Model,
+pub async fn fit_chat(
+    s: &AppState,
+    model: &Arc<Model>,
     messages: &Value,
     tools: Option<&Value>,
     strategy: Strategy,
@@ -73,8 +138,7 @@ pub fn fit_chat(
     let msgs = normalize_messages(messages)?;
     let ids = model.render_ids(&msgs, tools)?;
     let room = max_tokens.unwrap_or(1).max(1);
-    let fits = |n: usize| n + room <= model.max_context;
-    if fits(ids.len()) || strategy == Strategy::Error {
+    if ids.len() + room <= model.max_context || strategy == Strategy::Error {
         // `Model::options` turns an overflow into the 400 that says by how much.
         return Ok((ids, None));
     }
@@ -85,32 +149,70 @@ pub fn fit_chat(
         .iter()
         .take_while(|m| m.get("role").and_then(Value::as_str) == Some("system"))
         .count();
-    let before = ids.len();
-    let mut dropped = 0;
-    while list.len() > head + 1 {
+    let mut c = Compression {
+        tokens_before: ids.len(),
+        ..Compression::default()
+    };
+    if strategy == Strategy::Summarize {
+        let rest = list.len() - head;
+        if rest >= 2 {
+            // At least one turn, never the last message.
+            let k = ((rest as f64 * SUMMARIZE_SHARE) as usize).clamp(1, rest - 1);
+            let turns: Vec<Value> = list[head..head + k].to_vec();
+            let key = turns_key(&model.id, &turns);
+            let (summary, cached) = match s.summaries.get(key) {
+                Some(v) => (v, true),
+                None => {
+                    let v = summarize(s, model, &turns).await?;
+                    s.summaries.put(key, v.clone());
+                    (v, false)
+                }
+            };
+            let note = json!({"role": "system", "content": format!("Summary of the earlier conversation: {summary}")});
+            list.splice(head..head + k, [note]);
+            c.summarized = Some((k, cached));
+            let ids = model.render_ids(&Value::Array(list.clone()), tools)?;
+            if ids.len() + room <= model.max_context {
+                c.tokens_after = ids.len();
+                return Ok((ids, Some(c)));
+            }
+        }
+    }
+    middle_out(model, list, head, tools, room, c)
+}
+
+/// Drop the oldest turns after `head` until the prompt leaves `room` tokens.
+fn middle_out(
+    model: &Model,
+    mut list: Vec<Value>,
+    head: usize,
+    tools: Option<&Value>,
+    room: usize,
+    mut c: Compression,
+) -> Result<(Vec<u32>, Option<Compression>), ApiError> {
+    // A summary note right after the system messages stays: it is what the dropped turns were.
+    let keep = head + usize::from(c.summarized.is_some());
+    while list.len() > keep + 1 {
         // The oldest turn after the system prompt, with the tool results that follow it.
-        list.remove(head);
-        dropped += 1;
-        while list.len() > head + 1
-            && list[head].get("role").and_then(Value::as_str) == Some("tool")
+        list.remove(keep);
+        c.dropped_messages += 1;
+        while list.len() > keep + 1
+            && list[keep].get("role").and_then(Value::as_str) == Some("tool")
         {
-            list.remove(head);
-            dropped += 1;
+            list.remove(keep);
+            c.dropped_messages += 1;
         }
         let ids = model.render_ids(&Value::Array(list.clone()), tools)?;
-        if fits(ids.len()) {
-            let c = Compression {
-                dropped_messages: dropped,
-                tokens_before: before,
-                tokens_after: ids.len(),
-            };
+        if ids.len() + room <= model.max_context {
+            c.tokens_after = ids.len();
             return Ok((ids, Some(c)));
         }
     }
     let last = model.render_ids(&Value::Array(list), tools)?;
     Err(ApiError::invalid(
         format!(
-            "middle-out dropped all {dropped} earlier messages, but the system prompt and the last message alone take {} tokens and this model's {}-token context must also hold {room} for the reply ({} too many): shorten them",
+            "middle-out dropped all {} earlier messages, but the system prompt and the last message alone take {} tokens and this model's {}-token context must also hold {room} for the reply ({} too many): shorten them",
+            c.dropped_messages,
             last.len(),
             model.max_context,
             last.len() + room - model.max_context
@@ -118,4 +220,48 @@ pub fn fit_chat(
         Some("messages"),
     )
     .with_code("context_length_exceeded"))
+}
+
+/// Ask `model` for a short summary of `turns` (greedy, at most [`SUMMARY_MAX_TOKENS`]).
+async fn summarize(s: &AppState, model: &Arc<Model>, turns: &[Value]) -> Result<String, ApiError> {
+    // A transcript too long to summarise in one pass keeps its most recent turns.
+    let mut prompt = Vec::new();
+    for start in 0..turns.len() {
+        let mut transcript = String::new();
+        for t in &turns[start..] {
+            let role = t.get("role").and_then(Value::as_str).unwrap_or("user");
+            let content = t.get("content").and_then(Value::as_str).unwrap_or_default();
+            transcript.push_str(&format!("{role}: {content}\n"));
+        }
+        let msgs = json!([
+            {"role": "system", "content": "You summarize conversations. Keep names, numbers, facts and decisions; write a few plain sentences."},
+            {"role": "user", "content": format!("Summarize this conversation:\n\n{transcript}")},
+        ]);
+        prompt = model.render_ids(&msgs, None)?;
+        if prompt.len() + SUMMARY_MAX_TOKENS < model.max_context {
+            break;
+        }
+    }
+    if prompt.len() + SUMMARY_MAX_TOKENS >= model.max_context {
+        return Err(ApiError::invalid(
+            "summarize: even the most recent turn alone is too long to summarise in this model's context: shorten it or use middle-out",
+            Some("messages"),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let opts = GenerateOptions {
+        params: SamplingParams::greedy(),
+        max_tokens: SUMMARY_MAX_TOKENS,
+        stop: Vec::new(),
+        end_ids: model.end_ids.clone(),
+        seed: 0,
+        grammar: None,
+    };
+    let job = generate::start(s, model, prompt, opts, 1).await?;
+    let (outs, _, _) = generate::collect(job).await?;
+    Ok(outs
+        .into_iter()
+        .next()
+        .map(|o| o.text.trim().to_owned())
+        .unwrap_or_default())
 }

@@ -141,6 +141,8 @@ pub struct Inner {
     pub limiter: RateLimiter,
     pub metrics: Metrics,
     pub catalog: PriceCatalog,
+    /// Conversation summaries of the `summarize` context strategy.
+    pub summaries: compress::SummaryCache,
     next_id: AtomicU64,
     pub started: Instant,
 }
@@ -225,6 +227,7 @@ impl AppState {
             limiter: RateLimiter::new(),
             metrics: Metrics::new(),
             catalog,
+            summaries: compress::SummaryCache::default(),
             next_id: AtomicU64::new(1),
             started: Instant::now(),
         }))

@@ -313,12 +313,14 @@ pub async fn chat(
     let grammar = format_grammar(req.format.as_ref())?;
     let o = &req.options;
     let (prompt, compressed) = fit_chat(
+        &s,
         &model,
         &req.messages,
         tools.as_ref().and_then(Tools::for_prompt),
         req.context_strategy.unwrap_or(model.context_strategy),
         o.num_predict.and_then(|n| usize::try_from(n).ok()),
-    )?;
+    )
+    .await?;
     let opts = model.options(
         &prompt,
         o.params(),

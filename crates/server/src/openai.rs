@@ -320,7 +320,8 @@ pub async fn chat(
         let last = i + 1 == candidates.len();
         let attempt = async {
             let strategy = req.context_strategy.unwrap_or(model.context_strategy);
-            let (prompt, compressed) = fit_chat(model, &req.messages, prompt_tools, strategy, max)?;
+            let (prompt, compressed) =
+                fit_chat(&s, model, &req.messages, prompt_tools, strategy, max).await?;
             let mut opts =
                 model.options(&prompt, params.clone(), max, stop.clone(), grammar.clone())?;
             if c.ignore_eos == Some(true) {
