@@ -13,6 +13,13 @@
 //! price = "smollm2-135m-instruct"                    # optional: catalog entry for costs (default: id)
 //! context_strategy = "middle-out"                    # optional: else --context-strategy
 //!
+//! [[model]]                                         # a model on another server
+//! id = "gpt-4o-mini"
+//! upstream = "https://openrouter.ai/api/v1"          # any OpenAI-compatible base URL
+//! upstream_model = "openai/gpt-4o-mini"              # optional: its name there (default: id)
+//! api_key_env = "OPENROUTER_API_KEY"                 # optional: where its key is
+//! price = "gpt-4o-mini"
+//!
 //! [[router]]              # a virtual model: each chat request goes to the first tier that
 //! id = "auto"             # takes it, falling back to later tiers when one is saturated
 //! [[router.tier]]
@@ -32,6 +39,7 @@ use clap::Args;
 use ferrolm_accounting::{PriceCatalog, Store};
 use ferrolm_engine::{Engine, EngineConfig, EngineHandle};
 use ferrolm_server::route::{Router, Tier};
+use ferrolm_server::upstream::Upstream;
 use ferrolm_server::{Access, AppState, ModelDetails, ServedModel};
 use serde::Deserialize;
 
@@ -136,7 +144,14 @@ fn yes() -> bool {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ModelEntry {
-    path: String,
+    /// A local GGUF file (or "default"); or else `upstream`.
+    path: Option<String>,
+    /// An OpenAI-compatible server's base URL, e.g. `https://openrouter.ai/api/v1`.
+    upstream: Option<String>,
+    /// The model's name there (default: `id`).
+    upstream_model: Option<String>,
+    /// The environment variable holding the upstream's API key.
+    api_key_env: Option<String>,
     id: Option<String>,
     #[serde(default)]
     aliases: Vec<String>,
@@ -169,12 +184,25 @@ fn read_config(path: &Path) -> Result<ConfigFile> {
 }
 
 /// Check the routers against the served models' names.
-fn routers(entries: &[RouterEntry], served: &[ServedModel]) -> Result<Vec<Router>> {
-    let named = |name: &str| {
-        served.iter().find(|m| {
-            m.id.eq_ignore_ascii_case(name)
-                || m.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
-        })
+fn routers(
+    entries: &[RouterEntry],
+    served: &[ServedModel],
+    upstreams: &[Upstream],
+) -> Result<Vec<Router>> {
+    let named = |name: &str| -> Option<String> {
+        served
+            .iter()
+            .find(|m| {
+                m.id.eq_ignore_ascii_case(name)
+                    || m.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+            })
+            .map(|m| m.id.clone())
+            .or_else(|| {
+                upstreams
+                    .iter()
+                    .find(|u| u.answers_to(name))
+                    .map(|u| u.id.clone())
+            })
     };
     let mut out: Vec<Router> = Vec::new();
     for r in entries {
@@ -202,7 +230,7 @@ fn routers(entries: &[RouterEntry], served: &[ServedModel]) -> Result<Vec<Router
                 );
             };
             tiers.push(Tier {
-                model: m.id.clone(),
+                model: m,
                 max_prompt_tokens: t.max_prompt_tokens,
                 tools: t.tools,
                 json: t.json,
@@ -218,12 +246,48 @@ fn routers(entries: &[RouterEntry], served: &[ServedModel]) -> Result<Vec<Router
 }
 
 /// The models to serve, in order (the first answers requests that name none).
+/// An `upstream` config entry → the proxy for it.
+fn upstream_of(e: &ModelEntry, url: &str, catalog: &PriceCatalog) -> Result<Upstream> {
+    let Some(id) = e.id.clone() else {
+        bail!("the [[model]] entry with upstream = {url:?} needs an `id` (the name clients use)");
+    };
+    if e.path.is_some() {
+        bail!("model `{id}`: give either `path` (a local GGUF) or `upstream`, not both");
+    }
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        bail!("model `{id}`: upstream = {url:?} is not an http(s) URL");
+    }
+    let api_key = match &e.api_key_env {
+        Some(var) => Some(std::env::var(var).with_context(|| {
+            format!("model `{id}`: the environment variable {var} (api_key_env) is not set")
+        })?),
+        None => None,
+    };
+    let price_id = e.price.as_deref().unwrap_or(&id);
+    let price = catalog.get(price_id).cloned();
+    if price.is_none() {
+        eprintln!("ferrolm serve: `{price_id}` has no entry in the price catalog: requests to `{id}` are recorded at $0");
+    }
+    Upstream::new(
+        id.clone(),
+        e.aliases.clone(),
+        url.to_owned(),
+        e.upstream_model.clone().unwrap_or(id),
+        api_key,
+        price,
+    )
+    .map_err(anyhow::Error::msg)
+}
+
 fn model_entries(a: &ServeArgs, cfg: &ConfigFile) -> Result<Vec<ModelEntry>> {
     let mut entries: Vec<ModelEntry> = a
         .model
         .iter()
         .map(|p| ModelEntry {
-            path: p.to_string_lossy().into_owned(),
+            path: Some(p.to_string_lossy().into_owned()),
+            upstream: None,
+            upstream_model: None,
+            api_key_env: None,
             id: None,
             aliases: Vec::new(),
             price: None,
@@ -233,7 +297,10 @@ fn model_entries(a: &ServeArgs, cfg: &ConfigFile) -> Result<Vec<ModelEntry>> {
     entries.extend(cfg.model.iter().cloned());
     if entries.is_empty() {
         entries.push(ModelEntry {
-            path: "default".into(),
+            path: Some("default".into()),
+            upstream: None,
+            upstream_model: None,
+            api_key_env: None,
             id: None,
             aliases: Vec::new(),
             price: None,
@@ -250,7 +317,11 @@ fn start_model(
     cfg: &EngineConfig,
     catalog: &PriceCatalog,
 ) -> Result<(ServedModel, EngineHandle)> {
-    let path = (e.path != "default").then(|| PathBuf::from(&e.path));
+    let path = e
+        .path
+        .as_deref()
+        .filter(|p| *p != "default")
+        .map(PathBuf::from);
     let m = load(&ModelArgs { model: path })?;
     let file_name = m
         .path
@@ -357,20 +428,32 @@ pub fn run(a: ServeArgs) -> Result<()> {
     };
     let entries = model_entries(&a, &cfg_file)?;
     let mut served = Vec::with_capacity(entries.len());
+    let mut upstreams: Vec<Upstream> = Vec::new();
     let mut handles = Vec::with_capacity(entries.len());
-    for e in &entries {
-        let (m, h) = start_model(e, &a, &cfg, &catalog)?;
-        let names = std::iter::once(&m.id).chain(&m.aliases);
-        for name in names {
-            if served.iter().any(|o: &ServedModel| {
-                o.id.eq_ignore_ascii_case(name)
-                    || o.aliases.iter().any(|x| x.eq_ignore_ascii_case(name))
-            }) {
+    let mut names: Vec<String> = Vec::new();
+    let mut claim = |id: &str, aliases: &[String]| -> Result<()> {
+        for name in std::iter::once(id).chain(aliases.iter().map(String::as_str)) {
+            if names.iter().any(|n| n.eq_ignore_ascii_case(name)) {
                 bail!(
                     "two models are both called `{name}`: give one another `id` in the config file"
                 );
             }
+            names.push(name.to_owned());
         }
+        Ok(())
+    };
+    for e in &entries {
+        if let Some(url) = &e.upstream {
+            let u = upstream_of(e, url, &catalog)?;
+            claim(&u.id, &u.aliases)?;
+            upstreams.push(u);
+            continue;
+        }
+        if e.path.is_none() {
+            bail!("a [[model]] entry needs `path` (a local GGUF, or \"default\") or `upstream` (a URL)");
+        }
+        let (m, h) = start_model(e, &a, &cfg, &catalog)?;
+        claim(&m.id, &m.aliases)?;
         served.push(m);
         handles.push(h);
     }
@@ -385,7 +468,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
         format!("cannot listen on {addr}: is another server using the port? pick another with --port")
     })?;
     let local = listener.local_addr()?;
-    let ids: Vec<String> = served.iter().map(|m| m.id.clone()).collect();
+    let ids: Vec<String> = served
+        .iter()
+        .map(|m| m.id.clone())
+        .chain(upstreams.iter().map(|u| format!("{} (upstream)", u.id)))
+        .collect();
     println!(
         "ferrolm serve: {} on http://{local} (OpenAI: /v1, Ollama: /api); {}; Ctrl-C stops",
         ids.join(", "),
@@ -401,8 +488,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         store: db,
         open_without_keys: a.host.is_loopback() || a.allow_unauthenticated,
     };
-    let routers = routers(&cfg_file.router, &served)?;
-    let state = AppState::new(served, routers, access, catalog);
+    let routers = routers(&cfg_file.router, &served, &upstreams)?;
+    let state = AppState::new(served, upstreams, routers, access, catalog);
     rt.block_on(ferrolm_server::serve(
         listener,
         state,

@@ -769,3 +769,89 @@ model = "large"
         "{text}"
     );
 }
+
+#[test]
+fn an_upstream_is_proxied_counted_and_a_dead_one_falls_back_within_the_request() {
+    // Server A is the "hosted" upstream; B proxies it as `remote` and routes `auto` to it
+    // first, to its own local model second.
+    let a = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("serve.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[[model]]
+path = {m:?}
+id = "local"
+[[model]]
+id = "remote"
+upstream = "{base}/v1"
+upstream_model = "smollm2-135m-instruct"
+price = "gpt-4o"
+[[router]]
+id = "auto"
+[[router.tier]]
+model = "remote"
+[[router.tier]]
+model = "local"
+"#,
+            m = default_model().to_string_lossy(),
+            base = a.base
+        ),
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let b = Server::start_in(
+        data.path(),
+        &["--config", cfg.to_str().unwrap(), "--ctx", "1024"],
+    );
+    let mut req = paris_request();
+    req["model"] = json!("remote");
+    req["max_tokens"] = json!(16);
+    let (status, v) = b.post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{v}");
+    assert!(v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("Paris"));
+    // Streaming passes through, without the usage chunk the client did not ask for.
+    req["stream"] = json!(true);
+    let (status, body) = b.post_raw("/v1/chat/completions", &req.to_string());
+    assert_eq!(status, 200);
+    let chunks = sse_payloads(&body);
+    assert!(chunks
+        .iter()
+        .all(|c| !c["choices"].as_array().unwrap().is_empty()));
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(text.contains("Paris"), "{text}");
+    // The upstream goes down: `remote` is a 503 that says so, `auto` falls back to `local`.
+    drop(a);
+    req["stream"] = json!(false);
+    let (status, v) = b.post("/v1/chat/completions", &req);
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "upstream_unavailable");
+    req["model"] = json!("auto");
+    let (status, v) = b.post("/v1/chat/completions", &req);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["model"], "local");
+    // Both proxied requests are in B's ledger, priced at the catalog's gpt-4o rate.
+    drop(b);
+    let out = ferrolm()
+        .args(["usage", "--json", "--by", "model", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    let v = json_of(&out);
+    let remote = v["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["model"] == "remote")
+        .unwrap();
+    assert_eq!(remote["requests"], 2, "{v}");
+    assert!(remote["cost_usd"].as_f64().unwrap() > 0.0, "{v}");
+}

@@ -134,7 +134,23 @@ pub async fn layer(State(s): State<AppState>, mut req: Request, next: Next) -> R
                 key,
                 started,
             });
-            next.run(req).await
+            // The handler runs as its own task so that a bug that panics in it answers 500
+            // (and is logged) instead of dropping the client's connection.
+            match tokio::spawn(next.run(req)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("ferrolm serve: {id}: the handler failed: {e}");
+                    let e = ApiError::server(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("internal error while handling request {id}; it is logged on the server: please report it"),
+                    );
+                    if ollama {
+                        OllamaError(e).into_response()
+                    } else {
+                        e.into_response()
+                    }
+                }
+            }
         }
     };
     let status = resp.status();

@@ -42,6 +42,7 @@ mod ollama;
 mod openai;
 pub mod route;
 mod tools;
+pub mod upstream;
 
 pub use auth::Caller;
 pub use error::ApiError;
@@ -137,6 +138,8 @@ pub struct Inner {
     pub models: Vec<Arc<Model>>,
     /// Virtual models that route chat requests to one of their tiers.
     pub routers: Vec<route::Router>,
+    /// Models served by other OpenAI-compatible servers.
+    pub upstreams: Vec<Arc<upstream::Upstream>>,
     pub access: Access,
     pub limiter: RateLimiter,
     pub metrics: Metrics,
@@ -155,6 +158,7 @@ impl std::ops::Deref for AppState {
 }
 
 /// What an admitted request carries to its end: the rate-limit headers and its token estimate.
+#[derive(Clone)]
 pub struct Ticket {
     pub headers: Vec<(&'static str, String)>,
     estimated: u64,
@@ -162,7 +166,11 @@ pub struct Ticket {
 
 /// How a request ended, for the ledger and the metrics.
 pub struct Settled<'a> {
-    pub model: &'a Model,
+    /// The id of the model that answered.
+    pub model: &'a str,
+    pub price: Option<&'a ModelPrice>,
+    /// The local model, whose request-time average feeds `Retry-After` (none for upstreams).
+    pub local: Option<&'a Model>,
     pub endpoint: &'static str,
     pub usage: Usage,
     /// Seconds from submission to the first token.
@@ -170,8 +178,8 @@ pub struct Settled<'a> {
     pub finish_reason: Option<&'static str>,
     /// Prompt tokens a context strategy removed.
     pub compressed_tokens: usize,
-    /// The router that chose `model`, and its top tier.
-    pub route: Option<(&'a str, &'a Model)>,
+    /// The router that chose `model`, and its top tier's price.
+    pub route: Option<(&'a str, Option<&'a ModelPrice>)>,
 }
 
 /// What the cost levers did to one request, carried to its settlement.
@@ -179,8 +187,8 @@ pub struct Settled<'a> {
 pub struct Levers {
     /// Prompt tokens a context strategy removed.
     pub compressed_tokens: usize,
-    /// The router that placed the request, and its top tier.
-    pub route: Option<(String, Arc<Model>)>,
+    /// The router that placed the request, and its top tier's price.
+    pub route: Option<(String, Option<ModelPrice>)>,
 }
 
 impl Levers {
@@ -193,13 +201,15 @@ impl Levers {
         finish_reason: Option<&'static str>,
     ) -> Settled<'a> {
         Settled {
-            model,
+            model: &model.id,
+            price: model.price.as_ref(),
+            local: Some(model),
             endpoint,
             usage,
             ttft,
             finish_reason,
             compressed_tokens: self.compressed_tokens,
-            route: self.route.as_ref().map(|(r, m)| (r.as_str(), m.as_ref())),
+            route: self.route.as_ref().map(|(r, p)| (r.as_str(), p.as_ref())),
         }
     }
 }
@@ -207,12 +217,14 @@ impl Levers {
 impl AppState {
     pub fn new(
         models: Vec<ServedModel>,
+        upstreams: Vec<upstream::Upstream>,
         routers: Vec<route::Router>,
         access: Access,
         catalog: PriceCatalog,
     ) -> Self {
         AppState(Arc::new(Inner {
             routers,
+            upstreams: upstreams.into_iter().map(Arc::new).collect(),
             models: models
                 .into_iter()
                 .map(|m| {
@@ -257,6 +269,21 @@ impl AppState {
                 let ids: Vec<&str> = self.models.iter().map(|m| m.id.as_str()).collect();
                 ApiError::unknown_model(asked, &ids)
             })
+    }
+
+    /// The upstream model a request names, if it names one.
+    pub fn upstream(&self, asked: Option<&str>) -> Option<Arc<upstream::Upstream>> {
+        let name = asked?;
+        let name = name.strip_suffix(":latest").unwrap_or(name);
+        self.upstreams.iter().find(|u| u.answers_to(name)).cloned()
+    }
+
+    /// A local or upstream model by name.
+    pub fn target(&self, name: &str) -> Result<route::Target, ApiError> {
+        match self.upstream(Some(name)) {
+            Some(u) => Ok(route::Target::Upstream(u)),
+            None => Ok(route::Target::Local(self.model(Some(name))?)),
+        }
     }
 
     /// The router a request names, if it names one.
@@ -309,7 +336,7 @@ impl AppState {
             u.cached_tokens as u64,
             u.completion_tokens as u64,
         );
-        let price = s.model.price.as_ref();
+        let price = s.price;
         let cost = price.map_or(0.0, |p| p.cost_usd(prompt, cached, completion));
         // What each lever saved, at this model's price (routing: at the top tier's).
         let saved_by_cache = price.map_or(0.0, |p| p.cost_usd(prompt, 0, completion) - cost);
@@ -319,7 +346,7 @@ impl AppState {
         });
         let saved_by_routing = s
             .route
-            .and_then(|(_, top)| top.price.as_ref())
+            .and_then(|(_, top)| top)
             .map_or(0.0, |p| p.cost_usd(prompt, cached, completion) - cost);
         let used = (u.prompt_tokens + u.completion_tokens) as u64;
         if let Some(key) = &caller.key {
@@ -327,20 +354,22 @@ impl AppState {
                 .settle(key.id, ticket.estimated, used, Instant::now());
         }
         let latency = caller.started.elapsed().as_secs_f64();
-        let prev = s.model.avg_request_us.load(Ordering::Relaxed);
-        let now_us = (latency * 1e6) as u64;
-        let avg = if prev == 0 {
-            now_us
-        } else {
-            (prev * 7 + now_us) / 8
-        };
-        s.model.avg_request_us.store(avg, Ordering::Relaxed);
-        self.metrics.finished(&s.model.id, u, s.ttft, latency);
+        if let Some(m) = s.local {
+            let prev = m.avg_request_us.load(Ordering::Relaxed);
+            let now_us = (latency * 1e6) as u64;
+            let avg = if prev == 0 {
+                now_us
+            } else {
+                (prev * 7 + now_us) / 8
+            };
+            m.avg_request_us.store(avg, Ordering::Relaxed);
+        }
+        self.metrics.finished(s.model, u, s.ttft, latency);
         let row = UsageRow {
             ts: auth::unix_ms(),
             request_id: caller.request_id.clone(),
             key_id: caller.key.as_ref().map(|k| k.id),
-            model: s.model.id.clone(),
+            model: s.model.to_owned(),
             endpoint: s.endpoint.to_owned(),
             status: 200,
             prompt_tokens: u.prompt_tokens as u64,

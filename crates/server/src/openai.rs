@@ -22,7 +22,7 @@ use crate::auth::Caller;
 use crate::compress::{fit_chat, Compression, Strategy};
 use crate::error::ApiError;
 use crate::generate::{self, finish_name, Job, TokenInfo};
-use crate::route::{self, looks_like_code, Needs};
+use crate::route::{self, looks_like_code, Needs, Target};
 use crate::tools::{self, HoldBack, Tools};
 use crate::{logit_bias, parse, unix_now, AppState, Levers, Model, Stop, Ticket};
 
@@ -296,13 +296,24 @@ pub async fn chat(
     };
     let max = c.max_completion_tokens.or(c.max_tokens);
     let prompt_tools = tools.as_ref().and_then(Tools::for_prompt);
-    // One model, or a router's tiers to try in order.
+    // One model (local or upstream), or a router's tiers to try in order.
     let (candidates, route) = match s.router(c.model.as_deref()) {
-        None => (vec![s.model(c.model.as_deref())?], None),
+        None => match s.upstream(c.model.as_deref()) {
+            Some(u) => (vec![Target::Upstream(u)], None),
+            None => (vec![Target::Local(s.model(c.model.as_deref())?)], None),
+        },
         Some(r) => {
-            let first = s.model(r.tiers.first().map(|t| t.model.as_str()))?;
+            // Prompt length by the first local tier's tokenizer (upstreams: ~4 bytes a token).
+            let local = r.tiers.iter().find_map(|t| match s.target(&t.model) {
+                Ok(Target::Local(m)) => Some(m),
+                _ => None,
+            });
+            let prompt_tokens = match local {
+                Some(m) => m.chat_prompt(&req.messages, prompt_tools)?.len(),
+                None => req.messages.to_string().len() / 4,
+            };
             let needs = Needs {
-                prompt_tokens: first.chat_prompt(&req.messages, prompt_tools)?.len(),
+                prompt_tokens,
                 tools: prompt_tools.is_some(),
                 json: c
                     .response_format
@@ -310,14 +321,44 @@ pub async fn chat(
                     .is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text")),
                 code: looks_like_code(&req.messages),
             };
-            (r.candidates(&s, &needs)?, Some((r.id.clone(), r.top(&s)?)))
+            let top = r.top(&s)?;
+            (
+                r.candidates(&s, &needs)?,
+                Some((r.id.clone(), top.price().cloned())),
+            )
         }
     };
     let params = c.params(logprobs)?;
     let mut ticket: Option<Ticket> = None;
     let mut started = None;
-    for (i, model) in candidates.iter().enumerate() {
+    for (i, target) in candidates.iter().enumerate() {
         let last = i + 1 == candidates.len();
+        let model = match target {
+            Target::Local(m) => m,
+            Target::Upstream(u) => {
+                if ticket.is_none() {
+                    let estimate = body.len() / 4 + max.unwrap_or(256) * n;
+                    ticket = Some(s.admit(&caller, estimate as u64)?);
+                }
+                let Some(t) = &ticket else { continue };
+                let levers = Levers {
+                    compressed_tokens: 0,
+                    route: route.clone(),
+                };
+                let raw: Value = parse(&body)?;
+                match u.chat(&s, &caller, t, &levers, raw).await {
+                    Ok(r) => return Ok(with_headers(r, &t.headers, None)),
+                    Err(e) if route.is_some() && !last && route::falls_back(&e) => {
+                        eprintln!(
+                            "ferrolm serve: {}: tier `{}` could not take the request ({}), trying the next",
+                            caller.request_id, u.id, e.message
+                        );
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
         let attempt = async {
             let strategy = req.context_strategy.unwrap_or(model.context_strategy);
             let (prompt, compressed) =

@@ -13,8 +13,34 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use ferrolm_accounting::ModelPrice;
+
 use crate::error::ApiError;
+use crate::upstream::Upstream;
 use crate::{AppState, Model};
+
+/// Where a request can go.
+#[derive(Clone)]
+pub enum Target {
+    Local(Arc<Model>),
+    Upstream(Arc<Upstream>),
+}
+
+impl Target {
+    pub fn id(&self) -> &str {
+        match self {
+            Target::Local(m) => &m.id,
+            Target::Upstream(u) => &u.id,
+        }
+    }
+
+    pub fn price(&self) -> Option<&ModelPrice> {
+        match self {
+            Target::Local(m) => m.price.as_ref(),
+            Target::Upstream(u) => u.price.as_ref(),
+        }
+    }
+}
 
 /// One tier of a router, cheapest first.
 #[derive(Debug, Clone)]
@@ -54,7 +80,7 @@ impl Tier {
 
 impl Router {
     /// The tiers to try for `needs`, in order; the top tier is always last.
-    pub fn candidates(&self, s: &AppState, needs: &Needs) -> Result<Vec<Arc<Model>>, ApiError> {
+    pub fn candidates(&self, s: &AppState, needs: &Needs) -> Result<Vec<Target>, ApiError> {
         let last = self.tiers.len().saturating_sub(1);
         let first = self
             .tiers
@@ -63,17 +89,17 @@ impl Router {
             .unwrap_or(last);
         self.tiers[first..]
             .iter()
-            .map(|t| s.model(Some(&t.model)))
+            .map(|t| s.target(&t.model))
             .collect()
     }
 
     /// The top tier (the cost baseline of routing).
-    pub fn top(&self, s: &AppState) -> Result<Arc<Model>, ApiError> {
+    pub fn top(&self, s: &AppState) -> Result<Target, ApiError> {
         let t = self
             .tiers
             .last()
             .ok_or_else(|| ApiError::invalid(format!("router `{}` has no tiers", self.id), None))?;
-        s.model(Some(&t.model))
+        s.target(&t.model)
     }
 }
 
