@@ -21,6 +21,7 @@ use crate::keys::print_table;
 
 mod audit;
 mod breakeven;
+mod chart;
 mod estimate;
 
 #[derive(Args)]

@@ -100,6 +100,10 @@ pub struct ServeArgs {
     /// may set its own.
     #[arg(long, default_value = "error")]
     context_strategy: ferrolm_server::compress::Strategy,
+    /// Apply the context strategy (when not `error`) once prompt + reply would pass this
+    /// fraction of the context, in (0, 1] (1: only when it would overflow).
+    #[arg(long, default_value_t = 1.0)]
+    context_trigger: f64,
 }
 
 /// The config file, as written.
@@ -387,6 +391,7 @@ fn start_model(
         max_running: cfg.max_running,
         max_queue: a.max_queue,
         context_strategy: e.context_strategy.unwrap_or(a.context_strategy),
+        context_trigger: a.context_trigger,
         price,
     };
     Ok((served, handle))
@@ -395,6 +400,12 @@ fn start_model(
 pub fn run(a: ServeArgs) -> Result<()> {
     if a.max_batch_tokens == 0 || a.max_running == 0 {
         bail!("--max-batch-tokens and --max-running must be at least 1");
+    }
+    if !(a.context_trigger > 0.0 && a.context_trigger <= 1.0) {
+        bail!(
+            "--context-trigger is {}: give a fraction of the context in (0, 1], e.g. 0.8",
+            a.context_trigger
+        );
     }
     let block_size = EngineConfig::default().block_size;
     let num_blocks = match a.kv_blocks {

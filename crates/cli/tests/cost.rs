@@ -888,3 +888,43 @@ fn audit_errors_name_the_file_and_the_line() {
     let o = f.cost(&["audit", "/nonexistent/req.json", "-m", "gpt-4o"]);
     fails(&o, &["cannot read /nonexistent/req.json"]);
 }
+
+#[test]
+fn breakeven_draws_a_chart_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("be.svg");
+    let out = ferrolm()
+        .args([
+            "cost",
+            "breakeven",
+            "--hardware-usd-per-hour",
+            "0.10",
+            "--tokens-per-s",
+            "500",
+            "--input-tokens",
+            "1000",
+            "--output-tokens",
+            "200",
+            "--model",
+            "gpt-4o",
+            "--model",
+            "gpt-4o-mini",
+            "--chart",
+        ])
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.trim_end().ends_with("</svg>"));
+    // The machine and the two hosted models, one line each, named in the legend.
+    assert_eq!(text.matches("<polyline").count(), 3, "{text}");
+    assert!(
+        text.contains(">gpt-4o<") && text.contains(">gpt-4o-mini<"),
+        "{text}"
+    );
+}

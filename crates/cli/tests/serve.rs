@@ -637,6 +637,34 @@ fn context_strategies_drop_or_summarize_old_turns_and_say_so() {
             "{v}"
         );
     }
+    // With a trigger at a fraction of the context, the server-wide strategy applies before
+    // the context is full.
+    let early = Server::start(&[
+        "--ctx",
+        "1024",
+        "--context-strategy",
+        "middle-out",
+        "--context-trigger",
+        "0.25",
+    ]);
+    let mut fits = req.clone();
+    fits.as_object_mut().unwrap().remove("context_strategy");
+    let r = ureq::post(&early.url("/v1/chat/completions"))
+        .send_string(&fits.to_string())
+        .unwrap();
+    let header = r.header("x-ferrolm-context").unwrap().to_owned();
+    let v: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+    assert!(header.starts_with("middle-out"), "{header}");
+    assert!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() + 16 <= 256,
+        "{v}"
+    );
+    drop(early);
+    let out = ferrolm()
+        .args(["serve", "--port", "0", "--context-trigger", "0"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--context-trigger is 0"));
     // A last message that cannot fit even alone is still an error.
     req["messages"] = json!([{"role": "user", "content": "hello ".repeat(400)}]);
     let (status, v) = s.post("/v1/chat/completions", &req);

@@ -11,8 +11,9 @@
 //!   not fit). Summaries are cached by the exact turns they cover, so the conversation's next
 //!   request reuses its summary instead of generating it again.
 //!
-//! The strategy comes from the request (`context_strategy`, an extension field) or the
-//! server's `--context-strategy`. A compressed request's response carries
+//! The strategy comes from the request (`context_strategy`, an extension field), the model's
+//! config entry, or the server's `--context-strategy`; it applies once prompt + reply would
+//! pass `--context-trigger` (a fraction of the context, default 1: only on overflow). A compressed request's response carries
 //! `x-ferrolm-context: STRATEGY; dropped_messages=N; prompt_tokens=FROM->TO` (summarize adds
 //! `summarized_messages=K; summary=generated|cached`).
 
@@ -138,7 +139,9 @@ pub async fn fit_chat(
     let msgs = normalize_messages(messages)?;
     let ids = model.render_ids(&msgs, tools)?;
     let room = max_tokens.unwrap_or(1).max(1);
-    if ids.len() + room <= model.max_context || strategy == Strategy::Error {
+    // Compress past the configured fraction of the context, not only at the edge.
+    let trigger = ((model.max_context as f64 * model.context_trigger) as usize).max(room + 1);
+    if ids.len() + room <= trigger || strategy == Strategy::Error {
         // `Model::options` turns an overflow into the 400 that says by how much.
         return Ok((ids, None));
     }
@@ -172,13 +175,13 @@ pub async fn fit_chat(
             list.splice(head..head + k, [note]);
             c.summarized = Some((k, cached));
             let ids = model.render_ids(&Value::Array(list.clone()), tools)?;
-            if ids.len() + room <= model.max_context {
+            if ids.len() + room <= trigger {
                 c.tokens_after = ids.len();
                 return Ok((ids, Some(c)));
             }
         }
     }
-    middle_out(model, list, head, tools, room, c)
+    middle_out(model, list, head, tools, room, trigger, c)
 }
 
 /// Drop the oldest turns after `head` until the prompt leaves `room` tokens.
@@ -188,6 +191,7 @@ fn middle_out(
     head: usize,
     tools: Option<&Value>,
     room: usize,
+    limit: usize,
     mut c: Compression,
 ) -> Result<(Vec<u32>, Option<Compression>), ApiError> {
     // A summary note right after the system messages stays: it is what the dropped turns were.
@@ -203,12 +207,17 @@ fn middle_out(
             c.dropped_messages += 1;
         }
         let ids = model.render_ids(&Value::Array(list.clone()), tools)?;
-        if ids.len() + room <= model.max_context {
+        if ids.len() + room <= limit {
             c.tokens_after = ids.len();
             return Ok((ids, Some(c)));
         }
     }
     let last = model.render_ids(&Value::Array(list), tools)?;
+    if last.len() + room <= model.max_context {
+        // Over the trigger but within the context: run it as it is.
+        c.tokens_after = last.len();
+        return Ok((last, Some(c)));
+    }
     Err(ApiError::invalid(
         format!(
             "middle-out dropped all {} earlier messages, but the system prompt and the last message alone take {} tokens and this model's {}-token context must also hold {room} for the reply ({} too many): shorten them",

@@ -101,6 +101,9 @@ pub struct ServedModel {
     pub max_queue: usize,
     /// What to do with a conversation longer than the context (requests may override it).
     pub context_strategy: compress::Strategy,
+    /// The strategy (other than `error`) applies once prompt + reply would pass this fraction
+    /// of the context, in (0, 1].
+    pub context_trigger: f64,
     /// Its price: a catalog entry (self-hosted ones are priced from hardware $/hour and
     /// measured throughput); `None` prices it at zero and says so in the ledger's cost.
     pub price: Option<ModelPrice>,

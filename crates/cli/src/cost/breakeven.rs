@@ -8,12 +8,12 @@
 //! "never" when that exceeds the capacity, which is the same as `p` being below the marginal
 //! cost.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use ferrolm_accounting::{ModelPrice, SelfHosted, HOURS_PER_MONTH};
 use serde::Serialize;
 
-use super::{pick, print_table, tokens, usd, PricesArg};
+use super::{chart, pick, print_table, tokens, usd, PricesArg};
 
 #[derive(Args)]
 pub struct BreakevenArgs {
@@ -47,6 +47,10 @@ pub struct BreakevenArgs {
     /// Print JSON: {"machine", "input_tokens", "output_tokens", "self_hosted", "models"}.
     #[arg(long)]
     json: bool,
+    /// Also draw monthly cost against monthly volume (the machine — one more machine per
+    /// capacity's worth — and each hosted model) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    chart: Option<std::path::PathBuf>,
 }
 
 /// What `--json` prints.
@@ -132,12 +136,54 @@ pub fn run(a: BreakevenArgs) -> Result<()> {
         },
         models: versus,
     };
+    if let Some(path) = &a.chart {
+        std::fs::write(path, chart_svg(&report))
+            .with_context(|| format!("cannot write the chart to {}", path.display()))?;
+        eprintln!("chart written to {}", path.display());
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report);
     }
     Ok(())
+}
+
+/// Monthly cost against volume, from 0 to a little past the furthest break-even (or to one
+/// machine's capacity when none breaks even).
+fn chart_svg(r: &Report) -> String {
+    let cap = r.self_hosted.capacity_requests_per_month.max(1) as f64;
+    let far = r
+        .models
+        .iter()
+        .filter_map(|v| v.breakeven_requests_per_month)
+        .fold(0u64, u64::max) as f64;
+    let xmax = if far > 0.0 {
+        (far * 1.5).min(4.0 * cap).max(far)
+    } else {
+        cap
+    };
+    let xs: Vec<f64> = (0..=200).map(|i| xmax * f64::from(i) / 200.0).collect();
+    let monthly = r.machine.monthly_usd;
+    let mut series = vec![chart::Series {
+        name: format!("self-hosted ({})", r.machine.spec.hardware),
+        // One more machine for every capacity's worth of requests.
+        points: xs
+            .iter()
+            .map(|&x| (x, monthly * (x / cap).ceil().max(1.0)))
+            .collect(),
+    }];
+    series.extend(r.models.iter().take(9).map(|v| chart::Series {
+        name: v.model.to_owned(),
+        points: xs.iter().map(|&x| (x, v.per_request_usd * x)).collect(),
+    }));
+    chart::svg(
+        &format!(
+            "Monthly cost: {} prompt + {} output tokens a request",
+            r.input_tokens, r.output_tokens
+        ),
+        &series,
+    )
 }
 
 fn print_report(r: &Report) {
