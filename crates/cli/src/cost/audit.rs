@@ -503,6 +503,8 @@ fn price(m: &ModelPrice, c: &Counts, exact: bool, a: &AuditArgs) -> Result<Price
         compression_ratio: 0.0,
         cache: PromptCache::Prefix(c.static_prefix_tokens as u64),
         requests: a.requests,
+        // A month of requests: the first one writes the prefix into the cache.
+        cold_first: true,
     };
     let e = m.estimate(&w)?;
     Ok(Priced {

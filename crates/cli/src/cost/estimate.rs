@@ -31,10 +31,14 @@ pub struct EstimateArgs {
     /// Output (completion) tokens of one request.
     #[arg(long, value_name = "M", allow_negative_numbers = true, value_parser = tokens)]
     output_tokens: u64,
-    /// A static prompt prefix of C tokens served from the prompt cache: the month's first
-    /// request writes it at the full price, every later one reads it at the cached price.
+    /// A static prompt prefix of C tokens that every request reads from the provider's prompt
+    /// cache at the cached price (a warm cache; see --cold-start).
     #[arg(long, value_name = "C", allow_negative_numbers = true, value_parser = tokens)]
     cached_tokens: Option<u64>,
+    /// With --cached-tokens: the month's first request finds the cache cold and writes the
+    /// prefix at the full price.
+    #[arg(long, requires = "cached_tokens")]
+    cold_start: bool,
     /// Requests per month.
     #[arg(long, value_name = "R", default_value_t = 1, allow_negative_numbers = true, value_parser = requests)]
     requests: u64,
@@ -86,6 +90,7 @@ pub fn run(a: EstimateArgs) -> Result<()> {
             (None, None) => PromptCache::Off,
         },
         requests: a.requests,
+        cold_first: a.cold_start,
     };
     let mut rows = models
         .iter()
