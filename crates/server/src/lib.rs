@@ -191,7 +191,7 @@ pub struct Levers {
     /// Prompt tokens a context strategy removed.
     pub compressed_tokens: usize,
     /// The router that placed the request, and its top tier's price.
-    pub route: Option<(String, Option<ModelPrice>)>,
+    pub route: route::Route,
 }
 
 impl Levers {
@@ -400,7 +400,11 @@ impl AppState {
 
 impl Model {
     /// Render OpenAI/Ollama-shaped messages (and tools) through the chat template and tokenize.
-    fn chat_prompt(&self, messages: &Value, tools: Option<&Value>) -> Result<Vec<u32>, ApiError> {
+    pub(crate) fn chat_prompt(
+        &self,
+        messages: &Value,
+        tools: Option<&Value>,
+    ) -> Result<Vec<u32>, ApiError> {
         self.render_ids(&normalize_messages(messages)?, tools)
     }
 

@@ -22,7 +22,7 @@ use crate::auth::Caller;
 use crate::compress::{fit_chat, Compression, Strategy};
 use crate::error::ApiError;
 use crate::generate::{self, finish_name, Job, TokenInfo};
-use crate::route::{self, looks_like_code, Needs, Target};
+use crate::route::{self, Target};
 use crate::tools::{self, HoldBack, Tools};
 use crate::{logit_bias, parse, unix_now, AppState, Levers, Model, Stop, Ticket};
 
@@ -80,6 +80,42 @@ struct CompletionRequest {
     logprobs: Option<usize>,
     #[serde(flatten)]
     common: Common,
+}
+
+impl ChatRequest {
+    /// Validated tools, the grammar that constrains the reply (response_format or a forced
+    /// tool call, never both), and how many top logprobs to report.
+    #[allow(clippy::type_complexity)]
+    fn checked(&self) -> Result<(Option<Tools>, Option<Arc<Grammar>>, Option<usize>), ApiError> {
+        let tools = Tools::parse(
+            self.tools.as_ref(),
+            self.tool_choice.as_ref(),
+            self.parallel_tool_calls,
+        )?;
+        let grammar = match (
+            self.common.grammar()?,
+            tools.as_ref().map(Tools::grammar).transpose()?.flatten(),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "response_format and a forced tool call (tool_choice required or a named function) cannot both constrain one reply: drop one",
+                    Some("response_format"),
+                ))
+            }
+            (a, b) => a.or(b).map(Arc::new),
+        };
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (false, Some(_)) => {
+                return Err(ApiError::invalid(
+                    "top_logprobs needs logprobs: true",
+                    Some("top_logprobs"),
+                ))
+            }
+            (false, None) => None,
+            (true, n) => Some(n.unwrap_or(0)),
+        };
+        Ok((tools, grammar, logprobs))
+    }
 }
 
 impl Common {
@@ -267,67 +303,20 @@ pub async fn chat(
     let stop = Stop::into_vec(req.common.stop.take());
     let c = &req.common;
     let n = c.n()?;
-    let tools = Tools::parse(
-        req.tools.as_ref(),
-        req.tool_choice.as_ref(),
-        req.parallel_tool_calls,
-    )?;
-    let grammar = match (
-        c.grammar()?,
-        tools.as_ref().map(Tools::grammar).transpose()?.flatten(),
-    ) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::invalid(
-                "response_format and a forced tool call (tool_choice required or a named function) cannot both constrain one reply: drop one",
-                Some("response_format"),
-            ))
-        }
-        (a, b) => a.or(b).map(Arc::new),
-    };
-    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
-        (false, Some(_)) => {
-            return Err(ApiError::invalid(
-                "top_logprobs needs logprobs: true",
-                Some("top_logprobs"),
-            ))
-        }
-        (false, None) => None,
-        (true, n) => Some(n.unwrap_or(0)),
-    };
+    let (tools, grammar, logprobs) = req.checked()?;
     let max = c.max_completion_tokens.or(c.max_tokens);
     let prompt_tools = tools.as_ref().and_then(Tools::for_prompt);
-    // One model (local or upstream), or a router's tiers to try in order.
-    let (candidates, route) = match s.router(c.model.as_deref()) {
-        None => match s.upstream(c.model.as_deref()) {
-            Some(u) => (vec![Target::Upstream(u)], None),
-            None => (vec![Target::Local(s.model(c.model.as_deref())?)], None),
-        },
-        Some(r) => {
-            // Prompt length by the first local tier's tokenizer (upstreams: ~4 bytes a token).
-            let local = r.tiers.iter().find_map(|t| match s.target(&t.model) {
-                Ok(Target::Local(m)) => Some(m),
-                _ => None,
-            });
-            let prompt_tokens = match local {
-                Some(m) => m.chat_prompt(&req.messages, prompt_tools)?.len(),
-                None => req.messages.to_string().len() / 4,
-            };
-            let needs = Needs {
-                prompt_tokens,
-                tools: prompt_tools.is_some(),
-                json: c
-                    .response_format
-                    .as_ref()
-                    .is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text")),
-                code: looks_like_code(&req.messages),
-            };
-            let top = r.top(&s)?;
-            (
-                r.candidates(&s, &needs)?,
-                Some((r.id.clone(), top.price().cloned())),
-            )
-        }
-    };
+    let json_out = c
+        .response_format
+        .as_ref()
+        .is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text"));
+    let (candidates, route) = route::targets(
+        &s,
+        c.model.as_deref(),
+        &req.messages,
+        prompt_tools,
+        json_out,
+    )?;
     let params = c.params(logprobs)?;
     let mut ticket: Option<Ticket> = None;
     let mut started = None;
@@ -421,6 +410,33 @@ pub async fn chat(
         );
         return Ok(with_headers(r, &headers, None));
     }
+    chat_json(
+        s,
+        caller,
+        ticket,
+        levers,
+        model,
+        job,
+        meta,
+        tools,
+        logprobs.is_some(),
+    )
+    .await
+}
+
+/// A whole chat completion as one JSON object.
+#[allow(clippy::too_many_arguments)]
+async fn chat_json(
+    s: AppState,
+    caller: Caller,
+    ticket: Ticket,
+    levers: Levers,
+    model: Arc<Model>,
+    job: Job,
+    meta: Meta,
+    tools: Option<Tools>,
+    logprobs: bool,
+) -> Result<Response, ApiError> {
     let (outs, usage, first) = generate::collect(job).await?;
     let mut choices = Vec::with_capacity(outs.len());
     let mut last_finish = "stop";
@@ -440,7 +456,7 @@ pub async fn chat(
         choices.push(json!({
             "index": i,
             "message": message,
-            "logprobs": if logprobs.is_some() { chat_logprobs(&model, &out.tokens) } else { Value::Null },
+            "logprobs": if logprobs { chat_logprobs(&model, &out.tokens) } else { Value::Null },
             "finish_reason": finish,
         }));
     }

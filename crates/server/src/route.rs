@@ -103,6 +103,47 @@ impl Router {
     }
 }
 
+/// Where a chat request naming `asked` may go, in the order to try: the one model (local or
+/// upstream) it names, or a router's tiers from the first that takes it; with a router, its
+/// id and its top tier's price (the baseline of what routing saved).
+pub type Route = Option<(String, Option<ModelPrice>)>;
+
+pub fn targets(
+    s: &AppState,
+    asked: Option<&str>,
+    messages: &Value,
+    tools: Option<&Value>,
+    json: bool,
+) -> Result<(Vec<Target>, Route), ApiError> {
+    let Some(r) = s.router(asked) else {
+        let t = match s.upstream(asked) {
+            Some(u) => Target::Upstream(u),
+            None => Target::Local(s.model(asked)?),
+        };
+        return Ok((vec![t], None));
+    };
+    // The prompt's length by the first local tier's tokenizer (upstreams only: ~4 bytes a token).
+    let local = r.tiers.iter().find_map(|t| match s.target(&t.model) {
+        Ok(Target::Local(m)) => Some(m),
+        _ => None,
+    });
+    let prompt_tokens = match local {
+        Some(m) => m.chat_prompt(messages, tools)?.len(),
+        None => messages.to_string().len() / 4,
+    };
+    let needs = Needs {
+        prompt_tokens,
+        tools: tools.is_some(),
+        json,
+        code: looks_like_code(messages),
+    };
+    let top = r.top(s)?;
+    Ok((
+        r.candidates(s, &needs)?,
+        Some((r.id.clone(), top.price().cloned())),
+    ))
+}
+
 /// Does any message look like code? (Fenced blocks, or several lines that end like code.)
 pub fn looks_like_code(messages: &Value) -> bool {
     let Some(list) = messages.as_array() else {
