@@ -54,8 +54,10 @@ enum Cmd {
     },
     /// Measure prefill and decode speed and peak memory.
     Bench(bench::BenchArgs),
-    /// Serve the model over HTTP: OpenAI (/v1/chat/completions, /v1/completions, /v1/models)
-    /// and Ollama (/api/chat, /api/generate, /api/tags) APIs, many requests batched together.
+    /// Serve models over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions,
+    /// /v1/models, /v1/usage) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show,
+    /// /api/ps, /api/version), requests batched together, with API keys, rate limits, a usage
+    /// ledger, /health and /metrics
     Serve(serve::ServeArgs),
     /// Manage the server's API keys: create (secret shown once), list, revoke.
     Keys(keys::KeysArgs),

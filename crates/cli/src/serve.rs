@@ -2,33 +2,9 @@
 //! Ctrl-C/SIGTERM, then let the requests in flight finish (their ledger rows are written as they
 //! finish) and stop the engines.
 //!
-//! Models come from `--model PATH` (repeatable) and from a `--config` TOML file; with neither,
-//! the installed default model. The config file, shaped like this (unknown keys are errors):
-//!
-//! ```toml
-//! [[model]]
-//! path = "/models/SmolLM2-135M-Instruct.Q4_1.gguf"  # or "default": the installed default model
-//! id = "smollm2"                                     # optional: else derived from the file name
-//! aliases = ["gpt-4o-mini"]                          # optional: other names clients may send
-//! price = "smollm2-135m-instruct"                    # optional: catalog entry for costs (default: id)
-//! context_strategy = "middle-out"                    # optional: else --context-strategy
-//!
-//! [[model]]                                         # a model on another server
-//! id = "gpt-4o-mini"
-//! upstream = "https://openrouter.ai/api/v1"          # any OpenAI-compatible base URL
-//! upstream_model = "openai/gpt-4o-mini"              # optional: its name there (default: id)
-//! api_key_env = "OPENROUTER_API_KEY"                 # optional: where its key is
-//! price = "gpt-4o-mini"
-//!
-//! [[router]]              # a virtual model: each chat request goes to the first tier that
-//! id = "auto"             # takes it, falling back to later tiers when one is saturated
-//! [[router.tier]]
-//! model = "smollm2"
-//! max_prompt_tokens = 2000                           # optional; and tools/json/code = false
-//! code = false                                       # to send those requests up
-//! [[router.tier]]
-//! model = "big"                                      # the last tier takes anything
-//! ```
+//! Models come from `--model PATH` (repeatable) and from a `--config` TOML file (local
+//! models, upstream models, routers; `docs/serve.example.toml` shows every key); with neither,
+//! the installed default model.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -50,10 +26,10 @@ pub struct ServeArgs {
     /// A GGUF model to serve (repeat for several; default: the installed default model).
     #[arg(long, short = 'm')]
     model: Vec<PathBuf>,
-    /// A TOML file: `[[model]]` entries (path, id, aliases, price, context_strategy) and
-    /// `[[router]]` virtual models (id, `[[router.tier]]` model / max_prompt_tokens / tools /
-    /// json / code); unknown keys are errors. The format is documented at the top of
-    /// crates/cli/src/serve.rs.
+    /// A TOML file: `[[model]]` entries (local: path, id, aliases, price, context_strategy;
+    /// upstream: id, upstream, upstream_model, api_key_env, price) and `[[router]]` virtual
+    /// models (id, `[[router.tier]]` model / max_prompt_tokens / tools / json / code); unknown
+    /// keys are errors. Example: docs/serve.example.toml.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Address to listen on. A non-loopback address is refused while the data dir has no API
@@ -517,4 +493,18 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .map_err(|_| anyhow::anyhow!("an engine thread panicked"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_config_parses() {
+        let cfg: ConfigFile = toml::from_str(include_str!("../../../docs/serve.example.toml"))
+            .unwrap_or_else(|e| panic!("docs/serve.example.toml: {e}"));
+        assert_eq!(cfg.model.len(), 2);
+        assert_eq!(cfg.router.len(), 1);
+        assert!(cfg.model[1].upstream.is_some());
+    }
 }
