@@ -260,32 +260,24 @@ fn upstream_of(e: &ModelEntry, url: &str, catalog: &PriceCatalog) -> Result<Upst
 }
 
 fn model_entries(a: &ServeArgs, cfg: &ConfigFile) -> Result<Vec<ModelEntry>> {
+    let local = |path: String| ModelEntry {
+        path: Some(path),
+        upstream: None,
+        upstream_model: None,
+        api_key_env: None,
+        id: None,
+        aliases: Vec::new(),
+        price: None,
+        context_strategy: None,
+    };
     let mut entries: Vec<ModelEntry> = a
         .model
         .iter()
-        .map(|p| ModelEntry {
-            path: Some(p.to_string_lossy().into_owned()),
-            upstream: None,
-            upstream_model: None,
-            api_key_env: None,
-            id: None,
-            aliases: Vec::new(),
-            price: None,
-            context_strategy: None,
-        })
+        .map(|p| local(p.to_string_lossy().into_owned()))
         .collect();
     entries.extend(cfg.model.iter().cloned());
     if entries.is_empty() {
-        entries.push(ModelEntry {
-            path: Some("default".into()),
-            upstream: None,
-            upstream_model: None,
-            api_key_env: None,
-            id: None,
-            aliases: Vec::new(),
-            price: None,
-            context_strategy: None,
-        });
+        entries.push(local("default".into()));
     }
     Ok(entries)
 }

@@ -756,18 +756,8 @@ model = "large"
     drop(reader);
     // The ledger records the route and what routing saved against the top tier.
     drop(s);
-    let out = ferrolm()
-        .args(["usage", "--json", "--by", "model", "--data-dir"])
-        .arg(data.path())
-        .output()
-        .unwrap();
-    let v = json_of(&out);
-    let small = v["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["model"] == "small")
-        .unwrap();
+    let small = usage_of_model(data.path(), "small");
+    let v = &small;
     assert_eq!(small["routed_requests"], 1, "{v}");
     assert!(small["saved_by_routing_usd"].as_f64().unwrap() > 0.0, "{v}");
     // --savings prices the same traffic on a hosted model.
@@ -868,18 +858,25 @@ model = "local"
     assert_eq!(v["model"], "local");
     // Both proxied requests are in B's ledger, priced at the catalog's gpt-4o rate.
     drop(b);
+    let remote = usage_of_model(data.path(), "remote");
+    let v = &remote;
+    assert_eq!(remote["requests"], 2, "{v}");
+    assert!(remote["cost_usd"].as_f64().unwrap() > 0.0, "{v}");
+}
+
+/// The `ferrolm usage --by model` row of `model` in the ledger of `data_dir`.
+fn usage_of_model(data_dir: &std::path::Path, model: &str) -> Value {
     let out = ferrolm()
         .args(["usage", "--json", "--by", "model", "--data-dir"])
-        .arg(data.path())
+        .arg(data_dir)
         .output()
         .unwrap();
     let v = json_of(&out);
-    let remote = v["groups"]
+    v["groups"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|g| g["model"] == "remote")
-        .unwrap();
-    assert_eq!(remote["requests"], 2, "{v}");
-    assert!(remote["cost_usd"].as_f64().unwrap() > 0.0, "{v}");
+        .find(|g| g["model"] == model)
+        .unwrap_or_else(|| panic!("no row for {model}: {v}"))
+        .clone()
 }

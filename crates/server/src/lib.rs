@@ -195,6 +195,7 @@ pub struct Levers {
 }
 
 impl Levers {
+    /// How a request to a local model ended.
     pub fn settled<'a>(
         &'a self,
         model: &'a Model,
@@ -203,14 +204,29 @@ impl Levers {
         ttft: Option<f64>,
         finish_reason: Option<&'static str>,
     ) -> Settled<'a> {
+        let mut s = self.settled_as(&model.id, model.price.as_ref(), endpoint, usage, ttft);
+        s.local = Some(model);
+        s.finish_reason = finish_reason;
+        s
+    }
+
+    /// How a request to the model `id` (local or not) at `price` ended.
+    pub fn settled_as<'a>(
+        &'a self,
+        id: &'a str,
+        price: Option<&'a ModelPrice>,
+        endpoint: &'static str,
+        usage: Usage,
+        ttft: Option<f64>,
+    ) -> Settled<'a> {
         Settled {
-            model: &model.id,
-            price: model.price.as_ref(),
-            local: Some(model),
+            model: id,
+            price,
+            local: None,
             endpoint,
             usage,
             ttft,
-            finish_reason,
+            finish_reason: None,
             compressed_tokens: self.compressed_tokens,
             route: self.route.as_ref().map(|(r, p)| (r.as_str(), p.as_ref())),
         }

@@ -26,7 +26,7 @@ use tokio_stream::StreamExt;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::{AppState, Levers, Settled, Ticket};
+use crate::{AppState, Levers, Ticket};
 
 /// A model served by another server.
 pub struct Upstream {
@@ -134,11 +134,15 @@ impl Upstream {
                 .pointer("/choices/0/finish_reason")
                 .and_then(Value::as_str)
                 .map(finish_static);
-            s.settle(
-                caller,
-                ticket,
-                self.settled(levers, usage_of(&v), None, finish),
+            let mut st = levers.settled_as(
+                &self.id,
+                self.price.as_ref(),
+                "/v1/chat/completions",
+                usage_of(&v),
+                None,
             );
+            st.finish_reason = finish;
+            s.settle(caller, ticket, st);
             let code = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::OK);
             return Ok((code, [(header::CONTENT_TYPE, "application/json")], bytes).into_response());
         }
@@ -184,17 +188,14 @@ impl Upstream {
                     }
                 }
             }
-            let st = Settled {
-                model: &me.0,
-                price: me.1.as_ref(),
-                local: None,
-                endpoint: "/v1/chat/completions",
+            let mut st = levers.settled_as(
+                &me.0,
+                me.1.as_ref(),
+                "/v1/chat/completions",
                 usage,
-                ttft: caller.ttft(first),
-                finish_reason: finish,
-                compressed_tokens: levers.compressed_tokens,
-                route: levers.route.as_ref().map(|(r, p)| (r.as_str(), p.as_ref())),
-            };
+                caller.ttft(first),
+            );
+            st.finish_reason = finish;
             s.settle(&caller, &ticket, st);
         });
         Ok((
@@ -209,26 +210,6 @@ impl Upstream {
 
     fn summary(&self) -> (String, Option<ModelPrice>) {
         (self.id.clone(), self.price.clone())
-    }
-
-    fn settled<'a>(
-        &'a self,
-        levers: &'a Levers,
-        usage: Usage,
-        first: Option<f64>,
-        finish: Option<&'static str>,
-    ) -> Settled<'a> {
-        Settled {
-            model: &self.id,
-            price: self.price.as_ref(),
-            local: None,
-            endpoint: "/v1/chat/completions",
-            usage,
-            ttft: first,
-            finish_reason: finish,
-            compressed_tokens: levers.compressed_tokens,
-            route: levers.route.as_ref().map(|(r, p)| (r.as_str(), p.as_ref())),
-        }
     }
 }
 
