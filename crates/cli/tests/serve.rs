@@ -880,3 +880,41 @@ fn usage_of_model(data_dir: &std::path::Path, model: &str) -> Value {
         .unwrap_or_else(|| panic!("no row for {model}: {v}"))
         .clone()
 }
+
+#[test]
+fn middle_out_keeps_the_system_prompt_and_the_last_turn_verbatim() {
+    // A 64-token context holds the system prompt and the last question (27 tokens) with room
+    // for 16 more, but not one earlier turn as well: middle-out must leave exactly those two,
+    // unchanged — the same ids `ferrolm generate` makes of them.
+    let out = ferrolm()
+        .args([
+            "generate",
+            "--system",
+            "You are a helpful assistant.",
+            "--prompt",
+            "What is the capital of France?",
+            "--max-tokens",
+            "1",
+            "--json",
+        ])
+        .arg("--model")
+        .arg(default_model())
+        .output()
+        .unwrap();
+    let want = json_of(&out)["prompt_ids"].as_array().unwrap().len() as u64;
+    let s = Server::start(&["--ctx", "64", "--context-strategy", "middle-out"]);
+    let mut messages = vec![json!({"role": "system", "content": "You are a helpful assistant."})];
+    for i in 0..3 {
+        messages.push(json!({"role": "user", "content": format!("Question {i} about something else entirely?")}));
+        messages.push(json!({"role": "assistant", "content": format!("Answer {i}: a long reply about another topic, with enough words in it to take up about thirty tokens of the context.")}));
+    }
+    messages.push(json!({"role": "user", "content": "What is the capital of France?"}));
+    let req = json!({"model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": 16, "messages": messages});
+    let r = ureq::post(&s.url("/v1/chat/completions"))
+        .send_string(&req.to_string())
+        .unwrap();
+    let header = r.header("x-ferrolm-context").unwrap().to_owned();
+    let v: Value = serde_json::from_str(&r.into_string().unwrap()).unwrap();
+    assert!(header.contains("dropped_messages=6"), "{header}");
+    assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap(), want, "{v}");
+}
