@@ -115,15 +115,9 @@ impl SummaryCache {
 }
 
 fn turns_key(model: &str, turns: &[Value]) -> u64 {
-    // FNV-1a over the model id and the turns' JSON.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in model
-        .bytes()
-        .chain(Value::from(turns.to_vec()).to_string().bytes())
-    {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    // The model id and the turns' JSON.
+    let json = Value::from(turns.to_vec()).to_string();
+    crate::fnv1a(model.bytes().chain(json.bytes()))
 }
 
 /// Render `messages` for `model`, applying `strategy` if the prompt would leave no room for

@@ -547,7 +547,7 @@ impl Drop for InFlight {
 }
 
 /// `stop`: one string or a list of them.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub(crate) enum Stop {
     One(String),
@@ -686,6 +686,13 @@ fn random_seed() -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// 64-bit FNV-1a: a stable, non-cryptographic id (model digests, summary-cache keys).
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 fn unix_now() -> u64 {
@@ -828,6 +835,13 @@ mod tests {
         );
         assert!(logit_bias(Some(HashMap::from([("the".to_owned(), 1.0)]))).is_err());
         assert!(logit_bias(Some(HashMap::from([("1".to_owned(), 101.0)]))).is_err());
+    }
+
+    #[test]
+    fn fnv1a_matches_the_published_vectors() {
+        assert_eq!(fnv1a(*b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(*b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(*b"foobar"), 0x85944171f73967e8);
     }
 
     #[test]

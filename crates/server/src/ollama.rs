@@ -63,6 +63,22 @@ impl Options {
         }
     }
 
+    /// The engine options of a request with `prompt` on `model`.
+    fn generate_options(
+        &self,
+        model: &Model,
+        prompt: &[u32],
+        grammar: Option<Arc<Grammar>>,
+    ) -> Result<GenerateOptions, ApiError> {
+        model.options(
+            prompt,
+            self.params(),
+            self.max_tokens(prompt.len())?,
+            Stop::into_vec(self.stop.clone()),
+            grammar,
+        )
+    }
+
     /// `num_predict` (negative: until the context is full), within `num_ctx` when given.
     fn max_tokens(&self, prompt: usize) -> Result<Option<usize>, ApiError> {
         let asked = self.num_predict.and_then(|n| usize::try_from(n).ok());
@@ -321,13 +337,7 @@ pub async fn chat(
         o.num_predict.and_then(|n| usize::try_from(n).ok()),
     )
     .await?;
-    let opts = model.options(
-        &prompt,
-        o.params(),
-        o.max_tokens(prompt.len())?,
-        Stop::into_vec(req.options.stop),
-        grammar,
-    )?;
+    let opts = o.generate_options(&model, &prompt, grammar)?;
     let p = Prepared {
         model,
         kind: Kind::Chat,
@@ -366,13 +376,7 @@ pub async fn generate(
         model.chat_prompt(&Value::Array(m), None)?
     };
     let o = &req.options;
-    let opts = model.options(
-        &prompt,
-        o.params(),
-        o.max_tokens(prompt.len())?,
-        Stop::into_vec(req.options.stop),
-        grammar,
-    )?;
+    let opts = o.generate_options(&model, &prompt, grammar)?;
     let p = Prepared {
         model,
         kind: Kind::Generate,
@@ -411,10 +415,7 @@ fn parameter_size(n: u64) -> String {
 fn digest(m: &Model) -> String {
     // Not the file's sha256 (hashing a large file per listing is too slow): a stable id built
     // from its name, size and modification time.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in format!("{}:{}:{}", m.file_name, m.file_size, m.created).bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let h = crate::fnv1a(format!("{}:{}:{}", m.file_name, m.file_size, m.created).bytes());
     format!("{h:016x}")
 }
 
