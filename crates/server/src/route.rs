@@ -27,13 +27,6 @@ pub enum Target {
 }
 
 impl Target {
-    pub fn id(&self) -> &str {
-        match self {
-            Target::Local(m) => &m.id,
-            Target::Upstream(u) => &u.id,
-        }
-    }
-
     pub fn price(&self) -> Option<&ModelPrice> {
         match self {
             Target::Local(m) => m.price.as_ref(),

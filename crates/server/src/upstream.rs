@@ -150,7 +150,7 @@ impl Upstream {
         let mut upstream = resp.bytes_stream();
         let (s, caller, ticket, levers) =
             (s.clone(), caller.clone(), ticket.clone(), levers.clone());
-        let me = self.summary();
+        let me = (self.id.clone(), self.price.clone());
         tokio::spawn(async move {
             let mut buf: Vec<u8> = Vec::new();
             let mut usage = Usage::default();
@@ -206,10 +206,6 @@ impl Upstream {
             Body::from_stream(ReceiverStream::new(rx)),
         )
             .into_response())
-    }
-
-    fn summary(&self) -> (String, Option<ModelPrice>) {
-        (self.id.clone(), self.price.clone())
     }
 }
 
