@@ -21,7 +21,7 @@ use crate::keys::print_table;
 
 mod audit;
 mod breakeven;
-mod chart;
+pub mod chart;
 mod estimate;
 
 #[derive(Args)]

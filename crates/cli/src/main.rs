@@ -15,10 +15,12 @@ use serde_json::json;
 mod bench;
 mod chat;
 mod cost;
+mod data;
 mod eval;
 mod keys;
 mod serve;
 mod store;
+mod train;
 mod usage;
 
 #[derive(Parser)]
@@ -66,11 +68,33 @@ enum Cmd {
     /// Estimate and compare costs: the price catalog, a workload per month, self-hosting
     /// breakeven, and a token audit of a real chat request.
     Cost(cost::CostArgs),
+    /// Pretrain a Llama-family model on a text corpus: tokenizer, shards, AdamW with warm-up
+    /// and cosine decay, evaluation, samples, checkpoints (Ctrl-C saves one; --resume goes on
+    /// exactly). The run directory is a model: `--model RUN_DIR` works everywhere.
+    Train(train::TrainCmd),
+    /// Write a training run (or one checkpoint) as a GGUF file for ferrolm, llama.cpp, Ollama.
+    Export(train::ExportCmd),
+    /// Draw a training run's loss curve as SVG (RUN_DIR/loss.svg).
+    Plot(train::PlotCmd),
+    /// Train a vocabulary for `ferrolm train`: char-level or byte-level BPE.
+    Tokenizer {
+        #[command(subcommand)]
+        what: TokenizerCmd,
+    },
+    /// Tokenize a corpus into train/validation shards for `ferrolm train --data DIR`.
+    Prepare(data::PrepareArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenizerCmd {
+    /// Train a vocabulary on a corpus and write it as a tokenizer GGUF.
+    Train(data::TokenizerTrainArgs),
 }
 
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// GGUF model file (default: the installed default model).
+    /// GGUF model file, or a `ferrolm train` run directory (default: the installed default
+    /// model).
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
 }
@@ -271,7 +295,12 @@ impl Loaded {
 }
 
 pub fn load_tokenizer(path: &Path) -> Result<(GgufFile, Tokenizer, ChatTemplate)> {
-    let gguf = GgufFile::open(path)?;
+    // A training run (or checkpoint) directory is read as the f32 GGUF `export` would write.
+    let gguf = if train::is_run(path) {
+        train::open_run(path)?
+    } else {
+        GgufFile::open(path)?
+    };
     let tok = Tokenizer::from_gguf(&gguf)?;
     let template = ChatTemplate::from_gguf(&gguf, &tok)?;
     Ok((gguf, tok, template))
@@ -519,6 +548,13 @@ fn main() {
         Cmd::Keys(a) => keys::run(a),
         Cmd::Usage(a) => usage::run(a),
         Cmd::Cost(a) => cost::run(a),
+        Cmd::Train(a) => train::run_train(a),
+        Cmd::Export(a) => train::run_export(a),
+        Cmd::Plot(a) => train::run_plot(a),
+        Cmd::Tokenizer {
+            what: TokenizerCmd::Train(a),
+        } => data::run_tokenizer_train(a),
+        Cmd::Prepare(a) => data::run_prepare(a),
     };
     if let Err(e) = r {
         let mut msg = format!("{e}");

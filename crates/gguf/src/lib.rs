@@ -7,6 +7,10 @@
 //! [`GgufFile::tensor_bytes`] (positional reads, no mmap: the caller repacks them into its own
 //! layout, and page-cache pages are not charged to the process' RSS).
 //!
+//! [`GgufFile::from_bytes`] parses a GGUF held in memory (a vocabulary built in-process, a test
+//! fixture) with the same parser and the same checks; its errors name the label it was given
+//! in place of a path, so the same bytes fail with the same message either way.
+//!
 //! Layout reference: ggml's `docs/gguf.md` — magic `GGUF`, u32 version, u64 tensor count,
 //! u64 metadata count, metadata key/values, tensor infos, padding to `general.alignment`
 //! (default 32), then tensor data. Dimensions are in ggml order: `dims[0]` is the innermost
@@ -153,19 +157,45 @@ pub struct GgufFile {
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
     pub file_len: u64,
-    file: File,
+    storage: Storage,
+}
+
+/// Where the tensor data of a [`GgufFile`] lives.
+enum Storage {
+    /// On disk, read on demand with positional reads.
+    File(File),
+    /// In memory: the whole file, as given to [`GgufFile::from_bytes`].
+    Memory(Vec<u8>),
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::File(file) => f.debug_tuple("File").field(file).finish(),
+            Storage::Memory(b) => write!(f, "Memory({} bytes)", b.len()),
+        }
+    }
+}
+
+/// What the parser found before the tensor data: everything of a [`GgufFile`] but its storage.
+struct Header {
+    version: u32,
+    alignment: u64,
+    metadata: BTreeMap<String, Value>,
+    tensors: Vec<TensorInfo>,
 }
 
 /// Bounded reader: knows the file length, so every length it reads is checked against what
-/// is left before anything is allocated.
-struct Reader<'a> {
-    inner: BufReader<&'a File>,
+/// is left before anything is allocated. Generic over the source so that a file and a buffer
+/// go through exactly the same checks.
+struct Reader<'a, R: Read> {
+    inner: R,
     pos: u64,
     len: u64,
     path: &'a Path,
 }
 
-impl Reader<'_> {
+impl<R: Read> Reader<'_, R> {
     fn truncated(&self, field: &str) -> GgufError {
         GgufError::Truncated {
             path: self.path.to_owned(),
@@ -284,6 +314,130 @@ impl Reader<'_> {
     }
 }
 
+/// Parse everything up to the tensor data: magic, version, metadata, tensor infos. Every
+/// tensor's data range is checked to lie inside the `r.len` bytes of the file.
+fn parse<R: Read>(mut r: Reader<'_, R>) -> Result<Header, GgufError> {
+    let len = r.len;
+    let magic: [u8; 4] = r.bytes("magic")?;
+    if &magic != b"GGUF" {
+        return Err(GgufError::BadMagic {
+            path: r.path.to_owned(),
+            found: String::from_utf8_lossy(&magic).into_owned(),
+        });
+    }
+    let version = r.u32("version")?;
+    if !(2..=3).contains(&version) {
+        return Err(GgufError::UnsupportedVersion {
+            path: r.path.to_owned(),
+            version,
+        });
+    }
+    // A tensor info takes at least 8 (name len) + 4 (n_dims) + 8 (one dim) + 4 + 8 bytes.
+    let n_tensors = r.count("tensor_count", 32)?;
+    // A key/value takes at least 8 (key len) + 4 (type) + 1 byte.
+    let n_kv = r.count("metadata_kv_count", 13)?;
+
+    let mut metadata = BTreeMap::new();
+    for i in 0..n_kv {
+        let key = r.string(&format!("metadata key #{i}"))?;
+        let type_id = r.u32(&format!("metadata `{key}` type"))?;
+        let value = r.value(&format!("metadata `{key}`"), type_id, 0)?;
+        metadata.insert(key, value);
+    }
+    let alignment = match metadata.get("general.alignment") {
+        None => DEFAULT_ALIGNMENT,
+        Some(v) => match v.as_u64() {
+            Some(a) if a.is_power_of_two() && a <= 1 << 20 => a,
+            _ => {
+                return Err(r.invalid(
+                    "general.alignment",
+                    format!("{v:?} is not a power of two up to 1 MiB"),
+                ))
+            }
+        },
+    };
+
+    let mut infos = Vec::with_capacity(n_tensors as usize);
+    for i in 0..n_tensors {
+        let name = r.string(&format!("tensor #{i} name"))?;
+        let field = |what: &str| format!("tensor `{name}` {what}");
+        let n_dims = r.u32(&field("n_dims"))?;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(r.invalid(
+                &field("n_dims"),
+                format!("{n_dims} is outside 1..={MAX_DIMS}"),
+            ));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        for _ in 0..n_dims {
+            dims.push(r.u64(&field("dims"))?);
+        }
+        let type_id = r.u32(&field("type"))?;
+        let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
+            r.invalid(
+                &field("type"),
+                format!("unknown or unsupported ggml type id {type_id}"),
+            )
+        })?;
+        let rel_offset = r.u64(&field("offset"))?;
+        infos.push((name, dims, ggml_type, rel_offset));
+    }
+    let data_start = r.pos.div_ceil(alignment) * alignment;
+
+    let mut tensors = Vec::with_capacity(infos.len());
+    for (name, dims, ggml_type, rel_offset) in infos {
+        let bad = |reason: String| GgufError::Invalid {
+            path: r.path.to_owned(),
+            field: format!("tensor `{name}`"),
+            reason,
+        };
+        let n_elements = dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| bad(format!("dims {dims:?} overflow")))?;
+        if dims[0] % ggml_type.block_size() != 0 {
+            return Err(bad(format!(
+                "innermost dim {} is not a multiple of the {:?} block size {}",
+                dims[0],
+                ggml_type,
+                ggml_type.block_size()
+            )));
+        }
+        let n_bytes = (n_elements / ggml_type.block_size())
+            .checked_mul(ggml_type.block_bytes())
+            .ok_or_else(|| bad("byte size overflows".into()))?;
+        if rel_offset % alignment != 0 {
+            return Err(bad(format!(
+                "offset {rel_offset} is not aligned to {alignment}"
+            )));
+        }
+        let offset = data_start
+            .checked_add(rel_offset)
+            .ok_or_else(|| bad("offset overflows".into()))?;
+        let end = offset
+            .checked_add(n_bytes)
+            .ok_or_else(|| bad("offset + size overflows".into()))?;
+        if end > len {
+            return Err(bad(format!(
+                "data [{offset}, {end}) runs past the end of the file ({len} bytes): the file is truncated, download it again"
+            )));
+        }
+        tensors.push(TensorInfo {
+            name,
+            dims,
+            ggml_type,
+            offset,
+            n_bytes,
+        });
+    }
+    Ok(Header {
+        version,
+        alignment,
+        metadata,
+        tensors,
+    })
+}
+
 impl GgufFile {
     /// Parse the header and tensor table of `path`, checking every field.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, GgufError> {
@@ -302,134 +456,40 @@ impl GgufFile {
             });
         }
         let len = meta.len();
-        let mut r = Reader {
+        let header = parse(Reader {
             inner: BufReader::with_capacity(1 << 16, &file),
             pos: 0,
             len,
             path: &path,
-        };
-        let magic: [u8; 4] = r.bytes("magic")?;
-        if &magic != b"GGUF" {
-            return Err(GgufError::BadMagic {
-                path: path.clone(),
-                found: String::from_utf8_lossy(&magic).into_owned(),
-            });
-        }
-        let version = r.u32("version")?;
-        if !(2..=3).contains(&version) {
-            return Err(GgufError::UnsupportedVersion {
-                path: path.clone(),
-                version,
-            });
-        }
-        // A tensor info takes at least 8 (name len) + 4 (n_dims) + 8 (one dim) + 4 + 8 bytes.
-        let n_tensors = r.count("tensor_count", 32)?;
-        // A key/value takes at least 8 (key len) + 4 (type) + 1 byte.
-        let n_kv = r.count("metadata_kv_count", 13)?;
+        })?;
+        Ok(Self::assemble(path, header, len, Storage::File(file)))
+    }
 
-        let mut metadata = BTreeMap::new();
-        for i in 0..n_kv {
-            let key = r.string(&format!("metadata key #{i}"))?;
-            let type_id = r.u32(&format!("metadata `{key}` type"))?;
-            let value = r.value(&format!("metadata `{key}`"), type_id, 0)?;
-            metadata.insert(key, value);
-        }
-        let alignment = match metadata.get("general.alignment") {
-            None => DEFAULT_ALIGNMENT,
-            Some(v) => match v.as_u64() {
-                Some(a) if a.is_power_of_two() && a <= 1 << 20 => a,
-                _ => {
-                    return Err(r.invalid(
-                        "general.alignment",
-                        format!("{v:?} is not a power of two up to 1 MiB"),
-                    ))
-                }
-            },
-        };
+    /// Parse a whole GGUF file held in memory, with the same checks as [`GgufFile::open`].
+    /// `label` stands for the path in errors and in [`GgufFile::path`] (nothing is read
+    /// from it); [`GgufFile::tensor_bytes`] copies out of `bytes`.
+    pub fn from_bytes(label: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self, GgufError> {
+        let path = label.into();
+        let len = bytes.len() as u64;
+        let header = parse(Reader {
+            inner: bytes.as_slice(),
+            pos: 0,
+            len,
+            path: &path,
+        })?;
+        Ok(Self::assemble(path, header, len, Storage::Memory(bytes)))
+    }
 
-        let mut infos = Vec::with_capacity(n_tensors as usize);
-        for i in 0..n_tensors {
-            let name = r.string(&format!("tensor #{i} name"))?;
-            let field = |what: &str| format!("tensor `{name}` {what}");
-            let n_dims = r.u32(&field("n_dims"))?;
-            if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(r.invalid(
-                    &field("n_dims"),
-                    format!("{n_dims} is outside 1..={MAX_DIMS}"),
-                ));
-            }
-            let mut dims = Vec::with_capacity(n_dims as usize);
-            for _ in 0..n_dims {
-                dims.push(r.u64(&field("dims"))?);
-            }
-            let type_id = r.u32(&field("type"))?;
-            let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
-                r.invalid(
-                    &field("type"),
-                    format!("unknown or unsupported ggml type id {type_id}"),
-                )
-            })?;
-            let rel_offset = r.u64(&field("offset"))?;
-            infos.push((name, dims, ggml_type, rel_offset));
-        }
-        let data_start = r.pos.div_ceil(alignment) * alignment;
-
-        let mut tensors = Vec::with_capacity(infos.len());
-        for (name, dims, ggml_type, rel_offset) in infos {
-            let bad = |reason: String| GgufError::Invalid {
-                path: path.clone(),
-                field: format!("tensor `{name}`"),
-                reason,
-            };
-            let n_elements = dims
-                .iter()
-                .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-                .ok_or_else(|| bad(format!("dims {dims:?} overflow")))?;
-            if dims[0] % ggml_type.block_size() != 0 {
-                return Err(bad(format!(
-                    "innermost dim {} is not a multiple of the {:?} block size {}",
-                    dims[0],
-                    ggml_type,
-                    ggml_type.block_size()
-                )));
-            }
-            let n_bytes = (n_elements / ggml_type.block_size())
-                .checked_mul(ggml_type.block_bytes())
-                .ok_or_else(|| bad("byte size overflows".into()))?;
-            if rel_offset % alignment != 0 {
-                return Err(bad(format!(
-                    "offset {rel_offset} is not aligned to {alignment}"
-                )));
-            }
-            let offset = data_start
-                .checked_add(rel_offset)
-                .ok_or_else(|| bad("offset overflows".into()))?;
-            let end = offset
-                .checked_add(n_bytes)
-                .ok_or_else(|| bad("offset + size overflows".into()))?;
-            if end > len {
-                return Err(bad(format!(
-                    "data [{offset}, {end}) runs past the end of the file ({len} bytes): the file is truncated, download it again"
-                )));
-            }
-            tensors.push(TensorInfo {
-                name,
-                dims,
-                ggml_type,
-                offset,
-                n_bytes,
-            });
-        }
-        drop(r);
-        Ok(GgufFile {
+    fn assemble(path: PathBuf, h: Header, file_len: u64, storage: Storage) -> Self {
+        GgufFile {
             path,
-            version,
-            alignment,
-            metadata,
-            tensors,
-            file_len: len,
-            file,
-        })
+            version: h.version,
+            alignment: h.alignment,
+            metadata: h.metadata,
+            tensors: h.tensors,
+            file_len,
+            storage,
+        }
     }
 
     pub fn tensor(&self, name: &str) -> Result<&TensorInfo, GgufError> {
@@ -448,14 +508,28 @@ impl GgufFile {
 
     /// Read one tensor's raw bytes (in its ggml block layout).
     pub fn tensor_bytes(&self, info: &TensorInfo) -> Result<Vec<u8>, GgufError> {
-        let mut buf = vec![0u8; info.n_bytes as usize];
-        self.file
-            .read_exact_at(&mut buf, info.offset)
-            .map_err(|source| GgufError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
-        Ok(buf)
+        let io = |source| GgufError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        match &self.storage {
+            Storage::File(file) => {
+                let mut buf = vec![0u8; info.n_bytes as usize];
+                file.read_exact_at(&mut buf, info.offset).map_err(io)?;
+                Ok(buf)
+            }
+            Storage::Memory(bytes) => {
+                // `info` may come from another file: bound it by this buffer, never panic.
+                let range = usize::try_from(info.offset)
+                    .ok()
+                    .zip(usize::try_from(info.n_bytes).ok())
+                    .and_then(|(start, n)| Some(start..start.checked_add(n)?));
+                match range.and_then(|r| bytes.get(r)) {
+                    Some(b) => Ok(b.to_vec()),
+                    None => Err(io(std::io::ErrorKind::UnexpectedEof.into())),
+                }
+            }
+        }
     }
 
     /// Total bytes of tensor data.

@@ -172,3 +172,54 @@ fn bad_alignment_and_missing_file() {
         .to_string();
     assert!(e.contains("/nonexistent/model.gguf"), "{e}");
 }
+
+#[test]
+fn from_bytes_parses_like_open_and_reads_tensors() {
+    let g = GgufFile::from_bytes("in-memory.gguf", sample()).unwrap();
+    assert_eq!(g.path, std::path::Path::new("in-memory.gguf"));
+    assert_eq!(g.version, 3);
+    assert_eq!(g.file_len, sample().len() as u64);
+    assert_eq!(g.architecture().unwrap(), "llama");
+    assert_eq!(
+        g.get_str_array("tokenizer.ggml.tokens").unwrap(),
+        vec!["a", "b"]
+    );
+    let a = g.tensor("a").unwrap();
+    let floats: Vec<f32> = g
+        .tensor_bytes(a)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(floats, vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]);
+    assert_eq!(
+        g.tensor_bytes(g.tensor("q").unwrap()).unwrap(),
+        vec![7u8; 34]
+    );
+    // A tensor info that points past this buffer is an error, not a panic.
+    let mut forged = a.clone();
+    forged.offset = u64::MAX - 4;
+    assert!(matches!(g.tensor_bytes(&forged), Err(GgufError::Io { .. })));
+}
+
+#[test]
+fn from_bytes_truncation_matches_the_file_error() {
+    let full = sample();
+    let data_end = full.len() - 30;
+    for n in [0, 3, 7, 20, 40, full.len() / 2, data_end - 1] {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&full[..n]).unwrap();
+        f.flush().unwrap();
+        let from_file = GgufFile::open(f.path()).unwrap_err().to_string();
+        let from_mem = GgufFile::from_bytes(f.path(), full[..n].to_vec())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(from_mem, from_file, "prefix of {n} bytes");
+    }
+    let e = GgufFile::from_bytes("cut.gguf", full[..6].to_vec()).unwrap_err();
+    assert!(
+        matches!(&e, GgufError::Truncated { field, offset: 4, .. } if field == "version"),
+        "{e}"
+    );
+    assert!(e.to_string().starts_with("cut.gguf: truncated"), "{e}");
+}

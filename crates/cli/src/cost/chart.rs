@@ -49,6 +49,19 @@ fn esc(s: &str) -> String {
 
 /// The SVG text of `series` (x: requests a month, y: US dollars a month).
 pub fn svg(title: &str, series: &[Series]) -> String {
+    plot(
+        title,
+        ("requests a month", "US dollars a month", "$"),
+        series,
+    )
+}
+
+/// A line chart of `series` with axis titles `(x, y)` and a prefix for y tick labels.
+pub fn plot(
+    title: &str,
+    (x_title, y_title, y_prefix): (&str, &str, &str),
+    series: &[Series],
+) -> String {
     let xmax = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.0))
@@ -92,7 +105,7 @@ pub fn svg(title: &str, series: &[Series]) -> String {
     while y <= ymax + ys / 2.0 {
         let _ = writeln!(
             o,
-            r##"<line x1="{0}" y1="{1:.1}" x2="{2}" y2="{1:.1}" stroke="#ddd"/><text x="{3}" y="{4:.1}" text-anchor="end">${5}</text>"##,
+            r##"<line x1="{0}" y1="{1:.1}" x2="{2}" y2="{1:.1}" stroke="#ddd"/><text x="{3}" y="{4:.1}" text-anchor="end">{y_prefix}{5}</text>"##,
             LEFT,
             py(y),
             LEFT + pw,
@@ -104,11 +117,13 @@ pub fn svg(title: &str, series: &[Series]) -> String {
     }
     let _ = writeln!(
         o,
-        r#"<text x="{}" y="{}" text-anchor="middle">requests a month</text><text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">US dollars a month</text>"#,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text><text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">{}</text>"#,
         LEFT + pw / 2.0,
         H - 16.0,
+        esc(x_title),
         TOP + ph / 2.0,
-        TOP + ph / 2.0
+        TOP + ph / 2.0,
+        esc(y_title)
     );
     for (i, s) in series.iter().enumerate() {
         let c = COLORS[i % COLORS.len()];

@@ -1,0 +1,25 @@
+//! Training: from a text corpus to a model file that `chat`, `generate`, `eval` and `serve`
+//! load directly (see `../shared/STYLE.md`, "training").
+//!
+//! * [`tokenize`] — train a char-level or byte-level BPE vocabulary, or reuse a model's;
+//!   a vocabulary is stored as a tensor-less GGUF (`tokenizer.gguf`), read by the same
+//!   `ferrolm_tokenizer::Tokenizer::from_gguf` that inference uses.
+//! * [`data`] — token shards (header + tokens, memory-mapped) and seeded, resumable batches.
+//! * [`model`] — the Llama architecture with a hand-written forward and backward over a flat
+//!   parameter buffer (fused kernels; the slow obviously-correct path lives in the tests).
+//! * [`optim`] — AdamW and the learning-rate schedule.
+//! * [`run`] — the training loop, checkpoints and exact resume.
+//! * [`export`] — a checkpoint as GGUF (f32, f16, q8_0).
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod export;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod run;
+pub mod tokenize;
+
+pub use error::TrainError;

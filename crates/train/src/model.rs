@@ -1,0 +1,557 @@
+//! The Llama architecture for training: RMSNorm, RoPE (interleaved pairs, as GGUF `llama`
+//! stores it), grouped-query causal attention, SwiGLU, tied or untied output head — the same
+//! math as `ferrolm_models::llama`, which serves the exported model (a test holds the two to
+//! the same logits).
+//!
+//! Reads top-down: config → parameter layout (one flat buffer; names are Hugging Face Llama's,
+//! so the safetensors checkpoint is a key-for-key map) → initialisation → activations →
+//! forward → backward. Parameters and gradients are flat `Vec<f32>`s with the same layout, so
+//! the optimizer, clipping and zeroing are single loops. Activations are sized once for
+//! (batch, context) and reused every step: a step allocates nothing.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ops::{self, AttnShape};
+
+// ---- config ---------------------------------------------------------------------------------
+
+/// The blueprint of a model (validated; see `config.rs` for the file form and defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub dim: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub ffn_dim: usize,
+    pub context: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    pub tied_embeddings: bool,
+}
+
+impl ModelConfig {
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_heads
+    }
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim()
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim()
+    }
+    pub fn qkv_dim(&self) -> usize {
+        self.q_dim() + 2 * self.kv_dim()
+    }
+
+    /// Every rule the math needs, each error naming the field and how to fix it.
+    pub fn validate(&self) -> Result<(), String> {
+        let c = self;
+        let positive = [
+            ("vocab_size", c.vocab_size),
+            ("dim", c.dim),
+            ("n_layers", c.n_layers),
+            ("n_heads", c.n_heads),
+            ("n_kv_heads", c.n_kv_heads),
+            ("ffn_dim", c.ffn_dim),
+            ("context", c.context),
+        ];
+        for (k, v) in positive {
+            if v == 0 {
+                return Err(format!("{k} must be at least 1"));
+            }
+        }
+        if !c.dim.is_multiple_of(c.n_heads) {
+            return Err(format!(
+                "dim {} is not divisible by n_heads {}: pick a width that is a multiple of the head count",
+                c.dim, c.n_heads
+            ));
+        }
+        if !c.n_heads.is_multiple_of(c.n_kv_heads) {
+            return Err(format!(
+                "n_heads {} is not a multiple of n_kv_heads {}",
+                c.n_heads, c.n_kv_heads
+            ));
+        }
+        if !c.head_dim().is_multiple_of(2) {
+            return Err(format!(
+                "head size dim/n_heads = {} must be even for RoPE",
+                c.head_dim()
+            ));
+        }
+        if c.rope_theta.partial_cmp(&1.0) != Some(std::cmp::Ordering::Greater)
+            || c.rms_eps.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        {
+            return Err("rope_theta must be > 1 and rms_eps > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Parameter count (the tied embedding counted once).
+    pub fn n_params(&self) -> usize {
+        Layout::new(self).len
+    }
+}
+
+// ---- parameter layout -------------------------------------------------------------------------
+
+/// One named tensor in the flat buffer.
+#[derive(Debug, Clone)]
+pub struct TensorSlot {
+    /// Hugging Face Llama name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    pub name: String,
+    /// Row-major, `[out, in]` for matrices.
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    /// AdamW weight decay applies (matrices and the embedding, not norm weights).
+    pub decay: bool,
+}
+
+impl TensorSlot {
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// Offsets of one block's tensors. q, k, v are adjacent (one (q+2kv, dim) matrix for one
+/// product) and so are gate and up.
+#[derive(Debug, Clone, Copy)]
+struct BlockOffsets {
+    attn_norm: usize,
+    wqkv: usize,
+    wo: usize,
+    ffn_norm: usize,
+    w_gate_up: usize,
+    w_down: usize,
+}
+
+/// Where every tensor lives in the flat parameter (and gradient) buffer.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub tensors: Vec<TensorSlot>,
+    pub len: usize,
+    embed: usize,
+    blocks: Vec<BlockOffsets>,
+    norm: usize,
+    /// The output head: the embedding itself when tied.
+    head: usize,
+}
+
+impl Layout {
+    pub fn new(c: &ModelConfig) -> Self {
+        let mut tensors = Vec::new();
+        let mut len = 0;
+        let mut add = |name: String, shape: Vec<usize>, decay: bool| {
+            let offset = len;
+            len += shape.iter().product::<usize>();
+            tensors.push(TensorSlot {
+                name,
+                shape,
+                offset,
+                decay,
+            });
+            offset
+        };
+        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let embed = add(
+            "model.embed_tokens.weight".into(),
+            vec![c.vocab_size, d],
+            true,
+        );
+        let mut blocks = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let p = |s: &str| format!("model.layers.{i}.{s}");
+            let attn_norm = add(p("input_layernorm.weight"), vec![d], false);
+            let wqkv = add(p("self_attn.q_proj.weight"), vec![q, d], true);
+            add(p("self_attn.k_proj.weight"), vec![kv, d], true);
+            add(p("self_attn.v_proj.weight"), vec![kv, d], true);
+            let wo = add(p("self_attn.o_proj.weight"), vec![d, q], true);
+            let ffn_norm = add(p("post_attention_layernorm.weight"), vec![d], false);
+            let w_gate_up = add(p("mlp.gate_proj.weight"), vec![f, d], true);
+            add(p("mlp.up_proj.weight"), vec![f, d], true);
+            let w_down = add(p("mlp.down_proj.weight"), vec![d, f], true);
+            blocks.push(BlockOffsets {
+                attn_norm,
+                wqkv,
+                wo,
+                ffn_norm,
+                w_gate_up,
+                w_down,
+            });
+        }
+        let norm = add("model.norm.weight".into(), vec![d], false);
+        let head = if c.tied_embeddings {
+            embed
+        } else {
+            add("lm_head.weight".into(), vec![c.vocab_size, d], true)
+        };
+        Layout {
+            tensors,
+            len,
+            embed,
+            blocks,
+            norm,
+            head,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorSlot> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+// ---- initialisation ---------------------------------------------------------------------------
+
+/// splitmix64: the seeded source for initialisation (reproducible across platforms).
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f32 {
+        let (u, v) = (self.uniform(), self.uniform());
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    }
+}
+
+/// GPT-2 / nanoGPT initialisation: every matrix N(0, 0.02), the projections that write into
+/// the residual stream (o_proj, down_proj) N(0, 0.02/√(2·layers)) so the stream's variance
+/// does not grow with depth; norm weights 1.
+pub fn init_params(c: &ModelConfig, layout: &Layout, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix(seed);
+    let mut p = vec![0f32; layout.len];
+    let resid_std = 0.02 / (2.0 * c.n_layers as f32).sqrt();
+    for t in &layout.tensors {
+        let std = if t.name.ends_with("o_proj.weight") || t.name.ends_with("down_proj.weight") {
+            resid_std
+        } else {
+            0.02
+        };
+        let dst = &mut p[t.range()];
+        if t.shape.len() == 1 {
+            dst.fill(1.0);
+        } else {
+            dst.iter_mut().for_each(|x| *x = std * rng.normal());
+        }
+    }
+    p
+}
+
+// ---- activations ------------------------------------------------------------------------------
+
+/// What one block saves in forward for backward, (rows = batch × context).
+#[derive(Debug, Default)]
+struct BlockActs {
+    rstd1: Vec<f32>,
+    h1: Vec<f32>,
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    att: Vec<f32>,
+    x_mid: Vec<f32>,
+    rstd2: Vec<f32>,
+    h2: Vec<f32>,
+    gu: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// Activations and backward scratch for one (batch, context) shape.
+#[derive(Debug, Default)]
+pub struct Activations {
+    batch: usize,
+    ctx: usize,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+    /// Residual stream at each block's input, plus the final one: (layers + 1) × rows × dim.
+    xs: Vec<Vec<f32>>,
+    blocks: Vec<BlockActs>,
+    rstd_f: Vec<f32>,
+    hf: Vec<f32>,
+    /// (rows, vocab): logits after forward; their gradient after backward starts.
+    pub logits: Vec<f32>,
+    // backward scratch
+    dx: Vec<f32>,
+    dh: Vec<f32>,
+    dqkv: Vec<f32>,
+    datt: Vec<f32>,
+    dgu: Vec<f32>,
+    dact: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Activations {
+    pub fn new(c: &ModelConfig, batch: usize, ctx: usize) -> Self {
+        let n = batch * ctx;
+        let z = |len: usize| vec![0f32; len];
+        let (d, f) = (c.dim, c.ffn_dim);
+        let (cos, sin) = ops::rope_table(ctx, c.head_dim(), c.rope_theta);
+        Activations {
+            batch,
+            ctx,
+            inputs: vec![0; n],
+            targets: vec![0; n],
+            xs: (0..=c.n_layers).map(|_| z(n * d)).collect(),
+            blocks: (0..c.n_layers)
+                .map(|_| BlockActs {
+                    rstd1: z(n),
+                    h1: z(n * d),
+                    qkv: z(n * c.qkv_dim()),
+                    probs: z(batch * c.n_heads * ctx * ctx),
+                    att: z(n * c.q_dim()),
+                    x_mid: z(n * d),
+                    rstd2: z(n),
+                    h2: z(n * d),
+                    gu: z(n * 2 * f),
+                    act: z(n * f),
+                })
+                .collect(),
+            rstd_f: z(n),
+            hf: z(n * d),
+            logits: z(n * c.vocab_size),
+            dx: z(n * d),
+            dh: z(n * d),
+            dqkv: z(n * c.qkv_dim()),
+            datt: z(n * c.q_dim()),
+            dgu: z(n * 2 * f),
+            dact: z(n * f),
+            cos,
+            sin,
+        }
+    }
+
+    /// Set the input tokens (batch × ctx) for [`forward_logits`].
+    pub fn set_inputs(&mut self, ids: &[u32]) {
+        assert_eq!(
+            ids.len(),
+            self.batch * self.ctx,
+            "inputs must be batch × ctx"
+        );
+        self.inputs.copy_from_slice(ids);
+    }
+
+    pub fn shape(&self) -> (usize, usize) {
+        (self.batch, self.ctx)
+    }
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+
+/// Forward over `tokens` (batch rows of ctx + 1 tokens: inputs are the first ctx, targets the
+/// last ctx). Returns the mean next-token cross-entropy. With `grad_scale = Some(s)`,
+/// `a.logits` is left holding the gradient of `s · loss` (ready for [`backward`]); without,
+/// it holds the logits.
+pub fn forward(
+    c: &ModelConfig,
+    layout: &Layout,
+    params: &[f32],
+    tokens: &[u32],
+    a: &mut Activations,
+    grad_scale: Option<f32>,
+) -> f32 {
+    let (b, t) = (a.batch, a.ctx);
+    assert_eq!(
+        tokens.len(),
+        b * (t + 1),
+        "tokens must be batch × (ctx + 1)"
+    );
+    for (row, seq) in tokens.chunks_exact(t + 1).enumerate() {
+        a.inputs[row * t..][..t].copy_from_slice(&seq[..t]);
+        a.targets[row * t..][..t].copy_from_slice(&seq[1..]);
+    }
+    forward_logits(c, layout, params, a);
+    let targets = std::mem::take(&mut a.targets);
+    let loss = ops::cross_entropy(&mut a.logits, &targets, c.vocab_size, grad_scale);
+    a.targets = targets;
+    loss
+}
+
+/// Logits for `a.inputs` (batch × ctx tokens, positions 0..ctx in each row) into `a.logits`.
+pub fn forward_logits(c: &ModelConfig, layout: &Layout, params: &[f32], a: &mut Activations) {
+    let (b, t) = (a.batch, a.ctx);
+    let n = b * t;
+    let (d, f, qd, qkvd) = (c.dim, c.ffn_dim, c.q_dim(), c.qkv_dim());
+    let shape = AttnShape {
+        t,
+        n_heads: c.n_heads,
+        n_kv: c.n_kv_heads,
+        hd: c.head_dim(),
+    };
+    let embed = &params[layout.embed..][..c.vocab_size * d];
+    for (x, &tok) in a.xs[0].chunks_exact_mut(d).zip(&a.inputs) {
+        x.copy_from_slice(&embed[tok as usize * d..][..d]);
+    }
+    for (l, o) in layout.blocks.iter().enumerate() {
+        let (xs_in, xs_out) = a.xs.split_at_mut(l + 1);
+        let (x, x_next) = (&xs_in[l], &mut xs_out[0]);
+        let s = &mut a.blocks[l];
+        let w = |off: usize, len: usize| &params[off..][..len];
+        // attention
+        ops::rms_norm(x, w(o.attn_norm, d), c.rms_eps, &mut s.h1, &mut s.rstd1);
+        ops::matmul_nt(&mut s.qkv, &s.h1, w(o.wqkv, qkvd * d), n, qkvd, d, false);
+        ops::rope(
+            &mut s.qkv,
+            qkvd,
+            qd + c.kv_dim(),
+            c.head_dim(),
+            t,
+            &a.cos,
+            &a.sin,
+            1.0,
+        );
+        ops::attention(shape, &s.qkv, &mut s.probs, &mut s.att);
+        s.x_mid.copy_from_slice(x);
+        ops::matmul_nt(&mut s.x_mid, &s.att, w(o.wo, d * qd), n, d, qd, true);
+        // feed-forward
+        ops::rms_norm(
+            &s.x_mid,
+            w(o.ffn_norm, d),
+            c.rms_eps,
+            &mut s.h2,
+            &mut s.rstd2,
+        );
+        ops::matmul_nt(
+            &mut s.gu,
+            &s.h2,
+            w(o.w_gate_up, 2 * f * d),
+            n,
+            2 * f,
+            d,
+            false,
+        );
+        ops::swiglu(&s.gu, f, &mut s.act);
+        x_next.copy_from_slice(&s.x_mid);
+        ops::matmul_nt(x_next, &s.act, w(o.w_down, d * f), n, d, f, true);
+    }
+    let x = &a.xs[c.n_layers];
+    ops::rms_norm(
+        x,
+        &params[layout.norm..][..d],
+        c.rms_eps,
+        &mut a.hf,
+        &mut a.rstd_f,
+    );
+    let head = &params[layout.head..][..c.vocab_size * d];
+    ops::matmul_nt(&mut a.logits, &a.hf, head, n, c.vocab_size, d, false);
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+/// Accumulate into `grads` the gradient of the loss whose gradient w.r.t. the logits
+/// [`forward`] left in `a.logits` (call it with `grad_scale`).
+pub fn backward(
+    c: &ModelConfig,
+    layout: &Layout,
+    params: &[f32],
+    grads: &mut [f32],
+    a: &mut Activations,
+) {
+    let (b, t) = (a.batch, a.ctx);
+    let n = b * t;
+    let (d, f, v, qd, qkvd) = (c.dim, c.ffn_dim, c.vocab_size, c.q_dim(), c.qkv_dim());
+    let shape = AttnShape {
+        t,
+        n_heads: c.n_heads,
+        n_kv: c.n_kv_heads,
+        hd: c.head_dim(),
+    };
+    let w = |off: usize, len: usize| &params[off..][..len];
+    // output head and final norm
+    ops::matmul_tn_acc(
+        &mut grads[layout.head..][..v * d],
+        &a.logits,
+        &a.hf,
+        v,
+        d,
+        n,
+    );
+    ops::matmul_nn(&mut a.dh, &a.logits, w(layout.head, v * d), n, d, v, false);
+    a.dx.fill(0.0);
+    ops::rms_norm_backward(
+        &a.xs[c.n_layers],
+        w(layout.norm, d),
+        &a.rstd_f,
+        &a.dh,
+        &mut a.dx,
+        &mut grads[layout.norm..][..d],
+    );
+    for (l, o) in layout.blocks.iter().enumerate().rev() {
+        let s = &a.blocks[l];
+        // feed-forward: x_next = x_mid + down(swiglu(gate_up(norm(x_mid))))
+        ops::matmul_nn(&mut a.dact, &a.dx, w(o.w_down, d * f), n, f, d, false);
+        ops::matmul_tn_acc(&mut grads[o.w_down..][..d * f], &a.dx, &s.act, d, f, n);
+        ops::swiglu_backward(&s.gu, &a.dact, f, &mut a.dgu);
+        ops::matmul_nn(
+            &mut a.dh,
+            &a.dgu,
+            w(o.w_gate_up, 2 * f * d),
+            n,
+            d,
+            2 * f,
+            false,
+        );
+        ops::matmul_tn_acc(
+            &mut grads[o.w_gate_up..][..2 * f * d],
+            &a.dgu,
+            &s.h2,
+            2 * f,
+            d,
+            n,
+        );
+        ops::rms_norm_backward(
+            &s.x_mid,
+            w(o.ffn_norm, d),
+            &s.rstd2,
+            &a.dh,
+            &mut a.dx,
+            &mut grads[o.ffn_norm..][..d],
+        );
+        // attention: x_mid = x + o(attn(rope(qkv(norm(x)))))
+        ops::matmul_nn(&mut a.datt, &a.dx, w(o.wo, d * qd), n, qd, d, false);
+        ops::matmul_tn_acc(&mut grads[o.wo..][..d * qd], &a.dx, &s.att, d, qd, n);
+        ops::attention_backward(shape, &s.qkv, &s.probs, &a.datt, &mut a.dqkv);
+        ops::rope(
+            &mut a.dqkv,
+            qkvd,
+            qd + c.kv_dim(),
+            c.head_dim(),
+            t,
+            &a.cos,
+            &a.sin,
+            -1.0,
+        );
+        ops::matmul_nn(&mut a.dh, &a.dqkv, w(o.wqkv, qkvd * d), n, d, qkvd, false);
+        ops::matmul_tn_acc(&mut grads[o.wqkv..][..qkvd * d], &a.dqkv, &s.h1, qkvd, d, n);
+        ops::rms_norm_backward(
+            &a.xs[l],
+            w(o.attn_norm, d),
+            &s.rstd1,
+            &a.dh,
+            &mut a.dx,
+            &mut grads[o.attn_norm..][..d],
+        );
+    }
+    // embedding rows
+    let ge = &mut grads[layout.embed..][..v * d];
+    for (dx, &tok) in a.dx.chunks_exact(d).zip(&a.inputs) {
+        for (g, x) in ge[tok as usize * d..][..d].iter_mut().zip(dx) {
+            *g += x;
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! The training loop (STYLE 16: a readable loop, not a framework) and the run directory it
+//! owns:
+//!
+//! ```text
+//! RUN_DIR/config.json     the resolved model + loop configuration
+//!         tokenizer.gguf  the vocabulary (tensor-less GGUF)
+//!         data/           train.bin, val.bin (token shards)
+//!         metrics.jsonl   one line per step and per evaluation
+//!         checkpoints/, latest   see `checkpoint`
+//! ```
+//! Each step: batches → forward → backward (× grad_accum) → clip → AdamW(lr = schedule(step)).
+//! Every `eval_every` steps: loss on fixed train and validation batches, a text sample, and a
+//! checkpoint. A stop request (Ctrl-C / SIGTERM, through `stop`) ends the step in progress,
+//! writes a checkpoint and returns; `--resume` continues from the latest one exactly.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use ferrolm_tokenizer::Tokenizer;
+use serde_json::json;
+
+use crate::checkpoint::{self, Checkpoint, TrainState};
+use crate::config::{ConfigFile, RunConfig};
+use crate::data::{self, Batcher, Shard};
+use crate::model::{self, Activations, Layout, ModelConfig, SplitMix};
+use crate::optim::{clip_grad_norm, AdamW};
+use crate::tokenize::{self, TokenizerChoice};
+use crate::TrainError;
+
+/// What `ferrolm train` asks for.
+#[derive(Debug, Clone)]
+pub struct TrainArgs {
+    /// A text corpus, or a directory written by `ferrolm prepare` (train.bin, val.bin,
+    /// tokenizer.gguf). Ignored on resume (the run's own shards are used).
+    pub data: Option<PathBuf>,
+    /// Required for a new run from a text corpus.
+    pub tokenizer: Option<TokenizerChoice>,
+    pub out: PathBuf,
+    pub resume: bool,
+    /// The config file merged with the flags given (only what the user set).
+    pub config: ConfigFile,
+}
+
+/// Progress reports for the caller's display.
+pub enum Event<'a> {
+    Started {
+        config: &'a RunConfig,
+        params: usize,
+        train_tokens: u64,
+        val_tokens: u64,
+        from_step: u64,
+    },
+    Step {
+        step: u64,
+        loss: f32,
+        lr: f32,
+        grad_norm: f32,
+        ms: f64,
+        tokens_per_s: f64,
+    },
+    Eval {
+        step: u64,
+        train_loss: f32,
+        val_loss: f32,
+        sample: &'a str,
+    },
+    Checkpoint {
+        step: u64,
+        path: &'a Path,
+    },
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub iters: u64,
+    pub train_loss: f32,
+    pub val_loss: f32,
+    pub ms_per_iter: f64,
+    pub params: usize,
+    pub interrupted: bool,
+    pub run_dir: PathBuf,
+}
+
+/// Train (or resume) the run in `args.out`.
+pub fn train(
+    args: &TrainArgs,
+    stop: &AtomicBool,
+    on: &mut dyn FnMut(Event),
+) -> Result<Summary, TrainError> {
+    let run = &args.out;
+    let (cfg, tok, ck) = if args.resume {
+        open_for_resume(args)?
+    } else {
+        let (cfg, tok) = create(args)?;
+        (cfg, tok, None)
+    };
+    let (mc, lc) = (&cfg.model, &cfg.train);
+    let train_shard = Shard::open(&run.join("data/train.bin"))?;
+    let val_shard = Shard::open(&run.join("data/val.bin"))?;
+    for s in [&train_shard, &val_shard] {
+        s.check_vocab(mc.vocab_size)?;
+    }
+    let layout = Layout::new(mc);
+    let (mut params, mut opt, mut state) = match ck {
+        Some(c) => (c.params, c.opt, c.state),
+        None => (
+            model::init_params(mc, &layout, lc.seed),
+            AdamW::new(layout.len),
+            TrainState {
+                step: 0,
+                evaluated: false,
+                best_val_loss: None,
+                batcher: Batcher::new(lc.seed),
+                tokens_seen: 0,
+                train_seconds: 0.0,
+            },
+        ),
+    };
+    let mut metrics = Metrics::open(run, state.step, state.evaluated)?;
+    // Fixed evaluation batches: the same every time (and across a resume).
+    let eval_train = data::eval_batches(
+        &train_shard,
+        lc.batch,
+        mc.context,
+        lc.eval_iters,
+        lc.seed ^ 0xE7A1,
+    )?;
+    let eval_val = data::eval_batches(
+        &val_shard,
+        lc.batch,
+        mc.context,
+        lc.eval_iters,
+        lc.seed ^ 0x7A1D,
+    )?;
+    on(Event::Started {
+        config: &cfg,
+        params: layout.len,
+        train_tokens: train_shard.len(),
+        val_tokens: val_shard.len(),
+        from_step: state.step,
+    });
+
+    let mut acts = Activations::new(mc, lc.batch, mc.context);
+    let mut grads = vec![0f32; layout.len];
+    let mut batch = Vec::new();
+    let (schedule, adamw) = (lc.schedule(), lc.adamw());
+    let tokens_per_step = (lc.batch * mc.context * lc.grad_accum) as u64;
+    let (mut last_train, mut last_val) = (f32::NAN, f32::NAN);
+    let mut interrupted = false;
+    let save = |params: &[f32], opt: &AdamW, state: &TrainState, on: &mut dyn FnMut(Event)| {
+        let ck = Checkpoint {
+            params: params.to_vec(),
+            opt: opt.clone(),
+            state: state.clone(),
+        };
+        let path = checkpoint::save(run, &layout, &ck, lc.keep)?;
+        on(Event::Checkpoint {
+            step: state.step,
+            path: &path,
+        });
+        Ok::<(), TrainError>(())
+    };
+    loop {
+        let step = state.step;
+        let due = step % lc.eval_every == 0 || step == lc.iters;
+        if due && !state.evaluated {
+            last_train = mean_loss(mc, &layout, &params, &eval_train, &mut acts);
+            last_val = mean_loss(mc, &layout, &params, &eval_val, &mut acts);
+            let sample = sample_text(mc, &layout, &params, &tok, lc.sample_tokens, lc.seed ^ step);
+            metrics.line(json!({"step": step, "train_loss": last_train, "val_loss": last_val, "sample": sample}))?;
+            on(Event::Eval {
+                step,
+                train_loss: last_train,
+                val_loss: last_val,
+                sample: &sample,
+            });
+            state.evaluated = true;
+            if state.best_val_loss.is_none_or(|b| last_val < b) {
+                state.best_val_loss = Some(last_val);
+            }
+            if step > 0 {
+                save(&params, &opt, &state, on)?;
+            }
+        }
+        if step >= lc.iters {
+            break;
+        }
+        if stop.load(Ordering::Relaxed) {
+            save(&params, &opt, &state, on)?;
+            interrupted = true;
+            break;
+        }
+        let started = Instant::now();
+        let lr = schedule.at(step);
+        grads.fill(0.0);
+        let mut loss = 0.0;
+        for _ in 0..lc.grad_accum {
+            state
+                .batcher
+                .next(&train_shard, lc.batch, mc.context, &mut batch)?;
+            let scale = 1.0 / lc.grad_accum as f32;
+            loss += scale * model::forward(mc, &layout, &params, &batch, &mut acts, Some(scale));
+            model::backward(mc, &layout, &params, &mut grads, &mut acts);
+        }
+        let grad_norm = clip_grad_norm(&mut grads, lc.grad_clip);
+        opt.update(&adamw, &layout, lr, &mut params, &grads);
+        let secs = started.elapsed().as_secs_f64();
+        state.step += 1;
+        state.evaluated = false;
+        state.tokens_seen += tokens_per_step;
+        state.train_seconds += secs;
+        if !loss.is_finite() {
+            save(&params, &opt, &state, on)?;
+            return Err(TrainError::Config {
+                what: format!("step {step}"),
+                reason: format!("the loss is {loss}: lower --lr or raise --warmup, then resume from an earlier checkpoint"),
+            });
+        }
+        let tokens_per_s = tokens_per_step as f64 / secs;
+        metrics.line(json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": secs * 1e3, "tokens_per_s": tokens_per_s}))?;
+        on(Event::Step {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            ms: secs * 1e3,
+            tokens_per_s,
+        });
+    }
+    let done = state.step.max(1);
+    Ok(Summary {
+        iters: state.step,
+        train_loss: last_train,
+        val_loss: last_val,
+        ms_per_iter: state.train_seconds * 1e3 / done as f64,
+        params: layout.len,
+        interrupted,
+        run_dir: run.clone(),
+    })
+}
+
+/// A new run: tokenizer, shards and config into `args.out`.
+fn create(args: &TrainArgs) -> Result<(RunConfig, Tokenizer), TrainError> {
+    let run = &args.out;
+    if run.join("config.json").exists() {
+        return Err(TrainError::Config {
+            what: run.display().to_string(),
+            reason:
+                "already holds a training run: pass --resume to continue it, or choose a new --out"
+                    .into(),
+        });
+    }
+    let data_path = args.data.as_deref().ok_or_else(|| TrainError::Config {
+        what: "ferrolm train".into(),
+        reason:
+            "--data is required for a new run (a text file, or a directory from `ferrolm prepare`)"
+                .into(),
+    })?;
+    let data_dir = run.join("data");
+    std::fs::create_dir_all(&data_dir).map_err(TrainError::io(&data_dir))?;
+    let tok_path = run.join("tokenizer.gguf");
+    if data_path.is_dir() {
+        // prepared by `ferrolm prepare`: take its tokenizer and shards as they are
+        for (from, to) in [
+            ("tokenizer.gguf", tok_path.clone()),
+            ("train.bin", data_dir.join("train.bin")),
+            ("val.bin", data_dir.join("val.bin")),
+        ] {
+            let src = data_path.join(from);
+            std::fs::copy(&src, &to).map_err(TrainError::io(&src))?;
+        }
+    } else {
+        let choice = args.tokenizer.as_ref().ok_or_else(|| TrainError::Config {
+            what: "ferrolm train".into(),
+            reason: "--tokenizer is required with a text corpus: char, bpe:VOCAB (e.g. bpe:4096), or a model's .gguf".into(),
+        })?;
+        let corpus = data::read_corpus(data_path)?;
+        let meta = tokenize::build(choice, &corpus)?;
+        tokenize::write(&tok_path, &meta)?;
+        let tok = tokenize::load(&tok_path)?;
+        data::prepare(&corpus, &tok, &data_dir, 0.1)?;
+    }
+    let tok = tokenize::load(&tok_path)?;
+    let cfg = args.config.resolve(tok.vocab_size())?;
+    // A corpus shorter than one window is refused now, not after the first eval.
+    for shard in ["train.bin", "val.bin"] {
+        Batcher::new(0).next(
+            &Shard::open(&data_dir.join(shard))?,
+            1,
+            cfg.model.context,
+            &mut Vec::new(),
+        )?;
+    }
+    write_json(&run.join("config.json"), &cfg)?;
+    Ok((cfg, tok))
+}
+
+/// An existing run: its config (flags may only change how long it runs and how it reports),
+/// tokenizer and latest checkpoint.
+fn open_for_resume(
+    args: &TrainArgs,
+) -> Result<(RunConfig, Tokenizer, Option<Checkpoint>), TrainError> {
+    let run = &args.out;
+    let cp = run.join("config.json");
+    let text = std::fs::read_to_string(&cp).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => TrainError::Config {
+            what: run.display().to_string(),
+            reason: "holds no training run to resume (no config.json): drop --resume to start one"
+                .into(),
+        },
+        _ => TrainError::Io {
+            path: cp.clone(),
+            source: e,
+        },
+    })?;
+    let mut cfg: RunConfig = serde_json::from_str(&text).map_err(|e| TrainError::Config {
+        what: cp.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let tok = tokenize::load(&run.join("tokenizer.gguf"))?;
+    let asked = args.config.resolve(cfg.model.vocab_size)?;
+    let explicit = &args.config;
+    let model_given = explicit.model != Default::default();
+    if model_given && asked.model != cfg.model {
+        return Err(TrainError::Config {
+            what: run.display().to_string(),
+            reason: format!(
+                "was trained with another model config ({}), not the one given ({}): resume without model flags, or start a new --out",
+                describe(&cfg.model),
+                describe(&asked.model)
+            ),
+        });
+    }
+    // How long to run and how to report may change; the optimisation itself may not.
+    let t = &explicit.train;
+    let mut allowed = cfg.train.clone();
+    allowed.iters = t.iters.unwrap_or(cfg.train.iters);
+    allowed.eval_every = t.eval_every.unwrap_or(cfg.train.eval_every);
+    allowed.eval_iters = t.eval_iters.unwrap_or(cfg.train.eval_iters);
+    allowed.keep = t.keep.unwrap_or(cfg.train.keep);
+    allowed.sample_tokens = t.sample_tokens.unwrap_or(cfg.train.sample_tokens);
+    for (name, given, saved) in [
+        ("lr", t.lr.map(|v| v.to_string()), cfg.train.lr.to_string()),
+        (
+            "min_lr",
+            t.min_lr.map(|v| v.to_string()),
+            cfg.train.min_lr.to_string(),
+        ),
+        (
+            "batch",
+            t.batch.map(|v| v.to_string()),
+            cfg.train.batch.to_string(),
+        ),
+        (
+            "warmup",
+            t.warmup.map(|v| v.to_string()),
+            cfg.train.warmup.to_string(),
+        ),
+        (
+            "decay_iters",
+            t.decay_iters.map(|v| v.to_string()),
+            cfg.train.decay_iters.to_string(),
+        ),
+        (
+            "weight_decay",
+            t.weight_decay.map(|v| v.to_string()),
+            cfg.train.weight_decay.to_string(),
+        ),
+        (
+            "grad_clip",
+            t.grad_clip.map(|v| v.to_string()),
+            cfg.train.grad_clip.to_string(),
+        ),
+        (
+            "grad_accum",
+            t.grad_accum.map(|v| v.to_string()),
+            cfg.train.grad_accum.to_string(),
+        ),
+        (
+            "seed",
+            t.seed.map(|v| v.to_string()),
+            cfg.train.seed.to_string(),
+        ),
+    ] {
+        if let Some(g) = given {
+            if g != saved {
+                return Err(TrainError::Config {
+                    what: run.display().to_string(),
+                    reason: format!(
+                        "{name} was {saved} in this run; a resumed run keeps it (given {g}). Only --iters, --eval-every, --eval-iters and --keep may change on --resume"
+                    ),
+                });
+            }
+        }
+    }
+    if allowed != cfg.train {
+        cfg.train = allowed;
+        write_json(&cp, &cfg)?;
+    }
+    let ck = match checkpoint::latest(run)? {
+        Some(dir) => Some(checkpoint::load(&dir, &Layout::new(&cfg.model))?),
+        None => None,
+    };
+    Ok((cfg, tok, ck))
+}
+
+fn describe(m: &ModelConfig) -> String {
+    format!(
+        "layers {}, heads {}/{}, width {}, ffn {}, context {}, vocab {}",
+        m.n_layers, m.n_heads, m.n_kv_heads, m.dim, m.ffn_dim, m.context, m.vocab_size
+    )
+}
+
+fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<(), TrainError> {
+    let text = serde_json::to_string_pretty(v).unwrap_or_default();
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).map_err(TrainError::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(TrainError::io(path))
+}
+
+/// Mean loss over fixed batches.
+fn mean_loss(
+    c: &ModelConfig,
+    layout: &Layout,
+    params: &[f32],
+    batches: &[Vec<u32>],
+    acts: &mut Activations,
+) -> f32 {
+    let sum: f64 = batches
+        .iter()
+        .map(|b| f64::from(model::forward(c, layout, params, b, acts, None)))
+        .sum();
+    (sum / batches.len().max(1) as f64) as f32
+}
+
+/// `n` tokens sampled at temperature 0.8 from the first token of the vocabulary's newline
+/// (or token 0), decoded. Runs the training forward over the growing window (no KV cache:
+/// this is a few hundred tokens of a small model, once per evaluation).
+pub fn sample_text(
+    c: &ModelConfig,
+    layout: &Layout,
+    params: &[f32],
+    tok: &Tokenizer,
+    n: usize,
+    seed: u64,
+) -> String {
+    let mut ids: Vec<u32> = tok.encode("\n", false).unwrap_or_default();
+    if ids.is_empty() {
+        ids.push(0);
+    }
+    let prompt = ids.len();
+    let mut rng = SplitMix(seed);
+    for _ in 0..n {
+        let window = &ids[ids.len().saturating_sub(c.context)..];
+        let mut acts = Activations::new(c, 1, window.len());
+        acts.set_inputs(window);
+        model::forward_logits(c, layout, params, &mut acts);
+        let last = &acts.logits[(window.len() - 1) * c.vocab_size..][..c.vocab_size];
+        ids.push(sample(last, 0.8, &mut rng));
+    }
+    tok.decode(&ids[prompt..])
+}
+
+fn sample(logits: &[f32], temperature: f32, rng: &mut SplitMix) -> u32 {
+    let mx = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let w: Vec<f64> = logits
+        .iter()
+        .map(|&l| f64::from((l - mx) / temperature).exp())
+        .collect();
+    let mut r = rng.uniform() * w.iter().sum::<f64>();
+    for (i, x) in w.iter().enumerate() {
+        r -= x;
+        if r <= 0.0 {
+            return i as u32;
+        }
+    }
+    (w.len() - 1) as u32
+}
+
+/// `metrics.jsonl`, cut back on resume to what the checkpoint had done, so that a resumed
+/// run's file is line for line the one an uninterrupted run writes.
+struct Metrics {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Metrics {
+    fn open(run: &Path, step: u64, evaluated: bool) -> Result<Self, TrainError> {
+        let path = run.join("metrics.jsonl");
+        let kept: Vec<String> = match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .lines()
+                .filter(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+                    let s = v["step"].as_u64().unwrap_or(u64::MAX);
+                    let is_eval = v.get("val_loss").is_some();
+                    s < step || (is_eval && s == step && evaluated)
+                })
+                .map(str::to_owned)
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut text = kept.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        std::fs::write(&path, text).map_err(TrainError::io(&path))?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(TrainError::io(&path))?;
+        Ok(Metrics { file, path })
+    }
+
+    fn line(&mut self, v: serde_json::Value) -> Result<(), TrainError> {
+        writeln!(self.file, "{v}").map_err(TrainError::io(&self.path))
+    }
+}

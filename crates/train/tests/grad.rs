@@ -1,0 +1,82 @@
+//! The hand-written backward held to central finite differences of the forward, on tiny
+//! configs that exercise every path: GQA, tied and untied heads, several layers.
+#![allow(clippy::unwrap_used)]
+
+use ferrolm_train::model::{self, Activations, Layout, ModelConfig, SplitMix};
+
+fn tiny(tied: bool, n_kv_heads: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 13,
+        dim: 16,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads,
+        ffn_dim: 24,
+        context: 8,
+        rope_theta: 10_000.0,
+        rms_eps: 1e-5,
+        tied_embeddings: tied,
+    }
+}
+
+fn check(c: &ModelConfig) {
+    let layout = Layout::new(c);
+    let mut rng = SplitMix(7);
+    // Weights large enough that attention is far from uniform and every path matters.
+    let mut params: Vec<f32> = (0..layout.len).map(|_| 0.4 * rng.normal()).collect();
+    for t in layout.tensors.iter().filter(|t| t.shape.len() == 1) {
+        for p in &mut params[t.range()] {
+            *p = 1.0 + 0.1 * rng.normal();
+        }
+    }
+    let (b, t) = (3, c.context);
+    let tokens: Vec<u32> = (0..b * (t + 1))
+        .map(|_| (rng.next_u64() % c.vocab_size as u64) as u32)
+        .collect();
+    let mut acts = Activations::new(c, b, t);
+    let mut grads = vec![0f32; layout.len];
+    model::forward(c, &layout, &params, &tokens, &mut acts, Some(1.0));
+    model::backward(c, &layout, &params, &mut grads, &mut acts);
+    let mut loss_at =
+        |p: &[f32]| f64::from(model::forward(c, &layout, p, &tokens, &mut acts, None));
+    let mut worst = 0f64;
+    for slot in &layout.tensors {
+        // every element of small tensors, a sample of large ones
+        let idx: Vec<usize> = if slot.len() <= 32 {
+            slot.range().collect()
+        } else {
+            (0..24)
+                .map(|_| slot.offset + (rng.next_u64() as usize % slot.len()))
+                .collect()
+        };
+        for i in idx {
+            let h = 2e-3f32;
+            let mut p = params.clone();
+            p[i] += h;
+            let up = loss_at(&p);
+            p[i] -= 2.0 * h;
+            let down = loss_at(&p);
+            let fd = (up - down) / (2.0 * f64::from(h));
+            let g = f64::from(grads[i]);
+            let err = (fd - g).abs() / (fd.abs().max(g.abs()).max(1e-2));
+            worst = worst.max(err);
+            assert!(
+                err < 2e-2,
+                "{} [{}]: backward {g:.6e} vs finite difference {fd:.6e}",
+                slot.name,
+                i - slot.offset
+            );
+        }
+    }
+    eprintln!("worst relative error {worst:.2e}");
+}
+
+#[test]
+fn gradients_match_finite_differences_tied_gqa() {
+    check(&tiny(true, 2));
+}
+
+#[test]
+fn gradients_match_finite_differences_untied_mha() {
+    check(&tiny(false, 4));
+}
