@@ -52,7 +52,11 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
         Value::Bool(x) => out.push(u8::from(*x)),
         Value::String(s) => put_str(out, s),
         Value::Array(items) => {
-            let elem = items.first().map(type_id).unwrap_or(4);
+            // An empty array has no element to take the type from, and `Value` does not keep
+            // one. Write it as a string array: the empty arrays models carry are string lists
+            // (a char-level vocabulary's `tokenizer.ggml.merges`), and llama.cpp refuses merges
+            // of any other type.
+            let elem = items.first().map(type_id).unwrap_or(8);
             out.extend_from_slice(&elem.to_le_bytes());
             out.extend_from_slice(&(items.len() as u64).to_le_bytes());
             for it in items {

@@ -35,6 +35,23 @@ pub struct ModelFile {
     pub tied_embeddings: Option<bool>,
 }
 
+impl From<&ModelConfig> for ModelFile {
+    /// A resolved model as the file form, every field set (the base a resume merges flags over).
+    fn from(m: &ModelConfig) -> Self {
+        ModelFile {
+            layers: Some(m.n_layers),
+            heads: Some(m.n_heads),
+            kv_heads: Some(m.n_kv_heads),
+            width: Some(m.dim),
+            ffn: Some(m.ffn_dim),
+            context: Some(m.context),
+            rope_theta: Some(m.rope_theta),
+            rms_eps: Some(m.rms_eps),
+            tied_embeddings: Some(m.tied_embeddings),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoopFile {

@@ -22,7 +22,7 @@ use ferrolm_tokenizer::Tokenizer;
 use serde_json::json;
 
 use crate::checkpoint::{self, Checkpoint, TrainState};
-use crate::config::{ConfigFile, RunConfig};
+use crate::config::{ConfigFile, LoopFile, ModelFile, RunConfig};
 use crate::data::{self, Batcher, Shard};
 use crate::model::{self, Activations, Layout, ModelConfig, SplitMix};
 use crate::optim::{clip_grad_norm, AdamW};
@@ -321,10 +321,15 @@ fn open_for_resume(
         reason: e.to_string(),
     })?;
     let tok = tokenize::load(&run.join("tokenizer.gguf"))?;
-    let asked = args.config.resolve(cfg.model.vocab_size)?;
+    // Model flags given on resume must agree with the run's model; the ones not given are the
+    // run's own (not the defaults), so `--resume --width 32` on a width-32 run is accepted.
+    let saved = ConfigFile {
+        model: ModelFile::from(&cfg.model),
+        train: LoopFile::default(),
+    };
+    let asked = saved.merged(&args.config).resolve(cfg.model.vocab_size)?;
     let explicit = &args.config;
-    let model_given = explicit.model != Default::default();
-    if model_given && asked.model != cfg.model {
+    if asked.model != cfg.model {
         return Err(TrainError::Config {
             what: run.display().to_string(),
             reason: format!(

@@ -46,7 +46,8 @@ pub const IM_END: &str = "<|im_end|>";
 pub const SPECIALS: [&str; 3] = [ENDOFTEXT, IM_START, IM_END];
 /// The `tokenizer.ggml.pre` of built vocabularies: GPT-2's split regex inside ByteLevel, a
 /// name both `ferrolm_tokenizer` and llama.cpp know.
-pub const PRE_TOKENIZER: &str = "gpt2";
+/// (llama.cpp spells the GPT-2 pre-tokenizer `gpt-2`; `gpt2` is an error there.)
+pub const PRE_TOKENIZER: &str = "gpt-2";
 
 /// The file name a vocabulary gets in a data or run directory.
 pub const TOKENIZER_FILE: &str = "tokenizer.gguf";
