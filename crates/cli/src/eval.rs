@@ -19,6 +19,29 @@ use crate::{load, threads, ModelArgs};
 pub enum EvalCmd {
     /// Perplexity over a text file (windows of --ctx tokens, positions 1..ctx-1 scored).
     Perplexity(PplArgs),
+    /// Exact-match accuracy on chat JSONL: each line's last assistant message is the answer,
+    /// the messages before it the prompt; the model replies greedily.
+    Chat(ChatEvalArgs),
+}
+
+#[derive(Args)]
+pub struct ChatEvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Chat JSONL (OpenAI fine-tuning format).
+    #[arg(long)]
+    data: PathBuf,
+    /// Most tokens per reply.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+    /// Print each wrong reply.
+    #[arg(long)]
+    show: bool,
+    /// Print JSON: {"accuracy", "correct", "total"}.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -42,7 +65,76 @@ pub struct PplArgs {
 }
 
 pub fn run(cmd: EvalCmd) -> Result<()> {
-    let EvalCmd::Perplexity(a) = cmd;
+    match cmd {
+        EvalCmd::Perplexity(a) => perplexity(a),
+        EvalCmd::Chat(a) => chat_accuracy(a),
+    }
+}
+
+fn chat_accuracy(a: ChatEvalArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.data)
+        .with_context(|| format!("reading {}", a.data.display()))?;
+    let convs = ferrolm_train::sft::parse_jsonl(&text).map_err(|errs| {
+        let shown: Vec<String> = errs.iter().take(5).map(|e| e.to_string()).collect();
+        anyhow::anyhow!("{}: {}", a.data.display(), shown.join("; "))
+    })?;
+    let m = load(&a.model)?;
+    let mut session = Session::new(
+        &m.model,
+        m.model.cfg.context_length.min(4096),
+        threads(a.threads)?,
+    )?;
+    let opts = ferrolm_engine::GenerateOptions {
+        params: ferrolm_sample::SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        },
+        max_tokens: a.max_tokens,
+        stop: Vec::new(),
+        end_ids: m.end_ids(),
+        seed: 0,
+        grammar: None,
+    };
+    let (mut correct, mut total) = (0usize, 0usize);
+    for c in &convs {
+        let msgs = c.messages.as_array().cloned().unwrap_or_default();
+        let Some(last) = msgs.iter().rposition(|m| m["role"] == "assistant") else {
+            continue;
+        };
+        let want = msgs[last]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let prompt = m.template.render(
+            &m.tok,
+            &serde_json::Value::Array(msgs[..last].to_vec()),
+            true,
+            c.tools.as_ref(),
+        )?;
+        let ids = m.tok.encode_chat(&prompt)?;
+        let g = session.generate(&ids, &m.tok, &opts, |_| true)?;
+        let got = g.text.trim();
+        total += 1;
+        if got == want {
+            correct += 1;
+        } else if a.show {
+            eprintln!("line {}: want {want:?}\n         got  {got:?}", c.line);
+        }
+    }
+    let acc = correct as f64 / total.max(1) as f64;
+    if a.json {
+        println!(
+            "{}",
+            json!({"accuracy": acc, "correct": correct, "total": total})
+        );
+    } else {
+        println!("exact match: {correct}/{total} = {:.1}%", 100.0 * acc);
+    }
+    Ok(())
+}
+
+fn perplexity(a: PplArgs) -> Result<()> {
     if a.ctx < 2 {
         bail!("--ctx must be at least 2 (position 0 of each window is not scored)");
     }

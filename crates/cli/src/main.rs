@@ -17,6 +17,7 @@ mod chat;
 mod cost;
 mod data;
 mod eval;
+mod finetune;
 mod keys;
 mod serve;
 mod store;
@@ -72,6 +73,11 @@ enum Cmd {
     /// and cosine decay, evaluation, samples, checkpoints (Ctrl-C saves one; --resume goes on
     /// exactly). The run directory is a model: `--model RUN_DIR` works everywhere.
     Train(train::TrainCmd),
+    /// Fine-tune a model on chat JSONL (OpenAI's format): LoRA adapters (PEFT format) on a
+    /// frozen base, or every weight; loss on assistant tokens; checkpoints and exact resume.
+    Finetune(finetune::FinetuneCmd),
+    /// Fold a LoRA adapter (PEFT format) into its base model and write one GGUF.
+    Merge(finetune::MergeCmd),
     /// Write a training run (or one checkpoint) as a GGUF file for ferrolm, llama.cpp, Ollama.
     Export(train::ExportCmd),
     /// Draw a training run's loss curve as SVG (RUN_DIR/loss.svg).
@@ -550,6 +556,8 @@ fn main() {
         Cmd::Cost(a) => cost::run(a),
         Cmd::Train(a) => train::run_train(a),
         Cmd::Export(a) => train::run_export(a),
+        Cmd::Finetune(a) => finetune::run_finetune(a),
+        Cmd::Merge(a) => finetune::run_merge(a),
         Cmd::Plot(a) => train::run_plot(a),
         Cmd::Tokenizer {
             what: TokenizerCmd::Train(a),

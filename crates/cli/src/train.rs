@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ferrolm_train::config::{ConfigFile, LoopFile, ModelFile};
 use ferrolm_train::export::{self, ExportType};
-use ferrolm_train::run::{self, Event, TrainArgs};
+use ferrolm_train::run::{self, Event, Summary, TrainArgs};
 use ferrolm_train::tokenize::TokenizerChoice;
 
 use crate::cost::chart;
@@ -134,7 +134,24 @@ impl TrainCmd {
 }
 
 pub fn run_train(a: TrainCmd) -> Result<()> {
-    let threads = crate::threads(a.threads)?;
+    let args = TrainArgs {
+        data: a.data.clone(),
+        tokenizer: a.tokenizer.clone(),
+        out: a.out.clone(),
+        resume: a.resume,
+        config: a.config()?,
+    };
+    let summary = drive(a.threads, |stop, on| Ok(run::train(&args, stop, on)?))?;
+    finish(&a.out, &summary, a.json, "--raw --prompt '...'")
+}
+
+/// Run `work` on a thread pool of `threads` with Ctrl-C/SIGTERM wired to its stop flag and
+/// its events drawn as a progress bar (or as log lines when stderr is not a terminal).
+pub fn drive(
+    threads: Option<usize>,
+    work: impl FnOnce(&AtomicBool, &mut dyn FnMut(Event)) -> Result<Summary>,
+) -> Result<Summary> {
+    let threads = crate::threads(threads)?;
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
@@ -153,13 +170,6 @@ pub fn run_train(a: TrainCmd) -> Result<()> {
         })
         .context("installing the Ctrl-C handler")?;
     }
-    let args = TrainArgs {
-        data: a.data.clone(),
-        tokenizer: a.tokenizer.clone(),
-        out: a.out.clone(),
-        resume: a.resume,
-        config: a.config()?,
-    };
     let tty = std::io::stderr().is_terminal();
     let bar = if tty {
         indicatif::ProgressBar::new(0).with_style(
@@ -172,7 +182,7 @@ pub fn run_train(a: TrainCmd) -> Result<()> {
         indicatif::ProgressBar::hidden()
     };
     let mut last_log = std::time::Instant::now();
-    let summary = run::train(&args, &stop, &mut |ev| match ev {
+    let summary = work(&stop, &mut |ev| match ev {
         Event::Started {
             config,
             params,
@@ -232,7 +242,12 @@ pub fn run_train(a: TrainCmd) -> Result<()> {
         }
     })?;
     bar.finish_and_clear();
-    let plot_path = write_plot(&a.out)?;
+    Ok(summary)
+}
+
+/// Report a finished (or stopped) run: the loss curve, how to use it, the JSON line.
+pub fn finish(out: &Path, summary: &Summary, json: bool, try_args: &str) -> Result<()> {
+    let plot_path = write_plot(out)?;
     eprintln!(
         "{} after {} steps: train loss {:.4}, val loss {:.4}, {:.1} ms/step; loss curve: {}",
         if summary.interrupted {
@@ -247,10 +262,10 @@ pub fn run_train(a: TrainCmd) -> Result<()> {
         plot_path.display()
     );
     eprintln!(
-        "chat with it: ferrolm generate --model {} --raw --prompt '...'",
-        a.out.display()
+        "use it: ferrolm generate --model {} {try_args}",
+        out.display()
     );
-    if a.json {
+    if json {
         println!(
             "{}",
             serde_json::json!({

@@ -20,7 +20,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Batcher;
-use crate::model::Layout;
+use crate::model::TensorSlot;
 use crate::optim::AdamW;
 use crate::TrainError;
 
@@ -53,6 +53,15 @@ fn bad(path: &Path, reason: impl Into<String>) -> TrainError {
     }
 }
 
+/// Floats a buffer with these tensors holds.
+pub fn buffer_len(tensors: &[TensorSlot]) -> usize {
+    tensors
+        .iter()
+        .map(|t| t.offset + t.len())
+        .max()
+        .unwrap_or(0)
+}
+
 fn to_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -60,12 +69,12 @@ fn to_bytes(v: &[f32]) -> Vec<u8> {
 /// Serialize the named slices of `buffers` (same layout) as safetensors.
 fn safetensors_bytes(
     path: &Path,
-    layout: &Layout,
+    tensors: &[TensorSlot],
     buffers: &[(&str, &[f32])],
 ) -> Result<Vec<u8>, TrainError> {
     let mut bytes = Vec::new();
     for (prefix, buf) in buffers {
-        for t in &layout.tensors {
+        for t in tensors {
             bytes.push((
                 format!("{prefix}{}", t.name),
                 t.shape.clone(),
@@ -89,14 +98,14 @@ fn safetensors_bytes(
 /// Read the tensors named `prefix + layout name` from a safetensors file into one buffer.
 pub fn read_safetensors(
     path: &Path,
-    layout: &Layout,
+    tensors: &[TensorSlot],
     prefix: &str,
 ) -> Result<Vec<f32>, TrainError> {
     let bytes = std::fs::read(path).map_err(TrainError::io(path))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
-    let mut out = vec![0f32; layout.len];
-    for t in &layout.tensors {
+    let mut out = vec![0f32; buffer_len(tensors)];
+    for t in tensors {
         let name = format!("{prefix}{}", t.name);
         let v = st.tensor(&name).map_err(|_| {
             bad(
@@ -142,7 +151,7 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
 /// Returns its directory.
 pub fn save(
     run_dir: &Path,
-    layout: &Layout,
+    tensors: &[TensorSlot],
     ck: &Checkpoint,
     keep: usize,
 ) -> Result<PathBuf, TrainError> {
@@ -157,11 +166,11 @@ pub fn save(
     let model = tmp.join("model.safetensors");
     write_synced(
         &model,
-        &safetensors_bytes(&model, layout, &[("", &ck.params)])?,
+        &safetensors_bytes(&model, tensors, &[("", &ck.params)])?,
     )?;
     let optim = tmp.join("optimizer.safetensors");
     let moments = [("m.", ck.opt.m.as_slice()), ("v.", ck.opt.v.as_slice())];
-    write_synced(&optim, &safetensors_bytes(&optim, layout, &moments)?)?;
+    write_synced(&optim, &safetensors_bytes(&optim, tensors, &moments)?)?;
     let state = serde_json::json!({ "train": ck.state, "adamw_step": ck.opt.step });
     write_synced(
         &tmp.join("state.json"),
@@ -226,11 +235,11 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>, TrainError> {
 }
 
 /// Load the checkpoint in `dir` for `layout`.
-pub fn load(dir: &Path, layout: &Layout) -> Result<Checkpoint, TrainError> {
-    let params = read_safetensors(&dir.join("model.safetensors"), layout, "")?;
+pub fn load(dir: &Path, tensors: &[TensorSlot]) -> Result<Checkpoint, TrainError> {
+    let params = read_safetensors(&dir.join("model.safetensors"), tensors, "")?;
     let opt_path = dir.join("optimizer.safetensors");
-    let m = read_safetensors(&opt_path, layout, "m.")?;
-    let v = read_safetensors(&opt_path, layout, "v.")?;
+    let m = read_safetensors(&opt_path, tensors, "m.")?;
+    let v = read_safetensors(&opt_path, tensors, "v.")?;
     let sp = dir.join("state.json");
     let text = std::fs::read_to_string(&sp).map_err(TrainError::io(&sp))?;
     #[derive(Deserialize)]

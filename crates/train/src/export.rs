@@ -16,7 +16,7 @@ use half::f16;
 
 use crate::checkpoint;
 use crate::config::RunConfig;
-use crate::model::Layout;
+use crate::model::{Layout, ModelConfig};
 use crate::TrainError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,8 @@ impl std::str::FromStr for ExportType {
 
 /// Whether `path` is a training run directory or one of its checkpoints.
 pub fn is_run(path: &Path) -> bool {
-    path.join("config.json").is_file() && path.join("tokenizer.gguf").is_file()
+    path.join("finetune.json").is_file()
+        || path.join("config.json").is_file() && path.join("tokenizer.gguf").is_file()
         || path.join("model.safetensors").is_file() && path.join("state.json").is_file()
 }
 
@@ -67,6 +68,9 @@ pub fn locate(path: &Path) -> Result<(PathBuf, PathBuf), TrainError> {
 
 /// The GGUF file of `path` (a run or a checkpoint) at weight type `ty`, in memory.
 pub fn gguf_bytes(path: &Path, ty: ExportType) -> Result<Vec<u8>, TrainError> {
+    if let Some(bytes) = lora_run_gguf(path, ty)? {
+        return Ok(bytes);
+    }
     let (run, ck) = locate(path)?;
     let cp = run.join("config.json");
     let text = std::fs::read_to_string(&cp).map_err(TrainError::io(&cp))?;
@@ -74,19 +78,29 @@ pub fn gguf_bytes(path: &Path, ty: ExportType) -> Result<Vec<u8>, TrainError> {
         what: cp.display().to_string(),
         reason: e.to_string(),
     })?;
-    let c = &cfg.model;
-    let layout = Layout::new(c);
-    let params = checkpoint::read_safetensors(&ck.join("model.safetensors"), &layout, "")?;
+    let layout = Layout::new(&cfg.model);
+    let params = checkpoint::read_safetensors(&ck.join("model.safetensors"), &layout.tensors, "")?;
     let tok = GgufFile::open(run.join("tokenizer.gguf"))?;
-
-    let mut w = GgufWriter::new();
     let name = run
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "ferrolm-run".into());
+    Ok(gguf_from_params(&cfg.model, &params, &tok, &name, ty))
+}
+
+/// A GGUF (`llama`) of `params` in `c`'s layout, with every `tokenizer.*` key of `tok`.
+pub fn gguf_from_params(
+    c: &ModelConfig,
+    params: &[f32],
+    tok: &GgufFile,
+    name: &str,
+    ty: ExportType,
+) -> Vec<u8> {
+    let layout = Layout::new(c);
+    let mut w = GgufWriter::new();
     let u = |v: usize| Value::U32(v as u32);
     w.meta("general.architecture", Value::String("llama".into()))
-        .meta("general.name", Value::String(name))
+        .meta("general.name", Value::String(name.to_owned()))
         .meta(
             "general.file_type",
             Value::U32(match ty {
@@ -131,7 +145,61 @@ pub fn gguf_bytes(path: &Path, ty: ExportType) -> Result<Vec<u8>, TrainError> {
             w.tensor(&gguf_name, &dims, GgmlType::F16, bytes);
         }
     }
-    Ok(w.to_bytes())
+    w.to_bytes()
+}
+
+/// A LoRA fine-tuning run (`finetune.json` with method lora) as its base with the adapter of
+/// its latest checkpoint folded in; `None` for any other directory.
+fn lora_run_gguf(path: &Path, ty: ExportType) -> Result<Option<Vec<u8>>, TrainError> {
+    let fp = path.join("finetune.json");
+    let Ok(text) = std::fs::read_to_string(&fp) else {
+        return Ok(None);
+    };
+    let cfg: crate::finetune::FinetuneConfig =
+        serde_json::from_str(&text).map_err(|e| TrainError::Config {
+            what: fp.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    let crate::finetune::Method::Lora(lc) = cfg.method else {
+        return Ok(None);
+    };
+    let base = crate::base::load(&cfg.base)?;
+    let (_, ck) = locate(path)?;
+    let lora = crate::lora::Lora::new(&base.config, lc);
+    let adapter = checkpoint::read_safetensors(&ck.join("model.safetensors"), &lora.tensors, "")?;
+    let mut params = base.params;
+    crate::peft::merge(&base.config, &mut params, &lora, &adapter);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Some(gguf_from_params(
+        &base.config,
+        &params,
+        &base.gguf,
+        &name,
+        ty,
+    )))
+}
+
+/// `base` (a GGUF or run) with a PEFT LoRA adapter directory folded in, as GGUF bytes.
+pub fn merged_gguf(base: &Path, adapter: &Path, ty: ExportType) -> Result<Vec<u8>, TrainError> {
+    let b = crate::base::load(base)?;
+    let (lora, ap) = crate::peft::load(adapter, &b.config)?;
+    let mut params = b.params;
+    crate::peft::merge(&b.config, &mut params, &lora, &ap);
+    let name = adapter
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(gguf_from_params(&b.config, &params, &b.gguf, &name, ty))
+}
+
+/// Write `bytes` to `to` atomically (temp file + rename).
+pub fn write_file(to: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let tmp = to.with_extension("gguf.tmp");
+    std::fs::write(&tmp, bytes).map_err(TrainError::io(&tmp))?;
+    std::fs::rename(&tmp, to).map_err(TrainError::io(to))
 }
 
 /// The parsed in-memory GGUF of a run or checkpoint (f32), for the inference loader.
@@ -186,8 +254,6 @@ fn q8_0(x: &[f32]) -> Vec<u8> {
 /// Write the GGUF of `path` to `to` (atomically).
 pub fn export(path: &Path, to: &Path, ty: ExportType) -> Result<u64, TrainError> {
     let bytes = gguf_bytes(path, ty)?;
-    let tmp = to.with_extension("gguf.tmp");
-    std::fs::write(&tmp, &bytes).map_err(TrainError::io(&tmp))?;
-    std::fs::rename(&tmp, to).map_err(TrainError::io(to))?;
+    write_file(to, &bytes)?;
     Ok(bytes.len() as u64)
 }

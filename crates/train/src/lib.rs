@@ -11,15 +11,20 @@
 //! * [`run`] — the training loop, checkpoints and exact resume.
 //! * [`export`] — a checkpoint as GGUF (f32, f16, q8_0).
 
+pub mod base;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
 pub mod export;
+pub mod finetune;
+pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod peft;
 pub mod run;
+pub mod sft;
 pub mod tokenize;
 
 pub use error::TrainError;

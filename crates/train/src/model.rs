@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::lora::{Group, Lora, LoraActs};
 use crate::ops::{self, AttnShape};
 
 // ---- config ---------------------------------------------------------------------------------
@@ -336,6 +337,31 @@ impl Activations {
         }
     }
 
+    /// Split `tokens` (batch rows of ctx + 1) into inputs (first ctx) and targets (last ctx).
+    pub fn set_sequences(&mut self, tokens: &[u32]) {
+        let t = self.ctx;
+        assert_eq!(
+            tokens.len(),
+            self.batch * (t + 1),
+            "tokens must be batch × (ctx + 1)"
+        );
+        for (row, seq) in tokens.chunks_exact(t + 1).enumerate() {
+            self.inputs[row * t..][..t].copy_from_slice(&seq[..t]);
+            self.targets[row * t..][..t].copy_from_slice(&seq[1..]);
+        }
+    }
+
+    /// Set inputs and targets (batch × ctx each; a target may be [`IGNORE`]).
+    pub fn set_scored(&mut self, inputs: &[u32], targets: &[u32]) {
+        self.set_inputs(inputs);
+        assert_eq!(
+            targets.len(),
+            self.targets.len(),
+            "targets must be batch × ctx"
+        );
+        self.targets.copy_from_slice(targets);
+    }
+
     /// Set the input tokens (batch × ctx) for [`forward_logits`].
     pub fn set_inputs(&mut self, ids: &[u32]) {
         assert_eq!(
@@ -353,6 +379,16 @@ impl Activations {
 
 // ---- forward ----------------------------------------------------------------------------------
 
+/// Target id of a position that is not scored (prompt tokens in fine-tuning, padding).
+pub const IGNORE: u32 = u32::MAX;
+
+/// Adapters in a forward pass: their layout, weights and saved activations.
+pub struct LoraRun<'a> {
+    pub lora: &'a Lora,
+    pub params: &'a [f32],
+    pub acts: &'a mut LoraActs,
+}
+
 /// Forward over `tokens` (batch rows of ctx + 1 tokens: inputs are the first ctx, targets the
 /// last ctx). Returns the mean next-token cross-entropy. With `grad_scale = Some(s)`,
 /// `a.logits` is left holding the gradient of `s · loss` (ready for [`backward`]); without,
@@ -365,17 +401,21 @@ pub fn forward(
     a: &mut Activations,
     grad_scale: Option<f32>,
 ) -> f32 {
-    let (b, t) = (a.batch, a.ctx);
-    assert_eq!(
-        tokens.len(),
-        b * (t + 1),
-        "tokens must be batch × (ctx + 1)"
-    );
-    for (row, seq) in tokens.chunks_exact(t + 1).enumerate() {
-        a.inputs[row * t..][..t].copy_from_slice(&seq[..t]);
-        a.targets[row * t..][..t].copy_from_slice(&seq[1..]);
-    }
-    forward_logits(c, layout, params, a);
+    a.set_sequences(tokens);
+    forward_scored(c, layout, params, None, a, grad_scale)
+}
+
+/// Forward over the inputs and targets already in `a` (targets may be [`IGNORE`]), with
+/// optional adapters; the loss is the mean over scored positions.
+pub fn forward_scored(
+    c: &ModelConfig,
+    layout: &Layout,
+    params: &[f32],
+    lora: Option<LoraRun>,
+    a: &mut Activations,
+    grad_scale: Option<f32>,
+) -> f32 {
+    forward_with(c, layout, params, lora, a);
     let targets = std::mem::take(&mut a.targets);
     let loss = ops::cross_entropy(&mut a.logits, &targets, c.vocab_size, grad_scale);
     a.targets = targets;
@@ -384,6 +424,16 @@ pub fn forward(
 
 /// Logits for `a.inputs` (batch × ctx tokens, positions 0..ctx in each row) into `a.logits`.
 pub fn forward_logits(c: &ModelConfig, layout: &Layout, params: &[f32], a: &mut Activations) {
+    forward_with(c, layout, params, None, a);
+}
+
+fn forward_with(
+    c: &ModelConfig,
+    layout: &Layout,
+    params: &[f32],
+    mut lora: Option<LoraRun>,
+    a: &mut Activations,
+) {
     let (b, t) = (a.batch, a.ctx);
     let n = b * t;
     let (d, f, qd, qkvd) = (c.dim, c.ffn_dim, c.q_dim(), c.qkv_dim());
@@ -402,22 +452,21 @@ pub fn forward_logits(c: &ModelConfig, layout: &Layout, params: &[f32], a: &mut 
         let (x, x_next) = (&xs_in[l], &mut xs_out[0]);
         let s = &mut a.blocks[l];
         let w = |off: usize, len: usize| &params[off..][..len];
+        let mut adapt = |g: Group, x: &[f32], out: &mut [f32], stride: usize| {
+            if let Some(r) = lora.as_mut() {
+                r.lora.forward(r.params, r.acts, l, g, x, out, stride, n);
+            }
+        };
         // attention
         ops::rms_norm(x, w(o.attn_norm, d), c.rms_eps, &mut s.h1, &mut s.rstd1);
         ops::matmul_nt(&mut s.qkv, &s.h1, w(o.wqkv, qkvd * d), n, qkvd, d, false);
-        ops::rope(
-            &mut s.qkv,
-            qkvd,
-            qd + c.kv_dim(),
-            c.head_dim(),
-            t,
-            &a.cos,
-            &a.sin,
-            1.0,
-        );
+        adapt(Group::Qkv, &s.h1, &mut s.qkv, qkvd);
+        let rot = qd + c.kv_dim();
+        ops::rope(&mut s.qkv, qkvd, rot, c.head_dim(), t, &a.cos, &a.sin, 1.0);
         ops::attention(shape, &s.qkv, &mut s.probs, &mut s.att);
         s.x_mid.copy_from_slice(x);
         ops::matmul_nt(&mut s.x_mid, &s.att, w(o.wo, d * qd), n, d, qd, true);
+        adapt(Group::O, &s.att, &mut s.x_mid, d);
         // feed-forward
         ops::rms_norm(
             &s.x_mid,
@@ -435,9 +484,11 @@ pub fn forward_logits(c: &ModelConfig, layout: &Layout, params: &[f32], a: &mut 
             d,
             false,
         );
+        adapt(Group::GateUp, &s.h2, &mut s.gu, 2 * f);
         ops::swiglu(&s.gu, f, &mut s.act);
         x_next.copy_from_slice(&s.x_mid);
         ops::matmul_nt(x_next, &s.act, w(o.w_down, d * f), n, d, f, true);
+        adapt(Group::Down, &s.act, x_next, d);
     }
     let x = &a.xs[c.n_layers];
     ops::rms_norm(
@@ -453,6 +504,14 @@ pub fn forward_logits(c: &ModelConfig, layout: &Layout, params: &[f32], a: &mut 
 
 // ---- backward ---------------------------------------------------------------------------------
 
+/// Adapters in a backward pass.
+pub struct LoraGrad<'a> {
+    pub lora: &'a Lora,
+    pub params: &'a [f32],
+    pub grads: &'a mut [f32],
+    pub acts: &'a mut LoraActs,
+}
+
 /// Accumulate into `grads` the gradient of the loss whose gradient w.r.t. the logits
 /// [`forward`] left in `a.logits` (call it with `grad_scale`).
 pub fn backward(
@@ -460,6 +519,19 @@ pub fn backward(
     layout: &Layout,
     params: &[f32],
     grads: &mut [f32],
+    a: &mut Activations,
+) {
+    backward_with(c, layout, params, Some(grads), None, a);
+}
+
+/// Backward with optional adapters; `grads: None` freezes the base model (its weight
+/// gradients are not computed at all — LoRA's saving in time as well as memory).
+pub fn backward_with(
+    c: &ModelConfig,
+    layout: &Layout,
+    params: &[f32],
+    mut grads: Option<&mut [f32]>,
+    mut lora: Option<LoraGrad>,
     a: &mut Activations,
 ) {
     let (b, t) = (a.batch, a.ctx);
@@ -472,30 +544,38 @@ pub fn backward(
         hd: c.head_dim(),
     };
     let w = |off: usize, len: usize| &params[off..][..len];
+    // `dW += dYᵀ · X` for a base matrix, when the base trains.
+    let weight_grad =
+        |grads: &mut Option<&mut [f32]>, off: usize, dy: &[f32], x: &[f32], m: usize, k: usize| {
+            if let Some(g) = grads.as_deref_mut() {
+                ops::matmul_tn_acc(&mut g[off..][..m * k], dy, x, m, k, n);
+            }
+        };
+    let mut scratch_dw = vec![0f32; if grads.is_some() { 0 } else { d }];
     // output head and final norm
-    ops::matmul_tn_acc(
-        &mut grads[layout.head..][..v * d],
-        &a.logits,
-        &a.hf,
-        v,
-        d,
-        n,
-    );
+    weight_grad(&mut grads, layout.head, &a.logits, &a.hf, v, d);
     ops::matmul_nn(&mut a.dh, &a.logits, w(layout.head, v * d), n, d, v, false);
     a.dx.fill(0.0);
-    ops::rms_norm_backward(
-        &a.xs[c.n_layers],
-        w(layout.norm, d),
-        &a.rstd_f,
-        &a.dh,
-        &mut a.dx,
-        &mut grads[layout.norm..][..d],
-    );
+    {
+        let gw: &mut [f32] = match grads.as_deref_mut() {
+            Some(g) => &mut g[layout.norm..][..d],
+            None => &mut scratch_dw,
+        };
+        let xf = &a.xs[c.n_layers];
+        ops::rms_norm_backward(xf, w(layout.norm, d), &a.rstd_f, &a.dh, &mut a.dx, gw);
+    }
     for (l, o) in layout.blocks.iter().enumerate().rev() {
         let s = &a.blocks[l];
+        let mut adapt = |g: Group, x: &[f32], dy: &[f32], stride: usize, dx: &mut [f32]| {
+            if let Some(r) = lora.as_mut() {
+                r.lora
+                    .backward(r.params, r.grads, r.acts, l, g, x, dy, stride, dx, n);
+            }
+        };
         // feed-forward: x_next = x_mid + down(swiglu(gate_up(norm(x_mid))))
         ops::matmul_nn(&mut a.dact, &a.dx, w(o.w_down, d * f), n, f, d, false);
-        ops::matmul_tn_acc(&mut grads[o.w_down..][..d * f], &a.dx, &s.act, d, f, n);
+        adapt(Group::Down, &s.act, &a.dx, d, &mut a.dact);
+        weight_grad(&mut grads, o.w_down, &a.dx, &s.act, d, f);
         ops::swiglu_backward(&s.gu, &a.dact, f, &mut a.dgu);
         ops::matmul_nn(
             &mut a.dh,
@@ -506,30 +586,25 @@ pub fn backward(
             2 * f,
             false,
         );
-        ops::matmul_tn_acc(
-            &mut grads[o.w_gate_up..][..2 * f * d],
-            &a.dgu,
-            &s.h2,
-            2 * f,
-            d,
-            n,
-        );
-        ops::rms_norm_backward(
-            &s.x_mid,
-            w(o.ffn_norm, d),
-            &s.rstd2,
-            &a.dh,
-            &mut a.dx,
-            &mut grads[o.ffn_norm..][..d],
-        );
+        adapt(Group::GateUp, &s.h2, &a.dgu, 2 * f, &mut a.dh);
+        weight_grad(&mut grads, o.w_gate_up, &a.dgu, &s.h2, 2 * f, d);
+        {
+            let gw: &mut [f32] = match grads.as_deref_mut() {
+                Some(g) => &mut g[o.ffn_norm..][..d],
+                None => &mut scratch_dw,
+            };
+            ops::rms_norm_backward(&s.x_mid, w(o.ffn_norm, d), &s.rstd2, &a.dh, &mut a.dx, gw);
+        }
         // attention: x_mid = x + o(attn(rope(qkv(norm(x)))))
         ops::matmul_nn(&mut a.datt, &a.dx, w(o.wo, d * qd), n, qd, d, false);
-        ops::matmul_tn_acc(&mut grads[o.wo..][..d * qd], &a.dx, &s.att, d, qd, n);
+        adapt(Group::O, &s.att, &a.dx, d, &mut a.datt);
+        weight_grad(&mut grads, o.wo, &a.dx, &s.att, d, qd);
         ops::attention_backward(shape, &s.qkv, &s.probs, &a.datt, &mut a.dqkv);
+        let rot = qd + c.kv_dim();
         ops::rope(
             &mut a.dqkv,
             qkvd,
-            qd + c.kv_dim(),
+            rot,
             c.head_dim(),
             t,
             &a.cos,
@@ -537,21 +612,23 @@ pub fn backward(
             -1.0,
         );
         ops::matmul_nn(&mut a.dh, &a.dqkv, w(o.wqkv, qkvd * d), n, d, qkvd, false);
-        ops::matmul_tn_acc(&mut grads[o.wqkv..][..qkvd * d], &a.dqkv, &s.h1, qkvd, d, n);
-        ops::rms_norm_backward(
-            &a.xs[l],
-            w(o.attn_norm, d),
-            &s.rstd1,
-            &a.dh,
-            &mut a.dx,
-            &mut grads[o.attn_norm..][..d],
-        );
+        adapt(Group::Qkv, &s.h1, &a.dqkv, qkvd, &mut a.dh);
+        weight_grad(&mut grads, o.wqkv, &a.dqkv, &s.h1, qkvd, d);
+        {
+            let gw: &mut [f32] = match grads.as_deref_mut() {
+                Some(g) => &mut g[o.attn_norm..][..d],
+                None => &mut scratch_dw,
+            };
+            ops::rms_norm_backward(&a.xs[l], w(o.attn_norm, d), &s.rstd1, &a.dh, &mut a.dx, gw);
+        }
     }
     // embedding rows
-    let ge = &mut grads[layout.embed..][..v * d];
-    for (dx, &tok) in a.dx.chunks_exact(d).zip(&a.inputs) {
-        for (g, x) in ge[tok as usize * d..][..d].iter_mut().zip(dx) {
-            *g += x;
+    if let Some(g) = grads {
+        let ge = &mut g[layout.embed..][..v * d];
+        for (dx, &tok) in a.dx.chunks_exact(d).zip(&a.inputs) {
+            for (g, x) in ge[tok as usize * d..][..d].iter_mut().zip(dx) {
+                *g += x;
+            }
         }
     }
 }

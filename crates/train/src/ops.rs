@@ -21,17 +21,19 @@ fn parallelism() -> gemm::Parallelism {
 
 /// A matrix operand: base slice and (row, column) strides in elements.
 #[derive(Clone, Copy)]
-struct Mat<'a> {
+pub struct Mat<'a> {
     data: &'a [f32],
     rs: usize,
     cs: usize,
 }
 
 impl<'a> Mat<'a> {
-    fn rows(data: &'a [f32], rs: usize) -> Self {
+    /// Row-major with row stride `rs`.
+    pub fn rows(data: &'a [f32], rs: usize) -> Self {
         Mat { data, rs, cs: 1 }
     }
-    fn t(self) -> Self {
+    /// The transpose (a view).
+    pub fn t(self) -> Self {
         Mat {
             rs: self.cs,
             cs: self.rs,
@@ -86,6 +88,19 @@ fn gemm(
             par,
         )
     }
+}
+
+/// `dst (m×n, row stride dst_rs) = [dst +] scale · lhs · rhs` on the thread pool.
+pub fn gemm_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: Mat,
+    rhs: Mat,
+    mnk: (usize, usize, usize),
+    acc: bool,
+    scale: f32,
+) {
+    gemm(dst, dst_rs, lhs, rhs, mnk, acc, scale, parallelism());
 }
 
 /// `out (m×n) [+]= a (m×k) · wᵀ` with `w` (n×k): a linear layer's forward.
@@ -440,30 +455,38 @@ pub fn swiglu_backward(gu: &[f32], dact: &[f32], f: usize, dgu: &mut [f32]) {
 
 // ---- cross-entropy --------------------------------------------------------------------------
 
-/// Mean cross-entropy of `logits` (rows × v) against `targets`. With `grad_scale = Some(s)`,
-/// `logits` is overwritten with `s · (softmax − onehot) / rows`, the gradient of `s · loss`.
-/// The mean is summed in row order (not a parallel reduction), so it is reproducible.
+/// Mean cross-entropy of `logits` (rows × v) against `targets`, over the rows whose target
+/// is not `u32::MAX` (unscored: prompt tokens, padding). With `grad_scale = Some(s)`, `logits`
+/// is overwritten with the gradient of `s · loss`: `s · (softmax − onehot) / scored` on scored
+/// rows, zero on the rest. The mean is summed in row order (not a parallel reduction), so it
+/// is reproducible. No scored row: loss 0.
 pub fn cross_entropy(
     logits: &mut [f32],
     targets: &[u32],
     v: usize,
     grad_scale: Option<f32>,
 ) -> f32 {
-    let n = targets.len();
-    let mut row_loss = vec![0f32; n];
+    let scored = targets.iter().filter(|&&y| y != u32::MAX).count();
+    let mut row_loss = vec![0f32; targets.len()];
     let chunk = rows_per_task(v);
+    let k = grad_scale.map(|s| s / scored.max(1) as f32);
     logits
         .par_chunks_mut(v * chunk)
         .zip(targets.par_chunks(chunk))
         .zip(row_loss.par_chunks_mut(chunk))
         .for_each(|((logits, targets), losses)| {
             for ((row, &y), loss) in logits.chunks_exact_mut(v).zip(targets).zip(losses) {
+                if y == u32::MAX {
+                    if k.is_some() {
+                        row.fill(0.0);
+                    }
+                    continue;
+                }
                 let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                 let z: f32 = row.iter().map(|&x| exp(x - mx)).sum();
                 let lse = mx + z.ln();
                 *loss = lse - row[y as usize];
-                if let Some(s) = grad_scale {
-                    let k = s / n as f32;
+                if let Some(k) = k {
                     for x in row.iter_mut() {
                         *x = exp(*x - lse) * k;
                     }
@@ -471,5 +494,5 @@ pub fn cross_entropy(
                 }
             }
         });
-    (row_loss.iter().map(|&l| f64::from(l)).sum::<f64>() / n as f64) as f32
+    (row_loss.iter().map(|&l| f64::from(l)).sum::<f64>() / scored.max(1) as f64) as f32
 }

@@ -4,7 +4,7 @@
 //! the reference fixture: decoupled weight decay `p ← p·(1 − lr·wd)` before the Adam update,
 //! bias correction folded into the step size, `eps` added to the bias-corrected √v.
 
-use crate::model::Layout;
+use crate::model::TensorSlot;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWConfig {
@@ -37,7 +37,7 @@ impl AdamW {
     pub fn update(
         &mut self,
         cfg: &AdamWConfig,
-        layout: &Layout,
+        tensors: &[TensorSlot],
         lr: f32,
         params: &mut [f32],
         grads: &[f32],
@@ -49,7 +49,7 @@ impl AdamW {
         let step_size = (lr as f64 / bc1) as f32;
         let inv_bc2_sqrt = (1.0 / bc2_sqrt) as f32;
         let (b1, b2, eps) = (cfg.beta1, cfg.beta2, cfg.eps);
-        for slot in &layout.tensors {
+        for slot in tensors {
             let r = slot.range();
             let decay = if slot.decay {
                 1.0 - lr * cfg.weight_decay

@@ -156,7 +156,7 @@ pub fn train(
             opt: opt.clone(),
             state: state.clone(),
         };
-        let path = checkpoint::save(run, &layout, &ck, lc.keep)?;
+        let path = checkpoint::save(run, &layout.tensors, &ck, lc.keep)?;
         on(Event::Checkpoint {
             step: state.step,
             path: &path,
@@ -206,7 +206,7 @@ pub fn train(
             model::backward(mc, &layout, &params, &mut grads, &mut acts);
         }
         let grad_norm = clip_grad_norm(&mut grads, lc.grad_clip);
-        opt.update(&adamw, &layout, lr, &mut params, &grads);
+        opt.update(&adamw, &layout.tensors, lr, &mut params, &grads);
         let secs = started.elapsed().as_secs_f64();
         state.step += 1;
         state.evaluated = false;
@@ -406,7 +406,7 @@ fn open_for_resume(
         write_json(&cp, &cfg)?;
     }
     let ck = match checkpoint::latest(run)? {
-        Some(dir) => Some(checkpoint::load(&dir, &Layout::new(&cfg.model))?),
+        Some(dir) => Some(checkpoint::load(&dir, &Layout::new(&cfg.model).tensors)?),
         None => None,
     };
     Ok((cfg, tok, ck))
@@ -419,7 +419,7 @@ fn describe(m: &ModelConfig) -> String {
     )
 }
 
-fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<(), TrainError> {
+pub(crate) fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<(), TrainError> {
     let text = serde_json::to_string_pretty(v).unwrap_or_default();
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, text).map_err(TrainError::io(&tmp))?;
@@ -487,13 +487,13 @@ fn sample(logits: &[f32], temperature: f32, rng: &mut SplitMix) -> u32 {
 
 /// `metrics.jsonl`, cut back on resume to what the checkpoint had done, so that a resumed
 /// run's file is line for line the one an uninterrupted run writes.
-struct Metrics {
+pub(crate) struct Metrics {
     file: std::fs::File,
     path: PathBuf,
 }
 
 impl Metrics {
-    fn open(run: &Path, step: u64, evaluated: bool) -> Result<Self, TrainError> {
+    pub(crate) fn open(run: &Path, step: u64, evaluated: bool) -> Result<Self, TrainError> {
         let path = run.join("metrics.jsonl");
         let kept: Vec<String> = match std::fs::read_to_string(&path) {
             Ok(text) => text
@@ -520,7 +520,7 @@ impl Metrics {
         Ok(Metrics { file, path })
     }
 
-    fn line(&mut self, v: serde_json::Value) -> Result<(), TrainError> {
+    pub(crate) fn line(&mut self, v: serde_json::Value) -> Result<(), TrainError> {
         writeln!(self.file, "{v}").map_err(TrainError::io(&self.path))
     }
 }

@@ -56,7 +56,7 @@ fn fake_run(dir: &std::path::Path, tied: bool) -> (RunConfig, Vec<f32>) {
             train_seconds: 0.0,
         },
     };
-    checkpoint::save(dir, &layout, &ck, 2).unwrap();
+    checkpoint::save(dir, &layout.tensors, &ck, 2).unwrap();
     (cfg, params)
 }
 
@@ -136,4 +136,75 @@ fn a_run_without_a_checkpoint_is_a_clear_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no checkpoint"), "{e}");
+}
+
+/// A LoRA adapter folded into its base (`peft::merge`, what `merge` and `--model LORA_RUN`
+/// serve) gives the logits of the training forward with the adapter applied on the side; and
+/// the adapter survives a PEFT-format save/load (q/k rows reordered and back).
+#[test]
+fn merged_lora_gives_the_adapted_training_logits() {
+    use ferrolm_train::lora::{Lora, LoraConfig, Target};
+    use ferrolm_train::model::LoraRun;
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, params) = fake_run(dir.path(), true);
+    let c = &cfg.model;
+    let layout = Layout::new(c);
+    let lora = Lora::new(
+        c,
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: Target::ALL.to_vec(),
+        },
+    );
+    let mut rng = SplitMix(21);
+    let lp: Vec<f32> = (0..lora.len).map(|_| 0.2 * rng.normal()).collect();
+    ferrolm_train::peft::save(&dir.path().join("adapter"), c, &lora, &lp, "base").unwrap();
+    let (lora2, lp2) = ferrolm_train::peft::load(&dir.path().join("adapter"), c).unwrap();
+    assert_eq!(lp2, lp, "PEFT save/load must round-trip");
+
+    let ids: Vec<u32> = (0..12).map(|i| (i * 7 % c.vocab_size) as u32).collect();
+    let mut acts = Activations::new(c, 1, ids.len());
+    let targets = vec![ferrolm_train::model::IGNORE; ids.len()];
+    acts.set_scored(&ids, &targets);
+    let mut la = lora2.acts(ids.len());
+    let run = LoraRun {
+        lora: &lora2,
+        params: &lp2,
+        acts: &mut la,
+    };
+    model::forward_scored(c, &layout, &params, Some(run), &mut acts, None);
+    let side = acts.logits.clone();
+
+    let mut merged = params.clone();
+    ferrolm_train::peft::merge(c, &mut merged, &lora2, &lp2);
+    let mut acts2 = Activations::new(c, 1, ids.len());
+    acts2.set_inputs(&ids);
+    model::forward_logits(c, &layout, &merged, &mut acts2);
+    let scale = side.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = side
+        .iter()
+        .zip(&acts2.logits)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-4 * scale,
+        "merged {worst} vs adapter on the side (scale {scale})"
+    );
+    assert!(
+        side != model_logits(c, &layout, &params, &ids),
+        "the adapter must change the logits"
+    );
+}
+
+fn model_logits(
+    c: &ferrolm_train::model::ModelConfig,
+    layout: &Layout,
+    p: &[f32],
+    ids: &[u32],
+) -> Vec<f32> {
+    let mut a = Activations::new(c, 1, ids.len());
+    a.set_inputs(ids);
+    model::forward_logits(c, layout, p, &mut a);
+    a.logits
 }

@@ -110,7 +110,7 @@ fn one_step_matches_pytorch() {
         weight_decay: g("weight_decay"),
     };
     let mut opt = AdamW::new(layout.len);
-    opt.update(&cfg_opt, &layout, g("lr"), &mut params, &grads);
+    opt.update(&cfg_opt, &layout.tensors, g("lr"), &mut params, &grads);
     let want_after = fill(&layout, &f["weights_after"], |w| w);
     let d = max_abs_diff(&params, &want_after);
     assert!(d < 1e-5, "weights after one AdamW step differ by {d}");

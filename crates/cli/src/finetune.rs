@@ -1,0 +1,172 @@
+//! `ferrolm finetune` (SFT / LoRA on chat JSONL) and `ferrolm merge` (an adapter folded into
+//! its base as one GGUF).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use ferrolm_train::export::{self, ExportType};
+use ferrolm_train::finetune::{self, FinetuneConfig, Method};
+use ferrolm_train::lora::{LoraConfig, Target};
+
+#[derive(Args)]
+pub struct FinetuneCmd {
+    /// Base model: a GGUF file or a `ferrolm train` run (default: the default model).
+    #[arg(long, short = 'm')]
+    model: Option<PathBuf>,
+    /// Training data: OpenAI chat fine-tuning JSONL ({"messages": [...]} per line; `weight`
+    /// 0/1 on assistant messages). The loss is on assistant tokens only.
+    #[arg(long)]
+    train: PathBuf,
+    /// Validation JSONL (same format): loss and token accuracy at every evaluation.
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Output directory (checkpoints, metrics, and the adapter or model).
+    #[arg(long)]
+    out: PathBuf,
+    /// `lora` (adapters on a frozen base) or `full` (every weight).
+    #[arg(long, default_value = "lora")]
+    method: String,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// LoRA alpha (the update is scaled by alpha / rank).
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    /// Matrices that get adapters: any of q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "q,v", value_delimiter = ',')]
+    targets: Vec<String>,
+    /// Longest sequence in tokens (longer conversations are cut).
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
+    #[arg(long, default_value_t = 3.0)]
+    epochs: f64,
+    /// Optimizer steps (default: epochs × examples / (batch × grad_accum)).
+    #[arg(long)]
+    iters: Option<u64>,
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Peak learning rate (default: 2e-4 for LoRA, 1e-5 for full).
+    #[arg(long)]
+    lr: Option<f32>,
+    #[arg(long)]
+    min_lr: Option<f32>,
+    /// Warm-up steps (default: 1/30 of the steps).
+    #[arg(long)]
+    warmup: Option<u64>,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f32,
+    /// Evaluate and checkpoint every N steps.
+    #[arg(long, default_value_t = 50)]
+    eval_every: u64,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Checkpoints to keep.
+    #[arg(long, default_value_t = 2)]
+    keep: usize,
+    /// Continue the run in --out from its latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+    /// Print one JSON summary as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_finetune(a: FinetuneCmd) -> Result<()> {
+    let base = crate::store::resolve(a.model.as_deref())?;
+    let base = base
+        .canonicalize()
+        .with_context(|| format!("{}", base.display()))?;
+    let method = match a.method.as_str() {
+        "full" => Method::Full,
+        "lora" => {
+            let targets = a
+                .targets
+                .iter()
+                .map(|t| {
+                    Target::parse(t).with_context(|| {
+                        format!("--targets: `{t}` is not one of q, k, v, o, gate, up, down")
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if a.rank == 0 {
+                bail!("--rank must be at least 1");
+            }
+            Method::Lora(LoraConfig {
+                rank: a.rank,
+                alpha: a.alpha,
+                targets,
+            })
+        }
+        m => bail!("--method {m}: use lora or full"),
+    };
+    let abs = |p: &PathBuf| {
+        p.canonicalize()
+            .with_context(|| format!("{}: no such file", p.display()))
+    };
+    let cfg = FinetuneConfig {
+        base,
+        train_file: abs(&a.train)?,
+        val_file: a.val.as_ref().map(abs).transpose()?,
+        lr: a.lr.unwrap_or(if matches!(method, Method::Full) {
+            1e-5
+        } else {
+            2e-4
+        }),
+        method,
+        max_len: a.max_len,
+        epochs: a.epochs,
+        iters: a.iters,
+        batch: a.batch,
+        grad_accum: a.grad_accum,
+        min_lr: a.min_lr,
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        grad_clip: a.grad_clip,
+        eval_every: a.eval_every,
+        seed: a.seed,
+        keep: a.keep,
+    };
+    let out = a.out.clone();
+    let summary = crate::train::drive(a.threads, |stop, on| {
+        Ok(finetune::finetune(&cfg, &out, a.resume, stop, on)?)
+    })?;
+    crate::train::finish(&a.out, &summary, a.json, "--prompt '...'")
+}
+
+#[derive(Args)]
+pub struct MergeCmd {
+    /// Base model (GGUF or run directory).
+    base: PathBuf,
+    /// PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors).
+    adapter: PathBuf,
+    /// Output format (only gguf).
+    #[arg(long, default_value = "gguf")]
+    to: String,
+    /// Weight type: f32, f16 or q8_0.
+    #[arg(long = "type", default_value = "f16")]
+    ty: ExportType,
+    /// Output file.
+    #[arg(long, short = 'o')]
+    out: PathBuf,
+}
+
+pub fn run_merge(a: MergeCmd) -> Result<()> {
+    if a.to != "gguf" {
+        bail!("--to {}: only gguf is supported", a.to);
+    }
+    let bytes = export::merged_gguf(&a.base, &a.adapter, a.ty)?;
+    export::write_file(&a.out, &bytes)?;
+    println!(
+        "{} ({:.1} MiB)",
+        a.out.display(),
+        bytes.len() as f64 / 1048576.0
+    );
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! LoRA adapters in Hugging Face PEFT's format, so PEFT loads ours and we load PEFT's:
+//! `adapter_config.json` + `adapter_model.safetensors` with keys
+//! `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` ([r, in]) and
+//! `….lora_B.weight` ([out, r]).
+//!
+//! Row order: in memory the model is in GGUF's q/k row order (RoPE pairs interleaved); PEFT
+//! adapters apply to Hugging Face weights, whose q/k rows are in rotate-half order. `ΔW = B·A`
+//! permutes with its rows, i.e. with B's rows: q_proj/k_proj B matrices are reordered on save
+//! and back on load ([`crate::base::hf_rows`]); A and every other matrix are unchanged.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::json;
+
+use crate::base::hf_rows;
+use crate::lora::{Lora, LoraConfig, Target};
+use crate::model::ModelConfig;
+use crate::TrainError;
+
+fn bad(path: &Path, reason: impl Into<String>) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// (heads, head size) of a q/k B matrix's rows, if the tensor is one.
+fn head_rows(c: &ModelConfig, name: &str) -> Option<usize> {
+    if !name.ends_with("lora_B.weight") {
+        return None;
+    }
+    if name.contains("self_attn.q_proj.") {
+        Some(c.n_heads)
+    } else if name.contains("self_attn.k_proj.") {
+        Some(c.n_kv_heads)
+    } else {
+        None
+    }
+}
+
+/// Write `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
+pub fn save(
+    dir: &Path,
+    c: &ModelConfig,
+    lora: &Lora,
+    params: &[f32],
+    base_name: &str,
+) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir).map_err(TrainError::io(dir))?;
+    let mut bytes = Vec::new();
+    for t in &lora.tensors {
+        let mut data = params[t.range()].to_vec();
+        if let Some(heads) = head_rows(c, &t.name) {
+            data = hf_rows(&data, heads, c.head_dim(), lora.cfg.rank, true);
+        }
+        bytes.push((
+            t.name.clone(),
+            t.shape.clone(),
+            data.iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        ));
+    }
+    let path = dir.join("adapter_model.safetensors");
+    let views = bytes
+        .iter()
+        .map(|(n, s, b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(&path, e.to_string()))?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let st = safetensors::serialize(views, Some(meta)).map_err(|e| bad(&path, e.to_string()))?;
+    std::fs::write(&path, st).map_err(TrainError::io(&path))?;
+    let modules: Vec<&str> = lora.cfg.targets.iter().map(|t| t.module()).collect();
+    let cfg = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name,
+        "r": lora.cfg.rank,
+        "lora_alpha": lora.cfg.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_rslora": false,
+        "use_dora": false,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "revision": null,
+    });
+    let cp = dir.join("adapter_config.json");
+    std::fs::write(&cp, serde_json::to_string_pretty(&cfg).unwrap_or_default())
+        .map_err(TrainError::io(&cp))
+}
+
+/// Read a PEFT LoRA adapter for a model of config `c`: its layout and parameters (q/k B rows
+/// in GGUF order).
+pub fn load(dir: &Path, c: &ModelConfig) -> Result<(Lora, Vec<f32>), TrainError> {
+    let cp = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cp).map_err(TrainError::io(&cp))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&cp, e.to_string()))?;
+    if v["peft_type"].as_str() != Some("LORA") {
+        return Err(bad(&cp, "peft_type is not LORA"));
+    }
+    let rank = v["r"].as_u64().ok_or_else(|| bad(&cp, "no `r`"))? as usize;
+    let alpha = v["lora_alpha"]
+        .as_f64()
+        .ok_or_else(|| bad(&cp, "no `lora_alpha`"))? as f32;
+    if v["use_rslora"].as_bool() == Some(true) || v["use_dora"].as_bool() == Some(true) {
+        return Err(bad(&cp, "rsLoRA and DoRA adapters are not supported"));
+    }
+    let targets = match &v["target_modules"] {
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|m| {
+                m.as_str().and_then(Target::parse).ok_or_else(|| {
+                    bad(
+                        &cp,
+                        format!("target module {m} is not one of q/k/v/o/gate/up/down_proj"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        other => return Err(bad(&cp, format!("target_modules {other} must be a list"))),
+    };
+    let lora = Lora::new(
+        c,
+        LoraConfig {
+            rank,
+            alpha,
+            targets,
+        },
+    );
+    let path = dir.join("adapter_model.safetensors");
+    let mut params = crate::checkpoint::read_safetensors(&path, &lora.tensors, "")?;
+    for t in &lora.tensors {
+        if let Some(heads) = head_rows(c, &t.name) {
+            let gguf = hf_rows(&params[t.range()], heads, c.head_dim(), rank, false);
+            params[t.range()].copy_from_slice(&gguf);
+        }
+    }
+    Ok((lora, params))
+}
+
+/// `W += s·B·A` for every adapter: the base parameters with the adapter folded in.
+pub fn merge(c: &ModelConfig, base: &mut [f32], lora: &Lora, params: &[f32]) {
+    let layout = crate::model::Layout::new(c);
+    let s = lora.cfg.alpha / lora.cfg.rank as f32;
+    let r = lora.cfg.rank;
+    for pair in lora.tensors.chunks_exact(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        let base_name = a
+            .name
+            .trim_start_matches("base_model.model.")
+            .replace(".lora_A.weight", ".weight");
+        let Some(w) = layout.get(&base_name) else {
+            continue;
+        };
+        let (n_out, n_in) = (b.shape[0], a.shape[1]);
+        let (am, bm) = (&params[a.range()], &params[b.range()]);
+        let wm = &mut base[w.range()];
+        for i in 0..n_out {
+            for k in 0..r {
+                let bik = s * bm[i * r + k];
+                for (wv, av) in wm[i * n_in..][..n_in]
+                    .iter_mut()
+                    .zip(&am[k * n_in..][..n_in])
+                {
+                    *wv += bik * av;
+                }
+            }
+        }
+    }
+}
