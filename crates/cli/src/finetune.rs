@@ -68,6 +68,10 @@ pub struct FinetuneCmd {
     /// Checkpoints to keep.
     #[arg(long, default_value_t = 2)]
     keep: usize,
+    /// QLoRA: keep the base in its stored quantized form in memory (dequantized matrix by
+    /// matrix as the products need it); only the adapters are f32. LoRA only.
+    #[arg(long)]
+    qlora: bool,
     /// Continue the run in --out from its latest checkpoint.
     #[arg(long)]
     resume: bool,
@@ -132,6 +136,7 @@ pub fn run_finetune(a: FinetuneCmd) -> Result<()> {
         eval_every: a.eval_every,
         seed: a.seed,
         keep: a.keep,
+        qlora: a.qlora,
     };
     let out = a.out.clone();
     let summary = crate::train::drive(a.threads, |stop, on| {

@@ -75,6 +75,52 @@ pub fn dequantize(g: &GgufFile, info: &TensorInfo) -> Result<Vec<f32>, ModelErro
     Ok(t)
 }
 
+/// A GGUF tensor kept in its stored (quantized) form and dequantized on demand: the frozen
+/// base of QLoRA, which then takes the quantized file's memory instead of f32's.
+pub struct Stored {
+    qt: candle_core::quantized::QTensor,
+    name: String,
+}
+
+impl Stored {
+    pub fn load(g: &GgufFile, info: &TensorInfo) -> Result<Stored, ModelError> {
+        let raw = g.tensor_bytes(info)?;
+        let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
+        let dt = candle_dtype(info.ggml_type)
+            .ok_or_else(|| ModelError::tensor(g, info, "unsupported type"))?;
+        let qt = qtensor_from_ggml(dt, &raw, dims, &Device::Cpu)
+            .map_err(|e| ModelError::tensor(g, info, &e.to_string()))?;
+        Ok(Stored {
+            qt,
+            name: info.name.clone(),
+        })
+    }
+
+    /// The values as f32.
+    pub fn dequantize(&self) -> Result<Vec<f32>, ModelError> {
+        self.qt
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| ModelError::Tensor {
+                path: String::new(),
+                name: self.name.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Bytes held.
+    pub fn storage_bytes(&self) -> usize {
+        self.qt.storage_size_in_bytes()
+    }
+}
+
+impl std::fmt::Debug for Stored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Stored({}, {:?})", self.name, self.qt.dtype())
+    }
+}
+
 impl Linear {
     /// Load a 2-D weight `name` expecting `[rows, cols]` (ggml dims `[cols, rows]`).
     pub fn load(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<Linear, ModelError> {

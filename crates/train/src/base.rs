@@ -14,7 +14,7 @@ use ferrolm_models::llama::Arch;
 use ferrolm_models::LlamaConfig;
 
 use crate::export::gguf_name;
-use crate::model::{Layout, ModelConfig};
+use crate::model::{Layout, ModelConfig, StoredBase};
 use crate::TrainError;
 
 /// The base model: its config, parameters, and the GGUF holding its tokenizer and template.
@@ -33,6 +33,42 @@ fn unsupported(path: &Path, reason: impl Into<String>) -> TrainError {
 
 /// Load `path`: a GGUF file, or a training run directory (its latest checkpoint).
 pub fn load(path: &Path) -> Result<Base, TrainError> {
+    let (config, gguf) = open(path)?;
+    let layout = Layout::new(&config);
+    let mut params = vec![0f32; layout.len];
+    for t in &layout.tensors {
+        let info = gguf.tensor(&gguf_name(&t.name))?;
+        let w = ferrolm_models::linear::dequantize(&gguf, info)
+            .map_err(|e| unsupported(path, e.to_string()))?;
+        params[t.range()].copy_from_slice(&w);
+    }
+    Ok(Base {
+        config,
+        params,
+        gguf,
+    })
+}
+
+/// Load `path` keeping every tensor in its stored (quantized) form: QLoRA's frozen base.
+/// Each tensor is dequantized once here, so a bad one fails now and not mid-training.
+pub fn load_stored(path: &Path) -> Result<(ModelConfig, StoredBase, GgufFile), TrainError> {
+    let (config, gguf) = open(path)?;
+    let layout = Layout::new(&config);
+    let mut tensors = Vec::with_capacity(layout.tensors.len());
+    for t in &layout.tensors {
+        let info = gguf.tensor(&gguf_name(&t.name))?;
+        let stored = ferrolm_models::linear::Stored::load(&gguf, info)
+            .map_err(|e| unsupported(path, e.to_string()))?;
+        stored
+            .dequantize()
+            .map_err(|e| unsupported(path, e.to_string()))?;
+        tensors.push((t.offset, stored));
+    }
+    Ok((config, StoredBase { tensors }, gguf))
+}
+
+/// The GGUF of `path` and the training config it describes, with every shape checked.
+fn open(path: &Path) -> Result<(ModelConfig, GgufFile), TrainError> {
     let gguf = if crate::export::is_run(path) {
         crate::export::open_as_gguf(path)?
     } else {
@@ -67,7 +103,6 @@ pub fn load(path: &Path) -> Result<Base, TrainError> {
         ));
     }
     let layout = Layout::new(&config);
-    let mut params = vec![0f32; layout.len];
     for t in &layout.tensors {
         let name = gguf_name(&t.name);
         let info = gguf.tensor(&name)?;
@@ -81,15 +116,8 @@ pub fn load(path: &Path) -> Result<Base, TrainError> {
                 ),
             ));
         }
-        let w = ferrolm_models::linear::dequantize(&gguf, info)
-            .map_err(|e| unsupported(path, e.to_string()))?;
-        params[t.range()].copy_from_slice(&w);
     }
-    Ok(Base {
-        config,
-        params,
-        gguf,
-    })
+    Ok((config, gguf))
 }
 
 /// Reorder the rows of a (heads · hd) × cols matrix from GGUF's interleaved-pair order to

@@ -26,7 +26,9 @@ use crate::checkpoint::{self, Checkpoint, TrainState};
 use crate::config::{LoopConfig, RunConfig};
 use crate::data::Batcher;
 use crate::lora::{Lora, LoraActs, LoraConfig};
-use crate::model::{self, Activations, Layout, LoraGrad, LoraRun, ModelConfig, TensorSlot, IGNORE};
+use crate::model::{
+    self, Activations, Layout, LoraGrad, LoraRun, ModelConfig, TensorSlot, Weights, IGNORE,
+};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::run::{write_json, Event, Metrics, Summary};
 use crate::sft::{self, Example, SftBatcher};
@@ -63,6 +65,9 @@ pub struct FinetuneConfig {
     pub eval_every: u64,
     pub seed: u64,
     pub keep: usize,
+    /// QLoRA: keep the base in its stored quantized form (LoRA only).
+    #[serde(default)]
+    pub qlora: bool,
 }
 
 /// Trainable tensors: the whole model, or the adapters.
@@ -161,15 +166,28 @@ pub fn finetune(
             reason: "batch, grad_accum and eval_every must be ≥ 1, max_len ≥ 2, lr > 0".into(),
         });
     }
-    let base = base::load(&cfg.base)?;
-    let tok = Tokenizer::from_gguf(&base.gguf)?;
-    let template = ChatTemplate::from_gguf(&base.gguf, &tok)?;
+    if cfg.qlora && cfg.method == Method::Full {
+        return Err(TrainError::Config {
+            what: "--qlora".into(),
+            reason: "QLoRA keeps the base quantized and frozen, so it needs --method lora".into(),
+        });
+    }
+    // QLoRA: the base stays in its stored (quantized) form; otherwise dequantized to f32.
+    let (mc, gguf, mut frozen, stored) = if cfg.qlora {
+        let (c, s, g) = base::load_stored(&cfg.base)?;
+        (c, g, Vec::new(), Some(s))
+    } else {
+        let b = base::load(&cfg.base)?;
+        (b.config, b.gguf, b.params, None)
+    };
+    let mc = &mc;
+    let tok = Tokenizer::from_gguf(&gguf)?;
+    let template = ChatTemplate::from_gguf(&gguf, &tok)?;
     let train = load_examples(&cfg.train_file, &tok, &template)?;
     let val = match &cfg.val_file {
         Some(p) => load_examples(p, &tok, &template)?,
         None => Vec::new(),
     };
-    let mc = &base.config;
     let longest = train
         .iter()
         .chain(&val)
@@ -220,7 +238,6 @@ pub fn finetune(
         Method::Full => Trainable::Full(layout.clone()),
         Method::Lora(l) => Trainable::Lora(Lora::new(mc, l.clone())),
     };
-    let mut frozen = base.params;
     let n_train = checkpoint::buffer_len(trainable.tensors());
     let (mut params, mut opt, mut state) = match checkpoint::latest(out)? {
         Some(dir) if resume => {
@@ -246,8 +263,7 @@ pub fn finetune(
     if matches!(trainable, Trainable::Full(_)) {
         // The full run's own weights are what it trains; keep one copy.
         frozen = Vec::new();
-        let meta: Vec<(String, ferrolm_gguf::Value)> = base
-            .gguf
+        let meta: Vec<(String, ferrolm_gguf::Value)> = gguf
             .metadata
             .iter()
             .filter(|(k, _)| k.starts_with("tokenizer."))
@@ -304,7 +320,11 @@ pub fn finetune(
     loop {
         let step = state.step;
         if (step % lc.eval_every == 0 || step == iters) && !state.evaluated {
-            let base_params: &[f32] = if lora.is_some() { &frozen } else { &params };
+            let base_params = match (&stored, lora.is_some()) {
+                (Some(s), _) => Weights::Stored(s),
+                (None, true) => Weights::F32(&frozen),
+                (None, false) => Weights::F32(&params),
+            };
             let lp: &[f32] = if lora.is_some() { &params } else { &[] };
             let (loss, acc) = evaluate(
                 mc,
@@ -358,11 +378,15 @@ pub fn finetune(
                         params: &params,
                         acts: &mut lacts,
                     };
+                    let base = match &stored {
+                        Some(s) => Weights::Stored(s),
+                        None => Weights::F32(&frozen),
+                    };
                     loss += scale
                         * model::forward_scored(
                             mc,
                             &layout,
-                            &frozen,
+                            base,
                             Some(run),
                             &mut acts,
                             Some(scale),
@@ -373,12 +397,20 @@ pub fn finetune(
                         grads: &mut grads,
                         acts: &mut lacts,
                     };
-                    model::backward_with(mc, &layout, &frozen, None, Some(g), &mut acts);
+                    model::backward_with(mc, &layout, base, None, Some(g), &mut acts);
                 }
                 None => {
                     loss += scale
-                        * model::forward_scored(mc, &layout, &params, None, &mut acts, Some(scale));
-                    model::backward_with(mc, &layout, &params, Some(&mut grads), None, &mut acts);
+                        * model::forward_scored(
+                            mc,
+                            &layout,
+                            Weights::F32(&params),
+                            None,
+                            &mut acts,
+                            Some(scale),
+                        );
+                    let w = Weights::F32(&params);
+                    model::backward_with(mc, &layout, w, Some(&mut grads), None, &mut acts);
                 }
             }
             state.tokens_seen += targets.iter().filter(|&&t| t != IGNORE).count() as u64;
@@ -438,7 +470,7 @@ pub fn finetune(
 fn evaluate(
     c: &ModelConfig,
     layout: &Layout,
-    base: &[f32],
+    base: Weights,
     lora: Option<(&Lora, &[f32])>,
     val: &[Example],
     batch: usize,

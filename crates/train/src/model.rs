@@ -382,6 +382,59 @@ impl Activations {
 /// Target id of a position that is not scored (prompt tokens in fine-tuning, padding).
 pub const IGNORE: u32 = u32::MAX;
 
+/// The base model's weights: f32 in the flat layout, or (QLoRA) each tensor kept in its
+/// stored quantized form and dequantized when a product needs it.
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    Stored(&'a StoredBase),
+}
+
+/// Tensors of the layout in their stored form (see [`Weights::Stored`]), by offset.
+#[derive(Debug)]
+pub struct StoredBase {
+    pub tensors: Vec<(usize, ferrolm_models::linear::Stored)>,
+}
+
+impl StoredBase {
+    /// Bytes of weights held.
+    pub fn storage_bytes(&self) -> usize {
+        self.tensors.iter().map(|(_, t)| t.storage_bytes()).sum()
+    }
+}
+
+impl<'a> Weights<'a> {
+    /// The `len` values at `off` (a whole tensor when stored).
+    fn get(&self, off: usize, len: usize) -> std::borrow::Cow<'a, [f32]> {
+        match self {
+            Weights::F32(p) => std::borrow::Cow::Borrowed(&p[off..][..len]),
+            Weights::Stored(s) => {
+                // The span may cover adjacent tensors (q‖k‖v, gate‖up): dequantize each.
+                // Every stored tensor was dequantized once when the base was loaded, so this
+                // cannot fail but for memory; a silently zero weight would be worse: panic.
+                let mut out = Vec::with_capacity(len);
+                for (o, t) in s
+                    .tensors
+                    .iter()
+                    .filter(|(o, _)| (off..off + len).contains(o))
+                {
+                    assert_eq!(
+                        *o,
+                        off + out.len(),
+                        "stored base tensors must tile the span"
+                    );
+                    match t.dequantize() {
+                        Ok(v) => out.extend_from_slice(&v),
+                        Err(e) => panic!("stored base tensor at offset {o}: {e}"),
+                    }
+                }
+                assert_eq!(out.len(), len, "stored base span at {off} is incomplete");
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+}
+
 /// Adapters in a forward pass: their layout, weights and saved activations.
 pub struct LoraRun<'a> {
     pub lora: &'a Lora,
@@ -402,7 +455,7 @@ pub fn forward(
     grad_scale: Option<f32>,
 ) -> f32 {
     a.set_sequences(tokens);
-    forward_scored(c, layout, params, None, a, grad_scale)
+    forward_scored(c, layout, Weights::F32(params), None, a, grad_scale)
 }
 
 /// Forward over the inputs and targets already in `a` (targets may be [`IGNORE`]), with
@@ -410,7 +463,7 @@ pub fn forward(
 pub fn forward_scored(
     c: &ModelConfig,
     layout: &Layout,
-    params: &[f32],
+    params: Weights,
     lora: Option<LoraRun>,
     a: &mut Activations,
     grad_scale: Option<f32>,
@@ -424,13 +477,13 @@ pub fn forward_scored(
 
 /// Logits for `a.inputs` (batch × ctx tokens, positions 0..ctx in each row) into `a.logits`.
 pub fn forward_logits(c: &ModelConfig, layout: &Layout, params: &[f32], a: &mut Activations) {
-    forward_with(c, layout, params, None, a);
+    forward_with(c, layout, Weights::F32(params), None, a);
 }
 
 fn forward_with(
     c: &ModelConfig,
     layout: &Layout,
-    params: &[f32],
+    params: Weights,
     mut lora: Option<LoraRun>,
     a: &mut Activations,
 ) {
@@ -443,7 +496,7 @@ fn forward_with(
         n_kv: c.n_kv_heads,
         hd: c.head_dim(),
     };
-    let embed = &params[layout.embed..][..c.vocab_size * d];
+    let embed = params.get(layout.embed, c.vocab_size * d);
     for (x, &tok) in a.xs[0].chunks_exact_mut(d).zip(&a.inputs) {
         x.copy_from_slice(&embed[tok as usize * d..][..d]);
     }
@@ -451,26 +504,26 @@ fn forward_with(
         let (xs_in, xs_out) = a.xs.split_at_mut(l + 1);
         let (x, x_next) = (&xs_in[l], &mut xs_out[0]);
         let s = &mut a.blocks[l];
-        let w = |off: usize, len: usize| &params[off..][..len];
+        let w = |off: usize, len: usize| params.get(off, len);
         let mut adapt = |g: Group, x: &[f32], out: &mut [f32], stride: usize| {
             if let Some(r) = lora.as_mut() {
                 r.lora.forward(r.params, r.acts, l, g, x, out, stride, n);
             }
         };
         // attention
-        ops::rms_norm(x, w(o.attn_norm, d), c.rms_eps, &mut s.h1, &mut s.rstd1);
-        ops::matmul_nt(&mut s.qkv, &s.h1, w(o.wqkv, qkvd * d), n, qkvd, d, false);
+        ops::rms_norm(x, &w(o.attn_norm, d), c.rms_eps, &mut s.h1, &mut s.rstd1);
+        ops::matmul_nt(&mut s.qkv, &s.h1, &w(o.wqkv, qkvd * d), n, qkvd, d, false);
         adapt(Group::Qkv, &s.h1, &mut s.qkv, qkvd);
         let rot = qd + c.kv_dim();
         ops::rope(&mut s.qkv, qkvd, rot, c.head_dim(), t, &a.cos, &a.sin, 1.0);
         ops::attention(shape, &s.qkv, &mut s.probs, &mut s.att);
         s.x_mid.copy_from_slice(x);
-        ops::matmul_nt(&mut s.x_mid, &s.att, w(o.wo, d * qd), n, d, qd, true);
+        ops::matmul_nt(&mut s.x_mid, &s.att, &w(o.wo, d * qd), n, d, qd, true);
         adapt(Group::O, &s.att, &mut s.x_mid, d);
         // feed-forward
         ops::rms_norm(
             &s.x_mid,
-            w(o.ffn_norm, d),
+            &w(o.ffn_norm, d),
             c.rms_eps,
             &mut s.h2,
             &mut s.rstd2,
@@ -478,7 +531,7 @@ fn forward_with(
         ops::matmul_nt(
             &mut s.gu,
             &s.h2,
-            w(o.w_gate_up, 2 * f * d),
+            &w(o.w_gate_up, 2 * f * d),
             n,
             2 * f,
             d,
@@ -487,19 +540,19 @@ fn forward_with(
         adapt(Group::GateUp, &s.h2, &mut s.gu, 2 * f);
         ops::swiglu(&s.gu, f, &mut s.act);
         x_next.copy_from_slice(&s.x_mid);
-        ops::matmul_nt(x_next, &s.act, w(o.w_down, d * f), n, d, f, true);
+        ops::matmul_nt(x_next, &s.act, &w(o.w_down, d * f), n, d, f, true);
         adapt(Group::Down, &s.act, x_next, d);
     }
     let x = &a.xs[c.n_layers];
     ops::rms_norm(
         x,
-        &params[layout.norm..][..d],
+        &params.get(layout.norm, d),
         c.rms_eps,
         &mut a.hf,
         &mut a.rstd_f,
     );
-    let head = &params[layout.head..][..c.vocab_size * d];
-    ops::matmul_nt(&mut a.logits, &a.hf, head, n, c.vocab_size, d, false);
+    let head = params.get(layout.head, c.vocab_size * d);
+    ops::matmul_nt(&mut a.logits, &a.hf, &head, n, c.vocab_size, d, false);
 }
 
 // ---- backward ---------------------------------------------------------------------------------
@@ -521,7 +574,7 @@ pub fn backward(
     grads: &mut [f32],
     a: &mut Activations,
 ) {
-    backward_with(c, layout, params, Some(grads), None, a);
+    backward_with(c, layout, Weights::F32(params), Some(grads), None, a);
 }
 
 /// Backward with optional adapters; `grads: None` freezes the base model (its weight
@@ -529,7 +582,7 @@ pub fn backward(
 pub fn backward_with(
     c: &ModelConfig,
     layout: &Layout,
-    params: &[f32],
+    params: Weights,
     mut grads: Option<&mut [f32]>,
     mut lora: Option<LoraGrad>,
     a: &mut Activations,
@@ -543,7 +596,7 @@ pub fn backward_with(
         n_kv: c.n_kv_heads,
         hd: c.head_dim(),
     };
-    let w = |off: usize, len: usize| &params[off..][..len];
+    let w = |off: usize, len: usize| params.get(off, len);
     // `dW += dYᵀ · X` for a base matrix, when the base trains.
     let weight_grad =
         |grads: &mut Option<&mut [f32]>, off: usize, dy: &[f32], x: &[f32], m: usize, k: usize| {
@@ -554,7 +607,7 @@ pub fn backward_with(
     let mut scratch_dw = vec![0f32; if grads.is_some() { 0 } else { d }];
     // output head and final norm
     weight_grad(&mut grads, layout.head, &a.logits, &a.hf, v, d);
-    ops::matmul_nn(&mut a.dh, &a.logits, w(layout.head, v * d), n, d, v, false);
+    ops::matmul_nn(&mut a.dh, &a.logits, &w(layout.head, v * d), n, d, v, false);
     a.dx.fill(0.0);
     {
         let gw: &mut [f32] = match grads.as_deref_mut() {
@@ -562,7 +615,7 @@ pub fn backward_with(
             None => &mut scratch_dw,
         };
         let xf = &a.xs[c.n_layers];
-        ops::rms_norm_backward(xf, w(layout.norm, d), &a.rstd_f, &a.dh, &mut a.dx, gw);
+        ops::rms_norm_backward(xf, &w(layout.norm, d), &a.rstd_f, &a.dh, &mut a.dx, gw);
     }
     for (l, o) in layout.blocks.iter().enumerate().rev() {
         let s = &a.blocks[l];
@@ -573,14 +626,14 @@ pub fn backward_with(
             }
         };
         // feed-forward: x_next = x_mid + down(swiglu(gate_up(norm(x_mid))))
-        ops::matmul_nn(&mut a.dact, &a.dx, w(o.w_down, d * f), n, f, d, false);
+        ops::matmul_nn(&mut a.dact, &a.dx, &w(o.w_down, d * f), n, f, d, false);
         adapt(Group::Down, &s.act, &a.dx, d, &mut a.dact);
         weight_grad(&mut grads, o.w_down, &a.dx, &s.act, d, f);
         ops::swiglu_backward(&s.gu, &a.dact, f, &mut a.dgu);
         ops::matmul_nn(
             &mut a.dh,
             &a.dgu,
-            w(o.w_gate_up, 2 * f * d),
+            &w(o.w_gate_up, 2 * f * d),
             n,
             d,
             2 * f,
@@ -593,10 +646,10 @@ pub fn backward_with(
                 Some(g) => &mut g[o.ffn_norm..][..d],
                 None => &mut scratch_dw,
             };
-            ops::rms_norm_backward(&s.x_mid, w(o.ffn_norm, d), &s.rstd2, &a.dh, &mut a.dx, gw);
+            ops::rms_norm_backward(&s.x_mid, &w(o.ffn_norm, d), &s.rstd2, &a.dh, &mut a.dx, gw);
         }
         // attention: x_mid = x + o(attn(rope(qkv(norm(x)))))
-        ops::matmul_nn(&mut a.datt, &a.dx, w(o.wo, d * qd), n, qd, d, false);
+        ops::matmul_nn(&mut a.datt, &a.dx, &w(o.wo, d * qd), n, qd, d, false);
         adapt(Group::O, &s.att, &a.dx, d, &mut a.datt);
         weight_grad(&mut grads, o.wo, &a.dx, &s.att, d, qd);
         ops::attention_backward(shape, &s.qkv, &s.probs, &a.datt, &mut a.dqkv);
@@ -611,7 +664,7 @@ pub fn backward_with(
             &a.sin,
             -1.0,
         );
-        ops::matmul_nn(&mut a.dh, &a.dqkv, w(o.wqkv, qkvd * d), n, d, qkvd, false);
+        ops::matmul_nn(&mut a.dh, &a.dqkv, &w(o.wqkv, qkvd * d), n, d, qkvd, false);
         adapt(Group::Qkv, &s.h1, &a.dqkv, qkvd, &mut a.dh);
         weight_grad(&mut grads, o.wqkv, &a.dqkv, &s.h1, qkvd, d);
         {
@@ -619,7 +672,7 @@ pub fn backward_with(
                 Some(g) => &mut g[o.attn_norm..][..d],
                 None => &mut scratch_dw,
             };
-            ops::rms_norm_backward(&a.xs[l], w(o.attn_norm, d), &s.rstd1, &a.dh, &mut a.dx, gw);
+            ops::rms_norm_backward(&a.xs[l], &w(o.attn_norm, d), &s.rstd1, &a.dh, &mut a.dx, gw);
         }
     }
     // embedding rows

@@ -173,7 +173,14 @@ fn merged_lora_gives_the_adapted_training_logits() {
         params: &lp2,
         acts: &mut la,
     };
-    model::forward_scored(c, &layout, &params, Some(run), &mut acts, None);
+    model::forward_scored(
+        c,
+        &layout,
+        model::Weights::F32(&params),
+        Some(run),
+        &mut acts,
+        None,
+    );
     let side = acts.logits.clone();
 
     let mut merged = params.clone();
@@ -207,4 +214,64 @@ fn model_logits(
     a.set_inputs(ids);
     model::forward_logits(c, layout, p, &mut a);
     a.logits
+}
+
+/// QLoRA's base (tensors kept quantized, dequantized as products need them) computes exactly
+/// what the same base dequantized up front does: same loss, same adapter gradients.
+#[test]
+fn stored_quantized_base_matches_the_dequantized_one() {
+    use ferrolm_train::lora::{Lora, LoraConfig, Target};
+    use ferrolm_train::model::{LoraGrad, LoraRun, Weights};
+    let dir = tempfile::tempdir().unwrap();
+    fake_run(dir.path(), true);
+    let gguf = dir.path().join("q8.gguf");
+    std::fs::write(
+        &gguf,
+        export::gguf_bytes(dir.path(), ExportType::Q8_0).unwrap(),
+    )
+    .unwrap();
+    let full = ferrolm_train::base::load(&gguf).unwrap();
+    let (c, stored, _) = ferrolm_train::base::load_stored(&gguf).unwrap();
+    assert_eq!(c, full.config);
+    let layout = Layout::new(&c);
+    let lora = Lora::new(
+        &c,
+        LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            targets: Target::ALL.to_vec(),
+        },
+    );
+    let mut rng = SplitMix(5);
+    let lp: Vec<f32> = (0..lora.len).map(|_| 0.1 * rng.normal()).collect();
+    let ids: Vec<u32> = (0..2 * 16).map(|i| (i * 5 % c.vocab_size) as u32).collect();
+    let targets: Vec<u32> = ids.iter().map(|&t| (t + 1) % c.vocab_size as u32).collect();
+    let run = |w: Weights| {
+        let mut acts = Activations::new(&c, 2, 16);
+        acts.set_scored(&ids, &targets);
+        let mut la = lora.acts(32);
+        let r = LoraRun {
+            lora: &lora,
+            params: &lp,
+            acts: &mut la,
+        };
+        let loss = model::forward_scored(&c, &layout, w, Some(r), &mut acts, Some(1.0));
+        let mut g = vec![0f32; lora.len];
+        let lg = LoraGrad {
+            lora: &lora,
+            params: &lp,
+            grads: &mut g,
+            acts: &mut la,
+        };
+        model::backward_with(&c, &layout, w, None, Some(lg), &mut acts);
+        (loss, g)
+    };
+    let (l1, g1) = run(Weights::F32(&full.params));
+    let (l2, g2) = run(Weights::Stored(&stored));
+    assert_eq!(l1, l2);
+    assert_eq!(g1, g2);
+    assert!(
+        stored.storage_bytes() * 3 < full.params.len() * 4,
+        "q8_0 storage must be smaller than f32"
+    );
 }

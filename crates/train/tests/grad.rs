@@ -86,7 +86,7 @@ fn gradients_match_finite_differences_untied_mha() {
 #[test]
 fn lora_gradients_match_finite_differences_with_ignored_targets() {
     use ferrolm_train::lora::{Lora, LoraConfig, Target};
-    use ferrolm_train::model::{LoraGrad, LoraRun, IGNORE};
+    use ferrolm_train::model::{LoraGrad, LoraRun, Weights, IGNORE};
     let c = tiny(true, 2);
     let layout = Layout::new(&c);
     let mut rng = SplitMix(9);
@@ -120,7 +120,14 @@ fn lora_gradients_match_finite_differences_with_ignored_targets() {
         params: &lp,
         acts: &mut la,
     };
-    model::forward_scored(&c, &layout, &params, Some(run), &mut acts, Some(1.0));
+    model::forward_scored(
+        &c,
+        &layout,
+        Weights::F32(&params),
+        Some(run),
+        &mut acts,
+        Some(1.0),
+    );
     let mut lg = vec![0f32; lora.len];
     let grad = LoraGrad {
         lora: &lora,
@@ -128,7 +135,14 @@ fn lora_gradients_match_finite_differences_with_ignored_targets() {
         grads: &mut lg,
         acts: &mut la,
     };
-    model::backward_with(&c, &layout, &params, None, Some(grad), &mut acts);
+    model::backward_with(
+        &c,
+        &layout,
+        Weights::F32(&params),
+        None,
+        Some(grad),
+        &mut acts,
+    );
     let mut loss_at = |p: &[f32]| {
         let mut la = lora.acts(b * t);
         let run = LoraRun {
@@ -139,7 +153,7 @@ fn lora_gradients_match_finite_differences_with_ignored_targets() {
         f64::from(model::forward_scored(
             &c,
             &layout,
-            &params,
+            Weights::F32(&params),
             Some(run),
             &mut acts,
             None,
