@@ -11,6 +11,9 @@
 //!   month of a [`Workload`] (prompt caching, compression), and [`SelfHosted`]'s breakeven
 //!   against hosted prices.
 //!
+//! - Files and fine-tuning jobs (`tuning`): what `/v1/files` and `/v1/fine_tuning/jobs` keep,
+//!   in the same database, scoped by key.
+//!
 //! Nothing here knows about HTTP or the engine: the server decides when to verify, admit,
 //! record and settle.
 
@@ -19,6 +22,7 @@ mod limits;
 mod prices;
 mod store;
 pub mod time;
+mod tuning;
 
 pub use error::AccountingError;
 pub use limits::{format_reset, Headroom, LimitKind, Limited, RateLimiter, Window, WINDOW};
@@ -30,3 +34,4 @@ pub use store::{
     GroupBy, KeyInfo, KeySpec, Store, UsageGroup, UsageQuery, UsageRow, DB_FILE, KEY_PREFIX,
     NO_KEY, SCHEMA_VERSION,
 };
+pub use tuning::{FileRecord, JobCheckpoint, JobEvent, JobRecord, Page};

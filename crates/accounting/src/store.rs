@@ -30,7 +30,7 @@ use crate::AccountingError;
 /// The database's file name inside the data dir.
 pub const DB_FILE: &str = "ferrolm.db";
 /// The schema version this code writes; `MIGRATIONS[v - 1]` brings version v-1 to v.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// What every key starts with, so a leaked one is recognisable (and greppable by scanners).
 pub const KEY_PREFIX: &str = "flm-";
 /// Random characters after `KEY_PREFIX`.
@@ -81,6 +81,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE usage ADD COLUMN saved_by_cache_usd REAL NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN saved_by_compression_usd REAL NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN saved_by_routing_usd REAL NOT NULL DEFAULT 0;",
+    // 3: OpenAI's files and fine-tuning jobs (see `tuning`). `key_id` NULL: open access.
+    crate::tuning::MIGRATION,
 ];
 
 /// What a new key may do. `None` is unlimited.
@@ -199,12 +201,12 @@ pub struct UsageGroup {
 
 /// The key store and ledger. `Send + Sync`: calls are serialised on one connection.
 pub struct Store {
-    path: PathBuf,
+    pub(crate) path: PathBuf,
     conn: Mutex<Connection>,
 }
 
 /// Attach the database path to rusqlite errors.
-trait At<T> {
+pub(crate) trait At<T> {
     fn at(self, path: &Path) -> Result<T, AccountingError>;
 }
 
@@ -403,7 +405,7 @@ impl Store {
         &self.path
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock dropped any open transaction (rolled back), so the
         // connection is still consistent.
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)

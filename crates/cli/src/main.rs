@@ -22,6 +22,7 @@ mod keys;
 mod serve;
 mod store;
 mod train;
+mod tuning;
 mod usage;
 
 #[derive(Parser)]
@@ -58,7 +59,7 @@ enum Cmd {
     /// Measure prefill and decode speed and peak memory.
     Bench(bench::BenchArgs),
     /// Serve models over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions,
-    /// /v1/models, /v1/usage) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show,
+    /// /v1/models, /v1/usage, /v1/files, /v1/fine_tuning/jobs with LoRA jobs served on success) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show,
     /// /api/ps, /api/version), requests batched together, with API keys, rate limits, a usage
     /// ledger, /health and /metrics
     Serve(serve::ServeArgs),

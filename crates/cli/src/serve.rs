@@ -5,6 +5,10 @@
 //! Models come from `--model PATH` (repeatable) and from a `--config` TOML file (local
 //! models, upstream models, routers; `docs/serve.example.toml` shows every key); with neither,
 //! the installed default model.
+//!
+//! `/v1/files` and `/v1/fine_tuning/jobs` keep their files, runs and records in the data dir
+//! (`files/`, `fine_tuning/`, `ferrolm.db`); a job's training runs on `--train-threads`
+//! threads beside the engines, and its model is served (to its key) as soon as it succeeds.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -15,13 +19,14 @@ use clap::Args;
 use ferrolm_accounting::{PriceCatalog, Store};
 use ferrolm_engine::{Engine, EngineConfig, EngineHandle};
 use ferrolm_server::route::{Router, Tier};
+use ferrolm_server::tuner::Load;
 use ferrolm_server::upstream::Upstream;
 use ferrolm_server::{Access, AppState, ModelDetails, ServedModel};
 use serde::Deserialize;
 
 use crate::{load, threads, ModelArgs};
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct ServeArgs {
     /// A GGUF model to serve (repeat for several; default: the installed default model).
     #[arg(long, short = 'm')]
@@ -51,6 +56,9 @@ pub struct ServeArgs {
     /// Threads for the forward pass of each model (default: available cores).
     #[arg(long, short = 't')]
     threads: Option<usize>,
+    /// Threads for fine-tuning jobs (one job runs at a time; default: available cores).
+    #[arg(long)]
+    train_threads: Option<usize>,
     /// KV cache size in tokens per model, shared by its requests in flight (rounded up to
     /// blocks of 16). One request holds at most this many tokens, and at most the model's
     /// context.
@@ -282,13 +290,13 @@ fn model_entries(a: &ServeArgs, cfg: &ConfigFile) -> Result<Vec<ModelEntry>> {
     Ok(entries)
 }
 
-/// Load one model and start its engine.
+/// Load one model and start its engine; also returns the model's file.
 fn start_model(
     e: &ModelEntry,
     a: &ServeArgs,
     cfg: &EngineConfig,
     catalog: &PriceCatalog,
-) -> Result<(ServedModel, EngineHandle)> {
+) -> Result<(ServedModel, EngineHandle, PathBuf)> {
     let path = e
         .path
         .as_deref()
@@ -338,6 +346,7 @@ fn start_model(
         memory_bytes: (m.model.weight_bytes() + kv_bytes) as u64,
     };
     let end_ids = m.end_ids();
+    let path = m.path.clone();
     let tok = Arc::new(m.tok);
     let engine = Engine::new(Arc::new(m.model), tok.clone(), cfg.clone())?;
     let stats = engine.stats();
@@ -362,7 +371,30 @@ fn start_model(
         context_trigger: a.context_trigger,
         price,
     };
-    Ok((served, handle))
+    Ok((served, handle, path))
+}
+
+/// How a fine-tuning run directory becomes a served model: a LoRA run loads as its base with
+/// the adapter folded in, priced as its base (`ft:<base>:…`). Its engine thread ends when the
+/// server's state is dropped, as the others do.
+fn run_loader(a: &ServeArgs, cfg: &EngineConfig, catalog: &PriceCatalog) -> Box<Load> {
+    let (a, cfg, catalog) = (a.clone(), cfg.clone(), catalog.clone());
+    Box::new(move |dir: &Path, id: &str| {
+        let entry = ModelEntry {
+            path: Some(dir.to_string_lossy().into_owned()),
+            upstream: None,
+            upstream_model: None,
+            api_key_env: None,
+            id: Some(id.to_owned()),
+            aliases: Vec::new(),
+            price: id.split(':').nth(1).map(str::to_owned),
+            context_strategy: None,
+        };
+        let (m, handle, _) =
+            start_model(&entry, &a, &cfg, &catalog).map_err(|e| format!("{e:#}"))?;
+        drop(handle.tx); // detached: `m.engine` is its sender
+        Ok(m)
+    })
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -409,6 +441,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let mut served = Vec::with_capacity(entries.len());
     let mut upstreams: Vec<Upstream> = Vec::new();
     let mut handles = Vec::with_capacity(entries.len());
+    let mut bases: Vec<(String, PathBuf)> = Vec::new();
     let mut names: Vec<String> = Vec::new();
     let mut claim = |id: &str, aliases: &[String]| -> Result<()> {
         for name in std::iter::once(id).chain(aliases.iter().map(String::as_str)) {
@@ -431,8 +464,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         if e.path.is_none() {
             bail!("a [[model]] entry needs `path` (a local GGUF, or \"default\") or `upstream` (a URL)");
         }
-        let (m, h) = start_model(e, &a, &cfg, &catalog)?;
+        let (m, h, path) = start_model(e, &a, &cfg, &catalog)?;
         claim(&m.id, &m.aliases)?;
+        bases.push((m.id.clone(), path.canonicalize().unwrap_or(path)));
         served.push(m);
         handles.push(h);
     }
@@ -468,13 +502,23 @@ pub fn run(a: ServeArgs) -> Result<()> {
         open_without_keys: a.host.is_loopback() || a.allow_unauthenticated,
     };
     let routers = routers(&cfg_file.router, &served, &upstreams)?;
+    let loader = run_loader(&a, &cfg, &catalog);
     let state = AppState::new(served, upstreams, routers, access, catalog);
-    rt.block_on(ferrolm_server::serve(
+    let hooks = crate::tuning::hooks(bases, threads(a.train_threads)?, loader)?;
+    state
+        .start_fine_tuning(hooks, &data_dir)
+        .map_err(anyhow::Error::msg)
+        .context("cannot start fine-tuning")?;
+    let served = rt.block_on(ferrolm_server::serve(
         listener,
-        state,
+        state.clone(),
         ferrolm_server::shutdown_signal(),
-    ))
-    .context("the HTTP server failed")?;
+    ));
+    // A running job stops with a checkpoint (the next start resumes it); the worker lets go
+    // of the state.
+    state.stop_fine_tuning();
+    drop(state);
+    served.context("the HTTP server failed")?;
     eprintln!("ferrolm serve: stopped");
     // The state (and with it the last command senders) is gone: the engine threads end.
     drop(rt);

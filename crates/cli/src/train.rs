@@ -231,10 +231,16 @@ pub fn drive(
             train_loss,
             val_loss,
             sample,
+            token_accuracy,
         } => {
             bar.suspend(|| {
-                eprintln!("step {step}: train loss {train_loss:.4}, val loss {val_loss:.4}");
-                eprintln!("--- sample ---\n{}\n--------------", sample.trim_end());
+                let acc = token_accuracy
+                    .map(|a| format!(", validation token accuracy {a:.3}"))
+                    .unwrap_or_default();
+                eprintln!("step {step}: train loss {train_loss:.4}, val loss {val_loss:.4}{acc}");
+                if !sample.is_empty() {
+                    eprintln!("--- sample ---\n{}\n--------------", sample.trim_end());
+                }
             });
         }
         Event::Checkpoint { path, .. } => {

@@ -32,6 +32,11 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The caller's key id (`None` without a key).
+    pub fn key_id(&self) -> Option<i64> {
+        self.key.as_ref().map(|k| k.id)
+    }
+
     /// Seconds from the request's arrival to `first` (its first token), if it came.
     pub fn ttft(&self, first: Option<Instant>) -> Option<f64> {
         first.map(|f| f.saturating_duration_since(self.started).as_secs_f64())

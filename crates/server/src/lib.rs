@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Instant;
 
 use axum::extract::DefaultBodyLimit;
@@ -36,12 +36,15 @@ use serde_json::Value;
 mod auth;
 pub mod compress;
 pub mod error;
+mod files;
+mod fine_tuning;
 mod generate;
 mod metrics;
 mod ollama;
 mod openai;
 pub mod route;
 mod tools;
+pub mod tuner;
 pub mod upstream;
 
 pub use auth::Caller;
@@ -112,6 +115,9 @@ pub struct ServedModel {
 /// A served model plus the counters the server keeps for it.
 pub struct Model {
     pub m: ServedModel,
+    /// The key a fine-tuned model belongs to: only it sees and uses the model. `None`: every
+    /// caller (the models the server started with, and those tuned while it ran without keys).
+    pub owner: Option<i64>,
     /// Choices submitted to its engine and not yet finished.
     in_flight: AtomicUsize,
     /// Seconds of the most recent finished requests, for `Retry-After` estimates (EWMA, µs).
@@ -138,7 +144,9 @@ pub struct Access {
 pub struct AppState(Arc<Inner>);
 
 pub struct Inner {
-    pub models: Vec<Arc<Model>>,
+    /// The models started with, then fine-tuned ones as their jobs succeed (read it with
+    /// [`AppState::models`]).
+    models: RwLock<Vec<Arc<Model>>>,
     /// Virtual models that route chat requests to one of their tiers.
     pub routers: Vec<route::Router>,
     /// Models served by other OpenAI-compatible servers.
@@ -151,6 +159,8 @@ pub struct Inner {
     pub summaries: compress::SummaryCache,
     next_id: AtomicU64,
     pub started: Instant,
+    /// Files and fine-tuning jobs, once [`AppState::start_fine_tuning`] ran.
+    pub tuning: OnceLock<tuner::Tuner>,
 }
 
 impl std::ops::Deref for AppState {
@@ -244,16 +254,12 @@ impl AppState {
         AppState(Arc::new(Inner {
             routers,
             upstreams: upstreams.into_iter().map(Arc::new).collect(),
-            models: models
-                .into_iter()
-                .map(|m| {
-                    Arc::new(Model {
-                        m,
-                        in_flight: AtomicUsize::new(0),
-                        avg_request_us: AtomicU64::new(0),
-                    })
-                })
-                .collect(),
+            models: RwLock::new(
+                models
+                    .into_iter()
+                    .map(|m| Arc::new(Model::new(m, None)))
+                    .collect(),
+            ),
             access,
             limiter: RateLimiter::new(),
             metrics: Metrics::new(),
@@ -261,22 +267,49 @@ impl AppState {
             summaries: compress::SummaryCache::default(),
             next_id: AtomicU64::new(1),
             started: Instant::now(),
+            tuning: OnceLock::new(),
         }))
+    }
+
+    /// The models `key` may use (`None`: the caller has no key), in order.
+    pub fn models(&self, key: Option<i64>) -> Vec<Arc<Model>> {
+        self.all_models()
+            .into_iter()
+            .filter(|m| m.owner.is_none() || m.owner == key)
+            .collect()
+    }
+
+    /// Every model, whoever owns it (for the operator's /metrics).
+    pub fn all_models(&self) -> Vec<Arc<Model>> {
+        self.models
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Serve one more model from now on (a fine-tuned one, for `owner` only).
+    pub fn add_model(&self, m: ServedModel, owner: Option<i64>) {
+        self.models
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::new(Model::new(m, owner)));
     }
 
     fn next_request_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The model a request names: its id, an alias, its file name, or any of them with Ollama's
-    /// `:latest` tag; `None` (or an empty name) means the first model.
-    pub fn model(&self, asked: Option<&str>) -> Result<Arc<Model>, ApiError> {
-        let first = self.models.first().cloned();
+    /// The model a request of `key` names: its id, an alias, its file name, or any of them
+    /// with Ollama's `:latest` tag; `None` (or an empty name) means the first model. Another
+    /// key's fine-tuned model is unknown, as one that does not exist.
+    pub fn model(&self, key: Option<i64>, asked: Option<&str>) -> Result<Arc<Model>, ApiError> {
+        let models = self.models(key);
+        let first = models.first().cloned();
         let Some(asked) = asked.filter(|a| !a.is_empty()) else {
             return first.ok_or_else(|| ApiError::unknown_model("", &[]));
         };
         let name = asked.strip_suffix(":latest").unwrap_or(asked);
-        self.models
+        models
             .iter()
             .find(|m| {
                 name.eq_ignore_ascii_case(&m.id)
@@ -285,7 +318,7 @@ impl AppState {
             })
             .cloned()
             .ok_or_else(|| {
-                let ids: Vec<&str> = self.models.iter().map(|m| m.id.as_str()).collect();
+                let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
                 ApiError::unknown_model(asked, &ids)
             })
     }
@@ -297,11 +330,11 @@ impl AppState {
         self.upstreams.iter().find(|u| u.answers_to(name)).cloned()
     }
 
-    /// A local or upstream model by name.
+    /// A local or upstream model by name (a router's tier: one every caller may use).
     pub fn target(&self, name: &str) -> Result<route::Target, ApiError> {
         match self.upstream(Some(name)) {
             Some(u) => Ok(route::Target::Upstream(u)),
-            None => Ok(route::Target::Local(self.model(Some(name))?)),
+            None => Ok(route::Target::Local(self.model(None, Some(name))?)),
         }
     }
 
@@ -415,6 +448,15 @@ impl AppState {
 }
 
 impl Model {
+    fn new(m: ServedModel, owner: Option<i64>) -> Model {
+        Model {
+            m,
+            owner,
+            in_flight: AtomicUsize::new(0),
+            avg_request_us: AtomicU64::new(0),
+        }
+    }
+
     /// Render OpenAI/Ollama-shaped messages (and tools) through the chat template and tokenize.
     pub(crate) fn chat_prompt(
         &self,
@@ -710,7 +752,7 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
         ..ApiError::invalid(
             format!(
-                "{} does not take {method}: GET the models, tags, version, health and metrics, POST the rest",
+                "{} does not take {method}: GET the models, tags, version, health, metrics, files and fine-tuning jobs, DELETE a file, POST the rest",
                 uri.path()
             ),
             None,
@@ -726,6 +768,36 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/usage", get(auth::usage))
+        .route(
+            "/v1/files",
+            get(files::list)
+                .post(files::upload)
+                .layer(DefaultBodyLimit::max(
+                    // The file plus the multipart envelope around it.
+                    files::MAX_FILE_BYTES + 64 * 1024,
+                )),
+        )
+        .route("/v1/files/{id}", get(files::get_one).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route(
+            "/v1/fine_tuning/jobs",
+            get(fine_tuning::list).post(fine_tuning::create),
+        )
+        .route("/v1/fine_tuning/jobs/{id}", get(fine_tuning::get_one))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(fine_tuning::events))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/checkpoints",
+            get(fine_tuning::checkpoints),
+        )
+        .route(
+            "/v1/fine_tuning/jobs/{id}/cancel",
+            post(fine_tuning::cancel),
+        )
+        .route("/v1/fine_tuning/jobs/{id}/pause", post(fine_tuning::pause))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/resume",
+            post(fine_tuning::resume),
+        )
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))
         .route("/api/tags", get(ollama::tags))

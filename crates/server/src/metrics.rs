@@ -253,8 +253,9 @@ fn ld(a: &std::sync::atomic::AtomicU64) -> u64 {
 
 /// `GET /metrics`.
 pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let models: Vec<(String, &EngineStats)> = s
-        .models
+    // The operator's view: every model, fine-tuned ones of every key included.
+    let all = s.all_models();
+    let models: Vec<(String, &EngineStats)> = all
         .iter()
         .map(|m| (m.id.clone(), m.stats.as_ref()))
         .collect();
@@ -268,7 +269,7 @@ pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 pub async fn health(State(s): State<AppState>) -> Json<Value> {
     Json(json!({
         "status": "ok",
-        "models": s.models.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+        "models": s.models(None).iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
         "uptime_seconds": s.started.elapsed().as_secs(),
     }))
 }

@@ -324,7 +324,7 @@ pub async fn chat(
     body: Bytes,
 ) -> Result<Response, OllamaError> {
     let req: ChatRequest = parse(&body)?;
-    let model = s.model(Some(&req.model))?;
+    let model = s.model(caller.key_id(), Some(&req.model))?;
     let tools = Tools::parse(req.tools.as_ref(), None, None)?;
     let grammar = format_grammar(req.format.as_ref())?;
     let o = &req.options;
@@ -363,7 +363,7 @@ pub async fn generate(
     body: Bytes,
 ) -> Result<Response, OllamaError> {
     let req: GenerateRequest = parse(&body)?;
-    let model = s.model(Some(&req.model))?;
+    let model = s.model(caller.key_id(), Some(&req.model))?;
     let grammar = format_grammar(req.format.as_ref())?;
     let prompt = if req.raw {
         model.text_prompt(&req.prompt)?
@@ -419,9 +419,9 @@ fn digest(m: &Model) -> String {
     format!("{h:016x}")
 }
 
-pub async fn tags(State(s): State<AppState>) -> Json<Value> {
+pub async fn tags(State(s): State<AppState>, Extension(caller): Extension<Caller>) -> Json<Value> {
     let models: Vec<Value> = s
-        .models
+        .models(caller.key_id())
         .iter()
         .map(|m| {
             json!({
@@ -445,12 +445,16 @@ struct ShowRequest {
 }
 
 /// `POST /api/show`: the model's template, details, metadata and capabilities.
-pub async fn show(State(s): State<AppState>, body: Bytes) -> Result<Json<Value>, OllamaError> {
+pub async fn show(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> Result<Json<Value>, OllamaError> {
     let req: ShowRequest = parse(&body)?;
     let Some(name) = req.model.or(req.name) else {
         return Err(ApiError::invalid("send {\"model\": \"<name>\"}", Some("model")).into());
     };
-    let m = s.model(Some(&name))?;
+    let m = s.model(caller.key_id(), Some(&name))?;
     let d = &m.details;
     let arch = &d.architecture;
     let mut info = serde_json::Map::new();
@@ -483,9 +487,9 @@ pub async fn show(State(s): State<AppState>, body: Bytes) -> Result<Json<Value>,
 
 /// `GET /api/ps`: the loaded models (all of them: ferrolm loads every model at start and keeps
 /// it until it stops).
-pub async fn ps(State(s): State<AppState>) -> Json<Value> {
+pub async fn ps(State(s): State<AppState>, Extension(caller): Extension<Caller>) -> Json<Value> {
     let models: Vec<Value> = s
-        .models
+        .models(caller.key_id())
         .iter()
         .map(|m| {
             json!({

@@ -207,8 +207,15 @@ fn model_object(m: &Model) -> Value {
     })
 }
 
-pub async fn models(State(s): State<AppState>) -> Json<Value> {
-    let mut data: Vec<Value> = s.models.iter().map(|m| model_object(m)).collect();
+pub async fn models(
+    State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Json<Value> {
+    let mut data: Vec<Value> = s
+        .models(caller.key_id())
+        .iter()
+        .map(|m| model_object(m))
+        .collect();
     data.extend(s.routers.iter().map(
         |r| json!({"id": r.id, "object": "model", "created": 0, "owned_by": "ferrolm-router"}),
     ));
@@ -217,9 +224,10 @@ pub async fn models(State(s): State<AppState>) -> Json<Value> {
 
 pub async fn model(
     State(s): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let m = s.model(Some(&id))?;
+    let m = s.model(caller.key_id(), Some(&id))?;
     Ok(Json(model_object(&m)))
 }
 
@@ -312,6 +320,7 @@ pub async fn chat(
         .is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text"));
     let (candidates, route) = route::targets(
         &s,
+        caller.key_id(),
         c.model.as_deref(),
         &req.messages,
         prompt_tools,
@@ -661,7 +670,7 @@ pub async fn completions(
     let mut req: CompletionRequest = parse(&body)?;
     let stop = Stop::into_vec(req.common.stop.take());
     let c = &req.common;
-    let model = s.model(c.model.as_deref())?;
+    let model = s.model(caller.key_id(), c.model.as_deref())?;
     let n = c.n()?;
     let text = match &req.prompt {
         Value::String(t) => t.as_str(),

@@ -103,6 +103,7 @@ pub type Route = Option<(String, Option<ModelPrice>)>;
 
 pub fn targets(
     s: &AppState,
+    key: Option<i64>,
     asked: Option<&str>,
     messages: &Value,
     tools: Option<&Value>,
@@ -111,7 +112,7 @@ pub fn targets(
     let Some(r) = s.router(asked) else {
         let t = match s.upstream(asked) {
             Some(u) => Target::Upstream(u),
-            None => Target::Local(s.model(asked)?),
+            None => Target::Local(s.model(key, asked)?),
         };
         return Ok((vec![t], None));
     };

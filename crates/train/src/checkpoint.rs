@@ -11,12 +11,11 @@
 //! directory is renamed into place and `latest` replaced atomically; old ones are pruned only
 //! after that (`keep`).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::data::Batcher;
@@ -37,6 +36,14 @@ pub struct TrainState {
     pub tokens_seen: u64,
     /// Training time so far, for the reported ms/iter.
     pub train_seconds: f64,
+}
+
+/// A checkpoint to write, borrowed from the training loop (nothing is copied).
+#[derive(Clone, Copy)]
+pub struct CheckpointRef<'a> {
+    pub params: &'a [f32],
+    pub opt: &'a AdamW,
+    pub state: &'a TrainState,
 }
 
 /// A checkpoint in memory.
@@ -62,37 +69,64 @@ pub fn buffer_len(tensors: &[TensorSlot]) -> usize {
         .unwrap_or(0)
 }
 
-fn to_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// Serialize the named slices of `buffers` (same layout) as safetensors.
-fn safetensors_bytes(
+/// Write the named slices of `buffers` (same layout) as a safetensors file, streamed: the
+/// JSON header, then each tensor's little-endian f32s straight from the buffer (no copy of the
+/// model in memory, which for full fine-tuning would double its peak), then fsync.
+pub fn write_safetensors(
     path: &Path,
     tensors: &[TensorSlot],
     buffers: &[(&str, &[f32])],
-) -> Result<Vec<u8>, TrainError> {
-    let mut bytes = Vec::new();
-    for (prefix, buf) in buffers {
+) -> Result<(), TrainError> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut at = 0usize;
+    for (prefix, _) in buffers {
         for t in tensors {
-            bytes.push((
+            let end = at + 4 * t.len();
+            header.insert(
                 format!("{prefix}{}", t.name),
-                t.shape.clone(),
-                to_bytes(&buf[t.range()]),
-            ));
+                serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [at, end]}),
+            );
+            at = end;
         }
     }
-    let views: Vec<(String, TensorView)> = bytes
-        .iter()
-        .map(|(n, shape, b)| {
-            TensorView::new(Dtype::F32, shape.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| bad(path, format!("tensor {n}: {e}")))
-        })
-        .collect::<Result<_, _>>()?;
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    safetensors::serialize(views, Some(meta)).map_err(|e| bad(path, e.to_string()))
+    let mut head = serde_json::to_string(&header)
+        .unwrap_or_default()
+        .into_bytes();
+    // the data starts 8-byte aligned, padded with spaces as the format allows
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let io = TrainError::io(path);
+    let file = File::create(path).map_err(TrainError::io(path))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut write = || -> std::io::Result<()> {
+        w.write_all(&(head.len() as u64).to_le_bytes())?;
+        w.write_all(&head)?;
+        let mut chunk = Vec::with_capacity(1 << 16);
+        for (_, buf) in buffers {
+            for t in tensors {
+                for part in buf[t.range()].chunks(1 << 14) {
+                    chunk.clear();
+                    chunk.extend(part.iter().flat_map(|x| x.to_le_bytes()));
+                    w.write_all(&chunk)?;
+                }
+            }
+        }
+        w.flush()?;
+        w.get_ref().sync_all()
+    };
+    write().map_err(io)
+}
+
+impl Checkpoint {
+    pub fn as_ref(&self) -> CheckpointRef<'_> {
+        CheckpointRef {
+            params: &self.params,
+            opt: &self.opt,
+            state: &self.state,
+        }
+    }
 }
 
 /// Read the tensors named `prefix + layout name` from a safetensors file into one buffer.
@@ -152,7 +186,7 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
 pub fn save(
     run_dir: &Path,
     tensors: &[TensorSlot],
-    ck: &Checkpoint,
+    ck: CheckpointRef,
     keep: usize,
 ) -> Result<PathBuf, TrainError> {
     let dir = checkpoints_dir(run_dir);
@@ -163,14 +197,9 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).map_err(TrainError::io(&tmp))?;
     }
     std::fs::create_dir(&tmp).map_err(TrainError::io(&tmp))?;
-    let model = tmp.join("model.safetensors");
-    write_synced(
-        &model,
-        &safetensors_bytes(&model, tensors, &[("", &ck.params)])?,
-    )?;
-    let optim = tmp.join("optimizer.safetensors");
+    write_safetensors(&tmp.join("model.safetensors"), tensors, &[("", ck.params)])?;
     let moments = [("m.", ck.opt.m.as_slice()), ("v.", ck.opt.v.as_slice())];
-    write_synced(&optim, &safetensors_bytes(&optim, tensors, &moments)?)?;
+    write_safetensors(&tmp.join("optimizer.safetensors"), tensors, &moments)?;
     let state = serde_json::json!({ "train": ck.state, "adamw_step": ck.opt.step });
     write_synced(
         &tmp.join("state.json"),

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::base;
-use crate::checkpoint::{self, Checkpoint, TrainState};
+use crate::checkpoint::{self, CheckpointRef, TrainState};
 use crate::config::{LoopConfig, RunConfig};
 use crate::data::Batcher;
 use crate::lora::{Lora, LoraActs, LoraConfig};
@@ -305,12 +305,8 @@ pub fn finetune(
     let (mut last_train, mut last_val) = (f32::NAN, f32::NAN);
     let mut interrupted = false;
     let save = |params: &[f32], opt: &AdamW, state: &TrainState, on: &mut dyn FnMut(Event)| {
-        let ck = Checkpoint {
-            params: params.to_vec(),
-            opt: opt.clone(),
-            state: state.clone(),
-        };
-        let path = checkpoint::save(out, trainable.tensors(), &ck, lc.keep)?;
+        let ck = CheckpointRef { params, opt, state };
+        let path = checkpoint::save(out, trainable.tensors(), ck, lc.keep)?;
         on(Event::Checkpoint {
             step: state.step,
             path: &path,
@@ -344,7 +340,8 @@ pub fn finetune(
                 step,
                 train_loss: last_train,
                 val_loss: loss,
-                sample: &format!("validation token accuracy {acc:.3}"),
+                sample: "",
+                token_accuracy: Some(acc).filter(|a| a.is_finite()),
             });
             state.evaluated = true;
             if step > 0 {

@@ -4,6 +4,8 @@
 //! the reference fixture: decoupled weight decay `p ← p·(1 − lr·wd)` before the Adam update,
 //! bias correction folded into the step size, `eps` added to the bias-corrected √v.
 
+use rayon::prelude::*;
+
 use crate::model::TensorSlot;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,12 +60,20 @@ impl AdamW {
             };
             let (p, g) = (&mut params[r.clone()], &grads[r.clone()]);
             let (m, v) = (&mut self.m[r.clone()], &mut self.v[r]);
-            for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
-                *p *= decay;
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                *p -= step_size * *m / (v.sqrt() * inv_bc2_sqrt + eps);
-            }
+            // 16K elements per rayon task: big tensors split, small ones stay whole.
+            const CHUNK: usize = 16_384;
+            p.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| {
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+                        *p *= decay;
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        *p -= step_size * *m / (v.sqrt() * inv_bc2_sqrt + eps);
+                    }
+                });
         }
     }
 }
@@ -72,15 +82,16 @@ impl AdamW {
 /// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)`, never above 1). Returns the norm
 /// before clipping.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
-    let norm = grads
-        .iter()
-        .map(|&g| f64::from(g) * f64::from(g))
-        .sum::<f64>()
-        .sqrt() as f32;
+    // Partial sums per fixed chunk, added in chunk order: reproducible for any thread count.
+    let partial: Vec<f64> = grads
+        .par_chunks(16_384)
+        .map(|c| c.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>())
+        .collect();
+    let norm = partial.iter().sum::<f64>().sqrt() as f32;
     if max_norm > 0.0 {
         let k = max_norm / (norm + 1e-6);
         if k < 1.0 {
-            grads.iter_mut().for_each(|g| *g *= k);
+            grads.par_iter_mut().for_each(|g| *g *= k);
         }
     }
     norm

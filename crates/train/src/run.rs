@@ -21,7 +21,7 @@ use std::time::Instant;
 use ferrolm_tokenizer::Tokenizer;
 use serde_json::json;
 
-use crate::checkpoint::{self, Checkpoint, TrainState};
+use crate::checkpoint::{self, Checkpoint, CheckpointRef, TrainState};
 use crate::config::{ConfigFile, LoopFile, ModelFile, RunConfig};
 use crate::data::{self, Batcher, Shard};
 use crate::model::{self, Activations, Layout, ModelConfig, SplitMix};
@@ -64,7 +64,10 @@ pub enum Event<'a> {
         step: u64,
         train_loss: f32,
         val_loss: f32,
+        /// Generated text (pretraining); empty when there is none.
         sample: &'a str,
+        /// Next-token accuracy on the validation set's scored tokens (fine-tuning).
+        token_accuracy: Option<f32>,
     },
     Checkpoint {
         step: u64,
@@ -151,12 +154,8 @@ pub fn train(
     let (mut last_train, mut last_val) = (f32::NAN, f32::NAN);
     let mut interrupted = false;
     let save = |params: &[f32], opt: &AdamW, state: &TrainState, on: &mut dyn FnMut(Event)| {
-        let ck = Checkpoint {
-            params: params.to_vec(),
-            opt: opt.clone(),
-            state: state.clone(),
-        };
-        let path = checkpoint::save(run, &layout.tensors, &ck, lc.keep)?;
+        let ck = CheckpointRef { params, opt, state };
+        let path = checkpoint::save(run, &layout.tensors, ck, lc.keep)?;
         on(Event::Checkpoint {
             step: state.step,
             path: &path,
@@ -176,6 +175,7 @@ pub fn train(
                 train_loss: last_train,
                 val_loss: last_val,
                 sample: &sample,
+                token_accuracy: None,
             });
             state.evaluated = true;
             if state.best_val_loss.is_none_or(|b| last_val < b) {

@@ -3,12 +3,12 @@
 //! messages), validated line by line, rendered with the model's own chat template, with the
 //! loss only on the assistant tokens that carry weight.
 //!
-//! Which tokens are an assistant's: render the conversation up to that message with the
-//! generation prompt (`P`), and through it (`Q`); the message's tokens are `Q[len(P)..]` — its
-//! text and the end-of-turn the template writes, so the model learns to stop. This needs the
-//! template to render a conversation incrementally (each prefix's tokens a prefix of the
-//! whole), which ChatML-style templates do; a conversation where it fails is an error naming
-//! the line.
+//! Which tokens are an assistant's: render the conversation through that message (`Q`) and
+//! again with the message's content emptied; they agree up to where the content starts, and
+//! the message's tokens run from there to the end of `Q` — its text and the end-of-turn the
+//! template writes, so the model learns to stop. `Q` must be a prefix of the whole
+//! conversation's tokens (templates render incrementally); a conversation where it is not is
+//! an error naming the line.
 
 use ferrolm_tokenizer::{chat::ChatTemplate, Tokenizer};
 use serde_json::Value;
@@ -156,28 +156,46 @@ pub fn encode(
 ) -> Result<Example, String> {
     let msgs = c.messages.as_array().cloned().unwrap_or_default();
     let tools = c.tools.as_ref();
-    let ids_of = |upto: usize, gen: bool| -> Result<Vec<u32>, String> {
-        let m = Value::Array(msgs[..upto].iter().map(strip_weight).collect());
+    // Tokens of the first `upto` messages (message `blank`'s content emptied).
+    let ids_of = |upto: usize, blank: Option<usize>| -> Result<Vec<u32>, String> {
+        let m = Value::Array(
+            msgs[..upto]
+                .iter()
+                .enumerate()
+                .map(|(j, m)| {
+                    let mut m = strip_weight(m);
+                    if Some(j) == blank {
+                        m["content"] = Value::String(String::new());
+                    }
+                    m
+                })
+                .collect(),
+        );
         let r = template
-            .render(tok, &m, gen, tools)
+            .render(tok, &m, false, tools)
             .map_err(|e| e.to_string())?;
         tok.encode_chat(&r).map_err(|e| e.to_string())
     };
-    let ids = ids_of(msgs.len(), false)?;
+    let ids = ids_of(msgs.len(), None)?;
     let mut trained = vec![false; ids.len()];
     for (i, m) in msgs.iter().enumerate() {
         if m["role"] != "assistant" || m.get("weight").and_then(Value::as_u64) == Some(0) {
             continue;
         }
-        let p = ids_of(i, true)?;
-        let q = ids_of(i + 1, false)?;
-        if !q.starts_with(&p) || !ids.starts_with(&q) {
+        // Where message i's content starts: render the conversation through it once as is
+        // and once with its content empty; the tokens agree up to there. (Rendering the
+        // prefix alone is not enough: templates add a default system prompt only to a
+        // non-empty conversation, and a content's first token can merge with the header.)
+        let q = ids_of(i + 1, None)?;
+        let empty = ids_of(i + 1, Some(i))?;
+        let start = q.iter().zip(&empty).take_while(|(a, b)| a == b).count();
+        if !ids.starts_with(&q) {
             return Err(format!(
                 "line {}: the chat template does not render this conversation incrementally (message {i}'s prefix changes), so its assistant tokens cannot be located",
                 c.line
             ));
         }
-        trained[p.len()..q.len()].iter_mut().for_each(|t| *t = true);
+        trained[start..q.len()].iter_mut().for_each(|t| *t = true);
     }
     Ok(Example { ids, trained })
 }

@@ -56,7 +56,7 @@ fn fake_run(dir: &std::path::Path, tied: bool) -> (RunConfig, Vec<f32>) {
             train_seconds: 0.0,
         },
     };
-    checkpoint::save(dir, &layout.tensors, &ck, 2).unwrap();
+    checkpoint::save(dir, &layout.tensors, ck.as_ref(), 2).unwrap();
     (cfg, params)
 }
 

@@ -108,17 +108,30 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // Drain stderr as it comes: a server logs a line per request, and a pipe nobody reads
+        // fills up (64 KiB) and blocks the server mid-write (a hung test, not a failure).
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        {
+            let mut pipe = child.stderr.take().unwrap();
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    log.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
         let base = format!("http://127.0.0.1:{port}");
         let t0 = Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
+                std::thread::sleep(Duration::from_millis(200));
+                let err = log.lock().unwrap().clone();
                 panic!("ferrolm serve exited early ({status}): {err}");
             }
             if ureq::get(&format!("{base}/health")).call().is_ok() {

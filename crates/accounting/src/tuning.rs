@@ -1,0 +1,654 @@
+//! Files and fine-tuning jobs, as the server's OpenAI-compatible `/v1/files` and
+//! `/v1/fine_tuning/jobs` keep them: in the same `ferrolm.db` as the keys and the ledger, so a
+//! restart (or a `kill -9`) loses nothing that was answered.
+//!
+//! Contract:
+//! - Every row belongs to one key (`key_id`, NULL for open access), and every read that a
+//!   client can trigger is scoped by it: `file(id, key)` of another key's file is `None`,
+//!   exactly as for a file that does not exist. The worker's reads (`job_by_id`,
+//!   `jobs_with_status`) are unscoped.
+//! - A job's mutable fields are written by targeted updates, never by rewriting the row, so
+//!   the HTTP handlers (cancel, pause) and the worker (progress, the end) do not overwrite one
+//!   another; `set_job_status(…, from)` only moves a job that is in one of `from`.
+//! - Lists are newest first and paginate with `after` (an id of the previous page) by the
+//!   insertion order (`seq`), which is stable when ids are random.
+//! - What a job was asked for (`spec`), its error and its events' and checkpoints' metrics are
+//!   JSON documents: their shape is the server's, this module only keeps them.
+
+use rusqlite::{params, OptionalExtension, Row};
+use serde_json::Value;
+
+use crate::store::{At, Store};
+use crate::AccountingError;
+
+pub(crate) const MIGRATION: &str = "
+    CREATE TABLE files (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        id         TEXT    NOT NULL UNIQUE,          -- file-…
+        key_id     INTEGER REFERENCES api_keys(id),
+        bytes      INTEGER NOT NULL CHECK (bytes >= 0),
+        created_at INTEGER NOT NULL,                 -- unix seconds
+        filename   TEXT    NOT NULL,
+        purpose    TEXT    NOT NULL
+    );
+    CREATE INDEX files_key ON files(key_id, seq);
+    CREATE TABLE ft_jobs (
+        seq              INTEGER PRIMARY KEY AUTOINCREMENT,
+        id               TEXT    NOT NULL UNIQUE,    -- ftjob-…
+        key_id           INTEGER REFERENCES api_keys(id),
+        created_at       INTEGER NOT NULL,
+        status           TEXT    NOT NULL,
+        model            TEXT    NOT NULL,
+        training_file    TEXT    NOT NULL,
+        validation_file  TEXT,
+        spec             TEXT    NOT NULL,           -- JSON: hyperparameters, method, suffix, …
+        fine_tuned_model TEXT,
+        finished_at      INTEGER,
+        trained_tokens   INTEGER,
+        error            TEXT                        -- JSON {code, message, param}
+    );
+    CREATE INDEX ft_jobs_key ON ft_jobs(key_id, seq);
+    CREATE INDEX ft_jobs_status ON ft_jobs(status);
+    CREATE TABLE ft_events (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id     TEXT    NOT NULL REFERENCES ft_jobs(id),
+        created_at INTEGER NOT NULL,
+        level      TEXT    NOT NULL,
+        message    TEXT    NOT NULL,
+        type       TEXT    NOT NULL,                 -- message | metrics
+        data       TEXT                              -- JSON
+    );
+    CREATE INDEX ft_events_job ON ft_events(job_id, seq);
+    CREATE TABLE ft_checkpoints (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id     TEXT    NOT NULL REFERENCES ft_jobs(id),
+        created_at INTEGER NOT NULL,
+        step       INTEGER NOT NULL,
+        model      TEXT    NOT NULL,                 -- the checkpoint's model name
+        metrics    TEXT    NOT NULL                  -- JSON
+    );
+    CREATE INDEX ft_checkpoints_job ON ft_checkpoints(job_id, seq);";
+
+/// An uploaded file's metadata (its bytes are on disk, named by `id`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FileRecord {
+    pub id: String,
+    pub key_id: Option<i64>,
+    pub bytes: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub filename: String,
+    pub purpose: String,
+}
+
+/// A fine-tuning job.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRecord {
+    pub id: String,
+    pub key_id: Option<i64>,
+    pub created_at: i64,
+    pub status: String,
+    /// The base model's id.
+    pub model: String,
+    pub training_file: String,
+    pub validation_file: Option<String>,
+    /// What was asked, resolved (the server's JSON).
+    pub spec: Value,
+    pub fine_tuned_model: Option<String>,
+    pub finished_at: Option<i64>,
+    pub trained_tokens: Option<u64>,
+    pub error: Option<Value>,
+}
+
+/// One line of a job's log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobEvent {
+    /// Assigned by the store (increasing).
+    pub seq: i64,
+    pub created_at: i64,
+    pub level: String,
+    pub message: String,
+    /// `message` or `metrics`.
+    pub kind: String,
+    pub data: Option<Value>,
+}
+
+/// A checkpoint a job wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobCheckpoint {
+    pub seq: i64,
+    pub created_at: i64,
+    pub step: u64,
+    pub model: String,
+    pub metrics: Value,
+}
+
+/// One page of a list, newest first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub has_more: bool,
+}
+
+fn json_col(r: &Row<'_>, i: usize) -> rusqlite::Result<Option<Value>> {
+    let text: Option<String> = r.get(i)?;
+    text.map(|t| {
+        serde_json::from_str(&t).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+        })
+    })
+    .transpose()
+}
+
+fn count(r: &Row<'_>, i: usize) -> rusqlite::Result<u64> {
+    let v: i64 = r.get(i)?;
+    u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(i, v))
+}
+
+const FILE_COLUMNS: &str = "id, key_id, bytes, created_at, filename, purpose";
+
+fn file_from_row(r: &Row<'_>) -> rusqlite::Result<FileRecord> {
+    Ok(FileRecord {
+        id: r.get(0)?,
+        key_id: r.get(1)?,
+        bytes: count(r, 2)?,
+        created_at: r.get(3)?,
+        filename: r.get(4)?,
+        purpose: r.get(5)?,
+    })
+}
+
+const JOB_COLUMNS: &str = "id, key_id, created_at, status, model, training_file, validation_file, spec, fine_tuned_model, finished_at, trained_tokens, error";
+
+fn job_from_row(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
+    let tokens: Option<i64> = r.get(10)?;
+    Ok(JobRecord {
+        id: r.get(0)?,
+        key_id: r.get(1)?,
+        created_at: r.get(2)?,
+        status: r.get(3)?,
+        model: r.get(4)?,
+        training_file: r.get(5)?,
+        validation_file: r.get(6)?,
+        spec: json_col(r, 7)?.unwrap_or(Value::Null),
+        fine_tuned_model: r.get(8)?,
+        finished_at: r.get(9)?,
+        trained_tokens: tokens.map(|t| t.max(0) as u64),
+        error: json_col(r, 11)?,
+    })
+}
+
+/// The seq of row `after` in `table` (scoped to `key_col = key`), for a page that starts after
+/// it; an unknown `after` is an error rather than a silent first page.
+fn after_seq(
+    store: &Store,
+    conn: &rusqlite::Connection,
+    table: &str,
+    scope: (&str, &dyn rusqlite::ToSql),
+    after: Option<&str>,
+) -> Result<i64, AccountingError> {
+    let Some(a) = after else {
+        return Ok(i64::MAX);
+    };
+    conn.query_row(
+        &format!(
+            "SELECT seq FROM {table} WHERE id = ?1 AND {} IS ?2",
+            scope.0
+        ),
+        params![a, scope.1],
+        |r| r.get(0),
+    )
+    .optional()
+    .at(&store.path)?
+    .ok_or_else(|| AccountingError::InvalidQuery(format!("after: `{a}` is not an id in this list")))
+}
+
+impl Store {
+    pub fn insert_file(&self, f: &FileRecord) -> Result<(), AccountingError> {
+        self.conn()
+            .execute(
+                &format!("INSERT INTO files ({FILE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                params![
+                    f.id,
+                    f.key_id,
+                    i64::try_from(f.bytes).unwrap_or(i64::MAX),
+                    f.created_at,
+                    f.filename,
+                    f.purpose
+                ],
+            )
+            .at(&self.path)?;
+        Ok(())
+    }
+
+    /// The file `id` if it belongs to `key`.
+    pub fn file(&self, id: &str, key: Option<i64>) -> Result<Option<FileRecord>, AccountingError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1 AND key_id IS ?2"),
+                params![id, key],
+                file_from_row,
+            )
+            .optional()
+            .at(&self.path)
+    }
+
+    /// `key`'s files, newest first.
+    pub fn files(&self, key: Option<i64>) -> Result<Vec<FileRecord>, AccountingError> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare(&format!(
+                "SELECT {FILE_COLUMNS} FROM files WHERE key_id IS ?1 ORDER BY seq DESC"
+            ))
+            .at(&self.path)?;
+        let rows = st.query_map([key], file_from_row).at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    /// Forget the file `id` of `key`; false when there was none.
+    pub fn delete_file(&self, id: &str, key: Option<i64>) -> Result<bool, AccountingError> {
+        let n = self
+            .conn()
+            .execute(
+                "DELETE FROM files WHERE id = ?1 AND key_id IS ?2",
+                params![id, key],
+            )
+            .at(&self.path)?;
+        Ok(n > 0)
+    }
+
+    pub fn insert_job(&self, j: &JobRecord) -> Result<(), AccountingError> {
+        self.conn()
+            .execute(
+                &format!(
+                    "INSERT INTO ft_jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                ),
+                params![
+                    j.id,
+                    j.key_id,
+                    j.created_at,
+                    j.status,
+                    j.model,
+                    j.training_file,
+                    j.validation_file,
+                    j.spec.to_string(),
+                    j.fine_tuned_model,
+                    j.finished_at,
+                    j.trained_tokens.map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
+                    j.error.as_ref().map(Value::to_string),
+                ],
+            )
+            .at(&self.path)?;
+        Ok(())
+    }
+
+    /// The job `id` if it belongs to `key`.
+    pub fn job(&self, id: &str, key: Option<i64>) -> Result<Option<JobRecord>, AccountingError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {JOB_COLUMNS} FROM ft_jobs WHERE id = ?1 AND key_id IS ?2"),
+                params![id, key],
+                job_from_row,
+            )
+            .optional()
+            .at(&self.path)
+    }
+
+    /// The job `id`, whoever owns it (for the worker).
+    pub fn job_by_id(&self, id: &str) -> Result<Option<JobRecord>, AccountingError> {
+        self.conn()
+            .query_row(
+                &format!("SELECT {JOB_COLUMNS} FROM ft_jobs WHERE id = ?1"),
+                [id],
+                job_from_row,
+            )
+            .optional()
+            .at(&self.path)
+    }
+
+    /// `key`'s jobs, newest first, `limit` of them after the job `after`.
+    pub fn jobs(
+        &self,
+        key: Option<i64>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<JobRecord>, AccountingError> {
+        let conn = self.conn();
+        let below = after_seq(self, &conn, "ft_jobs", ("key_id", &key), after)?;
+        let mut st = conn
+            .prepare(&format!(
+                "SELECT {JOB_COLUMNS} FROM ft_jobs WHERE key_id IS ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3"
+            ))
+            .at(&self.path)?;
+        let rows = st
+            .query_map(params![key, below, limit as i64 + 1], job_from_row)
+            .at(&self.path)?;
+        page(
+            rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)?,
+            limit,
+        )
+    }
+
+    /// Every job in one of `statuses`, oldest first (for the worker's queue at start).
+    pub fn jobs_with_status(&self, statuses: &[&str]) -> Result<Vec<JobRecord>, AccountingError> {
+        let conn = self.conn();
+        let marks = vec!["?"; statuses.len()].join(", ");
+        let mut st = conn
+            .prepare(&format!(
+                "SELECT {JOB_COLUMNS} FROM ft_jobs WHERE status IN ({marks}) ORDER BY seq"
+            ))
+            .at(&self.path)?;
+        let rows = st
+            .query_map(rusqlite::params_from_iter(statuses), job_from_row)
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    /// Move the job to `to` if its status is one of `from`; whether it moved.
+    pub fn set_job_status(
+        &self,
+        id: &str,
+        to: &str,
+        from: &[&str],
+    ) -> Result<bool, AccountingError> {
+        let marks: Vec<String> = (0..from.len()).map(|i| format!("?{}", i + 3)).collect();
+        let mut args: Vec<&dyn rusqlite::ToSql> = vec![&to, &id];
+        args.extend(from.iter().map(|s| s as &dyn rusqlite::ToSql));
+        let n = self
+            .conn()
+            .execute(
+                &format!(
+                    "UPDATE ft_jobs SET status = ?1 WHERE id = ?2 AND status IN ({})",
+                    marks.join(", ")
+                ),
+                args.as_slice(),
+            )
+            .at(&self.path)?;
+        Ok(n > 0)
+    }
+
+    /// End a job that is in one of `from`: its final status, model, error and end time.
+    pub fn finish_job(
+        &self,
+        id: &str,
+        to: &str,
+        from: &[&str],
+        fine_tuned_model: Option<&str>,
+        error: Option<&Value>,
+        finished_at: i64,
+    ) -> Result<bool, AccountingError> {
+        let conn = self.conn();
+        let tx = conn.unchecked_transaction().at(&self.path)?;
+        let status: Option<String> = tx
+            .query_row("SELECT status FROM ft_jobs WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .at(&self.path)?;
+        if !status.is_some_and(|s| from.contains(&s.as_str())) {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE ft_jobs SET status = ?2, fine_tuned_model = ?3, error = ?4, finished_at = ?5 WHERE id = ?1",
+            params![id, to, fine_tuned_model, error.map(Value::to_string), finished_at],
+        )
+        .at(&self.path)?;
+        tx.commit().at(&self.path)?;
+        Ok(true)
+    }
+
+    pub fn set_trained_tokens(&self, id: &str, tokens: u64) -> Result<(), AccountingError> {
+        self.conn()
+            .execute(
+                "UPDATE ft_jobs SET trained_tokens = ?2 WHERE id = ?1",
+                params![id, i64::try_from(tokens).unwrap_or(i64::MAX)],
+            )
+            .at(&self.path)?;
+        Ok(())
+    }
+
+    /// Append to a job's log (`e.seq` is ignored); returns the new event's seq.
+    pub fn add_job_event(&self, job: &str, e: &JobEvent) -> Result<i64, AccountingError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO ft_events (job_id, created_at, level, message, type, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![job, e.created_at, e.level, e.message, e.kind, e.data.as_ref().map(Value::to_string)],
+        )
+        .at(&self.path)?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// A job's events, newest first, `limit` of them below seq `after`.
+    pub fn job_events(
+        &self,
+        job: &str,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Page<JobEvent>, AccountingError> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare(
+                "SELECT seq, created_at, level, message, type, data FROM ft_events
+                 WHERE job_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+            )
+            .at(&self.path)?;
+        let rows = st
+            .query_map(
+                params![job, after.unwrap_or(i64::MAX), limit as i64 + 1],
+                |r| {
+                    Ok(JobEvent {
+                        seq: r.get(0)?,
+                        created_at: r.get(1)?,
+                        level: r.get(2)?,
+                        message: r.get(3)?,
+                        kind: r.get(4)?,
+                        data: json_col(r, 5)?,
+                    })
+                },
+            )
+            .at(&self.path)?;
+        page(
+            rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)?,
+            limit,
+        )
+    }
+
+    /// Record a checkpoint of a job (`c.seq` is ignored).
+    pub fn add_job_checkpoint(&self, job: &str, c: &JobCheckpoint) -> Result<(), AccountingError> {
+        self.conn()
+            .execute(
+                "INSERT INTO ft_checkpoints (job_id, created_at, step, model, metrics) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    job,
+                    c.created_at,
+                    i64::try_from(c.step).unwrap_or(i64::MAX),
+                    c.model,
+                    c.metrics.to_string()
+                ],
+            )
+            .at(&self.path)?;
+        Ok(())
+    }
+
+    /// A job's checkpoints, newest first, `limit` of them below seq `after`.
+    pub fn job_checkpoints(
+        &self,
+        job: &str,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Page<JobCheckpoint>, AccountingError> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare(
+                "SELECT seq, created_at, step, model, metrics FROM ft_checkpoints
+                 WHERE job_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
+            )
+            .at(&self.path)?;
+        let rows = st
+            .query_map(
+                params![job, after.unwrap_or(i64::MAX), limit as i64 + 1],
+                |r| {
+                    Ok(JobCheckpoint {
+                        seq: r.get(0)?,
+                        created_at: r.get(1)?,
+                        step: count(r, 2)?,
+                        model: r.get(3)?,
+                        metrics: json_col(r, 4)?.unwrap_or(Value::Null),
+                    })
+                },
+            )
+            .at(&self.path)?;
+        page(
+            rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)?,
+            limit,
+        )
+    }
+}
+
+/// The first `limit` of `rows` (fetched as `limit + 1` to know whether more follow).
+fn page<T>(mut rows: Vec<T>, limit: usize) -> Result<Page<T>, AccountingError> {
+    let has_more = rows.len() > limit;
+    rows.truncate(limit);
+    Ok(Page {
+        items: rows,
+        has_more,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::KeySpec;
+    use serde_json::json;
+
+    fn job(id: &str, key: Option<i64>) -> JobRecord {
+        JobRecord {
+            id: id.into(),
+            key_id: key,
+            created_at: 1,
+            status: "queued".into(),
+            model: "base".into(),
+            training_file: "file-1".into(),
+            validation_file: None,
+            spec: json!({"seed": 1}),
+            fine_tuned_model: None,
+            finished_at: None,
+            trained_tokens: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn files_and_jobs_are_scoped_to_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (a, _) = s
+            .create_key(&KeySpec {
+                name: "a".into(),
+                ..KeySpec::default()
+            })
+            .unwrap();
+        let (b, _) = s
+            .create_key(&KeySpec {
+                name: "b".into(),
+                ..KeySpec::default()
+            })
+            .unwrap();
+        let f = FileRecord {
+            id: "file-1".into(),
+            key_id: Some(a.id),
+            bytes: 3,
+            created_at: 1,
+            filename: "x.jsonl".into(),
+            purpose: "fine-tune".into(),
+        };
+        s.insert_file(&f).unwrap();
+        assert_eq!(s.file("file-1", Some(a.id)).unwrap(), Some(f.clone()));
+        assert_eq!(s.file("file-1", Some(b.id)).unwrap(), None);
+        assert_eq!(s.file("file-1", None).unwrap(), None);
+        assert!(s.files(Some(b.id)).unwrap().is_empty());
+        assert!(!s.delete_file("file-1", Some(b.id)).unwrap());
+        s.insert_job(&job("ftjob-1", Some(a.id))).unwrap();
+        assert!(s.job("ftjob-1", Some(b.id)).unwrap().is_none());
+        assert!(s.job("ftjob-1", Some(a.id)).unwrap().is_some());
+        assert!(s.jobs(Some(b.id), None, 10).unwrap().items.is_empty());
+        // Paginating with another key's job id reveals nothing either.
+        assert!(s.jobs(Some(b.id), Some("ftjob-1"), 10).is_err());
+        assert!(s.delete_file("file-1", Some(a.id)).unwrap());
+        assert!(s.files(Some(a.id)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn job_lists_page_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for i in 0..5 {
+            s.insert_job(&job(&format!("ftjob-{i}"), None)).unwrap();
+        }
+        let p = s.jobs(None, None, 2).unwrap();
+        let ids: Vec<&str> = p.items.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!((ids, p.has_more), (vec!["ftjob-4", "ftjob-3"], true));
+        let p = s.jobs(None, Some("ftjob-3"), 10).unwrap();
+        let ids: Vec<&str> = p.items.iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(
+            (ids, p.has_more),
+            (vec!["ftjob-2", "ftjob-1", "ftjob-0"], false)
+        );
+    }
+
+    #[test]
+    fn status_moves_only_from_the_given_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.insert_job(&job("ftjob-1", None)).unwrap();
+        assert!(s.set_job_status("ftjob-1", "running", &["queued"]).unwrap());
+        assert!(s
+            .set_job_status("ftjob-1", "cancelled", &["queued", "running"])
+            .unwrap());
+        // The worker's end does not overwrite a cancel that came first.
+        assert!(!s
+            .finish_job("ftjob-1", "succeeded", &["running"], Some("ft:x"), None, 9)
+            .unwrap());
+        let j = s.job_by_id("ftjob-1").unwrap().unwrap();
+        assert_eq!((j.status.as_str(), j.fine_tuned_model), ("cancelled", None));
+        assert_eq!(s.jobs_with_status(&["queued", "running"]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn events_and_checkpoints_come_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.insert_job(&job("ftjob-1", None)).unwrap();
+        let mut seqs = Vec::new();
+        for i in 0..3 {
+            let e = JobEvent {
+                seq: 0,
+                created_at: i,
+                level: "info".into(),
+                message: format!("m{i}"),
+                kind: "message".into(),
+                data: None,
+            };
+            seqs.push(s.add_job_event("ftjob-1", &e).unwrap());
+        }
+        let p = s.job_events("ftjob-1", None, 2).unwrap();
+        let msgs: Vec<&str> = p.items.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!((msgs, p.has_more), (vec!["m2", "m1"], true));
+        let p = s.job_events("ftjob-1", Some(seqs[1]), 10).unwrap();
+        assert_eq!(p.items.len(), 1);
+        s.add_job_checkpoint(
+            "ftjob-1",
+            &JobCheckpoint {
+                seq: 0,
+                created_at: 1,
+                step: 4,
+                model: "ft:x:ckpt-step-4".into(),
+                metrics: json!({"step": 4}),
+            },
+        )
+        .unwrap();
+        let c = s.job_checkpoints("ftjob-1", None, 10).unwrap();
+        assert_eq!(c.items[0].step, 4);
+    }
+}

@@ -1,0 +1,497 @@
+//! The fine-tuning worker: one thread that runs the queued jobs one at a time, first in,
+//! first out, and keeps the store up to date as they go.
+//!
+//! Contract:
+//! - The server never trains (it never touches tensors): the binary hands it [`Hooks`], which
+//!   validate a training file, run a job's training into its run directory, and load a finished
+//!   run as a [`ServedModel`].
+//! - Everything a job is lives in the store (`ferrolm_accounting`'s files and jobs) and in
+//!   `DATA_DIR/fine_tuning/<job id>/` (the run: checkpoints, metrics, the adapter); this module
+//!   only keeps the queue's order and the running job's stop flag in memory. So a restart
+//!   (even after `kill -9`) loses nothing: [`AppState::start_fine_tuning`] serves the
+//!   succeeded jobs' models again and queues the jobs that were queued or running; a run
+//!   directory that holds a run is resumed from its latest checkpoint.
+//! - Cancel and pause are written to the store by the handler first, then the running job's
+//!   stop flag is raised: training stops at the end of its step and writes a checkpoint. The
+//!   worker only ends jobs that are still `running`, so it never overwrites a cancel or pause.
+//! - A job's log gets a metrics event every [`STEP_EVENT_EVERY`] steps, at the last step, and
+//!   at every evaluation (with the validation loss and token accuracy); every checkpoint is a
+//!   checkpoint row.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+
+use ferrolm_accounting::{JobCheckpoint, JobEvent, JobRecord, Store};
+use serde_json::{json, Value};
+
+use crate::{AppState, ServedModel};
+
+/// Steps between two metrics events (every evaluation makes one too).
+pub const STEP_EVENT_EVERY: u64 = 10;
+
+/// One job's training, as the hooks run it.
+#[derive(Debug, Clone)]
+pub struct TrainSpec {
+    /// The served base model's id.
+    pub base_model: String,
+    pub training_file: PathBuf,
+    pub validation_file: Option<PathBuf>,
+    pub n_epochs: u32,
+    pub batch_size: usize,
+    pub learning_rate_multiplier: f64,
+    pub seed: u64,
+    /// The run directory.
+    pub out: PathBuf,
+    /// Continue the run in `out` (it was started before).
+    pub resume: bool,
+}
+
+/// What a training run reports while it runs (steps count from 1: `step` steps are done).
+#[derive(Debug, Clone, Copy)]
+pub enum Progress {
+    Started {
+        from_step: u64,
+        total_steps: u64,
+        /// Trained tokens in one pass over the training file.
+        tokens_per_epoch: u64,
+    },
+    Step {
+        step: u64,
+        train_loss: f32,
+    },
+    Eval {
+        step: u64,
+        train_loss: f32,
+        valid_loss: f32,
+        token_accuracy: Option<f32>,
+    },
+    Checkpoint {
+        step: u64,
+    },
+}
+
+/// How a training run ended.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainEnd {
+    /// The stop flag ended it (a checkpoint was written).
+    pub interrupted: bool,
+    pub steps: u64,
+}
+
+/// A training file's check: its number of examples, or its bad lines (`line N: reason`).
+pub type Validate = dyn Fn(&str) -> Result<usize, Vec<String>> + Send + Sync;
+/// Run one job's training; `Err` is the message the job fails with.
+/// (`Send` callback: the hooks may run training on a thread pool of their own.)
+pub type Train = dyn Fn(&TrainSpec, &AtomicBool, &mut (dyn FnMut(Progress) + Send)) -> Result<TrainEnd, String>
+    + Send
+    + Sync;
+/// Load a finished run directory as a served model called `id`.
+pub type Load = dyn Fn(&Path, &str) -> Result<ServedModel, String> + Send + Sync;
+
+/// What the binary provides for fine-tuning.
+pub struct Hooks {
+    pub validate: Box<Validate>,
+    pub train: Box<Train>,
+    pub load: Box<Load>,
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: VecDeque<String>,
+    /// The running job and its stop flag.
+    running: Option<(String, Arc<AtomicBool>)>,
+    shutdown: bool,
+}
+
+/// The queue, the worker and where files and runs live.
+pub struct Tuner {
+    pub hooks: Arc<Hooks>,
+    /// The data dir: `files/` and `fine_tuning/` are in it.
+    dir: PathBuf,
+    queue: Arc<(Mutex<Queue>, Condvar)>,
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Tuner {
+    /// Where an uploaded file's bytes are.
+    pub fn file_path(&self, id: &str) -> PathBuf {
+        self.dir.join("files").join(id)
+    }
+
+    /// A job's run directory.
+    pub fn run_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("fine_tuning").join(id)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Put a job at the end of the queue (once).
+    pub fn enqueue(&self, id: &str) {
+        let mut q = self.lock();
+        if !q.pending.iter().any(|p| p == id) {
+            q.pending.push_back(id.to_owned());
+        }
+        self.queue.1.notify_all();
+    }
+
+    /// Take a job out of the queue; whether it was there.
+    pub fn dequeue(&self, id: &str) -> bool {
+        let mut q = self.lock();
+        let before = q.pending.len();
+        q.pending.retain(|p| p != id);
+        q.pending.len() != before
+    }
+
+    /// Ask the running job `id` to stop (it writes a checkpoint); whether it was running.
+    pub fn stop(&self, id: &str) -> bool {
+        let q = self.lock();
+        match &q.running {
+            Some((r, flag)) if r == id => {
+                flag.store(true, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Stop the worker: the running job writes a checkpoint and stays `running` in the store
+    /// (the next start resumes it). Waits for the worker to end.
+    pub fn shutdown(&self) {
+        {
+            let mut q = self.lock();
+            q.shutdown = true;
+            if let Some((_, flag)) = &q.running {
+                flag.store(true, Ordering::Relaxed);
+            }
+            self.queue.1.notify_all();
+        }
+        let worker = self
+            .worker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(w) = worker {
+            if w.join().is_err() {
+                eprintln!("ferrolm serve: the fine-tuning worker panicked");
+            }
+        }
+    }
+}
+
+pub fn unix_s() -> i64 {
+    crate::auth::unix_ms() / 1000
+}
+
+/// Append a message (`data: None`) or metrics event to a job's log; storage errors are logged.
+pub fn log_event(store: &Store, job: &str, level: &str, message: String, data: Option<Value>) {
+    let e = JobEvent {
+        seq: 0,
+        created_at: unix_s(),
+        level: level.into(),
+        kind: if data.is_some() { "metrics" } else { "message" }.into(),
+        message,
+        data,
+    };
+    if let Err(err) = store.add_job_event(job, &e) {
+        eprintln!("ferrolm serve: {job}: could not write an event: {err}");
+    }
+}
+
+/// The job's settings as the store keeps them (`spec.hyperparameters`).
+pub fn hyper(spec: &Value) -> (u32, usize, f64) {
+    let h = &spec["hyperparameters"];
+    (
+        h["n_epochs"].as_u64().unwrap_or(3) as u32,
+        h["batch_size"].as_u64().unwrap_or(1) as usize,
+        h["learning_rate_multiplier"].as_f64().unwrap_or(1.0),
+    )
+}
+
+/// The model name a job's success serves: `ft:<base>:<suffix>:<job id>` (OpenAI's shape,
+/// with an empty suffix when none was given).
+pub fn fine_tuned_name(job: &JobRecord) -> String {
+    let suffix = job.spec["suffix"].as_str().unwrap_or_default();
+    format!("ft:{}:{suffix}:{}", job.model, job.id)
+}
+
+impl AppState {
+    /// Enable `/v1/files` and `/v1/fine_tuning`: files and runs under `data_dir`. Serves the
+    /// succeeded jobs' models again, queues the jobs a previous run left queued or running,
+    /// and starts the worker. Call [`AppState::stop_fine_tuning`] before dropping the state.
+    pub fn start_fine_tuning(&self, hooks: Hooks, data_dir: &Path) -> Result<(), String> {
+        for sub in ["files", "fine_tuning"] {
+            let d = data_dir.join(sub);
+            std::fs::create_dir_all(&d)
+                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+        }
+        let tuner = Tuner {
+            hooks: Arc::new(hooks),
+            dir: data_dir.to_owned(),
+            queue: Arc::default(),
+            worker: Mutex::new(None),
+        };
+        let store = &self.access.store;
+        for job in store
+            .jobs_with_status(&["succeeded"])
+            .map_err(|e| e.to_string())?
+        {
+            let name = job.fine_tuned_model.clone().unwrap_or_default();
+            match (tuner.hooks.load)(&tuner.run_dir(&job.id), &name) {
+                Ok(m) => self.add_model(m, job.key_id),
+                Err(e) => eprintln!(
+                    "ferrolm serve: {}: cannot serve `{name}` again: {e}",
+                    job.id
+                ),
+            }
+        }
+        let unfinished = store
+            .jobs_with_status(&["validating_files", "queued", "running"])
+            .map_err(|e| e.to_string())?;
+        for job in unfinished {
+            if job.status != "queued" {
+                let _ = store.set_job_status(&job.id, "queued", &[job.status.as_str()]);
+                log_event(
+                    store,
+                    &job.id,
+                    "info",
+                    format!(
+                        "The server restarted while the job was {}: it is queued again",
+                        job.status
+                    ),
+                    None,
+                );
+            }
+            tuner.enqueue(&job.id);
+        }
+        let (state, queue) = (self.clone(), tuner.queue.clone());
+        let worker = std::thread::Builder::new()
+            .name("ferrolm-finetune".into())
+            .spawn(move || work(&state, &queue))
+            .map_err(|e| format!("cannot start the fine-tuning thread: {e}"))?;
+        *tuner.worker.lock().unwrap_or_else(PoisonError::into_inner) = Some(worker);
+        self.tuning
+            .set(tuner)
+            .map_err(|_| "fine-tuning was already started".to_owned())
+    }
+
+    /// Stop the worker (see [`Tuner::shutdown`]); it holds the state until then.
+    pub fn stop_fine_tuning(&self) {
+        if let Some(t) = self.tuning.get() {
+            t.shutdown();
+        }
+    }
+}
+
+/// The worker: take the next job, run it, until shutdown.
+fn work(s: &AppState, queue: &(Mutex<Queue>, Condvar)) {
+    loop {
+        let (id, stop) = {
+            let mut q = queue.0.lock().unwrap_or_else(PoisonError::into_inner);
+            loop {
+                if q.shutdown {
+                    return;
+                }
+                if let Some(id) = q.pending.pop_front() {
+                    let stop = Arc::new(AtomicBool::new(false));
+                    q.running = Some((id.clone(), stop.clone()));
+                    break (id, stop);
+                }
+                q = queue.1.wait(q).unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        if let Err(e) = run_job(s, &id, &stop) {
+            eprintln!("ferrolm serve: fine-tuning job {id}: {e}");
+        }
+        queue
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .running = None;
+    }
+}
+
+/// Metrics of the run so far, for events and checkpoints.
+#[derive(Default)]
+struct Seen {
+    total_steps: u64,
+    train_loss: Option<f32>,
+    /// (step, valid loss, token accuracy) of the latest evaluation.
+    eval: Option<(u64, f32, Option<f32>)>,
+    tokens_per_epoch: u64,
+}
+
+fn num(x: f32) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        Value::Null
+    }
+}
+
+/// Run one queued job to its end (or to a stop).
+fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
+    let Some(t) = s.tuning.get() else {
+        return Ok(());
+    };
+    let store = &s.access.store;
+    let Some(job) = store.job_by_id(id).map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
+    // Cancelled or paused while it waited.
+    if !store
+        .set_job_status(id, "running", &["queued"])
+        .map_err(|e| e.to_string())?
+    {
+        return Ok(());
+    }
+    let out = t.run_dir(id);
+    let (n_epochs, batch_size, learning_rate_multiplier) = hyper(&job.spec);
+    let spec = TrainSpec {
+        base_model: job.model.clone(),
+        training_file: t.file_path(&job.training_file),
+        validation_file: job.validation_file.as_deref().map(|f| t.file_path(f)),
+        n_epochs,
+        batch_size,
+        learning_rate_multiplier,
+        seed: job.spec["seed"].as_u64().unwrap_or(0),
+        resume: out.join("finetune.json").is_file(),
+        out,
+    };
+    let name = fine_tuned_name(&job);
+    let mut seen = Seen::default();
+    let mut on = |p: Progress| match p {
+        Progress::Started {
+            from_step,
+            total_steps,
+            tokens_per_epoch,
+        } => {
+            seen.total_steps = total_steps;
+            seen.tokens_per_epoch = tokens_per_epoch;
+            let message = if spec.resume && from_step > 0 {
+                format!("Fine-tuning job resumed from the checkpoint at step {from_step} of {total_steps}")
+            } else {
+                format!("Fine-tuning job started: {total_steps} steps")
+            };
+            log_event(store, id, "info", message, None);
+        }
+        Progress::Step { step, train_loss } => {
+            seen.train_loss = Some(train_loss);
+            if step % STEP_EVENT_EVERY == 0 || step == seen.total_steps {
+                log_event(
+                    store,
+                    id,
+                    "info",
+                    format!(
+                        "Step {step}/{}: training loss={train_loss:.4}",
+                        seen.total_steps
+                    ),
+                    Some(
+                        json!({"step": step, "train_loss": num(train_loss), "total_steps": seen.total_steps}),
+                    ),
+                );
+            }
+        }
+        Progress::Eval {
+            step,
+            train_loss,
+            valid_loss,
+            token_accuracy,
+        } => {
+            seen.eval = Some((step, valid_loss, token_accuracy));
+            if step > 0 {
+                log_event(
+                    store,
+                    id,
+                    "info",
+                    format!("Step {step}/{}: training loss={train_loss:.4}, validation loss={valid_loss:.4}", seen.total_steps),
+                    Some(json!({
+                        "step": step,
+                        "train_loss": num(train_loss),
+                        "valid_loss": num(valid_loss),
+                        "full_valid_loss": num(valid_loss),
+                        "full_valid_mean_token_accuracy": token_accuracy.map_or(Value::Null, num),
+                        "total_steps": seen.total_steps,
+                    })),
+                );
+            }
+        }
+        Progress::Checkpoint { step } => {
+            let mut metrics =
+                json!({"step": step, "train_loss": seen.train_loss.map_or(Value::Null, num)});
+            if let Some((_, loss, acc)) = seen.eval.filter(|e| e.0 == step) {
+                metrics["valid_loss"] = num(loss);
+                metrics["full_valid_loss"] = num(loss);
+                metrics["full_valid_mean_token_accuracy"] = acc.map_or(Value::Null, num);
+            }
+            let c = JobCheckpoint {
+                seq: 0,
+                created_at: unix_s(),
+                step,
+                model: format!("{name}:ckpt-step-{step}"),
+                metrics,
+            };
+            if let Err(e) = store.add_job_checkpoint(id, &c) {
+                eprintln!("ferrolm serve: {id}: could not record a checkpoint: {e}");
+            }
+            log_event(
+                store,
+                id,
+                "info",
+                format!("Checkpoint created at step {step}"),
+                None,
+            );
+        }
+    };
+    let ended = (t.hooks.train)(&spec, stop, &mut on);
+    let fail = |message: String| {
+        log_event(
+            store,
+            id,
+            "error",
+            format!("Fine-tuning job failed: {message}"),
+            None,
+        );
+        let error = json!({"code": "training_failed", "message": message, "param": null});
+        store
+            .finish_job(id, "failed", &["running"], None, Some(&error), unix_s())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    match ended {
+        Err(message) => fail(message),
+        // Cancelled or paused (the handler wrote the status), or the server is stopping
+        // (still `running`: the next start resumes it).
+        Ok(end) if end.interrupted => Ok(()),
+        Ok(end) => {
+            let model = match (t.hooks.load)(&spec.out, &name) {
+                Ok(m) => m,
+                Err(e) => return fail(format!("the trained model does not load: {e}")),
+            };
+            let tokens = seen.tokens_per_epoch * u64::from(n_epochs);
+            store
+                .set_trained_tokens(id, tokens)
+                .map_err(|e| e.to_string())?;
+            if store
+                .finish_job(id, "succeeded", &["running"], Some(&name), None, unix_s())
+                .map_err(|e| e.to_string())?
+            {
+                s.add_model(model, job.key_id);
+                log_event(
+                    store,
+                    id,
+                    "info",
+                    format!(
+                        "The job has successfully completed after {} steps: `{name}` is served",
+                        end.steps
+                    ),
+                    None,
+                );
+            }
+            Ok(())
+        }
+    }
+}
