@@ -287,6 +287,16 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_is_the_defaults() {
+        let text = include_str!("../../../docs/train.example.toml");
+        let f: ConfigFile = toml::from_str(text).unwrap();
+        assert_eq!(
+            f.resolve(65).unwrap(),
+            ConfigFile::default().resolve(65).unwrap()
+        );
+    }
+
+    #[test]
     fn bad_shapes_and_unknown_keys_are_errors() {
         let mut f = ConfigFile::default();
         f.model.heads = Some(0);
