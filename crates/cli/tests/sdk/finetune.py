@@ -211,6 +211,25 @@ def check_a_running_job_can_be_cancelled():
     assert [x.id for x in older] == [state["done"]], older
 
 
+def check_a_paused_job_resumes_from_its_checkpoint_to_success():
+    job = a.fine_tuning.jobs.create(
+        model=MODEL, training_file=state["file"], hyperparameters={"n_epochs": 5, "batch_size": 4}
+    )
+    wait_for(job.id, ("running",))
+    time.sleep(3)
+    p = a.fine_tuning.jobs.pause(job.id)
+    assert p.status == "paused", p.status
+    time.sleep(2)
+    assert a.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    r = a.fine_tuning.jobs.resume(job.id)
+    assert r.status in ("queued", "running"), r.status
+    done = wait_for(job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done
+    assert done.fine_tuned_model, done
+    msgs = [e.message for e in a.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert any("resumed from the checkpoint" in m for m in msgs), msgs
+
+
 def main():
     only = sys.argv[1:]
     failed = []
