@@ -415,6 +415,7 @@ impl Engine {
             positions: &positions,
             seqs: &seqs,
             logits_for: &logits_for,
+            adapters: &[],
         };
         let (model, kv, scratch) = (&self.model, &mut self.kv, &mut self.scratch);
         self.pool.install(|| model.forward(&batch, kv, scratch))?;

@@ -8,12 +8,14 @@
 
 use ferrolm_gguf::{GgufFile, TensorInfo};
 
+pub mod adapter;
 pub mod linear;
 pub mod llama;
 pub mod quant;
 pub mod reference;
 pub mod simd;
 
+pub use adapter::{Adapter, Proj};
 pub use llama::{Llama, LlamaConfig, Scratch};
 pub use quant::Isa;
 
@@ -74,6 +76,8 @@ pub struct Batch<'a> {
     /// Batch indices whose logits are wanted (e.g. each sequence's last token; all of them for
     /// perplexity). Logits come back in this order.
     pub logits_for: &'a [usize],
+    /// Each sequence's LoRA adapter, in `seqs` order (empty: none for any).
+    pub adapters: &'a [Option<&'a adapter::Adapter>],
 }
 
 /// K and V for every layer, in blocks of `block_size` token slots.

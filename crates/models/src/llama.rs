@@ -9,6 +9,7 @@
 use ferrolm_gguf::{GgmlType, GgufFile};
 use rayon::prelude::*;
 
+use crate::adapter::{Adapter, Proj};
 use crate::linear::{dequantize, Linear};
 use crate::quant::{Isa, QActs};
 use crate::{simd, Batch, KvCache, ModelError};
@@ -414,6 +415,9 @@ impl Llama {
                     }
                 }
             }
+            for (proj, col) in [(Proj::Q, 0), (Proj::K, q_dim), (Proj::V, q_dim + kv_dim)] {
+                adapt(batch, l, proj, (&s.xb, dim), (&mut s.qkv, qkv_dim), col);
+            }
             if let Some(b) = &layer.qkv_bias {
                 for row in s.qkv[..n * qkv_dim].chunks_exact_mut(qkv_dim) {
                     row.iter_mut().zip(b).for_each(|(x, y)| *x += y);
@@ -430,6 +434,7 @@ impl Llama {
             layer
                 .wo
                 .forward(self.isa, &s.att, n, &mut s.acts, &mut s.tmp)?;
+            adapt(batch, l, Proj::O, (&s.att, q_dim), (&mut s.tmp, dim), 0);
             add_in_place(&mut s.x[..n * dim], &s.tmp[..n * dim]);
 
             // feed-forward
@@ -442,6 +447,8 @@ impl Llama {
             match &layer.gate_up {
                 GateUp::Fused(w) => {
                     w.forward(self.isa, &s.xb, n, &mut s.acts, &mut s.gu)?;
+                    adapt(batch, l, Proj::Gate, (&s.xb, dim), (&mut s.gu, 2 * ffn), 0);
+                    adapt(batch, l, Proj::Up, (&s.xb, dim), (&mut s.gu, 2 * ffn), ffn);
                     for i in 0..n {
                         let (g, u) = s.gu[i * 2 * ffn..(i + 1) * 2 * ffn].split_at(ffn);
                         swiglu(g, u, &mut s.h[i * ffn..(i + 1) * ffn]);
@@ -450,6 +457,8 @@ impl Llama {
                 GateUp::Split(wg, wu) => {
                     wg.forward(self.isa, &s.xb, n, &mut s.acts, &mut s.gu[..n * ffn])?;
                     wu.forward(self.isa, &s.xb, n, &mut s.acts, &mut s.tmp)?;
+                    adapt(batch, l, Proj::Gate, (&s.xb, dim), (&mut s.gu, ffn), 0);
+                    adapt(batch, l, Proj::Up, (&s.xb, dim), (&mut s.tmp, ffn), 0);
                     for i in 0..n {
                         swiglu(
                             &s.gu[i * ffn..(i + 1) * ffn],
@@ -462,6 +471,7 @@ impl Llama {
             layer
                 .w_down
                 .forward(self.isa, &s.h, n, &mut s.acts, &mut s.tmp)?;
+            adapt(batch, l, Proj::Down, (&s.h, ffn), (&mut s.tmp, dim), 0);
             add_in_place(&mut s.x[..n * dim], &s.tmp[..n * dim]);
         }
         s.slots = slots;
@@ -541,6 +551,52 @@ impl Llama {
         if covered != n {
             return Err(ModelError::Batch(format!(
                 "sequences cover {covered} of {n} tokens"
+            )));
+        }
+        if !b.adapters.is_empty() && b.adapters.len() != b.seqs.len() {
+            return Err(ModelError::Batch(format!(
+                "{} adapters for {} sequences",
+                b.adapters.len(),
+                b.seqs.len()
+            )));
+        }
+        for ad in b.adapters.iter().flatten() {
+            self.check_adapter(ad)?;
+        }
+        Ok(())
+    }
+
+    /// An adapter fits this model: every adapted projection has this model's shape.
+    pub fn check_adapter(&self, ad: &Adapter) -> Result<(), ModelError> {
+        let c = &self.cfg;
+        let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
+        let want = [
+            (Proj::Q, (d, q)),
+            (Proj::K, (d, kv)),
+            (Proj::V, (d, kv)),
+            (Proj::O, (q, d)),
+            (Proj::Gate, (d, f)),
+            (Proj::Up, (d, f)),
+            (Proj::Down, (f, d)),
+        ];
+        for l in 0..c.n_layers {
+            for (proj, shape) in want {
+                if let Some(got) = ad.shape(l, proj) {
+                    if got != shape {
+                        return Err(ModelError::Unsupported(format!(
+                            "adapter `{}`: layer {l} {proj:?} is {got:?} (in, out), the model's is {shape:?}",
+                            ad.name
+                        )));
+                    }
+                }
+            }
+        }
+        if ad.n_layers() != c.n_layers {
+            return Err(ModelError::Unsupported(format!(
+                "adapter `{}` has {} layers, the model {}",
+                ad.name,
+                ad.n_layers(),
+                c.n_layers
             )));
         }
         Ok(())
@@ -714,5 +770,22 @@ impl Scratch {
     /// Logits of entry `j` of the last batch's `logits_for`.
     pub fn logits_row(&self, j: usize, vocab: usize) -> &[f32] {
         &self.logits[j * vocab..(j + 1) * vocab]
+    }
+}
+
+/// Apply each sequence's adapter (if any) to `proj` of layer `l`: `x` and `out` with their
+/// row strides; the update lands in `out`'s columns from `col`.
+fn adapt(
+    batch: &Batch,
+    l: usize,
+    proj: Proj,
+    (x, xs): (&[f32], usize),
+    (out, os): (&mut [f32], usize),
+    col: usize,
+) {
+    for (sq, ad) in batch.seqs.iter().zip(batch.adapters) {
+        if let Some(ad) = ad {
+            ad.apply(l, proj, x, xs, out, os, col, sq.start..sq.start + sq.len);
+        }
     }
 }

@@ -334,6 +334,7 @@ fn step(
         positions: &positions,
         seqs: &spans,
         logits_for: &logits_for,
+        adapters: &[],
     };
     model.forward(&batch, kv, s)?;
     let vocab = model.cfg.vocab_size;
@@ -794,6 +795,7 @@ fn logits_for_returns_the_requested_rows_in_order() {
         positions: &positions,
         seqs: &seqs,
         logits_for: &logits_for,
+        adapters: &[],
     };
     t.model.forward(&batch, &mut kv, &mut s).unwrap();
     for (j, &i) in logits_for.iter().enumerate() {
@@ -821,6 +823,7 @@ fn bad_batches_are_errors_not_panics() {
             positions,
             seqs,
             logits_for,
+            adapters: &[],
         };
         t.model.forward(&batch, kv, s)
     };
@@ -916,6 +919,7 @@ fn regression_logits_for_longer_than_the_batch_is_an_error_not_a_panic() {
         positions: &[0],
         seqs: &seqs,
         logits_for: &[0, 0],
+        adapters: &[],
     };
     match t.model.forward(&batch, &mut kv, &mut s) {
         Err(ModelError::Batch(_)) => {}

@@ -146,6 +146,53 @@ pub fn load(dir: &Path, c: &ModelConfig) -> Result<(Lora, Vec<f32>), TrainError>
     Ok((lora, params))
 }
 
+/// The adapter as the inference engine applies it (per sequence of a batch, on the unchanged
+/// base): `params` in memory order (q/k rows as GGUF stores them).
+pub fn to_inference(
+    c: &ModelConfig,
+    lora: &Lora,
+    params: &[f32],
+    name: &str,
+) -> Result<ferrolm_models::Adapter, TrainError> {
+    use ferrolm_models::Proj;
+    let r = lora.cfg.rank;
+    let mut ad = ferrolm_models::Adapter::new(name, c.n_layers, r, lora.cfg.alpha / r as f32);
+    for pair in lora.tensors.chunks_exact(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        let rest = a.name.trim_start_matches("base_model.model.model.layers.");
+        let (layer, module) = rest.split_once('.').unwrap_or(("", rest));
+        let layer: usize = layer
+            .parse()
+            .map_err(|_| bad(Path::new(name), format!("tensor {}", a.name)))?;
+        let module = module.trim_end_matches(".lora_A.weight");
+        let target = module
+            .rsplit('.')
+            .next()
+            .and_then(Target::parse)
+            .ok_or_else(|| bad(Path::new(name), format!("tensor {}", a.name)))?;
+        let proj = match target {
+            Target::Q => Proj::Q,
+            Target::K => Proj::K,
+            Target::V => Proj::V,
+            Target::O => Proj::O,
+            Target::Gate => Proj::Gate,
+            Target::Up => Proj::Up,
+            Target::Down => Proj::Down,
+        };
+        let (n_in, n_out) = (a.shape[1], b.shape[0]);
+        ad.set(
+            layer,
+            proj,
+            params[a.range()].to_vec(),
+            params[b.range()].to_vec(),
+            n_in,
+            n_out,
+        )
+        .map_err(|e| bad(Path::new(name), e.to_string()))?;
+    }
+    Ok(ad)
+}
+
 /// `W += s·B·A` for every adapter: the base parameters with the adapter folded in.
 pub fn merge(c: &ModelConfig, base: &mut [f32], lora: &Lora, params: &[f32]) {
     let layout = crate::model::Layout::new(c);

@@ -94,6 +94,7 @@ fn compare(tied: bool, ty: ExportType, tol: f32) {
         positions: &positions,
         seqs: &spans,
         logits_for: &logits_for,
+        adapters: &[],
     };
     llama.forward(&batch, &mut kv, &mut s).unwrap();
     let mut worst = 0f32;
@@ -274,4 +275,98 @@ fn stored_quantized_base_matches_the_dequantized_one() {
         stored.storage_bytes() * 3 < full.params.len() * 4,
         "q8_0 storage must be smaller than f32"
     );
+}
+
+/// Multi-LoRA at inference: one flat batch where one sequence runs with an adapter and another
+/// without gives, for each, the training forward's logits (adapter on the side / base alone).
+#[test]
+fn inference_adapters_apply_per_sequence() {
+    use ferrolm_train::lora::{Lora, LoraConfig, Target};
+    use ferrolm_train::model::{LoraRun, Weights, IGNORE};
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, params) = fake_run(dir.path(), false);
+    let c = &cfg.model;
+    let layout = Layout::new(c);
+    let lora = Lora::new(
+        c,
+        LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: Target::ALL.to_vec(),
+        },
+    );
+    let mut rng = SplitMix(33);
+    let lp: Vec<f32> = (0..lora.len).map(|_| 0.2 * rng.normal()).collect();
+    let ad = ferrolm_train::peft::to_inference(c, &lora, &lp, "test").unwrap();
+
+    let ids: Vec<u32> = (0..10).map(|i| (i * 3 % c.vocab_size) as u32).collect();
+    let t = ids.len();
+    // training side: with the adapter, and without
+    let mut acts = Activations::new(c, 1, t);
+    acts.set_scored(&ids, &vec![IGNORE; t]);
+    let mut la = lora.acts(t);
+    let run = LoraRun {
+        lora: &lora,
+        params: &lp,
+        acts: &mut la,
+    };
+    model::forward_scored(
+        c,
+        &layout,
+        Weights::F32(&params),
+        Some(run),
+        &mut acts,
+        None,
+    );
+    let want_adapted = acts.logits.clone();
+    let want_base = model_logits(c, &layout, &params, &ids);
+
+    // inference side: the two sequences in one batch
+    let g = ferrolm_gguf::GgufFile::from_bytes(
+        "run.gguf",
+        export::gguf_bytes(dir.path(), ExportType::F32).unwrap(),
+    )
+    .unwrap();
+    let llama = Llama::load(&g, &mut |_, _| {}).unwrap();
+    let mut kv = KvCache::new(&llama.cfg, 16, 4);
+    let (t0, t1) = ([0u32], [1u32]);
+    let spans = [
+        SeqSpan {
+            start: 0,
+            len: t,
+            block_table: &t0,
+        },
+        SeqSpan {
+            start: t,
+            len: t,
+            block_table: &t1,
+        },
+    ];
+    let tokens: Vec<u32> = ids.iter().chain(&ids).copied().collect();
+    let positions: Vec<u32> = (0..t as u32).chain(0..t as u32).collect();
+    let logits_for: Vec<usize> = (0..2 * t).collect();
+    let adapters = [Some(&ad), None];
+    let batch = Batch {
+        tokens: &tokens,
+        positions: &positions,
+        seqs: &spans,
+        logits_for: &logits_for,
+        adapters: &adapters,
+    };
+    let mut s = Scratch::new();
+    llama.forward(&batch, &mut kv, &mut s).unwrap();
+    let v = c.vocab_size;
+    for (seq, want) in [(0, &want_adapted), (1, &want_base)] {
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for i in 0..t {
+            let got = s.logits_row(seq * t + i, v);
+            for (a, b) in got.iter().zip(&want[i * v..][..v]) {
+                assert!(
+                    (a - b).abs() < 1e-4 * scale,
+                    "sequence {seq} position {i}: {a} vs {b}"
+                );
+            }
+        }
+    }
+    assert!(want_adapted != want_base);
 }
