@@ -643,3 +643,48 @@ fn json_summary_is_the_last_stdout_line() {
         assert_eq!(s[key].as_f64(), last_eval[key].as_f64(), "{key}");
     }
 }
+
+/// Regression: a diverging run (absurd learning rate, no clipping) stops with the reason and
+/// writes no checkpoint of its NaN weights — `latest` still points at a checkpoint from before,
+/// whose weights are finite (the optimizer never applied the bad step).
+#[test]
+fn a_diverging_run_stops_without_checkpointing_nan_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = corpus(dir.path());
+    let run = dir.path().join("run");
+    let out = ferrolm()
+        .arg("train")
+        .arg("--data")
+        .arg(&data)
+        .args(["--tokenizer", "char", "--out"])
+        .arg(&run)
+        .args(tiny(&[
+            "--lr",
+            "1e6",
+            "--warmup",
+            "0",
+            "--grad-clip",
+            "0",
+            "--iters",
+            "200",
+            "--eval-every",
+            "2",
+        ]))
+        .output()
+        .unwrap();
+    assert_refused(&out, &["the loss is", "diverged"]);
+    let ck = latest(&run);
+    let failed_at = step_lines(&run).len() as u64;
+    assert!(
+        checkpoint_step(&ck) <= failed_at,
+        "a checkpoint after the failure"
+    );
+    let bytes = std::fs::read(ck.join("model.safetensors")).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let data = &bytes[8 + header..];
+    assert!(
+        data.chunks_exact(4)
+            .all(|b| f32::from_le_bytes(b.try_into().unwrap()).is_finite()),
+        "the latest checkpoint holds non-finite weights"
+    );
+}

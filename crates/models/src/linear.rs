@@ -61,24 +61,15 @@ fn candle_dtype(t: GgmlType) -> Option<GgmlDType> {
 /// Dequantize any GGUF tensor to f32 with candle (load-time only: norms, biases, embeddings
 /// of types our kernels do not cover).
 pub fn dequantize(g: &GgufFile, info: &TensorInfo) -> Result<Vec<f32>, ModelError> {
-    let raw = g.tensor_bytes(info)?;
-    let dims: Vec<usize> = info.dims.iter().rev().map(|&d| d as usize).collect();
-    let dt = candle_dtype(info.ggml_type)
-        .ok_or_else(|| ModelError::tensor(g, info, "unsupported type"))?;
-    let qt = qtensor_from_ggml(dt, &raw, dims, &Device::Cpu)
-        .map_err(|e| ModelError::tensor(g, info, &e.to_string()))?;
-    let t = qt
-        .dequantize(&Device::Cpu)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(|e| ModelError::tensor(g, info, &e.to_string()))?;
-    Ok(t)
+    Stored::load(g, info)?.dequantize()
 }
 
 /// A GGUF tensor kept in its stored (quantized) form and dequantized on demand: the frozen
 /// base of QLoRA, which then takes the quantized file's memory instead of f32's.
 pub struct Stored {
     qt: candle_core::quantized::QTensor,
+    /// The file and tensor, for errors.
+    path: String,
     name: String,
 }
 
@@ -92,6 +83,7 @@ impl Stored {
             .map_err(|e| ModelError::tensor(g, info, &e.to_string()))?;
         Ok(Stored {
             qt,
+            path: g.path.display().to_string(),
             name: info.name.clone(),
         })
     }
@@ -103,7 +95,7 @@ impl Stored {
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(|e| ModelError::Tensor {
-                path: String::new(),
+                path: self.path.clone(),
                 name: self.name.clone(),
                 reason: e.to_string(),
             })

@@ -543,12 +543,13 @@ pub fn eval_batches(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::tokenize::{build, from_metadata, TokenizerChoice};
 
-    fn shakespeare() -> Option<String> {
+    /// The corpus beside the repository, or `None` (with a note) where it is missing.
+    pub(crate) fn shakespeare() -> Option<String> {
         let p =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tinyshakespeare.txt");
         match std::fs::read_to_string(&p) {

@@ -30,7 +30,7 @@ use crate::model::{
     self, Activations, Layout, LoraGrad, LoraRun, ModelConfig, TensorSlot, Weights, IGNORE,
 };
 use crate::optim::{clip_grad_norm, AdamW};
-use crate::run::{write_json, Event, Metrics, Summary};
+use crate::run::{diverged, save_reported, write_json, Event, Metrics, Summary};
 use crate::sft::{self, Example, SftBatcher};
 use crate::TrainError;
 
@@ -306,12 +306,7 @@ pub fn finetune(
     let mut interrupted = false;
     let save = |params: &[f32], opt: &AdamW, state: &TrainState, on: &mut dyn FnMut(Event)| {
         let ck = CheckpointRef { params, opt, state };
-        let path = checkpoint::save(out, trainable.tensors(), ck, lc.keep)?;
-        on(Event::Checkpoint {
-            step: state.step,
-            path: &path,
-        });
-        Ok::<(), TrainError>(())
+        save_reported(out, trainable.tensors(), ck, lc.keep, on)
     };
     loop {
         let step = state.step;
@@ -416,6 +411,9 @@ pub fn finetune(
             seed: sb.seed,
             cursor: sb.cursor,
         };
+        if !loss.is_finite() {
+            return Err(diverged(step, loss));
+        }
         let grad_norm = clip_grad_norm(&mut grads, lc.grad_clip);
         opt.update(&adamw, trainable.tensors(), lr, &mut params, &grads);
         let secs = started.elapsed().as_secs_f64();
@@ -423,15 +421,6 @@ pub fn finetune(
         state.evaluated = false;
         state.train_seconds += secs;
         last_train = loss;
-        if !loss.is_finite() {
-            save(&params, &opt, &state, on)?;
-            return Err(TrainError::Config {
-                what: format!("step {step}"),
-                reason: format!(
-                    "the loss is {loss}: lower --lr, then resume from an earlier checkpoint"
-                ),
-            });
-        }
         let tokens_per_s = rows as f64 * cfg.grad_accum as f64 / secs;
         metrics.line(json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": secs * 1e3, "tokens_per_s": tokens_per_s, "trained_tokens": state.tokens_seen}))?;
         on(Event::Step {

@@ -24,7 +24,7 @@ use serde_json::json;
 use crate::checkpoint::{self, Checkpoint, CheckpointRef, TrainState};
 use crate::config::{ConfigFile, LoopFile, ModelFile, RunConfig};
 use crate::data::{self, Batcher, Shard};
-use crate::model::{self, Activations, Layout, ModelConfig, SplitMix};
+use crate::model::{self, Activations, Layout, ModelConfig, SplitMix, TensorSlot};
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::tokenize::{self, TokenizerChoice};
 use crate::TrainError;
@@ -155,12 +155,7 @@ pub fn train(
     let mut interrupted = false;
     let save = |params: &[f32], opt: &AdamW, state: &TrainState, on: &mut dyn FnMut(Event)| {
         let ck = CheckpointRef { params, opt, state };
-        let path = checkpoint::save(run, &layout.tensors, ck, lc.keep)?;
-        on(Event::Checkpoint {
-            step: state.step,
-            path: &path,
-        });
-        Ok::<(), TrainError>(())
+        save_reported(run, &layout.tensors, ck, lc.keep, on)
     };
     loop {
         let step = state.step;
@@ -205,6 +200,9 @@ pub fn train(
             loss += scale * model::forward(mc, &layout, &params, &batch, &mut acts, Some(scale));
             model::backward(mc, &layout, &params, &mut grads, &mut acts);
         }
+        if !loss.is_finite() {
+            return Err(diverged(step, loss));
+        }
         let grad_norm = clip_grad_norm(&mut grads, lc.grad_clip);
         opt.update(&adamw, &layout.tensors, lr, &mut params, &grads);
         let secs = started.elapsed().as_secs_f64();
@@ -212,13 +210,6 @@ pub fn train(
         state.evaluated = false;
         state.tokens_seen += tokens_per_step;
         state.train_seconds += secs;
-        if !loss.is_finite() {
-            save(&params, &opt, &state, on)?;
-            return Err(TrainError::Config {
-                what: format!("step {step}"),
-                reason: format!("the loss is {loss}: lower --lr or raise --warmup, then resume from an earlier checkpoint"),
-            });
-        }
         let tokens_per_s = tokens_per_step as f64 / secs;
         metrics.line(json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": secs * 1e3, "tokens_per_s": tokens_per_s}))?;
         on(Event::Step {
@@ -240,6 +231,33 @@ pub fn train(
         interrupted,
         run_dir: run.clone(),
     })
+}
+
+/// Write a checkpoint of `tensors` into `dir` and report it.
+pub(crate) fn save_reported(
+    dir: &Path,
+    tensors: &[TensorSlot],
+    ck: CheckpointRef,
+    keep: usize,
+    on: &mut dyn FnMut(Event),
+) -> Result<(), TrainError> {
+    let path = checkpoint::save(dir, tensors, ck, keep)?;
+    on(Event::Checkpoint {
+        step: ck.state.step,
+        path: &path,
+    });
+    Ok(())
+}
+
+/// A step whose loss is not a number: stop before the optimizer spreads it into the weights,
+/// so the latest checkpoint stays good.
+pub(crate) fn diverged(step: u64, loss: f32) -> TrainError {
+    TrainError::Config {
+        what: format!("step {step}"),
+        reason: format!(
+            "the loss is {loss}: training diverged (the checkpoints written before it are intact); start a new run with a lower --lr or a longer --warmup"
+        ),
+    }
 }
 
 /// A new run: tokenizer, shards and config into `args.out`.

@@ -369,17 +369,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn shakespeare() -> Option<String> {
-        let p =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tinyshakespeare.txt");
-        match std::fs::read_to_string(&p) {
-            Ok(s) => Some(s),
-            Err(_) => {
-                eprintln!("skipped: {} is missing", p.display());
-                None
-            }
-        }
-    }
+    use crate::data::tests::shakespeare;
 
     #[test]
     fn choice_parses_the_accepted_forms() {
