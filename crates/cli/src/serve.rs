@@ -18,6 +18,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use ferrolm_accounting::{PriceCatalog, Store};
 use ferrolm_engine::{Engine, EngineConfig, EngineHandle};
+use ferrolm_server::adapters::AdapterLoading;
 use ferrolm_server::route::{Router, Tier};
 use ferrolm_server::tuner::Load;
 use ferrolm_server::upstream::Upstream;
@@ -88,6 +89,32 @@ pub struct ServeArgs {
     /// fraction of the context, in (0, 1] (1: only when it would overflow).
     #[arg(long, default_value_t = 1.0)]
     context_trigger: f64,
+    /// Serve a LoRA adapter on a model: `NAME=PATH` (on the first model) or `BASE:NAME=PATH`,
+    /// where PATH is a PEFT adapter directory or a `ferrolm finetune` run. Clients name it
+    /// `BASE:NAME` (or `NAME`); base and adapter requests share one batch and one copy of the
+    /// weights. Repeatable. More load at runtime with POST /v1/load_lora_adapter.
+    #[arg(long, value_name = "[BASE:]NAME=PATH")]
+    lora: Vec<String>,
+    /// A directory API-key holders may load adapters from at runtime (POST
+    /// /v1/load_lora_adapter; relative `lora_path`s are looked up here). Without keys, any
+    /// local path loads. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    lora_dir: Vec<PathBuf>,
+}
+
+/// One `--lora` value: (base id if given, name, path).
+fn parse_lora(v: &str) -> Result<(Option<String>, String, PathBuf)> {
+    let Some((who, path)) = v.split_once('=') else {
+        bail!("--lora {v:?}: give NAME=PATH or BASE:NAME=PATH");
+    };
+    let (base, name) = match who.rsplit_once(':') {
+        Some((b, n)) => (Some(b.to_owned()), n),
+        None => (None, who),
+    };
+    if name.is_empty() || path.is_empty() {
+        bail!("--lora {v:?}: give NAME=PATH or BASE:NAME=PATH");
+    }
+    Ok((base, name.to_owned(), PathBuf::from(path)))
 }
 
 /// The config file, as written.
@@ -361,7 +388,7 @@ fn start_model(
         max_context: c.context_length.min(cfg.num_blocks * cfg.block_size),
         details,
         end_ids,
-        template: m.template,
+        template: Arc::new(m.template),
         tok,
         engine: handle.tx.clone(),
         stats,
@@ -370,6 +397,8 @@ fn start_model(
         context_strategy: e.context_strategy.unwrap_or(a.context_strategy),
         context_trigger: a.context_trigger,
         price,
+        adapter: None,
+        parent: None,
     };
     Ok((served, handle, path))
 }
@@ -503,7 +532,53 @@ pub fn run(a: ServeArgs) -> Result<()> {
     };
     let routers = routers(&cfg_file.router, &served, &upstreams)?;
     let loader = run_loader(&a, &cfg, &catalog);
+    let first = served.first().map(|m| m.id.clone());
     let state = AppState::new(served, upstreams, routers, access, catalog);
+    let mut roots = Vec::with_capacity(a.lora_dir.len());
+    for d in &a.lora_dir {
+        roots.push(
+            d.canonicalize()
+                .with_context(|| format!("--lora-dir {}: no such directory", d.display()))?,
+        );
+    }
+    let adapter_bases = bases.clone();
+    state
+        .enable_adapters(AdapterLoading {
+            load: Box::new(move |dir: &Path, base: &str, name: &str| {
+                let (_, file) = adapter_bases
+                    .iter()
+                    .find(|(id, _)| id == base)
+                    .ok_or_else(|| format!("`{base}` is not a local model of this server"))?;
+                ferrolm_train::peft::load_for_serving(dir, file, name).map_err(|e| e.to_string())
+            }),
+            roots,
+        })
+        .map_err(anyhow::Error::msg)?;
+    for v in &a.lora {
+        let (base, name, path) = parse_lora(v)?;
+        let Some(base) = base.or_else(|| first.clone()) else {
+            bail!("--lora {v:?}: no local model to put it on");
+        };
+        let base = state
+            .model(None, Some(&base))
+            .map_err(|e| anyhow::anyhow!("--lora {v}: {}", e.message))?
+            .id
+            .clone();
+        let id = format!("{base}:{name}");
+        let adapter = state
+            .read_adapter(&path, &base, &id)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("--lora {v}"))?;
+        let bytes = adapter.memory_bytes();
+        state
+            .add_adapter(&base, id.clone(), vec![name], adapter, None)
+            .map_err(|e| anyhow::anyhow!("--lora {v}: {}", e.message))?;
+        println!(
+            "ferrolm serve: adapter {id} ({} KiB) from {}",
+            bytes / 1024,
+            path.display()
+        );
+    }
     let hooks = crate::tuning::hooks(bases, threads(a.train_threads)?, loader)?;
     state
         .start_fine_tuning(hooks, &data_dir)

@@ -254,8 +254,13 @@ pub fn drive(
 /// Report a finished (or stopped) run: the loss curve, how to use it, the JSON line.
 pub fn finish(out: &Path, summary: &Summary, json: bool, try_args: &str) -> Result<()> {
     let plot_path = write_plot(out)?;
+    let val = if summary.val_loss.is_nan() {
+        "no validation set".to_owned()
+    } else {
+        format!("val loss {:.4}", summary.val_loss)
+    };
     eprintln!(
-        "{} after {} steps: train loss {:.4}, val loss {:.4}, {:.1} ms/step; loss curve: {}",
+        "{} after {} steps: train loss {:.4}, {val}, {:.1} ms/step; loss curve: {}",
         if summary.interrupted {
             "stopped"
         } else {
@@ -263,7 +268,6 @@ pub fn finish(out: &Path, summary: &Summary, json: bool, try_args: &str) -> Resu
         },
         summary.iters,
         summary.train_loss,
-        summary.val_loss,
         summary.ms_per_iter,
         plot_path.display()
     );

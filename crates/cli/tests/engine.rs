@@ -77,7 +77,7 @@ fn run(
             id: i as u64,
             prompt: p.clone(),
             opts: opts(max_tokens),
-            salt: 0,
+            adapter: None,
             reply: tx,
         });
         rxs.push(rx);
@@ -154,7 +154,7 @@ fn shared_system_prompt_is_served_from_the_prefix_cache() {
             id: i as u64,
             prompt: p.clone(),
             opts: opts(16),
-            salt: 0,
+            adapter: None,
             reply: tx,
         });
         while e.has_work() {
@@ -228,7 +228,7 @@ fn a_disconnected_client_frees_its_blocks() {
         id: 7,
         prompt: prompt(&f, "You are a helpful assistant.", "Count to one hundred."),
         opts: opts(200),
-        salt: 0,
+        adapter: None,
         reply: tx,
     });
     e.step().unwrap();
@@ -262,7 +262,7 @@ fn bad_requests_get_an_error_event() {
             id: 1,
             prompt: p,
             opts: opts(max),
-            salt: 0,
+            adapter: None,
             reply: tx,
         });
         assert!(matches!(rx.try_recv(), Ok(Event::Error(_))));

@@ -272,3 +272,190 @@ fn assistant_only_and_space_led_replies_train() {
     assert_eq!(s["iters"], 1);
     assert!(s["train_loss"].as_f64().unwrap().is_finite());
 }
+
+/// POST with an optional API key; (status, JSON body).
+fn post_as(s: &Server, key: Option<&str>, path: &str, body: &Value) -> (u16, Value) {
+    let mut r = ureq::post(&s.url(path)).set("Content-Type", "application/json");
+    if let Some(k) = key {
+        r = r.set("Authorization", &format!("Bearer {k}"));
+    }
+    let (status, text) = match r.send_string(&body.to_string()) {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+        Err(e) => panic!("POST {path}: {e}"),
+    };
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+/// A greedy chat request: (status, reply text or error body, cached prompt tokens).
+fn ask(s: &Server, key: Option<&str>, model: &str, messages: &Value) -> (u16, String, u64) {
+    let body = json!({"model": model, "messages": messages, "temperature": 0, "max_tokens": 40});
+    let (status, v) = post_as(s, key, "/v1/chat/completions", &body);
+    if status != 200 {
+        return (status, v.to_string(), 0);
+    }
+    let text = v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    (status, text, cached)
+}
+
+/// The held-out prompts of the task, as chat messages, with their expected answers.
+fn held_out(n: usize, seed: u64) -> Vec<(Value, String)> {
+    task(n, true, seed)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let m = &v["messages"];
+            (json!([m[0]]), m[1]["content"].as_str().unwrap().to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn adapters_are_served_per_request_on_one_shared_base() {
+    let base = default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.jsonl");
+    std::fs::write(&train, task(64, false, 1)).unwrap();
+    let run = dir.path().join("run");
+    finetune(
+        &base,
+        &train,
+        &run,
+        &["--iters", "24", "--eval-every", "100"],
+    );
+    let lora = format!("json={}", run.join("adapter").display());
+    let s = Server::start(&["--lora", &lora]);
+    const BASE: &str = "smollm2-135m-instruct";
+    const JSON: &str = "smollm2-135m-instruct:json";
+
+    // Listed as a model whose parent is the base.
+    let (_, models) = s.get("/v1/models");
+    let listed = models["data"].as_array().unwrap();
+    let m = listed.iter().find(|m| m["id"] == JSON).unwrap();
+    assert_eq!(m["parent"], BASE, "{models}");
+
+    // One at a time: the adapter does the task, the base does not.
+    let cases = held_out(4, 5);
+    let one_by_one: Vec<(String, String)> = cases
+        .iter()
+        .map(|(msgs, _)| (ask(&s, None, BASE, msgs).1, ask(&s, None, JSON, msgs).1))
+        .collect();
+    let right = |i: usize| {
+        one_by_one
+            .iter()
+            .zip(&cases)
+            .filter(|((b, a), (_, want))| [b, a][i] == want)
+            .count()
+    };
+    // The trained shape: one line of JSON with name, age, city in that order.
+    let shaped = |a: &str| {
+        let keys = serde_json::from_str::<Value>(a)
+            .ok()
+            .and_then(|v| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()));
+        !a.contains('\n') && keys == Some(vec!["name".into(), "age".into(), "city".into()])
+    };
+    assert!(
+        one_by_one.iter().all(|(b, a)| shaped(a) && !shaped(b)),
+        "{one_by_one:?}"
+    );
+    assert!(right(1) >= 2 && right(1) > right(0), "{one_by_one:?}");
+    // The alias answers as the adapter.
+    assert_eq!(ask(&s, None, "json", &cases[0].0).1, one_by_one[0].1);
+
+    // All at once, base and adapter requests in the same batches: the same answers, each
+    // request with its own adapter (or none).
+    let together: Vec<(String, String)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = cases
+            .iter()
+            .map(|(msgs, _)| {
+                let b = sc.spawn(|| ask(&s, None, BASE, msgs).1);
+                let a = sc.spawn(|| ask(&s, None, JSON, msgs).1);
+                (b, a)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(b, a)| (b.join().unwrap(), a.join().unwrap()))
+            .collect()
+    });
+    assert_eq!(together, one_by_one);
+
+    // Prefix-cache entries are never shared across adapters.
+    let system = "You read every word of the user's message with care. ".repeat(12);
+    let long = json!([{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]);
+    assert_eq!(ask(&s, None, BASE, &long).2, 0);
+    assert!(ask(&s, None, BASE, &long).2 > 0);
+    assert_eq!(
+        ask(&s, None, JSON, &long).2,
+        0,
+        "the adapter used the base's KV"
+    );
+    assert!(ask(&s, None, JSON, &long).2 > 0);
+
+    // Load and unload at runtime (a run directory works as well as a PEFT directory).
+    let load = |name: &str, path: &Path| {
+        s.post(
+            "/v1/load_lora_adapter",
+            &json!({"lora_name": name, "lora_path": path}),
+        )
+    };
+    let (status, v) = load("again", &run);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["id"], "smollm2-135m-instruct:again");
+    assert_eq!(
+        ask(&s, None, "smollm2-135m-instruct:again", &cases[0].0).1,
+        one_by_one[0].1
+    );
+    let (status, v) = load("again", &run);
+    assert_eq!(status, 409, "{v}");
+    let (status, v) = load("other", dir.path());
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("adapter_config.json"),
+        "{v}"
+    );
+    let (status, v) = load("bad name", &run);
+    assert_eq!(status, 400, "{v}");
+    let unload = |name: &str| s.post("/v1/unload_lora_adapter", &json!({"lora_name": name}));
+    assert_eq!(unload("again").0, 200);
+    assert_eq!(unload("again").0, 404);
+    assert_eq!(unload(BASE).0, 400);
+    assert_eq!(
+        ask(&s, None, "smollm2-135m-instruct:again", &cases[0].0).0,
+        404
+    );
+    // The base and the other adapter are untouched.
+    assert_eq!(ask(&s, None, JSON, &cases[0].0).1, one_by_one[0].1);
+    drop(s);
+
+    // With API keys: adapters load only from --lora-dir, and belong to the key that loaded them.
+    let data = tempfile::tempdir().unwrap();
+    let ka = create_key(data.path(), "a", &[]);
+    let kb = create_key(data.path(), "b", &[]);
+    let roots = dir.path().to_str().unwrap();
+    let s = Server::start_in(data.path(), &["--lora-dir", roots]);
+    let body = |path: &str| json!({"lora_name": "mine", "lora_path": path});
+    let (status, v) = post_as(&s, Some(&ka), "/v1/load_lora_adapter", &body("/etc"));
+    assert_eq!(status, 403, "{v}");
+    let (status, v) = post_as(&s, Some(&ka), "/v1/load_lora_adapter", &body("run"));
+    assert_eq!(status, 200, "{v}");
+    let mine = "smollm2-135m-instruct:mine";
+    assert_eq!(ask(&s, Some(&ka), mine, &cases[0].0).1, one_by_one[0].1);
+    assert_eq!(ask(&s, Some(&kb), mine, &cases[0].0).0, 404);
+    let (status, _) = post_as(
+        &s,
+        Some(&kb),
+        "/v1/unload_lora_adapter",
+        &json!({"lora_name": "mine"}),
+    );
+    assert_eq!(status, 404);
+}

@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use ferrolm_grammar::{Matcher, Vocab};
 use ferrolm_kv::{ComputedBlocks, KvCacheManager, RequestId};
-use ferrolm_models::{Batch, KvCache, Llama, Scratch, SeqSpan};
+use ferrolm_models::{Adapter, Batch, KvCache, Llama, Scratch, SeqSpan};
 use ferrolm_sample::{Rng, Sampler};
 use ferrolm_tokenizer::Tokenizer;
 
@@ -66,9 +66,9 @@ pub struct Request {
     /// Prompt ids (BOS included when the model wants one).
     pub prompt: Vec<u32>,
     pub opts: GenerateOptions,
-    /// Prefix-cache namespace (e.g. the LoRA adapter): requests with different salts never
-    /// share cached blocks.
-    pub salt: u64,
+    /// The LoRA adapter to apply to this request's rows (`None`: the base model). Requests
+    /// with different adapters share every batch but never a cached KV block.
+    pub adapter: Option<Arc<Adapter>>,
     pub reply: Sender<Event>,
 }
 
@@ -136,6 +136,8 @@ struct Seq {
     first_token: Option<f64>,
     /// Where the output stands in the request's grammar, if it has one.
     matcher: Option<Matcher>,
+    /// Its prefix-cache namespace: 0 for the base model, the adapter's uid otherwise.
+    salt: u64,
 }
 
 pub struct Engine {
@@ -214,6 +216,12 @@ impl Engine {
             .find(|&&t| t as usize >= self.model.cfg.vocab_size)
         {
             Some(format!("token id {t} is outside the vocabulary"))
+        } else if let Some(e) = req
+            .adapter
+            .as_ref()
+            .and_then(|a| self.model.check_adapter(a).err())
+        {
+            Some(e.to_string())
         } else {
             req.opts
                 .params
@@ -232,6 +240,7 @@ impl Engine {
         }
         self.waiting.push_back(Seq {
             matcher,
+            salt: req.adapter.as_ref().map_or(0, |a| a.uid()),
             tokens: req.prompt.clone(),
             stream: TextStream::new(&req.opts.stop),
             rng: Rng::new(seed),
@@ -343,7 +352,7 @@ impl Engine {
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
             };
-            let hit = self.blocks.get_computed_blocks(&s.tokens, s.req.salt);
+            let hit = self.blocks.get_computed_blocks(&s.tokens, s.salt);
             let start = hit.num_tokens();
             let n = (s.tokens.len() - start).min(budget);
             match self.blocks.allocate_slots(s.req.id, start + n, &hit) {
@@ -410,12 +419,23 @@ impl Engine {
                 block_table: table,
             })
             .collect();
+        // Each sequence's adapter, or none at all when no request in the step has one.
+        let adapters: Vec<Option<&Adapter>> = if plan
+            .iter()
+            .any(|&(i, _)| self.running[i].req.adapter.is_some())
+        {
+            plan.iter()
+                .map(|&(i, _)| self.running[i].req.adapter.as_deref())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let batch = Batch {
             tokens: &tokens,
             positions: &positions,
             seqs: &seqs,
             logits_for: &logits_for,
-            adapters: &[],
+            adapters: &adapters,
         };
         let (model, kv, scratch) = (&self.model, &mut self.kv, &mut self.scratch);
         self.pool.install(|| model.forward(&batch, kv, scratch))?;
@@ -430,7 +450,7 @@ impl Engine {
             s.num_computed += n;
             let _ = self
                 .blocks
-                .cache_full_blocks(s.req.id, &s.tokens, s.num_computed, s.req.salt);
+                .cache_full_blocks(s.req.id, &s.tokens, s.num_computed, s.salt);
             let Some(row) = *row else { continue };
             let logits = self.scratch.logits_row(row, vocab);
             let grammar = s.matcher.as_ref().zip(self.grammar_vocab.as_deref());

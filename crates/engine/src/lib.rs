@@ -12,5 +12,6 @@ pub mod text;
 pub use engine::{
     spawn, Command, Engine, EngineConfig, EngineHandle, EngineStats, Event, Request, Usage,
 };
+pub use ferrolm_models::Adapter;
 pub use session::{FinishReason, GenerateOptions, Generation, Session, SessionError, TokenEvent};
 pub use text::TextStream;

@@ -7,7 +7,16 @@
 //! of a SmolLM2 layer's work). Rows of q and k are in GGUF's interleaved-RoPE order, as the
 //! base weights are (PEFT files are converted when they are read).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::ModelError;
+
+/// Gives every adapter (and every change to one) an identity of its own.
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
+
+fn next_uid() -> u64 {
+    NEXT_UID.fetch_add(1, Ordering::Relaxed)
+}
 
 /// The seven projections of a Llama block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +53,10 @@ pub struct Adapter {
     pub name: String,
     pub rank: usize,
     pub scale: f32,
+    /// Unique per adapter in this process and renewed by every [`Adapter::set`]: the engine's
+    /// prefix-cache namespace, so two adapters (or one reloaded with other weights) never share
+    /// cached KV blocks, whatever their names.
+    uid: u64,
     layers: Vec<[Option<Pair>; 7]>,
 }
 
@@ -53,6 +66,7 @@ impl Adapter {
             name: name.to_owned(),
             rank,
             scale,
+            uid: next_uid(),
             layers: (0..n_layers).map(|_| Default::default()).collect(),
         }
     }
@@ -77,7 +91,25 @@ impl Adapter {
             )));
         }
         self.layers[layer][proj.index()] = Some(Pair { a, b, n_in, n_out });
+        self.uid = next_uid();
         Ok(())
+    }
+
+    /// This adapter's identity (see the field): never 0.
+    pub fn uid(&self) -> u64 {
+        self.uid
+    }
+
+    /// Bytes of its A and B matrices.
+    pub fn memory_bytes(&self) -> usize {
+        let values: usize = self
+            .layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|p| p.a.len() + p.b.len())
+            .sum();
+        values * std::mem::size_of::<f32>()
     }
 
     pub fn n_layers(&self) -> usize {

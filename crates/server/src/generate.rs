@@ -100,7 +100,7 @@ pub async fn start(
             id,
             prompt: prompt.clone(),
             opts,
-            salt: 0,
+            adapter: model.adapter.clone(),
             reply,
         };
         model

@@ -26,13 +26,14 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::Router;
 use ferrolm_accounting::{ModelPrice, PriceCatalog, RateLimiter, Store, UsageRow};
-use ferrolm_engine::{Command, EngineStats, GenerateOptions, Usage};
+use ferrolm_engine::{Adapter, Command, EngineStats, GenerateOptions, Usage};
 use ferrolm_grammar::Grammar;
 use ferrolm_sample::SamplingParams;
 use ferrolm_tokenizer::{chat::ChatTemplate, Tokenizer};
 use serde::Deserialize;
 use serde_json::Value;
 
+pub mod adapters;
 mod auth;
 pub mod compress;
 pub mod error;
@@ -88,7 +89,7 @@ pub struct ServedModel {
     /// Unix seconds (the file's modification time).
     pub created: u64,
     pub tok: Arc<Tokenizer>,
-    pub template: ChatTemplate,
+    pub template: Arc<ChatTemplate>,
     /// Ids that end a reply (EOS, end of turn).
     pub end_ids: Vec<u32>,
     pub vocab_size: usize,
@@ -110,6 +111,10 @@ pub struct ServedModel {
     /// Its price: a catalog entry (self-hosted ones are priced from hardware $/hour and
     /// measured throughput); `None` prices it at zero and says so in the ledger's cost.
     pub price: Option<ModelPrice>,
+    /// The LoRA adapter its requests run with on the engine's base model (see [`adapters`]).
+    pub adapter: Option<Arc<Adapter>>,
+    /// The base model's id, for an adapter.
+    pub parent: Option<String>,
 }
 
 /// A served model plus the counters the server keeps for it.
@@ -118,7 +123,14 @@ pub struct Model {
     /// The key a fine-tuned model belongs to: only it sees and uses the model. `None`: every
     /// caller (the models the server started with, and those tuned while it ran without keys).
     pub owner: Option<i64>,
-    /// Choices submitted to its engine and not yet finished.
+    /// Its engine's queue, shared by the base model and its adapters.
+    queue: Arc<Queue>,
+}
+
+/// What the server counts of one engine's requests.
+#[derive(Default)]
+struct Queue {
+    /// Choices submitted to the engine and not yet finished.
     in_flight: AtomicUsize,
     /// Seconds of the most recent finished requests, for `Retry-After` estimates (EWMA, µs).
     avg_request_us: AtomicU64,
@@ -161,6 +173,8 @@ pub struct Inner {
     pub started: Instant,
     /// Files and fine-tuning jobs, once [`AppState::start_fine_tuning`] ran.
     pub tuning: OnceLock<tuner::Tuner>,
+    /// How adapters are read, once [`AppState::enable_adapters`] ran.
+    adapters: OnceLock<adapters::AdapterLoading>,
 }
 
 impl std::ops::Deref for AppState {
@@ -268,6 +282,7 @@ impl AppState {
             next_id: AtomicU64::new(1),
             started: Instant::now(),
             tuning: OnceLock::new(),
+            adapters: OnceLock::new(),
         }))
     }
 
@@ -407,14 +422,14 @@ impl AppState {
         }
         let latency = caller.started.elapsed().as_secs_f64();
         if let Some(m) = s.local {
-            let prev = m.avg_request_us.load(Ordering::Relaxed);
+            let prev = m.queue.avg_request_us.load(Ordering::Relaxed);
             let now_us = (latency * 1e6) as u64;
             let avg = if prev == 0 {
                 now_us
             } else {
                 (prev * 7 + now_us) / 8
             };
-            m.avg_request_us.store(avg, Ordering::Relaxed);
+            m.queue.avg_request_us.store(avg, Ordering::Relaxed);
         }
         self.metrics.finished(s.model, u, s.ttft, latency);
         let row = UsageRow {
@@ -452,8 +467,52 @@ impl Model {
         Model {
             m,
             owner,
-            in_flight: AtomicUsize::new(0),
-            avg_request_us: AtomicU64::new(0),
+            queue: Arc::default(),
+        }
+    }
+
+    /// `adapter` on this (base) model, served as `id`: the same engine, queue, tokenizer,
+    /// template and price.
+    fn with_adapter(
+        &self,
+        id: String,
+        aliases: Vec<String>,
+        adapter: Arc<Adapter>,
+        owner: Option<i64>,
+    ) -> Model {
+        let b = &self.m;
+        let details = ModelDetails {
+            memory_bytes: adapter.memory_bytes() as u64,
+            ..b.details.clone()
+        };
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Model {
+            m: ServedModel {
+                id,
+                aliases,
+                file_name: String::new(),
+                file_size: adapter.memory_bytes() as u64,
+                created,
+                tok: b.tok.clone(),
+                template: b.template.clone(),
+                end_ids: b.end_ids.clone(),
+                vocab_size: b.vocab_size,
+                max_context: b.max_context,
+                details,
+                engine: b.engine.clone(),
+                stats: b.stats.clone(),
+                max_running: b.max_running,
+                max_queue: b.max_queue,
+                context_strategy: b.context_strategy,
+                context_trigger: b.context_trigger,
+                price: b.price.clone(),
+                adapter: Some(adapter),
+                parent: Some(b.id.clone()),
+            },
+            owner,
+            queue: self.queue.clone(),
         }
     }
 
@@ -561,16 +620,17 @@ impl Model {
     /// Reserve room for `n` more requests in the engine, or answer 429 with a `Retry-After`.
     fn reserve(self: &Arc<Self>, n: usize) -> Result<InFlight, ApiError> {
         let cap = self.max_running + self.max_queue;
-        let prev = self.in_flight.fetch_add(n, Ordering::AcqRel);
+        let q = &self.queue;
+        let prev = q.in_flight.fetch_add(n, Ordering::AcqRel);
         if prev + n > cap {
-            self.in_flight.fetch_sub(n, Ordering::AcqRel);
-            let avg = self.avg_request_us.load(Ordering::Relaxed) as f64 / 1e6;
+            q.in_flight.fetch_sub(n, Ordering::AcqRel);
+            let avg = q.avg_request_us.load(Ordering::Relaxed) as f64 / 1e6;
             let waves = (prev as f64 / self.max_running.max(1) as f64).ceil();
             let retry = (avg * waves).ceil().clamp(1.0, 600.0) as u64;
             return Err(ApiError::overloaded(&self.id, prev, cap, retry));
         }
         Ok(InFlight {
-            model: self.clone(),
+            queue: self.queue.clone(),
             n,
         })
     }
@@ -578,13 +638,13 @@ impl Model {
 
 /// Requests counted against a model's queue; released when dropped.
 pub struct InFlight {
-    model: Arc<Model>,
+    queue: Arc<Queue>,
     n: usize,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.model.in_flight.fetch_sub(self.n, Ordering::AcqRel);
+        self.queue.in_flight.fetch_sub(self.n, Ordering::AcqRel);
     }
 }
 
@@ -768,6 +828,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/usage", get(auth::usage))
+        .route("/v1/load_lora_adapter", post(adapters::load))
+        .route("/v1/unload_lora_adapter", post(adapters::unload))
         .route(
             "/v1/files",
             get(files::list)

@@ -255,8 +255,10 @@ fn ld(a: &std::sync::atomic::AtomicU64) -> u64 {
 pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     // The operator's view: every model, fine-tuned ones of every key included.
     let all = s.all_models();
+    // One series per engine: adapters share their base model's.
     let models: Vec<(String, &EngineStats)> = all
         .iter()
+        .filter(|m| m.adapter.is_none())
         .map(|m| (m.id.clone(), m.stats.as_ref()))
         .collect();
     (

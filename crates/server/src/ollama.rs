@@ -393,7 +393,7 @@ pub async fn generate(
 fn details(m: &Model) -> Value {
     let d = &m.details;
     json!({
-        "parent_model": "",
+        "parent_model": m.parent.as_deref().unwrap_or_default(),
         "format": "gguf",
         "family": d.architecture,
         "families": [d.architecture],
@@ -415,7 +415,7 @@ fn parameter_size(n: u64) -> String {
 fn digest(m: &Model) -> String {
     // Not the file's sha256 (hashing a large file per listing is too slow): a stable id built
     // from its name, size and modification time.
-    let h = crate::fnv1a(format!("{}:{}:{}", m.file_name, m.file_size, m.created).bytes());
+    let h = crate::fnv1a(format!("{}:{}:{}:{}", m.id, m.file_name, m.file_size, m.created).bytes());
     format!("{h:016x}")
 }
 

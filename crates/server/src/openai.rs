@@ -199,6 +199,9 @@ impl Meta {
 }
 
 fn model_object(m: &Model) -> Value {
+    if m.adapter.is_some() {
+        return crate::adapters::adapter_object(m);
+    }
     json!({
         "id": m.id,
         "object": "model",

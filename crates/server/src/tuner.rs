@@ -4,7 +4,8 @@
 //! Contract:
 //! - The server never trains (it never touches tensors): the binary hands it [`Hooks`], which
 //!   validate a training file, run a job's training into its run directory, and load a finished
-//!   run as a [`ServedModel`].
+//!   run as a [`ServedModel`]. A LoRA run whose base model is served is served as an adapter on
+//!   that base instead (see `adapters`): one engine and one copy of the weights for all.
 //! - Everything a job is lives in the store (`ferrolm_accounting`'s files and jobs) and in
 //!   `DATA_DIR/fine_tuning/<job id>/` (the run: checkpoints, metrics, the adapter); this module
 //!   only keeps the queue's order and the running job's stop flag in memory. So a restart
@@ -87,7 +88,8 @@ pub type Validate = dyn Fn(&str) -> Result<usize, Vec<String>> + Send + Sync;
 pub type Train = dyn Fn(&TrainSpec, &AtomicBool, &mut (dyn FnMut(Progress) + Send)) -> Result<TrainEnd, String>
     + Send
     + Sync;
-/// Load a finished run directory as a served model called `id`.
+/// Load a finished run directory as a served model called `id` (a model of its own, with the
+/// adapter folded in: for runs whose base model is not served).
 pub type Load = dyn Fn(&Path, &str) -> Result<ServedModel, String> + Send + Sync;
 
 /// What the binary provides for fine-tuning.
@@ -218,7 +220,51 @@ pub fn fine_tuned_name(job: &JobRecord) -> String {
     format!("ft:{}:{suffix}:{}", job.model, job.id)
 }
 
+/// A finished run, read and ready to serve.
+enum Servable {
+    /// Its adapter, on the served base model of this id.
+    Adapter(String, ferrolm_engine::Adapter),
+    Model(Box<ServedModel>),
+}
+
 impl AppState {
+    /// Read the finished run `run` of a job on the base model `base`: its PEFT adapter when the
+    /// base is served here, else the whole model (the base with the adapter folded in).
+    fn read_run(
+        &self,
+        hooks: &Hooks,
+        run: &Path,
+        base: &str,
+        name: &str,
+    ) -> Result<Servable, String> {
+        let peft = run.join("adapter");
+        let base_served = self
+            .all_models()
+            .iter()
+            .any(|m| m.owner.is_none() && m.adapter.is_none() && m.id == base);
+        if base_served
+            && self.adapters.get().is_some()
+            && peft.join("adapter_config.json").is_file()
+        {
+            let ad = self.read_adapter(&peft, base, name)?;
+            return Ok(Servable::Adapter(base.to_owned(), ad));
+        }
+        (hooks.load)(run, name).map(|m| Servable::Model(Box::new(m)))
+    }
+
+    fn serve_run(&self, run: Servable, name: &str, owner: Option<i64>) -> Result<(), String> {
+        match run {
+            Servable::Adapter(base, ad) => self
+                .add_adapter(&base, name.to_owned(), Vec::new(), ad, owner)
+                .map(|_| ())
+                .map_err(|e| e.message),
+            Servable::Model(m) => {
+                self.add_model(*m, owner);
+                Ok(())
+            }
+        }
+    }
+
     /// Enable `/v1/files` and `/v1/fine_tuning`: files and runs under `data_dir`. Serves the
     /// succeeded jobs' models again, queues the jobs a previous run left queued or running,
     /// and starts the worker. Call [`AppState::stop_fine_tuning`] before dropping the state.
@@ -240,8 +286,12 @@ impl AppState {
             .map_err(|e| e.to_string())?
         {
             let name = job.fine_tuned_model.clone().unwrap_or_default();
-            match (tuner.hooks.load)(&tuner.run_dir(&job.id), &name) {
-                Ok(m) => self.add_model(m, job.key_id),
+            let run = tuner.run_dir(&job.id);
+            let served = self
+                .read_run(&tuner.hooks, &run, &job.model, &name)
+                .and_then(|r| self.serve_run(r, &name, job.key_id));
+            match served {
+                Ok(()) => {}
                 Err(e) => eprintln!(
                     "ferrolm serve: {}: cannot serve `{name}` again: {e}",
                     job.id
@@ -267,15 +317,21 @@ impl AppState {
             }
             tuner.enqueue(&job.id);
         }
-        let (state, queue) = (self.clone(), tuner.queue.clone());
+        // The tuner is in place before the worker starts: a job queued above runs at once, and
+        // `run_job` finds the tuner.
+        let queue = tuner.queue.clone();
+        self.tuning
+            .set(tuner)
+            .map_err(|_| "fine-tuning was already started".to_owned())?;
+        let state = self.clone();
         let worker = std::thread::Builder::new()
             .name("ferrolm-finetune".into())
             .spawn(move || work(&state, &queue))
             .map_err(|e| format!("cannot start the fine-tuning thread: {e}"))?;
-        *tuner.worker.lock().unwrap_or_else(PoisonError::into_inner) = Some(worker);
-        self.tuning
-            .set(tuner)
-            .map_err(|_| "fine-tuning was already started".to_owned())
+        if let Some(t) = self.tuning.get() {
+            *t.worker.lock().unwrap_or_else(PoisonError::into_inner) = Some(worker);
+        }
+        Ok(())
     }
 
     /// Stop the worker (see [`Tuner::shutdown`]); it holds the state until then.
@@ -407,7 +463,14 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
                     store,
                     id,
                     "info",
-                    format!("Step {step}/{}: training loss={train_loss:.4}, validation loss={valid_loss:.4}", seen.total_steps),
+                    if valid_loss.is_finite() {
+                        format!("Step {step}/{}: training loss={train_loss:.4}, validation loss={valid_loss:.4}", seen.total_steps)
+                    } else {
+                        format!(
+                            "Step {step}/{}: training loss={train_loss:.4}",
+                            seen.total_steps
+                        )
+                    },
                     Some(json!({
                         "step": step,
                         "train_loss": num(train_loss),
@@ -467,7 +530,7 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
         // (still `running`: the next start resumes it).
         Ok(end) if end.interrupted => Ok(()),
         Ok(end) => {
-            let model = match (t.hooks.load)(&spec.out, &name) {
+            let model = match s.read_run(&t.hooks, &spec.out, &spec.base_model, &name) {
                 Ok(m) => m,
                 Err(e) => return fail(format!("the trained model does not load: {e}")),
             };
@@ -479,7 +542,16 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
                 .finish_job(id, "succeeded", &["running"], Some(&name), None, unix_s())
                 .map_err(|e| e.to_string())?
             {
-                s.add_model(model, job.key_id);
+                if let Err(e) = s.serve_run(model, &name, job.key_id) {
+                    log_event(
+                        store,
+                        id,
+                        "error",
+                        format!("`{name}` cannot be served: {e}"),
+                        None,
+                    );
+                    return Ok(());
+                }
                 log_event(
                     store,
                     id,

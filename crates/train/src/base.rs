@@ -68,7 +68,7 @@ pub fn load_stored(path: &Path) -> Result<(ModelConfig, StoredBase, GgufFile), T
 }
 
 /// The GGUF of `path` and the training config it describes, with every shape checked.
-fn open(path: &Path) -> Result<(ModelConfig, GgufFile), TrainError> {
+pub fn open(path: &Path) -> Result<(ModelConfig, GgufFile), TrainError> {
     let gguf = if crate::export::is_run(path) {
         crate::export::open_as_gguf(path)?
     } else {

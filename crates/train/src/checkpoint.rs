@@ -147,19 +147,35 @@ pub fn read_safetensors(
                 format!("tensor `{name}` is missing (was it written for another model config?)"),
             )
         })?;
-        if v.dtype() != Dtype::F32 || v.shape() != t.shape.as_slice() {
+        let floats = matches!(v.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16);
+        if !floats || v.shape() != t.shape.as_slice() {
             return Err(bad(
                 path,
                 format!(
-                    "tensor `{name}` is {:?} {:?}, expected F32 {:?}",
+                    "tensor `{name}` is {:?} {:?}, expected F32 (or F16/BF16) {:?}",
                     v.dtype(),
                     v.shape(),
                     t.shape
                 ),
             ));
         }
-        for (o, b) in out[t.range()].iter_mut().zip(v.data().chunks_exact(4)) {
-            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let out = &mut out[t.range()];
+        match v.dtype() {
+            Dtype::F16 => {
+                for (o, b) in out.iter_mut().zip(v.data().chunks_exact(2)) {
+                    *o = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            Dtype::BF16 => {
+                for (o, b) in out.iter_mut().zip(v.data().chunks_exact(2)) {
+                    *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            _ => {
+                for (o, b) in out.iter_mut().zip(v.data().chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
         }
     }
     Ok(out)

@@ -193,6 +193,29 @@ pub fn to_inference(
     Ok(ad)
 }
 
+/// The PEFT adapter at `dir` (or the final adapter of the `ferrolm finetune` run `dir`) as the
+/// engine applies it on the base model at `base` (a GGUF or a run), called `name`.
+pub fn load_for_serving(
+    dir: &Path,
+    base: &Path,
+    name: &str,
+) -> Result<ferrolm_models::Adapter, TrainError> {
+    let run_adapter = dir.join("adapter");
+    let dir = if dir.join("adapter_config.json").is_file() {
+        dir
+    } else if run_adapter.join("adapter_config.json").is_file() {
+        run_adapter.as_path()
+    } else {
+        return Err(bad(
+            dir,
+            "is not a PEFT LoRA adapter (no adapter_config.json) nor a finished `ferrolm finetune --method lora` run (no adapter/)",
+        ));
+    };
+    let (c, _) = crate::base::open(base)?;
+    let (lora, params) = load(dir, &c)?;
+    to_inference(&c, &lora, &params, name)
+}
+
 /// `W += s·B·A` for every adapter: the base parameters with the adapter folded in.
 pub fn merge(c: &ModelConfig, base: &mut [f32], lora: &Lora, params: &[f32]) {
     let layout = crate::model::Layout::new(c);

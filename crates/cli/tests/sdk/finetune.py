@@ -162,6 +162,8 @@ def check_a_job_runs_to_success_and_its_model_answers():
     ft = done.fine_tuned_model
     assert ft in [m.id for m in a.models.list().data]
     assert ft not in [m.id for m in b.models.list().data]
+    # A LoRA adapter on the served base (no second copy of its weights).
+    assert getattr(a.models.retrieve(ft), "parent", None) == MODEL, a.models.retrieve(ft)
     r = a.chat.completions.create(
         model=ft, messages=[{"role": "user", "content": "Capital of France?"}], temperature=0, max_tokens=8
     )
