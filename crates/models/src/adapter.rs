@@ -2,9 +2,11 @@
 //! `y += s·(x·Aᵀ)·Bᵀ` after each adapted projection, the others the base model alone — so
 //! requests for different fine-tunes of one base share a batch and one copy of its weights.
 //!
-//! The model calls [`Adapter::apply`] on each sequence's rows after the base product. The
-//! low-rank update costs `r·(in + out)` multiply-adds per row and projection (r = 8: under 2%
-//! of a SmolLM2 layer's work). Rows of q and k are in GGUF's interleaved-RoPE order, as the
+//! The model calls [`Adapter::apply_row`] on each adapted row after the base product. The
+//! low-rank update costs `r·(in + out)` multiply-adds per row and projection (r = 8 on all
+//! seven: 2.3% of a SmolLM2 layer's work), but its f32 matrices are read like weights: 9.5 MiB
+//! for that adapter against the base's 85 MiB of Q4_1, so one adapted stream decodes ~11%
+//! slower than the base (measured with `scripts/loadgen.py`; BENCHMARKS.md). Rows of q and k are in GGUF's interleaved-RoPE order, as the
 //! base weights are (PEFT files are converted when they are read).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -40,8 +42,8 @@ impl Proj {
 struct Pair {
     /// (r × n_in), row-major.
     a: Vec<f32>,
-    /// (n_out × r), row-major.
-    b: Vec<f32>,
+    /// Bᵀ: (r × n_out), row-major, so the update is r SIMD `axpy`s over the output row.
+    bt: Vec<f32>,
     n_in: usize,
     n_out: usize,
 }
@@ -90,7 +92,13 @@ impl Adapter {
                 b.len()
             )));
         }
-        self.layers[layer][proj.index()] = Some(Pair { a, b, n_in, n_out });
+        let mut bt = vec![0f32; b.len()];
+        for (j, brow) in b.chunks_exact(r).enumerate() {
+            for (k, v) in brow.iter().enumerate() {
+                bt[k * n_out + j] = *v;
+            }
+        }
+        self.layers[layer][proj.index()] = Some(Pair { a, bt, n_in, n_out });
         self.uid = next_uid();
         Ok(())
     }
@@ -107,7 +115,7 @@ impl Adapter {
             .iter()
             .flatten()
             .flatten()
-            .map(|p| p.a.len() + p.b.len())
+            .map(|p| p.a.len() + p.bt.len())
             .sum();
         values * std::mem::size_of::<f32>()
     }
@@ -123,20 +131,9 @@ impl Adapter {
             .map(|p| (p.n_in, p.n_out))
     }
 
-    /// For rows `rows` of the batch: `out[i][col..col + n_out] += s·(x[i]·Aᵀ)·Bᵀ`, where `x` has
-    /// row stride `x_stride` and `out` row stride `out_stride`. No-op if `proj` is not adapted.
-    #[allow(clippy::too_many_arguments)]
-    pub fn apply(
-        &self,
-        layer: usize,
-        proj: Proj,
-        x: &[f32],
-        x_stride: usize,
-        out: &mut [f32],
-        out_stride: usize,
-        col: usize,
-        rows: std::ops::Range<usize>,
-    ) {
+    /// One row: `y += s·(x·Aᵀ)·Bᵀ`, `x` the row's input (`n_in` values) and `y` its output
+    /// (`n_out` values). No-op if `proj` is not adapted in `layer`.
+    pub fn apply_row(&self, layer: usize, proj: Proj, x: &[f32], y: &mut [f32]) {
         let Some(p) = self
             .layers
             .get(layer)
@@ -144,17 +141,10 @@ impl Adapter {
         else {
             return;
         };
-        let r = self.rank;
-        let mut xa = vec![0f32; r];
-        for i in rows {
-            let xi = &x[i * x_stride..][..p.n_in];
-            for (k, v) in xa.iter_mut().enumerate() {
-                *v = self.scale * crate::simd::dot(xi, &p.a[k * p.n_in..][..p.n_in]);
-            }
-            let yi = &mut out[i * out_stride + col..][..p.n_out];
-            for (y, brow) in yi.iter_mut().zip(p.b.chunks_exact(r)) {
-                *y += brow.iter().zip(&xa).map(|(b, v)| b * v).sum::<f32>();
-            }
+        let (x, y) = (&x[..p.n_in], &mut y[..p.n_out]);
+        for (a_k, bt_k) in p.a.chunks_exact(p.n_in).zip(p.bt.chunks_exact(p.n_out)) {
+            let xa = self.scale * crate::simd::dot(x, a_k);
+            crate::simd::axpy(y, xa, bt_k);
         }
     }
 }

@@ -783,9 +783,19 @@ fn adapt(
     (out, os): (&mut [f32], usize),
     col: usize,
 ) {
-    for (sq, ad) in batch.seqs.iter().zip(batch.adapters) {
-        if let Some(ad) = ad {
-            ad.apply(l, proj, x, xs, out, os, col, sq.start..sq.start + sq.len);
-        }
+    if batch.adapters.iter().all(Option::is_none) {
+        return;
     }
+    // Rows in parallel: each is written by one thread, with its own sequence's adapter.
+    let rows = batch.tokens.len();
+    out[..rows * os]
+        .par_chunks_mut(os)
+        .enumerate()
+        .with_min_len(4)
+        .for_each(|(i, y)| {
+            let seq = batch.seqs.partition_point(|sq| sq.start + sq.len <= i);
+            if let Some(Some(ad)) = batch.adapters.get(seq) {
+                ad.apply_row(l, proj, &x[i * xs..], &mut y[col..]);
+            }
+        });
 }
