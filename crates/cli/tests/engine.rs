@@ -12,7 +12,7 @@ use ferrolm_engine::{
     Engine, EngineConfig, Event, FinishReason, GenerateOptions, Request, Session, Usage,
 };
 use ferrolm_gguf::GgufFile;
-use ferrolm_models::Llama;
+use ferrolm_models::{Adapter, Llama, Proj};
 use ferrolm_sample::SamplingParams;
 use ferrolm_tokenizer::{chat::ChatTemplate, Tokenizer};
 
@@ -268,4 +268,126 @@ fn bad_requests_get_an_error_event() {
         assert!(matches!(rx.try_recv(), Ok(Event::Error(_))));
     }
     assert!(!e.has_work());
+}
+
+/// A rank-4 adapter on q, v and down of every layer with seeded random weights, large enough
+/// to change greedy replies.
+fn random_adapter(f: &Fixture, seed: u64) -> Arc<Adapter> {
+    let c = &f.model.cfg;
+    let r = 4;
+    let mut ad = Adapter::new("random", c.n_layers, r, 2.0);
+    let mut s = seed;
+    let mut next = move || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+    };
+    for l in 0..c.n_layers {
+        for (proj, n_in, n_out) in [
+            (Proj::Q, c.dim, c.q_dim()),
+            (Proj::V, c.dim, c.kv_dim()),
+            (Proj::Down, c.ffn_dim, c.dim),
+        ] {
+            let a = (0..r * n_in).map(|_| next()).collect();
+            let b = (0..n_out * r).map(|_| next()).collect();
+            ad.set(l, proj, a, b, n_in, n_out).unwrap();
+        }
+    }
+    Arc::new(ad)
+}
+
+fn submit(
+    e: &mut Engine,
+    id: u64,
+    p: &[u32],
+    adapter: Option<Arc<Adapter>>,
+) -> mpsc::Receiver<Event> {
+    let (tx, rx) = mpsc::channel();
+    e.add(Request {
+        id,
+        prompt: p.to_vec(),
+        opts: opts(24),
+        adapter,
+        reply: tx,
+    });
+    rx
+}
+
+fn outcome(rx: &mpsc::Receiver<Event>) -> (Vec<u32>, Usage) {
+    let mut ids = Vec::new();
+    for ev in rx.try_iter() {
+        match ev {
+            Event::Token { id, .. } => ids.push(id),
+            Event::Finished { usage, .. } => return (ids, usage),
+            Event::Error(e) => panic!("request failed: {e}"),
+        }
+    }
+    panic!("no Finished event")
+}
+
+fn drain(e: &mut Engine) {
+    while e.has_work() {
+        e.step().unwrap();
+    }
+}
+
+#[test]
+fn adapters_apply_per_request_in_one_batch_and_keep_their_own_prefix_cache() {
+    let f = fixture();
+    let ad = random_adapter(&f, 7);
+    let p = prompt(
+        &f,
+        "You are a helpful assistant.",
+        "Name three colours of the rainbow.",
+    );
+    let base_alone = alone(&f, &p, 24);
+
+    // Alone in an engine, the adapted request generates its own reply.
+    let mut e = Engine::new(f.model.clone(), f.tok.clone(), EngineConfig::default()).unwrap();
+    let rx = submit(&mut e, 1, &p, Some(ad.clone()));
+    drain(&mut e);
+    let (adapted_alone, _) = outcome(&rx);
+    assert_ne!(adapted_alone, base_alone, "the adapter changed nothing");
+
+    // Together: the first step prefills both and samples a token for each (one batch), and
+    // each request generates exactly what it generates alone.
+    let mut e = Engine::new(f.model.clone(), f.tok.clone(), EngineConfig::default()).unwrap();
+    let (rb, ra) = (
+        submit(&mut e, 1, &p, None),
+        submit(&mut e, 2, &p, Some(ad.clone())),
+    );
+    let computed = e.step().unwrap();
+    assert_eq!(computed, 2 * p.len(), "both prompts in the first batch");
+    drain(&mut e);
+    let ((b, ub), (a, ua)) = (outcome(&rb), outcome(&ra));
+    assert_eq!(b, base_alone);
+    assert_eq!(a, adapted_alone);
+    // The adapter's request did not reuse the base's blocks, though its prompt is the same.
+    assert_eq!((ub.cached_tokens, ua.cached_tokens), (0, 0));
+
+    // Each one's later requests hit their own cache entries, never the other's.
+    let ra = submit(&mut e, 3, &p, Some(ad.clone()));
+    drain(&mut e);
+    let (a2, u) = outcome(&ra);
+    assert!(u.cached_tokens > 0, "{u:?}");
+    assert_eq!(a2, adapted_alone);
+    let other = random_adapter(&f, 8);
+    let rx = submit(&mut e, 4, &p, Some(other));
+    drain(&mut e);
+    assert_eq!(
+        outcome(&rx).1.cached_tokens,
+        0,
+        "another adapter used this one's KV"
+    );
+
+    // An adapter for another model shape is refused with a clear error.
+    let mut bad = Adapter::new("bad", f.model.cfg.n_layers, 2, 1.0);
+    bad.set(0, Proj::Q, vec![0.0; 2 * 10], vec![0.0; 10 * 2], 10, 10)
+        .unwrap();
+    let rx = submit(&mut e, 5, &p, Some(Arc::new(bad)));
+    match rx.try_recv() {
+        Ok(Event::Error(m)) => assert!(m.contains("adapter `bad`"), "{m}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
 }
