@@ -22,6 +22,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let m = load(&a.run.model)?;
     params.validate(m.model.cfg.vocab_size)?;
     let mut session = Session::new(&m.model, a.run.ctx, threads(a.run.threads)?)?;
+    a.run.lora.apply(&m, &mut session)?;
 
     let generating = Arc::new(AtomicBool::new(false));
     let interrupted = Arc::new(AtomicBool::new(false));

@@ -13,7 +13,7 @@ use clap::{Args, Subcommand};
 use ferrolm_engine::Session;
 use serde_json::json;
 
-use crate::{load, threads, ModelArgs};
+use crate::{load, threads, LoraArgs, ModelArgs};
 
 #[derive(Subcommand)]
 pub enum EvalCmd {
@@ -28,6 +28,8 @@ pub enum EvalCmd {
 pub struct ChatEvalArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    lora: LoraArgs,
     /// Chat JSONL (OpenAI fine-tuning format).
     #[arg(long)]
     data: PathBuf,
@@ -48,6 +50,8 @@ pub struct ChatEvalArgs {
 pub struct PplArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    lora: LoraArgs,
     /// UTF-8 text file to score.
     #[arg(long)]
     file: PathBuf,
@@ -84,6 +88,7 @@ fn chat_accuracy(a: ChatEvalArgs) -> Result<()> {
         m.model.cfg.context_length.min(4096),
         threads(a.threads)?,
     )?;
+    a.lora.apply(&m, &mut session)?;
     let opts = ferrolm_engine::GenerateOptions {
         params: ferrolm_sample::SamplingParams {
             temperature: 0.0,
@@ -162,6 +167,7 @@ fn perplexity(a: PplArgs) -> Result<()> {
         );
     }
     let mut session = Session::new(&m.model, a.ctx, threads(a.threads)?)?;
+    a.lora.apply(&m, &mut session)?;
     let vocab = m.model.cfg.vocab_size;
     let t0 = Instant::now();
     let (mut nll, mut scored) = (0f64, 0usize);

@@ -106,10 +106,35 @@ pub struct ModelArgs {
     pub model: Option<PathBuf>,
 }
 
+/// `--lora`: an adapter on the model, as llama.cpp's.
+#[derive(Args, Clone, Default)]
+pub struct LoraArgs {
+    /// Apply a LoRA adapter: a PEFT directory (adapter_config.json + adapter_model.safetensors)
+    /// or a `ferrolm finetune --method lora` run, trained for this model.
+    #[arg(long, value_name = "PATH")]
+    pub lora: Option<PathBuf>,
+}
+
+impl LoraArgs {
+    /// Put the adapter (if one was asked for) on `session`, which runs `m`.
+    pub fn apply(&self, m: &Loaded, session: &mut Session) -> Result<()> {
+        let Some(dir) = &self.lora else {
+            return Ok(());
+        };
+        let ad = ferrolm_train::peft::load_for_serving(dir, &m.path, "lora").context("--lora")?;
+        session
+            .set_adapter(Some(std::sync::Arc::new(ad)))
+            .with_context(|| format!("--lora {}: not an adapter for this model", dir.display()))?;
+        Ok(())
+    }
+}
+
 #[derive(Args, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// Threads for the forward pass (default: available cores).
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
@@ -408,6 +433,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         m.chat_ids(&messages(a.system.as_deref(), &prompt))?
     };
     let mut session = Session::new(&m.model, a.run.ctx, threads(a.run.threads)?)?;
+    a.run.lora.apply(&m, &mut session)?;
     let opts = GenerateOptions {
         params,
         max_tokens: a.max_tokens,

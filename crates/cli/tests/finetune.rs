@@ -365,8 +365,25 @@ fn adapters_are_served_per_request_on_one_shared_base() {
         "{one_by_one:?}"
     );
     assert!(right(1) >= 2 && right(1) > right(0), "{one_by_one:?}");
-    // The alias answers as the adapter.
+    // The alias answers as the adapter, and so does `generate --lora` (llama.cpp's flag).
     assert_eq!(ask(&s, None, "json", &cases[0].0).1, one_by_one[0].1);
+    let o = ferrolm()
+        .args([
+            "generate",
+            "--json",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "40",
+        ])
+        .arg("--lora")
+        .arg(&run)
+        .arg("--prompt")
+        .arg(cases[0].0[0]["content"].as_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json_of(&o)["text"], one_by_one[0].1.as_str());
 
     // All at once, base and adapter requests in the same batches: the same answers, each
     // request with its own adapter (or none).

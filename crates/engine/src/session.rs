@@ -6,10 +6,11 @@
 //! streams each token's final text to a callback. Prompts longer than the context are an error,
 //! never a silent truncation.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferrolm_kv::BlockAllocator;
-use ferrolm_models::{Batch, KvCache, Llama, ModelError, Scratch, SeqSpan};
+use ferrolm_models::{Adapter, Batch, KvCache, Llama, ModelError, Scratch, SeqSpan};
 use ferrolm_sample::{Rng, SampleError, Sampled, Sampler, SamplingParams};
 use ferrolm_tokenizer::Tokenizer;
 
@@ -55,6 +56,8 @@ pub struct Session<'m> {
     pool: rayon::ThreadPool,
     pub ctx: usize,
     sampler: Sampler,
+    /// The LoRA adapter every token runs with (llama.cpp's `--lora`).
+    adapter: Option<Arc<Adapter>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -141,7 +144,19 @@ impl<'m> Session<'m> {
             pool,
             ctx,
             sampler: Sampler::new(),
+            adapter: None,
         })
+    }
+
+    /// Run every later token with `adapter` (or none); the cache is cleared, since what it
+    /// holds was computed without it.
+    pub fn set_adapter(&mut self, adapter: Option<Arc<Adapter>>) -> Result<(), SessionError> {
+        if let Some(a) = &adapter {
+            self.model.check_adapter(a)?;
+        }
+        self.adapter = adapter;
+        self.reset();
+        Ok(())
     }
 
     pub fn threads(&self) -> usize {
@@ -220,12 +235,17 @@ impl<'m> Session<'m> {
                 len: chunk.len(),
                 block_table: &self.table,
             }];
+            let adapter = [self.adapter.as_deref()];
             let batch = Batch {
                 tokens: chunk,
                 positions: &positions,
                 seqs: &seqs,
                 logits_for: &logits_for,
-                adapters: &[],
+                adapters: if self.adapter.is_some() {
+                    &adapter
+                } else {
+                    &[]
+                },
             };
             let (model, kv, scratch) = (self.model, &mut self.kv, &mut self.scratch);
             self.pool.install(|| model.forward(&batch, kv, scratch))?;
