@@ -1,5 +1,6 @@
 //! Times the quantized matmul on a SmolLM2-shaped FFN matrix (1536 × 576, random Q4_1
-//! weights, one thread): `cargo run --release -p ferrolm-models --example matmul -- [TOKENS]
+//! weights, one thread), row-major and in 16-row groups (AVX-512 VNNI), and prints how far the
+//! two results are apart: `cargo run --release -p ferrolm-models --example matmul -- [TOKENS]
 //! [REPS]`. Valgrind cannot run the AVX-512 kernels and this VM exposes no cycle counters, so
 //! A/B kernel changes here by interleaved timings (repeat, take medians).
 use ferrolm_models::quant::{matmul, Isa, QActs, QMatrix};
@@ -38,17 +39,30 @@ fn main() {
         .build()
         .expect("pool");
     let isa = Isa::detect();
-    let t0 = std::time::Instant::now();
-    pool.install(|| {
-        for _ in 0..reps {
-            matmul(isa, &w, &acts, &mut out);
+    let mut g16 = w.clone();
+    let grouped = isa == Isa::Avx512Vnni && g16.interleave16();
+    let mut first: Option<Vec<f32>> = None;
+    for (name, w) in [("rows", &w), ("group16", &g16)] {
+        if name == "group16" && !grouped {
+            continue;
         }
-    });
-    let dt = t0.elapsed().as_secs_f64();
-    let check: f32 = out.iter().sum();
-    println!(
-        "{isa:?}: {n} tokens × {rows}×{cols}: {:.3} ms per matmul, {:.1} GMAC/s (checksum {check:.3})",
-        dt / reps as f64 * 1e3,
-        (n * rows * cols * reps) as f64 / dt / 1e9
-    );
+        let t0 = std::time::Instant::now();
+        pool.install(|| {
+            for _ in 0..reps {
+                matmul(isa, w, &acts, &mut out);
+            }
+        });
+        let dt = t0.elapsed().as_secs_f64();
+        let diff = first.as_ref().map_or(0.0, |f| {
+            f.iter()
+                .zip(&out)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        });
+        first.get_or_insert_with(|| out.clone());
+        println!(
+            "{isa:?} {name}: {n} tokens × {rows}×{cols}: {:.3} ms per matmul, {:.1} GMAC/s (max |Δ| vs rows {diff:.2e})",
+            dt / reps as f64 * 1e3,
+            (n * rows * cols * reps) as f64 / dt / 1e9
+        );
+    }
 }

@@ -307,6 +307,23 @@ impl Llama {
                 *x /= s;
             }
         }
+        let isa = Isa::detect();
+        let mut tok_embd = tok_embd;
+        let mut output = output;
+        tok_embd.prepare(isa);
+        output.iter_mut().for_each(|o| o.prepare(isa));
+        for l in &mut layers {
+            match &mut l.qkv {
+                Qkv::Fused(w) => w.prepare(isa),
+                Qkv::Split(q, k, v) => [q, k, v].into_iter().for_each(|w| w.prepare(isa)),
+            }
+            match &mut l.gate_up {
+                GateUp::Fused(w) => w.prepare(isa),
+                GateUp::Split(a, b) => [a, b].into_iter().for_each(|w| w.prepare(isa)),
+            }
+            l.wo.prepare(isa);
+            l.w_down.prepare(isa);
+        }
         Ok(Llama {
             output_norm: vector(g, "output_norm.weight", dim)?,
             cfg,
@@ -314,7 +331,7 @@ impl Llama {
             layers,
             output,
             inv_freq,
-            isa: Isa::detect(),
+            isa,
         })
     }
 
