@@ -351,7 +351,8 @@ fn start_model(
         );
     }
     let c = m.model.cfg.clone();
-    let kv_bytes = cfg.num_blocks * cfg.block_size * c.n_layers * 2 * c.kv_dim() * 4;
+    // K and V in f16.
+    let kv_bytes = cfg.num_blocks * cfg.block_size * c.n_layers * 2 * c.kv_dim() * 2;
     // The weight type most tensors have (by bytes), as Ollama's `quantization_level`.
     let mut by_type = std::collections::BTreeMap::<String, u64>::new();
     for t in &m.gguf.tensors {

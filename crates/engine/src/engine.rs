@@ -39,7 +39,7 @@ use crate::text::TextStream;
 pub struct EngineConfig {
     /// Tokens per KV block.
     pub block_size: usize,
-    /// Blocks in the pool (KV memory = blocks × block_size × layers × 2 × kv_dim × 4 bytes).
+    /// Blocks in the pool (KV memory = blocks × block_size × layers × 2 × kv_dim × 2 bytes (f16)).
     pub num_blocks: usize,
     /// Most tokens computed in one step (prefill chunks + decode tokens).
     pub max_batch_tokens: usize,

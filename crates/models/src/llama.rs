@@ -444,8 +444,8 @@ impl Llama {
             for (i, &slot) in slots.iter().enumerate() {
                 let row = &s.qkv[i * qkv_dim..(i + 1) * qkv_dim];
                 let off = kv.offset(l, slot);
-                kv.k[off..off + kv_dim].copy_from_slice(&row[q_dim..q_dim + kv_dim]);
-                kv.v[off..off + kv_dim].copy_from_slice(&row[q_dim + kv_dim..]);
+                simd::to_f16(&row[q_dim..q_dim + kv_dim], &mut kv.k[off..off + kv_dim]);
+                simd::to_f16(&row[q_dim + kv_dim..], &mut kv.v[off..off + kv_dim]);
             }
             self.attention(l, batch, kv, s);
             layer
@@ -468,7 +468,7 @@ impl Llama {
                     adapt(batch, l, Proj::Up, (&s.xb, dim), (&mut s.gu, 2 * ffn), ffn);
                     for i in 0..n {
                         let (g, u) = s.gu[i * 2 * ffn..(i + 1) * 2 * ffn].split_at(ffn);
-                        swiglu(g, u, &mut s.h[i * ffn..(i + 1) * ffn]);
+                        simd::swiglu(g, u, &mut s.h[i * ffn..(i + 1) * ffn]);
                     }
                 }
                 GateUp::Split(wg, wu) => {
@@ -477,7 +477,7 @@ impl Llama {
                     adapt(batch, l, Proj::Gate, (&s.xb, dim), (&mut s.gu, ffn), 0);
                     adapt(batch, l, Proj::Up, (&s.xb, dim), (&mut s.tmp, ffn), 0);
                     for i in 0..n {
-                        swiglu(
+                        simd::swiglu(
                             &s.gu[i * ffn..(i + 1) * ffn],
                             &s.tmp[i * ffn..(i + 1) * ffn],
                             &mut s.h[i * ffn..(i + 1) * ffn],
@@ -722,12 +722,6 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
             *o = v * r * g;
         }
-    }
-}
-
-fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + (-g).exp()) * u;
     }
 }
 

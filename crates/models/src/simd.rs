@@ -7,6 +7,25 @@ fn has_avx2() -> bool {
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
+#[cfg(target_arch = "x86_64")]
+fn has_f16c() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| has_avx2() && is_x86_feature_detected!("f16c"))
+}
+
+/// `out[i] = x[i]` rounded to f16 (round to nearest even), as bits.
+pub fn to_f16(x: &[f32], out: &mut [u16]) {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    let out: &mut [half::f16] = out.reinterpret_cast_mut();
+    out.convert_from_f32_slice(x);
+}
+
+#[inline]
+fn f32_of(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
 /// Σ a·b.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -41,8 +60,8 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 pub fn attend(
     q: &[f32],
     hd: usize,
-    k: &[f32],
-    v: &[f32],
+    k: &[u16],
+    v: &[u16],
     offs: &[usize],
     scale: f32,
     scores: &mut Vec<f32>,
@@ -50,18 +69,26 @@ pub fn attend(
 ) {
     debug_assert_eq!(q.len(), out.len());
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && hd.is_multiple_of(8) && q.len() / hd <= MAX_GROUP {
+    if has_f16c() && hd.is_multiple_of(8) && q.len() / hd <= MAX_GROUP {
         // SAFETY: features checked above; every row is bounds-checked inside.
         return unsafe { attend_avx2(q, hd, k, v, offs, scale, scores, out) };
     }
     for (qh, oh) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
         scores.clear();
-        scores.extend(offs.iter().map(|&o| dot(qh, &k[o..o + hd]) * scale));
+        scores.extend(offs.iter().map(|&o| {
+            qh.iter()
+                .zip(&k[o..o + hd])
+                .map(|(a, &b)| a * f32_of(b))
+                .sum::<f32>()
+                * scale
+        }));
         let mx = scores.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
         let inv = 1.0 / exp_sub_sum(scores, mx);
         oh.fill(0.0);
         for (&o, &w) in offs.iter().zip(scores.iter()) {
-            axpy(oh, w * inv, &v[o..o + hd]);
+            for (y, &b) in oh.iter_mut().zip(&v[o..o + hd]) {
+                *y += w * inv * f32_of(b);
+            }
         }
     }
 }
@@ -70,15 +97,16 @@ pub fn attend(
 /// register each).
 const MAX_GROUP: usize = 8;
 
-/// [`attend`] with the dot products, exp and axpys inlined into one AVX2 function.
+/// [`attend`] with the dot products, exp and axpys inlined into one AVX2 function (K and V
+/// widened from f16 with F16C as they are loaded).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_avx2(
     q: &[f32],
     hd: usize,
-    k: &[f32],
-    v: &[f32],
+    k: &[u16],
+    v: &[u16],
     offs: &[usize],
     scale: f32,
     scores: &mut Vec<f32>,
@@ -97,7 +125,7 @@ unsafe fn attend_avx2(
             let kr = k.as_ptr().add(o);
             let mut acc = [_mm256_setzero_ps(); MAX_GROUP];
             for c in (0..hd).step_by(8) {
-                let kv = _mm256_loadu_ps(kr.add(c));
+                let kv = _mm256_cvtph_ps(_mm_loadu_si128(kr.add(c) as *const __m128i));
                 for (h, a) in acc.iter_mut().enumerate().take(g) {
                     *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(h * hd + c)), kv, *a);
                 }
@@ -125,7 +153,9 @@ unsafe fn attend_avx2(
                 _ => {
                     oh.fill(0.0);
                     for (&o, &wj) in offs.iter().zip(w) {
-                        axpy_avx2(oh, wj, &v[o..o + hd]);
+                        for (y, &b) in oh.iter_mut().zip(&v[o..o + hd]) {
+                            *y += wj * f32_of(b);
+                        }
                     }
                 }
             }
@@ -136,8 +166,8 @@ unsafe fn attend_avx2(
 /// `out = Σ_j w[j] · v[offs[j]..][..8·C]`, the `C` accumulators in registers. Rows are
 /// bounds-checked by the caller.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn weighted_sum<const C: usize>(w: &[f32], v: &[f32], offs: &[usize], out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum<const C: usize>(w: &[f32], v: &[u16], offs: &[usize], out: &mut [f32]) {
     use std::arch::x86_64::*;
     debug_assert_eq!(out.len(), 8 * C);
     unsafe {
@@ -146,13 +176,49 @@ unsafe fn weighted_sum<const C: usize>(w: &[f32], v: &[f32], offs: &[usize], out
             let ws = _mm256_set1_ps(wj);
             let vr = v.as_ptr().add(o);
             for (c, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(ws, _mm256_loadu_ps(vr.add(8 * c)), *a);
+                let vv = _mm256_cvtph_ps(_mm_loadu_si128(vr.add(8 * c) as *const __m128i));
+                *a = _mm256_fmadd_ps(ws, vv, *a);
             }
         }
         for (c, a) in acc.iter().enumerate() {
             _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), *a);
         }
     }
+}
+
+/// SwiGLU: `out[i] = silu(gate[i]) · up[i]`, `silu(g) = g / (1 + e^(-g))`.
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    debug_assert!(gate.len() == out.len() && up.len() == out.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2+FMA checked; the function reads and writes whole 8-lanes in bounds.
+        done = unsafe { swiglu_avx2(gate, up, out) };
+    }
+    for ((o, &g), &u) in out[done..].iter_mut().zip(&gate[done..]).zip(&up[done..]) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+/// The 8-lane part of [`swiglu`]; returns how many elements it wrote.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = out.len() / 8 * 8;
+    let one = _mm256_set1_ps(1.0);
+    // e^88 is finite; beyond it g / (1 + e^-g) is 0 to f32 precision anyway.
+    let hi = _mm256_set1_ps(88.0);
+    unsafe {
+        for i in (0..n).step_by(8) {
+            let g = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let u = _mm256_loadu_ps(up.as_ptr().add(i));
+            let e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), hi));
+            let silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(silu, u));
+        }
+    }
+    n
 }
 
 /// `x[i] = exp(x[i] - max)` in place; returns the sum. Inputs at or below `max` (softmax).
@@ -278,6 +344,27 @@ unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
 
 #[cfg(test)]
 mod tests {
+    fn f16s(x: &[f32]) -> Vec<u16> {
+        let mut out = vec![0u16; x.len()];
+        super::to_f16(x, &mut out);
+        out
+    }
+
+    #[test]
+    fn swiglu_matches_the_formula() {
+        let gate: Vec<f32> = (0..203).map(|i| (i as f32 - 100.0) * 0.97).collect();
+        let up: Vec<f32> = (0..203).map(|i| (i as f32 * 0.3).sin()).collect();
+        let mut out = vec![0.0; 203];
+        super::swiglu(&gate, &up, &mut out);
+        for ((o, &g), &u) in out.iter().zip(&gate).zip(&up) {
+            let want = (f64::from(g) / (1.0 + (-f64::from(g)).exp()) * f64::from(u)) as f32;
+            assert!(
+                (o - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                "{g}: {o} vs {want}"
+            );
+        }
+    }
+
     #[test]
     fn dot_and_axpy_match_scalar() {
         for n in [8, 16, 24, 64, 128] {
@@ -293,17 +380,23 @@ mod tests {
             }
             assert!((sum - want_e.iter().sum::<f32>()).abs() <= 1e-5 * sum);
             // attend: two rows, scores 0 and 1 → weights 1/(1+e), e/(1+e)
-            let kk: Vec<f32> = [vec![0.0; n], a.clone()].concat();
-            let vv: Vec<f32> = [b.clone(), a.clone()].concat();
+            // K and V are stored as f16: compare against the f16-rounded values.
+            let r = |x: &[f32]| -> Vec<f32> {
+                x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
+            };
+            let (a16, b16) = (r(&a), r(&b));
+            let kk = f16s(&[vec![0.0; n], a.clone()].concat());
+            let vv = f16s(&[b.clone(), a.clone()].concat());
             let q: Vec<f32> = a
                 .iter()
                 .map(|x| x / a.iter().map(|y| y * y).sum::<f32>())
                 .collect();
             let (mut sc, mut o) = (Vec::new(), vec![0.0; n]);
             super::attend(&q, n, &kk, &vv, &[0, n], 1.0, &mut sc, &mut o);
-            let e = 1f32.exp();
+            let s1: f32 = q.iter().zip(&a16).map(|(x, y)| x * y).sum();
+            let e = s1.exp();
             for i in 0..n {
-                let want = (b[i] + e * a[i]) / (1.0 + e);
+                let want = (b16[i] + e * a16[i]) / (1.0 + e);
                 assert!((o[i] - want).abs() < 1e-4, "attend {i}: {} vs {want}", o[i]);
             }
             let mut y = b.clone();
@@ -327,12 +420,20 @@ mod tests {
         ] {
             let f = |i: usize, a: f32| ((i as f32) * a).sin();
             let q: Vec<f32> = (0..g * hd).map(|i| f(i, 0.31)).collect();
-            let k: Vec<f32> = (0..rows * hd).map(|i| f(i, 0.17)).collect();
-            let v: Vec<f32> = (0..rows * hd).map(|i| f(i, 0.07)).collect();
+            let k16 = f16s(&(0..rows * hd).map(|i| f(i, 0.17)).collect::<Vec<_>>());
+            let v16 = f16s(&(0..rows * hd).map(|i| f(i, 0.07)).collect::<Vec<_>>());
+            let k: Vec<f32> = k16
+                .iter()
+                .map(|&b| half::f16::from_bits(b).to_f32())
+                .collect();
+            let v: Vec<f32> = v16
+                .iter()
+                .map(|&b| half::f16::from_bits(b).to_f32())
+                .collect();
             // Rows out of order, as a block table would give them.
             let offs: Vec<usize> = (0..rows).rev().map(|r| r * hd).collect();
             let mut got = vec![0.0; g * hd];
-            super::attend(&q, hd, &k, &v, &offs, 0.125, &mut Vec::new(), &mut got);
+            super::attend(&q, hd, &k16, &v16, &offs, 0.125, &mut Vec::new(), &mut got);
             for h in 0..g {
                 let qh = &q[h * hd..(h + 1) * hd];
                 let sc: Vec<f64> = offs
