@@ -112,14 +112,18 @@ fn compare(tied: bool, ty: ExportType, tol: f32) {
     );
 }
 
+/// f32 weights on both sides; inference keeps K and V in f16 (its KV cache), which measured
+/// up to 1.2e-3 of the largest logit on these random models (1e-5 with an f32 cache).
+const F16_CACHE: f32 = 3e-3;
+
 #[test]
 fn f32_export_gives_the_training_logits_tied() {
-    compare(true, ExportType::F32, 1e-4);
+    compare(true, ExportType::F32, F16_CACHE);
 }
 
 #[test]
 fn f32_export_gives_the_training_logits_untied() {
-    compare(false, ExportType::F32, 1e-4);
+    compare(false, ExportType::F32, F16_CACHE);
 }
 
 #[test]
@@ -362,11 +366,20 @@ fn inference_adapters_apply_per_sequence() {
             let got = s.logits_row(seq * t + i, v);
             for (a, b) in got.iter().zip(&want[i * v..][..v]) {
                 assert!(
-                    (a - b).abs() < 1e-4 * scale,
+                    (a - b).abs() < F16_CACHE * scale,
                     "sequence {seq} position {i}: {a} vs {b}"
                 );
             }
         }
     }
-    assert!(want_adapted != want_base);
+    // The adapter moves the logits far more than the tolerance above.
+    let scale = want_base.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let moved = want_adapted
+        .iter()
+        .zip(&want_base)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        moved > 10.0 * F16_CACHE * scale,
+        "the adapter moved logits by {moved}"
+    );
 }
