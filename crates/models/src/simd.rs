@@ -1,4 +1,5 @@
-//! f32 vector helpers for attention, with an AVX2+FMA path picked at run time.
+//! Vector helpers for attention (over the f16 K/V cache) and SwiGLU, with an AVX2+FMA(+F16C)
+//! path picked at run time.
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
