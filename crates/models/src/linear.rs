@@ -1,24 +1,20 @@
 //! A weight matrix `[out, in]` in whichever form runs fastest for its GGUF type.
 //!
-//! * Q4_0 / Q4_1 / Q8_0 → our repacked [`QMatrix`] and its kernels (stays 4/8-bit in memory).
-//! * Other quantized types (K-quants, Q5_x) → candle's `QMatMul` (stays quantized; candle's
-//!   kernels, slower, but correct for every type candle knows).
+//! * Every quantized weight type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K) → our repacked
+//!   [`QMatrix`] and its kernels, losslessly (see [`crate::quant::Grain`]; stays 4/8-bit in
+//!   memory).
 //! * F32 / F16 / BF16 → an f32 candle tensor and candle's GEMM.
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+use candle_core::{Device, Tensor};
 use ferrolm_gguf::{GgmlType, GgufFile, TensorInfo};
 
-use crate::quant::{matmul, Isa, QActs, QMatrix};
+use crate::quant::{matmul, Grain, Isa, QActs, QMatrix};
 use crate::ModelError;
 
 pub enum Linear {
-    Q(QMatrix),
-    Candle {
-        mm: QMatMul,
-        rows: usize,
-        cols: usize,
-    },
+    /// Boxed: a model holds its q/k/v either fused or split, and the enum stays small.
+    Q(Box<QMatrix>),
     F32 {
         w: Tensor,
         rows: usize,
@@ -128,25 +124,37 @@ impl Linear {
             ));
         }
         match info.ggml_type {
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => {
-                let raw = g.tensor_bytes(info)?;
-                let q = QMatrix::from_ggml(info.ggml_type, rows, cols, &raw)
-                    .ok_or_else(|| ModelError::tensor(g, info, "size does not match its type"))?;
-                Ok(Linear::Q(q))
-            }
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
                 let w = dequantize(g, info)?;
                 let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu)?;
                 Ok(Linear::F32 { w, rows, cols })
             }
-            other => {
+            GgmlType::Q8_1 | GgmlType::Q8K => Err(ModelError::tensor(
+                g,
+                info,
+                &format!(
+                    "{:?} is ggml's activation format, not a weight format (no converter \
+                     writes weights in it); requantize the file as Q8_0",
+                    info.ggml_type
+                ),
+            )),
+            ty => {
+                let block = ty.block_size() as usize;
+                if !cols.is_multiple_of(block) {
+                    return Err(ModelError::tensor(
+                        g,
+                        info,
+                        &format!(
+                            "{ty:?} rows have {cols} elements, not a multiple of its block size \
+                             {block} (K-quants pack rows in super-blocks of 256; requantize this \
+                             tensor as Q4_0, Q5_0 or Q8_0, as llama-quantize does for such rows)"
+                        ),
+                    ));
+                }
                 let raw = g.tensor_bytes(info)?;
-                let dt = candle_dtype(other)
-                    .ok_or_else(|| ModelError::tensor(g, info, "unsupported type"))?;
-                let qt = qtensor_from_ggml(dt, &raw, vec![rows, cols], &Device::Cpu)
-                    .map_err(|e| ModelError::tensor(g, info, &e.to_string()))?;
-                let mm = QMatMul::from_qtensor(qt)?;
-                Ok(Linear::Candle { mm, rows, cols })
+                let q = QMatrix::from_ggml(ty, rows, cols, &raw)
+                    .ok_or_else(|| ModelError::tensor(g, info, "size does not match its type"))?;
+                Ok(Linear::Q(Box::new(q)))
             }
         }
     }
@@ -154,24 +162,29 @@ impl Linear {
     pub fn rows(&self) -> usize {
         match self {
             Linear::Q(q) => q.rows,
-            Linear::Candle { rows, .. } | Linear::F32 { rows, .. } => *rows,
+            Linear::F32 { rows, .. } => *rows,
         }
     }
 
     pub fn cols(&self) -> usize {
         match self {
             Linear::Q(q) => q.cols,
-            Linear::Candle { cols, .. } | Linear::F32 { cols, .. } => *cols,
+            Linear::F32 { cols, .. } => *cols,
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
-            Linear::Q(q) => match q.bits {
-                crate::quant::QBits::Four => "q4 (ferrolm kernels)",
-                crate::quant::QBits::Eight => "q8 (ferrolm kernels)",
+            Linear::Q(q) => match (q.bits, q.grain) {
+                (crate::quant::QBits::Four, Grain::Block32) => "q4 (ferrolm kernels)",
+                (crate::quant::QBits::Eight, Grain::Block32) => "q8 (ferrolm kernels)",
+                (crate::quant::QBits::Four, Grain::Sub16) => {
+                    "q4, 16-element scales (ferrolm kernels)"
+                }
+                (crate::quant::QBits::Eight, Grain::Sub16) => {
+                    "q8, 16-element scales (ferrolm kernels)"
+                }
             },
-            Linear::Candle { .. } => "quantized (candle kernels)",
             Linear::F32 { .. } => "f32",
         }
     }
@@ -179,7 +192,6 @@ impl Linear {
     pub fn memory_bytes(&self) -> usize {
         match self {
             Linear::Q(q) => q.memory_bytes(),
-            Linear::Candle { rows, cols, .. } => rows * cols / 2,
             Linear::F32 { rows, cols, .. } => rows * cols * 4,
         }
     }
@@ -194,13 +206,13 @@ impl Linear {
         let qs: Vec<QMatrix> = parts
             .into_iter()
             .filter_map(|p| match p {
-                Linear::Q(q) => Some(q),
+                Linear::Q(q) => Some(*q),
                 _ => None,
             })
             .collect();
         match QMatrix::concat_rows(&qs) {
-            Some(q) => Ok(Linear::Q(q)),
-            None => Err(qs.into_iter().map(Linear::Q).collect()),
+            Some(q) => Ok(Linear::Q(Box::new(q))),
+            None => Err(qs.into_iter().map(|q| Linear::Q(Box::new(q))).collect()),
         }
     }
 
@@ -217,11 +229,6 @@ impl Linear {
             Linear::Q(q) => {
                 acts.quantize(&x[..n * q.cols], n, q.cols);
                 matmul(isa, q, acts, &mut out[..n * q.rows]);
-            }
-            Linear::Candle { mm, rows, cols } => {
-                let xt = Tensor::from_slice(&x[..n * cols], (n, *cols), &Device::Cpu)?;
-                let y = mm.forward(&xt)?.flatten_all()?.to_vec1::<f32>()?;
-                out[..n * rows].copy_from_slice(&y);
             }
             Linear::F32 { w, rows, cols } => {
                 let xt = Tensor::from_slice(&x[..n * cols], (n, *cols), &Device::Cpu)?;
@@ -245,10 +252,6 @@ impl Linear {
         match self {
             Linear::Q(q) => q.dequantize_row(r, out),
             Linear::F32 { w, .. } => out.copy_from_slice(&w.get(r)?.to_vec1::<f32>()?),
-            Linear::Candle { .. } => return Err(ModelError::Unsupported(
-                "embedding lookup from a candle-quantized matrix (load it with Embedding::load)"
-                    .into(),
-            )),
         }
         Ok(())
     }

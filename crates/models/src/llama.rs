@@ -6,7 +6,7 @@
 //! (see [`crate::Batch`]); it runs on the calling rayon pool, and all scratch lives in
 //! [`Scratch`], so decoding allocates nothing per token once the buffers have grown.
 
-use ferrolm_gguf::{GgmlType, GgufFile};
+use ferrolm_gguf::GgufFile;
 use rayon::prelude::*;
 
 use crate::adapter::{Adapter, Proj};
@@ -207,29 +207,8 @@ impl Llama {
     pub fn load(g: &GgufFile, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, ModelError> {
         let cfg = LlamaConfig::from_gguf(g)?;
         let (dim, q_dim, kv_dim, ffn) = (cfg.dim, cfg.q_dim(), cfg.kv_dim(), cfg.ffn_dim);
-        let embd_info = g.tensor("token_embd.weight")?;
-        let tok_embd = match embd_info.ggml_type {
-            GgmlType::Q4_0
-            | GgmlType::Q4_1
-            | GgmlType::Q8_0
-            | GgmlType::F32
-            | GgmlType::F16
-            | GgmlType::BF16 => Linear::load(g, "token_embd.weight", cfg.vocab_size, dim)?,
-            // Rows of other formats are looked up dequantized.
-            _ => {
-                let w = dequantize(g, embd_info)?;
-                let w = candle_core::Tensor::from_vec(
-                    w,
-                    (cfg.vocab_size, dim),
-                    &candle_core::Device::Cpu,
-                )?;
-                Linear::F32 {
-                    w,
-                    rows: cfg.vocab_size,
-                    cols: dim,
-                }
-            }
-        };
+        // Every type loads as a matrix whose rows are looked up directly (`Linear::row`).
+        let tok_embd = Linear::load(g, "token_embd.weight", cfg.vocab_size, dim)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
             let n = |s: &str| format!("blk.{l}.{s}");
@@ -289,11 +268,6 @@ impl Llama {
         } else {
             None
         };
-        if output.is_none() && matches!(tok_embd, Linear::Candle { .. }) {
-            return Err(ModelError::Unsupported(
-                "tied output head on a candle-quantized embedding".into(),
-            ));
-        }
         let half = cfg.rope_dim / 2;
         let mut inv_freq: Vec<f32> = (0..half)
             .map(|i| {

@@ -98,6 +98,24 @@ pub enum Layout {
     Group16,
 }
 
+/// How a matrix's scales are grouped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grain {
+    /// One `d` and one `m` (f32) per 32-element block: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K,
+    /// Q5_K (a K-quant's 6-bit sub-block scale times its f16 super-block scale is exact
+    /// in f32, so Q4_K/Q5_K repack without loss).
+    Block32,
+    /// The 16-element sub-blocks of Q2_K, Q3_K and Q6_K, each with its own integer scale `sc`
+    /// and offset multiplier `mn` (i8), and per 256-element super-block one f32 scale `D` and
+    /// one f32 offset scale `M`: `w[i] = D·sc[j]·q[i] + M·mn[j]` for `i` in sub-block `j`.
+    /// Q6_K: `sc` its scale, `M = −32·D`, `mn = sc` (`q` 0..63); Q3_K: `sc = mn` its scale − 32,
+    /// `M = −4·D` (`q` 0..7); Q2_K: `sc` and `mn` its two nibbles, `M = −dmin` (`q` 0..3).
+    Sub16,
+}
+
+/// Elements per K-quant super-block.
+pub const QK_K: usize = 256;
+
 /// A quantized `[rows, cols]` matrix in the repacked layout described in the module docs.
 #[derive(Debug, Clone)]
 pub struct QMatrix {
@@ -105,12 +123,20 @@ pub struct QMatrix {
     pub cols: usize,
     pub bits: QBits,
     pub layout: Layout,
-    /// `rows * nb` block scales.
+    pub grain: Grain,
+    /// [`Grain::Block32`]: `rows * nb` block scales; [`Grain::Sub16`]: `rows * cols / 256`
+    /// super-block scales `D`.
     d: Vec<f32>,
-    /// `rows * nb` block offsets (see module docs).
+    /// [`Grain::Block32`]: `rows * nb` block offsets (see module docs); [`Grain::Sub16`]:
+    /// `rows * cols / 256` super-block offset scales `M`.
     m: Vec<f32>,
+    /// [`Grain::Sub16`] only: per super-block, its 16 sub-block scales `sc` then its 16 offset
+    /// multipliers `mn` (32 bytes).
+    scm: Vec<i8>,
     /// Packed quants, `row_bytes` per row.
     qs: Vec<u8>,
+    /// Every quant is below 64, so `vpmaddubsw` (u8 × i8 pairs) cannot saturate.
+    small: bool,
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -132,6 +158,165 @@ fn pack_nibbles(vals: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// The quant types [`QMatrix::from_ggml`] repacks, with how.
+pub fn repack_form(ty: ferrolm_gguf::GgmlType) -> Option<(QBits, Grain)> {
+    use ferrolm_gguf::GgmlType as T;
+    Some(match ty {
+        T::Q4_0 | T::Q4_1 | T::Q4K => (QBits::Four, Grain::Block32),
+        T::Q5_0 | T::Q5_1 | T::Q5K | T::Q8_0 => (QBits::Eight, Grain::Block32),
+        T::Q2K | T::Q3K => (QBits::Four, Grain::Sub16),
+        T::Q6K => (QBits::Eight, Grain::Sub16),
+        // Q8_1 and Q8_K are ggml's activation formats: no converter writes weights in them.
+        T::Q8_1 | T::Q8K | T::F32 | T::F16 | T::BF16 => return None,
+    })
+}
+
+/// The scale and min of K-quant sub-block `j` (0..8) from the 12 packed 6-bit bytes.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The 16 six-bit scales of a Q3_K block (0..63, before the −32) from its 12 packed bytes.
+fn q3k_scales(p: &[u8]) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    for j in 0..16 {
+        let low = if j < 8 { p[j] & 0xF } else { p[j - 8] >> 4 };
+        let high = (p[8 + j % 4] >> (2 * (j / 4))) & 3;
+        s[j] = low | (high << 4);
+    }
+    s
+}
+
+/// Scales decoded from one ggml block (see [`Grain`]).
+#[derive(Default)]
+struct Scales {
+    d: Vec<f32>,
+    m: Vec<f32>,
+    /// Per super-block: 16 `sc`, then 16 `mn`.
+    scm: Vec<i8>,
+}
+
+/// Decode one ggml block of `ty` into unsigned quants `v` (one per element) and its scales,
+/// appended to `s`. The arithmetic is the ggml block definition's, rearranged exactly.
+fn unpack_block(ty: ferrolm_gguf::GgmlType, blk: &[u8], v: &mut [u8], s: &mut Scales) {
+    use ferrolm_gguf::GgmlType as T;
+    match ty {
+        T::Q4_0 | T::Q4_1 => {
+            let d = f16_at(blk, 0);
+            let (m, qs) = if ty == T::Q4_0 {
+                (-8.0 * d, &blk[2..18])
+            } else {
+                (f16_at(blk, 2), &blk[4..20])
+            };
+            s.d.push(d);
+            s.m.push(m);
+            for j in 0..16 {
+                v[j] = qs[j] & 0x0F;
+                v[j + 16] = qs[j] >> 4;
+            }
+        }
+        T::Q5_0 | T::Q5_1 => {
+            let d = f16_at(blk, 0);
+            let (m, at) = if ty == T::Q5_0 {
+                (-16.0 * d, 2)
+            } else {
+                (f16_at(blk, 2), 4)
+            };
+            s.d.push(d);
+            s.m.push(m);
+            let qh = u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]]);
+            let qs = &blk[at + 4..at + 20];
+            for j in 0..16 {
+                v[j] = (qs[j] & 0x0F) | ((((qh >> j) & 1) as u8) << 4);
+                v[j + 16] = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+            }
+        }
+        T::Q8_0 => {
+            let d = f16_at(blk, 0);
+            s.d.push(d);
+            s.m.push(-128.0 * d);
+            for j in 0..QK {
+                v[j] = (blk[2 + j] as i8 as i16 + 128) as u8;
+            }
+        }
+        T::Q4K | T::Q5K => {
+            let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+            let scales = &blk[4..16];
+            let (qh, ql) = if ty == T::Q4K {
+                (None, &blk[16..144])
+            } else {
+                (Some(&blk[16..48]), &blk[48..176])
+            };
+            for j in 0..4 {
+                for half in 0..2 {
+                    let (sc, mn) = scale_min_k4(2 * j + half, scales);
+                    s.d.push(d * sc as f32);
+                    s.m.push(-(dmin * mn as f32));
+                    for l in 0..32 {
+                        let q = ql[32 * j + l] >> (4 * half) & 0x0F;
+                        let h = qh.map_or(0, |qh| (qh[l] >> (2 * j + half)) & 1);
+                        v[64 * j + 32 * half + l] = q | (h << 4);
+                    }
+                }
+            }
+        }
+        T::Q6K => {
+            let (ql, qh, scales) = (&blk[0..128], &blk[128..192], &blk[192..208]);
+            let d = f16_at(blk, 208);
+            s.d.push(d);
+            s.m.push(-32.0 * d);
+            s.scm.extend(scales.iter().map(|&b| b as i8));
+            s.scm.extend(scales.iter().map(|&b| b as i8));
+            for n in 0..2 {
+                let (ql, qh) = (&ql[64 * n..], &qh[32 * n..]);
+                let v = &mut v[128 * n..];
+                for l in 0..32 {
+                    v[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+                    v[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+                    v[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                    v[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                }
+            }
+        }
+        T::Q3K => {
+            let (hmask, qs) = (&blk[0..32], &blk[32..96]);
+            let scales = q3k_scales(&blk[96..108]);
+            let d = f16_at(blk, 108);
+            s.d.push(d);
+            s.m.push(-4.0 * d);
+            s.scm.extend(scales.iter().map(|&b| b as i8 - 32));
+            s.scm.extend(scales.iter().map(|&b| b as i8 - 32));
+            for (e, v) in v.iter_mut().enumerate() {
+                let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+                let low = (qs[32 * n + l] >> (2 * j)) & 3;
+                let high = (hmask[l] >> (4 * n + j)) & 1;
+                *v = low | (high << 2);
+            }
+        }
+        T::Q2K => {
+            let (scales, qs) = (&blk[0..16], &blk[16..80]);
+            s.d.push(f16_at(blk, 80));
+            s.m.push(-f16_at(blk, 82));
+            s.scm.extend(scales.iter().map(|&b| (b & 0xF) as i8));
+            s.scm.extend(scales.iter().map(|&b| (b >> 4) as i8));
+            for (e, v) in v.iter_mut().enumerate() {
+                let (n, j, l) = (e / 128, (e % 128) / 32, e % 32);
+                *v = (qs[32 * n + l] >> (2 * j)) & 3;
+            }
+        }
+        T::Q8_1 | T::Q8K | T::F32 | T::F16 | T::BF16 => {
+            unreachable!("repack_form refuses these types")
+        }
+    }
+}
+
 impl QMatrix {
     pub fn nb(&self) -> usize {
         self.cols / QK
@@ -144,63 +329,32 @@ impl QMatrix {
         }
     }
 
-    /// Repack ggml Q4_0 / Q4_1 / Q8_0 bytes of a `[rows, cols]` matrix. `None` for other
-    /// types or a byte count that does not match.
+    /// Repack the ggml bytes of a `[rows, cols]` matrix of any quantized type (see
+    /// [`repack_form`]), losslessly. `None` for float types, a row length that is not a
+    /// multiple of the type's block (32, or 256 for K-quants), or a byte count that does not
+    /// match.
     pub fn from_ggml(
         ty: ferrolm_gguf::GgmlType,
         rows: usize,
         cols: usize,
         raw: &[u8],
     ) -> Option<Self> {
-        use ferrolm_gguf::GgmlType as T;
-        if !cols.is_multiple_of(QK) {
-            return None;
-        }
-        let nb = cols / QK;
+        let (bits, grain) = repack_form(ty)?;
+        let bs = ty.block_size() as usize;
         let bb = ty.block_bytes() as usize;
-        if raw.len() != rows * nb * bb {
+        if cols == 0 || !cols.is_multiple_of(bs) || raw.len() != rows * (cols / bs) * bb {
             return None;
         }
-        let bits = match ty {
-            T::Q4_0 | T::Q4_1 => QBits::Four,
-            T::Q8_0 => QBits::Eight,
-            _ => return None,
-        };
-        let mut d = Vec::with_capacity(rows * nb);
-        let mut m = Vec::with_capacity(rows * nb);
+        let mut s = Scales::default();
         let mut qs = Vec::with_capacity(rows * if bits == QBits::Four { cols / 2 } else { cols });
         let mut vals = vec![0u8; cols];
-        for r in 0..rows {
-            for b in 0..nb {
-                let blk = &raw[(r * nb + b) * bb..(r * nb + b + 1) * bb];
-                let scale = f16_at(blk, 0);
-                let v = &mut vals[b * QK..(b + 1) * QK];
-                match ty {
-                    T::Q4_0 => {
-                        d.push(scale);
-                        m.push(-8.0 * scale);
-                        for j in 0..16 {
-                            v[j] = blk[2 + j] & 0x0F;
-                            v[j + 16] = blk[2 + j] >> 4;
-                        }
-                    }
-                    T::Q4_1 => {
-                        d.push(scale);
-                        m.push(f16_at(blk, 2));
-                        for j in 0..16 {
-                            v[j] = blk[4 + j] & 0x0F;
-                            v[j + 16] = blk[4 + j] >> 4;
-                        }
-                    }
-                    _ => {
-                        d.push(scale);
-                        m.push(-128.0 * scale);
-                        for j in 0..QK {
-                            v[j] = (blk[2 + j] as i8 as i16 + 128) as u8;
-                        }
-                    }
-                }
+        let mut vmax = 0u8;
+        for (r, row) in raw.chunks_exact((cols / bs) * bb).enumerate() {
+            debug_assert!(r < rows);
+            for (blk, v) in row.chunks_exact(bb).zip(vals.chunks_exact_mut(bs)) {
+                unpack_block(ty, blk, v, &mut s);
             }
+            vmax = vals.iter().fold(vmax, |a, &b| a.max(b));
             match bits {
                 QBits::Four => pack_nibbles(&vals, &mut qs),
                 QBits::Eight => qs.extend_from_slice(&vals),
@@ -211,9 +365,12 @@ impl QMatrix {
             cols,
             bits,
             layout: Layout::Rows,
-            d,
-            m,
+            grain,
+            d: s.d,
+            m: s.m,
+            scm: s.scm,
             qs,
+            small: vmax < 64,
         })
     }
 
@@ -225,7 +382,10 @@ impl QMatrix {
     /// Repack into [`Layout::Group16`] (same bytes, other order); `false` (unchanged) unless
     /// the rows come in whole groups of 16 and the layout is [`Layout::Rows`].
     pub fn interleave16(&mut self) -> bool {
-        if self.layout != Layout::Rows || !self.rows.is_multiple_of(16) {
+        if self.layout != Layout::Rows
+            || self.grain != Grain::Block32
+            || !self.rows.is_multiple_of(16)
+        {
             return false;
         }
         let nb = self.nb();
@@ -324,6 +484,23 @@ impl QMatrix {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let nb = self.nb();
         let vals = self.row_values(r);
+        if self.grain == Grain::Sub16 {
+            let nsb = self.cols / QK_K;
+            for (j, (o, v)) in out[..self.cols]
+                .chunks_exact_mut(16)
+                .zip(vals.chunks_exact(16))
+                .enumerate()
+            {
+                let sb = r * nsb + j / 16;
+                let at = sb * 32 + j % 16;
+                let d = self.d[sb] * self.scm[at] as f32;
+                let m = self.m[sb] * self.scm[at + 16] as f32;
+                for (o, &q) in o.iter_mut().zip(v) {
+                    *o = d * q as f32 + m;
+                }
+            }
+            return;
+        }
         for b in 0..nb {
             let at = match self.layout {
                 Layout::Rows => r * nb + b,
@@ -337,26 +514,32 @@ impl QMatrix {
     }
 
     pub fn memory_bytes(&self) -> usize {
-        (self.d.len() + self.m.len()) * 4 + self.qs.len()
+        (self.d.len() + self.m.len()) * 4 + self.scm.len() + self.qs.len()
     }
 
-    /// Stack matrices of the same width and bits along the rows. `None` if they differ.
+    /// Stack matrices of the same width, bits and scale grain along the rows. `None` if they
+    /// differ.
     pub fn concat_rows(parts: &[QMatrix]) -> Option<QMatrix> {
         let first = parts.first()?;
-        if parts
-            .iter()
-            .any(|p| p.cols != first.cols || p.bits != first.bits || p.layout != Layout::Rows)
-        {
+        if parts.iter().any(|p| {
+            p.cols != first.cols
+                || p.bits != first.bits
+                || p.grain != first.grain
+                || p.layout != Layout::Rows
+        }) {
             return None;
         }
         Some(QMatrix {
             layout: Layout::Rows,
+            grain: first.grain,
             rows: parts.iter().map(|p| p.rows).sum(),
             cols: first.cols,
             bits: first.bits,
             d: parts.iter().flat_map(|p| p.d.iter().copied()).collect(),
             m: parts.iter().flat_map(|p| p.m.iter().copied()).collect(),
+            scm: parts.iter().flat_map(|p| p.scm.iter().copied()).collect(),
             qs: parts.iter().flat_map(|p| p.qs.iter().copied()).collect(),
+            small: parts.iter().all(|p| p.small),
         })
     }
 }
@@ -368,6 +551,8 @@ pub struct QActs {
     pub cols: usize,
     d: Vec<f32>,
     sx: Vec<f32>,
+    /// `d · Σ qx` over each 16-element half block (the offsets of [`Grain::Sub16`] weights).
+    s16: Vec<f32>,
     qs: Vec<i8>,
 }
 
@@ -381,6 +566,7 @@ impl QActs {
         self.cols = cols;
         self.d.resize(n * nb, 0.0);
         self.sx.resize(n * nb, 0.0);
+        self.s16.resize(2 * n * nb, 0.0);
         self.qs.resize(n * cols, 0);
         #[cfg(target_arch = "x86_64")]
         let simd = is_x86_feature_detected!("avx2")
@@ -398,6 +584,9 @@ impl QActs {
             let (d, sum) = quantize_block(blk, q);
             self.d[bi] = d;
             self.sx[bi] = d * sum as f32;
+            let s0: i32 = q[..16].iter().map(|&v| v as i32).sum();
+            self.s16[2 * bi] = d * s0 as f32;
+            self.s16[2 * bi + 1] = d * (sum - s0) as f32;
         }
     }
 }
@@ -440,10 +629,26 @@ fn dot_row(isa: Isa, w: &QMatrix, r: usize, x: &QActs, t: usize) -> f32 {
     let nb = w.nb();
     let rb = w.row_bytes();
     let wq = &w.qs[r * rb..(r + 1) * rb];
-    let wd = &w.d[r * nb..(r + 1) * nb];
-    let wm = &w.m[r * nb..(r + 1) * nb];
     let xq = &x.qs[t * w.cols..(t + 1) * w.cols];
     let xd = &x.d[t * nb..(t + 1) * nb];
+    if w.grain == Grain::Sub16 {
+        let (nsb, n16) = (w.cols / QK_K, w.cols / 16);
+        let row = Sub16Row {
+            four: w.bits == QBits::Four,
+            q: wq,
+            d: &w.d[r * nsb..(r + 1) * nsb],
+            m: &w.m[r * nsb..(r + 1) * nsb],
+            scm: &w.scm[r * nsb * 32..(r + 1) * nsb * 32],
+        };
+        let s16 = &x.s16[t * n16..(t + 1) * n16];
+        return match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { x86::dot_sub16_avx2(&row, xq, xd, s16) },
+            _ => dot_sub16_scalar(&row, xq, xd, s16),
+        };
+    }
+    let wd = &w.d[r * nb..(r + 1) * nb];
+    let wm = &w.m[r * nb..(r + 1) * nb];
     let xs = &x.sx[t * nb..(t + 1) * nb];
     let mut acc = 0f32;
     for b in 0..nb {
@@ -453,10 +658,63 @@ fn dot_row(isa: Isa, w: &QMatrix, r: usize, x: &QActs, t: usize) -> f32 {
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, QBits::Four) => unsafe { x86::dot4_avx2(wq, wd, xq, xd) },
         #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, QBits::Eight) if w.small => unsafe { x86::dot8_small_avx2(wq, wd, xq, xd) },
+        #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, QBits::Eight) => unsafe { x86::dot8_avx2(wq, wd, xq, xd) },
         (_, QBits::Four) => dot4_scalar(wq, wd, xq, xd),
         (_, QBits::Eight) => dot8_scalar(wq, wd, xq, xd),
     }
+}
+
+/// One row of a [`Grain::Sub16`] matrix: quants, super-block `D` and `M`, sub-block `sc`, `mn`.
+struct Sub16Row<'a> {
+    four: bool,
+    q: &'a [u8],
+    d: &'a [f32],
+    m: &'a [f32],
+    scm: &'a [i8],
+}
+
+impl Sub16Row<'_> {
+    /// The 32 quants of block `b`.
+    fn block(&self, b: usize) -> [u8; QK] {
+        if self.four {
+            let p = &self.q[(b / 2) * 32..(b / 2) * 32 + 32];
+            std::array::from_fn(|j| {
+                if b.is_multiple_of(2) {
+                    p[j] & 0x0F
+                } else {
+                    p[j] >> 4
+                }
+            })
+        } else {
+            std::array::from_fn(|j| self.q[b * QK + j])
+        }
+    }
+}
+
+/// `Σ_sb D·Σ_b dx_b·(sc_lo·Σ_lo q·qx + sc_hi·Σ_hi q·qx) + M·Σ_j mn_j·s16_j` (scalar reference
+/// for [`Grain::Sub16`] rows).
+fn dot_sub16_scalar(w: &Sub16Row, xq: &[i8], xd: &[f32], s16: &[f32]) -> f32 {
+    let mut acc = 0f32;
+    for sb in 0..w.d.len() {
+        let (mut isum, mut off) = (0f32, 0f32);
+        for b in 8 * sb..8 * sb + 8 {
+            let q = w.block(b);
+            let x = &xq[b * QK..(b + 1) * QK];
+            let lo = block_isum_u8(q[..16].iter().copied(), &x[..16]);
+            let hi = block_isum_u8(q[16..].iter().copied(), &x[16..]);
+            let (sc, mn) = (
+                &w.scm[sb * 32..sb * 32 + 16],
+                &w.scm[sb * 32 + 16..sb * 32 + 32],
+            );
+            let j = 2 * (b % 8);
+            isum += xd[b] * (sc[j] as i32 * lo + sc[j + 1] as i32 * hi) as f32;
+            off += mn[j] as f32 * s16[2 * b] + mn[j + 1] as f32 * s16[2 * b + 1];
+        }
+        acc += w.d[sb] * isum + w.m[sb] * off;
+    }
+    acc
 }
 
 fn block_isum_u8(q: impl Iterator<Item = u8>, x: &[i8]) -> i32 {
@@ -775,6 +1033,105 @@ mod x86 {
         }
     }
 
+    /// [`super::dot8_scalar`] for rows whose quants are below 64: one `vpmaddubsw` per block
+    /// cannot saturate (63 · 127 · 2 < 32767), so no nibble split.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot8_small_avx2(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let wp = wq.as_ptr();
+        let xp = xq.as_ptr();
+        unsafe {
+            for b in 0..wd.len() {
+                let w = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
+                let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                let s = _mm256_cvtepi32_ps(isum_u4(w, x));
+                acc = _mm256_fmadd_ps(s, _mm256_set1_ps(wd[b] * xd[b]), acc);
+            }
+            hsum256(acc)
+        }
+    }
+
+    /// [`super::dot_sub16_scalar`] with AVX2. Per block one `vpmaddubsw` (quants < 64, no
+    /// saturation) and one `vpmaddwd` whose multiplier is the two sub-block scales (the low
+    /// 128-bit lane holds the first 16 elements, the high lane the second 16) instead of ones:
+    /// the scales cost one `vpshufb` per block.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_sub16_avx2(
+        w: &super::Sub16Row,
+        xq: &[i8],
+        xd: &[f32],
+        s16: &[f32],
+    ) -> f32 {
+        let nsb = w.d.len();
+        assert!(
+            w.scm.len() == nsb * 32
+                && s16.len() == nsb * 16
+                && xd.len() == nsb * 8
+                && xq.len() == nsb * 256
+                && w.q.len() == nsb * if w.four { 128 } else { 256 }
+        );
+        let mask = _mm256_set1_epi8(0x0F);
+        // Block k of a group of four takes i16 scale 2k in its low lane, 2k + 1 in its high lane.
+        let pick: [__m256i; 4] = std::array::from_fn(|k| {
+            let lo = (4 * k as i16) | ((4 * k as i16 + 1) << 8);
+            let hi = (4 * k as i16 + 2) | ((4 * k as i16 + 3) << 8);
+            _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo))
+        });
+        let mut acc = _mm256_setzero_ps();
+        let mut macc = _mm256_setzero_ps();
+        let (wp, xp) = (w.q.as_ptr(), xq.as_ptr());
+        unsafe {
+            for sb in 0..nsb {
+                let scb = _mm_loadu_si128(w.scm.as_ptr().add(sb * 32) as *const __m128i);
+                let scs = [
+                    _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(scb)),
+                    _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_srli_si128(scb, 8))),
+                ];
+                let mut fsum = _mm256_setzero_ps();
+                for p in 0..4 {
+                    let b = sb * 8 + 2 * p;
+                    let (w0, w1) = if w.four {
+                        let v = _mm256_loadu_si256(wp.add(b * 16) as *const __m256i);
+                        (
+                            _mm256_and_si256(v, mask),
+                            _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+                        )
+                    } else {
+                        (
+                            _mm256_loadu_si256(wp.add(b * QK) as *const __m256i),
+                            _mm256_loadu_si256(wp.add((b + 1) * QK) as *const __m256i),
+                        )
+                    };
+                    let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                    let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
+                    let sv = scs[p / 2];
+                    let s0 = _mm256_shuffle_epi8(sv, pick[(2 * p) % 4]);
+                    let s1 = _mm256_shuffle_epi8(sv, pick[(2 * p + 1) % 4]);
+                    let i0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, x0), s0);
+                    let i1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, x1), s1);
+                    fsum = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(i0),
+                        _mm256_set1_ps(*xd.get_unchecked(b)),
+                        fsum,
+                    );
+                    fsum = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(i1),
+                        _mm256_set1_ps(*xd.get_unchecked(b + 1)),
+                        fsum,
+                    );
+                }
+                acc = _mm256_fmadd_ps(fsum, _mm256_set1_ps(*w.d.get_unchecked(sb)), acc);
+                let mnb = _mm_loadu_si128(w.scm.as_ptr().add(sb * 32 + 16) as *const __m128i);
+                let mn0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(mnb));
+                let mn1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(mnb, 8)));
+                let t = _mm256_mul_ps(mn0, _mm256_loadu_ps(s16.as_ptr().add(sb * 16)));
+                let t = _mm256_fmadd_ps(mn1, _mm256_loadu_ps(s16.as_ptr().add(sb * 16 + 8)), t);
+                macc = _mm256_fmadd_ps(t, _mm256_set1_ps(*w.m.get_unchecked(sb)), macc);
+            }
+            hsum256(_mm256_add_ps(acc, macc))
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot8_avx2(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
         let mut acc = _mm256_setzero_ps();
@@ -815,6 +1172,11 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
         "activation width must equal the weight's input width"
     );
     assert!(out.len() >= n * m);
+    // The AVX-512 kernels read [`Grain::Block32`] scales only; AVX2 runs on those CPUs too.
+    let isa = match (isa, w.grain) {
+        (Isa::Avx512Vnni, Grain::Sub16) => Isa::Avx2,
+        _ => isa,
+    };
     let ptr = SendPtr(out.as_mut_ptr());
     // Enough chunks for work stealing to absorb a busy core, few enough to stay cheap.
     let chunk = (m / (4 * rayon::current_num_threads().max(1))).clamp(16, 512) / 16 * 16;

@@ -6,7 +6,8 @@
 //! * [`Reference::load`] reads the same GGUF files as [`crate::Llama::load`] (`llama`, `qwen2`)
 //!   and dequantizes every tensor with candle's ggml decoder ([`crate::linear::dequantize`]),
 //!   which is independent of our repacked 4/8-bit kernels in [`crate::quant`] (the fast path
-//!   uses it only for norms, biases and f32/f16 weights). Beyond that it shares only the
+//!   uses it only for norms, biases and f32/f16 weights; `tests/kquant.rs` holds the repack to
+//!   it). Beyond that it shares only the
 //!   blueprint, [`LlamaConfig::from_gguf`], with the fast path.
 //! * [`Reference::forward_full`] runs one sequence at positions `0..tokens.len()` from scratch —
 //!   no KV cache, full causal attention with an explicit softmax — and returns the logits of
@@ -19,13 +20,12 @@
 //!
 //! What the fast path does differently, and so what a comparison measures: besides batching
 //! and a paged cache, it rounds the activations entering a quantized matrix product to 8 bits
-//! (our Q4_0/Q4_1/Q8_0 kernels: per 32 values, see [`crate::quant`]; candle's K-quant kernels:
-//! Q8_K, per 256). [`Reference::forward_full_with`] with [`Activations::LikeKernels`] applies
+//! (our kernels, for every quantized type: per 32 values, see [`crate::quant`]).
+//! [`Reference::forward_full_with`] with [`Activations::LikeKernels`] applies
 //! the same rounding before the same products, so the exact reference bounds the
 //! approximation and the rounded one shows that the approximation is all there is: what is
 //! left is summation order — which, for a value within an ulp of a rounding boundary, decides
-//! which way it rounds (`tests/tiny.rs` measures what such a tie costs). Q5_0/Q5_1 and other
-//! types candle computes with f16-scaled activations are not mirrored: their inputs stay exact.
+//! which way it rounds (`tests/tiny.rs` measures what such a tie costs).
 //!
 //! Cost is O(T² + T·params) with no threads — meant for tiny test models and a handful of
 //! tokens of a real one.
@@ -47,23 +47,18 @@ pub enum Activations {
 /// How the fast path rounds a product's input, by the weight's GGUF type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rounding {
-    /// f32 / f16 / bf16 weights (candle GEMM), and types not mirrored here.
+    /// f32 / f16 / bf16 weights (candle GEMM).
     None,
-    /// Our kernels (`quant::QActs`): per 32 values, `d = amax / 127`, `q = round(x / d)`.
+    /// Our kernels (`quant::QActs`), for every quantized type: per 32 values,
+    /// `d = amax / 127`, `q = round(x / d)`.
     Q8Blocks32,
-    /// candle's K-quant kernels (`BlockQ8K`): per 256 values, `d = -max / 127` with `max` the
-    /// value of largest magnitude, `q = clamp(round(x / d), -128, 127)`.
-    Q8K,
 }
 
 impl Rounding {
     fn of(t: GgmlType) -> Rounding {
         match t {
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => Rounding::Q8Blocks32,
-            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
-                Rounding::Q8K
-            }
-            _ => Rounding::None,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => Rounding::None,
+            _ => Rounding::Q8Blocks32,
         }
     }
 }
@@ -168,11 +163,7 @@ impl Reference {
                 f / factors.as_ref().map_or(1.0, |s| s[i] as f64)
             })
             .collect();
-        let mut tok_embd = matrix(g, "token_embd.weight", cfg.vocab_size, dim)?;
-        if tok_embd.rounding == Rounding::Q8K {
-            // The fast path dequantizes a K-quant embedding to f32 (a tied head is then f32).
-            tok_embd.rounding = Rounding::None;
-        }
+        let tok_embd = matrix(g, "token_embd.weight", cfg.vocab_size, dim)?;
         Ok(Reference {
             tok_embd,
             output_norm: load(g, "output_norm.weight", &[dim])?,
@@ -347,20 +338,6 @@ fn round(x: &[f32], r: Rounding) -> Vec<f32> {
                 let id = if d > 0.0 { 1.0 / d } else { 0.0 };
                 for v in blk.iter_mut() {
                     *v = (*v * id).round() * d;
-                }
-            }
-        }
-        Rounding::Q8K => {
-            for blk in out.chunks_mut(256) {
-                let max = blk
-                    .iter()
-                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-                if max == 0.0 {
-                    continue;
-                }
-                let iscale = -127.0 / max;
-                for v in blk.iter_mut() {
-                    *v = (iscale * *v).round().clamp(-128.0, 127.0) * (1.0 / iscale);
                 }
             }
         }
