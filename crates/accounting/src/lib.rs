@@ -6,6 +6,8 @@
 //!   budget checks. Shared by the server and the `ferrolm keys` / `ferrolm usage` commands.
 //! - [`RateLimiter`]: per-key requests-per-minute and tokens-per-minute over sliding 60-second
 //!   windows, in memory, producing OpenAI's `x-ratelimit-*` headers.
+//! - [`Budgets`]: money reserved by each key's requests in flight, so concurrent requests
+//!   cannot spend past a budget by more than one request.
 //! - [`PriceCatalog`]: list prices per 1M tokens (builtin `prices.toml`, optionally merged with
 //!   a user file), [`ModelPrice::cost_usd`] for one request, [`ModelPrice::estimate`] for a
 //!   month of a [`Workload`] (prompt caching, compression), and [`SelfHosted`]'s breakeven
@@ -17,6 +19,7 @@
 //! Nothing here knows about HTTP or the engine: the server decides when to verify, admit,
 //! record and settle.
 
+mod budget;
 mod error;
 mod limits;
 mod prices;
@@ -24,6 +27,7 @@ mod store;
 pub mod time;
 mod tuning;
 
+pub use budget::{Budgets, OverBudget, Reservation};
 pub use error::AccountingError;
 pub use limits::{format_reset, Headroom, LimitKind, Limited, RateLimiter, Window, WINDOW};
 pub use prices::{

@@ -5,11 +5,12 @@
 mod common;
 use common::*;
 
-use std::sync::mpsc;
 use std::sync::Arc;
 
+use tokio::sync::mpsc;
+
 use ferrolm_engine::{
-    Engine, EngineConfig, Event, FinishReason, GenerateOptions, Request, Session, Usage,
+    Engine, EngineConfig, ErrorKind, Event, FinishReason, GenerateOptions, Request, Session, Usage,
 };
 use ferrolm_gguf::GgufFile;
 use ferrolm_models::{Adapter, Llama, Proj};
@@ -72,7 +73,7 @@ fn run(
     let mut e = Engine::new(f.model.clone(), f.tok.clone(), cfg).unwrap();
     let mut rxs = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         e.add(Request {
             id: i as u64,
             prompt: p.clone(),
@@ -90,9 +91,9 @@ fn run(
     }
     let outcomes = rxs
         .into_iter()
-        .map(|rx| {
+        .map(|mut rx| {
             let (mut ids, mut text) = (Vec::new(), String::new());
-            for ev in rx.try_iter() {
+            for ev in events(&mut rx) {
                 match ev {
                     Event::Token { id, text: t, .. } => {
                         ids.push(id);
@@ -149,7 +150,7 @@ fn shared_system_prompt_is_served_from_the_prefix_cache() {
     let mut e = Engine::new(f.model.clone(), f.tok.clone(), EngineConfig::default()).unwrap();
     let mut results = Vec::new();
     for (i, p) in [&a, &b].into_iter().enumerate() {
-        let (tx, rx) = mpsc::channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         e.add(Request {
             id: i as u64,
             prompt: p.clone(),
@@ -160,7 +161,7 @@ fn shared_system_prompt_is_served_from_the_prefix_cache() {
         while e.has_work() {
             e.step().unwrap();
         }
-        let evs: Vec<Event> = rx.try_iter().collect();
+        let evs: Vec<Event> = events(&mut rx);
         let ids: Vec<u32> = evs
             .iter()
             .filter_map(|ev| {
@@ -223,7 +224,7 @@ fn a_disconnected_client_frees_its_blocks() {
     let f = fixture();
     let mut e = Engine::new(f.model.clone(), f.tok.clone(), EngineConfig::default()).unwrap();
     let total = e.num_free_blocks();
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::unbounded_channel();
     e.add(Request {
         id: 7,
         prompt: prompt(&f, "You are a helpful assistant.", "Count to one hundred."),
@@ -239,8 +240,44 @@ fn a_disconnected_client_frees_its_blocks() {
     assert_eq!(e.num_free_blocks(), total);
 }
 
+/// Issue 12 item 8: an aborted request's channel still learns what it used, so the server
+/// can bill the tokens it computed and sent.
 #[test]
-fn bad_requests_get_an_error_event() {
+fn an_aborted_request_reports_the_tokens_it_used() {
+    let f = fixture();
+    let mut e = Engine::new(f.model.clone(), f.tok.clone(), EngineConfig::default()).unwrap();
+    let p = prompt(&f, "You are a helpful assistant.", "Count to one hundred.");
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    e.add(Request {
+        id: 9,
+        prompt: p.clone(),
+        opts: opts(200),
+        adapter: None,
+        reply: tx,
+    });
+    for _ in 0..4 {
+        e.step().unwrap();
+    }
+    e.abort(9);
+    assert!(!e.has_work());
+    let evs = events(&mut rx);
+    let tokens = evs
+        .iter()
+        .filter(|ev| matches!(ev, Event::Token { .. }))
+        .count();
+    assert!(tokens >= 3, "{tokens} tokens before the abort");
+    match evs.last() {
+        Some(Event::Finished { reason, usage, .. }) => {
+            assert_eq!(*reason, FinishReason::Cancelled);
+            assert_eq!(usage.prompt_tokens, p.len());
+            assert_eq!(usage.completion_tokens, tokens);
+        }
+        other => panic!("expected Finished(Cancelled), got {other:?}"),
+    }
+}
+
+#[test]
+fn engine_refusals_are_typed_by_whose_fault() {
     let f = fixture();
     let mut e = Engine::new(
         f.model.clone(),
@@ -251,21 +288,25 @@ fn bad_requests_get_an_error_event() {
         },
     )
     .unwrap();
-    for (p, max) in [
-        (vec![], 4),
-        (vec![1, 2, 3], 0),
-        (vec![1; 100], 4),
-        (vec![999_999], 4),
+    // Whose fault each refusal is decides the server's status (400, 503, 500).
+    for (p, max, kind) in [
+        (vec![], 4, ErrorKind::Request),
+        (vec![1, 2, 3], 0, ErrorKind::Request),
+        (vec![1; 100], 4, ErrorKind::Capacity),
+        (vec![999_999], 4, ErrorKind::Request),
     ] {
-        let (tx, rx) = mpsc::channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
         e.add(Request {
             id: 1,
-            prompt: p,
+            prompt: p.clone(),
             opts: opts(max),
             adapter: None,
             reply: tx,
         });
-        assert!(matches!(rx.try_recv(), Ok(Event::Error(_))));
+        match rx.try_recv() {
+            Ok(Event::Error(err)) => assert_eq!(err.kind, kind, "{p:?}: {err}"),
+            other => panic!("{p:?}: expected a refusal, got {other:?}"),
+        }
     }
     assert!(!e.has_work());
 }
@@ -302,8 +343,8 @@ fn submit(
     id: u64,
     p: &[u32],
     adapter: Option<Arc<Adapter>>,
-) -> mpsc::Receiver<Event> {
-    let (tx, rx) = mpsc::channel();
+) -> mpsc::UnboundedReceiver<Event> {
+    let (tx, rx) = mpsc::unbounded_channel();
     e.add(Request {
         id,
         prompt: p.to_vec(),
@@ -314,9 +355,14 @@ fn submit(
     rx
 }
 
-fn outcome(rx: &mpsc::Receiver<Event>) -> (Vec<u32>, Usage) {
+/// Every event a request's channel holds now.
+fn events(rx: &mut mpsc::UnboundedReceiver<Event>) -> Vec<Event> {
+    std::iter::from_fn(|| rx.try_recv().ok()).collect()
+}
+
+fn outcome(rx: &mut mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, Usage) {
     let mut ids = Vec::new();
-    for ev in rx.try_iter() {
+    for ev in events(rx) {
         match ev {
             Event::Token { id, .. } => ids.push(id),
             Event::Finished { usage, .. } => return (ids, usage),
@@ -345,38 +391,38 @@ fn adapters_apply_per_request_in_one_batch_and_keep_their_own_prefix_cache() {
 
     // Alone in an engine, the adapted request generates its own reply.
     let mut e = Engine::new(f.model.clone(), f.tok.clone(), EngineConfig::default()).unwrap();
-    let rx = submit(&mut e, 1, &p, Some(ad.clone()));
+    let mut rx = submit(&mut e, 1, &p, Some(ad.clone()));
     drain(&mut e);
-    let (adapted_alone, _) = outcome(&rx);
+    let (adapted_alone, _) = outcome(&mut rx);
     assert_ne!(adapted_alone, base_alone, "the adapter changed nothing");
 
     // Together: the first step prefills both and samples a token for each (one batch), and
     // each request generates exactly what it generates alone.
     let mut e = Engine::new(f.model.clone(), f.tok.clone(), EngineConfig::default()).unwrap();
-    let (rb, ra) = (
+    let (mut rb, mut ra) = (
         submit(&mut e, 1, &p, None),
         submit(&mut e, 2, &p, Some(ad.clone())),
     );
     let computed = e.step().unwrap();
     assert_eq!(computed, 2 * p.len(), "both prompts in the first batch");
     drain(&mut e);
-    let ((b, ub), (a, ua)) = (outcome(&rb), outcome(&ra));
+    let ((b, ub), (a, ua)) = (outcome(&mut rb), outcome(&mut ra));
     assert_eq!(b, base_alone);
     assert_eq!(a, adapted_alone);
     // The adapter's request did not reuse the base's blocks, though its prompt is the same.
     assert_eq!((ub.cached_tokens, ua.cached_tokens), (0, 0));
 
     // Each one's later requests hit their own cache entries, never the other's.
-    let ra = submit(&mut e, 3, &p, Some(ad.clone()));
+    let mut ra = submit(&mut e, 3, &p, Some(ad.clone()));
     drain(&mut e);
-    let (a2, u) = outcome(&ra);
+    let (a2, u) = outcome(&mut ra);
     assert!(u.cached_tokens > 0, "{u:?}");
     assert_eq!(a2, adapted_alone);
     let other = random_adapter(&f, 8);
-    let rx = submit(&mut e, 4, &p, Some(other));
+    let mut rx = submit(&mut e, 4, &p, Some(other));
     drain(&mut e);
     assert_eq!(
-        outcome(&rx).1.cached_tokens,
+        outcome(&mut rx).1.cached_tokens,
         0,
         "another adapter used this one's KV"
     );
@@ -385,9 +431,12 @@ fn adapters_apply_per_request_in_one_batch_and_keep_their_own_prefix_cache() {
     let mut bad = Adapter::new("bad", f.model.cfg.n_layers, 2, 1.0);
     bad.set(0, Proj::Q, vec![0.0; 2 * 10], vec![0.0; 10 * 2], 10, 10)
         .unwrap();
-    let rx = submit(&mut e, 5, &p, Some(Arc::new(bad)));
+    let mut rx = submit(&mut e, 5, &p, Some(Arc::new(bad)));
     match rx.try_recv() {
-        Ok(Event::Error(m)) => assert!(m.contains("adapter `bad`"), "{m}"),
+        Ok(Event::Error(m)) => {
+            assert_eq!(m.kind, ErrorKind::Request);
+            assert!(m.message.contains("adapter `bad`"), "{m}");
+        }
         other => panic!("expected an error, got {other:?}"),
     }
 }

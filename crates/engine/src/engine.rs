@@ -16,11 +16,16 @@
 //!   the request's channel, free the blocks of finished requests. A request whose receiver is
 //!   gone (client disconnected) is dropped and its blocks freed.
 //!
+//! Reply channels are tokio's unbounded senders: `send` never blocks and needs no runtime, so
+//! the engine thread writes straight into the server's async handler (no forwarding thread).
+//! Every admitted request ends with exactly one last event: `Finished` (also for an aborted
+//! one, with `FinishReason::Cancelled` and the tokens computed so far, so they can be billed)
+//! or `Error`, whose [`ErrorKind`] says whose fault it was.
+//!
 //! The engine owns all of its state (STYLE principle 9); callers talk to it through channels.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,6 +34,7 @@ use ferrolm_kv::{ComputedBlocks, KvCacheManager, RequestId};
 use ferrolm_models::{Adapter, Batch, KvCache, Llama, Scratch, SeqSpan};
 use ferrolm_sample::{Rng, Sampler};
 use ferrolm_tokenizer::Tokenizer;
+use tokio::sync::mpsc::UnboundedSender;
 
 use crate::constrain::{self, MaskScratch};
 use crate::session::{FinishReason, GenerateOptions, SessionError};
@@ -69,7 +75,7 @@ pub struct Request {
     /// The LoRA adapter to apply to this request's rows (`None`: the base model). Requests
     /// with different adapters share every batch but never a cached KV block.
     pub adapter: Option<Arc<Adapter>>,
-    pub reply: Sender<Event>,
+    pub reply: UnboundedSender<Event>,
 }
 
 /// Usage of a finished request.
@@ -97,8 +103,38 @@ pub enum Event {
         /// Seconds from admission to the first token.
         time_to_first_token: f64,
     },
-    /// The request could not run (e.g. its prompt does not fit the KV pool).
-    Error(String),
+    /// The request could not run, or failed while running.
+    Error(EngineError),
+}
+
+/// Whose fault a failed request is: it decides the HTTP status the server answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request itself is wrong (empty prompt, token outside the vocabulary, bad sampling
+    /// parameters, an adapter that does not fit the model): retrying it will not help.
+    Request,
+    /// The engine has no room for it now (its KV pool is smaller than the prompt): another
+    /// server, or a later retry after a restart with more KV memory, may take it.
+    Capacity,
+    /// The engine failed (a model or KV-cache error): not the caller's fault.
+    Internal,
+}
+
+/// A request the engine refused or failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct EngineError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl EngineError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        EngineError {
+            kind,
+            message: message.into(),
+        }
+    }
 }
 
 /// Figures the engine publishes after every step for `/metrics` and `/api/ps`: plain atomics
@@ -138,6 +174,21 @@ struct Seq {
     matcher: Option<Matcher>,
     /// Its prefix-cache namespace: 0 for the base model, the adapter's uid otherwise.
     salt: u64,
+}
+
+impl Seq {
+    /// Send the request's last event: why it ended and what it used.
+    fn finish(self, reason: FinishReason) {
+        let _ = self.req.reply.send(Event::Finished {
+            reason,
+            usage: Usage {
+                prompt_tokens: self.req.prompt.len(),
+                cached_tokens: self.cached_tokens,
+                completion_tokens: self.generated,
+            },
+            time_to_first_token: self.first_token.unwrap_or(0.0),
+        });
+    }
 }
 
 pub struct Engine {
@@ -198,36 +249,44 @@ impl Engine {
     pub fn add(&mut self, req: Request) {
         let capacity = self.cfg.num_blocks * self.cfg.block_size;
         let limit = capacity.min(self.model.cfg.context_length);
+        let refuse = |m: String| Some(EngineError::new(ErrorKind::Request, m));
         let problem = if req.prompt.is_empty() {
-            Some("the prompt is empty".to_owned())
+            refuse("the prompt is empty".to_owned())
         } else if req.opts.max_tokens == 0 {
-            Some("max_tokens must be at least 1".to_owned())
-        } else if req.prompt.len() >= limit {
-            Some(format!(
-                "the prompt has {} tokens but at most {} fit (context {}, KV pool {})",
+            refuse("max_tokens must be at least 1".to_owned())
+        } else if req.prompt.len() >= self.model.cfg.context_length {
+            refuse(format!(
+                "the prompt has {} tokens but the model's context holds {}",
                 req.prompt.len(),
-                limit - 1,
-                self.model.cfg.context_length,
-                capacity
+                self.model.cfg.context_length
+            ))
+        } else if req.prompt.len() >= limit {
+            Some(EngineError::new(
+                ErrorKind::Capacity,
+                format!(
+                    "the prompt has {} tokens but the KV pool holds {}: restart with more KV memory",
+                    req.prompt.len(),
+                    capacity
+                ),
             ))
         } else if let Some(&t) = req
             .prompt
             .iter()
             .find(|&&t| t as usize >= self.model.cfg.vocab_size)
         {
-            Some(format!("token id {t} is outside the vocabulary"))
+            refuse(format!("token id {t} is outside the vocabulary"))
         } else if let Some(e) = req
             .adapter
             .as_ref()
             .and_then(|a| self.model.check_adapter(a).err())
         {
-            Some(e.to_string())
+            refuse(e.to_string())
         } else {
             req.opts
                 .params
                 .validate(self.model.cfg.vocab_size)
                 .err()
-                .map(|e| e.to_string())
+                .and_then(|e| refuse(e.to_string()))
         };
         if let Some(p) = problem {
             let _ = req.reply.send(Event::Error(p));
@@ -341,7 +400,10 @@ impl Engine {
                 Err(e) => {
                     let s = self.running.remove(i);
                     let _ = self.blocks.free(s.req.id);
-                    let _ = s.req.reply.send(Event::Error(format!("KV cache: {e}")));
+                    let _ = s.req.reply.send(Event::Error(EngineError::new(
+                        ErrorKind::Internal,
+                        format!("KV cache: {e}"),
+                    )));
                     plan.clear(); // indices shifted: reschedule from scratch next step
                     return plan;
                 }
@@ -371,7 +433,10 @@ impl Engine {
                 }
                 Err(e) => {
                     let _ = self.blocks.free(s.req.id);
-                    let _ = s.req.reply.send(Event::Error(format!("KV cache: {e}")));
+                    let _ = s.req.reply.send(Event::Error(EngineError::new(
+                        ErrorKind::Internal,
+                        format!("KV cache: {e}"),
+                    )));
                 }
             }
         }
@@ -467,7 +532,10 @@ impl Engine {
             ) {
                 Ok(out) => out,
                 Err(e) => {
-                    let _ = s.req.reply.send(Event::Error(e));
+                    let _ = s
+                        .req
+                        .reply
+                        .send(Event::Error(EngineError::new(ErrorKind::Internal, e)));
                     finished.push((i, None));
                     continue;
                 }
@@ -524,26 +592,24 @@ impl Engine {
             let s = self.running.remove(i);
             let _ = self.blocks.free(s.req.id);
             if let Some(reason) = reason {
-                let _ = s.req.reply.send(Event::Finished {
-                    reason,
-                    usage: Usage {
-                        prompt_tokens: s.req.prompt.len(),
-                        cached_tokens: s.cached_tokens,
-                        completion_tokens: s.generated,
-                    },
-                    time_to_first_token: s.first_token.unwrap_or(0.0),
-                });
+                s.finish(reason);
             }
         }
     }
 
-    /// Drop a request wherever it is (client gone); its blocks return to the pool.
+    /// Drop a request wherever it is (client gone); its blocks return to the pool, and its
+    /// channel (if anyone still listens) gets `Finished` with `Cancelled` and what it used.
     pub fn abort(&mut self, id: RequestId) {
         if let Some(i) = self.running.iter().position(|s| s.req.id == id) {
-            self.running.remove(i);
+            let s = self.running.remove(i);
             let _ = self.blocks.free(id);
+            s.finish(FinishReason::Cancelled);
         }
-        self.waiting.retain(|s| s.req.id != id);
+        if let Some(i) = self.waiting.iter().position(|s| s.req.id == id) {
+            if let Some(s) = self.waiting.remove(i) {
+                s.finish(FinishReason::Cancelled);
+            }
+        }
     }
 
     /// Free KV blocks (cached-but-unused ones count as free).
@@ -552,7 +618,8 @@ impl Engine {
     }
 }
 
-/// What callers send to a running engine thread.
+/// What callers send to a running engine thread (on a `std` channel: the engine thread blocks
+/// on it while idle).
 pub enum Command {
     Submit(Box<Request>),
     Abort(RequestId),
@@ -561,7 +628,7 @@ pub enum Command {
 /// A handle on an engine running in its own thread; dropping every sender stops it once the
 /// work in flight is done.
 pub struct EngineHandle {
-    pub tx: Sender<Command>,
+    pub tx: std::sync::mpsc::Sender<Command>,
     pub join: std::thread::JoinHandle<()>,
 }
 
@@ -601,7 +668,10 @@ impl Engine {
     fn fail_all(&mut self, why: &str) {
         for s in self.running.drain(..).chain(self.waiting.drain(..)) {
             let _ = self.blocks.free(s.req.id);
-            let _ = s.req.reply.send(Event::Error(why.to_owned()));
+            let _ = s
+                .req
+                .reply
+                .send(Event::Error(EngineError::new(ErrorKind::Internal, why)));
         }
     }
 }

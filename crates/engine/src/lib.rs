@@ -10,7 +10,8 @@ pub mod session;
 pub mod text;
 
 pub use engine::{
-    spawn, Command, Engine, EngineConfig, EngineHandle, EngineStats, Event, Request, Usage,
+    spawn, Command, Engine, EngineConfig, EngineError, EngineHandle, EngineStats, ErrorKind, Event,
+    Request, Usage,
 };
 pub use ferrolm_models::Adapter;
 pub use session::{FinishReason, GenerateOptions, Generation, Session, SessionError, TokenEvent};

@@ -120,8 +120,9 @@ fn turns_key(model: &str, turns: &[Value]) -> u64 {
     crate::fnv1a(model.bytes().chain(json.bytes()))
 }
 
-/// Render `messages` for `model`, applying `strategy` if the prompt would leave no room for
-/// `max_tokens` (or for one token when none is asked).
+/// Render `messages` for `model` (unless `rendered` holds them, rendered for `model`'s template
+/// and tokenizer), applying `strategy` if the prompt would leave no room for `max_tokens` (or
+/// for one token when none is asked).
 pub async fn fit_chat(
     s: &AppState,
     model: &Arc<Model>,
@@ -129,9 +130,14 @@ pub async fn fit_chat(
     tools: Option<&Value>,
     strategy: Strategy,
     max_tokens: Option<usize>,
+    rendered: Option<Vec<u32>>,
 ) -> Result<(Vec<u32>, Option<Compression>), ApiError> {
     let msgs = normalize_messages(messages)?;
-    let ids = model.render_ids(&msgs, tools)?;
+    // A router already rendered the whole conversation for this model's template.
+    let ids = match rendered {
+        Some(ids) => ids,
+        None => model.render_ids(&msgs, tools)?,
+    };
     let room = max_tokens.unwrap_or(1).max(1);
     // Compress past the configured fraction of the context, not only at the edge.
     let trigger = ((model.max_context as f64 * model.context_trigger) as usize).max(room + 1);
@@ -261,10 +267,5 @@ async fn summarize(s: &AppState, model: &Arc<Model>, turns: &[Value]) -> Result<
         grammar: None,
     };
     let job = generate::start(s, model, prompt, opts, 1).await?;
-    let (outs, _, _) = generate::collect(job).await?;
-    Ok(outs
-        .into_iter()
-        .next()
-        .map(|o| o.text.trim().to_owned())
-        .unwrap_or_default())
+    Ok(generate::text_of(job).await?.trim().to_owned())
 }

@@ -11,21 +11,30 @@
 //! Every request passes [`auth::layer`] first: a request id (echoed in `x-request-id`), the
 //! caller's API key when the store has keys, and an access-log line. Handlers then ask
 //! [`AppState::admit`] for a [`Ticket`] (budget and rate limits, with OpenAI's `x-ratelimit-*`
-//! headers) and hand the finished usage to [`AppState::settle`], which prices it, writes the
-//! ledger row and updates `/metrics`.
+//! headers; the request's worst-case cost is reserved against the key's budget until it is
+//! settled), start the job and hand it to the one request pipeline (`generate::respond`) with
+//! their response format; the pipeline ends every admitted request in [`AppState::settle`],
+//! which prices it, writes the ledger row and updates `/metrics`.
+//!
+//! The ledger fails closed: a JSON answer whose row cannot be written is a 503 instead (nothing
+//! served unrecorded). A stream has already sent its tokens when it ends, so its row is held in
+//! memory and written once the ledger can be written again; until then every new request is
+//! refused with a 503 that names the data dir.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Instant;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::Router;
-use ferrolm_accounting::{ModelPrice, PriceCatalog, RateLimiter, Store, UsageRow};
+use ferrolm_accounting::{
+    Budgets, ModelPrice, PriceCatalog, RateLimiter, Reservation, Store, UsageRow,
+};
 use ferrolm_engine::{Adapter, Command, EngineStats, GenerateOptions, Usage};
 use ferrolm_grammar::Grammar;
 use ferrolm_sample::SamplingParams;
@@ -175,6 +184,10 @@ pub struct Inner {
     pub tuning: OnceLock<tuner::Tuner>,
     /// How adapters are read, once [`AppState::enable_adapters`] ran.
     adapters: OnceLock<adapters::AdapterLoading>,
+    /// Money held against budgets by requests in flight.
+    budgets: Arc<Budgets>,
+    /// Ledger rows of served requests that could not be written yet (disk full), oldest first.
+    held_rows: Mutex<Vec<UsageRow>>,
 }
 
 impl std::ops::Deref for AppState {
@@ -184,11 +197,21 @@ impl std::ops::Deref for AppState {
     }
 }
 
-/// What an admitted request carries to its end: the rate-limit headers and its token estimate.
+/// What an admitted request carries to its end: the rate-limit headers, its token estimate and
+/// the budget it holds (released when the last copy of the ticket is dropped, after settling).
 #[derive(Clone)]
 pub struct Ticket {
     pub headers: Vec<(&'static str, String)>,
     estimated: u64,
+    _budget: Option<Arc<Reservation>>,
+}
+
+/// The most a request may use, checked at admission: its prompt, every choice's `max_tokens`,
+/// and the price they are charged at.
+pub struct Worst<'a> {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub price: Option<&'a ModelPrice>,
 }
 
 /// How a request ended, for the ledger and the metrics.
@@ -207,6 +230,11 @@ pub struct Settled<'a> {
     pub compressed_tokens: usize,
     /// The router that chose `model`, and its top tier's price.
     pub route: Option<(&'a str, Option<&'a ModelPrice>)>,
+    /// The ledger's status: 200, 499 (the client went away), 500 (generation failed).
+    pub status: u16,
+    /// The answer has already been sent (a stream): a row that cannot be written is held and
+    /// written later, rather than the answer refused.
+    pub sent: bool,
 }
 
 /// What the cost levers did to one request, carried to its settlement.
@@ -253,6 +281,8 @@ impl Levers {
             finish_reason: None,
             compressed_tokens: self.compressed_tokens,
             route: self.route.as_ref().map(|(r, p)| (r.as_str(), p.as_ref())),
+            status: 200,
+            sent: false,
         }
     }
 }
@@ -283,6 +313,8 @@ impl AppState {
             started: Instant::now(),
             tuning: OnceLock::new(),
             adapters: OnceLock::new(),
+            budgets: Budgets::new(),
+            held_rows: Mutex::new(Vec::new()),
         }))
     }
 
@@ -362,29 +394,50 @@ impl AppState {
             .find(|r| r.id.eq_ignore_ascii_case(name))
     }
 
-    /// Check a caller's budget and rate limits before any work: `tokens` is the most the request
-    /// may use (prompt + every choice's `max_tokens`).
-    pub fn admit(&self, caller: &Caller, tokens: u64) -> Result<Ticket, ApiError> {
+    /// Check a caller's budget and rate limits before any work, and reserve the request's
+    /// worst case: its cost against the key's budget (see [`ferrolm_accounting::Budgets`]) and
+    /// its tokens against the key's tpm (the estimate is replaced by the real count when the
+    /// request settles). Refused with a 503 while ledger rows wait to be written.
+    pub fn admit(&self, caller: &Caller, worst: Worst<'_>) -> Result<Ticket, ApiError> {
+        self.flush_held_rows()?;
+        let tokens = worst.prompt_tokens + worst.completion_tokens;
         let Some(key) = &caller.key else {
             return Ok(Ticket {
                 headers: Vec::new(),
                 estimated: tokens,
+                _budget: None,
             });
         };
-        if let Some(budget) = key.budget_usd {
-            let spent = self
-                .access
-                .store
-                .spent_usd(key.id)
-                .map_err(ApiError::storage)?;
-            if spent >= budget {
-                return Err(ApiError::budget_exhausted(&key.name, spent, budget));
+        let budget = match key.budget_usd {
+            None => None,
+            Some(budget) => {
+                let worst_usd = worst.price.map_or(0.0, |p| {
+                    p.cost_usd(worst.prompt_tokens, 0, worst.completion_tokens)
+                });
+                let held = self.held_cost(key.id);
+                let r = self
+                    .budgets
+                    .reserve(key.id, budget, worst_usd, || {
+                        self.access.store.spent_usd(key.id).map(|s| s + held)
+                    })
+                    .map_err(ApiError::storage)?;
+                match r {
+                    Ok(r) => Some(Arc::new(r)),
+                    Err(over) => {
+                        return Err(ApiError::budget_exhausted(
+                            &key.name,
+                            over.spent_usd + over.reserved_usd,
+                            budget,
+                        ))
+                    }
+                }
             }
-        }
+        };
         match self.limiter.admit(key, tokens, Instant::now()) {
             Ok(h) => Ok(Ticket {
                 headers: h.headers(),
                 estimated: tokens,
+                _budget: budget,
             }),
             Err(l) => Err(ApiError::rate_limited(
                 l.message(),
@@ -394,9 +447,42 @@ impl AppState {
         }
     }
 
+    /// Write the rows held since the ledger last failed; a 503 while it still cannot be written.
+    fn flush_held_rows(&self) -> Result<(), ApiError> {
+        let mut held = self
+            .held_rows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while let Some(row) = held.first() {
+            if let Err(e) = self.access.store.record(row) {
+                return Err(ledger_unavailable(&self.access.store, e, held.len()));
+            }
+            held.remove(0);
+        }
+        Ok(())
+    }
+
+    /// The cost of `key_id`'s rows that wait to be written.
+    fn held_cost(&self, key_id: i64) -> f64 {
+        let held = self
+            .held_rows
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        held.iter()
+            .filter(|r| r.key_id == Some(key_id))
+            .map(|r| r.cost_usd)
+            .sum()
+    }
+
     /// Price a finished request, write its ledger row and count it in the metrics. Returns the
-    /// cost in USD. Storage failures are logged, never turned into a failed answer.
-    pub fn settle(&self, caller: &Caller, ticket: &Ticket, s: Settled<'_>) -> f64 {
+    /// cost in USD, or, when the row cannot be written, the 503 to answer instead (for an
+    /// answer already sent, `s.sent`, the row is held and written by a later admission).
+    pub fn settle(
+        &self,
+        caller: &Caller,
+        ticket: &Ticket,
+        s: Settled<'_>,
+    ) -> Result<f64, ApiError> {
         let u = &s.usage;
         let (prompt, cached, completion) = (
             u.prompt_tokens as u64,
@@ -438,7 +524,7 @@ impl AppState {
             key_id: caller.key.as_ref().map(|k| k.id),
             model: s.model.to_owned(),
             endpoint: s.endpoint.to_owned(),
-            status: 200,
+            status: s.status,
             prompt_tokens: u.prompt_tokens as u64,
             cached_tokens: u.cached_tokens as u64,
             completion_tokens: u.completion_tokens as u64,
@@ -452,14 +538,61 @@ impl AppState {
             saved_by_compression_usd: saved_by_compression,
             saved_by_routing_usd: saved_by_routing,
         };
-        if let Err(e) = self.access.store.record(&row) {
-            eprintln!(
-                "ferrolm serve: {}: could not write the usage ledger: {e}",
-                caller.request_id
-            );
+        // Rows held earlier go first, so the ledger stays in order.
+        let flushed = self.flush_held_rows();
+        let written = match flushed {
+            Ok(()) => self
+                .access
+                .store
+                .record(&row)
+                .map_err(|e| ledger_unavailable(&self.access.store, e, 0)),
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(()) => Ok(cost),
+            Err(e) => {
+                eprintln!(
+                    "ferrolm serve: {}: could not write the usage ledger ({}); {}",
+                    caller.request_id,
+                    e.message,
+                    if s.sent {
+                        "the row is held until it can be written"
+                    } else {
+                        "the answer is refused"
+                    }
+                );
+                if s.sent {
+                    self.held_rows
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(row);
+                }
+                Err(e)
+            }
         }
-        cost
     }
+}
+
+/// 503: the usage ledger cannot be written, so nothing more is served.
+fn ledger_unavailable(store: &Store, e: impl std::fmt::Display, held: usize) -> ApiError {
+    let dir = store
+        .path()
+        .parent()
+        .map_or_else(String::new, |d| d.display().to_string());
+    let mut err = ApiError::server(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "the usage ledger cannot be written ({e}){}: nothing is served unrecorded; free space (or fix permissions) in the data dir {dir} and retry",
+            if held > 0 {
+                format!("; {held} rows of served requests wait to be written")
+            } else {
+                String::new()
+            }
+        ),
+    );
+    err.code = Some("ledger_unavailable");
+    err.headers.push(("retry-after", "10".to_owned()));
+    err
 }
 
 impl Model {
@@ -617,6 +750,18 @@ impl Model {
         })
     }
 
+    /// Seconds until the requests ahead in this model's queue should be done: the average
+    /// request time times the waves of `max_running` queued.
+    fn retry_after_secs(&self) -> u64 {
+        let q = &self.queue;
+        let prev = q.in_flight.load(Ordering::Relaxed);
+        let avg = q.avg_request_us.load(Ordering::Relaxed) as f64 / 1e6;
+        let waves = (prev as f64 / self.max_running.max(1) as f64)
+            .ceil()
+            .max(1.0);
+        (avg * waves).ceil().clamp(1.0, 600.0) as u64
+    }
+
     /// Reserve room for `n` more requests in the engine, or answer 429 with a `Retry-After`.
     fn reserve(self: &Arc<Self>, n: usize) -> Result<InFlight, ApiError> {
         let cap = self.max_running + self.max_queue;
@@ -624,9 +769,7 @@ impl Model {
         let prev = q.in_flight.fetch_add(n, Ordering::AcqRel);
         if prev + n > cap {
             q.in_flight.fetch_sub(n, Ordering::AcqRel);
-            let avg = q.avg_request_us.load(Ordering::Relaxed) as f64 / 1e6;
-            let waves = (prev as f64 / self.max_running.max(1) as f64).ceil();
-            let retry = (avg * waves).ceil().clamp(1.0, 600.0) as u64;
+            let retry = self.retry_after_secs();
             return Err(ApiError::overloaded(&self.id, prev, cap, retry));
         }
         Ok(InFlight {
@@ -884,9 +1027,14 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // Each request carries its connection (`generate::ClientConn`), so a JSON answer can be
+    // abandoned when its client closes the socket.
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<generate::ClientConn>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 /// Resolves on Ctrl-C or (on Unix) SIGTERM.

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use ferrolm_engine::{Event, FinishReason, GenerateOptions, Usage};
+use ferrolm_engine::{FinishReason, GenerateOptions, Usage};
 use ferrolm_grammar::Grammar;
 use ferrolm_sample::SamplingParams;
 use serde::Deserialize;
@@ -21,9 +21,10 @@ use serde_json::{json, Map, Value};
 use crate::auth::Caller;
 use crate::compress::{fit_chat, Strategy};
 use crate::error::{ApiError, OllamaError};
-use crate::generate::{self, finish_name};
-use crate::tools::{self, HoldBack, Tools};
-use crate::{parse, unix_now, AppState, Levers, Model, Stop};
+use crate::generate::{self, finish_name, Choice, ClientConn, Format, Run, TokenInfo};
+use crate::tools::{self, Call, Tools};
+use crate::{parse, unix_now, AppState, Levers, Model, Stop, Worst};
+use tokio_stream::wrappers::ReceiverStream;
 
 /// Ollama's `options`. Unknown ones (mirostat, num_gpu, ...) are ignored.
 #[derive(Debug, Default, Deserialize)]
@@ -194,6 +195,94 @@ fn done_stats(
     }
 }
 
+/// Ollama's `/api/chat` and `/api/generate`: one JSON object, or NDJSON lines whose last one
+/// (`done: true`) carries the stats.
+struct OllamaFormat {
+    kind: Kind,
+    model: String,
+    started: Instant,
+    /// The last line, sent once the request is settled.
+    done: Option<Value>,
+}
+
+type Line = Result<String, Infallible>;
+
+fn ndjson(v: &Value) -> Line {
+    Ok(format!("{v}\n"))
+}
+
+impl Format for OllamaFormat {
+    type Item = Line;
+
+    fn start(&mut self, _i: usize) -> Vec<Line> {
+        vec![]
+    }
+
+    fn text(&mut self, _i: usize, text: String, _token: Option<TokenInfo>) -> Vec<Line> {
+        if text.is_empty() {
+            return vec![];
+        }
+        vec![ndjson(&line(self.kind, &self.model, &text, None))]
+    }
+
+    fn calls(&mut self, _i: usize, content: Option<String>, calls: &[Call]) -> Vec<Line> {
+        let mut v = line(
+            self.kind,
+            &self.model,
+            content.as_deref().unwrap_or(""),
+            None,
+        );
+        v["message"]["tool_calls"] = tools::ollama_calls(calls);
+        vec![ndjson(&v)]
+    }
+
+    fn finish(
+        &mut self,
+        _i: usize,
+        reason: FinishReason,
+        _finish: &'static str,
+        usage: &Usage,
+        ttft: f64,
+    ) -> Vec<Line> {
+        let stats = done_stats(reason, usage, ttft, self.started);
+        self.done = Some(line(self.kind, &self.model, "", Some(stats)));
+        vec![]
+    }
+
+    fn end(&mut self, _usage: &Usage) -> Vec<Line> {
+        self.done.take().iter().map(ndjson).collect()
+    }
+
+    fn error(&mut self, message: String) -> Vec<Line> {
+        vec![ndjson(&json!({ "error": message }))]
+    }
+
+    fn stream_response(stream: ReceiverStream<Line>) -> Response {
+        (
+            [(header::CONTENT_TYPE, "application/x-ndjson")],
+            Body::from_stream(stream),
+        )
+            .into_response()
+    }
+
+    fn whole(&self, choices: Vec<Choice>, usage: &Usage) -> Value {
+        let Some(c) = choices.into_iter().next() else {
+            return json!({"error": "no reply"});
+        };
+        let stats = done_stats(c.reason, usage, c.time_to_first_token, self.started);
+        let mut v = line(
+            self.kind,
+            &self.model,
+            c.content.as_deref().unwrap_or(""),
+            Some(stats),
+        );
+        if !c.calls.is_empty() {
+            v["message"]["tool_calls"] = tools::ollama_calls(&c.calls);
+        }
+        v
+    }
+}
+
 /// One request, as the handlers below have prepared it.
 struct Prepared {
     model: Arc<Model>,
@@ -203,9 +292,16 @@ struct Prepared {
     tools: Option<Tools>,
     stream: bool,
     levers: Levers,
+    /// Headers to add to the answer (`x-ferrolm-context`).
+    headers: Vec<(&'static str, String)>,
 }
 
-async fn answer(s: AppState, caller: Caller, p: Prepared) -> Result<Response, OllamaError> {
+async fn answer(
+    s: AppState,
+    caller: Caller,
+    conn: Option<ClientConn>,
+    p: Prepared,
+) -> Result<Response, OllamaError> {
     let Prepared {
         model,
         kind,
@@ -214,113 +310,46 @@ async fn answer(s: AppState, caller: Caller, p: Prepared) -> Result<Response, Ol
         tools,
         stream,
         levers,
+        headers,
     } = p;
     let endpoint = match kind {
         Kind::Chat => "/api/chat",
         Kind::Generate => "/api/generate",
     };
-    let ticket = s.admit(&caller, (prompt.len() + opts.max_tokens) as u64)?;
+    let mut ticket = s.admit(
+        &caller,
+        Worst {
+            prompt_tokens: prompt.len() as u64,
+            completion_tokens: opts.max_tokens as u64,
+            price: model.price.as_ref(),
+        },
+    )?;
+    ticket.headers.extend(headers);
     let job = generate::start(&s, &model, prompt, opts, 1).await?;
-    let id = model.id.clone();
-    if !stream {
-        let (mut outs, usage, first) = generate::collect(job).await?;
-        let out = outs.pop().unwrap_or_default();
-        let reason = out.reason.unwrap_or(FinishReason::Stop);
-        s.settle(
-            &caller,
-            &ticket,
-            levers.settled(
-                &model,
-                endpoint,
-                usage,
-                caller.ttft(first),
-                Some(finish_name(reason)),
-            ),
-        );
-        let stats = done_stats(reason, &usage, out.time_to_first_token, caller.started);
-        let (content, calls) = match &tools {
-            Some(t) => t.parse_reply(&out.text),
-            None => (Some(out.text), Vec::new()),
-        };
-        let mut v = line(kind, &id, content.as_deref().unwrap_or(""), Some(stats));
-        if !calls.is_empty() {
-            v["message"]["tool_calls"] = tools::ollama_calls(&calls);
-        }
-        return Ok(Json(v).into_response());
-    }
-    let mut hold = tools.as_ref().map(|_| HoldBack::default());
-    let mut done: Option<Value> = None;
-    let lines = generate::pump(job, move |job, ev| {
-        let v = match ev {
-            Some((_, Event::Token { text, .. })) => {
-                let text = match &mut hold {
-                    Some(h) => h.push(&text),
-                    None => text,
-                };
-                if text.is_empty() {
-                    return vec![];
-                }
-                line(kind, &id, &text, None)
-            }
-            Some((
-                _,
-                Event::Finished {
-                    reason,
-                    usage,
-                    time_to_first_token,
-                },
-            )) => {
-                s.settle(
-                    &caller,
-                    &ticket,
-                    levers.settled(
-                        &model,
-                        endpoint,
-                        usage,
-                        caller.ttft(job.first_token),
-                        Some(finish_name(reason)),
-                    ),
-                );
-                let stats = done_stats(reason, &usage, time_to_first_token, caller.started);
-                let mut out = Vec::new();
-                let mut last = line(kind, &id, "", Some(stats));
-                if let (Some(h), Some(t)) = (&mut hold, &tools) {
-                    let held = h.finish();
-                    let (content, calls) = t.parse_reply(&held);
-                    if calls.is_empty() {
-                        if !held.is_empty() {
-                            out.push(Ok::<_, Infallible>(format!(
-                                "{}\n",
-                                line(kind, &id, &held, None)
-                            )));
-                        }
-                    } else {
-                        let mut v = line(kind, &id, content.as_deref().unwrap_or(""), None);
-                        v["message"]["tool_calls"] = tools::ollama_calls(&calls);
-                        out.push(Ok(format!("{v}\n")));
-                    }
-                }
-                done = Some(std::mem::take(&mut last));
-                return out;
-            }
-            None => match done.take() {
-                Some(v) => v,
-                None => return vec![],
-            },
-            Some((_, Event::Error(m))) => json!({"error": m}),
-        };
-        vec![Ok::<_, Infallible>(format!("{v}\n"))]
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(lines),
-    )
-        .into_response())
+    let format = OllamaFormat {
+        kind,
+        model: model.id.clone(),
+        started: caller.started,
+        done: None,
+    };
+    let run = Run {
+        state: s,
+        caller,
+        ticket,
+        levers,
+        model,
+        endpoint,
+        tools,
+        job,
+        conn,
+    };
+    Ok(generate::respond(run, format, stream).await?)
 }
 
 pub async fn chat(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
+    conn: Option<Extension<ConnectInfo<ClientConn>>>,
     body: Bytes,
 ) -> Result<Response, OllamaError> {
     let req: ChatRequest = parse(&body)?;
@@ -335,6 +364,7 @@ pub async fn chat(
         tools.as_ref().and_then(Tools::for_prompt),
         req.context_strategy.unwrap_or(model.context_strategy),
         o.num_predict.and_then(|n| usize::try_from(n).ok()),
+        None,
     )
     .await?;
     let opts = o.generate_options(&model, &prompt, grammar)?;
@@ -349,17 +379,18 @@ pub async fn chat(
             compressed_tokens: compressed.as_ref().map_or(0, |c| c.saved()),
             route: None,
         },
+        headers: compressed
+            .map(|c| ("x-ferrolm-context", c.header()))
+            .into_iter()
+            .collect(),
     };
-    let mut r = answer(s, caller, p).await?;
-    if let Some(v) = compressed.and_then(|c| axum::http::HeaderValue::from_str(&c.header()).ok()) {
-        r.headers_mut().insert("x-ferrolm-context", v);
-    }
-    Ok(r)
+    answer(s, caller, conn.map(|Extension(ConnectInfo(c))| c), p).await
 }
 
 pub async fn generate(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
+    conn: Option<Extension<ConnectInfo<ClientConn>>>,
     body: Bytes,
 ) -> Result<Response, OllamaError> {
     let req: GenerateRequest = parse(&body)?;
@@ -385,8 +416,9 @@ pub async fn generate(
         tools: None,
         stream: req.stream.unwrap_or(true),
         levers: Levers::default(),
+        headers: Vec::new(),
     };
-    answer(s, caller, p).await
+    answer(s, caller, conn.map(|Extension(ConnectInfo(c))| c), p).await
 }
 
 /// Ollama's `details` object.

@@ -7,12 +7,11 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
-use axum::http::{HeaderName, HeaderValue};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use ferrolm_engine::{Event, Usage};
+use ferrolm_engine::{FinishReason, Usage};
 use ferrolm_grammar::Grammar;
 use ferrolm_sample::SamplingParams;
 use serde::Deserialize;
@@ -21,10 +20,10 @@ use serde_json::{json, Value};
 use crate::auth::Caller;
 use crate::compress::{fit_chat, Compression, Strategy};
 use crate::error::ApiError;
-use crate::generate::{self, finish_name, Job, TokenInfo};
+use crate::generate::{self, with_headers, Choice, ClientConn, Format, Run, TokenInfo};
 use crate::route::{self, Target};
-use crate::tools::{self, HoldBack, Tools};
-use crate::{logit_bias, parse, unix_now, AppState, Levers, Model, Stop, Ticket};
+use crate::tools::{self, Call, Tools};
+use crate::{logit_bias, parse, unix_now, AppState, Levers, Model, Stop, Ticket, Worst};
 
 /// Most choices one request may ask for.
 const MAX_N: u64 = 16;
@@ -285,29 +284,10 @@ fn completion_logprobs(m: &Model, tokens: &[TokenInfo]) -> Value {
     json!({"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
-/// Add the rate-limit and cost headers to a response.
-fn with_headers(
-    mut r: Response,
-    headers: &[(&'static str, String)],
-    cost: Option<f64>,
-) -> Response {
-    let mut set = |k: &'static str, v: String| {
-        if let Ok(v) = HeaderValue::from_str(&v) {
-            r.headers_mut().insert(HeaderName::from_static(k), v);
-        }
-    };
-    for (k, v) in headers {
-        set(k, v.clone());
-    }
-    if let Some(c) = cost {
-        set("x-ferrolm-cost-usd", format!("{c:.8}"));
-    }
-    r
-}
-
 pub async fn chat(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
+    conn: Option<Extension<ConnectInfo<ClientConn>>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let mut req: ChatRequest = parse(&body)?;
@@ -321,7 +301,7 @@ pub async fn chat(
         .response_format
         .as_ref()
         .is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text"));
-    let (candidates, route) = route::targets(
+    let (candidates, route, mut rendered) = route::targets(
         &s,
         caller.key_id(),
         c.model.as_deref(),
@@ -338,8 +318,14 @@ pub async fn chat(
             Target::Local(m) => m,
             Target::Upstream(u) => {
                 if ticket.is_none() {
-                    let estimate = body.len() / 4 + max.unwrap_or(256) * n;
-                    ticket = Some(s.admit(&caller, estimate as u64)?);
+                    ticket = Some(s.admit(
+                        &caller,
+                        Worst {
+                            prompt_tokens: (body.len() / 4) as u64,
+                            completion_tokens: (max.unwrap_or(256) * n) as u64,
+                            price: u.price.as_ref(),
+                        },
+                    )?);
                 }
                 let Some(t) = &ticket else { continue };
                 let levers = Levers {
@@ -360,17 +346,41 @@ pub async fn chat(
                 }
             }
         };
+        // The router's rendering serves any tier with the same template and tokenizer.
+        let same = rendered.as_ref().is_some_and(|(m, _)| {
+            Arc::ptr_eq(&m.template, &model.template) && Arc::ptr_eq(&m.tok, &model.tok)
+        });
+        let prompt_ids = if same {
+            rendered.take().map(|(_, ids)| ids)
+        } else {
+            None
+        };
         let attempt = async {
             let strategy = req.context_strategy.unwrap_or(model.context_strategy);
-            let (prompt, compressed) =
-                fit_chat(&s, model, &req.messages, prompt_tools, strategy, max).await?;
+            let (prompt, compressed) = fit_chat(
+                &s,
+                model,
+                &req.messages,
+                prompt_tools,
+                strategy,
+                max,
+                prompt_ids,
+            )
+            .await?;
             let mut opts =
                 model.options(&prompt, params.clone(), max, stop.clone(), grammar.clone())?;
             if c.ignore_eos == Some(true) {
                 opts.end_ids.clear();
             }
             if ticket.is_none() {
-                let mut t = s.admit(&caller, (prompt.len() + opts.max_tokens * n) as u64)?;
+                let mut t = s.admit(
+                    &caller,
+                    Worst {
+                        prompt_tokens: prompt.len() as u64,
+                        completion_tokens: (opts.max_tokens * n) as u64,
+                        price: model.price.as_ref(),
+                    },
+                )?;
                 if let Some(c) = &compressed {
                     t.headers.push(("x-ferrolm-context", c.header()));
                 }
@@ -403,271 +413,276 @@ pub async fn chat(
         compressed_tokens: compressed.as_ref().map_or(0, Compression::saved),
         route,
     };
-    let stream = c.stream.unwrap_or(false);
-    let include_usage = c.include_usage();
-    let meta = Meta::new(&model, "chatcmpl");
-    if stream {
-        let headers = ticket.headers.clone();
-        let r = chat_stream(
-            s,
-            caller,
-            ticket,
-            levers,
-            model,
-            job,
-            meta,
-            tools,
-            include_usage,
-            logprobs.is_some(),
-        );
-        return Ok(with_headers(r, &headers, None));
-    }
-    chat_json(
-        s,
+    let format = ChatFormat {
+        meta: Meta::new(&model, "chatcmpl"),
+        model: model.clone(),
+        include_usage: c.include_usage(),
+        logprobs: logprobs.is_some(),
+    };
+    let run = Run {
+        state: s,
         caller,
         ticket,
         levers,
         model,
-        job,
-        meta,
+        endpoint: "/v1/chat/completions",
         tools,
-        logprobs.is_some(),
-    )
-    .await
+        job,
+        conn: conn.map(|Extension(ConnectInfo(c))| c),
+    };
+    generate::respond(run, format, c.stream.unwrap_or(false)).await
 }
 
-/// A whole chat completion as one JSON object.
-#[allow(clippy::too_many_arguments)]
-async fn chat_json(
-    s: AppState,
-    caller: Caller,
-    ticket: Ticket,
-    levers: Levers,
-    model: Arc<Model>,
-    job: Job,
-    meta: Meta,
-    tools: Option<Tools>,
-    logprobs: bool,
-) -> Result<Response, ApiError> {
-    let (outs, usage, first) = generate::collect(job).await?;
-    let mut choices = Vec::with_capacity(outs.len());
-    let mut last_finish = "stop";
-    for (i, out) in outs.into_iter().enumerate() {
-        let (content, calls) = match &tools {
-            Some(t) => t.parse_reply(&out.text),
-            None => (Some(out.text.clone()), Vec::new()),
-        };
-        let mut message = json!({"role": "assistant", "content": content, "refusal": null});
-        let finish = if calls.is_empty() {
-            out.reason.map_or("stop", finish_name)
-        } else {
-            message["tool_calls"] = tools::openai_calls(&calls);
-            "tool_calls"
-        };
-        last_finish = finish;
-        choices.push(json!({
-            "index": i,
-            "message": message,
-            "logprobs": if logprobs { chat_logprobs(&model, &out.tokens) } else { Value::Null },
-            "finish_reason": finish,
-        }));
-    }
-    let cost = s.settle(
-        &caller,
-        &ticket,
-        levers.settled(
-            &model,
-            "/v1/chat/completions",
-            usage,
-            caller.ttft(first),
-            Some(last_finish),
-        ),
-    );
-    let body = Json(json!({
-        "id": meta.id,
-        "object": "chat.completion",
-        "created": meta.created,
-        "model": meta.model,
-        "system_fingerprint": null,
-        "choices": choices,
-        "usage": usage_json(&usage),
-    }));
-    Ok(with_headers(
-        body.into_response(),
-        &ticket.headers,
-        Some(cost),
-    ))
-}
+type SseItem = Result<SseEvent, Infallible>;
 
-fn sse_json(v: &Value) -> Result<SseEvent, Infallible> {
+fn sse_json(v: &Value) -> SseItem {
     Ok(SseEvent::default().data(v.to_string()))
 }
 
-fn sse_stream(
-    stream: tokio_stream::wrappers::ReceiverStream<Result<SseEvent, Infallible>>,
-) -> Response {
+fn sse_stream(stream: tokio_stream::wrappers::ReceiverStream<SseItem>) -> Response {
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
 }
 
 /// `data: {"error": ...}` for a failure after the stream has started.
-fn stream_error(message: String) -> Result<SseEvent, Infallible> {
+fn stream_error(message: String) -> SseItem {
     sse_json(&ApiError::server(axum::http::StatusCode::INTERNAL_SERVER_ERROR, message).body())
 }
 
-/// Per-choice state of a chat stream.
-struct ChoiceStream {
-    started: bool,
-    hold: Option<HoldBack>,
-    usage: Usage,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn chat_stream(
-    s: AppState,
-    caller: Caller,
-    ticket: Ticket,
-    levers: Levers,
+/// Chat completions: `chat.completion` objects, or `chat.completion.chunk` SSE events.
+struct ChatFormat {
     model: Arc<Model>,
-    job: Job,
     meta: Meta,
-    tools: Option<Tools>,
     include_usage: bool,
     logprobs: bool,
-) -> Response {
-    let chunk = {
-        let meta = meta.clone();
-        move |choices: Value, usage: Option<&Usage>| {
-            let mut v = json!({
-                "id": meta.id,
-                "object": "chat.completion.chunk",
-                "created": meta.created,
-                "model": meta.model,
-                "system_fingerprint": null,
-                "choices": choices,
-            });
-            if include_usage {
-                v["usage"] = usage.map_or(Value::Null, usage_json);
-            }
-            sse_json(&v)
+}
+
+impl ChatFormat {
+    fn chunk(&self, choices: Value, usage: Option<&Usage>) -> SseItem {
+        let mut v = json!({
+            "id": self.meta.id,
+            "object": "chat.completion.chunk",
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "system_fingerprint": null,
+            "choices": choices,
+        });
+        if self.include_usage {
+            v["usage"] = usage.map_or(Value::Null, usage_json);
         }
-    };
-    let choice = |i: usize, delta: Value, lp: Value, finish: Value| json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]);
-    let mut per: Vec<ChoiceStream> = (0..job.choices())
-        .map(|_| ChoiceStream {
-            started: false,
-            hold: tools.as_ref().map(|_| HoldBack::default()),
-            usage: Usage::default(),
-        })
-        .collect();
-    let mut last_finish = "stop";
-    let stream = generate::pump(job, move |job, ev| {
-        let mut out = Vec::new();
-        let Some((i, ev)) = ev else {
-            // Every choice has finished: the usage chunk, the ledger, [DONE].
-            let usage = generate::total_usage(per.iter().map(|c| &c.usage));
-            s.settle(
-                &caller,
-                &ticket,
-                levers.settled(
-                    &model,
-                    "/v1/chat/completions",
-                    usage,
-                    caller.ttft(job.first_token),
-                    Some(last_finish),
-                ),
-            );
-            if include_usage {
-                out.push(chunk(json!([]), Some(&usage)));
-            }
-            out.push(Ok(SseEvent::default().data("[DONE]")));
-            return out;
+        sse_json(&v)
+    }
+
+    fn delta(&self, i: usize, delta: Value, lp: Value, finish: Value) -> SseItem {
+        self.chunk(
+            json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]),
+            None,
+        )
+    }
+}
+
+impl Format for ChatFormat {
+    type Item = SseItem;
+
+    fn start(&mut self, i: usize) -> Vec<SseItem> {
+        vec![self.delta(
+            i,
+            json!({"role": "assistant", "content": ""}),
+            Value::Null,
+            Value::Null,
+        )]
+    }
+
+    fn text(&mut self, i: usize, text: String, token: Option<TokenInfo>) -> Vec<SseItem> {
+        let lp = match token {
+            Some(t) if self.logprobs => chat_logprobs(&self.model, &[t]),
+            _ => Value::Null,
         };
-        let c = &mut per[i];
-        if !std::mem::replace(&mut c.started, true) {
-            out.push(chunk(
-                choice(
-                    i,
-                    json!({"role": "assistant", "content": ""}),
-                    Value::Null,
-                    Value::Null,
-                ),
-                None,
-            ));
+        if text.is_empty() && lp.is_null() {
+            return vec![];
         }
-        match ev {
-            Event::Token {
-                id,
-                text,
-                logprob,
-                top,
-            } => {
-                let text = match &mut c.hold {
-                    Some(h) => h.push(&text),
-                    None => text,
-                };
-                let held = c.hold.as_ref().is_some_and(HoldBack::capturing);
-                if !text.is_empty() || (logprobs && !held) {
-                    let lp = if logprobs && !held {
-                        chat_logprobs(&model, &[(id, logprob, top)])
-                    } else {
-                        Value::Null
-                    };
-                    out.push(chunk(
-                        choice(i, json!({"content": text}), lp, Value::Null),
-                        None,
-                    ));
-                }
-            }
-            Event::Finished { reason, usage, .. } => {
-                c.usage = usage;
-                let mut finish = finish_name(reason);
-                if let (Some(h), Some(t)) = (&mut c.hold, &tools) {
-                    let held = h.finish();
-                    let (content, calls) = t.parse_reply(&held);
-                    if calls.is_empty() {
-                        if !held.is_empty() {
-                            out.push(chunk(
-                                choice(i, json!({"content": held}), Value::Null, Value::Null),
-                                None,
-                            ));
-                        }
-                    } else {
-                        if let Some(text) = content {
-                            out.push(chunk(
-                                choice(i, json!({"content": text}), Value::Null, Value::Null),
-                                None,
-                            ));
-                        }
-                        out.push(chunk(
-                            choice(
-                                i,
-                                json!({"tool_calls": tools::openai_calls(&calls)}),
-                                Value::Null,
-                                Value::Null,
-                            ),
-                            None,
-                        ));
-                        finish = "tool_calls";
-                    }
-                }
-                last_finish = finish;
-                out.push(chunk(
-                    choice(i, json!({}), Value::Null, json!(finish)),
-                    None,
-                ));
-            }
-            Event::Error(m) => out.push(stream_error(m)),
+        vec![self.delta(i, json!({"content": text}), lp, Value::Null)]
+    }
+
+    fn calls(&mut self, i: usize, content: Option<String>, calls: &[Call]) -> Vec<SseItem> {
+        let mut out = Vec::new();
+        if let Some(text) = content {
+            out.push(self.delta(i, json!({"content": text}), Value::Null, Value::Null));
         }
+        out.push(self.delta(
+            i,
+            json!({"tool_calls": tools::openai_calls(calls)}),
+            Value::Null,
+            Value::Null,
+        ));
         out
-    });
-    sse_stream(stream)
+    }
+
+    fn finish(
+        &mut self,
+        i: usize,
+        _reason: FinishReason,
+        finish: &'static str,
+        _usage: &Usage,
+        _ttft: f64,
+    ) -> Vec<SseItem> {
+        vec![self.delta(i, json!({}), Value::Null, json!(finish))]
+    }
+
+    fn end(&mut self, usage: &Usage) -> Vec<SseItem> {
+        let mut out = Vec::new();
+        if self.include_usage {
+            out.push(self.chunk(json!([]), Some(usage)));
+        }
+        out.push(Ok(SseEvent::default().data("[DONE]")));
+        out
+    }
+
+    fn error(&mut self, message: String) -> Vec<SseItem> {
+        vec![stream_error(message)]
+    }
+
+    fn stream_response(stream: tokio_stream::wrappers::ReceiverStream<SseItem>) -> Response {
+        sse_stream(stream)
+    }
+
+    fn whole(&self, choices: Vec<Choice>, usage: &Usage) -> Value {
+        let choices: Vec<Value> = choices
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut message =
+                    json!({"role": "assistant", "content": c.content, "refusal": null});
+                if !c.calls.is_empty() {
+                    message["tool_calls"] = tools::openai_calls(&c.calls);
+                }
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": if self.logprobs { chat_logprobs(&self.model, &c.tokens) } else { Value::Null },
+                    "finish_reason": c.finish,
+                })
+            })
+            .collect();
+        json!({
+            "id": self.meta.id,
+            "object": "chat.completion",
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "system_fingerprint": null,
+            "choices": choices,
+            "usage": usage_json(usage),
+        })
+    }
+}
+
+/// Legacy completions: `text_completion` objects, as one answer or as SSE events.
+struct CompletionFormat {
+    model: Arc<Model>,
+    meta: Meta,
+    include_usage: bool,
+    logprobs: bool,
+}
+
+impl CompletionFormat {
+    fn object(&self, i: usize, text: String, lp: Value, finish: Value) -> Value {
+        json!({
+            "id": self.meta.id,
+            "object": "text_completion",
+            "created": self.meta.created,
+            "model": self.meta.model,
+            "system_fingerprint": null,
+            "choices": [{"text": text, "index": i, "logprobs": lp, "finish_reason": finish}],
+        })
+    }
+
+    fn event(&self, mut v: Value) -> SseItem {
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        sse_json(&v)
+    }
+}
+
+impl Format for CompletionFormat {
+    type Item = SseItem;
+
+    fn start(&mut self, _i: usize) -> Vec<SseItem> {
+        vec![]
+    }
+
+    fn text(&mut self, i: usize, text: String, token: Option<TokenInfo>) -> Vec<SseItem> {
+        if text.is_empty() && !self.logprobs {
+            return vec![];
+        }
+        let lp = match token {
+            Some(t) if self.logprobs => completion_logprobs(&self.model, &[t]),
+            _ => Value::Null,
+        };
+        vec![self.event(self.object(i, text, lp, Value::Null))]
+    }
+
+    fn calls(&mut self, _i: usize, _content: Option<String>, _calls: &[Call]) -> Vec<SseItem> {
+        vec![]
+    }
+
+    fn finish(
+        &mut self,
+        i: usize,
+        _reason: FinishReason,
+        finish: &'static str,
+        _usage: &Usage,
+        _ttft: f64,
+    ) -> Vec<SseItem> {
+        vec![self.event(self.object(i, String::new(), Value::Null, json!(finish)))]
+    }
+
+    fn end(&mut self, usage: &Usage) -> Vec<SseItem> {
+        let mut out = Vec::new();
+        if self.include_usage {
+            let mut u = self.object(0, String::new(), Value::Null, Value::Null);
+            u["choices"] = json!([]);
+            u["usage"] = usage_json(usage);
+            out.push(sse_json(&u));
+        }
+        out.push(Ok(SseEvent::default().data("[DONE]")));
+        out
+    }
+
+    fn error(&mut self, message: String) -> Vec<SseItem> {
+        vec![stream_error(message)]
+    }
+
+    fn stream_response(stream: tokio_stream::wrappers::ReceiverStream<SseItem>) -> Response {
+        sse_stream(stream)
+    }
+
+    fn whole(&self, choices: Vec<Choice>, usage: &Usage) -> Value {
+        let choices: Vec<Value> = choices
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let lp = if self.logprobs {
+                    completion_logprobs(&self.model, &c.tokens)
+                } else {
+                    Value::Null
+                };
+                let text = c.content.unwrap_or_default();
+                self.object(i, text, lp, json!(c.finish))["choices"][0].clone()
+            })
+            .collect();
+        let mut v = self.object(0, String::new(), Value::Null, Value::Null);
+        v["choices"] = Value::Array(choices);
+        v["usage"] = usage_json(usage);
+        v
+    }
 }
 
 pub async fn completions(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
+    conn: Option<Extension<ConnectInfo<ClientConn>>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let mut req: CompletionRequest = parse(&body)?;
@@ -696,115 +711,31 @@ pub async fn completions(
     if c.ignore_eos == Some(true) {
         opts.end_ids.clear();
     }
-    let ticket = s.admit(&caller, (prompt.len() + opts.max_tokens * n) as u64)?;
-    let stream = c.stream.unwrap_or(false);
-    let include_usage = c.include_usage();
-    let logprobs = req.logprobs.is_some();
-    let job = generate::start(&s, &model, prompt, opts, n).await?;
-    let meta = Meta::new(&model, "cmpl");
-    let object = move |meta: &Meta, i: usize, text: String, lp: Value, finish: Value| {
-        json!({
-            "id": meta.id,
-            "object": "text_completion",
-            "created": meta.created,
-            "model": meta.model,
-            "system_fingerprint": null,
-            "choices": [{"text": text, "index": i, "logprobs": lp, "finish_reason": finish}],
-        })
-    };
-    if stream {
-        let headers = ticket.headers.clone();
-        let mut usages = vec![Usage::default(); job.choices()];
-        let mut last_finish = "stop";
-        let stream = generate::pump(job, move |job, ev| match ev {
-            None => {
-                let usage = generate::total_usage(usages.iter());
-                s.settle(
-                    &caller,
-                    &ticket,
-                    Levers::default().settled(
-                        &model,
-                        "/v1/completions",
-                        usage,
-                        caller.ttft(job.first_token),
-                        Some(last_finish),
-                    ),
-                );
-                let mut out = Vec::new();
-                if include_usage {
-                    let mut u = object(&meta, 0, String::new(), Value::Null, Value::Null);
-                    u["choices"] = json!([]);
-                    u["usage"] = usage_json(&usage);
-                    out.push(sse_json(&u));
-                }
-                out.push(Ok(SseEvent::default().data("[DONE]")));
-                out
-            }
-            Some((
-                i,
-                Event::Token {
-                    id,
-                    text,
-                    logprob,
-                    top,
-                },
-            )) => {
-                if text.is_empty() && !logprobs {
-                    return vec![];
-                }
-                let lp = if logprobs {
-                    completion_logprobs(&model, &[(id, logprob, top)])
-                } else {
-                    Value::Null
-                };
-                let mut v = object(&meta, i, text, lp, Value::Null);
-                if include_usage {
-                    v["usage"] = Value::Null;
-                }
-                vec![sse_json(&v)]
-            }
-            Some((i, Event::Finished { reason, usage, .. })) => {
-                usages[i] = usage;
-                last_finish = finish_name(reason);
-                let mut v = object(&meta, i, String::new(), Value::Null, json!(last_finish));
-                if include_usage {
-                    v["usage"] = Value::Null;
-                }
-                vec![sse_json(&v)]
-            }
-            Some((_, Event::Error(m))) => vec![stream_error(m)],
-        });
-        return Ok(with_headers(sse_stream(stream), &headers, None));
-    }
-    let (outs, usage, first) = generate::collect(job).await?;
-    let mut choices = Vec::with_capacity(outs.len());
-    let mut last_finish = "stop";
-    for (i, out) in outs.into_iter().enumerate() {
-        let lp = if logprobs {
-            completion_logprobs(&model, &out.tokens)
-        } else {
-            Value::Null
-        };
-        last_finish = out.reason.map_or("stop", finish_name);
-        choices.push(object(&meta, i, out.text, lp, json!(last_finish))["choices"][0].clone());
-    }
-    let cost = s.settle(
+    let ticket = s.admit(
         &caller,
-        &ticket,
-        Levers::default().settled(
-            &model,
-            "/v1/completions",
-            usage,
-            caller.ttft(first),
-            Some(last_finish),
-        ),
-    );
-    let mut v = object(&meta, 0, String::new(), Value::Null, Value::Null);
-    v["choices"] = Value::Array(choices);
-    v["usage"] = usage_json(&usage);
-    Ok(with_headers(
-        Json(v).into_response(),
-        &ticket.headers,
-        Some(cost),
-    ))
+        Worst {
+            prompt_tokens: prompt.len() as u64,
+            completion_tokens: (opts.max_tokens * n) as u64,
+            price: model.price.as_ref(),
+        },
+    )?;
+    let job = generate::start(&s, &model, prompt, opts, n).await?;
+    let format = CompletionFormat {
+        meta: Meta::new(&model, "cmpl"),
+        model: model.clone(),
+        include_usage: c.include_usage(),
+        logprobs: req.logprobs.is_some(),
+    };
+    let run = Run {
+        state: s,
+        caller,
+        ticket,
+        levers: Levers::default(),
+        model,
+        endpoint: "/v1/completions",
+        tools: None,
+        job,
+        conn: conn.map(|Extension(ConnectInfo(c))| c),
+    };
+    generate::respond(run, format, c.stream.unwrap_or(false)).await
 }

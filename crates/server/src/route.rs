@@ -96,11 +96,16 @@ impl Router {
     }
 }
 
-/// Where a chat request naming `asked` may go, in the order to try: the one model (local or
-/// upstream) it names, or a router's tiers from the first that takes it; with a router, its
-/// id and its top tier's price (the baseline of what routing saved).
+/// A router's id and its top tier's price (the baseline of what routing saved).
 pub type Route = Option<(String, Option<ModelPrice>)>;
 
+/// The prompt a router rendered to measure a request: the model whose template and tokenizer
+/// made it, and the ids (reused when that model, or one sharing both, answers).
+pub type Rendered = Option<(Arc<Model>, Vec<u32>)>;
+
+/// Where a chat request naming `asked` may go, in the order to try: the one model (local or
+/// upstream) it names, or a router's tiers from the first that takes it; with a router, its
+/// [`Route`] and the prompt it rendered.
 pub fn targets(
     s: &AppState,
     key: Option<i64>,
@@ -108,21 +113,28 @@ pub fn targets(
     messages: &Value,
     tools: Option<&Value>,
     json: bool,
-) -> Result<(Vec<Target>, Route), ApiError> {
+) -> Result<(Vec<Target>, Route, Rendered), ApiError> {
     let Some(r) = s.router(asked) else {
         let t = match s.upstream(asked) {
             Some(u) => Target::Upstream(u),
             None => Target::Local(s.model(key, asked)?),
         };
-        return Ok((vec![t], None));
+        return Ok((vec![t], None, None));
     };
     // The prompt's length by the first local tier's tokenizer (upstreams only: ~4 bytes a token).
     let local = r.tiers.iter().find_map(|t| match s.target(&t.model) {
         Ok(Target::Local(m)) => Some(m),
         _ => None,
     });
-    let prompt_tokens = match local {
-        Some(m) => m.chat_prompt(messages, tools)?.len(),
+    let rendered = match local {
+        Some(m) => {
+            let ids = m.chat_prompt(messages, tools)?;
+            Some((m, ids))
+        }
+        None => None,
+    };
+    let prompt_tokens = match &rendered {
+        Some((_, ids)) => ids.len(),
         None => messages.to_string().len() / 4,
     };
     let needs = Needs {
@@ -135,6 +147,7 @@ pub fn targets(
     Ok((
         r.candidates(s, &needs)?,
         Some((r.id.clone(), top.price().cloned())),
+        rendered,
     ))
 }
 

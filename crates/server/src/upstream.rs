@@ -142,7 +142,9 @@ impl Upstream {
                 None,
             );
             st.finish_reason = finish;
-            s.settle(caller, ticket, st);
+            // The answer is passed through as is: a row that cannot be written is held.
+            st.sent = true;
+            let _ = s.settle(caller, ticket, st);
             let code = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::OK);
             return Ok((code, [(header::CONTENT_TYPE, "application/json")], bytes).into_response());
         }
@@ -196,7 +198,8 @@ impl Upstream {
                 caller.ttft(first),
             );
             st.finish_reason = finish;
-            s.settle(&caller, &ticket, st);
+            st.sent = true;
+            let _ = s.settle(&caller, &ticket, st);
         });
         Ok((
             [
