@@ -181,6 +181,7 @@ fn a_non_streaming_request_whose_client_has_gone_keeps_generating() {
     std::thread::sleep(Duration::from_millis(500));
     drop(sock);
     let took = wait_running(&s, 0, Duration::from_secs(5));
+    println!("the engine was idle {took:?} after the client closed its socket");
     assert!(took < Duration::from_millis(1500), "aborted after {took:?}");
     let r = wait_rows(&s.data_dir, 1);
     assert_eq!(r.len(), 1, "{r:#?}");
@@ -282,6 +283,10 @@ fn budget_overrun_under_concurrency() {
             |r| r.get(0),
         )
         .unwrap();
+    println!(
+        "budget worth 5.5 requests, 20 sent at once: {served} served, {:.0}% of the budget spent",
+        100.0 * spent / budget
+    );
     assert!(
         (5..=6).contains(&served),
         "{served} of 20 served on a budget worth 5.5"
@@ -315,6 +320,7 @@ fn tpm_overrun_under_concurrency() {
             "{c}: {b}"
         );
     }
+    println!("tpm worth 5.5 requests, 20 sent at once: {served} served");
     assert_eq!(served, 5, "{served} of 20 served within a tpm worth 5.5");
 }
 
