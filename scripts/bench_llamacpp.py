@@ -31,8 +31,8 @@ imports llama_cpp or numpy):
      python_baseline_rss_mb = its ru_maxrss / 1024. peak_rss_mb minus this is
      roughly what llama.cpp itself costs (model + context + compute buffers).
 
-Prompt tokens: the text file (default: shared/data/tinyshakespeare.txt beside
-the repository, i.e. <repo>/../shared/data/tinyshakespeare.txt) is read from the
+Prompt tokens: the text file (default: the repository's
+data/tinyshakespeare.txt) is read from the
 start (first 16 KiB), tokenized with the model's own tokenizer (llama.cpp,
 add_special=False, parse_special=False: no BOS) and truncated to N tokens.
 
@@ -56,7 +56,7 @@ import sys
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_TEXT = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "tinyshakespeare.txt")
+DEFAULT_TEXT = os.path.join(REPO_ROOT, "data", "tinyshakespeare.txt")
 TEXT_BYTES = 16384  # enough for > 512 tokens
 
 N_CTX = 1024

@@ -68,7 +68,7 @@ import time
 import urllib.parse
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CORPUS = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
+DEFAULT_CORPUS = os.path.normpath(os.path.join(REPO_ROOT, "data", "tinyshakespeare.txt"))
 MAX_ERROR_BODY = 2000
 
 

@@ -52,6 +52,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 import tempfile
 import threading
 import time
@@ -267,7 +268,7 @@ def main():
     ap.add_argument("--base", default=default_base())
     ap.add_argument("--ferrolm", default=os.path.join(REPO, "target", "release", "ferrolm"))
     ap.add_argument("--python", default=sys.executable, help="interpreter with torch+transformers+peft")
-    ap.add_argument("--data", default="/work/shared/data/tinyshakespeare.txt")
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2, help="steps excluded from the median")
     ap.add_argument("--rounds", type=int, default=1)

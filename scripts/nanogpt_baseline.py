@@ -53,7 +53,7 @@ numpy)
 Progress goes to stderr every 100 iterations; with --json the last stdout line is
 {"arch", "iters", "train_loss", "val_loss", "ms_per_iter", "ms_per_iter_mean", "params",
 "params_total", "threads", "eval_iters", "loadavg_before", "loadavg_after", "torch"}.
-The machine's cores are shared (see ../shared/FIELD-NOTES.md): PyTorch's OpenMP threads spin at
+The machine's cores are shared with other tenants: PyTorch's OpenMP threads spin at
 barriers, so a run while something else uses a core is several times slower. Check
 loadavg_before / loadavg_after and compare with ferrolm only when both ran in a quiet window.
 """
@@ -71,7 +71,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DEFAULT_DATA = "/work/shared/data/tinyshakespeare.txt"
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "tinyshakespeare.txt")
 # ferrolm's char tokenizer appends these after the characters (ids 65, 66, 67 here).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

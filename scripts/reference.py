@@ -395,8 +395,8 @@ def main() -> None:
     ap.add_argument(
         "--data",
         type=Path,
-        default=REPO_ROOT / ".." / "shared" / "data" / "tinyshakespeare.txt",
-        help="perplexity text (default: ../shared/data/tinyshakespeare.txt relative to the repo root)",
+        default=REPO_ROOT / "data" / "tinyshakespeare.txt",
+        help="perplexity text (default: data/tinyshakespeare.txt in the repo)",
     )
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "golden", help="output directory")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")

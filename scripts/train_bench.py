@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 
 def ferrolm_run(args, out):
@@ -94,7 +95,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--tokenizer", default="char")
-    p.add_argument("--data", default="../shared/data/tinyshakespeare.txt")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt"))
     p.add_argument("--ferrolm", default="target/release/ferrolm")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--with-llama", action="store_true", help="also time --arch llama in PyTorch")

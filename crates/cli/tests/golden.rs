@@ -222,7 +222,7 @@ fn last_logits_within_tolerance() {
 #[test]
 fn perplexity_within_one_percent() {
     let r = reference();
-    let data = repo_root().join("../shared/data/tinyshakespeare.txt");
+    let data = repo_root().join("data/tinyshakespeare.txt");
     let out = ferrolm()
         .args([
             "eval",

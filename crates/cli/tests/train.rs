@@ -41,39 +41,22 @@ fn tiny<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
-/// The first 30,000 characters of tinyshakespeare (`../shared/data`, beside the checkout), or
-/// failing that a synthetic text of about the same size, written into `dir`.
+/// The first 30,000 characters of the repository's tinyshakespeare, written into `dir`.
 fn corpus(dir: &Path) -> PathBuf {
-    let shakespeare = repo_root().join("../shared/data/tinyshakespeare.txt");
-    let text = match std::fs::read_to_string(shakespeare) {
-        Ok(t) => t.chars().take(30_000).collect(),
-        Err(_) => synthetic_text(30_000),
-    };
+    let shakespeare = repo_root().join("data/tinyshakespeare.txt");
+    let text: String = std::fs::read_to_string(&shakespeare)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (it is part of the repository)",
+                shakespeare.display()
+            )
+        })
+        .chars()
+        .take(30_000)
+        .collect();
     let p = dir.join("corpus.txt");
     std::fs::write(&p, text).unwrap();
     p
-}
-
-/// Pseudo-random lines of words from a small vocabulary (fixed seed).
-fn synthetic_text(chars: usize) -> String {
-    const WORDS: &[&str] = &[
-        "the", "king", "queen", "shall", "speak", "of", "night", "and", "day", "my", "lord",
-        "good", "sir", "what", "is", "this", "love", "death", "crown", "sword",
-    ];
-    let mut s = String::new();
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    while s.len() < chars {
-        x = x
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        s.push_str(WORDS[(x >> 33) as usize % WORDS.len()]);
-        s.push(if (x >> 20).is_multiple_of(9) {
-            '\n'
-        } else {
-            ' '
-        });
-    }
-    s
 }
 
 fn train(out: &Path, args: &[&str]) -> Output {
@@ -191,9 +174,9 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     files
 }
 
-/// The optimisation settings that a resumed run keeps. The schedule's defaults come from
-/// --iters when the run is created (warmup = min(100, iters), decay = iters), so a 10-step run
-/// extended to 20 would otherwise be a different schedule from a 20-step run.
+/// The optimisation settings that a resumed run keeps. The decay's default comes from --iters
+/// when the run is created (decay = iters), so a 10-step run extended to 20 would otherwise be a
+/// different schedule from a 20-step run.
 const SCHEDULE: &[&str] = &["--warmup", "5", "--decay-iters", "20"];
 
 #[test]
@@ -567,6 +550,35 @@ fn resume_accepts_model_flags_that_match_the_run() {
     assert_steps_are_0_to(&step_lines(&run), 8);
 }
 
+/// Regression: `--iters 30 --warmup 100` silently clamped warmup to 30, and the same command
+/// with `--iters 60 --resume` was then refused ("warmup was 30 in this run … given 100"). The
+/// warm-up is not clamped (nanoGPT warms up over `warmup` steps, past the end if need be), and a
+/// resumed run accepts the flags that made it.
+#[test]
+fn resume_accepts_the_warmup_flag_that_made_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = corpus(tmp.path());
+    let run = tmp.path().join("run");
+    let flags = ["--warmup", "100", "--lr", "1e-3"];
+    new_run(&data, &run, &[&flags[..], &["--iters", "30"]].concat());
+    assert_ok(&train(
+        &run,
+        &tiny(&[&flags[..], &["--resume", "--iters", "60"]].concat()),
+    ));
+    let steps = step_lines(&run);
+    assert_steps_are_0_to(&steps, 60);
+    // Still warming up at step 59: lr · (it + 1) / (warmup + 1), unclamped.
+    for v in &steps {
+        let it = v["step"].as_f64().unwrap();
+        let want = 1e-3 * (it + 1.0) / 101.0;
+        let got = v["lr"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-9,
+            "step {it}: lr {got}, want {want}"
+        );
+    }
+}
+
 #[test]
 fn prepared_data_dir_trains() {
     let tmp = tempfile::tempdir().unwrap();
@@ -687,4 +699,32 @@ fn a_diverging_run_stops_without_checkpointing_nan_weights() {
             .all(|b| f32::from_le_bytes(b.try_into().unwrap()).is_finite()),
         "the latest checkpoint holds non-finite weights"
     );
+}
+
+/// `--tokenizer MODEL.gguf` reuses the default model's vocabulary and chat template exactly
+/// (it used to be a unit test that skipped itself when the model was not installed).
+#[test]
+fn model_vocab_of_the_default_model_is_reused_exactly() {
+    use ferrolm_train::tokenize::{build, from_metadata, TokenizerChoice};
+    let path = default_model();
+    let g = ferrolm_gguf::GgufFile::open(&path).unwrap();
+    let original = ferrolm_tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let meta = build(&TokenizerChoice::Model(path), "").unwrap();
+    let tok = from_metadata(&meta).unwrap();
+    let text = "Hello, world! 12345 <|im_start|>user\nWhat's up?";
+    assert_eq!(tok.vocab_size(), original.vocab_size());
+    for special in [false, true] {
+        assert_eq!(
+            tok.encode(text, special).unwrap(),
+            original.encode(text, special).unwrap()
+        );
+    }
+    let t1 = ferrolm_tokenizer::chat::ChatTemplate::from_gguf(&g, &original).unwrap();
+    let mut w = ferrolm_gguf::writer::GgufWriter::new();
+    for (k, v) in &meta {
+        w.meta(k, v.clone());
+    }
+    let g2 = ferrolm_gguf::GgufFile::from_bytes("copy", w.to_bytes()).unwrap();
+    let t2 = ferrolm_tokenizer::chat::ChatTemplate::from_gguf(&g2, &tok).unwrap();
+    assert_eq!(t1.source, t2.source);
 }

@@ -1,5 +1,5 @@
 //! Transformer models as pure math over a flat batch: tokens, positions and KV-cache slots
-//! in, logits out. No sampling, scheduling or text here (see `../shared/STYLE.md`).
+//! in, logits out. No sampling, scheduling or text here (see `docs/STYLE.md`).
 //!
 //! * [`llama`] — the Llama family (`llama`: SmolLM2, TinyLlama, Llama 2/3; `qwen2`).
 //! * [`quant`] — repacked 4/8-bit weights and their SIMD kernels, with a scalar reference.

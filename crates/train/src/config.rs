@@ -216,7 +216,9 @@ impl ConfigFile {
             iters,
             lr,
             min_lr: t.min_lr.unwrap_or(lr / 10.0),
-            warmup: t.warmup.unwrap_or(100).min(iters),
+            // Not clamped to `iters`: nanoGPT warms up over `warmup` steps, past the end if need be,
+            // and a resumed run must accept the flags that made it.
+            warmup: t.warmup.unwrap_or(100),
             decay_iters: t.decay_iters.unwrap_or(iters),
             weight_decay: t.weight_decay.unwrap_or(0.1),
             beta1: t.beta1.unwrap_or(0.9),

@@ -548,17 +548,11 @@ pub(crate) mod tests {
     use super::*;
     use crate::tokenize::{build, from_metadata, TokenizerChoice};
 
-    /// The corpus beside the repository, or `None` (with a note) where it is missing.
-    pub(crate) fn shakespeare() -> Option<String> {
-        let p =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tinyshakespeare.txt");
-        match std::fs::read_to_string(&p) {
-            Ok(s) => Some(s),
-            Err(_) => {
-                eprintln!("skipped: {} is missing", p.display());
-                None
-            }
-        }
+    /// The repository's corpus (`data/tinyshakespeare.txt`); a missing file fails the test.
+    pub(crate) fn shakespeare() -> String {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/tinyshakespeare.txt");
+        std::fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{}: {e} (it is part of the repository)", p.display()))
     }
 
     fn shard_with(dir: &Path, tokens: &[u32], vocab: u32) -> PathBuf {
@@ -808,7 +802,7 @@ pub(crate) mod tests {
 
     #[test]
     fn prepare_tinyshakespeare_char_matches_nanogpt() {
-        let Some(text) = shakespeare() else { return };
+        let text = shakespeare();
         let tok = from_metadata(&build(&TokenizerChoice::Char, &text).unwrap()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let stats = prepare(&text, &tok, dir.path(), 0.1).unwrap();
@@ -835,7 +829,7 @@ pub(crate) mod tests {
 
     #[test]
     fn chunked_bpe_encoding_equals_whole_text_on_tinyshakespeare() {
-        let Some(text) = shakespeare() else { return };
+        let text = shakespeare();
         let tok = from_metadata(&build(&TokenizerChoice::Bpe { vocab_size: 2048 }, &text).unwrap())
             .unwrap();
         let t = Instant::now();

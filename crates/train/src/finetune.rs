@@ -210,7 +210,7 @@ pub fn finetune(
         iters,
         lr: cfg.lr,
         min_lr: cfg.min_lr.unwrap_or(cfg.lr / 10.0),
-        warmup: cfg.warmup.unwrap_or(iters / 30).min(iters),
+        warmup: cfg.warmup.unwrap_or(iters / 30),
         decay_iters: iters,
         weight_decay: cfg.weight_decay,
         beta1: 0.9,

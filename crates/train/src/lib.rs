@@ -1,5 +1,5 @@
 //! Training: from a text corpus to a model file that `chat`, `generate`, `eval` and `serve`
-//! load directly (see `../shared/STYLE.md`, "training").
+//! load directly (see `docs/STYLE.md`, "training").
 //!
 //! * [`tokenize`] — train a char-level or byte-level BPE vocabulary, or reuse a model's;
 //!   a vocabulary is stored as a tensor-less GGUF (`tokenizer.gguf`), read by the same

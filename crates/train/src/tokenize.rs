@@ -423,7 +423,7 @@ mod tests {
 
     #[test]
     fn char_vocab_on_tinyshakespeare_matches_nanogpt_stoi() {
-        let Some(text) = shakespeare() else { return };
+        let text = shakespeare();
         let meta = build(&TokenizerChoice::Char, &text).unwrap();
         let tok = from_metadata(&meta).unwrap();
         // nanoGPT: chars = sorted(list(set(data))); stoi = {ch: i for i, ch in enumerate(chars)}
@@ -505,7 +505,7 @@ mod tests {
 
     #[test]
     fn bpe_on_tinyshakespeare_matches_hf() {
-        let Some(text) = shakespeare() else { return };
+        let text = shakespeare();
         let sample: String = text.chars().take(5000).collect();
         let tok = check_bpe_against_hf(&text, 1024, &sample);
         assert_eq!(tok.vocab_size(), 1024);
@@ -546,35 +546,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("no vocabulary"), "{e}");
-    }
-
-    #[test]
-    fn model_vocab_of_the_default_model_if_installed() {
-        let home = std::env::var_os("FERROLM_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ferrolm")));
-        let Some(path) = home.map(|h| h.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")) else {
-            return;
-        };
-        if !path.exists() {
-            eprintln!("skipped: {} is not installed", path.display());
-            return;
-        }
-        let g = GgufFile::open(&path).unwrap();
-        let original = Tokenizer::from_gguf(&g).unwrap();
-        let meta = build(&TokenizerChoice::Model(path), "").unwrap();
-        let tok = from_metadata(&meta).unwrap();
-        let text = "Hello, world! 12345 <|im_start|>user\nWhat's up?";
-        assert_eq!(tok.vocab_size(), original.vocab_size());
-        for special in [false, true] {
-            assert_eq!(
-                tok.encode(text, special).unwrap(),
-                original.encode(text, special).unwrap()
-            );
-        }
-        let t1 = ferrolm_tokenizer::chat::ChatTemplate::from_gguf(&g, &original).unwrap();
-        let g2 = GgufFile::from_bytes("copy", gguf_bytes(&meta)).unwrap();
-        let t2 = ferrolm_tokenizer::chat::ChatTemplate::from_gguf(&g2, &tok).unwrap();
-        assert_eq!(t1.source, t2.source);
     }
 }
