@@ -41,7 +41,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::tools::{Call, HoldBack, Tools};
+use crate::tools::{self, Call, HoldBack, Tools};
 use crate::{AppState, InFlight, Levers, Model, Ticket};
 
 /// Sends `Command::Abort` when dropped before the request's last event.
@@ -412,7 +412,7 @@ impl Run {
                         }
                     } else {
                         out.extend(f.calls(i, content, &calls));
-                        finish = "tool_calls";
+                        finish = tools::finish_reason(&calls, finish);
                     }
                 }
                 c.finish = Some(finish);
@@ -512,10 +512,13 @@ async fn collect<F: Format>(mut run: Run, format: F, mut done: oneshot::Sender<A
             Some(t) => t.parse_reply(&text),
             None => (Some(text), Vec::new()),
         };
-        if !calls.is_empty() {
-            c.finish = Some("tool_calls");
-        }
         let reason = c.reason.unwrap_or(FinishReason::Cancelled);
+        if !calls.is_empty() {
+            c.finish = Some(tools::finish_reason(
+                &calls,
+                c.finish.unwrap_or(finish_name(reason)),
+            ));
+        }
         whole.push(Choice {
             content,
             calls,

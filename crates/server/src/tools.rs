@@ -40,6 +40,11 @@ pub struct Tools {
     pub raw: Value,
     pub specs: Vec<ToolSpec>,
     pub choice: Choice,
+    /// Whether a forced call (`required`) may be followed by more: only when the request says
+    /// `parallel_tool_calls: true` itself, as llama.cpp decides. OpenAI's default is `true`, but
+    /// a forced grammar that may always go on lets a small model repeat the call until
+    /// `max_tokens` (SmolLM2 did, and the cut reply lost every call); `auto` replies are parsed
+    /// for any number of calls either way.
     pub parallel: bool,
 }
 
@@ -142,7 +147,7 @@ impl Tools {
             raw: Value::Array(list.clone()),
             specs,
             choice,
-            parallel: parallel.unwrap_or(true),
+            parallel: parallel == Some(true),
         }))
     }
 
@@ -171,7 +176,9 @@ impl Tools {
     }
 
     /// Split a reply into its text and its calls. Calls that do not parse, or name no declared
-    /// tool, leave the whole reply as text (never a call the client did not declare).
+    /// tool, leave the whole reply as text (never a call the client did not declare) — except
+    /// an unclosed last block after complete calls (a reply cut by `max_tokens`): the complete
+    /// calls are kept and the cut one dropped ([`finish_reason`] then says `length`).
     pub fn parse_reply(&self, text: &str) -> (Option<String>, Vec<Call>) {
         if self.choice == Choice::None {
             return (Some(text.to_owned()), Vec::new());
@@ -188,12 +195,13 @@ impl Tools {
         let mut rest = &text[first..];
         while let Some(start) = rest.find(OPEN) {
             let body = &rest[start + OPEN.len()..];
-            let (json, next) = match body.find(CLOSE) {
-                Some(end) => (&body[..end], &body[end + CLOSE.len()..]),
-                None => (body, ""),
+            let (json, next, closed) = match body.find(CLOSE) {
+                Some(end) => (&body[..end], &body[end + CLOSE.len()..], true),
+                None => (body, "", false),
             };
             match self.call(json.trim()) {
                 Some(c) => calls.push(c),
+                None if !closed && !calls.is_empty() => break,
                 None => return as_text(),
             }
             rest = next;
@@ -215,6 +223,16 @@ impl Tools {
             name: name.to_owned(),
             arguments,
         })
+    }
+}
+
+/// The `finish_reason` of a reply with `calls`, given the engine's: a reply cut by `max_tokens`
+/// says `length` even when complete calls were recovered from it, so the client knows a call may
+/// be missing; otherwise calls make it `tool_calls`.
+pub fn finish_reason(calls: &[Call], engine: &'static str) -> &'static str {
+    match (calls.is_empty(), engine) {
+        (true, r) | (false, r @ "length") => r,
+        (false, _) => "tool_calls",
     }
 }
 
@@ -381,6 +399,44 @@ mod tests {
         );
         assert_eq!(text, None);
         assert_eq!(calls[0].arguments, json!({"city": "Oslo"}));
+    }
+
+    /// Regression: with `tool_choice: "required"` SmolLM2 repeated the forced call until
+    /// `max_tokens`, and the cut last block turned the whole reply into text: no `tool_calls`.
+    #[test]
+    fn tool_choice_required_keeps_complete_calls_before_a_cut_one() {
+        let t = weather();
+        let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let reply = format!("{call}\n{call}\n<tool_call>\n{{\"name\": \"get_wea");
+        let (text, calls) = t.parse_reply(&reply);
+        assert_eq!(text, None);
+        assert_eq!(calls.len(), 2);
+        assert_eq!(finish_reason(&calls, "length"), "length");
+        assert_eq!(finish_reason(&calls, "stop"), "tool_calls");
+        assert_eq!(finish_reason(&[], "length"), "length");
+    }
+
+    /// Regression (same bug): the forced grammar could always go on with another call, so it
+    /// never had to end. Without an explicit `parallel_tool_calls: true` it allows exactly one.
+    #[test]
+    fn tool_choice_required_forces_one_call_unless_parallel_is_asked_for() {
+        let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]);
+        let call = b"<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        for (parallel, may_go_on) in [(None, false), (Some(false), false), (Some(true), true)] {
+            let t = Tools::parse(Some(&tools), Some(&json!("required")), parallel)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| panic!("tools should parse"));
+            let g = t
+                .grammar()
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| panic!("a grammar"));
+            let mut m = ferrolm_grammar::Matcher::new(std::sync::Arc::new(g));
+            assert!(m.accept(call).is_ok(), "{parallel:?}");
+            assert!(m.is_complete());
+            assert_eq!(m.allows(b"\n<tool_call>"), may_go_on, "{parallel:?}");
+        }
     }
 
     #[test]

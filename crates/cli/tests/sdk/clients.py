@@ -264,6 +264,32 @@ def check_forced_tool_call():
     json.loads(calls[0]["arguments"])
 
 
+def check_tool_choice_required_does_not_lose_the_call():
+    # Regression: with the default parallel_tool_calls SmolLM2 repeated the forced call until
+    # max_tokens, and the reply came back as raw <tool_call> text with no tool_calls at all.
+    msgs = [{"role": "user", "content": "What's the weather in Paris?"}]
+    r = client.chat.completions.create(
+        model=MODEL, messages=msgs, temperature=0, max_tokens=60, tools=WEATHER, tool_choice="required"
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert len(choice.message.tool_calls) == 1, choice.message
+    assert "<tool_call>" not in (choice.message.content or ""), choice.message
+    jsonschema.validate(json.loads(choice.message.tool_calls[0].function.arguments), WEATHER[0]["function"]["parameters"])
+    # Parallel calls asked for: the model may go on until max_tokens, but every complete call
+    # is kept, and finish_reason says whether the reply was cut.
+    r = client.chat.completions.create(
+        model=MODEL, messages=msgs, temperature=0, max_tokens=60, tools=WEATHER, tool_choice="required",
+        parallel_tool_calls=True,
+    )
+    choice = r.choices[0]
+    assert choice.message.tool_calls, choice.message
+    assert "<tool_call>" not in (choice.message.content or ""), choice.message
+    assert choice.finish_reason in ("tool_calls", "length"), choice
+    for call in choice.message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER[0]["function"]["parameters"])
+
+
 def check_cached_tokens_on_a_repeated_prefix():
     system = "You are a careful assistant. " + " ".join(f"Rule {i}: answer plainly and briefly." for i in range(150))
     def ask(q):
