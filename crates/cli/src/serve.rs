@@ -34,8 +34,9 @@ pub struct ServeArgs {
     model: Vec<PathBuf>,
     /// A TOML file: `[[model]]` entries (local: path, id, aliases, price, context_strategy;
     /// upstream: id, upstream, upstream_model, api_key_env, price) and `[[router]]` virtual
-    /// models (id, `[[router.tier]]` model / max_prompt_tokens / tools / json / code); unknown
-    /// keys are errors. Example: docs/serve.example.toml.
+    /// models (id, `[[router.tier]]` model / max_prompt_tokens / tools / json / code);
+    /// `[[cache_scope]]` groups of keys that share one prefix cache (name, keys; by default each
+    /// key has its own); unknown keys are errors. Example: docs/serve.example.toml.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Address to listen on. A non-loopback address is refused while the data dir has no API
@@ -125,6 +126,34 @@ struct ConfigFile {
     model: Vec<ModelEntry>,
     #[serde(default)]
     router: Vec<RouterEntry>,
+    #[serde(default)]
+    cache_scope: Vec<CacheScopeEntry>,
+}
+
+/// Keys that share one prefix cache (by default each key has its own, so that no key can learn
+/// another's prompts from `cached_tokens` or a faster first token).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheScopeEntry {
+    name: String,
+    /// Key names (`ferrolm keys create --name`).
+    keys: Vec<String>,
+}
+
+/// `[[cache_scope]]` entries → key name → scope name; a key in two scopes is an error.
+fn cache_scopes(entries: &[CacheScopeEntry]) -> Result<std::collections::HashMap<String, String>> {
+    let mut map = std::collections::HashMap::new();
+    for e in entries {
+        if e.name.is_empty() {
+            bail!("a [[cache_scope]] has an empty `name`: give each scope a name");
+        }
+        for k in &e.keys {
+            if let Some(was) = map.insert(k.clone(), e.name.clone()) {
+                bail!("key `{k}` is in two cache scopes, `{was}` and `{}`: a key shares its prefix cache with one scope at most", e.name);
+            }
+        }
+    }
+    Ok(map)
 }
 
 /// A virtual model that routes chat requests to the cheapest tier that can take them.
@@ -530,6 +559,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let access = Access {
         store: db,
         open_without_keys: a.host.is_loopback() || a.allow_unauthenticated,
+        cache_scopes: cache_scopes(&cfg_file.cache_scope)?,
     };
     let routers = routers(&cfg_file.router, &served, &upstreams)?;
     let loader = run_loader(&a, &cfg, &catalog);

@@ -79,6 +79,7 @@ fn run(
             prompt: p.clone(),
             opts: opts(max_tokens),
             adapter: None,
+            cache_scope: 0,
             reply: tx,
         });
         rxs.push(rx);
@@ -156,6 +157,7 @@ fn shared_system_prompt_is_served_from_the_prefix_cache() {
             prompt: p.clone(),
             opts: opts(16),
             adapter: None,
+            cache_scope: 0,
             reply: tx,
         });
         while e.has_work() {
@@ -230,6 +232,7 @@ fn a_disconnected_client_frees_its_blocks() {
         prompt: prompt(&f, "You are a helpful assistant.", "Count to one hundred."),
         opts: opts(200),
         adapter: None,
+        cache_scope: 0,
         reply: tx,
     });
     e.step().unwrap();
@@ -253,6 +256,7 @@ fn an_aborted_request_reports_the_tokens_it_used() {
         prompt: p.clone(),
         opts: opts(200),
         adapter: None,
+        cache_scope: 0,
         reply: tx,
     });
     for _ in 0..4 {
@@ -301,6 +305,7 @@ fn engine_refusals_are_typed_by_whose_fault() {
             prompt: p.clone(),
             opts: opts(max),
             adapter: None,
+            cache_scope: 0,
             reply: tx,
         });
         match rx.try_recv() {
@@ -350,6 +355,7 @@ fn submit(
         prompt: p.to_vec(),
         opts: opts(24),
         adapter,
+        cache_scope: 0,
         reply: tx,
     });
     rx

@@ -75,7 +75,26 @@ pub struct Request {
     /// The LoRA adapter to apply to this request's rows (`None`: the base model). Requests
     /// with different adapters share every batch but never a cached KV block.
     pub adapter: Option<Arc<Adapter>>,
+    /// The tenant's prefix-cache namespace (0: the one shared namespace, e.g. a server without
+    /// keys). Requests in different scopes never share a cached KV block, so one tenant cannot
+    /// learn another's prompts from `cached_tokens` or from a faster first token.
+    pub cache_scope: u64,
     pub reply: UnboundedSender<Event>,
+}
+
+/// A request's prefix-cache salt: its adapter (0: the base model) and its tenant's scope, mixed
+/// into one `u64` (SplitMix64's finalizer). Base-model requests in scope 0 keep salt 0.
+fn cache_salt(adapter: Option<&Adapter>, scope: u64) -> u64 {
+    let uid = adapter.map_or(0, |a| a.uid());
+    if scope == 0 {
+        return uid;
+    }
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    mix(uid.wrapping_add(0x9e37_79b9_7f4a_7c15) ^ mix(scope))
 }
 
 /// Usage of a finished request.
@@ -172,7 +191,7 @@ struct Seq {
     first_token: Option<f64>,
     /// Where the output stands in the request's grammar, if it has one.
     matcher: Option<Matcher>,
-    /// Its prefix-cache namespace: 0 for the base model, the adapter's uid otherwise.
+    /// Its prefix-cache namespace: [`cache_salt`] of its adapter and tenant scope.
     salt: u64,
 }
 
@@ -299,7 +318,7 @@ impl Engine {
         }
         self.waiting.push_back(Seq {
             matcher,
-            salt: req.adapter.as_ref().map_or(0, |a| a.uid()),
+            salt: cache_salt(req.adapter.as_deref(), req.cache_scope),
             tokens: req.prompt.clone(),
             stream: TextStream::new(&req.opts.stop),
             rng: Rng::new(seed),

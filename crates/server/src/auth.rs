@@ -28,6 +28,8 @@ pub struct Caller {
     pub request_id: String,
     /// `None` when the server runs open (no keys yet).
     pub key: Option<KeyInfo>,
+    /// Its prefix-cache namespace ([`crate::Access::cache_scope`]).
+    pub cache_scope: u64,
     pub started: Instant,
 }
 
@@ -136,6 +138,7 @@ pub async fn layer(State(s): State<AppState>, mut req: Request, next: Next) -> R
         Ok(key) => {
             req.extensions_mut().insert(Caller {
                 request_id: id.clone(),
+                cache_scope: s.access.cache_scope(key.as_ref()),
                 key,
                 started,
             });

@@ -131,6 +131,7 @@ pub async fn fit_chat(
     strategy: Strategy,
     max_tokens: Option<usize>,
     rendered: Option<Vec<u32>>,
+    cache_scope: u64,
 ) -> Result<(Vec<u32>, Option<Compression>), ApiError> {
     let msgs = normalize_messages(messages)?;
     // A router already rendered the whole conversation for this model's template.
@@ -162,11 +163,11 @@ pub async fn fit_chat(
             // At least one turn, never the last message.
             let k = ((rest as f64 * SUMMARIZE_SHARE) as usize).clamp(1, rest - 1);
             let turns: Vec<Value> = list[head..head + k].to_vec();
-            let key = turns_key(&model.id, &turns);
+            let key = turns_key(&model.id, &turns) ^ cache_scope;
             let (summary, cached) = match s.summaries.get(key) {
                 Some(v) => (v, true),
                 None => {
-                    let v = summarize(s, model, &turns).await?;
+                    let v = summarize(s, model, &turns, cache_scope).await?;
                     s.summaries.put(key, v.clone());
                     (v, false)
                 }
@@ -232,7 +233,12 @@ fn middle_out(
 }
 
 /// Ask `model` for a short summary of `turns` (greedy, at most [`SUMMARY_MAX_TOKENS`]).
-async fn summarize(s: &AppState, model: &Arc<Model>, turns: &[Value]) -> Result<String, ApiError> {
+async fn summarize(
+    s: &AppState,
+    model: &Arc<Model>,
+    turns: &[Value],
+    cache_scope: u64,
+) -> Result<String, ApiError> {
     // A transcript too long to summarise in one pass keeps its most recent turns.
     let mut prompt = Vec::new();
     for start in 0..turns.len() {
@@ -266,6 +272,6 @@ async fn summarize(s: &AppState, model: &Arc<Model>, turns: &[Value]) -> Result<
         seed: 0,
         grammar: None,
     };
-    let job = generate::start(s, model, prompt, opts, 1).await?;
+    let job = generate::start(s, model, prompt, opts, 1, cache_scope).await?;
     Ok(generate::text_of(job).await?.trim().to_owned())
 }

@@ -88,6 +88,7 @@ pub async fn start(
     prompt: Vec<u32>,
     opts: GenerateOptions,
     n: usize,
+    cache_scope: u64,
 ) -> Result<Job, ApiError> {
     let slots = model.reserve(n)?;
     let mut job = Job {
@@ -114,6 +115,7 @@ pub async fn start(
             prompt: prompt.clone(),
             opts,
             adapter: model.adapter.clone(),
+            cache_scope,
             reply,
         };
         model

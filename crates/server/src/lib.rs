@@ -33,7 +33,7 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::Router;
 use ferrolm_accounting::{
-    Budgets, ModelPrice, PriceCatalog, RateLimiter, Reservation, Store, UsageRow,
+    Budgets, KeyInfo, ModelPrice, PriceCatalog, RateLimiter, Reservation, Store, UsageRow,
 };
 use ferrolm_engine::{Adapter, Command, EngineStats, GenerateOptions, Usage};
 use ferrolm_grammar::Grammar;
@@ -158,6 +158,22 @@ pub struct Access {
     pub store: Store,
     /// Serve without keys while the store has none (loopback binds, or explicitly allowed).
     pub open_without_keys: bool,
+    /// Key name → the named cache scope it shares the prefix cache with (`[[cache_scope]]` in
+    /// the serve config). A key in none has a scope of its own.
+    pub cache_scopes: HashMap<String, String>,
+}
+
+impl Access {
+    /// The prefix-cache namespace of a caller (see `Request::cache_scope`): 0 without a key (one
+    /// tenant), else its named scope's, else its own key's.
+    pub fn cache_scope(&self, key: Option<&KeyInfo>) -> u64 {
+        let Some(k) = key else { return 0 };
+        let h = match self.cache_scopes.get(&k.name) {
+            Some(scope) => fnv1a(b"scope:".iter().copied().chain(scope.bytes())),
+            None => fnv1a(format!("key:{}", k.id).into_bytes()),
+        };
+        h.max(1)
+    }
 }
 
 /// Shared by every handler: the models, the key store and ledger, limits, metrics, ids.

@@ -325,7 +325,7 @@ async fn answer(
         },
     )?;
     ticket.headers.extend(headers);
-    let job = generate::start(&s, &model, prompt, opts, 1).await?;
+    let job = generate::start(&s, &model, prompt, opts, 1, caller.cache_scope).await?;
     let format = OllamaFormat {
         kind,
         model: model.id.clone(),
@@ -365,6 +365,7 @@ pub async fn chat(
         req.context_strategy.unwrap_or(model.context_strategy),
         o.num_predict.and_then(|n| usize::try_from(n).ok()),
         None,
+        caller.cache_scope,
     )
     .await?;
     let opts = o.generate_options(&model, &prompt, grammar)?;

@@ -365,6 +365,7 @@ pub async fn chat(
                 strategy,
                 max,
                 prompt_ids,
+                caller.cache_scope,
             )
             .await?;
             let mut opts =
@@ -386,7 +387,7 @@ pub async fn chat(
                 }
                 ticket = Some(t);
             }
-            let job = generate::start(&s, model, prompt, opts, n).await?;
+            let job = generate::start(&s, model, prompt, opts, n, caller.cache_scope).await?;
             Ok::<_, ApiError>((job, compressed))
         };
         match attempt.await {
@@ -719,7 +720,7 @@ pub async fn completions(
             price: model.price.as_ref(),
         },
     )?;
-    let job = generate::start(&s, &model, prompt, opts, n).await?;
+    let job = generate::start(&s, &model, prompt, opts, n, caller.cache_scope).await?;
     let format = CompletionFormat {
         meta: Meta::new(&model, "cmpl"),
         model: model.clone(),
