@@ -101,6 +101,15 @@ pub struct ServeArgs {
     /// local path loads. Repeatable.
     #[arg(long, value_name = "DIR")]
     lora_dir: Vec<PathBuf>,
+    /// Close a connection whose request head has not fully arrived within this many seconds:
+    /// counted from the connection's opening and again from the end of each response, so it
+    /// cuts both idle keep-alive connections and slowly sent headers (slowloris).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Most client connections open at once; further ones wait in the listen queue until one
+    /// closes.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    max_connections: usize,
 }
 
 /// One `--lora` value: (base id if given, name, path).
@@ -466,6 +475,19 @@ pub fn run(a: ServeArgs) -> Result<()> {
             a.context_trigger
         );
     }
+    if !(a.header_timeout.is_finite() && a.header_timeout > 0.0 && a.header_timeout <= 86_400.0) {
+        bail!(
+            "--header-timeout {}: give seconds, more than 0 and at most 86400",
+            a.header_timeout
+        );
+    }
+    if a.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
+    let limits = ferrolm_server::ConnLimits {
+        header_timeout: std::time::Duration::from_secs_f64(a.header_timeout),
+        max_connections: a.max_connections,
+    };
     let block_size = EngineConfig::default().block_size;
     let num_blocks = match a.kv_blocks {
         Some(0) => bail!("--kv-blocks must be at least 1"),
@@ -575,7 +597,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let adapter_bases = bases.clone();
     state
         .enable_adapters(AdapterLoading {
-            load: Box::new(move |dir: &Path, base: &str, name: &str| {
+            load: Arc::new(move |dir: &Path, base: &str, name: &str| {
                 let (_, file) = adapter_bases
                     .iter()
                     .find(|(id, _)| id == base)
@@ -583,6 +605,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 ferrolm_train::peft::load_for_serving(dir, file, name).map_err(|e| e.to_string())
             }),
             roots,
+            timeout: std::time::Duration::from_secs(60),
         })
         .map_err(anyhow::Error::msg)?;
     for v in &a.lora {
@@ -619,6 +642,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         listener,
         state.clone(),
         ferrolm_server::shutdown_signal(),
+        limits,
     ));
     // A running job stops with a checkpoint (the next start resumes it); the worker lets go
     // of the state.

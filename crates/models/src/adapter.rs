@@ -84,7 +84,7 @@ impl Adapter {
         n_out: usize,
     ) -> Result<(), ModelError> {
         let r = self.rank;
-        if layer >= self.layers.len() || a.len() != r * n_in || b.len() != n_out * r {
+        if r == 0 || layer >= self.layers.len() || a.len() != r * n_in || b.len() != n_out * r {
             return Err(ModelError::Unsupported(format!(
                 "adapter `{}`: layer {layer} {proj:?} has A {} and B {} values for rank {r}, {n_in} in, {n_out} out",
                 self.name,

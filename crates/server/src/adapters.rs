@@ -13,11 +13,20 @@
 //!   finish with it (they hold the adapter).
 //!
 //! Who may load what: a server open without keys (loopback) trusts its caller as the CLI does
-//! and reads any path; once keys exist, paths must lie under a `--lora-dir` the operator named,
-//! and an adapter loaded with a key is that key's alone, as its fine-tuned models are.
+//! and reads any path; once keys exist, paths must lie under a `--lora-dir` the operator named
+//! (checked on the path's text before the file system is asked anything, so the answer never
+//! says whether a file outside exists), and an adapter loaded with a key is that key's alone, as
+//! its fine-tuned models are: each key has its own adapter names, and another key may load an
+//! adapter under the same name without learning that it exists.
+//!
+//! Adapter files may be hostile: the reader validates them against the base model before
+//! allocating (`ferrolm_train::peft::load`), and a load runs on a thread of its own with a time
+//! limit ([`AdapterLoading::timeout`]), so a stuck read can neither hang the request nor keep
+//! the server from stopping.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, PoisonError};
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -37,9 +46,28 @@ pub type LoadAdapter = dyn Fn(&Path, &str, &str) -> Result<Adapter, String> + Se
 
 /// How the server reads adapters: the binary's loader and where keyed callers may read from.
 pub struct AdapterLoading {
-    pub load: Box<LoadAdapter>,
+    pub load: Arc<LoadAdapter>,
     /// Directories (canonical) under which callers with a key may load adapters.
     pub roots: Vec<PathBuf>,
+    /// The longest a runtime load may take before the request gets a 504 (the reading thread
+    /// is left to finish on its own; it holds nothing the server waits for).
+    pub timeout: Duration,
+}
+
+/// `path` with `.` and `..` resolved on its text alone (`..` above the root stays at the root),
+/// touching no file.
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// A `lora_name`: what clients put after `<base>:`.
@@ -100,8 +128,11 @@ impl AppState {
                     .collect();
                 ApiError::unknown_model(base, &bases)
             })?;
+        // Names are per key: a key's adapter may share its name with another key's, never with
+        // a model every caller sees (and an operator's adapter, seen by all, with none).
+        let visible = |m: &Model| owner.is_none() || m.owner.is_none() || m.owner == owner;
         let taken = |name: &str| {
-            models.iter().any(|m| {
+            models.iter().filter(|m| visible(m)).any(|m| {
                 m.id.eq_ignore_ascii_case(name)
                     || m.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
             }) || self.routers.iter().any(|r| r.id.eq_ignore_ascii_case(name))
@@ -174,7 +205,9 @@ impl AppState {
         Ok(models.remove(pos))
     }
 
-    /// Where a keyed caller's `lora_path` is allowed to point: under a `--lora-dir`.
+    /// Where a keyed caller's `lora_path` is allowed to point: under a `--lora-dir`. The
+    /// directory is checked on the path's text first (403 whether or not a file is there), then
+    /// the file is looked up, and its real path (links followed) must still be under the root.
     fn resolve_path(&self, caller: &Caller, asked: &str) -> Result<PathBuf, ApiError> {
         let roots = self
             .adapters
@@ -182,7 +215,7 @@ impl AppState {
             .map(|l| l.roots.as_slice())
             .unwrap_or_default();
         let asked_path = Path::new(asked);
-        let candidates: Vec<PathBuf> = if asked_path.is_absolute() || roots.is_empty() {
+        let mut candidates: Vec<PathBuf> = if asked_path.is_absolute() || roots.is_empty() {
             vec![asked_path.to_owned()]
         } else {
             roots.iter().map(|r| r.join(asked_path)).collect()
@@ -192,6 +225,29 @@ impl AppState {
             .map(|r| r.display().to_string())
             .collect::<Vec<_>>()
             .join(", ");
+        let outside = || ApiError {
+            status: StatusCode::FORBIDDEN,
+            kind: "permission_error",
+            ..ApiError::invalid(
+                if roots.is_empty() {
+                    "this server does not load adapters for API keys: its operator can allow it with `ferrolm serve --lora-dir DIR`, and adapters under DIR can then be loaded".to_owned()
+                } else {
+                    format!(
+                            "lora_path {asked:?} is outside the adapter directories this server loads from ({listed}): put the adapter there"
+                        )
+                },
+                Some("lora_path"),
+            )
+        };
+        if caller.key.is_some() {
+            candidates.retain(|p| {
+                let p = lexical(p);
+                roots.iter().any(|r| p.starts_with(r))
+            });
+            if candidates.is_empty() {
+                return Err(outside());
+            }
+        }
         let found = candidates.iter().find_map(|p| p.canonicalize().ok());
         let Some(path) = found else {
             return Err(ApiError::invalid(
@@ -207,20 +263,8 @@ impl AppState {
             ));
         };
         if caller.key.is_some() && !roots.iter().any(|r| path.starts_with(r)) {
-            return Err(ApiError {
-                status: StatusCode::FORBIDDEN,
-                kind: "permission_error",
-                ..ApiError::invalid(
-                    if roots.is_empty() {
-                        "this server does not load adapters for API keys: its operator can allow it with `ferrolm serve --lora-dir DIR`, and adapters under DIR can then be loaded".to_owned()
-                    } else {
-                        format!(
-                            "lora_path {asked:?} is outside the adapter directories this server loads from ({listed}): put the adapter there"
-                        )
-                    },
-                    Some("lora_path"),
-                )
-            });
+            // A link under a root that leads out of it.
+            return Err(outside());
         }
         Ok(path)
     }
@@ -280,16 +324,55 @@ pub async fn load(
     }
     let path = s.resolve_path(&caller, &req.lora_path)?;
     let id = format!("{}:{}", base.id, req.lora_name);
-    let (st, base_id, name) = (s.clone(), base.id.clone(), id.clone());
-    let adapter = tokio::task::spawn_blocking(move || st.read_adapter(&path, &base_id, &name))
-        .await
-        .map_err(|e| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    let Some(loading) = s.adapters.get() else {
+        return Err(ApiError::invalid(
+            "this server was started without adapter support",
+            None,
+        ));
+    };
+    // The thread gets the reader alone, not the server's state: a read that never ends must
+    // not hold the engines' senders (the server waits for the engines when it stops).
+    let (reader, timeout) = (loading.load.clone(), loading.timeout);
+    let (base_id, name) = (base.id.clone(), id.clone());
+    // A thread of its own, not tokio's blocking pool: the runtime waits for that pool when it
+    // shuts down, so a read that never ends would keep the server from stopping.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("ferrolm-adapter-load".into())
+        .spawn(move || {
+            let _ = tx.send(reader(&path, &base_id, &name));
+        })
         .map_err(|e| {
-            ApiError::invalid(
-                format!("the adapter at {:?} does not load: {e}", req.lora_path),
-                Some("lora_path"),
+            ApiError::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("could not start a thread to read the adapter ({e}): retry later"),
             )
         })?;
+    let read = match tokio::time::timeout(timeout, rx).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => {
+            return Err(ApiError::server(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the adapter reader stopped without an answer (a bug in ferrolm: please report it)",
+            ))
+        }
+        Err(_) => {
+            return Err(ApiError::server(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "reading the adapter at {:?} took more than {} s: is it on a slow or stuck file system?",
+                    req.lora_path,
+                    timeout.as_secs()
+                ),
+            ))
+        }
+    };
+    let adapter = read.map_err(|e| {
+        ApiError::invalid(
+            format!("the adapter at {:?} does not load: {e}", req.lora_path),
+            Some("lora_path"),
+        )
+    })?;
     let m = s.add_adapter(&base.id, id, vec![req.lora_name], adapter, key)?;
     eprintln!(
         "ferrolm serve: {}: adapter `{}` loaded ({} KiB)",

@@ -162,9 +162,15 @@ pub async fn layer(State(s): State<AppState>, mut req: Request, next: Next) -> R
         }
     };
     let status = resp.status();
-    if status == StatusCode::PAYLOAD_TOO_LARGE && !is_json(&resp) {
-        // Cut off while reading (over MAX_READ_BYTES): say so in the API's shape.
-        let e = ApiError::too_large(crate::MAX_READ_BYTES);
+    if status.as_u16() >= 400 && !is_json(&resp) {
+        // Every error leaves in the API's shape, whoever made it: axum's extractors (a body
+        // that is not JSON or multipart, a bad query string or path, a wrong method) answer
+        // plain text, and so does a body cut off past MAX_READ_BYTES.
+        let e = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(crate::MAX_READ_BYTES)
+        } else {
+            rejection(status, resp.into_body(), &path).await
+        };
         resp = if ollama {
             OllamaError(e).into_response()
         } else {
@@ -204,6 +210,47 @@ pub async fn layer(State(s): State<AppState>, mut req: Request, next: Next) -> R
         key_name.as_deref().unwrap_or("-"),
     );
     resp
+}
+
+/// An error response that is not in the API's shape (an axum extractor's rejection) → the
+/// API's error, its text kept as the message, with a hint of what the endpoint takes.
+async fn rejection(status: StatusCode, body: axum::body::Body, path: &str) -> ApiError {
+    let text = axum::body::to_bytes(body, 16 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let mut message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("the request was refused")
+            .to_owned()
+    } else {
+        text
+    };
+    let hint = match status {
+        StatusCode::METHOD_NOT_ALLOWED => Some(format!("{path} does not take this method")),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::BAD_REQUEST if path == "/v1/files" => {
+            Some(
+                "upload a file as multipart/form-data with the fields `file` and `purpose`"
+                    .to_owned(),
+            )
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            Some("send a JSON body with `Content-Type: application/json`".to_owned())
+        }
+        _ => None,
+    };
+    if let Some(h) = hint {
+        message = format!("{message}: {h}");
+    }
+    if status.is_server_error() {
+        ApiError::server(status, message)
+    } else {
+        ApiError {
+            status,
+            ..ApiError::invalid(message, None)
+        }
+    }
 }
 
 fn is_json(r: &Response) -> bool {

@@ -661,13 +661,18 @@ pub struct ClientConn {
 
 impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for ClientConn {
     fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        ClientConn {
-            fd: stream.io().as_fd().try_clone_to_owned().ok().map(Arc::new),
-        }
+        ClientConn::of(stream.io())
     }
 }
 
 impl ClientConn {
+    /// The connection `stream` (`crate::serve` puts it in each of its requests' extensions).
+    pub fn of(stream: &tokio::net::TcpStream) -> ClientConn {
+        ClientConn {
+            fd: stream.as_fd().try_clone_to_owned().ok().map(Arc::new),
+        }
+    }
+
     /// Resolves once the peer has closed the connection (end of stream or an error on the
     /// socket). Never resolves while the connection is open, or when the client has already
     /// sent its next request (pipelining: that client is still there).

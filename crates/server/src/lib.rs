@@ -26,7 +26,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode, Uri};
@@ -56,6 +56,7 @@ pub mod route;
 mod tools;
 pub mod tuner;
 pub mod upstream;
+mod validate;
 
 pub use auth::Caller;
 pub use error::ApiError;
@@ -853,17 +854,15 @@ fn normalize_messages(messages: &Value) -> Result<Value, ApiError> {
                 )))
             }
         };
-        if obj
-            .get("images")
-            .and_then(Value::as_array)
-            .is_some_and(|a| !a.is_empty())
-        {
-            return Err(bad(format!(
-                "messages[{i}] has images, but this model reads text only: remove them"
-            )));
-        }
+        validate::ollama_images(obj.get("images"), &format!("messages[{i}].images"))?;
         let content = match obj.get("content") {
-            None | Some(Value::Null) => String::new(),
+            // An assistant turn that only calls tools has none; every other turn needs it.
+            None | Some(Value::Null) if role == "assistant" => String::new(),
+            None | Some(Value::Null) => {
+                return Err(bad(format!(
+                    "messages[{i}].content is missing or null: a {role} message needs content, a string or a list of text parts"
+                )))
+            }
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => {
                 let mut s = String::new();
@@ -962,12 +961,22 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-async fn no_route(method: Method, uri: Uri) -> ApiError {
-    ApiError::no_route(method.as_str(), uri.path())
+/// `e` in the shape of the API `uri` belongs to: Ollama's under `/api/`, else OpenAI's.
+fn shaped(uri: &Uri, e: ApiError) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if uri.path().starts_with("/api/") {
+        error::OllamaError(e).into_response()
+    } else {
+        e.into_response()
+    }
 }
 
-async fn wrong_method(method: Method, uri: Uri) -> ApiError {
-    ApiError {
+async fn no_route(method: Method, uri: Uri) -> axum::response::Response {
+    shaped(&uri, ApiError::no_route(method.as_str(), uri.path()))
+}
+
+async fn wrong_method(method: Method, uri: Uri) -> axum::response::Response {
+    let e = ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
         ..ApiError::invalid(
             format!(
@@ -976,7 +985,8 @@ async fn wrong_method(method: Method, uri: Uri) -> ApiError {
             ),
             None,
         )
-    }
+    };
+    shaped(&uri, e)
 }
 
 /// Every route, on `state`.
@@ -1037,20 +1047,90 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serve until `shutdown` resolves, then stop accepting and let requests in flight finish.
+/// What the server allows each connection (`ferrolm serve --header-timeout`,
+/// `--max-connections`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// The longest a connection may go without a complete request head: from its opening, and
+    /// again from the end of each response (an idle keep-alive connection). Past it the
+    /// connection is closed, so idle and slowly-sent-header (slowloris) connections cannot pile
+    /// up.
+    pub header_timeout: Duration,
+    /// The most connections open at once; further ones wait in the listen queue.
+    pub max_connections: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            header_timeout: Duration::from_secs(10),
+            max_connections: 512,
+        }
+    }
+}
+
+/// Serve until `shutdown` resolves, then stop accepting, close idle connections and let
+/// requests in flight finish.
+///
+/// Connections are driven by hyper's HTTP/1 builder (not `axum::serve`, which sets no header
+/// timeout and no cap): each holds one of `limits.max_connections` permits, taken before it is
+/// accepted, and hyper closes it when a request head takes longer than `limits.header_timeout`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: ConnLimits,
 ) -> std::io::Result<()> {
-    // Each request carries its connection (`generate::ClientConn`), so a JSON answer can be
-    // abandoned when its client closes the socket.
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<generate::ClientConn>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let app = router(state);
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    eprintln!("ferrolm serve: cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        // Each request carries its connection (`generate::ClientConn`), so a JSON answer can be
+        // abandoned when its client closes the socket.
+        let info = axum::extract::ConnectInfo(generate::ClientConn::of(&stream));
+        let svc = TowerToHyperService::new(app.clone());
+        let svc = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+            req.extensions_mut().insert(info.clone());
+            hyper::service::Service::call(&svc, req)
+        });
+        let conn = http.serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A connection's end (a timeout, a reset) is the client's business, not an error.
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or (on Unix) SIGTERM.

@@ -124,6 +124,7 @@ struct GenerateRequest {
     #[serde(default)]
     options: Options,
     format: Option<Value>,
+    images: Option<Value>,
 }
 
 /// Ollama's `format`: `"json"` (any JSON object) or a JSON schema, enforced by a grammar.
@@ -395,6 +396,7 @@ pub async fn generate(
     body: Bytes,
 ) -> Result<Response, OllamaError> {
     let req: GenerateRequest = parse(&body)?;
+    crate::validate::ollama_images(req.images.as_ref(), "images")?;
     let model = s.model(caller.key_id(), Some(&req.model))?;
     let grammar = format_grammar(req.format.as_ref())?;
     let prompt = if req.raw {

@@ -98,6 +98,7 @@ impl Tools {
                     )))
                 }
             };
+            crate::validate::json_schema(&parameters, &format!("tools[{i}].function.parameters"))?;
             specs.push(ToolSpec {
                 name: name.to_owned(),
                 parameters,

@@ -136,9 +136,28 @@ pub fn read_safetensors(
     prefix: &str,
 ) -> Result<Vec<f32>, TrainError> {
     let bytes = std::fs::read(path).map_err(TrainError::io(path))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
+    decode_safetensors(path, &bytes, tensors, prefix)
+}
+
+/// [`read_safetensors`] of a file's bytes already read (`path` names it in errors). The buffer
+/// is reserved fallibly: a layout too large for this machine is an error, not an abort.
+pub fn decode_safetensors(
+    path: &Path,
+    bytes: &[u8],
+    tensors: &[TensorSlot],
+    prefix: &str,
+) -> Result<Vec<f32>, TrainError> {
+    let st = safetensors::SafeTensors::deserialize(bytes)
         .map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
-    let mut out = vec![0f32; buffer_len(tensors)];
+    let n = buffer_len(tensors);
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|_| {
+        bad(
+            path,
+            format!("{n} parameters do not fit in this machine's memory"),
+        )
+    })?;
+    out.resize(n, 0f32);
     for t in tensors {
         let name = format!("{prefix}{}", t.name);
         let v = st.tensor(&name).map_err(|_| {

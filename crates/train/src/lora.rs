@@ -68,7 +68,7 @@ impl Target {
     }
 
     /// (in, out, column offset in the fused product's output, the fused group).
-    fn shape(self, c: &ModelConfig) -> (usize, usize, usize, Group) {
+    pub(crate) fn shape(self, c: &ModelConfig) -> (usize, usize, usize, Group) {
         let (d, q, kv, f) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
         match self {
             Target::Q => (d, q, 0, Group::Qkv),

@@ -9,6 +9,7 @@
 //! and back on load ([`crate::base::hf_rows`]); A and every other matrix are unchanged.
 
 use std::collections::HashMap;
+use std::io::Read;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
@@ -24,6 +25,48 @@ fn bad(path: &Path, reason: impl Into<String>) -> TrainError {
         path: path.to_owned(),
         reason: reason.into(),
     }
+}
+
+/// The largest `lora_alpha / r` an adapter may have. PEFT adapters use about 0.5 to 64; a
+/// scale far past that only turns the model's activations into infinities (every reply empty).
+pub const MAX_LORA_SCALE: f32 = 1024.0;
+
+/// The most bytes an `adapter_config.json` may have.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// The bytes of `path`, which must be a regular file of at most `max` bytes. It is opened
+/// without blocking (`O_NONBLOCK`), so a FIFO or device planted at the path is refused at once
+/// instead of hanging the reader until a writer comes.
+fn read_regular(path: &Path, max: u64) -> Result<Vec<u8>, TrainError> {
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut open, libc::O_NONBLOCK);
+    let f = open.open(path).map_err(TrainError::io(path))?;
+    let meta = f.metadata().map_err(TrainError::io(path))?;
+    if !meta.is_file() {
+        return Err(bad(
+            path,
+            "is not a regular file (a FIFO, a device or a directory): adapters are read from plain files only",
+        ));
+    }
+    if meta.len() > max {
+        return Err(bad(
+            path,
+            format!(
+                "is {} bytes, more than the {max} an adapter of this shape can need",
+                meta.len()
+            ),
+        ));
+    }
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(meta.len() as usize)
+        .map_err(|_| bad(path, "does not fit in this machine's memory"))?;
+    f.take(max)
+        .read_to_end(&mut bytes)
+        .map_err(TrainError::io(path))?;
+    Ok(bytes)
 }
 
 /// (heads, head size) of a q/k B matrix's rows, if the tensor is one.
@@ -99,17 +142,25 @@ pub fn save(
 
 /// Read a PEFT LoRA adapter for a model of config `c`: its layout and parameters (q/k B rows
 /// in GGUF order).
+///
+/// The adapter may come from an untrusted client (`POST /v1/load_lora_adapter`), so nothing is
+/// allocated before the config is checked against the base model: `1 ≤ r ≤` the smallest side
+/// of an adapted projection, a finite `lora_alpha / r` of at most [`MAX_LORA_SCALE`], files that
+/// are regular and no larger than the layout needs; and every weight must be finite.
 pub fn load(dir: &Path, c: &ModelConfig) -> Result<(Lora, Vec<f32>), TrainError> {
     let cp = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cp).map_err(TrainError::io(&cp))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&cp, e.to_string()))?;
+    let text = read_regular(&cp, MAX_CONFIG_BYTES)?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| bad(&cp, e.to_string()))?;
     if v["peft_type"].as_str() != Some("LORA") {
         return Err(bad(&cp, "peft_type is not LORA"));
     }
-    let rank = v["r"].as_u64().ok_or_else(|| bad(&cp, "no `r`"))? as usize;
+    let rank = v["r"]
+        .as_u64()
+        .ok_or_else(|| bad(&cp, "no `r` (the LoRA rank, a whole number from 1)"))?;
     let alpha = v["lora_alpha"]
         .as_f64()
-        .ok_or_else(|| bad(&cp, "no `lora_alpha`"))? as f32;
+        .ok_or_else(|| bad(&cp, "no `lora_alpha`"))?;
     if v["use_rslora"].as_bool() == Some(true) || v["use_dora"].as_bool() == Some(true) {
         return Err(bad(&cp, "rsLoRA and DoRA adapters are not supported"));
     }
@@ -127,6 +178,34 @@ pub fn load(dir: &Path, c: &ModelConfig) -> Result<(Lora, Vec<f32>), TrainError>
             .collect::<Result<Vec<_>, _>>()?,
         other => return Err(bad(&cp, format!("target_modules {other} must be a list"))),
     };
+    let Some(max_rank) = targets
+        .iter()
+        .map(|t| {
+            let (n_in, n_out, _, _) = t.shape(c);
+            n_in.min(n_out)
+        })
+        .min()
+    else {
+        return Err(bad(
+            &cp,
+            "target_modules is empty: name the projections the adapter adapts",
+        ));
+    };
+    if rank == 0 || rank > max_rank as u64 {
+        return Err(bad(
+            &cp,
+            format!("r = {rank} is not a rank for this base model: it must be 1 to {max_rank} (the smallest side of an adapted projection)"),
+        ));
+    }
+    let rank = rank as usize;
+    let scale = alpha / rank as f64;
+    if !scale.is_finite() || scale.abs() > f64::from(MAX_LORA_SCALE) {
+        return Err(bad(
+            &cp,
+            format!("lora_alpha {alpha} with r = {rank} gives a scale of {scale:e}: lora_alpha / r must be finite and at most {MAX_LORA_SCALE} in size (PEFT adapters use about 0.5 to 64)"),
+        ));
+    }
+    let alpha = alpha as f32;
     let lora = Lora::new(
         c,
         LoraConfig {
@@ -136,7 +215,21 @@ pub fn load(dir: &Path, c: &ModelConfig) -> Result<(Lora, Vec<f32>), TrainError>
         },
     );
     let path = dir.join("adapter_model.safetensors");
-    let mut params = crate::checkpoint::read_safetensors(&path, &lora.tensors, "")?;
+    // F32 values, twice over for tensors the adapter may carry beside ours, and the header.
+    let max_bytes = (lora.len as u64).saturating_mul(8).saturating_add(16 << 20);
+    let bytes = read_regular(&path, max_bytes)?;
+    let mut params = crate::checkpoint::decode_safetensors(&path, &bytes, &lora.tensors, "")?;
+    drop(bytes);
+    if let Some(t) = lora
+        .tensors
+        .iter()
+        .find(|t| params[t.range()].iter().any(|x| !x.is_finite()))
+    {
+        return Err(bad(
+            &path,
+            format!("tensor `{}` holds NaN or infinite values: the adapter is broken (retrain or re-export it)", t.name),
+        ));
+    }
     for t in &lora.tensors {
         if let Some(heads) = head_rows(c, &t.name) {
             let gguf = hf_rows(&params[t.range()], heads, c.head_dim(), rank, false);
