@@ -123,6 +123,9 @@ fn turns_key(model: &str, turns: &[Value]) -> u64 {
 /// Render `messages` for `model` (unless `rendered` holds them, rendered for `model`'s template
 /// and tokenizer), applying `strategy` if the prompt would leave no room for `max_tokens` (or
 /// for one token when none is asked).
+// Eight plain inputs of one request, each used once; a struct for them would serve this call
+// alone.
+#[allow(clippy::too_many_arguments)]
 pub async fn fit_chat(
     s: &AppState,
     model: &Arc<Model>,

@@ -147,7 +147,7 @@ pub fn ollama_images(images: Option<&Value>, at: &str) -> Result<(), ApiError> {
 /// Standard base64 (RFC 4648 §4), padded, non-empty; line breaks are allowed.
 fn is_base64(s: &str) -> bool {
     let b: Vec<u8> = s.bytes().filter(|c| !matches!(c, b'\r' | b'\n')).collect();
-    if b.is_empty() || b.len() % 4 != 0 {
+    if b.is_empty() || !b.len().is_multiple_of(4) {
         return false;
     }
     let pad = b.iter().rev().take_while(|&&c| c == b'=').count();
@@ -180,7 +180,7 @@ mod tests {
             (json!({"anyOf": []}), "p.anyOf"),
             (json!("string"), "p must be"),
         ] {
-            let e = check_schema(&bad, "p").unwrap_err();
+            let e = check_schema(&bad, "p").expect_err("a broken schema passed");
             assert!(e.starts_with(says), "{bad}: {e}");
         }
     }
