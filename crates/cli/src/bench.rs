@@ -111,11 +111,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!(
             "{}",
             json!({"engine": "ferrolm", "prefill_tps_128": p128, "prefill_tps_512": p512, "decode_tps": decode,
-                   "peak_rss_mb": rss, "threads": threads, "isa": m.model.isa.name(), "reps": reps})
+                   "peak_rss_mb": rss, "threads": threads, "isa": m.model.isa().name(), "reps": reps})
         );
     } else {
         println!("model:         {}", m.path.display());
-        println!("threads:       {threads} (kernels: {})", m.model.isa.name());
+        println!(
+            "threads:       {threads} (kernels: {})",
+            m.model.isa().name()
+        );
         println!("prefill 128:   {p128:.1} tokens/s");
         println!("prefill 512:   {p512:.1} tokens/s");
         println!(

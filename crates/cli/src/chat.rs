@@ -20,7 +20,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     }
     let params = a.sampling.params(None)?;
     let m = load(&a.run.model)?;
-    params.validate(m.model.cfg.vocab_size)?;
+    params.validate(m.model.cfg().vocab_size)?;
     let mut session = Session::new(&m.model, a.run.ctx, threads(a.run.threads)?)?;
     a.run.lora.apply(&m, &mut session)?;
 

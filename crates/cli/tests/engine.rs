@@ -13,12 +13,12 @@ use ferrolm_engine::{
     Engine, EngineConfig, ErrorKind, Event, FinishReason, GenerateOptions, Request, Session, Usage,
 };
 use ferrolm_gguf::GgufFile;
-use ferrolm_models::{Adapter, Llama, Proj};
+use ferrolm_models::{Adapter, Model, Proj};
 use ferrolm_sample::SamplingParams;
 use ferrolm_tokenizer::{chat::ChatTemplate, Tokenizer};
 
 struct Fixture {
-    model: Arc<Llama>,
+    model: Arc<Model>,
     tok: Arc<Tokenizer>,
     tmpl: ChatTemplate,
 }
@@ -27,7 +27,7 @@ fn fixture() -> Fixture {
     let g = GgufFile::open(default_model()).unwrap();
     let tok = Tokenizer::from_gguf(&g).unwrap();
     let tmpl = ChatTemplate::from_gguf(&g, &tok).unwrap();
-    let model = Llama::load(&g, &mut |_, _| {}).unwrap();
+    let model = Model::load(&g, &mut |_, _| {}).unwrap();
     Fixture {
         model: Arc::new(model),
         tok: Arc::new(tok),
@@ -319,7 +319,7 @@ fn engine_refusals_are_typed_by_whose_fault() {
 /// A rank-4 adapter on q, v and down of every layer with seeded random weights, large enough
 /// to change greedy replies.
 fn random_adapter(f: &Fixture, seed: u64) -> Arc<Adapter> {
-    let c = &f.model.cfg;
+    let c = f.model.cfg();
     let r = 4;
     let mut ad = Adapter::new("random", c.n_layers, r, 2.0);
     let mut s = seed;
@@ -434,7 +434,7 @@ fn adapters_apply_per_request_in_one_batch_and_keep_their_own_prefix_cache() {
     );
 
     // An adapter for another model shape is refused with a clear error.
-    let mut bad = Adapter::new("bad", f.model.cfg.n_layers, 2, 1.0);
+    let mut bad = Adapter::new("bad", f.model.cfg().n_layers, 2, 1.0);
     bad.set(0, Proj::Q, vec![0.0; 2 * 10], vec![0.0; 10 * 2], 10, 10)
         .unwrap();
     let mut rx = submit(&mut e, 5, &p, Some(Arc::new(bad)));

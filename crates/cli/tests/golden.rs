@@ -8,7 +8,7 @@ use common::*;
 
 use ferrolm_engine::Session;
 use ferrolm_gguf::GgufFile;
-use ferrolm_models::Llama;
+use ferrolm_models::Model;
 use ferrolm_tokenizer::{chat::ChatTemplate, Tokenizer};
 
 fn reference() -> serde_json::Value {
@@ -172,7 +172,7 @@ fn greedy_generation_matches_reference() {
 fn last_logits_within_tolerance() {
     let path = default_model();
     let g = GgufFile::open(&path).unwrap();
-    let model = Llama::load(&g, &mut |_, _| {}).unwrap();
+    let model = Model::load(&g, &mut |_, _| {}).unwrap();
     let r = reference();
     let prompt = ids(&r["chat"]["ids"]);
     let mut s = Session::new(&model, 512, 2).unwrap();

@@ -31,7 +31,7 @@ use std::time::Instant;
 
 use ferrolm_grammar::{Matcher, Vocab};
 use ferrolm_kv::{ComputedBlocks, KvCacheManager, RequestId};
-use ferrolm_models::{Adapter, Batch, KvCache, Llama, Scratch, SeqSpan};
+use ferrolm_models::{Adapter, Batch, KvCache, Model, Scratch, SeqSpan};
 use ferrolm_sample::{Rng, Sampler};
 use ferrolm_tokenizer::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
@@ -211,7 +211,7 @@ impl Seq {
 }
 
 pub struct Engine {
-    model: Arc<Llama>,
+    model: Arc<Model>,
     tok: Arc<Tokenizer>,
     cfg: EngineConfig,
     kv: KvCache,
@@ -233,7 +233,7 @@ type Plan = Vec<(usize, usize)>;
 
 impl Engine {
     pub fn new(
-        model: Arc<Llama>,
+        model: Arc<Model>,
         tok: Arc<Tokenizer>,
         cfg: EngineConfig,
     ) -> Result<Self, SessionError> {
@@ -247,7 +247,7 @@ impl Engine {
                 reason: e.to_string(),
             })?;
         Ok(Engine {
-            kv: KvCache::new(&model.cfg, cfg.block_size, cfg.num_blocks),
+            kv: KvCache::new(model.cfg(), cfg.block_size, cfg.num_blocks),
             model,
             tok,
             cfg,
@@ -267,17 +267,17 @@ impl Engine {
     /// Queue a request. Invalid ones are answered with [`Event::Error`] at once.
     pub fn add(&mut self, req: Request) {
         let capacity = self.cfg.num_blocks * self.cfg.block_size;
-        let limit = capacity.min(self.model.cfg.context_length);
+        let limit = capacity.min(self.model.cfg().context_length);
         let refuse = |m: String| Some(EngineError::new(ErrorKind::Request, m));
         let problem = if req.prompt.is_empty() {
             refuse("the prompt is empty".to_owned())
         } else if req.opts.max_tokens == 0 {
             refuse("max_tokens must be at least 1".to_owned())
-        } else if req.prompt.len() >= self.model.cfg.context_length {
+        } else if req.prompt.len() >= self.model.cfg().context_length {
             refuse(format!(
                 "the prompt has {} tokens but the model's context holds {}",
                 req.prompt.len(),
-                self.model.cfg.context_length
+                self.model.cfg().context_length
             ))
         } else if req.prompt.len() >= limit {
             Some(EngineError::new(
@@ -291,7 +291,7 @@ impl Engine {
         } else if let Some(&t) = req
             .prompt
             .iter()
-            .find(|&&t| t as usize >= self.model.cfg.vocab_size)
+            .find(|&&t| t as usize >= self.model.cfg().vocab_size)
         {
             refuse(format!("token id {t} is outside the vocabulary"))
         } else if let Some(e) = req
@@ -303,7 +303,7 @@ impl Engine {
         } else {
             req.opts
                 .params
-                .validate(self.model.cfg.vocab_size)
+                .validate(self.model.cfg().vocab_size)
                 .err()
                 .and_then(|e| refuse(e.to_string()))
         };
@@ -527,7 +527,7 @@ impl Engine {
     }
 
     fn update(&mut self, plan: &Plan, rows: &[Option<usize>]) {
-        let vocab = self.model.cfg.vocab_size;
+        let vocab = self.model.cfg().vocab_size;
         let mut finished = Vec::new();
         for (&(i, n), row) in plan.iter().zip(rows) {
             let s = &mut self.running[i];
@@ -579,7 +579,7 @@ impl Engine {
             let ctx_full = s.tokens.len()
                 >= self
                     .model
-                    .cfg
+                    .cfg()
                     .context_length
                     .min(self.cfg.num_blocks * self.cfg.block_size);
             let reason = if end || stopped || grammar_done {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferrolm_kv::BlockAllocator;
-use ferrolm_models::{Adapter, Batch, KvCache, Llama, ModelError, Scratch, SeqSpan};
+use ferrolm_models::{Adapter, Batch, KvCache, Model, ModelError, Scratch, SeqSpan};
 use ferrolm_sample::{Rng, SampleError, Sampled, Sampler, SamplingParams};
 use ferrolm_tokenizer::Tokenizer;
 
@@ -46,7 +46,7 @@ pub enum SessionError {
 }
 
 pub struct Session<'m> {
-    pub model: &'m Llama,
+    pub model: &'m Model,
     kv: KvCache,
     scratch: Scratch,
     blocks: BlockAllocator,
@@ -123,8 +123,8 @@ mod secs {
 
 impl<'m> Session<'m> {
     /// A session with room for `ctx` tokens (capped by the model's context) on `threads` threads.
-    pub fn new(model: &'m Llama, ctx: usize, threads: usize) -> Result<Self, SessionError> {
-        let ctx = ctx.clamp(1, model.cfg.context_length);
+    pub fn new(model: &'m Model, ctx: usize, threads: usize) -> Result<Self, SessionError> {
+        let ctx = ctx.clamp(1, model.cfg().context_length);
         let num_blocks = ctx.div_ceil(BLOCK_SIZE);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads.max(1))
@@ -136,7 +136,7 @@ impl<'m> Session<'m> {
             })?;
         Ok(Session {
             model,
-            kv: KvCache::new(&model.cfg, BLOCK_SIZE, num_blocks),
+            kv: KvCache::new(model.cfg(), BLOCK_SIZE, num_blocks),
             scratch: Scratch::new(),
             blocks: BlockAllocator::new(BLOCK_SIZE, num_blocks),
             table: Vec::new(),
@@ -201,20 +201,20 @@ impl<'m> Session<'m> {
     /// Append `tokens` to the cached sequence; return logits for the positions in `want`
     /// (indices into `tokens`), in order, as `want.len() × vocab` floats.
     pub fn eval(&mut self, tokens: &[u32], want: &[usize]) -> Result<Vec<f32>, SessionError> {
-        let vocab = self.model.cfg.vocab_size;
+        let vocab = self.model.cfg().vocab_size;
         let start = self.cached.len();
         if start + tokens.len() > self.ctx {
             return Err(SessionError::ContextFull {
                 prompt: start + tokens.len(),
                 ctx: self.ctx,
-                model_ctx: self.model.cfg.context_length,
+                model_ctx: self.model.cfg().context_length,
             });
         }
         if !self.blocks.grow(&mut self.table, start + tokens.len()) {
             return Err(SessionError::ContextFull {
                 prompt: start + tokens.len(),
                 ctx: self.ctx,
-                model_ctx: self.model.cfg.context_length,
+                model_ctx: self.model.cfg().context_length,
             });
         }
         let mut out = Vec::with_capacity(want.len() * vocab);
@@ -272,12 +272,12 @@ impl<'m> Session<'m> {
         if opts.max_tokens == 0 {
             return Err(SessionError::ZeroMaxTokens);
         }
-        opts.params.validate(self.model.cfg.vocab_size)?;
+        opts.params.validate(self.model.cfg().vocab_size)?;
         if prompt.len() >= self.ctx {
             return Err(SessionError::ContextFull {
                 prompt: prompt.len(),
                 ctx: self.ctx,
-                model_ctx: self.model.cfg.context_length,
+                model_ctx: self.model.cfg().context_length,
             });
         }
         let t0 = Instant::now();

@@ -1,7 +1,10 @@
 //! Transformer models as pure math over a flat batch: tokens, positions and KV-cache slots
 //! in, logits out. No sampling, scheduling or text here (see `docs/STYLE.md`).
 //!
+//! * [`Model`] — the registry: one enum over the architectures, one loader ([`model`]).
 //! * [`llama`] — the Llama family (`llama`: SmolLM2, TinyLlama, Llama 2/3; `qwen2`).
+//! * [`gemma3`] — Gemma 3 (interleaved sliding-window/global attention, GeGLU, extra norms).
+//! * [`ops`] — the leaf operations the forward passes share (norms, RoPE, paged attention).
 //! * [`quant`] — repacked 4/8-bit weights and their SIMD kernels, with a scalar reference.
 //! * [`KvCache`] — K/V storage in fixed-size blocks addressed by slot
 //!   (`block_id * block_size + offset`); which blocks a sequence owns is `ferrolm-kv`'s business.
@@ -9,14 +12,21 @@
 use ferrolm_gguf::{GgufFile, TensorInfo};
 
 pub mod adapter;
+pub mod config;
+pub mod gemma3;
 pub mod linear;
 pub mod llama;
+pub mod model;
+pub mod ops;
 pub mod quant;
 pub mod reference;
 pub mod simd;
 
 pub use adapter::{Adapter, Proj};
-pub use llama::{Llama, LlamaConfig, Scratch};
+pub use config::Config;
+pub use llama::Llama;
+pub use model::{Arch, Model, SUPPORTED_ARCHITECTURES};
+pub use ops::Scratch;
 pub use quant::Isa;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +39,7 @@ pub enum ModelError {
         name: String,
         reason: String,
     },
-    #[error("{path}: architecture `{arch}` is not supported (supported: llama, qwen2)")]
+    #[error("{path}: architecture `{arch}` is not supported (supported: {supported})", supported = model::SUPPORTED_ARCHITECTURES)]
     UnsupportedArchitecture { path: String, arch: String },
     #[error("{path}: {key}: {reason}")]
     Config {
@@ -98,7 +108,7 @@ pub struct KvCache {
 
 impl KvCache {
     /// Zero-initialised storage; pages are only touched (and so only resident) once written.
-    pub fn new(cfg: &LlamaConfig, block_size: usize, num_blocks: usize) -> Self {
+    pub fn new(cfg: &Config, block_size: usize, num_blocks: usize) -> Self {
         let kv_dim = cfg.n_kv_heads * cfg.head_dim;
         let n = cfg.n_layers * num_blocks * block_size * kv_dim;
         KvCache {

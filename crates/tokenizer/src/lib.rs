@@ -44,6 +44,7 @@ pub enum TokenizerError {
 
 /// The GGUF token types (llama.cpp `llama_token_type`).
 const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// llama.cpp's `tokenizer.ggml.pre` names → the regex split that precedes byte-level BPE.
 /// SmolLM2 ("smollm") splits digits individually and then uses GPT-2's byte-level regex.
@@ -174,6 +175,10 @@ pub struct Tokenizer {
     pieces: Vec<String>,
     /// Sorted longest first, so `<|im_start|>` wins over a shorter prefix.
     specials: Vec<SpecialToken>,
+    /// User-defined tokens (GGUF token type 4, e.g. Gemma's runs of spaces, tabs and newlines):
+    /// matched in any text before the model's own tokenizer runs, longest first, as llama.cpp
+    /// and Hugging Face's added vocabulary do. Sorted longest first.
+    user_defined: Vec<SpecialToken>,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
     /// Whether the model expects a BOS before the prompt (`tokenizer.ggml.add_bos_token`).
@@ -339,8 +344,15 @@ impl Tokenizer {
             PieceKind::Sentencepiece => HashMap::new(),
         };
         let mut specials = Vec::new();
+        let mut user_defined = Vec::new();
         let mut bytes = Vec::with_capacity(tokens.len());
         for (i, (t, ty)) in tokens.iter().zip(types).enumerate() {
+            if *ty == TOKEN_TYPE_USER_DEFINED && !t.is_empty() {
+                user_defined.push(SpecialToken {
+                    id: i as u32,
+                    text: (*t).to_owned(),
+                });
+            }
             if *ty == TOKEN_TYPE_CONTROL {
                 specials.push(SpecialToken {
                     id: i as u32,
@@ -352,6 +364,7 @@ impl Tokenizer {
             }
         }
         specials.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
+        user_defined.sort_by(|a, b| b.text.len().cmp(&a.text.len()).then(a.id.cmp(&b.id)));
         register_specials(&mut hf, &specials).map_err(|e| TokenizerError::Invalid {
             path: g.path.clone(),
             reason: format!("special tokens: {e}"),
@@ -367,6 +380,7 @@ impl Tokenizer {
             bytes,
             pieces: tokens.iter().map(|s| (*s).to_owned()).collect(),
             specials,
+            user_defined,
             bos_id: id_key("tokenizer.ggml.bos_token_id"),
             eos_id: id_key("tokenizer.ggml.eos_token_id"),
             add_bos: g
@@ -444,6 +458,8 @@ impl Tokenizer {
             bytes,
             pieces,
             specials,
+            // The HF tokenizer's own added vocabulary matches these.
+            user_defined: Vec::new(),
             bos_id,
             eos_id,
             add_bos: false,
@@ -506,7 +522,35 @@ impl Tokenizer {
         best
     }
 
+    /// Plain text (no control tokens): user-defined tokens first, the model's tokenizer on
+    /// the text between them.
     fn encode_plain(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        if self.user_defined.is_empty() {
+            return self.encode_pieces(text);
+        }
+        let mut ids = Vec::new();
+        let (bytes, mut start, mut i) = (text.as_bytes(), 0, 0);
+        while i < bytes.len() {
+            // Token texts are whole UTF-8 strings, so a match starts on a char boundary.
+            let hit = self
+                .user_defined
+                .iter()
+                .find(|u| bytes[i..].starts_with(u.text.as_bytes()));
+            match hit {
+                Some(u) => {
+                    ids.extend(self.encode_pieces(&text[start..i])?);
+                    ids.push(u.id);
+                    i += u.text.len();
+                    start = i;
+                }
+                None => i += 1,
+            }
+        }
+        ids.extend(self.encode_pieces(&text[start..])?);
+        Ok(ids)
+    }
+
+    fn encode_pieces(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         if text.is_empty() {
             return Ok(Vec::new());
         }

@@ -77,3 +77,71 @@ fn sentencepiece_merges_byte_fallback_and_round_trip() {
     assert!(!tok.encode("<s>hello", false).unwrap().contains(&1));
     assert_eq!(tok.encode("<s>hello", true).unwrap()[0], 1);
 }
+
+#[test]
+fn unsupported_tokenizer_model_is_refused_naming_the_supported_ones() {
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", Value::String("llama".into()))
+        .meta("tokenizer.ggml.model", Value::String("bert".into()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            Value::Array(vec![Value::String("a".into())]),
+        );
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    use std::io::Write;
+    f.write_all(&w.to_bytes()).unwrap();
+    let err = Tokenizer::from_gguf(&GgufFile::open(f.path()).unwrap()).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("`bert`"), "{msg}");
+    assert!(msg.contains("`gpt2`") && msg.contains("`llama`"), "{msg}");
+}
+
+/// Gemma's vocabulary holds runs of spaces and newlines as user-defined tokens (type 4);
+/// llama.cpp matches them in the text before SentencePiece runs, so `"  x"` is the two-space
+/// token then `x`, not `▁`, `▁x`.
+#[test]
+fn regression_user_defined_whitespace_tokens_are_matched_before_sentencepiece() {
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types: Vec<Value> = vec![Value::I32(2), Value::I32(3), Value::I32(3)];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(Value::I32(6));
+    }
+    for (p, ty) in [
+        ("▁", 1),
+        ("x", 1),
+        ("▁x", 1),
+        ("  ", 4),
+        ("   ", 4),
+        ("\n\n", 4),
+    ] {
+        tokens.push(p.into());
+        types.push(Value::I32(ty));
+    }
+    let scores = vec![Value::F32(0.0); tokens.len()];
+    let id = |s: &str| tokens.iter().position(|t| t == s).unwrap() as u32;
+    let mut w = GgufWriter::new();
+    w.meta("general.architecture", Value::String("llama".into()))
+        .meta("tokenizer.ggml.model", Value::String("llama".into()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
+        )
+        .meta("tokenizer.ggml.scores", Value::Array(scores))
+        .meta("tokenizer.ggml.token_type", Value::Array(types))
+        .meta("tokenizer.ggml.add_space_prefix", Value::Bool(false));
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    use std::io::Write;
+    f.write_all(&w.to_bytes()).unwrap();
+    let tok = Tokenizer::from_gguf(&GgufFile::open(f.path()).unwrap()).unwrap();
+    assert_eq!(tok.encode("  x", false).unwrap(), vec![id("  "), id("x")]);
+    assert_eq!(
+        tok.encode("x     x\n\n", false).unwrap(),
+        vec![id("x"), id("   "), id("  "), id("x"), id("\n\n")]
+    );
+    assert_eq!(tok.encode(" x", false).unwrap(), vec![id("▁x")]);
+    assert_eq!(
+        tok.decode(&tok.encode("x     x\n\n", false).unwrap()),
+        "x     x\n\n"
+    );
+}

@@ -10,8 +10,7 @@
 use std::path::Path;
 
 use ferrolm_gguf::GgufFile;
-use ferrolm_models::llama::Arch;
-use ferrolm_models::LlamaConfig;
+use ferrolm_models::Arch;
 
 use crate::export::gguf_name;
 use crate::model::{Layout, ModelConfig, StoredBase};
@@ -74,7 +73,8 @@ pub fn open(path: &Path) -> Result<(ModelConfig, GgufFile), TrainError> {
     } else {
         GgufFile::open(path)?
     };
-    let lc = LlamaConfig::from_gguf(&gguf).map_err(|e| unsupported(path, e.to_string()))?;
+    let lc =
+        ferrolm_models::Config::from_gguf(&gguf).map_err(|e| unsupported(path, e.to_string()))?;
     if lc.arch != Arch::Llama || lc.rope_neox {
         return Err(unsupported(path, "fine-tuning supports the `llama` GGUF architecture (SmolLM2, TinyLlama, Llama); this model is not one"));
     }

@@ -1,0 +1,123 @@
+//! The model registry: the one place that knows which architectures exist. [`Arch`] names
+//! them (as GGUF's `general.architecture` spells them), [`Model`] holds a loaded one, and
+//! [`Model::load`] is the match that picks the forward pass. Everything above this crate
+//! (engine, session, server, CLI) sees only [`Model`].
+//!
+//! Adding an architecture: write its file (config extras → weights → load → forward, using
+//! [`crate::ops`]), then add a variant to [`Arch`] (with its GGUF names), to [`Model`], and an
+//! arm to [`Model::load`] and to the `each!` dispatch below.
+
+use ferrolm_gguf::GgufFile;
+
+use crate::gemma3::Gemma3;
+use crate::llama::Llama;
+use crate::{Adapter, Batch, Config, Isa, KvCache, ModelError, Scratch};
+
+/// The architectures ferrolm runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// GGUF `llama` and `mistral`: SmolLM2, TinyLlama, Llama 2/3, Mistral.
+    Llama,
+    /// GGUF `qwen2`: Llama with q/k/v biases and NeoX RoPE.
+    Qwen2,
+    /// GGUF `gemma3`: interleaved sliding-window/global attention, GeGLU, extra norms.
+    Gemma3,
+}
+
+/// Every GGUF `general.architecture` name ferrolm accepts (for error messages).
+pub const SUPPORTED_ARCHITECTURES: &str = "llama, mistral, qwen2, gemma3";
+
+impl Arch {
+    pub fn from_name(name: &str) -> Option<Arch> {
+        Some(match name {
+            "llama" | "mistral" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            "gemma3" => Arch::Gemma3,
+            _ => return None,
+        })
+    }
+
+    /// The file's `general.architecture`, or a refusal that names what is supported.
+    pub fn from_gguf(g: &GgufFile) -> Result<Arch, ModelError> {
+        let name = g.architecture()?;
+        Arch::from_name(name).ok_or_else(|| ModelError::UnsupportedArchitecture {
+            path: g.path.display().to_string(),
+            arch: name.to_owned(),
+        })
+    }
+
+    /// NeoX-style RoPE rotates (i, i + d/2); GGUF `llama` weights are permuted for the
+    /// interleaved (2i, 2i+1) form.
+    pub fn rope_neox(self) -> bool {
+        matches!(self, Arch::Qwen2 | Arch::Gemma3)
+    }
+}
+
+/// A loaded model of any supported architecture.
+#[derive(Debug)]
+pub enum Model {
+    Llama(Llama),
+    Gemma3(Gemma3),
+}
+
+/// Run `$body` on whichever architecture `$model` holds, bound to `$m`.
+macro_rules! each {
+    ($model:expr, $m:ident => $body:expr) => {
+        match $model {
+            Model::Llama($m) => $body,
+            Model::Gemma3($m) => $body,
+        }
+    };
+}
+
+impl Model {
+    /// Load the weights of a GGUF file (a training run is read through the GGUF its export
+    /// writes); `progress(done, total)` is called after each layer.
+    pub fn load(g: &GgufFile, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, ModelError> {
+        Ok(match Arch::from_gguf(g)? {
+            Arch::Llama | Arch::Qwen2 => Model::Llama(Llama::load(g, progress)?),
+            Arch::Gemma3 => Model::Gemma3(Gemma3::load(g, progress)?),
+        })
+    }
+
+    /// The shared blueprint: sizes, heads, context, vocabulary.
+    pub fn cfg(&self) -> &Config {
+        each!(self, m => &m.cfg)
+    }
+
+    /// The SIMD level the kernels run at.
+    pub fn isa(&self) -> Isa {
+        each!(self, m => m.isa)
+    }
+
+    /// Run the batch: write its K/V into `kv` at its slots, and return logits (`vocab` floats
+    /// per entry of `batch.logits_for`, in that order) in `s.logits`.
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        kv: &mut KvCache,
+        s: &mut Scratch,
+    ) -> Result<(), ModelError> {
+        each!(self, m => m.forward(batch, kv, s))
+    }
+
+    /// An adapter fits this model (or the refusal says why not).
+    pub fn check_adapter(&self, ad: &Adapter) -> Result<(), ModelError> {
+        each!(self, m => m.check_adapter(ad))
+    }
+
+    /// Parameter count (all weights, a tied head counted once).
+    pub fn n_params(&self) -> usize {
+        each!(self, m => m.n_params())
+    }
+
+    /// Bytes of weights in memory.
+    pub fn weight_bytes(&self) -> usize {
+        each!(self, m => m.weight_bytes())
+    }
+
+    /// How each kind of matrix is held (for `ferrolm info`).
+    pub fn kernel_summary(&self) -> String {
+        each!(self, m => m.kernel_summary())
+    }
+}

@@ -1,0 +1,297 @@
+//! Leaf operations the architectures' forward passes share: batch checks, RMSNorm, RoPE,
+//! paged attention (full or sliding-window), LoRA hooks, and the scratch buffers they work in.
+//! Each architecture's file composes these in its own order.
+
+use ferrolm_gguf::GgufFile;
+use rayon::prelude::*;
+
+use crate::adapter::Proj;
+use crate::linear::dequantize;
+use crate::quant::QActs;
+use crate::{simd, Batch, Config, KvCache, ModelError};
+
+pub(crate) fn vector(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+    let info = g.tensor(name)?;
+    if info.n_elements() != len as u64 {
+        return Err(ModelError::tensor(
+            g,
+            info,
+            &format!("has {} elements, expected {len}", info.n_elements()),
+        ));
+    }
+    dequantize(g, info)
+}
+
+/// The batch is well formed for a model of blueprint `c` and for `kv`: every check that keeps the
+/// forward pass from indexing out of bounds. Adapters are checked by the caller.
+pub(crate) fn check_batch(c: &Config, b: &Batch, kv: &KvCache) -> Result<(), ModelError> {
+    let n = b.tokens.len();
+    if n == 0 || b.positions.len() != n {
+        return Err(ModelError::Batch(format!(
+            "{n} tokens but {} positions",
+            b.positions.len()
+        )));
+    }
+    if let Some(&t) = b.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        return Err(ModelError::Batch(format!(
+            "token id {t} is outside the vocabulary ({})",
+            c.vocab_size
+        )));
+    }
+    if let Some(&i) = b.logits_for.iter().find(|&&i| i >= n) {
+        return Err(ModelError::Batch(format!(
+            "logits requested for index {i} of a {n}-token batch"
+        )));
+    }
+    let mut covered = 0;
+    for sq in b.seqs {
+        if sq.start != covered || sq.len == 0 {
+            return Err(ModelError::Batch(
+                "sequences must tile the batch in order".into(),
+            ));
+        }
+        covered += sq.len;
+        for i in sq.start..sq.start + sq.len {
+            let p = b.positions[i] as usize;
+            if i > sq.start && p != b.positions[i - 1] as usize + 1 {
+                return Err(ModelError::Batch(
+                    "positions within a sequence must be consecutive".into(),
+                ));
+            }
+            if p / kv.block_size >= sq.block_table.len() {
+                return Err(ModelError::Batch(format!(
+                    "position {p} has no KV block in its block table"
+                )));
+            }
+        }
+        if let Some(&bad) = sq
+            .block_table
+            .iter()
+            .find(|&&blk| blk as usize >= kv.num_blocks)
+        {
+            return Err(ModelError::Batch(format!(
+                "block id {bad} is outside the cache ({} blocks)",
+                kv.num_blocks
+            )));
+        }
+    }
+    if covered != n {
+        return Err(ModelError::Batch(format!(
+            "sequences cover {covered} of {n} tokens"
+        )));
+    }
+    if !b.adapters.is_empty() && b.adapters.len() != b.seqs.len() {
+        return Err(ModelError::Batch(format!(
+            "{} adapters for {} sequences",
+            b.adapters.len(),
+            b.seqs.len()
+        )));
+    }
+    Ok(())
+}
+
+/// cos/sin of `position · inv_freq` for each token of the batch.
+pub(crate) fn rope_table(inv_freq: &[f32], positions: &[u32], s: &mut Scratch) {
+    let half = inv_freq.len();
+    for (i, &p) in positions.iter().enumerate() {
+        for (j, &f) in inv_freq.iter().enumerate() {
+            let a = p as f32 * f;
+            s.cos[i * half + j] = a.cos();
+            s.sin[i * half + j] = a.sin();
+        }
+    }
+}
+
+pub(crate) fn apply_rope(c: &Config, n: usize, s: &mut Scratch) {
+    let (hd, half) = (c.head_dim, c.rope_dim / 2);
+    let qkv_dim = c.q_dim() + 2 * c.kv_dim();
+    for i in 0..n {
+        let (cos, sin) = (
+            &s.cos[i * half..(i + 1) * half],
+            &s.sin[i * half..(i + 1) * half],
+        );
+        // q heads then k heads: both rotate the same way.
+        let row = &mut s.qkv[i * qkv_dim..i * qkv_dim + c.q_dim() + c.kv_dim()];
+        for head in row.chunks_exact_mut(hd) {
+            for j in 0..half {
+                let (a, b) = if c.rope_neox {
+                    (j, j + half)
+                } else {
+                    (2 * j, 2 * j + 1)
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[j] - x1 * sin[j];
+                head[b] = x0 * sin[j] + x1 * cos[j];
+            }
+        }
+    }
+}
+
+/// Causal attention of every (token, head) over its sequence's cached positions
+/// `0..=position` (with a sliding `window`: the last `window` of them, as llama.cpp masks
+/// `position - p >= window`): scores, softmax (vectorized exp), weighted sum of V. `scale`
+/// multiplies q·k (usually `1/sqrt(head_dim)`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention(
+    c: &Config,
+    layer: usize,
+    b: &Batch,
+    kv: &KvCache,
+    s: &mut Scratch,
+    scale: f32,
+    window: Option<usize>,
+) {
+    let (hd, group) = (c.head_dim, c.n_heads / c.n_kv_heads);
+    let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+    let qkv_dim = q_dim + 2 * kv_dim;
+    let bs = kv.block_size;
+    let base = kv.offset(layer, 0);
+    let (kc, vc) = (&kv.k[base..], &kv.v[base..]);
+    let n = b.tokens.len();
+    let qkv = &s.qkv;
+    let seq_of = &mut s.seq_of;
+    seq_of.clear();
+    for (si, sq) in b.seqs.iter().enumerate() {
+        seq_of.extend(std::iter::repeat_n(si as u32, sq.len));
+    }
+    let seq_of = &s.seq_of;
+    // One task per (token, KV head): the `group` query heads that share it are contiguous
+    // in q and in the output, and attend together.
+    let nkv = c.n_kv_heads;
+    s.att[..n * q_dim]
+        .par_chunks_mut(group * hd)
+        .enumerate()
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(scores, offs): &mut (Vec<f32>, Vec<usize>), (task, out)| {
+                let (i, kvh) = (task / nkv, task % nkv);
+                let q0 = i * qkv_dim + kvh * group * hd;
+                let q = &qkv[q0..q0 + group * hd];
+                let table = b.seqs[seq_of[i] as usize].block_table;
+                let ctx = b.positions[i] as usize + 1;
+                let first = window.map_or(0, |w| ctx.saturating_sub(w));
+                // Offsets of positions first..ctx in the cache, walking the block table.
+                offs.clear();
+                for (blk, &id) in table
+                    .iter()
+                    .enumerate()
+                    .take(ctx.div_ceil(bs))
+                    .skip(first / bs)
+                {
+                    let base = id as usize * bs;
+                    let lo = first.saturating_sub(blk * bs);
+                    offs.extend(
+                        (lo..bs.min(ctx - blk * bs)).map(|o| (base + o) * kv_dim + kvh * hd),
+                    );
+                }
+                simd::attend(q, hd, kc, vc, offs, scale, scores, out);
+            },
+        );
+}
+
+pub(crate) fn slots_of(b: &Batch, bs: usize, out: &mut Vec<usize>) {
+    out.clear();
+    for sq in b.seqs {
+        for i in sq.start..sq.start + sq.len {
+            let p = b.positions[i] as usize;
+            out.push(sq.block_table[p / bs] as usize * bs + p % bs);
+        }
+    }
+}
+
+pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (ss + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * r * g;
+        }
+    }
+}
+
+pub(crate) fn add_in_place(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+}
+
+/// Mutable run state: activations for up to `cap` tokens. Grows on demand, never shrinks.
+#[derive(Default)]
+pub struct Scratch {
+    pub(crate) cap: usize,
+    pub(crate) logit_cap: usize,
+    pub(crate) x: Vec<f32>,
+    pub(crate) xb: Vec<f32>,
+    pub(crate) qkv: Vec<f32>,
+    pub(crate) att: Vec<f32>,
+    pub(crate) gu: Vec<f32>,
+    pub(crate) h: Vec<f32>,
+    pub(crate) tmp: Vec<f32>,
+    pub(crate) cos: Vec<f32>,
+    pub(crate) sin: Vec<f32>,
+    pub(crate) slots: Vec<usize>,
+    pub(crate) seq_of: Vec<u32>,
+    pub(crate) acts: QActs,
+    /// Logits of the last forward: `logits_for.len() × vocab`.
+    pub logits: Vec<f32>,
+}
+
+impl Scratch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn ensure(&mut self, c: &Config, n: usize, n_logits: usize) {
+        // The output head reads `n_logits` normed rows from `xb` (indices may repeat).
+        let n = n.max(n_logits);
+        if n > self.cap {
+            let qkv = c.q_dim() + 2 * c.kv_dim();
+            let widest = c.dim.max(qkv).max(2 * c.ffn_dim).max(c.q_dim());
+            self.x.resize(n * c.dim, 0.0);
+            self.xb.resize(n * c.dim, 0.0);
+            self.qkv.resize(n * qkv, 0.0);
+            self.att.resize(n * c.q_dim(), 0.0);
+            self.gu.resize(n * 2 * c.ffn_dim, 0.0);
+            self.h.resize(n * c.ffn_dim, 0.0);
+            self.tmp.resize(n * widest, 0.0);
+            self.cos.resize(n * c.rope_dim / 2, 0.0);
+            self.sin.resize(n * c.rope_dim / 2, 0.0);
+            self.cap = n;
+        }
+        if n_logits > self.logit_cap {
+            self.logits.resize(n_logits * c.vocab_size, 0.0);
+            self.logit_cap = n_logits;
+        }
+    }
+
+    /// Logits of entry `j` of the last batch's `logits_for`.
+    pub fn logits_row(&self, j: usize, vocab: usize) -> &[f32] {
+        &self.logits[j * vocab..(j + 1) * vocab]
+    }
+}
+
+/// Apply each sequence's adapter (if any) to `proj` of layer `l`: `x` and `out` with their
+/// row strides; the update lands in `out`'s columns from `col`.
+pub(crate) fn adapt(
+    batch: &Batch,
+    l: usize,
+    proj: Proj,
+    (x, xs): (&[f32], usize),
+    (out, os): (&mut [f32], usize),
+    col: usize,
+) {
+    if batch.adapters.iter().all(Option::is_none) {
+        return;
+    }
+    // Rows in parallel: each is written by one thread, with its own sequence's adapter.
+    let rows = batch.tokens.len();
+    out[..rows * os]
+        .par_chunks_mut(os)
+        .enumerate()
+        .with_min_len(4)
+        .for_each(|(i, y)| {
+            let seq = batch.seqs.partition_point(|sq| sq.start + sq.len <= i);
+            if let Some(Some(ad)) = batch.adapters.get(seq) {
+                ad.apply_row(l, proj, &x[i * xs..], &mut y[col..]);
+            }
+        });
+}
