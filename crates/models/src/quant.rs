@@ -664,9 +664,9 @@ fn dot_row(isa: Isa, w: &QMatrix, r: usize, x: &QActs, t: usize) -> f32 {
         #[cfg(target_arch = "x86_64")]
         (Isa::Avx2, QBits::Four) => unsafe { x86::dot4_avx2(wq, wd, xq, xd) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, QBits::Eight) if w.small => unsafe { x86::dot8_small_avx2(wq, wd, xq, xd) },
+        (Isa::Avx2, QBits::Eight) if w.small => unsafe { x86::dot8_avx2::<true>(wq, wd, xq, xd) },
         #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, QBits::Eight) => unsafe { x86::dot8_avx2(wq, wd, xq, xd) },
+        (Isa::Avx2, QBits::Eight) => unsafe { x86::dot8_avx2::<false>(wq, wd, xq, xd) },
         (_, QBits::Four) => dot4_scalar(wq, wd, xq, xd),
         (_, QBits::Eight) => dot8_scalar(wq, wd, xq, xd),
     }
@@ -1039,24 +1039,6 @@ mod x86 {
         }
     }
 
-    /// [`super::dot8_scalar`] for rows whose quants are below 64: one `vpmaddubsw` per block
-    /// cannot saturate (63 · 127 · 2 < 32767), so no nibble split.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot8_small_avx2(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let wp = wq.as_ptr();
-        let xp = xq.as_ptr();
-        unsafe {
-            for b in 0..wd.len() {
-                let w = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
-                let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                let s = _mm256_cvtepi32_ps(isum_u4(w, x));
-                acc = _mm256_fmadd_ps(s, _mm256_set1_ps(wd[b] * xd[b]), acc);
-            }
-            hsum256(acc)
-        }
-    }
-
     /// [`super::dot_sub16_scalar`] with AVX2. Per block one `vpmaddubsw` (quants < 64, no
     /// saturation) and one `vpmaddwd` whose multiplier is the two sub-block scales (the low
     /// 128-bit lane holds the first 16 elements, the high lane the second 16) instead of ones:
@@ -1138,8 +1120,16 @@ mod x86 {
         }
     }
 
+    /// [`super::dot8_scalar`] with AVX2. `SMALL`: every quant of the row is below 64, so one
+    /// `vpmaddubsw` per block cannot saturate (63 · 127 · 2 < 32767) and the nibble split of
+    /// [`isum_u8`] is skipped (Q5_x rows).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot8_avx2(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
+    pub unsafe fn dot8_avx2<const SMALL: bool>(
+        wq: &[u8],
+        wd: &[f32],
+        xq: &[i8],
+        xd: &[f32],
+    ) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let wp = wq.as_ptr();
         let xp = xq.as_ptr();
@@ -1147,7 +1137,8 @@ mod x86 {
             for b in 0..wd.len() {
                 let w = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
                 let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                let s = _mm256_cvtepi32_ps(isum_u8(w, x));
+                let isum = if SMALL { isum_u4(w, x) } else { isum_u8(w, x) };
+                let s = _mm256_cvtepi32_ps(isum);
                 acc = _mm256_fmadd_ps(s, _mm256_set1_ps(wd[b] * xd[b]), acc);
             }
             hsum256(acc)
