@@ -29,6 +29,7 @@ use crate::ops::{
     Scratch,
 };
 use crate::quant::Isa;
+use crate::simd::Glu;
 use crate::{simd, Batch, Config, KvCache, ModelError};
 
 // ---- config extras ----------------------------------------------------------------------
@@ -373,13 +374,12 @@ impl Gemma3 {
             layer
                 .w_up
                 .forward(self.isa, &s.xb, n, &mut s.acts, &mut s.tmp)?;
-            for ((h, &g), &u) in s.h[..n * ffn]
-                .iter_mut()
-                .zip(&s.gu[..n * ffn])
-                .zip(&s.tmp[..n * ffn])
-            {
-                *h = gelu_tanh(g) * u;
-            }
+            simd::glu(
+                Glu::GeluTanh,
+                &s.gu[..n * ffn],
+                &s.tmp[..n * ffn],
+                &mut s.h[..n * ffn],
+            );
             layer
                 .w_down
                 .forward(self.isa, &s.h, n, &mut s.acts, &mut s.tmp)?;
@@ -420,10 +420,4 @@ fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
     let ss = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let r = 1.0 / (ss + eps).sqrt();
     x.iter_mut().zip(w).for_each(|(v, &g)| *v *= r * g);
-}
-
-/// GELU, tanh approximation (what Gemma was trained with and ggml's `gelu` computes).
-fn gelu_tanh(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
 }

@@ -16,6 +16,7 @@ use crate::ops::{
     vector, Scratch,
 };
 use crate::quant::Isa;
+use crate::simd::Glu;
 use crate::{simd, Batch, Config, KvCache, ModelError};
 
 // ---- weights ----------------------------------------------------------------------------
@@ -300,7 +301,7 @@ impl Llama {
                     adapt(batch, l, Proj::Up, (&s.xb, dim), (&mut s.gu, 2 * ffn), ffn);
                     for i in 0..n {
                         let (g, u) = s.gu[i * 2 * ffn..(i + 1) * 2 * ffn].split_at(ffn);
-                        simd::swiglu(g, u, &mut s.h[i * ffn..(i + 1) * ffn]);
+                        simd::glu(Glu::Silu, g, u, &mut s.h[i * ffn..(i + 1) * ffn]);
                     }
                 }
                 GateUp::Split(wg, wu) => {
@@ -309,7 +310,8 @@ impl Llama {
                     adapt(batch, l, Proj::Gate, (&s.xb, dim), (&mut s.gu, ffn), 0);
                     adapt(batch, l, Proj::Up, (&s.xb, dim), (&mut s.tmp, ffn), 0);
                     for i in 0..n {
-                        simd::swiglu(
+                        simd::glu(
+                            Glu::Silu,
                             &s.gu[i * ffn..(i + 1) * ffn],
                             &s.tmp[i * ffn..(i + 1) * ffn],
                             &mut s.h[i * ffn..(i + 1) * ffn],

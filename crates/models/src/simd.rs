@@ -147,35 +147,45 @@ unsafe fn attend_avx2(
         // load-add-store per row would chain every step through memory).
         for (h, oh) in out.chunks_exact_mut(hd).enumerate().take(g) {
             let w = &scores[h * n..(h + 1) * n];
-            match hd {
-                32 => weighted_sum::<4>(w, v, offs, oh),
-                64 => weighted_sum::<8>(w, v, offs, oh),
-                128 => weighted_sum::<16>(w, v, offs, oh),
-                _ => {
-                    oh.fill(0.0);
-                    for (&o, &wj) in offs.iter().zip(w) {
-                        for (y, &b) in oh.iter_mut().zip(&v[o..o + hd]) {
-                            *y += wj * f32_of(b);
-                        }
-                    }
+            // Columns in slices of at most 128 (16 accumulators: all of AVX2's registers).
+            let mut c0 = 0;
+            while c0 < hd {
+                let o = &mut oh[c0..];
+                match hd - c0 {
+                    128.. => weighted_sum::<16>(w, v, offs, c0, &mut o[..128]),
+                    64.. => weighted_sum::<8>(w, v, offs, c0, &mut o[..64]),
+                    32.. => weighted_sum::<4>(w, v, offs, c0, &mut o[..32]),
+                    _ => weighted_sum::<1>(w, v, offs, c0, &mut o[..8]),
                 }
+                c0 += match hd - c0 {
+                    128.. => 128,
+                    64.. => 64,
+                    32.. => 32,
+                    _ => 8,
+                };
             }
         }
     }
 }
 
-/// `out = Σ_j w[j] · v[offs[j]..][..8·C]`, the `C` accumulators in registers. Rows are
+/// `out = Σ_j w[j] · v[offs[j] + c0..][..8·C]`, the `C` accumulators in registers. Rows are
 /// bounds-checked by the caller.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_sum<const C: usize>(w: &[f32], v: &[u16], offs: &[usize], out: &mut [f32]) {
+unsafe fn weighted_sum<const C: usize>(
+    w: &[f32],
+    v: &[u16],
+    offs: &[usize],
+    c0: usize,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     debug_assert_eq!(out.len(), 8 * C);
     unsafe {
         let mut acc = [_mm256_setzero_ps(); C];
         for (&o, &wj) in offs.iter().zip(w) {
             let ws = _mm256_set1_ps(wj);
-            let vr = v.as_ptr().add(o);
+            let vr = v.as_ptr().add(o + c0);
             for (c, a) in acc.iter_mut().enumerate() {
                 let vv = _mm256_cvtph_ps(_mm_loadu_si128(vr.add(8 * c) as *const __m128i));
                 *a = _mm256_fmadd_ps(ws, vv, *a);
@@ -187,36 +197,75 @@ unsafe fn weighted_sum<const C: usize>(w: &[f32], v: &[u16], offs: &[usize], out
     }
 }
 
-/// SwiGLU: `out[i] = silu(gate[i]) · up[i]`, `silu(g) = g / (1 + e^(-g))`.
-pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+/// The gate activation of a gated feed-forward block: `out[i] = act(gate[i]) · up[i]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Glu {
+    /// SwiGLU (Llama, Qwen, Mistral, Phi-3): `silu(g) = g / (1 + e^(-g))`.
+    Silu,
+    /// GeGLU (Gemma): GELU with the tanh approximation, as Gemma was trained and ggml's `gelu`
+    /// computes, `0.5·g·(1 + tanh(u)) = g / (1 + e^(-2u))`, `u = √(2/π)·(g + 0.044715·g³)`.
+    GeluTanh,
+}
+
+impl Glu {
+    /// The activation on one value (the reference the vector kernel is held to).
+    pub fn act(self, g: f32) -> f32 {
+        match self {
+            Glu::Silu => g / (1.0 + (-g).exp()),
+            Glu::GeluTanh => {
+                const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+                0.5 * g * (1.0 + (SQRT_2_OVER_PI * (g + 0.044_715 * g * g * g)).tanh())
+            }
+        }
+    }
+}
+
+/// `out[i] = act(gate[i]) · up[i]`.
+pub fn glu(kind: Glu, gate: &[f32], up: &[f32], out: &mut [f32]) {
     debug_assert!(gate.len() == out.len() && up.len() == out.len());
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: AVX2+FMA checked; the function reads and writes whole 8-lanes in bounds.
-        done = unsafe { swiglu_avx2(gate, up, out) };
+        done = unsafe {
+            match kind {
+                Glu::Silu => glu_avx2::<false>(gate, up, out),
+                Glu::GeluTanh => glu_avx2::<true>(gate, up, out),
+            }
+        };
     }
     for ((o, &g), &u) in out[done..].iter_mut().zip(&gate[done..]).zip(&up[done..]) {
-        *o = g / (1.0 + (-g).exp()) * u;
+        *o = kind.act(g) * u;
     }
 }
 
-/// The 8-lane part of [`swiglu`]; returns how many elements it wrote.
+/// The 8-lane part of [`glu`] (`GELU` picks GeGLU over SwiGLU); returns how many elements it
+/// wrote. Both are `g / (1 + e^(-z))`: `z = g` for SiLU, `z = 2u` for GELU.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn swiglu_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
+unsafe fn glu_avx2<const GELU: bool>(gate: &[f32], up: &[f32], out: &mut [f32]) -> usize {
     use std::arch::x86_64::*;
     let n = out.len() / 8 * 8;
     let one = _mm256_set1_ps(1.0);
-    // e^88 is finite; beyond it g / (1 + e^-g) is 0 to f32 precision anyway.
+    // e^88 is finite; beyond it g / (1 + e^-z) is 0 to f32 precision anyway.
     let hi = _mm256_set1_ps(88.0);
+    let (c1, c3) = (
+        _mm256_set1_ps(2.0 * 0.797_884_6),
+        _mm256_set1_ps(2.0 * 0.797_884_6 * 0.044_715),
+    );
     unsafe {
         for i in (0..n).step_by(8) {
             let g = _mm256_loadu_ps(gate.as_ptr().add(i));
             let u = _mm256_loadu_ps(up.as_ptr().add(i));
-            let e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), hi));
-            let silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
-            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(silu, u));
+            let z = if GELU {
+                // 2u = g·(2√(2/π) + 2√(2/π)·0.044715·g²)
+                _mm256_mul_ps(g, _mm256_fmadd_ps(c3, _mm256_mul_ps(g, g), c1))
+            } else {
+                g
+            };
+            let e = exp256(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), hi));
+            let a = _mm256_div_ps(g, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(a, u));
         }
     }
     n
@@ -352,16 +401,28 @@ mod tests {
     }
 
     #[test]
-    fn swiglu_matches_the_formula() {
+    fn glu_kernels_match_the_formulas() {
         let gate: Vec<f32> = (0..203).map(|i| (i as f32 - 100.0) * 0.97).collect();
         let up: Vec<f32> = (0..203).map(|i| (i as f32 * 0.3).sin()).collect();
         let mut out = vec![0.0; 203];
-        super::swiglu(&gate, &up, &mut out);
+        super::glu(super::Glu::Silu, &gate, &up, &mut out);
         for ((o, &g), &u) in out.iter().zip(&gate).zip(&up) {
             let want = (f64::from(g) / (1.0 + (-f64::from(g)).exp()) * f64::from(u)) as f32;
             assert!(
                 (o - want).abs() <= 1e-6 * want.abs().max(1e-3),
-                "{g}: {o} vs {want}"
+                "silu {g}: {o} vs {want}"
+            );
+        }
+        // Small gates too, where GELU's curve bends.
+        let gate: Vec<f32> = (0..203).map(|i| (i as f32 - 100.0) * 0.07).collect();
+        super::glu(super::Glu::GeluTanh, &gate, &up, &mut out);
+        for ((o, &g), &u) in out.iter().zip(&gate).zip(&up) {
+            let g = f64::from(g);
+            let t = ((2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g)).tanh();
+            let want = (0.5 * g * (1.0 + t) * f64::from(u)) as f32;
+            assert!(
+                (o - want).abs() <= 2e-6 * want.abs().max(1e-3),
+                "gelu {g}: {o} vs {want}"
             );
         }
     }
