@@ -552,6 +552,9 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
         c.rope_dim,
         if c.rope_neox { "neox" } else { "interleaved" }
     );
+    if let Some(w) = c.sliding_window {
+        println!("sliding window:  {w} positions");
+    }
     println!(
         "tensor types:    {types:?} ({} tensors, {:.1} MiB)",
         g.tensors.len(),

@@ -376,7 +376,10 @@ fn parse<R: Read>(mut r: Reader<'_, R>) -> Result<Header, GgufError> {
         let ggml_type = GgmlType::from_id(type_id).ok_or_else(|| {
             r.invalid(
                 &field("type"),
-                format!("unknown or unsupported ggml type id {type_id}"),
+                format!(
+                    "unknown or unsupported ggml type id {type_id} (supported: F32, F16, BF16, \
+                     Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K)"
+                ),
             )
         })?;
         let rel_offset = r.u64(&field("offset"))?;
@@ -397,7 +400,10 @@ fn parse<R: Read>(mut r: Reader<'_, R>) -> Result<Header, GgufError> {
             .ok_or_else(|| bad(format!("dims {dims:?} overflow")))?;
         if dims[0] % ggml_type.block_size() != 0 {
             return Err(bad(format!(
-                "innermost dim {} is not a multiple of the {:?} block size {}",
+                "rows of {} values cannot be stored as {:?}, whose blocks hold {} (K-quants need \
+                 rows of a multiple of 256, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 a multiple of 32; F32, F16 \
+                 and BF16 any length: llama-quantize falls back to one of those for such a \
+                 tensor; requantize the file with it)",
                 dims[0],
                 ggml_type,
                 ggml_type.block_size()

@@ -1,6 +1,6 @@
 //! The blueprint every architecture shares, read from GGUF metadata `{arch}.*`: sizes, heads,
-//! RoPE and norm constants. An architecture with more knobs (Gemma 3's sliding window, soft
-//! caps) reads them beside this in its own file.
+//! RoPE and norm constants, the attention window. An architecture with more knobs (Gemma 3's
+//! layer pattern, soft caps) reads them beside this in its own file.
 
 use ferrolm_gguf::GgufFile;
 
@@ -25,6 +25,10 @@ pub struct Config {
     /// interleaved (2i, 2i+1) form.
     pub rope_neox: bool,
     pub rms_eps: f32,
+    /// `attention.sliding_window`: positions a windowed layer attends to, the current one
+    /// included (Mistral, Phi-3: every layer; Gemma 3: its local layers). `None` (absent or 0):
+    /// full causal attention.
+    pub sliding_window: Option<usize>,
 }
 
 impl Config {
@@ -113,6 +117,11 @@ impl Config {
             rms_eps: g
                 .get_f64(&format!("{p}.attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5) as f32,
+            sliding_window: g
+                .get_u64(&format!("{p}.attention.sliding_window"))
+                .ok()
+                .filter(|&w| w > 0)
+                .map(|w| w as usize),
         })
     }
 

@@ -25,8 +25,8 @@ use ferrolm_gguf::{GgufFile, Value};
 use crate::adapter::Adapter;
 use crate::linear::Linear;
 use crate::ops::{
-    add_in_place, apply_rope, attention, check_batch, rms_norm, rope_table, slots_of, vector,
-    Scratch,
+    add_in_place, apply_rope, attention, check_batch, inv_freq, qk_norm, rms_norm, rope_table,
+    slots_of, vector, Scratch,
 };
 use crate::quant::Isa;
 use crate::simd::Glu;
@@ -37,8 +37,6 @@ use crate::{simd, Batch, Config, KvCache, ModelError};
 /// What Gemma 3 reads beyond [`Config`].
 #[derive(Debug, Clone)]
 pub struct Gemma3Params {
-    /// Positions a local layer attends to (the current one included); `None`: all global.
-    pub sliding_window: Option<usize>,
     /// Per layer: local (sliding-window) attention.
     pub local: Vec<bool>,
     /// RoPE base of the local layers (the global ones use `Config::rope_theta`).
@@ -57,13 +55,8 @@ impl Gemma3Params {
             key: format!("{p}.{key}"),
             reason,
         };
-        let window = g
-            .get_u64(&format!("{p}.attention.sliding_window"))
-            .ok()
-            .filter(|&w| w > 0)
-            .map(|w| w as usize);
         let mut local = vec![false; c.n_layers];
-        if window.is_some() {
+        if c.sliding_window.is_some() {
             let key = format!("{p}.attention.sliding_window_pattern");
             match g.get(&key) {
                 // One flag per layer.
@@ -102,7 +95,6 @@ impl Gemma3Params {
             c.head_dim as f32
         };
         Ok(Gemma3Params {
-            sliding_window: window,
             local,
             rope_local_base: g
                 .get_f64(&format!("{p}.rope.freq_base_swa"))
@@ -151,12 +143,6 @@ pub struct Gemma3 {
     inv_freq_local: Vec<f32>,
     n_params: usize,
     pub isa: Isa,
-}
-
-fn inv_freq(base: f32, rope_dim: usize) -> Vec<f32> {
-    (0..rope_dim / 2)
-        .map(|i| (1.0 / (base as f64).powf(2.0 * i as f64 / rope_dim as f64)) as f32)
-        .collect()
 }
 
 impl Gemma3 {
@@ -287,7 +273,7 @@ impl Gemma3 {
             self.check_adapter(ad)?;
         }
         s.ensure(c, n, batch.logits_for.len());
-        let (dim, q_dim, kv_dim, ffn, hd) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim, c.head_dim);
+        let (dim, q_dim, kv_dim, ffn) = (c.dim, c.q_dim(), c.kv_dim(), c.ffn_dim);
         let qkv_dim = q_dim + 2 * kv_dim;
         let p = &self.params;
 
@@ -332,15 +318,7 @@ impl Gemma3 {
                         .copy_from_slice(&s.tmp[i * rows..(i + 1) * rows]);
                 }
             }
-            for row in s.qkv[..n * qkv_dim].chunks_exact_mut(qkv_dim) {
-                let (q, rest) = row.split_at_mut(q_dim);
-                // (n_heads, head_dim) and (n_kv_heads, head_dim)
-                q.chunks_exact_mut(hd)
-                    .for_each(|h| rms_norm_in_place(h, &layer.q_norm, c.rms_eps));
-                rest[..kv_dim]
-                    .chunks_exact_mut(hd)
-                    .for_each(|h| rms_norm_in_place(h, &layer.k_norm, c.rms_eps));
-            }
+            qk_norm(c, n, &mut s.qkv, &layer.q_norm, &layer.k_norm);
             apply_rope(c, n, s);
             for (i, &slot) in slots.iter().enumerate() {
                 let row = &s.qkv[i * qkv_dim..(i + 1) * qkv_dim];
@@ -348,7 +326,7 @@ impl Gemma3 {
                 simd::to_f16(&row[q_dim..q_dim + kv_dim], &mut kv.k[off..off + kv_dim]);
                 simd::to_f16(&row[q_dim + kv_dim..], &mut kv.v[off..off + kv_dim]);
             }
-            let window = if local { p.sliding_window } else { None };
+            let window = if local { c.sliding_window } else { None };
             attention(c, l, batch, kv, s, p.attn_scale, window);
             layer
                 .wo
@@ -414,10 +392,4 @@ impl Gemma3 {
         }
         Ok(())
     }
-}
-
-fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
-    let ss = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
-    let r = 1.0 / (ss + eps).sqrt();
-    x.iter_mut().zip(w).for_each(|(v, &g)| *v *= r * g);
 }

@@ -1,6 +1,19 @@
 //! The Llama family: RMSNorm, RoPE, grouped-query attention over a paged KV cache, SwiGLU,
-//! tied or untied output head. Covers GGUF architectures `llama` (SmolLM2, TinyLlama,
-//! Llama 2/3, Mistral-style) and `qwen2` (q/k/v biases, NeoX RoPE).
+//! tied or untied output head. One block, read from the file's tensors as each GGUF
+//! architecture names them:
+//!
+//! * `llama` (SmolLM2, TinyLlama, Llama 2/3, Mistral): q/k rows permuted by the converter for
+//!   interleaved RoPE; Llama 3.1's per-frequency scaling from `rope_freqs.weight` (each inverse
+//!   frequency divided by its factor, as llama.cpp applies it); Mistral's sliding window from
+//!   `llama.attention.sliding_window` where the file has it (llama.cpp's converter leaves it
+//!   out, so most Mistral files attend over the whole context, as llama.cpp does);
+//! * `qwen2`: q/k/v biases, NeoX RoPE;
+//! * `qwen3`: per-head RMSNorm on q and k before RoPE (`attn_q_norm`, `attn_k_norm`), NeoX
+//!   RoPE, head size from `attention.key_length` (may differ from width / heads);
+//! * `phi3`: q‖k‖v in one matrix (`attn_qkv`) and gate‖up in one (`ffn_up`, 2 × ffn rows, gate
+//!   first), NeoX RoPE, `phi3.attention.sliding_window` on every layer (as transformers applies
+//!   it; llama.cpp currently ignores it). The long-context variants' `rope_factors_long/short`
+//!   are refused at load.
 //!
 //! Reads top-down: weights → load → forward (the blueprint is [`crate::Config`]). The forward
 //! pass is pure math over a flat batch (see [`crate::Batch`]); it runs on the calling rayon
@@ -12,12 +25,12 @@ use ferrolm_gguf::GgufFile;
 use crate::adapter::{Adapter, Proj};
 use crate::linear::Linear;
 use crate::ops::{
-    adapt, add_in_place, apply_rope, attention, check_batch, rms_norm, rope_table, slots_of,
-    vector, Scratch,
+    adapt, add_in_place, apply_rope, attention, check_batch, inv_freq, qk_norm, rms_norm,
+    rope_table, slots_of, vector, Scratch,
 };
 use crate::quant::Isa;
 use crate::simd::Glu;
-use crate::{simd, Batch, Config, KvCache, ModelError};
+use crate::{simd, Arch, Batch, Config, KvCache, ModelError};
 
 // ---- weights ----------------------------------------------------------------------------
 
@@ -27,6 +40,8 @@ struct Layer {
     /// q‖k‖v stacked when their formats allow (one pass), else separate.
     qkv: Qkv,
     qkv_bias: Option<Vec<f32>>,
+    /// Qwen3's per-head RMSNorm weights for q and k (`head_dim` each).
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     wo: Linear,
     ffn_norm: Vec<f32>,
     gate_up: GateUp,
@@ -55,6 +70,7 @@ pub struct Llama {
     /// `None`: tied to the embedding.
     output: Option<Linear>,
     inv_freq: Vec<f32>,
+    n_params: usize,
     pub isa: Isa,
 }
 
@@ -63,25 +79,46 @@ impl Llama {
     pub fn load(g: &GgufFile, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, ModelError> {
         let cfg = Config::from_gguf(g)?;
         let (dim, q_dim, kv_dim, ffn) = (cfg.dim, cfg.q_dim(), cfg.kv_dim(), cfg.ffn_dim);
+        let phi3 = cfg.arch == Arch::Phi3;
+        if let Some(t) = ["rope_factors_long.weight", "rope_factors_short.weight"]
+            .into_iter()
+            .find(|t| g.has_tensor(t))
+        {
+            return Err(ModelError::tensor(
+                g,
+                g.tensor(t)?,
+                "long-context RoPE scaling (Phi-3 `longrope`, the 128k variants) is not supported; \
+                 supported RoPE variants: plain, NeoX, and Llama 3.1's `rope_freqs`",
+            ));
+        }
         // Every type loads as a matrix whose rows are looked up directly (`Linear::row`).
         let tok_embd = Linear::load(g, "token_embd.weight", cfg.vocab_size, dim)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
             let n = |s: &str| format!("blk.{l}.{s}");
-            let parts = vec![
-                Linear::load(g, &n("attn_q.weight"), q_dim, dim)?,
-                Linear::load(g, &n("attn_k.weight"), kv_dim, dim)?,
-                Linear::load(g, &n("attn_v.weight"), kv_dim, dim)?,
-            ];
-            let qkv = match Linear::concat(parts) {
-                Ok(f) => Qkv::Fused(f),
-                Err(mut p) => {
-                    let v = p.pop();
-                    let k = p.pop();
-                    let q = p.pop();
-                    match (q, k, v) {
-                        (Some(q), Some(k), Some(v)) => Qkv::Split(q, k, v),
-                        _ => return Err(ModelError::Unsupported("qkv split".into())),
+            let qkv = if phi3 {
+                Qkv::Fused(Linear::load(
+                    g,
+                    &n("attn_qkv.weight"),
+                    q_dim + 2 * kv_dim,
+                    dim,
+                )?)
+            } else {
+                let parts = vec![
+                    Linear::load(g, &n("attn_q.weight"), q_dim, dim)?,
+                    Linear::load(g, &n("attn_k.weight"), kv_dim, dim)?,
+                    Linear::load(g, &n("attn_v.weight"), kv_dim, dim)?,
+                ];
+                match Linear::concat(parts) {
+                    Ok(f) => Qkv::Fused(f),
+                    Err(mut p) => {
+                        let v = p.pop();
+                        let k = p.pop();
+                        let q = p.pop();
+                        match (q, k, v) {
+                            (Some(q), Some(k), Some(v)) => Qkv::Split(q, k, v),
+                            _ => return Err(ModelError::Unsupported("qkv split".into())),
+                        }
                     }
                 }
             };
@@ -93,18 +130,30 @@ impl Llama {
             } else {
                 None
             };
-            let gu = vec![
-                Linear::load(g, &n("ffn_gate.weight"), ffn, dim)?,
-                Linear::load(g, &n("ffn_up.weight"), ffn, dim)?,
-            ];
-            let gate_up = match Linear::concat(gu) {
-                Ok(f) => GateUp::Fused(f),
-                Err(mut p) => {
-                    let up = p.pop();
-                    let gate = p.pop();
-                    match (gate, up) {
-                        (Some(a), Some(b)) => GateUp::Split(a, b),
-                        _ => return Err(ModelError::Unsupported("gate/up split".into())),
+            let qk_norm = if cfg.arch == Arch::Qwen3 {
+                Some((
+                    vector(g, &n("attn_q_norm.weight"), cfg.head_dim)?,
+                    vector(g, &n("attn_k_norm.weight"), cfg.head_dim)?,
+                ))
+            } else {
+                None
+            };
+            let gate_up = if phi3 {
+                GateUp::Fused(Linear::load(g, &n("ffn_up.weight"), 2 * ffn, dim)?)
+            } else {
+                let gu = vec![
+                    Linear::load(g, &n("ffn_gate.weight"), ffn, dim)?,
+                    Linear::load(g, &n("ffn_up.weight"), ffn, dim)?,
+                ];
+                match Linear::concat(gu) {
+                    Ok(f) => GateUp::Fused(f),
+                    Err(mut p) => {
+                        let up = p.pop();
+                        let gate = p.pop();
+                        match (gate, up) {
+                            (Some(a), Some(b)) => GateUp::Split(a, b),
+                            _ => return Err(ModelError::Unsupported("gate/up split".into())),
+                        }
                     }
                 }
             };
@@ -112,6 +161,7 @@ impl Llama {
                 attn_norm: vector(g, &n("attn_norm.weight"), dim)?,
                 qkv,
                 qkv_bias,
+                qk_norm,
                 wo: Linear::load(g, &n("attn_output.weight"), dim, q_dim)?,
                 ffn_norm: vector(g, &n("ffn_norm.weight"), dim)?,
                 gate_up,
@@ -125,11 +175,7 @@ impl Llama {
             None
         };
         let half = cfg.rope_dim / 2;
-        let mut inv_freq: Vec<f32> = (0..half)
-            .map(|i| {
-                (1.0 / (cfg.rope_theta as f64).powf(2.0 * i as f64 / cfg.rope_dim as f64)) as f32
-            })
-            .collect();
+        let mut inv_freq = inv_freq(cfg.rope_theta, cfg.rope_dim);
         // Llama 3.1-style per-frequency scaling factors.
         if g.has_tensor("rope_freqs.weight") {
             let f = vector(g, "rope_freqs.weight", half)?;
@@ -154,8 +200,15 @@ impl Llama {
             l.wo.prepare(isa);
             l.w_down.prepare(isa);
         }
+        let n_params = g
+            .tensors
+            .iter()
+            .filter(|t| !t.name.starts_with("rope_"))
+            .map(|t| t.n_elements() as usize)
+            .sum();
         Ok(Llama {
             output_norm: vector(g, "output_norm.weight", dim)?,
+            n_params,
             cfg,
             tok_embd,
             layers,
@@ -165,21 +218,10 @@ impl Llama {
         })
     }
 
-    /// Parameter count (all weights, the tied head counted once).
+    /// Parameter count (every weight tensor in the file, a tied head counted once; RoPE
+    /// frequency factors are not parameters).
     pub fn n_params(&self) -> usize {
-        let c = &self.cfg;
-        let per_layer = 2 * c.dim
-            + c.dim * (c.q_dim() + 2 * c.kv_dim())
-            + c.q_dim() * c.dim
-            + 3 * c.dim * c.ffn_dim;
-        let bias = if self.layers.first().is_some_and(|l| l.qkv_bias.is_some()) {
-            c.q_dim() + 2 * c.kv_dim()
-        } else {
-            0
-        };
-        c.vocab_size * c.dim * (1 + usize::from(self.output.is_some()))
-            + c.n_layers * (per_layer + bias)
-            + c.dim
+        self.n_params
     }
 
     /// Bytes of weights in memory.
@@ -273,6 +315,9 @@ impl Llama {
                     row.iter_mut().zip(b).for_each(|(x, y)| *x += y);
                 }
             }
+            if let Some((qn, kn)) = &layer.qk_norm {
+                qk_norm(c, n, &mut s.qkv, qn, kn);
+            }
             apply_rope(c, n, s);
             for (i, &slot) in slots.iter().enumerate() {
                 let row = &s.qkv[i * qkv_dim..(i + 1) * qkv_dim];
@@ -280,7 +325,8 @@ impl Llama {
                 simd::to_f16(&row[q_dim..q_dim + kv_dim], &mut kv.k[off..off + kv_dim]);
                 simd::to_f16(&row[q_dim + kv_dim..], &mut kv.v[off..off + kv_dim]);
             }
-            attention(c, l, batch, kv, s, 1.0 / (c.head_dim as f32).sqrt(), None);
+            let scale = 1.0 / (c.head_dim as f32).sqrt();
+            attention(c, l, batch, kv, s, scale, c.sliding_window);
             layer
                 .wo
                 .forward(self.isa, &s.att, n, &mut s.acts, &mut s.tmp)?;

@@ -3,9 +3,12 @@
 //! [`Model::load`] is the match that picks the forward pass. Everything above this crate
 //! (engine, session, server, CLI) sees only [`Model`].
 //!
-//! Adding an architecture: write its file (config extras → weights → load → forward, using
-//! [`crate::ops`]), then add a variant to [`Arch`] (with its GGUF names), to [`Model`], and an
-//! arm to [`Model::load`] and to the `each!` dispatch below.
+//! Adding an architecture: a variant of an existing block (optional tensors, a fused matrix, a
+//! window) is a variant of [`Arch`] (with its GGUF names) and an arm in [`Model::load`], plus
+//! what its file reads differently (as `qwen3` and `phi3` in `llama.rs`). A block of its own:
+//! write its file (config extras → weights → load → forward, using [`crate::ops`]), then add a
+//! variant to [`Arch`], to [`Model`], and an arm to [`Model::load`] and to the `each!` dispatch
+//! below.
 
 use ferrolm_gguf::GgufFile;
 
@@ -16,22 +19,29 @@ use crate::{Adapter, Batch, Config, Isa, KvCache, ModelError, Scratch};
 /// The architectures ferrolm runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
-    /// GGUF `llama` and `mistral`: SmolLM2, TinyLlama, Llama 2/3, Mistral.
+    /// GGUF `llama` and `mistral`: SmolLM2, TinyLlama, Llama 2/3 (with `rope_freqs` scaling),
+    /// Mistral (with `attention.sliding_window` where the file has it).
     Llama,
     /// GGUF `qwen2`: Llama with q/k/v biases and NeoX RoPE.
     Qwen2,
+    /// GGUF `qwen3`: Llama with per-head RMSNorm on q and k, NeoX RoPE.
+    Qwen3,
+    /// GGUF `phi3`: Llama with fused qkv and gate‖up matrices, NeoX RoPE, sliding window.
+    Phi3,
     /// GGUF `gemma3`: interleaved sliding-window/global attention, GeGLU, extra norms.
     Gemma3,
 }
 
 /// Every GGUF `general.architecture` name ferrolm accepts (for error messages).
-pub const SUPPORTED_ARCHITECTURES: &str = "llama, mistral, qwen2, gemma3";
+pub const SUPPORTED_ARCHITECTURES: &str = "llama, mistral, qwen2, qwen3, phi3, gemma3";
 
 impl Arch {
     pub fn from_name(name: &str) -> Option<Arch> {
         Some(match name {
             "llama" | "mistral" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
+            "phi3" => Arch::Phi3,
             "gemma3" => Arch::Gemma3,
             _ => return None,
         })
@@ -49,7 +59,7 @@ impl Arch {
     /// NeoX-style RoPE rotates (i, i + d/2); GGUF `llama` weights are permuted for the
     /// interleaved (2i, 2i+1) form.
     pub fn rope_neox(self) -> bool {
-        matches!(self, Arch::Qwen2 | Arch::Gemma3)
+        matches!(self, Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 | Arch::Gemma3)
     }
 }
 
@@ -75,7 +85,9 @@ impl Model {
     /// writes); `progress(done, total)` is called after each layer.
     pub fn load(g: &GgufFile, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, ModelError> {
         Ok(match Arch::from_gguf(g)? {
-            Arch::Llama | Arch::Qwen2 => Model::Llama(Llama::load(g, progress)?),
+            Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => {
+                Model::Llama(Llama::load(g, progress)?)
+            }
             Arch::Gemma3 => Model::Gemma3(Gemma3::load(g, progress)?),
         })
     }

@@ -90,6 +90,13 @@ pub(crate) fn check_batch(c: &Config, b: &Batch, kv: &KvCache) -> Result<(), Mod
     Ok(())
 }
 
+/// RoPE's inverse frequencies `base^(-2i/rope_dim)`, one per rotated pair.
+pub(crate) fn inv_freq(base: f32, rope_dim: usize) -> Vec<f32> {
+    (0..rope_dim / 2)
+        .map(|i| (1.0 / (base as f64).powf(2.0 * i as f64 / rope_dim as f64)) as f32)
+        .collect()
+}
+
 /// cos/sin of `position · inv_freq` for each token of the batch.
 pub(crate) fn rope_table(inv_freq: &[f32], positions: &[u32], s: &mut Scratch) {
     let half = inv_freq.len();
@@ -207,6 +214,26 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
             *o = v * r * g;
         }
+    }
+}
+
+/// RMSNorm of each `head_dim`-wide head of the q and k parts of every `qkv` row, in place,
+/// with weights `q_norm` and `k_norm` (`head_dim` each): Qwen3's and Gemma 3's q/k norms,
+/// applied before RoPE.
+pub(crate) fn qk_norm(c: &Config, n: usize, qkv: &mut [f32], q_norm: &[f32], k_norm: &[f32]) {
+    let (hd, q_dim, kv_dim) = (c.head_dim, c.q_dim(), c.kv_dim());
+    let norm = |h: &mut [f32], w: &[f32]| {
+        let ss = h.iter().map(|v| v * v).sum::<f32>() / h.len() as f32;
+        let r = 1.0 / (ss + c.rms_eps).sqrt();
+        h.iter_mut().zip(w).for_each(|(v, &g)| *v *= r * g);
+    };
+    for row in qkv[..n * (q_dim + 2 * kv_dim)].chunks_exact_mut(q_dim + 2 * kv_dim) {
+        let (q, rest) = row.split_at_mut(q_dim);
+        // (n_heads, head_dim) and (n_kv_heads, head_dim)
+        q.chunks_exact_mut(hd).for_each(|h| norm(h, q_norm));
+        rest[..kv_dim]
+            .chunks_exact_mut(hd)
+            .for_each(|h| norm(h, k_norm));
     }
 }
 

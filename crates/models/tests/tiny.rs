@@ -956,7 +956,7 @@ fn unknown_architecture_is_refused_naming_the_supported_ones() {
     );
     assert!(msg.contains("`mamba`"), "{msg}");
     assert!(
-        msg.contains("supported: llama, mistral, qwen2, gemma3"),
+        msg.contains("supported: llama, mistral, qwen2, qwen3, phi3, gemma3"),
         "{msg}"
     );
 }

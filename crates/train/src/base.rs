@@ -78,6 +78,12 @@ pub fn open(path: &Path) -> Result<(ModelConfig, GgufFile), TrainError> {
     if lc.arch != Arch::Llama || lc.rope_neox {
         return Err(unsupported(path, "fine-tuning supports the `llama` GGUF architecture (SmolLM2, TinyLlama, Llama); this model is not one"));
     }
+    if let Some(w) = lc.sliding_window {
+        return Err(unsupported(
+            path,
+            format!("fine-tuning attends over the whole context; this model has a sliding window of {w} (`llama.attention.sliding_window`)"),
+        ));
+    }
     if lc.head_dim * lc.n_heads != lc.dim || lc.rope_dim != lc.head_dim {
         return Err(unsupported(
             path,
