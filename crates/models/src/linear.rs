@@ -175,6 +175,7 @@ impl Linear {
 
     pub fn kind(&self) -> &'static str {
         match self {
+            Linear::Q(q) if q.layout == crate::quant::Layout::Packed5 => "q5 (ferrolm kernels)",
             Linear::Q(q) => match (q.bits, q.grain) {
                 (crate::quant::QBits::Four, Grain::Block32) => "q4 (ferrolm kernels)",
                 (crate::quant::QBits::Eight, Grain::Block32) => "q8 (ferrolm kernels)",
@@ -240,10 +241,16 @@ impl Linear {
     }
 
     /// Put the weights in the layout `isa`'s fastest kernel reads (16-row groups for AVX-512
-    /// VNNI); a no-op for others.
+    /// VNNI, 5-bit packing of Q5 matrices for AVX2); a no-op for others.
     pub fn prepare(&mut self, isa: Isa) {
-        if let (Linear::Q(q), Isa::Avx512Vnni) = (self, isa) {
-            q.interleave16();
+        match (self, isa) {
+            (Linear::Q(q), Isa::Avx512Vnni) => {
+                q.interleave16();
+            }
+            (Linear::Q(q), Isa::Avx2) => {
+                q.pack5();
+            }
+            _ => {}
         }
     }
 

@@ -35,6 +35,14 @@
 //! sum per row — 2–4× the multiply-adds per second of the row-major tile at 16–128 tokens and
 //! ~1.7× at one (`crates/models/examples/matmul.rs`), with the same integer sums (results
 //! differ only in float summation order, ~1e-6).
+//!
+//! On AVX2 (no AVX-512) the loader re-lays 8-bit matrices whose values are all below 32 (the
+//! Q5 types) as [`Layout::Packed5`], 5 bits per quant, since decoding one token is bound by
+//! the bytes it reads; the decode kernel (`x86::rows_avx2`) takes four rows per pass. From
+//! [`GEMM_MIN_TOKENS`] tokens on (prefill), AVX2 matmuls instead dequantize each chunk of rows
+//! to an f32 panel and run `gemm`'s register-blocked f32 kernel on the dequantized
+//! activations: the same quantized operands, ~3× the multiply-adds per second of the integer
+//! kernel at 512 tokens.
 
 use half::f16;
 
@@ -102,6 +110,12 @@ pub enum Layout {
     /// `vpdpbusd` against 4 broadcast activation bytes advances 16 rows at once, and the block
     /// sums come out one row per lane (no horizontal sums, no scale shuffles).
     Group16,
+    /// Row-major 5-bit quants (AVX2 only, see [`QMatrix::pack5`]): an 8-bit
+    /// [`Grain::Block32`] matrix whose values are all below 32 (Q5_0, Q5_1, Q5_K) stored as
+    /// each row's low nibbles in the 4-bit pair layout (`cols / 2` bytes), then its fifth bits,
+    /// 4 bytes per block, bit `j` of a block's word for element `j` (`cols / 8` bytes): 20 bytes
+    /// of quants per block instead of 32, which is what decoding reads from memory.
+    Packed5,
 }
 
 /// How a matrix's scales are grouped.
@@ -161,6 +175,27 @@ fn pack_nibbles(vals: &[u8], out: &mut Vec<u8>) {
     if b < nb {
         let v = &vals[b * QK..(b + 1) * QK];
         out.extend((0..16).map(|j| v[j] | (v[j + 16] << 4)));
+    }
+}
+
+/// Calls `f(block, j, value)` for every element of a [`Layout::Packed5`] row (`cols`
+/// elements), in order.
+#[inline(always)]
+fn unpack5(q: &[u8], cols: usize, mut f: impl FnMut(usize, usize, u8)) {
+    let nb = cols / QK;
+    let (nib, hb) = q.split_at(cols / 2);
+    let bit = |b: usize, j: usize| ((hb[b * 4 + j / 8] >> (j % 8)) & 1) << 4;
+    let mut b = 0;
+    while b + 1 < nb {
+        let p = &nib[b * 16..b * 16 + 32];
+        (0..32).for_each(|j| f(b, j, (p[j] & 0x0F) | bit(b, j)));
+        (0..32).for_each(|j| f(b + 1, j, (p[j] >> 4) | bit(b + 1, j)));
+        b += 2;
+    }
+    if b < nb {
+        let p = &nib[b * 16..b * 16 + 16];
+        (0..16).for_each(|j| f(b, j, (p[j] & 0x0F) | bit(b, j)));
+        (0..16).for_each(|j| f(b, j + 16, (p[j] >> 4) | bit(b, j + 16)));
     }
 }
 
@@ -329,10 +364,44 @@ impl QMatrix {
     }
 
     fn row_bytes(&self) -> usize {
-        match self.bits {
-            QBits::Four => self.cols / 2,
-            QBits::Eight => self.cols,
+        match (self.layout, self.bits) {
+            (Layout::Packed5, _) => self.cols / 2 + self.cols / 8,
+            (_, QBits::Four) => self.cols / 2,
+            (_, QBits::Eight) => self.cols,
         }
+    }
+
+    /// Re-lay an 8-bit [`Grain::Block32`] row-major matrix whose values are all below 32 as
+    /// [`Layout::Packed5`] (the AVX2 loader does this: decoding is bound by the bytes it reads).
+    /// `false`, and nothing changes, for any other matrix.
+    pub fn pack5(&mut self) -> bool {
+        if self.layout != Layout::Rows
+            || self.grain != Grain::Block32
+            || self.bits != QBits::Eight
+            || self.qs.iter().any(|&v| v >= 32)
+        {
+            return false;
+        }
+        let (nb, cols) = (self.nb(), self.cols);
+        let rb = cols / 2 + cols / 8;
+        let mut qs = vec![0u8; self.rows * rb];
+        for (src, dst) in self.qs.chunks_exact(cols).zip(qs.chunks_exact_mut(rb)) {
+            let nib: Vec<u8> = src.iter().map(|v| v & 0x0F).collect();
+            let (lo, hi) = dst.split_at_mut(cols / 2);
+            let mut packed = Vec::with_capacity(cols / 2);
+            pack_nibbles(&nib, &mut packed);
+            lo.copy_from_slice(&packed);
+            for b in 0..nb {
+                let bits = src[b * QK..(b + 1) * QK]
+                    .iter()
+                    .enumerate()
+                    .fold(0u32, |a, (j, &v)| a | (((v >> 4) as u32) << j));
+                hi[b * 4..b * 4 + 4].copy_from_slice(&bits.to_le_bytes());
+            }
+        }
+        self.qs = qs;
+        self.layout = Layout::Packed5;
+        true
     }
 
     /// Repack the ggml bytes of a `[rows, cols]` matrix of any quantized type (see
@@ -460,6 +529,14 @@ impl QMatrix {
         }
         let rb = self.row_bytes();
         let q = &self.qs[r * rb..(r + 1) * rb];
+        if self.layout == Layout::Packed5 {
+            let mut out = Vec::with_capacity(self.cols);
+            unpack5(q, self.cols, |b, j, v| {
+                debug_assert_eq!(out.len(), b * QK + j);
+                out.push(v);
+            });
+            return out;
+        }
         match self.bits {
             QBits::Eight => q.to_vec(),
             QBits::Four => {
@@ -509,7 +586,7 @@ impl QMatrix {
         }
         for b in 0..nb {
             let at = match self.layout {
-                Layout::Rows => r * nb + b,
+                Layout::Rows | Layout::Packed5 => r * nb + b,
                 Layout::Group16 => ((r / 16) * nb + b) * 16 + r % 16,
             };
             let (d, m) = (self.d[at], self.m[at]);
@@ -522,9 +599,8 @@ impl QMatrix {
     /// Dequantize rows `rows` of a [`Layout::Rows`] matrix into `out` (`rows.len() × cols`,
     /// row-major): the weight panel of the f32 GEMM path. Same values as [`Self::dequantize_row`].
     pub fn dequantize_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
-        assert_eq!(
-            self.layout,
-            Layout::Rows,
+        assert!(
+            matches!(self.layout, Layout::Rows | Layout::Packed5),
             "dequantize_rows reads row-major matrices"
         );
         assert!(rows.end <= self.rows && out.len() >= rows.len() * self.cols);
@@ -545,6 +621,11 @@ impl QMatrix {
         for (i, r) in rows.enumerate() {
             let o = &mut out[i * cols..(i + 1) * cols];
             let q = &self.qs[r * rb..(r + 1) * rb];
+            if self.layout == Layout::Packed5 {
+                let (d, m) = (&self.d[r * nb..(r + 1) * nb], &self.m[r * nb..(r + 1) * nb]);
+                unpack5(q, cols, |b, j, v| o[b * QK + j] = d[b] * v as f32 + m[b]);
+                continue;
+            }
             if self.grain == Grain::Sub16 {
                 let nsb = cols / QK_K;
                 for (j, o) in o.chunks_exact_mut(16).enumerate() {
@@ -1106,6 +1187,149 @@ mod x86 {
     /// u8 × i8 block of 32 → 8 i32 partial sums, without VNNI. `vpmaddubsw` saturates at
     /// ±32767, which 255 · 127 · 2 = 64770 could reach for 8-bit rows, so split the u8 into
     /// its high and low nibbles for those (4-bit rows cannot saturate: 15 · 128 · 2 < 32767).
+    /// Row kinds of [`rows_avx2`]: 4-bit pairs, 8-bit with values below 64, any 8-bit,
+    /// [`Layout::Packed5`](super::Layout::Packed5).
+    pub const K4: u8 = 0;
+    pub const K8_SMALL: u8 = 1;
+    pub const K8: u8 = 2;
+    pub const K5: u8 = 3;
+
+    /// 32 bytes, `0x10` where bit `j` of `bits` is set (byte `j`), else 0: a block's fifth bits.
+    #[inline(always)]
+    unsafe fn fifth_bits(bits: u32) -> __m256i {
+        // Byte j takes byte j / 8 of `bits`, then tests bit j % 8 of it.
+        let spread = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        );
+        let v = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
+        let sel = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// Dots of the [`Grain::Block32`] weight rows `r0..r0+R` (row-major, kind `K`) with token
+    /// `t`, offset term included: the AVX2 decode kernel. Each activation block is loaded once
+    /// for the `R` rows, the `R` accumulators are independent, and the offsets `Σ m·sx` are one
+    /// vector FMA per 8 blocks.
+    ///
+    /// [`Grain::Block32`]: super::Grain::Block32
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rows_avx2<const R: usize, const K: u8>(
+        w: &super::QMatrix,
+        r0: usize,
+        x: &super::QActs,
+        t: usize,
+    ) -> [f32; R] {
+        let nb = w.cols / QK;
+        let rb = w.row_bytes();
+        assert!((r0 + R) * nb <= w.d.len() && (r0 + R) * rb <= w.qs.len());
+        assert!((t + 1) * nb <= x.d.len() && (t + 1) * w.cols <= x.qs.len());
+        let nibbles = K == K4 || K == K5;
+        let mask = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut macc = [_mm256_setzero_ps(); R];
+        // SAFETY (whole body): every pointer read below stays inside the rows and token
+        // asserted above; prefetches may point past them, which is harmless.
+        unsafe {
+            let xq = x.qs.as_ptr().add(t * w.cols);
+            let xd = x.d.as_ptr().add(t * nb);
+            let xs = x.sx.as_ptr().add(t * nb);
+            let wq: [*const u8; R] = std::array::from_fn(|i| w.qs.as_ptr().add((r0 + i) * rb));
+            let wd: [*const f32; R] = std::array::from_fn(|i| w.d.as_ptr().add((r0 + i) * nb));
+            let wm: [*const f32; R] = std::array::from_fn(|i| w.m.as_ptr().add((r0 + i) * nb));
+            let hbits = |i: usize, b: usize| {
+                fifth_bits((wq[i].add(w.cols / 2 + 4 * b) as *const u32).read_unaligned())
+            };
+            let isum = |w: __m256i, x: __m256i| {
+                if K == K8 {
+                    isum_u8(w, x)
+                } else {
+                    isum_u4(w, x)
+                }
+            };
+            let mut b = 0;
+            while b + 1 < nb {
+                let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+                let x1 = _mm256_loadu_si256(xq.add((b + 1) * QK) as *const __m256i);
+                let (d0, d1) = (*xd.add(b), *xd.add(b + 1));
+                for i in 0..R {
+                    // The next R rows' bytes at this position: rows interleave in R, which
+                    // the hardware prefetcher does not follow.
+                    let at = if nibbles { b * 16 } else { b * QK };
+                    _mm_prefetch::<_MM_HINT_T0>(wq[i].wrapping_add(R * rb + at) as *const i8);
+                    if b % 16 == 0 {
+                        _mm_prefetch::<_MM_HINT_T0>(wd[i].wrapping_add(R * nb + b) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(wm[i].wrapping_add(R * nb + b) as *const i8);
+                    }
+                    let (mut w0, mut w1) = if nibbles {
+                        let v = _mm256_loadu_si256(wq[i].add(b * 16) as *const __m256i);
+                        (
+                            _mm256_and_si256(v, mask),
+                            _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+                        )
+                    } else {
+                        (
+                            _mm256_loadu_si256(wq[i].add(b * QK) as *const __m256i),
+                            _mm256_loadu_si256(wq[i].add((b + 1) * QK) as *const __m256i),
+                        )
+                    };
+                    if K == K5 {
+                        w0 = _mm256_or_si256(w0, hbits(i, b));
+                        w1 = _mm256_or_si256(w1, hbits(i, b + 1));
+                    }
+                    let s0 = _mm256_cvtepi32_ps(isum(w0, x0));
+                    let s1 = _mm256_cvtepi32_ps(isum(w1, x1));
+                    acc[i] = _mm256_fmadd_ps(s0, _mm256_set1_ps(*wd[i].add(b) * d0), acc[i]);
+                    acc[i] = _mm256_fmadd_ps(s1, _mm256_set1_ps(*wd[i].add(b + 1) * d1), acc[i]);
+                }
+                b += 2;
+            }
+            if b < nb {
+                // An odd last block (a nibble one is stored alone: element j low, j + 16 high).
+                let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
+                let d0 = *xd.add(b);
+                for i in 0..R {
+                    let mut w0 = if nibbles {
+                        let v = _mm_loadu_si128(wq[i].add(b * 16) as *const __m128i);
+                        let m = _mm_set1_epi8(0x0F);
+                        _mm256_set_m128i(
+                            _mm_and_si128(_mm_srli_epi16(v, 4), m),
+                            _mm_and_si128(v, m),
+                        )
+                    } else {
+                        _mm256_loadu_si256(wq[i].add(b * QK) as *const __m256i)
+                    };
+                    if K == K5 {
+                        w0 = _mm256_or_si256(w0, hbits(i, b));
+                    }
+                    let s0 = _mm256_cvtepi32_ps(isum(w0, x0));
+                    acc[i] = _mm256_fmadd_ps(s0, _mm256_set1_ps(*wd[i].add(b) * d0), acc[i]);
+                }
+            }
+            // Offsets: Σ_b m[b]·sx[b], 8 blocks per FMA.
+            let mut b = 0;
+            while b + 8 <= nb {
+                let sx = _mm256_loadu_ps(xs.add(b));
+                for i in 0..R {
+                    macc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(wm[i].add(b)), sx, macc[i]);
+                }
+                b += 8;
+            }
+            let mut out = [0f32; R];
+            for i in 0..R {
+                let mut tail = 0f32;
+                for bb in b..nb {
+                    tail += *wm[i].add(bb) * *xs.add(bb);
+                }
+                out[i] = hsum256(_mm256_add_ps(acc[i], macc[i])) + tail;
+            }
+            out
+        }
+    }
+
     #[inline(always)]
     unsafe fn isum_u4(w: __m256i, x: __m256i) -> __m256i {
         _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
@@ -1298,7 +1522,10 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
     let ptr = SendPtr(out.as_mut_ptr());
     // Enough chunks for work stealing to absorb a busy core, few enough to stay cheap.
     let chunk = (m / (4 * rayon::current_num_threads().max(1))).clamp(16, 512) / 16 * 16;
-    if isa == Isa::Avx2 && n >= GEMM_MIN_TOKENS && w.layout == Layout::Rows {
+    if isa == Isa::Avx2
+        && n >= GEMM_MIN_TOKENS
+        && matches!(w.layout, Layout::Rows | Layout::Packed5)
+    {
         // Prefill on AVX2: each chunk of rows dequantized to an f32 panel, multiplied by the
         // dequantized activations with `gemm`'s register-blocked kernel. The integer path does
         // one (row, token) dot product at a time; this one reuses every loaded weight across
@@ -1351,7 +1578,9 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
         let p = ptr;
         let rows = c * chunk..((c + 1) * chunk).min(m);
         // SAFETY (all writes below): (t, r) pairs are disjoint across chunks and in bounds.
-        if w.layout == Layout::Group16 && isa != Isa::Avx512Vnni {
+        if (w.layout == Layout::Group16 && isa != Isa::Avx512Vnni)
+            || (w.layout == Layout::Packed5 && isa != Isa::Avx2)
+        {
             // Only the AVX-512 loader interleaves; anyone else gets a slow, correct answer.
             let mut wr = vec![0f32; w.cols];
             for r in rows {
@@ -1423,6 +1652,39 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
                     }
                 }
                 t += nt;
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2
+            && w.grain == Grain::Block32
+            && matches!(w.layout, Layout::Rows | Layout::Packed5)
+        {
+            // Four rows per pass share each activation load; tokens inside, so the rows'
+            // weights stay in L1 while a small batch's tokens go through them.
+            let put = |t: usize, r: usize, v: f32| unsafe { *p.0.add(t * m + r) = v };
+            macro_rules! go {
+                ($k:expr) => {{
+                    let mut r = rows.start;
+                    while r + 4 <= rows.end {
+                        for t in 0..n {
+                            let v = unsafe { x86::rows_avx2::<4, { $k }>(w, r, x, t) };
+                            (0..4).for_each(|i| put(t, r + i, v[i]));
+                        }
+                        r += 4;
+                    }
+                    for r in r..rows.end {
+                        for t in 0..n {
+                            put(t, r, unsafe { x86::rows_avx2::<1, { $k }>(w, r, x, t) }[0]);
+                        }
+                    }
+                }};
+            }
+            match (w.layout, w.bits, w.small) {
+                (Layout::Packed5, _, _) => go!(x86::K5),
+                (_, QBits::Four, _) => go!(x86::K4),
+                (_, QBits::Eight, true) => go!(x86::K8_SMALL),
+                (_, QBits::Eight, false) => go!(x86::K8),
             }
             return;
         }
