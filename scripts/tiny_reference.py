@@ -9,29 +9,31 @@ Usage (from the repository root):
   .venv-ref/bin/python scripts/tiny_reference.py [--out golden]
 
 For each family the script
-  1. trains a small byte-level BPE tokenizer (HF `tokenizers`, on the first 200,000 characters
-     of data/tinyshakespeare.txt plus the test texts below) with that family's pre-tokenizer: Llama 3's regex
-     (`tokenizer.ggml.pre = llama-bpe`), Qwen2's regex after NFC (`qwen2`), or GPT-2's byte-level
-     regex (`gpt2`, for the Mistral and Phi-3 models: the real ones use SentencePiece, which the
-     Gemma 3 test already covers against llama.cpp);
+  1. trains a small byte-level BPE tokenizer (HF `tokenizers`, on the first 200,000
+     characters of data/tinyshakespeare.txt plus the test texts below) with that family's
+     pre-tokenizer: Llama 3's regex (`tokenizer.ggml.pre = llama-bpe`), Qwen2's regex after NFC
+     (`qwen2`), or GPT-2's byte-level regex (`gpt2`, for the Mistral and Phi-3 models: the real
+     ones use SentencePiece, which the Gemma 3 test already covers against llama.cpp);
   2. builds the transformers model (`LlamaForCausalLM` with Llama 3.1 `rope_type: llama3`
      scaling, `MistralForCausalLM` with a sliding window shorter than the test sequence,
-     `Qwen3ForCausalLM` with per-head q/k RMSNorm and head_dim != hidden/heads and tied
-     embeddings, `Phi3ForCausalLM` with fused qkv and gate_up and a sliding window) from a fixed
+     `Qwen3ForCausalLM` with per-head q/k RMSNorm, head_dim != hidden/heads and tied
+     embeddings, `Phi3ForCausalLM` with fused qkv and gate_up and a sliding window, and a
+     second `Phi3ForCausalLM` with LongRoPE, partial RoPE and tied embeddings) from a fixed
      seed, with weights drawn wide enough that attention and every block matter (HF's own
      init, std 0.02, leaves logits near zero), 2-D weights rounded to f16 so the GGUF (f16
      matrices, f32 vectors, as llama.cpp's converter writes `--outtype f16`) holds exactly the
      weights the reference ran;
   3. writes golden/tiny_<family>.gguf with the tensor and metadata names of llama.cpp's
      convert_hf_to_gguf.py (q/k rows of the `llama` architecture permuted for interleaved RoPE,
-     `rope_freqs.weight` from the llama3 scaling, `attention.sliding_window`);
-  4. records a greedy continuation (GREEDY_STEPS ids after BOS + GREEDY_PROMPT, each from a full
-     forward, with its top-1 − top-2 logit margin), and, in f32 eager attention on the CPU, the logits at every position of a fixed
-     40-token sequence (golden/tiny_<family>_logits.f32, raw little-endian, seq × vocab) and
-     the tokenizer's ids on texts with emoji, CJK, code, whitespace runs, contractions and
-     digit runs (golden/tiny_reference.json). It also records how far the logits move when the
-     family's special feature is switched off (`sensitivity`): proof that the test sequence
-     exercises it.
+     `rope_freqs.weight` from the llama3 scaling, `rope_factors_short/long.weight` and
+     `rope.scaling.attn_factor` from LongRoPE, `attention.sliding_window`);
+  4. records, in f32 eager attention on the CPU, the logits at every position of a fixed
+     40-token sequence (golden/tiny_<family>_logits.f32, raw little-endian, seq × vocab), a
+     greedy continuation (GREEDY_STEPS ids after BOS + GREEDY_PROMPT, each from a full forward,
+     with its top-1 − top-2 logit margin) and the tokenizer's ids on texts with emoji, CJK,
+     code, whitespace runs, contractions and digit runs (golden/tiny_reference.json). It also
+     records how far the logits move when the family's special feature is switched off
+     (`sensitivity`): proof that the test sequence exercises it.
 
 Mistral's sliding window: llama.cpp's converter writes MistralForCausalLM as architecture
 `llama` without the window (llama.cpp ignores it); this script writes `llama.attention.sliding_window`
@@ -189,6 +191,38 @@ FAMILIES = {
         plain=dict(sliding_window=None),
         feature="sliding window 12",
     ),
+    # Phi-3.5 / Phi-4 mini style: LongRoPE factors (the short ones apply within the original
+    # context, with the attention factor sqrt(1 + ln(1024/256) / ln 256)), RoPE on 3/4 of each
+    # head, tied embeddings, no window.
+    "phi3_longrope": dict(
+        cls="Phi3ForCausalLM",
+        cfg="Phi3Config",
+        arch="phi3",
+        pre="gpt2",
+        specials=["<unk>", "<s>", "</s>", "<|endoftext|>"],
+        bos="<s>",
+        eos="<|endoftext|>",
+        add_bos=True,
+        extra=dict(
+            num_hidden_layers=2,
+            tie_word_embeddings=True,
+            sliding_window=None,
+            max_position_embeddings=1024,
+            original_max_position_embeddings=256,
+            rope_parameters=dict(
+                rope_type="longrope",
+                rope_theta=10000.0,
+                partial_rotary_factor=0.75,
+                original_max_position_embeddings=256,
+                short_factor=[1.0, 1.25, 1.5, 2.0, 3.0, 4.0],
+                long_factor=[1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+            ),
+        ),
+        plain=dict(
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75)
+        ),
+        feature="longrope short factors and attention factor",
+    ),
 }
 
 
@@ -319,7 +353,8 @@ def write_gguf(path: Path, name: str, fam: dict, model, tokmeta: dict, bos: int,
     w.add_head_count_kv(n_kv)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_rope_dimension_count(head_dim)
+    rope_dims = int(head_dim * cfg.rope_parameters.get("partial_rotary_factor", 1.0))
+    w.add_rope_dimension_count(rope_dims)
     if head_dim != cfg.hidden_size // n_head:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -328,6 +363,12 @@ def write_gguf(path: Path, name: str, fam: dict, model, tokmeta: dict, bos: int,
     if arch == "phi3":
         w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
         w.add_sliding_window(cfg.sliding_window or 0)
+        rp = cfg.rope_parameters
+        if rp.get("rope_type") == "longrope":
+            scale = cfg.max_position_embeddings / cfg.original_max_position_embeddings
+            w.add_rope_scaling_attn_factors(
+                math.sqrt(1 + math.log(scale) / math.log(cfg.original_max_position_embeddings))
+            )
     elif getattr(cfg, "sliding_window", None):
         w.add_sliding_window(cfg.sliding_window)
 
@@ -350,6 +391,9 @@ def write_gguf(path: Path, name: str, fam: dict, model, tokmeta: dict, bos: int,
         put("output.weight", sd["lm_head.weight"])
     if arch == "llama" and cfg.rope_parameters.get("rope_type") == "llama3":
         put("rope_freqs.weight", llama3_rope_factors(cfg.rope_parameters, head_dim))
+    if cfg.rope_parameters.get("rope_type") == "longrope":
+        put("rope_factors_long.weight", np.array(cfg.rope_parameters["long_factor"], dtype=np.float32))
+        put("rope_factors_short.weight", np.array(cfg.rope_parameters["short_factor"], dtype=np.float32))
     for l in range(cfg.num_hidden_layers):
         p = f"model.layers.{l}."
         b = f"blk.{l}."

@@ -7,7 +7,8 @@
 //! the `llama-bpe` pre-tokenizer; `mistral` a sliding window of 8 over a 40-token sequence (three
 //! layers, so the window compounds); `qwen3` per-head q/k RMSNorm, head size ≠ width / heads,
 //! tied embeddings and the `qwen2` pre-tokenizer; `phi3` fused qkv and gate‖up matrices and a
-//! sliding window of 12. The reference records how far the logits move without each feature
+//! sliding window of 12; `phi3_longrope` (Phi-3.5 / Phi-4 mini style) LongRoPE's short factors
+//! and attention factor, RoPE on 3/4 of each head, tied embeddings. The reference records how far the logits move without each feature
 //! (`sensitivity`, 4–13): far above the tolerance here, so a family that ignored its feature
 //! fails.
 #![allow(clippy::unwrap_used)]
@@ -19,7 +20,7 @@ use ferrolm_gguf::GgufFile;
 use ferrolm_models::{Batch, KvCache, Model, Scratch, SeqSpan};
 use ferrolm_tokenizer::Tokenizer;
 
-const FAMILIES: [&str; 4] = ["llama3", "mistral", "qwen3", "phi3"];
+const FAMILIES: [&str; 5] = ["llama3", "mistral", "qwen3", "phi3", "phi3_longrope"];
 
 fn reference() -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(golden("tiny_reference.json")).unwrap()).unwrap()
@@ -105,8 +106,8 @@ fn argmax(x: &[f32]) -> usize {
 /// reference's top two are more than `2 · TOL` apart.
 ///
 /// Measured (max |Δ| over 40 × 640 logits, logits' std ≈ 3, the same in one batch and token by
-/// token, AVX2 and `FERROLM_ISA=scalar`): llama3 0.0036, mistral 0.0042, qwen3 0.0071, phi3
-/// 0.0036. The weights are the same f16 values on both sides (f16 matrices run through the f32
+/// token, AVX2 and `FERROLM_ISA=scalar`): llama3 0.0036, mistral 0.0041, qwen3 0.0071, phi3
+/// 0.0036, phi3_longrope 0.0060. The weights are the same f16 values on both sides (f16 matrices run through the f32
 /// GEMM, not the quantized kernels); the difference is the f16 KV cache and summation order.
 /// `TOL` = 0.02.
 #[test]
@@ -229,6 +230,7 @@ fn each_family_loads_as_its_architecture() {
         ("mistral", ferrolm_models::Arch::Llama),
         ("qwen3", ferrolm_models::Arch::Qwen3),
         ("phi3", ferrolm_models::Arch::Phi3),
+        ("phi3_longrope", ferrolm_models::Arch::Phi3),
     ] {
         let f = family(&r, name);
         let g = open(&f);
@@ -236,6 +238,9 @@ fn each_family_loads_as_its_architecture() {
         assert_eq!(m.cfg().arch, arch, "{name}");
         let window = f["config"]["sliding_window"].as_u64().map(|w| w as usize);
         assert_eq!(m.cfg().sliding_window, window, "{name}");
+        // Every file says 256, except phi3_longrope's 1024: a LongRoPE file runs within its
+        // original context, 256 here (see `llama.rs`).
+        assert_eq!(m.cfg().context_length, 256, "{name}");
         assert_eq!(
             m.n_params() as u64,
             g.tensors

@@ -12,8 +12,12 @@
 //!   RoPE, head size from `attention.key_length` (may differ from width / heads);
 //! * `phi3`: q‖k‖v in one matrix (`attn_qkv`) and gate‖up in one (`ffn_up`, 2 × ffn rows, gate
 //!   first), NeoX RoPE, `phi3.attention.sliding_window` on every layer (as transformers applies
-//!   it; llama.cpp currently ignores it). The long-context variants' `rope_factors_long/short`
-//!   are refused at load.
+//!   it; llama.cpp currently ignores it). LongRoPE files (the 128k Phi-3 variants, Phi-3.5 and
+//!   Phi-4 mini: `rope_factors_short/long`) run within their original context
+//!   (`rope.scaling.original_context_length`, 4096 for those models), where transformers uses
+//!   the short factors (each inverse frequency divided by its factor) and multiplies cos and sin
+//!   by `rope.scaling.attn_factor`; the model's context is capped there, because beyond it
+//!   transformers switches every position to the long factors, which ferrolm does not do.
 //!
 //! Reads top-down: weights → load → forward (the blueprint is [`crate::Config`]). The forward
 //! pass is pure math over a flat batch (see [`crate::Batch`]); it runs on the calling rayon
@@ -70,6 +74,8 @@ pub struct Llama {
     /// `None`: tied to the embedding.
     output: Option<Linear>,
     inv_freq: Vec<f32>,
+    /// Multiplies RoPE's cos and sin (LongRoPE's attention factor; 1 otherwise).
+    rope_mscale: f32,
     n_params: usize,
     pub isa: Isa,
 }
@@ -77,20 +83,9 @@ pub struct Llama {
 impl Llama {
     /// Load weights; `progress(done, total)` is called after each layer.
     pub fn load(g: &GgufFile, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, ModelError> {
-        let cfg = Config::from_gguf(g)?;
+        let mut cfg = Config::from_gguf(g)?;
         let (dim, q_dim, kv_dim, ffn) = (cfg.dim, cfg.q_dim(), cfg.kv_dim(), cfg.ffn_dim);
         let phi3 = cfg.arch == Arch::Phi3;
-        if let Some(t) = ["rope_factors_long.weight", "rope_factors_short.weight"]
-            .into_iter()
-            .find(|t| g.has_tensor(t))
-        {
-            return Err(ModelError::tensor(
-                g,
-                g.tensor(t)?,
-                "long-context RoPE scaling (Phi-3 `longrope`, the 128k variants) is not supported; \
-                 supported RoPE variants: plain, NeoX, and Llama 3.1's `rope_freqs`",
-            ));
-        }
         // Every type loads as a matrix whose rows are looked up directly (`Linear::row`).
         let tok_embd = Linear::load(g, "token_embd.weight", cfg.vocab_size, dim)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -176,9 +171,36 @@ impl Llama {
         };
         let half = cfg.rope_dim / 2;
         let mut inv_freq = inv_freq(cfg.rope_theta, cfg.rope_dim);
-        // Llama 3.1-style per-frequency scaling factors.
-        if g.has_tensor("rope_freqs.weight") {
-            let f = vector(g, "rope_freqs.weight", half)?;
+        // Per-frequency scaling factors: Llama 3.1's, or LongRoPE's short ones (see the top).
+        let mut rope_mscale = 1.0;
+        let factors = if g.has_tensor("rope_factors_short.weight") {
+            let p = g.architecture()?;
+            let orig = g
+                .get_u64(&format!("{p}.rope.scaling.original_context_length"))
+                .map_err(|_| ModelError::Config {
+                    path: g.path.display().to_string(),
+                    key: format!("{p}.rope.scaling.original_context_length"),
+                    reason: "a file with LongRoPE factors must say its original context".into(),
+                })? as usize;
+            // transformers' default when the config does not set it.
+            let scale = cfg.context_length as f64 / orig.max(2) as f64;
+            let default = if scale > 1.0 {
+                (1.0 + scale.ln() / (orig.max(2) as f64).ln()).sqrt()
+            } else {
+                1.0
+            };
+            rope_mscale = g
+                .get_f64(&format!("{p}.rope.scaling.attn_factor"))
+                .unwrap_or(default) as f32;
+            cfg.context_length = cfg.context_length.min(orig.max(1));
+            Some("rope_factors_short.weight")
+        } else if g.has_tensor("rope_freqs.weight") {
+            Some("rope_freqs.weight")
+        } else {
+            None
+        };
+        if let Some(name) = factors {
+            let f = vector(g, name, half)?;
             for (x, s) in inv_freq.iter_mut().zip(f) {
                 *x /= s;
             }
@@ -209,6 +231,7 @@ impl Llama {
         Ok(Llama {
             output_norm: vector(g, "output_norm.weight", dim)?,
             n_params,
+            rope_mscale,
             cfg,
             tok_embd,
             layers,
@@ -280,6 +303,12 @@ impl Llama {
                 .row(t as usize, &mut s.x[i * dim..(i + 1) * dim])?;
         }
         rope_table(&self.inv_freq, batch.positions, s);
+        if self.rope_mscale != 1.0 {
+            let m = self.rope_mscale;
+            let len = n * c.rope_dim / 2;
+            s.cos[..len].iter_mut().for_each(|v| *v *= m);
+            s.sin[..len].iter_mut().for_each(|v| *v *= m);
+        }
         let mut slots = std::mem::take(&mut s.slots);
         slots_of(batch, kv.block_size, &mut slots);
 

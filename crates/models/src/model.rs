@@ -26,7 +26,8 @@ pub enum Arch {
     Qwen2,
     /// GGUF `qwen3`: Llama with per-head RMSNorm on q and k, NeoX RoPE.
     Qwen3,
-    /// GGUF `phi3`: Llama with fused qkv and gate‖up matrices, NeoX RoPE, sliding window.
+    /// GGUF `phi3`: Llama with fused qkv and gate‖up matrices, NeoX RoPE, sliding window,
+    /// LongRoPE short factors within the original context.
     Phi3,
     /// GGUF `gemma3`: interleaved sliding-window/global attention, GeGLU, extra norms.
     Gemma3,
