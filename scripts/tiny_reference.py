@@ -12,7 +12,7 @@ For each family the script
   1. trains a small byte-level BPE tokenizer (HF `tokenizers`, on the first 200,000
      characters of data/tinyshakespeare.txt plus the test texts below) with that family's
      pre-tokenizer: Llama 3's regex (`tokenizer.ggml.pre = llama-bpe`), Qwen2's regex after NFC
-     (`qwen2`), or GPT-2's byte-level regex (`gpt2`, for the Mistral and Phi-3 models: the real
+     (`qwen2`), or GPT-2's byte-level regex (`gpt-2`, for the Mistral and Phi-3 models: the real
      ones use SentencePiece, which the Gemma 3 test already covers against llama.cpp);
   2. builds the transformers model (`LlamaForCausalLM` with Llama 3.1 `rope_type: llama3`
      scaling, `MistralForCausalLM` with a sliding window shorter than the test sequence,
@@ -138,7 +138,7 @@ FAMILIES = {
         cls="MistralForCausalLM",
         cfg="MistralConfig",
         arch="llama",
-        pre="gpt2",
+        pre="gpt-2",
         specials=["<unk>", "<s>", "</s>"],
         bos="<s>",
         eos="</s>",
@@ -176,7 +176,7 @@ FAMILIES = {
         cls="Phi3ForCausalLM",
         cfg="Phi3Config",
         arch="phi3",
-        pre="gpt2",
+        pre="gpt-2",
         specials=["<unk>", "<s>", "</s>", "<|endoftext|>"],
         bos="<s>",
         eos="<|endoftext|>",
@@ -198,7 +198,7 @@ FAMILIES = {
         cls="Phi3ForCausalLM",
         cfg="Phi3Config",
         arch="phi3",
-        pre="gpt2",
+        pre="gpt-2",
         specials=["<unk>", "<s>", "</s>", "<|endoftext|>"],
         bos="<s>",
         eos="<|endoftext|>",
