@@ -248,7 +248,7 @@ impl Linear {
                 q.interleave16();
             }
             (Linear::Q(q), Isa::Avx2) => {
-                q.pack5();
+                q.prepare_avx2();
             }
             _ => {}
         }

@@ -116,6 +116,10 @@ pub enum Layout {
     /// 4 bytes per block, bit `j` of a block's word for element `j` (`cols / 8` bytes): 20 bytes
     /// of quants per block instead of 32, which is what decoding reads from memory.
     Packed5,
+    /// Row-major signed bytes (AVX2 only, see [`QMatrix::prepare_avx2`]): a Q8_0 matrix (value
+    /// `u`, offset `−128·d`) stored as `u ^ 0x80`, the signed quant itself, so the kernel takes
+    /// `vpsignb`'s cheap signed product and no offset term.
+    Signed8,
 }
 
 /// How a matrix's scales are grouped.
@@ -157,6 +161,10 @@ pub struct QMatrix {
     qs: Vec<u8>,
     /// Every quant is below 64, so `vpmaddubsw` (u8 × i8 pairs) cannot saturate.
     small: bool,
+    /// `Some(c)`: every block offset is `c · d` (Q4_0 −8, Q5_0 −16, Q8_0 −128), so `m` is not
+    /// stored (empty) and the kernels fold the offsets as `c · Σ d·sx` (set by
+    /// [`QMatrix::prepare_avx2`] only).
+    m_fixed: Option<f32>,
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -196,6 +204,35 @@ fn unpack5(q: &[u8], cols: usize, mut f: impl FnMut(usize, usize, u8)) {
         let p = &nib[b * 16..b * 16 + 16];
         (0..16).for_each(|j| f(b, j, (p[j] & 0x0F) | bit(b, j)));
         (0..16).for_each(|j| f(b, j + 16, (p[j] >> 4) | bit(b, j + 16)));
+    }
+}
+
+/// One [`Layout::Packed5`] row into `o` (`d[b]·v + m(b)`), in a form the compiler vectorises
+/// (the fifth bits by variable shifts).
+#[inline(always)]
+fn dequantize5(q: &[u8], cols: usize, d: &[f32], m: impl Fn(usize) -> f32, o: &mut [f32]) {
+    let nb = cols / QK;
+    let (nib, hb) = q.split_at(cols / 2);
+    let mut vals = [0u8; QK];
+    for b in 0..nb {
+        let bits = u32::from_le_bytes([hb[4 * b], hb[4 * b + 1], hb[4 * b + 2], hb[4 * b + 3]]);
+        if b % 2 == 0 && b + 1 < nb {
+            let p = &nib[b * 16..b * 16 + 32];
+            vals.iter_mut().zip(p).for_each(|(v, &p)| *v = p & 0x0F);
+        } else if b % 2 == 1 {
+            let p = &nib[(b - 1) * 16..(b - 1) * 16 + 32];
+            vals.iter_mut().zip(p).for_each(|(v, &p)| *v = p >> 4);
+        } else {
+            let p = &nib[b * 16..b * 16 + 16];
+            for j in 0..16 {
+                vals[j] = p[j] & 0x0F;
+                vals[j + 16] = p[j] >> 4;
+            }
+        }
+        let (db, mb) = (d[b], m(b));
+        for (j, (o, &v)) in o[b * QK..(b + 1) * QK].iter_mut().zip(&vals).enumerate() {
+            *o = db * (v as u32 | ((bits >> j) & 1) << 4) as f32 + mb;
+        }
     }
 }
 
@@ -371,17 +408,43 @@ impl QMatrix {
         }
     }
 
-    /// Re-lay an 8-bit [`Grain::Block32`] row-major matrix whose values are all below 32 as
-    /// [`Layout::Packed5`] (the AVX2 loader does this: decoding is bound by the bytes it reads).
-    /// `false`, and nothing changes, for any other matrix.
-    pub fn pack5(&mut self) -> bool {
-        if self.layout != Layout::Rows
-            || self.grain != Grain::Block32
-            || self.bits != QBits::Eight
-            || self.qs.iter().any(|&v| v >= 32)
-        {
-            return false;
+    /// Re-lay a row-major [`Grain::Block32`] matrix for the AVX2 kernels, which are bound by
+    /// the bytes decoding reads: drop `m` where every offset is a fixed multiple of `d`
+    /// ([`Self::m_fixed`]), pack 8-bit matrices whose values are all below 32 (the Q5 types)
+    /// as [`Layout::Packed5`], and store Q8_0 as [`Layout::Signed8`]. Lossless; a no-op for
+    /// anything else.
+    pub fn prepare_avx2(&mut self) {
+        if self.layout != Layout::Rows || self.grain != Grain::Block32 {
+            return;
         }
+        let fixed = [-8.0f32, -16.0, -128.0]
+            .into_iter()
+            .find(|&c| self.d.iter().zip(&self.m).all(|(&d, &m)| m == c * d));
+        if let Some(c) = fixed {
+            self.m_fixed = Some(c);
+            self.m = Vec::new();
+        }
+        if self.bits != QBits::Eight {
+            return;
+        }
+        if self.qs.iter().all(|&v| v < 32) {
+            self.pack5();
+        } else if fixed == Some(-128.0) {
+            self.qs.iter_mut().for_each(|v| *v ^= 0x80);
+            self.layout = Layout::Signed8;
+        }
+    }
+
+    /// The offset of block `at` (an index into `d`).
+    fn m_of(&self, at: usize) -> f32 {
+        match self.m_fixed {
+            Some(c) => c * self.d[at],
+            None => self.m[at],
+        }
+    }
+
+    /// [`Layout::Packed5`] (see [`Self::prepare_avx2`]).
+    fn pack5(&mut self) {
         let (nb, cols) = (self.nb(), self.cols);
         let rb = cols / 2 + cols / 8;
         let mut qs = vec![0u8; self.rows * rb];
@@ -401,7 +464,6 @@ impl QMatrix {
         }
         self.qs = qs;
         self.layout = Layout::Packed5;
-        true
     }
 
     /// Repack the ggml bytes of a `[rows, cols]` matrix of any quantized type (see
@@ -446,6 +508,7 @@ impl QMatrix {
             scm: s.scm,
             qs,
             small: vmax < 64,
+            m_fixed: None,
         })
     }
 
@@ -459,6 +522,7 @@ impl QMatrix {
     pub fn interleave16(&mut self) -> bool {
         if self.layout != Layout::Rows
             || self.grain != Grain::Block32
+            || self.m_fixed.is_some()
             || !self.rows.is_multiple_of(16)
         {
             return false;
@@ -529,6 +593,9 @@ impl QMatrix {
         }
         let rb = self.row_bytes();
         let q = &self.qs[r * rb..(r + 1) * rb];
+        if self.layout == Layout::Signed8 {
+            return q.iter().map(|v| v ^ 0x80).collect();
+        }
         if self.layout == Layout::Packed5 {
             let mut out = Vec::with_capacity(self.cols);
             unpack5(q, self.cols, |b, j, v| {
@@ -586,10 +653,10 @@ impl QMatrix {
         }
         for b in 0..nb {
             let at = match self.layout {
-                Layout::Rows | Layout::Packed5 => r * nb + b,
+                Layout::Rows | Layout::Packed5 | Layout::Signed8 => r * nb + b,
                 Layout::Group16 => ((r / 16) * nb + b) * 16 + r % 16,
             };
-            let (d, m) = (self.d[at], self.m[at]);
+            let (d, m) = (self.d[at], self.m_of(at));
             for j in 0..QK {
                 out[b * QK + j] = d * vals[b * QK + j] as f32 + m;
             }
@@ -600,7 +667,10 @@ impl QMatrix {
     /// row-major): the weight panel of the f32 GEMM path. Same values as [`Self::dequantize_row`].
     pub fn dequantize_rows(&self, rows: std::ops::Range<usize>, out: &mut [f32]) {
         assert!(
-            matches!(self.layout, Layout::Rows | Layout::Packed5),
+            matches!(
+                self.layout,
+                Layout::Rows | Layout::Packed5 | Layout::Signed8
+            ),
             "dequantize_rows reads row-major matrices"
         );
         assert!(rows.end <= self.rows && out.len() >= rows.len() * self.cols);
@@ -621,9 +691,27 @@ impl QMatrix {
         for (i, r) in rows.enumerate() {
             let o = &mut out[i * cols..(i + 1) * cols];
             let q = &self.qs[r * rb..(r + 1) * rb];
+            if self.grain == Grain::Block32 && self.m_fixed.is_some() {
+                let d = &self.d[r * nb..(r + 1) * nb];
+                let c = self.m_fixed.unwrap_or(0.0);
+                match self.layout {
+                    Layout::Signed8 => {
+                        for (b, (o, q)) in
+                            o.chunks_exact_mut(QK).zip(q.chunks_exact(QK)).enumerate()
+                        {
+                            for (o, &v) in o.iter_mut().zip(q) {
+                                *o = d[b] * (v as i8) as f32;
+                            }
+                        }
+                    }
+                    Layout::Packed5 => dequantize5(q, cols, d, |b| c * d[b], o),
+                    _ => self.dequantize_block32(q, d, |b| c * d[b], o),
+                }
+                continue;
+            }
             if self.layout == Layout::Packed5 {
                 let (d, m) = (&self.d[r * nb..(r + 1) * nb], &self.m[r * nb..(r + 1) * nb]);
-                unpack5(q, cols, |b, j, v| o[b * QK + j] = d[b] * v as f32 + m[b]);
+                dequantize5(q, cols, d, |b| m[b], o);
                 continue;
             }
             if self.grain == Grain::Sub16 {
@@ -654,36 +742,44 @@ impl QMatrix {
                 continue;
             }
             let (d, m) = (&self.d[r * nb..(r + 1) * nb], &self.m[r * nb..(r + 1) * nb]);
-            match self.bits {
-                QBits::Eight => {
-                    for b in 0..nb {
-                        let (d, m) = (d[b], m[b]);
-                        let v = &q[b * QK..(b + 1) * QK];
-                        for (o, &v) in o[b * QK..(b + 1) * QK].iter_mut().zip(v) {
-                            *o = d * v as f32 + m;
-                        }
+            self.dequantize_block32(q, d, |b| m[b], o);
+        }
+    }
+
+    /// One row-major [`Grain::Block32`] row (4- or 8-bit) into `o`, the offset of block `b`
+    /// being `m(b)`.
+    #[inline(always)]
+    fn dequantize_block32(&self, q: &[u8], d: &[f32], m: impl Fn(usize) -> f32, o: &mut [f32]) {
+        let nb = self.nb();
+        match self.bits {
+            QBits::Eight => {
+                for b in 0..nb {
+                    let (d, m) = (d[b], m(b));
+                    let v = &q[b * QK..(b + 1) * QK];
+                    for (o, &v) in o[b * QK..(b + 1) * QK].iter_mut().zip(v) {
+                        *o = d * v as f32 + m;
                     }
                 }
-                QBits::Four => {
-                    let mut b = 0;
-                    while b + 1 < nb {
-                        let p = &q[b * 16..b * 16 + 32];
-                        let (d0, m0, d1, m1) = (d[b], m[b], d[b + 1], m[b + 1]);
-                        let (lo, hi) = o[b * QK..(b + 2) * QK].split_at_mut(QK);
-                        for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(p) {
-                            *l = d0 * (v & 0x0F) as f32 + m0;
-                            *h = d1 * (v >> 4) as f32 + m1;
-                        }
-                        b += 2;
+            }
+            QBits::Four => {
+                let mut b = 0;
+                while b + 1 < nb {
+                    let p = &q[b * 16..b * 16 + 32];
+                    let (d0, m0, d1, m1) = (d[b], m(b), d[b + 1], m(b + 1));
+                    let (lo, hi) = o[b * QK..(b + 2) * QK].split_at_mut(QK);
+                    for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(p) {
+                        *l = d0 * (v & 0x0F) as f32 + m0;
+                        *h = d1 * (v >> 4) as f32 + m1;
                     }
-                    if b < nb {
-                        let p = &q[b * 16..b * 16 + 16];
-                        let (d0, m0) = (d[b], m[b]);
-                        let (lo, hi) = o[b * QK..(b + 1) * QK].split_at_mut(16);
-                        for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(p) {
-                            *l = d0 * (v & 0x0F) as f32 + m0;
-                            *h = d0 * (v >> 4) as f32 + m0;
-                        }
+                    b += 2;
+                }
+                if b < nb {
+                    let p = &q[b * 16..b * 16 + 16];
+                    let (d0, m0) = (d[b], m(b));
+                    let (lo, hi) = o[b * QK..(b + 1) * QK].split_at_mut(16);
+                    for ((l, h), &v) in lo.iter_mut().zip(hi.iter_mut()).zip(p) {
+                        *l = d0 * (v & 0x0F) as f32 + m0;
+                        *h = d0 * (v >> 4) as f32 + m0;
                     }
                 }
             }
@@ -703,6 +799,7 @@ impl QMatrix {
                 || p.bits != first.bits
                 || p.grain != first.grain
                 || p.layout != Layout::Rows
+                || p.m_fixed.is_some()
         }) {
             return None;
         }
@@ -717,6 +814,7 @@ impl QMatrix {
             scm: parts.iter().flat_map(|p| p.scm.iter().copied()).collect(),
             qs: parts.iter().flat_map(|p| p.qs.iter().copied()).collect(),
             small: parts.iter().all(|p| p.small),
+            m_fixed: None,
         })
     }
 }
@@ -1193,6 +1291,8 @@ mod x86 {
     pub const K8_SMALL: u8 = 1;
     pub const K8: u8 = 2;
     pub const K5: u8 = 3;
+    /// [`Layout::Signed8`](super::Layout::Signed8): signed bytes, no offsets.
+    pub const K8S: u8 = 4;
 
     /// 32 bytes, `0x10` where bit `j` of `bits` is set (byte `j`), else 0: a block's fifth bits.
     #[inline(always)]
@@ -1239,13 +1339,20 @@ mod x86 {
             let xs = x.sx.as_ptr().add(t * nb);
             let wq: [*const u8; R] = std::array::from_fn(|i| w.qs.as_ptr().add((r0 + i) * rb));
             let wd: [*const f32; R] = std::array::from_fn(|i| w.d.as_ptr().add((r0 + i) * nb));
-            let wm: [*const f32; R] = std::array::from_fn(|i| w.m.as_ptr().add((r0 + i) * nb));
+            // With fixed offsets (`m` not stored) the offset FMAs run over `d`, times `c` after.
+            let (mrow, mscale) = match w.m_fixed {
+                Some(c) => (&w.d, c),
+                None => (&w.m, 1.0),
+            };
+            let wm: [*const f32; R] = std::array::from_fn(|i| mrow.as_ptr().add((r0 + i) * nb));
             let hbits = |i: usize, b: usize| {
                 fifth_bits((wq[i].add(w.cols / 2 + 4 * b) as *const u32).read_unaligned())
             };
             let isum = |w: __m256i, x: __m256i| {
                 if K == K8 {
                     isum_u8(w, x)
+                } else if K == K8S {
+                    isum_i8(w, x)
                 } else {
                     isum_u4(w, x)
                 }
@@ -1262,7 +1369,9 @@ mod x86 {
                     _mm_prefetch::<_MM_HINT_T0>(wq[i].wrapping_add(R * rb + at) as *const i8);
                     if b % 16 == 0 {
                         _mm_prefetch::<_MM_HINT_T0>(wd[i].wrapping_add(R * nb + b) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T0>(wm[i].wrapping_add(R * nb + b) as *const i8);
+                        if w.m_fixed.is_none() {
+                            _mm_prefetch::<_MM_HINT_T0>(wm[i].wrapping_add(R * nb + b) as *const i8);
+                        }
                     }
                     let (mut w0, mut w1) = if nibbles {
                         let v = _mm256_loadu_si256(wq[i].add(b * 16) as *const __m256i);
@@ -1309,8 +1418,8 @@ mod x86 {
                     acc[i] = _mm256_fmadd_ps(s0, _mm256_set1_ps(*wd[i].add(b) * d0), acc[i]);
                 }
             }
-            // Offsets: Σ_b m[b]·sx[b], 8 blocks per FMA.
-            let mut b = 0;
+            // Offsets: Σ_b m[b]·sx[b], 8 blocks per FMA (none for signed bytes).
+            let mut b = if K == K8S { nb } else { 0 };
             while b + 8 <= nb {
                 let sx = _mm256_loadu_ps(xs.add(b));
                 for i in 0..R {
@@ -1324,10 +1433,21 @@ mod x86 {
                 for bb in b..nb {
                     tail += *wm[i].add(bb) * *xs.add(bb);
                 }
-                out[i] = hsum256(_mm256_add_ps(acc[i], macc[i])) + tail;
+                out[i] = hsum256(acc[i]) + mscale * (hsum256(macc[i]) + tail);
             }
             out
         }
+    }
+
+    /// Signed × signed bytes: `|w| · (x with w's sign)`, the unsigned × signed form
+    /// `vpmaddubsw` takes. Exact for every `w` (−128's magnitude reads as unsigned 128) and
+    /// `x` in −127..=127 (activations are quantized to ±127): a pair is at most 2·128·127 <
+    /// 32768, so nothing saturates.
+    #[inline(always)]
+    unsafe fn isum_i8(w: __m256i, x: __m256i) -> __m256i {
+        let aw = _mm256_sign_epi8(w, w);
+        let sx = _mm256_sign_epi8(x, w);
+        _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1))
     }
 
     #[inline(always)]
@@ -1524,7 +1644,7 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
     let chunk = (m / (4 * rayon::current_num_threads().max(1))).clamp(16, 512) / 16 * 16;
     if isa == Isa::Avx2
         && n >= GEMM_MIN_TOKENS
-        && matches!(w.layout, Layout::Rows | Layout::Packed5)
+        && matches!(w.layout, Layout::Rows | Layout::Packed5 | Layout::Signed8)
     {
         // Prefill on AVX2: each chunk of rows dequantized to an f32 panel, multiplied by the
         // dequantized activations with `gemm`'s register-blocked kernel. The integer path does
@@ -1579,7 +1699,8 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
         let rows = c * chunk..((c + 1) * chunk).min(m);
         // SAFETY (all writes below): (t, r) pairs are disjoint across chunks and in bounds.
         if (w.layout == Layout::Group16 && isa != Isa::Avx512Vnni)
-            || (w.layout == Layout::Packed5 && isa != Isa::Avx2)
+            || ((w.m_fixed.is_some() || matches!(w.layout, Layout::Packed5 | Layout::Signed8))
+                && isa != Isa::Avx2)
         {
             // Only the AVX-512 loader interleaves; anyone else gets a slow, correct answer.
             let mut wr = vec![0f32; w.cols];
@@ -1658,7 +1779,7 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if isa == Isa::Avx2
             && w.grain == Grain::Block32
-            && matches!(w.layout, Layout::Rows | Layout::Packed5)
+            && matches!(w.layout, Layout::Rows | Layout::Packed5 | Layout::Signed8)
         {
             // Four rows per pass share each activation load; tokens inside, so the rows'
             // weights stay in L1 while a small batch's tokens go through them.
@@ -1682,6 +1803,7 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
             }
             match (w.layout, w.bits, w.small) {
                 (Layout::Packed5, _, _) => go!(x86::K5),
+                (Layout::Signed8, _, _) => go!(x86::K8S),
                 (_, QBits::Four, _) => go!(x86::K4),
                 (_, QBits::Eight, true) => go!(x86::K8_SMALL),
                 (_, QBits::Eight, false) => go!(x86::K8),
