@@ -23,6 +23,7 @@ mod budget;
 mod error;
 mod limits;
 mod prices;
+mod responses;
 mod store;
 pub mod time;
 mod tuning;
@@ -34,6 +35,7 @@ pub use prices::{
     Estimate, ModelPrice, PriceCatalog, PriceTier, PromptCache, SelfHosted, Workload,
     BUILTIN_PRICES, HOURS_PER_MONTH, PRICE_FORMAT,
 };
+pub use responses::ResponseRecord;
 pub use store::{
     GroupBy, KeyInfo, KeySpec, Store, UsageGroup, UsageQuery, UsageRow, DB_FILE, KEY_PREFIX,
     NO_KEY, SCHEMA_VERSION,

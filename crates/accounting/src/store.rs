@@ -30,7 +30,7 @@ use crate::AccountingError;
 /// The database's file name inside the data dir.
 pub const DB_FILE: &str = "ferrolm.db";
 /// The schema version this code writes; `MIGRATIONS[v - 1]` brings version v-1 to v.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 /// What every key starts with, so a leaked one is recognisable (and greppable by scanners).
 pub const KEY_PREFIX: &str = "flm-";
 /// Random characters after `KEY_PREFIX`.
@@ -83,6 +83,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE usage ADD COLUMN saved_by_routing_usd REAL NOT NULL DEFAULT 0;",
     // 3: OpenAI's files and fine-tuning jobs (see `tuning`). `key_id` NULL: open access.
     crate::tuning::MIGRATION,
+    // 4: stored Responses (see `responses`).
+    crate::responses::MIGRATION,
 ];
 
 /// What a new key may do. `None` is unlimited.

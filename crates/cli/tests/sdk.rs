@@ -1,6 +1,7 @@
 //! The official clients against live servers: `openai`, `ollama` and LangChain's `ChatOpenAI`
 //! for Python (`tests/sdk/clients.py`, against one open server and one whose data dir has keys),
-//! and `openai` and the Vercel AI SDK for Node (`tests/sdk/clients.mjs`). These tests start the
+//! and `openai` and the Vercel AI SDK for Node (`tests/sdk/clients.mjs`: its OpenAI-compatible
+//! provider on chat completions, its OpenAI provider on the Responses API). These tests start the
 //! servers, create the keys and run the scripts.
 //!
 //! The clients are installed by `.ci/run` into `target/sdk-venv` and `target/sdk-node` (pinned
@@ -72,8 +73,8 @@ fn the_node_openai_sdk_and_the_vercel_ai_sdk_work_unchanged() {
     let node_dir = std::env::var_os("FERROLM_SDK_NODE_DIR")
         .map_or_else(|| repo_root().join("target/sdk-node"), PathBuf::from);
     assert!(
-        node_dir.join("node_modules/ai").exists(),
-        "{} has no node_modules: run `.ci/run` once (it installs openai, ai and @ai-sdk/openai-compatible there), or set FERROLM_SDK_NODE_DIR",
+        node_dir.join("node_modules/ai").exists() && node_dir.join("node_modules/@ai-sdk/openai").exists(),
+        "{} lacks the Node clients: run `.ci/run` once (it installs openai, ai, @ai-sdk/openai-compatible and @ai-sdk/openai there), or set FERROLM_SDK_NODE_DIR",
         node_dir.display()
     );
     // ES modules resolve packages next to the script: run a copy inside the install dir.

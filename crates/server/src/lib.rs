@@ -52,6 +52,7 @@ mod generate;
 mod metrics;
 mod ollama;
 mod openai;
+mod responses;
 pub mod route;
 mod tools;
 pub mod tuner;
@@ -996,6 +997,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{id}", get(openai::model))
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get_one).delete(responses::delete),
+        )
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(responses::input_items_list),
+        )
         .route("/v1/usage", get(auth::usage))
         .route("/v1/load_lora_adapter", post(adapters::load))
         .route("/v1/unload_lora_adapter", post(adapters::unload))

@@ -1,10 +1,12 @@
-// The official Node `openai` SDK and the Vercel AI SDK's OpenAI-compatible provider against a
+// The official Node `openai` SDK, the Vercel AI SDK's OpenAI-compatible provider (chat) and its
+// OpenAI provider (whose default model speaks the Responses API) against a
 // live `ferrolm serve` (FERROLM_BASE, no keys). Started by crates/cli/tests/sdk.rs; the packages
 // are installed (pinned) by .ci/run into target/sdk-node. Exits non-zero if any check fails.
 import assert from "node:assert/strict";
 
+import { createOpenAI } from "@ai-sdk/openai";
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
-import { generateObject, generateText, streamText, tool } from "ai";
+import { generateObject, generateText, stepCountIs, streamText, tool } from "ai";
 import OpenAI from "openai";
 import { z } from "zod";
 
@@ -45,6 +47,64 @@ const checks = {
     }
     assert.equal(streamed, text);
     assert.equal(usage.completion_tokens, r.usage.completion_tokens);
+  },
+
+  // `@ai-sdk/openai`'s default model speaks the Responses API (/v1/responses), as an agent loop
+  // on the AI SDK does.
+  async vercelAiSdkResponses() {
+    // Keep what the SDK sends, to see the items of the loop's second step.
+    const bodies = [];
+    const openai = createOpenAI({
+      baseURL: `${BASE}/v1`,
+      apiKey: "not-needed",
+      fetch: async (url, init) => {
+        bodies.push(JSON.parse(init.body));
+        return fetch(url, init);
+      },
+    });
+    const model = openai(MODEL);
+    const { text, response } = await generateText({ model, system: SYSTEM, prompt: PARIS, temperature: 0, maxOutputTokens: 24 });
+    assert.match(text, /Paris/);
+    assert.match(response.id, /^resp_/);
+    const s = streamText({ model, system: SYSTEM, prompt: PARIS, temperature: 0, maxOutputTokens: 24 });
+    let streamed = "";
+    for await (const t of s.textStream) streamed += t;
+    assert.equal(streamed, text);
+    assert.ok((await s.usage).outputTokens > 0);
+    // A tool loop of two steps: the model calls the tool, the SDK runs it and sends its result
+    // back (function_call + function_call_output items), the model answers.
+    let ran = 0;
+    const loop = await generateText({
+      model,
+      prompt: "What is the weather in Paris?",
+      temperature: 0,
+      maxOutputTokens: 100,
+      tools: {
+        getWeather: tool({
+          description: "The current weather in a city",
+          inputSchema: z.object({ city: z.string().max(40) }),
+          execute: async ({ city }) => {
+            ran += 1;
+            return { city, weather: "sunny", celsius: 24 };
+          },
+        }),
+      },
+      // The first step must call the tool; the second must answer in words.
+      prepareStep: ({ stepNumber }) =>
+        stepNumber === 0 ? { toolChoice: { type: "tool", toolName: "getWeather" } } : { toolChoice: "none" },
+      stopWhen: stepCountIs(2),
+    });
+    assert.equal(loop.steps.length, 2);
+    assert.equal(ran, 1);
+    assert.equal(loop.steps[0].toolCalls[0].toolName, "getWeather");
+    assert.equal(loop.steps[0].toolResults[0].output.weather, "sunny");
+    assert.ok(loop.steps[1].text.length > 0, "the second step answered nothing");
+    // The second step sent the call and its result as items, and the prompt held them.
+    const sent = bodies.at(-1);
+    const kinds = sent.input.map((i) => i.type ?? "message");
+    assert.ok(kinds.includes("function_call") && kinds.includes("function_call_output"), JSON.stringify(sent.input));
+    const plain = await generateText({ model, prompt: "What is the weather in Paris?", temperature: 0, maxOutputTokens: 1 });
+    assert.ok(loop.steps[1].usage.inputTokens > plain.usage.inputTokens + 20);
   },
 
   async vercelAiSdk() {

@@ -429,6 +429,158 @@ def check_keys_and_rate_limits():
     assert sum(g["requests"] for g in bb) >= 2, bb
 
 
+# --- Responses API -----------------------------------------------------------------------------
+
+WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+def check_responses_text_and_usage():
+    r = client.responses.create(model=MODEL, instructions=SYSTEM, input="What is the capital of France?", temperature=0, max_output_tokens=24)
+    assert r.id.startswith("resp_") and r.object == "response", r
+    assert r.status in ("completed", "incomplete"), r.status
+    assert "Paris" in r.output_text, r.output_text
+    assert r.output[0].type == "message" and r.output[0].content[0].type == "output_text", r.output
+    # The same answer as chat's, token for token.
+    assert r.output_text == greedy_paris(24).choices[0].message.content
+    u = r.usage
+    assert u.input_tokens > 0 and u.output_tokens > 0 and u.total_tokens == u.input_tokens + u.output_tokens, u
+    # The repeated prompt is served from the prefix cache.
+    again = client.responses.create(model=MODEL, instructions=SYSTEM, input="What is the capital of France?", temperature=0, max_output_tokens=24)
+    assert again.usage.input_tokens_details.cached_tokens > 0, again.usage
+    assert again.output_text == r.output_text
+
+
+def check_responses_tool_call_and_its_output():
+    r = client.responses.create(
+        model=MODEL, input="What is the weather in Paris?", temperature=0, max_output_tokens=100,
+        tools=[WEATHER_TOOL], tool_choice="required",
+    )
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert calls and calls[0].name == "get_weather", r.output
+    assert calls[0].call_id.startswith("call_"), calls[0]
+    assert isinstance(json.loads(calls[0].arguments).get("city"), str), calls[0].arguments
+    # The function's result goes back as a function_call_output item, and the model answers.
+    r2 = client.responses.create(
+        model=MODEL, temperature=0, max_output_tokens=40, tools=[WEATHER_TOOL],
+        input=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
+            {"type": "function_call_output", "call_id": calls[0].call_id, "output": "Sunny, 24 C"},
+        ],
+    )
+    assert r2.output_text, r2.output
+    # The reply to a tool's result saw it: more input tokens than the question alone.
+    assert r2.usage.input_tokens > r.usage.input_tokens, (r2.usage, r.usage)
+
+
+def check_responses_json_schema():
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "population": {"type": "integer"}}, "required": ["city", "population"], "additionalProperties": False}
+    r = client.responses.create(
+        model=MODEL, input="Name a large city and its population.", temperature=0, max_output_tokens=80,
+        text={"format": {"type": "json_schema", "name": "city", "schema": schema, "strict": True}},
+    )
+    jsonschema.validate(json.loads(r.output_text), schema)
+    assert r.text.format.type == "json_schema", r.text
+
+
+def check_responses_previous_response_id_chain_retrieve_delete():
+    first = client.responses.create(model=MODEL, instructions=SYSTEM, input="What is the capital of France?", temperature=0, max_output_tokens=16)
+    second = client.responses.create(model=MODEL, previous_response_id=first.id, input="And of Italy?", temperature=0, max_output_tokens=16)
+    assert second.previous_response_id == first.id
+    # The chain carries the first turn and its answer: more input, and that prefix was cached.
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens - 8, (first.usage, second.usage)
+    items = client.responses.input_items.list(second.id, order="asc")
+    texts = [c.text for i in items.data if i.type == "message" for c in i.content]
+    assert texts[0] == "What is the capital of France?" and texts[-1] == "And of Italy?", texts
+    assert first.output_text in texts, texts
+    got = client.responses.retrieve(second.id)
+    assert got.id == second.id and got.output_text == second.output_text
+    client.responses.delete(second.id)
+    for call in (lambda: client.responses.retrieve(second.id), lambda: client.responses.delete(second.id)):
+        try:
+            call()
+            raise AssertionError("a deleted response was still there")
+        except openai.NotFoundError:
+            pass
+    try:
+        client.responses.create(model=MODEL, previous_response_id=second.id, input="hi", max_output_tokens=4)
+        raise AssertionError("a deleted previous_response_id was accepted")
+    except openai.BadRequestError as e:
+        assert "previous_response_id" in str(e), e
+    # store: false keeps nothing.
+    unstored = client.responses.create(model=MODEL, input="hi", store=False, max_output_tokens=4)
+    try:
+        client.responses.retrieve(unstored.id)
+        raise AssertionError("a response with store: false was stored")
+    except openai.NotFoundError:
+        pass
+
+
+def check_responses_stream():
+    with client.responses.stream(model=MODEL, instructions=SYSTEM, input="What is the capital of France?", temperature=0, max_output_tokens=24) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    types = [e.type for e in events]
+    for t in ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+              "response.output_text.delta", "response.output_text.done", "response.content_part.done", "response.output_item.done"]:
+        assert t in types, (t, types)
+    assert types[0] == "response.created" and types[-1] in ("response.completed", "response.incomplete"), types
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == final.output_text
+    # Streamed or not, the same greedy answer and usage; and the stream was stored too.
+    whole = client.responses.create(model=MODEL, instructions=SYSTEM, input="What is the capital of France?", temperature=0, max_output_tokens=24)
+    assert final.output_text == whole.output_text and final.usage.output_tokens == whole.usage.output_tokens
+    assert client.responses.retrieve(final.id).output_text == final.output_text
+    # A streamed tool call: the arguments' delta and done events.
+    with client.responses.stream(model=MODEL, input="What is the weather in Paris?", temperature=0, max_output_tokens=100,
+                                 tools=[WEATHER_TOOL], tool_choice="required") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    types = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in types and "response.function_call_arguments.done" in types, types
+    call = [o for o in final.output if o.type == "function_call"][0]
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"], call
+
+
+def check_responses_are_per_key_and_bad_input_is_a_clear_4xx():
+    a, b = keyed(KEY_A), keyed(KEY_B)
+    mine = a.responses.create(model=MODEL, input="hi", temperature=0, max_output_tokens=4)
+    assert a.responses.retrieve(mine.id).id == mine.id
+    for call in (lambda: b.responses.retrieve(mine.id), lambda: b.responses.input_items.list(mine.id), lambda: b.responses.delete(mine.id)):
+        try:
+            call()
+            raise AssertionError("another key's response was visible")
+        except openai.NotFoundError:
+            pass
+    assert a.responses.retrieve(mine.id).id == mine.id
+    bad = [
+        ({"input": [{"type": "computer_call_output", "call_id": "x"}]}, "computer_call_output"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]}, "input_image"),
+        ({"input": "hi", "tools": [{"type": "web_search"}]}, "web_search"),
+        ({"input": "hi", "tools": [{"type": "function", "parameters": {"type": "object"}}]}, "tools[0].name"),
+        ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": 3}]}, "parameters"),
+        ({"input": "hi", "previous_response_id": "resp_nope"}, "previous_response_id"),
+        ({"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+        ({"input": [{"type": "item_reference", "id": "msg_nope"}]}, "msg_nope"),
+        ({}, "input is missing"),
+        ({"input": "hi", "background": True}, "background"),
+    ]
+    for body, said in bad:
+        status, _, data = raw("POST", "/v1/responses", json.dumps({"model": MODEL, **body}))
+        assert status == 400 and said in json.loads(data)["error"]["message"], (body, status, data)
+    # Another key's response cannot be continued (checked before admission: B's rpm is spent).
+    status, _, data = raw("POST", "/v1/responses", json.dumps({"model": MODEL, "input": "hi", "previous_response_id": mine.id}),
+                          headers={"Authorization": f"Bearer {KEY_B}"}, base=KEYED)
+    assert status == 400 and "previous_response_id" in json.loads(data)["error"]["message"], (status, data)
+    still_up()
+
+
 # --- Ollama client -----------------------------------------------------------------------------
 
 
