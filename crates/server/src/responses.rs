@@ -894,3 +894,70 @@ impl Format for ResponsesFormat {
         body
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn function_calls_after_an_assistant_turn_join_it_and_outputs_become_tool_messages() {
+        let items = vec![
+            json!({"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Be brief."}]}),
+            json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather?"}]}),
+            json!({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]}),
+            json!({"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{\"city\":\"Paris\"}"}),
+            json!({"type": "function_call", "call_id": "c2", "name": "w", "arguments": "{\"city\":\"Rome\"}"}),
+            json!({"type": "function_call_output", "call_id": "c1", "output": "sunny"}),
+        ];
+        let m = chat_messages(Some("Sys"), &items);
+        let roles: Vec<&str> = m
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x["role"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(roles, ["system", "system", "user", "assistant", "tool"]);
+        assert_eq!(m[3]["content"], "Checking.");
+        assert_eq!(m[3]["tool_calls"][1]["id"], "c2");
+        assert_eq!(
+            m[3]["tool_calls"][0]["function"]["arguments"],
+            "{\"city\":\"Paris\"}"
+        );
+        assert_eq!(m[4]["tool_call_id"], "c1");
+    }
+
+    #[test]
+    fn responses_tools_and_tool_choice_take_chat_shape_and_hosted_tools_are_refused() {
+        let t = chat_tools(Some(
+            &json!([{"type": "function", "name": "w", "description": "d", "parameters": {"type": "object"}, "strict": true}]),
+        ));
+        assert_eq!(
+            t.ok().flatten(),
+            Some(
+                json!([{"type": "function", "function": {"name": "w", "description": "d", "parameters": {"type": "object"}}}])
+            )
+        );
+        let e = chat_tools(Some(&json!([{"type": "web_search"}]))).err();
+        assert!(e.is_some_and(|e| e.message.contains("web_search")));
+        let e = chat_tools(Some(&json!([{"type": "function", "parameters": {}}]))).err();
+        assert!(e.is_some_and(|e| e.message.contains("tools[0].name")));
+        assert_eq!(
+            chat_tool_choice(Some(&json!({"type": "function", "name": "w"})))
+                .ok()
+                .flatten(),
+            Some(json!({"type": "function", "function": {"name": "w"}}))
+        );
+        assert!(chat_tool_choice(Some(&json!({"type": "allowed_tools"}))).is_err());
+    }
+
+    #[test]
+    fn text_format_json_schema_needs_a_schema_and_text_means_no_grammar() {
+        assert!(text_format(None).is_ok_and(|(f, g)| f["type"] == "text" && g.is_none()));
+        assert!(text_format(Some(
+            &json!({"format": {"type": "json_schema", "name": "x"}})
+        ))
+        .is_err_and(|e| e.message.contains("text.format.schema")));
+        let schema =
+            json!({"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}});
+        assert!(text_format(Some(&schema)).is_ok_and(|(_, g)| g.is_some()));
+        assert!(text_format(Some(&json!({"format": {"type": "xml"}}))).is_err());
+    }
+}

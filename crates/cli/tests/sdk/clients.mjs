@@ -71,6 +71,19 @@ const checks = {
     for await (const t of s.textStream) streamed += t;
     assert.equal(streamed, text);
     assert.ok((await s.usage).outputTokens > 0);
+    // A second turn: with `store` on, the SDK sends the first answer back as an item_reference
+    // to the stored output item, which the server resolves.
+    const first = await generateText({ model, system: SYSTEM, prompt: PARIS, temperature: 0, maxOutputTokens: 16 });
+    const second = await generateText({
+      model,
+      system: SYSTEM,
+      messages: [{ role: "user", content: PARIS }, ...first.response.messages, { role: "user", content: "And of Italy?" }],
+      temperature: 0,
+      maxOutputTokens: 16,
+    });
+    assert.ok(bodies.at(-1).input.some((i) => i.type === "item_reference"), JSON.stringify(bodies.at(-1).input));
+    assert.ok(second.text.length > 0);
+    assert.ok(second.usage.inputTokens > first.usage.inputTokens + first.usage.outputTokens - 4);
     // A tool loop of two steps: the model calls the tool, the SDK runs it and sends its result
     // back (function_call + function_call_output items), the model answers.
     let ran = 0;
