@@ -138,7 +138,7 @@ fn tensor_data_past_the_end() {
 fn absurd_dims_and_types() {
     for (dims, ty, needle) in [
         (vec![1u64 << 40, 1 << 40], GgmlType::F32, "overflow"),
-        (vec![33], GgmlType::Q4_0, "block size"),
+        (vec![33], GgmlType::Q4_0, "whose blocks hold 32"),
     ] {
         let mut w = GgufWriter::new();
         w.tensor("t", &dims, ty, vec![0u8; 64]);

@@ -161,6 +161,110 @@ pub(crate) fn attention(
     for (si, sq) in b.seqs.iter().enumerate() {
         seq_of.extend(std::iter::repeat_n(si as u32, sq.len));
     }
+    // Long runs of one sequence's new tokens (prefill) as matrix products; the other tokens
+    // one by one below.
+    let by_gemm = &mut s.by_gemm;
+    by_gemm.clear();
+    by_gemm.resize(n, false);
+    for sq in b.seqs {
+        let p0 = b.positions[sq.start] as usize;
+        let consecutive = (0..sq.len).all(|k| b.positions[sq.start + k] as usize == p0 + k);
+        if sq.len >= ATTN_GEMM_MIN_TOKENS && consecutive && !crate::quant::batch_invariant() {
+            by_gemm[sq.start..sq.start + sq.len].fill(true);
+            let att = SendPtr(s.att.as_mut_ptr());
+            (0..c.n_heads).into_par_iter().for_each_init(
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(kf, vf, sc): &mut (Vec<f32>, Vec<f32>, Vec<f32>), qh| {
+                    let out = att;
+                    let kvh = qh / group;
+                    let ctx = p0 + sq.len;
+                    // K and V of positions 0..ctx for this head, widened to f32.
+                    kf.resize(ctx * hd, 0.0);
+                    vf.resize(ctx * hd, 0.0);
+                    for p in 0..ctx {
+                        let slot = sq.block_table[p / bs] as usize * bs + p % bs;
+                        let o = slot * kv_dim + kvh * hd;
+                        simd::f16_to_f32(&kc[o..o + hd], &mut kf[p * hd..(p + 1) * hd]);
+                        simd::f16_to_f32(&vc[o..o + hd], &mut vf[p * hd..(p + 1) * hd]);
+                    }
+                    // Query rows in blocks, each against the columns it can see (causal,
+                    // windowed): bounded scratch however long the prompt, and no work on the
+                    // masked triangle beyond one block's.
+                    for i0 in (0..sq.len).step_by(ATTN_ROWS) {
+                        let l = (sq.len - i0).min(ATTN_ROWS);
+                        let end = p0 + i0 + l;
+                        let start = window.map_or(0, |w| (p0 + i0 + 1).saturating_sub(w));
+                        let cols = end - start;
+                        sc.resize(l * cols, 0.0);
+                        let q0 = (sq.start + i0) * qkv_dim + qh * hd;
+                        // SAFETY: scores (l × cols) into `sc`; Q rows are read at stride
+                        // qkv_dim inside `qkv`, K rows start..end from `kf`: all in bounds.
+                        unsafe {
+                            gemm::gemm(
+                                l,
+                                cols,
+                                hd,
+                                sc.as_mut_ptr(),
+                                1,
+                                cols as isize,
+                                false,
+                                qkv[q0..].as_ptr(),
+                                1,
+                                qkv_dim as isize,
+                                kf[start * hd..].as_ptr(),
+                                hd as isize,
+                                1,
+                                0.0,
+                                scale,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            )
+                        }
+                        // Softmax over each row's visible positions first..=last.
+                        for (r, row) in sc.chunks_exact_mut(cols).enumerate() {
+                            let last = p0 + i0 + r;
+                            let first = window.map_or(0, |w| (last + 1).saturating_sub(w));
+                            let (a, b) = (first - start, last - start);
+                            let vis = &mut row[a..=b];
+                            let mx = vis.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                            let inv = 1.0 / simd::exp_sub_sum(vis, mx);
+                            vis.iter_mut().for_each(|x| *x *= inv);
+                            row[..a].fill(0.0);
+                            row[b + 1..].fill(0.0);
+                        }
+                        // SAFETY: head qh's columns of these rows of `att` (l × hd at stride
+                        // q_dim): disjoint across heads, blocks and sequences.
+                        unsafe {
+                            gemm::gemm(
+                                l,
+                                hd,
+                                cols,
+                                out.0.add((sq.start + i0) * q_dim + qh * hd),
+                                1,
+                                q_dim as isize,
+                                false,
+                                sc.as_ptr(),
+                                1,
+                                cols as isize,
+                                vf[start * hd..].as_ptr(),
+                                1,
+                                hd as isize,
+                                0.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            )
+                        }
+                    }
+                },
+            );
+        }
+    }
+    let by_gemm = &s.by_gemm;
     let seq_of = &s.seq_of;
     // One task per (token, KV head): the `group` query heads that share it are contiguous
     // in q and in the output, and attend together.
@@ -172,6 +276,9 @@ pub(crate) fn attention(
             || (Vec::new(), Vec::new()),
             |(scores, offs): &mut (Vec<f32>, Vec<usize>), (task, out)| {
                 let (i, kvh) = (task / nkv, task % nkv);
+                if by_gemm[i] {
+                    return;
+                }
                 let q0 = i * qkv_dim + kvh * group * hd;
                 let q = &qkv[q0..q0 + group * hd];
                 let table = b.seqs[seq_of[i] as usize].block_table;
@@ -195,6 +302,18 @@ pub(crate) fn attention(
             },
         );
 }
+
+/// From this many new tokens of one sequence on, attention runs as two matrix products per
+/// head (scores over the whole window, then the weighted sum), not one token at a time.
+const ATTN_GEMM_MIN_TOKENS: usize = 32;
+/// Query rows per block of that path.
+const ATTN_ROWS: usize = 128;
+
+/// A raw pointer that may cross threads: each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
 
 pub(crate) fn slots_of(b: &Batch, bs: usize, out: &mut Vec<usize>) {
     out.clear();
@@ -257,6 +376,8 @@ pub struct Scratch {
     pub(crate) sin: Vec<f32>,
     pub(crate) slots: Vec<usize>,
     pub(crate) seq_of: Vec<u32>,
+    /// Per token of the batch: its attention ran as matrix products (see `attention`).
+    pub(crate) by_gemm: Vec<bool>,
     pub(crate) acts: QActs,
     /// Logits of the last forward: `logits_for.len() × vocab`.
     pub logits: Vec<f32>,

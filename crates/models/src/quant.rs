@@ -829,8 +829,11 @@ pub struct QActs {
     /// `d · Σ qx` over each 16-element half block (the offsets of [`Grain::Sub16`] weights).
     s16: Vec<f32>,
     qs: Vec<i8>,
-    /// `d · qx` as f32, `n × cols`: filled when `n >= GEMM_MIN_TOKENS`, for the f32 GEMM path.
+    /// `d · qx` as f32, `n × cols`, for the f32 GEMM path: filled when `gemm`.
     xf: Vec<f32>,
+    /// These activations go through the f32 GEMM path (`n >= GEMM_MIN_TOKENS` and not
+    /// [`batch_invariant`]), decided once per quantization.
+    gemm: bool,
 }
 
 impl QActs {
@@ -865,7 +868,8 @@ impl QActs {
             self.s16[2 * bi] = d * s0 as f32;
             self.s16[2 * bi + 1] = d * (sum - s0) as f32;
         }
-        if n >= GEMM_MIN_TOKENS {
+        self.gemm = n >= GEMM_MIN_TOKENS && !batch_invariant();
+        if self.gemm {
             self.xf.resize(n * cols, 0.0);
             for (bi, (o, q)) in self
                 .xf
@@ -1617,6 +1621,34 @@ unsafe impl Sync for SendPtr {}
 /// alone, before the panel's dequantization).
 pub const GEMM_MIN_TOKENS: usize = 32;
 
+/// Batch invariance: when on (the default), prompts run on the same integer kernels as single
+/// tokens, so a request's output does not depend on what it is batched with, how its prompt is
+/// chunked, whether its prefix was cached, or whether it was preempted and recomputed.
+/// `FERROLM_BATCH_INVARIANT=0` trades that for speed: prompts of [`GEMM_MIN_TOKENS`] or more
+/// take the f32 GEMM paths (~2× faster on AVX2), whose float rounding differs from the
+/// one-token kernels' and can flip a near-tied greedy token — llama.cpp's and vLLM's default
+/// behaviour (vLLM's `VLLM_BATCH_INVARIANT=1` is the opposite switch). [`set_batch_invariant`]
+/// sets it in code.
+pub fn batch_invariant() -> bool {
+    use std::sync::atomic::Ordering;
+    match BATCH_INVARIANT.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var_os("FERROLM_BATCH_INVARIANT").is_none_or(|v| v != "0");
+            BATCH_INVARIANT.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+        v => v == 2,
+    }
+}
+
+/// Turn [`batch_invariant`] on or off for this process.
+pub fn set_batch_invariant(on: bool) {
+    BATCH_INVARIANT.store(if on { 2 } else { 1 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// 0: not read yet, 1: off, 2: on.
+static BATCH_INVARIANT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
 /// Tokens per tile of the AVX-512 kernels: one unpacked weight row serves this many tokens.
 const TILE: usize = 4;
 /// Weight rows per tile when decoding one token with the row-major AVX-512 tile (matrices not
@@ -1643,7 +1675,7 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
     // Enough chunks for work stealing to absorb a busy core, few enough to stay cheap.
     let chunk = (m / (4 * rayon::current_num_threads().max(1))).clamp(16, 512) / 16 * 16;
     if isa == Isa::Avx2
-        && n >= GEMM_MIN_TOKENS
+        && x.gemm
         && matches!(w.layout, Layout::Rows | Layout::Packed5 | Layout::Signed8)
     {
         // Prefill on AVX2: each chunk of rows dequantized to an f32 panel, multiplied by the

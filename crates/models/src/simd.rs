@@ -22,6 +22,13 @@ pub fn to_f16(x: &[f32], out: &mut [u16]) {
     out.convert_from_f32_slice(x);
 }
 
+/// f16 bits → f32 (F16C where the CPU has it).
+pub fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    let src: &[half::f16] = src.reinterpret_cast();
+    src.convert_to_f32_slice(dst);
+}
+
 #[inline]
 fn f32_of(bits: u16) -> f32 {
     half::f16::from_bits(bits).to_f32()
