@@ -64,11 +64,18 @@ enum Cmd {
         what: eval::EvalCmd,
     },
     /// Measure prefill and decode speed and peak memory.
+    ///
+    /// Prompts run batch invariant (on the one-token kernels) unless FERROLM_BATCH_INVARIANT=0,
+    /// which gives them ~2x faster f32 GEMM paths on AVX2 (see README and BENCHMARKS.md).
     Bench(bench::BenchArgs),
-    /// Serve models over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions,
-    /// /v1/models, /v1/usage, /v1/files, /v1/fine_tuning/jobs with LoRA jobs served on success) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show,
+    /// Serve models over HTTP: the OpenAI and Ollama APIs.
+    ///
+    /// The OpenAI API (/v1/chat/completions, /v1/completions, /v1/responses, /v1/models, /v1/usage, /v1/files, /v1/fine_tuning/jobs with LoRA jobs
+    /// served on success) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show,
     /// /api/ps, /api/version), requests batched together, with API keys, rate limits, a usage
-    /// ledger, /health and /metrics
+    /// ledger, /health and /metrics. Outputs are batch invariant unless
+    /// FERROLM_BATCH_INVARIANT=0 (faster prompts; near-tied greedy tokens may then depend on
+    /// what a request is batched with, as in llama.cpp and vLLM).
     Serve(serve::ServeArgs),
     /// Manage the server's API keys: create (secret shown once), list, revoke.
     Keys(keys::KeysArgs),
