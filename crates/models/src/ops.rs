@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::adapter::Proj;
 use crate::linear::dequantize;
-use crate::quant::QActs;
+use crate::quant::{QActs, SendPtr};
 use crate::{simd, Batch, Config, KvCache, ModelError};
 
 pub(crate) fn vector(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
@@ -308,12 +308,6 @@ pub(crate) fn attention(
 const ATTN_GEMM_MIN_TOKENS: usize = 32;
 /// Query rows per block of that path.
 const ATTN_ROWS: usize = 128;
-
-/// A raw pointer that may cross threads: each task writes a disjoint set of elements.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 pub(crate) fn slots_of(b: &Batch, bs: usize, out: &mut Vec<usize>) {
     out.clear();

@@ -186,52 +186,40 @@ fn pack_nibbles(vals: &[u8], out: &mut Vec<u8>) {
     }
 }
 
-/// Calls `f(block, j, value)` for every element of a [`Layout::Packed5`] row (`cols`
-/// elements), in order.
+/// The 32 values of block `b` of a [`Layout::Packed5`] row (`cols` elements), in a form the
+/// compiler vectorises (the fifth bits by variable shifts).
 #[inline(always)]
-fn unpack5(q: &[u8], cols: usize, mut f: impl FnMut(usize, usize, u8)) {
+fn values5(q: &[u8], cols: usize, b: usize, vals: &mut [u8; QK]) {
     let nb = cols / QK;
     let (nib, hb) = q.split_at(cols / 2);
-    let bit = |b: usize, j: usize| ((hb[b * 4 + j / 8] >> (j % 8)) & 1) << 4;
-    let mut b = 0;
-    while b + 1 < nb {
+    if b.is_multiple_of(2) && b + 1 < nb {
         let p = &nib[b * 16..b * 16 + 32];
-        (0..32).for_each(|j| f(b, j, (p[j] & 0x0F) | bit(b, j)));
-        (0..32).for_each(|j| f(b + 1, j, (p[j] >> 4) | bit(b + 1, j)));
-        b += 2;
-    }
-    if b < nb {
+        vals.iter_mut().zip(p).for_each(|(v, &p)| *v = p & 0x0F);
+    } else if b % 2 == 1 {
+        let p = &nib[(b - 1) * 16..(b - 1) * 16 + 32];
+        vals.iter_mut().zip(p).for_each(|(v, &p)| *v = p >> 4);
+    } else {
         let p = &nib[b * 16..b * 16 + 16];
-        (0..16).for_each(|j| f(b, j, (p[j] & 0x0F) | bit(b, j)));
-        (0..16).for_each(|j| f(b, j + 16, (p[j] >> 4) | bit(b, j + 16)));
+        for j in 0..16 {
+            vals[j] = p[j] & 0x0F;
+            vals[j + 16] = p[j] >> 4;
+        }
+    }
+    let bits = u32::from_le_bytes([hb[4 * b], hb[4 * b + 1], hb[4 * b + 2], hb[4 * b + 3]]);
+    for (j, v) in vals.iter_mut().enumerate() {
+        *v |= (((bits >> j) & 1) << 4) as u8;
     }
 }
 
-/// One [`Layout::Packed5`] row into `o` (`d[b]·v + m(b)`), in a form the compiler vectorises
-/// (the fifth bits by variable shifts).
+/// One [`Layout::Packed5`] row into `o` (`d[b]·v + m(b)`).
 #[inline(always)]
 fn dequantize5(q: &[u8], cols: usize, d: &[f32], m: impl Fn(usize) -> f32, o: &mut [f32]) {
-    let nb = cols / QK;
-    let (nib, hb) = q.split_at(cols / 2);
     let mut vals = [0u8; QK];
-    for b in 0..nb {
-        let bits = u32::from_le_bytes([hb[4 * b], hb[4 * b + 1], hb[4 * b + 2], hb[4 * b + 3]]);
-        if b % 2 == 0 && b + 1 < nb {
-            let p = &nib[b * 16..b * 16 + 32];
-            vals.iter_mut().zip(p).for_each(|(v, &p)| *v = p & 0x0F);
-        } else if b % 2 == 1 {
-            let p = &nib[(b - 1) * 16..(b - 1) * 16 + 32];
-            vals.iter_mut().zip(p).for_each(|(v, &p)| *v = p >> 4);
-        } else {
-            let p = &nib[b * 16..b * 16 + 16];
-            for j in 0..16 {
-                vals[j] = p[j] & 0x0F;
-                vals[j + 16] = p[j] >> 4;
-            }
-        }
+    for b in 0..cols / QK {
+        values5(q, cols, b, &mut vals);
         let (db, mb) = (d[b], m(b));
-        for (j, (o, &v)) in o[b * QK..(b + 1) * QK].iter_mut().zip(&vals).enumerate() {
-            *o = db * (v as u32 | ((bits >> j) & 1) << 4) as f32 + mb;
+        for (o, &v) in o[b * QK..(b + 1) * QK].iter_mut().zip(&vals) {
+            *o = db * v as f32 + mb;
         }
     }
 }
@@ -597,11 +585,12 @@ impl QMatrix {
             return q.iter().map(|v| v ^ 0x80).collect();
         }
         if self.layout == Layout::Packed5 {
-            let mut out = Vec::with_capacity(self.cols);
-            unpack5(q, self.cols, |b, j, v| {
-                debug_assert_eq!(out.len(), b * QK + j);
-                out.push(v);
-            });
+            let mut out = vec![0u8; self.cols];
+            let mut vals = [0u8; QK];
+            for (b, o) in out.chunks_exact_mut(QK).enumerate() {
+                values5(q, self.cols, b, &mut vals);
+                o.copy_from_slice(&vals);
+            }
             return out;
         }
         match self.bits {
@@ -949,15 +938,10 @@ fn dot_row(isa: Isa, w: &QMatrix, r: usize, x: &QActs, t: usize) -> f32 {
     for b in 0..nb {
         acc += wm[b] * xs[b];
     }
-    acc + match (isa, w.bits) {
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, QBits::Four) => unsafe { x86::dot4_avx2(wq, wd, xq, xd) },
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, QBits::Eight) if w.small => unsafe { x86::dot8_avx2::<true>(wq, wd, xq, xd) },
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2, QBits::Eight) => unsafe { x86::dot8_avx2::<false>(wq, wd, xq, xd) },
-        (_, QBits::Four) => dot4_scalar(wq, wd, xq, xd),
-        (_, QBits::Eight) => dot8_scalar(wq, wd, xq, xd),
+    // AVX2 runs every Block32 matrix in `matmul`'s four-row kernel; this is the scalar path.
+    acc + match w.bits {
+        QBits::Four => dot4_scalar(wq, wd, xq, xd),
+        QBits::Eight => dot8_scalar(wq, wd, xq, xd),
     }
 }
 
@@ -1469,40 +1453,6 @@ mod x86 {
         _mm256_add_epi32(slo, shi)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot4_avx2(wq: &[u8], wd: &[f32], xq: &[i8], xd: &[f32]) -> f32 {
-        let nb = wd.len();
-        let mask = _mm256_set1_epi8(0x0F);
-        let mut acc = _mm256_setzero_ps();
-        let mut b = 0;
-        let wp = wq.as_ptr();
-        let xp = xq.as_ptr();
-        unsafe {
-            while b + 1 < nb {
-                let v = _mm256_loadu_si256(wp.add(b * 16) as *const __m256i);
-                let lo = _mm256_and_si256(v, mask);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
-                let s0 = _mm256_cvtepi32_ps(isum_u4(lo, x0));
-                let s1 = _mm256_cvtepi32_ps(isum_u4(hi, x1));
-                acc = _mm256_fmadd_ps(s0, _mm256_set1_ps(wd[b] * xd[b]), acc);
-                acc = _mm256_fmadd_ps(s1, _mm256_set1_ps(wd[b + 1] * xd[b + 1]), acc);
-                b += 2;
-            }
-            if b < nb {
-                let v = _mm_loadu_si128(wp.add(b * 16) as *const __m128i);
-                let m = _mm_set1_epi8(0x0F);
-                let w =
-                    _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
-                let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                let s = _mm256_cvtepi32_ps(isum_u4(w, x));
-                acc = _mm256_fmadd_ps(s, _mm256_set1_ps(wd[b] * xd[b]), acc);
-            }
-            hsum256(acc)
-        }
-    }
-
     /// [`super::dot_sub16_scalar`] with AVX2. Per block one `vpmaddubsw` (quants < 64, no
     /// saturation) and one `vpmaddwd` whose multiplier is the two sub-block scales (the low
     /// 128-bit lane holds the first 16 elements, the high lane the second 16) instead of ones:
@@ -1583,36 +1533,11 @@ mod x86 {
             hsum256(_mm256_add_ps(acc, macc))
         }
     }
-
-    /// [`super::dot8_scalar`] with AVX2. `SMALL`: every quant of the row is below 64, so one
-    /// `vpmaddubsw` per block cannot saturate (63 · 127 · 2 < 32767) and the nibble split of
-    /// [`isum_u8`] is skipped (Q5_x rows).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot8_avx2<const SMALL: bool>(
-        wq: &[u8],
-        wd: &[f32],
-        xq: &[i8],
-        xd: &[f32],
-    ) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let wp = wq.as_ptr();
-        let xp = xq.as_ptr();
-        unsafe {
-            for b in 0..wd.len() {
-                let w = _mm256_loadu_si256(wp.add(b * QK) as *const __m256i);
-                let x = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                let isum = if SMALL { isum_u4(w, x) } else { isum_u8(w, x) };
-                let s = _mm256_cvtepi32_ps(isum);
-                acc = _mm256_fmadd_ps(s, _mm256_set1_ps(wd[b] * xd[b]), acc);
-            }
-            hsum256(acc)
-        }
-    }
 }
 
 /// A raw pointer that may cross threads: each thread writes a disjoint set of elements.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
