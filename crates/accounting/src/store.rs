@@ -30,7 +30,7 @@ use crate::AccountingError;
 /// The database's file name inside the data dir.
 pub const DB_FILE: &str = "ferrolm.db";
 /// The schema version this code writes; `MIGRATIONS[v - 1]` brings version v-1 to v.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 /// What every key starts with, so a leaked one is recognisable (and greppable by scanners).
 pub const KEY_PREFIX: &str = "flm-";
 /// Random characters after `KEY_PREFIX`.
@@ -85,6 +85,9 @@ const MIGRATIONS: &[&str] = &[
     crate::tuning::MIGRATION,
     // 4: stored Responses (see `responses`).
     crate::responses::MIGRATION,
+    // 5: what lazy tool loading saved (signed: a load round may cost more than it saves).
+    "ALTER TABLE usage ADD COLUMN lazy_tool_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE usage ADD COLUMN saved_by_lazy_tools_usd REAL NOT NULL DEFAULT 0;",
 ];
 
 /// What a new key may do. `None` is unlimited.
@@ -140,6 +143,13 @@ pub struct UsageRow {
     pub saved_by_compression_usd: f64,
     /// What routing saved: the same tokens on the router's top tier, minus `cost_usd`.
     pub saved_by_routing_usd: f64,
+    /// Prompt tokens lazy tool loading saved: the prompt with every tool definition in it,
+    /// minus the prompt tokens the request ran (all its passes); negative when the
+    /// `load_tools` rounds cost more than they saved.
+    pub lazy_tool_tokens: i64,
+    /// What lazy tool loading saved: the cost with every definition sent in one pass, minus
+    /// `cost_usd`.
+    pub saved_by_lazy_tools_usd: f64,
 }
 
 /// A column to group the usage report by.
@@ -197,6 +207,8 @@ pub struct UsageGroup {
     pub saved_by_cache_usd: f64,
     pub saved_by_compression_usd: f64,
     pub saved_by_routing_usd: f64,
+    pub lazy_tool_tokens: i64,
+    pub saved_by_lazy_tools_usd: f64,
     /// Requests a router placed.
     pub routed_requests: u64,
 }
@@ -364,6 +376,7 @@ fn check_row(row: &UsageRow) -> Result<[i64; 3], AccountingError> {
         ("saved_by_cache_usd", row.saved_by_cache_usd),
         ("saved_by_compression_usd", row.saved_by_compression_usd),
         ("saved_by_routing_usd", row.saved_by_routing_usd),
+        ("saved_by_lazy_tools_usd", row.saved_by_lazy_tools_usd),
     ] {
         if !v.is_finite() {
             return Err(bad(format!("{field} is {v}: expected a finite number")));
@@ -546,9 +559,10 @@ impl Store {
             "INSERT INTO usage (ts, request_id, key_id, model, endpoint, status, prompt_tokens,
                                 cached_tokens, completion_tokens, latency_ms, ttft_ms, cost_usd,
                                 finish_reason, route, compressed_tokens, saved_by_cache_usd,
-                                saved_by_compression_usd, saved_by_routing_usd)
+                                saved_by_compression_usd, saved_by_routing_usd,
+                                lazy_tool_tokens, saved_by_lazy_tools_usd)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                     ?17, ?18)",
+                     ?17, ?18, ?19, ?20)",
             params![
                 row.ts,
                 row.request_id,
@@ -567,7 +581,9 @@ impl Store {
                 i64::try_from(row.compressed_tokens).unwrap_or(i64::MAX),
                 row.saved_by_cache_usd,
                 row.saved_by_compression_usd,
-                row.saved_by_routing_usd
+                row.saved_by_routing_usd,
+                row.lazy_tool_tokens,
+                row.saved_by_lazy_tools_usd
             ],
         )
         .at(&self.path)?;
@@ -645,6 +661,8 @@ impl Store {
             "COALESCE(SUM(u.saved_by_compression_usd), 0.0)",
             "COALESCE(SUM(u.saved_by_routing_usd), 0.0)",
             "COUNT(u.route)",
+            "COALESCE(SUM(u.lazy_tool_tokens), 0)",
+            "COALESCE(SUM(u.saved_by_lazy_tools_usd), 0.0)",
         ]);
         let mut conds = Vec::new();
         let mut args: Vec<i64> = Vec::new();
@@ -688,6 +706,8 @@ impl Store {
                     saved_by_cache_usd: r.get(n + 8)?,
                     saved_by_compression_usd: r.get(n + 9)?,
                     saved_by_routing_usd: r.get(n + 10)?,
+                    lazy_tool_tokens: r.get(n + 12)?,
+                    saved_by_lazy_tools_usd: r.get(n + 13)?,
                     ..UsageGroup::default()
                 };
                 for (i, col) in groups.iter().enumerate() {
@@ -870,7 +890,13 @@ mod tests {
         r.saved_by_cache_usd = 0.125;
         r.saved_by_compression_usd = 0.5;
         r.saved_by_routing_usd = 2.0;
+        r.lazy_tool_tokens = -40;
+        r.saved_by_lazy_tools_usd = -0.25;
         store.record(&r).unwrap();
+        let mut lazy = row(None, "m", 0, 0.0);
+        lazy.lazy_tool_tokens = 1000;
+        lazy.saved_by_lazy_tools_usd = 1.0;
+        store.record(&lazy).unwrap();
         let g = store
             .usage(&UsageQuery {
                 group_by: vec![GroupBy::Model],
@@ -881,8 +907,9 @@ mod tests {
         let g = &g[0];
         assert_eq!(
             (g.requests, g.routed_requests, g.compressed_tokens),
-            (2, 1, 300)
+            (3, 1, 300)
         );
+        assert_eq!((g.lazy_tool_tokens, g.saved_by_lazy_tools_usd), (960, 0.75));
         assert_eq!(g.cost_usd, 0.75);
         assert_eq!(
             (
@@ -893,6 +920,9 @@ mod tests {
             (0.125, 0.5, 2.0)
         );
         r.saved_by_routing_usd = f64::NAN;
+        assert!(store.record(&r).is_err());
+        r.saved_by_routing_usd = 0.0;
+        r.saved_by_lazy_tools_usd = f64::INFINITY;
         assert!(store.record(&r).is_err());
     }
 

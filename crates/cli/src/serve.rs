@@ -32,7 +32,8 @@ pub struct ServeArgs {
     /// A GGUF model to serve (repeat for several; default: the installed default model).
     #[arg(long, short = 'm')]
     model: Vec<PathBuf>,
-    /// A TOML file: `[[model]]` entries (local: path, id, aliases, price, context_strategy;
+    /// A TOML file: `[[model]]` entries (local: path, id, aliases, price, context_strategy,
+    /// tool_strategy, lazy_tools_threshold;
     /// upstream: id, upstream, upstream_model, api_key_env, price) and `[[router]]` virtual
     /// models (id, `[[router.tier]]` model / max_prompt_tokens / tools / json / code);
     /// `[[cache_scope]]` groups of keys that share one prefix cache (name, keys; by default each
@@ -90,6 +91,18 @@ pub struct ServeArgs {
     /// fraction of the context, in (0, 1] (1: only when it would overflow).
     #[arg(long, default_value_t = 1.0)]
     context_trigger: f64,
+    /// How tool definitions go into the prompt: `eager` (every definition, in full) or `lazy`
+    /// (past --lazy-tools-threshold: each tool's name and one-line description, plus a
+    /// `load_tools` function; when the model calls it, the server adds the definitions it asked
+    /// for and goes on generating in the same request, unseen by the client). Requests may
+    /// choose with the `tool_strategy` field; a model's config entry may set its own. The prompt
+    /// tokens it saved are in the usage ledger (`ferrolm usage --savings`).
+    #[arg(long, default_value = "eager")]
+    tool_strategy: ferrolm_server::tools::Strategy,
+    /// When lazy tool loading starts: more tools than N (`8`), or tool definitions longer than
+    /// N tokens (`1500tokens`). Requests may set `lazy_tools_threshold`.
+    #[arg(long, value_name = "N|Ntokens", default_value = "8")]
+    lazy_tools_threshold: ferrolm_server::tools::Threshold,
     /// Serve a LoRA adapter on a model: `NAME=PATH` (on the first model) or `BASE:NAME=PATH`,
     /// where PATH is a PEFT adapter directory or a `ferrolm finetune` run. Clients name it
     /// `BASE:NAME` (or `NAME`); base and adapter requests share one batch and one copy of the
@@ -210,6 +223,8 @@ struct ModelEntry {
     aliases: Vec<String>,
     price: Option<String>,
     context_strategy: Option<ferrolm_server::compress::Strategy>,
+    tool_strategy: Option<ferrolm_server::tools::Strategy>,
+    lazy_tools_threshold: Option<ferrolm_server::tools::Threshold>,
 }
 
 /// The id clients use: the file name up to its first dot, lowercased
@@ -342,6 +357,8 @@ fn model_entries(a: &ServeArgs, cfg: &ConfigFile) -> Result<Vec<ModelEntry>> {
         aliases: Vec::new(),
         price: None,
         context_strategy: None,
+        tool_strategy: None,
+        lazy_tools_threshold: None,
     };
     let mut entries: Vec<ModelEntry> = a
         .model
@@ -435,6 +452,10 @@ fn start_model(
         max_queue: a.max_queue,
         context_strategy: e.context_strategy.unwrap_or(a.context_strategy),
         context_trigger: a.context_trigger,
+        tool_strategy: ferrolm_server::tools::ToolStrategy {
+            strategy: e.tool_strategy.unwrap_or(a.tool_strategy),
+            threshold: e.lazy_tools_threshold.unwrap_or(a.lazy_tools_threshold),
+        },
         price,
         adapter: None,
         parent: None,
@@ -457,6 +478,8 @@ fn run_loader(a: &ServeArgs, cfg: &EngineConfig, catalog: &PriceCatalog) -> Box<
             aliases: Vec::new(),
             price: id.split(':').nth(1).map(str::to_owned),
             context_strategy: None,
+            tool_strategy: None,
+            lazy_tools_threshold: None,
         };
         let (m, handle, _) =
             start_model(&entry, &a, &cfg, &catalog).map_err(|e| format!("{e:#}"))?;

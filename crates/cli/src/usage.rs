@@ -4,8 +4,9 @@
 //! Days are UTC; `--since` and `--until` are whole days, both included.
 //!
 //! `--savings` reports, per group, what was spent, what each lever saved (prefix caching,
-//! context compression, tier routing; recorded per request by the server at its prices), and
-//! what the same traffic — the prompts as sent by the clients, before compression, with the
+//! context compression, tier routing, lazy tool loading; recorded per request by the server at
+//! its prices), the prompt tokens lazy tool loading saved, and what the same traffic — the
+//! prompts as sent by the clients, before compression and with every tool definition, with the
 //! same cached prefixes — would have cost on a hosted model from the price catalog
 //! (`--compare`, default `gpt-4o`; its base price, without long-context tiers).
 
@@ -57,7 +58,8 @@ pub struct UsageArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    /// Show what caching, compression and routing saved, and the cost on --compare.
+    /// Show what caching, compression, routing and lazy tool loading saved, and the cost on
+    /// --compare.
     #[arg(long)]
     savings: bool,
     /// The hosted model (a price catalog id) to compare against with --savings.
@@ -68,14 +70,12 @@ pub struct UsageArgs {
     prices: Option<std::path::PathBuf>,
 }
 
-/// The same traffic on a hosted model: the clients' prompts (compressed tokens included), the
-/// same cached prefixes, the same completions.
+/// The same traffic on a hosted model: the clients' prompts (compressed tokens and every tool
+/// definition included), the same cached prefixes, the same completions.
 fn on_hosted(p: &ModelPrice, g: &UsageGroup) -> f64 {
-    p.cost_usd(
-        g.prompt_tokens + g.compressed_tokens,
-        g.cached_tokens,
-        g.completion_tokens,
-    )
+    let prompt = (g.prompt_tokens + g.compressed_tokens) as i64 + g.lazy_tool_tokens;
+    let prompt = prompt.max(0) as u64;
+    p.cost_usd(prompt, g.cached_tokens.min(prompt), g.completion_tokens)
 }
 
 pub fn run(a: UsageArgs) -> Result<()> {
@@ -170,6 +170,8 @@ pub fn run(a: UsageArgs) -> Result<()> {
             "SAVED_CACHE",
             "SAVED_COMPRESSION",
             "SAVED_ROUTING",
+            "SAVED_LAZY_TOOLS",
+            "LAZY_TOOL_TOKENS",
             on_compare.as_str(),
         ]);
     } else {
@@ -190,6 +192,8 @@ pub fn run(a: UsageArgs) -> Result<()> {
             format!("{:.6}", g.saved_by_cache_usd),
             format!("{:.6}", g.saved_by_compression_usd),
             format!("{:.6}", g.saved_by_routing_usd),
+            format!("{:.6}", g.saved_by_lazy_tools_usd),
+            g.lazy_tool_tokens.to_string(),
             format!("{:.6}", on_hosted(p, g)),
         ],
         None => vec![

@@ -19,6 +19,11 @@
 //!   last choice's), the same time to first token.
 //! - Dropping a [`Job`] before its choices end still aborts them (a handler that fails between
 //!   `start` and `respond`).
+//! - Lazy tool loading ([`crate::tools`]): a choice whose reply only called `load_tools` does not
+//!   end; [`Run::reply`] adds the call and the definitions to the conversation ([`Resume`]) and
+//!   submits the choice again with the longer prompt. The client sees neither the call nor the
+//!   extra pass's start (streamed prose before the call is sent as content); the usage is the
+//!   sum of the passes (every prompt, cached tokens included, and every completion token).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -40,6 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::auth::Caller;
+use crate::compress::{self, fit_chat};
 use crate::error::ApiError;
 use crate::tools::{self, Call, HoldBack, Tools};
 use crate::{AppState, InFlight, Levers, Model, Ticket};
@@ -74,6 +80,7 @@ pub struct Job {
     /// Choices whose last event has not been handed out by [`Job::next`].
     live: usize,
     prompt_tokens: usize,
+    cache_scope: u64,
     _slots: InFlight,
     state: AppState,
     /// When the first token of any choice arrived.
@@ -100,6 +107,7 @@ pub async fn start(
         turn: 0,
         live: n,
         prompt_tokens: prompt.len(),
+        cache_scope,
         _slots: slots,
         state: state.clone(),
         first_token: None,
@@ -228,6 +236,43 @@ impl Job {
         self.aborts.len()
     }
 
+    /// Submit choice `i` again, whose last event has arrived, with a new prompt (a lazy tool
+    /// loading round). Its events then come from the new request; a refusal arrives as its
+    /// `Event::Error`.
+    fn resubmit(
+        &mut self,
+        i: usize,
+        model: &Model,
+        prompt: Vec<u32>,
+        opts: GenerateOptions,
+    ) -> Result<(), ApiError> {
+        let id = self.state.next_request_id();
+        let (reply, from_engine) = mpsc::unbounded_channel::<Event>();
+        self.prompt_tokens = prompt.len();
+        let req = Request {
+            id,
+            prompt,
+            opts,
+            adapter: model.adapter.clone(),
+            cache_scope: self.cache_scope,
+            reply,
+        };
+        model
+            .engine
+            .send(Command::Submit(Box::new(req)))
+            .map_err(|_| engine_gone())?;
+        self.replies[i] = from_engine;
+        self.aborts[i] = AbortOnDrop {
+            id,
+            engine: model.engine.clone(),
+            done: false,
+        };
+        // The gap while the next pass is prefilled is not an inter-token latency.
+        self.last_token[i] = None;
+        self.live += 1;
+        Ok(())
+    }
+
     /// Abort every choice still running and read up to each one's last event (the engine
     /// answers an abort with `Finished` / `Cancelled` and what the choice used).
     async fn cancel(&mut self, choices: &mut [ChoiceState]) {
@@ -238,7 +283,7 @@ impl Job {
         }
         while let Some((i, ev)) = self.next().await {
             if let Event::Finished { usage, .. } = ev {
-                choices[i].usage = Some(usage);
+                choices[i].ended(usage);
             }
         }
     }
@@ -300,9 +345,46 @@ pub struct Run {
     pub model: Arc<Model>,
     pub endpoint: &'static str,
     pub tools: Option<Tools>,
+    /// Set when the tools load lazily: how to generate again after a `load_tools` call.
+    pub resume: Option<Resume>,
     pub job: Job,
     /// The client's connection (to notice, for a JSON answer, that it went away).
     pub conn: Option<ClientConn>,
+}
+
+/// What a run needs to generate again after the model loaded tools.
+pub struct Resume {
+    /// The conversation the first pass rendered, as the request gave it.
+    pub messages: Value,
+    /// The request's context strategy (the longer conversation may need it).
+    pub strategy: compress::Strategy,
+    /// The first pass's options: sampling, stops, and its `max_tokens`, which bounds what every
+    /// pass together generates.
+    pub opts: GenerateOptions,
+    /// The turns the rounds added (each call and its definitions).
+    pub turns: Vec<Value>,
+}
+
+impl Resume {
+    pub fn new(messages: Value, strategy: compress::Strategy, opts: GenerateOptions) -> Resume {
+        Resume {
+            messages,
+            strategy,
+            opts,
+            turns: Vec::new(),
+        }
+    }
+}
+
+/// What a choice's finished pass turned out to be.
+enum Reply {
+    /// A `load_tools` round goes on; `prose` is what the reply said before its call.
+    Continues { prose: Option<String> },
+    /// The answer: its text and calls (never a `load_tools` call).
+    Done {
+        content: Option<String>,
+        calls: Vec<Call>,
+    },
 }
 
 /// What the pipeline keeps per choice.
@@ -313,9 +395,30 @@ struct ChoiceState {
     text: String,
     tokens: Vec<TokenInfo>,
     usage: Option<Usage>,
+    /// The usage of its passes before the current one (lazy tool loading rounds).
+    carried: Usage,
+    /// What earlier passes said before their `load_tools` calls (JSON answers).
+    prose: String,
+    /// The answer, once its last pass ended (JSON answers).
+    answer: Option<(Option<String>, Vec<Call>)>,
     reason: Option<FinishReason>,
     finish: Option<&'static str>,
-    ttft: f64,
+    ttft: Option<f64>,
+}
+
+impl ChoiceState {
+    /// The choice ended with its last pass's `usage`.
+    fn ended(&mut self, usage: Usage) {
+        self.usage = Some(add_usage(self.carried, usage));
+    }
+}
+
+fn add_usage(a: Usage, b: Usage) -> Usage {
+    Usage {
+        prompt_tokens: a.prompt_tokens + b.prompt_tokens,
+        cached_tokens: a.cached_tokens + b.cached_tokens,
+        completion_tokens: a.completion_tokens + b.completion_tokens,
+    }
 }
 
 /// How a run ended, for the ledger.
@@ -345,8 +448,8 @@ impl Run {
     ) -> Result<f64, ApiError> {
         let usage = total_usage(choices.iter().enumerate().map(|(i, c)| {
             c.usage.unwrap_or(Usage {
-                prompt_tokens: self.job.prompt_tokens,
-                cached_tokens: 0,
+                prompt_tokens: c.carried.prompt_tokens + self.job.prompt_tokens,
+                cached_tokens: c.carried.cached_tokens,
                 completion_tokens: self.job.received[i],
             })
         }));
@@ -398,31 +501,108 @@ impl Run {
                 let held = c.hold.as_ref().is_some_and(HoldBack::capturing);
                 out.extend(f.text(i, text, (!held).then_some((id, logprob, top))));
             }
-            Event::Finished {
-                reason,
-                usage,
-                time_to_first_token,
-            } => {
-                c.usage = Some(usage);
-                let mut finish = finish_name(reason);
-                if let (Some(h), Some(t)) = (&mut c.hold, &self.tools) {
-                    let held = h.finish();
-                    let (content, calls) = t.parse_reply(&held);
-                    if calls.is_empty() {
-                        if !held.is_empty() {
-                            out.extend(f.text(i, held, None));
-                        }
-                    } else {
-                        out.extend(f.calls(i, content, &calls));
-                        finish = tools::finish_reason(&calls, finish);
-                    }
-                }
-                c.finish = Some(finish);
-                out.extend(f.finish(i, reason, finish, &usage, time_to_first_token));
-            }
+            // `pump` ends a pass through `Run::reply` and `Run::finish`.
+            Event::Finished { .. } => {}
             Event::Error(e) => out.extend(f.error(e.message)),
         }
         out
+    }
+
+    /// Choice `i`'s last pass ended with `reply`: its calls (or the rest of its text), and the
+    /// end of the choice.
+    fn finish<F: Format>(
+        &self,
+        f: &mut F,
+        c: &mut ChoiceState,
+        i: usize,
+        reason: FinishReason,
+        ttft: f64,
+        (content, calls): (Option<String>, &[Call]),
+    ) -> Vec<F::Item> {
+        let mut out = Vec::new();
+        let mut finish = finish_name(reason);
+        if calls.is_empty() {
+            if let Some(text) = content.filter(|t| !t.is_empty()) {
+                out.extend(f.text(i, text, None));
+            }
+        } else {
+            out.extend(f.calls(i, content, calls));
+            finish = tools::finish_reason(calls, finish);
+        }
+        c.finish = Some(finish);
+        let usage = c.usage.unwrap_or_default();
+        out.extend(f.finish(i, reason, finish, &usage, c.ttft.unwrap_or(ttft)));
+        out
+    }
+
+    /// A pass of choice `c` (index `i`) ended with `text` and `usage`: its answer, or, when it
+    /// only called `load_tools` (and rounds and tokens are left), the next pass submitted.
+    /// `Err`: the next pass could not start (the message says why).
+    async fn reply(
+        &mut self,
+        c: &mut ChoiceState,
+        i: usize,
+        text: String,
+        usage: Usage,
+        ttft: f64,
+    ) -> Result<Reply, String> {
+        c.ttft.get_or_insert(ttft);
+        let Some(t) = &mut self.tools else {
+            c.ended(usage);
+            return Ok(Reply::Done {
+                content: Some(text),
+                calls: Vec::new(),
+            });
+        };
+        let (content, mut calls) = t.parse_reply(&text);
+        let turns = t.loading(content.as_deref(), &mut calls);
+        let (Some(turns), Some(r)) = (turns, &mut self.resume) else {
+            c.ended(usage);
+            return Ok(Reply::Done { content, calls });
+        };
+        c.carried = add_usage(c.carried, usage);
+        let left = r
+            .opts
+            .max_tokens
+            .saturating_sub(c.carried.completion_tokens);
+        if left == 0 {
+            // `max_tokens` is spent: the reply ends here (its finish reason says `length`).
+            c.usage = Some(c.carried);
+            return Ok(Reply::Done {
+                content,
+                calls: Vec::new(),
+            });
+        }
+        r.turns.extend(turns);
+        let mut messages = r.messages.as_array().cloned().unwrap_or_default();
+        messages.extend(r.turns.iter().cloned());
+        let (prompt, _) = fit_chat(
+            &self.state,
+            &self.model,
+            &Value::Array(messages),
+            t.for_prompt(),
+            r.strategy,
+            Some(left),
+            None,
+            self.job.cache_scope,
+        )
+        .await
+        .map_err(|e| format!("after loading tools: {}", e.message))?;
+        let room = self.model.max_context.saturating_sub(prompt.len());
+        if room == 0 {
+            return Err(format!(
+                "after loading tools the prompt has {} tokens, more than the {} a request here may hold: load fewer tools, or restart `ferrolm serve` with a larger --ctx",
+                prompt.len(),
+                self.model.max_context
+            ));
+        }
+        let mut opts = r.opts.clone();
+        opts.max_tokens = left.min(room);
+        opts.grammar = t.grammar_after_load().map_err(|e| e.message)?.map(Arc::new);
+        self.job
+            .resubmit(i, &self.model, prompt, opts)
+            .map_err(|e| e.message)?;
+        Ok(Reply::Continues { prose: content })
     }
 }
 
@@ -495,10 +675,20 @@ async fn collect<F: Format>(mut run: Run, format: F, mut done: oneshot::Sender<A
                     usage,
                     time_to_first_token,
                 } => {
-                    c.usage = Some(usage);
-                    c.reason = Some(reason);
-                    c.ttft = time_to_first_token;
-                    c.finish = Some(finish_name(reason));
+                    let text = std::mem::take(&mut c.text);
+                    match run.reply(c, i, text, usage, time_to_first_token).await {
+                        Ok(Reply::Continues { prose }) => {
+                            c.prose.push_str(prose.as_deref().unwrap_or_default());
+                            // Logprobs cover the answer's pass.
+                            c.tokens.clear();
+                        }
+                        Ok(Reply::Done { content, calls }) => {
+                            c.answer = Some((content, calls));
+                            c.reason = Some(reason);
+                            c.finish = Some(finish_name(reason));
+                        }
+                        Err(m) => break Ending::Failed(m),
+                    }
                 }
                 Event::Error(e) => break Ending::Failed(e.message),
             }
@@ -509,10 +699,25 @@ async fn collect<F: Format>(mut run: Run, format: F, mut done: oneshot::Sender<A
     }
     let mut whole = Vec::with_capacity(choices.len());
     for c in &mut choices {
-        let text = std::mem::take(&mut c.text);
-        let (content, calls) = match &run.tools {
-            Some(t) => t.parse_reply(&text),
-            None => (Some(text), Vec::new()),
+        let (content, calls) = match c.answer.take() {
+            Some(a) => a,
+            // Cut short: what it had said.
+            None => {
+                let text = std::mem::take(&mut c.text);
+                match &run.tools {
+                    Some(t) => {
+                        let (content, mut calls) = t.parse_reply(&text);
+                        calls.retain(|c| c.name != tools::LOAD_TOOLS);
+                        (content, calls)
+                    }
+                    None => (Some(text), Vec::new()),
+                }
+            }
+        };
+        let content = match (std::mem::take(&mut c.prose), content) {
+            (p, c) if p.is_empty() => c,
+            (p, None) => Some(p),
+            (p, Some(c)) => Some(p + &c),
         };
         let reason = c.reason.unwrap_or(FinishReason::Cancelled);
         if !calls.is_empty() {
@@ -527,7 +732,7 @@ async fn collect<F: Format>(mut run: Run, format: F, mut done: oneshot::Sender<A
             tokens: std::mem::take(&mut c.tokens),
             reason,
             finish: c.finish.unwrap_or(finish_name(reason)),
-            time_to_first_token: c.ttft,
+            time_to_first_token: c.ttft.unwrap_or_default(),
         });
     }
     let settled = run.settle(&choices, &ending, false);
@@ -560,11 +765,44 @@ fn pump<F: Format>(run: Run, mut format: F) -> ReceiverStream<F::Item> {
             let Some((i, ev)) = ev else {
                 break Ending::Finished;
             };
-            let failed = match &ev {
+            let mut failed = match &ev {
                 Event::Error(e) => Some(e.message.clone()),
                 _ => None,
             };
-            for item in run.step(&mut format, &mut choices, i, ev) {
+            let finished = match &ev {
+                Event::Finished {
+                    reason,
+                    usage,
+                    time_to_first_token,
+                } => Some((*reason, *usage, *time_to_first_token)),
+                _ => None,
+            };
+            let mut items = run.step(&mut format, &mut choices, i, ev);
+            if let Some((reason, usage, time_to_first_token)) = finished {
+                let c = &mut choices[i];
+                let held = c.hold.as_mut().map(HoldBack::finish).unwrap_or_default();
+                match run.reply(c, i, held, usage, time_to_first_token).await {
+                    Ok(Reply::Continues { prose }) => {
+                        if let Some(p) = prose.filter(|p| !p.is_empty()) {
+                            items.extend(format.text(i, p, None));
+                        }
+                        c.hold = Some(HoldBack::default());
+                    }
+                    Ok(Reply::Done { content, calls }) => items.extend(run.finish(
+                        &mut format,
+                        c,
+                        i,
+                        reason,
+                        time_to_first_token,
+                        (content, &calls),
+                    )),
+                    Err(m) => {
+                        items.extend(format.error(m.clone()));
+                        failed = Some(m);
+                    }
+                }
+            }
+            for item in items {
                 if tx.send(item).await.is_err() {
                     break 'run Ending::ClientGone;
                 }

@@ -54,7 +54,7 @@ mod ollama;
 mod openai;
 mod responses;
 pub mod route;
-mod tools;
+pub mod tools;
 pub mod tuner;
 pub mod upstream;
 mod validate;
@@ -119,6 +119,8 @@ pub struct ServedModel {
     /// The strategy (other than `error`) applies once prompt + reply would pass this fraction
     /// of the context, in (0, 1].
     pub context_trigger: f64,
+    /// How tool definitions go into its prompts (requests may override it).
+    pub tool_strategy: tools::ToolStrategy,
     /// Its price: a catalog entry (self-hosted ones are priced from hardware $/hour and
     /// measured throughput); `None` prices it at zero and says so in the ledger's cost.
     pub price: Option<ModelPrice>,
@@ -246,6 +248,9 @@ pub struct Settled<'a> {
     pub finish_reason: Option<&'static str>,
     /// Prompt tokens a context strategy removed.
     pub compressed_tokens: usize,
+    /// Prompt tokens lazy tool loading saved: the prompt with every tool definition, minus the
+    /// prompt tokens every pass ran (negative when the rounds cost more than they saved).
+    pub lazy_tool_tokens: i64,
     /// The router that chose `model`, and its top tier's price.
     pub route: Option<(&'a str, Option<&'a ModelPrice>)>,
     /// The ledger's status: 200, 499 (the client went away), 500 (generation failed).
@@ -260,6 +265,8 @@ pub struct Settled<'a> {
 pub struct Levers {
     /// Prompt tokens a context strategy removed.
     pub compressed_tokens: usize,
+    /// With lazy tool loading: the first prompt's tokens had every tool definition been in it.
+    pub eager_prompt_tokens: Option<usize>,
     /// The router that placed the request, and its top tier's price.
     pub route: route::Route,
 }
@@ -298,6 +305,9 @@ impl Levers {
             ttft,
             finish_reason: None,
             compressed_tokens: self.compressed_tokens,
+            lazy_tool_tokens: self
+                .eager_prompt_tokens
+                .map_or(0, |e| e as i64 - usage.prompt_tokens as i64),
             route: self.route.as_ref().map(|(r, p)| (r.as_str(), p.as_ref())),
             status: 200,
             sent: false,
@@ -515,6 +525,12 @@ impl AppState {
         let saved_by_compression = price.map_or(0.0, |p| {
             p.cost_usd(prompt + compressed, cached, completion) - cost
         });
+        // The same request with every tool definition sent, in one pass.
+        let lazy = s.lazy_tool_tokens;
+        let saved_by_lazy_tools = price.map_or(0.0, |p| {
+            let eager = (prompt as i64 + lazy).max(0) as u64;
+            p.cost_usd(eager, cached.min(eager), completion) - cost
+        });
         let saved_by_routing = s
             .route
             .and_then(|(_, top)| top)
@@ -552,6 +568,8 @@ impl AppState {
             finish_reason: s.finish_reason.map(str::to_owned),
             route: s.route.map(|(r, _)| r.to_owned()),
             compressed_tokens: compressed,
+            lazy_tool_tokens: lazy,
+            saved_by_lazy_tools_usd: if lazy == 0 { 0.0 } else { saved_by_lazy_tools },
             saved_by_cache_usd: saved_by_cache,
             saved_by_compression_usd: saved_by_compression,
             saved_by_routing_usd: saved_by_routing,
@@ -658,6 +676,7 @@ impl Model {
                 max_queue: b.max_queue,
                 context_strategy: b.context_strategy,
                 context_trigger: b.context_trigger,
+                tool_strategy: b.tool_strategy,
                 price: b.price.clone(),
                 adapter: Some(adapter),
                 parent: Some(b.id.clone()),
@@ -696,6 +715,14 @@ impl Model {
         self.tok
             .encode_chat(&rendered)
             .map_err(|e| ApiError::invalid(format!("messages: {e}"), Some("messages")))
+    }
+
+    /// How many tokens `text` is (no special tokens); a text the tokenizer rejects counts as
+    /// endless.
+    fn token_count(&self, text: &str) -> usize {
+        self.tok
+            .encode(text, false)
+            .map_or(usize::MAX, |ids| ids.len())
     }
 
     /// A plain-text prompt: BOS (when the model wants one) + the text's ids.

@@ -105,6 +105,10 @@ struct ChatRequest {
     messages: Value,
     /// ferrolm's extension: `error` or `middle-out` for a conversation over the context.
     context_strategy: Option<Strategy>,
+    /// ferrolm's extension, as OpenAI chat's: `eager` or `lazy` tool definitions.
+    tool_strategy: Option<tools::Strategy>,
+    /// ferrolm's extension: past how many tools (or `"Ntokens"`) `lazy` applies.
+    lazy_tools_threshold: Option<tools::Threshold>,
     stream: Option<bool>,
     #[serde(default)]
     options: Options,
@@ -291,6 +295,7 @@ struct Prepared {
     prompt: Vec<u32>,
     opts: GenerateOptions,
     tools: Option<Tools>,
+    resume: Option<generate::Resume>,
     stream: bool,
     levers: Levers,
     /// Headers to add to the answer (`x-ferrolm-context`).
@@ -309,6 +314,7 @@ async fn answer(
         prompt,
         opts,
         tools,
+        resume,
         stream,
         levers,
         headers,
@@ -341,6 +347,7 @@ async fn answer(
         model,
         endpoint,
         tools,
+        resume,
         job,
         conn,
     };
@@ -355,36 +362,54 @@ pub async fn chat(
 ) -> Result<Response, OllamaError> {
     let req: ChatRequest = parse(&body)?;
     let model = s.model(caller.key_id(), Some(&req.model))?;
-    let tools = Tools::parse(req.tools.as_ref(), None, None)?;
+    let mut tools = Tools::parse(req.tools.as_ref(), None, None)?;
+    let mut left_out = None;
+    if let Some(t) = &mut tools {
+        t.apply_strategy(
+            model.tool_strategy,
+            req.tool_strategy,
+            req.lazy_tools_threshold,
+            1,
+            |text| model.token_count(text),
+        )?;
+        left_out = t.left_out(&model, &req.messages)?;
+    }
     let grammar = format_grammar(req.format.as_ref())?;
     let o = &req.options;
+    let strategy = req.context_strategy.unwrap_or(model.context_strategy);
     let (prompt, compressed) = fit_chat(
         &s,
         &model,
         &req.messages,
         tools.as_ref().and_then(Tools::for_prompt),
-        req.context_strategy.unwrap_or(model.context_strategy),
+        strategy,
         o.num_predict.and_then(|n| usize::try_from(n).ok()),
         None,
         caller.cache_scope,
     )
     .await?;
     let opts = o.generate_options(&model, &prompt, grammar)?;
+    let mut headers: Vec<(&'static str, String)> = compressed
+        .as_ref()
+        .map(|c| ("x-ferrolm-context", c.header()))
+        .into_iter()
+        .collect();
+    headers.extend(left_out.map(|l| ("x-ferrolm-tools", l.header(prompt.len()))));
     let p = Prepared {
         model,
         kind: Kind::Chat,
+        levers: Levers {
+            compressed_tokens: compressed.as_ref().map_or(0, |c| c.saved()),
+            eager_prompt_tokens: left_out.map(|l| l.eager_prompt_tokens(prompt.len())),
+            route: None,
+        },
+        resume: left_out
+            .map(|_| generate::Resume::new(req.messages.clone(), strategy, opts.clone())),
         prompt,
         opts,
         tools,
         stream: req.stream.unwrap_or(true),
-        levers: Levers {
-            compressed_tokens: compressed.as_ref().map_or(0, |c| c.saved()),
-            route: None,
-        },
-        headers: compressed
-            .map(|c| ("x-ferrolm-context", c.header()))
-            .into_iter()
-            .collect(),
+        headers,
     };
     answer(s, caller, conn.map(|Extension(ConnectInfo(c))| c), p).await
 }
@@ -417,6 +442,7 @@ pub async fn generate(
         prompt,
         opts,
         tools: None,
+        resume: None,
         stream: req.stream.unwrap_or(true),
         levers: Levers::default(),
         headers: Vec::new(),

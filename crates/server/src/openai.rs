@@ -68,6 +68,10 @@ struct ChatRequest {
     parallel_tool_calls: Option<bool>,
     /// ferrolm's extension: `error` or `middle-out` for a conversation over the context.
     context_strategy: Option<Strategy>,
+    /// ferrolm's extension: `eager` or `lazy` tool definitions (see `tools`).
+    tool_strategy: Option<tools::Strategy>,
+    /// ferrolm's extension: past how many tools (or `"Ntokens"`) `lazy` applies.
+    lazy_tools_threshold: Option<tools::Threshold>,
     #[serde(flatten)]
     common: Common,
 }
@@ -82,8 +86,9 @@ struct CompletionRequest {
 }
 
 impl ChatRequest {
-    /// Validated tools, the grammar that constrains the reply (response_format or a forced
-    /// tool call, never both), and how many top logprobs to report.
+    /// Validated tools, the grammar of `response_format` (which a forced tool call may not
+    /// join), and how many top logprobs to report. The grammar of a forced tool call depends on
+    /// the model's tool strategy: see [`tools_for`].
     #[allow(clippy::type_complexity)]
     fn checked(&self) -> Result<(Option<Tools>, Option<Arc<Grammar>>, Option<usize>), ApiError> {
         let tools = Tools::parse(
@@ -91,18 +96,13 @@ impl ChatRequest {
             self.tool_choice.as_ref(),
             self.parallel_tool_calls,
         )?;
-        let grammar = match (
-            self.common.grammar()?,
-            tools.as_ref().map(Tools::grammar).transpose()?.flatten(),
-        ) {
-            (Some(_), Some(_)) => {
-                return Err(ApiError::invalid(
-                    "response_format and a forced tool call (tool_choice required or a named function) cannot both constrain one reply: drop one",
-                    Some("response_format"),
-                ))
-            }
-            (a, b) => a.or(b).map(Arc::new),
-        };
+        let grammar = self.common.grammar()?.map(Arc::new);
+        if grammar.is_some() && tools.as_ref().is_some_and(Tools::forces) {
+            return Err(ApiError::invalid(
+                "response_format and a forced tool call (tool_choice required or a named function) cannot both constrain one reply: drop one",
+                Some("response_format"),
+            ));
+        }
         let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
             (false, Some(_)) => {
                 return Err(ApiError::invalid(
@@ -294,7 +294,7 @@ pub async fn chat(
     let stop = Stop::into_vec(req.common.stop.take());
     let c = &req.common;
     let n = c.n()?;
-    let (tools, grammar, logprobs) = req.checked()?;
+    let (tools, format_grammar, logprobs) = req.checked()?;
     let max = c.max_completion_tokens.or(c.max_tokens);
     let prompt_tools = tools.as_ref().and_then(Tools::for_prompt);
     let json_out = c
@@ -329,8 +329,8 @@ pub async fn chat(
                 }
                 let Some(t) = &ticket else { continue };
                 let levers = Levers {
-                    compressed_tokens: 0,
                     route: route.clone(),
+                    ..Levers::default()
                 };
                 let raw: Value = parse(&body)?;
                 match u.chat(&s, &caller, t, &levers, raw).await {
@@ -346,33 +346,43 @@ pub async fn chat(
                 }
             }
         };
-        // The router's rendering serves any tier with the same template and tokenizer.
-        let same = rendered.as_ref().is_some_and(|(m, _)| {
-            Arc::ptr_eq(&m.template, &model.template) && Arc::ptr_eq(&m.tok, &model.tok)
-        });
-        let prompt_ids = if same {
-            rendered.take().map(|(_, ids)| ids)
-        } else {
-            None
-        };
         let attempt = async {
+            let (tools, grammar, left_out) =
+                tools_for(model, tools.clone(), format_grammar.clone(), &req, n)?;
+            // The router's rendering (of every definition) serves any tier with the same
+            // template and tokenizer.
+            let same = left_out.is_none()
+                && rendered.as_ref().is_some_and(|(m, _)| {
+                    Arc::ptr_eq(&m.template, &model.template) && Arc::ptr_eq(&m.tok, &model.tok)
+                });
+            let prompt_ids = if same {
+                rendered.take().map(|(_, ids)| ids)
+            } else {
+                None
+            };
             let strategy = req.context_strategy.unwrap_or(model.context_strategy);
             let (prompt, compressed) = fit_chat(
                 &s,
                 model,
                 &req.messages,
-                prompt_tools,
+                tools.as_ref().and_then(Tools::for_prompt),
                 strategy,
                 max,
                 prompt_ids,
                 caller.cache_scope,
             )
             .await?;
-            let mut opts =
-                model.options(&prompt, params.clone(), max, stop.clone(), grammar.clone())?;
+            let mut opts = model.options(&prompt, params.clone(), max, stop.clone(), grammar)?;
             if c.ignore_eos == Some(true) {
                 opts.end_ids.clear();
             }
+            let lazy = left_out.map(|l| {
+                (
+                    l,
+                    prompt.len(),
+                    generate::Resume::new(req.messages.clone(), strategy, opts.clone()),
+                )
+            });
             if ticket.is_none() {
                 let mut t = s.admit(
                     &caller,
@@ -387,8 +397,11 @@ pub async fn chat(
                 }
                 ticket = Some(t);
             }
+            if let (Some(t), Some((l, len, _))) = (&mut ticket, &lazy) {
+                t.headers.push(("x-ferrolm-tools", l.header(*len)));
+            }
             let job = generate::start(&s, model, prompt, opts, n, caller.cache_scope).await?;
-            Ok::<_, ApiError>((job, compressed))
+            Ok::<_, ApiError>((job, compressed, tools, lazy))
         };
         match attempt.await {
             Ok(x) => {
@@ -404,7 +417,7 @@ pub async fn chat(
             Err(e) => return Err(e),
         }
     }
-    let (Some((model, (job, compressed))), Some(ticket)) = (started, ticket) else {
+    let (Some((model, (job, compressed, tools, lazy))), Some(ticket)) = (started, ticket) else {
         return Err(ApiError::server(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "no tier of the router could take the request",
@@ -412,6 +425,7 @@ pub async fn chat(
     };
     let levers = Levers {
         compressed_tokens: compressed.as_ref().map_or(0, Compression::saved),
+        eager_prompt_tokens: lazy.as_ref().map(|(l, len, _)| l.eager_prompt_tokens(*len)),
         route,
     };
     let format = ChatFormat {
@@ -428,10 +442,41 @@ pub async fn chat(
         model,
         endpoint: "/v1/chat/completions",
         tools,
+        resume: lazy.map(|(_, _, r)| r),
         job,
         conn: conn.map(|Extension(ConnectInfo(c))| c),
     };
     generate::respond(run, format, c.stream.unwrap_or(false)).await
+}
+
+/// What [`tools_for`] returns.
+type ToolsFor = (Option<Tools>, Option<Arc<Grammar>>, Option<tools::LeftOut>);
+
+/// The request's tools for `model` (its tool strategy applied), the grammar of the first pass
+/// (`response_format`'s, else a forced call's), and what lazy loading left out of the prompt.
+fn tools_for(
+    model: &Model,
+    tools: Option<Tools>,
+    format_grammar: Option<Arc<Grammar>>,
+    req: &ChatRequest,
+    n: usize,
+) -> Result<ToolsFor, ApiError> {
+    let Some(mut t) = tools else {
+        return Ok((None, format_grammar, None));
+    };
+    t.apply_strategy(
+        model.tool_strategy,
+        req.tool_strategy,
+        req.lazy_tools_threshold,
+        n,
+        |text| model.token_count(text),
+    )?;
+    let grammar = match format_grammar {
+        Some(g) => Some(g),
+        None => t.grammar()?.map(Arc::new),
+    };
+    let left_out = t.left_out(model, &req.messages)?;
+    Ok((Some(t), grammar, left_out))
 }
 
 type SseItem = Result<SseEvent, Infallible>;
@@ -735,6 +780,7 @@ pub async fn completions(
         model,
         endpoint: "/v1/completions",
         tools: None,
+        resume: None,
         job,
         conn: conn.map(|Extension(ConnectInfo(c))| c),
     };

@@ -43,7 +43,7 @@ use crate::auth::Caller;
 use crate::compress::{fit_chat, Compression};
 use crate::error::ApiError;
 use crate::generate::{self, Choice, ClientConn, Format, Run, TokenInfo};
-use crate::tools::{Call, Tools};
+use crate::tools::{self, Call, Tools};
 use crate::{parse, unix_now, AppState, Levers, Worst};
 
 /// A `POST /v1/responses` body. Unknown fields are ignored, as chat's are.
@@ -70,6 +70,10 @@ struct ResponsesRequest {
     background: Option<bool>,
     /// Refused: conversations are not kept, only `previous_response_id` chains.
     conversation: Option<Value>,
+    /// ferrolm's extension, as chat's: `eager` or `lazy` tool definitions.
+    tool_strategy: Option<tools::Strategy>,
+    /// ferrolm's extension, as chat's: past how many tools (or `"Ntokens"`) `lazy` applies.
+    lazy_tools_threshold: Option<tools::Threshold>,
 }
 
 fn new_id(prefix: &str) -> String {
@@ -448,25 +452,35 @@ pub async fn create(
         }
         None => {}
     }
-    let tools = Tools::parse(
+    let mut tools = Tools::parse(
         chat_tools(req.tools.as_ref())?.as_ref(),
         chat_tool_choice(req.tool_choice.as_ref())?.as_ref(),
         req.parallel_tool_calls,
     )?;
     let (format_echo, grammar) = text_format(req.text.as_ref())?;
-    let grammar = match (
-        grammar,
-        tools.as_ref().map(Tools::grammar).transpose()?.flatten(),
-    ) {
-        (Some(_), Some(_)) => {
-            return Err(bad(
-                "text.format and a forced tool call (tool_choice required or a named function) cannot both constrain one reply: drop one".into(),
-                "text",
-            ))
-        }
-        (a, b) => a.or(b).map(Arc::new),
-    };
+    if grammar.is_some() && tools.as_ref().is_some_and(Tools::forces) {
+        return Err(bad(
+            "text.format and a forced tool call (tool_choice required or a named function) cannot both constrain one reply: drop one".into(),
+            "text",
+        ));
+    }
     let messages = chat_messages(req.instructions.as_deref(), &items);
+    let mut left_out = None;
+    if let Some(t) = &mut tools {
+        t.apply_strategy(
+            model.tool_strategy,
+            req.tool_strategy,
+            req.lazy_tools_threshold,
+            1,
+            |text| model.token_count(text),
+        )?;
+        left_out = t.left_out(&model, &messages)?;
+    }
+    let grammar = match grammar {
+        Some(g) => Some(g),
+        None => tools.as_ref().map(Tools::grammar).transpose()?.flatten(),
+    }
+    .map(Arc::new);
     let max = req.max_output_tokens;
     let (prompt, compressed) = fit_chat(
         &s,
@@ -486,6 +500,9 @@ pub async fn create(
         ..SamplingParams::greedy()
     };
     let opts = model.options(&prompt, params, max, Vec::new(), grammar)?;
+    let eager_prompt_tokens = left_out.map(|l| l.eager_prompt_tokens(prompt.len()));
+    let resume = left_out
+        .map(|_| generate::Resume::new(messages.clone(), model.context_strategy, opts.clone()));
     let mut ticket = s.admit(
         &caller,
         Worst {
@@ -496,6 +513,11 @@ pub async fn create(
     )?;
     if let Some(c) = &compressed {
         ticket.headers.push(("x-ferrolm-context", c.header()));
+    }
+    if let Some(l) = &left_out {
+        ticket
+            .headers
+            .push(("x-ferrolm-tools", l.header(prompt.len())));
     }
     let job = generate::start(&s, &model, prompt, opts, 1, caller.cache_scope).await?;
     let store = req.store.unwrap_or(true);
@@ -538,11 +560,13 @@ pub async fn create(
         ticket,
         levers: Levers {
             compressed_tokens: compressed.as_ref().map_or(0, Compression::saved),
+            eager_prompt_tokens,
             ..Levers::default()
         },
         model,
         endpoint: "/v1/responses",
         tools,
+        resume,
         job,
         conn: conn.map(|Extension(ConnectInfo(c))| c),
     };
