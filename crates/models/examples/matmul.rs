@@ -1,7 +1,9 @@
-//! Times the quantized matmul on a SmolLM2-shaped FFN matrix (1536 × 576, random Q4_1
-//! weights, one thread), row-major and in 16-row groups (AVX-512 VNNI), and prints how far the
-//! two results are apart: `cargo run --release -p ferrolm-models --example matmul -- [TOKENS]
-//! [REPS]`. Valgrind cannot run the AVX-512 kernels and this VM exposes no cycle counters, so
+//! Times the quantized matmul on a SmolLM2-shaped FFN matrix (1536 × 576, random weights of
+//! TYPE — q4_1, q5_0 or q8_0 —, one thread), row-major and in 16-row groups (AVX-512 VNNI), and
+//! prints how far the two results are apart: `cargo run --release -p ferrolm-models --example
+//! matmul -- [TOKENS] [REPS] [TYPE]`. On AVX2 the matrix is prepared as the loader does
+//! (`prepare_avx2`), and the prompt's result is checked bitwise against the same tokens one at
+//! a time (batch invariance); `FERROLM_BATCH_INVARIANT=0` times the f32 GEMM path instead. Valgrind cannot run the AVX-512 kernels and this VM exposes no cycle counters, so
 //! A/B kernel changes here by interleaved timings (repeat, take medians).
 use ferrolm_models::quant::{matmul, Isa, QActs, QMatrix};
 
@@ -9,6 +11,7 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(16);
     let reps: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20);
+    let ty = args.next().unwrap_or_else(|| "q4_1".into());
     let (rows, cols) = (1536, 576);
     let mut seed = 0x9E37_79B9_u64;
     let mut next = || {
@@ -17,23 +20,54 @@ fn main() {
             .wrapping_add(1442695040888963407);
         (seed >> 33) as u32
     };
-    // Q4_1 blocks: f16 d, f16 m, 16 bytes of nibbles.
+    // GGML blocks of 32: f16 d, then Q4_1 f16 m and 16 bytes of nibbles, Q5_0 4 bytes of
+    // fifth bits and 16 of nibbles, Q8_0 32 signed bytes.
+    let (gty, quant_bytes) = match ty.as_str() {
+        "q4_1" => (ferrolm_gguf::GgmlType::Q4_1, 16),
+        "q5_0" => (ferrolm_gguf::GgmlType::Q5_0, 20),
+        "q8_0" => (ferrolm_gguf::GgmlType::Q8_0, 32),
+        other => panic!("TYPE must be q4_1, q5_0 or q8_0, not {other}"),
+    };
     let mut raw = Vec::new();
     for _ in 0..rows * cols / 32 {
         raw.extend_from_slice(
             &half::f16::from_f32(0.01 + (next() % 100) as f32 * 1e-4).to_le_bytes(),
         );
-        raw.extend_from_slice(&half::f16::from_f32(-0.1).to_le_bytes());
-        raw.extend((0..16).map(|_| next() as u8));
+        if gty == ferrolm_gguf::GgmlType::Q4_1 {
+            raw.extend_from_slice(&half::f16::from_f32(-0.1).to_le_bytes());
+        }
+        raw.extend((0..quant_bytes).map(|_| next() as u8));
     }
-    let w =
-        QMatrix::from_ggml(ferrolm_gguf::GgmlType::Q4_1, rows, cols, &raw).expect("Q4_1 repacks");
+    let mut w = QMatrix::from_ggml(gty, rows, cols, &raw).expect("the type repacks");
+    if Isa::detect() == Isa::Avx2 {
+        w.prepare_avx2();
+    }
     let x: Vec<f32> = (0..n * cols)
         .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
         .collect();
     let mut acts = QActs::default();
     acts.quantize(&x, n, cols);
     let mut out = vec![0f32; n * rows];
+    // Batch invariance: the prompt's rows equal the same tokens' one-token products bitwise.
+    if ferrolm_models::quant::batch_invariant() {
+        matmul(Isa::detect(), &w, &acts, &mut out);
+        let mut one = QActs::default();
+        let mut o1 = vec![0f32; rows];
+        let mut differ = 0;
+        for t in 0..n {
+            one.quantize(&x[t * cols..(t + 1) * cols], 1, cols);
+            matmul(Isa::detect(), &w, &one, &mut o1);
+            differ += o1
+                .iter()
+                .zip(&out[t * rows..(t + 1) * rows])
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+        }
+        println!(
+            "batch invariance: {differ} of {} outputs differ from one token at a time",
+            n * rows
+        );
+    }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()

@@ -1298,33 +1298,37 @@ mod x86 {
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
-    /// Dots of the [`Grain::Block32`] weight rows `r0..r0+R` (row-major, kind `K`) with token
-    /// `t`, offset term included: the AVX2 decode kernel. Each activation block is loaded once
-    /// for the `R` rows, the `R` accumulators are independent, and the offsets `Σ m·sx` are one
-    /// vector FMA per 8 blocks.
+    /// Dots of the [`Grain::Block32`] weight rows `r0..r0+R` (row-major, kind `K`) with tokens
+    /// `t0..t0+T`, offset terms included: the AVX2 kernel for decoding (`T = 1`) and prompts
+    /// (a tile of `R × T`). Each weight block is unpacked once for the `T` tokens and each
+    /// activation block loaded once for the `R` rows; the `R·T` accumulators are independent.
+    ///
+    /// Batch invariance: every (row, token) result is the same sequence of float operations
+    /// whatever `R` and `T` are — per block `acc += f32(Σ q·qx) · (d·dx)` in block order, then
+    /// the horizontal sum, then the offsets `Σ m·sx` (one vector FMA per 8 blocks) — so a
+    /// token's logits do not depend on what it is batched with.
     ///
     /// [`Grain::Block32`]: super::Grain::Block32
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn rows_avx2<const R: usize, const K: u8>(
+    pub unsafe fn rows_avx2<const R: usize, const T: usize, const K: u8>(
         w: &super::QMatrix,
         r0: usize,
         x: &super::QActs,
-        t: usize,
-    ) -> [f32; R] {
+        t0: usize,
+    ) -> [[f32; T]; R] {
         let nb = w.cols / QK;
         let rb = w.row_bytes();
         assert!((r0 + R) * nb <= w.d.len() && (r0 + R) * rb <= w.qs.len());
-        assert!((t + 1) * nb <= x.d.len() && (t + 1) * w.cols <= x.qs.len());
+        assert!((t0 + T) * nb <= x.d.len() && (t0 + T) * w.cols <= x.qs.len());
         let nibbles = K == K4 || K == K5;
         let mask = _mm256_set1_epi8(0x0F);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut macc = [_mm256_setzero_ps(); R];
-        // SAFETY (whole body): every pointer read below stays inside the rows and token
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        // SAFETY (whole body): every pointer read below stays inside the rows and tokens
         // asserted above; prefetches may point past them, which is harmless.
         unsafe {
-            let xq = x.qs.as_ptr().add(t * w.cols);
-            let xd = x.d.as_ptr().add(t * nb);
-            let xs = x.sx.as_ptr().add(t * nb);
+            let xq: [*const i8; T] = std::array::from_fn(|j| x.qs.as_ptr().add((t0 + j) * w.cols));
+            let xd: [*const f32; T] = std::array::from_fn(|j| x.d.as_ptr().add((t0 + j) * nb));
+            let xs: [*const f32; T] = std::array::from_fn(|j| x.sx.as_ptr().add((t0 + j) * nb));
             let wq: [*const u8; R] = std::array::from_fn(|i| w.qs.as_ptr().add((r0 + i) * rb));
             let wd: [*const f32; R] = std::array::from_fn(|i| w.d.as_ptr().add((r0 + i) * nb));
             // With fixed offsets (`m` not stored) the offset FMAs run over `d`, times `c` after.
@@ -1345,83 +1349,142 @@ mod x86 {
                     isum_u4(w, x)
                 }
             };
+            // The unpacked weight blocks of the R rows, `w0` block `b`, `w1` block `b + 1`.
+            let unpack_pair = |i: usize, b: usize| {
+                let (mut w0, mut w1) = if nibbles {
+                    let v = _mm256_loadu_si256(wq[i].add(b * 16) as *const __m256i);
+                    (
+                        _mm256_and_si256(v, mask),
+                        _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
+                    )
+                } else {
+                    (
+                        _mm256_loadu_si256(wq[i].add(b * QK) as *const __m256i),
+                        _mm256_loadu_si256(wq[i].add((b + 1) * QK) as *const __m256i),
+                    )
+                };
+                if K == K5 {
+                    w0 = _mm256_or_si256(w0, hbits(i, b));
+                    w1 = _mm256_or_si256(w1, hbits(i, b + 1));
+                }
+                (w0, w1)
+            };
+            // Blocks in groups of 8: the group's scale products `d·dx` are 8-wide multiplies
+            // (the same f32 products as one at a time), each then broadcast from memory.
+            let mut sc = [[[0f32; 8]; T]; R];
             let mut b = 0;
-            while b + 1 < nb {
-                let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-                let x1 = _mm256_loadu_si256(xq.add((b + 1) * QK) as *const __m256i);
-                let (d0, d1) = (*xd.add(b), *xd.add(b + 1));
+            while b < nb {
+                let g0 = b;
+                let g = (nb - b).min(8);
                 for i in 0..R {
-                    // The next R rows' bytes at this position: rows interleave in R, which
-                    // the hardware prefetcher does not follow.
-                    let at = if nibbles { b * 16 } else { b * QK };
-                    _mm_prefetch::<_MM_HINT_T0>(wq[i].wrapping_add(R * rb + at) as *const i8);
-                    if b % 16 == 0 {
-                        _mm_prefetch::<_MM_HINT_T0>(wd[i].wrapping_add(R * nb + b) as *const i8);
-                        if w.m_fixed.is_none() {
-                            _mm_prefetch::<_MM_HINT_T0>(wm[i].wrapping_add(R * nb + b) as *const i8);
+                    for j in 0..T {
+                        if g == 8 {
+                            let p = _mm256_mul_ps(
+                                _mm256_loadu_ps(wd[i].add(b)),
+                                _mm256_loadu_ps(xd[j].add(b)),
+                            );
+                            _mm256_storeu_ps(sc[i][j].as_mut_ptr(), p);
+                        } else {
+                            for (k, v) in sc[i][j][..g].iter_mut().enumerate() {
+                                *v = *wd[i].add(b + k) * *xd[j].add(b + k);
+                            }
                         }
                     }
-                    let (mut w0, mut w1) = if nibbles {
-                        let v = _mm256_loadu_si256(wq[i].add(b * 16) as *const __m256i);
-                        (
-                            _mm256_and_si256(v, mask),
-                            _mm256_and_si256(_mm256_srli_epi16(v, 4), mask),
-                        )
-                    } else {
-                        (
-                            _mm256_loadu_si256(wq[i].add(b * QK) as *const __m256i),
-                            _mm256_loadu_si256(wq[i].add((b + 1) * QK) as *const __m256i),
-                        )
-                    };
-                    if K == K5 {
-                        w0 = _mm256_or_si256(w0, hbits(i, b));
-                        w1 = _mm256_or_si256(w1, hbits(i, b + 1));
-                    }
-                    let s0 = _mm256_cvtepi32_ps(isum(w0, x0));
-                    let s1 = _mm256_cvtepi32_ps(isum(w1, x1));
-                    acc[i] = _mm256_fmadd_ps(s0, _mm256_set1_ps(*wd[i].add(b) * d0), acc[i]);
-                    acc[i] = _mm256_fmadd_ps(s1, _mm256_set1_ps(*wd[i].add(b + 1) * d1), acc[i]);
                 }
-                b += 2;
-            }
-            if b < nb {
-                // An odd last block (a nibble one is stored alone: element j low, j + 16 high).
-                let x0 = _mm256_loadu_si256(xq.add(b * QK) as *const __m256i);
-                let d0 = *xd.add(b);
-                for i in 0..R {
-                    let mut w0 = if nibbles {
-                        let v = _mm_loadu_si128(wq[i].add(b * 16) as *const __m128i);
-                        let m = _mm_set1_epi8(0x0F);
-                        _mm256_set_m128i(
-                            _mm_and_si128(_mm_srli_epi16(v, 4), m),
-                            _mm_and_si128(v, m),
-                        )
-                    } else {
-                        _mm256_loadu_si256(wq[i].add(b * QK) as *const __m256i)
-                    };
-                    if K == K5 {
-                        w0 = _mm256_or_si256(w0, hbits(i, b));
+                while b + 1 < g0 + g {
+                    let mut ws = [(_mm256_setzero_si256(), _mm256_setzero_si256()); R];
+                    for (i, wsi) in ws.iter_mut().enumerate() {
+                        // The next R rows' bytes at this position: rows interleave in R,
+                        // which the hardware prefetcher does not follow.
+                        let at = if nibbles { b * 16 } else { b * QK };
+                        _mm_prefetch::<_MM_HINT_T0>(wq[i].wrapping_add(R * rb + at) as *const i8);
+                        if b % 16 == 0 {
+                            _mm_prefetch::<_MM_HINT_T0>(wd[i].wrapping_add(R * nb + b) as *const i8);
+                            if w.m_fixed.is_none() {
+                                _mm_prefetch::<_MM_HINT_T0>(
+                                    wm[i].wrapping_add(R * nb + b) as *const i8
+                                );
+                            }
+                        }
+                        *wsi = unpack_pair(i, b);
                     }
-                    let s0 = _mm256_cvtepi32_ps(isum(w0, x0));
-                    acc[i] = _mm256_fmadd_ps(s0, _mm256_set1_ps(*wd[i].add(b) * d0), acc[i]);
+                    // Block b for every (row, token), then block b + 1: each accumulator
+                    // still takes its blocks in order.
+                    for j in 0..T {
+                        let x0 = _mm256_loadu_si256(xq[j].add(b * QK) as *const __m256i);
+                        for i in 0..R {
+                            let s0 = _mm256_cvtepi32_ps(isum(ws[i].0, x0));
+                            let d = _mm256_broadcast_ss(&sc[i][j][b - g0]);
+                            acc[i][j] = _mm256_fmadd_ps(s0, d, acc[i][j]);
+                        }
+                    }
+                    for j in 0..T {
+                        let x1 = _mm256_loadu_si256(xq[j].add((b + 1) * QK) as *const __m256i);
+                        for i in 0..R {
+                            let s1 = _mm256_cvtepi32_ps(isum(ws[i].1, x1));
+                            let d = _mm256_broadcast_ss(&sc[i][j][b + 1 - g0]);
+                            acc[i][j] = _mm256_fmadd_ps(s1, d, acc[i][j]);
+                        }
+                    }
+                    b += 2;
+                }
+                if b < g0 + g {
+                    // An odd last block (a nibble one is stored alone: element j low, j + 16
+                    // high).
+                    for i in 0..R {
+                        let mut w0 = if nibbles {
+                            let v = _mm_loadu_si128(wq[i].add(b * 16) as *const __m128i);
+                            let m = _mm_set1_epi8(0x0F);
+                            _mm256_set_m128i(
+                                _mm_and_si128(_mm_srli_epi16(v, 4), m),
+                                _mm_and_si128(v, m),
+                            )
+                        } else {
+                            _mm256_loadu_si256(wq[i].add(b * QK) as *const __m256i)
+                        };
+                        if K == K5 {
+                            w0 = _mm256_or_si256(w0, hbits(i, b));
+                        }
+                        for j in 0..T {
+                            let x0 = _mm256_loadu_si256(xq[j].add(b * QK) as *const __m256i);
+                            let s0 = _mm256_cvtepi32_ps(isum(w0, x0));
+                            let d = _mm256_broadcast_ss(&sc[i][j][b - g0]);
+                            acc[i][j] = _mm256_fmadd_ps(s0, d, acc[i][j]);
+                        }
+                    }
+                    b += 1;
                 }
             }
-            // Offsets: Σ_b m[b]·sx[b], 8 blocks per FMA (none for signed bytes).
-            let mut b = if K == K8S { nb } else { 0 };
+            let mut out = [[0f32; T]; R];
+            for i in 0..R {
+                for j in 0..T {
+                    out[i][j] = hsum256(acc[i][j]);
+                }
+            }
+            if K == K8S {
+                // Signed bytes: no offsets.
+                return out;
+            }
+            // Offsets: Σ_b m[b]·sx[b], 8 blocks per FMA.
+            let mut macc = [[_mm256_setzero_ps(); T]; R];
+            let mut b = 0;
             while b + 8 <= nb {
-                let sx = _mm256_loadu_ps(xs.add(b));
-                for i in 0..R {
-                    macc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(wm[i].add(b)), sx, macc[i]);
+                for j in 0..T {
+                    let sx = _mm256_loadu_ps(xs[j].add(b));
+                    for i in 0..R {
+                        macc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(wm[i].add(b)), sx, macc[i][j]);
+                    }
                 }
                 b += 8;
             }
-            let mut out = [0f32; R];
             for i in 0..R {
-                let mut tail = 0f32;
-                for bb in b..nb {
-                    tail += *wm[i].add(bb) * *xs.add(bb);
+                for j in 0..T {
+                    let mut tail = 0f32;
+                    for bb in b..nb {
+                        tail += *wm[i].add(bb) * *xs[j].add(bb);
+                    }
+                    out[i][j] += mscale * (hsum256(macc[i][j]) + tail);
                 }
-                out[i] = hsum256(acc[i]) + mscale * (hsum256(macc[i]) + tail);
             }
             out
         }
@@ -1580,6 +1643,10 @@ const TILE: usize = 4;
 /// in [`Layout::Group16`]). 2 and 4 measured slower here (decode 68 and 61 tok/s against 95 on
 /// one thread): the row tiles spill.
 const DECODE_ROWS: usize = 1;
+/// Weight rows × tokens per tile of the AVX2 prompt kernel (`x86::rows_avx2`): 8
+/// accumulators, the activation pair and the unpacked weight pair fit AVX2's 16 registers.
+const PROMPT_ROWS: usize = 2;
+const PROMPT_TOKENS: usize = 4;
 
 /// `out (n × w.rows) = x (n × w.cols) · wᵀ`, rows of `w` split across the rayon pool.
 pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
@@ -1738,22 +1805,46 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
             && w.grain == Grain::Block32
             && matches!(w.layout, Layout::Rows | Layout::Packed5 | Layout::Signed8)
         {
-            // Four rows per pass share each activation load; tokens inside, so the rows'
-            // weights stay in L1 while a small batch's tokens go through them.
+            // Decoding: four rows per pass share each activation load. Prompts: tiles of
+            // PROMPT_ROWS rows × PROMPT_TOKENS tokens, tokens inside, so the tile's rows stay
+            // in L1 while the prompt's tokens go through them. Each (row, token) is the same
+            // arithmetic either way (see `rows_avx2`).
             let put = |t: usize, r: usize, v: f32| unsafe { *p.0.add(t * m + r) = v };
             macro_rules! go {
                 ($k:expr) => {{
+                    const R: usize = PROMPT_ROWS;
+                    const T: usize = PROMPT_TOKENS;
                     let mut r = rows.start;
-                    while r + 4 <= rows.end {
-                        for t in 0..n {
-                            let v = unsafe { x86::rows_avx2::<4, { $k }>(w, r, x, t) };
-                            (0..4).for_each(|i| put(t, r + i, v[i]));
+                    if n == 1 {
+                        while r + 4 <= rows.end {
+                            let v = unsafe { x86::rows_avx2::<4, 1, { $k }>(w, r, x, 0) };
+                            (0..4).for_each(|i| put(0, r + i, v[i][0]));
+                            r += 4;
                         }
-                        r += 4;
+                    } else {
+                        while r + R <= rows.end {
+                            let mut t = 0;
+                            while t + T <= n {
+                                let v = unsafe { x86::rows_avx2::<R, T, { $k }>(w, r, x, t) };
+                                for i in 0..R {
+                                    (0..T).for_each(|j| put(t + j, r + i, v[i][j]));
+                                }
+                                t += T;
+                            }
+                            for t in t..n {
+                                let v = unsafe { x86::rows_avx2::<R, 1, { $k }>(w, r, x, t) };
+                                (0..R).for_each(|i| put(t, r + i, v[i][0]));
+                            }
+                            r += R;
+                        }
                     }
                     for r in r..rows.end {
                         for t in 0..n {
-                            put(t, r, unsafe { x86::rows_avx2::<1, { $k }>(w, r, x, t) }[0]);
+                            put(
+                                t,
+                                r,
+                                unsafe { x86::rows_avx2::<1, 1, { $k }>(w, r, x, t) }[0][0],
+                            );
                         }
                     }
                 }};
@@ -1797,7 +1888,7 @@ mod tests {
         for _ in 0..rows * nb {
             let d = f16::from_f32(0.001 + (lcg(seed) % 1000) as f32 * 1e-5);
             raw.extend_from_slice(&d.to_le_bytes());
-            if ty == GgmlType::Q4_1 {
+            if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
                 let m = f16::from_f32(-0.01 * (lcg(seed) % 100) as f32 / 100.0);
                 raw.extend_from_slice(&m.to_le_bytes());
             }
@@ -1975,6 +2066,62 @@ mod tests {
                         assert!(
                             (got - exact).abs() <= bound,
                             "{ty:?} {cols}: {got} vs {exact} (bound {bound})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Batch invariance of the AVX2 kernels: a prompt's products (tiles of rows × tokens, with
+    /// row and token tails) equal the same tokens' one-token products bit for bit, for every
+    /// row kind the loader prepares (4-bit, 5-bit packed, signed 8-bit; fixed and stored
+    /// offsets) and for block counts that are odd and not a multiple of 8.
+    #[test]
+    fn prompt_tiles_equal_one_token_products_bitwise() {
+        if Isa::detect() == Isa::Scalar {
+            return;
+        }
+        let mut seed = 5;
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+        ] {
+            for (rows, cols, n) in [(7, 288, 9), (9, 576, 13), (4, 32, 5)] {
+                let raw = random_blocks(ty, rows, cols, &mut seed);
+                let mut w = QMatrix::from_ggml(ty, rows, cols, &raw).unwrap();
+                w.prepare_avx2();
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0)
+                    .collect();
+                let mut qa = QActs::default();
+                qa.quantize(&x, n, cols);
+                let mut prompt = vec![0f32; n * rows];
+                matmul(Isa::Avx2, &w, &qa, &mut prompt);
+                let mut one = QActs::default();
+                let mut got = vec![0f32; rows];
+                for t in 0..n {
+                    one.quantize(&x[t * cols..(t + 1) * cols], 1, cols);
+                    matmul(Isa::Avx2, &w, &one, &mut got);
+                    for (r, g) in got.iter().enumerate() {
+                        let p = prompt[t * rows + r];
+                        assert_eq!(
+                            g.to_bits(),
+                            p.to_bits(),
+                            "{ty:?} {rows}×{cols} token {t} row {r}: one token {g}, in a prompt of {n} {p}"
+                        );
+                    }
+                    // And both are the right product (the scalar path on the same operands).
+                    let mut scalar = vec![0f32; rows];
+                    let w0 = QMatrix::from_ggml(ty, rows, cols, &raw).unwrap();
+                    matmul(Isa::Scalar, &w0, &one, &mut scalar);
+                    for (a, b) in got.iter().zip(&scalar) {
+                        assert!(
+                            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                            "{ty:?}: {a} vs {b}"
                         );
                     }
                 }
