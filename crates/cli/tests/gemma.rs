@@ -162,44 +162,100 @@ fn greedy_continuations_equal_llama_cpp_until_a_near_tie() {
     assert!(own_ties <= 1, "{own_ties} steps differ");
 }
 
+/// ferrolm on the 1,024-token text, one evaluation shared by the tests below: per position its
+/// argmax and its log-probs of the ids the references rank first.
+struct Ours {
+    argmax: Vec<u32>,
+    logprob: Vec<std::collections::HashMap<u32, f64>>,
+}
+
+fn ours_over_the_text() -> &'static Ours {
+    static OURS: std::sync::OnceLock<Ours> = std::sync::OnceLock::new();
+    OURS.get_or_init(|| {
+        let g = GgufFile::open(gemma_model()).unwrap();
+        let model = Model::load(&g, &mut |_, _| {}).unwrap();
+        let (r, x) = (reference(), exact());
+        let text = ids(&r["top1"]["ids"]);
+        assert_eq!(
+            text,
+            ids(&x["ids"]),
+            "the two references hold the same text"
+        );
+        let n = text.len() - 1;
+        assert_eq!(n, 1024);
+        let wanted = |k: usize| -> Vec<u32> {
+            let a = r["top1"]["top2"][k].as_array().unwrap().iter();
+            let b = x["top2"][k].as_array().unwrap().iter();
+            a.chain(b).map(|p| p[0].as_u64().unwrap() as u32).collect()
+        };
+        let mut s = Session::new(&model, 2048, 2).unwrap();
+        let vocab = model.cfg().vocab_size;
+        let mut ours = Ours {
+            argmax: Vec::with_capacity(n),
+            logprob: Vec::with_capacity(n),
+        };
+        // Chunks of 64 positions, each with all its logits (64 × 262k floats at a time).
+        let mut start = 0;
+        while start < n {
+            let chunk = &text[start..(start + 64).min(n)];
+            let want: Vec<usize> = (0..chunk.len()).collect();
+            let logits = s.eval(chunk, &want).unwrap();
+            for (j, row) in logits.chunks_exact(vocab).enumerate() {
+                let max = row.iter().fold(f32::MIN, |a, &v| a.max(v)) as f64;
+                let lse = max
+                    + row
+                        .iter()
+                        .map(|&v| (v as f64 - max).exp())
+                        .sum::<f64>()
+                        .ln();
+                ours.argmax.push(argmax(row));
+                let lp = wanted(start + j)
+                    .into_iter()
+                    .map(|id| (id, row[id as usize] as f64 - lse))
+                    .collect();
+                ours.logprob.push(lp);
+            }
+            start += chunk.len();
+        }
+        ours
+    })
+}
+
+fn exact() -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(golden("gemma3_270m_exact.json")).unwrap()).unwrap()
+}
+
 /// ferrolm's argmax at every position of a 1,024-token text against llama.cpp's top-1.
 ///
-/// Issue 13's target is 98%; it is NOT met yet. Measured (2026-12-04, AVX2, ferrolm's own
-/// kernels): 970/1024 = 94.73% in the default batch-invariant mode (the one-token kernels;
-/// 47 of the 54 misses are positions where llama.cpp's own top two are within 0.3 log-prob,
-/// near-ties that quantization noise flips, 7 are clear misses), 976/1024 = 95.31% with
-/// `FERROLM_BATCH_INVARIANT=0`'s f32 GEMM paths (44 of 48 near-ties); 94.53% with candle's
-/// K-quant matmuls before. This test pins that state: agreement at least 94%, at most 1% clear misses.
+/// Issue 13's target is 98%; it is NOT met, and the exact model does not meet it either:
+/// transformers running the same file's weights in f32 (`scripts/gemma_exact_reference.py`)
+/// agrees with llama.cpp's top-1 at 976/1024 = 95.31% of these positions. llama.cpp's answers
+/// carry its own rounding (8-bit activations in blocks of 256 for K-quant matrices, an f16 KV
+/// cache, flash attention's f16 accumulation): on this text its log-prob of the exact model's
+/// top token is off by 0.031 at the median and 0.172 at the 95th percentile, against 0.020 and
+/// 0.103 for ferrolm (see the test below), and how it is run moves some of its log-probs by
+/// more than 1: at position 464, evaluated as one batch, it ranks " could" 1.5 above " had"
+/// with flash attention (its default) and 1.7 below with `-fa off` (the exact model: 1.5
+/// below), and one token at a time, as recorded, 0.1 above. Measured (2026-12-04, AVX2): 970/1024 = 94.73% (47 of the 54 misses are positions
+/// where llama.cpp's own top two are within 0.3 log-prob, 7 are clear misses); 94.53% with
+/// candle's K-quant matmuls before. This test pins that state: at least 94%, at most 1% clear
+/// misses.
 #[test]
 fn top1_agreement_over_1024_tokens() {
-    let g = GgufFile::open(gemma_model()).unwrap();
-    let model = Model::load(&g, &mut |_, _| {}).unwrap();
     let r = reference();
-    let text = ids(&r["top1"]["ids"]);
     let top2 = r["top1"]["top2"].as_array().unwrap();
     let n = top2.len();
     assert_eq!(n, 1024);
-    assert_eq!(text.len(), n + 1);
-    let mut s = Session::new(&model, 2048, 2).unwrap();
-    let vocab = model.cfg().vocab_size;
-    let (mut agree, mut near_ties, mut clear_misses, mut start) = (0, 0, 0, 0);
-    // Chunks of 64 positions, each with all its logits (64 × 262k floats at a time).
-    while start < n {
-        let chunk = &text[start..(start + 64).min(n)];
-        let want: Vec<usize> = (0..chunk.len()).collect();
-        let logits = s.eval(chunk, &want).unwrap();
-        for (j, row) in logits.chunks_exact(vocab).enumerate() {
-            let k = start + j;
-            let ours = argmax(row);
-            if ours == top2[k][0][0].as_u64().unwrap() as u32 {
-                agree += 1;
-            } else if top2[k][0][1].as_f64().unwrap() - top2[k][1][1].as_f64().unwrap() < 0.3 {
-                near_ties += 1;
-            } else {
-                clear_misses += 1;
-            }
+    let ours = ours_over_the_text();
+    let (mut agree, mut near_ties, mut clear_misses) = (0, 0, 0);
+    for (k, t) in top2.iter().enumerate() {
+        if ours.argmax[k] == t[0][0].as_u64().unwrap() as u32 {
+            agree += 1;
+        } else if t[0][1].as_f64().unwrap() - t[1][1].as_f64().unwrap() < 0.3 {
+            near_ties += 1;
+        } else {
+            clear_misses += 1;
         }
-        start += chunk.len();
     }
     let rate = agree as f64 / n as f64;
     eprintln!(
@@ -210,5 +266,57 @@ fn top1_agreement_over_1024_tokens() {
     assert!(
         clear_misses * 100 <= n,
         "{clear_misses} misses where llama.cpp's top two are 0.3 or more apart"
+    );
+}
+
+/// ferrolm against the exact model (transformers, the same file's weights in f32,
+/// `golden/gemma3_270m_exact.json`) on the same 1,024 positions, and closer to it than
+/// llama.cpp is. Measured (2026-12-04, AVX2, default batch-invariant mode): top-1 989/1024 =
+/// 96.58% (26 of the 35 misses are positions where the exact top two are within 0.1); the
+/// log-prob of the exact top token is off by 0.020 at the median and 0.103 at the 95th
+/// percentile, llama.cpp's (at the 1,017 positions where it is in llama.cpp's recorded top two)
+/// by 0.031 and 0.172.
+/// What is left is ferrolm's own rounding: 8-bit activations per 32 values and the f16 KV
+/// cache.
+#[test]
+fn closer_to_the_exact_model_than_llama_cpp() {
+    let x = exact();
+    assert_eq!(
+        x["model_sha256"],
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    );
+    let r = reference();
+    let ours = ours_over_the_text();
+    let top2 = x["top2"].as_array().unwrap();
+    let n = top2.len();
+    assert_eq!(n, 1024);
+    let (mut agree, mut ours_err, mut llama_err) = (0, Vec::new(), Vec::new());
+    for (k, t) in top2.iter().enumerate() {
+        let (id, lp) = (t[0][0].as_u64().unwrap() as u32, t[0][1].as_f64().unwrap());
+        agree += usize::from(ours.argmax[k] == id);
+        ours_err.push((ours.logprob[k][&id] - lp).abs());
+        for l in r["top1"]["top2"][k].as_array().unwrap() {
+            if l[0].as_u64().unwrap() as u32 == id {
+                llama_err.push((l[1].as_f64().unwrap() - lp).abs());
+            }
+        }
+    }
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * p) as usize]
+    };
+    let (om, o95) = (pct(&mut ours_err, 0.5), pct(&mut ours_err, 0.95));
+    let (lm, l95) = (pct(&mut llama_err, 0.5), pct(&mut llama_err, 0.95));
+    eprintln!(
+        "against the exact model: top-1 {agree}/{n}; |Δ log-prob| of its top token: ferrolm median {om:.3} p95 {o95:.3}, llama.cpp median {lm:.3} p95 {l95:.3} ({} positions)",
+        llama_err.len()
+    );
+    assert!(
+        agree * 100 >= 96 * n,
+        "top-1 agreement with the exact model {agree}/{n} < 96%"
+    );
+    assert!(
+        om <= lm && o95 <= l95,
+        "ferrolm (median {om:.3}, p95 {o95:.3}) is further from the exact model than llama.cpp (median {lm:.3}, p95 {l95:.3})"
     );
 }
