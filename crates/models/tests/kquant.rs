@@ -219,6 +219,52 @@ fn every_kernel_matches_scalar_and_f32_on_every_type() {
     }
 }
 
+/// Batch invariance: on every type and kernel, a prompt's products (tiles of rows × tokens,
+/// token blocks, row and token tails) equal the same tokens' one-token products bit for bit,
+/// so a token's logits do not depend on what it is batched with. (With
+/// `FERROLM_BATCH_INVARIANT=0` the AVX2 prompt path is an f32 GEMM instead, which this test
+/// does not cover: the process default is on.)
+#[test]
+fn prompts_equal_one_token_products_bitwise_on_every_type() {
+    assert!(ferrolm_models::quant::batch_invariant());
+    let mut rng = Rng(3);
+    for ty in ALL {
+        for (si, &(rows, n)) in [(7, 9), (9, 70), (4, 5)].iter().enumerate() {
+            let widths = widths(ty);
+            let cols = widths[si % widths.len()];
+            let raw = random_matrix(ty, rows, cols, &mut rng);
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.unit()).collect();
+            for isa in isas() {
+                let mut lin =
+                    Linear::Q(Box::new(QMatrix::from_ggml(ty, rows, cols, &raw).unwrap()));
+                lin.prepare(isa);
+                let mut prompt = vec![0f32; n * rows];
+                lin.forward(isa, &x, n, &mut QActs::default(), &mut prompt)
+                    .unwrap();
+                let mut one = vec![0f32; rows];
+                for t in 0..n {
+                    lin.forward(
+                        isa,
+                        &x[t * cols..(t + 1) * cols],
+                        1,
+                        &mut QActs::default(),
+                        &mut one,
+                    )
+                    .unwrap();
+                    for (r, v) in one.iter().enumerate() {
+                        let p = prompt[t * rows + r];
+                        assert_eq!(
+                            v.to_bits(),
+                            p.to_bits(),
+                            "{ty:?} {isa:?} {rows}×{cols}: token {t} row {r} is {v} alone, {p} in a prompt of {n}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// q‖k‖v and gate‖up fuse when their repacked forms agree (Q4_K with Q4_0/Q4_1, Q5_x with
 /// Q8_0, Q6_K with itself), and the fused product is the parts' products side by side; forms
 /// that differ (Q4_K with Q6_K) stay apart.
