@@ -65,8 +65,8 @@ enum Cmd {
     },
     /// Measure prefill and decode speed and peak memory.
     ///
-    /// Prompts run batch invariant (on the one-token kernels) unless FERROLM_BATCH_INVARIANT=0,
-    /// which gives them ~2x faster f32 GEMM paths on AVX2 (see README and BENCHMARKS.md).
+    /// Prompts run batch invariant (the one-token kernels' arithmetic) unless FERROLM_BATCH_INVARIANT=0,
+    /// which gives them ~1.3-1.6x faster f32 GEMM paths on AVX2 (see README and BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// Serve models over HTTP: the OpenAI and Ollama APIs.
     ///
