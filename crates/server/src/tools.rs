@@ -19,8 +19,8 @@
 //! asks for that no tool has are reported back to it in that tool turn (the model's slip, not
 //! the client's: no 4xx); a request that is itself inconsistent (a tool of its own named
 //! `load_tools`, `tool_choice` naming `load_tools` while its tools load eagerly, lazy with
-//! `n` > 1) is a 400. `tool_choice: "required"` forces `load_tools` first, then a call of a
-//! real tool; a named tool is loaded up front (its full definition is in the prompt and the
+//! `n` > 1) is a 400. `tool_choice: "required"` forces `load_tools` first, then a call of one
+//! of the tools it loaded; a named tool is loaded up front (its full definition is in the prompt and the
 //! grammar forces it); naming `load_tools` forces the load, then leaves the model free.
 
 use ferrolm_grammar::{Grammar, ToolSpec};
@@ -189,6 +189,8 @@ pub struct Lazy {
     listing: Value,
     /// `load_tools` rounds run so far.
     pub rounds: usize,
+    /// The declared tools whose definitions the rounds loaded, in order.
+    loaded: Vec<String>,
 }
 
 /// One parsed call.
@@ -358,6 +360,7 @@ impl Tools {
         self.lazy = Some(Lazy {
             listing: Value::Array(listing),
             rounds: 0,
+            loaded: Vec::new(),
         });
         Ok(())
     }
@@ -447,7 +450,7 @@ impl Tools {
     }
 
     /// The grammar that forces a call, for `required` and a named function (lazily: `required`
-    /// and a named `load_tools` force `load_tools` first).
+    /// and a named `load_tools` force `load_tools` first, then [`Tools::grammar_after_load`]).
     pub fn grammar(&self) -> Result<Option<Grammar>, ApiError> {
         let forces_load = match &self.choice {
             Choice::Required => true,
@@ -463,10 +466,23 @@ impl Tools {
     }
 
     /// The grammar for the generation that follows a `load_tools` round: `required` forces a
-    /// call of a real tool; after a named `load_tools` the model is free.
+    /// call of a tool whose definition was loaded (of any tool, should none of the names asked
+    /// for exist); after a named `load_tools` the model is free.
     pub fn grammar_after_load(&self) -> Result<Option<Grammar>, ApiError> {
+        let loaded = self.lazy.as_ref().map_or(&[][..], |l| &l.loaded[..]);
         match &self.choice {
             Choice::Named(n) if n == LOAD_TOOLS => Ok(None),
+            Choice::Required if !loaded.is_empty() => {
+                let specs: Vec<ToolSpec> = self
+                    .specs
+                    .iter()
+                    .filter(|s| loaded.contains(&s.name))
+                    .cloned()
+                    .collect();
+                Grammar::tool_calls(&specs, self.parallel)
+                    .map(Some)
+                    .map_err(|e| ApiError::invalid(format!("tools: {e}"), Some("tools")))
+            }
             _ => self.forced(),
         }
     }
@@ -549,6 +565,8 @@ impl Tools {
     /// the answer: tools load eagerly, it called a real tool (then its `load_tools` calls are
     /// dropped), or the rounds are used up. Either way `calls` keeps no `load_tools` call.
     pub fn loading(&mut self, content: Option<&str>, calls: &mut Vec<Call>) -> Option<Vec<Value>> {
+        // Eager: a `load_tools` call is a call of the client's own tool of that name.
+        self.lazy.as_ref()?;
         let loads: Vec<Call> = calls
             .iter()
             .filter(|c| c.name == LOAD_TOOLS)
@@ -586,13 +604,22 @@ impl Tools {
         }
         let mut result = String::new();
         let mut unknown = Vec::new();
+        let mut found = Vec::new();
         for n in &names {
             match self.definition(n) {
                 Some(d) => {
                     result.push_str(&d.to_string());
                     result.push('\n');
+                    found.push(n.clone());
                 }
                 None => unknown.push(format!("`{n}`")),
+            }
+        }
+        if let Some(l) = &mut self.lazy {
+            for n in found {
+                if !l.loaded.contains(&n) {
+                    l.loaded.push(n);
+                }
             }
         }
         if names.is_empty() {
@@ -1030,8 +1057,15 @@ mod tests {
             result.contains("No tool is named `no_such_tool`"),
             "{result}"
         );
-        // The next pass forces a real tool; rounds run out after MAX_LOAD_ROUNDS.
-        assert!(t.grammar_after_load().is_ok_and(|g| g.is_some()));
+        // The next pass forces a call of the loaded tool; rounds run out after MAX_LOAD_ROUNDS.
+        let g = t
+            .grammar_after_load()
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("a grammar"));
+        let m = ferrolm_grammar::Matcher::new(std::sync::Arc::new(g));
+        assert!(m.allows(b"<tool_call>\n{\"name\": \"tool_3\""));
+        assert!(!m.allows(b"<tool_call>\n{\"name\": \"tool_1\""));
         for _ in 1..MAX_LOAD_ROUNDS {
             let (c, mut calls) = t.parse_reply(reply);
             assert!(t.loading(c.as_deref(), &mut calls).is_some());
@@ -1053,6 +1087,25 @@ mod tests {
         // Eager tools: load_tools names no declared tool, so the reply stays text.
         let eager = forty_tools(None);
         assert!(eager.parse_reply(reply).1.is_empty());
+    }
+
+    /// Regression: with eager tools, a client's own tool named `load_tools` had its calls
+    /// dropped from the reply (an empty answer with `finish_reason: stop`).
+    #[test]
+    fn an_eager_clients_own_load_tools_call_reaches_it() {
+        let own = json!([{"type": "function", "function": {"name": LOAD_TOOLS, "parameters": {"type": "object"}}}]);
+        let mut t = Tools::parse(Some(&own), None, None)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("parses"));
+        t.apply_strategy(ToolStrategy::default(), None, None, 1, tok)
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        let (content, mut calls) = t.parse_reply(
+            "<tool_call>\n{\"name\": \"load_tools\", \"arguments\": {\"names\": [\"x\"]}}\n</tool_call>",
+        );
+        assert!(t.loading(content.as_deref(), &mut calls).is_none());
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].name, LOAD_TOOLS);
     }
 
     #[test]
