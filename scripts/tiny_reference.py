@@ -93,6 +93,11 @@ LOGITS_TEXT = (
     "First Citizen:\nYou are all resolved rather to die than to famish?\n"
 )
 SEQ_LEN = 40
+# LongRoPE families also get a sequence longer than their original context, where
+# transformers switches every position to the long factors: its last LONG_TAIL positions'
+# logits (golden/tiny_<family>_long_logits.f32).
+LONG_SEQ_LEN = 300
+LONG_TAIL = 32
 # Greedy continuation recorded for the CLI check (`ferrolm generate --raw --temperature 0`).
 GREEDY_PROMPT = "First Citizen:\nBefore we proceed"
 GREEDY_STEPS = 8
@@ -492,6 +497,32 @@ def main():
             steps.append(dict(id=int(top2[0]), margin=float(last[top2[0]] - last[top2[1]])))
             seq.append(int(top2[0]))
 
+        long = None
+        rp = fam["extra"].get("rope_parameters", {})
+        if rp.get("rope_type") == "longrope":
+            long_ids = ([bos] if fam["add_bos"] else []) + tok.encode(text[:4000], add_special_tokens=False).ids
+            assert len(long_ids) >= LONG_SEQ_LEN, (name, len(long_ids))
+            long_ids = long_ids[:LONG_SEQ_LEN]
+            assert LONG_SEQ_LEN > rp["original_max_position_embeddings"]
+            long_logits = logits_of(model, long_ids)[-LONG_TAIL:]
+            # The same sequence with the short factors in the long ones' place: what a model
+            # that kept the short factors past the original context would compute.
+            same = dict(fam["extra"])
+            same["rope_parameters"] = dict(rp, long_factor=rp["short_factor"])
+            short_model = build_model(fam, vocab, bos, eos, args.seed, dict(rope_parameters=same["rope_parameters"]))
+            long_sensitivity = float(np.abs(logits_of(short_model, long_ids)[-LONG_TAIL:] - long_logits).max())
+            long_bytes = long_logits.astype("<f4").tobytes()
+            (out / f"tiny_{name}_long_logits.f32").write_bytes(long_bytes)
+            long = dict(
+                ids=long_ids,
+                tail=LONG_TAIL,
+                logits_file=f"tiny_{name}_long_logits.f32",
+                logits_sha256=sha256(long_bytes),
+                sensitivity=long_sensitivity,
+            )
+            print(f"{name}: long sequence of {LONG_SEQ_LEN}: with the short factors max|Δ| {long_sensitivity:.3f}",
+                  file=sys.stderr)
+
         gguf_path = out / f"tiny_{name}.gguf"
         write_gguf(gguf_path, name, fam, model, meta, bos, eos)
         logits_bytes = logits.astype("<f4").tobytes()
@@ -529,6 +560,8 @@ def main():
             tokenize=cases,
             greedy=dict(prompt=GREEDY_PROMPT, prompt_ids=prompt, steps=steps),
         )
+        if long is not None:
+            ref["families"][name]["long"] = long
         print(
             f"{name}: vocab {vocab}, {gguf_path.stat().st_size} bytes, logits std {logits.std():.3f}, "
             f"max|logit| {np.abs(logits).max():.2f}; without {fam['feature']}: max|Δ| {sensitivity:.3f}",

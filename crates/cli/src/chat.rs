@@ -12,14 +12,14 @@ use anyhow::Result;
 use ferrolm_engine::{FinishReason, GenerateOptions, Session};
 use serde_json::json;
 
-use crate::{load, random_seed, threads, ChatArgs};
+use crate::{load_for_context, random_seed, threads, ChatArgs};
 
 pub fn run(a: ChatArgs) -> Result<()> {
     if a.max_tokens == 0 {
         anyhow::bail!("--max-tokens must be at least 1");
     }
     let params = a.sampling.params(None)?;
-    let m = load(&a.run.model)?;
+    let m = load_for_context(&a.run.model, Some(a.run.ctx))?;
     params.validate(m.model.cfg().vocab_size)?;
     let mut session = Session::new(&m.model, a.run.ctx, threads(a.run.threads)?)?;
     a.run.lora.apply(&m, &mut session)?;

@@ -354,6 +354,12 @@ pub fn load_tokenizer(path: &Path) -> Result<(GgufFile, Tokenizer, ChatTemplate)
 }
 
 pub fn load(args: &ModelArgs) -> Result<Loaded> {
+    load_for_context(args, None)
+}
+
+/// [`load`] for a run of `context` tokens (`--ctx`): a LongRoPE model run past its original
+/// context takes its long factors.
+pub fn load_for_context(args: &ModelArgs, context: Option<usize>) -> Result<Loaded> {
     let path = store::resolve(args.model.as_deref())?;
     let (gguf, tok, template) = load_tokenizer(&path)?;
     let bar = if std::io::stderr().is_terminal() {
@@ -369,7 +375,7 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default(),
     );
-    let model = Model::load(&gguf, &mut |done, total| {
+    let model = Model::load_for_context(&gguf, context, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
@@ -438,7 +444,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         Some(p) => p,
         None => read_stdin("the prompt")?,
     };
-    let m = load(&a.run.model)?;
+    let m = load_for_context(&a.run.model, Some(a.run.ctx))?;
     params.validate(m.model.cfg().vocab_size)?;
     let ids = if a.raw {
         let mut ids: Vec<u32> = m.tok.bos_id.filter(|_| m.tok.add_bos).into_iter().collect();

@@ -25,7 +25,7 @@ use ferrolm_server::upstream::Upstream;
 use ferrolm_server::{Access, AppState, ModelDetails, ServedModel};
 use serde::Deserialize;
 
-use crate::{load, threads, ModelArgs};
+use crate::{load_for_context, threads, ModelArgs};
 
 #[derive(Args, Clone)]
 pub struct ServeArgs {
@@ -384,7 +384,10 @@ fn start_model(
         .as_deref()
         .filter(|p| *p != "default")
         .map(PathBuf::from);
-    let m = load(&ModelArgs { model: path })?;
+    // One request holds at most the KV pool: a LongRoPE model whose pool is past its
+    // original context takes its long factors (as llama-server does for its context).
+    let context = a.kv_blocks.map_or(a.ctx, |b| b * 16);
+    let m = load_for_context(&ModelArgs { model: path }, Some(context))?;
     let file_name = m
         .path
         .file_name()

@@ -8,7 +8,8 @@
 //! layers, so the window compounds); `qwen3` per-head q/k RMSNorm, head size ≠ width / heads,
 //! tied embeddings and the `qwen2` pre-tokenizer; `phi3` fused qkv and gate‖up matrices and a
 //! sliding window of 12; `phi3_longrope` (Phi-3.5 / Phi-4 mini style) LongRoPE's short factors
-//! and attention factor, RoPE on 3/4 of each head, tied embeddings. The reference records how far the logits move without each feature
+//! and attention factor, RoPE on 3/4 of each head, tied embeddings, and its long factors on a
+//! 300-token sequence past the original context of 256. The reference records how far the logits move without each feature
 //! (`sensitivity`, 4–13): far above the tolerance here, so a family that ignored its feature
 //! fails.
 #![allow(clippy::unwrap_used)]
@@ -254,6 +255,64 @@ fn cli_raw_greedy_generation_equals_transformers() {
     }
 }
 
+/// LongRoPE past its original context: loaded for a 1,024-token context, the Phi-3.5-style
+/// file takes its long factors at every position, and a 300-token sequence (original context
+/// 256) matches transformers, which switches to the long factors for a sequence that long.
+/// The last 32 positions are recorded; with the short factors in their place transformers
+/// moves them by `long.sensitivity` (8.8), so the comparison shows which factors ran.
+/// Measured max |Δ| (2026-12-04, AVX2): 0.0039 (one batch and 200 + 100), tolerance 0.02. Loaded without a context (or
+/// for one within 256 tokens) the model stays capped at 256, and a file that has short but no
+/// long factors is refused for a longer context.
+#[test]
+fn longrope_past_the_original_context_runs_on_the_long_factors() {
+    const TOL: f32 = 0.02;
+    let r = reference();
+    let f = family(&r, "phi3_longrope");
+    let long = &f["long"];
+    let g = open(&f);
+    let model = Model::load_for_context(&g, Some(1024), &mut |_, _| {}).unwrap();
+    assert_eq!(model.cfg().context_length, 1024);
+    let vocab = model.cfg().vocab_size;
+    let tokens = ids(&long["ids"]);
+    assert_eq!(tokens.len(), 300);
+    let tail = long["tail"].as_u64().unwrap() as usize;
+    let raw = std::fs::read(golden(long["logits_file"].as_str().unwrap())).unwrap();
+    assert_eq!(sha256_hex(&raw), long["logits_sha256"].as_str().unwrap());
+    let want: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(want.len(), tail * vocab);
+    assert!(long["sensitivity"].as_f64().unwrap() > 1.0);
+    for chunks in [vec![300], vec![200, 100]] {
+        let got = run(&model, &tokens, &chunks);
+        let got = &got[(300 - tail) * vocab..];
+        let worst = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("phi3_longrope, 300 tokens in {chunks:?}: max |Δ| {worst:.4}");
+        assert!(worst <= TOL, "{chunks:?}: max |Δ| {worst} > {TOL}");
+    }
+    // Within the original context: the short factors, and the cap.
+    let short = Model::load_for_context(&g, Some(256), &mut |_, _| {}).unwrap();
+    assert_eq!(short.cfg().context_length, 256);
+    // A LongRoPE file without long factors is refused past its original context, with the fix.
+    let file = broken_copy("phi3_longrope", |_, tensors| {
+        tensors.retain(|t| t.0 != "rope_factors_long.weight");
+    });
+    let g = GgufFile::open(file.path()).unwrap();
+    let Err(err) = Model::load_for_context(&g, Some(1024), &mut |_, _| {}) else {
+        panic!("a LongRoPE file without long factors loaded for a longer context");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("rope_factors_long") && err.contains("at most 256"),
+        "{err}"
+    );
+    assert!(Model::load_for_context(&g, Some(256), &mut |_, _| {}).is_ok());
+}
+
 /// The registry names what each file is, and the names the refusals list include the new ones.
 #[test]
 fn each_family_loads_as_its_architecture() {
@@ -271,8 +330,8 @@ fn each_family_loads_as_its_architecture() {
         assert_eq!(m.cfg().arch, arch, "{name}");
         let window = f["config"]["sliding_window"].as_u64().map(|w| w as usize);
         assert_eq!(m.cfg().sliding_window, window, "{name}");
-        // Every file says 256, except phi3_longrope's 1024: a LongRoPE file runs within its
-        // original context, 256 here (see `llama.rs`).
+        // Every file says 256, except phi3_longrope's 1024: a LongRoPE file loaded without a
+        // longer context runs within its original context, 256 here (see `llama.rs`).
         assert_eq!(m.cfg().context_length, 256, "{name}");
         assert_eq!(
             m.n_params() as u64,

@@ -207,14 +207,14 @@ impl<'m> Session<'m> {
             return Err(SessionError::ContextFull {
                 prompt: start + tokens.len(),
                 ctx: self.ctx,
-                model_ctx: self.model.cfg().context_length,
+                model_ctx: self.model.cfg().file_context_length,
             });
         }
         if !self.blocks.grow(&mut self.table, start + tokens.len()) {
             return Err(SessionError::ContextFull {
                 prompt: start + tokens.len(),
                 ctx: self.ctx,
-                model_ctx: self.model.cfg().context_length,
+                model_ctx: self.model.cfg().file_context_length,
             });
         }
         let mut out = Vec::with_capacity(want.len() * vocab);
@@ -277,7 +277,7 @@ impl<'m> Session<'m> {
             return Err(SessionError::ContextFull {
                 prompt: prompt.len(),
                 ctx: self.ctx,
-                model_ctx: self.model.cfg().context_length,
+                model_ctx: self.model.cfg().file_context_length,
             });
         }
         let t0 = Instant::now();

@@ -17,7 +17,11 @@ pub struct Config {
     pub head_dim: usize,
     pub ffn_dim: usize,
     pub vocab_size: usize,
+    /// The context this load runs within (at most what the file declares).
     pub context_length: usize,
+    /// The context the file declares: above `context_length` only for a LongRoPE model loaded
+    /// within its original context (see `llama.rs`), which a longer `--ctx` loads in full.
+    pub file_context_length: usize,
     pub rope_theta: f32,
     /// Dimensions of each head that RoPE rotates (the rest pass through).
     pub rope_dim: usize,
@@ -109,6 +113,7 @@ impl Config {
             ffn_dim,
             vocab_size,
             context_length: context_length.max(1),
+            file_context_length: context_length.max(1),
             rope_theta: g
                 .get_f64(&format!("{p}.rope.freq_base"))
                 .unwrap_or(10_000.0) as f32,

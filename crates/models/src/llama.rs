@@ -16,8 +16,11 @@
 //!   Phi-4 mini: `rope_factors_short/long`) run within their original context
 //!   (`rope.scaling.original_context_length`, 4096 for those models), where transformers uses
 //!   the short factors (each inverse frequency divided by its factor) and multiplies cos and sin
-//!   by `rope.scaling.attn_factor`; the model's context is capped there, because beyond it
-//!   transformers switches every position to the long factors, which ferrolm does not do.
+//!   by `rope.scaling.attn_factor`. Loaded for a longer context
+//!   ([`Llama::load_for_context`], the CLI's and server's `--ctx`), every position takes the
+//!   long factors instead, as llama.cpp does when its context exceeds the original one and
+//!   transformers when the sequence does; otherwise the model's context is capped at the
+//!   original one.
 //!
 //! Reads top-down: weights → load → forward (the blueprint is [`crate::Config`]). The forward
 //! pass is pure math over a flat batch (see [`crate::Batch`]); it runs on the calling rayon
@@ -83,6 +86,17 @@ pub struct Llama {
 impl Llama {
     /// Load weights; `progress(done, total)` is called after each layer.
     pub fn load(g: &GgufFile, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, ModelError> {
+        Self::load_for_context(g, None, progress)
+    }
+
+    /// [`Self::load`] for a run whose context will be `context` tokens: a LongRoPE file run
+    /// past its original context takes its long factors at every position, as llama.cpp does
+    /// when its context exceeds the original one (and transformers when the sequence does).
+    pub fn load_for_context(
+        g: &GgufFile,
+        context: Option<usize>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
         let mut cfg = Config::from_gguf(g)?;
         let (dim, q_dim, kv_dim, ffn) = (cfg.dim, cfg.q_dim(), cfg.kv_dim(), cfg.ffn_dim);
         let phi3 = cfg.arch == Arch::Phi3;
@@ -192,8 +206,21 @@ impl Llama {
             rope_mscale = g
                 .get_f64(&format!("{p}.rope.scaling.attn_factor"))
                 .unwrap_or(default) as f32;
-            cfg.context_length = cfg.context_length.min(orig.max(1));
-            Some("rope_factors_short.weight")
+            if context.is_some_and(|c| c > orig) {
+                if !g.has_tensor("rope_factors_long.weight") {
+                    return Err(ModelError::Config {
+                        path: g.path.display().to_string(),
+                        key: "rope_factors_long.weight".into(),
+                        reason: format!(
+                            "a context past the original {orig} tokens needs LongRoPE's long factors, which the file lacks; run with a context of at most {orig}"
+                        ),
+                    });
+                }
+                Some("rope_factors_long.weight")
+            } else {
+                cfg.context_length = cfg.context_length.min(orig.max(1));
+                Some("rope_factors_short.weight")
+            }
         } else if g.has_tensor("rope_freqs.weight") {
             Some("rope_freqs.weight")
         } else {

@@ -85,9 +85,19 @@ impl Model {
     /// Load the weights of a GGUF file (a training run is read through the GGUF its export
     /// writes); `progress(done, total)` is called after each layer.
     pub fn load(g: &GgufFile, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, ModelError> {
+        Self::load_for_context(g, None, progress)
+    }
+
+    /// [`Self::load`] for a run whose context will be `context` tokens, where the architecture
+    /// depends on it (LongRoPE's long factors, see [`Llama::load_for_context`]).
+    pub fn load_for_context(
+        g: &GgufFile,
+        context: Option<usize>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
         Ok(match Arch::from_gguf(g)? {
             Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => {
-                Model::Llama(Llama::load(g, progress)?)
+                Model::Llama(Llama::load_for_context(g, context, progress)?)
             }
             Arch::Gemma3 => Model::Gemma3(Gemma3::load(g, progress)?),
         })
