@@ -357,3 +357,36 @@ fn tool_strategy_is_chosen_per_request_model_and_server_and_bad_requests_are_400
     );
     assert_eq!(status, 400, "{text}");
 }
+
+#[test]
+fn an_upstream_model_gets_every_definition_and_no_tool_strategy_field() {
+    // A is the upstream (a ferrolm, which would honour `tool_strategy`: its ledger shows
+    // whether the field reached it); B proxies it as `remote`.
+    let a = Server::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("serve.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[model]]\nid = \"remote\"\nupstream = \"{}/v1\"\nupstream_model = \"smollm2-135m-instruct\"\n",
+            a.base
+        ),
+    )
+    .unwrap();
+    let b = Server::start(&["--config", cfg.to_str().unwrap()]);
+    let (status, _, text) = post(
+        &b,
+        "/v1/chat/completions",
+        &chat(
+            &tools_of(12),
+            "Hi",
+            json!({"model": "remote", "max_tokens": 1, "tool_strategy": "lazy",
+                   "lazy_tools_threshold": 1}),
+        ),
+    );
+    assert_eq!(status, 200, "{text}");
+    let (status, v) = a.get("/v1/usage?by=model");
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["data"][0]["requests"], 1, "{v}");
+    assert_eq!(v["data"][0]["lazy_tool_tokens"], 0, "{v}");
+}

@@ -102,7 +102,13 @@ impl Upstream {
             .and_then(Value::as_bool)
             == Some(true);
         body["model"] = Value::String(self.model.clone());
-        body.as_object_mut().map(|o| o.remove("context_strategy"));
+        // ferrolm's own extension fields: an upstream gets the request as OpenAI defines it
+        // (every tool definition: lazy tool loading runs on local models only).
+        if let Some(o) = body.as_object_mut() {
+            for k in ["context_strategy", "tool_strategy", "lazy_tools_threshold"] {
+                o.remove(k);
+            }
+        }
         if stream {
             body["stream_options"] = serde_json::json!({"include_usage": true});
         }
