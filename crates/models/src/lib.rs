@@ -3,6 +3,7 @@
 //!
 //! * [`Model`] — the registry: one enum over the architectures, one loader ([`model`]).
 //! * [`llama`] — the Llama family (`llama`: SmolLM2, TinyLlama, Llama 2/3; `qwen2`).
+//! * [`Encoder`] — embedding models (no KV cache, no logits): [`bert`] (all-MiniLM-L6-v2).
 //! * [`gemma3`] — Gemma 3 (interleaved sliding-window/global attention, GeGLU, extra norms).
 //! * [`ops`] — the leaf operations the forward passes share (norms, RoPE, paged attention).
 //! * [`quant`] — repacked 4/8-bit weights and their SIMD kernels, with a scalar reference.
@@ -12,6 +13,7 @@
 use ferrolm_gguf::{GgufFile, TensorInfo};
 
 pub mod adapter;
+pub mod bert;
 pub mod config;
 pub mod gemma3;
 pub mod linear;
@@ -23,9 +25,10 @@ pub mod reference;
 pub mod simd;
 
 pub use adapter::{Adapter, Proj};
+pub use bert::Bert;
 pub use config::Config;
 pub use llama::Llama;
-pub use model::{Arch, Model, SUPPORTED_ARCHITECTURES};
+pub use model::{Arch, Encoder, Model, SUPPORTED_ARCHITECTURES, SUPPORTED_ENCODERS};
 pub use ops::Scratch;
 pub use quant::Isa;
 

@@ -9,8 +9,16 @@
 //! write its file (config extras → weights → load → forward, using [`crate::ops`]), then add a
 //! variant to [`Arch`], to [`Model`], and an arm to [`Model::load`] and to the `each!` dispatch
 //! below.
+//!
+//! Embedding models are [`Encoder`]s: a text in, one vector out, no KV cache and no logits, so
+//! they have a loader and a call of their own ([`Encoder::load`] on a Hugging Face directory,
+//! [`Encoder::embed`]) instead of the decoder's paged-KV `forward`.
+
+use std::path::Path;
 
 use ferrolm_gguf::GgufFile;
+
+use crate::bert::Bert;
 
 use crate::gemma3::Gemma3;
 use crate::llama::Llama;
@@ -142,5 +150,78 @@ impl Model {
     /// How each kind of matrix is held (for `ferrolm info`).
     pub fn kernel_summary(&self) -> String {
         each!(self, m => m.kernel_summary())
+    }
+}
+
+/// Every encoder `config.json` `model_type` ferrolm accepts (for error messages).
+pub const SUPPORTED_ENCODERS: &str =
+    "bert (sentence-transformers directories such as all-MiniLM-L6-v2)";
+
+/// A loaded embedding model of any supported encoder architecture.
+#[derive(Debug)]
+pub enum Encoder {
+    /// `config.json` `model_type: bert`.
+    Bert(Bert),
+}
+
+impl Encoder {
+    /// Load a Hugging Face model directory (`config.json` names the architecture).
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Config {
+            path: path.display().to_string(),
+            key: "(file)".into(),
+            reason: format!("cannot read ({e}); an embedding model is a directory with config.json, model.safetensors and tokenizer.json"),
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: path.display().to_string(),
+            key: "(file)".into(),
+            reason: format!("not JSON: {e}"),
+        })?;
+        match v.get("model_type").and_then(serde_json::Value::as_str) {
+            Some("bert") => Ok(Encoder::Bert(Bert::load(dir)?)),
+            other => Err(ModelError::Config {
+                path: path.display().to_string(),
+                key: "model_type".into(),
+                reason: format!(
+                    "`{}` is not a supported encoder (supported: {SUPPORTED_ENCODERS})",
+                    other.unwrap_or("(missing)")
+                ),
+            }),
+        }
+    }
+
+    /// One vector per token sequence (special tokens included), pooled as the model says.
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        match self {
+            Encoder::Bert(m) => m.embed(ids),
+        }
+    }
+
+    /// The directory the model was loaded from.
+    pub fn dir(&self) -> &Path {
+        match self {
+            Encoder::Bert(m) => &m.dir,
+        }
+    }
+
+    /// The length of each vector.
+    pub fn dim(&self) -> usize {
+        match self {
+            Encoder::Bert(m) => m.dim(),
+        }
+    }
+
+    /// The longest token sequence the model takes (its position embeddings).
+    pub fn max_tokens(&self) -> usize {
+        match self {
+            Encoder::Bert(m) => m.cfg.max_positions,
+        }
+    }
+
+    pub fn n_params(&self) -> usize {
+        match self {
+            Encoder::Bert(m) => m.n_params(),
+        }
     }
 }

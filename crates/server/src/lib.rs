@@ -45,6 +45,7 @@ use serde_json::Value;
 pub mod adapters;
 mod auth;
 pub mod compress;
+pub mod embeddings;
 pub mod error;
 mod files;
 mod fine_tuning;
@@ -204,6 +205,8 @@ pub struct Inner {
     pub tuning: OnceLock<tuner::Tuner>,
     /// How adapters are read, once [`AppState::enable_adapters`] ran.
     adapters: OnceLock<adapters::AdapterLoading>,
+    /// The embedding model, once [`AppState::enable_embeddings`] ran.
+    pub embeddings: OnceLock<embeddings::EmbeddingModel>,
     /// Money held against budgets by requests in flight.
     budgets: Arc<Budgets>,
     /// Ledger rows of served requests that could not be written yet (disk full), oldest first.
@@ -341,9 +344,20 @@ impl AppState {
             started: Instant::now(),
             tuning: OnceLock::new(),
             adapters: OnceLock::new(),
+            embeddings: OnceLock::new(),
             budgets: Budgets::new(),
             held_rows: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Serve `m` for `/v1/embeddings` and `/api/embed` (once; a second call is refused).
+    pub fn enable_embeddings(&self, m: embeddings::EmbeddingModel) -> Result<(), String> {
+        self.embeddings.set(m).map_err(|m| {
+            format!(
+                "an embedding model is already served; not adding `{}`",
+                m.id
+            )
+        })
     }
 
     /// The models `key` may use (`None`: the caller has no key), in order.
@@ -1025,6 +1039,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/responses", post(responses::create))
+        .route("/v1/embeddings", post(embeddings::openai))
+        .route("/api/embed", post(embeddings::ollama))
         .route(
             "/v1/responses/{id}",
             get(responses::get_one).delete(responses::delete),

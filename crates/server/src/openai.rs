@@ -221,6 +221,9 @@ pub async fn models(
     data.extend(s.routers.iter().map(
         |r| json!({"id": r.id, "object": "model", "created": 0, "owned_by": "ferrolm-router"}),
     ));
+    if let Some(e) = s.embeddings.get() {
+        data.push(json!({"id": e.id, "object": "model", "created": e.created, "owned_by": "ferrolm", "type": "embedding", "dimensions": e.embedder.dim(), "max_input_tokens": e.embedder.max_tokens()}));
+    }
     Json(json!({"object": "list", "data": data}))
 }
 

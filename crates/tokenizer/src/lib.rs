@@ -27,6 +27,9 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{SplitDelimiterBehavior, Tokenizer as HfTokenizer};
 
 pub mod chat;
+pub mod encoder;
+
+pub use encoder::EncoderTokenizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
