@@ -1,6 +1,7 @@
 //! Embeddings: all-MiniLM-L6-v2 (`ferrolm pull all-minilm-l6-v2`) against sentence-transformers
 //! on the same weights (`scripts/embedding_reference.py` → `golden/minilm_embeddings.json`), and
-//! the two HTTP endpoints that serve it: OpenAI's `/v1/embeddings` and Ollama's `/api/embed`.
+//! the two HTTP endpoints that serve it: OpenAI's `/v1/embeddings` and Ollama's `/api/embed`,
+//! with the official `openai` client running README's vector-search recipe.
 //!
 //! The model is installed into the test store by `.ci/run` (and by the first test that needs
 //! it); a failed install fails the tests.
@@ -113,6 +114,18 @@ fn minilm_token_ids_and_embeddings_equal_sentence_transformers() {
         worst = (worst.0.min(cos), worst.1.max(diff));
     }
     println!("worst: cosine {:.9}, max |Δ| {:.2e}", worst.0, worst.1);
+    // All at once (one stacked pass): each vector is still its own sequence's.
+    let cases = r["cases"].as_array().unwrap();
+    let seqs: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["ids"])).collect();
+    let batch = e.embed_batch(&seqs).unwrap();
+    for (got, c) in batch.iter().zip(cases) {
+        let (cos, diff) = compare(&got.vector, &floats(&c["embedding"]));
+        assert!(
+            cos >= MIN_COSINE && diff <= MAX_ABS_DIFF,
+            "{} in a batch: cosine {cos}, max |Δ| {diff}",
+            c["name"]
+        );
+    }
 }
 
 #[test]
@@ -356,6 +369,25 @@ try:
     raise SystemExit("dimensions=128 was accepted")
 except BadRequestError as e:
     assert "384" in str(e), e
+# The README's vector-search recipe: the right chunk comes first.
+chunks = [
+    "To reset your password, open Settings, choose Security and press Reset password.",
+    "Invoices are emailed on the first day of each month and can be downloaded as PDF.",
+    "The API rate limit is 60 requests per minute per key; a 429 carries Retry-After.",
+    "Our office dog is called Biscuit and likes tennis balls.",
+]
+def embed(texts):
+    r = c.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    return [d.embedding for d in r.data]
+index = embed(chunks)
+def search_docs(query, k=1):
+    q = embed([query])[0]
+    scores = [sum(a * b for a, b in zip(q, v)) for v in index]
+    return sorted(range(len(chunks)), key=scores.__getitem__, reverse=True)[:k]
+for query, want in [("how do I change my password?", 0), ("where is my bill?", 1),
+                    ("too many requests error", 2), ("pets at work", 3)]:
+    got = search_docs(query)[0]
+    assert got == want, (query, got, want)
 print("openai embeddings: ok, worst cosine", worst)
 "#;
     let out = std::process::Command::new(python)

@@ -7,6 +7,10 @@ use std::path::Path;
 use ferrolm_models::{Encoder, ModelError};
 use ferrolm_tokenizer::{EncoderTokenizer, TokenizerError};
 
+/// Most tokens stacked into one encoder pass (bounds its activations: ~15 MB of f32 per 1,000
+/// tokens for all-MiniLM-L6-v2).
+pub const BATCH_TOKENS: usize = 4096;
+
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
     #[error(transparent)]
@@ -102,6 +106,44 @@ impl Embedder {
 
     /// Embed token ids as given (no special tokens are added; never truncated).
     pub fn embed_ids(&self, ids: &[u32]) -> Result<Embedding, EmbedError> {
+        let mut v = self.embed_batch(&[ids.to_vec()]).map_err(|(_, e)| e)?;
+        Ok(v.pop().unwrap_or(Embedding {
+            vector: Vec::new(),
+            tokens: 0,
+        }))
+    }
+
+    /// Embed several token sequences as given, stacked into passes of at most
+    /// [`BATCH_TOKENS`] tokens (many short texts run as one large matrix product). A refused
+    /// input comes back with its index.
+    pub fn embed_batch(&self, seqs: &[Vec<u32>]) -> Result<Vec<Embedding>, (usize, EmbedError)> {
+        for (i, ids) in seqs.iter().enumerate() {
+            self.check(ids).map_err(|e| (i, e))?;
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut i = 0;
+        while i < seqs.len() {
+            let mut end = i + 1;
+            let mut tokens = seqs[i].len();
+            while end < seqs.len() && tokens + seqs[end].len() <= BATCH_TOKENS {
+                tokens += seqs[end].len();
+                end += 1;
+            }
+            let pass: Vec<&[u32]> = seqs[i..end].iter().map(Vec::as_slice).collect();
+            let vecs = self
+                .model
+                .embed_batch(&pass)
+                .map_err(|e| (i, EmbedError::Model(e)))?;
+            out.extend(vecs.into_iter().zip(&pass).map(|(vector, ids)| Embedding {
+                vector,
+                tokens: ids.len(),
+            }));
+            i = end;
+        }
+        Ok(out)
+    }
+
+    fn check(&self, ids: &[u32]) -> Result<(), EmbedError> {
         let limit = self.max_tokens();
         if ids.is_empty() {
             return Err(EmbedError::NoTokens);
@@ -116,9 +158,6 @@ impl Embedder {
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(EmbedError::BadToken { id, vocab });
         }
-        Ok(Embedding {
-            vector: self.model.embed(ids)?,
-            tokens: ids.len(),
-        })
+        Ok(())
     }
 }

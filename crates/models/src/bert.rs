@@ -2,8 +2,9 @@
 //! normalised vector per text out.
 //!
 //! An encoder has no KV cache, no causal mask and no logits, so it does not go through the
-//! decoder's `forward(&Batch, &mut KvCache, &mut Scratch)`: [`Bert::embed`] runs one whole
-//! sequence at a time with full (bidirectional) attention and pools it. Weights are the f32
+//! decoder's `forward(&Batch, &mut KvCache, &mut Scratch)`: [`Bert::embed_batch`] runs whole
+//! sequences (their rows stacked for the dense layers) with full (bidirectional) attention
+//! within each, and pools each. Weights are the f32
 //! `model.safetensors` of a Hugging Face / sentence-transformers directory, read as they are
 //! (no repacking): post-LayerNorm blocks, erf GELU, absolute position embeddings, token type 0.
 //! Every matrix product goes through `gemm`.
@@ -335,72 +336,90 @@ impl Bert {
     /// ids, special tokens included. Refuses an empty sequence, one longer than
     /// `max_positions`, and ids outside the vocabulary.
     pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let mut v = self.embed_batch(&[ids])?;
+        Ok(v.pop().unwrap_or_default())
+    }
+
+    /// [`Bert::embed`] of several sequences at once: their tokens go through every dense layer
+    /// as one matrix (many short texts make one large product instead of many small ones);
+    /// attention and pooling stay within each sequence, so each vector is what it would be
+    /// alone, up to the summation order of the products.
+    pub fn embed_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.cfg;
-        let (t, h) = (ids.len(), cfg.hidden);
+        let h = cfg.hidden;
+        for ids in seqs {
+            self.check(ids)?;
+        }
+        let t: usize = seqs.iter().map(|s| s.len()).sum();
         if t == 0 {
-            return Err(ModelError::Batch("an embedding input has no tokens".into()));
+            return Ok(Vec::new());
         }
-        if t > cfg.max_positions {
-            return Err(ModelError::Batch(format!(
-                "{t} tokens, but the model takes at most {}",
-                cfg.max_positions
-            )));
-        }
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab) {
-            return Err(ModelError::Batch(format!(
-                "token id {bad} is outside the vocabulary (0..{})",
-                cfg.vocab
-            )));
-        }
-        // Embeddings: word + position + token type 0, then LayerNorm.
+        // Where each sequence's rows start.
+        let starts: Vec<usize> = seqs
+            .iter()
+            .scan(0, |at, s| {
+                let start = *at;
+                *at += s.len();
+                Some(start)
+            })
+            .collect();
+        // Embeddings: word + position (within its sequence) + token type 0, then LayerNorm.
         let mut x = vec![0f32; t * h];
-        for (i, (row, &id)) in x.chunks_exact_mut(h).zip(ids).enumerate() {
-            let w = &self.word[id as usize * h..][..h];
-            let p = &self.position[i * h..][..h];
-            let ty = &self.token_type[..h];
-            for j in 0..h {
-                row[j] = w[j] + p[j] + ty[j];
+        let ty = &self.token_type[..h];
+        for (ids, &start) in seqs.iter().zip(&starts) {
+            for (i, &id) in ids.iter().enumerate() {
+                let row = &mut x[(start + i) * h..][..h];
+                let w = &self.word[id as usize * h..][..h];
+                let p = &self.position[i * h..][..h];
+                for j in 0..h {
+                    row[j] = w[j] + p[j] + ty[j];
+                }
             }
         }
         layer_norm(&mut x, &self.emb_norm, h, cfg.eps);
 
         let (nh, hd) = (cfg.heads, h / cfg.heads);
         let scale = 1.0 / (hd as f32).sqrt();
+        let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
         let mut q = vec![0f32; t * h];
         let mut k = vec![0f32; t * h];
         let mut v = vec![0f32; t * h];
         let mut ctx = vec![0f32; t * h];
         let mut tmp = vec![0f32; t * h];
-        let mut scores = vec![0f32; t * t];
+        let mut scores = vec![0f32; longest * longest];
         let mut up = vec![0f32; t * cfg.ffn];
         for l in &self.layers {
             dense(&mut q, &x, &l.q, t);
             dense(&mut k, &x, &l.k, t);
             dense(&mut v, &x, &l.v, t);
-            for head in 0..nh {
-                let off = head * hd;
-                // scores (t×t) = scale · Q_h (t×hd) · K_hᵀ (hd×t); Q_h and K_h are column
-                // slices of q and k (row stride h).
-                matmul(
-                    &mut scores,
-                    t,
-                    (&q[off..], h, 1),
-                    (&k[off..], 1, h),
-                    (t, t, hd),
-                    scale,
-                );
-                for row in scores.chunks_exact_mut(t) {
-                    softmax(row);
+            for (ids, &start) in seqs.iter().zip(&starts) {
+                let n = ids.len();
+                let scores = &mut scores[..n * n];
+                for head in 0..nh {
+                    let off = start * h + head * hd;
+                    // scores (n×n) = scale · Q_h (n×hd) · K_hᵀ (hd×n); Q_h and K_h are column
+                    // slices of this sequence's rows of q and k (row stride h).
+                    matmul(
+                        scores,
+                        n,
+                        (&q[off..], h, 1),
+                        (&k[off..], 1, h),
+                        (n, n, hd),
+                        scale,
+                    );
+                    for row in scores.chunks_exact_mut(n) {
+                        softmax(row);
+                    }
+                    // ctx_h (n×hd, row stride h) = P (n×n) · V_h (n×hd).
+                    matmul(
+                        &mut ctx[off..],
+                        h,
+                        (scores, n, 1),
+                        (&v[off..], h, 1),
+                        (n, hd, n),
+                        1.0,
+                    );
                 }
-                // ctx_h (t×hd, row stride h) = P (t×t) · V_h (t×hd).
-                matmul(
-                    &mut ctx[off..],
-                    h,
-                    (&scores, t, 1),
-                    (&v[off..], h, 1),
-                    (t, hd, t),
-                    1.0,
-                );
             }
             dense(&mut tmp, &ctx, &l.o, t);
             add_norm(&mut x, &tmp, &l.attn_norm, h, cfg.eps);
@@ -410,6 +429,39 @@ impl Bert {
             add_norm(&mut x, &tmp, &l.out_norm, h, cfg.eps);
         }
 
+        Ok(seqs
+            .iter()
+            .zip(&starts)
+            .map(|(ids, &start)| self.pool(&x[start * h..(start + ids.len()) * h]))
+            .collect())
+    }
+
+    fn check(&self, ids: &[u32]) -> Result<(), ModelError> {
+        let cfg = &self.cfg;
+        if ids.is_empty() {
+            return Err(ModelError::Batch("an embedding input has no tokens".into()));
+        }
+        if ids.len() > cfg.max_positions {
+            return Err(ModelError::Batch(format!(
+                "{} tokens, but the model takes at most {}",
+                ids.len(),
+                cfg.max_positions
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= cfg.vocab) {
+            return Err(ModelError::Batch(format!(
+                "token id {bad} is outside the vocabulary (0..{})",
+                cfg.vocab
+            )));
+        }
+        Ok(())
+    }
+
+    /// One sequence's final hidden rows → its vector.
+    fn pool(&self, x: &[f32]) -> Vec<f32> {
+        let cfg = &self.cfg;
+        let h = cfg.hidden;
+        let t = x.len() / h;
         let mut out = match cfg.pooling {
             Pooling::Cls => x[..h].to_vec(),
             Pooling::Mean => {
@@ -428,7 +480,7 @@ impl Bert {
             let inv = 1.0 / norm.max(1e-12);
             out.iter_mut().for_each(|a| *a = (*a as f64 * inv) as f32);
         }
-        Ok(out)
+        out
     }
 }
 

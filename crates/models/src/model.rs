@@ -198,6 +198,13 @@ impl Encoder {
         }
     }
 
+    /// [`Encoder::embed`] of several sequences in one pass.
+    pub fn embed_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        match self {
+            Encoder::Bert(m) => m.embed_batch(seqs),
+        }
+    }
+
     /// The directory the model was loaded from.
     pub fn dir(&self) -> &Path {
         match self {

@@ -189,13 +189,7 @@ async fn run(
             "the server is shutting down",
         )
     })?;
-    let out = tokio::task::spawn_blocking(move || {
-        seqs.iter()
-            .enumerate()
-            .map(|(i, ids)| e.embed_ids(ids).map_err(|err| (i, err)))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await;
+    let out = tokio::task::spawn_blocking(move || e.embed_batch(&seqs)).await;
     let usage = Usage {
         prompt_tokens: tokens,
         cached_tokens: 0,
