@@ -159,6 +159,28 @@ fn no_pip_hint(e: &Entry) -> String {
     )
 }
 
+/// A `.pull-*` temp directory untouched this long was left by an interrupted pull.
+const STALE_PULL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Remove what interrupted pulls left behind: `.pull-*` directories older than `max_age` (a
+/// younger one may be another process's pull in progress, e.g. of another model).
+fn remove_stale_pulls(models: &Path, max_age: std::time::Duration) {
+    let Ok(entries) = fs::read_dir(models) else {
+        return;
+    };
+    for d in entries.flatten() {
+        let stale = d
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= max_age);
+        if stale && d.file_name().to_string_lossy().starts_with(".pull-") {
+            let _ = fs::remove_dir_all(d.path());
+        }
+    }
+}
+
 /// Install `e` unless it is already there. Returns its path.
 pub fn pull(e: &Entry, quiet: bool) -> Result<PathBuf> {
     let models = models_dir()?;
@@ -175,21 +197,7 @@ pub fn pull(e: &Entry, quiet: bool) -> Result<PathBuf> {
             models.display()
         )
     })?;
-    // Remove what an interrupted pull left behind: temp directories untouched for an hour (a
-    // younger one may be another process's pull in progress, e.g. of another model).
-    if let Ok(entries) = fs::read_dir(&models) {
-        for d in entries.flatten() {
-            let stale = d
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > std::time::Duration::from_secs(3600));
-            if stale && d.file_name().to_string_lossy().starts_with(".pull-") {
-                let _ = fs::remove_dir_all(d.path());
-            }
-        }
-    }
+    remove_stale_pulls(&models, STALE_PULL);
     let tmp = tempfile::Builder::new()
         .prefix(".pull-")
         .tempdir_in(&models)?;
@@ -503,4 +511,25 @@ fn embedding_names() -> String {
         .map(|e| e.name)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pull_in_progress_is_not_removed_by_another_pull() {
+        let models = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let busy = models.path().join(".pull-busy");
+        fs::create_dir(&busy).unwrap_or_else(|e| panic!("{e}"));
+        fs::write(busy.join("part.whl"), b"x").unwrap_or_else(|e| panic!("{e}"));
+        remove_stale_pulls(models.path(), STALE_PULL);
+        assert!(
+            busy.join("part.whl").exists(),
+            "a fresh pull's temp dir was removed"
+        );
+        // Once old enough it is an interrupted pull's, and goes.
+        remove_stale_pulls(models.path(), std::time::Duration::ZERO);
+        assert!(!busy.exists());
+    }
 }
