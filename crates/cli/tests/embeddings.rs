@@ -260,6 +260,18 @@ fn decode_base64_f32(s: &str) -> Vec<f32> {
 #[test]
 fn ollama_embed_truncates_by_default_and_refuses_when_told_not_to() {
     let s = embedding_server(&[]);
+    // Ollama clients find the embedding model in /api/tags, beside the chat model.
+    let (status, tags) = s.get("/api/tags");
+    assert_eq!(status, 200, "{tags}");
+    let e = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["details"]["family"] == "bert")
+        .unwrap_or_else(|| panic!("no embedding model in /api/tags: {tags}"));
+    assert_eq!(e["name"], "all-minilm-l6-v2", "{e}");
+    assert_eq!(e["details"]["parameter_size"], "22.7M", "{e}");
+    assert!(e["size"].as_u64().unwrap() > 90_000_000, "{e}");
     let r = reference();
     let c = &r["cases"][1];
     let (status, v) = s.post(

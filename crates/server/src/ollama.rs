@@ -481,7 +481,7 @@ fn digest(m: &Model) -> String {
 }
 
 pub async fn tags(State(s): State<AppState>, Extension(caller): Extension<Caller>) -> Json<Value> {
-    let models: Vec<Value> = s
+    let mut models: Vec<Value> = s
         .models(caller.key_id())
         .iter()
         .map(|m| {
@@ -495,6 +495,27 @@ pub async fn tags(State(s): State<AppState>, Extension(caller): Extension<Caller
             })
         })
         .collect();
+    if let Some(e) = s.embeddings.get() {
+        // The encoder's f32 safetensors: 4 bytes a parameter (the header is a few KiB).
+        let size = std::fs::metadata(e.embedder.model_dir().join("model.safetensors"))
+            .map_or(0, |m| m.len());
+        let h = crate::fnv1a(format!("{}:{size}:{}", e.id, e.created).bytes());
+        models.push(json!({
+            "name": e.id,
+            "model": e.id,
+            "modified_at": ferrolm_tokenizer::chat::rfc3339(e.created),
+            "size": size,
+            "digest": format!("{h:016x}"),
+            "details": {
+                "parent_model": "",
+                "format": "safetensors",
+                "family": "bert",
+                "families": ["bert"],
+                "parameter_size": parameter_size(size / 4),
+                "quantization_level": "F32",
+            },
+        }));
+    }
     Json(json!({"models": models}))
 }
 
