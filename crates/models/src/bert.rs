@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
+use crate::mat::{gemm, Mat, Par};
 use crate::ModelError;
 
 /// How token vectors become one text vector (sentence-transformers' `1_Pooling/config.json`).
@@ -399,26 +400,14 @@ impl Bert {
                     let off = start * h + head * hd;
                     // scores (n×n) = scale · Q_h (n×hd) · K_hᵀ (hd×n); Q_h and K_h are column
                     // slices of this sequence's rows of q and k (row stride h).
-                    matmul(
-                        scores,
-                        n,
-                        (&q[off..], h, 1),
-                        (&k[off..], 1, h),
-                        (n, n, hd),
-                        scale,
-                    );
+                    let (qh, kh) = (Mat::rows(&q[off..], h), Mat::rows(&k[off..], h).t());
+                    gemm(scores, n, qh, kh, (n, n, hd), false, scale, Par::Pool);
                     for row in scores.chunks_exact_mut(n) {
                         softmax(row);
                     }
                     // ctx_h (n×hd, row stride h) = P (n×n) · V_h (n×hd).
-                    matmul(
-                        &mut ctx[off..],
-                        h,
-                        (scores, n, 1),
-                        (&v[off..], h, 1),
-                        (n, hd, n),
-                        1.0,
-                    );
+                    let (p, vh) = (Mat::rows(scores, n), Mat::rows(&v[off..], h));
+                    gemm(&mut ctx[off..], h, p, vh, (n, hd, n), false, 1.0, Par::Pool);
                 }
             }
             dense(&mut tmp, &ctx, &l.o, t);
@@ -486,71 +475,19 @@ impl Bert {
 
 // ---- leaf operations ----------------------------------------------------------------------
 
-fn parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
-/// A matrix operand: data, row stride, column stride.
-type Operand<'a> = (&'a [f32], usize, usize);
-
-/// `dst (m×n, row stride dst_rs) = scale · lhs (m×k) · rhs (k×n)`.
-fn matmul(
-    dst: &mut [f32],
-    dst_rs: usize,
-    lhs: Operand,
-    rhs: Operand,
-    (m, n, k): (usize, usize, usize),
-    scale: f32,
-) {
-    let fits = |(d, rs, cs): Operand, r: usize, c: usize| {
-        r == 0 || c == 0 || (r - 1) * rs + (c - 1) * cs < d.len()
-    };
-    assert!(
-        (m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len())
-            && fits(lhs, m, k)
-            && fits(rhs, k, n),
-        "matrix product out of bounds"
-    );
-    // SAFETY: the assert bounds every element gemm reads or writes; `dst` is a unique borrow
-    // and so cannot alias the shared `lhs` / `rhs`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            false,
-            lhs.0.as_ptr(),
-            lhs.2 as isize,
-            lhs.1 as isize,
-            rhs.0.as_ptr(),
-            rhs.2 as isize,
-            rhs.1 as isize,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            parallelism(),
-        )
-    }
-}
-
 /// `y (t×out) = x (t×in) · wᵀ + b`.
 fn dense(y: &mut [f32], x: &[f32], d: &Dense, t: usize) {
     let y = &mut y[..t * d.n_out];
-    matmul(
+    let (x, w) = (Mat::rows(x, d.n_in), Mat::rows(&d.w, d.n_in).t());
+    gemm(
         y,
         d.n_out,
-        (x, d.n_in, 1),
-        (&d.w, 1, d.n_in),
+        x,
+        w,
         (t, d.n_out, d.n_in),
+        false,
         1.0,
+        Par::Pool,
     );
     for row in y.chunks_exact_mut(d.n_out) {
         for (a, &b) in row.iter_mut().zip(&d.b) {
@@ -624,15 +561,5 @@ mod tests {
         ] {
             assert!((erf(x) - want).abs() < 2e-7, "erf({x}) = {}", erf(x));
         }
-    }
-
-    #[test]
-    fn matmul_with_strided_operands_matches_naive() {
-        // lhs 2×3 row-major, rhs = (3×2)ᵀ view of a 2×3 matrix.
-        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
-        let w = [1.0, 0.0, -1.0, 2.0, 1.0, 0.5];
-        let mut y = [0f32; 4];
-        matmul(&mut y, 2, (&a, 3, 1), (&w, 1, 3), (2, 2, 3), 1.0);
-        assert_eq!(y, [-2.0, 5.5, -2.0, 16.0]);
     }
 }

@@ -18,6 +18,7 @@ pub mod config;
 pub mod gemma3;
 pub mod linear;
 pub mod llama;
+pub mod mat;
 pub mod model;
 pub mod ops;
 pub mod quant;

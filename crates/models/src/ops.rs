@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::adapter::Proj;
 use crate::linear::dequantize;
+use crate::mat::{gemm, gemm_to_ptr, Mat, Par};
 use crate::quant::{QActs, SendPtr};
 use crate::{simd, Batch, Config, KvCache, ModelError};
 
@@ -197,31 +198,11 @@ pub(crate) fn attention(
                         let cols = end - start;
                         sc.resize(l * cols, 0.0);
                         let q0 = (sq.start + i0) * qkv_dim + qh * hd;
-                        // SAFETY: scores (l × cols) into `sc`; Q rows are read at stride
-                        // qkv_dim inside `qkv`, K rows start..end from `kf`: all in bounds.
-                        unsafe {
-                            gemm::gemm(
-                                l,
-                                cols,
-                                hd,
-                                sc.as_mut_ptr(),
-                                1,
-                                cols as isize,
-                                false,
-                                qkv[q0..].as_ptr(),
-                                1,
-                                qkv_dim as isize,
-                                kf[start * hd..].as_ptr(),
-                                hd as isize,
-                                1,
-                                0.0,
-                                scale,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
-                            )
-                        }
+                        // Scores (l × cols): Q rows at stride qkv_dim inside `qkv`, K rows
+                        // start..end of `kf`.
+                        let qm = Mat::rows(&qkv[q0..], qkv_dim);
+                        let km = Mat::rows(&kf[start * hd..], hd).t();
+                        gemm(sc, cols, qm, km, (l, cols, hd), false, scale, Par::Serial);
                         // Softmax over each row's visible positions first..=last.
                         for (r, row) in sc.chunks_exact_mut(cols).enumerate() {
                             let last = p0 + i0 + r;
@@ -237,26 +218,15 @@ pub(crate) fn attention(
                         // SAFETY: head qh's columns of these rows of `att` (l × hd at stride
                         // q_dim): disjoint across heads, blocks and sequences.
                         unsafe {
-                            gemm::gemm(
-                                l,
-                                hd,
-                                cols,
+                            gemm_to_ptr(
                                 out.0.add((sq.start + i0) * q_dim + qh * hd),
-                                1,
-                                q_dim as isize,
+                                q_dim,
+                                Mat::rows(sc, cols),
+                                Mat::rows(&vf[start * hd..], hd),
+                                (l, hd, cols),
                                 false,
-                                sc.as_ptr(),
-                                1,
-                                cols as isize,
-                                vf[start * hd..].as_ptr(),
-                                1,
-                                hd as isize,
-                                0.0,
                                 1.0,
-                                false,
-                                false,
-                                false,
-                                gemm::Parallelism::None,
+                                Par::Serial,
                             )
                         }
                     }

@@ -44,6 +44,7 @@
 //! activations: the same quantized operands, ~3× the multiply-adds per second of the integer
 //! kernel at 512 tokens.
 
+use crate::mat::{gemm_to_ptr, Mat, Par};
 use half::f16;
 
 /// Elements per quantization block.
@@ -1717,30 +1718,18 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
                 let rn = rows.len();
                 panel.resize(rn * w.cols, 0.0);
                 w.dequantize_rows(rows.clone(), panel);
-                // SAFETY: `gemm` writes the n × rn block of `out` at column `rows.start` with
-                // row stride m, which is in bounds (asserted above) and disjoint across
-                // chunks; it reads n × cols of `x.xf` and rn × cols of `panel`.
+                // SAFETY: writes the n × rn block of `out` at column `rows.start` with row
+                // stride m, which is in bounds (asserted above) and disjoint across chunks.
                 unsafe {
-                    gemm::gemm(
-                        n,
-                        rn,
-                        w.cols,
+                    gemm_to_ptr(
                         p.0.add(rows.start),
-                        1,
-                        m as isize,
+                        m,
+                        Mat::rows(&x.xf, w.cols),
+                        Mat::rows(panel, w.cols).t(),
+                        (n, rn, w.cols),
                         false,
-                        x.xf.as_ptr(),
-                        1,
-                        w.cols as isize,
-                        panel.as_ptr(),
-                        w.cols as isize,
-                        1,
-                        0.0,
                         1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                        Par::Serial,
                     )
                 }
             },

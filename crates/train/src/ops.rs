@@ -12,83 +12,8 @@ use rayon::prelude::*;
 
 // ---- matrix products ----------------------------------------------------------------------
 
-fn parallelism() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
-/// A matrix operand: base slice and (row, column) strides in elements.
-#[derive(Clone, Copy)]
-pub struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-impl<'a> Mat<'a> {
-    /// Row-major with row stride `rs`.
-    pub fn rows(data: &'a [f32], rs: usize) -> Self {
-        Mat { data, rs, cs: 1 }
-    }
-    /// The transpose (a view).
-    pub fn t(self) -> Self {
-        Mat {
-            rs: self.cs,
-            cs: self.rs,
-            ..self
-        }
-    }
-    /// Whether an (r × c) matrix with these strides fits in `data`.
-    fn fits(&self, r: usize, c: usize) -> bool {
-        r == 0 || c == 0 || (r - 1) * self.rs + (c - 1) * self.cs < self.data.len()
-    }
-}
-
-/// `dst (m×n, row stride dst_rs) = [dst +] scale · lhs (m×k) · rhs (k×n)`.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    dst: &mut [f32],
-    dst_rs: usize,
-    lhs: Mat,
-    rhs: Mat,
-    (m, n, k): (usize, usize, usize),
-    acc: bool,
-    scale: f32,
-    par: gemm::Parallelism,
-) {
-    let dst_fits = m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len();
-    assert!(
-        dst_fits && lhs.fits(m, k) && rhs.fits(k, n),
-        "matrix product out of bounds"
-    );
-    // SAFETY: the assert bounds every element gemm reads or writes; `dst` is a unique borrow
-    // and so cannot alias the shared `lhs` / `rhs`.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            acc,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
+pub use ferrolm_models::mat::Mat;
+use ferrolm_models::mat::{gemm, Par};
 
 /// `dst (m×n, row stride dst_rs) = [dst +] scale · lhs · rhs` on the thread pool.
 pub fn gemm_into(
@@ -100,26 +25,26 @@ pub fn gemm_into(
     acc: bool,
     scale: f32,
 ) {
-    gemm(dst, dst_rs, lhs, rhs, mnk, acc, scale, parallelism());
+    gemm(dst, dst_rs, lhs, rhs, mnk, acc, scale, Par::Pool);
 }
 
 /// `out (m×n) [+]= a (m×k) · wᵀ` with `w` (n×k): a linear layer's forward.
 pub fn matmul_nt(out: &mut [f32], a: &[f32], w: &[f32], m: usize, n: usize, k: usize, acc: bool) {
     let (a, w) = (Mat::rows(a, k), Mat::rows(w, k).t());
-    gemm(out, n, a, w, (m, n, k), acc, 1.0, parallelism());
+    gemm(out, n, a, w, (m, n, k), acc, 1.0, Par::Pool);
 }
 
 /// `out (m×n) [+]= a (m×k) · b (k×n)`: a linear layer's input gradient `dX = dY · W`.
 pub fn matmul_nn(out: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, acc: bool) {
     let (a, b) = (Mat::rows(a, k), Mat::rows(b, n));
-    gemm(out, n, a, b, (m, n, k), acc, 1.0, parallelism());
+    gemm(out, n, a, b, (m, n, k), acc, 1.0, Par::Pool);
 }
 
 /// `out (m×n) += aᵀ · b` with `a` (k×m), `b` (k×n): a linear layer's weight gradient
 /// `dW += dYᵀ · X` (m = out features, n = in features, k = rows).
 pub fn matmul_tn_acc(out: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize) {
     let (a, b) = (Mat::rows(a, m).t(), Mat::rows(b, n));
-    gemm(out, n, a, b, (m, n, k), true, 1.0, parallelism());
+    gemm(out, n, a, b, (m, n, k), true, 1.0, Par::Pool);
 }
 
 /// Rows per rayon task for element-wise ops: below ~16K elements a split costs more than it
@@ -270,7 +195,7 @@ impl AttnShape {
 pub fn attention(s: AttnShape, qkv: &[f32], probs: &mut [f32], out: &mut [f32]) {
     let (t, hd, qd, qkvd) = (s.t, s.hd, s.q_dim(), s.qkv_dim());
     let scale = 1.0 / (hd as f32).sqrt();
-    let serial = gemm::Parallelism::None;
+    let serial = Par::Serial;
     out.par_chunks_mut(t * qd)
         .zip(probs.par_chunks_mut(s.n_heads * t * t))
         .zip(qkv.par_chunks(t * qkvd))
@@ -324,7 +249,7 @@ pub fn attention_backward(
 ) {
     let (t, hd, qd, qkvd) = (s.t, s.hd, s.q_dim(), s.qkv_dim());
     let scale = 1.0 / (hd as f32).sqrt();
-    let serial = gemm::Parallelism::None;
+    let serial = Par::Serial;
     dqkv.par_chunks_mut(t * qkvd)
         .zip(probs.par_chunks(s.n_heads * t * t))
         .zip(qkv.par_chunks(t * qkvd))
