@@ -365,14 +365,13 @@ pub async fn chat(
     let mut tools = Tools::parse(req.tools.as_ref(), None, None)?;
     let mut left_out = None;
     if let Some(t) = &mut tools {
-        t.apply_strategy(
-            model.tool_strategy,
+        left_out = t.apply_for(
+            &model,
             req.tool_strategy,
             req.lazy_tools_threshold,
             1,
-            |text| model.token_count(text),
+            &req.messages,
         )?;
-        left_out = t.left_out(&model, &req.messages)?;
     }
     let grammar = format_grammar(req.format.as_ref())?;
     let o = &req.options;

@@ -467,18 +467,17 @@ fn tools_for(
     let Some(mut t) = tools else {
         return Ok((None, format_grammar, None));
     };
-    t.apply_strategy(
-        model.tool_strategy,
+    let left_out = t.apply_for(
+        model,
         req.tool_strategy,
         req.lazy_tools_threshold,
         n,
-        |text| model.token_count(text),
+        &req.messages,
     )?;
     let grammar = match format_grammar {
         Some(g) => Some(g),
         None => t.grammar()?.map(Arc::new),
     };
-    let left_out = t.left_out(model, &req.messages)?;
     Ok((Some(t), grammar, left_out))
 }
 

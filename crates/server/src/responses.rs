@@ -467,14 +467,13 @@ pub async fn create(
     let messages = chat_messages(req.instructions.as_deref(), &items);
     let mut left_out = None;
     if let Some(t) = &mut tools {
-        t.apply_strategy(
-            model.tool_strategy,
+        left_out = t.apply_for(
+            &model,
             req.tool_strategy,
             req.lazy_tools_threshold,
             1,
-            |text| model.token_count(text),
+            &messages,
         )?;
-        left_out = t.left_out(&model, &messages)?;
     }
     let grammar = match grammar {
         Some(g) => Some(g),

@@ -365,6 +365,23 @@ impl Tools {
         Ok(())
     }
 
+    /// The request's tool strategy applied for `model` (its default strategy and its token
+    /// count, see [`Tools::apply_strategy`]), and what lazy loading then leaves out of the
+    /// prompt of `messages`. The one call every chat-shaped handler makes.
+    pub fn apply_for(
+        &mut self,
+        model: &crate::Model,
+        asked: Option<Strategy>,
+        threshold: Option<Threshold>,
+        n: usize,
+        messages: &Value,
+    ) -> Result<Option<LeftOut>, ApiError> {
+        self.apply_strategy(model.tool_strategy, asked, threshold, n, |text| {
+            model.token_count(text)
+        })?;
+        self.left_out(model, messages)
+    }
+
     /// `load_tools` as the prompt describes it: its description lists every tool.
     fn load_tool_definition(&self) -> Value {
         let mut desc = String::from(
@@ -416,7 +433,7 @@ impl Tools {
 
     /// What lazy loading leaves out of the prompt of `messages` for `model` (`None` when the
     /// tools load eagerly): the prompt rendered with every definition, against with the listing.
-    pub fn left_out(
+    fn left_out(
         &self,
         model: &crate::Model,
         messages: &Value,
