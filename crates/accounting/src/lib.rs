@@ -15,11 +15,14 @@
 //!
 //! - Files and fine-tuning jobs (`tuning`): what `/v1/files` and `/v1/fine_tuning/jobs` keep,
 //!   in the same database, scoped by key.
+//! - Stored chat completions (`completions`): what `store: true` keeps, scoped by key, and
+//!   their fine-tuning lines for `ferrolm data export --stored`.
 //!
 //! Nothing here knows about HTTP or the engine: the server decides when to verify, admit,
 //! record and settle.
 
 mod budget;
+mod completions;
 mod error;
 mod limits;
 mod prices;
@@ -29,6 +32,10 @@ pub mod time;
 mod tuning;
 
 pub use budget::{Budgets, OverBudget, Reservation};
+pub use completions::{
+    check_metadata, sft_lines, CompletionQuery, CompletionRecord, Metadata, Owner,
+    MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS,
+};
 pub use error::AccountingError;
 pub use limits::{format_reset, Headroom, LimitKind, Limited, RateLimiter, Window, WINDOW};
 pub use prices::{

@@ -30,7 +30,7 @@ use crate::AccountingError;
 /// The database's file name inside the data dir.
 pub const DB_FILE: &str = "ferrolm.db";
 /// The schema version this code writes; `MIGRATIONS[v - 1]` brings version v-1 to v.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 /// What every key starts with, so a leaked one is recognisable (and greppable by scanners).
 pub const KEY_PREFIX: &str = "flm-";
 /// Random characters after `KEY_PREFIX`.
@@ -88,6 +88,8 @@ const MIGRATIONS: &[&str] = &[
     // 5: what lazy tool loading saved (signed: a load round may cost more than it saves).
     "ALTER TABLE usage ADD COLUMN lazy_tool_tokens INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE usage ADD COLUMN saved_by_lazy_tools_usd REAL NOT NULL DEFAULT 0;",
+    // 6: stored chat completions (see `completions`).
+    crate::completions::MIGRATION,
 ];
 
 /// What a new key may do. `None` is unlimited.

@@ -17,6 +17,7 @@ mod chat;
 mod cost;
 mod data;
 mod eval;
+mod export_data;
 mod finetune;
 mod keys;
 mod serve;
@@ -71,7 +72,7 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Serve models over HTTP: the OpenAI and Ollama APIs.
     ///
-    /// The OpenAI API (/v1/chat/completions, /v1/completions, /v1/responses, /v1/models, /v1/usage, /v1/files, /v1/fine_tuning/jobs with LoRA jobs
+    /// The OpenAI API (/v1/chat/completions with stored completions, /v1/completions, /v1/responses, /v1/models, /v1/usage, /v1/files, /v1/fine_tuning/jobs with LoRA jobs
     /// served on success) and Ollama's (/api/chat, /api/generate, /api/tags, /api/show,
     /// /api/ps, /api/version), with --embedding-model also /v1/embeddings and /api/embed,
     /// requests batched together, with API keys, rate limits, a usage
@@ -106,6 +107,12 @@ enum Cmd {
     },
     /// Tokenize a corpus into train/validation shards for `ferrolm train --data DIR`.
     Prepare(data::PrepareArgs),
+    /// Turn traffic into datasets: `data export --stored` writes the server's stored chat
+    /// completions as fine-tuning JSONL.
+    Data {
+        #[command(subcommand)]
+        what: export_data::DataCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -617,6 +624,7 @@ fn main() {
             what: TokenizerCmd::Train(a),
         } => data::run_tokenizer_train(a),
         Cmd::Prepare(a) => data::run_prepare(a),
+        Cmd::Data { what } => export_data::run(what),
     };
     if let Err(e) = r {
         let mut msg = format!("{e}");

@@ -128,6 +128,15 @@ pub struct ServeArgs {
     /// closes.
     #[arg(long, value_name = "N", default_value_t = 512)]
     max_connections: usize,
+    /// Keep every chat completion, as if each request sent `store: true` (one that sends
+    /// `store: false` is not kept): for capturing a teacher's traffic, an upstream provider's
+    /// included, for `ferrolm data export --stored`. Read them back with GET
+    /// /v1/chat/completions.
+    #[arg(long)]
+    store_all: bool,
+    /// Forget stored chat completions older than N days (default: keep them until deleted).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    store_retention_days: Option<u32>,
 }
 
 /// One `--lora` value: (base id if given, name, path).
@@ -613,6 +622,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         store: db,
         open_without_keys: a.host.is_loopback() || a.allow_unauthenticated,
         cache_scopes: cache_scopes(&cfg_file.cache_scope)?,
+        completions: ferrolm_server::stored::Policy {
+            store_all: a.store_all,
+            retention_days: a.store_retention_days,
+        },
     };
     let routers = routers(&cfg_file.router, &served, &upstreams)?;
     let loader = run_loader(&a, &cfg, &catalog);

@@ -1,7 +1,8 @@
 //! The official clients against live servers: `openai`, `ollama` and LangChain's `ChatOpenAI`
 //! for Python (`tests/sdk/clients.py`, against one open server and one whose data dir has keys),
 //! and `openai` and the Vercel AI SDK for Node (`tests/sdk/clients.mjs`: its OpenAI-compatible
-//! provider on chat completions, its OpenAI provider on the Responses API). These tests start the
+//! provider on chat completions, its OpenAI provider on the Responses API), and the `openai`
+//! SDK's stored chat completions (`scripts/stored_completions_sdk.py`). These tests start the
 //! servers, create the keys and run the scripts.
 //!
 //! The clients are installed by `.ci/run` into `target/sdk-venv` and `target/sdk-node` (pinned
@@ -89,6 +90,26 @@ fn the_node_openai_sdk_and_the_vercel_ai_sdk_work_unchanged() {
         .arg(&script)
         .env("FERROLM_BASE", &open.base)
         .env("AI_SDK_LOG_WARNINGS", "false")
+        .output()
+        .unwrap();
+    assert_checks_passed(&out);
+}
+
+/// `scripts/stored_completions_sdk.py`: the `openai` SDK's stored-completion calls
+/// (`create(store=True, metadata=...)`, `list`, `retrieve`, `update`, `delete`, `messages.list`)
+/// unchanged, against a server with two keys.
+#[test]
+fn the_openai_sdk_stores_lists_updates_and_deletes_chat_completions_per_key() {
+    let python = sdk_python();
+    let dir = tempfile::tempdir().unwrap();
+    let key_a = create_key(dir.path(), "team-a", &[]);
+    let key_b = create_key(dir.path(), "team-b", &[]);
+    let s = Server::start_in(dir.path(), &[]);
+    let out = Command::new(python)
+        .arg(repo_root().join("scripts/stored_completions_sdk.py"))
+        .env("FERROLM_BASE", &s.base)
+        .env("FERROLM_KEY_A", &key_a)
+        .env("FERROLM_KEY_B", &key_b)
         .output()
         .unwrap();
     assert_checks_passed(&out);

@@ -102,11 +102,14 @@ fn request_id(headers: &HeaderMap) -> String {
         )
 }
 
-fn is_generation(path: &str) -> bool {
-    matches!(
-        path,
-        "/v1/chat/completions" | "/v1/completions" | "/api/chat" | "/api/generate"
-    )
+/// A request that generates (the ledger records its refusals); `GET /v1/chat/completions`
+/// lists stored completions instead.
+fn is_generation(method: &axum::http::Method, path: &str) -> bool {
+    method == axum::http::Method::POST
+        && matches!(
+            path,
+            "/v1/chat/completions" | "/v1/completions" | "/api/chat" | "/api/generate"
+        )
 }
 
 /// The middleware in front of every route.
@@ -181,7 +184,7 @@ pub async fn layer(State(s): State<AppState>, mut req: Request, next: Next) -> R
         resp.headers_mut().insert("x-request-id", v);
     }
     s.metrics.request(&route, status.as_u16());
-    if status.as_u16() >= 400 && is_generation(&path) {
+    if status.as_u16() >= 400 && is_generation(&method, &path) {
         let row = UsageRow {
             ts: unix_ms(),
             request_id: id.clone(),

@@ -189,6 +189,18 @@ pub async fn upload(
             ))
         }
     }
+    let rec = keep(&s, &caller, filename, data).await?;
+    Ok(Json(file_object(&rec)))
+}
+
+/// Validate `data` as chat fine-tuning JSONL and keep it as the caller's `purpose=fine-tune`
+/// file (an upload, or an export of stored completions).
+pub async fn keep(
+    s: &AppState,
+    caller: &Caller,
+    filename: String,
+    data: Bytes,
+) -> Result<FileRecord, ApiError> {
     if data.len() > MAX_FILE_BYTES {
         return Err(too_large());
     }
@@ -201,7 +213,7 @@ pub async fn upload(
         purpose: "fine-tune".into(),
     };
     let state = s.clone();
-    let rec = tokio::task::spawn_blocking(move || -> Result<FileRecord, ApiError> {
+    tokio::task::spawn_blocking(move || -> Result<FileRecord, ApiError> {
         let t = tuner(&state)?;
         validate(t, &data, "file")?;
         let path = t.file_path(&rec.id);
@@ -221,8 +233,7 @@ pub async fn upload(
         Ok(rec)
     })
     .await
-    .map_err(|e| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    Ok(Json(file_object(&rec)))
+    .map_err(|e| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
 }
 
 #[derive(Debug, Deserialize)]

@@ -55,6 +55,7 @@ mod ollama;
 mod openai;
 mod responses;
 pub mod route;
+pub mod stored;
 pub mod tools;
 pub mod tuner;
 pub mod upstream;
@@ -166,6 +167,8 @@ pub struct Access {
     /// Key name → the named cache scope it shares the prefix cache with (`[[cache_scope]]` in
     /// the serve config). A key in none has a scope of its own.
     pub cache_scopes: HashMap<String, String>,
+    /// Which chat completions are kept (`store: true`, `--store-all`) and for how long.
+    pub completions: stored::Policy,
 }
 
 impl Access {
@@ -1022,7 +1025,7 @@ async fn wrong_method(method: Method, uri: Uri) -> axum::response::Response {
         status: StatusCode::METHOD_NOT_ALLOWED,
         ..ApiError::invalid(
             format!(
-                "{} does not take {method}: GET the models, tags, version, health, metrics, files and fine-tuning jobs, DELETE a file, POST the rest",
+                "{} does not take {method}: GET the models, tags, version, health, metrics, files, stored chat completions and fine-tuning jobs, DELETE a file or a stored completion, POST the rest",
                 uri.path()
             ),
             None,
@@ -1036,7 +1039,15 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{id}", get(openai::model))
-        .route("/v1/chat/completions", post(openai::chat))
+        .route("/v1/chat/completions", post(openai::chat).get(stored::list))
+        .route("/v1/chat/completions/export", post(stored::export))
+        .route(
+            "/v1/chat/completions/{id}",
+            get(stored::get_one)
+                .post(stored::update)
+                .delete(stored::delete),
+        )
+        .route("/v1/chat/completions/{id}/messages", get(stored::messages))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/responses", post(responses::create))
         .route("/v1/embeddings", post(embeddings::openai))

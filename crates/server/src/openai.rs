@@ -1,6 +1,8 @@
 //! The OpenAI-compatible routes: models, chat completions and (legacy) completions, as JSON or
 //! as SSE streams of chunks ending with `data: [DONE]`. `n` choices run as `n` requests in the
 //! same continuous batch; `response_format` and forced tool calls are enforced by a grammar.
+//! A chat answer to be kept (`store: true`, `serve --store-all`) goes to [`crate::stored`] as
+//! the client got it: the JSON object, or the stream's chunks assembled.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -22,6 +24,7 @@ use crate::compress::{fit_chat, Compression, Strategy};
 use crate::error::ApiError;
 use crate::generate::{self, with_headers, Choice, ClientConn, Format, Run, TokenInfo};
 use crate::route::{self, Target};
+use crate::stored::{self, Assembler, Keep};
 use crate::tools::{self, Call, Tools};
 use crate::{logit_bias, parse, unix_now, AppState, Levers, Model, Stop, Ticket, Worst};
 
@@ -72,6 +75,10 @@ struct ChatRequest {
     tool_strategy: Option<tools::Strategy>,
     /// ferrolm's extension: past how many tools (or `"Ntokens"`) `lazy` applies.
     lazy_tools_threshold: Option<tools::Threshold>,
+    /// Keep the answer (see `stored`); `serve --store-all` makes it the default.
+    store: Option<bool>,
+    /// Up to 16 string pairs kept with a stored answer, to find it by.
+    metadata: Option<Value>,
     #[serde(flatten)]
     common: Common,
 }
@@ -298,6 +305,14 @@ pub async fn chat(
     let c = &req.common;
     let n = c.n()?;
     let (tools, format_grammar, logprobs) = req.checked()?;
+    let keep = Keep::of(
+        &s,
+        &caller,
+        req.store,
+        stored::metadata(req.metadata.as_ref())?,
+        &req.messages,
+        req.tools.as_ref(),
+    );
     let max = c.max_completion_tokens.or(c.max_tokens);
     let prompt_tools = tools.as_ref().and_then(Tools::for_prompt);
     let json_out = c
@@ -336,7 +351,7 @@ pub async fn chat(
                     ..Levers::default()
                 };
                 let raw: Value = parse(&body)?;
-                match u.chat(&s, &caller, t, &levers, raw).await {
+                match u.chat(&s, &caller, t, &levers, raw, keep.clone()).await {
                     Ok(r) => return Ok(with_headers(r, &t.headers, None)),
                     Err(e) if route.is_some() && !last && route::falls_back(&e) => {
                         eprintln!(
@@ -436,6 +451,7 @@ pub async fn chat(
         model: model.clone(),
         include_usage: c.include_usage(),
         logprobs: logprobs.is_some(),
+        keep: keep.map(|k| (k, Assembler::default())),
     };
     let run = Run {
         state: s,
@@ -504,10 +520,12 @@ struct ChatFormat {
     meta: Meta,
     include_usage: bool,
     logprobs: bool,
+    /// Set when the answer is to be kept; a stream's chunks are assembled into it.
+    keep: Option<(Keep, Assembler)>,
 }
 
 impl ChatFormat {
-    fn chunk(&self, choices: Value, usage: Option<&Usage>) -> SseItem {
+    fn chunk(&mut self, choices: Value, usage: Option<&Usage>) -> SseItem {
         let mut v = json!({
             "id": self.meta.id,
             "object": "chat.completion.chunk",
@@ -519,10 +537,13 @@ impl ChatFormat {
         if self.include_usage {
             v["usage"] = usage.map_or(Value::Null, usage_json);
         }
+        if let Some((_, a)) = &mut self.keep {
+            a.push(&v);
+        }
         sse_json(&v)
     }
 
-    fn delta(&self, i: usize, delta: Value, lp: Value, finish: Value) -> SseItem {
+    fn delta(&mut self, i: usize, delta: Value, lp: Value, finish: Value) -> SseItem {
         self.chunk(
             json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]),
             None,
@@ -583,6 +604,11 @@ impl Format for ChatFormat {
         if self.include_usage {
             out.push(self.chunk(json!([]), Some(usage)));
         }
+        if let Some((keep, a)) = self.keep.take() {
+            let mut whole = a.finish();
+            whole["usage"] = usage_json(usage);
+            keep.save(&whole);
+        }
         out.push(Ok(SseEvent::default().data("[DONE]")));
         out
     }
@@ -596,6 +622,17 @@ impl Format for ChatFormat {
     }
 
     fn whole(&self, choices: Vec<Choice>, usage: &Usage) -> Value {
+        let v = self.whole_object(choices, usage);
+        if let Some((keep, _)) = &self.keep {
+            keep.save(&v);
+        }
+        v
+    }
+}
+
+impl ChatFormat {
+    /// The `chat.completion` object of a non-streamed answer.
+    fn whole_object(&self, choices: Vec<Choice>, usage: &Usage) -> Value {
         let choices: Vec<Value> = choices
             .into_iter()
             .enumerate()

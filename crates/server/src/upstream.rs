@@ -9,7 +9,8 @@
 //! catalog and written to the same ledger as local requests. An upstream that cannot be
 //! reached, times out before answering, or answers 5xx/429 is a 503 with
 //! code `upstream_unavailable`, which a router takes as its cue to try the next tier; a 4xx
-//! (the request itself) is passed through.
+//! (the request itself) is passed through. An answer to be kept (`store: true`,
+//! `--store-all`) is stored as the client received it, a stream once it reached `[DONE]`.
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ use tokio_stream::StreamExt;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::stored::{Assembler, Keep};
 use crate::{AppState, Levers, Ticket};
 
 /// A model served by another server.
@@ -95,6 +97,7 @@ impl Upstream {
         ticket: &Ticket,
         levers: &Levers,
         mut body: Value,
+        keep: Option<Keep>,
     ) -> Result<Response, ApiError> {
         let stream = body.get("stream").and_then(Value::as_bool) == Some(true);
         let client_wants_usage = body
@@ -151,6 +154,9 @@ impl Upstream {
             // The answer is passed through as is: a row that cannot be written is held.
             st.sent = true;
             let _ = s.settle(caller, ticket, st);
+            if let Some(k) = &keep {
+                k.save(&v);
+            }
             let code = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::OK);
             return Ok((code, [(header::CONTENT_TYPE, "application/json")], bytes).into_response());
         }
@@ -164,6 +170,8 @@ impl Upstream {
             let mut usage = Usage::default();
             let mut first: Option<Instant> = None;
             let mut finish = None;
+            let mut keep = keep.map(|k| (k, Assembler::default()));
+            let mut complete = false;
             'read: while let Some(chunk) = upstream.next().await {
                 let Ok(chunk) = chunk else { break };
                 buf.extend_from_slice(&chunk);
@@ -171,8 +179,12 @@ impl Upstream {
                 while let Some(end) = find_event_end(&buf) {
                     let event: Vec<u8> = buf.drain(..end).collect();
                     let data = sse_data(&event);
+                    complete |= is_done(&event);
                     let mut forward = true;
                     if let Some(v) = data.and_then(|d| serde_json::from_str::<Value>(d).ok()) {
+                        if let Some((_, a)) = &mut keep {
+                            a.push(&v);
+                        }
                         if let Some(u) = v.get("usage").filter(|u| u.is_object()) {
                             usage = usage_of(&serde_json::json!({"usage": u}));
                             let empty = v
@@ -206,6 +218,10 @@ impl Upstream {
             st.finish_reason = finish;
             st.sent = true;
             let _ = s.settle(&caller, &ticket, st);
+            // Only a stream that ran to its `[DONE]` is kept.
+            if let (Some((k, a)), true) = (keep, complete) {
+                k.save(&a.finish());
+            }
         });
         Ok((
             [
@@ -256,6 +272,15 @@ fn sse_data(event: &[u8]) -> Option<&str> {
         .find_map(|l| l.strip_prefix("data:"))
         .map(str::trim)
         .filter(|d| *d != "[DONE]")
+}
+
+/// Whether `event` is the stream's last, `data: [DONE]`.
+fn is_done(event: &[u8]) -> bool {
+    std::str::from_utf8(event).is_ok_and(|e| {
+        e.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .any(|d| d.trim() == "[DONE]")
+    })
 }
 
 fn excerpt(s: &str) -> String {
