@@ -13,12 +13,16 @@ use clap::{Args, Subcommand};
 use ferrolm_engine::Session;
 use serde_json::json;
 
-use crate::{load, threads, LoraArgs, ModelArgs};
+use crate::{load, threads, Loaded, LoraArgs, ModelArgs};
 
 #[derive(Subcommand)]
 pub enum EvalCmd {
     /// Perplexity over a text file (windows of --ctx tokens, positions 1..ctx-1 scored).
     Perplexity(PplArgs),
+    /// How far a model's next-token distributions are from a base model's on a text: KL
+    /// divergence (mean, p99), top-1 agreement and both perplexities (as llama-perplexity
+    /// --kl-divergence). For judging a quantization: `--model Q --base F32`.
+    Kld(KldArgs),
     /// Exact-match accuracy on chat JSONL: each line's last assistant message is the answer,
     /// the messages before it the prompt; the model replies greedily.
     Chat(ChatEvalArgs),
@@ -42,6 +46,30 @@ pub struct ChatEvalArgs {
     #[arg(long)]
     show: bool,
     /// Print JSON: {"accuracy", "correct", "total"}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct KldArgs {
+    /// The model to judge (e.g. the quantized file).
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The reference model (e.g. the f32 or f16 source). Same vocabulary.
+    #[arg(long)]
+    base: PathBuf,
+    /// UTF-8 text file to score.
+    #[arg(long)]
+    file: PathBuf,
+    /// Use only the first N tokens of the file (whole windows; default: all).
+    #[arg(long)]
+    tokens: Option<usize>,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+    /// Print JSON: {"kld_mean", "kld_p99", "top1_agreement", "ppl", "ppl_base", "tokens"}.
     #[arg(long)]
     json: bool,
 }
@@ -72,7 +100,170 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
     match cmd {
         EvalCmd::Perplexity(a) => perplexity(a),
         EvalCmd::Chat(a) => chat_accuracy(a),
+        EvalCmd::Kld(a) => kld_cmd(a),
     }
+}
+
+fn kld_cmd(a: KldArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {} (a UTF-8 text file)", a.file.display()))?;
+    let m = load(&a.model)?;
+    let base = load(&ModelArgs {
+        model: Some(a.base.clone()),
+    })?;
+    let r = kld(
+        &base,
+        &m,
+        &text,
+        a.tokens.unwrap_or(usize::MAX),
+        a.ctx,
+        threads(a.threads)?,
+    )?;
+    if a.json {
+        println!("{}", r.json());
+    } else {
+        println!("{}", r.summary());
+    }
+    Ok(())
+}
+
+/// How a model's next-token distributions differ from a base model's over the same tokens.
+#[derive(Debug, Clone)]
+pub struct KldReport {
+    /// Mean over scored positions of KL(base ‖ model), in nats.
+    pub kld_mean: f64,
+    /// 99th percentile of the per-position KL.
+    pub kld_p99: f64,
+    /// Share of positions where both models' most likely token is the same.
+    pub top1_agreement: f64,
+    pub ppl: f64,
+    pub ppl_base: f64,
+    /// Positions scored.
+    pub tokens: usize,
+}
+
+impl KldReport {
+    pub fn json(&self) -> serde_json::Value {
+        json!({"kld_mean": self.kld_mean, "kld_p99": self.kld_p99,
+               "top1_agreement": self.top1_agreement, "ppl": self.ppl,
+               "ppl_base": self.ppl_base, "tokens": self.tokens})
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "KL divergence mean {:.6}, p99 {:.6}; top-1 agreement {:.2}%; perplexity {:.4} vs base {:.4} ({:+.2}%); {} tokens",
+            self.kld_mean,
+            self.kld_p99,
+            100.0 * self.top1_agreement,
+            self.ppl,
+            self.ppl_base,
+            100.0 * (self.ppl / self.ppl_base - 1.0),
+            self.tokens
+        )
+    }
+}
+
+/// log-softmax of one logit row, in f64.
+fn log_probs(row: &[f32]) -> Vec<f64> {
+    let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = row.iter().map(|&x| (x as f64 - mx).exp()).sum::<f64>().ln() + mx;
+    row.iter().map(|&x| x as f64 - lse).collect()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+/// Score `text` (its first `max_tokens` tokens, in whole windows of `ctx`, each from an empty
+/// cache, positions 1..ctx-1) with both models and compare them position by position.
+pub fn kld(
+    base: &Loaded,
+    m: &Loaded,
+    text: &str,
+    max_tokens: usize,
+    ctx: usize,
+    threads: usize,
+) -> Result<KldReport> {
+    let vocab = m.model.cfg().vocab_size;
+    if base.model.cfg().vocab_size != vocab || base.tok.vocab_size() != m.tok.vocab_size() {
+        bail!(
+            "{} has {} tokens but the base {} has {}: KL divergence needs the same vocabulary",
+            m.path.display(),
+            vocab,
+            base.path.display(),
+            base.model.cfg().vocab_size
+        );
+    }
+    if ctx < 2 {
+        bail!("--ctx must be at least 2 (position 0 of each window is not scored)");
+    }
+    let limit = m
+        .model
+        .cfg()
+        .context_length
+        .min(base.model.cfg().context_length);
+    if ctx > limit {
+        bail!("--ctx {ctx} exceeds the models' context length {limit}");
+    }
+    let mut ids = base.tok.encode(text, false)?;
+    ids.truncate(max_tokens);
+    let windows = ids.len() / ctx;
+    if windows == 0 {
+        bail!(
+            "the text has {} tokens, fewer than one window of {ctx}; give a longer text or a smaller --ctx",
+            ids.len()
+        );
+    }
+    let mut sb = Session::new(&base.model, ctx, threads)?;
+    let mut sm = Session::new(&m.model, ctx, threads)?;
+    let (mut nll, mut nll_base, mut agree) = (0f64, 0f64, 0usize);
+    let mut kls = Vec::with_capacity(windows * ctx);
+    const CHUNK: usize = 64;
+    for w in 0..windows {
+        let win = &ids[w * ctx..(w + 1) * ctx];
+        sb.reset();
+        sm.reset();
+        for start in (0..ctx).step_by(CHUNK) {
+            let chunk = &win[start..(start + CHUNK).min(ctx)];
+            let want: Vec<usize> = (0..chunk.len()).filter(|&i| start + i + 1 < ctx).collect();
+            let lb = sb.eval(chunk, &want)?;
+            let lm = sm.eval(chunk, &want)?;
+            for (j, &i) in want.iter().enumerate() {
+                let (rb, rm) = (
+                    &lb[j * vocab..(j + 1) * vocab],
+                    &lm[j * vocab..(j + 1) * vocab],
+                );
+                let (pb, pm) = (log_probs(rb), log_probs(rm));
+                let kl: f64 = pb.iter().zip(&pm).map(|(&b, &q)| b.exp() * (b - q)).sum();
+                kls.push(kl.max(0.0));
+                let target = win[start + i + 1] as usize;
+                nll -= pm[target];
+                nll_base -= pb[target];
+                agree += usize::from(argmax(rb) == argmax(rm));
+            }
+        }
+    }
+    let n = kls.len();
+    let kld_mean = kls.iter().sum::<f64>() / n as f64;
+    kls.sort_by(f64::total_cmp);
+    let kld_p99 = kls[((n as f64 * 0.99).ceil() as usize).clamp(1, n) - 1];
+    Ok(KldReport {
+        kld_mean,
+        kld_p99,
+        top1_agreement: agree as f64 / n as f64,
+        ppl: (nll / n as f64).exp(),
+        ppl_base: (nll_base / n as f64).exp(),
+        tokens: n,
+    })
 }
 
 fn chat_accuracy(a: ChatEvalArgs) -> Result<()> {

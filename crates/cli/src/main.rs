@@ -20,6 +20,7 @@ mod eval;
 mod export_data;
 mod finetune;
 mod keys;
+mod quantize;
 mod serve;
 mod store;
 mod train;
@@ -96,6 +97,11 @@ enum Cmd {
     Finetune(finetune::FinetuneCmd),
     /// Fold a LoRA adapter (PEFT format) into its base model and write one GGUF.
     Merge(finetune::MergeCmd),
+    /// Quantize a model (GGUF or training run) to any GGUF type or llama.cpp mix (q8_0, q4_0,
+    /// q4_k_m, q6_k, ...), choosing each tensor's type as llama-quantize does, and measure the
+    /// cost: KL divergence, top-1 agreement and perplexity against the source, printed and
+    /// stored in the file (`ferrolm.quantize.*`, shown by `info`).
+    Quantize(quantize::QuantizeArgs),
     /// Write a training run (or one checkpoint) as a GGUF file for ferrolm, llama.cpp, Ollama.
     Export(train::ExportCmd),
     /// Draw a training run's loss curve as SVG (RUN_DIR/loss.svg).
@@ -370,7 +376,14 @@ pub fn load(args: &ModelArgs) -> Result<Loaded> {
 /// context takes its long factors.
 pub fn load_for_context(args: &ModelArgs, context: Option<usize>) -> Result<Loaded> {
     let path = store::resolve(args.model.as_deref())?;
-    let (gguf, tok, template) = load_tokenizer(&path)?;
+    let (gguf, _, _) = load_tokenizer(&path)?;
+    load_file(gguf, path, context)
+}
+
+/// [`load_for_context`] for a GGUF already open (or built in memory), labelled `path`.
+pub fn load_file(gguf: GgufFile, path: PathBuf, context: Option<usize>) -> Result<Loaded> {
+    let tok = Tokenizer::from_gguf(&gguf)?;
+    let template = ChatTemplate::from_gguf(&gguf, &tok)?;
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(0).with_style(
             indicatif::ProgressStyle::with_template("loading {msg} [{bar:30}] {pos}/{len} layers")
@@ -596,6 +609,11 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
         m.tok.bos_id,
         m.tok.eos_id
     );
+    let receipt = quantize::receipt(g);
+    if !receipt.is_empty() {
+        let parts: Vec<String> = receipt.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("quantization:    {}", parts.join(", "));
+    }
     println!("chat template:\n{}", m.template.source);
     Ok(())
 }
@@ -616,6 +634,7 @@ fn main() {
         Cmd::Usage(a) => usage::run(a),
         Cmd::Cost(a) => cost::run(a),
         Cmd::Train(a) => train::run_train(a),
+        Cmd::Quantize(a) => quantize::run(a),
         Cmd::Export(a) => train::run_export(a),
         Cmd::Finetune(a) => finetune::run_finetune(a),
         Cmd::Merge(a) => finetune::run_merge(a),

@@ -421,30 +421,13 @@ pub fn list() -> Result<()> {
 /// llama.cpp's name for the file's quantization (`general.file_type`), else the tensor type
 /// holding most bytes.
 fn quant_name(g: &ferrolm_gguf::GgufFile) -> String {
-    let by_ftype = g.get_u64("general.file_type").ok().and_then(|t| {
-        Some(match t {
-            0 => "F32",
-            1 => "F16",
-            2 => "Q4_0",
-            3 => "Q4_1",
-            7 => "Q8_0",
-            8 => "Q5_0",
-            9 => "Q5_1",
-            10 => "Q2_K",
-            11 => "Q3_K_S",
-            12 => "Q3_K_M",
-            13 => "Q3_K_L",
-            14 => "Q4_K_S",
-            15 => "Q4_K_M",
-            16 => "Q5_K_S",
-            17 => "Q5_K_M",
-            18 => "Q6_K",
-            32 => "BF16",
-            _ => return None,
-        })
-    });
+    let by_ftype = g
+        .get_u64("general.file_type")
+        .ok()
+        .and_then(crate::quantize::Ftype::from_id)
+        .map(|f| f.name());
     if let Some(q) = by_ftype {
-        return q.to_owned();
+        return q;
     }
     let mut by_type = std::collections::BTreeMap::<String, u64>::new();
     for t in &g.tensors {

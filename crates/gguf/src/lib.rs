@@ -22,6 +22,7 @@ use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+pub mod quants;
 mod types;
 pub use types::GgmlType;
 
