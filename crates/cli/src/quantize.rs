@@ -609,6 +609,24 @@ fn receipt_metadata(r: &KldReport, src: &Path, calibration: &str) -> Vec<(String
     ]
 }
 
+/// The receipt a file carries as JSON (keys without the `ferrolm.quantize.` prefix); empty
+/// when none.
+pub fn receipt_json(g: &GgufFile) -> serde_json::Map<String, serde_json::Value> {
+    g.metadata
+        .iter()
+        .filter_map(|(k, v)| {
+            let short = k.strip_prefix("ferrolm.quantize.")?;
+            let j = match v {
+                Value::F64(x) => serde_json::json!(x),
+                Value::F32(x) => serde_json::json!(x),
+                Value::String(s) => serde_json::json!(s),
+                other => serde_json::json!(other.as_u64()?),
+            };
+            Some((short.to_owned(), j))
+        })
+        .collect()
+}
+
 /// The receipt a file carries, as (short key, printable value) pairs; empty when none.
 pub fn receipt(g: &GgufFile) -> Vec<(String, String)> {
     g.metadata

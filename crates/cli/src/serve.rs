@@ -425,15 +425,8 @@ fn start_model(
     let c = m.model.cfg().clone();
     // K and V in f16.
     let kv_bytes = cfg.num_blocks * cfg.block_size * c.n_layers * 2 * c.kv_dim() * 2;
-    // The weight type most tensors have (by bytes), as Ollama's `quantization_level`.
-    let mut by_type = std::collections::BTreeMap::<String, u64>::new();
-    for t in &m.gguf.tensors {
-        *by_type.entry(format!("{:?}", t.ggml_type)).or_default() += t.n_bytes;
-    }
-    let quantization = by_type
-        .into_iter()
-        .max_by_key(|(_, b)| *b)
-        .map_or_else(String::new, |(t, _)| t.to_uppercase());
+    // As Ollama's `quantization_level`: llama.cpp's file type, else the dominant tensor type.
+    let quantization = crate::store::quant_name(&m.gguf);
     let details = ModelDetails {
         architecture: m.gguf.architecture()?.to_owned(),
         parameter_count: m.model.n_params() as u64,
@@ -444,6 +437,7 @@ fn start_model(
         head_count: c.n_heads,
         head_count_kv: c.n_kv_heads,
         memory_bytes: (m.model.weight_bytes() + kv_bytes) as u64,
+        quantize_receipt: crate::quantize::receipt_json(&m.gguf),
     };
     let end_ids = m.end_ids();
     let path = m.path.clone();

@@ -420,7 +420,7 @@ pub fn list() -> Result<()> {
 
 /// llama.cpp's name for the file's quantization (`general.file_type`), else the tensor type
 /// holding most bytes.
-fn quant_name(g: &ferrolm_gguf::GgufFile) -> String {
+pub fn quant_name(g: &ferrolm_gguf::GgufFile) -> String {
     let by_ftype = g
         .get_u64("general.file_type")
         .ok()

@@ -88,6 +88,10 @@ pub struct ModelDetails {
     pub head_count_kv: usize,
     /// Weights plus KV pool, in bytes.
     pub memory_bytes: u64,
+    /// The quality receipt `ferrolm quantize` stored in the file (`ferrolm.quantize.*`, keys
+    /// without the prefix: kld_mean, kld_p99, top1_agreement, ppl, ppl_base, tokens, source,
+    /// calibration); empty when the file has none.
+    pub quantize_receipt: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A model the server answers for: text-side pieces, plain numbers and its engine's sender.

@@ -554,6 +554,9 @@ pub async fn show(
         "tokenizer.ggml.model_vocab_size".into(),
         json!(m.vocab_size),
     );
+    for (k, v) in &d.quantize_receipt {
+        info.insert(format!("ferrolm.quantize.{k}"), v.clone());
+    }
     Ok(Json(json!({
         "license": "",
         "modelfile": format!("FROM {}\n", m.file_name),

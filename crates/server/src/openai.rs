@@ -208,12 +208,18 @@ fn model_object(m: &Model) -> Value {
     if m.adapter.is_some() {
         return crate::adapters::adapter_object(m);
     }
-    json!({
+    let mut o = json!({
         "id": m.id,
         "object": "model",
         "created": m.created,
         "owned_by": "ferrolm",
-    })
+    });
+    // An extra field (clients ignore unknown ones): what quantizing this file cost.
+    if !m.details.quantize_receipt.is_empty() {
+        o["quantization"] =
+            json!({"type": m.details.quantization, "receipt": m.details.quantize_receipt});
+    }
+    o
 }
 
 pub async fn models(

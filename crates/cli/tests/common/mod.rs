@@ -91,7 +91,11 @@ impl Server {
 
     /// Start on a free port with `data_dir` (e.g. one where keys were created).
     pub fn start_in(data_dir: &Path, extra: &[&str]) -> Server {
-        let model = default_model();
+        Server::start_model(&default_model(), data_dir, extra)
+    }
+
+    /// Start serving `model` on a free port with `data_dir`.
+    pub fn start_model(model: &Path, data_dir: &Path, extra: &[&str]) -> Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -100,7 +104,7 @@ impl Server {
         let mut child = ferrolm()
             .args(["serve", "--threads", "1", "--port", &port.to_string()])
             .arg("--model")
-            .arg(&model)
+            .arg(model)
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
