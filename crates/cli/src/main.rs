@@ -97,7 +97,8 @@ enum Cmd {
     Finetune(finetune::FinetuneCmd),
     /// Fold a LoRA adapter (PEFT format) into its base model and write one GGUF.
     Merge(finetune::MergeCmd),
-    /// Quantize a model (GGUF or training run) to any GGUF type or llama.cpp mix (q8_0, q4_0,
+    /// Quantize a model (GGUF, training run, or Hugging Face safetensors directory, converted as
+    /// convert_hf_to_gguf.py does) to any GGUF type or llama.cpp mix (q8_0, q4_0,
     /// q4_k_m, q6_k, ...), choosing each tensor's type as llama-quantize does, and measure the
     /// cost: KL divergence, top-1 agreement and perplexity against the source, printed and
     /// stored in the file (`ferrolm.quantize.*`, shown by `info`).
@@ -129,7 +130,8 @@ enum TokenizerCmd {
 
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// GGUF model file, a `ferrolm train` run directory, or a model name from `ferrolm pull`
+    /// GGUF model file, a `ferrolm train` run directory, a Hugging Face model directory
+    /// (config.json, *.safetensors, tokenizer.json), or a model name from `ferrolm pull`
     /// (smollm2-135m, gemma3-270m; default: the default model, installed on first use).
     #[arg(long, short = 'm')]
     pub model: Option<PathBuf>,
@@ -357,9 +359,12 @@ impl Loaded {
 }
 
 pub fn load_tokenizer(path: &Path) -> Result<(GgufFile, Tokenizer, ChatTemplate)> {
-    // A training run (or checkpoint) directory is read as the f32 GGUF `export` would write.
+    // A training run (or checkpoint) directory is read as the f32 GGUF `export` would write, a
+    // Hugging Face model directory as the GGUF its conversion gives.
     let gguf = if train::is_run(path) {
         train::open_run(path)?
+    } else if ferrolm_train::hf::is_hf_dir(path) {
+        ferrolm_train::hf::open_as_gguf(path)?
     } else {
         GgufFile::open(path)?
     };

@@ -32,8 +32,9 @@ pub const DEFAULT_CALIBRATION: &str = include_str!("quantize_calibration.txt");
 
 #[derive(Args)]
 pub struct QuantizeArgs {
-    /// Source model: a GGUF file, a `ferrolm train`/`finetune` run directory, or an installed
-    /// model's name (e.g. smollm2-135m).
+    /// Source model: a GGUF file, a `ferrolm train`/`finetune` run directory, a Hugging Face
+    /// model directory (config.json, *.safetensors, tokenizer.json: Llama, Mistral, Qwen2,
+    /// Qwen3, Phi-3, Gemma 3), or an installed model's name (e.g. smollm2-135m).
     input: PathBuf,
     /// Output GGUF path (written atomically; replaced if it exists).
     output: PathBuf,
@@ -383,18 +384,13 @@ fn fallback(ty: GgmlType, cols: usize) -> (GgmlType, Option<(GgmlType, String)>)
     (to, Some((ty, why)))
 }
 
-/// The source as a GGUF: a file, or a run directory read as its f32 export.
+/// The source as a GGUF: a file, a run directory read as its f32 export, or a Hugging Face
+/// model directory through its conversion (`ferrolm_train::hf`).
 fn open_source(input: &Path) -> Result<(PathBuf, GgufFile)> {
     let path = store::resolve(Some(input))?;
-    if path.is_dir() && !crate::train::is_run(&path) {
-        if path.join("config.json").exists() {
-            bail!(
-                "{}: a Hugging Face model directory; importing safetensors is not supported yet. Convert it with llama.cpp's convert_hf_to_gguf.py (--outtype f16), then quantize that GGUF",
-                path.display()
-            );
-        }
+    if path.is_dir() && !crate::train::is_run(&path) && !ferrolm_train::hf::is_hf_dir(&path) {
         bail!(
-            "{}: a directory that is neither a ferrolm run (no run.json) nor a model; pass a GGUF file",
+            "{}: a directory that is neither a ferrolm run (no run.json) nor a Hugging Face model (no config.json); pass a GGUF file",
             path.display()
         );
     }

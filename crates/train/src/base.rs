@@ -128,9 +128,16 @@ pub fn open(path: &Path) -> Result<(ModelConfig, GgufFile), TrainError> {
 
 /// Reorder the rows of a (heads · hd) × cols matrix from GGUF's interleaved-pair order to
 /// Hugging Face's rotate-half order (`to_hf = true`) or back. GGUF row `h·hd + 2i + j` is HF
-/// row `h·hd + j·hd/2 + i` (llama.cpp `permute`).
-pub fn hf_rows(m: &[f32], heads: usize, hd: usize, cols: usize, to_hf: bool) -> Vec<f32> {
-    let mut out = vec![0f32; m.len()];
+/// row `h·hd + j·hd/2 + i` (llama.cpp `permute`). Any element type: the Hugging Face importer
+/// moves f16/bf16 rows as bytes (`cols` = bytes per row).
+pub fn hf_rows<T: Copy + Default>(
+    m: &[T],
+    heads: usize,
+    hd: usize,
+    cols: usize,
+    to_hf: bool,
+) -> Vec<T> {
+    let mut out = vec![T::default(); m.len()];
     for h in 0..heads {
         for i in 0..hd / 2 {
             for j in 0..2 {

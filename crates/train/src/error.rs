@@ -62,6 +62,8 @@ pub enum TrainError {
     Config { what: String, reason: String },
     #[error("{}: {reason}", path.display())]
     Checkpoint { path: PathBuf, reason: String },
+    #[error("{}: {reason}", path.display())]
+    HfImport { path: PathBuf, reason: String },
 }
 
 impl From<ferrolm_tokenizer::TokenizerError> for TrainError {

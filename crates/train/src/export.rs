@@ -210,31 +210,9 @@ pub fn open_as_gguf(path: &Path) -> Result<GgufFile, TrainError> {
     )?)
 }
 
-/// Hugging Face Llama tensor name → GGUF name.
+/// Hugging Face Llama tensor name → GGUF name (the table lives with the importer, [`crate::hf`]).
 pub fn gguf_name(hf: &str) -> String {
-    let map = [
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.norm.weight", "output_norm.weight"),
-        ("lm_head.weight", "output.weight"),
-    ];
-    if let Some((_, g)) = map.iter().find(|(h, _)| *h == hf) {
-        return (*g).to_owned();
-    }
-    let rest = hf.strip_prefix("model.layers.").unwrap_or(hf);
-    let (n, part) = rest.split_once('.').unwrap_or(("0", rest));
-    let g = match part {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        other => other,
-    };
-    format!("blk.{n}.{g}")
+    crate::hf::llama_gguf_name(hf).unwrap_or_else(|| hf.to_owned())
 }
 
 /// ggml's Q8_0 (`quantize_row_q8_0_ref`): per 32 values an f16 scale `d = max|x| / 127` and

@@ -18,6 +18,7 @@ pub mod data;
 pub mod error;
 pub mod export;
 pub mod finetune;
+pub mod hf;
 pub mod lora;
 pub mod model;
 pub mod ops;
