@@ -1,18 +1,19 @@
 //! `ferrolm bench`: prefill and decode speed, and peak memory, the way llama-bench reports them.
 //!
 //! Prefill N: N prompt tokens evaluated from an empty cache in one pass, tokens/s.
-//! Decode: 128 tokens generated one at a time after a 16-token prompt, greedy, timing only the
-//! decode steps. Each figure is the median of `--reps` runs after one warm-up. Peak RSS is the
-//! process' high-water mark (VmHWM) at the end.
+//! Decode: 128 tokens generated one at a time after a 16-token prompt (`--decode-depth`),
+//! greedy, timing only the decode steps. Each figure is the median of `--reps` runs after one
+//! warm-up. Peak RSS is the process' high-water mark (VmHWM) at the end. The KV cache is of
+//! `--kv-type`; its bytes per token are reported.
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use ferrolm_engine::Session;
 use serde_json::json;
 
-use crate::{load, threads, ModelArgs};
+use crate::{load, threads, KvArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -26,7 +27,13 @@ pub struct BenchArgs {
     /// Tokens generated in the decode measurement.
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
-    /// Print JSON: {"prefill_tps_128", "prefill_tps_512", "decode_tps", "peak_rss_mb", "threads"}.
+    /// Prompt tokens in the cache before the decode measurement starts (at least 1).
+    #[arg(long, default_value_t = 16)]
+    decode_depth: usize,
+    #[command(flatten)]
+    kv: KvArgs,
+    /// Print JSON: {"prefill_tps_128", "prefill_tps_512", "decode_tps", "decode_depth",
+    /// "kv_type", "kv_bytes_per_token", "peak_rss_mb", "threads"}.
     #[arg(long)]
     json: bool,
 }
@@ -66,14 +73,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let text = "Shall I compare thee to a summer's day? Thou art more lovely and more temperate: \
                 Rough winds do shake the darling buds of May, And summer's lease hath all too short a date. ";
     let base = m.tok.encode(text, false)?;
+    if a.decode_depth == 0 {
+        bail!("--decode-depth must be at least 1");
+    }
+    let depth = a.decode_depth;
     let stream: Vec<u32> = base
         .iter()
         .copied()
         .cycle()
-        .take(512 + a.decode_tokens + 16)
+        .take(512.max(depth) + a.decode_tokens)
         .collect();
-    let ctx = 1024.max(16 + a.decode_tokens + 1);
-    let mut session = Session::new(&m.model, ctx, threads)?;
+    let ctx = 1024.max(depth + a.decode_tokens + 1);
+    if ctx > m.model.cfg().context_length {
+        bail!(
+            "--decode-depth {depth} + --decode-tokens {} exceed the model's context ({})",
+            a.decode_tokens,
+            m.model.cfg().context_length
+        );
+    }
+    let mut session = Session::with_kv_type(&m.model, ctx, threads, a.kv.kv_type)?;
 
     let mut prefill = |n: usize| -> Result<f64> {
         let mut v = Vec::new();
@@ -93,7 +111,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut dv = Vec::new();
     for r in 0..=reps {
         session.reset();
-        let logits = session.eval(&stream[..16], &[15])?;
+        let logits = session.eval(&stream[..depth], &[depth - 1])?;
         let mut next = argmax(&logits);
         let t = Instant::now();
         for _ in 0..a.decode_tokens {
@@ -106,11 +124,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     let decode = median(dv);
+    let kv_bpt = session.kv_bytes_per_token();
     let rss = peak_rss_mb();
     if a.json {
         println!(
             "{}",
             json!({"engine": "ferrolm", "prefill_tps_128": p128, "prefill_tps_512": p512, "decode_tps": decode,
+                   "decode_depth": depth, "kv_type": a.kv.kv_type.name(), "kv_bytes_per_token": kv_bpt,
                    "peak_rss_mb": rss, "threads": threads, "isa": m.model.isa().name(), "reps": reps})
         );
     } else {
@@ -122,9 +142,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("prefill 128:   {p128:.1} tokens/s");
         println!("prefill 512:   {p512:.1} tokens/s");
         println!(
-            "decode:        {decode:.1} tokens/s ({} tokens)",
+            "decode:        {decode:.1} tokens/s ({} tokens after {depth})",
             a.decode_tokens
         );
+        println!("KV cache:      {} ({kv_bpt} bytes per token)", a.kv.kv_type);
         println!("peak RSS:      {rss:.1} MiB");
     }
     Ok(())

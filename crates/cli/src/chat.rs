@@ -21,7 +21,12 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params(None)?;
     let m = load_for_context(&a.run.model, Some(a.run.ctx))?;
     params.validate(m.model.cfg().vocab_size)?;
-    let mut session = Session::new(&m.model, a.run.ctx, threads(a.run.threads)?)?;
+    let mut session = Session::with_kv_type(
+        &m.model,
+        a.run.ctx,
+        threads(a.run.threads)?,
+        a.run.kv.kv_type,
+    )?;
     a.run.lora.apply(&m, &mut session)?;
 
     let generating = Arc::new(AtomicBool::new(false));

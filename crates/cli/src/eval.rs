@@ -13,7 +13,7 @@ use clap::{Args, Subcommand};
 use ferrolm_engine::Session;
 use serde_json::json;
 
-use crate::{load, threads, Loaded, LoraArgs, ModelArgs};
+use crate::{load, threads, KvArgs, Loaded, LoraArgs, ModelArgs};
 
 #[derive(Subcommand)]
 pub enum EvalCmd {
@@ -80,6 +80,8 @@ pub struct PplArgs {
     model: ModelArgs,
     #[command(flatten)]
     lora: LoraArgs,
+    #[command(flatten)]
+    kv: KvArgs,
     /// UTF-8 text file to score.
     #[arg(long)]
     file: PathBuf,
@@ -91,7 +93,7 @@ pub struct PplArgs {
     tokens: Option<usize>,
     #[arg(long, short = 't')]
     threads: Option<usize>,
-    /// Print JSON: {"ppl", "mean_nll", "scored_tokens", "windows", "ctx"}.
+    /// Print JSON: {"ppl", "mean_nll", "scored_tokens", "windows", "ctx", "kv_type"}.
     #[arg(long)]
     json: bool,
 }
@@ -357,7 +359,7 @@ fn perplexity(a: PplArgs) -> Result<()> {
             a.ctx
         );
     }
-    let mut session = Session::new(&m.model, a.ctx, threads(a.threads)?)?;
+    let mut session = Session::with_kv_type(&m.model, a.ctx, threads(a.threads)?, a.kv.kv_type)?;
     a.lora.apply(&m, &mut session)?;
     let vocab = m.model.cfg().vocab_size;
     let t0 = Instant::now();
@@ -394,7 +396,7 @@ fn perplexity(a: PplArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            json!({"ppl": ppl, "mean_nll": mean, "scored_tokens": scored, "windows": windows, "ctx": a.ctx,
+            json!({"ppl": ppl, "mean_nll": mean, "scored_tokens": scored, "windows": windows, "ctx": a.ctx, "kv_type": a.kv.kv_type.name(),
                    "tokens": windows * a.ctx, "seconds": t0.elapsed().as_secs_f64()})
         );
     } else {

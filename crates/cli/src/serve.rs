@@ -25,7 +25,7 @@ use ferrolm_server::upstream::Upstream;
 use ferrolm_server::{Access, AppState, ModelDetails, ServedModel};
 use serde::Deserialize;
 
-use crate::{load_for_context, threads, ModelArgs};
+use crate::{load_for_context, threads, KvArgs, ModelArgs};
 
 #[derive(Args, Clone)]
 pub struct ServeArgs {
@@ -33,7 +33,7 @@ pub struct ServeArgs {
     #[arg(long, short = 'm')]
     model: Vec<PathBuf>,
     /// A TOML file: `[[model]]` entries (local: path, id, aliases, price, context_strategy,
-    /// tool_strategy, lazy_tools_threshold;
+    /// tool_strategy, lazy_tools_threshold, kv_type;
     /// upstream: id, upstream, upstream_model, api_key_env, price) and `[[router]]` virtual
     /// models (id, `[[router.tier]]` model / max_prompt_tokens / tools / json / code);
     /// `[[cache_scope]]` groups of keys that share one prefix cache (name, keys; by default each
@@ -70,6 +70,15 @@ pub struct ServeArgs {
     /// KV cache size in blocks of 16 tokens (overrides --ctx).
     #[arg(long)]
     kv_blocks: Option<usize>,
+    /// KV cache size in bytes per model, e.g. `512MiB`, `2GB` (overrides --ctx and --kv-blocks
+    /// for the pool; one request still holds at most the model's context, and --ctx still
+    /// decides a LongRoPE model's factors). The pool holds as many tokens as fit in the model's
+    /// --kv-type: q8_0 about 1.9× and q4_0 about 3.6× as many as f16.
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes)]
+    kv_memory: Option<u64>,
+    /// The KV cache type of every model (a config `[[model]]` may set its own `kv_type`).
+    #[command(flatten)]
+    kv: KvArgs,
     /// Most tokens computed in one engine step (prefill chunks + decode tokens of all requests).
     #[arg(long, default_value_t = 512)]
     max_batch_tokens: usize,
@@ -137,6 +146,38 @@ pub struct ServeArgs {
     /// Forget stored chat completions older than N days (default: keep them until deleted).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     store_retention_days: Option<u32>,
+}
+
+/// A byte size: a number with an optional unit, `B`, `KB`/`MB`/`GB` (powers of 1000) or
+/// `KiB`/`MiB`/`GiB` (powers of 1024), e.g. `512MiB`, `1.5GB`, `100000000`.
+fn parse_bytes(v: &str) -> Result<u64, String> {
+    let t = v.trim();
+    let split = t
+        .find(|ch: char| !(ch.is_ascii_digit() || ch == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000 * 1000,
+        "gb" => 1000 * 1000 * 1000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        u => {
+            return Err(format!(
+                "`{v}`: unknown unit `{u}`: use B, KB, MB, GB, KiB, MiB or GiB"
+            ))
+        }
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{v}`: give a size such as 512MiB or 2GB"))?;
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || bytes > u64::MAX as f64 / 2.0 {
+        return Err(format!("`{v}`: too large"));
+    }
+    Ok(bytes as u64)
 }
 
 /// One `--lora` value: (base id if given, name, path).
@@ -239,6 +280,8 @@ struct ModelEntry {
     context_strategy: Option<ferrolm_server::compress::Strategy>,
     tool_strategy: Option<ferrolm_server::tools::Strategy>,
     lazy_tools_threshold: Option<ferrolm_server::tools::Threshold>,
+    /// The model's KV cache type (default: --kv-type).
+    kv_type: Option<String>,
 }
 
 /// The id clients use: the file name up to its first dot, lowercased
@@ -373,6 +416,7 @@ fn model_entries(a: &ServeArgs, cfg: &ConfigFile) -> Result<Vec<ModelEntry>> {
         context_strategy: None,
         tool_strategy: None,
         lazy_tools_threshold: None,
+        kv_type: None,
     };
     let mut entries: Vec<ModelEntry> = a
         .model
@@ -423,8 +467,27 @@ fn start_model(
         );
     }
     let c = m.model.cfg().clone();
-    // K and V in f16.
-    let kv_bytes = cfg.num_blocks * cfg.block_size * c.n_layers * 2 * c.kv_dim() * 2;
+    let mut cfg = cfg.clone();
+    if let Some(t) = &e.kv_type {
+        cfg.kv_type = t
+            .parse()
+            .map_err(|m| anyhow::anyhow!("model `{id}`: kv_type: {m}"))?;
+    }
+    cfg.kv_type
+        .check(&c)
+        .with_context(|| format!("model `{id}`"))?;
+    let per_block = cfg.kv_type.bytes_per_token(&c) * cfg.block_size;
+    if let Some(bytes) = a.kv_memory {
+        cfg.num_blocks = (bytes / per_block as u64) as usize;
+        if cfg.num_blocks == 0 {
+            bail!(
+                "model `{id}`: --kv-memory {bytes} bytes holds no block of {} tokens ({per_block} bytes in {}): give at least {per_block}",
+                cfg.block_size,
+                cfg.kv_type
+            );
+        }
+    }
+    let kv_bytes = cfg.num_blocks * per_block;
     // As Ollama's `quantization_level`: llama.cpp's file type, else the dominant tensor type.
     let quantization = crate::store::quant_name(&m.gguf);
     let details = ModelDetails {
@@ -442,7 +505,8 @@ fn start_model(
     let end_ids = m.end_ids();
     let path = m.path.clone();
     let tok = Arc::new(m.tok);
-    let engine = Engine::new(Arc::new(m.model), tok.clone(), cfg.clone())?;
+    let engine = Engine::new(Arc::new(m.model), tok.clone(), cfg.clone())
+        .with_context(|| format!("model `{id}`"))?;
     let stats = engine.stats();
     let handle = ferrolm_engine::spawn(engine).context("could not start the engine thread")?;
     let served = ServedModel {
@@ -491,6 +555,7 @@ fn run_loader(a: &ServeArgs, cfg: &EngineConfig, catalog: &PriceCatalog) -> Box<
             context_strategy: None,
             tool_strategy: None,
             lazy_tools_threshold: None,
+            kv_type: None,
         };
         let (m, handle, _) =
             start_model(&entry, &a, &cfg, &catalog).map_err(|e| format!("{e:#}"))?;
@@ -541,9 +606,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
         );
     }
     let catalog = PriceCatalog::load(a.prices.as_deref())?;
+    if a.kv_memory == Some(0) {
+        bail!("--kv-memory must be more than 0 bytes");
+    }
     let cfg = EngineConfig {
         block_size,
         num_blocks,
+        kv_type: a.kv.kv_type,
         max_batch_tokens: a.max_batch_tokens,
         max_running: a.max_running,
         threads: threads(a.threads)?,

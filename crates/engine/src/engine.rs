@@ -31,7 +31,7 @@ use std::time::Instant;
 
 use ferrolm_grammar::{Matcher, Vocab};
 use ferrolm_kv::{ComputedBlocks, KvCacheManager, RequestId};
-use ferrolm_models::{Adapter, Batch, KvCache, Model, Scratch, SeqSpan};
+use ferrolm_models::{Adapter, Batch, KvCache, KvType, Model, Scratch, SeqSpan};
 use ferrolm_sample::{Rng, Sampler};
 use ferrolm_tokenizer::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
@@ -45,8 +45,10 @@ use crate::text::TextStream;
 pub struct EngineConfig {
     /// Tokens per KV block.
     pub block_size: usize,
-    /// Blocks in the pool (KV memory = blocks × block_size × layers × 2 × kv_dim × 2 bytes (f16)).
+    /// Blocks in the pool (KV memory = blocks × block_size × `kv_type.bytes_per_token(cfg)`).
     pub num_blocks: usize,
+    /// The element type of the KV cache (f16 by default).
+    pub kv_type: KvType,
     /// Most tokens computed in one step (prefill chunks + decode tokens).
     pub max_batch_tokens: usize,
     /// Most requests running at once.
@@ -59,6 +61,7 @@ impl Default for EngineConfig {
         EngineConfig {
             block_size: 16,
             num_blocks: 512,
+            kv_type: KvType::F16,
             max_batch_tokens: 512,
             max_running: 16,
             threads: 2,
@@ -164,6 +167,8 @@ pub struct EngineStats {
     pub waiting: AtomicU64,
     pub kv_blocks_total: AtomicU64,
     pub kv_blocks_free: AtomicU64,
+    /// Bytes of K and V one block holds over all layers (set once, at start).
+    pub kv_bytes_per_block: AtomicU64,
     pub prefix_queried_tokens: AtomicU64,
     pub prefix_hit_tokens: AtomicU64,
     pub preemptions: AtomicU64,
@@ -246,8 +251,14 @@ impl Engine {
                 threads: cfg.threads,
                 reason: e.to_string(),
             })?;
+        let kv = KvCache::with_type(model.cfg(), cfg.kv_type, cfg.block_size, cfg.num_blocks)?;
+        let stats = Arc::<EngineStats>::default();
+        stats.kv_bytes_per_block.store(
+            (kv.bytes_per_token() * cfg.block_size) as u64,
+            Ordering::Relaxed,
+        );
         Ok(Engine {
-            kv: KvCache::new(model.cfg(), cfg.block_size, cfg.num_blocks),
+            kv,
             model,
             tok,
             cfg,
@@ -258,7 +269,7 @@ impl Engine {
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
-            stats: Arc::default(),
+            stats,
             grammar_vocab: None,
             mask: MaskScratch::default(),
         })

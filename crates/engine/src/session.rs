@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferrolm_kv::BlockAllocator;
-use ferrolm_models::{Adapter, Batch, KvCache, Model, ModelError, Scratch, SeqSpan};
+use ferrolm_models::{Adapter, Batch, KvCache, KvType, Model, ModelError, Scratch, SeqSpan};
 use ferrolm_sample::{Rng, SampleError, Sampled, Sampler, SamplingParams};
 use ferrolm_tokenizer::Tokenizer;
 
@@ -122,8 +122,20 @@ mod secs {
 }
 
 impl<'m> Session<'m> {
-    /// A session with room for `ctx` tokens (capped by the model's context) on `threads` threads.
+    /// A session with room for `ctx` tokens (capped by the model's context) on `threads` threads,
+    /// with an f16 KV cache.
     pub fn new(model: &'m Model, ctx: usize, threads: usize) -> Result<Self, SessionError> {
+        Self::with_kv_type(model, ctx, threads, KvType::F16)
+    }
+
+    /// [`Session::new`] with a KV cache of `kv_type` (an error if the model's head size cannot
+    /// take it).
+    pub fn with_kv_type(
+        model: &'m Model,
+        ctx: usize,
+        threads: usize,
+        kv_type: KvType,
+    ) -> Result<Self, SessionError> {
         let ctx = ctx.clamp(1, model.cfg().context_length);
         let num_blocks = ctx.div_ceil(BLOCK_SIZE);
         let pool = rayon::ThreadPoolBuilder::new()
@@ -136,7 +148,7 @@ impl<'m> Session<'m> {
             })?;
         Ok(Session {
             model,
-            kv: KvCache::new(model.cfg(), BLOCK_SIZE, num_blocks),
+            kv: KvCache::with_type(model.cfg(), kv_type, BLOCK_SIZE, num_blocks)?,
             scratch: Scratch::new(),
             blocks: BlockAllocator::new(BLOCK_SIZE, num_blocks),
             table: Vec::new(),
@@ -161,6 +173,16 @@ impl<'m> Session<'m> {
 
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
+    }
+
+    /// The KV cache's element type.
+    pub fn kv_type(&self) -> KvType {
+        self.kv.kind()
+    }
+
+    /// Bytes of K and V one cached token takes, over all layers.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.kv.bytes_per_token()
     }
 
     /// Forget the cached sequence.

@@ -26,7 +26,7 @@ use crate::adapter::Adapter;
 use crate::linear::Linear;
 use crate::ops::{
     add_in_place, apply_rope, attention, check_batch, inv_freq, qk_norm, rms_norm, rope_table,
-    slots_of, vector, Scratch,
+    slots_of, store_kv, vector, Scratch,
 };
 use crate::quant::Isa;
 use crate::simd::Glu;
@@ -320,12 +320,7 @@ impl Gemma3 {
             }
             qk_norm(c, n, &mut s.qkv, &layer.q_norm, &layer.k_norm);
             apply_rope(c, n, s);
-            for (i, &slot) in slots.iter().enumerate() {
-                let row = &s.qkv[i * qkv_dim..(i + 1) * qkv_dim];
-                let off = kv.offset(l, slot);
-                simd::to_f16(&row[q_dim..q_dim + kv_dim], &mut kv.k[off..off + kv_dim]);
-                simd::to_f16(&row[q_dim + kv_dim..], &mut kv.v[off..off + kv_dim]);
-            }
+            store_kv(c, l, &slots, s, kv);
             let window = if local { c.sliding_window } else { None };
             attention(c, l, batch, kv, s, p.attn_scale, window);
             layer

@@ -8,7 +8,8 @@
 //! * [`ops`] — the leaf operations the forward passes share (norms, RoPE, paged attention).
 //! * [`quant`] — repacked 4/8-bit weights and their SIMD kernels, with a scalar reference.
 //! * [`KvCache`] — K/V storage in fixed-size blocks addressed by slot
-//!   (`block_id * block_size + offset`); which blocks a sequence owns is `ferrolm-kv`'s business.
+//!   (`block_id * block_size + offset`), as f16 or quantized ([`KvType`], [`kv_cache`]); which
+//!   blocks a sequence owns is `ferrolm-kv`'s business.
 
 use ferrolm_gguf::{GgufFile, TensorInfo};
 
@@ -16,6 +17,7 @@ pub mod adapter;
 pub mod bert;
 pub mod config;
 pub mod gemma3;
+pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod mat;
@@ -28,6 +30,7 @@ pub mod simd;
 pub use adapter::{Adapter, Proj};
 pub use bert::Bert;
 pub use config::Config;
+pub use kv_cache::{KvCache, KvType, KV_TYPES};
 pub use llama::Llama;
 pub use model::{Arch, Encoder, Model, SUPPORTED_ARCHITECTURES, SUPPORTED_ENCODERS};
 pub use ops::Scratch;
@@ -53,6 +56,13 @@ pub enum ModelError {
     },
     #[error("invalid batch: {0}")]
     Batch(String),
+    #[error("--kv-type {kv_type}: the model's head size is {head_dim}, and {need}; types that work for this model: {works}")]
+    KvType {
+        kv_type: &'static str,
+        head_dim: usize,
+        need: &'static str,
+        works: String,
+    },
     #[error("not supported: {0}")]
     Unsupported(String),
     #[error("tensor library: {0}")]
@@ -92,61 +102,4 @@ pub struct Batch<'a> {
     pub logits_for: &'a [usize],
     /// Each sequence's LoRA adapter, in `seqs` order (empty: none for any).
     pub adapters: &'a [Option<&'a adapter::Adapter>],
-}
-
-/// K and V for every layer, in blocks of `block_size` token slots.
-/// Layout per layer: `[num_blocks, block_size, n_kv_heads, head_dim]`, stored as f16 (the bits,
-/// as `u16`), as llama.cpp's cache is by default: half the memory and half the bytes attention
-/// reads at every decode step, which at 16 streams is more than the weights. Measured against
-/// the f32 reference (golden tests, 2026-11-27): perplexity +0.06% with an f32 cache, +0.23%
-/// with f16; last-position KL 0.0047 either way (max |Δ| 0.62); greedy tokens unchanged.
-pub struct KvCache {
-    pub block_size: usize,
-    pub num_blocks: usize,
-    n_layers: usize,
-    kv_dim: usize,
-    /// f16 bits (`u16`, so a fresh cache is zeroed pages the OS maps on first write).
-    k: Vec<u16>,
-    v: Vec<u16>,
-}
-
-impl KvCache {
-    /// Zero-initialised storage; pages are only touched (and so only resident) once written.
-    pub fn new(cfg: &Config, block_size: usize, num_blocks: usize) -> Self {
-        let kv_dim = cfg.n_kv_heads * cfg.head_dim;
-        let n = cfg.n_layers * num_blocks * block_size * kv_dim;
-        KvCache {
-            block_size,
-            num_blocks,
-            n_layers: cfg.n_layers,
-            kv_dim,
-            k: vec![0; n],
-            v: vec![0; n],
-        }
-    }
-
-    pub fn num_slots(&self) -> usize {
-        self.block_size * self.num_blocks
-    }
-
-    pub fn bytes(&self) -> usize {
-        (self.k.len() + self.v.len()) * 2
-    }
-
-    #[inline]
-    fn offset(&self, layer: usize, slot: usize) -> usize {
-        (layer * self.num_blocks * self.block_size + slot) * self.kv_dim
-    }
-
-    /// Copy the K/V of `src` block into `dst` (copy-on-write of a shared partial block).
-    pub fn copy_block(&mut self, src: u32, dst: u32) {
-        let bs = self.block_size;
-        for l in 0..self.n_layers {
-            let s = self.offset(l, src as usize * bs);
-            let d = self.offset(l, dst as usize * bs);
-            let len = bs * self.kv_dim;
-            self.k.copy_within(s..s + len, d);
-            self.v.copy_within(s..s + len, d);
-        }
-    }
 }

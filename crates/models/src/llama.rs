@@ -33,7 +33,7 @@ use crate::adapter::{Adapter, Proj};
 use crate::linear::Linear;
 use crate::ops::{
     adapt, add_in_place, apply_rope, attention, check_batch, inv_freq, qk_norm, rms_norm,
-    rope_table, slots_of, vector, Scratch,
+    rope_table, slots_of, store_kv, vector, Scratch,
 };
 use crate::quant::Isa;
 use crate::simd::Glu;
@@ -375,12 +375,7 @@ impl Llama {
                 qk_norm(c, n, &mut s.qkv, qn, kn);
             }
             apply_rope(c, n, s);
-            for (i, &slot) in slots.iter().enumerate() {
-                let row = &s.qkv[i * qkv_dim..(i + 1) * qkv_dim];
-                let off = kv.offset(l, slot);
-                simd::to_f16(&row[q_dim..q_dim + kv_dim], &mut kv.k[off..off + kv_dim]);
-                simd::to_f16(&row[q_dim + kv_dim..], &mut kv.v[off..off + kv_dim]);
-            }
+            store_kv(c, l, &slots, s, kv);
             let scale = 1.0 / (c.head_dim as f32).sqrt();
             attention(c, l, batch, kv, s, scale, c.sliding_window);
             layer

@@ -1,11 +1,12 @@
 //! Leaf operations the architectures' forward passes share: batch checks, RMSNorm, RoPE,
-//! paged attention (full or sliding-window), LoRA hooks, and the scratch buffers they work in.
+//! storing K/V, paged attention (full or sliding-window, over any KV type), LoRA hooks, and the scratch buffers they work in.
 //! Each architecture's file composes these in its own order.
 
 use ferrolm_gguf::GgufFile;
 use rayon::prelude::*;
 
 use crate::adapter::Proj;
+use crate::kv_cache::hadamard;
 use crate::linear::dequantize;
 use crate::mat::{gemm, gemm_to_ptr, Mat, Par};
 use crate::quant::{QActs, SendPtr};
@@ -135,10 +136,28 @@ pub(crate) fn apply_rope(c: &Config, n: usize, s: &mut Scratch) {
     }
 }
 
+/// Store the batch's K and V (the k and v parts of each `qkv` row, after RoPE) in `kv` at
+/// `slots`, in the cache's type.
+pub(crate) fn store_kv(c: &Config, layer: usize, slots: &[usize], s: &Scratch, kv: &mut KvCache) {
+    let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+    let qkv_dim = q_dim + 2 * kv_dim;
+    for (i, &slot) in slots.iter().enumerate() {
+        let row = &s.qkv[i * qkv_dim..(i + 1) * qkv_dim];
+        kv.write(
+            layer,
+            slot,
+            &row[q_dim..q_dim + kv_dim],
+            &row[q_dim + kv_dim..],
+        );
+    }
+}
+
 /// Causal attention of every (token, head) over its sequence's cached positions
 /// `0..=position` (with a sliding `window`: the last `window` of them, as llama.cpp masks
 /// `position - p >= window`): scores, softmax (vectorized exp), weighted sum of V. `scale`
-/// multiplies q·k (usually `1/sqrt(head_dim)`).
+/// multiplies q·k (usually `1/sqrt(head_dim)`). When the cache stores Hadamard-rotated heads
+/// (q4_0), q is rotated in place first and each output head un-rotated at the end, so the
+/// result is the same attention (see `kv_cache.rs`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     c: &Config,
@@ -153,9 +172,14 @@ pub(crate) fn attention(
     let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
     let qkv_dim = q_dim + 2 * kv_dim;
     let bs = kv.block_size;
-    let base = kv.offset(layer, 0);
-    let (kc, vc) = (&kv.k[base..], &kv.v[base..]);
     let n = b.tokens.len();
+    if kv.rotated() {
+        for row in s.qkv[..n * qkv_dim].chunks_exact_mut(qkv_dim) {
+            row[..q_dim].chunks_exact_mut(hd).for_each(hadamard);
+        }
+    }
+    let kl = kv.layer(layer);
+    let kl = &kl;
     let qkv = &s.qkv;
     let seq_of = &mut s.seq_of;
     seq_of.clear();
@@ -179,14 +203,14 @@ pub(crate) fn attention(
                     let out = att;
                     let kvh = qh / group;
                     let ctx = p0 + sq.len;
-                    // K and V of positions 0..ctx for this head, widened to f32.
+                    // K and V of positions 0..ctx for this head, as f32.
                     kf.resize(ctx * hd, 0.0);
                     vf.resize(ctx * hd, 0.0);
                     for p in 0..ctx {
                         let slot = sq.block_table[p / bs] as usize * bs + p % bs;
-                        let o = slot * kv_dim + kvh * hd;
-                        simd::f16_to_f32(&kc[o..o + hd], &mut kf[p * hd..(p + 1) * hd]);
-                        simd::f16_to_f32(&vc[o..o + hd], &mut vf[p * hd..(p + 1) * hd]);
+                        let o = kl.row_offset(slot, kvh);
+                        kl.k_f32(o, &mut kf[p * hd..(p + 1) * hd]);
+                        kl.v_f32(o, &mut vf[p * hd..(p + 1) * hd]);
                     }
                     // Query rows in blocks, each against the columns it can see (causal,
                     // windowed): bounded scratch however long the prompt, and no work on the
@@ -264,13 +288,14 @@ pub(crate) fn attention(
                 {
                     let base = id as usize * bs;
                     let lo = first.saturating_sub(blk * bs);
-                    offs.extend(
-                        (lo..bs.min(ctx - blk * bs)).map(|o| (base + o) * kv_dim + kvh * hd),
-                    );
+                    offs.extend((lo..bs.min(ctx - blk * bs)).map(|o| kl.row_offset(base + o, kvh)));
                 }
-                simd::attend(q, hd, kc, vc, offs, scale, scores, out);
+                simd::attend(q, kl, offs, scale, scores, out);
             },
         );
+    if kv.rotated() {
+        s.att[..n * q_dim].chunks_exact_mut(hd).for_each(hadamard);
+    }
 }
 
 /// From this many new tokens of one sequence on, attention runs as two matrix products per

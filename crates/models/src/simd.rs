@@ -1,5 +1,7 @@
-//! Vector helpers for attention (over the f16 K/V cache) and SwiGLU, with an AVX2+FMA(+F16C)
-//! path picked at run time.
+//! Vector helpers for attention (over the K/V cache, f16 or quantized) and SwiGLU, with an
+//! AVX2+FMA(+F16C) path picked at run time and a scalar one beside it.
+
+use crate::kv_cache::{KvLayer, KvType, QK};
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
@@ -29,11 +31,6 @@ pub fn f16_to_f32(src: &[u16], dst: &mut [f32]) {
     src.convert_to_f32_slice(dst);
 }
 
-#[inline]
-fn f32_of(bits: u16) -> f32 {
-    half::f16::from_bits(bits).to_f32()
-}
-
 /// Σ a·b.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -60,43 +57,66 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// Attention of the `g = q.len() / hd` query heads that share one KV head (GQA):
-/// `out_h = softmax(scale · q_h·K_j) · V_j` over the rows of `k` and `v` that start at `offs[j]`
-/// (each `hd` long). `q` and `out` hold the `g` heads back to back; `scores` is scratch.
-/// Doing the group together reads each K and V row once for all its heads.
-#[allow(clippy::too_many_arguments)]
+/// Attention of the `g = q.len() / kv.head_dim` query heads that share one KV head (GQA):
+/// `out_h = softmax(scale · q_h·K_j) · V_j` over the rows of `kv` that start at `offs[j]`.
+/// `q` and `out` hold the `g` heads back to back; `scores` is scratch. Doing the group together
+/// reads (and dequantizes) each K and V row once for all its heads.
 pub fn attend(
     q: &[f32],
-    hd: usize,
-    k: &[u16],
-    v: &[u16],
+    kv: &KvLayer,
     offs: &[usize],
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     debug_assert_eq!(q.len(), out.len());
+    let hd = kv.head_dim;
     #[cfg(target_arch = "x86_64")]
     if has_f16c() && hd.is_multiple_of(8) && q.len() / hd <= MAX_GROUP {
         // SAFETY: features checked above; every row is bounds-checked inside.
-        return unsafe { attend_avx2(q, hd, k, v, offs, scale, scores, out) };
-    }
-    for (qh, oh) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
-        scores.clear();
-        scores.extend(offs.iter().map(|&o| {
-            qh.iter()
-                .zip(&k[o..o + hd])
-                .map(|(a, &b)| a * f32_of(b))
-                .sum::<f32>()
-                * scale
-        }));
-        let mx = scores.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-        let inv = 1.0 / exp_sub_sum(scores, mx);
-        oh.fill(0.0);
-        for (&o, &w) in offs.iter().zip(scores.iter()) {
-            for (y, &b) in oh.iter_mut().zip(&v[o..o + hd]) {
-                *y += w * inv * f32_of(b);
+        unsafe {
+            match kv.kind {
+                KvType::F16 => attend_avx2::<F16>(q, kv, offs, scale, scores, out),
+                KvType::Q8_0 => attend_avx2::<Q8>(q, kv, offs, scale, scores, out),
+                KvType::Q4_0 => attend_avx2::<Q4>(q, kv, offs, scale, scores, out),
             }
+        }
+        return;
+    }
+    attend_scalar(q, kv, offs, scale, scores, out);
+}
+
+/// [`attend`] the obvious way: each row dequantized, then dot products, softmax, axpys.
+fn attend_scalar(
+    q: &[f32],
+    kv: &KvLayer,
+    offs: &[usize],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = kv.head_dim;
+    let n = offs.len();
+    let mut row = vec![0.0; hd];
+    scores.clear();
+    scores.resize(out.len() / hd * n, 0.0);
+    for (j, &o) in offs.iter().enumerate() {
+        kv.k_f32(o, &mut row);
+        for (h, qh) in q.chunks_exact(hd).enumerate() {
+            scores[h * n + j] = qh.iter().zip(&row).map(|(a, b)| a * b).sum::<f32>() * scale;
+        }
+    }
+    for sc in scores.chunks_exact_mut(n.max(1)) {
+        let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let inv = 1.0 / exp_sub_sum(sc, mx);
+        sc.iter_mut().for_each(|x| *x *= inv);
+    }
+    out.fill(0.0);
+    for (j, &o) in offs.iter().enumerate() {
+        kv.v_f32(o, &mut row);
+        for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
+            let w = scores[h * n + j];
+            oh.iter_mut().zip(&row).for_each(|(y, &x)| *y += w * x);
         }
     }
 }
@@ -105,25 +125,63 @@ pub fn attend(
 /// register each).
 const MAX_GROUP: usize = 8;
 
-/// [`attend`] with the dot products, exp and axpys inlined into one AVX2 function (K and V
-/// widened from f16 with F16C as they are loaded).
+/// Row formats of the vectorized [`attend`], as its const parameter (see [`load8`]).
+const F16: u8 = 0;
+const Q8: u8 = 1;
+const Q4: u8 = 2;
+
+/// Values `c..c + 8` (`c` a multiple of 8) of the KV row of `hd` values starting at `p`, as f32:
+/// widened from f16, or dequantized from a q8_0 / q4_0 block (`kv_cache.rs` has the layout).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_avx2(
+#[inline]
+unsafe fn load8<const KIND: u8>(p: *const u16, hd: usize, c: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    unsafe {
+        if KIND == F16 {
+            return _mm256_cvtph_ps(_mm_loadu_si128(p.add(c) as *const __m128i));
+        }
+        let nb = hd / QK;
+        let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(*p.add(c / QK)))));
+        let qs = p.add(nb) as *const u8;
+        let q = if KIND == Q8 {
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.add(c) as *const __m128i))
+        } else {
+            // Byte i of a block: element i (low nibble), element i + 16 (high nibble).
+            let w = c % QK;
+            let bytes = _mm_loadl_epi64(qs.add(c / QK * (QK / 2) + w % 16) as *const __m128i);
+            let bytes = if w >= 16 {
+                _mm_srli_epi16(bytes, 4)
+            } else {
+                bytes
+            };
+            let nib = _mm_and_si128(bytes, _mm_set1_epi8(15));
+            _mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), _mm256_set1_epi32(8))
+        };
+        _mm256_mul_ps(d, _mm256_cvtepi32_ps(q))
+    }
+}
+
+/// [`attend`] with the dot products, exp and axpys inlined into one AVX2 function, K and V
+/// rows loaded in their stored format by [`load8`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2<const KIND: u8>(
     q: &[f32],
-    hd: usize,
-    k: &[u16],
-    v: &[u16],
+    kv: &KvLayer,
     offs: &[usize],
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
+    let hd = kv.head_dim;
     let g = q.len() / hd;
     let n = offs.len();
-    assert!(offs.iter().all(|&o| o + hd <= k.len() && o + hd <= v.len()));
+    let (k, v) = (kv.k, kv.v);
+    assert!(offs
+        .iter()
+        .all(|&o| o + kv.row <= k.len() && o + kv.row <= v.len()));
     scores.clear();
     scores.resize(g * n, 0.0);
     let qp = q.as_ptr();
@@ -133,7 +191,7 @@ unsafe fn attend_avx2(
             let kr = k.as_ptr().add(o);
             let mut acc = [_mm256_setzero_ps(); MAX_GROUP];
             for c in (0..hd).step_by(8) {
-                let kv = _mm256_cvtph_ps(_mm_loadu_si128(kr.add(c) as *const __m128i));
+                let kv = load8::<KIND>(kr, hd, c);
                 for (h, a) in acc.iter_mut().enumerate().take(g) {
                     *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(h * hd + c)), kv, *a);
                 }
@@ -158,31 +216,33 @@ unsafe fn attend_avx2(
             let mut c0 = 0;
             while c0 < hd {
                 let o = &mut oh[c0..];
-                match hd - c0 {
-                    128.. => weighted_sum::<16>(w, v, offs, c0, &mut o[..128]),
-                    64.. => weighted_sum::<8>(w, v, offs, c0, &mut o[..64]),
-                    32.. => weighted_sum::<4>(w, v, offs, c0, &mut o[..32]),
-                    _ => weighted_sum::<1>(w, v, offs, c0, &mut o[..8]),
-                }
-                c0 += match hd - c0 {
+                let step = match hd - c0 {
                     128.. => 128,
                     64.. => 64,
                     32.. => 32,
                     _ => 8,
                 };
+                match step {
+                    128 => weighted_sum::<KIND, 16>(w, v, offs, hd, c0, &mut o[..128]),
+                    64 => weighted_sum::<KIND, 8>(w, v, offs, hd, c0, &mut o[..64]),
+                    32 => weighted_sum::<KIND, 4>(w, v, offs, hd, c0, &mut o[..32]),
+                    _ => weighted_sum::<KIND, 1>(w, v, offs, hd, c0, &mut o[..8]),
+                }
+                c0 += step;
             }
         }
     }
 }
 
-/// `out = Σ_j w[j] · v[offs[j] + c0..][..8·C]`, the `C` accumulators in registers. Rows are
-/// bounds-checked by the caller.
+/// `out = Σ_j w[j] · V_j[c0..][..8·C]` for the rows `V_j` at `offs[j]`, the `C` accumulators
+/// in registers. Rows are bounds-checked by the caller.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_sum<const C: usize>(
+unsafe fn weighted_sum<const KIND: u8, const C: usize>(
     w: &[f32],
     v: &[u16],
     offs: &[usize],
+    hd: usize,
     c0: usize,
     out: &mut [f32],
 ) {
@@ -192,9 +252,9 @@ unsafe fn weighted_sum<const C: usize>(
         let mut acc = [_mm256_setzero_ps(); C];
         for (&o, &wj) in offs.iter().zip(w) {
             let ws = _mm256_set1_ps(wj);
-            let vr = v.as_ptr().add(o + c0);
+            let vr = v.as_ptr().add(o);
             for (c, a) in acc.iter_mut().enumerate() {
-                let vv = _mm256_cvtph_ps(_mm_loadu_si128(vr.add(8 * c) as *const __m128i));
+                let vv = load8::<KIND>(vr, hd, c0 + 8 * c);
                 *a = _mm256_fmadd_ps(ws, vv, *a);
             }
         }
@@ -401,6 +461,8 @@ unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
 
 #[cfg(test)]
 mod tests {
+    use crate::kv_cache::{dequantize_row, quantize_row, KvLayer, KvType, KV_TYPES};
+
     fn f16s(x: &[f32]) -> Vec<u16> {
         let mut out = vec![0u16; x.len()];
         super::to_f16(x, &mut out);
@@ -461,7 +523,8 @@ mod tests {
                 .map(|x| x / a.iter().map(|y| y * y).sum::<f32>())
                 .collect();
             let (mut sc, mut o) = (Vec::new(), vec![0.0; n]);
-            super::attend(&q, n, &kk, &vv, &[0, n], 1.0, &mut sc, &mut o);
+            let layer = KvLayer::of_rows(KvType::F16, n, &kk, &vv);
+            super::attend(&q, &layer, &[0, n], 1.0, &mut sc, &mut o);
             let s1: f32 = q.iter().zip(&a16).map(|(x, y)| x * y).sum();
             let e = s1.exp();
             for i in 0..n {
@@ -476,59 +539,75 @@ mod tests {
         }
     }
 
-    /// A group of query heads attends exactly as each head alone would (the slow path).
+    /// A group of query heads attends exactly as each head alone would, in f64 over the
+    /// dequantized rows: the vectorized kernel and the scalar one, for every KV type.
     #[test]
     fn grouped_attention_matches_one_head_at_a_time() {
-        for (hd, g, rows) in [
-            (64, 1, 5),
-            (64, 3, 37),
-            (32, 4, 1),
-            (128, 8, 70),
-            (40, 3, 9),
-            (64, 9, 3),
-        ] {
-            let f = |i: usize, a: f32| ((i as f32) * a).sin();
-            let q: Vec<f32> = (0..g * hd).map(|i| f(i, 0.31)).collect();
-            let k16 = f16s(&(0..rows * hd).map(|i| f(i, 0.17)).collect::<Vec<_>>());
-            let v16 = f16s(&(0..rows * hd).map(|i| f(i, 0.07)).collect::<Vec<_>>());
-            let k: Vec<f32> = k16
-                .iter()
-                .map(|&b| half::f16::from_bits(b).to_f32())
-                .collect();
-            let v: Vec<f32> = v16
-                .iter()
-                .map(|&b| half::f16::from_bits(b).to_f32())
-                .collect();
-            // Rows out of order, as a block table would give them.
-            let offs: Vec<usize> = (0..rows).rev().map(|r| r * hd).collect();
-            let mut got = vec![0.0; g * hd];
-            super::attend(&q, hd, &k16, &v16, &offs, 0.125, &mut Vec::new(), &mut got);
-            for h in 0..g {
-                let qh = &q[h * hd..(h + 1) * hd];
-                let sc: Vec<f64> = offs
-                    .iter()
-                    .map(|&o| {
-                        0.125
-                            * qh.iter()
-                                .zip(&k[o..o + hd])
-                                .map(|(a, b)| f64::from(*a) * f64::from(*b))
-                                .sum::<f64>()
-                    })
-                    .collect();
-                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
-                for d in 0..hd {
-                    let want: f64 = offs
+        for kind in KV_TYPES {
+            for (hd, g, rows) in [
+                (64, 1, 5),
+                (64, 3, 37),
+                (32, 4, 1),
+                (128, 8, 70),
+                (256, 2, 9),
+                (40, 3, 9),
+                (64, 9, 3),
+            ] {
+                if kind != KvType::F16 && hd % 32 != 0 {
+                    continue;
+                }
+                let f = |i: usize, a: f32| ((i as f32) * a).sin() * (1.0 + (i % 5) as f32);
+                let q: Vec<f32> = (0..g * hd).map(|i| f(i, 0.31)).collect();
+                let ru = kind.row_units(hd);
+                let quant = |a: f32| -> (Vec<u16>, Vec<f32>) {
+                    let x: Vec<f32> = (0..rows * hd).map(|i| f(i, a)).collect();
+                    let mut st = vec![0u16; rows * ru];
+                    let mut back = vec![0.0; rows * hd];
+                    for r in 0..rows {
+                        quantize_row(kind, &x[r * hd..][..hd], &mut st[r * ru..][..ru]);
+                        dequantize_row(kind, &st[r * ru..][..ru], &mut back[r * hd..][..hd]);
+                    }
+                    (st, back)
+                };
+                let (k16, k) = quant(0.17);
+                let (v16, v) = quant(0.07);
+                let layer = KvLayer::of_rows(kind, hd, &k16, &v16);
+                // Rows out of order, as a block table would give them.
+                let order: Vec<usize> = (0..rows).rev().collect();
+                let offs: Vec<usize> = order.iter().map(|r| r * ru).collect();
+                let mut fast = vec![0.0; g * hd];
+                super::attend(&q, &layer, &offs, 0.125, &mut Vec::new(), &mut fast);
+                let mut slow = vec![0.0; g * hd];
+                super::attend_scalar(&q, &layer, &offs, 0.125, &mut Vec::new(), &mut slow);
+                for h in 0..g {
+                    let qh = &q[h * hd..(h + 1) * hd];
+                    let sc: Vec<f64> = order
                         .iter()
-                        .zip(&sc)
-                        .map(|(&o, x)| (x - mx).exp() / z * f64::from(v[o + d]))
-                        .sum();
-                    let e = (f64::from(got[h * hd + d]) - want).abs();
-                    assert!(
-                        e < 1e-5,
-                        "g={g} head {h} dim {d}: {} vs {want}",
-                        got[h * hd + d]
-                    );
+                        .map(|&r| {
+                            0.125
+                                * qh.iter()
+                                    .zip(&k[r * hd..(r + 1) * hd])
+                                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                                    .sum::<f64>()
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+                    for d in 0..hd {
+                        let want: f64 = order
+                            .iter()
+                            .zip(&sc)
+                            .map(|(&r, x)| (x - mx).exp() / z * f64::from(v[r * hd + d]))
+                            .sum();
+                        for (name, got) in [("fast", &fast), ("scalar", &slow)] {
+                            let e = (f64::from(got[h * hd + d]) - want).abs();
+                            assert!(
+                                e < 2e-5 * want.abs().max(1.0),
+                                "{kind} {name} hd={hd} g={g} head {h} dim {d}: {} vs {want}",
+                                got[h * hd + d]
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -213,6 +213,21 @@ impl Metrics {
                 |s| ld(&s.kv_blocks_free) as f64,
             ),
             (
+                "ferrolm_kv_bytes_used",
+                "gauge",
+                "Bytes of K and V in the blocks held by requests (in the model's --kv-type).",
+                |s| {
+                    let used = ld(&s.kv_blocks_total).saturating_sub(ld(&s.kv_blocks_free));
+                    (used * ld(&s.kv_bytes_per_block)) as f64
+                },
+            ),
+            (
+                "ferrolm_kv_bytes_capacity",
+                "gauge",
+                "Bytes of the model's whole KV pool.",
+                |s| (ld(&s.kv_blocks_total) * ld(&s.kv_bytes_per_block)) as f64,
+            ),
+            (
                 "ferrolm_prefix_cache_hit_rate",
                 "gauge",
                 "Prompt tokens found in the prefix cache / prompt tokens looked up.",

@@ -1,0 +1,621 @@
+//! The KV cache: K and V of every layer, in blocks of `block_size` token slots addressed by
+//! slot (`block_id * block_size + offset`), stored as one [`KvType`].
+//!
+//! Contract: the forward passes write a token's K and V with [`KvCache::write`] (which rotates
+//! and quantizes as the type asks) and read them through [`KvCache::layer`]: dequantized rows
+//! ([`KvLayer::k_f32`]) or the attention kernel in `simd.rs`, which loads each type's rows
+//! natively. Which blocks a sequence owns is `ferrolm-kv`'s business.
+//!
+//! Layout per layer: `[num_blocks, block_size, n_kv_heads, row]`, where one head's row is
+//! `head_dim` f16 values, or for the block types `head_dim / 32` f16 scales followed by the
+//! quants (32 per block: int8 for q8_0; for q4_0 16 bytes per block, byte `i` holding element
+//! `i` in its low nibble and element `i + 16` in its high one, value `(q - 8) · scale`, as
+//! ggml's blocks). Every row is a whole number of `u16`s (q8_0: 17 per 32 values, q4_0: 9), so
+//! all types share one `u16` store and a fresh cache is zeroed pages the OS maps on first write.
+//!
+//! q4_0 rotates before quantizing (QuaRot): each head of K and V is multiplied by the
+//! normalized Walsh–Hadamard matrix `H` (orthonormal and symmetric, `H·H = I`), which spreads
+//! an outlier channel over the whole head so the block's scale no longer fits it alone. The
+//! attention rotates q the same way, so `(Hq)·(Hk) = q·k`, and un-rotates its output, since
+//! `Σ w_j (H v_j) = H (Σ w_j v_j)`. `FERROLM_KV_HADAMARD=0` turns the rotation off (only to
+//! measure what it buys; see BENCHMARKS.md).
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::{Config, ModelError};
+
+/// Values per quantization block (each with one f16 scale).
+pub const QK: usize = 32;
+
+/// The element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum KvType {
+    /// f16 values, as llama.cpp's cache is by default: half the memory and half the bytes
+    /// attention reads at every decode step of f32, which at 16 streams is more than the
+    /// weights. Measured against the f32 reference (golden tests, 2026-11-27): perplexity
+    /// +0.06% with an f32 cache, +0.23% with f16; last-position KL 0.0047 either way (max |Δ|
+    /// 0.62); greedy tokens unchanged.
+    #[default]
+    F16,
+    /// Blocks of 32 int8 values and an f16 scale: 8.5 bits a value.
+    Q8_0,
+    /// Blocks of 32 4-bit values and an f16 scale, over Hadamard-rotated heads: 4.5 bits a value.
+    Q4_0,
+}
+
+/// Every type, in the order `--help` lists them.
+pub const KV_TYPES: [KvType; 3] = [KvType::F16, KvType::Q8_0, KvType::Q4_0];
+
+impl KvType {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+            KvType::Q4_0 => "q4_0",
+        }
+    }
+
+    /// `u16`s one head's row of `head_dim` values takes.
+    pub fn row_units(self, head_dim: usize) -> usize {
+        match self {
+            KvType::F16 => head_dim,
+            KvType::Q8_0 => head_dim / QK + head_dim / 2,
+            KvType::Q4_0 => head_dim / QK + head_dim / 4,
+        }
+    }
+
+    /// The type rotates heads with a Hadamard transform before quantizing.
+    pub fn rotates(self) -> bool {
+        self == KvType::Q4_0
+    }
+
+    /// Why this type cannot store heads of `head_dim` values, if it cannot.
+    fn refuses(self, head_dim: usize) -> Option<&'static str> {
+        match self {
+            KvType::F16 => None,
+            _ if !head_dim.is_multiple_of(QK) || head_dim == 0 => {
+                Some("it stores heads in blocks of 32 values, so it needs a multiple of 32")
+            }
+            KvType::Q4_0 if !head_dim.is_power_of_two() => {
+                Some("its Hadamard rotation needs a power of two")
+            }
+            _ => None,
+        }
+    }
+
+    /// The type can store this model's heads; if not, an error naming the head size and the
+    /// types that can.
+    pub fn check(self, cfg: &Config) -> Result<(), ModelError> {
+        let hd = cfg.head_dim;
+        match self.refuses(hd) {
+            None => Ok(()),
+            Some(need) => Err(ModelError::KvType {
+                kv_type: self.name(),
+                head_dim: hd,
+                need,
+                works: KV_TYPES
+                    .iter()
+                    .filter(|t| t.refuses(hd).is_none())
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+
+    /// Bytes of K and V one token takes over all layers of a model of blueprint `cfg`.
+    pub fn bytes_per_token(self, cfg: &Config) -> usize {
+        2 * cfg.n_layers * cfg.n_kv_heads * self.row_units(cfg.head_dim) * 2
+    }
+}
+
+impl fmt::Display for KvType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for KvType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        KV_TYPES
+            .into_iter()
+            .find(|t| t.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| format!("unknown KV cache type `{s}`: give one of f16, q8_0, q4_0"))
+    }
+}
+
+/// K and V for every layer (see the module docs for the layout).
+pub struct KvCache {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    kind: KvType,
+    /// Heads are Hadamard-rotated before they are stored (q4_0, unless turned off).
+    rotate: bool,
+    n_layers: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    /// `u16`s per head row.
+    row: usize,
+    k: Vec<u16>,
+    v: Vec<u16>,
+    /// One head, rotated before it is quantized.
+    tmp: Vec<f32>,
+}
+
+impl KvCache {
+    /// An f16 cache (every head size can take it). Zero-initialised storage; pages are only
+    /// touched (and so only resident) once written.
+    pub fn new(cfg: &Config, block_size: usize, num_blocks: usize) -> Self {
+        Self::build(cfg, KvType::F16, block_size, num_blocks)
+    }
+
+    /// A cache of `kind`, or an error if the model's head size cannot take it.
+    pub fn with_type(
+        cfg: &Config,
+        kind: KvType,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Result<Self, ModelError> {
+        kind.check(cfg)?;
+        Ok(Self::build(cfg, kind, block_size, num_blocks))
+    }
+
+    fn build(cfg: &Config, kind: KvType, block_size: usize, num_blocks: usize) -> Self {
+        let row = kind.row_units(cfg.head_dim);
+        let n = cfg.n_layers * num_blocks * block_size * cfg.n_kv_heads * row;
+        let rotate =
+            kind.rotates() && std::env::var_os("FERROLM_KV_HADAMARD").is_none_or(|v| v != "0");
+        KvCache {
+            block_size,
+            num_blocks,
+            kind,
+            rotate,
+            n_layers: cfg.n_layers,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+            row,
+            k: vec![0; n],
+            v: vec![0; n],
+            tmp: vec![0.0; cfg.head_dim],
+        }
+    }
+
+    pub fn kind(&self) -> KvType {
+        self.kind
+    }
+
+    /// Stored heads are Hadamard-rotated: the attention rotates q and un-rotates its output.
+    pub fn rotated(&self) -> bool {
+        self.rotate
+    }
+
+    pub fn num_slots(&self) -> usize {
+        self.block_size * self.num_blocks
+    }
+
+    /// Bytes of the whole store.
+    pub fn bytes(&self) -> usize {
+        (self.k.len() + self.v.len()) * 2
+    }
+
+    /// Bytes of K and V per token slot, over all layers.
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.n_layers * self.n_kv_heads * self.row * 2
+    }
+
+    #[inline]
+    fn layer_len(&self) -> usize {
+        self.num_blocks * self.block_size * self.n_kv_heads * self.row
+    }
+
+    /// Store one token's K and V (`n_kv_heads · head_dim` values each) at `slot` of `layer`.
+    pub(crate) fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
+        let (hd, row) = (self.head_dim, self.row);
+        let base = layer * self.layer_len() + slot * self.n_kv_heads * row;
+        for (src, dst) in [(k, &mut self.k), (v, &mut self.v)] {
+            let dst = &mut dst[base..base + self.n_kv_heads * row];
+            for (x, out) in src.chunks_exact(hd).zip(dst.chunks_exact_mut(row)) {
+                if self.rotate {
+                    self.tmp.copy_from_slice(x);
+                    hadamard(&mut self.tmp);
+                    quantize_row(self.kind, &self.tmp, out);
+                } else {
+                    quantize_row(self.kind, x, out);
+                }
+            }
+        }
+    }
+
+    /// Layer `layer`'s K and V, to read.
+    pub(crate) fn layer(&self, layer: usize) -> KvLayer<'_> {
+        let len = self.layer_len();
+        let r = layer * len..(layer + 1) * len;
+        KvLayer {
+            kind: self.kind,
+            head_dim: self.head_dim,
+            row: self.row,
+            n_kv_heads: self.n_kv_heads,
+            k: &self.k[r.clone()],
+            v: &self.v[r],
+        }
+    }
+
+    /// Copy the K/V of `src` block into `dst` (copy-on-write of a shared partial block).
+    pub fn copy_block(&mut self, src: u32, dst: u32) {
+        let per_block = self.block_size * self.n_kv_heads * self.row;
+        for l in 0..self.n_layers {
+            let s = l * self.layer_len() + src as usize * per_block;
+            let d = l * self.layer_len() + dst as usize * per_block;
+            self.k.copy_within(s..s + per_block, d);
+            self.v.copy_within(s..s + per_block, d);
+        }
+    }
+}
+
+/// One layer's K and V as stored: rows of `row` `u16`s, one per (slot, KV head).
+pub struct KvLayer<'a> {
+    pub kind: KvType,
+    pub head_dim: usize,
+    pub row: usize,
+    n_kv_heads: usize,
+    pub k: &'a [u16],
+    pub v: &'a [u16],
+}
+
+impl<'a> KvLayer<'a> {
+    /// Rows of one KV head, back to back (for kernels' tests).
+    #[cfg(test)]
+    pub(crate) fn of_rows(kind: KvType, head_dim: usize, k: &'a [u16], v: &'a [u16]) -> Self {
+        KvLayer {
+            kind,
+            head_dim,
+            row: kind.row_units(head_dim),
+            n_kv_heads: 1,
+            k,
+            v,
+        }
+    }
+
+    /// Where the row of `slot`, KV head `kvh` starts in `k` and `v`.
+    #[inline]
+    pub fn row_offset(&self, slot: usize, kvh: usize) -> usize {
+        (slot * self.n_kv_heads + kvh) * self.row
+    }
+
+    /// The K row at `off`, dequantized (still rotated if the cache rotates).
+    pub fn k_f32(&self, off: usize, out: &mut [f32]) {
+        dequantize_row(self.kind, &self.k[off..off + self.row], out);
+    }
+
+    /// The V row at `off`, dequantized (still rotated if the cache rotates).
+    pub fn v_f32(&self, off: usize, out: &mut [f32]) {
+        dequantize_row(self.kind, &self.v[off..off + self.row], out);
+    }
+}
+
+/// The bytes of `u16`s (quants are stored two or four to a `u16`).
+pub(crate) fn bytes_of(x: &[u16]) -> &[u8] {
+    // SAFETY: u8 has no alignment or validity requirement; the length covers the same memory.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len() * 2) }
+}
+
+fn bytes_of_mut(x: &mut [u16]) -> &mut [u8] {
+    // SAFETY: as in `bytes_of`; the borrow is unique.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len() * 2) }
+}
+
+/// `x` (one head, `head_dim` values) into `out` (`kind.row_units(head_dim)` `u16`s), rounding
+/// to nearest. A block's scale is rounded to f16 first and the quants are taken against that
+/// rounded scale, so dequantizing reproduces each value to within half a step.
+pub fn quantize_row(kind: KvType, x: &[f32], out: &mut [u16]) {
+    debug_assert_eq!(out.len(), kind.row_units(x.len()));
+    let nb = x.len() / QK;
+    let to16 = |d: f32| half::f16::from_f32(d);
+    match kind {
+        KvType::F16 => crate::simd::to_f16(x, out),
+        KvType::Q8_0 => {
+            let (scales, qs) = out.split_at_mut(nb);
+            let qs = bytes_of_mut(qs);
+            for ((blk, s), q) in x.chunks_exact(QK).zip(scales).zip(qs.chunks_exact_mut(QK)) {
+                let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = to16(amax / 127.0);
+                *s = d.to_bits();
+                let d = d.to_f32();
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                for (qi, &v) in q.iter_mut().zip(blk) {
+                    *qi = (v * id).round().clamp(-127.0, 127.0) as i8 as u8;
+                }
+            }
+        }
+        KvType::Q4_0 => {
+            let (scales, qs) = out.split_at_mut(nb);
+            let qs = bytes_of_mut(qs);
+            for ((blk, s), q) in x
+                .chunks_exact(QK)
+                .zip(scales)
+                .zip(qs.chunks_exact_mut(QK / 2))
+            {
+                let (d, qv) = q4_block(blk);
+                *s = half::f16::from_f32(d).to_bits();
+                for (i, qi) in q.iter_mut().enumerate() {
+                    *qi = qv[i] | (qv[i + QK / 2] << 4);
+                }
+            }
+        }
+    }
+}
+
+/// One q4_0 block: its scale and quants (`0..=15`, value `(q - 8) · d`). The scale is the
+/// least-squares one for the quants of the best of a few candidate grids (the largest
+/// magnitude mapped to 8, or to 4.5 ... 7.75 with the tail clipped): on Gaussian values (what
+/// rotated heads look like) 7.5% less squared error than ggml's plain max-magnitude grid.
+fn q4_block(x: &[f32]) -> (f32, [u8; QK]) {
+    let m = x
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let mut q = [8u8; QK];
+    if m == 0.0 {
+        return (0.0, q);
+    }
+    let quant = |is: f32, q: &mut [u8; QK]| -> (f32, f32) {
+        let (mut sxq, mut sqq) = (0f32, 0f32);
+        for (qi, &v) in q.iter_mut().zip(x) {
+            let l = (v * is).round().clamp(-8.0, 7.0);
+            *qi = (l + 8.0) as u8;
+            sxq += v * l;
+            sqq += l * l;
+        }
+        (sxq, sqq)
+    };
+    let mut best = (f32::NEG_INFINITY, -8.0 / m);
+    let cands = std::iter::once(-8.0 / m).chain((0..14).map(|t| (4.5 + 0.25 * t as f32) / m.abs()));
+    for is in cands {
+        let (sxq, sqq) = quant(is, &mut q);
+        // Error with the least-squares scale: Σx² − (Σxq)²/Σq²; maximize the subtrahend.
+        if sqq > 0.0 && sxq * sxq / sqq > best.0 {
+            best = (sxq * sxq / sqq, is);
+        }
+    }
+    let (sxq, sqq) = quant(best.1, &mut q);
+    let d = half::f16::from_f32(sxq / sqq).to_f32();
+    // Quants again against the stored (f16) scale.
+    if d != 0.0 {
+        quant(1.0 / d, &mut q);
+    }
+    (d, q)
+}
+
+/// A row written by [`quantize_row`] back to `head_dim` f32 values.
+pub fn dequantize_row(kind: KvType, row: &[u16], out: &mut [f32]) {
+    let nb = out.len() / QK;
+    match kind {
+        KvType::F16 => crate::simd::f16_to_f32(row, out),
+        KvType::Q8_0 => {
+            let (scales, qs) = row.split_at(nb);
+            let qs = bytes_of(qs);
+            for ((o, &s), q) in out
+                .chunks_exact_mut(QK)
+                .zip(scales)
+                .zip(qs.chunks_exact(QK))
+            {
+                let d = half::f16::from_bits(s).to_f32();
+                for (oi, &qi) in o.iter_mut().zip(q) {
+                    *oi = d * f32::from(qi as i8);
+                }
+            }
+        }
+        KvType::Q4_0 => {
+            let (scales, qs) = row.split_at(nb);
+            let qs = bytes_of(qs);
+            for ((o, &s), q) in out
+                .chunks_exact_mut(QK)
+                .zip(scales)
+                .zip(qs.chunks_exact(QK / 2))
+            {
+                let d = half::f16::from_bits(s).to_f32();
+                for (i, &b) in q.iter().enumerate() {
+                    o[i] = d * (f32::from(b & 15) - 8.0);
+                    o[i + QK / 2] = d * (f32::from(b >> 4) - 8.0);
+                }
+            }
+        }
+    }
+}
+
+/// `x ← H·x` with `H` the normalized Walsh–Hadamard matrix of order `x.len()` (a power of two):
+/// orthonormal and its own inverse. Fast transform: log2(n) rounds of butterflies, then 1/√n.
+pub fn hadamard(x: &mut [f32]) {
+    let n = x.len();
+    debug_assert!(n.is_power_of_two());
+    let mut h = 1;
+    while h < n {
+        for pair in x.chunks_exact_mut(2 * h) {
+            let (a, b) = pair.split_at_mut(h);
+            for (u, w) in a.iter_mut().zip(b) {
+                let (s, d) = (*u + *w, *u - *w);
+                *u = s;
+                *w = d;
+            }
+        }
+        h *= 2;
+    }
+    let norm = 1.0 / (n as f32).sqrt();
+    x.iter_mut().for_each(|v| *v *= norm);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signal(n: usize, seed: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 + seed) * 0.731).sin() * (1.0 + (i % 7) as f32))
+            .collect()
+    }
+
+    #[test]
+    fn hadamard_is_orthonormal_and_its_own_inverse() {
+        for n in [1, 2, 32, 64, 128, 256] {
+            // Columns of H are orthonormal: H·e_i · H·e_j = δ_ij.
+            let cols: Vec<Vec<f32>> = (0..n)
+                .map(|i| {
+                    let mut e = vec![0.0; n];
+                    e[i] = 1.0;
+                    hadamard(&mut e);
+                    e
+                })
+                .collect();
+            for i in 0..n {
+                for j in 0..n {
+                    let d: f32 = cols[i].iter().zip(&cols[j]).map(|(a, b)| a * b).sum();
+                    let want = if i == j { 1.0 } else { 0.0 };
+                    assert!((d - want).abs() < 1e-5, "n={n} ({i},{j}): {d}");
+                }
+            }
+            // Round trip, and dot products kept.
+            let (x, y) = (signal(n, 0.0), signal(n, 3.0));
+            let (mut hx, mut hy) = (x.clone(), y.clone());
+            hadamard(&mut hx);
+            hadamard(&mut hy);
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f32>();
+            assert!((dot(&x, &y) - dot(&hx, &hy)).abs() <= 1e-4 * dot(&x, &x).max(1.0));
+            hadamard(&mut hx);
+            for (a, b) in x.iter().zip(&hx) {
+                assert!((a - b).abs() < 1e-5, "n={n}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn hadamard_spreads_an_outlier() {
+        let mut x = vec![0.01; 64];
+        x[5] = 100.0;
+        hadamard(&mut x);
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(amax < 100.0 / 8.0 + 0.1, "{amax}");
+    }
+
+    /// Each block type reproduces every value to within half its block's step (plus the f16
+    /// rounding of the scale), and the row takes the advertised size.
+    #[test]
+    fn block_quantize_dequantize_round_trip() {
+        for hd in [32, 64, 128, 256] {
+            let mut x = signal(hd, 1.5);
+            x[3] = -40.0; // an outlier sets its block's scale
+                          // q4_0: the largest magnitude maps to -8 exactly, but a value near it of the other
+                          // sign clamps at +7, up to one whole step off (as in ggml).
+            for (kind, levels, bits, tol) in [
+                (KvType::Q8_0, 127.0, 8.5, 0.5),
+                (KvType::Q4_0, 8.0, 4.5, 1.0),
+            ] {
+                let mut row = vec![0u16; kind.row_units(hd)];
+                assert_eq!(row.len() * 16, (bits * hd as f64) as usize);
+                quantize_row(kind, &x, &mut row);
+                let mut back = vec![0.0; hd];
+                dequantize_row(kind, &row, &mut back);
+                for (b, blk) in x.chunks(QK).enumerate() {
+                    let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let step = amax / levels;
+                    for (i, (&a, &r)) in blk.iter().zip(&back[b * QK..]).enumerate() {
+                        assert!(
+                            (a - r).abs() <= tol * step * 1.01 + 1e-6,
+                            "{kind} hd={hd} block {b} elem {i}: {a} vs {r} (step {step})"
+                        );
+                    }
+                }
+            }
+            // f16 rows are f16 rounding.
+            let mut row = vec![0u16; hd];
+            quantize_row(KvType::F16, &x, &mut row);
+            let mut back = vec![0.0; hd];
+            dequantize_row(KvType::F16, &row, &mut back);
+            for (a, r) in x.iter().zip(&back) {
+                assert_eq!(half::f16::from_f32(*a).to_f32(), *r);
+            }
+        }
+    }
+
+    #[test]
+    fn q4_0_packs_as_ggml_blocks() {
+        // Values on the grid of step 2: element i is 2·(i − 8), element 16 + i is 2·(7 − i).
+        let l: Vec<i32> = (0..16)
+            .map(|i| i - 8)
+            .chain((0..16).map(|i| 7 - i))
+            .collect();
+        let x: Vec<f32> = l.iter().map(|&v| 2.0 * v as f32).collect();
+        let mut row = vec![0u16; KvType::Q4_0.row_units(32)];
+        quantize_row(KvType::Q4_0, &x, &mut row);
+        assert_eq!(half::f16::from_bits(row[0]).to_f32(), 2.0);
+        // Byte i: element i in its low nibble, element i + 16 in its high one, as q + 8.
+        for (i, &b) in bytes_of(&row[1..]).iter().enumerate() {
+            assert_eq!((b & 15, b >> 4), (i as u8, 15 - i as u8), "byte {i}");
+        }
+        let mut back = vec![0.0; 32];
+        dequantize_row(KvType::Q4_0, &row, &mut back);
+        assert_eq!(back, x);
+    }
+
+    /// The scale search of q4_0 lowers the squared error against ggml's plain grid (largest
+    /// magnitude → -8) on Gaussian values, which is what rotated heads look like.
+    #[test]
+    fn q4_0_scale_search_beats_the_max_grid() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut uniform = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let (mut searched, mut plain) = (0f64, 0f64);
+        for _ in 0..2000 {
+            let x: Vec<f32> = (0..QK)
+                .map(|_| {
+                    let (u, v) = (uniform().max(1e-12), uniform());
+                    ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+                })
+                .collect();
+            let (d, q) = q4_block(&x);
+            let m = x
+                .iter()
+                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let d0 = half::f16::from_f32(m / -8.0).to_f32();
+            for (i, &v) in x.iter().enumerate() {
+                searched += f64::from(v - d * (f32::from(q[i]) - 8.0)).powi(2);
+                let l = (v / d0).round().clamp(-8.0, 7.0);
+                plain += f64::from(v - d0 * l).powi(2);
+            }
+        }
+        let ratio = searched / plain;
+        eprintln!("q4_0 squared error, searched / plain grid: {ratio:.3}");
+        assert!(ratio < 0.95, "{ratio}");
+    }
+
+    #[test]
+    fn zero_blocks_stay_zero() {
+        for kind in KV_TYPES {
+            let x = vec![0.0; 64];
+            let mut row = vec![7u16; kind.row_units(64)];
+            quantize_row(kind, &x, &mut row);
+            let mut back = vec![1.0; 64];
+            dequantize_row(kind, &row, &mut back);
+            assert!(back.iter().all(|&v| v == 0.0), "{kind}");
+        }
+    }
+
+    #[test]
+    fn kv_type_names_parse_and_refuse() {
+        for t in KV_TYPES {
+            assert_eq!(t.name().parse::<KvType>(), Ok(t));
+        }
+        assert_eq!("Q8_0".parse::<KvType>(), Ok(KvType::Q8_0));
+        let e = "q5_0".parse::<KvType>().expect_err("q5_0 is no KV type");
+        assert!(e.contains("q5_0") && e.contains("f16, q8_0, q4_0"), "{e}");
+        assert_eq!(KvType::Q8_0.refuses(96), None);
+        assert!(KvType::Q4_0.refuses(96).is_some());
+        assert!(KvType::Q8_0.refuses(80).is_some());
+        assert_eq!(KvType::F16.refuses(80), None);
+    }
+}
