@@ -84,14 +84,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .take(512.max(depth) + a.decode_tokens)
         .collect();
     let ctx = 1024.max(depth + a.decode_tokens + 1);
-    if ctx > m.model.cfg().context_length {
+    let mut session = Session::with_kv_type(&m.model, ctx, threads, a.kv.kv_type)?;
+    if depth + a.decode_tokens + 1 > m.model.cfg().context_length {
         bail!(
             "--decode-depth {depth} + --decode-tokens {} exceed the model's context ({})",
             a.decode_tokens,
             m.model.cfg().context_length
         );
     }
-    let mut session = Session::with_kv_type(&m.model, ctx, threads, a.kv.kv_type)?;
 
     let mut prefill = |n: usize| -> Result<f64> {
         let mut v = Vec::new();

@@ -58,6 +58,13 @@ pub struct KldArgs {
     /// The reference model (e.g. the f32 or f16 source). Same vocabulary.
     #[arg(long)]
     base: PathBuf,
+    /// The model's KV cache type (`--kv-type`); with `--base` the same file, this measures
+    /// what a quantized KV cache costs against the base's `--base-kv-type`.
+    #[command(flatten)]
+    kv: KvArgs,
+    /// The base model's KV cache type.
+    #[arg(long, value_name = "f16|q8_0|q4_0", default_value = "f16")]
+    base_kv_type: ferrolm_models::KvType,
     /// UTF-8 text file to score.
     #[arg(long)]
     file: PathBuf,
@@ -113,13 +120,14 @@ fn kld_cmd(a: KldArgs) -> Result<()> {
     let base = load(&ModelArgs {
         model: Some(a.base.clone()),
     })?;
-    let r = kld(
+    let r = kld_with_kv(
         &base,
         &m,
         &text,
         a.tokens.unwrap_or(usize::MAX),
         a.ctx,
         threads(a.threads)?,
+        (a.base_kv_type, a.kv.kv_type),
     )?;
     if a.json {
         println!("{}", r.json());
@@ -195,6 +203,20 @@ pub fn kld(
     ctx: usize,
     threads: usize,
 ) -> Result<KldReport> {
+    let f16 = ferrolm_models::KvType::F16;
+    kld_with_kv(base, m, text, max_tokens, ctx, threads, (f16, f16))
+}
+
+/// [`kld`] with KV caches of the given types (base's, model's).
+pub fn kld_with_kv(
+    base: &Loaded,
+    m: &Loaded,
+    text: &str,
+    max_tokens: usize,
+    ctx: usize,
+    threads: usize,
+    (base_kv, kv): (ferrolm_models::KvType, ferrolm_models::KvType),
+) -> Result<KldReport> {
     let vocab = m.model.cfg().vocab_size;
     if base.model.cfg().vocab_size != vocab || base.tok.vocab_size() != m.tok.vocab_size() {
         bail!(
@@ -225,8 +247,8 @@ pub fn kld(
             ids.len()
         );
     }
-    let mut sb = Session::new(&base.model, ctx, threads)?;
-    let mut sm = Session::new(&m.model, ctx, threads)?;
+    let mut sb = Session::with_kv_type(&base.model, ctx, threads, base_kv)?;
+    let mut sm = Session::with_kv_type(&m.model, ctx, threads, kv)?;
     let (mut nll, mut nll_base, mut agree) = (0f64, 0f64, 0usize);
     let mut kls = Vec::with_capacity(windows * ctx);
     const CHUNK: usize = 64;

@@ -844,5 +844,20 @@ mod tests {
         assert_eq!(cfg.model.len(), 2);
         assert_eq!(cfg.router.len(), 1);
         assert!(cfg.model[1].upstream.is_some());
+        assert_eq!(cfg.model[0].kv_type.as_deref(), Some("q8_0"));
+    }
+
+    #[test]
+    fn kv_memory_sizes_parse() {
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("1.5 KiB"), Ok(1536));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("12 parsecs")
+            .expect_err("no unit")
+            .contains("unknown unit"));
+        assert!(parse_bytes("MiB")
+            .expect_err("no number")
+            .contains("512MiB"));
     }
 }
