@@ -91,6 +91,35 @@ impl GgufWriter {
 
     /// Serialize the whole file.
     pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = self.header();
+        for (_, _, _, data) in &self.tensors {
+            out.extend_from_slice(data);
+            out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+        }
+        out
+    }
+
+    /// [`Self::to_bytes`], freeing each tensor's data once it is copied: the peak is about one
+    /// copy of the weights instead of two (the Hugging Face importer builds multi-GB files in
+    /// memory).
+    pub fn into_bytes(mut self) -> Vec<u8> {
+        let mut out = self.header();
+        let data_len: usize = self
+            .tensors
+            .iter()
+            .map(|t| t.3.len().div_ceil(ALIGN) * ALIGN)
+            .sum();
+        out.reserve_exact(data_len);
+        for (_, _, _, data) in std::mem::take(&mut self.tensors) {
+            out.extend_from_slice(&data);
+            drop(data);
+            out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+        }
+        out
+    }
+
+    /// Everything before the tensor data, padded to the data's alignment.
+    fn header(&self) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(b"GGUF");
         out.extend_from_slice(&3u32.to_le_bytes());
@@ -113,10 +142,6 @@ impl GgufWriter {
             offset += data.len().div_ceil(ALIGN) * ALIGN;
         }
         out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
-        for (_, _, _, data) in &self.tensors {
-            out.extend_from_slice(data);
-            out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
-        }
         out
     }
 

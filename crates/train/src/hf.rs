@@ -879,7 +879,7 @@ pub fn gguf_bytes(dir: &Path) -> Result<Vec<u8>, TrainError> {
             ),
         ));
     }
-    Ok(w.to_bytes())
+    Ok(w.into_bytes())
 }
 
 /// Llama 3.1's per-frequency RoPE factors (`rope_freqs.weight`), as the converter computes them:
