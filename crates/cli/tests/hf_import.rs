@@ -10,7 +10,8 @@
 //! - Gemma 3 (bf16, norms `1 + w`, two local layers of three): logits within 0.02 of
 //!   transformers' (`golden/hf_tiny_gemma3_logits.f32`); without the window they move by 7.
 //! - SmolLM2 (the default model) dequantized and written as `config.json` + f32
-//!   `model.safetensors` (q/k rows un-permuted) + `tokenizer.json` + `tokenizer_config.json`:
+//!   `model.safetensors` (q/k rows un-permuted) + `tokenizer.json` + `tokenizer_config.json` +
+//!   `chat_template.jinja`:
 //!   imported back, every tensor is bit-identical to the dequantized original, the tokenizer
 //!   metadata equal, and greedy generation the same as on the f32 GGUF `ferrolm quantize`
 //!   makes of the original.
@@ -441,10 +442,16 @@ fn write_hf_dir(g: &GgufFile, dir: &Path) -> Vec<(String, Vec<f32>)> {
     });
     std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
     let id = |k: &str| tokens[g.get_u64(k).unwrap() as usize];
+    // The template as transformers ≥ 4.43 saves it, in its own file (the Qwen3 directory has it
+    // in tokenizer_config.json).
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        g.get_str("tokenizer.chat_template").unwrap(),
+    )
+    .unwrap();
     let mut tc = serde_json::json!({
         "bos_token": id("tokenizer.ggml.bos_token_id"),
         "eos_token": id("tokenizer.ggml.eos_token_id"),
-        "chat_template": g.get_str("tokenizer.chat_template").unwrap(),
     });
     if let Ok(b) = g.get_bool("tokenizer.ggml.add_bos_token") {
         tc["add_bos_token"] = serde_json::json!(b);
