@@ -20,6 +20,14 @@
 //!   multiplies by `1 + w`; GGUF holds the product's factor), `layer_types` as the per-layer
 //!   `attention.sliding_window_pattern`, `rope_local_base_freq` as `rope.freq_base_swa`.
 //!
+//! Checked by hand against llama.cpp's own converter (build 11434, its tokenizer-hash and
+//! SentencePiece vocab steps bypassed for the byte-level fixtures) on every
+//! `golden/hf_tiny_*` directory: every tensor byte-identical, `rope_freqs` and Gemma's `1 + w`
+//! norms included, and every metadata key both write equal. The converter adds
+//! `general.size_label`/`general.type` (and `key_length` for `llama`); ferrolm adds
+//! `{arch}.vocab_size`, `rope.dimension_count`, Mistral's window and Gemma 3's per-layer
+//! window pattern (llama.cpp loads and honours that array).
+//!
 //! A tied head (no `lm_head.weight`) writes no `output.weight`. A tensor the architecture does
 //! not use is an error, not silently dropped (only `rotary_emb.inv_freq` buffers are skipped).
 //!
