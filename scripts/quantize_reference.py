@@ -46,7 +46,41 @@ CASES = [
     ("q3_k_s --pure", "Q3_K_S", ["--pure"]),
     ("q4_k_s --pure", "Q4_K_S", ["--pure"]),
     ("q5_k_s --pure", "Q5_K_S", ["--pure"]),
+    # With an importance matrix (the synthetic one below): the weighted quantizers.
+    ("q4_0 --imatrix", "Q4_0", ["--imatrix"]),
+    ("q4_1 --imatrix", "Q4_1", ["--imatrix"]),
+    ("q5_0 --imatrix", "Q5_0", ["--imatrix"]),
+    ("q5_1 --imatrix", "Q5_1", ["--imatrix"]),
+    ("q4_k_m --imatrix", "Q4_K_M", ["--imatrix"]),
+    ("q2_k --pure --imatrix", "Q2_K", ["--pure", "--imatrix"]),
+    ("q3_k_s --pure --imatrix", "Q3_K_S", ["--pure", "--imatrix"]),
+    ("q5_k_s --pure --imatrix", "Q5_K_S", ["--pure", "--imatrix"]),
+    ("q6_k --pure --imatrix", "Q6_K", ["--pure", "--imatrix"]),
 ]
+
+
+def synthetic_imatrix(model_path, out):
+    """An importance matrix in llama.cpp's GGUF format with made-up but fixed values, so that
+    the weighted quantizers can be compared without depending on whose forward pass computed
+    the activations: for every 2-D `blk.*` weight with C columns, column j weighs
+    0.1 + ((37·j + 11·len(name)) mod 101) / 25, one chunk (counts = 1). The Rust test writes the
+    same file (crates/cli/tests/quantize.rs, `synthetic_imatrix`)."""
+    r = gguf.GGUFReader(model_path)
+    w = gguf.GGUFWriter(out, arch="imatrix")
+    for t in sorted(r.tensors, key=lambda t: t.name):
+        if not t.name.startswith("blk.") or len(t.shape) != 2 or not t.name.endswith(".weight"):
+            continue
+        cols = int(t.shape[0])
+        v = np.array([0.1 + ((37 * j + 11 * len(t.name)) % 101) / 25.0 for j in range(cols)], dtype=np.float32)
+        w.add_tensor(t.name + ".in_sum2", v)
+        w.add_tensor(t.name + ".counts", np.array([1.0], dtype=np.float32))
+    w.add_array("imatrix.datasets", ["synthetic"])
+    w.add_uint32("imatrix.chunk_count", 1)
+    w.add_uint32("imatrix.chunk_size", 512)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def tensors(path):
@@ -75,8 +109,11 @@ def main():
             "llama_cpp": a.llama_cpp,
             "cases": {},
         }
+        imatrix = os.path.join(d, "imatrix.gguf")
+        synthetic_imatrix(f32, imatrix)
         for name, ty, flags in CASES:
             out = os.path.join(d, "q.gguf")
+            flags = [f for f in flags for f in ([f, imatrix] if f == "--imatrix" else [f])]
             subprocess.run([a.llama_quantize, *flags, f32, out, ty], check=True, capture_output=True)
             result["cases"][name] = tensors(out)
             print(name, len(result["cases"][name]), "tensors")

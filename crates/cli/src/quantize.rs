@@ -52,6 +52,11 @@ pub struct QuantizeArgs {
     /// Window length for the receipt.
     #[arg(long, default_value_t = 512)]
     ctx: usize,
+    /// An importance matrix in llama.cpp's format (the GGUF `llama-imatrix` writes, or its
+    /// legacy .dat): per column, the mean square of the activations each weight multiplies.
+    /// The quantizers then weigh their errors by it, as llama-quantize --imatrix does.
+    #[arg(long)]
+    imatrix: Option<PathBuf>,
     /// Every quantizable tensor gets the --type's own tensor type: no mix rules, no Q6_K
     /// output (llama-quantize --pure). Rows that do not split into its blocks still fall back.
     #[arg(long)]
@@ -254,8 +259,9 @@ pub fn order(g: &GgufFile) -> Vec<&TensorInfo> {
     ts
 }
 
-/// Each tensor's type under `ft` (`pure`: no mix rules), in [`order`].
-pub fn plan(g: &GgufFile, ft: Ftype, pure: bool) -> Vec<Choice> {
+/// Each tensor's type under `ft` (`pure`: no mix rules; `imatrix`: one is given, which makes
+/// Q4_0/Q5_0's first eighth of `ffn_down` Q4_1/Q5_1, as in llama.cpp), in [`order`].
+pub fn plan(g: &GgufFile, ft: Ftype, pure: bool, imatrix: bool) -> Vec<Choice> {
     let arch = g.architecture().unwrap_or("llama").to_owned();
     let heads = g
         .get_u64(&format!("{arch}.attention.head_count"))
@@ -332,6 +338,8 @@ pub fn plan(g: &GgufFile, ft: Ftype, pure: bool) -> Vec<Choice> {
                     F::Q3_K_L => G::Q5K,
                     F::Q4_K_M | F::Q5_K_M if more_bits(i, n) => G::Q6K,
                     F::Q4_K_S if i < n / 8 => G::Q5K,
+                    F::Q4_0 if imatrix && i < n / 8 => G::Q4_1,
+                    F::Q5_0 if imatrix && i < n / 8 => G::Q5_1,
                     _ => base,
                 };
                 i_down += 1;
@@ -411,17 +419,151 @@ fn values(g: &GgufFile, t: &TensorInfo) -> Result<Vec<f32>> {
 }
 
 /// Encode whole rows in parallel (the searches of the K-quants dominate: ~1 µs per value).
-fn encode(ty: GgmlType, x: &[f32], cols: usize) -> Result<Vec<u8>, QuantizeError> {
+fn encode(
+    ty: GgmlType,
+    x: &[f32],
+    cols: usize,
+    importance: Option<&[f32]>,
+) -> Result<Vec<u8>, QuantizeError> {
     let rows_per_task = (65_536 / cols).max(1);
     let parts: Vec<Result<Vec<u8>, QuantizeError>> = x
         .par_chunks(rows_per_task * cols)
-        .map(|c| quants::quantize(ty, c, cols))
+        .map(|c| quants::quantize_with(ty, c, cols, importance))
         .collect();
     let mut out = Vec::new();
     for p in parts {
         out.extend(p?);
     }
     Ok(out)
+}
+
+/// An importance matrix: per tensor, one weight per column (sum of squares / count).
+pub struct Imatrix {
+    pub entries: std::collections::HashMap<String, Vec<f32>>,
+    pub datasets: Vec<String>,
+    pub chunks: u32,
+}
+
+/// Read llama.cpp's imatrix: the GGUF format (`<tensor>.in_sum2` and `<tensor>.counts`, f32)
+/// or the legacy binary one.
+pub fn load_imatrix(path: &Path) -> Result<Imatrix> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading --imatrix {}", path.display()))?;
+    if bytes.starts_with(b"GGUF") {
+        let g = GgufFile::from_bytes(path, bytes)?;
+        let mut entries = std::collections::HashMap::new();
+        for t in &g.tensors {
+            let Some(name) = t.name.strip_suffix(".in_sum2") else {
+                continue;
+            };
+            let counts = g
+                .tensor(&format!("{name}.counts"))
+                .with_context(|| format!("{}: {} has sums but no counts", path.display(), name))?;
+            if t.ggml_type != GgmlType::F32 || counts.ggml_type != GgmlType::F32 {
+                bail!("{}: {name}: sums and counts must be F32", path.display());
+            }
+            let f = |info: &TensorInfo| -> Result<Vec<f32>> {
+                Ok(g.tensor_bytes(info)?
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
+            };
+            let (sums, counts) = (f(t)?, f(counts)?);
+            if counts.is_empty() || sums.len() % counts.len() != 0 {
+                bail!(
+                    "{}: {name}: {} sums for {} counts",
+                    path.display(),
+                    sums.len(),
+                    counts.len()
+                );
+            }
+            let per = sums.len() / counts.len();
+            let w = sums
+                .chunks_exact(per)
+                .zip(&counts)
+                .flat_map(|(s, &c)| {
+                    let c = c.round();
+                    s.iter().map(move |&v| if c > 0.0 { v / c } else { 1.0 })
+                })
+                .collect();
+            entries.insert(name.to_owned(), w);
+        }
+        let datasets = g
+            .get_str_array("imatrix.datasets")
+            .map(|v| v.into_iter().map(str::to_owned).collect())
+            .unwrap_or_default();
+        let chunks = g.get_u64("imatrix.chunk_count").unwrap_or(0) as u32;
+        return finish_imatrix(path, entries, datasets, chunks);
+    }
+    // Legacy: i32 count; per entry i32 name length, name, i32 calls, i32 values, f32 values;
+    // then optionally i32 chunks, i32 length and the dataset's name.
+    let mut at = 0usize;
+    let bad = || {
+        anyhow::anyhow!(
+            "{}: not an imatrix file (neither GGUF nor llama.cpp's legacy format)",
+            path.display()
+        )
+    };
+    let i32_at = |at: &mut usize| -> Option<i32> {
+        let v = bytes.get(*at..*at + 4)?;
+        *at += 4;
+        Some(i32::from_le_bytes([v[0], v[1], v[2], v[3]]))
+    };
+    let n = i32_at(&mut at).filter(|&n| n > 0).ok_or_else(bad)?;
+    let mut entries = std::collections::HashMap::new();
+    for _ in 0..n {
+        let len = i32_at(&mut at).filter(|&l| l > 0).ok_or_else(bad)? as usize;
+        let name = bytes.get(at..at + len).ok_or_else(bad)?;
+        let name = String::from_utf8(name.to_vec()).map_err(|_| bad())?;
+        at += len;
+        let calls = i32_at(&mut at).ok_or_else(bad)?;
+        let nval = i32_at(&mut at).filter(|&v| v > 0).ok_or_else(bad)? as usize;
+        let raw = bytes.get(at..at + 4 * nval).ok_or_else(bad)?;
+        at += 4 * nval;
+        let w = raw
+            .chunks_exact(4)
+            .map(|c| {
+                let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                if calls > 0 {
+                    v / calls as f32
+                } else {
+                    v
+                }
+            })
+            .collect();
+        entries.insert(name, w);
+    }
+    let chunks = i32_at(&mut at).unwrap_or(0).max(0) as u32;
+    let datasets = match i32_at(&mut at) {
+        Some(len) if len > 0 => bytes
+            .get(at..at + len as usize)
+            .map(|d| vec![String::from_utf8_lossy(d).into_owned()])
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    finish_imatrix(path, entries, datasets, chunks)
+}
+
+fn finish_imatrix(
+    path: &Path,
+    entries: std::collections::HashMap<String, Vec<f32>>,
+    datasets: Vec<String>,
+    chunks: u32,
+) -> Result<Imatrix> {
+    if entries.is_empty() {
+        bail!("{}: the importance matrix has no entries", path.display());
+    }
+    if let Some((name, _)) = entries
+        .iter()
+        .find(|(_, w)| w.iter().any(|v| !v.is_finite()))
+    {
+        bail!("{}: {name} holds a non-finite value", path.display());
+    }
+    Ok(Imatrix {
+        entries,
+        datasets,
+        chunks,
+    })
 }
 
 /// Metadata keys not copied from the source: what this file says differently.
@@ -473,7 +615,11 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads(a.threads)?)
         .build()?;
-    let choices = plan(&src, ft, a.pure);
+    let imatrix = match &a.imatrix {
+        Some(p) => Some(load_imatrix(p)?),
+        None => None,
+    };
+    let choices = plan(&src, ft, a.pure, imatrix.is_some());
     let requant: Vec<&Choice> = choices
         .iter()
         .filter(|c| c.from.is_quantized() && c.to != c.from)
@@ -500,6 +646,31 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     }
     w.meta("general.file_type", Value::U32(ft.id()));
     w.meta("general.quantization_version", Value::U32(2));
+    if let (Some(m), Some(p)) = (&imatrix, &a.imatrix) {
+        // The keys llama-quantize writes.
+        w.meta(
+            "quantize.imatrix.file",
+            Value::String(p.display().to_string()),
+        );
+        w.meta(
+            "quantize.imatrix.entries_count",
+            Value::U32(m.entries.len() as u32),
+        );
+        w.meta("quantize.imatrix.chunks_count", Value::U32(m.chunks));
+        if let Some(d) = m.datasets.first() {
+            w.meta("quantize.imatrix.dataset", Value::String(d.clone()));
+        }
+        let named = choices
+            .iter()
+            .filter(|c| c.to.is_quantized() && c.to != c.from && m.entries.contains_key(&c.name))
+            .count();
+        if named == 0 {
+            bail!(
+                "{}: the importance matrix names none of this model's tensors: it was computed for another model",
+                p.display()
+            );
+        }
+    }
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(src.tensors.len() as u64).with_style(
             indicatif::ProgressStyle::with_template("quantizing [{bar:30}] {pos}/{len} {msg}")
@@ -516,7 +687,17 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
             src.tensor_bytes(t)?
         } else {
             let x = values(&src, t)?;
-            pool.install(|| encode(c.to, &x, t.dims[0] as usize))
+            let importance = match imatrix.as_ref().and_then(|m| m.entries.get(&t.name)) {
+                Some(w) if w.len() != t.dims[0] as usize => bail!(
+                    "{}: the importance matrix has {} columns for {} but the tensor has {}: it was computed for another model",
+                    a.imatrix.as_deref().unwrap_or(Path::new("")).display(),
+                    w.len(),
+                    t.name,
+                    t.dims[0]
+                ),
+                other => other.map(Vec::as_slice),
+            };
+            pool.install(|| encode(c.to, &x, t.dims[0] as usize, importance))
                 .with_context(|| format!("quantizing {}", t.name))?
         };
         bytes_out += data.len() as u64;

@@ -39,6 +39,8 @@ pub const QK_K: usize = 256;
 pub enum QuantizeError {
     #[error("ferrolm cannot write type {0:?} (it writes f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k)")]
     Unsupported(GgmlType),
+    #[error("the importance matrix has {got} weights for rows of {cols} values: it was computed for another model")]
+    Importance { got: usize, cols: usize },
     #[error("a row of {cols} values does not split into {ty:?} blocks of {block}")]
     Shape {
         ty: GgmlType,
@@ -54,30 +56,69 @@ pub fn fits(ty: GgmlType, cols: usize) -> bool {
 
 /// Encode `x` (whole rows of `cols` values) as `ty`.
 pub fn quantize(ty: GgmlType, x: &[f32], cols: usize) -> Result<Vec<u8>, QuantizeError> {
+    quantize_with(ty, x, cols, None)
+}
+
+/// [`quantize`], with an importance matrix when given: one weight per column (llama.cpp's
+/// imatrix entry for this tensor, the mean square of the activations each column multiplies).
+/// The weighted searches are llama.cpp's `quantize_row_*_impl` algorithms; Q8_0 and the float
+/// types do not use the weights, as in llama.cpp.
+pub fn quantize_with(
+    ty: GgmlType,
+    x: &[f32],
+    cols: usize,
+    importance: Option<&[f32]>,
+) -> Result<Vec<u8>, QuantizeError> {
     let block = ty.block_size() as usize;
     if cols == 0 || !cols.is_multiple_of(block) || !x.len().is_multiple_of(cols) {
         return Err(QuantizeError::Shape { ty, cols, block });
     }
+    if let Some(w) = importance {
+        if w.len() != cols {
+            return Err(QuantizeError::Importance { got: w.len(), cols });
+        }
+    }
     let mut out = Vec::with_capacity(x.len() / block * ty.block_bytes() as usize);
-    match ty {
-        GgmlType::F32 => x.iter().for_each(|v| out.extend(v.to_le_bytes())),
-        GgmlType::F16 => x
+    match (ty, importance) {
+        (GgmlType::F32, _) => x.iter().for_each(|v| out.extend(v.to_le_bytes())),
+        (GgmlType::F16, _) => x
             .iter()
             .for_each(|v| out.extend(f16::from_f32(*v).to_le_bytes())),
-        GgmlType::BF16 => x
+        (GgmlType::BF16, _) => x
             .iter()
             .for_each(|v| out.extend(bf16::from_f32(*v).to_le_bytes())),
-        GgmlType::Q8_0 => x.chunks_exact(32).for_each(|b| q8_0(b, &mut out)),
-        GgmlType::Q4_0 => x.chunks_exact(32).for_each(|b| q4_0(b, &mut out)),
-        GgmlType::Q4_1 => x.chunks_exact(32).for_each(|b| q4_1(b, &mut out)),
-        GgmlType::Q5_0 => x.chunks_exact(32).for_each(|b| q5_0(b, &mut out)),
-        GgmlType::Q5_1 => x.chunks_exact(32).for_each(|b| q5_1(b, &mut out)),
-        GgmlType::Q2K => x.chunks_exact(QK_K).for_each(|b| q2_k(b, &mut out)),
-        GgmlType::Q3K => x.chunks_exact(QK_K).for_each(|b| q3_k(b, &mut out)),
-        GgmlType::Q4K => x.chunks_exact(QK_K).for_each(|b| q45_k(b, 15, &mut out)),
-        GgmlType::Q5K => x.chunks_exact(QK_K).for_each(|b| q45_k(b, 31, &mut out)),
-        GgmlType::Q6K => x.chunks_exact(QK_K).for_each(|b| q6_k(b, &mut out)),
-        GgmlType::Q8_1 | GgmlType::Q8K => return Err(QuantizeError::Unsupported(ty)),
+        (GgmlType::Q8_0, _) => x.chunks_exact(32).for_each(|b| q8_0(b, &mut out)),
+        (GgmlType::Q4_0, None) => x.chunks_exact(32).for_each(|b| q4_0(b, &mut out)),
+        (GgmlType::Q4_1, None) => x.chunks_exact(32).for_each(|b| q4_1(b, &mut out)),
+        (GgmlType::Q5_0, None) => x.chunks_exact(32).for_each(|b| q5_0(b, &mut out)),
+        (GgmlType::Q5_1, None) => x.chunks_exact(32).for_each(|b| q5_1(b, &mut out)),
+        (GgmlType::Q2K, None) => x.chunks_exact(QK_K).for_each(|b| q2_k(b, &mut out)),
+        (GgmlType::Q3K, None) => x.chunks_exact(QK_K).for_each(|b| q3_k(b, &mut out)),
+        (GgmlType::Q4K, None) => x.chunks_exact(QK_K).for_each(|b| q45_k(b, 15, &mut out)),
+        (GgmlType::Q5K, None) => x.chunks_exact(QK_K).for_each(|b| q45_k(b, 31, &mut out)),
+        (GgmlType::Q6K, None) => x.chunks_exact(QK_K).for_each(|b| q6_k(b, &mut out, None)),
+        (GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1, Some(w)) => {
+            for row in x.chunks_exact(cols) {
+                weighted_32(ty, row, w, &mut out);
+            }
+        }
+        (
+            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K,
+            Some(w),
+        ) => {
+            for row in x.chunks_exact(cols) {
+                for (b, wb) in row.chunks_exact(QK_K).zip(w.chunks_exact(QK_K)) {
+                    match ty {
+                        GgmlType::Q2K => q2_k_weighted(b, wb, &mut out),
+                        GgmlType::Q3K => q3_k_weighted(b, wb, &mut out),
+                        GgmlType::Q4K => q45_k_weighted(b, wb, 15, &mut out),
+                        GgmlType::Q5K => q45_k_weighted(b, wb, 31, &mut out),
+                        _ => q6_k(b, &mut out, Some(wb)),
+                    }
+                }
+            }
+        }
+        (GgmlType::Q8_1 | GgmlType::Q8K, _) => return Err(QuantizeError::Unsupported(ty)),
     }
     debug_assert_eq!(out.len(), x.len() / block * ty.block_bytes() as usize);
     Ok(out)
@@ -263,19 +304,21 @@ fn scale_min_search(
 }
 
 /// Symmetric levels `-nmax..nmax-1` (stored `+nmax`) and their scale, best of 19 candidate
-/// scales around `-nmax/max` by `(Σ x³·l)² / Σ x²·l²` (weights x²).
-fn symmetric_search(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
+/// scales around `-nmax/max` by `(Σ w·x·l)² / Σ w·l²`, weights `qw` or else `x²`.
+fn symmetric_search(x: &[f32], nmax: i32, l: &mut [i8], qw: Option<&[f32]>) -> f32 {
     let (max, amax) = signed_max(x);
     if amax < GROUP_MAX_EPS {
         l.fill(0);
         return 0.0;
     }
     let fit = |iscale: f32| -> (f32, f32) {
-        x.iter().fold((0f32, 0f32), |(sxl, sl2), &v| {
-            let q = nearest(iscale * v).clamp(-nmax, nmax - 1) as f32;
-            let w = v * v;
-            (sxl + w * v * q, sl2 + w * q * q)
-        })
+        x.iter()
+            .enumerate()
+            .fold((0f32, 0f32), |(sxl, sl2), (i, &v)| {
+                let q = nearest(iscale * v).clamp(-nmax, nmax - 1) as f32;
+                let w = qw.map_or(v * v, |qw| qw[i]);
+                (sxl + w * v * q, sl2 + w * q * q)
+            })
     };
     let assign = |iscale: f32, l: &mut [i8]| {
         for (l, &v) in l.iter_mut().zip(x) {
@@ -314,7 +357,7 @@ fn q3_search(x: &[f32], nmax: i32, l: &mut [i8]) -> f32 {
         *l = q as i8;
         let w = v * v;
         sxl += w * v * q as f32;
-        sl2 += w * (q * q) as f32;
+        sl2 += w * q as f32 * q as f32;
     }
     for _ in 0..5 {
         let mut changed = false;
@@ -430,36 +473,7 @@ fn q3_k(x: &[f32], out: &mut Vec<u8>) {
         }
         d = 1.0 / is;
     }
-    let ds = stored(d);
-    let mut l = [0u8; QK_K];
-    for j in 0..16 {
-        let low = if j < 8 {
-            packed[j] & 15
-        } else {
-            packed[j - 8] >> 4
-        };
-        let q = (low | (((packed[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) as i32 - 32;
-        let dj = ds * q as f32;
-        for i in 16 * j..16 * (j + 1) {
-            l[i] = if dj == 0.0 {
-                li[i] as u8
-            } else {
-                (nearest(x[i] / dj).clamp(-4, 3) + 4) as u8
-            };
-        }
-    }
-    // High bits: bit b of hmask[m] is value m + 32·b's third bit.
-    let mut hmask = [0u8; 32];
-    for (i, v) in l.iter_mut().enumerate() {
-        if *v > 3 {
-            hmask[i % 32] |= 1 << (i / 32);
-            *v -= 4;
-        }
-    }
-    out.extend(hmask);
-    put_2bit(out, &l);
-    out.extend(packed);
-    put_f16(out, d);
+    q3_k_finish(x, &li, packed, d, out);
 }
 
 /// Pack eight 6-bit (scale, min) pairs as ggml's `get_scale_min_k4` reads them.
@@ -513,6 +527,21 @@ fn q45_k(x: &[f32], nmax: i32, out: &mut Vec<u8>) {
         lm[j] = (nearest(im * mins[j]) as u8).min(63);
     }
     let (d, dmin) = (max_scale / 63.0, max_min / 63.0);
+    q45_k_finish(x, &mut l, &ls, &lm, d, dmin, nmax, out);
+}
+
+/// Q4_K/Q5_K's common tail: levels against the scales and mins as stored, packing.
+#[allow(clippy::too_many_arguments)]
+fn q45_k_finish(
+    x: &[f32],
+    l: &mut [u8; QK_K],
+    ls: &[u8; 8],
+    lm: &[u8; 8],
+    d: f32,
+    dmin: f32,
+    nmax: i32,
+    out: &mut Vec<u8>,
+) {
     let (ds, dms) = (stored(d), stored(dmin));
     for j in 0..8 {
         let dj = ds * ls[j] as f32;
@@ -526,7 +555,7 @@ fn q45_k(x: &[f32], nmax: i32, out: &mut Vec<u8>) {
     }
     put_f16(out, d);
     put_f16(out, dmin);
-    out.extend(pack_scale_min_k4(&ls, &lm));
+    out.extend(pack_scale_min_k4(ls, lm));
     if nmax == 31 {
         // High bits: per 64 values, bit 2k of qh[i] is value 64k + i's, bit 2k+1 value 64k+32+i's.
         let mut qh = [0u8; 32];
@@ -542,11 +571,19 @@ fn q45_k(x: &[f32], nmax: i32, out: &mut Vec<u8>) {
     }
 }
 
-fn q6_k(x: &[f32], out: &mut Vec<u8>) {
+/// Q6_K; with `weights` (an importance matrix slice), llama.cpp's weighted variant, which
+/// differs only in the sub-block search's weights.
+fn q6_k(x: &[f32], out: &mut Vec<u8>, weights: Option<&[f32]>) {
     let mut li = [0i8; QK_K];
     let mut scales = [0f32; 16];
     for j in 0..16 {
-        scales[j] = symmetric_search(&x[16 * j..16 * (j + 1)], 32, &mut li[16 * j..16 * (j + 1)]);
+        let qw = weights.map(|w| &w[16 * j..16 * (j + 1)]);
+        scales[j] = symmetric_search(
+            &x[16 * j..16 * (j + 1)],
+            32,
+            &mut li[16 * j..16 * (j + 1)],
+            qw,
+        );
     }
     let (max_scale, amax) = signed_max(&scales);
     if amax < GROUP_MAX_EPS {
@@ -584,4 +621,249 @@ fn q6_k(x: &[f32], out: &mut Vec<u8>) {
     out.extend(qh);
     out.extend(sc.map(|v| v as u8));
     put_f16(out, d);
+}
+
+// ---- with an importance matrix ------------------------------------------------------------
+
+/// Per-value weights of a block: `importance · sqrt(σ² + x²)`.
+fn block_weights(x: &[f32], importance: &[f32], sigma2: f32) -> Vec<f32> {
+    x.iter()
+        .zip(importance)
+        .map(|(&v, &q)| q * (sigma2 + v * v).sqrt())
+        .collect()
+}
+
+/// Q4_0/Q4_1/Q5_0/Q5_1 of one row, weighted; σ² is the row's mean square.
+fn weighted_32(ty: GgmlType, row: &[f32], importance: &[f32], out: &mut Vec<u8>) {
+    let sigma2 = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    for (xb, qb) in row.chunks_exact(32).zip(importance.chunks_exact(32)) {
+        let w = block_weights(xb, qb, sigma2);
+        let mut l = [0u8; 32];
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q5_0 => {
+                let nmax = if ty == GgmlType::Q4_0 { 8 } else { 16 };
+                let mut li = [0i8; 32];
+                let d = symmetric_search(xb, nmax, &mut li, Some(&w));
+                l.iter_mut().zip(li).for_each(|(l, v)| *l = v as u8);
+                put_f16(out, d);
+                if ty == GgmlType::Q5_0 {
+                    out.extend(high_bits(&l));
+                }
+            }
+            _ => {
+                let nmax = if ty == GgmlType::Q4_1 { 15 } else { 31 };
+                let (d, neg_min) = scale_min_search(xb, &w, nmax, -0.9, 0.05, 36, false, &mut l);
+                put_f16(out, d);
+                put_f16(out, -neg_min);
+                if ty == GgmlType::Q5_1 {
+                    out.extend(high_bits(&l));
+                }
+            }
+        }
+        put_nibbles(out, &l);
+    }
+}
+
+/// Quantize positive sub-block scales (or mins) `x` to levels `0..=nmax` under weights `qw`:
+/// a grid search of the super-scale, then single-level moves while they improve the fit.
+/// Levels are bytes, as in ggml (a negative level wraps, as it does there).
+fn scale_levels(x: &[f32], nmax: i32, l: &mut [u8], qw: &[f32]) -> f32 {
+    let max = x.iter().fold(0f32, |m, &v| m.max(v));
+    if max < GROUP_MAX_EPS {
+        l.fill(0);
+        return 0.0;
+    }
+    let mse = |iscale: f32, cap: bool| -> f32 {
+        let scale = 1.0 / iscale;
+        x.iter()
+            .zip(qw)
+            .map(|(&v, &w)| {
+                let mut q = nearest(iscale * v);
+                if cap {
+                    q = q.min(nmax);
+                }
+                // The first pass stores levels as bytes (ggml's uint8_t), the others do not.
+                let d = if cap {
+                    v - scale * q as f32
+                } else {
+                    v - scale * (q as u8) as f32
+                };
+                w * d * d
+            })
+            .sum()
+    };
+    let mut iscale = nmax as f32 / max;
+    let mut best = mse(iscale, false);
+    for is in (-4..=4).filter(|&i| i != 0) {
+        let cand = (0.1 * is as f32 + nmax as f32) / max;
+        let e = mse(cand, true);
+        if e < best {
+            best = e;
+            iscale = cand;
+        }
+    }
+    let (mut slx, mut sl2) = (0f32, 0f32);
+    for ((l, &v), &w) in l.iter_mut().zip(x).zip(qw) {
+        let q = nearest(iscale * v).min(nmax);
+        *l = q as u8;
+        slx += w * v * q as f32;
+        sl2 += w * q as f32 * q as f32;
+    }
+    for _ in 0..5 {
+        let mut changed = false;
+        for ((l, &v), &w) in l.iter_mut().zip(x).zip(qw) {
+            let q = *l as f32;
+            let s1 = slx - w * v * q;
+            let s2 = sl2 - w * q * q;
+            if s1 > 0.0 && s2 > 0.0 {
+                let nq = nearest(v * s2 / s1).min(nmax);
+                if nq != *l as i32 {
+                    let nqf = nq as f32;
+                    let (t1, t2) = (s1 + w * v * nqf, s2 + w * nqf * nqf);
+                    if t1 * t1 * sl2 > slx * slx * t2 {
+                        *l = nq as u8;
+                        slx = t1;
+                        sl2 = t2;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    if sl2 > 0.0 {
+        slx / sl2
+    } else {
+        0.0
+    }
+}
+
+fn q2_k_weighted(x: &[f32], qw: &[f32], out: &mut Vec<u8>) {
+    let sigma2 = x.iter().map(|v| v * v).sum::<f32>() / QK_K as f32;
+    let mut l = [0u8; QK_K];
+    let (mut scales, mut mins, mut sw) = ([0f32; 16], [0f32; 16], [0f32; 16]);
+    for j in 0..16 {
+        let xs = &x[16 * j..16 * (j + 1)];
+        let w = block_weights(xs, &qw[16 * j..16 * (j + 1)], sigma2);
+        sw[j] = w.iter().sum();
+        (scales[j], mins[j]) = scale_min_search(
+            xs,
+            &w,
+            3,
+            -0.9,
+            0.05,
+            36,
+            false,
+            &mut l[16 * j..16 * (j + 1)],
+        );
+    }
+    let (mut ls, mut lm) = ([0u8; 16], [0u8; 16]);
+    let d = scale_levels(&scales, 15, &mut ls, &sw);
+    let dmin = scale_levels(&mins, 15, &mut lm, &sw);
+    let (ds, dms) = (stored(d), stored(dmin));
+    let mut sc = [0u8; 16];
+    for j in 0..16 {
+        sc[j] = ls[j] | (lm[j] << 4);
+    }
+    for j in 0..16 {
+        let dj = ds * (sc[j] & 15) as f32;
+        if dj == 0.0 {
+            continue;
+        }
+        let mj = dms * (sc[j] >> 4) as f32;
+        for i in 16 * j..16 * (j + 1) {
+            l[i] = nearest((x[i] + mj) / dj).clamp(0, 3) as u8;
+        }
+    }
+    out.extend(sc);
+    put_2bit(out, &l);
+    put_f16(out, d);
+    put_f16(out, dmin);
+}
+
+fn q3_k_weighted(x: &[f32], qw: &[f32], out: &mut Vec<u8>) {
+    let sigma2 = 2.0 * x.iter().map(|v| v * v).sum::<f32>() / QK_K as f32;
+    let mut li = [0i8; QK_K];
+    let (mut scales, mut sw) = ([0f32; 16], [0f32; 16]);
+    for j in 0..16 {
+        let xs = &x[16 * j..16 * (j + 1)];
+        let w = block_weights(xs, &qw[16 * j..16 * (j + 1)], sigma2);
+        sw[j] = w.iter().sum();
+        scales[j] = symmetric_search(xs, 4, &mut li[16 * j..16 * (j + 1)], Some(&w));
+    }
+    let mut ls = [0i8; 16];
+    let d = symmetric_search(&scales, 32, &mut ls, Some(&sw));
+    let mut packed = [0u8; 12];
+    for (j, &q) in ls.iter().enumerate() {
+        let q = q as u8;
+        if j < 8 {
+            packed[j] = q & 15;
+        } else {
+            packed[j - 8] |= (q & 15) << 4;
+        }
+        packed[8 + j % 4] |= (q >> 4) << (2 * (j / 4));
+    }
+    q3_k_finish(x, &li, packed, d, out);
+}
+
+/// Q3_K's common tail: levels against the scales as stored, high-bit mask, packing.
+fn q3_k_finish(x: &[f32], li: &[i8; QK_K], packed: [u8; 12], d: f32, out: &mut Vec<u8>) {
+    let ds = stored(d);
+    let mut l = [0u8; QK_K];
+    for j in 0..16 {
+        let low = if j < 8 {
+            packed[j] & 15
+        } else {
+            packed[j - 8] >> 4
+        };
+        let q = (low | (((packed[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) as i32 - 32;
+        let dj = ds * q as f32;
+        for i in 16 * j..16 * (j + 1) {
+            l[i] = if dj == 0.0 {
+                li[i] as u8
+            } else {
+                (nearest(x[i] / dj).clamp(-4, 3) + 4) as u8
+            };
+        }
+    }
+    let mut hmask = [0u8; 32];
+    for (i, v) in l.iter_mut().enumerate() {
+        if *v > 3 {
+            hmask[i % 32] |= 1 << (i / 32);
+            *v -= 4;
+        }
+    }
+    out.extend(hmask);
+    put_2bit(out, &l);
+    out.extend(packed);
+    put_f16(out, d);
+}
+
+fn q45_k_weighted(x: &[f32], qw: &[f32], nmax: i32, out: &mut Vec<u8>) {
+    let sigma2 = 2.0 * x.iter().map(|v| v * v).sum::<f32>() / QK_K as f32;
+    let mut l = [0u8; QK_K];
+    let (mut scales, mut mins, mut sw) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+    for j in 0..8 {
+        let xs = &x[32 * j..32 * (j + 1)];
+        let w = block_weights(xs, &qw[32 * j..32 * (j + 1)], sigma2);
+        sw[j] = w.iter().sum();
+        (scales[j], mins[j]) = scale_min_search(
+            xs,
+            &w,
+            nmax,
+            -0.9,
+            0.05,
+            36,
+            false,
+            &mut l[32 * j..32 * (j + 1)],
+        );
+    }
+    let (mut ls, mut lm) = ([0u8; 8], [0u8; 8]);
+    let d = scale_levels(&scales, 63, &mut ls, &sw);
+    let dmin = scale_levels(&mins, 63, &mut lm, &sw);
+    ls.iter_mut().for_each(|v| *v = (*v).min(63));
+    lm.iter_mut().for_each(|v| *v = (*v).min(63));
+    q45_k_finish(x, &mut l, &ls, &lm, d, dmin, nmax, out);
 }
