@@ -19,6 +19,7 @@ mod data;
 mod eval;
 mod export_data;
 mod finetune;
+mod imatrix;
 mod keys;
 mod quantize;
 mod serve;
@@ -103,6 +104,10 @@ enum Cmd {
     /// cost: KL divergence, top-1 agreement and perplexity against the source, printed and
     /// stored in the file (`ferrolm.quantize.*`, shown by `info`).
     Quantize(quantize::QuantizeArgs),
+    /// Compute an importance matrix (llama.cpp's imatrix GGUF) from a model's activations on
+    /// a text, for `quantize --imatrix`: per weight matrix, the mean square of each input
+    /// column.
+    Imatrix(imatrix::ImatrixArgs),
     /// Write a training run (or one checkpoint) as a GGUF file for ferrolm, llama.cpp, Ollama.
     Export(train::ExportCmd),
     /// Draw a training run's loss curve as SVG (RUN_DIR/loss.svg).
@@ -657,6 +662,7 @@ fn main() {
         Cmd::Cost(a) => cost::run(a),
         Cmd::Train(a) => train::run_train(a),
         Cmd::Quantize(a) => quantize::run(a),
+        Cmd::Imatrix(a) => imatrix::run(a),
         Cmd::Export(a) => train::run_export(a),
         Cmd::Finetune(a) => finetune::run_finetune(a),
         Cmd::Merge(a) => finetune::run_merge(a),

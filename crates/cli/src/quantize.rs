@@ -437,135 +437,6 @@ fn encode(
     Ok(out)
 }
 
-/// An importance matrix: per tensor, one weight per column (sum of squares / count).
-pub struct Imatrix {
-    pub entries: std::collections::HashMap<String, Vec<f32>>,
-    pub datasets: Vec<String>,
-    pub chunks: u32,
-}
-
-/// Read llama.cpp's imatrix: the GGUF format (`<tensor>.in_sum2` and `<tensor>.counts`, f32)
-/// or the legacy binary one.
-pub fn load_imatrix(path: &Path) -> Result<Imatrix> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("reading --imatrix {}", path.display()))?;
-    if bytes.starts_with(b"GGUF") {
-        let g = GgufFile::from_bytes(path, bytes)?;
-        let mut entries = std::collections::HashMap::new();
-        for t in &g.tensors {
-            let Some(name) = t.name.strip_suffix(".in_sum2") else {
-                continue;
-            };
-            let counts = g
-                .tensor(&format!("{name}.counts"))
-                .with_context(|| format!("{}: {} has sums but no counts", path.display(), name))?;
-            if t.ggml_type != GgmlType::F32 || counts.ggml_type != GgmlType::F32 {
-                bail!("{}: {name}: sums and counts must be F32", path.display());
-            }
-            let f = |info: &TensorInfo| -> Result<Vec<f32>> {
-                Ok(g.tensor_bytes(info)?
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect())
-            };
-            let (sums, counts) = (f(t)?, f(counts)?);
-            if counts.is_empty() || sums.len() % counts.len() != 0 {
-                bail!(
-                    "{}: {name}: {} sums for {} counts",
-                    path.display(),
-                    sums.len(),
-                    counts.len()
-                );
-            }
-            let per = sums.len() / counts.len();
-            let w = sums
-                .chunks_exact(per)
-                .zip(&counts)
-                .flat_map(|(s, &c)| {
-                    let c = c.round();
-                    s.iter().map(move |&v| if c > 0.0 { v / c } else { 1.0 })
-                })
-                .collect();
-            entries.insert(name.to_owned(), w);
-        }
-        let datasets = g
-            .get_str_array("imatrix.datasets")
-            .map(|v| v.into_iter().map(str::to_owned).collect())
-            .unwrap_or_default();
-        let chunks = g.get_u64("imatrix.chunk_count").unwrap_or(0) as u32;
-        return finish_imatrix(path, entries, datasets, chunks);
-    }
-    // Legacy: i32 count; per entry i32 name length, name, i32 calls, i32 values, f32 values;
-    // then optionally i32 chunks, i32 length and the dataset's name.
-    let mut at = 0usize;
-    let bad = || {
-        anyhow::anyhow!(
-            "{}: not an imatrix file (neither GGUF nor llama.cpp's legacy format)",
-            path.display()
-        )
-    };
-    let i32_at = |at: &mut usize| -> Option<i32> {
-        let v = bytes.get(*at..*at + 4)?;
-        *at += 4;
-        Some(i32::from_le_bytes([v[0], v[1], v[2], v[3]]))
-    };
-    let n = i32_at(&mut at).filter(|&n| n > 0).ok_or_else(bad)?;
-    let mut entries = std::collections::HashMap::new();
-    for _ in 0..n {
-        let len = i32_at(&mut at).filter(|&l| l > 0).ok_or_else(bad)? as usize;
-        let name = bytes.get(at..at + len).ok_or_else(bad)?;
-        let name = String::from_utf8(name.to_vec()).map_err(|_| bad())?;
-        at += len;
-        let calls = i32_at(&mut at).ok_or_else(bad)?;
-        let nval = i32_at(&mut at).filter(|&v| v > 0).ok_or_else(bad)? as usize;
-        let raw = bytes.get(at..at + 4 * nval).ok_or_else(bad)?;
-        at += 4 * nval;
-        let w = raw
-            .chunks_exact(4)
-            .map(|c| {
-                let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                if calls > 0 {
-                    v / calls as f32
-                } else {
-                    v
-                }
-            })
-            .collect();
-        entries.insert(name, w);
-    }
-    let chunks = i32_at(&mut at).unwrap_or(0).max(0) as u32;
-    let datasets = match i32_at(&mut at) {
-        Some(len) if len > 0 => bytes
-            .get(at..at + len as usize)
-            .map(|d| vec![String::from_utf8_lossy(d).into_owned()])
-            .unwrap_or_default(),
-        _ => Vec::new(),
-    };
-    finish_imatrix(path, entries, datasets, chunks)
-}
-
-fn finish_imatrix(
-    path: &Path,
-    entries: std::collections::HashMap<String, Vec<f32>>,
-    datasets: Vec<String>,
-    chunks: u32,
-) -> Result<Imatrix> {
-    if entries.is_empty() {
-        bail!("{}: the importance matrix has no entries", path.display());
-    }
-    if let Some((name, _)) = entries
-        .iter()
-        .find(|(_, w)| w.iter().any(|v| !v.is_finite()))
-    {
-        bail!("{}: {name} holds a non-finite value", path.display());
-    }
-    Ok(Imatrix {
-        entries,
-        datasets,
-        chunks,
-    })
-}
-
 /// Metadata keys not copied from the source: what this file says differently.
 fn replaced(key: &str) -> bool {
     key == "general.file_type"
@@ -616,7 +487,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         .num_threads(threads(a.threads)?)
         .build()?;
     let imatrix = match &a.imatrix {
-        Some(p) => Some(load_imatrix(p)?),
+        Some(p) => Some(crate::imatrix::load(p)?),
         None => None,
     };
     let choices = plan(&src, ft, a.pure, imatrix.is_some());

@@ -343,3 +343,68 @@ fn bad_input_gets_a_clear_error_and_leaves_no_output_file() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn an_imatrix_of_the_models_own_activations_lowers_q4_0_kl_divergence() {
+    let dir = tempfile::tempdir().unwrap();
+    let f32 = f32_source(dir.path());
+    // Calibration for the imatrix: the start of the corpus (the receipts use its held-out end).
+    let text: String =
+        std::fs::read_to_string(common::repo_root().join("data/tinyshakespeare.txt"))
+            .unwrap()
+            .chars()
+            .take(20_000)
+            .collect();
+    let data = dir.path().join("train.txt");
+    std::fs::write(&data, text).unwrap();
+    let im = dir.path().join("m.imatrix.gguf");
+    let out = ferrolm()
+        .args([
+            "imatrix",
+            "-m",
+            f32.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .args(["-o", im.to_str().unwrap(), "--ctx", "256", "--chunks", "4"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // llama.cpp's GGUF imatrix layout: sums and counts per weight matrix, and its metadata.
+    let g = GgufFile::open(&im).unwrap();
+    assert_eq!(g.get_u64("imatrix.chunk_count").unwrap(), 4);
+    assert_eq!(g.get_u64("imatrix.chunk_size").unwrap(), 256);
+    let sums: Vec<_> = g
+        .tensors
+        .iter()
+        .filter(|t| t.name.ends_with(".in_sum2"))
+        .collect();
+    assert_eq!(
+        sums.len(),
+        30 * 7,
+        "q, k, v, output, gate, up, down of 30 layers"
+    );
+    let down = g.tensor("blk.3.ffn_down.weight.in_sum2").unwrap();
+    assert_eq!(down.dims, [1536, 1]);
+    let counts = g
+        .tensor_bytes(g.tensor("blk.3.ffn_down.weight.counts").unwrap())
+        .unwrap();
+    assert_eq!(f32::from_le_bytes(counts[..4].try_into().unwrap()), 1024.0);
+
+    let receipt = |extra: &[&str]| -> f64 {
+        let q = dir.path().join("q.gguf");
+        let mut args = vec![f32.to_str().unwrap(), q.to_str().unwrap(), "--type", "q4_0"];
+        args.extend_from_slice(&["--calibration-tokens", "512", "--ctx", "256", "--json"]);
+        args.extend_from_slice(extra);
+        json_of(&quantize(&args))["kld_mean"].as_f64().unwrap()
+    };
+    let plain = receipt(&[]);
+    let weighted = receipt(&["--imatrix", im.to_str().unwrap()]);
+    // Measured: 0.34 → 0.22 with 16 chunks of 512; a smaller matrix still helps clearly.
+    assert!(weighted < plain * 0.9, "imatrix {weighted} vs none {plain}");
+}

@@ -220,6 +220,18 @@ impl<'m> Session<'m> {
         common
     }
 
+    /// Start recording activation statistics for an importance matrix (every later
+    /// [`Session::eval`] adds to them), or stop and return what was recorded.
+    pub fn record_activations(&mut self, on: bool) -> Option<ferrolm_models::ActivationStats> {
+        let was = self.scratch.activations.take();
+        if on {
+            self.scratch.activations = Some(was.unwrap_or_default());
+            None
+        } else {
+            was
+        }
+    }
+
     /// Append `tokens` to the cached sequence; return logits for the positions in `want`
     /// (indices into `tokens`), in order, as `want.len() × vocab` floats.
     pub fn eval(&mut self, tokens: &[u32], want: &[usize]) -> Result<Vec<f32>, SessionError> {

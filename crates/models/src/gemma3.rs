@@ -30,6 +30,7 @@ use crate::ops::{
 };
 use crate::quant::Isa;
 use crate::simd::Glu;
+use crate::Site;
 use crate::{simd, Batch, Config, KvCache, ModelError};
 
 // ---- config extras ----------------------------------------------------------------------
@@ -307,6 +308,7 @@ impl Gemma3 {
                 c.rms_eps,
                 &mut s.xb[..n * dim],
             );
+            s.record(c, l, Site::AttnIn, n);
             for (w, off, rows) in [
                 (&layer.wq, 0, q_dim),
                 (&layer.wk, q_dim, kv_dim),
@@ -323,6 +325,7 @@ impl Gemma3 {
             store_kv(c, l, &slots, s, kv);
             let window = if local { c.sliding_window } else { None };
             attention(c, l, batch, kv, s, p.attn_scale, window);
+            s.record(c, l, Site::AttnOut, n);
             layer
                 .wo
                 .forward(self.isa, &s.att, n, &mut s.acts, &mut s.tmp)?;
@@ -341,6 +344,7 @@ impl Gemma3 {
                 c.rms_eps,
                 &mut s.xb[..n * dim],
             );
+            s.record(c, l, Site::FfnIn, n);
             layer
                 .w_gate
                 .forward(self.isa, &s.xb, n, &mut s.acts, &mut s.gu[..n * ffn])?;
@@ -353,6 +357,7 @@ impl Gemma3 {
                 &s.tmp[..n * ffn],
                 &mut s.h[..n * ffn],
             );
+            s.record(c, l, Site::FfnDownIn, n);
             layer
                 .w_down
                 .forward(self.isa, &s.h, n, &mut s.acts, &mut s.tmp)?;

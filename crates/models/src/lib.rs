@@ -13,6 +13,7 @@
 
 use ferrolm_gguf::{GgufFile, TensorInfo};
 
+pub mod activations;
 pub mod adapter;
 pub mod bert;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod quant;
 pub mod reference;
 pub mod simd;
 
+pub use activations::{ActivationStats, Site};
 pub use adapter::{Adapter, Proj};
 pub use bert::Bert;
 pub use config::Config;

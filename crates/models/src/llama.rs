@@ -37,6 +37,7 @@ use crate::ops::{
 };
 use crate::quant::Isa;
 use crate::simd::Glu;
+use crate::Site;
 use crate::{simd, Arch, Batch, Config, KvCache, ModelError};
 
 // ---- weights ----------------------------------------------------------------------------
@@ -347,6 +348,7 @@ impl Llama {
                 c.rms_eps,
                 &mut s.xb[..n * dim],
             );
+            s.record(c, l, Site::AttnIn, n);
             match &layer.qkv {
                 Qkv::Fused(w) => w.forward(self.isa, &s.xb, n, &mut s.acts, &mut s.qkv)?,
                 Qkv::Split(wq, wk, wv) => {
@@ -378,6 +380,7 @@ impl Llama {
             store_kv(c, l, &slots, s, kv);
             let scale = 1.0 / (c.head_dim as f32).sqrt();
             attention(c, l, batch, kv, s, scale, c.sliding_window);
+            s.record(c, l, Site::AttnOut, n);
             layer
                 .wo
                 .forward(self.isa, &s.att, n, &mut s.acts, &mut s.tmp)?;
@@ -391,6 +394,7 @@ impl Llama {
                 c.rms_eps,
                 &mut s.xb[..n * dim],
             );
+            s.record(c, l, Site::FfnIn, n);
             match &layer.gate_up {
                 GateUp::Fused(w) => {
                     w.forward(self.isa, &s.xb, n, &mut s.acts, &mut s.gu)?;
@@ -416,6 +420,7 @@ impl Llama {
                     }
                 }
             }
+            s.record(c, l, Site::FfnDownIn, n);
             layer
                 .w_down
                 .forward(self.isa, &s.h, n, &mut s.acts, &mut s.tmp)?;

@@ -370,6 +370,8 @@ pub struct Scratch {
     pub(crate) acts: QActs,
     /// Logits of the last forward: `logits_for.len() × vocab`.
     pub logits: Vec<f32>,
+    /// When set, the forward adds each weight input's squares here (`ferrolm imatrix`).
+    pub activations: Option<crate::ActivationStats>,
 }
 
 impl Scratch {
@@ -398,6 +400,27 @@ impl Scratch {
             self.logits.resize(n_logits * c.vocab_size, 0.0);
             self.logit_cap = n_logits;
         }
+    }
+
+    /// Add the `n` rows now at `site` to [`Scratch::activations`], if recording.
+    pub(crate) fn record(&mut self, c: &Config, layer: usize, site: crate::Site, n: usize) {
+        use crate::Site;
+        let Scratch {
+            activations,
+            xb,
+            att,
+            h,
+            ..
+        } = self;
+        let Some(a) = activations.as_mut() else {
+            return;
+        };
+        let (buf, cols) = match site {
+            Site::AttnIn | Site::FfnIn => (xb, c.dim),
+            Site::AttnOut => (att, c.q_dim()),
+            Site::FfnDownIn => (h, c.ffn_dim),
+        };
+        a.add(layer, site, &buf[..n * cols], cols);
     }
 
     /// Logits of entry `j` of the last batch's `logits_for`.
