@@ -125,25 +125,24 @@ fn attend_scalar(
 /// register each).
 const MAX_GROUP: usize = 8;
 
-/// Row formats of the vectorized [`attend`], as its const parameter (see [`load8`]).
+/// Row formats of the vectorized [`attend`], as its const parameter (see [`raw8`]).
 const F16: u8 = 0;
 const Q8: u8 = 1;
 const Q4: u8 = 2;
 
-/// Values `c..c + 8` (`c` a multiple of 8) of the KV row of `hd` values starting at `p`, as f32:
-/// widened from f16, or dequantized from a q8_0 / q4_0 block (`kv_cache.rs` has the layout).
+/// Values `c..c + 8` (`c` a multiple of 8) of the KV row of `hd` values starting at `p`, as
+/// f32: widened from f16, or a q8_0 / q4_0 block's quants before its scale ([`block_scale`];
+/// `kv_cache.rs` has the layout).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn load8<const KIND: u8>(p: *const u16, hd: usize, c: usize) -> std::arch::x86_64::__m256 {
+unsafe fn raw8<const KIND: u8>(p: *const u16, hd: usize, c: usize) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     unsafe {
         if KIND == F16 {
             return _mm256_cvtph_ps(_mm_loadu_si128(p.add(c) as *const __m128i));
         }
-        let nb = hd / QK;
-        let d = _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(*p.add(c / QK)))));
-        let qs = p.add(nb) as *const u8;
+        let qs = p.add(hd / QK) as *const u8;
         let q = if KIND == Q8 {
             _mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.add(c) as *const __m128i))
         } else {
@@ -158,12 +157,21 @@ unsafe fn load8<const KIND: u8>(p: *const u16, hd: usize, c: usize) -> std::arch
             let nib = _mm_and_si128(bytes, _mm_set1_epi8(15));
             _mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), _mm256_set1_epi32(8))
         };
-        _mm256_mul_ps(d, _mm256_cvtepi32_ps(q))
+        _mm256_cvtepi32_ps(q)
     }
 }
 
+/// The scale of block `b` of the quantized row at `p`, in all 8 lanes (not for f16 rows).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn block_scale(p: *const u16, b: usize) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    unsafe { _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(*p.add(b))))) }
+}
+
 /// [`attend`] with the dot products, exp and axpys inlined into one AVX2 function, K and V
-/// rows loaded in their stored format by [`load8`].
+/// rows loaded in their stored format by [`raw8`], each block's scale applied once per block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2<const KIND: u8>(
@@ -190,10 +198,25 @@ unsafe fn attend_avx2<const KIND: u8>(
         for (j, &o) in offs.iter().enumerate() {
             let kr = k.as_ptr().add(o);
             let mut acc = [_mm256_setzero_ps(); MAX_GROUP];
-            for c in (0..hd).step_by(8) {
-                let kv = load8::<KIND>(kr, hd, c);
-                for (h, a) in acc.iter_mut().enumerate().take(g) {
-                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(h * hd + c)), kv, *a);
+            // f16 rows 8 values at a time; quantized ones a block (32) at a time, its scale
+            // applied to the dequantized values (once for all g heads).
+            let step = if KIND == F16 { 8 } else { QK };
+            for c0 in (0..hd).step_by(step) {
+                let d = if KIND == F16 {
+                    _mm256_set1_ps(1.0)
+                } else {
+                    block_scale(kr, c0 / QK)
+                };
+                for c in (c0..c0 + step).step_by(8) {
+                    let raw = raw8::<KIND>(kr, hd, c);
+                    let kv = if KIND == F16 {
+                        raw
+                    } else {
+                        _mm256_mul_ps(d, raw)
+                    };
+                    for (h, a) in acc.iter_mut().enumerate().take(g) {
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(h * hd + c)), kv, *a);
+                    }
                 }
             }
             for (h, a) in acc.iter().enumerate().take(g) {
@@ -235,7 +258,8 @@ unsafe fn attend_avx2<const KIND: u8>(
 }
 
 /// `out = Σ_j w[j] · V_j[c0..][..8·C]` for the rows `V_j` at `offs[j]`, the `C` accumulators
-/// in registers. Rows are bounds-checked by the caller.
+/// in registers; for quantized rows `c0` starts a block and `w[j]` is folded into each block's
+/// scale. Rows are bounds-checked by the caller.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn weighted_sum<const KIND: u8, const C: usize>(
@@ -253,9 +277,16 @@ unsafe fn weighted_sum<const KIND: u8, const C: usize>(
         for (&o, &wj) in offs.iter().zip(w) {
             let ws = _mm256_set1_ps(wj);
             let vr = v.as_ptr().add(o);
+            // One coefficient per block of 32 columns (C / 4 of them; f16: w itself).
+            let mut coef = [ws; 4];
+            if KIND != F16 {
+                for (b, cf) in coef.iter_mut().enumerate().take(C.div_ceil(4)) {
+                    *cf = _mm256_mul_ps(ws, block_scale(vr, c0 / QK + b));
+                }
+            }
             for (c, a) in acc.iter_mut().enumerate() {
-                let vv = load8::<KIND>(vr, hd, c0 + 8 * c);
-                *a = _mm256_fmadd_ps(ws, vv, *a);
+                let vv = raw8::<KIND>(vr, hd, c0 + 8 * c);
+                *a = _mm256_fmadd_ps(coef[c / 4], vv, *a);
             }
         }
         for (c, a) in acc.iter().enumerate() {
