@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Result;
-use ferrolm_engine::{FinishReason, GenerateOptions, Session};
+use ferrolm_engine::{FinishReason, GenerateOptions};
 use serde_json::json;
 
-use crate::{load_for_context, random_seed, threads, ChatArgs};
+use crate::{load_for_context, random_seed, ChatArgs};
 
 pub fn run(a: ChatArgs) -> Result<()> {
     if a.max_tokens == 0 {
@@ -21,13 +21,7 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params(None)?;
     let m = load_for_context(&a.run.model, Some(a.run.ctx))?;
     params.validate(m.model.cfg().vocab_size)?;
-    let mut session = Session::with_kv_type(
-        &m.model,
-        a.run.ctx,
-        threads(a.run.threads)?,
-        a.run.kv.kv_type,
-    )?;
-    a.run.lora.apply(&m, &mut session)?;
+    let mut session = a.run.session(&m)?;
 
     let generating = Arc::new(AtomicBool::new(false));
     let interrupted = Arc::new(AtomicBool::new(false));

@@ -191,6 +191,16 @@ pub struct RunArgs {
     pub ctx: usize,
 }
 
+impl RunArgs {
+    /// A session on `m` with these threads, context, KV type and adapter.
+    pub fn session<'m>(&self, m: &'m Loaded) -> Result<Session<'m>> {
+        let mut s =
+            Session::with_kv_type(&m.model, self.ctx, threads(self.threads)?, self.kv.kv_type)?;
+        self.lora.apply(m, &mut s)?;
+        Ok(s)
+    }
+}
+
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
     /// Sampling temperature; 0 is greedy.
@@ -497,13 +507,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     } else {
         m.chat_ids(&messages(a.system.as_deref(), &prompt))?
     };
-    let mut session = Session::with_kv_type(
-        &m.model,
-        a.run.ctx,
-        threads(a.run.threads)?,
-        a.run.kv.kv_type,
-    )?;
-    a.run.lora.apply(&m, &mut session)?;
+    let mut session = a.run.session(&m)?;
     let opts = GenerateOptions {
         params,
         max_tokens: a.max_tokens,

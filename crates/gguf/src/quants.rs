@@ -434,6 +434,11 @@ fn q2_k(x: &[f32], out: &mut Vec<u8>) {
         }
         dmin = max_min / 15.0;
     }
+    q2_k_finish(x, &mut l, sc, d, dmin, out);
+}
+
+/// Q2_K's common tail: levels against the scales and mins as stored, packing.
+fn q2_k_finish(x: &[f32], l: &mut [u8; QK_K], sc: [u8; 16], d: f32, dmin: f32, out: &mut Vec<u8>) {
     let (ds, dms) = (stored(d), stored(dmin));
     for j in 0..16 {
         let dj = ds * (sc[j] & 15) as f32;
@@ -446,7 +451,7 @@ fn q2_k(x: &[f32], out: &mut Vec<u8>) {
         }
     }
     out.extend(sc);
-    put_2bit(out, &l);
+    put_2bit(out, l);
     put_f16(out, d);
     put_f16(out, dmin);
 }
@@ -762,25 +767,11 @@ fn q2_k_weighted(x: &[f32], qw: &[f32], out: &mut Vec<u8>) {
     let (mut ls, mut lm) = ([0u8; 16], [0u8; 16]);
     let d = scale_levels(&scales, 15, &mut ls, &sw);
     let dmin = scale_levels(&mins, 15, &mut lm, &sw);
-    let (ds, dms) = (stored(d), stored(dmin));
     let mut sc = [0u8; 16];
     for j in 0..16 {
         sc[j] = ls[j] | (lm[j] << 4);
     }
-    for j in 0..16 {
-        let dj = ds * (sc[j] & 15) as f32;
-        if dj == 0.0 {
-            continue;
-        }
-        let mj = dms * (sc[j] >> 4) as f32;
-        for i in 16 * j..16 * (j + 1) {
-            l[i] = nearest((x[i] + mj) / dj).clamp(0, 3) as u8;
-        }
-    }
-    out.extend(sc);
-    put_2bit(out, &l);
-    put_f16(out, d);
-    put_f16(out, dmin);
+    q2_k_finish(x, &mut l, sc, d, dmin, out);
 }
 
 fn q3_k_weighted(x: &[f32], qw: &[f32], out: &mut Vec<u8>) {

@@ -3,20 +3,33 @@
 //! * Every quantized weight type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K) → our repacked
 //!   [`QMatrix`] and its kernels, losslessly (see [`crate::quant::Grain`]; stays 4/8-bit in
 //!   memory).
-//! * F32 / F16 / BF16 → an f32 candle tensor and candle's GEMM.
+//! * F32 and BF16 → f32 rows; F16 → kept as f16 (half the bytes a decode step reads), widened
+//!   on the fly. One-token products are AVX2 dot products split by rows over the thread pool;
+//!   prompts use the same dot products (batch invariant, the default) or, with
+//!   `FERROLM_BATCH_INVARIANT=0`, `gemm` over f32 panels.
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use ferrolm_gguf::{GgmlType, GgufFile, TensorInfo};
+use rayon::prelude::*;
 
-use crate::quant::{matmul, Grain, Isa, QActs, QMatrix};
+use crate::mat::{gemm_to_ptr, Mat, Par};
+use crate::quant::{batch_invariant, matmul, Grain, Isa, QActs, QMatrix, SendPtr};
+use crate::simd;
 use crate::ModelError;
 
 pub enum Linear {
     /// Boxed: a model holds its q/k/v either fused or split, and the enum stays small.
     Q(Box<QMatrix>),
+    /// Row-major f32 (from F32 or BF16 weights, exactly).
     F32 {
-        w: Tensor,
+        w: Vec<f32>,
+        rows: usize,
+        cols: usize,
+    },
+    /// Row-major f16 bits (from F16 weights).
+    F16 {
+        w: Vec<u16>,
         rows: usize,
         cols: usize,
     },
@@ -124,9 +137,16 @@ impl Linear {
             ));
         }
         match info.ggml_type {
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+            GgmlType::F16 => {
+                let raw = g.tensor_bytes(info)?;
+                let w = raw
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect();
+                Ok(Linear::F16 { w, rows, cols })
+            }
+            GgmlType::F32 | GgmlType::BF16 => {
                 let w = dequantize(g, info)?;
-                let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu)?;
                 Ok(Linear::F32 { w, rows, cols })
             }
             GgmlType::Q8_1 | GgmlType::Q8K => Err(ModelError::tensor(
@@ -162,14 +182,14 @@ impl Linear {
     pub fn rows(&self) -> usize {
         match self {
             Linear::Q(q) => q.rows,
-            Linear::F32 { rows, .. } => *rows,
+            Linear::F32 { rows, .. } | Linear::F16 { rows, .. } => *rows,
         }
     }
 
     pub fn cols(&self) -> usize {
         match self {
             Linear::Q(q) => q.cols,
-            Linear::F32 { cols, .. } => *cols,
+            Linear::F32 { cols, .. } | Linear::F16 { cols, .. } => *cols,
         }
     }
 
@@ -187,6 +207,7 @@ impl Linear {
                 }
             },
             Linear::F32 { .. } => "f32",
+            Linear::F16 { .. } => "f16",
         }
     }
 
@@ -194,6 +215,7 @@ impl Linear {
         match self {
             Linear::Q(q) => q.memory_bytes(),
             Linear::F32 { rows, cols, .. } => rows * cols * 4,
+            Linear::F16 { rows, cols, .. } => rows * cols * 2,
         }
     }
 
@@ -232,9 +254,23 @@ impl Linear {
                 matmul(isa, q, acts, &mut out[..n * q.rows]);
             }
             Linear::F32 { w, rows, cols } => {
-                let xt = Tensor::from_slice(&x[..n * cols], (n, *cols), &Device::Cpu)?;
-                let y = xt.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-                out[..n * rows].copy_from_slice(&y);
+                let panel = |r: std::ops::Range<usize>, p: &mut Vec<f32>| {
+                    p.clear();
+                    p.extend_from_slice(&w[r.start * cols..r.end * cols]);
+                };
+                let dot = |r: usize, x: &[f32]| simd::dot(x, &w[r * cols..(r + 1) * cols]);
+                let dot4 = |r: usize, x: [&[f32]; 4]| simd::dot4(x, &w[r * cols..(r + 1) * cols]);
+                dense(x, n, *rows, *cols, out, (dot, dot4), panel);
+            }
+            Linear::F16 { w, rows, cols } => {
+                let panel = |r: std::ops::Range<usize>, p: &mut Vec<f32>| {
+                    p.resize(r.len() * cols, 0.0);
+                    simd::f16_to_f32(&w[r.start * cols..r.end * cols], p);
+                };
+                let dot = |r: usize, x: &[f32]| simd::dot_f16(x, &w[r * cols..(r + 1) * cols]);
+                let dot4 =
+                    |r: usize, x: [&[f32]; 4]| simd::dot4_f16(x, &w[r * cols..(r + 1) * cols]);
+                dense(x, n, *rows, *cols, out, (dot, dot4), panel);
             }
         }
         Ok(())
@@ -258,8 +294,147 @@ impl Linear {
     pub fn row(&self, r: usize, out: &mut [f32]) -> Result<(), ModelError> {
         match self {
             Linear::Q(q) => q.dequantize_row(r, out),
-            Linear::F32 { w, .. } => out.copy_from_slice(&w.get(r)?.to_vec1::<f32>()?),
+            Linear::F32 { w, cols, .. } => out.copy_from_slice(&w[r * cols..(r + 1) * cols]),
+            Linear::F16 { w, cols, .. } => simd::f16_to_f32(&w[r * cols..(r + 1) * cols], out),
         }
         Ok(())
+    }
+}
+
+/// Rows per parallel task of a float matrix product (f32 rows of 576–2,048 values: 36–128 KB).
+const DENSE_ROWS: usize = 16;
+
+/// `out (n × rows) = x (n × cols) · Wᵀ` for a float matrix: `dot(r, x_t)` is row r against one
+/// token and `dot4` against four at once (bitwise the same per token); `panel(rows, buf)` writes
+/// those rows as f32. Every output is one `dot` (the same
+/// arithmetic for any n: batch invariant) unless batch invariance is off and there are enough
+/// tokens to pay for `gemm` over f32 panels.
+fn dense(
+    x: &[f32],
+    n: usize,
+    rows: usize,
+    cols: usize,
+    out: &mut [f32],
+    (dot, dot4): (
+        impl Fn(usize, &[f32]) -> f32 + Sync,
+        impl Fn(usize, [&[f32]; 4]) -> [f32; 4] + Sync,
+    ),
+    panel: impl Fn(std::ops::Range<usize>, &mut Vec<f32>) + Sync,
+) {
+    let out = &mut out[..n * rows];
+    let x = &x[..n * cols];
+    let ptr = SendPtr(out.as_mut_ptr());
+    let ptr = &ptr;
+    if batch_invariant() || n < 8 {
+        (0..rows.div_ceil(DENSE_ROWS))
+            .into_par_iter()
+            .for_each(|c| {
+                let rs = c * DENSE_ROWS..((c + 1) * DENSE_ROWS).min(rows);
+                let quads = n / 4;
+                for q in 0..quads {
+                    let xs: [&[f32]; 4] = std::array::from_fn(|i| &x[(4 * q + i) * cols..][..cols]);
+                    for r in rs.clone() {
+                        for (i, v) in dot4(r, xs).into_iter().enumerate() {
+                            // SAFETY: (t, r) is in bounds and written by this task only.
+                            unsafe { *ptr.0.add((4 * q + i) * rows + r) = v };
+                        }
+                    }
+                }
+                for t in 4 * quads..n {
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    for r in rs.clone() {
+                        // SAFETY: as above.
+                        unsafe { *ptr.0.add(t * rows + r) = dot(r, xt) };
+                    }
+                }
+            });
+        return;
+    }
+    const PANEL: usize = 64;
+    (0..rows.div_ceil(PANEL))
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf, c| {
+            let rs = c * PANEL..((c + 1) * PANEL).min(rows);
+            let rn = rs.len();
+            panel(rs.clone(), buf);
+            // SAFETY: the n × rn block at column rs.start (row stride `rows`) is in `out` and
+            // written by this task only.
+            unsafe {
+                gemm_to_ptr(
+                    ptr.0.add(rs.start),
+                    rows,
+                    Mat::rows(x, cols),
+                    Mat::rows(buf, cols).t(),
+                    (n, rn, cols),
+                    false,
+                    1.0,
+                    Par::Serial,
+                )
+            }
+        });
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn pseudo(i: usize) -> f32 {
+        ((i.wrapping_mul(2_654_435_761) % 1000) as f32 / 500.0) - 1.0
+    }
+
+    /// Float matrices (f32 rows, f16 rows) against an f64 product, and a prompt of n tokens
+    /// against the same tokens one at a time, bitwise (batch invariance), for widths with and
+    /// without a 16-wide tail.
+    #[test]
+    fn float_matrices_are_exact_enough_and_batch_invariant() {
+        crate::quant::set_batch_invariant(true);
+        for cols in [96, 88, 40] {
+            let rows = 37;
+            let w: Vec<f32> = (0..rows * cols).map(pseudo).collect();
+            let w16: Vec<u16> = w
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect();
+            let wide: Vec<f32> = w16
+                .iter()
+                .map(|&h| half::f16::from_bits(h).to_f32())
+                .collect();
+            for (lin, wref) in [
+                (
+                    Linear::F32 {
+                        w: w.clone(),
+                        rows,
+                        cols,
+                    },
+                    &w,
+                ),
+                (Linear::F16 { w: w16, rows, cols }, &wide),
+            ] {
+                let n = 7;
+                let x: Vec<f32> = (0..n * cols).map(|i| pseudo(i + 77)).collect();
+                let mut all = vec![0f32; n * rows];
+                lin.forward(Isa::Scalar, &x, n, &mut QActs::default(), &mut all)
+                    .unwrap();
+                for t in 0..n {
+                    let mut one = vec![0f32; rows];
+                    let xt = &x[t * cols..(t + 1) * cols];
+                    lin.forward(Isa::Scalar, xt, 1, &mut QActs::default(), &mut one)
+                        .unwrap();
+                    for r in 0..rows {
+                        let got = all[t * rows + r];
+                        assert_eq!(got.to_bits(), one[r].to_bits(), "{} t{t} r{r}", lin.kind());
+                        let want: f64 = (0..cols)
+                            .map(|k| xt[k] as f64 * wref[r * cols + k] as f64)
+                            .sum();
+                        assert!(
+                            (got as f64 - want).abs() < 1e-4,
+                            "{} {got} vs {want}",
+                            lin.kind()
+                        );
+                    }
+                }
+            }
+        }
     }
 }

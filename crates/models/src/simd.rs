@@ -43,6 +43,44 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// [`dot`] of four vectors against one `w`, each bitwise equal to `dot(a[i], w)` (same
+/// accumulators, same order), with `w` loaded once for the four.
+#[inline]
+pub fn dot4(a: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && w.len().is_multiple_of(8) && a.iter().all(|x| x.len() == w.len()) {
+        // SAFETY: features checked above; lengths equal and a multiple of 8.
+        return unsafe { dot4_avx2(a, w.as_ptr(), |p| _load_f32(p)) };
+    }
+    a.map(|x| dot(x, w))
+}
+
+/// [`dot_f16`] of four vectors against one `w`, each bitwise equal to `dot_f16(a[i], w)`.
+#[inline]
+pub fn dot4_f16(a: [&[f32]; 4], w: &[u16]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if has_f16c() && w.len().is_multiple_of(8) && a.iter().all(|x| x.len() == w.len()) {
+        // SAFETY: features checked above; lengths equal and a multiple of 8.
+        return unsafe { dot4_avx2(a, w.as_ptr(), |p| _load_f16(p)) };
+    }
+    a.map(|x| dot_f16(x, w))
+}
+
+/// Σ a·w with `w` f16 bits (F16C where the CPU has it).
+#[inline]
+pub fn dot_f16(a: &[f32], w: &[u16]) -> f32 {
+    debug_assert_eq!(a.len(), w.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_f16c() && a.len().is_multiple_of(8) {
+        // SAFETY: features checked above; lengths equal and a multiple of 8.
+        return unsafe { dot_f16_avx2(a, w) };
+    }
+    a.iter()
+        .zip(w)
+        .map(|(x, &h)| x * half::f16::from_bits(h).to_f32())
+        .sum()
+}
+
 /// y += a·x.
 #[inline]
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
@@ -465,6 +503,88 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         }
         if i < n {
             acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
+        }
+    }
+    let v = _mm256_add_ps(acc0, acc1);
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn _load_f32(p: *const f32) -> std::arch::x86_64::__m256 {
+    unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn _load_f16(p: *const u16) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+}
+
+/// The four-token form of `dot_avx2` / `dot_f16_avx2`: per token the same two accumulators,
+/// the same steps and the same reduction, so each result equals the one-token kernel's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_avx2<T>(
+    a: [&[f32]; 4],
+    w: *const T,
+    load: impl Fn(*const T) -> std::arch::x86_64::__m256,
+) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n = a[0].len();
+    let pa = a.map(|x| x.as_ptr());
+    let mut acc0 = [_mm256_setzero_ps(); 4];
+    let mut acc1 = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    unsafe {
+        while i + 16 <= n {
+            let (w0, w1) = (load(w.add(i)), load(w.add(i + 8)));
+            for t in 0..4 {
+                acc0[t] = _mm256_fmadd_ps(_mm256_loadu_ps(pa[t].add(i)), w0, acc0[t]);
+                acc1[t] = _mm256_fmadd_ps(_mm256_loadu_ps(pa[t].add(i + 8)), w1, acc1[t]);
+            }
+            i += 16;
+        }
+        if i < n {
+            let w0 = load(w.add(i));
+            for t in 0..4 {
+                acc0[t] = _mm256_fmadd_ps(_mm256_loadu_ps(pa[t].add(i)), w0, acc0[t]);
+            }
+        }
+    }
+    let mut out = [0f32; 4];
+    for t in 0..4 {
+        let v = _mm256_add_ps(acc0[t], acc1[t]);
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        out[t] = _mm_cvtss_f32(s);
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_avx2(a: &[f32], w: &[u16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len();
+    let (pa, pw) = (a.as_ptr(), w.as_ptr());
+    let wide = |p: *const u16| unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) };
+    let mut acc0 = _mm256_setzero_ps();
+    let mut acc1 = _mm256_setzero_ps();
+    let mut i = 0;
+    unsafe {
+        while i + 16 <= n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), wide(pw.add(i)), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), wide(pw.add(i + 8)), acc1);
+            i += 16;
+        }
+        if i < n {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), wide(pw.add(i)), acc0);
         }
     }
     let v = _mm256_add_ps(acc0, acc1);
