@@ -496,7 +496,12 @@ fn extractor_errors_are_openai_shaped_not_plain_text() {
         ureq::get(&s.url("/v1/fine_tuning/jobs?limit=-1")),
         None,
     ));
-    openai(call(ureq::get(&s.url("/v1/chat/completions")), None));
+    // GET lists stored completions (OpenAI's route); a bad query is a 400 of OpenAI's shape.
+    openai(call(
+        ureq::get(&s.url("/v1/chat/completions?limit=-1")),
+        None,
+    ));
+    openai(call(ureq::put(&s.url("/v1/chat/completions")), None));
     openai(call(
         ureq::post(&s.url("/v1/chat/completions")).set("Content-Type", "application/json"),
         Some("{not json"),
