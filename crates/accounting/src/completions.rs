@@ -184,7 +184,7 @@ impl Store {
         if let Some(t) = &c.tools {
             request["tools"] = t.clone();
         }
-        self.conn()
+        self.conn()?
             .execute(
                 &format!(
                     "INSERT INTO chat_completions ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
@@ -209,7 +209,7 @@ impl Store {
         id: &str,
         key: Option<i64>,
     ) -> Result<Option<CompletionRecord>, AccountingError> {
-        self.conn()
+        self.conn()?
             .query_row(
                 &format!("SELECT {COLUMNS} FROM chat_completions WHERE id = ?1 AND key_id IS ?2"),
                 params![id, key],
@@ -241,7 +241,7 @@ impl Store {
             args.push(Box::new(k.clone()));
             args.push(Box::new(v.clone()));
         }
-        let conn = self.conn();
+        let conn = self.conn()?;
         if let Some(a) = &q.after {
             let mut find = String::from("SELECT seq FROM chat_completions WHERE id = ?1");
             let key = match q.owner {
@@ -296,7 +296,7 @@ impl Store {
         metadata: &Metadata,
     ) -> Result<Option<CompletionRecord>, AccountingError> {
         let n = self
-            .conn()
+            .conn()?
             .execute(
                 "UPDATE chat_completions SET metadata = ?3 WHERE id = ?1 AND key_id IS ?2",
                 params![id, key, metadata_text(metadata)],
@@ -311,7 +311,7 @@ impl Store {
     /// Forget `key`'s completion `id`; false when it had none such.
     pub fn delete_completion(&self, id: &str, key: Option<i64>) -> Result<bool, AccountingError> {
         let n = self
-            .conn()
+            .conn()?
             .execute(
                 "DELETE FROM chat_completions WHERE id = ?1 AND key_id IS ?2",
                 params![id, key],
@@ -322,7 +322,7 @@ impl Store {
 
     /// Forget every completion created before `cutoff` (unix seconds); how many went.
     pub fn prune_completions(&self, cutoff: i64) -> Result<usize, AccountingError> {
-        self.conn()
+        self.conn()?
             .execute("DELETE FROM chat_completions WHERE created < ?1", [cutoff])
             .at(&self.path)
     }

@@ -23,6 +23,21 @@ pub enum AccountingError {
         supported: i64,
     },
 
+    #[error("`{0}` is not a store URL: give sqlite:PATH (the database file; the default is DATA_DIR/ferrolm.db) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE")]
+    BadStoreUrl(String),
+
+    #[error("the store {store} cannot be reached ({message}): check that PostgreSQL runs and accepts connections; requests resume by themselves once it does")]
+    StoreUnavailable { store: String, message: String },
+
+    #[error("the store {store} failed: {message}")]
+    Postgres { store: String, message: String },
+
+    #[error("files, fine-tuning jobs, stored completions and stored responses are not kept in PostgreSQL yet: run the server that needs them with a sqlite: --store (the default)")]
+    NotInPostgres,
+
+    #[error("rate limits and budgets are kept in the store only when it is shared (postgres://); a SQLite store's server keeps them in memory")]
+    NotShared,
+
     #[error("cannot read random bytes from /dev/urandom to make a key: {0}")]
     Random(std::io::Error),
 
@@ -66,4 +81,12 @@ pub enum AccountingError {
 
     #[error("invalid estimate: {0}")]
     InvalidEstimate(String),
+}
+
+impl AccountingError {
+    /// The store cannot be reached for now (PostgreSQL stopped, a timeout): retrying later may
+    /// work, so servers answer 503.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, AccountingError::StoreUnavailable { .. })
+    }
 }

@@ -4,6 +4,8 @@
 //! - [`Store`]: one SQLite file (`ferrolm.db`) in the server's data dir holding the keys (only
 //!   a hash of each secret) and the append-only usage ledger, with a running spend per key for
 //!   budget checks. Shared by the server and the `ferrolm keys` / `ferrolm usage` commands.
+//!   Or a PostgreSQL database ([`StoreUrl`]) that several servers share, which then also keeps
+//!   the rate limits and budget holds ([`Store::admit`]).
 //! - [`RateLimiter`]: per-key requests-per-minute and tokens-per-minute over sliding 60-second
 //!   windows, in memory, producing OpenAI's `x-ratelimit-*` headers.
 //! - [`Budgets`]: money reserved by each key's requests in flight, so concurrent requests
@@ -25,6 +27,7 @@ mod budget;
 mod completions;
 mod error;
 mod limits;
+mod pg;
 mod prices;
 mod responses;
 mod store;
@@ -38,13 +41,14 @@ pub use completions::{
 };
 pub use error::AccountingError;
 pub use limits::{format_reset, Headroom, LimitKind, Limited, RateLimiter, Window, WINDOW};
+pub use pg::{Admission, Refusal, CALL_TIMEOUT, STEP_TIMEOUT};
 pub use prices::{
     Estimate, ModelPrice, PriceCatalog, PriceTier, PromptCache, SelfHosted, Workload,
     BUILTIN_PRICES, HOURS_PER_MONTH, PRICE_FORMAT,
 };
 pub use responses::ResponseRecord;
 pub use store::{
-    GroupBy, KeyInfo, KeySpec, Store, UsageGroup, UsageQuery, UsageRow, DB_FILE, KEY_PREFIX,
-    NO_KEY, SCHEMA_VERSION,
+    GroupBy, KeyInfo, KeySpec, Store, StoreUrl, UsageGroup, UsageQuery, UsageRow, DB_FILE,
+    KEY_PREFIX, NO_KEY, SCHEMA_VERSION,
 };
 pub use tuning::{FileRecord, JobCheckpoint, JobEvent, JobRecord, Page};

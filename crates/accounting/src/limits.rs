@@ -131,6 +131,28 @@ impl RateLimiter {
         Self::default()
     }
 
+    /// [`RateLimiter::admit`]'s decision over a log read from a shared store: `past` holds the
+    /// key's admitted requests of the last window, oldest first, as (age, tokens).
+    pub(crate) fn admit_from_log(
+        key: &KeyInfo,
+        past: &[(Duration, u64)],
+        tokens: u64,
+    ) -> Result<Headroom, Limited> {
+        let now = Instant::now();
+        let mut log = KeyLog::default();
+        for &(age, t) in past {
+            log.events.push_back(Event {
+                at: now.checked_sub(age).unwrap_or(now),
+                tokens: t,
+            });
+            log.tokens += t;
+        }
+        let limiter = RateLimiter {
+            keys: Mutex::new(HashMap::from([(key.id, log)])),
+        };
+        limiter.admit(key, tokens, now)
+    }
+
     /// Admit a request of about `tokens` tokens (prompt + most it may generate) at `now`.
     pub fn admit(&self, key: &KeyInfo, tokens: u64, now: Instant) -> Result<Headroom, Limited> {
         if key.rpm.is_none() && key.tpm.is_none() {

@@ -63,7 +63,7 @@ fn parse(i: usize, text: String) -> rusqlite::Result<Value> {
 impl Store {
     /// Keep `r` and its items (one transaction).
     pub fn insert_response(&self, r: &ResponseRecord) -> Result<(), AccountingError> {
-        let mut conn = self.conn();
+        let mut conn = self.conn()?;
         let tx = conn.transaction().at(&self.path)?;
         tx.execute(
             "INSERT INTO responses (id, key_id, created_at, body) VALUES (?1, ?2, ?3, ?4)",
@@ -89,7 +89,7 @@ impl Store {
         id: &str,
         key: Option<i64>,
     ) -> Result<Option<ResponseRecord>, AccountingError> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let row = conn
             .query_row(
                 "SELECT created_at, body FROM responses WHERE id = ?1 AND key_id IS ?2",
@@ -132,7 +132,7 @@ impl Store {
         item_id: &str,
         key: Option<i64>,
     ) -> Result<Option<Value>, AccountingError> {
-        self.conn()
+        self.conn()?
             .query_row(
                 "SELECT i.item FROM response_items i JOIN responses r ON r.id = i.response_id
                  WHERE i.item_id = ?1 AND r.key_id IS ?2 ORDER BY i.seq DESC LIMIT 1",
@@ -145,7 +145,7 @@ impl Store {
 
     /// Forget the response `id` of `key` and its items; false when there was none.
     pub fn delete_response(&self, id: &str, key: Option<i64>) -> Result<bool, AccountingError> {
-        let mut conn = self.conn();
+        let mut conn = self.conn()?;
         let tx = conn.transaction().at(&self.path)?;
         // Items first: they reference the response (foreign keys are on).
         tx.execute(

@@ -1,4 +1,6 @@
-//! The key store and usage ledger: one SQLite file, `ferrolm.db`, in the server's data dir.
+//! The key store and usage ledger: one SQLite file, `ferrolm.db`, in the server's data dir
+//! (`--store sqlite:PATH` names another file), or a PostgreSQL database that several servers
+//! share (`--store postgres://…`, see `pg`). Both take the same schema and migrations.
 //!
 //! Contract:
 //! - `open` creates the directory and the database, and migrates it forward one version at a
@@ -30,7 +32,7 @@ use crate::AccountingError;
 /// The database's file name inside the data dir.
 pub const DB_FILE: &str = "ferrolm.db";
 /// The schema version this code writes; `MIGRATIONS[v - 1]` brings version v-1 to v.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 /// What every key starts with, so a leaked one is recognisable (and greppable by scanners).
 pub const KEY_PREFIX: &str = "flm-";
 /// Random characters after `KEY_PREFIX`.
@@ -41,7 +43,7 @@ const DISPLAY_PREFIX_CHARS: usize = 8;
 /// parentheses, so it never collides with a real key.
 pub const NO_KEY: &str = "(no key)";
 
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: keys and the ledger.
     "CREATE TABLE api_keys (
         id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -90,6 +92,18 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE usage ADD COLUMN saved_by_lazy_tools_usd REAL NOT NULL DEFAULT 0;",
     // 6: stored chat completions (see `completions`).
     crate::completions::MIGRATION,
+    // 7: admitted requests of limited keys, where several servers share the store (PostgreSQL,
+    // see `pg`): the rate windows and budget holds every replica sees. Unused by SQLite,
+    // whose single server keeps them in memory.
+    "CREATE TABLE admissions (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_id   INTEGER NOT NULL REFERENCES api_keys(id),
+        ts       INTEGER NOT NULL,                -- unix milliseconds of the admission
+        tokens   INTEGER NOT NULL CHECK (tokens >= 0),  -- the estimate, then the real count
+        held_usd REAL    NOT NULL DEFAULT 0,      -- worst case held against the budget
+        settled  INTEGER NOT NULL DEFAULT 0       -- 1 once its ledger row is written
+    );
+    CREATE INDEX admissions_key_ts ON admissions(key_id, ts);",
 ];
 
 /// What a new key may do. `None` is unlimited.
@@ -215,10 +229,42 @@ pub struct UsageGroup {
     pub routed_requests: u64,
 }
 
-/// The key store and ledger. `Send + Sync`: calls are serialised on one connection.
+/// The key store and ledger. `Send + Sync`: SQLite calls are serialised on one connection;
+/// PostgreSQL calls take a connection from a pool (see `pg`).
 pub struct Store {
+    /// The database file; for PostgreSQL, its URL without the password (for messages).
     pub(crate) path: PathBuf,
-    conn: Mutex<Connection>,
+    backend: Backend,
+}
+
+/// Where the store lives: the closed set of `--store` URLs.
+enum Backend {
+    Sqlite(Mutex<Connection>),
+    Postgres(crate::pg::Pg),
+}
+
+/// A `--store` URL: `sqlite:PATH` (the database file) or `postgres://…` / `postgresql://…`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = AccountingError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(p) = s.strip_prefix("sqlite:") {
+            let p = p.strip_prefix("//").unwrap_or(p);
+            if p.is_empty() {
+                return Err(AccountingError::BadStoreUrl(s.to_owned()));
+            }
+            return Ok(StoreUrl::Sqlite(PathBuf::from(p)));
+        }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(s.to_owned()));
+        }
+        Err(AccountingError::BadStoreUrl(s.to_owned()))
+    }
 }
 
 /// Attach the database path to rusqlite errors.
@@ -235,7 +281,7 @@ impl<T> At<T> for rusqlite::Result<T> {
     }
 }
 
-const KEY_COLUMNS: &str = "id, name, prefix, rpm, tpm, budget_usd, created, revoked";
+pub(crate) const KEY_COLUMNS: &str = "id, name, prefix, rpm, tpm, budget_usd, created, revoked";
 
 fn key_from_row(r: &Row<'_>) -> rusqlite::Result<KeyInfo> {
     // The CHECK constraints keep rpm and tpm positive; a value out of range reads as an error.
@@ -401,7 +447,34 @@ impl Store {
             path: data_dir.to_owned(),
             source,
         })?;
-        let path = data_dir.join(DB_FILE);
+        Store::open_sqlite(&data_dir.join(DB_FILE))
+    }
+
+    /// Open the store a `--store` URL names (creating a SQLite file's directory if needed),
+    /// migrated to [`SCHEMA_VERSION`].
+    pub fn open_url(url: &StoreUrl) -> Result<Store, AccountingError> {
+        match url {
+            StoreUrl::Sqlite(file) => {
+                if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|source| AccountingError::DataDir {
+                        path: dir.to_owned(),
+                        source,
+                    })?;
+                }
+                Store::open_sqlite(file)
+            }
+            StoreUrl::Postgres(url) => {
+                let pg = crate::pg::Pg::connect(url)?;
+                Ok(Store {
+                    path: PathBuf::from(pg.shown_url()),
+                    backend: Backend::Postgres(pg),
+                })
+            }
+        }
+    }
+
+    fn open_sqlite(path: &Path) -> Result<Store, AccountingError> {
+        let path = path.to_owned();
         let mut conn = Connection::open(&path).at(&path)?;
         conn.busy_timeout(Duration::from_secs(5)).at(&path)?;
         // WAL lets the server read while `ferrolm keys` writes; NORMAL sync is durable across
@@ -413,19 +486,46 @@ impl Store {
         migrate(&mut conn, &path)?;
         Ok(Store {
             path,
-            conn: Mutex::new(conn),
+            backend: Backend::Sqlite(Mutex::new(conn)),
         })
     }
 
-    /// The database file.
+    /// Admit a request of `key` (about `tokens` tokens, at most `worst_usd`) against its rate
+    /// limits and budget as the shared store keeps them (see `pg`): `Ok(Err(_))` is a refusal.
+    /// Only a shared store keeps them; one server's SQLite store leaves them to its
+    /// [`crate::RateLimiter`] and [`crate::Budgets`], in memory.
+    pub fn admit(
+        &self,
+        key: &KeyInfo,
+        tokens: u64,
+        worst_usd: f64,
+    ) -> Result<Result<crate::Admission, crate::Refusal>, AccountingError> {
+        match &self.backend {
+            Backend::Postgres(pg) => pg.admit(key, tokens, worst_usd),
+            Backend::Sqlite(_) => Err(AccountingError::NotShared),
+        }
+    }
+
+    /// The database file (for PostgreSQL: its URL, password left out).
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock dropped any open transaction (rolled back), so the
-        // connection is still consistent.
-        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Whether the store is shared by several servers (PostgreSQL): then rate limits and
+    /// budgets are kept in it ([`Store::admit`]), not in one server's memory.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// The SQLite connection; what is kept only in SQLite so far (files, fine-tuning jobs,
+    /// stored completions and responses) is refused on PostgreSQL.
+    pub(crate) fn conn(&self) -> Result<MutexGuard<'_, Connection>, AccountingError> {
+        match &self.backend {
+            // A panic while holding the lock dropped any open transaction (rolled back), so
+            // the connection is still consistent.
+            Backend::Sqlite(conn) => Ok(conn.lock().unwrap_or_else(PoisonError::into_inner)),
+            Backend::Postgres(_) => Err(AccountingError::NotInPostgres),
+        }
     }
 
     /// Make a key. Returns its record and the secret, which is not stored and cannot be shown
@@ -434,7 +534,11 @@ impl Store {
         let (rpm, tpm) = check_spec(spec)?;
         let secret = new_secret()?;
         let prefix: String = secret.chars().take(DISPLAY_PREFIX_CHARS).collect();
-        let mut conn = self.conn();
+        if let Backend::Postgres(pg) = &self.backend {
+            let info = pg.create_key(spec, rpm, tpm, &prefix, sha256(&secret).to_vec())?;
+            return Ok((info, secret));
+        }
+        let mut conn = self.conn()?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .at(&self.path)?;
@@ -476,7 +580,10 @@ impl Store {
 
     /// All keys, revoked ones included, oldest first.
     pub fn list_keys(&self) -> Result<Vec<KeyInfo>, AccountingError> {
-        let conn = self.conn();
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.list_keys();
+        }
+        let conn = self.conn()?;
         let mut st = conn
             .prepare(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id"))
             .at(&self.path)?;
@@ -487,12 +594,18 @@ impl Store {
     /// The key a name or id names, revoked or not. A name shared by several keys over time
     /// (a revoked one and its replacement) is ambiguous: pass the id.
     pub fn find_key(&self, name_or_id: &str) -> Result<KeyInfo, AccountingError> {
-        resolve(&self.conn(), &self.path, name_or_id, false)
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.find_key(name_or_id);
+        }
+        resolve(&*self.conn()?, &self.path, name_or_id, false)
     }
 
     /// Revoke the active key with this name, or the key with this id.
     pub fn revoke_key(&self, name_or_id: &str) -> Result<KeyInfo, AccountingError> {
-        let mut conn = self.conn();
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.revoke_key(name_or_id);
+        }
+        let mut conn = self.conn()?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .at(&self.path)?;
@@ -519,7 +632,10 @@ impl Store {
     /// Whether any key was ever created. Revoked keys count: once a store had keys, the server
     /// never falls back to open access.
     pub fn has_keys(&self) -> Result<bool, AccountingError> {
-        self.conn()
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.has_keys();
+        }
+        self.conn()?
             .query_row("SELECT EXISTS(SELECT 1 FROM api_keys)", [], |r| r.get(0))
             .at(&self.path)
     }
@@ -528,7 +644,10 @@ impl Store {
     /// one sha256, one lookup in the unique index on the hash (no comparison of secrets).
     pub fn verify(&self, secret: &str) -> Result<Option<KeyInfo>, AccountingError> {
         let hash = sha256(secret);
-        self.conn()
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.verify(hash.to_vec());
+        }
+        self.conn()?
             .query_row(
                 &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE hash = ?1 AND revoked IS NULL"),
                 [&hash[..]],
@@ -540,8 +659,23 @@ impl Store {
 
     /// Append a request to the ledger (and add its cost to its key's running total).
     pub fn record(&self, row: &UsageRow) -> Result<(), AccountingError> {
+        self.record_admitted(row, None)
+    }
+
+    /// [`Store::record`] for a request [`Store::admit`] admitted (`admission`: its id): in the
+    /// same transaction, its tokens replace its estimate in the rate window and its budget
+    /// hold is released. A row whose admission is already settled is not written again, so a
+    /// retried write counts the request once.
+    pub fn record_admitted(
+        &self,
+        row: &UsageRow,
+        admission: Option<i64>,
+    ) -> Result<(), AccountingError> {
         let [prompt, cached, completion] = check_row(row)?;
-        let mut conn = self.conn();
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.record(row, [prompt, cached, completion], admission);
+        }
+        let mut conn = self.conn()?;
         let tx = conn.transaction().at(&self.path)?;
         if let Some(k) = row.key_id {
             let n = tx
@@ -594,7 +728,10 @@ impl Store {
 
     /// Dollars spent by a key so far (its running total; see the module docs).
     pub fn spent_usd(&self, key_id: i64) -> Result<f64, AccountingError> {
-        self.conn()
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.spent_usd(key_id);
+        }
+        self.conn()?
             .query_row(
                 "SELECT spent_usd FROM api_keys WHERE id = ?1",
                 [key_id],
@@ -608,95 +745,24 @@ impl Store {
     /// The slow, obviously correct total that `spent_usd` must equal.
     #[cfg(test)]
     fn spent_usd_by_sum(&self, key_id: i64) -> f64 {
-        self.conn()
-            .query_row(
-                "SELECT COALESCE(SUM(cost_usd), 0.0) FROM usage WHERE key_id = ?1",
-                [key_id],
-                |r| r.get(0),
-            )
-            .unwrap_or(f64::NAN)
+        let Ok(conn) = self.conn() else {
+            return f64::NAN;
+        };
+        conn.query_row(
+            "SELECT COALESCE(SUM(cost_usd), 0.0) FROM usage WHERE key_id = ?1",
+            [key_id],
+            |r| r.get(0),
+        )
+        .unwrap_or(f64::NAN)
     }
 
     /// A grouped report of the ledger, ordered by the grouping columns.
     pub fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageGroup>, AccountingError> {
-        if let (Some(s), Some(u)) = (q.since_ms, q.until_ms) {
-            if s >= u {
-                return Err(AccountingError::InvalidQuery(format!(
-                    "the period is empty: since ({}) is not before until ({})",
-                    crate::time::utc_day(s),
-                    crate::time::utc_day(u)
-                )));
-            }
+        let (sql, args, groups) = usage_sql(q, matches!(self.backend, Backend::Postgres(_)))?;
+        if let Backend::Postgres(pg) = &self.backend {
+            return pg.usage(sql, args, groups);
         }
-        let mut groups = Vec::new();
-        for g in &q.group_by {
-            if !groups.contains(g) {
-                groups.push(*g);
-            }
-        }
-        // (selected expression, grouping expression) per column, in the caller's order.
-        let cols: Vec<(String, String)> = groups
-            .iter()
-            .map(|g| {
-                let (select, group) = match g {
-                    GroupBy::Key => (format!("COALESCE(k.name, '{NO_KEY}')"), "u.key_id".into()),
-                    GroupBy::Model => ("u.model".into(), "u.model".into()),
-                    GroupBy::Day => {
-                        let day = "strftime('%Y-%m-%d', u.ts / 1000, 'unixepoch')".to_owned();
-                        (day.clone(), day)
-                    }
-                };
-                (select, group)
-            })
-            .collect();
-        let mut select: Vec<&str> = cols.iter().map(|(s, _)| s.as_str()).collect();
-        select.extend([
-            "COUNT(*)",
-            "COALESCE(SUM(u.prompt_tokens), 0)",
-            "COALESCE(SUM(u.cached_tokens), 0)",
-            "COALESCE(SUM(u.completion_tokens), 0)",
-            "COALESCE(SUM(u.cost_usd), 0.0)",
-            "COALESCE(AVG(u.latency_ms), 0.0)",
-            "AVG(u.ttft_ms)",
-            "COALESCE(SUM(u.compressed_tokens), 0)",
-            "COALESCE(SUM(u.saved_by_cache_usd), 0.0)",
-            "COALESCE(SUM(u.saved_by_compression_usd), 0.0)",
-            "COALESCE(SUM(u.saved_by_routing_usd), 0.0)",
-            "COUNT(u.route)",
-            "COALESCE(SUM(u.lazy_tool_tokens), 0)",
-            "COALESCE(SUM(u.saved_by_lazy_tools_usd), 0.0)",
-        ]);
-        let mut conds = Vec::new();
-        let mut args: Vec<i64> = Vec::new();
-        for (cond, v) in [
-            ("u.key_id = ?", q.key_id),
-            ("u.ts >= ?", q.since_ms),
-            ("u.ts < ?", q.until_ms),
-        ] {
-            if let Some(v) = v {
-                args.push(v);
-                conds.push(format!("{cond}{}", args.len()));
-            }
-        }
-        let mut sql = format!(
-            "SELECT {} FROM usage u LEFT JOIN api_keys k ON k.id = u.key_id",
-            select.join(", ")
-        );
-        if !conds.is_empty() {
-            sql += &format!(" WHERE {}", conds.join(" AND "));
-        }
-        if !cols.is_empty() {
-            // Group by the key's id (two keys may have shared a name over time), order by what
-            // is shown, in the caller's order of precedence.
-            let group: Vec<&str> = cols.iter().map(|(_, g)| g.as_str()).collect();
-            let order: Vec<String> = (1..=cols.len()).map(|i| i.to_string()).collect();
-            sql += &format!(
-                " GROUP BY {} ORDER BY {}",
-                group.join(", "),
-                order.join(", ")
-            );
-        }
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut st = conn.prepare(&sql).at(&self.path)?;
         let n = groups.len();
         let rows = st
@@ -735,6 +801,104 @@ impl Store {
             .at(&self.path)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
+}
+
+/// The SQL of a usage report, its arguments and its grouping columns, for SQLite or
+/// PostgreSQL (placeholders, the day expression; integer sums are cast back to integers,
+/// which PostgreSQL widens to numeric).
+fn usage_sql(
+    q: &UsageQuery,
+    postgres: bool,
+) -> Result<(String, Vec<i64>, Vec<GroupBy>), AccountingError> {
+    if let (Some(s), Some(u)) = (q.since_ms, q.until_ms) {
+        if s >= u {
+            return Err(AccountingError::InvalidQuery(format!(
+                "the period is empty: since ({}) is not before until ({})",
+                crate::time::utc_day(s),
+                crate::time::utc_day(u)
+            )));
+        }
+    }
+    let mut groups = Vec::new();
+    for g in &q.group_by {
+        if !groups.contains(g) {
+            groups.push(*g);
+        }
+    }
+    // (selected expression, grouping expression) per column, in the caller's order.
+    let cols: Vec<(String, String)> = groups
+        .iter()
+        .map(|g| {
+            let (select, group) = match g {
+                // k.name is grouped by too (PostgreSQL wants every selected column
+                // grouped); it is the key id's, so the groups are the ids'.
+                GroupBy::Key => (
+                    format!("COALESCE(k.name, '{NO_KEY}')"),
+                    "u.key_id, k.name".into(),
+                ),
+                GroupBy::Model => ("u.model".into(), "u.model".into()),
+                GroupBy::Day => {
+                    let day = if postgres {
+                        "to_char(to_timestamp(u.ts / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+                    } else {
+                        "strftime('%Y-%m-%d', u.ts / 1000, 'unixepoch')"
+                    }
+                    .to_owned();
+                    (day.clone(), day)
+                }
+            };
+            (select, group)
+        })
+        .collect();
+    let mut select: Vec<&str> = cols.iter().map(|(s, _)| s.as_str()).collect();
+    select.extend([
+        "COUNT(*)",
+        "CAST(COALESCE(SUM(u.prompt_tokens), 0) AS BIGINT)",
+        "CAST(COALESCE(SUM(u.cached_tokens), 0) AS BIGINT)",
+        "CAST(COALESCE(SUM(u.completion_tokens), 0) AS BIGINT)",
+        "COALESCE(SUM(u.cost_usd), 0.0)",
+        "COALESCE(AVG(u.latency_ms), 0.0)",
+        "AVG(u.ttft_ms)",
+        "CAST(COALESCE(SUM(u.compressed_tokens), 0) AS BIGINT)",
+        "COALESCE(SUM(u.saved_by_cache_usd), 0.0)",
+        "COALESCE(SUM(u.saved_by_compression_usd), 0.0)",
+        "COALESCE(SUM(u.saved_by_routing_usd), 0.0)",
+        "COUNT(u.route)",
+        "CAST(COALESCE(SUM(u.lazy_tool_tokens), 0) AS BIGINT)",
+        "COALESCE(SUM(u.saved_by_lazy_tools_usd), 0.0)",
+    ]);
+    let mut conds = Vec::new();
+    let mut args: Vec<i64> = Vec::new();
+    for (cond, v) in [
+        ("u.key_id = ", q.key_id),
+        ("u.ts >= ", q.since_ms),
+        ("u.ts < ", q.until_ms),
+    ] {
+        if let Some(v) = v {
+            args.push(v);
+            let mark = if postgres { '$' } else { '?' };
+            conds.push(format!("{cond}{mark}{}", args.len()));
+        }
+    }
+    let mut sql = format!(
+        "SELECT {} FROM usage u LEFT JOIN api_keys k ON k.id = u.key_id",
+        select.join(", ")
+    );
+    if !conds.is_empty() {
+        sql += &format!(" WHERE {}", conds.join(" AND "));
+    }
+    if !cols.is_empty() {
+        // Group by the key's id (two keys may have shared a name over time), order by what
+        // is shown, in the caller's order of precedence.
+        let group: Vec<&str> = cols.iter().map(|(_, g)| g.as_str()).collect();
+        let order: Vec<String> = (1..=cols.len()).map(|i| i.to_string()).collect();
+        sql += &format!(
+            " GROUP BY {} ORDER BY {}",
+            group.join(", "),
+            order.join(", ")
+        );
+    }
+    Ok((sql, args, groups))
 }
 
 /// Bring the database to [`SCHEMA_VERSION`], or refuse one from a newer ferrolm.
@@ -806,6 +970,15 @@ fn resolve(
             found.push(k);
         }
     }
+    pick_key(found, q, prefer_active)
+}
+
+/// The one key among those `q` names (see [`resolve`]).
+pub(crate) fn pick_key(
+    mut found: Vec<KeyInfo>,
+    q: &str,
+    prefer_active: bool,
+) -> Result<KeyInfo, AccountingError> {
     if found.len() > 1 && prefer_active {
         let active: Vec<&KeyInfo> = found.iter().filter(|k| k.revoked.is_none()).collect();
         if active.len() == 1 {
@@ -1292,6 +1465,33 @@ mod tests {
             }),
             Err(AccountingError::InvalidQuery(_))
         ));
+    }
+
+    #[test]
+    fn store_urls_parse_and_a_sqlite_url_opens_that_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sub").join("x.db");
+        let url: StoreUrl = format!("sqlite:{}", file.display()).parse().unwrap();
+        assert_eq!(url, StoreUrl::Sqlite(file.clone()));
+        let s = Store::open_url(&url).unwrap();
+        assert!(!s.is_shared());
+        s.create_key(&spec("a")).unwrap();
+        assert!(file.exists());
+        assert!(matches!(
+            s.admit(&s.find_key("a").unwrap(), 1, 0.0),
+            Err(AccountingError::NotShared)
+        ));
+        assert_eq!(
+            "postgresql://u@h/db".parse::<StoreUrl>().unwrap(),
+            StoreUrl::Postgres("postgresql://u@h/db".into())
+        );
+        for bad in ["", "sqlite:", "mysql://h/db", "/tmp/x.db"] {
+            let e = bad.parse::<StoreUrl>().unwrap_err().to_string();
+            assert!(
+                e.contains("sqlite:PATH") && e.contains("postgres://"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -205,7 +205,7 @@ fn after_seq(
 
 impl Store {
     pub fn insert_file(&self, f: &FileRecord) -> Result<(), AccountingError> {
-        self.conn()
+        self.conn()?
             .execute(
                 &format!("INSERT INTO files ({FILE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
                 params![
@@ -223,7 +223,7 @@ impl Store {
 
     /// The file `id` if it belongs to `key`.
     pub fn file(&self, id: &str, key: Option<i64>) -> Result<Option<FileRecord>, AccountingError> {
-        self.conn()
+        self.conn()?
             .query_row(
                 &format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1 AND key_id IS ?2"),
                 params![id, key],
@@ -235,7 +235,7 @@ impl Store {
 
     /// `key`'s files, newest first.
     pub fn files(&self, key: Option<i64>) -> Result<Vec<FileRecord>, AccountingError> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut st = conn
             .prepare(&format!(
                 "SELECT {FILE_COLUMNS} FROM files WHERE key_id IS ?1 ORDER BY seq DESC"
@@ -248,7 +248,7 @@ impl Store {
     /// Forget the file `id` of `key`; false when there was none.
     pub fn delete_file(&self, id: &str, key: Option<i64>) -> Result<bool, AccountingError> {
         let n = self
-            .conn()
+            .conn()?
             .execute(
                 "DELETE FROM files WHERE id = ?1 AND key_id IS ?2",
                 params![id, key],
@@ -258,7 +258,7 @@ impl Store {
     }
 
     pub fn insert_job(&self, j: &JobRecord) -> Result<(), AccountingError> {
-        self.conn()
+        self.conn()?
             .execute(
                 &format!(
                     "INSERT INTO ft_jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
@@ -284,7 +284,7 @@ impl Store {
 
     /// The job `id` if it belongs to `key`.
     pub fn job(&self, id: &str, key: Option<i64>) -> Result<Option<JobRecord>, AccountingError> {
-        self.conn()
+        self.conn()?
             .query_row(
                 &format!("SELECT {JOB_COLUMNS} FROM ft_jobs WHERE id = ?1 AND key_id IS ?2"),
                 params![id, key],
@@ -296,7 +296,7 @@ impl Store {
 
     /// The job `id`, whoever owns it (for the worker).
     pub fn job_by_id(&self, id: &str) -> Result<Option<JobRecord>, AccountingError> {
-        self.conn()
+        self.conn()?
             .query_row(
                 &format!("SELECT {JOB_COLUMNS} FROM ft_jobs WHERE id = ?1"),
                 [id],
@@ -313,7 +313,7 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<JobRecord>, AccountingError> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let below = after_seq(self, &conn, "ft_jobs", ("key_id", &key), after)?;
         let mut st = conn
             .prepare(&format!(
@@ -331,7 +331,7 @@ impl Store {
 
     /// Every job in one of `statuses`, oldest first (for the worker's queue at start).
     pub fn jobs_with_status(&self, statuses: &[&str]) -> Result<Vec<JobRecord>, AccountingError> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let marks = vec!["?"; statuses.len()].join(", ");
         let mut st = conn
             .prepare(&format!(
@@ -355,7 +355,7 @@ impl Store {
         let mut args: Vec<&dyn rusqlite::ToSql> = vec![&to, &id];
         args.extend(from.iter().map(|s| s as &dyn rusqlite::ToSql));
         let n = self
-            .conn()
+            .conn()?
             .execute(
                 &format!(
                     "UPDATE ft_jobs SET status = ?1 WHERE id = ?2 AND status IN ({})",
@@ -377,7 +377,7 @@ impl Store {
         error: Option<&Value>,
         finished_at: i64,
     ) -> Result<bool, AccountingError> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let tx = conn.unchecked_transaction().at(&self.path)?;
         let status: Option<String> = tx
             .query_row("SELECT status FROM ft_jobs WHERE id = ?1", [id], |r| {
@@ -398,7 +398,7 @@ impl Store {
     }
 
     pub fn set_trained_tokens(&self, id: &str, tokens: u64) -> Result<(), AccountingError> {
-        self.conn()
+        self.conn()?
             .execute(
                 "UPDATE ft_jobs SET trained_tokens = ?2 WHERE id = ?1",
                 params![id, i64::try_from(tokens).unwrap_or(i64::MAX)],
@@ -409,7 +409,7 @@ impl Store {
 
     /// Append to a job's log (`e.seq` is ignored); returns the new event's seq.
     pub fn add_job_event(&self, job: &str, e: &JobEvent) -> Result<i64, AccountingError> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         conn.execute(
             "INSERT INTO ft_events (job_id, created_at, level, message, type, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![job, e.created_at, e.level, e.message, e.kind, e.data.as_ref().map(Value::to_string)],
@@ -425,7 +425,7 @@ impl Store {
         after: Option<i64>,
         limit: usize,
     ) -> Result<Page<JobEvent>, AccountingError> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut st = conn
             .prepare(
                 "SELECT seq, created_at, level, message, type, data FROM ft_events
@@ -455,7 +455,7 @@ impl Store {
 
     /// Record a checkpoint of a job (`c.seq` is ignored).
     pub fn add_job_checkpoint(&self, job: &str, c: &JobCheckpoint) -> Result<(), AccountingError> {
-        self.conn()
+        self.conn()?
             .execute(
                 "INSERT INTO ft_checkpoints (job_id, created_at, step, model, metrics) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
@@ -477,7 +477,7 @@ impl Store {
         after: Option<i64>,
         limit: usize,
     ) -> Result<Page<JobCheckpoint>, AccountingError> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut st = conn
             .prepare(
                 "SELECT seq, created_at, step, model, metrics FROM ft_checkpoints

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use ferrolm_accounting::{sft_lines, CompletionQuery, Owner};
 
-use crate::keys::{data_dir, open_existing, DataDirArg};
+use crate::keys::DataDirArg;
 
 #[derive(Subcommand)]
 pub enum DataCmd {
@@ -67,11 +67,10 @@ pub fn run(cmd: DataCmd) -> Result<()> {
 
 fn export(a: ExportArgs) -> Result<()> {
     let DataFormat::Sft = a.format;
-    let dir = data_dir(a.dir.data_dir.as_deref())?;
-    let Some(store) = open_existing(&dir)? else {
+    let Some(store) = a.dir.open_existing()? else {
         bail!(
-            "there is no server data dir at {} (no ferrolm.db): give the --data-dir of the `ferrolm serve` that stored the completions",
-            dir.display()
+            "there is no server store at {} (no ferrolm.db): give the --data-dir (or --store) of the `ferrolm serve` that stored the completions",
+            a.dir.shown()
         );
     };
     let mut metadata = Vec::new();
@@ -115,7 +114,7 @@ fn export(a: ExportArgs) -> Result<()> {
         }
         bail!(
             "nothing to export: {completions} stored completions in {} match; store some with `store: true` (or `ferrolm serve --store-all`), or loosen --model / --metadata",
-            dir.display()
+            a.dir.shown()
         );
     }
     let tmp = a.out.with_extension("jsonl.tmp");

@@ -9,16 +9,66 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use ferrolm_accounting::{time, KeyInfo, KeySpec, Store, DB_FILE};
+use ferrolm_accounting::{time, KeyInfo, KeySpec, Store, StoreUrl, DB_FILE};
 use serde::Serialize;
 
-/// `--data-dir`, shared by `keys` and `usage`.
+/// `--data-dir` and `--store`, shared by `keys`, `usage` and `data export`.
 #[derive(Args)]
 pub struct DataDirArg {
     /// The server's data dir, holding ferrolm.db (default: $FERROLM_HOME/server, as for
     /// `ferrolm serve`).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The key store and ledger, as for `ferrolm serve --store`: sqlite:PATH (a database file;
+    /// the default is DATA_DIR/ferrolm.db) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE.
+    #[arg(long, value_name = "URL")]
+    pub store: Option<String>,
+}
+
+impl DataDirArg {
+    /// The store these flags name.
+    pub fn url(&self) -> Result<StoreUrl> {
+        store_url(self.store.as_deref(), self.data_dir.as_deref())
+    }
+
+    /// The store, created (and migrated) if needed.
+    pub fn open(&self) -> Result<Store> {
+        let url = self.url()?;
+        Store::open_url(&url).with_context(|| format!("cannot open the store {}", shown(&url)))
+    }
+
+    /// The store if one exists (reading commands do not create a SQLite file; a PostgreSQL
+    /// database always exists, and is migrated).
+    pub fn open_existing(&self) -> Result<Option<Store>> {
+        match self.url()? {
+            StoreUrl::Sqlite(f) if !f.exists() => Ok(None),
+            _ => self.open().map(Some),
+        }
+    }
+
+    /// The store, for messages.
+    pub fn shown(&self) -> String {
+        self.url().map_or_else(|e| e.to_string(), |u| shown(&u))
+    }
+}
+
+/// `--store URL`, else the SQLite file in `--data-dir` (else in `$FERROLM_HOME/server`).
+pub fn store_url(store: Option<&str>, dir: Option<&Path>) -> Result<StoreUrl> {
+    match store {
+        Some(u) => Ok(u.parse()?),
+        None => Ok(StoreUrl::Sqlite(data_dir(dir)?.join(DB_FILE))),
+    }
+}
+
+/// A store URL for messages: a SQLite file's path, a PostgreSQL URL without its password.
+pub fn shown(url: &StoreUrl) -> String {
+    match url {
+        StoreUrl::Sqlite(f) => f.display().to_string(),
+        StoreUrl::Postgres(u) => match u.split_once('@') {
+            Some((_, host)) => format!("postgres://…@{host}"),
+            None => u.clone(),
+        },
+    }
 }
 
 /// `dir`, else `$FERROLM_HOME/server`.
@@ -27,14 +77,6 @@ pub fn data_dir(dir: Option<&Path>) -> Result<PathBuf> {
         Some(d) => Ok(d.to_owned()),
         None => Ok(crate::store::home()?.join("server")),
     }
-}
-
-/// The store in `dir` if one exists there (reading commands do not create one).
-pub fn open_existing(dir: &Path) -> Result<Option<Store>> {
-    if !dir.join(DB_FILE).exists() {
-        return Ok(None);
-    }
-    Ok(Some(Store::open(dir)?))
 }
 
 #[derive(Args)]
@@ -115,18 +157,17 @@ struct Listed<'a> {
 pub fn run(a: KeysArgs) -> Result<()> {
     match a.cmd {
         KeysCmd::Create(c) => create(c),
-        KeysCmd::List { dir, json } => list(&data_dir(dir.data_dir.as_deref())?, json),
+        KeysCmd::List { dir, json } => list(&dir, json),
         KeysCmd::Revoke {
             dir,
             name_or_id,
             json,
-        } => revoke(&data_dir(dir.data_dir.as_deref())?, &name_or_id, json),
+        } => revoke(&dir, &name_or_id, json),
     }
 }
 
 fn create(c: CreateArgs) -> Result<()> {
-    let dir = data_dir(c.dir.data_dir.as_deref())?;
-    let store = Store::open(&dir)?;
+    let store = c.dir.open()?;
     let (key, secret) = store.create_key(&KeySpec {
         name: c.name,
         rpm: c.rpm,
@@ -171,8 +212,8 @@ fn limits(k: &KeyInfo) -> String {
     }
 }
 
-fn list(dir: &Path, json: bool) -> Result<()> {
-    let (keys, spent) = match open_existing(dir)? {
+fn list(dir: &DataDirArg, json: bool) -> Result<()> {
+    let (keys, spent) = match dir.open_existing()? {
         Some(store) => {
             let keys = store.list_keys()?;
             let spent = keys
@@ -199,7 +240,7 @@ fn list(dir: &Path, json: bool) -> Result<()> {
     if keys.is_empty() {
         eprintln!(
             "no keys in {}; `ferrolm keys create --name NAME` makes one",
-            dir.display()
+            dir.shown()
         );
         return Ok(());
     }
@@ -242,11 +283,11 @@ fn list(dir: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn revoke(dir: &Path, name_or_id: &str, json: bool) -> Result<()> {
-    let Some(store) = open_existing(dir)? else {
+fn revoke(dir: &DataDirArg, name_or_id: &str, json: bool) -> Result<()> {
+    let Some(store) = dir.open_existing()? else {
         bail!(
             "no key store at {}: nothing to revoke (is --data-dir right?)",
-            dir.join(DB_FILE).display()
+            dir.shown()
         );
     };
     let k = store

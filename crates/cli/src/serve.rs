@@ -50,6 +50,12 @@ pub struct ServeArgs {
     /// Where the key store and usage ledger live (default: $FERROLM_HOME/server).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// The key store and usage ledger: sqlite:PATH (a database file; the default is
+    /// DATA_DIR/ferrolm.db) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE, which several
+    /// replicas share as one service (keys, rate limits, budgets and one ledger; files,
+    /// fine-tuning jobs and stored completions stay SQLite-only for now).
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
     /// Serve a non-loopback address without API keys (anyone who can reach it can use it).
     #[arg(long)]
     allow_unauthenticated: bool,
@@ -595,8 +601,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         None => a.ctx.div_ceil(block_size),
     };
     let data_dir = crate::keys::data_dir(a.data_dir.as_deref())?;
-    let db = Store::open(&data_dir)
-        .with_context(|| format!("cannot open the data dir {}", data_dir.display()))?;
+    let store_url = crate::keys::store_url(a.store.as_deref(), Some(&data_dir))?;
+    let db = Store::open_url(&store_url)
+        .with_context(|| format!("cannot open the store {}", crate::keys::shown(&store_url)))?;
     let has_keys = db.has_keys()?;
     if !a.host.is_loopback() && !has_keys && !a.allow_unauthenticated {
         bail!(
@@ -754,11 +761,17 @@ pub fn run(a: ServeArgs) -> Result<()> {
             path.display()
         );
     }
-    let hooks = crate::tuning::hooks(bases, threads(a.train_threads)?, loader)?;
-    state
-        .start_fine_tuning(hooks, &data_dir)
-        .map_err(anyhow::Error::msg)
-        .context("cannot start fine-tuning")?;
+    if state.access.store.is_shared() {
+        // Job records, files and their blobs are one replica's for now (no shared queue or
+        // object store yet): a shared-store replica serves without them.
+        eprintln!("ferrolm serve: /v1/files and fine-tuning are off: a postgres:// store does not keep them yet (use a sqlite: store for them)");
+    } else {
+        let hooks = crate::tuning::hooks(bases, threads(a.train_threads)?, loader)?;
+        state
+            .start_fine_tuning(hooks, &data_dir)
+            .map_err(anyhow::Error::msg)
+            .context("cannot start fine-tuning")?;
+    }
     let served = rt.block_on(ferrolm_server::serve(
         listener,
         state.clone(),

@@ -15,7 +15,7 @@ use clap::Args;
 use ferrolm_accounting::{time, GroupBy, ModelPrice, PriceCatalog, UsageGroup, UsageQuery};
 use serde::Serialize;
 
-use crate::keys::{data_dir, open_existing, print_table, DataDirArg};
+use crate::keys::{print_table, DataDirArg};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -79,7 +79,6 @@ fn on_hosted(p: &ModelPrice, g: &UsageGroup) -> f64 {
 }
 
 pub fn run(a: UsageArgs) -> Result<()> {
-    let dir = data_dir(a.dir.data_dir.as_deref())?;
     let since_ms = a.since.as_deref().map(time::day_start_ms).transpose()?;
     let until_ms = a
         .until
@@ -91,12 +90,12 @@ pub fn run(a: UsageArgs) -> Result<()> {
             bail!("--since {s} is after --until {u}: the period is empty");
         }
     }
-    let store = open_existing(&dir)?;
+    let store = a.dir.open_existing()?;
     let key_id = match (&a.key, &store) {
         (Some(k), Some(s)) => Some(s.find_key(k)?.id),
         (Some(k), None) => bail!(
-            "no key has the name or id `{k}`: there is no key store in {} yet",
-            dir.display()
+            "no key has the name or id `{k}`: there is no key store at {} yet",
+            a.dir.shown()
         ),
         (None, _) => None,
     };
@@ -142,7 +141,7 @@ pub fn run(a: UsageArgs) -> Result<()> {
         return Ok(());
     }
     if total.requests == 0 {
-        eprintln!("no requests recorded in {} for this period", dir.display());
+        eprintln!("no requests recorded in {} for this period", a.dir.shown());
     }
     let mut by = Vec::new();
     for g in &a.by {

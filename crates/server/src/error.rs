@@ -84,8 +84,15 @@ impl ApiError {
         }
     }
 
-    /// 500: the key store or ledger failed.
-    pub fn storage(e: impl std::fmt::Display) -> Self {
+    /// 500: the key store or ledger failed; 503 (retry later) when the store cannot be reached
+    /// for now (a shared PostgreSQL store stopped or timed out).
+    pub fn storage(e: ferrolm_accounting::AccountingError) -> Self {
+        if e.is_unavailable() {
+            let mut err = ApiError::server(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+            err.code = Some("store_unavailable");
+            err.headers.push(("retry-after", "5".to_owned()));
+            return err;
+        }
         ApiError::server(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("the key store failed: {e}; check the data dir's disk and permissions"),

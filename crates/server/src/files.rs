@@ -30,7 +30,7 @@ pub fn tuner(s: &AppState) -> Result<&Tuner, ApiError> {
         status: StatusCode::NOT_FOUND,
         code: Some("unknown_url"),
         ..ApiError::invalid(
-            "this server has no files or fine-tuning (it runs without a data dir for them)",
+            "this server has no files or fine-tuning (it runs without a data dir for them, or on a shared postgres:// store, which does not keep them yet)",
             None,
         )
     })

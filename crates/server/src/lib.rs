@@ -33,7 +33,7 @@ use axum::http::{Method, StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::Router;
 use ferrolm_accounting::{
-    Budgets, KeyInfo, ModelPrice, PriceCatalog, RateLimiter, Reservation, Store, UsageRow,
+    Budgets, KeyInfo, ModelPrice, PriceCatalog, RateLimiter, Refusal, Reservation, Store, UsageRow,
 };
 use ferrolm_engine::{Adapter, Command, EngineStats, GenerateOptions, Usage};
 use ferrolm_grammar::Grammar;
@@ -217,7 +217,8 @@ pub struct Inner {
     /// Money held against budgets by requests in flight.
     budgets: Arc<Budgets>,
     /// Ledger rows of served requests that could not be written yet (disk full), oldest first.
-    held_rows: Mutex<Vec<UsageRow>>,
+    /// With their admissions in a shared store.
+    held_rows: Mutex<Vec<(UsageRow, Option<i64>)>>,
 }
 
 impl std::ops::Deref for AppState {
@@ -234,6 +235,8 @@ pub struct Ticket {
     pub headers: Vec<(&'static str, String)>,
     estimated: u64,
     _budget: Option<Arc<Reservation>>,
+    /// Its admission in a shared store (limits kept in PostgreSQL), settled with its ledger row.
+    admission: Option<i64>,
 }
 
 /// The most a request may use, checked at admission: its prompt, every choice's `max_tokens`,
@@ -455,8 +458,12 @@ impl AppState {
                 headers: Vec::new(),
                 estimated: tokens,
                 _budget: None,
+                admission: None,
             });
         };
+        if self.access.store.is_shared() {
+            return self.admit_shared(key, tokens, &worst);
+        }
         let budget = match key.budget_usd {
             None => None,
             Some(budget) => {
@@ -487,11 +494,65 @@ impl AppState {
                 headers: h.headers(),
                 estimated: tokens,
                 _budget: budget,
+                admission: None,
             }),
             Err(l) => Err(ApiError::rate_limited(
                 l.message(),
                 l.retry_after_secs(),
                 l.headers(),
+            )),
+        }
+    }
+
+    /// [`AppState::admit`] with a shared store: the key's limits and budget are decided in the
+    /// database, in one transaction, so they hold across every replica (see
+    /// `ferrolm_accounting::Store::admit`). A key with neither limit nor budget needs no
+    /// admission.
+    fn admit_shared(
+        &self,
+        key: &KeyInfo,
+        tokens: u64,
+        worst: &Worst<'_>,
+    ) -> Result<Ticket, ApiError> {
+        if key.rpm.is_none() && key.tpm.is_none() && key.budget_usd.is_none() {
+            return Ok(Ticket {
+                headers: Vec::new(),
+                estimated: tokens,
+                _budget: None,
+                admission: None,
+            });
+        }
+        let worst_usd = worst.price.map_or(0.0, |p| {
+            p.cost_usd(worst.prompt_tokens, 0, worst.completion_tokens)
+        });
+        match self
+            .access
+            .store
+            .admit(key, tokens, worst_usd)
+            .map_err(ApiError::storage)?
+        {
+            Ok(a) => Ok(Ticket {
+                headers: a.headroom.headers(),
+                estimated: tokens,
+                _budget: None,
+                admission: Some(a.id),
+            }),
+            Err(Refusal::Limited(l)) => Err(ApiError::rate_limited(
+                l.message(),
+                l.retry_after_secs(),
+                l.headers(),
+            )),
+            Err(Refusal::OverBudget {
+                spent_usd,
+                held_usd,
+                budget_usd,
+            }) => Err(ApiError::budget_exhausted(
+                &key.name,
+                spent_usd + held_usd,
+                budget_usd,
+            )),
+            Err(Refusal::Revoked) => Err(ApiError::unauthorized(
+                "the API key was revoked: ask for a new one (`ferrolm keys create`)",
             )),
         }
     }
@@ -502,8 +563,8 @@ impl AppState {
             .held_rows
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        while let Some(row) = held.first() {
-            if let Err(e) = self.access.store.record(row) {
+        while let Some((row, admission)) = held.first() {
+            if let Err(e) = self.access.store.record_admitted(row, *admission) {
                 return Err(ledger_unavailable(&self.access.store, e, held.len()));
             }
             held.remove(0);
@@ -518,8 +579,8 @@ impl AppState {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         held.iter()
-            .filter(|r| r.key_id == Some(key_id))
-            .map(|r| r.cost_usd)
+            .filter(|(r, _)| r.key_id == Some(key_id))
+            .map(|(r, _)| r.cost_usd)
             .sum()
     }
 
@@ -557,7 +618,7 @@ impl AppState {
             .and_then(|(_, top)| top)
             .map_or(0.0, |p| p.cost_usd(prompt, cached, completion) - cost);
         let used = (u.prompt_tokens + u.completion_tokens) as u64;
-        if let Some(key) = &caller.key {
+        if let (Some(key), None) = (&caller.key, ticket.admission) {
             self.limiter
                 .settle(key.id, ticket.estimated, used, Instant::now());
         }
@@ -601,7 +662,7 @@ impl AppState {
             Ok(()) => self
                 .access
                 .store
-                .record(&row)
+                .record_admitted(&row, ticket.admission)
                 .map_err(|e| ledger_unavailable(&self.access.store, e, 0)),
             Err(e) => Err(e),
         };
@@ -622,7 +683,7 @@ impl AppState {
                     self.held_rows
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .push(row);
+                        .push((row, ticket.admission));
                 }
                 Err(e)
             }
@@ -632,14 +693,19 @@ impl AppState {
 
 /// 503: the usage ledger cannot be written, so nothing more is served.
 fn ledger_unavailable(store: &Store, e: impl std::fmt::Display, held: usize) -> ApiError {
-    let dir = store
-        .path()
-        .parent()
-        .map_or_else(String::new, |d| d.display().to_string());
+    let fix = if store.is_shared() {
+        format!("check that PostgreSQL runs at {}", store.path().display())
+    } else {
+        let dir = store
+            .path()
+            .parent()
+            .map_or_else(String::new, |d| d.display().to_string());
+        format!("free space (or fix permissions) in the data dir {dir}")
+    };
     let mut err = ApiError::server(
         StatusCode::SERVICE_UNAVAILABLE,
         format!(
-            "the usage ledger cannot be written ({e}){}: nothing is served unrecorded; free space (or fix permissions) in the data dir {dir} and retry",
+            "the usage ledger cannot be written ({e}){}: nothing is served unrecorded; {fix} and retry",
             if held > 0 {
                 format!("; {held} rows of served requests wait to be written")
             } else {

@@ -1,0 +1,768 @@
+//! The shared store: keys, limits and the ledger in PostgreSQL (`--store postgres://…`), so
+//! that several `ferrolm serve` replicas are one service.
+//!
+//! Contract:
+//! - The schema is SQLite's (`store::MIGRATIONS`), translated word for word ([`postgres_ddl`]),
+//!   versioned and migrated the same way; replicas starting together migrate one at a time (an
+//!   advisory lock), and a database written by a newer ferrolm is refused, never touched.
+//! - Nothing about a key is cached: every request's key is looked up in the database, so a
+//!   revocation on one replica holds on every replica from its next request. (Only "this
+//!   store has keys" is remembered once true: keys are never deleted.)
+//! - Rate limits and budgets are decided inside one transaction per admitted request that
+//!   locks the key's row (`SELECT … FOR UPDATE`), so replicas admit a key's requests one at a
+//!   time: the window (`admissions` of the last 60 s, by the database's clock) and the
+//!   budget's holds are read and the new admission written before the next replica looks.
+//!   The decision itself is `limits`'s sliding-window rule, the same as one server's.
+//! - A ledger row of an admitted request settles its admission in the same transaction (real
+//!   tokens replace the estimate, the hold is released); a row whose admission is already
+//!   settled is not written again, so a retried write counts the request once.
+//! - Calls block the caller, as SQLite's do: each runs on this store's own small tokio runtime
+//!   and is waited for. Nothing waits long: the pool's wait, connect and recycle steps each
+//!   give up after [`STEP_TIMEOUT`], a whole call after [`CALL_TIMEOUT`]; such failures are
+//!   [`AccountingError::StoreUnavailable`] (the server's 503), and the pool makes new
+//!   connections once PostgreSQL is back, so service resumes by itself.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+use crate::limits::{Headroom, Limited, RateLimiter, WINDOW};
+use crate::store::{pick_key, GroupBy, KeyInfo, KeySpec, UsageGroup, UsageRow, KEY_COLUMNS};
+use crate::{AccountingError, SCHEMA_VERSION};
+
+/// The most one pool step (waiting for a free connection, connecting, checking one) takes.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most one store call takes, its queries included.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections per replica: requests hold one only for their short transactions.
+const POOL_SIZE: usize = 8;
+/// An admission not settled after this long is from a replica that died mid-request: its
+/// budget hold lapses (and its row goes).
+const HOLD_LAPSES_MS: i64 = 3_600_000;
+/// Serialises migrations of replicas that start together (any constant; "ferrolm" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0066_6572_726f_6c6d;
+
+/// A request [`crate::Store::admit`] let through: its admission (for
+/// [`crate::Store::record_admitted`]) and the key's rate-limit headroom.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    pub id: i64,
+    pub headroom: Headroom,
+}
+
+/// Why [`crate::Store::admit`] refused a request.
+#[derive(Clone, Debug)]
+pub enum Refusal {
+    /// Its rpm or tpm is used up.
+    Limited(Limited),
+    /// The key's recorded spend plus what its running requests hold reached its budget.
+    OverBudget {
+        spent_usd: f64,
+        held_usd: f64,
+        budget_usd: f64,
+    },
+    /// The key was revoked since the request was authenticated.
+    Revoked,
+}
+
+pub(crate) struct Pg {
+    /// The URL without its password, for messages.
+    shown: String,
+    pool: Pool,
+    /// Runs the pool's connections; `None` only while dropping.
+    rt: Option<tokio::runtime::Runtime>,
+    /// Once true, stays true: keys are never deleted.
+    has_keys: AtomicBool,
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        // Dropping a runtime inside another one (the server's) panics; this does not wait.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// `url` with its password replaced by `***`.
+fn shown_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((user, host)) if user.contains(':') => {
+            let name = user.split(':').next().unwrap_or("");
+            format!("{scheme}://{name}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// SQLite DDL as PostgreSQL's: the rowid keys become identity columns, and whole words
+/// INTEGER, REAL and BLOB become BIGINT, DOUBLE PRECISION and BYTEA. The rest of the schema
+/// (CHECKs, partial indexes, comments) is common SQL.
+pub(crate) fn postgres_ddl(sqlite: &str) -> String {
+    let identity = "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY";
+    let s = sqlite
+        .replace("INTEGER PRIMARY KEY AUTOINCREMENT", identity)
+        .replace("INTEGER PRIMARY KEY", identity);
+    let word = |w: &str| -> String {
+        match w {
+            "INTEGER" => "BIGINT".into(),
+            "REAL" => "DOUBLE PRECISION".into(),
+            "BLOB" => "BYTEA".into(),
+            w => w.into(),
+        }
+    };
+    let mut out = String::with_capacity(s.len() + 64);
+    let mut w = String::new();
+    for c in s.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            w.push(c);
+        } else {
+            out += &word(&w);
+            w.clear();
+            out.push(c);
+        }
+    }
+    out += &word(&w);
+    out
+}
+
+/// A failure of the connection (refused, closed, timed out, server shutting down) is the
+/// store being unavailable; anything else is an error of the statement.
+fn pg_error(shown: &str, e: tokio_postgres::Error) -> AccountingError {
+    let unavailable = match e.as_db_error() {
+        // 08: connection exception; 57P0x: the server is shutting down or starting.
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08") || code.starts_with("57P")
+        }
+        None => true,
+    };
+    if unavailable {
+        AccountingError::StoreUnavailable {
+            store: shown.to_owned(),
+            message: e.to_string(),
+        }
+    } else {
+        AccountingError::Postgres {
+            store: shown.to_owned(),
+            message: e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.to_string()),
+        }
+    }
+}
+
+fn pool_error(shown: &str, e: PoolError) -> AccountingError {
+    match e {
+        PoolError::Backend(e) => pg_error(shown, e),
+        e => AccountingError::StoreUnavailable {
+            store: shown.to_owned(),
+            message: e.to_string(),
+        },
+    }
+}
+
+fn unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().map(|d| d.code().code()) == Some("23505")
+}
+
+fn key_from_row(shown: &str, r: &Row) -> Result<KeyInfo, AccountingError> {
+    let bad = |e: tokio_postgres::Error| pg_error(shown, e);
+    let rpm: Option<i64> = r.try_get(3).map_err(bad)?;
+    let tpm: Option<i64> = r.try_get(4).map_err(bad)?;
+    let range = |field: &str, v: i64| AccountingError::Postgres {
+        store: shown.to_owned(),
+        message: format!("api_keys.{field} is {v}, out of range"),
+    };
+    Ok(KeyInfo {
+        id: r.try_get(0).map_err(bad)?,
+        name: r.try_get(1).map_err(bad)?,
+        prefix: r.try_get(2).map_err(bad)?,
+        rpm: rpm
+            .map(|v| u32::try_from(v).map_err(|_| range("rpm", v)))
+            .transpose()?,
+        tpm: tpm
+            .map(|v| u64::try_from(v).map_err(|_| range("tpm", v)))
+            .transpose()?,
+        budget_usd: r.try_get(5).map_err(bad)?,
+        created: r.try_get(6).map_err(bad)?,
+        revoked: r.try_get(7).map_err(bad)?,
+    })
+}
+
+impl Pg {
+    /// Connect to `url`, check that the database is reachable and migrate it.
+    pub(crate) fn connect(url: &str) -> Result<Pg, AccountingError> {
+        let shown = shown_url(url);
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| AccountingError::Postgres {
+                store: shown.clone(),
+                message: format!("not a PostgreSQL URL ({e}): expected postgres://USER[:PASSWORD]@HOST[:PORT]/DB"),
+            })?;
+        config.connect_timeout(STEP_TIMEOUT);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                // A connection PostgreSQL closed (a restart) is seen as closed and replaced.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("ferrolm-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| AccountingError::StoreUnavailable {
+                store: shown.clone(),
+                message: format!("cannot start the store's runtime: {e}"),
+            })?;
+        let pool = {
+            // The pool's timeouts run on the runtime they are built in.
+            let _guard = rt.enter();
+            Pool::builder(manager)
+                .max_size(POOL_SIZE)
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(STEP_TIMEOUT))
+                .create_timeout(Some(STEP_TIMEOUT))
+                .recycle_timeout(Some(STEP_TIMEOUT))
+                .build()
+                .map_err(|e| AccountingError::Postgres {
+                    store: shown.clone(),
+                    message: format!("cannot make a connection pool: {e}"),
+                })?
+        };
+        let pg = Pg {
+            shown,
+            pool,
+            rt: Some(rt),
+            has_keys: AtomicBool::new(false),
+        };
+        pg.call(|pool, shown| async move { migrate(&pool, &shown).await })?;
+        Ok(pg)
+    }
+
+    pub(crate) fn shown_url(&self) -> &str {
+        &self.shown
+    }
+
+    /// Run `f` on the store's runtime and wait for it, at most [`CALL_TIMEOUT`].
+    fn call<T, F, Fut>(&self, f: F) -> Result<T, AccountingError>
+    where
+        F: FnOnce(Pool, String) -> Fut,
+        Fut: Future<Output = Result<T, AccountingError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let unavailable = |message: String| AccountingError::StoreUnavailable {
+            store: self.shown.clone(),
+            message,
+        };
+        let Some(rt) = &self.rt else {
+            return Err(unavailable("the store is shutting down".into()));
+        };
+        let fut = f(self.pool.clone(), self.shown.clone());
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let _ = tx.send(tokio::time::timeout(CALL_TIMEOUT, fut).await);
+        });
+        match rx.recv() {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(unavailable(format!(
+                "no answer within {} s",
+                CALL_TIMEOUT.as_secs()
+            ))),
+            Err(_) => Err(unavailable("the store's runtime stopped".into())),
+        }
+    }
+
+    pub(crate) fn create_key(
+        &self,
+        spec: &KeySpec,
+        rpm: Option<i64>,
+        tpm: Option<i64>,
+        prefix: &str,
+        hash: Vec<u8>,
+    ) -> Result<KeyInfo, AccountingError> {
+        let (name, prefix, budget) = (spec.name.clone(), prefix.to_owned(), spec.budget_usd);
+        let created = crate::time::now_unix_ms() / 1000;
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let r = c
+                .query_one(
+                    &format!(
+                        "INSERT INTO api_keys (name, prefix, hash, rpm, tpm, budget_usd, created)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {KEY_COLUMNS}"
+                    ),
+                    &[&name, &prefix, &hash, &rpm, &tpm, &budget, &created],
+                )
+                .await;
+            match r {
+                Ok(row) => key_from_row(&shown, &row),
+                // The partial unique index on active names: another replica may have made it.
+                Err(e) if unique_violation(&e) => Err(AccountingError::DuplicateName(name)),
+                Err(e) => Err(pg_error(&shown, e)),
+            }
+        })
+    }
+
+    pub(crate) fn list_keys(&self) -> Result<Vec<KeyInfo>, AccountingError> {
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let rows = c
+                .query(
+                    &format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id"),
+                    &[],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            rows.iter().map(|r| key_from_row(&shown, r)).collect()
+        })
+    }
+
+    pub(crate) fn find_key(&self, q: &str) -> Result<KeyInfo, AccountingError> {
+        let q = q.to_owned();
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let client: &tokio_postgres::Client = &c;
+            let found = keys_named(client, &shown, &q).await?;
+            pick_key(found, &q, false)
+        })
+    }
+
+    pub(crate) fn revoke_key(&self, q: &str) -> Result<KeyInfo, AccountingError> {
+        let q = q.to_owned();
+        self.call(|pool, shown| async move {
+            let mut c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let tx = c.transaction().await.map_err(|e| pg_error(&shown, e))?;
+            let t: &tokio_postgres::Transaction = &tx;
+            let key = pick_key(keys_named(t, &shown, &q).await?, &q, true)?;
+            let now = crate::time::now_unix_ms() / 1000;
+            let n = tx
+                .execute(
+                    "UPDATE api_keys SET revoked = $1 WHERE id = $2 AND revoked IS NULL",
+                    &[&now, &key.id],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            if n == 0 {
+                return Err(AccountingError::AlreadyRevoked {
+                    name: key.name,
+                    id: key.id,
+                });
+            }
+            tx.commit().await.map_err(|e| pg_error(&shown, e))?;
+            Ok(KeyInfo {
+                revoked: Some(now),
+                ..key
+            })
+        })
+    }
+
+    pub(crate) fn has_keys(&self) -> Result<bool, AccountingError> {
+        if self.has_keys.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let any = self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let r = c
+                .query_one("SELECT EXISTS(SELECT 1 FROM api_keys)", &[])
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            r.try_get::<_, bool>(0).map_err(|e| pg_error(&shown, e))
+        })?;
+        if any {
+            self.has_keys.store(true, Ordering::Relaxed);
+        }
+        Ok(any)
+    }
+
+    pub(crate) fn verify(&self, hash: Vec<u8>) -> Result<Option<KeyInfo>, AccountingError> {
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let row = c
+                .query_opt(
+                    &format!(
+                        "SELECT {KEY_COLUMNS} FROM api_keys WHERE hash = $1 AND revoked IS NULL"
+                    ),
+                    &[&hash],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            row.map(|r| key_from_row(&shown, &r)).transpose()
+        })
+    }
+
+    pub(crate) fn spent_usd(&self, key_id: i64) -> Result<f64, AccountingError> {
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let row = c
+                .query_opt("SELECT spent_usd FROM api_keys WHERE id = $1", &[&key_id])
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            match row {
+                Some(r) => r.try_get(0).map_err(|e| pg_error(&shown, e)),
+                None => Err(AccountingError::UnknownKey(key_id.to_string())),
+            }
+        })
+    }
+
+    /// See [`crate::Store::admit`].
+    pub(crate) fn admit(
+        &self,
+        key: &KeyInfo,
+        tokens: u64,
+        worst_usd: f64,
+    ) -> Result<Result<Admission, Refusal>, AccountingError> {
+        let key = key.clone();
+        self.call(|pool, shown| async move {
+            let err = |e| pg_error(&shown, e);
+            let mut c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let tx = c.transaction().await.map_err(err)?;
+            // The row lock serialises this key's admissions across replicas; the clock is the
+            // database's, one for all replicas.
+            let Some(k) = tx
+                .query_opt(
+                    "SELECT budget_usd, spent_usd, revoked IS NOT NULL,
+                            CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)
+                     FROM api_keys WHERE id = $1 FOR UPDATE",
+                    &[&key.id],
+                )
+                .await
+                .map_err(err)?
+            else {
+                return Ok(Err(Refusal::Revoked));
+            };
+            let budget: Option<f64> = k.try_get(0).map_err(err)?;
+            let spent: f64 = k.try_get(1).map_err(err)?;
+            let revoked: bool = k.try_get(2).map_err(err)?;
+            let now: i64 = k.try_get(3).map_err(err)?;
+            if revoked {
+                return Ok(Err(Refusal::Revoked));
+            }
+            let window_ms = WINDOW.as_millis() as i64;
+            tx.execute(
+                "DELETE FROM admissions WHERE key_id = $1 AND ts <= $2 AND (settled = 1 OR ts <= $3)",
+                &[&key.id, &(now - window_ms), &(now - HOLD_LAPSES_MS)],
+            )
+            .await
+            .map_err(err)?;
+            let rows = tx
+                .query(
+                    "SELECT ts, tokens, held_usd, settled FROM admissions
+                     WHERE key_id = $1 ORDER BY ts, id",
+                    &[&key.id],
+                )
+                .await
+                .map_err(err)?;
+            let mut past = Vec::new();
+            let mut held_usd = 0.0;
+            for r in &rows {
+                let ts: i64 = r.try_get(0).map_err(err)?;
+                let t: i64 = r.try_get(1).map_err(err)?;
+                let held: f64 = r.try_get(2).map_err(err)?;
+                let settled: i64 = r.try_get(3).map_err(err)?;
+                if settled == 0 && ts > now - HOLD_LAPSES_MS {
+                    held_usd += held;
+                }
+                if ts > now - window_ms {
+                    let age = u64::try_from(now - ts).unwrap_or(0);
+                    past.push((Duration::from_millis(age), u64::try_from(t).unwrap_or(0)));
+                }
+            }
+            // The same rule as one server's `Budgets`: refused once spend plus holds reach
+            // the budget, so the overshoot is at most one request's worst case.
+            if let Some(b) = budget {
+                if spent + held_usd >= b {
+                    return Ok(Err(Refusal::OverBudget {
+                        spent_usd: spent,
+                        held_usd,
+                        budget_usd: b,
+                    }));
+                }
+            }
+            let headroom = match RateLimiter::admit_from_log(&key, &past, tokens) {
+                Ok(h) => h,
+                Err(l) => return Ok(Err(Refusal::Limited(l))),
+            };
+            let hold = if budget.is_some() {
+                worst_usd.max(0.0)
+            } else {
+                0.0
+            };
+            let r = tx
+                .query_one(
+                    "INSERT INTO admissions (key_id, ts, tokens, held_usd) VALUES ($1, $2, $3, $4)
+                     RETURNING id",
+                    &[
+                        &key.id,
+                        &now,
+                        &i64::try_from(tokens).unwrap_or(i64::MAX),
+                        &hold,
+                    ],
+                )
+                .await
+                .map_err(err)?;
+            let id: i64 = r.try_get(0).map_err(err)?;
+            tx.commit().await.map_err(err)?;
+            Ok(Ok(Admission { id, headroom }))
+        })
+    }
+
+    pub(crate) fn record(
+        &self,
+        row: &UsageRow,
+        [prompt, cached, completion]: [i64; 3],
+        admission: Option<i64>,
+    ) -> Result<(), AccountingError> {
+        let row = row.clone();
+        self.call(|pool, shown| async move {
+            let err = |e| pg_error(&shown, e);
+            let mut c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let tx = c.transaction().await.map_err(err)?;
+            if let Some(a) = admission {
+                let settled = tx
+                    .query_opt(
+                        "SELECT settled FROM admissions WHERE id = $1 FOR UPDATE",
+                        &[&a],
+                    )
+                    .await
+                    .map_err(err)?;
+                let settled: Option<i64> =
+                    settled.map(|r| r.try_get(0)).transpose().map_err(err)?;
+                if settled == Some(1) {
+                    return Ok(()); // written before: count it once
+                }
+                // A lapsed (deleted) admission still gets its ledger row.
+                tx.execute(
+                    "UPDATE admissions SET tokens = $2, held_usd = 0, settled = 1 WHERE id = $1",
+                    &[&a, &(prompt + completion)],
+                )
+                .await
+                .map_err(err)?;
+            }
+            if let Some(k) = row.key_id {
+                let n = tx
+                    .execute(
+                        "UPDATE api_keys SET spent_usd = spent_usd + $1 WHERE id = $2",
+                        &[&row.cost_usd, &k],
+                    )
+                    .await
+                    .map_err(err)?;
+                if n == 0 {
+                    return Err(AccountingError::UsageUnknownKey {
+                        request_id: row.request_id.clone(),
+                        key_id: k,
+                    });
+                }
+            }
+            let status = i64::from(row.status);
+            let compressed = i64::try_from(row.compressed_tokens).unwrap_or(i64::MAX);
+            tx.execute(
+                "INSERT INTO usage (ts, request_id, key_id, model, endpoint, status, prompt_tokens,
+                                    cached_tokens, completion_tokens, latency_ms, ttft_ms, cost_usd,
+                                    finish_reason, route, compressed_tokens, saved_by_cache_usd,
+                                    saved_by_compression_usd, saved_by_routing_usd,
+                                    lazy_tool_tokens, saved_by_lazy_tools_usd)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                         $17, $18, $19, $20)",
+                &[
+                    &row.ts,
+                    &row.request_id,
+                    &row.key_id,
+                    &row.model,
+                    &row.endpoint,
+                    &status,
+                    &prompt,
+                    &cached,
+                    &completion,
+                    &row.latency_ms,
+                    &row.ttft_ms,
+                    &row.cost_usd,
+                    &row.finish_reason,
+                    &row.route,
+                    &compressed,
+                    &row.saved_by_cache_usd,
+                    &row.saved_by_compression_usd,
+                    &row.saved_by_routing_usd,
+                    &row.lazy_tool_tokens,
+                    &row.saved_by_lazy_tools_usd,
+                ],
+            )
+            .await
+            .map_err(err)?;
+            tx.commit().await.map_err(err)
+        })
+    }
+
+    /// Run a usage report built by `store::usage_sql`.
+    pub(crate) fn usage(
+        &self,
+        sql: String,
+        args: Vec<i64>,
+        groups: Vec<GroupBy>,
+    ) -> Result<Vec<UsageGroup>, AccountingError> {
+        self.call(|pool, shown| async move {
+            let err = |e| pg_error(&shown, e);
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let params: Vec<&(dyn ToSql + Sync)> =
+                args.iter().map(|a| a as &(dyn ToSql + Sync)).collect();
+            let rows = c.query(&sql, &params).await.map_err(err)?;
+            let n = groups.len();
+            let count = |r: &Row, i: usize| -> Result<u64, AccountingError> {
+                let v: i64 = r.try_get(i).map_err(err)?;
+                u64::try_from(v).map_err(|_| AccountingError::Postgres {
+                    store: shown.clone(),
+                    message: format!("usage column {i} is {v}, negative"),
+                })
+            };
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let mut g = UsageGroup {
+                    requests: count(r, n)?,
+                    prompt_tokens: count(r, n + 1)?,
+                    cached_tokens: count(r, n + 2)?,
+                    completion_tokens: count(r, n + 3)?,
+                    cost_usd: r.try_get(n + 4).map_err(err)?,
+                    avg_latency_ms: r.try_get(n + 5).map_err(err)?,
+                    avg_ttft_ms: r.try_get(n + 6).map_err(err)?,
+                    compressed_tokens: count(r, n + 7)?,
+                    saved_by_cache_usd: r.try_get(n + 8).map_err(err)?,
+                    saved_by_compression_usd: r.try_get(n + 9).map_err(err)?,
+                    saved_by_routing_usd: r.try_get(n + 10).map_err(err)?,
+                    routed_requests: count(r, n + 11)?,
+                    lazy_tool_tokens: r.try_get(n + 12).map_err(err)?,
+                    saved_by_lazy_tools_usd: r.try_get(n + 13).map_err(err)?,
+                    ..UsageGroup::default()
+                };
+                for (i, col) in groups.iter().enumerate() {
+                    let v: String = r.try_get(i).map_err(err)?;
+                    match col {
+                        GroupBy::Key => g.key = Some(v),
+                        GroupBy::Model => g.model = Some(v),
+                        GroupBy::Day => g.day = Some(v),
+                    }
+                }
+                out.push(g);
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// The keys `q` names: the key with id `q` (if it is a number), then those named `q`, oldest
+/// first.
+async fn keys_named<C: tokio_postgres::GenericClient + Sync>(
+    c: &C,
+    shown: &str,
+    q: &str,
+) -> Result<Vec<KeyInfo>, AccountingError> {
+    let mut found = Vec::new();
+    if let Ok(id) = q.parse::<i64>() {
+        let row = c
+            .query_opt(
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"),
+                &[&id],
+            )
+            .await
+            .map_err(|e| pg_error(shown, e))?;
+        if let Some(r) = row {
+            found.push(key_from_row(shown, &r)?);
+        }
+    }
+    let rows = c
+        .query(
+            &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE name = $1 ORDER BY id"),
+            &[&q],
+        )
+        .await
+        .map_err(|e| pg_error(shown, e))?;
+    for r in &rows {
+        let k = key_from_row(shown, r)?;
+        if !found.iter().any(|f: &KeyInfo| f.id == k.id) {
+            found.push(k);
+        }
+    }
+    Ok(found)
+}
+
+/// Bring the database to [`SCHEMA_VERSION`], or refuse one from a newer ferrolm.
+async fn migrate(pool: &Pool, shown: &str) -> Result<(), AccountingError> {
+    let err = |e| pg_error(shown, e);
+    let mut c = pool.get().await.map_err(|e| pool_error(shown, e))?;
+    let tx = c.transaction().await.map_err(err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(err)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .await
+        .map_err(err)?;
+    let current: Option<i64> = tx
+        .query_one("SELECT MAX(version) FROM schema_version", &[])
+        .await
+        .map_err(err)?
+        .try_get(0)
+        .map_err(err)?;
+    let current = current.unwrap_or(0);
+    if current > SCHEMA_VERSION {
+        return Err(AccountingError::SchemaTooNew {
+            path: shown.into(),
+            found: current,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if current == SCHEMA_VERSION {
+        return tx.commit().await.map_err(err);
+    }
+    for sql in crate::store::MIGRATIONS
+        .iter()
+        .skip(usize::try_from(current).unwrap_or(0))
+    {
+        tx.batch_execute(&postgres_ddl(sql)).await.map_err(err)?;
+    }
+    tx.execute("DELETE FROM schema_version", &[])
+        .await
+        .map_err(err)?;
+    tx.execute(
+        "INSERT INTO schema_version (version) VALUES ($1)",
+        &[&SCHEMA_VERSION],
+    )
+    .await
+    .map_err(err)?;
+    tx.commit().await.map_err(err)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ddl_is_translated_word_for_word() {
+        let d = postgres_ddl(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, n INTEGER NOT NULL, \
+             r REAL, b BLOB, -- REALLY an INTEGER_ish comment\n x INTEGER PRIMARY KEY)",
+        );
+        assert_eq!(
+            d,
+            "CREATE TABLE t (id BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, \
+             n BIGINT NOT NULL, r DOUBLE PRECISION, b BYTEA, -- REALLY an INTEGER_ish comment\n \
+             x BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY)"
+        );
+    }
+
+    #[test]
+    fn passwords_are_not_shown() {
+        assert_eq!(
+            shown_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(shown_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+}

@@ -1,0 +1,454 @@
+//! Several `ferrolm serve` replicas as one service on one PostgreSQL (`--store postgres://…`):
+//! a real PostgreSQL from Debian's packages (`.ci/run` installs it), started by the test in a
+//! temporary directory on a loopback port, and three real replicas on the default model.
+//!
+//! Targets held here: a key made through the shared store works on every replica; a
+//! revocation stops it on another replica at its next request; `--rpm 60` offered 180 requests
+//! over three replicas admits at most 61; a budget is overshot by at most one request's cost;
+//! the ledger has each request exactly once; PostgreSQL stopped gives a quick 503, and service
+//! returns by itself when it is back; a database newer than the binary is refused.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{ferrolm, Server};
+use serde_json::{json, Value};
+
+/// A PostgreSQL server of its own in a temporary directory, on a loopback port; stopped when
+/// dropped. Run as `nobody` when the test runs as root (postgres refuses root).
+struct Postgres {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+/// The newest PostgreSQL under /usr/lib/postgresql/*/bin (Debian's layout).
+fn postgres_bin() -> PathBuf {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|d| {
+                    let v: u32 = d.file_name().to_str()?.parse().ok()?;
+                    let bin = d.path().join("bin");
+                    bin.join("initdb").exists().then_some((v, bin))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found.pop().map(|(_, b)| b).unwrap_or_else(|| {
+        panic!("no PostgreSQL under /usr/lib/postgresql/*/bin: install it (`apt-get install -y postgresql`, as .ci/run does)")
+    })
+}
+
+fn is_root() -> bool {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        let bin = postgres_bin();
+        let dir = tempfile::tempdir().unwrap();
+        if is_root() {
+            // postgres will not run as root: the cluster belongs to `nobody`.
+            let out = Command::new("chown")
+                .args(["-R", "nobody"])
+                .arg(dir.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "chown: {out:?}");
+        }
+        let pg = Postgres {
+            bin,
+            port: TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+            dir,
+        };
+        let out = pg
+            .cmd("initdb")
+            .args([
+                "--auth=trust",
+                "--username=ferrolm",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "-D",
+            ])
+            .arg(pg.data())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg.pg_ctl_start();
+        pg
+    }
+
+    /// A PostgreSQL program, as `nobody` when we are root.
+    fn cmd(&self, program: &str) -> Command {
+        let exe = self.bin.join(program);
+        if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "nobody", "--"]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        }
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://ferrolm@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn pg_ctl_start(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            self.port,
+            self.dir.path().display()
+        );
+        let out = self
+            .cmd("pg_ctl")
+            .args(["-w", "-t", "60", "-D"])
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-o", &opts, "start"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+        );
+    }
+
+    fn pg_ctl_stop(&self) {
+        let out = self
+            .cmd("pg_ctl")
+            .args(["-w", "-m", "fast", "-D"])
+            .arg(self.data())
+            .arg("stop")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl stop: {out:?}");
+    }
+
+    /// One value from `psql`.
+    fn sql(&self, query: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &self.url(),
+                "-c",
+            ])
+            .arg(query)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "psql {query}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self
+            .cmd("pg_ctl")
+            .args(["-w", "-m", "immediate", "-D"])
+            .arg(self.data())
+            .arg("stop")
+            .output();
+    }
+}
+
+fn keys_cmd(url: &str, args: &[&str]) -> std::process::Output {
+    ferrolm()
+        .arg("keys")
+        .args(args)
+        .args(["--store", url])
+        .output()
+        .unwrap()
+}
+
+fn create_key(url: &str, name: &str, extra: &[&str]) -> String {
+    let mut args = vec!["create", "--json", "--name", name];
+    args.extend_from_slice(extra);
+    let out = keys_cmd(url, &args);
+    assert!(
+        out.status.success(),
+        "keys create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["secret"].as_str().unwrap().to_owned()
+}
+
+/// A one-token chat request with `key`: (status, body).
+fn chat(s: &Server, key: &str, max_tokens: u32) -> (u16, Value) {
+    let body = json!({
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    });
+    let r = ureq::post(&s.url("/v1/chat/completions"))
+        .timeout(Duration::from_secs(60))
+        .set("Authorization", &format!("Bearer {key}"))
+        .send_string(&body.to_string());
+    let (status, text) = match r {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    };
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, v)
+}
+
+/// Send `n` requests of `key` over `replicas` (round robin) from `threads` threads; the
+/// statuses (with the error code of refusals).
+fn offer(
+    replicas: &[Arc<Server>],
+    key: &str,
+    n: usize,
+    threads: usize,
+) -> Vec<(u16, Option<String>)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let next = next.clone();
+            let replicas: Vec<Arc<Server>> = replicas.to_vec();
+            let key = key.to_owned();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= n {
+                        return got;
+                    }
+                    let (status, v) = chat(&replicas[i % replicas.len()], &key, 1);
+                    let code = v["error"]["code"].as_str().map(str::to_owned);
+                    got.push((status, code));
+                }
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}
+
+fn replica(url: &str, data: &Path) -> Arc<Server> {
+    Arc::new(Server::start_in(
+        data,
+        &["--store", url, "--max-queue", "256"],
+    ))
+}
+
+#[test]
+fn three_replicas_share_keys_limits_budgets_and_one_ledger_on_postgres() {
+    let pg = Postgres::start();
+    let url = pg.url();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    // The first key before the replicas start: they serve keyed from the first request.
+    let shared = create_key(&url, "shared", &[]);
+    let replicas: Vec<Arc<Server>> = dirs.iter().map(|d| replica(&url, d.path())).collect();
+    let (a, b, c) = (&replicas[0], &replicas[1], &replicas[2]);
+
+    // A key made in the shared store works on every replica; revoked through the store (as
+    // by an operator next to replica C), replica A refuses it at its next request.
+    for s in [a, b, c] {
+        let (status, v) = chat(s, &shared, 1);
+        assert_eq!(status, 200, "{v}");
+    }
+    let late = create_key(&url, "late", &[]);
+    for s in [c, b, a] {
+        assert_eq!(
+            chat(s, &late, 1).0,
+            200,
+            "a key made while the replicas run"
+        );
+    }
+    let out = keys_cmd(&url, &["revoke", "late"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, v) = chat(a, &late, 1);
+    assert_eq!(status, 401, "revoked, yet served: {v}");
+    assert_eq!(v["error"]["type"], "authentication_error");
+
+    // rpm across replicas: 180 requests at a key with --rpm 60, spread over the three.
+    let limited = create_key(&url, "limited", &["--rpm", "60"]);
+    let t0 = Instant::now();
+    let got = offer(&replicas, &limited, 180, 6);
+    let took = t0.elapsed();
+    let accepted = got.iter().filter(|(s, _)| *s == 200).count();
+    let limited_429 = got
+        .iter()
+        .filter(|(s, c)| *s == 429 && c.as_deref() == Some("rate_limit_exceeded"))
+        .count();
+    eprintln!("rpm 60 over 3 replicas: {accepted} of 180 accepted, {limited_429} refused (429) in {took:?}");
+    assert!(
+        took < Duration::from_secs(60),
+        "the 180 requests took {took:?}: the window slid, so the count says nothing"
+    );
+    assert_eq!(accepted + limited_429, 180, "{got:?}");
+    assert!((60..=61).contains(&accepted), "{accepted} accepted");
+
+    // A budget worth a few requests, spent from three replicas at once.
+    let budget = 0.00002;
+    let thrifty = create_key(&url, "thrifty", &["--budget-usd", &budget.to_string()]);
+    let got = offer(&replicas, &thrifty, 60, 6);
+    let paid = got.iter().filter(|(s, _)| *s == 200).count();
+    let over = got
+        .iter()
+        .filter(|(s, c)| *s == 429 && c.as_deref() == Some("insufficient_quota"))
+        .count();
+    assert_eq!(paid + over, 60, "{got:?}");
+    // Worst-case holds may refuse a burst before the budget is spent; one request at a time
+    // then spends it to the end.
+    let mut paid = paid;
+    for i in 0.. {
+        assert!(i < 200, "the budget was never exhausted");
+        let (status, v) = chat(&replicas[i % 3], &thrifty, 1);
+        if status == 429 {
+            assert_eq!(v["error"]["code"], "insufficient_quota", "{v}");
+            break;
+        }
+        assert_eq!(status, 200, "{v}");
+        paid += 1;
+    }
+    let spent: f64 = pg
+        .sql("SELECT spent_usd FROM api_keys WHERE name = 'thrifty'")
+        .parse()
+        .unwrap();
+    let max_cost: f64 = pg
+        .sql("SELECT MAX(cost_usd) FROM usage u JOIN api_keys k ON k.id = u.key_id WHERE k.name = 'thrifty'")
+        .parse()
+        .unwrap();
+    eprintln!("budget ${budget}: {paid} paid, spent ${spent:.9}, one request ≤ ${max_cost:.9}");
+    assert!(
+        spent >= budget,
+        "refused at {spent}, under the budget {budget}"
+    );
+    assert!(
+        spent <= budget + max_cost + 1e-12,
+        "spent {spent} passes the budget {budget} by more than one request ({max_cost})"
+    );
+
+    // One ledger, each request once: the rpm key's rows are its 180 answers.
+    let rows = |key: &str, status: u16| -> usize {
+        pg.sql(&format!(
+            "SELECT COUNT(*) FROM usage u JOIN api_keys k ON k.id = u.key_id
+             WHERE k.name = '{key}' AND u.status = {status}"
+        ))
+        .parse()
+        .unwrap()
+    };
+    assert_eq!(rows("limited", 200), accepted);
+    assert_eq!(rows("limited", 429), limited_429);
+    assert_eq!(rows("thrifty", 200), paid);
+    let sum: f64 = pg
+        .sql("SELECT SUM(cost_usd) FROM usage u JOIN api_keys k ON k.id = u.key_id WHERE k.name = 'thrifty'")
+        .parse()
+        .unwrap();
+    assert!(
+        (sum - spent).abs() < 1e-12,
+        "ledger {sum} vs running spend {spent}"
+    );
+    // `ferrolm usage` reads the same ledger.
+    let out = ferrolm()
+        .args(["usage", "--by", "key", "--json", "--store", &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let limited_row = report["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["key"] == "limited")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(limited_row["requests"], json!(180));
+
+    // PostgreSQL stopped: a quick 503 in OpenAI's shape; back by itself when it is.
+    pg.pg_ctl_stop();
+    for s in [a, b] {
+        let t = Instant::now();
+        let (status, v) = chat(s, &shared, 1);
+        assert_eq!(status, 503, "{v}");
+        assert_eq!(v["error"]["type"], "server_error", "{v}");
+        assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("PostgreSQL"),
+            "{v}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(6),
+            "took {:?}",
+            t.elapsed()
+        );
+    }
+    pg.pg_ctl_start();
+    let t = Instant::now();
+    for s in [a, b, c] {
+        loop {
+            let (status, v) = chat(s, &shared, 1);
+            if status == 200 {
+                break;
+            }
+            assert_eq!(status, 503, "{v}");
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "not back 30 s after PostgreSQL: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    eprintln!("service back {:?} after PostgreSQL restarted", t.elapsed());
+
+    // A database migrated by a newer ferrolm is refused, with the fix.
+    drop(replicas);
+    pg.sql("UPDATE schema_version SET version = 999");
+    let out = keys_cmd(&url, &["list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("999") && err.contains("upgrade ferrolm"),
+        "{err}"
+    );
+}
