@@ -6,7 +6,10 @@
 //! revocation stops it on another replica at its next request; `--rpm 60` offered 180 requests
 //! over three replicas admits at most 61; a budget is overshot by at most one request's cost;
 //! the ledger has each request exactly once; PostgreSQL stopped gives a quick 503, and service
-//! returns by itself when it is back; a database newer than the binary is refused.
+//! returns by itself when it is back; a database newer than the binary is refused. And
+//! `docs/deploy/nginx.conf`, run by a real nginx from Debian in front of three replicas, keeps
+//! each session on one replica and skips a dead one; `/metrics` has the gauges routers read
+//! under vLLM's names.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -451,4 +454,176 @@ fn three_replicas_share_keys_limits_budgets_and_one_ledger_on_postgres() {
         err.contains("999") && err.contains("upgrade ferrolm"),
         "{err}"
     );
+}
+
+/// `docs/deploy/nginx.conf`, run as it is with its ports rewritten to ours; stopped when
+/// dropped.
+struct Nginx {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    fn start(upstreams: &[u16]) -> Nginx {
+        let conf =
+            std::fs::read_to_string(common::repo_root().join("docs/deploy/nginx.conf")).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut conf = conf.replace(
+            "listen 127.0.0.1:8080;",
+            &format!("listen 127.0.0.1:{port};"),
+        );
+        for (i, up) in upstreams.iter().enumerate() {
+            let from = format!("server 127.0.0.1:{} ", 8081 + i);
+            assert!(conf.contains(&from), "nginx.conf has no `{from}` line");
+            conf = conf.replace(&from, &format!("server 127.0.0.1:{up} "));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or_else(|| {
+                panic!("no nginx: install it (`apt-get install -y nginx`, as .ci/run does)")
+            });
+        let mut cmd = if is_root() {
+            // Not as root: its workers would switch to `nobody` and lose the temp dirs.
+            let out = Command::new("chown")
+                .args(["-R", "nobody"])
+                .arg(dir.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let mut c = Command::new("runuser");
+            c.args(["-u", "nobody", "--", nginx]);
+            c
+        } else {
+            Command::new(nginx)
+        };
+        let child = cmd
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "nginx never listened: {}",
+                std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Nginx {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// GET `path` with a session header: (status, the replica that answered).
+    fn get(&self, path: &str, session: &str) -> (u16, String) {
+        let r = ureq::get(&format!("http://127.0.0.1:{}{path}", self.port))
+            .set("X-Session-Id", session)
+            .call();
+        let r = match r {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{e}"),
+        };
+        let replica = r.header("x-ferrolm-replica").unwrap_or("").to_owned();
+        (r.status(), replica)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM to runuser reaches nginx's master (fast shutdown); then make sure.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn port_of(s: &Server) -> u16 {
+    s.url("").rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn nginx_keeps_each_session_on_one_replica_and_skips_a_dead_one() {
+    let mut replicas: Vec<Option<Server>> = (0..3).map(|_| Some(Server::start(&[]))).collect();
+    let ports: Vec<u16> = replicas
+        .iter()
+        .map(|s| port_of(s.as_ref().unwrap()))
+        .collect();
+    let nginx = Nginx::start(&ports);
+    let sessions: Vec<String> = (0..12).map(|i| format!("session-{i}")).collect();
+    let mut home = std::collections::HashMap::new();
+    for _ in 0..3 {
+        for s in &sessions {
+            let (status, replica) = nginx.get("/v1/models", s);
+            assert_eq!(status, 200);
+            let first = home.entry(s.clone()).or_insert_with(|| replica.clone());
+            assert_eq!(*first, replica, "{s} moved between replicas");
+        }
+    }
+    let used: std::collections::HashSet<&String> = home.values().collect();
+    assert!(used.len() >= 2, "12 sessions all hashed to {used:?}");
+
+    // The replica of session-0 goes away: its sessions move, the others stay.
+    let gone = home["session-0"].clone();
+    let i = ports
+        .iter()
+        .position(|p| gone.ends_with(&format!(":{p}")))
+        .unwrap();
+    replicas[i] = None;
+    for s in &sessions {
+        let (status, replica) = nginx.get("/v1/models", s);
+        assert_eq!(status, 200, "{s} not served after a replica died");
+        assert_ne!(replica.rsplit(", ").next().unwrap(), gone);
+        if home[s] != gone {
+            assert_eq!(replica, home[s], "{s} moved though its replica is up");
+        }
+    }
+
+    // The gauges routers read, under vLLM's names.
+    let text = ureq::get(&format!("http://127.0.0.1:{}/metrics", nginx.port))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    for name in [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{model_name=\"smollm2-135m-instruct\"}} ")))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"));
+        let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(v >= 0.0 && (!name.contains("perc") || v <= 1.0), "{line}");
+    }
 }

@@ -258,7 +258,67 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{model=\"{model}\"}} {}", get(st));
             }
         }
+        render_vllm(&mut out, models);
         out
+    }
+}
+
+/// The same gauges under vLLM's names and its `model_name` label, which existing routers read
+/// to balance replicas (vLLM's production-stack router, the Gateway API Inference Extension,
+/// SGLang's router): requests running and waiting, KV-cache usage as a fraction (both the
+/// current `kv_cache_usage_perc` and the older `gpu_cache_usage_perc`), and prefix-cache
+/// queries and hits in tokens (counters).
+fn render_vllm(out: &mut String, models: &[(String, &EngineStats)]) {
+    let usage = |s: &EngineStats| {
+        let total = ld(&s.kv_blocks_total);
+        if total == 0 {
+            0.0
+        } else {
+            total.saturating_sub(ld(&s.kv_blocks_free)) as f64 / total as f64
+        }
+    };
+    for (name, kind, help, get) in [
+        (
+            "vllm:num_requests_running",
+            "gauge",
+            "Number of requests in model execution batches.",
+            (|s: &EngineStats| ld(&s.running) as f64) as fn(&EngineStats) -> f64,
+        ),
+        (
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Number of requests waiting to be processed.",
+            |s| ld(&s.waiting) as f64,
+        ),
+        (
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            usage,
+        ),
+        (
+            "vllm:gpu_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage (the older name).",
+            usage,
+        ),
+        (
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            |s| ld(&s.prefix_queried_tokens) as f64,
+        ),
+        (
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            |s| ld(&s.prefix_hit_tokens) as f64,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (model, st) in models {
+            let _ = writeln!(out, "{name}{{model_name=\"{model}\"}} {}", get(st));
+        }
     }
 }
 
