@@ -14,6 +14,7 @@
 //!   that is not in the list is an error rather than a silent first page.
 //! - [`Store::prune_completions`] forgets completions created before a cutoff (the server's
 //!   retention limit).
+//! - A PostgreSQL store keeps them the same way (`pg`), so every replica reads what any stored.
 
 use std::collections::BTreeMap;
 
@@ -173,16 +174,42 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<CompletionRecord> {
     })
 }
 
-fn metadata_text(m: &Metadata) -> String {
+/// A record from the stored columns ([`COLUMNS`]' JSON texts), for the PostgreSQL store.
+pub(crate) fn from_texts(
+    (id, key_id, created, model): (String, Option<i64>, i64, String),
+    [metadata, request, body]: [String; 3],
+) -> Result<CompletionRecord, serde_json::Error> {
+    let request: Value = serde_json::from_str(&request)?;
+    Ok(CompletionRecord {
+        id,
+        key_id,
+        created,
+        model,
+        metadata: serde_json::from_str(&metadata)?,
+        messages: request.get("messages").cloned().unwrap_or(Value::Null),
+        tools: request.get("tools").cloned().filter(|t| !t.is_null()),
+        body: serde_json::from_str(&body)?,
+    })
+}
+
+pub(crate) fn metadata_text(m: &Metadata) -> String {
     serde_json::to_string(m).unwrap_or_else(|_| "{}".into())
+}
+
+/// The stored `request` column: the messages and tools.
+pub(crate) fn request_text(c: &CompletionRecord) -> String {
+    let mut request = serde_json::json!({"messages": c.messages});
+    if let Some(t) = &c.tools {
+        request["tools"] = t.clone();
+    }
+    request.to_string()
 }
 
 impl Store {
     /// Keep `c`. Its id must be new.
     pub fn insert_completion(&self, c: &CompletionRecord) -> Result<(), AccountingError> {
-        let mut request = serde_json::json!({"messages": c.messages});
-        if let Some(t) = &c.tools {
-            request["tools"] = t.clone();
+        if let Some(pg) = self.pg() {
+            return pg.insert_completion(c);
         }
         self.conn()?
             .execute(
@@ -195,7 +222,7 @@ impl Store {
                     c.created,
                     c.model,
                     metadata_text(&c.metadata),
-                    request.to_string(),
+                    request_text(c),
                     c.body.to_string()
                 ],
             )
@@ -209,6 +236,9 @@ impl Store {
         id: &str,
         key: Option<i64>,
     ) -> Result<Option<CompletionRecord>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.completion(id, key);
+        }
         self.conn()?
             .query_row(
                 &format!("SELECT {COLUMNS} FROM chat_completions WHERE id = ?1 AND key_id IS ?2"),
@@ -224,6 +254,9 @@ impl Store {
         &self,
         q: &CompletionQuery,
     ) -> Result<Page<CompletionRecord>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.completions(q);
+        }
         let mut sql = format!("SELECT {COLUMNS} FROM chat_completions WHERE 1");
         let mut args: Vec<Box<dyn ToSql>> = Vec::new();
         if let Owner::Key(k) = q.owner {
@@ -295,6 +328,12 @@ impl Store {
         key: Option<i64>,
         metadata: &Metadata,
     ) -> Result<Option<CompletionRecord>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            if !pg.update_completion_metadata(id, key, metadata_text(metadata))? {
+                return Ok(None);
+            }
+            return self.completion(id, key);
+        }
         let n = self
             .conn()?
             .execute(
@@ -310,6 +349,9 @@ impl Store {
 
     /// Forget `key`'s completion `id`; false when it had none such.
     pub fn delete_completion(&self, id: &str, key: Option<i64>) -> Result<bool, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.delete_completion(id, key);
+        }
         let n = self
             .conn()?
             .execute(
@@ -322,6 +364,9 @@ impl Store {
 
     /// Forget every completion created before `cutoff` (unix seconds); how many went.
     pub fn prune_completions(&self, cutoff: i64) -> Result<usize, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.prune_completions(cutoff);
+        }
         self.conn()?
             .execute("DELETE FROM chat_completions WHERE created < ?1", [cutoff])
             .at(&self.path)

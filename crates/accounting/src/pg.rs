@@ -16,6 +16,8 @@
 //! - A ledger row of an admitted request settles its admission in the same transaction (real
 //!   tokens replace the estimate, the hold is released); a row whose admission is already
 //!   settled is not written again, so a retried write counts the request once.
+//! - Stored chat completions live here too (every replica lists and exports the same ones);
+//!   files, fine-tuning jobs and stored responses do not yet (`AccountingError::NotInPostgres`).
 //! - Calls block the caller, as SQLite's do: each runs on this store's own small tokio runtime
 //!   and is waited for. Nothing waits long: the pool's wait, connect and recycle steps each
 //!   give up after [`STEP_TIMEOUT`], a whole call after [`CALL_TIMEOUT`]; such failures are
@@ -30,8 +32,10 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use crate::completions::{self, CompletionQuery, CompletionRecord, Owner};
 use crate::limits::{Headroom, Limited, RateLimiter, WINDOW};
 use crate::store::{pick_key, GroupBy, KeyInfo, KeySpec, UsageGroup, UsageRow, KEY_COLUMNS};
+use crate::tuning::Page;
 use crate::{AccountingError, SCHEMA_VERSION};
 
 /// The most one pool step (waiting for a free connection, connecting, checking one) takes.
@@ -654,6 +658,208 @@ impl Pg {
             Ok(out)
         })
     }
+}
+
+/// Stored chat completions (see `completions`): the same columns and scoping as SQLite's.
+impl Pg {
+    pub(crate) fn insert_completion(&self, c: &CompletionRecord) -> Result<(), AccountingError> {
+        let (id, key, created, model) = (c.id.clone(), c.key_id, c.created, c.model.clone());
+        let texts = [
+            completions::metadata_text(&c.metadata),
+            completions::request_text(c),
+            c.body.to_string(),
+        ];
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            c.execute(
+                "INSERT INTO chat_completions (id, key_id, created, model, metadata, request, body)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                &[&id, &key, &created, &model, &texts[0], &texts[1], &texts[2]],
+            )
+            .await
+            .map_err(|e| pg_error(&shown, e))?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn completion(
+        &self,
+        id: &str,
+        key: Option<i64>,
+    ) -> Result<Option<CompletionRecord>, AccountingError> {
+        let id = id.to_owned();
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let row = c
+                .query_opt(
+                    "SELECT id, key_id, created, model, metadata, request, body
+                     FROM chat_completions WHERE id = $1 AND key_id IS NOT DISTINCT FROM $2",
+                    &[&id, &key],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            row.map(|r| completion_from_row(&shown, &r)).transpose()
+        })
+    }
+
+    pub(crate) fn completions(
+        &self,
+        q: &CompletionQuery,
+    ) -> Result<Page<CompletionRecord>, AccountingError> {
+        let q = q.clone();
+        self.call(|pool, shown| async move {
+            let err = |e| pg_error(&shown, e);
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let mut sql = String::from(
+                "SELECT id, key_id, created, model, metadata, request, body
+                 FROM chat_completions WHERE TRUE",
+            );
+            let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+            let mut arg = |sql: &mut String, cond: &str, v: Box<dyn ToSql + Sync + Send>| {
+                args.push(v);
+                *sql += &cond.replace('?', &format!("${}", args.len()));
+            };
+            let key = match q.owner {
+                Owner::Key(k) => {
+                    arg(&mut sql, " AND key_id IS NOT DISTINCT FROM ?", Box::new(k));
+                    Some(k)
+                }
+                Owner::Any => None,
+            };
+            if let Some(m) = &q.model {
+                arg(&mut sql, " AND model = ?", Box::new(m.clone()));
+            }
+            for (k, v) in &q.metadata {
+                arg(
+                    &mut sql,
+                    " AND (metadata::jsonb) ->> ?",
+                    Box::new(k.clone()),
+                );
+                arg(&mut sql, " = ?", Box::new(v.clone()));
+            }
+            if let Some(a) = &q.after {
+                let seq = match key {
+                    Some(k) => {
+                        c.query_opt(
+                            "SELECT seq FROM chat_completions
+                             WHERE id = $1 AND key_id IS NOT DISTINCT FROM $2",
+                            &[a, &k],
+                        )
+                        .await
+                    }
+                    None => {
+                        c.query_opt("SELECT seq FROM chat_completions WHERE id = $1", &[a])
+                            .await
+                    }
+                }
+                .map_err(err)?;
+                let Some(seq) = seq else {
+                    return Err(AccountingError::InvalidQuery(format!(
+                        "after: `{a}` is not the id of a stored completion in this list"
+                    )));
+                };
+                let seq: i64 = seq.try_get(0).map_err(err)?;
+                let cond = if q.ascending {
+                    " AND seq > ?"
+                } else {
+                    " AND seq < ?"
+                };
+                arg(&mut sql, cond, Box::new(seq));
+            }
+            let order = if q.ascending {
+                " ORDER BY seq ASC LIMIT ?"
+            } else {
+                " ORDER BY seq DESC LIMIT ?"
+            };
+            arg(&mut sql, order, Box::new(q.limit as i64 + 1));
+            let params: Vec<&(dyn ToSql + Sync)> = args
+                .iter()
+                .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+                .collect();
+            let rows = c.query(&sql, &params).await.map_err(err)?;
+            let mut items = rows
+                .iter()
+                .map(|r| completion_from_row(&shown, r))
+                .collect::<Result<Vec<_>, _>>()?;
+            let has_more = items.len() > q.limit;
+            items.truncate(q.limit);
+            Ok(Page { items, has_more })
+        })
+    }
+
+    /// Whether `key` had the completion `id`.
+    pub(crate) fn update_completion_metadata(
+        &self,
+        id: &str,
+        key: Option<i64>,
+        metadata: String,
+    ) -> Result<bool, AccountingError> {
+        let id = id.to_owned();
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let n = c
+                .execute(
+                    "UPDATE chat_completions SET metadata = $3
+                     WHERE id = $1 AND key_id IS NOT DISTINCT FROM $2",
+                    &[&id, &key, &metadata],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            Ok(n > 0)
+        })
+    }
+
+    pub(crate) fn delete_completion(
+        &self,
+        id: &str,
+        key: Option<i64>,
+    ) -> Result<bool, AccountingError> {
+        let id = id.to_owned();
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let n = c
+                .execute(
+                    "DELETE FROM chat_completions WHERE id = $1 AND key_id IS NOT DISTINCT FROM $2",
+                    &[&id, &key],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            Ok(n > 0)
+        })
+    }
+
+    pub(crate) fn prune_completions(&self, cutoff: i64) -> Result<usize, AccountingError> {
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let n = c
+                .execute(
+                    "DELETE FROM chat_completions WHERE created < $1",
+                    &[&cutoff],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+}
+
+fn completion_from_row(shown: &str, r: &Row) -> Result<CompletionRecord, AccountingError> {
+    let err = |e| pg_error(shown, e);
+    let head = (
+        r.try_get(0).map_err(err)?,
+        r.try_get(1).map_err(err)?,
+        r.try_get(2).map_err(err)?,
+        r.try_get(3).map_err(err)?,
+    );
+    let texts = [
+        r.try_get(4).map_err(err)?,
+        r.try_get(5).map_err(err)?,
+        r.try_get(6).map_err(err)?,
+    ];
+    completions::from_texts(head, texts).map_err(|e| AccountingError::Postgres {
+        store: shown.to_owned(),
+        message: format!("a stored completion is not valid JSON: {e}"),
+    })
 }
 
 /// The keys `q` names: the key with id `q` (if it is a number), then those named `q`, oldest

@@ -517,8 +517,16 @@ impl Store {
         matches!(self.backend, Backend::Postgres(_))
     }
 
-    /// The SQLite connection; what is kept only in SQLite so far (files, fine-tuning jobs,
-    /// stored completions and responses) is refused on PostgreSQL.
+    /// The PostgreSQL backend, if that is where the store lives.
+    pub(crate) fn pg(&self) -> Option<&crate::pg::Pg> {
+        match &self.backend {
+            Backend::Postgres(pg) => Some(pg),
+            Backend::Sqlite(_) => None,
+        }
+    }
+
+    /// The SQLite connection; what is kept only in SQLite so far (files, fine-tuning jobs and
+    /// stored responses) is refused on PostgreSQL.
     pub(crate) fn conn(&self) -> Result<MutexGuard<'_, Connection>, AccountingError> {
         match &self.backend {
             // A panic while holding the lock dropped any open transaction (rolled back), so

@@ -5,7 +5,8 @@
 //! Targets held here: a key made through the shared store works on every replica; a
 //! revocation stops it on another replica at its next request; `--rpm 60` offered 180 requests
 //! over three replicas admits at most 61; a budget is overshot by at most one request's cost;
-//! the ledger has each request exactly once; PostgreSQL stopped gives a quick 503, and service
+//! the ledger has each request exactly once; a completion stored through one replica is listed
+//! by another and exported; PostgreSQL stopped gives a quick 503, and service
 //! returns by itself when it is back; a database newer than the binary is refused. And
 //! `docs/deploy/nginx.conf`, run by a real nginx from Debian in front of three replicas, keeps
 //! each session on one replica and skips a dead one; `/metrics` has the gauges routers read
@@ -404,6 +405,58 @@ fn three_replicas_share_keys_limits_budgets_and_one_ledger_on_postgres() {
         .find(|g| g["key"] == "limited")
         .unwrap_or_else(|| panic!("{report}"));
     assert_eq!(limited_row["requests"], json!(180));
+
+    // A completion stored through replica B is listed by replica C and exported by the CLI.
+    let body = json!({
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": 2,
+        "store": true,
+        "metadata": {"task": "pg"},
+    });
+    let stored: Value = ureq::post(&b.url("/v1/chat/completions"))
+        .set("Authorization", &format!("Bearer {shared}"))
+        .send_string(&body.to_string())
+        .unwrap()
+        .into_string()
+        .map(|t| serde_json::from_str::<Value>(&t).unwrap())
+        .unwrap();
+    let listed: Value = ureq::get(&c.url("/v1/chat/completions?metadata[task]=pg"))
+        .set("Authorization", &format!("Bearer {shared}"))
+        .call()
+        .unwrap()
+        .into_string()
+        .map(|t| serde_json::from_str::<Value>(&t).unwrap())
+        .unwrap();
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{listed}"))
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![stored["id"].as_str().unwrap()], "{listed}");
+    let out_dir = tempfile::tempdir().unwrap();
+    let jsonl = out_dir.path().join("sft.jsonl");
+    let out = ferrolm()
+        .args([
+            "data",
+            "export",
+            "--stored",
+            "--metadata",
+            "task=pg",
+            "--store",
+            &url,
+        ])
+        .arg("--out")
+        .arg(&jsonl)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = std::fs::read_to_string(&jsonl).unwrap();
+    assert_eq!(lines.lines().count(), 1, "{lines}");
 
     // PostgreSQL stopped: a quick 503 in OpenAI's shape; back by itself when it is.
     pg.pg_ctl_stop();
