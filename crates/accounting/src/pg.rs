@@ -22,10 +22,12 @@
 //!   and is waited for. Nothing waits long: the pool's wait, connect and recycle steps each
 //!   give up after [`STEP_TIMEOUT`], a whole call after [`CALL_TIMEOUT`]; such failures are
 //!   [`AccountingError::StoreUnavailable`] (the server's 503), and the pool makes new
-//!   connections once PostgreSQL is back, so service resumes by itself.
+//!   connections once PostgreSQL is back, so service resumes by itself. After such a failure,
+//!   calls fail at once for [`FAIL_FAST`], so a hung database does not tie up every request.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::PoisonError;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
@@ -42,6 +44,10 @@ use crate::{AccountingError, SCHEMA_VERSION};
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(2);
 /// The most one store call takes, its queries included.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a call found the store unavailable, later calls fail at once for this long, so a
+/// database that hangs does not hold every request (and the server's threads) for
+/// [`CALL_TIMEOUT`]; the first call after it tries again.
+const FAIL_FAST: Duration = Duration::from_secs(2);
 /// Connections per replica: requests hold one only for their short transactions.
 const POOL_SIZE: usize = 8;
 /// An admission not settled after this long is from a replica that died mid-request: its
@@ -81,6 +87,8 @@ pub(crate) struct Pg {
     rt: Option<tokio::runtime::Runtime>,
     /// Once true, stays true: keys are never deleted.
     has_keys: AtomicBool,
+    /// Until when calls fail fast ([`FAIL_FAST`]), with the last failure's message.
+    down: std::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 impl Drop for Pg {
@@ -248,6 +256,7 @@ impl Pg {
             pool,
             rt: Some(rt),
             has_keys: AtomicBool::new(false),
+            down: std::sync::Mutex::new(None),
         };
         pg.call(|pool, shown| async move { migrate(&pool, &shown).await })?;
         Ok(pg)
@@ -271,19 +280,35 @@ impl Pg {
         let Some(rt) = &self.rt else {
             return Err(unavailable("the store is shutting down".into()));
         };
+        let mut down = self.down.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((until, message)) = down.as_ref() {
+            if std::time::Instant::now() < *until {
+                return Err(unavailable(format!(
+                    "{message}; not retried for {} s",
+                    FAIL_FAST.as_secs()
+                )));
+            }
+            *down = None;
+        }
+        drop(down);
         let fut = f(self.pool.clone(), self.shown.clone());
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         rt.spawn(async move {
             let _ = tx.send(tokio::time::timeout(CALL_TIMEOUT, fut).await);
         });
-        match rx.recv() {
+        let r = match rx.recv() {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(unavailable(format!(
                 "no answer within {} s",
                 CALL_TIMEOUT.as_secs()
             ))),
             Err(_) => Err(unavailable("the store's runtime stopped".into())),
+        };
+        if let Err(AccountingError::StoreUnavailable { message, .. }) = &r {
+            *self.down.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some((std::time::Instant::now() + FAIL_FAST, message.clone()));
         }
+        r
     }
 
     pub(crate) fn create_key(

@@ -6,7 +6,7 @@
 //! revocation stops it on another replica at its next request; `--rpm 60` offered 180 requests
 //! over three replicas admits at most 61; a budget is overshot by at most one request's cost;
 //! the ledger has each request exactly once; a completion stored through one replica is listed
-//! by another and exported; PostgreSQL stopped gives a quick 503, and service
+//! by another and exported; PostgreSQL stopped, or frozen, gives a quick 503, and service
 //! returns by itself when it is back; a database newer than the binary is refused. And
 //! `docs/deploy/nginx.conf`, run by a real nginx from Debian in front of three replicas, keeps
 //! each session on one replica and skips a dead one; `/metrics` has the gauges routers read
@@ -153,6 +153,34 @@ impl Postgres {
             .output()
             .unwrap();
         assert!(out.status.success(), "pg_ctl stop: {out:?}");
+    }
+
+    /// Freeze (SIGSTOP) or thaw (SIGCONT) the postmaster and its backends: a database that
+    /// hangs rather than refuses.
+    fn signal_all(&self, sig: &str) {
+        let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid")).unwrap();
+        let master: u32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+        let mut pids = vec![master];
+        for d in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = d.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(d.path().join("stat")).unwrap_or_default();
+            // pid (comm) state ppid …: the comm may hold spaces, so read after its ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(master) {
+                pids.push(pid);
+            }
+        }
+        let out = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .args(pids.iter().map(u32::to_string))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "kill -{sig} {pids:?}: {out:?}");
     }
 
     /// One value from `psql`.
@@ -496,6 +524,29 @@ fn three_replicas_share_keys_limits_budgets_and_one_ledger_on_postgres() {
         }
     }
     eprintln!("service back {:?} after PostgreSQL restarted", t.elapsed());
+
+    // PostgreSQL hanging (frozen, connections open): the timeouts answer 503, nothing waits
+    // for ever; thawed, service goes on.
+    pg.signal_all("STOP");
+    let t = Instant::now();
+    let (status, v) = chat(c, &shared, 1);
+    let hung = t.elapsed();
+    pg.signal_all("CONT");
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "store_unavailable", "{v}");
+    assert!(
+        hung < Duration::from_secs(7),
+        "a frozen database held a request {hung:?}"
+    );
+    eprintln!("frozen PostgreSQL: 503 after {hung:?}");
+    let t = Instant::now();
+    while chat(c, &shared, 1).0 != 200 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "not back after SIGCONT"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // A database migrated by a newer ferrolm is refused, with the fix.
     drop(replicas);
