@@ -52,6 +52,15 @@ fn postgres_bin() -> PathBuf {
     })
 }
 
+/// A temp dir; under root, in /tmp, so that `nobody` can reach it whatever $TMPDIR is.
+fn reachable_tempdir() -> tempfile::TempDir {
+    if is_root() {
+        tempfile::tempdir_in("/tmp").unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    }
+}
+
 fn is_root() -> bool {
     let out = Command::new("id").arg("-u").output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim() == "0"
@@ -60,7 +69,7 @@ fn is_root() -> bool {
 impl Postgres {
     fn start() -> Postgres {
         let bin = postgres_bin();
-        let dir = tempfile::tempdir().unwrap();
+        let dir = reachable_tempdir();
         if is_root() {
             // postgres will not run as root: the cluster belongs to `nobody`.
             let out = Command::new("chown")
@@ -586,7 +595,7 @@ impl Nginx {
             assert!(conf.contains(&from), "nginx.conf has no `{from}` line");
             conf = conf.replace(&from, &format!("server 127.0.0.1:{up} "));
         }
-        let dir = tempfile::tempdir().unwrap();
+        let dir = reachable_tempdir();
         std::fs::create_dir(dir.path().join("tmp")).unwrap();
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
         let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
