@@ -368,6 +368,51 @@ impl fmt::Display for Limited {
 mod tests {
     use super::*;
 
+    /// The shared store's path (a log of ages read from the database) decides as the
+    /// in-memory limiter does, request after request, including the `reset` it reports
+    /// (to the millisecond the store keeps).
+    #[test]
+    fn admit_from_log_matches_the_in_memory_limiter() {
+        let k = key(7, Some(5), Some(900));
+        let mem = RateLimiter::new();
+        let t0 = Instant::now();
+        let mut log: Vec<(u64, u64)> = Vec::new(); // (admitted at ms, tokens)
+        let mut seed = 12345u64;
+        let mut now_ms = 0u64;
+        for _ in 0..400 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            now_ms += (seed >> 33) % 4000;
+            let tokens = 50 + (seed >> 40) % 200;
+            let now = t0 + Duration::from_millis(now_ms);
+            let past: Vec<(Duration, u64)> = log
+                .iter()
+                .filter(|(at, _)| now_ms - at < WINDOW.as_millis() as u64)
+                .map(|&(at, t)| (Duration::from_millis(now_ms - at), t))
+                .collect();
+            let shared = RateLimiter::admit_from_log(&k, &past, tokens);
+            let local = mem.admit(&k, tokens, now);
+            match (&local, &shared) {
+                (Ok(a), Ok(b)) => {
+                    assert_eq!(
+                        a.requests.map(|w| w.remaining),
+                        b.requests.map(|w| w.remaining)
+                    );
+                    assert_eq!(a.tokens.map(|w| w.remaining), b.tokens.map(|w| w.remaining));
+                    log.push((now_ms, tokens));
+                }
+                (Err(a), Err(b)) => {
+                    assert_eq!(a.kind, b.kind);
+                    let (ra, rb) = (a.retry_after.as_millis(), b.retry_after.as_millis());
+                    assert!(ra.abs_diff(rb) <= 1, "{ra} vs {rb} ms");
+                }
+                _ => panic!("at {now_ms} ms: in memory {local:?}, from the log {shared:?}"),
+            }
+        }
+        assert!(log.len() > 50 && log.len() < 400, "{} admitted", log.len());
+    }
+
     fn key(id: i64, rpm: Option<u32>, tpm: Option<u64>) -> KeyInfo {
         KeyInfo {
             id,
