@@ -7,7 +7,7 @@ tinyshakespeare, step time ferrolm <= 1.0x PEFT; peak memory of LoRA (and QLoRA)
 fine-tuning.
 
 Each round runs, one after the other, each in its own process under `/usr/bin/time -v`:
-  1. ferrolm lora   `ferrolm finetune --method lora --rank 8 --alpha 16 --targets q,v
+  1. ferrolm lora   `ferrolm finetune --weights lora --rank 8 --alpha 16 --targets q,v
                      --max-len 256 --batch 4 --iters N --threads T` on a chat JSONL whose lines are
                      {"messages": [{"role": "system", "content": ""},
                      {"role": "assistant", "content": CHUNK}]}, CHUNKs of tinyshakespeare
@@ -24,7 +24,7 @@ Each round runs, one after the other, each in its own process under `/usr/bin/ti
                      256 targets, all scored), torch.set_num_threads(T);
   3. ferrolm qlora  (only with --qlora, and only if the binary has `finetune --qlora`): as 1
                      with the base kept quantized;
-  4. ferrolm full   `--method full` (all weights trainable);
+  4. ferrolm full   `--weights full` (all weights trainable);
   5. torch full     the worker with every parameter trainable, AdamW lr 1e-5.
 Step time: the median over steps --warmup.. of each step's wall time (ferrolm: "ms" in
 OUT/metrics.jsonl; the worker: its own clock around zero_grad+forward+backward+clip+step).
@@ -231,7 +231,7 @@ def ferrolm_run(args, method, jsonl, work):
     shutil.rmtree(out, ignore_errors=True)
     qlora = method == "qlora"
     cmd = [args.ferrolm, "finetune", "--model", args.base, "--train", jsonl, "--out", out,
-           "--method", "full" if method == "full" else "lora", "--rank", str(args.rank),
+           "--weights", "full" if method == "full" else "lora", "--rank", str(args.rank),
            "--alpha", str(args.alpha), "--targets", "q,v", "--max-len", str(args.seq),
            "--batch", str(args.batch), "--iters", str(args.steps), "--eval-every", "1000",
            "--threads", str(args.threads), "--json"] + (["--qlora"] if qlora else [])

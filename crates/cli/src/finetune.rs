@@ -1,12 +1,13 @@
-//! `ferrolm finetune` (SFT / LoRA on chat JSONL) and `ferrolm merge` (an adapter folded into
-//! its base as one GGUF).
+//! `ferrolm finetune` (SFT on chat JSONL, DPO on preference JSONL; LoRA, QLoRA or full
+//! weights) and `ferrolm merge` (an adapter folded into its base as one GGUF).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use ferrolm_train::dpo::{DpoConfig, DpoLoss};
 use ferrolm_train::export::{self, ExportType};
-use ferrolm_train::finetune::{self, FinetuneConfig, Method};
+use ferrolm_train::finetune::{self, FinetuneConfig, Method, ObjectiveConfig};
 use ferrolm_train::lora::{LoraConfig, Target};
 
 #[derive(Args)]
@@ -14,19 +15,36 @@ pub struct FinetuneCmd {
     /// Base model: a GGUF file or a `ferrolm train` run (default: the default model).
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
-    /// Training data: OpenAI chat fine-tuning JSONL ({"messages": [...]} per line; `weight`
-    /// 0/1 on assistant messages). The loss is on assistant tokens only.
+    /// Training data. `--method sft`: OpenAI chat fine-tuning JSONL ({"messages": [...]} per
+    /// line; `weight` 0/1 on assistant messages), the loss on assistant tokens only.
+    /// `--method dpo`: OpenAI preference JSONL ({"input": {"messages": [...]},
+    /// "preferred_output": [...], "non_preferred_output": [...]} per line).
     #[arg(long)]
     train: PathBuf,
-    /// Validation JSONL (same format): loss and token accuracy at every evaluation.
+    /// Validation JSONL (same format): loss and token accuracy (SFT), or rewards, margin and
+    /// pair accuracy (DPO), at every evaluation.
     #[arg(long)]
     val: Option<PathBuf>,
     /// Output directory (checkpoints, metrics, and the adapter or model).
     #[arg(long)]
     out: PathBuf,
-    /// `lora` (adapters on a frozen base) or `full` (every weight).
-    #[arg(long, default_value = "lora")]
+    /// What to optimize: `sft` (supervised) or `dpo` (direct preference optimization; the
+    /// reference model is the base with the adapter off). `lora` and `full` are accepted as
+    /// `sft` with that `--weights`, as before.
+    #[arg(long, default_value = "sft")]
     method: String,
+    /// Which weights train: `lora` (adapters on a frozen base) or `full` (every weight).
+    #[arg(long, default_value = "lora")]
+    weights: String,
+    /// DPO: how strongly the policy is held to the reference (default 0.1; 2.0 for simpo).
+    #[arg(long)]
+    beta: Option<f32>,
+    /// DPO: the preference loss, `sigmoid` (DPO), `ipo` or `simpo` (no reference model).
+    #[arg(long, default_value = "sigmoid")]
+    dpo_loss: String,
+    /// DPO with `--dpo-loss simpo`: the target reward margin γ.
+    #[arg(long, default_value_t = 0.5)]
+    simpo_gamma: f32,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     rank: usize,
@@ -87,7 +105,31 @@ pub fn run_finetune(a: FinetuneCmd) -> Result<()> {
     let base = base
         .canonicalize()
         .with_context(|| format!("{}", base.display()))?;
-    let method = match a.method.as_str() {
+    let (objective, weights) = match a.method.as_str() {
+        "sft" | "supervised" => (ObjectiveConfig::Sft, a.weights.as_str()),
+        "lora" | "full" => (ObjectiveConfig::Sft, a.method.as_str()),
+        "dpo" => {
+            let loss: DpoLoss = a.dpo_loss.parse().map_err(anyhow::Error::msg)?;
+            let beta = a
+                .beta
+                .unwrap_or(if loss == DpoLoss::Simpo { 2.0 } else { 0.1 });
+            let cfg = DpoConfig {
+                beta,
+                loss,
+                simpo_gamma: if loss == DpoLoss::Simpo {
+                    a.simpo_gamma
+                } else {
+                    0.0
+                },
+            };
+            (ObjectiveConfig::Dpo(cfg), a.weights.as_str())
+        }
+        m => bail!("--method {m}: use sft or dpo"),
+    };
+    if a.beta.is_some() && objective == ObjectiveConfig::Sft {
+        bail!("--beta applies to --method dpo only");
+    }
+    let method = match weights {
         "full" => Method::Full,
         "lora" => {
             let targets = a
@@ -108,7 +150,7 @@ pub fn run_finetune(a: FinetuneCmd) -> Result<()> {
                 targets,
             })
         }
-        m => bail!("--method {m}: use lora or full"),
+        w => bail!("--weights {w}: use lora or full"),
     };
     let abs = |p: &PathBuf| {
         p.canonicalize()
@@ -137,6 +179,8 @@ pub fn run_finetune(a: FinetuneCmd) -> Result<()> {
         seed: a.seed,
         keep: a.keep,
         qlora: a.qlora,
+        objective,
+        cache_dir: Some(crate::store::home()?.join("cache")),
     };
     let out = a.out.clone();
     let summary = crate::train::drive(a.threads, |stop, on| {

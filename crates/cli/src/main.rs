@@ -146,7 +146,7 @@ pub struct ModelArgs {
 #[derive(Args, Clone, Default)]
 pub struct LoraArgs {
     /// Apply a LoRA adapter: a PEFT directory (adapter_config.json + adapter_model.safetensors)
-    /// or a `ferrolm finetune --method lora` run, trained for this model.
+    /// or a `ferrolm finetune --weights lora` run, trained for this model.
     #[arg(long, value_name = "PATH")]
     pub lora: Option<PathBuf>,
 }

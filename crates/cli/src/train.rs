@@ -213,31 +213,46 @@ pub fn drive(
             lr,
             tokens_per_s,
             ms,
+            metrics,
             ..
         } => {
             bar.set_position(step + 1);
+            let prefs = preference_figures(metrics);
             bar.set_message(format!(
-                "loss {loss:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"
+                "loss {loss:.4}{prefs} lr {lr:.2e} {tokens_per_s:.0} tok/s"
             ));
             if !tty && last_log.elapsed().as_secs() >= 10 {
                 eprintln!(
-                    "step {step}: loss {loss:.4}, lr {lr:.2e}, {ms:.1} ms, {tokens_per_s:.0} tok/s"
+                    "step {step}: loss {loss:.4}{prefs}, lr {lr:.2e}, {ms:.1} ms, {tokens_per_s:.0} tok/s"
                 );
                 last_log = std::time::Instant::now();
             }
         }
+        Event::Warning { step, message } => {
+            bar.suspend(|| eprintln!("warning at step {step}: {message}"));
+        }
+        Event::Info { message } => bar.suspend(|| eprintln!("{message}")),
         Event::Eval {
             step,
             train_loss,
             val_loss,
             sample,
             token_accuracy,
+            metrics,
         } => {
             bar.suspend(|| {
                 let acc = token_accuracy
                     .map(|a| format!(", validation token accuracy {a:.3}"))
                     .unwrap_or_default();
-                eprintln!("step {step}: train loss {train_loss:.4}, val loss {val_loss:.4}{acc}");
+                let prefs = preference_figures(metrics);
+                let prefs = if prefs.is_empty() {
+                    prefs
+                } else {
+                    format!(" (validation{prefs})")
+                };
+                eprintln!(
+                    "step {step}: train loss {train_loss:.4}, val loss {val_loss:.4}{acc}{prefs}"
+                );
                 if !sample.is_empty() {
                     eprintln!("--- sample ---\n{}\n--------------", sample.trim_end());
                 }
@@ -249,6 +264,21 @@ pub fn drive(
     })?;
     bar.finish_and_clear();
     Ok(summary)
+}
+
+/// DPO's figures for a progress line (empty for the other objectives).
+fn preference_figures(m: &serde_json::Map<String, serde_json::Value>) -> String {
+    let get = |k: &str| m.get(k).and_then(serde_json::Value::as_f64);
+    match (
+        get("pair_accuracy"),
+        get("reward_margin"),
+        get("logps_chosen"),
+    ) {
+        (Some(acc), Some(margin), Some(chosen)) => {
+            format!(", pair accuracy {acc:.3}, margin {margin:.3}, chosen logp {chosen:.1}")
+        }
+        _ => String::new(),
+    }
 }
 
 /// Report a finished (or stopped) run: the loss curve, how to use it, the JSON line.

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::tuner::{unix_s, Tuner};
+use crate::tuner::{unix_s, FileFormat, Tuner};
 use crate::AppState;
 
 /// The largest file accepted.
@@ -75,8 +75,13 @@ pub fn no_file(id: &str, param: Option<&'static str>) -> ApiError {
     }
 }
 
-/// Check a fine-tune file; `Ok(examples)` or a 400 naming its bad lines.
-pub fn validate(t: &Tuner, bytes: &[u8], param: &'static str) -> Result<usize, ApiError> {
+/// Check a fine-tune file in `format`; `Ok(examples)` or a 400 naming its bad lines.
+pub fn validate(
+    t: &Tuner,
+    bytes: &[u8],
+    format: FileFormat,
+    param: &'static str,
+) -> Result<usize, ApiError> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         ApiError::invalid(
             format!(
@@ -86,7 +91,7 @@ pub fn validate(t: &Tuner, bytes: &[u8], param: &'static str) -> Result<usize, A
             Some(param),
         )
     })?;
-    match (t.hooks.validate)(text) {
+    match (t.hooks.validate)(text, format) {
         Ok(0) => Err(ApiError::invalid(
             "the file has no examples: write one {\"messages\": [...]} object per line",
             Some(param),
@@ -94,8 +99,13 @@ pub fn validate(t: &Tuner, bytes: &[u8], param: &'static str) -> Result<usize, A
         Ok(n) => Ok(n),
         Err(lines) => {
             let more = lines.len().saturating_sub(10);
+            let what = match format {
+                FileFormat::Chat => "chat fine-tuning JSONL",
+                FileFormat::Preference => "preference (DPO) fine-tuning JSONL",
+                FileFormat::Either => "fine-tuning JSONL (chat or preference)",
+            };
             let mut m = format!(
-                "the file is not valid chat fine-tuning JSONL: {}",
+                "the file is not valid {what}: {}",
                 lines
                     .iter()
                     .take(10)
@@ -215,7 +225,7 @@ pub async fn keep(
     let state = s.clone();
     tokio::task::spawn_blocking(move || -> Result<FileRecord, ApiError> {
         let t = tuner(&state)?;
-        validate(t, &data, "file")?;
+        validate(t, &data, FileFormat::Either, "file")?;
         let path = t.file_path(&rec.id);
         write_atomic(&path, &data).map_err(|e| {
             ApiError::server(

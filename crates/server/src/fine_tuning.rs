@@ -3,10 +3,13 @@
 //! [`Tuner`]'s queue; the worker (see `tuner`) trains.
 //!
 //! A job's settings: `hyperparameters` at the top level (OpenAI's older shape) and/or in
-//! `method.supervised.hyperparameters` (the newer one, which wins field by field); each of
-//! `n_epochs`, `batch_size`, `learning_rate_multiplier` is a number or `"auto"`. "auto" is
-//! 3 epochs, a batch of min(4, examples) and a multiplier of 1 (LoRA lr 2e-4 × multiplier).
-//! The job object reports the resolved values.
+//! `method.supervised.hyperparameters` or `method.dpo.hyperparameters` (the newer one, which
+//! wins field by field); each of `n_epochs`, `batch_size`, `learning_rate_multiplier` (and
+//! DPO's `beta`) is a number or `"auto"`. "auto" is 3 epochs, a batch of min(4, examples), a
+//! multiplier of 1 (LoRA lr 2e-4 × multiplier; DPO 2e-5 × multiplier) and beta 0.1. The job
+//! object reports the resolved values. `method.type` `dpo` trains on preference files
+//! (`input`, `preferred_output`, `non_preferred_output` per line); `reinforcement` is not
+//! available yet and is refused.
 //!
 //! Statuses: `validating_files` → `queued` → `running` → `succeeded` | `failed` | `cancelled`;
 //! `paused` (from queued or running, keeping the checkpoints) → `queued` again on resume.
@@ -22,7 +25,7 @@ use serde_json::{json, Value};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::files::{new_id, no_file, tuner, validate};
-use crate::tuner::{hyper, log_event, unix_s, Tuner};
+use crate::tuner::{hyper, log_event, unix_s, FileFormat, JobMethod, Tuner};
 use crate::{parse, AppState};
 
 #[derive(Debug, Deserialize)]
@@ -52,38 +55,78 @@ fn setting(h: &Value, name: &'static str) -> Result<Option<f64>, ApiError> {
     }
 }
 
-/// The resolved (n_epochs, batch_size, learning_rate_multiplier).
-fn resolve(req: &CreateJob, examples: usize) -> Result<(u32, usize, f64), ApiError> {
+/// The job's method, from `method.type` (absent: supervised).
+fn method_of(req: &CreateJob) -> Result<JobMethod, ApiError> {
+    let Some(m) = &req.method else {
+        return Ok(JobMethod::Supervised);
+    };
+    match m.get("type").and_then(Value::as_str) {
+        None | Some("supervised") => Ok(JobMethod::Supervised),
+        Some("dpo") => Ok(JobMethod::Dpo { beta: 0.1 }),
+        Some("reinforcement") => Err(ApiError::invalid(
+            "method.type `reinforcement` is not available here yet: use \"supervised\" or \"dpo\"",
+            Some("method"),
+        )),
+        Some(other) => Err(ApiError::invalid(
+            format!(
+                "method.type `{other}` is not a fine-tuning method: use \"supervised\" or \"dpo\""
+            ),
+            Some("method"),
+        )),
+    }
+}
+
+/// The resolved (n_epochs, batch_size, learning_rate_multiplier), and the method with its
+/// own settings resolved (DPO's beta).
+fn resolve(
+    req: &CreateJob,
+    examples: usize,
+    method: JobMethod,
+) -> Result<(u32, usize, f64, JobMethod), ApiError> {
     let mut h = req.hyperparameters.clone().unwrap_or(json!({}));
     if let Some(m) = &req.method {
-        match m.get("type").and_then(Value::as_str) {
-            None | Some("supervised") => {}
-            Some(other) => {
-                return Err(ApiError::invalid(
-                    format!("method.type `{other}` is not supported here: use \"supervised\""),
-                    Some("method"),
-                ))
-            }
-        }
-        if let Some(Value::Object(inner)) = m.pointer("/supervised/hyperparameters") {
+        let at = format!("/{}/hyperparameters", method.name());
+        if let Some(Value::Object(inner)) = m.pointer(&at) {
             for (k, v) in inner {
                 h[k.as_str()] = v.clone();
             }
         }
     }
     if let Value::Object(o) = &h {
-        if let Some(k) = o.keys().find(|k| {
-            !matches!(
-                k.as_str(),
-                "n_epochs" | "batch_size" | "learning_rate_multiplier"
-            )
-        }) {
+        let allowed: &[&str] = match method {
+            JobMethod::Supervised => &["n_epochs", "batch_size", "learning_rate_multiplier"],
+            JobMethod::Dpo { .. } => {
+                &["n_epochs", "batch_size", "learning_rate_multiplier", "beta"]
+            }
+        };
+        if let Some(k) = o.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(ApiError::invalid(
-                format!("hyperparameters.{k} is not a setting here: use n_epochs, batch_size, learning_rate_multiplier"),
+                format!(
+                    "hyperparameters.{k} is not a setting of a {} job: use {}",
+                    method.name(),
+                    allowed.join(", ")
+                ),
                 Some("hyperparameters"),
             ));
         }
     }
+    let method = match method {
+        JobMethod::Dpo { .. } => JobMethod::Dpo {
+            beta: match setting(&h, "beta")? {
+                Some(b) if b > 0.0 && b <= 2.0 => b,
+                Some(b) => {
+                    return Err(ApiError::invalid(
+                        format!(
+                            "hyperparameters.beta is {b}: give a number in (0, 2], or \"auto\""
+                        ),
+                        Some("hyperparameters"),
+                    ))
+                }
+                None => 0.1,
+            },
+        },
+        m => m,
+    };
     let whole = |v: f64, name: &str, max: f64| {
         if v.fract() == 0.0 && (1.0..=max).contains(&v) {
             Ok(v)
@@ -112,7 +155,7 @@ fn resolve(req: &CreateJob, examples: usize) -> Result<(u32, usize, f64), ApiErr
         }
         None => 1.0,
     };
-    Ok((n_epochs, batch_size, lr))
+    Ok((n_epochs, batch_size, lr, method))
 }
 
 /// The job as OpenAI's `fine_tuning.job`.
@@ -120,6 +163,11 @@ fn job_object(j: &JobRecord) -> Value {
     let (n_epochs, batch_size, lr) = hyper(&j.spec);
     let hp =
         json!({"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": lr});
+    let method = JobMethod::of(&j.spec);
+    let mut method_hp = hp.clone();
+    if let JobMethod::Dpo { beta } = method {
+        method_hp["beta"] = json!(beta);
+    }
     json!({
         "id": j.id,
         "object": "fine_tuning.job",
@@ -140,7 +188,7 @@ fn job_object(j: &JobRecord) -> Value {
         "integrations": [],
         "metadata": j.spec["metadata"],
         "user_provided_suffix": j.spec["suffix"],
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        "method": {"type": method.name(), method.name(): {"hyperparameters": method_hp}},
     })
 }
 
@@ -150,6 +198,7 @@ fn training_input(
     t: &Tuner,
     caller: &Caller,
     id: &str,
+    format: FileFormat,
     param: &'static str,
 ) -> Result<usize, ApiError> {
     let f = s
@@ -173,7 +222,7 @@ fn training_input(
             format!("the file `{id}` is recorded but cannot be read: {e}"),
         )
     })?;
-    validate(t, &bytes, param)
+    validate(t, &bytes, format, param)
 }
 
 /// `POST /v1/fine_tuning/jobs`.
@@ -228,11 +277,17 @@ pub async fn create(
         let s = state;
         let t = tuner(&s)?;
         let store = &s.access.store;
-        let examples = training_input(&s, t, &caller, &req.training_file, "training_file")?;
+        let method = method_of(&req)?;
+        let format = method.format();
+        let examples = training_input(&s, t, &caller, &req.training_file, format, "training_file")?;
         if let Some(v) = &req.validation_file {
-            training_input(&s, t, &caller, v, "validation_file")?;
+            training_input(&s, t, &caller, v, format, "validation_file")?;
         }
-        let (n_epochs, batch_size, lr) = resolve(&req, examples)?;
+        let (n_epochs, batch_size, lr, method) = resolve(&req, examples, method)?;
+        let beta = match method {
+            JobMethod::Dpo { beta } => json!(beta),
+            JobMethod::Supervised => Value::Null,
+        };
         let seed = req.seed.unwrap_or_else(|| crate::random_seed() >> 33);
         let mut job = JobRecord {
             id: new_id("ftjob"),
@@ -248,6 +303,8 @@ pub async fn create(
                 "seed": seed,
                 "metadata": req.metadata,
                 "examples": examples,
+                "method": method.name(),
+                "beta": beta,
             }),
             fine_tuned_model: None,
             finished_at: None,
@@ -537,15 +594,21 @@ mod tests {
         serde_json::from_value(body).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// (n_epochs, batch_size, multiplier) as a job would get them.
+    fn res(r: &CreateJob, examples: usize) -> Result<(u32, usize, f64), ApiError> {
+        let (e, b, lr, _) = resolve(r, examples, method_of(r)?)?;
+        Ok((e, b, lr))
+    }
+
     #[test]
     fn auto_settings_resolve_to_the_documented_defaults() {
         let r = req(json!({"model": "m", "training_file": "f"}));
-        assert_eq!(resolve(&r, 12).ok(), Some((3, 4, 1.0)));
-        assert_eq!(resolve(&r, 2).ok(), Some((3, 2, 1.0)));
+        assert_eq!(res(&r, 12).ok(), Some((3, 4, 1.0)));
+        assert_eq!(res(&r, 2).ok(), Some((3, 2, 1.0)));
         let r = req(
             json!({"model": "m", "training_file": "f", "hyperparameters": {"n_epochs": "auto", "batch_size": 8, "learning_rate_multiplier": 0.5}}),
         );
-        assert_eq!(resolve(&r, 12).ok(), Some((3, 8, 0.5)));
+        assert_eq!(res(&r, 12).ok(), Some((3, 8, 0.5)));
     }
 
     #[test]
@@ -555,7 +618,7 @@ mod tests {
             "hyperparameters": {"n_epochs": 2, "batch_size": 2},
             "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}},
         }));
-        assert_eq!(resolve(&r, 12).ok(), Some((1, 2, 1.0)));
+        assert_eq!(res(&r, 12).ok(), Some((1, 2, 1.0)));
     }
 
     #[test]
@@ -571,10 +634,45 @@ mod tests {
             (json!({"warmup": 3}), "warmup"),
         ] {
             let r = req(json!({"model": "m", "training_file": "f", "hyperparameters": h}));
-            let e = resolve(&r, 12).err().map(|e| e.message).unwrap_or_default();
+            let e = res(&r, 12).err().map(|e| e.message).unwrap_or_default();
             assert!(e.contains(needle), "{h}: {e}");
         }
+        let r =
+            req(json!({"model": "m", "training_file": "f", "method": {"type": "reinforcement"}}));
+        let e = res(&r, 12).err().map(|e| e.message).unwrap_or_default();
+        assert!(e.contains("not available here yet"), "{e}");
+        let r = req(json!({"model": "m", "training_file": "f", "method": {"type": "ppo"}}));
+        assert!(res(&r, 12).is_err());
+        // beta belongs to DPO jobs only
+        let r = req(json!({"model": "m", "training_file": "f", "hyperparameters": {"beta": 0.2}}));
+        let e = res(&r, 12).err().map(|e| e.message).unwrap_or_default();
+        assert!(e.contains("not a setting of a supervised job"), "{e}");
+    }
+
+    #[test]
+    fn dpo_jobs_take_their_hyperparameters_and_beta() {
+        let r = req(json!({
+            "model": "m", "training_file": "f",
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}},
+        }));
+        let (e, b, lr, m) = resolve(&r, 12, method_of(&r).unwrap_or(JobMethod::Supervised))
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        assert_eq!((e, b, lr, m), (2, 4, 1.0, JobMethod::Dpo { beta: 0.25 }));
         let r = req(json!({"model": "m", "training_file": "f", "method": {"type": "dpo"}}));
-        assert!(resolve(&r, 12).is_err());
+        assert_eq!(
+            resolve(&r, 12, JobMethod::Dpo { beta: 0.1 })
+                .ok()
+                .map(|x| x.3),
+            Some(JobMethod::Dpo { beta: 0.1 })
+        );
+        let r = req(json!({
+            "model": "m", "training_file": "f",
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 5}}},
+        }));
+        let e = resolve(&r, 12, JobMethod::Dpo { beta: 0.1 })
+            .err()
+            .map(|e| e.message)
+            .unwrap_or_default();
+        assert!(e.contains("beta"), "{e}");
     }
 }

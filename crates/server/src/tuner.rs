@@ -43,14 +43,87 @@ pub struct TrainSpec {
     pub batch_size: usize,
     pub learning_rate_multiplier: f64,
     pub seed: u64,
+    /// The objective.
+    pub method: JobMethod,
     /// The run directory.
     pub out: PathBuf,
     /// Continue the run in `out` (it was started before).
     pub resume: bool,
 }
 
+/// A job's objective: OpenAI's `method.type`, with its own settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum JobMethod {
+    Supervised,
+    Dpo { beta: f64 },
+}
+
+impl JobMethod {
+    /// From a job's stored spec (`"method": "dpo", "beta": …`; absent: supervised).
+    pub fn of(spec: &Value) -> Self {
+        match spec["method"].as_str() {
+            Some("dpo") => JobMethod::Dpo {
+                beta: spec["beta"].as_f64().unwrap_or(0.1),
+            },
+            _ => JobMethod::Supervised,
+        }
+    }
+
+    /// OpenAI's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobMethod::Supervised => "supervised",
+            JobMethod::Dpo { .. } => "dpo",
+        }
+    }
+
+    /// The format its training files are in.
+    pub fn format(self) -> FileFormat {
+        match self {
+            JobMethod::Supervised => FileFormat::Chat,
+            JobMethod::Dpo { .. } => FileFormat::Preference,
+        }
+    }
+}
+
+/// The JSONL formats of fine-tuning files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    /// `{"messages": [...]}` per line (supervised).
+    Chat,
+    /// `{"input": …, "preferred_output": …, "non_preferred_output": …}` per line (DPO).
+    Preference,
+    /// Either (an upload, before a job says which).
+    Either,
+}
+
+/// A preference run's figures at a step or an evaluation (means over its pairs).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PreferenceFigures {
+    pub rewards_chosen: f32,
+    pub rewards_rejected: f32,
+    pub reward_margin: f32,
+    pub pair_accuracy: f32,
+    pub logps_chosen: f32,
+}
+
+impl PreferenceFigures {
+    /// Into an event's metrics, keys prefixed (`train_`, `valid_`).
+    fn put(&self, prefix: &str, m: &mut Value) {
+        for (k, v) in [
+            ("rewards_chosen", self.rewards_chosen),
+            ("rewards_rejected", self.rewards_rejected),
+            ("reward_margin", self.reward_margin),
+            ("pair_accuracy", self.pair_accuracy),
+            ("logps_chosen", self.logps_chosen),
+        ] {
+            m[format!("{prefix}{k}")] = num(v);
+        }
+    }
+}
+
 /// What a training run reports while it runs (steps count from 1: `step` steps are done).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Progress {
     Started {
         from_step: u64,
@@ -61,15 +134,21 @@ pub enum Progress {
     Step {
         step: u64,
         train_loss: f32,
+        preference: Option<PreferenceFigures>,
     },
     Eval {
         step: u64,
         train_loss: f32,
         valid_loss: f32,
         token_accuracy: Option<f32>,
+        preference: Option<PreferenceFigures>,
     },
     Checkpoint {
         step: u64,
+    },
+    /// Something the job's owner should see (a `warn` event).
+    Warning {
+        message: String,
     },
 }
 
@@ -81,8 +160,9 @@ pub struct TrainEnd {
     pub steps: u64,
 }
 
-/// A training file's check: its number of examples, or its bad lines (`line N: reason`).
-pub type Validate = dyn Fn(&str) -> Result<usize, Vec<String>> + Send + Sync;
+/// A training file's check in a format: its number of examples, or its bad lines
+/// (`line N: reason`).
+pub type Validate = dyn Fn(&str, FileFormat) -> Result<usize, Vec<String>> + Send + Sync;
 /// Run one job's training; `Err` is the message the job fails with.
 /// (`Send` callback: the hooks may run training on a thread pool of their own.)
 pub type Train = dyn Fn(&TrainSpec, &AtomicBool, &mut (dyn FnMut(Progress) + Send)) -> Result<TrainEnd, String>
@@ -414,6 +494,7 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
         batch_size,
         learning_rate_multiplier,
         seed: job.spec["seed"].as_u64().unwrap_or(0),
+        method: JobMethod::of(&job.spec),
         resume: out.join("finetune.json").is_file(),
         out,
     };
@@ -434,28 +515,42 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
             };
             log_event(store, id, "info", message, None);
         }
-        Progress::Step { step, train_loss } => {
+        Progress::Step {
+            step,
+            train_loss,
+            preference,
+        } => {
             seen.train_loss = Some(train_loss);
             if step % STEP_EVENT_EVERY == 0 || step == seen.total_steps {
+                let mut data = json!({"step": step, "train_loss": num(train_loss), "total_steps": seen.total_steps});
+                if let Some(p) = &preference {
+                    p.put("train_", &mut data);
+                }
                 log_event(
                     store,
                     id,
                     "info",
                     format!(
-                        "Step {step}/{}: training loss={train_loss:.4}",
-                        seen.total_steps
+                        "Step {step}/{}: training loss={train_loss:.4}{}",
+                        seen.total_steps,
+                        preference
+                            .map(|p| format!(
+                                ", pair accuracy={:.3}, reward margin={:.4}",
+                                p.pair_accuracy, p.reward_margin
+                            ))
+                            .unwrap_or_default()
                     ),
-                    Some(
-                        json!({"step": step, "train_loss": num(train_loss), "total_steps": seen.total_steps}),
-                    ),
+                    Some(data),
                 );
             }
         }
+        Progress::Warning { message } => log_event(store, id, "warn", message, None),
         Progress::Eval {
             step,
             train_loss,
             valid_loss,
             token_accuracy,
+            preference,
         } => {
             seen.eval = Some((step, valid_loss, token_accuracy));
             if step > 0 {
@@ -471,14 +566,20 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
                             seen.total_steps
                         )
                     },
-                    Some(json!({
-                        "step": step,
-                        "train_loss": num(train_loss),
-                        "valid_loss": num(valid_loss),
-                        "full_valid_loss": num(valid_loss),
-                        "full_valid_mean_token_accuracy": token_accuracy.map_or(Value::Null, num),
-                        "total_steps": seen.total_steps,
-                    })),
+                    Some({
+                        let mut data = json!({
+                            "step": step,
+                            "train_loss": num(train_loss),
+                            "valid_loss": num(valid_loss),
+                            "full_valid_loss": num(valid_loss),
+                            "full_valid_mean_token_accuracy": token_accuracy.map_or(Value::Null, num),
+                            "total_steps": seen.total_steps,
+                        });
+                        if let Some(p) = &preference {
+                            p.put("full_valid_", &mut data);
+                        }
+                        data
+                    }),
                 );
             }
         }

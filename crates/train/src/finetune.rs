@@ -14,24 +14,22 @@
 //! in (see `export`).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
 
 use ferrolm_tokenizer::{chat::ChatTemplate, Tokenizer};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::base;
-use crate::checkpoint::{self, CheckpointRef, TrainState};
+use crate::checkpoint::{self, TrainState};
 use crate::config::{LoopConfig, RunConfig};
 use crate::data::Batcher;
-use crate::lora::{Lora, LoraActs, LoraConfig};
-use crate::model::{
-    self, Activations, Layout, LoraGrad, LoraRun, ModelConfig, TensorSlot, Weights, IGNORE,
-};
-use crate::optim::{clip_grad_norm, AdamW};
-use crate::run::{diverged, save_reported, write_json, Event, Metrics, Summary};
-use crate::sft::{self, Example, SftBatcher};
+use crate::dpo::{self, Dpo, DpoConfig, Pair};
+use crate::lora::{Lora, LoraConfig};
+use crate::model::Layout;
+use crate::optim::AdamW;
+use crate::run::{write_json, Event, Summary};
+use crate::sft::{self, Example};
+use crate::trainer::{self, Frozen, Objective, Policy, Sft};
 use crate::TrainError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,24 +66,26 @@ pub struct FinetuneConfig {
     /// QLoRA: keep the base in its stored quantized form (LoRA only).
     #[serde(default)]
     pub qlora: bool,
+    /// What is optimized: `sft` (the default) or `dpo` on preference pairs.
+    #[serde(default)]
+    pub objective: ObjectiveConfig,
+    /// Where reference log-probs are cached across runs (DPO); none: only in the run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
 }
 
-/// Trainable tensors: the whole model, or the adapters.
-enum Trainable {
-    Full(Layout),
-    Lora(Lora),
+/// The fine-tuning objective (OpenAI's `method.type`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum ObjectiveConfig {
+    /// Masked next-token loss on assistant tokens of chat JSONL.
+    #[default]
+    Sft,
+    /// Direct preference optimization on OpenAI preference JSONL.
+    Dpo(DpoConfig),
 }
 
-impl Trainable {
-    fn tensors(&self) -> &[TensorSlot] {
-        match self {
-            Trainable::Full(l) => &l.tensors,
-            Trainable::Lora(l) => &l.tensors,
-        }
-    }
-}
-
-fn data_error(path: &Path, errors: &[sft::LineError]) -> TrainError {
+pub(crate) fn data_error(path: &Path, errors: &[sft::LineError]) -> TrainError {
     let shown: Vec<String> = errors.iter().take(5).map(|e| e.to_string()).collect();
     let more = errors.len().saturating_sub(5);
     TrainError::Config {
@@ -169,39 +169,62 @@ pub fn finetune(
     if cfg.qlora && cfg.method == Method::Full {
         return Err(TrainError::Config {
             what: "--qlora".into(),
-            reason: "QLoRA keeps the base quantized and frozen, so it needs --method lora".into(),
+            reason: "QLoRA keeps the base quantized and frozen, so it needs --weights lora".into(),
         });
     }
+    if let ObjectiveConfig::Dpo(d) = &cfg.objective {
+        if d.beta.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+            return Err(TrainError::Config {
+                what: "--beta".into(),
+                reason: format!(
+                    "must be > 0 (0.1 is usual for DPO, 2.0 for SimPO), not {}",
+                    d.beta
+                ),
+            });
+        }
+    }
+    let dpo = matches!(cfg.objective, ObjectiveConfig::Dpo(_));
     // QLoRA: the base stays in its stored (quantized) form; otherwise dequantized to f32.
-    let (mc, gguf, mut frozen, stored) = if cfg.qlora {
+    let (mc, gguf, frozen) = if cfg.qlora {
         let (c, s, g) = base::load_stored(&cfg.base)?;
-        (c, g, Vec::new(), Some(s))
+        (c, g, Frozen::Stored(s))
     } else {
         let b = base::load(&cfg.base)?;
-        (b.config, b.gguf, b.params, None)
+        (b.config, b.gguf, Frozen::F32(b.params))
     };
-    let mc = &mc;
     let tok = Tokenizer::from_gguf(&gguf)?;
     let template = ChatTemplate::from_gguf(&gguf, &tok)?;
-    let train = load_examples(&cfg.train_file, &tok, &template)?;
-    let val = match &cfg.val_file {
-        Some(p) => load_examples(p, &tok, &template)?,
-        None => Vec::new(),
+    let data = match &cfg.objective {
+        ObjectiveConfig::Sft => Data::Sft(
+            load_examples(&cfg.train_file, &tok, &template)?,
+            match &cfg.val_file {
+                Some(p) => load_examples(p, &tok, &template)?,
+                None => Vec::new(),
+            },
+        ),
+        ObjectiveConfig::Dpo(d) => Data::Pairs(
+            dpo::load_pairs(&cfg.train_file, &tok, &template)?,
+            match &cfg.val_file {
+                Some(p) => dpo::load_pairs(p, &tok, &template)?,
+                None => Vec::new(),
+            },
+            d.clone(),
+        ),
     };
-    let longest = train
-        .iter()
-        .chain(&val)
-        .map(|e| e.ids.len())
-        .max()
-        .unwrap_or(2);
     let ctx = cfg
         .max_len
-        .min(longest.saturating_sub(1))
+        .min(data.longest().saturating_sub(1))
         .min(mc.context)
         .max(1);
+    if let Data::Pairs(train, val, _) = &data {
+        dpo::check_fit(&cfg.train_file, train, ctx)?;
+        if let Some(v) = &cfg.val_file {
+            dpo::check_fit(v, val, ctx)?;
+        }
+    }
     let per_step = cfg.batch * cfg.grad_accum;
     let iters = cfg.iters.unwrap_or(
-        ((cfg.epochs * train.len() as f64) / per_step as f64)
+        ((cfg.epochs * data.len() as f64) / per_step as f64)
             .ceil()
             .max(1.0) as u64,
     );
@@ -218,7 +241,7 @@ pub fn finetune(
         grad_clip: cfg.grad_clip,
         grad_accum: cfg.grad_accum,
         eval_every: cfg.eval_every,
-        eval_iters: val.len().div_ceil(cfg.batch).max(1),
+        eval_iters: data.val_len().div_ceil(cfg.batch).max(1),
         seed: cfg.seed,
         sample_tokens: 0,
         keep: cfg.keep,
@@ -233,21 +256,27 @@ pub fn finetune(
             },
         )?;
     }
-    let layout = Layout::new(mc);
-    let trainable = match &cfg.method {
-        Method::Full => Trainable::Full(layout.clone()),
-        Method::Lora(l) => Trainable::Lora(Lora::new(mc, l.clone())),
+    let lora = match &cfg.method {
+        Method::Full => None,
+        Method::Lora(l) => Some(Lora::new(&mc, l.clone())),
     };
-    let n_train = checkpoint::buffer_len(trainable.tensors());
+    let mut policy = Policy {
+        layout: Layout::new(&mc),
+        mc,
+        frozen,
+        lora,
+    };
+    let n_train = checkpoint::buffer_len(policy.tensors());
     let (mut params, mut opt, mut state) = match checkpoint::latest(out)? {
         Some(dir) if resume => {
-            let c = checkpoint::load(&dir, trainable.tensors())?;
+            let c = checkpoint::load(&dir, policy.tensors())?;
             (c.params, c.opt, c.state)
         }
         _ => (
-            match &trainable {
-                Trainable::Full(_) => frozen.clone(),
-                Trainable::Lora(l) => l.init(cfg.seed),
+            match (&policy.lora, &policy.frozen) {
+                (Some(l), _) => l.init(cfg.seed),
+                (None, Frozen::F32(w)) => w.clone(),
+                (None, _) => Vec::new(),
             },
             AdamW::new(n_train),
             TrainState {
@@ -260,9 +289,12 @@ pub fn finetune(
             },
         ),
     };
-    if matches!(trainable, Trainable::Full(_)) {
-        // The full run's own weights are what it trains; keep one copy.
-        frozen = Vec::new();
+    if policy.lora.is_none() {
+        // A full run trains its own weights. SFT keeps one copy; DPO keeps the starting
+        // weights as its reference model.
+        if !dpo {
+            policy.frozen = Frozen::None;
+        }
         let meta: Vec<(String, ferrolm_gguf::Value)> = gguf
             .metadata
             .iter()
@@ -273,240 +305,138 @@ pub fn finetune(
         write_json(
             &out.join("config.json"),
             &RunConfig {
-                model: mc.clone(),
+                model: policy.mc.clone(),
                 train: lc.clone(),
             },
         )?;
     }
     let run_cfg = RunConfig {
-        model: mc.clone(),
+        model: policy.mc.clone(),
         train: lc.clone(),
     };
-    let trained_tokens: u64 = train.iter().map(|e| e.trained_tokens() as u64).sum();
-    let val_tokens: u64 = val.iter().map(|e| e.trained_tokens() as u64).sum();
     on(Event::Started {
         config: &run_cfg,
         params: n_train,
-        train_tokens: trained_tokens,
-        val_tokens,
+        train_tokens: data.trained_tokens(true),
+        val_tokens: data.trained_tokens(false),
         from_step: state.step,
     });
-    let mut metrics = Metrics::open(out, state.step, state.evaluated)?;
-    let rows = cfg.batch * ctx;
-    let mut acts = Activations::new(mc, cfg.batch, ctx);
-    let (mut lacts, lora) = match &trainable {
-        Trainable::Lora(l) => (l.acts(rows), Some(l)),
-        Trainable::Full(_) => (LoraActs::default(), None),
-    };
     let pad = tok.eos_id.unwrap_or(0);
-    let mut grads = vec![0f32; n_train];
-    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-    let (schedule, adamw) = (lc.schedule(), lc.adamw());
-    let (mut last_train, mut last_val) = (f32::NAN, f32::NAN);
-    let mut interrupted = false;
-    let save = |params: &[f32], opt: &AdamW, state: &TrainState, on: &mut dyn FnMut(Event)| {
-        let ck = CheckpointRef { params, opt, state };
-        save_reported(out, trainable.tensors(), ck, lc.keep, on)
-    };
-    loop {
-        let step = state.step;
-        if (step % lc.eval_every == 0 || step == iters) && !state.evaluated {
-            let base_params = match (&stored, lora.is_some()) {
-                (Some(s), _) => Weights::Stored(s),
-                (None, true) => Weights::F32(&frozen),
-                (None, false) => Weights::F32(&params),
-            };
-            let lp: &[f32] = if lora.is_some() { &params } else { &[] };
-            let (loss, acc) = evaluate(
-                mc,
-                &layout,
-                base_params,
-                lora.map(|l| (l, lp)),
-                &val,
+    let mut objective = match data {
+        Data::Pairs(train, val, d) => {
+            let [rt, rv] = dpo::reference_logps(
+                &policy,
+                &cfg.base,
+                [&train, &val],
                 cfg.batch,
                 ctx,
                 pad,
-                &mut acts,
-                &mut lacts,
-            );
-            last_val = loss;
-            metrics.line(json!({"step": step, "train_loss": last_train, "val_loss": loss, "token_accuracy": acc}))?;
-            on(Event::Eval {
-                step,
-                train_loss: last_train,
-                val_loss: loss,
-                sample: "",
-                token_accuracy: Some(acc).filter(|a| a.is_finite()),
-            });
-            state.evaluated = true;
-            if step > 0 {
-                save(&params, &opt, &state, on)?;
-            }
+                out,
+                cfg.cache_dir.as_deref(),
+                on,
+            )?;
+            let scratch = policy.scratch(2 * cfg.batch, ctx);
+            Objective::Dpo(Box::new(Dpo::new(
+                d,
+                train,
+                val,
+                (rt, rv),
+                cfg.batch,
+                ctx,
+                pad,
+                scratch,
+            )))
         }
-        if step >= iters {
-            break;
+        Data::Sft(train, val) => {
+            let (acts, lacts) = policy.scratch(cfg.batch, ctx);
+            Objective::Sft(Sft {
+                train,
+                val,
+                batch: cfg.batch,
+                ctx,
+                pad,
+                acts,
+                lacts,
+            })
         }
-        if stop.load(Ordering::Relaxed) {
-            save(&params, &opt, &state, on)?;
-            interrupted = true;
-            break;
-        }
-        let started = Instant::now();
-        let lr = schedule.at(step);
-        grads.fill(0.0);
-        let mut loss = 0.0;
-        let mut sb = SftBatcher {
-            seed: state.batcher.seed,
-            cursor: state.batcher.cursor,
-        };
-        for _ in 0..cfg.grad_accum {
-            sb.next(&train, cfg.batch, ctx, pad, &mut inputs, &mut targets);
-            acts.set_scored(&inputs, &targets);
-            let scale = 1.0 / cfg.grad_accum as f32;
-            match lora {
-                Some(l) => {
-                    let run = LoraRun {
-                        lora: l,
-                        params: &params,
-                        acts: &mut lacts,
-                    };
-                    let base = match &stored {
-                        Some(s) => Weights::Stored(s),
-                        None => Weights::F32(&frozen),
-                    };
-                    loss += scale
-                        * model::forward_scored(
-                            mc,
-                            &layout,
-                            base,
-                            Some(run),
-                            &mut acts,
-                            Some(scale),
-                        );
-                    let g = LoraGrad {
-                        lora: l,
-                        params: &params,
-                        grads: &mut grads,
-                        acts: &mut lacts,
-                    };
-                    model::backward_with(mc, &layout, base, None, Some(g), &mut acts);
-                }
-                None => {
-                    loss += scale
-                        * model::forward_scored(
-                            mc,
-                            &layout,
-                            Weights::F32(&params),
-                            None,
-                            &mut acts,
-                            Some(scale),
-                        );
-                    let w = Weights::F32(&params);
-                    model::backward_with(mc, &layout, w, Some(&mut grads), None, &mut acts);
-                }
-            }
-            state.tokens_seen += targets.iter().filter(|&&t| t != IGNORE).count() as u64;
-        }
-        state.batcher = Batcher {
-            seed: sb.seed,
-            cursor: sb.cursor,
-        };
-        if !loss.is_finite() {
-            return Err(diverged(step, loss));
-        }
-        let grad_norm = clip_grad_norm(&mut grads, lc.grad_clip);
-        opt.update(&adamw, trainable.tensors(), lr, &mut params, &grads);
-        let secs = started.elapsed().as_secs_f64();
-        state.step += 1;
-        state.evaluated = false;
-        state.train_seconds += secs;
-        last_train = loss;
-        let tokens_per_s = rows as f64 * cfg.grad_accum as f64 / secs;
-        metrics.line(json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": secs * 1e3, "tokens_per_s": tokens_per_s, "trained_tokens": state.tokens_seen}))?;
-        on(Event::Step {
-            step,
-            loss,
-            lr,
-            grad_norm,
-            ms: secs * 1e3,
-            tokens_per_s,
-        });
-    }
-    if let Some(l) = lora {
+    };
+    let ended = trainer::run(
+        out,
+        &lc,
+        &policy,
+        &mut objective,
+        &mut params,
+        &mut opt,
+        &mut state,
+        stop,
+        on,
+    )?;
+    if let Some(l) = &policy.lora {
         let name = cfg
             .base
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        crate::peft::save(&out.join("adapter"), mc, l, &params, &name)?;
+        crate::peft::save(&out.join("adapter"), &policy.mc, l, &params, &name)?;
     }
     Ok(Summary {
         iters: state.step,
-        train_loss: last_train,
-        val_loss: last_val,
+        train_loss: ended.train_loss,
+        val_loss: ended.val_loss,
         ms_per_iter: state.train_seconds * 1e3 / state.step.max(1) as f64,
         params: n_train,
-        interrupted,
+        interrupted: ended.interrupted,
         run_dir: out.to_owned(),
     })
 }
 
-/// Mean validation loss and next-token accuracy over the trained positions of `val`.
-#[allow(clippy::too_many_arguments)]
-fn evaluate(
-    c: &ModelConfig,
-    layout: &Layout,
-    base: Weights,
-    lora: Option<(&Lora, &[f32])>,
-    val: &[Example],
-    batch: usize,
-    ctx: usize,
-    pad: u32,
-    acts: &mut Activations,
-    lacts: &mut LoraActs,
-) -> (f32, f32) {
-    if val.is_empty() {
-        return (f32::NAN, f32::NAN);
-    }
-    let (mut loss_sum, mut scored, mut correct) = (0f64, 0usize, 0usize);
-    for chunk in val.chunks(batch) {
-        let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-        for k in 0..batch {
-            // a short last batch is filled with unscored copies
-            let ex = &chunk[k.min(chunk.len() - 1)];
-            sft::row(ex, ctx, pad, &mut inputs, &mut targets);
-            if k >= chunk.len() {
-                let n = targets.len();
-                targets[n - ctx..].fill(IGNORE);
-            }
+/// A run's training data, tokenized: conversations (SFT) or preference pairs (DPO, with its
+/// settings); each as (train, validation).
+enum Data {
+    Sft(Vec<Example>, Vec<Example>),
+    Pairs(Vec<Pair>, Vec<Pair>, DpoConfig),
+}
+
+impl Data {
+    fn len(&self) -> usize {
+        match self {
+            Data::Sft(t, _) => t.len(),
+            Data::Pairs(t, _, _) => t.len(),
         }
-        acts.set_scored(&inputs, &targets);
-        let n = targets.iter().filter(|&&t| t != IGNORE).count();
-        let run = lora.map(|(l, p)| LoraRun {
-            lora: l,
-            params: p,
-            acts: &mut *lacts,
-        });
-        let loss = model::forward_scored(c, layout, base, run, acts, None);
-        loss_sum += f64::from(loss) * n as f64;
-        scored += n;
-        for (row, &t) in acts.logits.chunks_exact(c.vocab_size).zip(&targets) {
-            if t == IGNORE {
-                continue;
-            }
-            let arg = row
+    }
+
+    fn val_len(&self) -> usize {
+        match self {
+            Data::Sft(_, v) => v.len(),
+            Data::Pairs(_, v, _) => v.len(),
+        }
+    }
+
+    /// The longest sequence, in tokens.
+    fn longest(&self) -> usize {
+        let m = match self {
+            Data::Sft(t, v) => t.iter().chain(v).map(|e| e.ids.len()).max(),
+            Data::Pairs(t, v, _) => t
                 .iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |m, (i, &v)| if v > m.1 { (i, v) } else { m },
-                )
-                .0;
-            correct += usize::from(arg as u32 == t);
-        }
+                .chain(v)
+                .flat_map(|p| [p.chosen.ids.len(), p.rejected.ids.len()])
+                .max(),
+        };
+        m.unwrap_or(2)
     }
-    (
-        (loss_sum / scored.max(1) as f64) as f32,
-        correct as f32 / scored.max(1) as f32,
-    )
+
+    /// Tokens whose prediction is scored, in the train (or validation) set.
+    fn trained_tokens(&self, train: bool) -> u64 {
+        let n = match self {
+            Data::Sft(t, v) => if train { t } else { v }
+                .iter()
+                .map(Example::trained_tokens)
+                .sum(),
+            Data::Pairs(t, v, _) => if train { t } else { v }
+                .iter()
+                .map(|p| p.chosen.trained_tokens() + p.rejected.trained_tokens())
+                .sum::<usize>(),
+        };
+        n as u64
+    }
 }

@@ -8,13 +8,16 @@
 //! * [`model`] — the Llama architecture with a hand-written forward and backward over a flat
 //!   parameter buffer (fused kernels; the slow obviously-correct path lives in the tests).
 //! * [`optim`] — AdamW and the learning-rate schedule.
-//! * [`run`] — the training loop, checkpoints and exact resume.
+//! * [`trainer`] — the one training loop (schedule, accumulation, clipping, AdamW,
+//!   evaluation, checkpoints, exact resume) and its objectives; [`run`] is pretraining,
+//!   [`finetune`] SFT and [`dpo`] preference tuning, each on full weights, LoRA or QLoRA.
 //! * [`export`] — a checkpoint as GGUF (f32, f16, q8_0).
 
 pub mod base;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dpo;
 pub mod error;
 pub mod export;
 pub mod finetune;
@@ -27,5 +30,6 @@ pub mod peft;
 pub mod run;
 pub mod sft;
 pub mod tokenize;
+pub(crate) mod trainer;
 
 pub use error::TrainError;

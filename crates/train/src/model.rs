@@ -480,7 +480,9 @@ pub fn forward_logits(c: &ModelConfig, layout: &Layout, params: &[f32], a: &mut 
     forward_with(c, layout, Weights::F32(params), None, a);
 }
 
-fn forward_with(
+/// Logits for the inputs in `a` into `a.logits`, with optional adapters; no loss (the
+/// sequence-level objectives score the rows themselves).
+pub fn forward_with(
     c: &ModelConfig,
     layout: &Layout,
     params: Weights,

@@ -421,3 +421,52 @@ pub fn cross_entropy(
         });
     (row_loss.iter().map(|&l| f64::from(l)).sum::<f64>() / scored.max(1) as f64) as f32
 }
+
+/// Per row of `logits` (rows × v): the log-probability of its target and the row's
+/// log-sum-exp; 0 and 0 on unscored rows (`u32::MAX`). `logits` is left as it is, for
+/// [`weighted_ce_grad`] — the sequence-level objectives (DPO, reward) need every row's
+/// log-prob before they know how much each row's gradient weighs.
+pub fn target_logprobs(logits: &[f32], targets: &[u32], v: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut logp = vec![0f32; targets.len()];
+    let mut lse = vec![0f32; targets.len()];
+    let chunk = rows_per_task(v);
+    logits
+        .par_chunks(v * chunk)
+        .zip(targets.par_chunks(chunk))
+        .zip(logp.par_chunks_mut(chunk).zip(lse.par_chunks_mut(chunk)))
+        .for_each(|((logits, targets), (logp, lse))| {
+            for (((row, &y), lp), l) in logits.chunks_exact(v).zip(targets).zip(logp).zip(lse) {
+                if y == u32::MAX {
+                    continue;
+                }
+                let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                let z: f32 = row.iter().map(|&x| exp(x - mx)).sum();
+                *l = mx + z.ln();
+                *lp = row[y as usize] - *l;
+            }
+        });
+    (logp, lse)
+}
+
+/// Overwrite `logits` with the gradient of `−Σ_rows w_row · log p(target_row)`:
+/// `w_row · (softmax − onehot)` on scored rows, zero elsewhere; `lse` is from
+/// [`target_logprobs`]. With every `w_row = s / scored` this is [`cross_entropy`]'s gradient.
+pub fn weighted_ce_grad(logits: &mut [f32], targets: &[u32], v: usize, lse: &[f32], w: &[f32]) {
+    let chunk = rows_per_task(v);
+    logits
+        .par_chunks_mut(v * chunk)
+        .zip(targets.par_chunks(chunk))
+        .zip(lse.par_chunks(chunk).zip(w.par_chunks(chunk)))
+        .for_each(|((logits, targets), (lse, w))| {
+            for (((row, &y), &l), &k) in logits.chunks_exact_mut(v).zip(targets).zip(lse).zip(w) {
+                if y == u32::MAX || k == 0.0 {
+                    row.fill(0.0);
+                    continue;
+                }
+                for x in row.iter_mut() {
+                    *x = exp(*x - l) * k;
+                }
+                row[y as usize] -= k;
+            }
+        });
+}

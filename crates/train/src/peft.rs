@@ -301,7 +301,7 @@ pub fn load_for_serving(
     } else {
         return Err(bad(
             dir,
-            "is not a PEFT LoRA adapter (no adapter_config.json) nor a finished `ferrolm finetune --method lora` run (no adapter/)",
+            "is not a PEFT LoRA adapter (no adapter_config.json) nor a finished `ferrolm finetune --weights lora` run (no adapter/)",
         ));
     };
     let (c, _) = crate::base::open(base)?;

@@ -1,5 +1,5 @@
-//! The training loop (STYLE 16: a readable loop, not a framework) and the run directory it
-//! owns:
+//! Pretraining (`ferrolm train`): the next-token objective of the one training loop
+//! ([`crate::trainer`]), and the run directory it owns:
 //!
 //! ```text
 //! RUN_DIR/config.json     the resolved model + loop configuration
@@ -8,25 +8,25 @@
 //!         metrics.jsonl   one line per step and per evaluation
 //!         checkpoints/, latest   see `checkpoint`
 //! ```
-//! Each step: batches → forward → backward (× grad_accum) → clip → AdamW(lr = schedule(step)).
-//! Every `eval_every` steps: loss on fixed train and validation batches, a text sample, and a
-//! checkpoint. A stop request (Ctrl-C / SIGTERM, through `stop`) ends the step in progress,
+//! Each step: windows of the token shard → forward → backward (× grad_accum) → clip →
+//! AdamW(lr = schedule(step)). Every `eval_every` steps: loss on fixed train and validation
+//! batches, a text sample, and a checkpoint. A stop request (Ctrl-C / SIGTERM, through `stop`) ends the step in progress,
 //! writes a checkpoint and returns; `--resume` continues from the latest one exactly.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
 
 use ferrolm_tokenizer::Tokenizer;
-use serde_json::json;
 
 use crate::checkpoint::{self, Checkpoint, CheckpointRef, TrainState};
 use crate::config::{ConfigFile, LoopFile, ModelFile, RunConfig};
 use crate::data::{self, Batcher, Shard};
+use crate::lora::LoraActs;
 use crate::model::{self, Activations, Layout, ModelConfig, SplitMix, TensorSlot};
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::optim::AdamW;
 use crate::tokenize::{self, TokenizerChoice};
+use crate::trainer::{self, Evaluation, Frozen, Objective, Policy, StepOut};
 use crate::TrainError;
 
 /// What `ferrolm train` asks for.
@@ -59,6 +59,8 @@ pub enum Event<'a> {
         grad_norm: f32,
         ms: f64,
         tokens_per_s: f64,
+        /// The objective's own figures (DPO: rewards, margin, pair accuracy, log-probs).
+        metrics: &'a serde_json::Map<String, serde_json::Value>,
     },
     Eval {
         step: u64,
@@ -68,6 +70,19 @@ pub enum Event<'a> {
         sample: &'a str,
         /// Next-token accuracy on the validation set's scored tokens (fine-tuning).
         token_accuracy: Option<f32>,
+        /// The objective's own figures on the validation set.
+        metrics: &'a serde_json::Map<String, serde_json::Value>,
+    },
+    /// Something about the run the user should see (e.g. DPO's chosen log-prob falling
+    /// while the margin grows).
+    Warning {
+        step: u64,
+        message: &'a str,
+    },
+    /// What the run is doing that takes a while or saves it (reference log-probs computed
+    /// or read from the cache).
+    Info {
+        message: &'a str,
     },
     Checkpoint {
         step: u64,
@@ -122,7 +137,6 @@ pub fn train(
             },
         ),
     };
-    let mut metrics = Metrics::open(run, state.step, state.evaluated)?;
     // Fixed evaluation batches: the same every time (and across a resume).
     let eval_train = data::eval_batches(
         &train_shard,
@@ -145,92 +159,111 @@ pub fn train(
         val_tokens: val_shard.len(),
         from_step: state.step,
     });
-
-    let mut acts = Activations::new(mc, lc.batch, mc.context);
-    let mut grads = vec![0f32; layout.len];
-    let mut batch = Vec::new();
-    let (schedule, adamw) = (lc.schedule(), lc.adamw());
-    let tokens_per_step = (lc.batch * mc.context * lc.grad_accum) as u64;
-    let (mut last_train, mut last_val) = (f32::NAN, f32::NAN);
-    let mut interrupted = false;
-    let save = |params: &[f32], opt: &AdamW, state: &TrainState, on: &mut dyn FnMut(Event)| {
-        let ck = CheckpointRef { params, opt, state };
-        save_reported(run, &layout.tensors, ck, lc.keep, on)
+    let policy = Policy {
+        mc: mc.clone(),
+        layout,
+        frozen: Frozen::None,
+        lora: None,
     };
-    loop {
-        let step = state.step;
-        let due = step % lc.eval_every == 0 || step == lc.iters;
-        if due && !state.evaluated {
-            last_train = mean_loss(mc, &layout, &params, &eval_train, &mut acts);
-            last_val = mean_loss(mc, &layout, &params, &eval_val, &mut acts);
-            let sample = sample_text(mc, &layout, &params, &tok, lc.sample_tokens, lc.seed ^ step);
-            metrics.line(json!({"step": step, "train_loss": last_train, "val_loss": last_val, "sample": sample}))?;
-            on(Event::Eval {
-                step,
-                train_loss: last_train,
-                val_loss: last_val,
-                sample: &sample,
-                token_accuracy: None,
-            });
-            state.evaluated = true;
-            if state.best_val_loss.is_none_or(|b| last_val < b) {
-                state.best_val_loss = Some(last_val);
-            }
-            if step > 0 {
-                save(&params, &opt, &state, on)?;
-            }
-        }
-        if step >= lc.iters {
-            break;
-        }
-        if stop.load(Ordering::Relaxed) {
-            save(&params, &opt, &state, on)?;
-            interrupted = true;
-            break;
-        }
-        let started = Instant::now();
-        let lr = schedule.at(step);
-        grads.fill(0.0);
-        let mut loss = 0.0;
-        for _ in 0..lc.grad_accum {
-            state
-                .batcher
-                .next(&train_shard, lc.batch, mc.context, &mut batch)?;
-            let scale = 1.0 / lc.grad_accum as f32;
-            loss += scale * model::forward(mc, &layout, &params, &batch, &mut acts, Some(scale));
-            model::backward(mc, &layout, &params, &mut grads, &mut acts);
-        }
-        if !loss.is_finite() {
-            return Err(diverged(step, loss));
-        }
-        let grad_norm = clip_grad_norm(&mut grads, lc.grad_clip);
-        opt.update(&adamw, &layout.tensors, lr, &mut params, &grads);
-        let secs = started.elapsed().as_secs_f64();
-        state.step += 1;
-        state.evaluated = false;
-        state.tokens_seen += tokens_per_step;
-        state.train_seconds += secs;
-        let tokens_per_s = tokens_per_step as f64 / secs;
-        metrics.line(json!({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "ms": secs * 1e3, "tokens_per_s": tokens_per_s}))?;
-        on(Event::Step {
-            step,
-            loss,
-            lr,
-            grad_norm,
-            ms: secs * 1e3,
-            tokens_per_s,
-        });
-    }
+    let mut objective = Objective::NextToken(NextToken {
+        shard: &train_shard,
+        eval_train,
+        eval_val,
+        tok: &tok,
+        batch: lc.batch,
+        sample_tokens: lc.sample_tokens,
+        seed: lc.seed,
+        acts: Activations::new(mc, lc.batch, mc.context),
+        tokens: Vec::new(),
+    });
+    let ended = trainer::run(
+        run,
+        lc,
+        &policy,
+        &mut objective,
+        &mut params,
+        &mut opt,
+        &mut state,
+        stop,
+        on,
+    )?;
     let done = state.step.max(1);
     Ok(Summary {
         iters: state.step,
-        train_loss: last_train,
-        val_loss: last_val,
+        train_loss: ended.train_loss,
+        val_loss: ended.val_loss,
         ms_per_iter: state.train_seconds * 1e3 / done as f64,
-        params: layout.len,
-        interrupted,
+        params: policy.layout.len,
+        interrupted: ended.interrupted,
         run_dir: run.clone(),
     })
+}
+
+/// Pretraining's objective: next-token cross-entropy on seeded windows of the token shard;
+/// evaluated on fixed train and validation batches, with a text sample.
+pub(crate) struct NextToken<'a> {
+    shard: &'a Shard,
+    eval_train: Vec<Vec<u32>>,
+    eval_val: Vec<Vec<u32>>,
+    tok: &'a Tokenizer,
+    batch: usize,
+    sample_tokens: usize,
+    seed: u64,
+    acts: Activations,
+    tokens: Vec<u32>,
+}
+
+impl NextToken<'_> {
+    pub(crate) fn accumulate(
+        &mut self,
+        policy: &Policy,
+        params: &[f32],
+        grads: &mut [f32],
+        state: &mut TrainState,
+        grad_accum: usize,
+    ) -> Result<StepOut, TrainError> {
+        let ctx = policy.mc.context;
+        let mut loss = 0.0;
+        let mut none = LoraActs::default();
+        for _ in 0..grad_accum {
+            state
+                .batcher
+                .next(self.shard, self.batch, ctx, &mut self.tokens)?;
+            self.acts.set_sequences(&self.tokens);
+            let scale = 1.0 / grad_accum as f32;
+            loss += scale * policy.forward_ce(params, &mut self.acts, &mut none, Some(scale));
+            policy.backward(params, grads, &mut self.acts, &mut none);
+        }
+        let tokens = (self.batch * ctx * grad_accum) as u64;
+        state.tokens_seen += tokens;
+        Ok(StepOut {
+            loss,
+            tokens,
+            metrics: Default::default(),
+        })
+    }
+
+    pub(crate) fn evaluate(&mut self, policy: &Policy, params: &[f32], step: u64) -> Evaluation {
+        let (mc, layout) = (&policy.mc, &policy.layout);
+        let train_loss = mean_loss(mc, layout, params, &self.eval_train, &mut self.acts);
+        let val_loss = mean_loss(mc, layout, params, &self.eval_val, &mut self.acts);
+        let sample = sample_text(
+            mc,
+            layout,
+            params,
+            self.tok,
+            self.sample_tokens,
+            self.seed ^ step,
+        );
+        Evaluation {
+            train_loss: Some(train_loss),
+            val_loss,
+            sample,
+            token_accuracy: None,
+            metrics: Default::default(),
+            warning: None,
+        }
+    }
 }
 
 /// Write a checkpoint of `tensors` into `dir` and report it.

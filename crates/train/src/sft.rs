@@ -82,6 +82,9 @@ fn parse_line(line: &str) -> Result<(Value, Option<Value>), String> {
     let obj = v
         .as_object()
         .ok_or("each line must be a JSON object with a `messages` array")?;
+    if obj.contains_key("preferred_output") && !obj.contains_key("messages") {
+        return Err("this is a preference (DPO) pair, not a chat line: fine-tune it with --method dpo (method.type \"dpo\" in the API)".into());
+    }
     let messages = obj
         .get("messages")
         .and_then(Value::as_array)
@@ -89,6 +92,16 @@ fn parse_line(line: &str) -> Result<(Value, Option<Value>), String> {
     if messages.is_empty() {
         return Err("`messages` is empty".into());
     }
+    let learnable = check_messages(messages)?;
+    if learnable == 0 {
+        return Err("no assistant message to learn from (every assistant message has weight 0, or there is none)".into());
+    }
+    Ok((Value::Array(messages.clone()), obj.get("tools").cloned()))
+}
+
+/// Check each message's role, content and `weight`; the number of assistant messages that
+/// carry weight (are learned from).
+pub fn check_messages(messages: &[Value]) -> Result<usize, String> {
     let mut learnable = 0;
     for (j, m) in messages.iter().enumerate() {
         let role = m
@@ -128,10 +141,7 @@ fn parse_line(line: &str) -> Result<(Value, Option<Value>), String> {
             learnable += 1;
         }
     }
-    if learnable == 0 {
-        return Err("no assistant message to learn from (every assistant message has weight 0, or there is none)".into());
-    }
-    Ok((Value::Array(messages.clone()), obj.get("tools").cloned()))
+    Ok(learnable)
 }
 
 /// A tokenized example: the ids, and for each position whether predicting it is trained.
@@ -218,6 +228,13 @@ pub struct SftBatcher {
 }
 
 impl SftBatcher {
+    /// The index of the next of `n` examples (pairs, …), and advance.
+    pub fn take(&mut self, n: usize) -> usize {
+        let i = self.index(self.cursor, n);
+        self.cursor += 1;
+        i
+    }
+
     /// The example index at position `k` of the stream (epoch after epoch).
     fn index(&self, k: u64, n: usize) -> usize {
         let epoch = k / n as u64;
@@ -243,8 +260,7 @@ impl SftBatcher {
         inputs.clear();
         targets.clear();
         for _ in 0..batch {
-            let ex = &examples[self.index(self.cursor, examples.len())];
-            self.cursor += 1;
+            let ex = &examples[self.take(examples.len())];
             row(ex, ctx, pad, inputs, targets);
         }
     }

@@ -117,7 +117,11 @@ def check_bad_job_requests():
         ({"model": "no-such-model", "training_file": fid}, "model"),
         ({"model": MODEL, "training_file": "file-nope"}, "training_file"),
         ({"model": MODEL, "training_file": fid, "hyperparameters": {"n_epochs": 0}}, "hyperparameters"),
-        ({"model": MODEL, "training_file": fid, "method": {"type": "dpo"}}, "method"),
+        ({"model": MODEL, "training_file": fid, "method": {"type": "reinforcement"}}, "method"),
+        # a chat file is not a preference file
+        ({"model": MODEL, "training_file": fid, "method": {"type": "dpo"}}, "training_file"),
+        ({"model": MODEL, "training_file": fid,
+          "method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}}}, "hyperparameters"),
     ]:
         try:
             a.fine_tuning.jobs.create(**kwargs)
@@ -230,6 +234,58 @@ def check_a_paused_job_resumes_from_its_checkpoint_to_success():
     assert done.fine_tuned_model, done
     msgs = [e.message for e in a.fine_tuning.jobs.list_events(job.id, limit=100).data]
     assert any("resumed from the checkpoint" in m for m in msgs), msgs
+
+
+PREFS = "".join(
+    json.dumps({
+        "input": {"messages": [{"role": "user", "content": q}]},
+        "preferred_output": [{"role": "assistant", "content": "Bolt says: " + r}],
+        "non_preferred_output": [{"role": "assistant", "content": "I don't know."}],
+    }) + "\n"
+    for q, r in PAIRS
+).encode()
+
+
+def check_a_dpo_job_runs_with_preference_metrics():
+    bad = PREFS.splitlines(keepends=True)[:1] + [
+        b'{"input": {"messages": [{"role": "user", "content": "hi"}]}, "preferred_output": [{"role": "assistant", "content": "a"}]}\n'
+    ]
+    try:
+        a.files.create(file=("bad-prefs.jsonl", io.BytesIO(b"".join(bad))), purpose="fine-tune")
+    except openai.BadRequestError as e:
+        msg = e.body["message"]
+        assert "line 2:" in msg and "non_preferred_output" in msg and "line 1:" not in msg, msg
+    else:
+        raise AssertionError("a bad preference file was accepted")
+    f = a.files.create(file=("prefs.jsonl", io.BytesIO(PREFS)), purpose="fine-tune")
+    job = a.fine_tuning.jobs.create(
+        model=MODEL,
+        training_file=f.id,
+        validation_file=f.id,
+        suffix="pref",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 2}}},
+    )
+    assert job.method.type == "dpo", job.method
+    assert job.method.dpo.hyperparameters.beta == 0.2, job.method
+    assert job.hyperparameters.batch_size == 2 and job.hyperparameters.n_epochs == 1, job.hyperparameters
+    done = wait_for(job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done
+    events = a.fine_tuning.jobs.list_events(job.id, limit=100).data
+    metrics = [e.data for e in events if e.type == "metrics"]
+    assert any("train_pair_accuracy" in m and "train_reward_margin" in m for m in metrics), metrics
+    assert any("full_valid_pair_accuracy" in m for m in metrics), metrics
+    r = a.chat.completions.create(
+        model=done.fine_tuned_model, messages=[{"role": "user", "content": "Capital of France?"}],
+        temperature=0, max_tokens=8,
+    )
+    assert r.choices[0].message.content, r
+    # a supervised job on a preference file names the problem
+    try:
+        a.fine_tuning.jobs.create(model=MODEL, training_file=f.id)
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "training_file", e.body
+    else:
+        raise AssertionError("a supervised job took a preference file")
 
 
 def main():
