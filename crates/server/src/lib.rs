@@ -53,6 +53,7 @@ mod generate;
 mod metrics;
 mod ollama;
 mod openai;
+mod preferences;
 mod responses;
 pub mod route;
 pub mod stored;
@@ -1103,6 +1104,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/show", post(ollama::show))
         .route("/api/ps", get(ollama::ps))
         .route("/api/version", get(ollama::version))
+        .route(
+            "/v1/preferences",
+            get(preferences::get).post(preferences::append),
+        )
         .route("/health", get(metrics::health))
         .route("/metrics", get(metrics::metrics))
         .fallback(no_route)
