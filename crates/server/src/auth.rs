@@ -4,7 +4,7 @@
 //!
 //! Keys: while the store has never had a key and the server was allowed to run open (a
 //! loopback bind, or `--allow-unauthenticated`), requests need none, as with Ollama. Once a key
-//! exists, every route but `/health` needs `Authorization: Bearer <key>` (or `x-api-key`), and
+//! exists, every route but `/health` and the web UI's files needs `Authorization: Bearer <key>` (or `x-api-key`), and
 //! revoked or unknown keys get OpenAI's 401. A generation request that fails is still written to
 //! the usage ledger, with its status and no tokens.
 
@@ -124,7 +124,7 @@ pub async fn layer(State(s): State<AppState>, mut req: Request, next: Next) -> R
         .map_or("unmatched", |m| m.as_str())
         .to_owned();
     let ollama = path.starts_with("/api/");
-    let key = if path == "/health" {
+    let key = if path == "/health" || crate::ui::is_public(&method, &path) {
         Ok(None)
     } else {
         authenticate(&s, req.headers())

@@ -59,6 +59,7 @@ pub mod route;
 pub mod stored;
 pub mod tools;
 pub mod tuner;
+mod ui;
 pub mod upstream;
 mod validate;
 
@@ -1108,6 +1109,8 @@ pub fn router(state: AppState) -> Router {
             "/v1/preferences",
             get(preferences::get).post(preferences::append),
         )
+        .route("/", get(ui::index))
+        .route("/ui/{*file}", get(ui::asset))
         .route("/health", get(metrics::health))
         .route("/metrics", get(metrics::metrics))
         .fallback(no_route)
