@@ -1,6 +1,6 @@
 // The usage and cost page: the ledger (`GET /v1/usage`) for the signed-in key (every key's
 // requests on an open server), by day, model and key, with what caching, compression and
-// routing saved.
+// routing saved, and what the same traffic would cost on the catalog's hosted models.
 
 import { h } from "./vendor/preact.mjs";
 import { useEffect, useState } from "./vendor/hooks.mjs";
@@ -36,9 +36,15 @@ export function Usage() {
   async function load() {
     try {
       const since = Math.floor(Date.now() / 1000) - days * 86400;
-      const q = (by) => get(`/v1/usage?by=${by}&since=${since}`).then((v) => v.data);
-      const [total, day, model, key] = await Promise.all([q(""), q("day"), q("model"), q("key")]);
-      setData({ total: total[0], day: day.sort((a, b) => (a.day < b.day ? -1 : 1)), model, key });
+      const q = (by) => get(`/v1/usage?by=${by}&since=${since}`);
+      const [total, day, model, key] = (await Promise.all([q(""), q("day"), q("model"), q("key")]));
+      setData({
+        total: total.data[0],
+        hosted: total.hosted || [],
+        day: day.data.sort((a, b) => (a.day < b.day ? -1 : 1)),
+        model: model.data,
+        key: key.data,
+      });
       setError("");
     } catch (e) {
       setError(e.message);
@@ -79,6 +85,17 @@ export function Usage() {
       <${BarChart} title="Cost per day" data=${data.day.map((r) => ({ label: r.day, value: r.cost_usd }))} format=${fmt.usd} />
       <${BarChart} title="Tokens per day" data=${data.day.map((r) => ({ label: r.day, value: r.prompt_tokens + r.completion_tokens }))} format=${(v) => fmt.int(Math.round(v))} />
     </div>
+    <h3>The same traffic on hosted models</h3>
+    ${data.hosted.length
+      ? html`<table data-testid="usage-hosted">
+          <thead><tr><th>model</th><th>provider</th><th>cost</th><th>× yours</th><th>prices as of</th></tr></thead>
+          <tbody>${data.hosted.map(
+            (m) => html`<tr><td>${m.model}</td><td>${m.provider}</td><td>${fmt.usd(m.cost_usd)}</td>
+              <td>${t.cost_usd > 0 ? `${(m.cost_usd / t.cost_usd).toFixed(1)}×` : "–"}</td><td>${m.as_of}</td></tr>`,
+          )}</tbody>
+        </table>
+        <p class="muted">List prices from the server's price catalog, at base rates (long-prompt tiers are per request and not applied here).</p>`
+      : html`<p class="muted">The server's price catalog has no hosted models.</p>`}
     <h3>By model</h3>
     <${Table} rows=${data.model} by="model" testid="usage-by-model" />
     <h3>By key</h3>

@@ -115,6 +115,8 @@ try {
   const usageCost = await page.getByTestId("usage-cost").textContent();
   check("the usage page counts the chat requests (4: reply, regenerate, stopped, refused)", requests === 4, `requests ${requests}; ${row}`);
   check("the usage page has the replies' tokens and cost", usageCompletion >= completion && /^\$/.test(usageCost) && /smollm2/i.test(row), `completion ${usageCompletion} ≥ ${completion}, cost ${usageCost}`);
+  const hosted = await page.getByTestId("usage-hosted").locator("tbody tr").count();
+  check("the usage page compares the traffic with hosted models", hosted > 0, `${hosted} hosted models`);
   await shot(page, "usage");
 
   // --- Sanitising: a stored reply with script and an onerror image stays text -----------------
