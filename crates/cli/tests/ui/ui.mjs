@@ -8,7 +8,7 @@
 //   FERROLM_UI_SHOTS a directory for one screenshot per page (optional)
 // Every check is printed; the script exits 1 if any failed.
 import { chromium } from "playwright-core";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, readFileSync } from "node:fs";
 
 const { FERROLM_KEYED: keyed, FERROLM_KEY: key, FERROLM_OPEN: open, FERROLM_DOOMED: doomed, FERROLM_DOOMED_PID: doomedPid } = process.env;
 const shots = process.env.FERROLM_UI_SHOTS;
@@ -39,6 +39,14 @@ async function newPage(base) {
   return page;
 }
 
+/** Wait until no reply is being generated and the last one has its usage line. */
+async function settled(page) {
+  await page.waitForFunction(() => {
+    const metas = document.querySelectorAll("[data-testid=reply-meta]");
+    return !document.querySelector("[data-testid=stop]") && metas.length && /finish|stopped/.test(metas[metas.length - 1].textContent);
+  }, null, { timeout: T });
+}
+
 /** Send `text` with Enter and wait for the reply to settle; returns the texts the reply body had. */
 async function chat(page, text) {
   await page.getByTestId("prompt").fill(text);
@@ -52,7 +60,7 @@ async function chat(page, text) {
     }).observe(box, { subtree: true, childList: true, characterData: true });
   });
   await page.getByTestId("prompt").press("Enter");
-  await page.getByTestId("send").waitFor({ timeout: T });
+  await settled(page);
   return page.evaluate(() => [...window.__seen]);
 }
 
@@ -85,8 +93,28 @@ try {
 
   // Regenerate replaces the last reply; editing the question resends it.
   await page.getByTestId("regenerate").click();
-  await page.getByTestId("send").waitFor({ timeout: T });
+  await settled(page);
   check("regenerate leaves one question and one reply", (await page.getByTestId("msg-assistant").count()) === 1 && (await page.getByTestId("msg-user").count()) === 1);
+
+  // Edit and resend: the question is replaced, and so is the reply after it.
+  await page.getByRole("button", { name: "Edit" }).first().click();
+  await page.locator(".msg.editing textarea").fill("Write a short poem about the moon.");
+  await page.locator(".msg.editing").getByRole("button", { name: "Send" }).click();
+  await settled(page);
+  const users = await page.getByTestId("msg-user").allTextContents();
+  check("edit and resend replaces the question and its reply", users.length === 1 && /moon/.test(users[0]) && (await page.getByTestId("msg-assistant").count()) === 1, users.join(" | "));
+
+  // Export to OpenAI chat JSONL; import names a bad line and takes a good file.
+  const [download] = await Promise.all([page.waitForEvent("download"), page.getByRole("button", { name: "Export JSONL" }).click()]);
+  const exported = readFileSync(await download.path(), "utf8").trim().split("\n").map((l) => JSON.parse(l));
+  check("export writes OpenAI chat JSONL", exported.length === 1 && exported[0].messages[0].role === "user" && /moon/.test(exported[0].messages[0].content) && exported[0].messages[1].role === "assistant", JSON.stringify(exported).slice(0, 160));
+  const importer = page.locator(".convs input[type=file]");
+  await importer.setInputFiles({ name: "bad.jsonl", mimeType: "application/jsonl", buffer: Buffer.from('{"messages": []}\n{oops\n') });
+  const importErr = await page.locator(".notice").textContent({ timeout: T });
+  check("importing a bad JSONL names its line", /bad.jsonl: line 2: not JSON/.test(importErr), importErr);
+  await importer.setInputFiles({ name: "chats.jsonl", mimeType: "application/jsonl", buffer: Buffer.from(JSON.stringify({ messages: [{ role: "system", content: "Be brief." }, { role: "user", content: "Imported question" }, { role: "assistant", content: "Imported answer" }] }) + "\n") });
+  await page.getByRole("link", { name: "Imported question" }).waitFor({ timeout: T });
+  check("importing a JSONL adds its conversation", true);
 
   // Esc stops a reply.
   await page.locator("label:has-text('Max tokens') input").fill("400");
@@ -113,7 +141,7 @@ try {
   const requests = Number((await page.getByTestId("usage-requests").textContent()).replace(/,/g, ""));
   const usageCompletion = Number((await page.getByTestId("usage-completion").textContent()).replace(/,/g, ""));
   const usageCost = await page.getByTestId("usage-cost").textContent();
-  check("the usage page counts the chat requests (4: reply, regenerate, stopped, refused)", requests === 4, `requests ${requests}; ${row}`);
+  check("the usage page counts the chat requests (5: reply, regenerate, edit, stopped, refused)", requests === 5, `requests ${requests}; ${row}`);
   check("the usage page has the replies' tokens and cost", usageCompletion >= completion && /^\$/.test(usageCost) && /smollm2/i.test(row), `completion ${usageCompletion} ≥ ${completion}, cost ${usageCost}`);
   const hosted = await page.getByTestId("usage-hosted").locator("tbody tr").count();
   check("the usage page compares the traffic with hosted models", hosted > 0, `${hosted} hosted models`);
