@@ -20,6 +20,8 @@
 //! served unrecorded). A stream has already sent its tokens when it ends, so its row is held in
 //! memory and written once the ledger can be written again; until then every new request is
 //! refused with a 503 that names the data dir.
+//!
+//! `/` and `/ui/*` serve the web UI (`ui`): static files compiled in, which call the same API.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -78,8 +78,8 @@ fn serve(content_type: &'static str, bytes: &'static [u8]) -> Response {
 }
 
 /// `GET /`: the UI's page.
-pub async fn index() -> Response {
-    serve(HTML, include_bytes!("../ui/index.html"))
+pub async fn index() -> Result<Response, ApiError> {
+    asset(Path("index.html".to_owned())).await
 }
 
 /// `GET /ui/{*file}`.
