@@ -15,13 +15,13 @@ const saved = (r) => r.saved_by_cache_usd + r.saved_by_compression_usd + r.saved
 
 function Table({ rows, by, testid }) {
   return html`<table data-testid=${testid}>
-    <thead><tr><th>${by}</th><th>requests</th><th>prompt</th><th>cached</th><th>completion</th><th>cost</th><th>saved</th><th>avg latency</th><th>avg first token</th></tr></thead>
+    <thead><tr><th>${by}</th><th>requests</th><th>prompt</th><th>cached</th><th>completion</th><th>cost</th><th>saved</th><th>latency p50 / p95 (avg)</th><th>avg first token</th></tr></thead>
     <tbody>
       ${rows.map(
         (r) => html`<tr>
           <td>${r[by] || "(none: refused before a model was chosen)"}</td><td>${fmt.int(r.requests)}</td><td>${fmt.int(r.prompt_tokens)}</td>
           <td>${fmt.int(r.cached_tokens)} (${fmt.pct(share(r))})</td><td>${fmt.int(r.completion_tokens)}</td>
-          <td>${fmt.usd(r.cost_usd)}</td><td>${fmt.usd(saved(r))}</td><td>${fmt.ms(r.avg_latency_ms)}</td><td>${fmt.ms(r.avg_ttft_ms)}</td>
+          <td>${fmt.usd(r.cost_usd)}</td><td>${fmt.usd(saved(r))}</td><td>${fmt.ms(r.p50_latency_ms)} / ${fmt.ms(r.p95_latency_ms)} (${fmt.ms(r.avg_latency_ms)})</td><td>${fmt.ms(r.avg_ttft_ms)}</td>
         </tr>`,
       )}
     </tbody>
@@ -72,7 +72,7 @@ export function Usage() {
       ${card("Cached share", fmt.pct(share(t)), "usage-cached")}
       ${card("Completion tokens", fmt.int(t.completion_tokens), "usage-completion")}
       ${card("Cost", fmt.usd(t.cost_usd), "usage-cost")}
-      ${card("Avg latency", fmt.ms(t.avg_latency_ms), "usage-latency")}
+      ${card("Latency p50 / p95", `${fmt.ms(t.p50_latency_ms)} / ${fmt.ms(t.p95_latency_ms)}`, "usage-latency")}
     </div>
     <h3>What the server saved</h3>
     <div class="cards">
@@ -102,6 +102,6 @@ export function Usage() {
     <${Table} rows=${data.key} by="key" testid="usage-by-key" />
     <h3>By day</h3>
     <${Table} rows=${data.day} by="day" testid="usage-by-day" />
-    <p class="muted">From the server's ledger: your key's requests (every request on a server without keys). Averages, not percentiles: the API reports averages.</p>
+    <p class="muted">From the server's ledger: your key's requests (every request on a server without keys). Latency percentiles are nearest-rank.</p>
   </main>`;
 }

@@ -143,6 +143,8 @@ try {
   const usageCost = await page.getByTestId("usage-cost").textContent();
   check("the usage page counts the chat requests (5: reply, regenerate, edit, stopped, refused)", requests === 5, `requests ${requests}; ${row}`);
   check("the usage page has the replies' tokens and cost", usageCompletion >= completion && /^\$/.test(usageCost) && /smollm2/i.test(row), `completion ${usageCompletion} ≥ ${completion}, cost ${usageCost}`);
+  const latency = await page.getByTestId("usage-latency").textContent();
+  check("the usage page shows latency percentiles", /^[\d.]+ m?s \/ [\d.]+ m?s$/.test(latency), latency);
   const hosted = await page.getByTestId("usage-hosted").locator("tbody tr").count();
   check("the usage page compares the traffic with hosted models", hosted > 0, `${hosted} hosted models`);
   await shot(page, "usage");
