@@ -668,6 +668,8 @@ impl Pg {
                     routed_requests: count(r, n + 11)?,
                     lazy_tool_tokens: r.try_get(n + 12).map_err(err)?,
                     saved_by_lazy_tools_usd: r.try_get(n + 13).map_err(err)?,
+                    p50_latency_ms: r.try_get(n + 14).map_err(err)?,
+                    p95_latency_ms: r.try_get(n + 15).map_err(err)?,
                     ..UsageGroup::default()
                 };
                 for (i, col) in groups.iter().enumerate() {

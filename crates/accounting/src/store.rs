@@ -217,6 +217,9 @@ pub struct UsageGroup {
     pub completion_tokens: u64,
     pub cost_usd: f64,
     pub avg_latency_ms: f64,
+    /// Latency percentiles (nearest rank); `None` without requests.
+    pub p50_latency_ms: Option<f64>,
+    pub p95_latency_ms: Option<f64>,
     /// Over the requests that reported a time to first token.
     pub avg_ttft_ms: Option<f64>,
     pub compressed_tokens: u64,
@@ -784,6 +787,8 @@ impl Store {
                     saved_by_routing_usd: r.get(n + 10)?,
                     lazy_tool_tokens: r.get(n + 12)?,
                     saved_by_lazy_tools_usd: r.get(n + 13)?,
+                    p50_latency_ms: r.get(n + 14)?,
+                    p95_latency_ms: r.get(n + 15)?,
                     ..UsageGroup::default()
                 };
                 for (i, col) in groups.iter().enumerate() {
@@ -874,6 +879,10 @@ fn usage_sql(
         "COUNT(u.route)",
         "CAST(COALESCE(SUM(u.lazy_tool_tokens), 0) AS BIGINT)",
         "COALESCE(SUM(u.saved_by_lazy_tools_usd), 0.0)",
+        // Nearest-rank percentiles: the smallest latency whose rank in its group (from the
+        // window in the FROM below) is at least p × the group's size.
+        "MIN(CASE WHEN u.lat_rank >= 0.5 * u.lat_n THEN u.latency_ms END)",
+        "MIN(CASE WHEN u.lat_rank >= 0.95 * u.lat_n THEN u.latency_ms END)",
     ]);
     let mut conds = Vec::new();
     let mut args: Vec<i64> = Vec::new();
@@ -888,13 +897,33 @@ fn usage_sql(
             conds.push(format!("{cond}{mark}{}", args.len()));
         }
     }
+    // The rows of the period, each with its latency's rank within its group (partitioned by
+    // the usage columns alone: the key's name is joined outside).
+    let partition = if groups.is_empty() {
+        String::new()
+    } else {
+        let by: Vec<String> = groups
+            .iter()
+            .zip(&cols)
+            .map(|(g, (_, group))| match g {
+                GroupBy::Key => "u.key_id".to_owned(),
+                _ => group.clone(),
+            })
+            .collect();
+        format!("PARTITION BY {} ", by.join(", "))
+    };
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    };
     let mut sql = format!(
-        "SELECT {} FROM usage u LEFT JOIN api_keys k ON k.id = u.key_id",
+        "SELECT {} FROM (SELECT u.*, \
+         ROW_NUMBER() OVER ({partition}ORDER BY u.latency_ms) AS lat_rank, \
+         COUNT(*) OVER ({partition}) AS lat_n FROM usage u{filter}) u \
+         LEFT JOIN api_keys k ON k.id = u.key_id",
         select.join(", ")
     );
-    if !conds.is_empty() {
-        sql += &format!(" WHERE {}", conds.join(" AND "));
-    }
     if !cols.is_empty() {
         // Group by the key's id (two keys may have shared a name over time), order by what
         // is shown, in the caller's order of precedence.
@@ -1385,7 +1414,30 @@ mod tests {
         );
         assert_eq!(t.cost_usd, 7.5);
         assert_eq!(t.avg_latency_ms, 70.0);
+        // Latencies 50, 50, 50, 50, 150: nearest ranks 3 and 5.
+        assert_eq!(
+            (t.p50_latency_ms, t.p95_latency_ms),
+            (Some(50.0), Some(150.0))
+        );
         assert_eq!(t.avg_ttft_ms, Some(5.0));
+        // Per group: smol has 150 and 50 (ranks 1 and 2), gpt-4o three 50s.
+        let by_model = s
+            .usage(&UsageQuery {
+                group_by: vec![GroupBy::Model],
+                ..Default::default()
+            })
+            .unwrap();
+        let p: Vec<_> = by_model
+            .iter()
+            .map(|g| (g.model.clone().unwrap(), g.p50_latency_ms, g.p95_latency_ms))
+            .collect();
+        assert_eq!(
+            p,
+            vec![
+                ("gpt-4o".to_owned(), Some(50.0), Some(50.0)),
+                ("smol".to_owned(), Some(50.0), Some(150.0))
+            ]
+        );
 
         // By key: alice, bob, then requests without a key.
         let by_key = s

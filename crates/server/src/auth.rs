@@ -4,7 +4,7 @@
 //!
 //! Keys: while the store has never had a key and the server was allowed to run open (a
 //! loopback bind, or `--allow-unauthenticated`), requests need none, as with Ollama. Once a key
-//! exists, every route but `/health` needs `Authorization: Bearer <key>` (or `x-api-key`), and
+//! exists, every route but `/health` and the web UI's files needs `Authorization: Bearer <key>` (or `x-api-key`), and
 //! revoked or unknown keys get OpenAI's 401. A generation request that fails is still written to
 //! the usage ledger, with its status and no tokens.
 
@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use ferrolm_accounting::{GroupBy, KeyInfo, UsageQuery, UsageRow};
+use ferrolm_accounting::{GroupBy, KeyInfo, PriceCatalog, UsageGroup, UsageQuery, UsageRow};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -124,7 +124,7 @@ pub async fn layer(State(s): State<AppState>, mut req: Request, next: Next) -> R
         .map_or("unmatched", |m| m.as_str())
         .to_owned();
     let ollama = path.starts_with("/api/");
-    let key = if path == "/health" {
+    let key = if path == "/health" || crate::ui::is_public(&method, &path) {
         Ok(None)
     } else {
         authenticate(&s, req.headers())
@@ -273,7 +273,7 @@ pub struct UsageParams {
 }
 
 /// `GET /v1/usage`: the caller's own usage (every key's when the server runs without keys),
-/// grouped `?by=model,day` by default.
+/// grouped `?by=model,day` by default, and `hosted`: the same traffic at hosted list prices.
 pub async fn usage(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -301,5 +301,43 @@ pub async fn usage(
         until_ms: q.until.map(|t| t * 1000),
     };
     let groups = s.access.store.usage(&query).map_err(ApiError::storage)?;
-    Ok(Json(json!({"object": "list", "data": groups})))
+    let total = s
+        .access
+        .store
+        .usage(&UsageQuery {
+            group_by: Vec::new(),
+            ..query
+        })
+        .map_err(ApiError::storage)?;
+    let hosted = total
+        .first()
+        .map(|t| hosted_costs(&s.catalog, t))
+        .unwrap_or_default();
+    Ok(Json(
+        json!({"object": "list", "data": groups, "hosted": hosted}),
+    ))
+}
+
+/// An extra field of `/v1/usage` (clients ignore unknown ones): what the same tokens would have
+/// cost on each hosted model of the price catalog, cheapest first. From totals, so at the base
+/// rates: long-prompt tiers, chosen per request, are not applied.
+fn hosted_costs(catalog: &PriceCatalog, t: &UsageGroup) -> Vec<Value> {
+    let mut out: Vec<(f64, Value)> = catalog
+        .models()
+        .iter()
+        .filter(|m| m.self_hosted.is_none())
+        .map(|m| {
+            let cached = t.cached_tokens.min(t.prompt_tokens);
+            let cost = ((t.prompt_tokens - cached) as f64 * m.input_per_mtok
+                + cached as f64 * m.cached_input_per_mtok.unwrap_or(m.input_per_mtok)
+                + t.completion_tokens as f64 * m.output_per_mtok)
+                / 1e6;
+            (
+                cost,
+                json!({"model": m.id, "provider": m.provider, "cost_usd": cost, "as_of": m.as_of}),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out.into_iter().map(|(_, v)| v).collect()
 }

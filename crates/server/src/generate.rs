@@ -326,8 +326,9 @@ pub trait Format: Send + 'static {
         usage: &Usage,
         time_to_first_token: f64,
     ) -> Vec<Self::Item>;
-    /// Every choice ended and the request is settled (usage trailers, `[DONE]`).
-    fn end(&mut self, usage: &Usage) -> Vec<Self::Item>;
+    /// Every choice ended and the request is settled (usage trailers, `[DONE]`); `cost` is
+    /// what the ledger charged (`None` when the row could not be written).
+    fn end(&mut self, usage: &Usage, cost: Option<f64>) -> Vec<Self::Item>;
     /// A failure after the stream started.
     fn error(&mut self, message: String) -> Vec<Self::Item>;
     /// The response around a stream of items.
@@ -816,10 +817,10 @@ fn pump<F: Format>(run: Run, mut format: F) -> ReceiverStream<F::Item> {
         }
         // The tokens are already sent: a ledger that cannot be written holds the row (see
         // `AppState::settle`), so the stream's end is not turned into an error.
-        let _ = run.settle(&choices, &ending, true);
+        let cost = run.settle(&choices, &ending, true).ok();
         if matches!(ending, Ending::Finished) {
             let usage = total_usage(choices.iter().map(|c| c.usage.unwrap_or_default()));
-            for item in format.end(&usage) {
+            for item in format.end(&usage, cost) {
                 if tx.send(item).await.is_err() {
                     return;
                 }

@@ -20,6 +20,8 @@
 //! served unrecorded). A stream has already sent its tokens when it ends, so its row is held in
 //! memory and written once the ledger can be written again; until then every new request is
 //! refused with a 503 that names the data dir.
+//!
+//! `/` and `/ui/*` serve the web UI (`ui`): static files compiled in, which call the same API.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -53,11 +55,13 @@ mod generate;
 mod metrics;
 mod ollama;
 mod openai;
+mod preferences;
 mod responses;
 pub mod route;
 pub mod stored;
 pub mod tools;
 pub mod tuner;
+mod ui;
 pub mod upstream;
 mod validate;
 
@@ -1169,6 +1173,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/show", post(ollama::show))
         .route("/api/ps", get(ollama::ps))
         .route("/api/version", get(ollama::version))
+        .route(
+            "/v1/preferences",
+            get(preferences::get).post(preferences::append),
+        )
+        .route("/", get(ui::index))
+        .route("/ui/{*file}", get(ui::asset))
         .route("/health", get(metrics::health))
         .route("/metrics", get(metrics::metrics))
         .fallback(no_route)

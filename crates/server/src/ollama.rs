@@ -254,7 +254,7 @@ impl Format for OllamaFormat {
         vec![]
     }
 
-    fn end(&mut self, _usage: &Usage) -> Vec<Line> {
+    fn end(&mut self, _usage: &Usage, _cost: Option<f64>) -> Vec<Line> {
         self.done.take().iter().map(ndjson).collect()
     }
 

@@ -258,6 +258,17 @@ fn usage_json(u: &Usage) -> Value {
     })
 }
 
+/// A stream's closing usage. An extra field (clients ignore unknown ones): `cost_usd`, what the
+/// ledger charged, which a JSON answer sends as the `x-ferrolm-cost-usd` header but a stream
+/// only knows after its headers are out.
+fn stream_usage_json(u: &Usage, cost: Option<f64>) -> Value {
+    let mut v = usage_json(u);
+    if let Some(c) = cost {
+        v["cost_usd"] = json!(c);
+    }
+    v
+}
+
 /// One token's text as OpenAI reports it: the token's own bytes, lossily decoded.
 fn token_text(m: &Model, id: u32) -> (String, Vec<u8>) {
     let b = m.tok.token_bytes(id).to_vec();
@@ -531,7 +542,7 @@ struct ChatFormat {
 }
 
 impl ChatFormat {
-    fn chunk(&mut self, choices: Value, usage: Option<&Usage>) -> SseItem {
+    fn chunk(&mut self, choices: Value, usage: Option<Value>) -> SseItem {
         let mut v = json!({
             "id": self.meta.id,
             "object": "chat.completion.chunk",
@@ -541,7 +552,7 @@ impl ChatFormat {
             "choices": choices,
         });
         if self.include_usage {
-            v["usage"] = usage.map_or(Value::Null, usage_json);
+            v["usage"] = usage.unwrap_or(Value::Null);
         }
         if let Some((_, a)) = &mut self.keep {
             a.push(&v);
@@ -605,10 +616,10 @@ impl Format for ChatFormat {
         vec![self.delta(i, json!({}), Value::Null, json!(finish))]
     }
 
-    fn end(&mut self, usage: &Usage) -> Vec<SseItem> {
+    fn end(&mut self, usage: &Usage, cost: Option<f64>) -> Vec<SseItem> {
         let mut out = Vec::new();
         if self.include_usage {
-            out.push(self.chunk(json!([]), Some(usage)));
+            out.push(self.chunk(json!([]), Some(stream_usage_json(usage, cost))));
         }
         if let Some((keep, a)) = self.keep.take() {
             let mut whole = a.finish();
@@ -729,12 +740,12 @@ impl Format for CompletionFormat {
         vec![self.event(self.object(i, String::new(), Value::Null, json!(finish)))]
     }
 
-    fn end(&mut self, usage: &Usage) -> Vec<SseItem> {
+    fn end(&mut self, usage: &Usage, cost: Option<f64>) -> Vec<SseItem> {
         let mut out = Vec::new();
         if self.include_usage {
             let mut u = self.object(0, String::new(), Value::Null, Value::Null);
             u["choices"] = json!([]);
-            u["usage"] = usage_json(usage);
+            u["usage"] = stream_usage_json(usage, cost);
             out.push(sse_json(&u));
         }
         out.push(Ok(SseEvent::default().data("[DONE]")));

@@ -873,7 +873,7 @@ impl Format for ResponsesFormat {
         out
     }
 
-    fn end(&mut self, usage: &Usage) -> Vec<SseItem> {
+    fn end(&mut self, usage: &Usage, _cost: Option<f64>) -> Vec<SseItem> {
         let status = Self::status(self.reason);
         let body = self.object(status, &self.output, Some(usage));
         self.keep(&body);

@@ -202,6 +202,11 @@ impl Tuner {
         self.dir.join("files").join(id)
     }
 
+    /// A preference file (`POST /v1/preferences`): `DATA_DIR/preferences/<name>`.
+    pub fn preference_path(&self, name: &str) -> PathBuf {
+        self.dir.join("preferences").join(name)
+    }
+
     /// A job's run directory.
     pub fn run_dir(&self, id: &str) -> PathBuf {
         self.dir.join("fine_tuning").join(id)
