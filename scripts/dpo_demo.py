@@ -5,7 +5,8 @@ The seed's RLHF loop with a rule in the place of the human:
   1. generate several answers per prompt (the model itself, `ferrolm serve`, n samples at
      temperature 1);
   2. rank them by a rule a script can verify: *answer concisely* — a finished answer of at most
-     --max-words words beats a longer or unfinished one; the pair is (best, worst);
+     --max-words words beats any other, and otherwise the shorter answer wins; the pair is
+     (best, worst), kept when they differ by at least --min-gap words;
   3. `ferrolm finetune --method dpo` on the pairs (LoRA; the reference is the base with the
      adapter off);
   4. measure on held-out prompts (topics never trained on): the implicit reward's pair accuracy
@@ -30,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 # Requests in flight at once: the server batches them (continuous batching).
 CONCURRENCY = 8
+# Words by which the preferred answer must be shorter, when both or neither comply.
+MIN_GAP = 10
 
 # Topics: the held-out prompts use the last quarter, never seen in training.
 TOPICS = [
@@ -119,21 +122,24 @@ def pairs_for(server, ps, n, max_tokens, max_words, seed):
         replies = list(pool.map(
             lambda ip: server.chat(ip[1], n=n, temperature=1.0, top_p=0.95, max_tokens=max_tokens,
                                    seed=seed + ip[0]), enumerate(ps)))
+    samples = []
     for p, r in zip(ps, replies):
         ch = r["choices"]
-        good = sorted([c for c in ch if complies(c, max_words)],
-                      key=lambda c: words(c["message"]["content"]))
-        bad = sorted([c for c in ch if not complies(c, max_words)],
-                     key=lambda c: -words(c["message"]["content"] or ""))
-        if not good or not bad:
+        samples.append({"prompt": p, "answers": [[c["message"]["content"], c["finish_reason"]] for c in ch]})
+        # the rule's order: compliant first, then fewer words
+        ranked = sorted(ch, key=lambda c: (not complies(c, max_words), words(c["message"]["content"] or "")))
+        best, worst = ranked[0], ranked[-1]
+        gap = words(worst["message"]["content"] or "") - words(best["message"]["content"] or "")
+        better = complies(best, max_words) and not complies(worst, max_words)
+        if gap < MIN_GAP and not better:
             skipped += 1
             continue
         out.append({
             "input": {"messages": [{"role": "user", "content": p}]},
-            "preferred_output": [{"role": "assistant", "content": good[0]["message"]["content"]}],
-            "non_preferred_output": [{"role": "assistant", "content": bad[0]["message"]["content"]}],
+            "preferred_output": [{"role": "assistant", "content": best["message"]["content"]}],
+            "non_preferred_output": [{"role": "assistant", "content": worst["message"]["content"]}],
         })
-    return out, skipped
+    return out, skipped, samples
 
 
 def compliance(server, ps, max_tokens, max_words):
@@ -167,15 +173,15 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ferrolm", default="target/release/ferrolm")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--train-prompts", type=int, default=320)
-    ap.add_argument("--heldout-prompts", type=int, default=80)
+    ap.add_argument("--train-prompts", type=int, default=160)
+    ap.add_argument("--heldout-prompts", type=int, default=48)
     ap.add_argument("--n", type=int, default=4, help="samples per prompt")
     ap.add_argument("--max-words", type=int, default=40)
-    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--finetune-args", default="--epochs 2 --batch 4 --lr 2e-4 --beta 0.1 "
-                    "--eval-every 20 --max-len 192",
+                    "--eval-every 10 --max-len 160",
                     help="extra arguments for `ferrolm finetune --method dpo`")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -188,15 +194,17 @@ def main():
     # 1–2. samples from the base model, ranked by the rule
     t0 = time.time()
     base = Server(a.ferrolm, None, a.threads, log)
-    train_pairs, skipped_t = pairs_for(base, train_p, a.n, a.max_tokens, a.max_words, a.seed)
-    held_pairs, skipped_h = pairs_for(base, held_p, a.n, a.max_tokens, a.max_words, a.seed + 10**6)
+    train_pairs, skipped_t, s_t = pairs_for(base, train_p, a.n, a.max_tokens, a.max_words, a.seed)
+    held_pairs, skipped_h, s_h = pairs_for(base, held_p, a.n, a.max_tokens, a.max_words, a.seed + 10**6)
+    write_jsonl(os.path.join(a.out, "samples.jsonl"), s_t + s_h)
     before, before_median = compliance(base, held_p, a.max_tokens, a.max_words)
     base.close()
     gen_s = time.time() - t0
     write_jsonl(os.path.join(a.out, "train.jsonl"), train_pairs)
     write_jsonl(os.path.join(a.out, "heldout.jsonl"), held_pairs)
-    print(f"pairs: {len(train_pairs)} train ({skipped_t} prompts without both kinds), "
-          f"{len(held_pairs)} held-out ({skipped_h} without); {gen_s:.0f} s", flush=True)
+    print(f"pairs: {len(train_pairs)} train ({skipped_t} prompts whose answers were too alike), "
+          f"{len(held_pairs)} held-out ({skipped_h} without); {gen_s:.0f} s; held-out greedy "
+          f"compliance {before:.3f}, median {before_median} words", flush=True)
 
     # 3. DPO
     run = os.path.join(a.out, "run")
