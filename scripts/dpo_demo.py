@@ -155,7 +155,7 @@ def compliance(server, ps, max_tokens, max_words):
 
 
 def perplexity(ferrolm, model, text_path):
-    cmd = [ferrolm, "eval", "perplexity", "--data", text_path, "--json"]
+    cmd = [ferrolm, "eval", "perplexity", "--file", text_path, "--json"]
     if model:
         cmd += ["--model", model]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -191,29 +191,42 @@ def main():
     train_p = prompts(TOPICS[:cut], rng, a.train_prompts)
     held_p = prompts(TOPICS[cut:], rng, a.heldout_prompts)
 
-    # 1–2. samples from the base model, ranked by the rule
-    t0 = time.time()
-    base = Server(a.ferrolm, None, a.threads, log)
-    train_pairs, skipped_t, s_t = pairs_for(base, train_p, a.n, a.max_tokens, a.max_words, a.seed)
-    held_pairs, skipped_h, s_h = pairs_for(base, held_p, a.n, a.max_tokens, a.max_words, a.seed + 10**6)
-    write_jsonl(os.path.join(a.out, "samples.jsonl"), s_t + s_h)
-    before, before_median = compliance(base, held_p, a.max_tokens, a.max_words)
-    base.close()
-    gen_s = time.time() - t0
-    write_jsonl(os.path.join(a.out, "train.jsonl"), train_pairs)
-    write_jsonl(os.path.join(a.out, "heldout.jsonl"), held_pairs)
-    print(f"pairs: {len(train_pairs)} train ({skipped_t} prompts whose answers were too alike), "
-          f"{len(held_pairs)} held-out ({skipped_h} without); {gen_s:.0f} s; held-out greedy "
-          f"compliance {before:.3f}, median {before_median} words", flush=True)
+    # 1–2. samples from the base model, ranked by the rule (kept: a rerun with the same --out
+    # goes on from the first stage not done)
+    before_path = os.path.join(a.out, "before.json")
+    gen_s = 0.0
+    if os.path.exists(before_path):
+        b = json.load(open(before_path))
+        train_pairs = [json.loads(l) for l in open(os.path.join(a.out, "train.jsonl"))]
+        held_pairs = [json.loads(l) for l in open(os.path.join(a.out, "heldout.jsonl"))]
+        before, before_median, gen_s = b["compliance"], b["median_words"], b["generate_s"]
+        print(f"stage 1 done before: {len(train_pairs)} train, {len(held_pairs)} held-out pairs")
+    else:
+        t0 = time.time()
+        base = Server(a.ferrolm, None, a.threads, log)
+        train_pairs, skipped_t, s_t = pairs_for(base, train_p, a.n, a.max_tokens, a.max_words, a.seed)
+        held_pairs, skipped_h, s_h = pairs_for(base, held_p, a.n, a.max_tokens, a.max_words, a.seed + 10**6)
+        write_jsonl(os.path.join(a.out, "samples.jsonl"), s_t + s_h)
+        before, before_median = compliance(base, held_p, a.max_tokens, a.max_words)
+        base.close()
+        gen_s = time.time() - t0
+        write_jsonl(os.path.join(a.out, "train.jsonl"), train_pairs)
+        write_jsonl(os.path.join(a.out, "heldout.jsonl"), held_pairs)
+        json.dump({"compliance": before, "median_words": before_median, "generate_s": gen_s},
+                  open(before_path, "w"))
+        print(f"pairs: {len(train_pairs)} train ({skipped_t} prompts whose answers were too alike), "
+              f"{len(held_pairs)} held-out ({skipped_h} without); {gen_s:.0f} s; held-out greedy "
+              f"compliance {before:.3f}, median {before_median} words", flush=True)
 
     # 3. DPO
     run = os.path.join(a.out, "run")
     t0 = time.time()
-    cmd = [a.ferrolm, "finetune", "--method", "dpo", "--train", os.path.join(a.out, "train.jsonl"),
-           "--val", os.path.join(a.out, "heldout.jsonl"), "--out", run, "--threads", str(a.threads),
-           "--json"] + a.finetune_args.split()
-    subprocess.run(cmd, check=True, stderr=log, stdout=log)
-    train_s = time.time() - t0
+    if not os.path.exists(os.path.join(run, "adapter", "adapter_config.json")):
+        cmd = [a.ferrolm, "finetune", "--method", "dpo", "--train",
+               os.path.join(a.out, "train.jsonl"), "--val", os.path.join(a.out, "heldout.jsonl"),
+               "--out", run, "--threads", str(a.threads), "--json"] + a.finetune_args.split()
+        subprocess.run(cmd, check=True, stderr=log, stdout=log)
+    train_s = sum(json.loads(l).get("ms", 0) for l in open(os.path.join(run, "metrics.jsonl"))) / 1e3
     evals = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl")) if '"val_loss"' in l]
     acc0, acc1 = evals[0]["pair_accuracy"], evals[-1]["pair_accuracy"]
 
@@ -235,7 +248,7 @@ def main():
         "heldout_compliance": [before, after],
         "heldout_median_words": [before_median, after_median],
         "ppl": [ppl0, ppl1], "ppl_change": ppl1 / ppl0 - 1,
-        "generate_s": gen_s, "train_s": train_s, "finetune_args": a.finetune_args,
+        "generate_s": gen_s, "train_steps_s": train_s, "finetune_args": a.finetune_args,
         "rule": f"finished and at most {a.max_words} words",
     }
     json.dump(summary, open(os.path.join(a.out, "summary.json"), "w"), indent=1)
@@ -244,7 +257,7 @@ def main():
     print(f"{'held-out rule compliance (greedy)':34} {before:8.3f} {after:8.3f}")
     print(f"{'held-out median words (greedy)':34} {before_median:8d} {after_median:8d}")
     print(f"{'perplexity, held-out text':34} {ppl0:8.3f} {ppl1:8.3f}  ({100 * (ppl1 / ppl0 - 1):+.2f}%)")
-    print(f"training: {train_s:.0f} s; summary: {os.path.join(a.out, 'summary.json')}")
+    print(f"training steps: {train_s:.0f} s; summary: {os.path.join(a.out, 'summary.json')}")
 
 
 if __name__ == "__main__":

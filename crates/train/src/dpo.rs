@@ -21,7 +21,7 @@
 //! * **Metrics** per step and per evaluation, with TRL's meanings: rewards of chosen and
 //!   rejected (`β·(logp − ref logp)`), their margin, pair accuracy (ties count half, so an
 //!   untrained policy scores 0.5), and the chosen log-prob. When the chosen log-prob keeps
-//!   falling while the margin grows — the policy pushing both answers down, DPO's known
+//!   falling (by more than noise) while the margin grows — the policy pushing both answers down, DPO's known
 //!   failure — the evaluation carries a warning.
 
 use std::path::{Path, PathBuf};
@@ -570,13 +570,16 @@ impl Dpo {
 }
 
 /// DPO's known failure: over the last three evaluations the chosen answers' log-prob fell at
-/// each one while the margin grew — the policy is lowering both answers, the preferred one
+/// each one (by half a nat or more in all) while the margin grew — the policy is lowering both answers, the preferred one
 /// too, and the margin comes from lowering the rejected one faster.
 fn falling_chosen(history: &[(f64, f64)]) -> Option<String> {
     let [a, b, c] = history.get(history.len().checked_sub(3)?..)? else {
         return None;
     };
-    (c.0 < b.0 && b.0 < a.0 && c.1 > b.1 && b.1 > a.1).then(|| {
+    // A fall within noise (a tenth of a nat on a 150-token answer) is not a trend: it must be
+    // at least half a nat, and half a percent of the log-prob.
+    let fell = a.0 - c.0 >= 0.5_f64.max(0.005 * a.0.abs());
+    (fell && c.0 < b.0 && b.0 < a.0 && c.1 > b.1 && b.1 > a.1).then(|| {
         format!(
             "the preferred answers' log-prob fell from {:.2} to {:.2} over the last 3 evaluations while the reward margin grew from {:.3} to {:.3}: the policy is pushing both answers down (a known DPO failure); try a larger --beta, a lower --lr, fewer epochs, or --dpo-loss ipo",
             a.0, c.0, a.1, c.1
@@ -832,5 +835,7 @@ mod tests {
         assert!(falling_chosen(&[(-10.0, 0.1), (-11.0, 0.2), (-12.0, 0.3)]).is_some());
         assert!(falling_chosen(&[(-10.0, 0.1), (-11.0, 0.2), (-10.5, 0.3)]).is_none());
         assert!(falling_chosen(&[(-10.0, 0.1), (-11.0, 0.3), (-12.0, 0.2)]).is_none());
+        // a fall of 0.13 nats on a 149-nat answer is noise
+        assert!(falling_chosen(&[(-148.93, 0.03), (-148.95, 0.08), (-149.06, 0.11)]).is_none());
     }
 }
