@@ -90,42 +90,19 @@ pub struct PrefLine {
 
 /// Parse and validate a preference file; every bad line is reported (up to 100).
 pub fn parse_jsonl(text: &str) -> Result<Vec<PrefLine>, Vec<LineError>> {
-    let mut out = Vec::new();
-    let mut errors = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match parse_line(line) {
-            Ok((input, tools, preferred, non_preferred)) => out.push(PrefLine {
-                line: i + 1,
+    sft::parse_lines(
+        text,
+        |line, n| {
+            parse_line(line).map(|(input, tools, preferred, non_preferred)| PrefLine {
+                line: n,
                 input,
                 tools,
                 preferred,
                 non_preferred,
-            }),
-            Err(reason) => {
-                errors.push(LineError {
-                    line: i + 1,
-                    reason,
-                });
-                if errors.len() >= 100 {
-                    break;
-                }
-            }
-        }
-    }
-    if out.is_empty() && errors.is_empty() {
-        errors.push(LineError {
-            line: 1,
-            reason: "the file has no preference pairs: one JSON object per line, {\"input\": {\"messages\": [...]}, \"preferred_output\": [...], \"non_preferred_output\": [...]}".into(),
-        });
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
-    }
+            })
+        },
+        "the file has no preference pairs: one JSON object per line, {\"input\": {\"messages\": [...]}, \"preferred_output\": [...], \"non_preferred_output\": [...]}",
+    )
 }
 
 type Parsed = (Vec<Value>, Option<Value>, Value, Value);

@@ -40,18 +40,35 @@ const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
 /// Parse and validate a chat fine-tuning file; every bad line is reported (up to 100).
 pub fn parse_jsonl(text: &str) -> Result<Vec<Conversation>, Vec<LineError>> {
+    parse_lines(
+        text,
+        |line, n| {
+            parse_line(line).map(|(messages, tools)| Conversation {
+                line: n,
+                messages,
+                tools,
+            })
+        },
+        "the file has no examples: one JSON object per line, {\"messages\": [...]}",
+    )
+}
+
+/// Each non-blank line of a JSONL training file through `parse` (given the line and its
+/// 1-based number): every item, or every bad line (up to 100) with its reason; a file without
+/// any line is one error, `empty`.
+pub fn parse_lines<T>(
+    text: &str,
+    parse: impl Fn(&str, usize) -> Result<T, String>,
+    empty: &str,
+) -> Result<Vec<T>, Vec<LineError>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        match parse_line(line) {
-            Ok((messages, tools)) => out.push(Conversation {
-                line: i + 1,
-                messages,
-                tools,
-            }),
+        match parse(line, i + 1) {
+            Ok(item) => out.push(item),
             Err(reason) => {
                 errors.push(LineError {
                     line: i + 1,
@@ -66,8 +83,7 @@ pub fn parse_jsonl(text: &str) -> Result<Vec<Conversation>, Vec<LineError>> {
     if out.is_empty() && errors.is_empty() {
         errors.push(LineError {
             line: 1,
-            reason: "the file has no examples: one JSON object per line, {\"messages\": [...]}"
-                .into(),
+            reason: empty.into(),
         });
     }
     if errors.is_empty() {
