@@ -142,10 +142,15 @@ def pairs_for(server, ps, n, max_tokens, max_words, seed):
     return out, skipped, samples
 
 
-def compliance(server, ps, max_tokens, max_words):
+def compliance(server, ps, max_tokens, max_words, save=None):
+    """Greedy answers' compliance and median length; the answers go to `save` (JSONL), to be
+    read: a rule can be met by answers nobody wants."""
     ok, lens = 0, []
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         replies = list(pool.map(lambda p: server.chat(p, temperature=0, max_tokens=max_tokens), ps))
+    if save:
+        write_jsonl(save, [{"prompt": p, "answer": r["choices"][0]["message"]["content"]}
+                           for p, r in zip(ps, replies)])
     for r in replies:
         c = r["choices"][0]
         ok += complies(c, max_words)
@@ -207,7 +212,8 @@ def main():
         train_pairs, skipped_t, s_t = pairs_for(base, train_p, a.n, a.max_tokens, a.max_words, a.seed)
         held_pairs, skipped_h, s_h = pairs_for(base, held_p, a.n, a.max_tokens, a.max_words, a.seed + 10**6)
         write_jsonl(os.path.join(a.out, "samples.jsonl"), s_t + s_h)
-        before, before_median = compliance(base, held_p, a.max_tokens, a.max_words)
+        before, before_median = compliance(base, held_p, a.max_tokens, a.max_words,
+                                           os.path.join(a.out, "answers_before.jsonl"))
         base.close()
         gen_s = time.time() - t0
         write_jsonl(os.path.join(a.out, "train.jsonl"), train_pairs)
@@ -232,7 +238,8 @@ def main():
 
     # 4. held-out behaviour and the guard
     tuned = Server(a.ferrolm, run, a.threads, log)
-    after, after_median = compliance(tuned, held_p, a.max_tokens, a.max_words)
+    after, after_median = compliance(tuned, held_p, a.max_tokens, a.max_words,
+                                     os.path.join(a.out, "answers_after.jsonl"))
     tuned.close()
     text = os.path.join(a.out, "heldout.txt")
     here = os.path.dirname(os.path.abspath(__file__))
