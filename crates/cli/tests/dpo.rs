@@ -59,8 +59,13 @@ fn pairs(n: usize, held_out: bool, seed: u64) -> String {
     out
 }
 
+/// `ferrolm finetune --method dpo` with its reference cache in `out`'s parent (each test's
+/// own temp dir), so that what one test or an earlier run cached cannot change what another
+/// sees.
 fn dpo(base: &Path, train: &Path, out: &Path, extra: &[&str]) -> (Value, String) {
+    let home = out.parent().unwrap().join("home");
     let o = ferrolm()
+        .env("FERROLM_HOME", &home)
         .args(["finetune", "--method", "dpo", "--model"])
         .arg(base)
         .arg("--train")
@@ -180,6 +185,7 @@ fn resumed_dpo_matches_an_uninterrupted_one() {
     // b: stopped by SIGTERM after its first step, then resumed
     let b = dir.path().join("b");
     let mut child = ferrolm()
+        .env("FERROLM_HOME", dir.path().join("home"))
         .args(["finetune", "--method", "dpo", "--model"])
         .arg(&base)
         .arg("--train")
