@@ -5,6 +5,7 @@
 //! - `estimate`: one kind of request, sent N times a month, per model (see `estimate.rs`).
 //! - `breakeven`: a dedicated machine against hosted per-request prices (see `breakeven.rs`).
 //! - `audit`: the tokens of each part of a real chat request file, priced (see `audit.rs`).
+//! - `distill`: a teacher against its distilled student, and the break-even (see `distill.rs`).
 //!
 //! Every command reads the builtin catalog merged with `--prices FILE` and prints a table, or
 //! JSON with `--json`. The arithmetic lives in `ferrolm-accounting` (`ModelPrice::estimate`,
@@ -22,6 +23,7 @@ use crate::keys::print_table;
 mod audit;
 mod breakeven;
 pub mod chart;
+mod distill;
 mod estimate;
 
 #[derive(Args)]
@@ -43,6 +45,9 @@ enum CostCmd {
     /// Count the tokens of each part of a chat request file (system, tools, history, new
     /// message) with each model's tokenizer, and price it with and without prompt caching.
     Audit(audit::AuditArgs),
+    /// What replacing a teacher model with a distilled student saves a month, and when the
+    /// one-time cost of distilling is paid back.
+    Distill(distill::DistillCostArgs),
 }
 
 pub fn run(a: CostArgs) -> Result<()> {
@@ -51,6 +56,7 @@ pub fn run(a: CostArgs) -> Result<()> {
         CostCmd::Estimate(e) => estimate::run(e),
         CostCmd::Breakeven(b) => breakeven::run(b),
         CostCmd::Audit(a) => audit::run(a),
+        CostCmd::Distill(d) => distill::run(d),
     }
 }
 

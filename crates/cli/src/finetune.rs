@@ -181,6 +181,7 @@ pub fn run_finetune(a: FinetuneCmd) -> Result<()> {
         qlora: a.qlora,
         objective,
         cache_dir: Some(crate::store::home()?.join("cache")),
+        init: None,
     };
     let out = a.out.clone();
     let summary = crate::train::drive(a.threads, |stop, on| {

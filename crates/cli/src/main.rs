@@ -16,6 +16,7 @@ mod bench;
 mod chat;
 mod cost;
 mod data;
+mod distill;
 mod eval;
 mod export_data;
 mod finetune;
@@ -89,6 +90,11 @@ enum Cmd {
     /// Estimate and compare costs: the price catalog, a workload per month, self-hosting
     /// breakeven, and a token audit of a real chat request.
     Cost(cost::CostArgs),
+    /// Distill a teacher into a student: the teacher (a local model or any OpenAI-compatible
+    /// server) answers --prompts, then the student (a model, or a new one from a config,
+    /// trained from scratch with the teacher's tokenizer) learns the replies (sequence-level)
+    /// or the teacher's distribution at each token (token-level). Rerun to resume.
+    Distill(distill::DistillCmd),
     /// Pretrain a Llama-family model on a text corpus: tokenizer, shards, AdamW with warm-up
     /// and cosine decay, evaluation, samples, checkpoints (Ctrl-C saves one; --resume goes on
     /// exactly). The run directory is a model: `--model RUN_DIR` works everywhere.
@@ -664,6 +670,7 @@ fn main() {
         Cmd::Keys(a) => keys::run(a),
         Cmd::Usage(a) => usage::run(a),
         Cmd::Cost(a) => cost::run(a),
+        Cmd::Distill(a) => distill::run(a),
         Cmd::Train(a) => train::run_train(a),
         Cmd::Quantize(a) => quantize::run(a),
         Cmd::Imatrix(a) => imatrix::run(a),

@@ -98,6 +98,7 @@ fn config(spec: &TrainSpec, base: PathBuf) -> Result<FinetuneConfig, String> {
             }),
         },
         cache_dir: None,
+        init: None,
     })
 }
 

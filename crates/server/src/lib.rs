@@ -68,6 +68,7 @@ mod validate;
 pub use auth::Caller;
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use openai::logprobs_content;
 
 /// Largest request body accepted: a larger one (up to [`MAX_READ_BYTES`]) is read and refused
 /// with a 413 that says so.

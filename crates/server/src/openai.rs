@@ -16,6 +16,7 @@ use axum::{Extension, Json};
 use ferrolm_engine::{FinishReason, Usage};
 use ferrolm_grammar::Grammar;
 use ferrolm_sample::SamplingParams;
+use ferrolm_tokenizer::Tokenizer;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -271,25 +272,34 @@ fn stream_usage_json(u: &Usage, cost: Option<f64>) -> Value {
 
 /// One token's text as OpenAI reports it: the token's own bytes, lossily decoded.
 fn token_text(m: &Model, id: u32) -> (String, Vec<u8>) {
-    let b = m.tok.token_bytes(id).to_vec();
+    token_text_of(&m.tok, id)
+}
+
+fn token_text_of(tok: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    let b = tok.token_bytes(id).to_vec();
     (String::from_utf8_lossy(&b).into_owned(), b)
 }
 
 /// Chat `logprobs.content` entries.
 fn chat_logprobs(m: &Model, tokens: &[TokenInfo]) -> Value {
+    json!({"content": logprobs_content(&m.tok, tokens)})
+}
+
+/// OpenAI's chat `logprobs.content`: per token `{token, logprob, bytes, top_logprobs}` (the
+/// form stored completions, `data export --with-logprobs` and `ferrolm distill` keep).
+pub fn logprobs_content(tok: &Tokenizer, tokens: &[TokenInfo]) -> Value {
     let entry = |id: u32, lp: f32| {
-        let (t, b) = token_text(m, id);
+        let (t, b) = token_text_of(tok, id);
         json!({"token": t, "logprob": lp, "bytes": b})
     };
-    let content: Vec<Value> = tokens
+    tokens
         .iter()
         .map(|(id, lp, top)| {
             let mut e = entry(*id, lp.unwrap_or(f32::NEG_INFINITY));
             e["top_logprobs"] = top.iter().map(|&(t, l)| entry(t, l)).collect();
             e
         })
-        .collect();
-    json!({"content": content})
+        .collect()
 }
 
 /// Legacy completions `logprobs`: parallel arrays.

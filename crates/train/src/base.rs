@@ -66,13 +66,19 @@ pub fn load_stored(path: &Path) -> Result<(ModelConfig, StoredBase, GgufFile), T
     Ok((config, StoredBase { tensors }, gguf))
 }
 
-/// The GGUF of `path` and the training config it describes, with every shape checked.
-pub fn open(path: &Path) -> Result<(ModelConfig, GgufFile), TrainError> {
-    let gguf = if crate::export::is_run(path) {
+/// The GGUF of `path` (a file, or a training run as the GGUF `export` would write), of any
+/// architecture: for its tokenizer and template.
+pub fn open_gguf(path: &Path) -> Result<GgufFile, TrainError> {
+    Ok(if crate::export::is_run(path) {
         crate::export::open_as_gguf(path)?
     } else {
         GgufFile::open(path)?
-    };
+    })
+}
+
+/// The GGUF of `path` and the training config it describes, with every shape checked.
+pub fn open(path: &Path) -> Result<(ModelConfig, GgufFile), TrainError> {
+    let gguf = open_gguf(path)?;
     let lc =
         ferrolm_models::Config::from_gguf(&gguf).map_err(|e| unsupported(path, e.to_string()))?;
     if lc.arch != Arch::Llama || lc.rope_neox {

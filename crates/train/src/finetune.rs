@@ -21,11 +21,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::base;
 use crate::checkpoint::{self, TrainState};
-use crate::config::{LoopConfig, RunConfig};
+use crate::config::{ConfigFile, LoopConfig, ModelFile, RunConfig};
 use crate::data::Batcher;
+use crate::distill::{self, Distill, DistillConfig, DistillMode, Taught, Teacher};
 use crate::dpo::{self, Dpo, DpoConfig, Pair};
 use crate::lora::{Lora, LoraConfig};
-use crate::model::Layout;
+use crate::model::{self, Activations, Layout};
 use crate::optim::AdamW;
 use crate::run::{write_json, Event, Summary};
 use crate::sft::{self, Example};
@@ -72,6 +73,11 @@ pub struct FinetuneConfig {
     /// Where reference log-probs are cached across runs (DPO); none: only in the run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<PathBuf>,
+    /// Start from a new, randomly initialized model of this shape instead of `base`'s
+    /// weights; `base` then only gives the tokenizer and chat template (a distillation
+    /// student trained from scratch with its teacher's tokenizer). Full weights only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<ModelFile>,
 }
 
 /// The fine-tuning objective (OpenAI's `method.type`).
@@ -83,6 +89,8 @@ pub enum ObjectiveConfig {
     Sft,
     /// Direct preference optimization on OpenAI preference JSONL.
     Dpo(DpoConfig),
+    /// Distillation on a teacher's replies (chat JSONL, with its log-probs for token-level).
+    Distill(DistillConfig),
 }
 
 pub(crate) fn data_error(path: &Path, errors: &[sft::LineError]) -> TrainError {
@@ -183,9 +191,36 @@ pub fn finetune(
             });
         }
     }
+    if let ObjectiveConfig::Distill(d) = &cfg.objective {
+        if !(0.0..=1.0).contains(&d.alpha) {
+            return Err(TrainError::Config {
+                what: "--alpha".into(),
+                reason: format!(
+                    "is the weight of the ground-truth labels against the teacher, in [0, 1], not {}",
+                    d.alpha
+                ),
+            });
+        }
+    }
+    if cfg.init.is_some() && cfg.method != Method::Full {
+        return Err(TrainError::Config {
+            what: "the student".into(),
+            reason: "a new model trained from scratch trains all its weights: use --weights full"
+                .into(),
+        });
+    }
     let dpo = matches!(cfg.objective, ObjectiveConfig::Dpo(_));
-    // QLoRA: the base stays in its stored (quantized) form; otherwise dequantized to f32.
-    let (mc, gguf, frozen) = if cfg.qlora {
+    // QLoRA: the base stays in its stored (quantized) form; otherwise dequantized to f32. A
+    // new model (`init`): `base` gives only the tokenizer; the weights are drawn below.
+    let (mc, gguf, frozen) = if let Some(shape) = &cfg.init {
+        let gguf = base::open_gguf(&cfg.base)?;
+        let vocab = Tokenizer::from_gguf(&gguf)?.vocab_size();
+        let over = ConfigFile {
+            model: shape.clone(),
+            ..ConfigFile::default()
+        };
+        (over.resolve(vocab)?.model, gguf, Frozen::None)
+    } else if cfg.qlora {
         let (c, s, g) = base::load_stored(&cfg.base)?;
         (c, g, Frozen::Stored(s))
     } else {
@@ -210,6 +245,38 @@ pub fn finetune(
             },
             d.clone(),
         ),
+        ObjectiveConfig::Distill(d) => {
+            let use_logprobs = d.mode == DistillMode::Token && d.teacher.is_none();
+            let mut load = |p: &Path| -> Result<Vec<Taught>, TrainError> {
+                let (items, stats) = distill::load(p, &tok, &template, use_logprobs)?;
+                if d.alpha > 0.0 && stats.labelled == 0 {
+                    return Err(TrainError::Config {
+                        what: p.display().to_string(),
+                        reason: "--alpha mixes in ground-truth labels, but no line has one (`label`: the prompts' own final assistant message)".into(),
+                    });
+                }
+                if stats.retokenized > 0 {
+                    on(Event::Info {
+                        message: &format!(
+                            "{}: the teacher's tokens of {} of {} replies do not spell their text; those train on the text",
+                            p.display(),
+                            stats.retokenized,
+                            items.len()
+                        ),
+                    });
+                }
+                Ok(items)
+            };
+            let val = match &cfg.val_file {
+                Some(p) => {
+                    // the validation lines need no labels
+                    let (v, _) = distill::load(p, &tok, &template, use_logprobs)?;
+                    v
+                }
+                None => Vec::new(),
+            };
+            Data::Taught(load(&cfg.train_file)?, val, d.clone())
+        }
     };
     let ctx = cfg
         .max_len
@@ -276,7 +343,8 @@ pub fn finetune(
             match (&policy.lora, &policy.frozen) {
                 (Some(l), _) => l.init(cfg.seed),
                 (None, Frozen::F32(w)) => w.clone(),
-                (None, _) => Vec::new(),
+                (None, Frozen::None) => model::init_params(&policy.mc, &policy.layout, cfg.seed),
+                (None, Frozen::Stored(_)) => Vec::new(),
             },
             AdamW::new(n_train),
             TrainState {
@@ -347,6 +415,29 @@ pub fn finetune(
                 scratch,
             )))
         }
+        Data::Taught(train, val, d) => {
+            let rows = if d.alpha > 0.0 {
+                2 * cfg.batch
+            } else {
+                cfg.batch
+            };
+            let (acts, lacts) = policy.scratch(rows, ctx);
+            let teacher = match (&d.teacher, d.mode) {
+                (Some(p), DistillMode::Token) => Some(load_teacher(p, &tok, cfg.batch, ctx)?),
+                _ => None,
+            };
+            Objective::Distill(Box::new(Distill {
+                cfg: d,
+                train,
+                val,
+                batch: cfg.batch,
+                ctx,
+                pad,
+                acts,
+                lacts,
+                teacher,
+            }))
+        }
         Data::Sft(train, val) => {
             let (acts, lacts) = policy.scratch(cfg.batch, ctx);
             Objective::Sft(Sft {
@@ -395,6 +486,41 @@ pub fn finetune(
 enum Data {
     Sft(Vec<Example>, Vec<Example>),
     Pairs(Vec<Pair>, Vec<Pair>, DpoConfig),
+    Taught(Vec<Taught>, Vec<Taught>, DistillConfig),
+}
+
+/// A local teacher for token-level distillation: its weights in f32 and scratch for `batch`
+/// rows of `ctx`; refused unless it has the student's vocabulary.
+fn load_teacher(
+    path: &Path,
+    student: &Tokenizer,
+    batch: usize,
+    ctx: usize,
+) -> Result<Teacher, TrainError> {
+    let b = base::load(path)?;
+    let tok = Tokenizer::from_gguf(&b.gguf)?;
+    if !distill::same_vocab(student, &tok) {
+        return Err(TrainError::Config {
+            what: path.display().to_string(),
+            reason: format!(
+                "the teacher's vocabulary ({} tokens) is not the student's ({}): token-level distillation compares distributions token by token; use --mode sequence",
+                tok.vocab_size(),
+                student.vocab_size()
+            ),
+        });
+    }
+    if b.config.context < ctx {
+        return Err(TrainError::Config {
+            what: path.display().to_string(),
+            reason: format!("the teacher's context ({}) is shorter than the examples ({ctx} tokens): lower --max-len", b.config.context),
+        });
+    }
+    Ok(Teacher {
+        acts: Activations::new(&b.config, batch, ctx),
+        layout: Layout::new(&b.config),
+        mc: b.config,
+        params: b.params,
+    })
 }
 
 impl Data {
@@ -402,6 +528,7 @@ impl Data {
         match self {
             Data::Sft(t, _) => t.len(),
             Data::Pairs(t, _, _) => t.len(),
+            Data::Taught(t, _, _) => t.len(),
         }
     }
 
@@ -409,6 +536,7 @@ impl Data {
         match self {
             Data::Sft(_, v) => v.len(),
             Data::Pairs(_, v, _) => v.len(),
+            Data::Taught(_, v, _) => v.len(),
         }
     }
 
@@ -420,6 +548,11 @@ impl Data {
                 .iter()
                 .chain(v)
                 .flat_map(|p| [p.chosen.ids.len(), p.rejected.ids.len()])
+                .max(),
+            Data::Taught(t, v, _) => t
+                .iter()
+                .chain(v)
+                .flat_map(|x| [x.ex.ids.len(), x.label.as_ref().map_or(0, |l| l.ids.len())])
                 .max(),
         };
         m.unwrap_or(2)
@@ -436,6 +569,10 @@ impl Data {
                 .iter()
                 .map(|p| p.chosen.trained_tokens() + p.rejected.trained_tokens())
                 .sum::<usize>(),
+            Data::Taught(t, v, _) => if train { t } else { v }
+                .iter()
+                .map(|x| x.ex.trained_tokens())
+                .sum(),
         };
         n as u64
     }

@@ -10,13 +10,15 @@
 //! * [`optim`] — AdamW and the learning-rate schedule.
 //! * [`trainer`] — the one training loop (schedule, accumulation, clipping, AdamW,
 //!   evaluation, checkpoints, exact resume) and its objectives; [`run`] is pretraining,
-//!   [`finetune`] SFT and [`dpo`] preference tuning, each on full weights, LoRA or QLoRA.
+//!   [`finetune`] SFT, [`dpo`] preference tuning and [`distill`] distillation from a
+//!   teacher, each on full weights, LoRA or QLoRA.
 //! * [`export`] — a checkpoint as GGUF (f32, f16, q8_0).
 
 pub mod base;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod distill;
 pub mod dpo;
 pub mod error;
 pub mod export;

@@ -470,3 +470,85 @@ pub fn weighted_ce_grad(logits: &mut [f32], targets: &[u32], v: usize, lse: &[f3
             }
         });
 }
+
+/// A row's target distribution for [`kl_grad`].
+#[derive(Debug, Clone, Copy)]
+pub enum Dist<'a> {
+    /// Unscored (prompt, padding).
+    None,
+    /// All mass on one token: the loss is cross-entropy.
+    Hard(u32),
+    /// Some tokens' probabilities (a teacher's top-k, renormalized to sum to 1).
+    Sparse(&'a [(u32, f32)]),
+    /// Logits over the whole vocabulary (a teacher's own forward); their softmax.
+    Dense(&'a [f32]),
+}
+
+/// Per row of `logits` (rows × v): `KL(p ‖ softmax(row))` for its target `p` (0 on unscored
+/// rows); `logits` is overwritten with the gradient of `Σ_rows w_row · KL`,
+/// `w_row · (softmax − p)`, zero on unscored rows. With `Hard` targets this is
+/// [`weighted_ce_grad`] (KL against a one-hot is the cross-entropy).
+pub fn kl_grad(logits: &mut [f32], v: usize, targets: &[Dist], w: &[f32]) -> Vec<f32> {
+    let mut kl = vec![0f32; targets.len()];
+    let chunk = rows_per_task(v);
+    logits
+        .par_chunks_mut(v * chunk)
+        .zip(targets.par_chunks(chunk))
+        .zip(kl.par_chunks_mut(chunk).zip(w.par_chunks(chunk)))
+        .for_each(|((logits, targets), (kl, w))| {
+            let mut p = Vec::new();
+            for (((row, t), kl), &k) in logits.chunks_exact_mut(v).zip(targets).zip(kl).zip(w) {
+                if matches!(t, Dist::None) {
+                    row.fill(0.0);
+                    continue;
+                }
+                let lse = |r: &[f32]| {
+                    let mx = r.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    mx + r.iter().map(|&x| exp(x - mx)).sum::<f32>().ln()
+                };
+                let l = lse(row);
+                let mut sum = 0f64;
+                match *t {
+                    Dist::None => {}
+                    Dist::Hard(y) => sum = f64::from(l - row[y as usize]),
+                    Dist::Sparse(d) => {
+                        for &(id, pi) in d {
+                            if pi > 0.0 {
+                                sum += f64::from(pi * (pi.ln() - (row[id as usize] - l)));
+                            }
+                        }
+                    }
+                    Dist::Dense(tl) => {
+                        let lt = lse(tl);
+                        p.clear();
+                        p.extend(tl.iter().map(|&x| x - lt));
+                        for (&lp, &x) in p.iter().zip(row.iter()) {
+                            let pi = exp(lp);
+                            if pi > 0.0 {
+                                sum += f64::from(pi * (lp - (x - l)));
+                            }
+                        }
+                    }
+                }
+                *kl = sum as f32;
+                for x in row.iter_mut() {
+                    *x = exp(*x - l) * k;
+                }
+                match *t {
+                    Dist::None => {}
+                    Dist::Hard(y) => row[y as usize] -= k,
+                    Dist::Sparse(d) => {
+                        for &(id, pi) in d {
+                            row[id as usize] -= k * pi;
+                        }
+                    }
+                    Dist::Dense(_) => {
+                        for (g, &lp) in row.iter_mut().zip(&p) {
+                            *g -= k * exp(lp);
+                        }
+                    }
+                }
+            }
+        });
+    kl
+}

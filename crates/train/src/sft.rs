@@ -93,7 +93,8 @@ pub fn parse_lines<T>(
     }
 }
 
-fn parse_line(line: &str) -> Result<(Value, Option<Value>), String> {
+/// One chat line: its messages and tools, validated.
+pub(crate) fn parse_line(line: &str) -> Result<(Value, Option<Value>), String> {
     let v: Value = serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
     let obj = v
         .as_object()

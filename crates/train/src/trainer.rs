@@ -1,5 +1,5 @@
-//! The one training loop (STYLE 16, 18). Pretraining, supervised fine-tuning and preference
-//! tuning are [`Objective`]s of it; full weights, LoRA and QLoRA are [`Policy`]s. The loop
+//! The one training loop (STYLE 16, 18). Pretraining, supervised fine-tuning, preference
+//! tuning and distillation are [`Objective`]s of it; full weights, LoRA and QLoRA are [`Policy`]s. The loop
 //! owns what they share: the schedule, gradient accumulation, clipping, AdamW, evaluation
 //! when due, checkpoints, a stop request, `metrics.jsonl` and the progress events. An
 //! objective only says how to turn the next micro-batches into a loss and gradients, and how
@@ -22,6 +22,7 @@ use serde_json::{json, Map, Value};
 
 use crate::checkpoint::{CheckpointRef, TrainState};
 use crate::config::LoopConfig;
+use crate::distill::Distill;
 use crate::dpo::Dpo;
 use crate::lora::{Lora, LoraActs};
 use crate::model::{
@@ -199,6 +200,8 @@ pub(crate) enum Objective<'a> {
     Sft(Sft),
     /// Direct preference optimization (sigmoid, IPO or SimPO) on preference pairs.
     Dpo(Box<Dpo>),
+    /// Distillation: the teacher's replies (sequence-level) or distributions (token-level).
+    Distill(Box<Distill>),
 }
 
 impl Objective<'_> {
@@ -207,6 +210,7 @@ impl Objective<'_> {
             Objective::NextToken(o) => o.evaluate(policy, params, step),
             Objective::Sft(o) => o.evaluate(policy, params),
             Objective::Dpo(o) => o.evaluate(policy, params),
+            Objective::Distill(o) => o.evaluate(policy, params),
         }
     }
 
@@ -222,6 +226,7 @@ impl Objective<'_> {
             Objective::NextToken(o) => o.accumulate(policy, params, grads, state, grad_accum),
             Objective::Sft(o) => Ok(o.accumulate(policy, params, grads, state, grad_accum)),
             Objective::Dpo(o) => Ok(o.accumulate(policy, params, grads, state, grad_accum)),
+            Objective::Distill(o) => Ok(o.accumulate(policy, params, grads, state, grad_accum)),
         }
     }
 }
