@@ -448,8 +448,9 @@ fn local_replies(
     Ok(out)
 }
 
-/// Answer `prompts` into `file`, resuming after its complete lines; chunks of 32 are appended
-/// (and synced) as they finish.
+/// Answer `prompts` into `file`, resuming after its complete lines; each chunk (32 prompts
+/// for a local teacher, --teacher-concurrency for a server) is appended and synced as it
+/// finishes.
 fn generate(teacher: &mut Teacher, a: &DistillCmd, prompts: &[Prompt], file: &Path) -> Result<()> {
     let done = match std::fs::read_to_string(file) {
         Ok(text) => {
@@ -480,7 +481,11 @@ fn generate(teacher: &mut Teacher, a: &DistillCmd, prompts: &[Prompt], file: &Pa
         file.display()
     );
     let mut n = done;
-    for chunk in prompts[done..].chunks(32) {
+    let chunk_len = match teacher {
+        Teacher::Local(_) => 32,
+        Teacher::Remote { .. } => a.teacher_concurrency.max(1),
+    };
+    for chunk in prompts[done..].chunks(chunk_len) {
         let replies = teacher.answer(a, chunk, n).with_context(|| {
             format!(
                 "{n} of {} replies are kept in {}: run the same command again to resume from there",
@@ -517,7 +522,20 @@ fn generate(teacher: &mut Teacher, a: &DistillCmd, prompts: &[Prompt], file: &Pa
 
 pub fn run(a: DistillCmd) -> Result<()> {
     let mode: DistillMode = a.mode.parse().map_err(anyhow::Error::msg)?;
+    if !(0.0..=1.0).contains(&a.alpha) {
+        bail!(
+            "--alpha {}: the weight of the ground-truth replies against the teacher is in [0, 1]",
+            a.alpha
+        );
+    }
     let (prompts, sha) = read_prompts(&a.prompts)?;
+    if a.alpha > 0.0 && prompts.iter().all(|p| p.label.is_none()) {
+        bail!(
+            "--alpha {}: no prompt in {} has a ground-truth reply (a last message with role assistant) to mix in",
+            a.alpha,
+            a.prompts.display()
+        );
+    }
     let val = a.val_prompts.as_deref().map(read_prompts).transpose()?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;

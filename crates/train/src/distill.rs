@@ -176,10 +176,7 @@ fn logprob(entry: &Value) -> Result<f32, String> {
 }
 
 /// The teacher's reply as (token id, its distribution) from a line's `logprobs`.
-fn teacher_tokens(
-    ids: &ByBytes,
-    logprobs: &[Value],
-) -> Result<Vec<(u32, TokenDist)>, String> {
+fn teacher_tokens(ids: &ByBytes, logprobs: &[Value]) -> Result<Vec<(u32, TokenDist)>, String> {
     let mut out = Vec::with_capacity(logprobs.len());
     for (k, e) in logprobs.iter().enumerate() {
         let at = |m: String| format!("logprobs[{k}]: {m}");

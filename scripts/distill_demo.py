@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Distillation end to end: a fine-tuned teacher, a student 5-10x smaller trained from scratch
+with the teacher's tokenizer, sequence-level against token-level, speed, cost and break-even.
+
+Stages (each skipped when its output exists, so a rerun resumes):
+  1. task     scripts/sft_task.py: "extract name, age and city as JSON"; the held-out test set
+              uses names and cities training never shows
+  2. teacher  SmolLM2-135M-Instruct + LoRA on the task (BENCHMARKS "It teaches"), merged to
+              teacher.gguf (q8_0)
+  3. seq      ferrolm distill --mode sequence: the student learns the teacher's replies
+  4. token    ferrolm distill --mode token: the student learns the teacher's full distribution
+  5. eval     exact-match accuracy on the held-out set (ferrolm eval chat, greedy) for all three
+  6. speed    ferrolm bench decode tok/s, teacher and student (both q8_0 GGUF)
+  7. cost     each model served with a self-hosted price (its measured speed at --usd-per-hour);
+              the ledger's cost of the held-out requests (x-ferrolm-cost-usd); measured.json
+              for `ferrolm cost distill --measured OUT`
+
+    python3 scripts/distill_demo.py --out DIR [--ferrolm target/release/ferrolm]
+        [--iters 600] [--train 2000] [--threads 2]
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+STUDENT = """# The student: 6 layers of width 224 with SmolLM2's 49,152-token vocabulary (tied
+# embeddings): 14.6M parameters, 9.2x fewer than the 135M teacher.
+[model]
+layers = 6
+heads = 4
+width = 224
+ffn = 608
+context = 256
+"""
+
+
+def sh(cmd, **kw):
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    t = time.time()
+    r = subprocess.run([str(c) for c in cmd], check=True, **kw)
+    print(f"  ({time.time() - t:.0f} s)", flush=True)
+    return r
+
+
+def out_json(cmd):
+    r = sh(cmd, stdout=subprocess.PIPE, text=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def served_cost(ferrolm, model, name, prices, test, threads, tmp):
+    """Serve `model` priced by `prices`; send every held-out prompt; the ledger's cost each."""
+    port = free_port()
+    data = os.path.join(tmp, f"serve-{name}")
+    os.makedirs(data, exist_ok=True)
+    p = subprocess.Popen([ferrolm, "serve", "--model", model, "--port", str(port), "--data-dir", data,
+                          "--prices", prices, "--threads", str(threads)],
+                         stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, f"serve-{name}.log"), "w"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except Exception:
+                time.sleep(0.2)
+        mid = json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"]
+        costs, prompt_toks, completion_toks = [], [], []
+        for line in open(test):
+            msgs = json.loads(line)["messages"][:-1]
+            body = json.dumps({"model": mid, "messages": msgs, "temperature": 0, "max_tokens": 64}).encode()
+            req = urllib.request.Request(base + "/v1/chat/completions", body, {"content-type": "application/json"})
+            with urllib.request.urlopen(req) as r:
+                costs.append(float(r.headers["x-ferrolm-cost-usd"]))
+                u = json.load(r)["usage"]
+            prompt_toks.append(u["prompt_tokens"])
+            completion_toks.append(u["completion_tokens"])
+        return {"usd_per_request": statistics.mean(costs), "prompt_tokens": statistics.mean(prompt_toks),
+                "completion_tokens": statistics.mean(completion_toks), "requests": len(costs)}
+    finally:
+        p.terminate()
+        p.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ferrolm", default=os.path.join(HERE, "..", "target", "release", "ferrolm"))
+    ap.add_argument("--train", type=int, default=2000, help="training prompts")
+    ap.add_argument("--iters", type=int, default=600, help="student steps (each mode)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--usd-per-hour", type=float, default=0.10, help="the machine's price (as prices.toml)")
+    ap.add_argument("--requests", type=int, default=1_000_000, help="requests a month for the break-even")
+    a = ap.parse_args()
+    F = os.path.abspath(a.ferrolm)
+    D = os.path.abspath(a.out)
+    os.makedirs(D, exist_ok=True)
+    task = os.path.join(D, "task")
+    t = str(a.threads)
+    timings = json.load(open(os.path.join(D, "timings.json"))) if os.path.exists(os.path.join(D, "timings.json")) else {}
+
+    def timed(key, fn):
+        if key not in timings:
+            t0 = time.time()
+            fn()
+            timings[key] = time.time() - t0
+            json.dump(timings, open(os.path.join(D, "timings.json"), "w"), indent=1)
+
+    # 1. the task
+    if not os.path.exists(os.path.join(task, "test.jsonl")):
+        sh([sys.executable, os.path.join(HERE, "sft_task.py"), "--out", task, "--train", a.train, "--val", 40, "--test", 60])
+    # 2. the teacher: the default model fine-tuned on the task, merged
+    teacher = os.path.join(D, "teacher.gguf")
+    if not os.path.exists(teacher):
+        run = os.path.join(D, "teacher-run")
+        timed("teacher_finetune_s", lambda: sh([F, "finetune", "--train", os.path.join(task, "train.jsonl"), "--out", run,
+                                                "--iters", 100, "--lr", 5e-4, "--targets", "q,k,v,o,gate,up,down",
+                                                "--batch", 4, "-t", t] + (["--resume"] if os.path.exists(os.path.join(run, "finetune.json")) else [])))
+        base = json.load(open(os.path.join(run, "finetune.json")))["base"]
+        sh([F, "merge", base, os.path.join(run, "adapter"), "--type", "q8_0", "-o", teacher])
+    student_cfg = os.path.join(D, "student.toml")
+    open(student_cfg, "w").write(STUDENT)
+    # 3-4. the students
+    for mode in ["sequence", "token"]:
+        run = os.path.join(D, mode)
+        timed(f"{mode}_distill_s", lambda: sh([F, "distill", "--teacher", teacher, "--student", student_cfg,
+                                               "--prompts", os.path.join(task, "train.jsonl"),
+                                               "--val-prompts", os.path.join(task, "val.jsonl"),
+                                               "--out", run, "--mode", mode, "--max-tokens", 64,
+                                               "--iters", a.iters, "--batch", a.batch, "--lr", a.lr,
+                                               "--eval-every", 100, "-t", t]))
+        gguf = os.path.join(D, f"student-{mode}.gguf")
+        if not os.path.exists(gguf):
+            sh([F, "export", run, "--type", "q8_0", "-o", gguf])
+    # 5. accuracy on the held-out set
+    res = json.load(open(os.path.join(D, "results.json"))) if os.path.exists(os.path.join(D, "results.json")) else {}
+
+    def save():
+        json.dump(res, open(os.path.join(D, "results.json"), "w"), indent=1)
+
+    models = {"teacher": teacher, "student-sequence": os.path.join(D, "student-sequence.gguf"),
+              "student-token": os.path.join(D, "student-token.gguf")}
+    test = os.path.join(task, "test.jsonl")
+    for name, m in models.items():
+        if f"{name}_accuracy" not in res:
+            r = out_json([F, "eval", "chat", "--data", test, "--model", m, "--max-tokens", 64, "--json", "-t", t])
+            res[f"{name}_accuracy"] = r["accuracy"]
+            save()
+    # 6. decode speed, interleaved rounds
+    if "speed" not in res:
+        speed = {n: [] for n in models}
+        for _ in range(3):
+            for n, m in models.items():
+                r = out_json([F, "bench", "--model", m, "--threads", t, "--json"])
+                speed[n].append(r["decode_tps"])
+        res["speed"] = {n: statistics.median(v) for n, v in speed.items()}
+        res["speed_rounds"] = speed
+        save()
+    # 7. cost from the ledger, each model priced at its own measured speed
+    if "cost" not in res:
+        prices = os.path.join(D, "prices.toml")
+        with open(prices, "w") as f:
+            for n, m in models.items():
+                mid = os.path.splitext(os.path.basename(m))[0]
+                b = out_json([F, "bench", "--model", m, "--threads", t, "--json"])
+                f.write(f'[[model]]\nid = "{mid}"\nprovider = "self-hosted"\n'
+                        f'source = "scripts/distill_demo.py: ferrolm bench"\nas_of = "{time.strftime("%Y-%m-%d")}"\n'
+                        f'[model.self_hosted]\nhardware = "2 vCPU cloud VM"\nhardware_usd_per_hour = {a.usd_per_hour}\n'
+                        f'prefill_tokens_per_s = {b["prefill_tps_512"]:.1f}\ndecode_tokens_per_s = {b["decode_tps"]:.1f}\n\n')
+        res["cost"] = {n: served_cost(F, m, n, prices, test, a.threads, D) for n, m in models.items()}
+        save()
+    one_time_s = sum(timings.values())
+    best = max(["sequence", "token"], key=lambda m: res[f"student-{m}_accuracy"])
+    measured = {
+        "teacher_usd_per_request": res["cost"]["teacher"]["usd_per_request"],
+        "student_usd_per_request": res["cost"][f"student-{best}"]["usd_per_request"],
+        "requests_per_month": a.requests,
+        "input_tokens": round(res["cost"]["teacher"]["prompt_tokens"]),
+        "output_tokens": round(res["cost"]["teacher"]["completion_tokens"]),
+        "one_time_usd": one_time_s / 3600 * a.usd_per_hour,
+        "notes": [f"teacher and student-{best} (the better student) served by ferrolm at their measured speeds, "
+                  f"${a.usd_per_hour}/hour; costs from the ledger over {res['cost']['teacher']['requests']} held-out requests",
+                  f"one-time: {one_time_s / 60:.1f} min of this machine (teacher fine-tune, teacher generation, "
+                  f"both students' training)"],
+    }
+    json.dump(measured, open(os.path.join(D, "measured.json"), "w"), indent=1)
+    ta = res["teacher_accuracy"]
+    print(json.dumps({"results": res, "timings_s": timings}, indent=1))
+    print()
+    print("| model | held-out exact match | share of teacher | decode tok/s | $/request (ledger) |")
+    print("|---|---|---|---|---|")
+    for n in models:
+        acc = res[f"{n}_accuracy"]
+        print(f"| {n} | {acc:.3f} | {acc / ta if ta else float('nan'):.2f} | {res['speed'][n]:.1f} | "
+              f"{res['cost'][n]['usd_per_request']:.3g} |")
+    sh([F, "cost", "distill", "--measured", D])
+
+
+if __name__ == "__main__":
+    main()
