@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import socket
+import shutil
 import statistics
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--ferrolm", default=os.path.join(HERE, "..", "target", "release", "ferrolm"))
     ap.add_argument("--train", type=int, default=2000, help="training prompts")
-    ap.add_argument("--iters", type=int, default=600, help="student steps (each mode)")
+    ap.add_argument("--iters", type=int, default=300, help="student steps (each mode)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
@@ -139,12 +140,21 @@ def main():
     # 3-4. the students
     for mode in ["sequence", "token"]:
         run = os.path.join(D, mode)
+        if mode == "token" and not os.path.exists(run):
+            # The same teacher, prompts and sampling: the token-level run starts from the
+            # replies (and top-k log-probs) the sequence-level run generated.
+            os.makedirs(run)
+            for f in ["distill.json", "teacher.jsonl", "teacher-val.jsonl"]:
+                shutil.copy(os.path.join(D, "sequence", f), os.path.join(run, f))
+        # token-level learns the teacher's top-8 log-probs: its full softmax would cost a
+        # 135M forward per step, several times the student's own step on this machine
+        extra = ["--soft-targets", "top-k"] if mode == "token" else []
         timed(f"{mode}_distill_s", lambda: sh([F, "distill", "--teacher", teacher, "--student", student_cfg,
                                                "--prompts", os.path.join(task, "train.jsonl"),
                                                "--val-prompts", os.path.join(task, "val.jsonl"),
                                                "--out", run, "--mode", mode, "--max-tokens", 64,
                                                "--iters", a.iters, "--batch", a.batch, "--lr", a.lr,
-                                               "--eval-every", 100, "-t", t]))
+                                               "--eval-every", 50, "-t", t] + extra))
         gguf = os.path.join(D, f"student-{mode}.gguf")
         if not os.path.exists(gguf):
             sh([F, "export", run, "--type", "q8_0", "-o", gguf])

@@ -72,6 +72,12 @@ pub struct DistillCmd {
     /// the student's vocabulary, else its top --top-logprobs log-probs.
     #[arg(long, default_value = "sequence")]
     mode: String,
+    /// Token-level: what the student matches. `full`: the teacher's whole softmax, from its
+    /// own forward on each batch (a local teacher with the student's vocabulary; it costs a
+    /// teacher forward per step). `top-k`: the --top-logprobs log-probs saved with each reply
+    /// (the only choice for a teacher server).
+    #[arg(long, value_name = "full|top-k")]
+    soft_targets: Option<String>,
     /// The teacher's sampling temperature (0: greedy).
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -596,7 +602,17 @@ pub fn run(a: DistillCmd) -> Result<()> {
     } else {
         None
     };
-    if mode == DistillMode::Token {
+    let full = match (a.soft_targets.as_deref(), local_teacher) {
+        (None, local) => local,
+        (Some("full"), true) => true,
+        (Some("full"), false) => bail!("--soft-targets full needs the teacher's forward, so a local teacher; a server gives its top-k log-probs: use --soft-targets top-k"),
+        (Some("top-k" | "topk"), _) => false,
+        (Some(x), _) => bail!("--soft-targets {x}: use full or top-k"),
+    };
+    if a.soft_targets.is_some() && mode == DistillMode::Sequence {
+        bail!("--soft-targets applies to --mode token only");
+    }
+    if mode == DistillMode::Token && full {
         let (_, stok, _) = crate::load_tokenizer(&base)?;
         if let Some(t) = &teacher_path {
             let (_, ttok, _) = crate::load_tokenizer(t)?;
@@ -655,7 +671,7 @@ pub fn run(a: DistillCmd) -> Result<()> {
         objective: ObjectiveConfig::Distill(DistillConfig {
             mode,
             alpha: a.alpha,
-            teacher: teacher_path.filter(|_| mode == DistillMode::Token),
+            teacher: teacher_path.filter(|_| mode == DistillMode::Token && full),
         }),
         cache_dir: None,
         init,
