@@ -81,17 +81,29 @@ def served_cost(ferrolm, model, name, prices, test, threads, tmp):
                 time.sleep(0.2)
         mid = json.load(urllib.request.urlopen(base + "/v1/models"))["data"][0]["id"]
         costs, prompt_toks, completion_toks = [], [], []
+        fields = {"json": 0, "name": 0, "age": 0, "city": 0}
         for line in open(test):
-            msgs = json.loads(line)["messages"][:-1]
+            msgs = json.loads(line)["messages"]
+            want = json.loads(msgs[-1]["content"])
+            msgs = msgs[:-1]
             body = json.dumps({"model": mid, "messages": msgs, "temperature": 0, "max_tokens": 64}).encode()
             req = urllib.request.Request(base + "/v1/chat/completions", body, {"content-type": "application/json"})
             with urllib.request.urlopen(req) as r:
                 costs.append(float(r.headers["x-ferrolm-cost-usd"]))
-                u = json.load(r)["usage"]
+                reply = json.load(r)
+                u = reply["usage"]
+            try:
+                got = json.loads(reply["choices"][0]["message"]["content"])
+                fields["json"] += 1
+                for k in ["name", "age", "city"]:
+                    fields[k] += int(isinstance(got, dict) and got.get(k) == want[k])
+            except ValueError:
+                pass
             prompt_toks.append(u["prompt_tokens"])
             completion_toks.append(u["completion_tokens"])
         return {"usd_per_request": statistics.mean(costs), "prompt_tokens": statistics.mean(prompt_toks),
-                "completion_tokens": statistics.mean(completion_toks), "requests": len(costs)}
+                "completion_tokens": statistics.mean(completion_toks), "requests": len(costs),
+                "field_accuracy": {k: v / len(costs) for k, v in fields.items()}}
     finally:
         p.terminate()
         p.wait()
@@ -192,7 +204,7 @@ def main():
                 f.write(f'[[model]]\nid = "{mid}"\nprovider = "self-hosted"\n'
                         f'source = "scripts/distill_demo.py: ferrolm bench"\nas_of = "{time.strftime("%Y-%m-%d")}"\n'
                         f'[model.self_hosted]\nhardware = "2 vCPU cloud VM"\nhardware_usd_per_hour = {a.usd_per_hour}\n'
-                        f'prefill_tokens_per_s = {b["prefill_tps_512"]:.1f}\ndecode_tokens_per_s = {b["decode_tps"]:.1f}\n\n')
+                        f'prefill_tokens_per_s = {b["prefill_tps_512"] or b["prefill_tps_128"]:.1f}\ndecode_tokens_per_s = {b["decode_tps"]:.1f}\n\n')
         res["cost"] = {n: served_cost(F, m, n, prices, test, a.threads, D) for n, m in models.items()}
         save()
     one_time_s = sum(timings.values())
@@ -213,12 +225,13 @@ def main():
     ta = res["teacher_accuracy"]
     print(json.dumps({"results": res, "timings_s": timings}, indent=1))
     print()
-    print("| model | held-out exact match | share of teacher | decode tok/s | $/request (ledger) |")
-    print("|---|---|---|---|---|")
+    print("| model | held-out exact match | share of teacher | valid JSON | name | age | city | decode tok/s | $/request (ledger) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in models:
         acc = res[f"{n}_accuracy"]
-        print(f"| {n} | {acc:.3f} | {acc / ta if ta else float('nan'):.2f} | {res['speed'][n]:.1f} | "
-              f"{res['cost'][n]['usd_per_request']:.3g} |")
+        f = res["cost"][n]["field_accuracy"]
+        print(f"| {n} | {acc:.3f} | {acc / ta if ta else float('nan'):.2f} | {f['json']:.2f} | {f['name']:.2f} | "
+              f"{f['age']:.2f} | {f['city']:.2f} | {res['speed'][n]:.1f} | {res['cost'][n]['usd_per_request']:.3g} |")
     sh([F, "cost", "distill", "--measured", D])
 
 
