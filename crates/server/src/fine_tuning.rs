@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
+use crate::blobs::BlobError;
 use crate::error::ApiError;
 use crate::files::{new_id, no_file, tuner, validate};
 use crate::tuner::{hyper, log_event, unix_s, FileFormat, JobMethod, Tuner};
@@ -216,12 +217,26 @@ fn training_input(
             Some(param),
         ));
     }
-    let bytes = std::fs::read(t.file_path(id)).map_err(|e| {
-        ApiError::server(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the file `{id}` is recorded but cannot be read: {e}"),
-        )
-    })?;
+    // A local copy (fetched from the blob store on first use): training reads it later.
+    let bytes = t
+        .blobs
+        .fetch_file(&crate::tuner::file_key(id))
+        .and_then(|path| {
+            std::fs::read(&path).map_err(|e| BlobError::Io {
+                blobs: t.blobs.shown().to_owned(),
+                op: "read the local copy of",
+                key: path.display().to_string(),
+                message: e.to_string(),
+                hint: "; check the data dir's disk",
+                not_found: false,
+            })
+        })
+        .map_err(|e| {
+            ApiError::server(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the file `{id}` is recorded but cannot be read: {e}"),
+            )
+        })?;
     validate(t, &bytes, format, param)
 }
 

@@ -46,6 +46,7 @@ use serde_json::Value;
 
 pub mod adapters;
 mod auth;
+pub mod blobs;
 pub mod compress;
 pub mod embeddings;
 pub mod error;
