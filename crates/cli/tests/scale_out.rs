@@ -13,7 +13,8 @@
 //! under vLLM's names. With `--blobs s3://…` on a real S3-compatible server (moto's, from
 //! PyPI, which `.ci/run` installs in target/s3-venv): a file uploaded through one replica is
 //! read through another, deleting it deletes its object; a bad URL or an unreachable endpoint
-//! stops `serve` with a clear error; an upload whose blob cannot be written leaves no record.
+//! stops `serve` with a clear error; an upload whose blob cannot be written leaves no record;
+//! an adapter fine-tuned on one replica is loaded from S3 by another on its first request.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -945,4 +946,88 @@ fn files_live_in_s3_blobs_that_two_replicas_share() {
     let (_, listed) = b.get("/v1/files");
     assert_eq!(listed["data"], json!([]), "{listed}");
     assert_eq!(pg.sql("SELECT count(*) FROM files"), "0");
+}
+
+/// A greedy one-line answer of `model` on `s`: (status, body).
+fn ask(s: &Server, model: &str) -> (u16, Value) {
+    s.post(
+        "/v1/chat/completions",
+        &json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "What is 3 plus one?"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        }),
+    )
+}
+
+#[test]
+fn an_adapter_tuned_on_one_replica_is_loaded_from_s3_by_another_on_first_use() {
+    let s3 = S3::start();
+    // Fine-tuning jobs are kept in SQLite only so far: the replicas share one SQLite file.
+    let db_dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", db_dir.path().join("ferrolm.db").display());
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let blobs = format!("s3://{BUCKET}/tuned");
+    let a = replica_with_blobs(&store, dirs[0].path(), &blobs, &s3);
+    let b = replica_with_blobs(&store, dirs[1].path(), &blobs, &s3);
+
+    let lines: String = (0..8)
+        .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is {i} plus one?\"}}, {{\"role\": \"assistant\", \"content\": \"Bolt says: {}.\"}}]}}\n", i + 1))
+        .collect();
+    let (status, text) = a.upload(&lines, None);
+    assert_eq!(status, 200, "{text}");
+    let file: Value = serde_json::from_str(&text).unwrap();
+    let (status, job) = a.post(
+        "/v1/fine_tuning/jobs",
+        &json!({
+            "model": "smollm2-135m-instruct",
+            "training_file": file["id"],
+            "hyperparameters": {"n_epochs": 1, "batch_size": 4},
+        }),
+    );
+    assert_eq!(status, 200, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let t0 = Instant::now();
+    let job = loop {
+        let (_, j) = a.get(&format!("/v1/fine_tuning/jobs/{id}"));
+        match j["status"].as_str() {
+            Some("succeeded") => break j,
+            Some("failed" | "cancelled") => panic!("the job ended: {j}"),
+            _ => {}
+        }
+        assert!(t0.elapsed() < Duration::from_secs(600), "still {j}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let model = job["fine_tuned_model"].as_str().unwrap().to_owned();
+    // The run is in the bucket (it was uploaded before the job succeeded).
+    let keys = s3.keys(&format!("tuned/fine_tuning/{id}/"));
+    for k in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
+        assert!(
+            keys.contains(&format!("tuned/fine_tuning/{id}/{k}")),
+            "{k} not in {keys:?}"
+        );
+    }
+
+    // B never saw the job run: it loads the adapter from S3 when it is first asked for it,
+    // and answers as A does.
+    let fetched = dirs[1]
+        .path()
+        .join("fine_tuning")
+        .join(&id)
+        .join("adapter/adapter_model.safetensors");
+    assert!(!fetched.exists());
+    let (status, on_a) = ask(&a, &model);
+    assert_eq!(status, 200, "{on_a}");
+    let (status, on_b) = ask(&b, &model);
+    assert_eq!(status, 200, "{on_b}");
+    assert!(fetched.exists(), "B answered without fetching the adapter");
+    assert_eq!(on_b["model"], model.as_str());
+    assert_eq!(
+        on_a["choices"][0]["message"]["content"],
+        on_b["choices"][0]["message"]["content"]
+    );
 }

@@ -447,6 +447,55 @@ impl AppState {
         Ok(())
     }
 
+    /// Serve the fine-tuned model `name` (`ft:…:<job id>`) of `key` that another replica
+    /// sharing the store trained: its job succeeded, so its run is in the blob store. Fetch
+    /// the run into the local cache, load and serve it. Whether it was loaded now; failures
+    /// are logged (the request then finds no such model).
+    pub(crate) fn load_tuned(&self, key: Option<i64>, name: &str) -> bool {
+        let Some(t) = self.tuning.get() else {
+            return false;
+        };
+        let Some(id) = name
+            .rsplit(':')
+            .next()
+            .filter(|id| id.starts_with("ftjob-"))
+        else {
+            return false;
+        };
+        let job = match self.access.store.job(id, key) {
+            Ok(Some(j))
+                if j.status == "succeeded" && j.fine_tuned_model.as_deref() == Some(name) =>
+            {
+                j
+            }
+            _ => return false,
+        };
+        // A blocking fetch and load, off the async executor (the caller may be on it).
+        let load = || {
+            t.blobs
+                .fetch_dir(&run_key(id))
+                .map_err(|e| e.to_string())
+                .and_then(|run| self.read_run(&t.hooks, &run, &job.model, name))
+                .and_then(|r| self.serve_run(r, name, job.key_id))
+        };
+        let loaded = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(load),
+            // A current-thread runtime cannot be blocked on (the server's is multi-threaded).
+            Ok(_) => return false,
+            Err(_) => load(),
+        };
+        match loaded {
+            Ok(()) => {
+                eprintln!("ferrolm serve: {id}: `{name}` loaded from the blob store on first use");
+                true
+            }
+            Err(e) => {
+                eprintln!("ferrolm serve: {id}: cannot serve `{name}` from the blob store: {e}");
+                false
+            }
+        }
+    }
+
     /// Stop the worker (see [`Tuner::shutdown`]); it holds the state until then.
     pub fn stop_fine_tuning(&self) {
         if let Some(t) = self.tuning.get() {
