@@ -390,4 +390,44 @@ mod tests {
             );
         }
     }
+
+    /// The directory back end, on a real directory: a put is readable, the blob's local path
+    /// is the blob itself (nothing fetched or uploaded), and a delete removes it (twice: no error).
+    #[test]
+    fn a_directory_holds_blobs_at_their_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let blobs = Blobs::open(
+            &BlobsUrl::Dir(dir.path().to_owned()),
+            Path::new("/nonexistent-cache"),
+            rt.handle().clone(),
+        )
+        .expect("open");
+        assert!(blobs.is_local());
+        blobs.wait(blobs.check()).expect("check");
+        let key = "files/file-1";
+        blobs
+            .wait(blobs.put(key, Bytes::from_static(b"{}\n")))
+            .expect("put");
+        assert_eq!(
+            std::fs::read(dir.path().join(key)).ok(),
+            Some(b"{}\n".to_vec())
+        );
+        assert_eq!(blobs.fetch_file(key).ok(), Some(dir.path().join(key)));
+        assert_eq!(
+            blobs.wait(blobs.get(key)).ok(),
+            Some(Bytes::from_static(b"{}\n"))
+        );
+        blobs.wait(blobs.delete(key)).expect("delete");
+        assert!(!dir.path().join(key).exists());
+        blobs.wait(blobs.delete(key)).expect("a second delete");
+        let gone = blobs.wait(blobs.get(key)).err();
+        assert!(
+            gone.as_ref().is_some_and(BlobError::is_not_found),
+            "{gone:?}"
+        );
+    }
 }
