@@ -898,6 +898,14 @@ fn files_live_in_s3_blobs_that_two_replicas_share() {
     assert_eq!(status, 200, "{listed}");
     assert_eq!(listed["data"][0]["id"], id.as_str(), "{listed}");
 
+    // Fine-tuning jobs are not kept in PostgreSQL yet: a job is refused, saying so.
+    let (status, v) = a.post(
+        "/v1/fine_tuning/jobs",
+        &json!({"model": "smollm2-135m-instruct", "training_file": id}),
+    );
+    assert_eq!(status, 501, "{v}");
+    assert_eq!(v["error"]["code"], "fine_tuning_unavailable", "{v}");
+
     // Deleted on B: the record is gone on A, and so is the object.
     let r = ureq::delete(&b.url(&format!("/v1/files/{id}")))
         .call()

@@ -240,13 +240,30 @@ fn training_input(
     validate(t, &bytes, format, param)
 }
 
+/// The tuner, for the job endpoints; a 501 on a shared (postgres://) store, which does not
+/// keep fine-tuning jobs yet (its files it does).
+fn jobs(s: &AppState) -> Result<&Tuner, ApiError> {
+    let t = tuner(s)?;
+    if s.access.store.is_shared() {
+        return Err(ApiError {
+            status: StatusCode::NOT_IMPLEMENTED,
+            code: Some("fine_tuning_unavailable"),
+            ..ApiError::invalid(
+                "fine-tuning jobs are not kept in a postgres:// store yet: run them on a server with a sqlite: --store (the default); /v1/files works here",
+                None,
+            )
+        });
+    }
+    Ok(t)
+}
+
 /// `POST /v1/fine_tuning/jobs`.
 pub async fn create(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    tuner(&s)?;
+    jobs(&s)?;
     let req: CreateJob = parse(&body)?;
     if req.integrations.as_ref().is_some_and(|i| !i.is_empty()) {
         return Err(ApiError::invalid(
@@ -375,7 +392,7 @@ pub async fn list(
     Extension(caller): Extension<Caller>,
     Query(q): Query<PageParams>,
 ) -> Result<Json<Value>, ApiError> {
-    tuner(&s)?;
+    jobs(&s)?;
     let page = s
         .access
         .store
@@ -415,7 +432,7 @@ pub async fn get_one(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    tuner(&s)?;
+    jobs(&s)?;
     Ok(Json(job_object(&own_job(&s, &caller, &id)?)))
 }
 
@@ -455,7 +472,7 @@ pub async fn events(
     Path(id): Path<String>,
     Query(q): Query<PageParams>,
 ) -> Result<Json<Value>, ApiError> {
-    tuner(&s)?;
+    jobs(&s)?;
     let job = own_job(&s, &caller, &id)?;
     let page = s
         .access
@@ -485,7 +502,7 @@ pub async fn checkpoints(
     Path(id): Path<String>,
     Query(q): Query<PageParams>,
 ) -> Result<Json<Value>, ApiError> {
-    tuner(&s)?;
+    jobs(&s)?;
     let job = own_job(&s, &caller, &id)?;
     let page = s
         .access
@@ -536,7 +553,7 @@ pub async fn cancel(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let t = tuner(&s)?;
+    let t = jobs(&s)?;
     let job = transition(
         &s,
         &caller,
@@ -568,7 +585,7 @@ pub async fn pause(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let t = tuner(&s)?;
+    let t = jobs(&s)?;
     let job = transition(&s, &caller, &id, "paused", &["queued", "running"], "paused")?;
     t.dequeue(&id);
     t.stop(&id);
@@ -588,7 +605,7 @@ pub async fn resume(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let t = tuner(&s)?;
+    let t = jobs(&s)?;
     let job = transition(&s, &caller, &id, "queued", &["paused"], "resumed")?;
     log_event(
         &s.access.store,
