@@ -1008,8 +1008,29 @@ fn an_adapter_tuned_on_one_replica_is_loaded_from_s3_by_another_on_first_use() {
         std::thread::sleep(Duration::from_millis(500));
     };
     let model = job["fine_tuned_model"].as_str().unwrap().to_owned();
-    // The run is in the bucket (it was uploaded before the job succeeded).
-    let keys = s3.keys(&format!("tuned/fine_tuning/{id}/"));
+    // The run is in the bucket (mirrored before the job succeeded): A's run directory, file
+    // for file (pruned checkpoints deleted), the adapter among them.
+    let mut keys = s3.keys(&format!("tuned/fine_tuning/{id}/"));
+    keys.sort();
+    let run = dirs[0].path().join("fine_tuning").join(&id);
+    let mut files = Vec::new();
+    let mut stack = vec![run.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(&run).unwrap().to_string_lossy().into_owned();
+                files.push(format!("tuned/fine_tuning/{id}/{rel}"));
+            }
+        }
+    }
+    files.sort();
+    assert_eq!(keys, files);
     for k in [
         "adapter/adapter_config.json",
         "adapter/adapter_model.safetensors",

@@ -13,8 +13,8 @@
 //!   blob (a crash leaves an orphan blob, never a record without one).
 //! - Training reads and writes local files, so each blob has a local path ([`Blobs::local`]):
 //!   in a directory back end it is the blob itself; with S3 it is a cache under the data dir,
-//!   filled on first use ([`Blobs::fetch_file`], [`Blobs::fetch_dir`]), and a finished run is
-//!   uploaded from it ([`Blobs::put_dir`]). So any replica serves a run another one trained.
+//!   filled on first use ([`Blobs::fetch_file`], [`Blobs::fetch_dir`]), and a run is mirrored
+//!   into the store from it at each checkpoint and at its end ([`Blobs::sync_dir`]). So any replica serves a run another one trained.
 //! - S3 calls give up quickly (a few retries, short connect timeout): an unreachable endpoint
 //!   is an error that says so, not a hang. [`Blobs::check`] probes it at startup.
 //! - The async calls run on the server's runtime; the blocking ones ([`Blobs::wait`]) are for
@@ -305,30 +305,74 @@ impl Blobs {
         Ok(dir)
     }
 
-    /// Upload the local folder of `key` (a finished run) file by file (blocking); a directory
-    /// back end already holds it.
-    pub fn put_dir(&self, key: &str) -> Result<(), BlobError> {
+    /// Mirror the local folder of `key` (a run) into the blob store (blocking): upload the
+    /// files the store lacks or holds older or of another size, deepest first (a run's
+    /// checkpoint folder before the `latest` that names it), then delete the blobs whose
+    /// files are gone (pruned checkpoints). Hidden files (temporaries) are left out. A
+    /// directory back end already holds it.
+    pub fn sync_dir(&self, key: &str) -> Result<(), BlobError> {
         if self.is_local() {
             return Ok(());
         }
+        let prefix = Key::from(key);
+        let remote = self.wait(async {
+            let mut list = self.store.list(Some(&prefix));
+            let mut remote = std::collections::HashMap::new();
+            while let Some(m) = list.next().await {
+                let m = m.map_err(|e| self.err("list", key, e))?;
+                remote.insert(
+                    m.location.to_string(),
+                    (m.size, m.last_modified.timestamp()),
+                );
+            }
+            Ok::<_, BlobError>(remote)
+        })?;
+        // (depth, blob name, path, size, modified: unix seconds)
+        let mut local = Vec::new();
         let mut stack = vec![self.local(key)];
         while let Some(dir) = stack.pop() {
             let entries = std::fs::read_dir(&dir).map_err(|e| self.local_err(key, &dir, e))?;
             for entry in entries {
-                let path = entry.map_err(|e| self.local_err(key, &dir, e))?.path();
-                if path.is_dir() {
+                let entry = entry.map_err(|e| self.local_err(key, &dir, e))?;
+                if entry.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                let path = entry.path();
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| self.local_err(key, &path, e))?;
+                if meta.is_dir() {
                     stack.push(path);
                     continue;
                 }
                 let Ok(rel) = path.strip_prefix(&self.local) else {
                     continue;
                 };
-                if path.file_name().is_some_and(|n| n == FETCHED) {
-                    continue;
-                }
+                let modified = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0.0, |d| d.as_secs_f64());
                 let name = rel.to_string_lossy().into_owned();
-                let bytes = std::fs::read(&path).map_err(|e| self.local_err(key, &path, e))?;
-                self.wait(self.put(&name, Bytes::from(bytes)))?;
+                local.push((rel.components().count(), name, path, meta.len(), modified));
+            }
+        }
+        local.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        for (_, name, path, size, modified) in &local {
+            // Remote times are whole seconds of the upload: a file written in the same second
+            // as its upload is sent again, never missed.
+            let current = remote
+                .get(name)
+                .is_some_and(|&(rsize, rtime)| rsize == *size && (rtime as f64) > *modified);
+            if current {
+                continue;
+            }
+            let bytes = std::fs::read(path).map_err(|e| self.local_err(key, path, e))?;
+            self.wait(self.put(name, Bytes::from(bytes)))?;
+        }
+        for name in remote.keys() {
+            if !local.iter().any(|l| &l.1 == name) {
+                self.wait(self.delete(name))?;
             }
         }
         // This replica's copy is whole: no need to fetch it again.

@@ -8,7 +8,8 @@
 //!   that base instead (see `adapters`): one engine and one copy of the weights for all.
 //! - Everything a job is lives in the store (`ferrolm_accounting`'s files and jobs) and in
 //!   the blob store's `fine_tuning/<job id>/` (the run: checkpoints, metrics, the adapter;
-//!   trained in a local directory and uploaded before the job succeeds, see `blobs`); this module
+//!   trained in a local directory, mirrored into the blob store at each checkpoint and before
+//!   the job succeeds, see `blobs`); this module
 //!   only keeps the queue's order and the running job's stop flag in memory. So a restart
 //!   (even after `kill -9`) loses nothing: [`AppState::start_fine_tuning`] serves the
 //!   succeeded jobs' models again and queues the jobs that were queued or running; a run
@@ -578,6 +579,17 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
         Ok(f) => f,
         Err(message) => return fail_job(store, id, message),
     };
+    // A run started elsewhere (another replica, or this one before its disk was lost) has
+    // its checkpoints in the blob store: continue from them.
+    if !out.join("finetune.json").is_file() {
+        if let Err(e) = t.blobs.fetch_dir(&run_key(id)) {
+            if !e.is_not_found() {
+                let m =
+                    format!("The run's checkpoints could not be fetched, so it starts over: {e}");
+                log_event(store, id, "warn", m, None);
+            }
+        }
+    }
     let spec = TrainSpec {
         base_model: job.model.clone(),
         training_file,
@@ -690,6 +702,11 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
                 model: format!("{name}:ckpt-step-{step}"),
                 metrics,
             };
+            // The checkpoint into the blob store, then its record.
+            if let Err(e) = t.blobs.sync_dir(&run_key(id)) {
+                let m = format!("The checkpoint at step {step} is not in the blob store: {e}");
+                log_event(store, id, "warn", m, None);
+            }
             if let Err(e) = store.add_job_checkpoint(id, &c) {
                 eprintln!("ferrolm serve: {id}: could not record a checkpoint: {e}");
             }
@@ -715,7 +732,7 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
                 Err(e) => return fail(format!("the trained model does not load: {e}")),
             };
             // The run is in the blob store before the job that names it succeeds.
-            if let Err(e) = t.blobs.put_dir(&run_key(id)) {
+            if let Err(e) = t.blobs.sync_dir(&run_key(id)) {
                 return fail(format!("the run cannot be stored: {e}"));
             }
             let tokens = seen.tokens_per_epoch * u64::from(n_epochs);
