@@ -14,7 +14,8 @@
 //! PyPI, which `.ci/run` installs in target/s3-venv): a file uploaded through one replica is
 //! read through another, deleting it deletes its object; a bad URL or an unreachable endpoint
 //! stops `serve` with a clear error; an upload whose blob cannot be written leaves no record;
-//! an adapter fine-tuned on one replica is loaded from S3 by another on its first request.
+//! an adapter fine-tuned on one replica is loaded from S3 by another on its first request; a
+//! job whose replica is killed continues on another replica from its checkpoint in S3.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -1059,4 +1060,93 @@ fn an_adapter_tuned_on_one_replica_is_loaded_from_s3_by_another_on_first_use() {
         on_a["choices"][0]["message"]["content"],
         on_b["choices"][0]["message"]["content"]
     );
+}
+
+/// A job's status and its log's messages, oldest first.
+fn job_log(s: &Server, id: &str) -> (String, Vec<String>) {
+    let (_, j) = s.get(&format!("/v1/fine_tuning/jobs/{id}"));
+    let (_, ev) = s.get(&format!("/v1/fine_tuning/jobs/{id}/events?limit=100"));
+    let mut m: Vec<String> = ev["data"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["message"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    m.reverse();
+    (j["status"].as_str().unwrap_or_default().to_owned(), m)
+}
+
+#[test]
+fn a_job_whose_replica_is_killed_continues_on_another_from_its_checkpoints_in_s3() {
+    let s3 = S3::start();
+    let db_dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", db_dir.path().join("ferrolm.db").display());
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let blobs = format!("s3://{BUCKET}/resume");
+    let mut a = replica_with_blobs(&store, dirs[0].path(), &blobs, &s3);
+    let lines: String = (0..12)
+        .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is {i} plus one?\"}}, {{\"role\": \"assistant\", \"content\": \"{}.\"}}]}}\n", i + 1))
+        .collect();
+    let (status, text) = a.upload(&lines, None);
+    assert_eq!(status, 200, "{text}");
+    let file: Value = serde_json::from_str(&text).unwrap();
+    // 2 epochs × 12 examples / batch 4 = 6 steps, a checkpoint every 2.
+    let (status, job) = a.post(
+        "/v1/fine_tuning/jobs",
+        &json!({
+            "model": "smollm2-135m-instruct",
+            "training_file": file["id"],
+            "hyperparameters": {"n_epochs": 2, "batch_size": 4},
+        }),
+    );
+    assert_eq!(status, 200, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let t0 = Instant::now();
+    while !job_log(&a, &id)
+        .1
+        .iter()
+        .any(|m| m.starts_with("Checkpoint created"))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "{:?}",
+            job_log(&a, &id)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SIGKILL, and the machine's disk with it: the checkpoint is in the bucket.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let ckpts: Vec<String> = s3
+        .keys(&format!("resume/fine_tuning/{id}/checkpoints/"))
+        .into_iter()
+        .filter(|k| k.ends_with("/model.safetensors"))
+        .collect();
+    assert!(!ckpts.is_empty(), "no checkpoint in the bucket");
+    drop(a);
+
+    // Another replica, on a fresh data dir, takes the job over from that checkpoint.
+    let b = replica_with_blobs(&store, dirs[1].path(), &blobs, &s3);
+    let t0 = Instant::now();
+    let m = loop {
+        let (status, m) = job_log(&b, &id);
+        if status == "succeeded" {
+            break m;
+        }
+        assert!(
+            status != "failed" && t0.elapsed() < Duration::from_secs(300),
+            "{status}: {m:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        m.iter()
+            .any(|m| m.starts_with("Fine-tuning job resumed from the checkpoint at step")),
+        "the job did not resume from the bucket's checkpoint: {m:#?}"
+    );
+    let (_, j) = b.get(&format!("/v1/fine_tuning/jobs/{id}"));
+    let (status, r) = ask(&b, j["fine_tuned_model"].as_str().unwrap());
+    assert_eq!(status, 200, "{r}");
 }
