@@ -16,8 +16,9 @@
 //! - A ledger row of an admitted request settles its admission in the same transaction (real
 //!   tokens replace the estimate, the hold is released); a row whose admission is already
 //!   settled is not written again, so a retried write counts the request once.
-//! - Stored chat completions live here too (every replica lists and exports the same ones);
-//!   files, fine-tuning jobs and stored responses do not yet (`AccountingError::NotInPostgres`).
+//! - Stored chat completions and uploaded files' records live here too (every replica lists
+//!   and exports the same ones; the files' bytes are in the blob store, `--blobs`);
+//!   fine-tuning jobs and stored responses do not yet (`AccountingError::NotInPostgres`).
 //! - Calls block the caller, as SQLite's do: each runs on this store's own small tokio runtime
 //!   and is waited for. Nothing waits long: the pool's wait, connect and recycle steps each
 //!   give up after [`STEP_TIMEOUT`], a whole call after [`CALL_TIMEOUT`]; such failures are
@@ -37,7 +38,7 @@ use tokio_postgres::{NoTls, Row};
 use crate::completions::{self, CompletionQuery, CompletionRecord, Owner};
 use crate::limits::{Headroom, Limited, RateLimiter, WINDOW};
 use crate::store::{pick_key, GroupBy, KeyInfo, KeySpec, UsageGroup, UsageRow, KEY_COLUMNS};
-use crate::tuning::Page;
+use crate::tuning::{FileRecord, Page, FILE_COLUMNS};
 use crate::{AccountingError, SCHEMA_VERSION};
 
 /// The most one pool step (waiting for a free connection, connecting, checking one) takes.
@@ -685,6 +686,91 @@ impl Pg {
             Ok(out)
         })
     }
+}
+
+/// Uploaded files' records (see `tuning`): the same columns and scoping as SQLite's.
+impl Pg {
+    pub(crate) fn insert_file(&self, f: &FileRecord) -> Result<(), AccountingError> {
+        let f = f.clone();
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            c.execute(
+                &format!("INSERT INTO files ({FILE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"),
+                &[
+                    &f.id,
+                    &f.key_id,
+                    &i64::try_from(f.bytes).unwrap_or(i64::MAX),
+                    &f.created_at,
+                    &f.filename,
+                    &f.purpose,
+                ],
+            )
+            .await
+            .map_err(|e| pg_error(&shown, e))?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn file(
+        &self,
+        id: &str,
+        key: Option<i64>,
+    ) -> Result<Option<FileRecord>, AccountingError> {
+        let id = id.to_owned();
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let row = c
+                .query_opt(
+                    &format!("SELECT {FILE_COLUMNS} FROM files WHERE id = $1 AND key_id IS NOT DISTINCT FROM $2"),
+                    &[&id, &key],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            row.map(|r| file_from_row(&shown, &r)).transpose()
+        })
+    }
+
+    pub(crate) fn files(&self, key: Option<i64>) -> Result<Vec<FileRecord>, AccountingError> {
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let rows = c
+                .query(
+                    &format!("SELECT {FILE_COLUMNS} FROM files WHERE key_id IS NOT DISTINCT FROM $1 ORDER BY seq DESC"),
+                    &[&key],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            rows.iter().map(|r| file_from_row(&shown, r)).collect()
+        })
+    }
+
+    pub(crate) fn delete_file(&self, id: &str, key: Option<i64>) -> Result<bool, AccountingError> {
+        let id = id.to_owned();
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let n = c
+                .execute(
+                    "DELETE FROM files WHERE id = $1 AND key_id IS NOT DISTINCT FROM $2",
+                    &[&id, &key],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            Ok(n > 0)
+        })
+    }
+}
+
+fn file_from_row(shown: &str, r: &Row) -> Result<FileRecord, AccountingError> {
+    let bad = |e: tokio_postgres::Error| pg_error(shown, e);
+    let bytes: i64 = r.try_get(2).map_err(bad)?;
+    Ok(FileRecord {
+        id: r.try_get(0).map_err(bad)?,
+        key_id: r.try_get(1).map_err(bad)?,
+        bytes: u64::try_from(bytes).unwrap_or(0),
+        created_at: r.try_get(3).map_err(bad)?,
+        filename: r.try_get(4).map_err(bad)?,
+        purpose: r.try_get(5).map_err(bad)?,
+    })
 }
 
 /// Stored chat completions (see `completions`): the same columns and scoping as SQLite's.

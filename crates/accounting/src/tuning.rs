@@ -145,7 +145,7 @@ fn count(r: &Row<'_>, i: usize) -> rusqlite::Result<u64> {
     u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(i, v))
 }
 
-const FILE_COLUMNS: &str = "id, key_id, bytes, created_at, filename, purpose";
+pub(crate) const FILE_COLUMNS: &str = "id, key_id, bytes, created_at, filename, purpose";
 
 fn file_from_row(r: &Row<'_>) -> rusqlite::Result<FileRecord> {
     Ok(FileRecord {
@@ -205,6 +205,9 @@ fn after_seq(
 
 impl Store {
     pub fn insert_file(&self, f: &FileRecord) -> Result<(), AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.insert_file(f);
+        }
         self.conn()?
             .execute(
                 &format!("INSERT INTO files ({FILE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
@@ -223,6 +226,9 @@ impl Store {
 
     /// The file `id` if it belongs to `key`.
     pub fn file(&self, id: &str, key: Option<i64>) -> Result<Option<FileRecord>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.file(id, key);
+        }
         self.conn()?
             .query_row(
                 &format!("SELECT {FILE_COLUMNS} FROM files WHERE id = ?1 AND key_id IS ?2"),
@@ -235,6 +241,9 @@ impl Store {
 
     /// `key`'s files, newest first.
     pub fn files(&self, key: Option<i64>) -> Result<Vec<FileRecord>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.files(key);
+        }
         let conn = self.conn()?;
         let mut st = conn
             .prepare(&format!(
@@ -247,6 +256,9 @@ impl Store {
 
     /// Forget the file `id` of `key`; false when there was none.
     pub fn delete_file(&self, id: &str, key: Option<i64>) -> Result<bool, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.delete_file(id, key);
+        }
         let n = self
             .conn()?
             .execute(

@@ -6,8 +6,9 @@
 //! models, upstream models, routers; `docs/serve.example.toml` shows every key); with neither,
 //! the installed default model.
 //!
-//! `/v1/files` and `/v1/fine_tuning/jobs` keep their files, runs and records in the data dir
-//! (`files/`, `fine_tuning/`, `ferrolm.db`); a job's training runs on `--train-threads`
+//! `/v1/files` and `/v1/fine_tuning/jobs` keep their records in the store (`ferrolm.db` in
+//! the data dir, or `--store`) and their files and runs in the blob store (`--blobs`: the data
+//! dir's `files/` and `fine_tuning/`, or S3); a job's training runs on `--train-threads`
 //! threads beside the engines, and its model is served (to its key) as soon as it succeeds.
 
 use std::net::{IpAddr, SocketAddr};
@@ -19,6 +20,7 @@ use clap::Args;
 use ferrolm_accounting::{PriceCatalog, Store};
 use ferrolm_engine::{Engine, EngineConfig, EngineHandle};
 use ferrolm_server::adapters::AdapterLoading;
+use ferrolm_server::blobs::{Blobs, BlobsUrl};
 use ferrolm_server::route::{Router, Tier};
 use ferrolm_server::tuner::Load;
 use ferrolm_server::upstream::Upstream;
@@ -52,10 +54,17 @@ pub struct ServeArgs {
     data_dir: Option<PathBuf>,
     /// The key store and usage ledger: sqlite:PATH (a database file; the default is
     /// DATA_DIR/ferrolm.db) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE, which several
-    /// replicas share as one service (keys, rate limits, budgets and one ledger; files,
-    /// fine-tuning jobs and stored completions stay SQLite-only for now).
+    /// replicas share as one service (keys, rate limits, budgets, one ledger, stored
+    /// completions and file records; fine-tuning jobs stay SQLite-only for now).
     #[arg(long, value_name = "URL")]
     store: Option<String>,
+    /// Where uploaded files and fine-tuning runs (checkpoints, adapters, fine-tuned models)
+    /// live: a directory (default: the data dir) or s3://BUCKET[/PREFIX], with the endpoint
+    /// and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+    /// AWS_REGION (AWS_ALLOW_HTTP=true for an http:// endpoint). With S3, each replica keeps
+    /// local copies in its data dir, fetched on first use.
+    #[arg(long, value_name = "URL")]
+    blobs: Option<BlobsUrl>,
     /// Serve a non-loopback address without API keys (anyone who can reach it can use it).
     #[arg(long)]
     allow_unauthenticated: bool,
@@ -667,6 +676,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .thread_name("ferrolm-http")
         .build()
         .context("could not start the async runtime")?;
+    let blobs_url = a
+        .blobs
+        .clone()
+        .unwrap_or_else(|| BlobsUrl::Dir(data_dir.clone()));
+    let blobs = Blobs::open(&blobs_url, &data_dir, rt.handle().clone())?;
+    rt.block_on(blobs.check())
+        .context("the blob store (--blobs) is not usable")?;
     let addr = SocketAddr::new(a.host, a.port);
     let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).with_context(|| {
         format!("cannot listen on {addr}: is another server using the port? pick another with --port")
@@ -762,16 +778,15 @@ pub fn run(a: ServeArgs) -> Result<()> {
         );
     }
     if state.access.store.is_shared() {
-        // Job records, files and their blobs are one replica's for now (no shared queue or
-        // object store yet): a shared-store replica serves without them.
-        eprintln!("ferrolm serve: /v1/files and fine-tuning are off: a postgres:// store does not keep them yet (use a sqlite: store for them)");
-    } else {
-        let hooks = crate::tuning::hooks(bases, threads(a.train_threads)?, loader)?;
-        state
-            .start_fine_tuning(hooks, &data_dir)
-            .map_err(anyhow::Error::msg)
-            .context("cannot start fine-tuning")?;
+        // File records are shared (their blobs are in --blobs); job records are one
+        // replica's for now (no shared queue yet).
+        eprintln!("ferrolm serve: fine-tuning jobs are off: a postgres:// store does not keep them yet (use a sqlite: store for them); /v1/files is on");
     }
+    let hooks = crate::tuning::hooks(bases, threads(a.train_threads)?, loader)?;
+    state
+        .start_fine_tuning(hooks, &data_dir, blobs)
+        .map_err(anyhow::Error::msg)
+        .context("cannot start fine-tuning")?;
     let served = rt.block_on(ferrolm_server::serve(
         listener,
         state.clone(),

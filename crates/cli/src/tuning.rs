@@ -8,7 +8,7 @@
 //! an evaluation and a checkpoint every ~1/5 of the steps. Training runs on a rayon pool of
 //! `--train-threads` threads of its own (`install`), so the engines' pools keep theirs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -52,6 +52,34 @@ fn examples(text: &str, format: FileFormat) -> Result<usize, Vec<String>> {
         FileFormat::Preference => dpo::parse_jsonl(text).map(|p| p.len()).map_err(lines),
         _ => sft::parse_jsonl(text).map(|c| c.len()).map_err(lines),
     }
+}
+
+/// Point a run's saved `finetune.json` at this machine's copies of its files and base model.
+/// A job's files are named by id (their bytes never change) and its base by the job, but their
+/// local paths differ between replicas: a run continued on another replica (from the blob
+/// store's checkpoints) is the same run, which `finetune`'s resume check would otherwise
+/// refuse as "other settings". Every other setting is still checked.
+fn relocate(out: &Path, cfg: &FinetuneConfig) -> Result<(), String> {
+    let saved = out.join("finetune.json");
+    let text = std::fs::read_to_string(&saved)
+        .map_err(|e| format!("cannot read {}: {e}", saved.display()))?;
+    let mut was: FinetuneConfig = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "{} is not a fine-tuning run's settings: {e}",
+            saved.display()
+        )
+    })?;
+    if was.train_file == cfg.train_file && was.val_file == cfg.val_file && was.base == cfg.base {
+        return Ok(());
+    }
+    was.train_file = cfg.train_file.clone();
+    was.val_file = cfg.val_file.clone();
+    was.base = cfg.base.clone();
+    let tmp = out.join(".finetune.json.tmp");
+    let json = serde_json::to_string_pretty(&was).map_err(|e| e.to_string())?;
+    std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::rename(&tmp, &saved))
+        .map_err(|e| format!("cannot rewrite {}: {e}", saved.display()))
 }
 
 /// What `ferrolm finetune` is asked for a job (the same every time, so a resume matches).
@@ -143,6 +171,9 @@ pub fn hooks(bases: Vec<(String, PathBuf)>, threads: usize, load: Box<Load>) -> 
                 )
             })?;
         let cfg = config(spec, base)?;
+        if spec.resume {
+            relocate(&spec.out, &cfg)?;
+        }
         let summary = pool.install(|| {
             finetune::finetune(&cfg, &spec.out, spec.resume, stop, &mut |ev| match ev {
                 Event::Started {

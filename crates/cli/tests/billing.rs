@@ -369,28 +369,6 @@ fn fill(dir: &Path) -> std::path::PathBuf {
     path
 }
 
-fn multipart(body: &str) -> (String, String) {
-    let boundary = "ferrolm-test-boundary";
-    (
-        format!("multipart/form-data; boundary={boundary}"),
-        format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"train.jsonl\"\r\nContent-Type: application/jsonl\r\n\r\n{body}\r\n--{boundary}--\r\n"
-        ),
-    )
-}
-
-fn upload(s: &Server, body: &str) -> (u16, String) {
-    let (ct, form) = multipart(body);
-    match ureq::post(&s.url("/v1/files"))
-        .set("Content-Type", &ct)
-        .send_string(&form)
-    {
-        Ok(r) => (r.status(), r.into_string().unwrap()),
-        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
-        Err(e) => panic!("upload: {e}"),
-    }
-}
-
 fn training_jsonl() -> String {
     (0..12)
         .map(|i| {
@@ -412,7 +390,7 @@ fn a_full_disk_refuses_clearly_and_corrupts_nothing() {
     let _fs = Tmpfs::mount(dir.path(), "8m");
     let data = dir.path().join("data");
     let s = Server::start_in(&data, &["--ctx", "512"]);
-    let (status, body) = upload(&s, &training_jsonl());
+    let (status, body) = s.upload(&training_jsonl(), None);
     assert_eq!(status, 200, "{body}");
     let file_id = serde_json::from_str::<Value>(&body).unwrap()["id"]
         .as_str()
@@ -424,7 +402,7 @@ fn a_full_disk_refuses_clearly_and_corrupts_nothing() {
 
     let filler = fill(dir.path());
     // An upload: an error that names the disk.
-    let (status, body) = upload(&s, &training_jsonl());
+    let (status, body) = s.upload(&training_jsonl(), None);
     assert!(status >= 500, "{status}: {body}");
     assert!(
         body.contains("disk") || body.contains("space"),

@@ -64,22 +64,6 @@ fn training_jsonl() -> String {
         .collect()
 }
 
-/// POST a multipart upload of `body` with purpose=fine-tune; the file object.
-fn upload(s: &Server, body: &str) -> Value {
-    let boundary = "ferrolm-test-boundary";
-    let form = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"train.jsonl\"\r\nContent-Type: application/jsonl\r\n\r\n{body}\r\n--{boundary}--\r\n"
-    );
-    let r = ureq::post(&s.url("/v1/files"))
-        .set(
-            "Content-Type",
-            &format!("multipart/form-data; boundary={boundary}"),
-        )
-        .send_string(&form)
-        .unwrap();
-    serde_json::from_str(&r.into_string().unwrap()).unwrap()
-}
-
 fn messages(s: &Server, job: &str) -> Vec<String> {
     let (status, v) = s.get(&format!("/v1/fine_tuning/jobs/{job}/events?limit=100"));
     assert_eq!(status, 200, "{v}");
@@ -115,7 +99,9 @@ fn a_killed_server_resumes_its_job_from_the_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let args = ["--ctx", "1024", "--train-threads", "2"];
     let mut server = Server::start_in(dir.path(), &args);
-    let file = upload(&server, &training_jsonl());
+    let (status, text) = server.upload(&training_jsonl(), None);
+    assert_eq!(status, 200, "{text}");
+    let file: Value = serde_json::from_str(&text).unwrap();
     let file_id = file["id"].as_str().unwrap();
     // 2 epochs × 12 examples / batch 4 = 6 steps, a checkpoint every 2.
     let (status, job) = server.post(

@@ -10,7 +10,12 @@
 //! returns by itself when it is back; a database newer than the binary is refused. And
 //! `docs/deploy/nginx.conf`, run by a real nginx from Debian in front of three replicas, keeps
 //! each session on one replica and skips a dead one; `/metrics` has the gauges routers read
-//! under vLLM's names.
+//! under vLLM's names. With `--blobs s3://…` on a real S3-compatible server (moto's, from
+//! PyPI, which `.ci/run` installs in target/s3-venv): a file uploaded through one replica is
+//! read through another, deleting it deletes its object; a bad URL or an unreachable endpoint
+//! stops `serve` with a clear error; an upload whose blob cannot be written leaves no record;
+//! an adapter fine-tuned on one replica is loaded from S3 by another on its first request; a
+//! job whose replica is killed continues on another replica from its checkpoint in S3.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -739,4 +744,409 @@ fn nginx_keeps_each_session_on_one_replica_and_skips_a_dead_one() {
         let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(v >= 0.0 && (!name.contains("perc") || v <= 1.0), "{line}");
     }
+}
+
+/// An S3-compatible server of its own: moto's server mode from PyPI (`.ci/run` installs it in
+/// target/s3-venv), on a loopback port, in memory; stopped when dropped.
+struct S3 {
+    child: std::process::Child,
+    port: u16,
+}
+
+const BUCKET: &str = "ferrolm-test";
+
+impl S3 {
+    fn start() -> S3 {
+        let exe = common::repo_root().join("target/s3-venv/bin/moto_server");
+        assert!(
+            exe.exists(),
+            "no {}: install moto's S3 server (`python3 -m venv target/s3-venv && target/s3-venv/bin/pip install 'moto[server]==5.2.5'`, as .ci/run does)",
+            exe.display()
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(&exe)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
+        let mut s3 = S3 { child, port };
+        let t0 = Instant::now();
+        // The bucket, once the server answers.
+        loop {
+            match ureq::put(&s3.url(BUCKET)).call() {
+                Ok(_) => break,
+                Err(e) => {
+                    if let Some(status) = s3.child.try_wait().unwrap() {
+                        panic!("moto_server exited ({status}) before answering: {e}");
+                    }
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(60),
+                        "moto_server never answered on port {port}: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        s3
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/{path}", self.port)
+    }
+
+    /// The environment a replica reads the endpoint and credentials from.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "AWS_ENDPOINT_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            ),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+
+    /// The bucket's keys under `prefix`, read past ferrolm (moto lists a bucket to anyone,
+    /// but serves its objects only to their owner).
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        let xml = ureq::get(&self.url(&format!("{BUCKET}?list-type=2&prefix={prefix}")))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        xml.split("<Key>")
+            .skip(1)
+            .filter_map(|s| s.split_once("</Key>").map(|(k, _)| k.to_owned()))
+            .collect()
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn replica_with_blobs(url: &str, data: &Path, blobs: &str, s3: &S3) -> Server {
+    Server::start_env(
+        &common::default_model(),
+        data,
+        &["--store", url, "--blobs", blobs],
+        &s3.env(),
+    )
+}
+
+/// GET a path's body as text: (status, text).
+fn get_text(s: &Server, path: &str) -> (u16, String) {
+    match ureq::get(&s.url(path)).call() {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+        Err(e) => panic!("GET {path}: {e}"),
+    }
+}
+
+/// `ferrolm serve` that must refuse to start: its stderr.
+fn serve_refused(args: &[&str], env: &[(&str, String)]) -> String {
+    let out = ferrolm()
+        .args(["serve", "--threads", "1", "--port", "0", "--model"])
+        .arg(common::default_model())
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "serve {args:?} started: {err}");
+    assert!(!err.contains("panicked"), "serve {args:?} panicked: {err}");
+    err
+}
+
+const TRAIN_LINE: &str = "{\"messages\": [{\"role\": \"user\", \"content\": \"What is 1 plus one?\"}, {\"role\": \"assistant\", \"content\": \"2.\"}]}\n";
+
+#[test]
+fn files_live_in_s3_blobs_that_two_replicas_share() {
+    let s3 = S3::start();
+    let pg = Postgres::start();
+    let url = pg.url();
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let blobs = format!("s3://{BUCKET}/replicas");
+    let a = replica_with_blobs(&url, dirs[0].path(), &blobs, &s3);
+    let b = replica_with_blobs(&url, dirs[1].path(), &blobs, &s3);
+
+    // Uploaded on A: the bytes are in the bucket, and B reads them.
+    let (status, text) = a.upload(TRAIN_LINE, None);
+    assert_eq!(status, 200, "{text}");
+    let file: Value = serde_json::from_str(&text).unwrap();
+    let id = file["id"].as_str().unwrap().to_owned();
+    let key = format!("replicas/files/{id}");
+    assert_eq!(s3.keys("replicas/files/"), vec![key]);
+    assert!(
+        !dirs[0].path().join("files").join(&id).exists(),
+        "the upload was written to the data dir, not only to S3"
+    );
+    assert_eq!(
+        get_text(&b, &format!("/v1/files/{id}/content")),
+        (200, TRAIN_LINE.to_owned())
+    );
+    let (status, listed) = b.get("/v1/files");
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(listed["data"][0]["id"], id.as_str(), "{listed}");
+
+    // Fine-tuning jobs are not kept in PostgreSQL yet: a job is refused, saying so.
+    let (status, v) = a.post(
+        "/v1/fine_tuning/jobs",
+        &json!({"model": "smollm2-135m-instruct", "training_file": id}),
+    );
+    assert_eq!(status, 501, "{v}");
+    assert_eq!(v["error"]["code"], "fine_tuning_unavailable", "{v}");
+
+    // Deleted on B: the record is gone on A, and so is the object.
+    let r = ureq::delete(&b.url(&format!("/v1/files/{id}")))
+        .call()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(get_text(&a, &format!("/v1/files/{id}/content")).0, 404);
+    assert_eq!(
+        s3.keys("replicas/"),
+        Vec::<String>::new(),
+        "the deleted file's object is still in S3"
+    );
+
+    // A bad --blobs URL, and an endpoint nobody listens on: clear errors at startup.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    for bad in ["gs://bucket/x", "s3://", "s3://Not_A_Bucket"] {
+        let err = serve_refused(&["--data-dir", data, "--blobs", bad], &[]);
+        assert!(err.contains("s3://BUCKET"), "{bad}: {err}");
+    }
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut env = s3.env();
+    env[0].1 = format!("http://127.0.0.1:{closed}");
+    let t0 = Instant::now();
+    let err = serve_refused(&["--data-dir", data, "--blobs", &blobs], &env);
+    assert!(
+        err.contains("--blobs") && err.contains("AWS_ENDPOINT_URL is reachable"),
+        "{err}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+
+    // The object store goes away: an upload fails clearly (a 503 that names it) and leaves
+    // no record on any replica.
+    drop(s3);
+    let t0 = Instant::now();
+    let (status, text) = a.upload(TRAIN_LINE, None);
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.contains("blob_store_failed") && text.contains(&blobs),
+        "{text}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    let (_, listed) = b.get("/v1/files");
+    assert_eq!(listed["data"], json!([]), "{listed}");
+    assert_eq!(pg.sql("SELECT count(*) FROM files"), "0");
+}
+
+/// A greedy one-line answer of `model` on `s`: (status, body).
+fn ask(s: &Server, model: &str) -> (u16, Value) {
+    s.post(
+        "/v1/chat/completions",
+        &json!({
+            "model": model,
+            "messages": [{"role": "user", "content": "What is 3 plus one?"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        }),
+    )
+}
+
+#[test]
+fn an_adapter_tuned_on_one_replica_is_loaded_from_s3_by_another_on_first_use() {
+    let s3 = S3::start();
+    // Fine-tuning jobs are kept in SQLite only so far: the replicas share one SQLite file.
+    let db_dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", db_dir.path().join("ferrolm.db").display());
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let blobs = format!("s3://{BUCKET}/tuned");
+    let a = replica_with_blobs(&store, dirs[0].path(), &blobs, &s3);
+    let b = replica_with_blobs(&store, dirs[1].path(), &blobs, &s3);
+
+    let lines: String = (0..8)
+        .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is {i} plus one?\"}}, {{\"role\": \"assistant\", \"content\": \"Bolt says: {}.\"}}]}}\n", i + 1))
+        .collect();
+    let (status, text) = a.upload(&lines, None);
+    assert_eq!(status, 200, "{text}");
+    let file: Value = serde_json::from_str(&text).unwrap();
+    let (status, job) = a.post(
+        "/v1/fine_tuning/jobs",
+        &json!({
+            "model": "smollm2-135m-instruct",
+            "training_file": file["id"],
+            "hyperparameters": {"n_epochs": 1, "batch_size": 4},
+        }),
+    );
+    assert_eq!(status, 200, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let t0 = Instant::now();
+    let job = loop {
+        let (_, j) = a.get(&format!("/v1/fine_tuning/jobs/{id}"));
+        match j["status"].as_str() {
+            Some("succeeded") => break j,
+            Some("failed" | "cancelled") => panic!("the job ended: {j}"),
+            _ => {}
+        }
+        assert!(t0.elapsed() < Duration::from_secs(600), "still {j}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let model = job["fine_tuned_model"].as_str().unwrap().to_owned();
+    // The run is in the bucket (mirrored before the job succeeded): A's run directory, file
+    // for file (pruned checkpoints deleted), the adapter among them.
+    let mut keys = s3.keys(&format!("tuned/fine_tuning/{id}/"));
+    keys.sort();
+    let run = dirs[0].path().join("fine_tuning").join(&id);
+    let mut files = Vec::new();
+    let mut stack = vec![run.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(&run).unwrap().to_string_lossy().into_owned();
+                files.push(format!("tuned/fine_tuning/{id}/{rel}"));
+            }
+        }
+    }
+    files.sort();
+    assert_eq!(keys, files);
+    for k in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ] {
+        assert!(
+            keys.contains(&format!("tuned/fine_tuning/{id}/{k}")),
+            "{k} not in {keys:?}"
+        );
+    }
+
+    // B never saw the job run: it loads the adapter from S3 when it is first asked for it,
+    // and answers as A does.
+    let fetched = dirs[1]
+        .path()
+        .join("fine_tuning")
+        .join(&id)
+        .join("adapter/adapter_model.safetensors");
+    assert!(!fetched.exists());
+    let (status, on_a) = ask(&a, &model);
+    assert_eq!(status, 200, "{on_a}");
+    let (status, on_b) = ask(&b, &model);
+    assert_eq!(status, 200, "{on_b}");
+    assert!(fetched.exists(), "B answered without fetching the adapter");
+    assert_eq!(on_b["model"], model.as_str());
+    assert_eq!(
+        on_a["choices"][0]["message"]["content"],
+        on_b["choices"][0]["message"]["content"]
+    );
+}
+
+/// A job's status and its log's messages, oldest first.
+fn job_log(s: &Server, id: &str) -> (String, Vec<String>) {
+    let (_, j) = s.get(&format!("/v1/fine_tuning/jobs/{id}"));
+    let (_, ev) = s.get(&format!("/v1/fine_tuning/jobs/{id}/events?limit=100"));
+    let mut m: Vec<String> = ev["data"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["message"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    m.reverse();
+    (j["status"].as_str().unwrap_or_default().to_owned(), m)
+}
+
+#[test]
+fn a_job_whose_replica_is_killed_continues_on_another_from_its_checkpoints_in_s3() {
+    let s3 = S3::start();
+    let db_dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", db_dir.path().join("ferrolm.db").display());
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let blobs = format!("s3://{BUCKET}/resume");
+    let mut a = replica_with_blobs(&store, dirs[0].path(), &blobs, &s3);
+    let lines: String = (0..12)
+        .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is {i} plus one?\"}}, {{\"role\": \"assistant\", \"content\": \"{}.\"}}]}}\n", i + 1))
+        .collect();
+    let (status, text) = a.upload(&lines, None);
+    assert_eq!(status, 200, "{text}");
+    let file: Value = serde_json::from_str(&text).unwrap();
+    // 2 epochs × 12 examples / batch 4 = 6 steps, a checkpoint every 2.
+    let (status, job) = a.post(
+        "/v1/fine_tuning/jobs",
+        &json!({
+            "model": "smollm2-135m-instruct",
+            "training_file": file["id"],
+            "hyperparameters": {"n_epochs": 2, "batch_size": 4},
+        }),
+    );
+    assert_eq!(status, 200, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let t0 = Instant::now();
+    while !job_log(&a, &id)
+        .1
+        .iter()
+        .any(|m| m.starts_with("Checkpoint created"))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "{:?}",
+            job_log(&a, &id)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // SIGKILL, and the machine's disk with it: the checkpoint is in the bucket.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let ckpts: Vec<String> = s3
+        .keys(&format!("resume/fine_tuning/{id}/checkpoints/"))
+        .into_iter()
+        .filter(|k| k.ends_with("/model.safetensors"))
+        .collect();
+    assert!(!ckpts.is_empty(), "no checkpoint in the bucket");
+    drop(a);
+
+    // Another replica, on a fresh data dir, takes the job over from that checkpoint.
+    let b = replica_with_blobs(&store, dirs[1].path(), &blobs, &s3);
+    let t0 = Instant::now();
+    let m = loop {
+        let (status, m) = job_log(&b, &id);
+        if status == "succeeded" {
+            break m;
+        }
+        assert!(
+            status != "failed" && t0.elapsed() < Duration::from_secs(300),
+            "{status}: {m:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        m.iter()
+            .any(|m| m.starts_with("Fine-tuning job resumed from the checkpoint at step")),
+        "the job did not resume from the bucket's checkpoint: {m:#?}"
+    );
+    let (_, j) = b.get(&format!("/v1/fine_tuning/jobs/{id}"));
+    let (status, r) = ask(&b, j["fine_tuned_model"].as_str().unwrap());
+    assert_eq!(status, 200, "{r}");
 }

@@ -2,10 +2,11 @@
 //!
 //! Only `purpose = fine-tune` is taken (the server has nothing else to do with a file), and
 //! such a file is validated as chat fine-tuning JSONL before it is kept: a bad one is a 400
-//! that names its lines. The bytes go to `DATA_DIR/files/<id>`, written to a temporary file,
-//! synced and renamed, so a crash leaves the whole file or none; the metadata goes to the
-//! store after that (a row never names a missing file). Files belong to the key that uploaded
-//! them: another key's file is "no such file".
+//! that names its lines. The bytes go to the blob store (`--blobs`: `files/<id>` in the data dir
+//! or in S3, see `blobs`), written whole or not at all; the metadata goes to the store after
+//! that (a row never names a missing blob: a failed blob write leaves no row). Deleting a file
+//! deletes its row, then its blob. Files belong to the key that uploaded them: another key's
+//! file is "no such file".
 
 use axum::body::Bytes;
 use axum::extract::{Multipart, Path, Query, State};
@@ -17,8 +18,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
+use crate::blobs::BlobError;
 use crate::error::ApiError;
-use crate::tuner::{unix_s, FileFormat, Tuner};
+use crate::tuner::{file_key, unix_s, FileFormat, Tuner};
 use crate::AppState;
 
 /// The largest file accepted.
@@ -30,7 +32,7 @@ pub fn tuner(s: &AppState) -> Result<&Tuner, ApiError> {
         status: StatusCode::NOT_FOUND,
         code: Some("unknown_url"),
         ..ApiError::invalid(
-            "this server has no files or fine-tuning (it runs without a data dir for them, or on a shared postgres:// store, which does not keep them yet)",
+            "this server has no files or fine-tuning (it runs without a data dir for them)",
             None,
         )
     })
@@ -121,18 +123,17 @@ pub fn validate(
     }
 }
 
-/// Write `bytes` to `path` atomically: a temporary file beside it, synced, renamed, and the
-/// directory synced.
-fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(std::path::Path::new("."));
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+/// A blob store failure as an answer: 404 for a recorded file whose blob is gone, else 503
+/// (the object store may be back soon) with what failed and how to fix it.
+fn blob_error(e: BlobError) -> ApiError {
+    let status = if e.is_not_found() {
+        StatusCode::NOT_FOUND
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut err = ApiError::server(status, e.to_string());
+    err.code = Some("blob_store_failed");
+    err
 }
 
 pub fn new_id(prefix: &str) -> String {
@@ -223,27 +224,23 @@ pub async fn keep(
         purpose: "fine-tune".into(),
     };
     let state = s.clone();
-    tokio::task::spawn_blocking(move || -> Result<FileRecord, ApiError> {
-        let t = tuner(&state)?;
-        validate(t, &data, FileFormat::Either, "file")?;
-        let path = t.file_path(&rec.id);
-        write_atomic(&path, &data).map_err(|e| {
-            ApiError::server(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!(
-                    "cannot write {}: {e}; check the data dir's disk",
-                    path.display()
-                ),
-            )
-        })?;
-        if let Err(e) = state.access.store.insert_file(&rec) {
-            let _ = std::fs::remove_file(&path);
-            return Err(ApiError::storage(e));
-        }
-        Ok(rec)
+    let checked = data.clone();
+    tokio::task::spawn_blocking(move || -> Result<usize, ApiError> {
+        validate(tuner(&state)?, &checked, FileFormat::Either, "file")
     })
     .await
-    .map_err(|e| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    // The blob first, whole: the row that names it is written only once it is there.
+    let t = tuner(s)?;
+    let key = file_key(&rec.id);
+    t.blobs.put(&key, data).await.map_err(blob_error)?;
+    if let Err(e) = s.access.store.insert_file(&rec) {
+        if let Err(del) = t.blobs.delete(&key).await {
+            eprintln!("ferrolm serve: could not remove the unrecorded blob {key}: {del}");
+        }
+        return Err(ApiError::storage(e));
+    }
+    Ok(rec)
 }
 
 #[derive(Debug, Deserialize)]
@@ -299,16 +296,7 @@ pub async fn content(
 ) -> Result<Response, ApiError> {
     let t = tuner(&s)?;
     let f = own_file(&s, &caller, &id)?;
-    let path = t.file_path(&f.id);
-    let bytes = tokio::fs::read(&path).await.map_err(|e| {
-        ApiError::server(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!(
-                "the file `{id}` is recorded but {} cannot be read: {e}",
-                path.display()
-            ),
-        )
-    })?;
+    let bytes = t.blobs.get(&file_key(&f.id)).await.map_err(blob_error)?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
@@ -327,9 +315,9 @@ pub async fn delete(
     {
         return Err(no_file(&id, None));
     }
-    // The row is gone first: a crash here leaves an orphan file, never a row without one.
-    if let Err(e) = std::fs::remove_file(t.file_path(&id)) {
-        eprintln!("ferrolm serve: could not remove the deleted file {id}: {e}");
+    // The row is gone first: a crash here leaves an orphan blob, never a row without one.
+    if let Err(e) = t.blobs.delete(&file_key(&id)).await {
+        eprintln!("ferrolm serve: could not remove the deleted file's blob: {e}");
     }
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})))
 }

@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
+use crate::blobs::BlobError;
 use crate::error::ApiError;
 use crate::files::{new_id, no_file, tuner, validate};
 use crate::tuner::{hyper, log_event, unix_s, FileFormat, JobMethod, Tuner};
@@ -216,13 +217,44 @@ fn training_input(
             Some(param),
         ));
     }
-    let bytes = std::fs::read(t.file_path(id)).map_err(|e| {
-        ApiError::server(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the file `{id}` is recorded but cannot be read: {e}"),
-        )
-    })?;
+    // A local copy (fetched from the blob store on first use): training reads it later.
+    let bytes = t
+        .blobs
+        .fetch_file(&crate::tuner::file_key(id))
+        .and_then(|path| {
+            std::fs::read(&path).map_err(|e| BlobError::Io {
+                blobs: t.blobs.shown().to_owned(),
+                op: "read the local copy of",
+                key: path.display().to_string(),
+                message: e.to_string(),
+                hint: "; check the data dir's disk",
+                not_found: false,
+            })
+        })
+        .map_err(|e| {
+            ApiError::server(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the file `{id}` is recorded but cannot be read: {e}"),
+            )
+        })?;
     validate(t, &bytes, format, param)
+}
+
+/// The tuner, for the job endpoints; a 501 on a shared (postgres://) store, which does not
+/// keep fine-tuning jobs yet (its files it does).
+fn jobs(s: &AppState) -> Result<&Tuner, ApiError> {
+    let t = tuner(s)?;
+    if s.access.store.is_shared() {
+        return Err(ApiError {
+            status: StatusCode::NOT_IMPLEMENTED,
+            code: Some("fine_tuning_unavailable"),
+            ..ApiError::invalid(
+                "fine-tuning jobs are not kept in a postgres:// store yet: run them on a server with a sqlite: --store (the default); /v1/files works here",
+                None,
+            )
+        });
+    }
+    Ok(t)
 }
 
 /// `POST /v1/fine_tuning/jobs`.
@@ -231,7 +263,7 @@ pub async fn create(
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    tuner(&s)?;
+    jobs(&s)?;
     let req: CreateJob = parse(&body)?;
     if req.integrations.as_ref().is_some_and(|i| !i.is_empty()) {
         return Err(ApiError::invalid(
@@ -360,7 +392,7 @@ pub async fn list(
     Extension(caller): Extension<Caller>,
     Query(q): Query<PageParams>,
 ) -> Result<Json<Value>, ApiError> {
-    tuner(&s)?;
+    jobs(&s)?;
     let page = s
         .access
         .store
@@ -400,7 +432,7 @@ pub async fn get_one(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    tuner(&s)?;
+    jobs(&s)?;
     Ok(Json(job_object(&own_job(&s, &caller, &id)?)))
 }
 
@@ -440,7 +472,7 @@ pub async fn events(
     Path(id): Path<String>,
     Query(q): Query<PageParams>,
 ) -> Result<Json<Value>, ApiError> {
-    tuner(&s)?;
+    jobs(&s)?;
     let job = own_job(&s, &caller, &id)?;
     let page = s
         .access
@@ -470,7 +502,7 @@ pub async fn checkpoints(
     Path(id): Path<String>,
     Query(q): Query<PageParams>,
 ) -> Result<Json<Value>, ApiError> {
-    tuner(&s)?;
+    jobs(&s)?;
     let job = own_job(&s, &caller, &id)?;
     let page = s
         .access
@@ -521,7 +553,7 @@ pub async fn cancel(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let t = tuner(&s)?;
+    let t = jobs(&s)?;
     let job = transition(
         &s,
         &caller,
@@ -553,7 +585,7 @@ pub async fn pause(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let t = tuner(&s)?;
+    let t = jobs(&s)?;
     let job = transition(&s, &caller, &id, "paused", &["queued", "running"], "paused")?;
     t.dequeue(&id);
     t.stop(&id);
@@ -573,7 +605,7 @@ pub async fn resume(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let t = tuner(&s)?;
+    let t = jobs(&s)?;
     let job = transition(&s, &caller, &id, "queued", &["paused"], "resumed")?;
     log_event(
         &s.access.store,

@@ -46,6 +46,7 @@ use serde_json::Value;
 
 pub mod adapters;
 mod auth;
+pub mod blobs;
 pub mod compress;
 pub mod embeddings;
 pub mod error;
@@ -413,18 +414,27 @@ impl AppState {
             return first.ok_or_else(|| ApiError::unknown_model("", &[]));
         };
         let name = asked.strip_suffix(":latest").unwrap_or(asked);
-        models
-            .iter()
-            .find(|m| {
-                name.eq_ignore_ascii_case(&m.id)
-                    || name == m.file_name
-                    || m.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
-            })
-            .cloned()
-            .ok_or_else(|| {
-                let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
-                ApiError::unknown_model(asked, &ids)
-            })
+        let find = |models: &[Arc<Model>]| {
+            models
+                .iter()
+                .find(|m| {
+                    name.eq_ignore_ascii_case(&m.id)
+                        || name == m.file_name
+                        || m.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+                })
+                .cloned()
+        };
+        if let Some(m) = find(&models) {
+            return Ok(m);
+        }
+        // A model fine-tuned on another replica: loaded from the blob store on first use.
+        if name.starts_with("ft:") && self.load_tuned(key, name) {
+            if let Some(m) = find(&self.models(key)) {
+                return Ok(m);
+            }
+        }
+        let ids: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+        Err(ApiError::unknown_model(asked, &ids))
     }
 
     /// The upstream model a request names, if it names one.

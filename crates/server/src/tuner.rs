@@ -7,7 +7,9 @@
 //!   run as a [`ServedModel`]. A LoRA run whose base model is served is served as an adapter on
 //!   that base instead (see `adapters`): one engine and one copy of the weights for all.
 //! - Everything a job is lives in the store (`ferrolm_accounting`'s files and jobs) and in
-//!   `DATA_DIR/fine_tuning/<job id>/` (the run: checkpoints, metrics, the adapter); this module
+//!   the blob store's `fine_tuning/<job id>/` (the run: checkpoints, metrics, the adapter;
+//!   trained in a local directory, mirrored into the blob store at each checkpoint and before
+//!   the job succeeds, see `blobs`); this module
 //!   only keeps the queue's order and the running job's stop flag in memory. So a restart
 //!   (even after `kill -9`) loses nothing: [`AppState::start_fine_tuning`] serves the
 //!   succeeded jobs' models again and queues the jobs that were queued or running; a run
@@ -27,6 +29,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use ferrolm_accounting::{JobCheckpoint, JobEvent, JobRecord, Store};
 use serde_json::{json, Value};
 
+use crate::blobs::Blobs;
 use crate::{AppState, ServedModel};
 
 /// Steps between two metrics events (every evaluation makes one too).
@@ -190,26 +193,34 @@ struct Queue {
 /// The queue, the worker and where files and runs live.
 pub struct Tuner {
     pub hooks: Arc<Hooks>,
-    /// The data dir: `files/` and `fine_tuning/` are in it.
+    /// The data dir (`preferences/` is in it).
     dir: PathBuf,
+    /// Uploaded files (`files/<id>`) and runs (`fine_tuning/<job id>/`); training works on
+    /// their local paths.
+    pub blobs: Blobs,
     queue: Arc<(Mutex<Queue>, Condvar)>,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-impl Tuner {
-    /// Where an uploaded file's bytes are.
-    pub fn file_path(&self, id: &str) -> PathBuf {
-        self.dir.join("files").join(id)
-    }
+/// The blob key of an uploaded file.
+pub fn file_key(id: &str) -> String {
+    format!("files/{id}")
+}
 
+/// The blob key (a folder) of a job's run.
+pub fn run_key(id: &str) -> String {
+    format!("fine_tuning/{id}")
+}
+
+impl Tuner {
     /// A preference file (`POST /v1/preferences`): `DATA_DIR/preferences/<name>`.
     pub fn preference_path(&self, name: &str) -> PathBuf {
         self.dir.join("preferences").join(name)
     }
 
-    /// A job's run directory.
+    /// A job's run directory, on this machine (see [`Blobs::local`]).
     pub fn run_dir(&self, id: &str) -> PathBuf {
-        self.dir.join("fine_tuning").join(id)
+        self.blobs.local(&run_key(id))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -350,30 +361,44 @@ impl AppState {
         }
     }
 
-    /// Enable `/v1/files` and `/v1/fine_tuning`: files and runs under `data_dir`. Serves the
-    /// succeeded jobs' models again, queues the jobs a previous run left queued or running,
+    /// Enable `/v1/files` and `/v1/fine_tuning`: files and runs in `blobs`, other local state
+    /// under `data_dir`. Serves the succeeded jobs' models again (fetching their runs from
+    /// the blob store on first use), queues the jobs a previous run left queued or running,
     /// and starts the worker. Call [`AppState::stop_fine_tuning`] before dropping the state.
-    pub fn start_fine_tuning(&self, hooks: Hooks, data_dir: &Path) -> Result<(), String> {
+    /// On a shared (postgres://) store only files are kept: fine-tuning jobs are not yet.
+    pub fn start_fine_tuning(
+        &self,
+        hooks: Hooks,
+        data_dir: &Path,
+        blobs: Blobs,
+    ) -> Result<(), String> {
         for sub in ["files", "fine_tuning"] {
-            let d = data_dir.join(sub);
+            let d = blobs.local(sub);
             std::fs::create_dir_all(&d)
                 .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
         }
         let tuner = Tuner {
             hooks: Arc::new(hooks),
             dir: data_dir.to_owned(),
+            blobs,
             queue: Arc::default(),
             worker: Mutex::new(None),
         };
         let store = &self.access.store;
-        for job in store
-            .jobs_with_status(&["succeeded"])
-            .map_err(|e| e.to_string())?
-        {
+        let succeeded = if store.is_shared() {
+            Vec::new()
+        } else {
+            store
+                .jobs_with_status(&["succeeded"])
+                .map_err(|e| e.to_string())?
+        };
+        for job in succeeded {
             let name = job.fine_tuned_model.clone().unwrap_or_default();
-            let run = tuner.run_dir(&job.id);
-            let served = self
-                .read_run(&tuner.hooks, &run, &job.model, &name)
+            let served = tuner
+                .blobs
+                .fetch_dir(&run_key(&job.id))
+                .map_err(|e| e.to_string())
+                .and_then(|run| self.read_run(&tuner.hooks, &run, &job.model, &name))
                 .and_then(|r| self.serve_run(r, &name, job.key_id));
             match served {
                 Ok(()) => {}
@@ -383,9 +408,13 @@ impl AppState {
                 ),
             }
         }
-        let unfinished = store
-            .jobs_with_status(&["validating_files", "queued", "running"])
-            .map_err(|e| e.to_string())?;
+        let unfinished = if store.is_shared() {
+            Vec::new()
+        } else {
+            store
+                .jobs_with_status(&["validating_files", "queued", "running"])
+                .map_err(|e| e.to_string())?
+        };
         for job in unfinished {
             if job.status != "queued" {
                 let _ = store.set_job_status(&job.id, "queued", &[job.status.as_str()]);
@@ -417,6 +446,55 @@ impl AppState {
             *t.worker.lock().unwrap_or_else(PoisonError::into_inner) = Some(worker);
         }
         Ok(())
+    }
+
+    /// Serve the fine-tuned model `name` (`ft:…:<job id>`) of `key` that another replica
+    /// sharing the store trained: its job succeeded, so its run is in the blob store. Fetch
+    /// the run into the local cache, load and serve it. Whether it was loaded now; failures
+    /// are logged (the request then finds no such model).
+    pub(crate) fn load_tuned(&self, key: Option<i64>, name: &str) -> bool {
+        let Some(t) = self.tuning.get() else {
+            return false;
+        };
+        let Some(id) = name
+            .rsplit(':')
+            .next()
+            .filter(|id| id.starts_with("ftjob-"))
+        else {
+            return false;
+        };
+        let job = match self.access.store.job(id, key) {
+            Ok(Some(j))
+                if j.status == "succeeded" && j.fine_tuned_model.as_deref() == Some(name) =>
+            {
+                j
+            }
+            _ => return false,
+        };
+        // A blocking fetch and load, off the async executor (the caller may be on it).
+        let load = || {
+            t.blobs
+                .fetch_dir(&run_key(id))
+                .map_err(|e| e.to_string())
+                .and_then(|run| self.read_run(&t.hooks, &run, &job.model, name))
+                .and_then(|r| self.serve_run(r, name, job.key_id))
+        };
+        let loaded = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(load),
+            // A current-thread runtime cannot be blocked on (the server's is multi-threaded).
+            Ok(_) => return false,
+            Err(_) => load(),
+        };
+        match loaded {
+            Ok(()) => {
+                eprintln!("ferrolm serve: {id}: `{name}` loaded from the blob store on first use");
+                true
+            }
+            Err(e) => {
+                eprintln!("ferrolm serve: {id}: cannot serve `{name}` from the blob store: {e}");
+                false
+            }
+        }
     }
 
     /// Stop the worker (see [`Tuner::shutdown`]); it holds the state until then.
@@ -491,10 +569,31 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
     }
     let out = t.run_dir(id);
     let (n_epochs, batch_size, learning_rate_multiplier) = hyper(&job.spec);
+    // The training files as local files (fetched from the blob store on first use).
+    let fetch = |f: &str| t.blobs.fetch_file(&file_key(f)).map_err(|e| e.to_string());
+    let files = fetch(&job.training_file).and_then(|train| {
+        let valid = job.validation_file.as_deref().map(fetch).transpose()?;
+        Ok((train, valid))
+    });
+    let (training_file, validation_file) = match files {
+        Ok(f) => f,
+        Err(message) => return fail_job(store, id, message),
+    };
+    // A run started elsewhere (another replica, or this one before its disk was lost) has
+    // its checkpoints in the blob store: continue from them.
+    if !out.join("finetune.json").is_file() {
+        if let Err(e) = t.blobs.fetch_dir(&run_key(id)) {
+            if !e.is_not_found() {
+                let m =
+                    format!("The run's checkpoints could not be fetched, so it starts over: {e}");
+                log_event(store, id, "warn", m, None);
+            }
+        }
+    }
     let spec = TrainSpec {
         base_model: job.model.clone(),
-        training_file: t.file_path(&job.training_file),
-        validation_file: job.validation_file.as_deref().map(|f| t.file_path(f)),
+        training_file,
+        validation_file,
         n_epochs,
         batch_size,
         learning_rate_multiplier,
@@ -603,6 +702,11 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
                 model: format!("{name}:ckpt-step-{step}"),
                 metrics,
             };
+            // The checkpoint into the blob store, then its record.
+            if let Err(e) = t.blobs.sync_dir(&run_key(id)) {
+                let m = format!("The checkpoint at step {step} is not in the blob store: {e}");
+                log_event(store, id, "warn", m, None);
+            }
             if let Err(e) = store.add_job_checkpoint(id, &c) {
                 eprintln!("ferrolm serve: {id}: could not record a checkpoint: {e}");
             }
@@ -616,20 +720,7 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
         }
     };
     let ended = (t.hooks.train)(&spec, stop, &mut on);
-    let fail = |message: String| {
-        log_event(
-            store,
-            id,
-            "error",
-            format!("Fine-tuning job failed: {message}"),
-            None,
-        );
-        let error = json!({"code": "training_failed", "message": message, "param": null});
-        store
-            .finish_job(id, "failed", &["running"], None, Some(&error), unix_s())
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    };
+    let fail = |message: String| fail_job(store, id, message);
     match ended {
         Err(message) => fail(message),
         // Cancelled or paused (the handler wrote the status), or the server is stopping
@@ -640,6 +731,10 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
                 Ok(m) => m,
                 Err(e) => return fail(format!("the trained model does not load: {e}")),
             };
+            // The run is in the blob store before the job that names it succeeds.
+            if let Err(e) = t.blobs.sync_dir(&run_key(id)) {
+                return fail(format!("the run cannot be stored: {e}"));
+            }
             let tokens = seen.tokens_per_epoch * u64::from(n_epochs);
             store
                 .set_trained_tokens(id, tokens)
@@ -672,4 +767,20 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// End a running job as failed with `message` (an error event and the job's error).
+fn fail_job(store: &Store, id: &str, message: String) -> Result<(), String> {
+    log_event(
+        store,
+        id,
+        "error",
+        format!("Fine-tuning job failed: {message}"),
+        None,
+    );
+    let error = json!({"code": "training_failed", "message": message, "param": null});
+    store
+        .finish_job(id, "failed", &["running"], None, Some(&error), unix_s())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }

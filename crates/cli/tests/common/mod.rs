@@ -96,6 +96,17 @@ impl Server {
 
     /// Start serving `model` on a free port with `data_dir`.
     pub fn start_model(model: &Path, data_dir: &Path, extra: &[&str]) -> Server {
+        Server::start_env(model, data_dir, extra, &[])
+    }
+
+    /// [`Server::start_model`] with environment variables set for the server (e.g. the AWS
+    /// endpoint and credentials of `--blobs s3://…`).
+    pub fn start_env(
+        model: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -108,6 +119,7 @@ impl Server {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -176,6 +188,27 @@ impl Server {
             Ok(r) => (r.status(), r.into_string().unwrap()),
             Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
             Err(e) => panic!("POST {path}: {e}"),
+        }
+    }
+
+    /// Upload `body` to `/v1/files` (multipart, purpose=fine-tune) with `key` if given:
+    /// (status, body text).
+    pub fn upload(&self, body: &str, key: Option<&str>) -> (u16, String) {
+        let boundary = "ferrolm-test-boundary";
+        let form = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"train.jsonl\"\r\nContent-Type: application/jsonl\r\n\r\n{body}\r\n--{boundary}--\r\n"
+        );
+        let mut r = ureq::post(&self.url("/v1/files")).set(
+            "Content-Type",
+            &format!("multipart/form-data; boundary={boundary}"),
+        );
+        if let Some(k) = key {
+            r = r.set("Authorization", &format!("Bearer {k}"));
+        }
+        match r.send_string(&form) {
+            Ok(r) => (r.status(), r.into_string().unwrap()),
+            Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+            Err(e) => panic!("upload: {e}"),
         }
     }
 
