@@ -81,7 +81,7 @@ function Keys() {
           <td>${limit(k.rpm)}</td><td>${limit(k.tpm)}</td><td>${limit(k.budget_usd, fmt.usd)}</td><td>${fmt.usd(k.spent_usd)}</td>
           <td>${fmt.int(u?.requests)}</td><td>${fmt.int((u?.prompt_tokens ?? 0) + (u?.completion_tokens ?? 0))}</td>
           <td class="key-status">${k.active ? "active" : `revoked ${new Date(k.revoked * 1000).toLocaleString()}`}</td>
-          <td>${k.active && html`<button class="link danger" data-testid="revoke" onClick=${() => revoke(k)}>Revoke</button>`}</td>
+          <td>${k.active && html`<button class="danger" data-testid="revoke" onClick=${() => revoke(k)}>Revoke</button>`}</td>
         </tr>`;
       })}</tbody>
     </table>
