@@ -48,7 +48,7 @@ pub use prices::{
 };
 pub use responses::ResponseRecord;
 pub use store::{
-    GroupBy, KeyInfo, KeySpec, Store, StoreUrl, UsageGroup, UsageQuery, UsageRow, DB_FILE,
-    KEY_PREFIX, NO_KEY, SCHEMA_VERSION,
+    GroupBy, KeyInfo, KeyListing, KeySpec, NewKey, Store, StoreUrl, UsageGroup, UsageQuery,
+    UsageRow, DB_FILE, KEY_PREFIX, NO_KEY, SCHEMA_VERSION,
 };
 pub use tuning::{FileRecord, JobCheckpoint, JobEvent, JobRecord, Page};

@@ -423,6 +423,7 @@ mod tests {
             budget_usd: None,
             created: 0,
             revoked: None,
+            admin: false,
         }
     }
 

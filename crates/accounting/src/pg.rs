@@ -207,6 +207,7 @@ fn key_from_row(shown: &str, r: &Row) -> Result<KeyInfo, AccountingError> {
         budget_usd: r.try_get(5).map_err(bad)?,
         created: r.try_get(6).map_err(bad)?,
         revoked: r.try_get(7).map_err(bad)?,
+        admin: r.try_get::<_, i64>(8).map_err(bad)? != 0,
     })
 }
 
@@ -321,16 +322,17 @@ impl Pg {
         hash: Vec<u8>,
     ) -> Result<KeyInfo, AccountingError> {
         let (name, prefix, budget) = (spec.name.clone(), prefix.to_owned(), spec.budget_usd);
+        let admin = i64::from(spec.admin);
         let created = crate::time::now_unix_ms() / 1000;
         self.call(|pool, shown| async move {
             let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
             let r = c
                 .query_one(
                     &format!(
-                        "INSERT INTO api_keys (name, prefix, hash, rpm, tpm, budget_usd, created)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {KEY_COLUMNS}"
+                        "INSERT INTO api_keys (name, prefix, hash, rpm, tpm, budget_usd, created, admin)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {KEY_COLUMNS}"
                     ),
-                    &[&name, &prefix, &hash, &rpm, &tpm, &budget, &created],
+                    &[&name, &prefix, &hash, &rpm, &tpm, &budget, &created, &admin],
                 )
                 .await;
             match r {

@@ -32,7 +32,7 @@ use crate::AccountingError;
 /// The database's file name inside the data dir.
 pub const DB_FILE: &str = "ferrolm.db";
 /// The schema version this code writes; `MIGRATIONS[v - 1]` brings version v-1 to v.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 /// What every key starts with, so a leaked one is recognisable (and greppable by scanners).
 pub const KEY_PREFIX: &str = "flm-";
 /// Random characters after `KEY_PREFIX`.
@@ -104,15 +104,25 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         settled  INTEGER NOT NULL DEFAULT 0       -- 1 once its ledger row is written
     );
     CREATE INDEX admissions_key_ts ON admissions(key_id, ts);",
+    // 8: admin keys, which may administer keys over the API and read every key's usage.
+    "ALTER TABLE api_keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0 CHECK (admin IN (0, 1));",
 ];
 
-/// What a new key may do. `None` is unlimited.
-#[derive(Clone, Debug, Default)]
+/// What a new key may do. `None` is unlimited. Also the body of the server's `POST /v1/keys`
+/// (so a field the store does not know is refused there too).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KeySpec {
     pub name: String,
+    #[serde(default)]
     pub rpm: Option<u32>,
+    #[serde(default)]
     pub tpm: Option<u64>,
+    #[serde(default)]
     pub budget_usd: Option<f64>,
+    /// May create, list and revoke keys and read every key's usage.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// A key as stored, without its secret.
@@ -129,6 +139,25 @@ pub struct KeyInfo {
     pub created: i64,
     /// Unix seconds; `None` while the key is active.
     pub revoked: Option<i64>,
+    /// See [`KeySpec::admin`].
+    pub admin: bool,
+}
+
+/// A new key and its secret, shown this once (`ferrolm keys create --json`, `POST /v1/keys`).
+#[derive(Debug, Serialize)]
+pub struct NewKey {
+    #[serde(flatten)]
+    pub key: KeyInfo,
+    pub secret: String,
+}
+
+/// A key with its state and spend (`ferrolm keys list --json`, `GET /v1/keys`).
+#[derive(Debug, Serialize)]
+pub struct KeyListing {
+    #[serde(flatten)]
+    pub key: KeyInfo,
+    pub active: bool,
+    pub spent_usd: f64,
 }
 
 /// One request, as the ledger keeps it.
@@ -284,7 +313,8 @@ impl<T> At<T> for rusqlite::Result<T> {
     }
 }
 
-pub(crate) const KEY_COLUMNS: &str = "id, name, prefix, rpm, tpm, budget_usd, created, revoked";
+pub(crate) const KEY_COLUMNS: &str =
+    "id, name, prefix, rpm, tpm, budget_usd, created, revoked, admin";
 
 fn key_from_row(r: &Row<'_>) -> rusqlite::Result<KeyInfo> {
     // The CHECK constraints keep rpm and tpm positive; a value out of range reads as an error.
@@ -304,6 +334,7 @@ fn key_from_row(r: &Row<'_>) -> rusqlite::Result<KeyInfo> {
         budget_usd: r.get(5)?,
         created: r.get(6)?,
         revoked: r.get(7)?,
+        admin: r.get::<_, i64>(8)? != 0,
     })
 }
 
@@ -564,8 +595,8 @@ impl Store {
             return Err(AccountingError::DuplicateName(spec.name.clone()));
         }
         tx.execute(
-            "INSERT INTO api_keys (name, prefix, hash, rpm, tpm, budget_usd, created)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO api_keys (name, prefix, hash, rpm, tpm, budget_usd, created, admin)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 spec.name,
                 prefix,
@@ -573,7 +604,8 @@ impl Store {
                 rpm,
                 tpm,
                 spec.budget_usd,
-                unix_now_s()
+                unix_now_s(),
+                i64::from(spec.admin)
             ],
         )
         .at(&self.path)?;
@@ -600,6 +632,20 @@ impl Store {
             .at(&self.path)?;
         let rows = st.query_map([], key_from_row).at(&self.path)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    /// Every key (oldest first) with whether it is active and what it spent.
+    pub fn key_listing(&self) -> Result<Vec<KeyListing>, AccountingError> {
+        self.list_keys()?
+            .into_iter()
+            .map(|key| {
+                Ok(KeyListing {
+                    active: key.revoked.is_none(),
+                    spent_usd: self.spent_usd(key.id)?,
+                    key,
+                })
+            })
+            .collect()
     }
 
     /// The key a name or id names, revoked or not. A name shared by several keys over time
@@ -1154,6 +1200,7 @@ mod tests {
                 rpm: Some(60),
                 tpm: Some(10_000),
                 budget_usd: Some(5.0),
+                admin: false,
             })
             .unwrap();
         assert!(s.has_keys().unwrap());
@@ -1170,6 +1217,19 @@ mod tests {
         assert_eq!(s.verify("flm-nope").unwrap(), None);
         assert_eq!(s.verify(&secret[..43]).unwrap(), None);
         assert_eq!(s.list_keys().unwrap(), vec![info.clone()]);
+        // An admin key says so; the listing carries state and spend.
+        let (boss, _) = s
+            .create_key(&KeySpec {
+                admin: true,
+                ..spec("boss")
+            })
+            .unwrap();
+        assert!(boss.admin && !info.admin);
+        let listed = s.key_listing().unwrap();
+        assert_eq!(listed.len(), 2);
+        assert!(listed[1].key.admin && listed[1].active && listed[1].spent_usd == 0.0);
+        s.revoke_key("boss").unwrap();
+        assert!(!s.key_listing().unwrap()[1].active);
 
         // The secret itself is nowhere in the database file.
         drop(s);

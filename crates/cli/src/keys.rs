@@ -9,8 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use ferrolm_accounting::{time, KeyInfo, KeySpec, Store, StoreUrl, DB_FILE};
-use serde::Serialize;
+use ferrolm_accounting::{time, KeyInfo, KeySpec, NewKey, Store, StoreUrl, DB_FILE};
 
 /// `--data-dir` and `--store`, shared by `keys`, `usage` and `data export`.
 #[derive(Args)]
@@ -125,6 +124,10 @@ struct CreateArgs {
     /// Most dollars the key may spend, at the price catalog's rates (default: no budget).
     #[arg(long, allow_negative_numbers = true)]
     budget_usd: Option<f64>,
+    /// An admin key: it may also create, list and revoke keys over the API (`/v1/keys`, the
+    /// web UI's server page) and read every key's usage.
+    #[arg(long)]
+    admin: bool,
     /// Print JSON: the key's record plus `secret`.
     #[arg(long)]
     json: bool,
@@ -135,23 +138,6 @@ fn limit<T: std::str::FromStr>(s: &str) -> Result<T, String> {
     s.trim().parse().map_err(|_| {
         format!("`{s}` is not a limit: give a whole number of at least 1, or leave the option out for no limit")
     })
-}
-
-/// A new key as `keys create --json` prints it.
-#[derive(Serialize)]
-struct Created<'a> {
-    #[serde(flatten)]
-    key: &'a KeyInfo,
-    secret: &'a str,
-}
-
-/// A key as `keys list --json` prints it.
-#[derive(Serialize)]
-struct Listed<'a> {
-    #[serde(flatten)]
-    key: &'a KeyInfo,
-    active: bool,
-    spent_usd: f64,
 }
 
 pub fn run(a: KeysArgs) -> Result<()> {
@@ -173,11 +159,12 @@ fn create(c: CreateArgs) -> Result<()> {
         rpm: c.rpm,
         tpm: c.tpm,
         budget_usd: c.budget_usd,
+        admin: c.admin,
     })?;
     if c.json {
-        let created = Created {
-            key: &key,
-            secret: &secret,
+        let created = NewKey {
+            key: key.clone(),
+            secret: secret.clone(),
         };
         println!("{}", serde_json::to_string_pretty(&created)?);
     } else {
@@ -205,6 +192,9 @@ fn limits(k: &KeyInfo) -> String {
     if let Some(b) = k.budget_usd {
         parts.push(format!("budget ${b}"));
     }
+    if k.admin {
+        parts.push("admin".to_owned());
+    }
     if parts.is_empty() {
         "no limits".to_owned()
     } else {
@@ -213,28 +203,12 @@ fn limits(k: &KeyInfo) -> String {
 }
 
 fn list(dir: &DataDirArg, json: bool) -> Result<()> {
-    let (keys, spent) = match dir.open_existing()? {
-        Some(store) => {
-            let keys = store.list_keys()?;
-            let spent = keys
-                .iter()
-                .map(|k| store.spent_usd(k.id))
-                .collect::<Result<Vec<_>, _>>()?;
-            (keys, spent)
-        }
-        None => (Vec::new(), Vec::new()),
+    let keys = match dir.open_existing()? {
+        Some(store) => store.key_listing()?,
+        None => Vec::new(),
     };
     if json {
-        let listed: Vec<Listed> = keys
-            .iter()
-            .zip(&spent)
-            .map(|(key, &spent_usd)| Listed {
-                key,
-                active: key.revoked.is_none(),
-                spent_usd,
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&listed)?);
+        println!("{}", serde_json::to_string_pretty(&keys)?);
         return Ok(());
     }
     if keys.is_empty() {
@@ -247,8 +221,8 @@ fn list(dir: &DataDirArg, json: bool) -> Result<()> {
     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
     let rows: Vec<Vec<String>> = keys
         .iter()
-        .zip(&spent)
-        .map(|(k, s)| {
+        .map(|l| {
+            let (k, s) = (&l.key, l.spent_usd);
             vec![
                 k.id.to_string(),
                 k.name.clone(),
@@ -260,6 +234,7 @@ fn list(dir: &DataDirArg, json: bool) -> Result<()> {
                 time::utc_datetime(k.created),
                 match k.revoked {
                     Some(t) => format!("revoked {}", time::utc_datetime(t)),
+                    None if k.admin => "active, admin".to_owned(),
                     None => "active".to_owned(),
                 },
             ]

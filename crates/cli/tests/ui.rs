@@ -2,8 +2,11 @@
 //! (`tests/ui/ui.mjs`), against live servers: sign-in (a wrong key, then the right one), a chat
 //! reply that streams in with its usage, stop, regenerate, a huge paste's 400, the usage page,
 //! the sanitiser (a stored reply with `<script>` and `<img onerror>`), a bad upload line's
-//! number, a tiny fine-tuning job's loss chart, the server page, a keyless loopback server, a
-//! ranking round's preference pair (read back from the data dir), and a server killed mid-reply.
+//! number, a tiny fine-tuning job's loss chart, the server page and its keys (an admin key
+//! creates one, which signs in but is refused the keys, then revokes it, after which it fails
+//! sign-in), a keyless loopback server, a ranking round's preference pair (read back from the
+//! data dir) and the DPO job started from it (its loss and pair-accuracy charts), and a server
+//! stalled (SIGSTOP), then killed, mid-reply.
 //!
 //! `.ci/run` installs Chromium (apt) and `playwright-core` (pinned, into `target/ui-node`);
 //! `FERROLM_CHROMIUM` / `FERROLM_UI_NODE_DIR` point elsewhere. Neither missing is a skip: the
@@ -39,7 +42,7 @@ fn the_web_ui_signs_in_chats_reports_usage_and_fine_tunes_in_chromium() {
 
     let args = ["--ctx", "1024", "--train-threads", "2"];
     let keyed_dir = tempfile::tempdir().unwrap();
-    let key = create_key(keyed_dir.path(), "ui", &[]);
+    let key = create_key(keyed_dir.path(), "ui", &["--admin"]);
     let keyed = Server::start_in(keyed_dir.path(), &args);
     let open = Server::start(&args);
     let doomed = Server::start(&args);

@@ -272,7 +272,8 @@ pub struct UsageParams {
     until: Option<i64>,
 }
 
-/// `GET /v1/usage`: the caller's own usage (every key's when the server runs without keys),
+/// `GET /v1/usage`: the caller's own usage (every key's for an admin key, and when the server
+/// runs without keys),
 /// grouped `?by=model,day` by default, and `hosted`: the same traffic at hosted list prices.
 pub async fn usage(
     State(s): State<AppState>,
@@ -296,7 +297,7 @@ pub async fn usage(
     }
     let query = UsageQuery {
         group_by,
-        key_id: caller.key.as_ref().map(|k| k.id),
+        key_id: caller.key.as_ref().filter(|k| !k.admin).map(|k| k.id),
         since_ms: q.since.map(|t| t * 1000),
         until_ms: q.until.map(|t| t * 1000),
     };

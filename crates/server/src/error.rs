@@ -68,7 +68,7 @@ impl ApiError {
             code: Some("unknown_url"),
             ..ApiError::invalid(
                 format!(
-                    "no route {method} {path}: this server has /v1/models, /v1/chat/completions, /v1/completions, /v1/usage, /v1/files, /v1/fine_tuning/jobs, /v1/load_lora_adapter, /v1/unload_lora_adapter, /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version, /health and /metrics"
+                    "no route {method} {path}: this server has /v1/models, /v1/chat/completions, /v1/completions, /v1/usage, /v1/keys (admin keys), /v1/files, /v1/fine_tuning/jobs, /v1/load_lora_adapter, /v1/unload_lora_adapter, /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version, /health and /metrics"
                 ),
                 None,
             )

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode, Uri};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use ferrolm_accounting::{
     Budgets, KeyInfo, ModelPrice, PriceCatalog, RateLimiter, Refusal, Reservation, Store, UsageRow,
@@ -53,6 +53,7 @@ pub mod error;
 mod files;
 mod fine_tuning;
 mod generate;
+mod keys;
 mod metrics;
 mod ollama;
 mod openai;
@@ -1146,6 +1147,8 @@ pub fn router(state: AppState) -> Router {
             get(responses::input_items_list),
         )
         .route("/v1/usage", get(auth::usage))
+        .route("/v1/keys", get(keys::list).post(keys::create))
+        .route("/v1/keys/{id}", delete(keys::revoke))
         .route("/v1/load_lora_adapter", post(adapters::load))
         .route("/v1/unload_lora_adapter", post(adapters::unload))
         .route(

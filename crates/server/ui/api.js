@@ -62,18 +62,57 @@ export const get = (path) => call("GET", path);
 export const post = (path, body) => call("POST", path, body ?? {});
 
 /**
+ * How long a chat stream may go without a byte before it counts as stalled. The server sends
+ * an SSE comment after 15 s of silence (axum's `KeepAlive::default()`, in openai.rs), even
+ * while a long prompt is read, so 20 s of nothing means a server that hangs or a connection
+ * that died without a close (a dropped network); a killed server closes the connection.
+ */
+export const STALL_MS = 20_000;
+
+/** `promise`, or `onStall()`'s error after `ms` without it settling. */
+function within(promise, ms, onStall) {
+  let timer;
+  const stall = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(onStall()), ms);
+  });
+  return Promise.race([promise, stall]).finally(() => clearTimeout(timer));
+}
+
+/**
  * A streamed chat completion. `onDelta(text)` gets each piece of content as it arrives.
  * Resolves to `{ usage, finish, requestId }` once the server sent `[DONE]`; rejects with an
- * ApiError when the server refuses the request, reports an error mid-stream, or the
- * connection ends before `[DONE]` (a server that went away), and with an AbortError on stop.
+ * ApiError when the server refuses the request, reports an error mid-stream, the connection
+ * ends before `[DONE]` (a server that went away) or nothing arrives for `STALL_MS` (a server
+ * that hangs), and with an AbortError on stop.
  */
-export async function streamChat(body, { signal, onDelta }) {
-  const r = await call(
-    "POST",
-    "/v1/chat/completions",
-    { ...body, stream: true, stream_options: { include_usage: true } },
-    { signal, raw: true },
-  );
+export async function streamChat(body, { signal, onDelta, stallMs = STALL_MS }) {
+  // Our own controller, so that a stall can end the request as Stop does.
+  const ctrl = new AbortController();
+  const stop = () => ctrl.abort();
+  signal?.addEventListener("abort", stop);
+  const stalled = (what) => () => {
+    // End the request once this error has settled the race (aborting first would settle it
+    // with the abort's AbortError, which reads as a stop).
+    setTimeout(() => ctrl.abort(), 0);
+    return new ApiError(0, `the server sent nothing for ${stallMs / 1000} s ${what}: it may be stalled, or the connection lost; try again`);
+  };
+  try {
+    const r = await within(
+      call("POST", "/v1/chat/completions", { ...body, stream: true, stream_options: { include_usage: true } }, { signal: ctrl.signal, raw: true }),
+      stallMs,
+      stalled("before answering"),
+    );
+    return await readStream(r, onDelta, stallMs, stalled("mid-reply"));
+  } catch (e) {
+    // A stop (Esc) is an AbortError whatever the read was doing when it came.
+    if (signal?.aborted) throw new DOMException("stopped", "AbortError");
+    throw e;
+  } finally {
+    signal?.removeEventListener("abort", stop);
+  }
+}
+
+async function readStream(r, onDelta, stallMs, onStall) {
   const reader = r.body.getReader();
   const decoder = new TextDecoder();
   let buf = "";
@@ -82,7 +121,7 @@ export async function streamChat(body, { signal, onDelta }) {
   let done = false;
   try {
     for (;;) {
-      const { value, done: end } = await reader.read();
+      const { value, done: end } = await within(reader.read(), stallMs, onStall);
       if (end) break;
       buf += decoder.decode(value, { stream: true });
       let nl;
@@ -107,6 +146,8 @@ export async function streamChat(body, { signal, onDelta }) {
   } catch (e) {
     if (e.name === "AbortError" || e instanceof ApiError) throw e;
     throw new ApiError(0, `the connection to the server broke mid-reply (${e.message}): it may have stopped or restarted`);
+  } finally {
+    reader.cancel().catch(() => {});
   }
   if (!done) {
     throw new ApiError(0, "the server closed the stream before the reply ended: it may have stopped or restarted");

@@ -1,12 +1,15 @@
 // The preference ranking page: prompts → n answers each (one chat completion with `n`) →
 // click the answers from best to worst (or pick only the best) → the pairs, in OpenAI's DPO
 // format, are appended to this key's preference file in the server's data dir
-// (`POST /v1/preferences`), which `GET /v1/preferences` downloads.
+// (`POST /v1/preferences`), which `GET /v1/preferences` downloads. "Start a DPO job" uploads
+// that file (`POST /v1/files`, purpose fine-tune), creates a DPO job on it and links to the
+// job's live charts on the fine-tuning page.
 
 import { h } from "./vendor/preact.mjs";
 import { useEffect, useState } from "./vendor/hooks.mjs";
 import htm from "./vendor/htm.mjs";
-import { auth, call, chatModels, post } from "./api.js";
+import { call, chatModels, post } from "./api.js";
+import { baseModels, createJob } from "./tune.js";
 
 const html = htm.bind(h);
 
@@ -29,7 +32,7 @@ export function pairsOf(messages, answers, order) {
   return pairs;
 }
 
-function Round({ item, onSaved }) {
+function Round({ item }) {
   const [order, setOrder] = useState([]);
   const [status, setStatus] = useState("");
   const pick = (i) => !order.includes(i) && setOrder([...order, i]);
@@ -42,7 +45,6 @@ function Round({ item, onSaved }) {
     try {
       const r = await post("/v1/preferences", { pairs });
       setStatus(`Appended ${r.appended} pair(s) to ${r.file} (${r.total} in all).`);
-      onSaved();
     } catch (e) {
       setStatus(e.message);
     }
@@ -66,6 +68,58 @@ function Round({ item, onSaved }) {
   </section>`;
 }
 
+/** The preference file as it stands → an upload → a DPO job on it. */
+function StartDpo({ model }) {
+  const [bases, setBases] = useState([]);
+  const [base, setBase] = useState("");
+  const [beta, setBeta] = useState("0.1");
+  const [epochs, setEpochs] = useState("");
+  const [batch, setBatch] = useState("");
+  const [busy, setBusy] = useState(false);
+  const [status, setStatus] = useState(null);
+  useEffect(() => {
+    baseModels().then((ms) => {
+      setBases(ms);
+      // The ranked model if it is a base, else the base it adapts.
+      const m = ms.find((b) => b.id === model) || ms[0];
+      if (m) setBase(m.id);
+    }, (e) => setStatus({ error: e.message }));
+  }, [model]);
+  async function start(e) {
+    e.preventDefault();
+    setBusy(true);
+    setStatus(null);
+    try {
+      const text = await (await call("GET", "/v1/preferences", undefined, { raw: true })).text();
+      const pairs = text.split("\n").filter((l) => l.trim()).length;
+      if (!pairs) throw new Error("No pairs yet: rank a round and save it first.");
+      const form = new FormData();
+      form.append("purpose", "fine-tune");
+      form.append("file", new Blob([text], { type: "application/jsonl" }), "preferences.jsonl");
+      const file = await call("POST", "/v1/files", form);
+      const job = await createJob({ model: base, trainingFile: file.id, method: "dpo", beta, epochs, batch });
+      setStatus({ job, pairs });
+    } catch (err) {
+      setStatus({ error: err.message });
+    } finally {
+      setBusy(false);
+    }
+  }
+  return html`<section class="start-dpo">
+    <h3>Start a DPO job from these preferences</h3>
+    <form class="grid" onSubmit=${start}>
+      <label>Base model <select value=${base} onChange=${(e) => setBase(e.target.value)}>${bases.map((m) => html`<option value=${m.id}>${m.id}</option>`)}</select></label>
+      <label>Beta <input value=${beta} onInput=${(e) => setBeta(e.target.value)} placeholder="auto (0.1)" data-testid="dpo-beta" /></label>
+      <label>Epochs <input value=${epochs} onInput=${(e) => setEpochs(e.target.value)} placeholder="auto" data-testid="dpo-epochs" /></label>
+      <label>Batch size <input value=${batch} onInput=${(e) => setBatch(e.target.value)} placeholder="auto" data-testid="dpo-batch" /></label>
+      <button type="submit" disabled=${busy || !base} data-testid="start-dpo">${busy ? "Starting…" : "Start DPO job"}</button>
+    </form>
+    <p class="muted">The job trains on every pair this key saved (the file above).</p>
+    ${status?.error && html`<p class="error" role="alert" data-testid="dpo-error">${status.error}</p>`}
+    ${status?.job && html`<p data-testid="dpo-started">DPO job <a href="#/tune?job=${status.job.id}" data-testid="dpo-job-link">${status.job.id}</a> started on ${status.pairs} pair(s) (${status.job.status}): follow its loss and pair accuracy on the fine-tuning page.</p>`}
+  </section>`;
+}
+
 export function Rank({ model, setModel }) {
   const [models, setModels] = useState([]);
   const [prompts, setPrompts] = useState("");
@@ -76,7 +130,6 @@ export function Rank({ model, setModel }) {
   const [items, setItems] = useState([]);
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState("");
-  const [saved, setSaved] = useState(0);
   useEffect(() => {
     chatModels().then((ms) => {
       setModels(ms);
@@ -126,8 +179,9 @@ export function Rank({ model, setModel }) {
       <button type="submit" disabled=${busy || !prompts.trim()} data-testid="rank-generate">${busy ? "Generating…" : "Generate answers"}</button>
     </form>
     ${error && html`<p class="error" role="alert">${error}</p>`}
-    ${items.map((it, i) => html`<${Round} key=${i} item=${it} onSaved=${() => setSaved(saved + 1)} />`)}
+    ${items.map((it, i) => html`<${Round} key=${i} item=${it} />`)}
     <p><button class="link" onClick=${download} data-testid="rank-download">Download this key's preferences.jsonl</button>
-      <span class="muted">(OpenAI's DPO format; upload it on the fine-tuning page once the server trains DPO)</span></p>
+      <span class="muted">(OpenAI's DPO format)</span></p>
+    <${StartDpo} model=${model} />
   </main>`;
 }

@@ -1,10 +1,13 @@
 // The server page: models and adapters (`/v1/models`), and the engine's state from `/metrics`
-// (Prometheus text): KV-cache use, queue, prefix-cache hit rate and throughput, polled.
+// (Prometheus text): KV-cache use, queue, prefix-cache hit rate and throughput, polled. For an
+// admin key, the keys (`/v1/keys`): create with limits (the secret is shown once), revoke, and
+// usage per key (`/v1/usage?by=key`, which covers every key for an admin); any other caller
+// sees the server's 403, which says how to get an admin key.
 
 import { h } from "./vendor/preact.mjs";
 import { useEffect, useRef, useState } from "./vendor/hooks.mjs";
 import htm from "./vendor/htm.mjs";
-import { fmt, get } from "./api.js";
+import { call, fmt, get, post } from "./api.js";
 
 const html = htm.bind(h);
 
@@ -20,6 +23,80 @@ export function parseMetrics(text) {
     (out[m[1]] ||= []).push({ labels, value: Number(m[4]) });
   }
   return out;
+}
+
+/** Keys: the list with limits, spend and usage; a create form; revoke. */
+function Keys() {
+  const [keys, setKeys] = useState(null);
+  const [usage, setUsage] = useState({});
+  const [error, setError] = useState("");
+  const [created, setCreated] = useState(null);
+  const [formError, setFormError] = useState("");
+  async function load() {
+    try {
+      const [k, u] = await Promise.all([get("/v1/keys"), get("/v1/usage?by=key")]);
+      setKeys(k.data);
+      setUsage(Object.fromEntries(u.data.map((g) => [g.key, g])));
+      setError("");
+    } catch (e) {
+      setError(e.message);
+    }
+  }
+  useEffect(() => {
+    load();
+  }, []);
+  async function create(e) {
+    e.preventDefault();
+    const f = e.target.elements;
+    const opt = (v) => (v.trim() === "" ? undefined : Number(v));
+    setFormError("");
+    try {
+      const k = await post("/v1/keys", { name: f.name.value.trim(), rpm: opt(f.rpm.value), tpm: opt(f.tpm.value), budget_usd: opt(f.budget.value), admin: f.admin.checked });
+      setCreated(k);
+      e.target.reset();
+      load();
+    } catch (err) {
+      setFormError(err.message);
+    }
+  }
+  async function revoke(k) {
+    try {
+      await call("DELETE", `/v1/keys/${k.id}`);
+      load();
+    } catch (e) {
+      setError(e.message);
+    }
+  }
+  if (error && !keys) return html`<p class="error" role="alert" data-testid="keys-error">${error}</p>`;
+  if (!keys) return html`<p class="muted">Loading the keys…</p>`;
+  const limit = (v, f = fmt.int) => (v == null ? "–" : f(v));
+  return html`<div>
+    ${error && html`<p class="error" role="alert">${error}</p>`}
+    <table data-testid="keys">
+      <thead><tr><th>id</th><th>name</th><th>prefix</th><th>rpm</th><th>tpm</th><th>budget</th><th>spent</th><th>requests</th><th>tokens</th><th>status</th><th></th></tr></thead>
+      <tbody>${keys.map((k) => {
+        const u = usage[k.name];
+        return html`<tr data-testid="key-row" data-name=${k.name}>
+          <td>${k.id}</td><td>${k.name}${k.admin ? " (admin)" : ""}</td><td><code>${k.prefix}…</code></td>
+          <td>${limit(k.rpm)}</td><td>${limit(k.tpm)}</td><td>${limit(k.budget_usd, fmt.usd)}</td><td>${fmt.usd(k.spent_usd)}</td>
+          <td>${fmt.int(u?.requests)}</td><td>${fmt.int((u?.prompt_tokens ?? 0) + (u?.completion_tokens ?? 0))}</td>
+          <td class="key-status">${k.active ? "active" : `revoked ${new Date(k.revoked * 1000).toLocaleString()}`}</td>
+          <td>${k.active && html`<button class="danger" data-testid="revoke" onClick=${() => revoke(k)}>Revoke</button>`}</td>
+        </tr>`;
+      })}</tbody>
+    </table>
+    <h4>New key</h4>
+    <form class="grid" onSubmit=${create}>
+      <label>Name <input name="name" placeholder="letters, digits, . _ -" data-testid="key-name" /></label>
+      <label>Requests / min <input name="rpm" type="number" min="1" placeholder="no limit" data-testid="key-rpm" /></label>
+      <label>Tokens / min <input name="tpm" type="number" min="1" placeholder="no limit" /></label>
+      <label>Budget (USD) <input name="budget" type="number" min="0" step="any" placeholder="no budget" data-testid="key-budget" /></label>
+      <label class="check"><input name="admin" type="checkbox" /> admin (may manage keys)</label>
+      <button type="submit" data-testid="create-key">Create key</button>
+    </form>
+    ${formError && html`<p class="error" role="alert" data-testid="key-error">${formError}</p>`}
+    ${created && html`<p class="notice" data-testid="key-created">Key <strong>${created.name}</strong> (id ${created.id}) — its secret, shown this once: <code data-testid="key-secret">${created.secret}</code></p>`}
+  </div>`;
 }
 
 const sum = (ms, name) => (ms[name] || []).reduce((a, s) => a + s.value, 0);
@@ -91,6 +168,6 @@ export function Server() {
       <tbody>${routes.map((r) => html`<tr><td>${r.labels.route}</td><td>${r.labels.status}</td><td>${fmt.int(r.value)}</td></tr>`)}</tbody>
     </table>
     <h3>Keys</h3>
-    <p class="muted">The API has no key administration: keys are created (with limits) and revoked on the server with <code>ferrolm keys create|list|revoke --data-dir DIR</code>.</p>
+    <${Keys} />
   </main>`;
 }

@@ -1,6 +1,8 @@
-// The fine-tuning page: upload a chat JSONL (the server validates it and names a bad line),
-// create a job with its hyperparameters, follow it (job, events and checkpoints, polled): the
-// loss chart fills from its metrics events; cancel, pause, resume; chat with the result.
+// The fine-tuning page: upload a chat or preference JSONL (the server validates it and names
+// a bad line), create a job (supervised or DPO) with its hyperparameters, follow it (job,
+// events and checkpoints, polled): the loss chart, and for DPO the pair-accuracy chart, fill
+// from its metrics events; cancel, pause, resume; chat with the result. `#/tune?job=ID` opens
+// a job (the ranking page links its DPO jobs so).
 
 import { h } from "./vendor/preact.mjs";
 import { useEffect, useRef, useState } from "./vendor/hooks.mjs";
@@ -41,26 +43,43 @@ function Upload({ onUploaded }) {
   </form>`;
 }
 
+/** The models a job can start from: served base models (not adapters or routers). */
+export async function baseModels() {
+  return (await chatModels()).filter((m) => !m.parent && m.owned_by !== "ferrolm-router");
+}
+
+/** A form field's number, or "auto" when it is empty. */
+const num = (v) => (String(v).trim() === "" ? "auto" : Number(v));
+
+/**
+ * `POST /v1/fine_tuning/jobs` in the method shape: `method` "supervised" or "dpo" (with
+ * `beta`); `epochs`, `batch`, `lr` and `beta` are form text ("" is auto).
+ */
+export function createJob({ model, trainingFile, validationFile, method, epochs = "", batch = "", lr = "", beta = "", suffix = "" }) {
+  const hyperparameters = { n_epochs: num(epochs), batch_size: num(batch), learning_rate_multiplier: num(lr) };
+  if (method === "dpo") hyperparameters.beta = num(beta);
+  const body = { model, training_file: trainingFile, method: { type: method, [method]: { hyperparameters } } };
+  if (validationFile) body.validation_file = validationFile;
+  if (suffix.trim()) body.suffix = suffix.trim();
+  return post("/v1/fine_tuning/jobs", body);
+}
+
 function CreateJob({ files, onCreated }) {
   const [models, setModels] = useState([]);
+  const [method, setMethod] = useState("supervised");
   const [error, setError] = useState("");
   useEffect(() => {
-    chatModels().then((ms) => setModels(ms.filter((m) => !m.parent && m.owned_by !== "ferrolm-router")), (e) => setError(e.message));
+    baseModels().then(setModels, (e) => setError(e.message));
   }, []);
   async function create(e) {
     e.preventDefault();
     const f = e.target.elements;
-    const num = (v) => (v.trim() === "" ? "auto" : Number(v));
-    const body = {
-      model: f.model.value,
-      training_file: f.training.value,
-      hyperparameters: { n_epochs: num(f.epochs.value), batch_size: num(f.batch.value), learning_rate_multiplier: num(f.lr.value) },
-    };
-    if (f.validation.value) body.validation_file = f.validation.value;
-    if (f.suffix.value.trim()) body.suffix = f.suffix.value.trim();
     setError("");
     try {
-      onCreated(await post("/v1/fine_tuning/jobs", body));
+      onCreated(await createJob({
+        model: f.model.value, trainingFile: f.training.value, validationFile: f.validation.value, method,
+        epochs: f.epochs.value, batch: f.batch.value, lr: f.lr.value, beta: f.beta?.value ?? "", suffix: f.suffix.value,
+      }));
     } catch (err) {
       setError(err.message);
     }
@@ -68,11 +87,14 @@ function CreateJob({ files, onCreated }) {
   const options = files.map((f) => html`<option value=${f.id}>${f.filename} (${f.id})</option>`);
   return html`<form class="grid" onSubmit=${create}>
     <label>Base model <select name="model">${models.map((m) => html`<option value=${m.id}>${m.id}</option>`)}</select></label>
+    <label>Method <select value=${method} onChange=${(e) => setMethod(e.target.value)} data-testid="method">
+      <option value="supervised">supervised (chat file)</option><option value="dpo">DPO (preference file)</option></select></label>
     <label>Training file <select name="training" data-testid="training-file">${options}</select></label>
     <label>Validation file <select name="validation"><option value="">none</option>${options}</select></label>
     <label>Epochs <input name="epochs" placeholder="auto" data-testid="epochs" /></label>
     <label>Batch size <input name="batch" placeholder="auto" data-testid="batch" /></label>
     <label>Learning-rate multiplier <input name="lr" placeholder="auto" /></label>
+    ${method === "dpo" && html`<label>Beta <input name="beta" placeholder="auto (0.1)" /></label>`}
     <label>Suffix <input name="suffix" placeholder="optional" /></label>
     <button type="submit" disabled=${!files.length} data-testid="create-job">Create job</button>
     ${error && html`<p class="error" role="alert">${error}</p>`}
@@ -151,10 +173,12 @@ function Job({ id, setModel, onFinal }) {
   const train = metric("train_loss");
   const valid = metric("valid_loss");
   const accuracy = metric("full_valid_mean_token_accuracy");
+  const dpo = job.method?.type === "dpo";
+  const pairs = [metric("train_pair_accuracy"), metric("full_valid_pair_accuracy")];
   const hp = job.hyperparameters || {};
   return html`<section class="job" data-testid="job">
     <h3>${job.id} <span class="status ${job.status}" data-testid="job-status">${job.status}</span></h3>
-    <p>${job.model} → ${job.fine_tuned_model || "…"} · epochs ${hp.n_epochs} · batch ${hp.batch_size} · lr × ${hp.learning_rate_multiplier}
+    <p>${job.model} → ${job.fine_tuned_model || "…"} · ${dpo ? `DPO, β ${job.method.dpo?.hyperparameters?.beta}` : "supervised"} · epochs ${hp.n_epochs} · batch ${hp.batch_size} · lr × ${hp.learning_rate_multiplier}
       ${job.trained_tokens ? ` · ${fmt.int(job.trained_tokens)} tokens trained` : ""}</p>
     ${job.error?.message && html`<p class="error" role="alert">${job.error.message}</p>`}
     ${error && html`<p class="error" role="alert">${error}</p>`}
@@ -166,6 +190,8 @@ function Job({ id, setModel, onFinal }) {
     </div>
     <${LineChart} title="Loss" xLabel="step" testid="loss-chart"
       series=${[{ name: "train", cls: "s1", points: train }, { name: "validation", cls: "s2", points: valid }]} />
+    ${dpo && html`<${LineChart} title="Pair accuracy (chosen answer's reward above the rejected one's)" xLabel="step" testid="pair-chart"
+      series=${[{ name: "train", cls: "s1", points: pairs[0] }, { name: "validation", cls: "s2", points: pairs[1] }]} />`}
     ${accuracy.length > 0 && html`<${LineChart} title="Validation token accuracy" xLabel="step" series=${[{ name: "accuracy", cls: "s3", points: accuracy }]} />`}
     <h4>Checkpoints</h4>
     ${ckpts.length
@@ -183,7 +209,7 @@ function Job({ id, setModel, onFinal }) {
 export function Tune({ setModel }) {
   const [files, setFiles] = useState([]);
   const [jobs, setJobs] = useState([]);
-  const [selected, setSelected] = useState("");
+  const [selected, setSelected] = useState(() => new URLSearchParams(location.hash.split("?")[1] || "").get("job") || "");
   const [error, setError] = useState("");
   async function load() {
     try {
@@ -202,7 +228,7 @@ export function Tune({ setModel }) {
     <h2>Fine-tuning</h2>
     ${error && html`<p class="error" role="alert">${error}</p>`}
     <h3>1. Upload a training file</h3>
-    <p class="muted">Chat JSONL: one <code>{"messages": [...]}</code> per line (the chat page exports this).</p>
+    <p class="muted">Chat JSONL: one <code>{"messages": [...]}</code> per line (the chat page exports this); for DPO, preference JSONL (the ranking page writes it).</p>
     <${Upload} onUploaded=${load} />
     <h3>2. Create a job</h3>
     <${CreateJob} files=${files} onCreated=${(j) => { setSelected(j.id); load(); }} />

@@ -1,6 +1,7 @@
 // The usage and cost page: the ledger (`GET /v1/usage`) for the signed-in key (every key's
-// requests on an open server), by day, model and key, with what caching, compression and
-// routing saved, and what the same traffic would cost on the catalog's hosted models.
+// requests for an admin key and on an open server), by day, model and key, with what caching,
+// compression and routing saved, and what the same traffic would cost on the catalog's hosted
+// models.
 
 import { h } from "./vendor/preact.mjs";
 import { useEffect, useState } from "./vendor/hooks.mjs";
@@ -102,6 +103,6 @@ export function Usage() {
     <${Table} rows=${data.key} by="key" testid="usage-by-key" />
     <h3>By day</h3>
     <${Table} rows=${data.day} by="day" testid="usage-by-day" />
-    <p class="muted">From the server's ledger: your key's requests (every request on a server without keys). Latency percentiles are nearest-rank.</p>
+    <p class="muted">From the server's ledger: your key's requests (every key's for an admin key, every request on a server without keys). Latency percentiles are nearest-rank.</p>
   </main>`;
 }

@@ -1,9 +1,10 @@
 // The web UI in headless Chromium (driven by playwright-core), against live servers started by
 // crates/cli/tests/ui.rs:
-//   FERROLM_KEYED   a server whose data dir has a key, FERROLM_KEY that key
+//   FERROLM_KEYED   a server whose data dir has a key, FERROLM_KEY that (admin) key
 //   FERROLM_OPEN    a server without keys (loopback: no key needed); its ranking round's pair
-//                   is checked in its data dir by ui.rs
-//   FERROLM_DOOMED  a third server, FERROLM_DOOMED_PID its process, killed mid-reply
+//                   is checked in its data dir by ui.rs, and trains a DPO job
+//   FERROLM_DOOMED  a third server, FERROLM_DOOMED_PID its process, stopped (SIGSTOP) then
+//                   killed mid-reply
 //   FERROLM_CHROMIUM the browser (Debian's chromium)
 //   FERROLM_UI_SHOTS a directory for one screenshot per page (optional)
 // Every check is printed; the script exits 1 if any failed.
@@ -223,7 +224,36 @@ try {
   const kv = await page.getByTestId("kv-used").textContent();
   const gens = await page.getByTestId("generations").textContent();
   check("the server page shows KV use and the generations from /metrics", /blocks/.test(kv) && Number(gens) >= 3, `${kv}; generations ${gens}`);
+
+  // --- Keys (the signed-in key is an admin key): create one with limits, use it, revoke it ----
+  const listed = await page.getByTestId("key-row").count();
+  check("the admin sees the keys, with usage per key", listed === 1 && /ui \(admin\)/.test(await page.getByTestId("key-row").first().textContent()), await page.getByTestId("keys").textContent());
+  await page.getByTestId("key-name").fill("temp");
+  await page.getByTestId("key-rpm").fill("30");
+  await page.getByTestId("key-budget").fill("0.5");
+  await page.getByTestId("create-key").click();
+  const secret = await page.getByTestId("key-secret").textContent({ timeout: T });
+  const tempRow = page.locator("[data-testid=key-row][data-name=temp]");
+  await tempRow.waitFor({ timeout: T });
+  const tempText = await tempRow.textContent();
+  check("the admin creates a key with limits; its secret is shown once", /^flm-\w{40}$/.test(secret) && /30/.test(tempText) && /\$0\.50/.test(tempText) && /active/.test(tempText), `${secret.slice(0, 8)}…; ${tempText}`);
   await shot(page, "server");
+  const other = await newPage(keyed);
+  await other.goto("/");
+  await other.locator("input[name=key]").fill(secret);
+  await other.getByRole("button", { name: "Sign in" }).click();
+  await other.getByTestId("prompt").waitFor({ timeout: T });
+  await other.getByTestId("nav-server").click();
+  const forbidden = await other.getByTestId("keys-error").textContent({ timeout: T });
+  check("the new key signs in, and as a non-admin key sees the keys refused (403)", /^403 /.test(forbidden) && /not an admin key/.test(forbidden), forbidden);
+  await tempRow.getByTestId("revoke").click();
+  await tempRow.locator(".key-status", { hasText: "revoked" }).waitFor({ timeout: T });
+  const gonePage = await newPage(keyed);
+  await gonePage.goto("/");
+  await gonePage.locator("input[name=key]").fill(secret);
+  await gonePage.getByRole("button", { name: "Sign in" }).click();
+  const revokedErr = await gonePage.getByTestId("signin-error").textContent({ timeout: T });
+  check("the revoked key then fails sign-in", /refused/.test(revokedErr) && /revoked/.test(revokedErr), revokedErr);
 
   // --- An open (keyless loopback) server needs no sign-in ------------------------------------
   const openPage = await newPage(open);
@@ -244,17 +274,54 @@ try {
   await openPage.getByTestId("save-pairs").click();
   const ranked = await openPage.getByTestId("rank-status").textContent({ timeout: T });
   check("saving the order appends a preference pair", /^Appended 1 pair\(s\) to preferences\/open.jsonl \(1 in all\)/.test(ranked), ranked);
-  await shot(openPage, "ranking");
 
-  // --- A server that goes away mid-reply: an error, not a hang --------------------------------
+  // --- ... and starts a DPO job on that file, whose loss and pair-accuracy charts fill ---------
+  // One pair, 20 epochs of batch 1: 20 steps; the loss has a point at each evaluation (every
+  // 4 steps) and step event (10, 20), the pair accuracy at the step events.
+  await openPage.getByTestId("dpo-beta").fill("0.1");
+  await openPage.getByTestId("dpo-epochs").fill("20");
+  await openPage.getByTestId("dpo-batch").fill("1");
+  await openPage.getByTestId("start-dpo").click();
+  const started = await openPage.getByTestId("dpo-started").textContent({ timeout: T });
+  check("the ranking page starts a DPO job on the preference file", /DPO job ftjob-\S+ started on 1 pair/.test(started), started);
+  await shot(openPage, "ranking");
+  await openPage.getByTestId("dpo-job-link").click();
+  await openPage.getByTestId("job").waitFor({ timeout: T });
+  const dpoCounts = [];
+  const d0 = Date.now();
+  let dpoStatus = "";
+  while (Date.now() - d0 < 300_000) {
+    dpoStatus = await openPage.getByTestId("job-status").textContent();
+    const n = Number(await openPage.getByTestId("loss-chart").getAttribute("data-points"));
+    if (dpoCounts.at(-1) !== n) dpoCounts.push(n);
+    if (["succeeded", "failed", "cancelled"].includes(dpoStatus)) break;
+    await openPage.waitForTimeout(200);
+  }
+  await openPage.waitForTimeout(1500);
+  const pairPoints = Number(await openPage.getByTestId("pair-chart").getAttribute("data-points"));
+  const jobLine = await openPage.locator("[data-testid=job] > p").first().textContent();
+  check("the DPO job succeeds and its loss chart fills as events arrive", dpoStatus === "succeeded" && dpoCounts.length >= 3 && dpoCounts.at(-1) >= 4 && /DPO, β 0.1/.test(jobLine), `status ${dpoStatus}, points seen ${dpoCounts.join(" → ")}; ${jobLine}`);
+  check("the DPO job's pair-accuracy chart has its points", pairPoints >= 2, `${pairPoints} points`);
+  await shot(openPage, "fine-tuning-dpo");
+
+  // --- A server that stalls, then one that goes away mid-reply: an error, not a hang -----------
   const gone = await newPage(doomed);
   await gone.goto("/");
   await gone.locator("label:has-text('Max tokens') input").fill("800");
   await gone.getByTestId("prompt").fill("Write a very long story about a lighthouse keeper.");
   await gone.getByTestId("prompt").press("Enter");
   await gone.locator("[data-testid=msg-assistant] .body").filter({ hasText: /\w/ }).waitFor({ timeout: T });
+  process.kill(Number(doomedPid), "SIGSTOP");
+  const s0 = Date.now();
+  const stalled = await gone.getByTestId("chat-error").textContent({ timeout: 40_000 }).finally(() => process.kill(Number(doomedPid), "SIGCONT"));
+  check("a server that stalls mid-reply shows an error after 20 s", /sent nothing for 20 s mid-reply/.test(stalled), `after ${((Date.now() - s0) / 1000).toFixed(1)} s: ${stalled}`);
+  await gone.getByTestId("send").waitFor({ timeout: 10_000 });
+  await gone.getByTestId("new-chat").click();
+  await gone.getByTestId("prompt").fill("Write a very long story about a lighthouse keeper.");
+  await gone.getByTestId("prompt").press("Enter");
+  await gone.locator("[data-testid=msg-assistant] .body").filter({ hasText: /\w/ }).waitFor({ timeout: T });
   process.kill(Number(doomedPid), "SIGKILL");
-  const broke = await gone.getByTestId("chat-error").textContent({ timeout: 15_000 });
+  const broke = await gone.getByTestId("chat-error").last().textContent({ timeout: 15_000 });
   check("a server that goes away mid-reply shows an error", /stopped or restarted/.test(broke), broke);
 
   check("no script errors in the pages", errors.length === 0, errors.join("; "));
