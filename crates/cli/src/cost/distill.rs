@@ -120,7 +120,10 @@ pub fn run(a: DistillCostArgs) -> Result<()> {
                 let p = catalog.lookup(id)?;
                 Ok((p.id.clone(), p.cost_usd(i, 0, o)))
             }
-            (None, Some(u)) if u.is_finite() && u >= 0.0 => Ok(("(given)".to_owned(), u)),
+            (None, Some(u)) if u.is_finite() && u >= 0.0 => Ok((
+                if given.is_some() { "(given)" } else { "(measured)" }.to_owned(),
+                u,
+            )),
             (None, Some(u)) => bail!("--{name}-usd {u}: give a cost in dollars >= 0"),
             (None, None) => bail!("the {name}'s cost is missing: give --{name} ID (a catalog model), --{name}-usd USD, or --measured RUN"),
         }
@@ -188,11 +191,17 @@ pub fn run(a: DistillCostArgs) -> Result<()> {
     );
     println!("one-time cost: ${}", cents(once));
     match months {
-        Some(x) => println!(
-            "break-even: {x:.2} months ({:.1} days); first-year net saving ${}",
-            x * 30.0,
-            cents(12.0 * savings - once)
-        ),
+        Some(x) => {
+            let when = if x >= 0.01 {
+                format!("{x:.2} months ({:.1} days)", x * 30.0)
+            } else {
+                format!("{x:.5} months ({:.1} hours)", x * 30.0 * 24.0)
+            };
+            println!(
+                "break-even: {when}; first-year net saving ${}",
+                cents(12.0 * savings - once)
+            )
+        }
         None => println!("break-even: never (the student costs as much as the teacher or more)"),
     }
     for note in &m.notes {
