@@ -3,20 +3,22 @@
 with the teacher's tokenizer, sequence-level against token-level, speed, cost and break-even.
 
 Stages (each skipped when its output exists, so a rerun resumes):
-  1. task     scripts/sft_task.py: "extract name, age and city as JSON"; the held-out test set
-              uses names and cities training never shows
+  1. task     scripts/sft_task.py: "extract name, age and city as JSON"; two held-out sets of
+              60: `test` with first names, surnames and cities training never shows, and
+              `test-seen` with new combinations of the ones it does (no line of train.jsonl)
   2. teacher  SmolLM2-135M-Instruct + LoRA on the task (BENCHMARKS "It teaches"), merged to
               teacher.gguf (q8_0)
   3. seq      ferrolm distill --mode sequence: the student learns the teacher's replies
-  4. token    ferrolm distill --mode token: the student learns the teacher's full distribution
-  5. eval     exact-match accuracy on the held-out set (ferrolm eval chat, greedy) for all three
+  4. token    ferrolm distill --mode token: the student learns the teacher's top-8 distribution
+              (runs in DIR/{sequence,token}-ITERS; the token run reuses the teacher's replies)
+  5. eval     exact-match accuracy on both held-out sets (ferrolm eval chat, greedy)
   6. speed    ferrolm bench decode tok/s, teacher and student (both q8_0 GGUF)
   7. cost     each model served with a self-hosted price (its measured speed at --usd-per-hour);
               the ledger's cost of the held-out requests (x-ferrolm-cost-usd); measured.json
               for `ferrolm cost distill --measured OUT`
 
     python3 scripts/distill_demo.py --out DIR [--ferrolm target/release/ferrolm]
-        [--iters 600] [--train 2000] [--threads 2]
+        [--iters 1200] [--train 2000] [--threads 2]
 """
 import argparse
 import json
@@ -114,7 +116,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--ferrolm", default=os.path.join(HERE, "..", "target", "release", "ferrolm"))
     ap.add_argument("--train", type=int, default=2000, help="training prompts")
-    ap.add_argument("--iters", type=int, default=300, help="student steps (each mode)")
+    ap.add_argument("--iters", type=int, default=1200, help="student steps (each mode)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
@@ -138,6 +140,19 @@ def main():
     # 1. the task
     if not os.path.exists(os.path.join(task, "test.jsonl")):
         sh([sys.executable, os.path.join(HERE, "sft_task.py"), "--out", task, "--train", a.train, "--val", 40, "--test", 60])
+    seen = os.path.join(task, "test-seen.jsonl")
+    if not os.path.exists(seen):
+        sys.path.insert(0, HERE)
+        import random
+        import sft_task
+        cut = lambda xs: xs[: len(xs) * 2 // 3]
+        train_lines = set(open(os.path.join(task, "train.jsonl")).read().splitlines())
+        rng, lines = random.Random(99), []
+        while len(lines) < 60:
+            line = json.dumps(sft_task.example(rng, cut(sft_task.FIRST), cut(sft_task.LAST), cut(sft_task.CITY)))
+            if line not in train_lines and line not in lines:
+                lines.append(line)
+        open(seen, "w").write("\n".join(lines) + "\n")
     # 2. the teacher: the default model fine-tuned on the task, merged
     teacher = os.path.join(D, "teacher.gguf")
     if not os.path.exists(teacher):
@@ -150,40 +165,45 @@ def main():
     student_cfg = os.path.join(D, "student.toml")
     open(student_cfg, "w").write(STUDENT)
     # 3-4. the students
+    first = None
     for mode in ["sequence", "token"]:
-        run = os.path.join(D, mode)
-        if mode == "token" and not os.path.exists(run):
-            # The same teacher, prompts and sampling: the token-level run starts from the
-            # replies (and top-k log-probs) the sequence-level run generated.
+        run = os.path.join(D, f"{mode}-{a.iters}")
+        done = [d for d in os.listdir(D) if os.path.exists(os.path.join(D, d, "teacher-val.jsonl"))]
+        if not os.path.exists(run) and done:
+            # The same teacher, prompts and sampling: a later run starts from the replies (and
+            # top-k log-probs) an earlier one generated.
             os.makedirs(run)
             for f in ["distill.json", "teacher.jsonl", "teacher-val.jsonl"]:
-                shutil.copy(os.path.join(D, "sequence", f), os.path.join(run, f))
+                shutil.copy(os.path.join(D, done[0], f), os.path.join(run, f))
         # token-level learns the teacher's top-8 log-probs: its full softmax would cost a
         # 135M forward per step, several times the student's own step on this machine
         extra = ["--soft-targets", "top-k"] if mode == "token" else []
-        timed(f"{mode}_distill_s", lambda: sh([F, "distill", "--teacher", teacher, "--student", student_cfg,
+        timed(f"{mode}_{a.iters}_distill_s", lambda: sh([F, "distill", "--teacher", teacher, "--student", student_cfg,
                                                "--prompts", os.path.join(task, "train.jsonl"),
                                                "--val-prompts", os.path.join(task, "val.jsonl"),
                                                "--out", run, "--mode", mode, "--max-tokens", 64,
                                                "--iters", a.iters, "--batch", a.batch, "--lr", a.lr,
                                                "--eval-every", 50, "-t", t] + extra))
-        gguf = os.path.join(D, f"student-{mode}.gguf")
+        gguf = os.path.join(D, f"student-{mode}-{a.iters}.gguf")
         if not os.path.exists(gguf):
             sh([F, "export", run, "--type", "q8_0", "-o", gguf])
     # 5. accuracy on the held-out set
-    res = json.load(open(os.path.join(D, "results.json"))) if os.path.exists(os.path.join(D, "results.json")) else {}
+    results = os.path.join(D, f"results-{a.iters}.json")
+    res = json.load(open(results)) if os.path.exists(results) else {}
 
     def save():
-        json.dump(res, open(os.path.join(D, "results.json"), "w"), indent=1)
+        json.dump(res, open(results, "w"), indent=1)
 
-    models = {"teacher": teacher, "student-sequence": os.path.join(D, "student-sequence.gguf"),
-              "student-token": os.path.join(D, "student-token.gguf")}
+    models = {"teacher": teacher}
+    for mode in ["sequence", "token"]:
+        models[f"student-{mode}"] = os.path.join(D, f"student-{mode}-{a.iters}.gguf")
     test = os.path.join(task, "test.jsonl")
     for name, m in models.items():
-        if f"{name}_accuracy" not in res:
-            r = out_json([F, "eval", "chat", "--data", test, "--model", m, "--max-tokens", 64, "--json", "-t", t])
-            res[f"{name}_accuracy"] = r["accuracy"]
-            save()
+        for key, data in [(f"{name}_accuracy", test), (f"{name}_accuracy_seen", seen)]:
+            if key not in res:
+                r = out_json([F, "eval", "chat", "--data", data, "--model", m, "--max-tokens", 64, "--json", "-t", t])
+                res[key] = r["accuracy"]
+                save()
     # 6. decode speed, interleaved rounds
     if "speed" not in res:
         speed = {n: [] for n in models}
@@ -207,7 +227,7 @@ def main():
                         f'prefill_tokens_per_s = {b["prefill_tps_512"] or b["prefill_tps_128"]:.1f}\ndecode_tokens_per_s = {b["decode_tps"]:.1f}\n\n')
         res["cost"] = {n: served_cost(F, m, n, prices, test, a.threads, D) for n, m in models.items()}
         save()
-    one_time_s = sum(timings.values())
+    one_time_s = timings["teacher_finetune_s"] + sum(v for k, v in timings.items() if f"_{a.iters}_" in k)
     best = max(["sequence", "token"], key=lambda m: res[f"student-{m}_accuracy"])
     measured = {
         "teacher_usd_per_request": res["cost"]["teacher"]["usd_per_request"],
@@ -216,22 +236,26 @@ def main():
         "input_tokens": round(res["cost"]["teacher"]["prompt_tokens"]),
         "output_tokens": round(res["cost"]["teacher"]["completion_tokens"]),
         "one_time_usd": one_time_s / 3600 * a.usd_per_hour,
-        "notes": [f"teacher and student-{best} (the better student) served by ferrolm at their measured speeds, "
+        "notes": [f"{a.iters} student steps; teacher and student-{best} (the better student) served by ferrolm at their measured speeds, "
                   f"${a.usd_per_hour}/hour; costs from the ledger over {res['cost']['teacher']['requests']} held-out requests",
                   f"one-time: {one_time_s / 60:.1f} min of this machine (teacher fine-tune, teacher generation, "
                   f"both students' training)"],
     }
     json.dump(measured, open(os.path.join(D, "measured.json"), "w"), indent=1)
+    json.dump(measured, open(os.path.join(D, f"measured-{a.iters}.json"), "w"), indent=1)
     ta = res["teacher_accuracy"]
     print(json.dumps({"results": res, "timings_s": timings}, indent=1))
     print()
-    print("| model | held-out exact match | share of teacher | valid JSON | name | age | city | decode tok/s | $/request (ledger) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    ts = res["teacher_accuracy_seen"]
+    print("| model | exact match, unseen names | share of teacher | exact match, seen names | share of teacher | "
+          "valid JSON | name | age | city | decode tok/s | $/request (ledger) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in models:
-        acc = res[f"{n}_accuracy"]
+        acc, accs = res[f"{n}_accuracy"], res[f"{n}_accuracy_seen"]
         f = res["cost"][n]["field_accuracy"]
-        print(f"| {n} | {acc:.3f} | {acc / ta if ta else float('nan'):.2f} | {f['json']:.2f} | {f['name']:.2f} | "
-              f"{f['age']:.2f} | {f['city']:.2f} | {res['speed'][n]:.1f} | {res['cost'][n]['usd_per_request']:.3g} |")
+        print(f"| {n} | {acc:.3f} | {acc / ta if ta else float('nan'):.2f} | {accs:.3f} | {accs / ts if ts else float('nan'):.2f} | "
+              f"{f['json']:.2f} | {f['name']:.2f} | {f['age']:.2f} | {f['city']:.2f} | {res['speed'][n]:.1f} | "
+              f"{res['cost'][n]['usd_per_request']:.3g} |")
     sh([F, "cost", "distill", "--measured", D])
 
 
