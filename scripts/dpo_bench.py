@@ -92,6 +92,12 @@ def worker(args):
     d, name = os.path.split(os.path.abspath(args.base))
     tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    # The GGUF is dequantized to f32 on load, but transformers still marks the model as
+    # GGUF-quantized, and Trainer refuses to train a quantized model: drop the marker.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     rows = []
     with open(args.data) as f:
         for line in f:
