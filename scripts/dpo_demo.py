@@ -11,7 +11,11 @@ The seed's RLHF loop with a rule in the place of the human:
      adapter off);
   4. measure on held-out prompts (topics never trained on): the implicit reward's pair accuracy
      (from the run's evaluations), rule compliance of greedy answers before and after, and
-     perplexity on a held-out text (the guard: it may rise by at most 5%).
+     perplexity on a held-out text (the guard: it may rise by at most 5%);
+  5. with --reward: a reward model (`ferrolm finetune --method reward`) on the same pairs, its
+     held-out pair accuracy (`ferrolm eval reward`), and best-of-n with it on the held-out
+     prompts (`best_of` on chat completions, the base served with `--lora rm=RUN`) against the
+     base's greedy answers.
 
     python3 scripts/dpo_demo.py --ferrolm target/release/ferrolm --out /tmp/dpo-demo
 
@@ -81,9 +85,9 @@ def free_port():
 
 
 class Server:
-    def __init__(self, ferrolm, model, threads, log):
+    def __init__(self, ferrolm, model, threads, log, extra=()):
         self.port = free_port()
-        cmd = [ferrolm, "serve", "--port", str(self.port), "--threads", str(threads)]
+        cmd = [ferrolm, "serve", "--port", str(self.port), "--threads", str(threads), *extra]
         if model:
             cmd += ["--model", model]
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log)
@@ -159,6 +163,48 @@ def compliance(server, ps, max_tokens, max_words, save=None):
     return ok / len(ps), lens[len(lens) // 2]
 
 
+def best_of_compliance(server, ps, n, reward_model, max_tokens, max_words, save=None):
+    """Best-of-n with the reward model: n answers at temperature 1, the one it scores highest
+    kept; that answer's compliance and median length."""
+    ok, lens = 0, []
+    with ThreadPoolExecutor(CONCURRENCY // 2) as pool:
+        replies = list(pool.map(
+            lambda ip: server.chat(ip[1], temperature=1.0, top_p=0.95, max_tokens=max_tokens,
+                                   seed=7 + ip[0], best_of={"n": n, "reward_model": reward_model}),
+            enumerate(ps)))
+    if save:
+        write_jsonl(save, [{"prompt": p, "answer": r["choices"][0]["message"]["content"],
+                            "scores": r["best_of"]["scores"], "chosen": r["best_of"]["chosen"]}
+                           for p, r in zip(ps, replies)])
+    for r in replies:
+        c = r["choices"][0]
+        ok += complies(c, max_words)
+        lens.append(words(c["message"]["content"] or ""))
+    lens.sort()
+    return ok / len(ps), lens[len(lens) // 2]
+
+
+def reward_stage(a, log, held_p):
+    """A reward model on the same pairs: its held-out pair accuracy, and best-of-n with it."""
+    rm = os.path.join(a.out, "rm")
+    if not os.path.exists(os.path.join(rm, "adapter", "adapter_config.json")):
+        cmd = [a.ferrolm, "finetune", "--method", "reward", "--train",
+               os.path.join(a.out, "train.jsonl"), "--val", os.path.join(a.out, "heldout.jsonl"),
+               "--out", rm, "--threads", str(a.threads), "--json"] + a.reward_args.split()
+        subprocess.run(cmd, check=True, stderr=log, stdout=log)
+    out = subprocess.run([a.ferrolm, "eval", "reward", "--model", rm, "--data",
+                          os.path.join(a.out, "heldout.jsonl"), "--json", "-t", str(a.threads)],
+                         check=True, capture_output=True, text=True).stdout
+    ev = json.loads(out.strip().splitlines()[-1])
+    srv = Server(a.ferrolm, None, a.threads, log, ["--lora", f"rm={rm}"])
+    bo, bo_median = best_of_compliance(srv, held_p, a.n, "rm", a.max_tokens, a.max_words,
+                                       os.path.join(a.out, "answers_best_of.jsonl"))
+    srv.close()
+    return {"heldout_pair_accuracy": ev["pair_accuracy"], "heldout_mean_margin": ev["mean_margin"],
+            "best_of_n": a.n, "best_of_compliance": bo, "best_of_median_words": bo_median,
+            "reward_args": a.reward_args}
+
+
 def perplexity(ferrolm, model, text_path):
     cmd = [ferrolm, "eval", "perplexity", "--file", text_path, "--json"]
     if model:
@@ -188,6 +234,11 @@ def main():
     ap.add_argument("--finetune-args", default="--epochs 2 --batch 4 --lr 2e-4 --beta 0.1 "
                     "--eval-every 10 --max-len 160",
                     help="extra arguments for `ferrolm finetune --method dpo`")
+    ap.add_argument("--reward", action="store_true",
+                    help="also train a reward model on the pairs and measure best-of-n with it")
+    ap.add_argument("--reward-args", default="--epochs 2 --batch 4 --lr 5e-4 --eval-every 10 "
+                    "--max-len 160 --targets q,v,o,down",
+                    help="extra arguments for `ferrolm finetune --method reward`")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     log = open(os.path.join(a.out, "log.txt"), "a")
@@ -258,12 +309,18 @@ def main():
         "generate_s": gen_s, "train_steps_s": train_s, "finetune_args": a.finetune_args,
         "rule": f"finished and at most {a.max_words} words",
     }
+    if a.reward:
+        summary["reward_model"] = reward_stage(a, log, held_p)
     json.dump(summary, open(os.path.join(a.out, "summary.json"), "w"), indent=1)
     print(f"{'':34} {'before':>8} {'after':>8}")
     print(f"{'held-out pair accuracy (implicit)':34} {acc0:8.3f} {acc1:8.3f}")
     print(f"{'held-out rule compliance (greedy)':34} {before:8.3f} {after:8.3f}")
     print(f"{'held-out median words (greedy)':34} {before_median:8d} {after_median:8d}")
     print(f"{'perplexity, held-out text':34} {ppl0:8.3f} {ppl1:8.3f}  ({100 * (ppl1 / ppl0 - 1):+.2f}%)")
+    if a.reward:
+        r = summary["reward_model"]
+        print(f"{'reward model: held-out pair acc.':34} {'':>8} {r['heldout_pair_accuracy']:8.3f}")
+        print(f"{'compliance, best-of-%d vs greedy' % a.n:34} {before:8.3f} {r['best_of_compliance']:8.3f}")
     print(f"training steps: {train_s:.0f} s; summary: {os.path.join(a.out, 'summary.json')}")
 
 

@@ -26,6 +26,29 @@ pub enum EvalCmd {
     /// Exact-match accuracy on chat JSONL: each line's last assistant message is the answer,
     /// the messages before it the prompt; the model replies greedily.
     Chat(ChatEvalArgs),
+    /// A reward model on preference pairs (OpenAI preference JSONL): pair accuracy (the
+    /// preferred output scored higher; ties count half) and the mean margin.
+    Reward(RewardEvalArgs),
+}
+
+#[derive(Args)]
+pub struct RewardEvalArgs {
+    /// The reward model: a `ferrolm finetune --method reward` run, or a PEFT adapter directory
+    /// with a score head (task_type SEQ_CLS).
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// The base model under the adapter (default: the run's own base, else the default model).
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Preference JSONL ({"input": {"messages": [...]}, "preferred_output": [...],
+    /// "non_preferred_output": [...]} per line).
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+    /// Print JSON: {"pair_accuracy", "mean_margin", "mean_chosen", "mean_rejected", "pairs"}.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -110,7 +133,126 @@ pub fn run(cmd: EvalCmd) -> Result<()> {
         EvalCmd::Perplexity(a) => perplexity(a),
         EvalCmd::Chat(a) => chat_accuracy(a),
         EvalCmd::Kld(a) => kld_cmd(a),
+        EvalCmd::Reward(a) => reward_cmd(a),
     }
+}
+
+/// A reward model on the base it was trained on: the base loaded, and a session with the
+/// adapter and its score head on.
+pub struct RewardModel {
+    pub base: Loaded,
+    pub adapter: std::sync::Arc<ferrolm_models::Adapter>,
+}
+
+impl RewardModel {
+    /// Open the reward model at `path` (a `finetune --method reward` run or a PEFT
+    /// directory) on `base` (default: the run's base, else the default model).
+    pub fn open(path: &std::path::Path, base: Option<&std::path::Path>) -> Result<Self> {
+        let base = match base {
+            Some(b) => Some(b.to_owned()),
+            None => run_base(path)?,
+        };
+        let base = load(&ModelArgs { model: base })?;
+        let ad = ferrolm_train::peft::load_for_serving(path, &base.path, "reward")
+            .with_context(|| format!("--model {}", path.display()))?;
+        if ad.score.is_none() {
+            bail!(
+                "--model {}: a language-model adapter, not a reward model (it has no score head); train one with `ferrolm finetune --method reward`",
+                path.display()
+            );
+        }
+        base.model.check_adapter(&ad).with_context(|| {
+            format!(
+                "--model {}: not an adapter for {}",
+                path.display(),
+                base.path.display()
+            )
+        })?;
+        Ok(RewardModel {
+            base,
+            adapter: std::sync::Arc::new(ad),
+        })
+    }
+
+    /// The score of each id sequence (a rendered conversation).
+    pub fn score(&self, session: &mut Session, ids: &[u32]) -> Result<f32> {
+        let w = self.adapter.score.as_deref().unwrap_or(&[]);
+        session.reset();
+        let h = session.eval_hidden(ids, &[ids.len().saturating_sub(1)])?;
+        Ok(w.iter().zip(&h).map(|(a, b)| a * b).sum())
+    }
+}
+
+/// The base model a `ferrolm finetune` run was trained on (from its `finetune.json`).
+fn run_base(dir: &std::path::Path) -> Result<Option<PathBuf>> {
+    let p = dir.join("finetune.json");
+    if !p.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", p.display()))?;
+    Ok(v["base"].as_str().map(PathBuf::from))
+}
+
+fn reward_cmd(a: RewardEvalArgs) -> Result<()> {
+    let rm = RewardModel::open(&a.model, a.base.as_deref())?;
+    let (tok, template) = (&rm.base.tok, &rm.base.template);
+    let pairs = ferrolm_train::dpo::load_pairs(&a.data, tok, template)?;
+    let longest = pairs
+        .iter()
+        .flat_map(|p| [p.chosen.ids.len(), p.rejected.ids.len()])
+        .max()
+        .unwrap_or(1);
+    let ctx = rm.base.model.cfg().context_length;
+    if longest > ctx {
+        bail!(
+            "{}: a conversation has {longest} tokens, more than the model's context of {ctx}",
+            a.data.display()
+        );
+    }
+    let mut session = Session::new(&rm.base.model, longest, threads(a.threads)?)?;
+    session.set_adapter(Some(rm.adapter.clone()))?;
+    let bar = indicatif::ProgressBar::new(pairs.len() as u64);
+    if a.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let (mut correct, mut margin, mut chosen, mut rejected) = (0f64, 0f64, 0f64, 0f64);
+    for p in &pairs {
+        let c = f64::from(rm.score(&mut session, &p.chosen.ids)?);
+        let r = f64::from(rm.score(&mut session, &p.rejected.ids)?);
+        correct += match c.partial_cmp(&r) {
+            Some(std::cmp::Ordering::Greater) => 1.0,
+            Some(std::cmp::Ordering::Equal) => 0.5,
+            _ => 0.0,
+        };
+        margin += c - r;
+        chosen += c;
+        rejected += r;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let n = pairs.len().max(1) as f64;
+    let report = json!({
+        "pair_accuracy": correct / n,
+        "mean_margin": margin / n,
+        "mean_chosen": chosen / n,
+        "mean_rejected": rejected / n,
+        "pairs": pairs.len(),
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        println!(
+            "pair accuracy {:.3} over {} pairs; mean margin {:.3} (chosen {:.3}, rejected {:.3})",
+            correct / n,
+            pairs.len(),
+            margin / n,
+            chosen / n,
+            rejected / n
+        );
+    }
+    Ok(())
 }
 
 fn kld_cmd(a: KldArgs) -> Result<()> {

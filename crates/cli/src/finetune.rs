@@ -17,20 +17,22 @@ pub struct FinetuneCmd {
     model: Option<PathBuf>,
     /// Training data. `--method sft`: OpenAI chat fine-tuning JSONL ({"messages": [...]} per
     /// line; `weight` 0/1 on assistant messages), the loss on assistant tokens only.
-    /// `--method dpo`: OpenAI preference JSONL ({"input": {"messages": [...]},
-    /// "preferred_output": [...], "non_preferred_output": [...]} per line).
+    /// `--method dpo` and `--method reward`: OpenAI preference JSONL ({"input": {"messages":
+    /// [...]}, "preferred_output": [...], "non_preferred_output": [...]} per line).
     #[arg(long)]
     train: PathBuf,
     /// Validation JSONL (same format): loss and token accuracy (SFT), or rewards, margin and
-    /// pair accuracy (DPO), at every evaluation.
+    /// pair accuracy (DPO, reward), at every evaluation.
     #[arg(long)]
     val: Option<PathBuf>,
     /// Output directory (checkpoints, metrics, and the adapter or model).
     #[arg(long)]
     out: PathBuf,
-    /// What to optimize: `sft` (supervised) or `dpo` (direct preference optimization; the
-    /// reference model is the base with the adapter off). `lora` and `full` are accepted as
-    /// `sft` with that `--weights`, as before.
+    /// What to optimize: `sft` (supervised), `dpo` (direct preference optimization; the
+    /// reference model is the base with the adapter off) or `reward` (a reward model: LoRA
+    /// adapters and a scalar score head, Bradley–Terry loss on the pairs; score with `ferrolm
+    /// eval reward` or serve it for `/v1/rewards`). `lora` and `full` are accepted as `sft`
+    /// with that `--weights`, as before.
     #[arg(long, default_value = "sft")]
     method: String,
     /// Which weights train: `lora` (adapters on a frozen base) or `full` (every weight).
@@ -124,9 +126,15 @@ pub fn run_finetune(a: FinetuneCmd) -> Result<()> {
             };
             (ObjectiveConfig::Dpo(cfg), a.weights.as_str())
         }
-        m => bail!("--method {m}: use sft or dpo"),
+        "reward" => {
+            if a.weights != "lora" {
+                bail!("--method reward trains LoRA adapters and a score head on a frozen base: use --weights lora (the default), with --qlora if you like");
+            }
+            (ObjectiveConfig::Reward, "lora")
+        }
+        m => bail!("--method {m}: use sft, dpo or reward"),
     };
-    if a.beta.is_some() && objective == ObjectiveConfig::Sft {
+    if a.beta.is_some() && !matches!(objective, ObjectiveConfig::Dpo(_)) {
         bail!("--beta applies to --method dpo only");
     }
     let method = match weights {
@@ -187,7 +195,12 @@ pub fn run_finetune(a: FinetuneCmd) -> Result<()> {
     let summary = crate::train::drive(a.threads, |stop, on| {
         Ok(finetune::finetune(&cfg, &out, a.resume, stop, on)?)
     })?;
-    crate::train::finish(&a.out, &summary, a.json, "--prompt '...'")
+    let try_args = if cfg.objective == ObjectiveConfig::Reward {
+        "eval reward --data pairs.jsonl"
+    } else {
+        "--prompt '...'"
+    };
+    crate::train::finish(&a.out, &summary, a.json, try_args)
 }
 
 #[derive(Args)]

@@ -23,6 +23,7 @@ mod finetune;
 mod imatrix;
 mod keys;
 mod quantize;
+mod rank;
 mod serve;
 mod store;
 mod train;
@@ -102,6 +103,10 @@ enum Cmd {
     /// Fine-tune a model on chat JSONL (OpenAI's format): LoRA adapters (PEFT format) on a
     /// frozen base, or every weight; loss on assistant tokens; checkpoints and exact resume.
     Finetune(finetune::FinetuneCmd),
+    /// Rank a model's answers by hand (RLHF's human step): for each prompt it samples --n
+    /// answers, you pick the best (or order them all), and the best is appended against each
+    /// worse one as OpenAI preference JSONL, for `finetune --method dpo|reward`.
+    Rank(rank::RankCmd),
     /// Fold a LoRA adapter (PEFT format) into its base model and write one GGUF.
     Merge(finetune::MergeCmd),
     /// Quantize a model (GGUF, training run, or Hugging Face safetensors directory, converted as
@@ -677,6 +682,7 @@ fn main() {
         Cmd::Export(a) => train::run_export(a),
         Cmd::Finetune(a) => finetune::run_finetune(a),
         Cmd::Merge(a) => finetune::run_merge(a),
+        Cmd::Rank(a) => rank::run(a),
         Cmd::Plot(a) => train::run_plot(a),
         Cmd::Tokenizer {
             what: TokenizerCmd::Train(a),

@@ -282,6 +282,8 @@ fn preference_figures(m: &serde_json::Map<String, serde_json::Value>) -> String 
 }
 
 /// Report a finished (or stopped) run: the loss curve, how to use it, the JSON line.
+/// Report a finished run; `try_args` are `generate`'s arguments to try it with, or
+/// `eval reward …` for a reward model.
 pub fn finish(out: &Path, summary: &Summary, json: bool, try_args: &str) -> Result<()> {
     let plot_path = write_plot(out)?;
     let val = if summary.val_loss.is_nan() {
@@ -301,10 +303,16 @@ pub fn finish(out: &Path, summary: &Summary, json: bool, try_args: &str) -> Resu
         summary.ms_per_iter,
         plot_path.display()
     );
-    eprintln!(
-        "use it: ferrolm generate --model {} {try_args}",
-        out.display()
-    );
+    match try_args.strip_prefix("eval reward") {
+        Some(rest) => eprintln!(
+            "use it: ferrolm eval reward --model {}{rest}, or serve it and POST /v1/rewards",
+            out.display()
+        ),
+        None => eprintln!(
+            "use it: ferrolm generate --model {} {try_args}",
+            out.display()
+        ),
+    }
     if json {
         println!(
             "{}",

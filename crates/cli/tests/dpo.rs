@@ -12,52 +12,7 @@ use common::*;
 
 use std::path::Path;
 
-use serde_json::{json, Value};
-
-const FIRST: [&str; 10] = [
-    "Maria", "Jonas", "Aiko", "Pedro", "Lena", "Omar", "Greta", "Ravi", "Sofia", "Tomas",
-];
-const LAST: [&str; 10] = [
-    "Keller", "Novak", "Tanaka", "Silva", "Berg", "Haddad", "Lind", "Patel", "Rossi", "Horvat",
-];
-const CITY: [&str; 10] = [
-    "Lyon", "Porto", "Osaka", "Ghent", "Tartu", "Leeds", "Graz", "Turin", "Bergen", "Split",
-];
-
-/// `n` preference pairs; held-out ones use names and cities training never shows.
-fn pairs(n: usize, held_out: bool, seed: u64) -> String {
-    let mut s = seed;
-    let mut next = |m: usize| {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((s >> 33) as usize) % m
-    };
-    let pool = |xs: &'static [&'static str; 10]| if held_out { &xs[7..] } else { &xs[..7] };
-    let mut out = String::new();
-    for _ in 0..n {
-        let name = format!(
-            "{} {}",
-            pool(&FIRST)[next(pool(&FIRST).len())],
-            pool(&LAST)[next(pool(&LAST).len())]
-        );
-        let city = pool(&CITY)[next(pool(&CITY).len())];
-        let age = 18 + next(70);
-        let line = json!({
-            "input": {"messages": [{"role": "user", "content": format!(
-                "Extract the person's name, age and city as JSON.\n{name} is {age} years old and lives in {city}."
-            )}]},
-            "preferred_output": [{"role": "assistant",
-                "content": json!({"name": name, "age": age, "city": city}).to_string()}],
-            "non_preferred_output": [{"role": "assistant", "content": format!(
-                "Sure! The person is {name}. They are {age} years old and they live in {city}."
-            )}],
-        });
-        out.push_str(&line.to_string());
-        out.push('\n');
-    }
-    out
-}
+use serde_json::Value;
 
 /// `ferrolm finetune --method dpo` with its reference cache in `out`'s parent (each test's
 /// own temp dir), so that what one test or an earlier run cached cannot change what another
@@ -95,8 +50,8 @@ fn dpo_ranks_held_out_pairs_and_reuses_its_reference() {
     let base = default_model();
     let dir = tempfile::tempdir().unwrap();
     let (train, val) = (dir.path().join("train.jsonl"), dir.path().join("val.jsonl"));
-    std::fs::write(&train, pairs(24, false, 1)).unwrap();
-    std::fs::write(&val, pairs(8, true, 2)).unwrap();
+    std::fs::write(&train, preference_pairs(24, false, 1)).unwrap();
+    std::fs::write(&val, preference_pairs(8, true, 2)).unwrap();
     let run = dir.path().join("run");
     let args = [
         "--val",
@@ -154,7 +109,7 @@ fn dpo_ranks_held_out_pairs_and_reuses_its_reference() {
     assert!(err.contains("reference log-probs: read from"), "{err}");
     // Other pairs: computed again.
     let other = dir.path().join("other.jsonl");
-    std::fs::write(&other, pairs(4, false, 9)).unwrap();
+    std::fs::write(&other, preference_pairs(4, false, 9)).unwrap();
     let (_, err) = dpo(&base, &other, &dir.path().join("third"), &["--iters", "1"]);
     assert!(err.contains("reference log-probs: computed"), "{err}");
 }
@@ -164,7 +119,7 @@ fn resumed_dpo_matches_an_uninterrupted_one() {
     let base = default_model();
     let dir = tempfile::tempdir().unwrap();
     let train = dir.path().join("train.jsonl");
-    std::fs::write(&train, pairs(8, false, 3)).unwrap();
+    std::fs::write(&train, preference_pairs(8, false, 3)).unwrap();
     let steps = |run: &Path| -> Vec<String> {
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()
@@ -225,7 +180,7 @@ fn bad_preference_files_are_refused_by_line() {
     let base = default_model();
     let dir = tempfile::tempdir().unwrap();
     let train = dir.path().join("bad.jsonl");
-    let mut text = pairs(2, false, 4);
+    let mut text = preference_pairs(2, false, 4);
     text.push_str(r#"{"input": {"messages": [{"role": "user", "content": "hi"}]}, "preferred_output": [{"role": "assistant", "content": "a"}]}"#);
     text.push('\n');
     text.push_str(r#"{"input": {"messages": [{"role": "user", "content": "hi"}]}, "preferred_output": [{"role": "assistant", "content": "a"}], "non_preferred_output": [{"role": "assistant", "content": "a"}]}"#);

@@ -124,6 +124,9 @@ pub enum Event {
         usage: Usage,
         /// Seconds from admission to the first token.
         time_to_first_token: f64,
+        /// A reward model's score of the prompt (a request whose adapter has a score head
+        /// ends after its prompt with this, and generates nothing).
+        score: Option<f32>,
     },
     /// The request could not run, or failed while running.
     Error(EngineError),
@@ -198,6 +201,8 @@ struct Seq {
     matcher: Option<Matcher>,
     /// Its prefix-cache namespace: [`cache_salt`] of its adapter and tenant scope.
     salt: u64,
+    /// A reward model's score of the prompt, once computed.
+    score: Option<f32>,
 }
 
 impl Seq {
@@ -211,6 +216,7 @@ impl Seq {
                 completion_tokens: self.generated,
             },
             time_to_first_token: self.first_token.unwrap_or(0.0),
+            score: self.score,
         });
     }
 }
@@ -339,6 +345,7 @@ impl Engine {
             generated: 0,
             admitted: Instant::now(),
             first_token: None,
+            score: None,
         });
     }
 
@@ -547,6 +554,14 @@ impl Engine {
                 .blocks
                 .cache_full_blocks(s.req.id, &s.tokens, s.num_computed, s.salt);
             let Some(row) = *row else { continue };
+            if let Some(w) = s.req.adapter.as_ref().and_then(|a| a.score.as_deref()) {
+                // A reward model: its head on the prompt's last hidden state, and done.
+                let h = self.scratch.hidden_row(row, w.len());
+                s.score = Some(w.iter().zip(h).map(|(a, b)| a * b).sum());
+                s.first_token = Some(s.admitted.elapsed().as_secs_f64());
+                finished.push((i, Some(FinishReason::Stop)));
+                continue;
+            }
             let logits = self.scratch.logits_row(row, vocab);
             let grammar = s.matcher.as_ref().zip(self.grammar_vocab.as_deref());
             let out = match constrain::sample(

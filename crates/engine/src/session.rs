@@ -235,7 +235,30 @@ impl<'m> Session<'m> {
     /// Append `tokens` to the cached sequence; return logits for the positions in `want`
     /// (indices into `tokens`), in order, as `want.len() × vocab` floats.
     pub fn eval(&mut self, tokens: &[u32], want: &[usize]) -> Result<Vec<f32>, SessionError> {
-        let vocab = self.model.cfg().vocab_size;
+        self.run(tokens, want, false)
+    }
+
+    /// Like [`Session::eval`], but return the final hidden states (after the output norm) at
+    /// `want`, `want.len() × dim` floats: what a reward model's scalar head reads.
+    pub fn eval_hidden(
+        &mut self,
+        tokens: &[u32],
+        want: &[usize],
+    ) -> Result<Vec<f32>, SessionError> {
+        self.run(tokens, want, true)
+    }
+
+    fn run(
+        &mut self,
+        tokens: &[u32],
+        want: &[usize],
+        hidden: bool,
+    ) -> Result<Vec<f32>, SessionError> {
+        let width = if hidden {
+            self.model.cfg().dim
+        } else {
+            self.model.cfg().vocab_size
+        };
         let start = self.cached.len();
         if start + tokens.len() > self.ctx {
             return Err(SessionError::ContextFull {
@@ -251,7 +274,7 @@ impl<'m> Session<'m> {
                 model_ctx: self.model.cfg().file_context_length,
             });
         }
-        let mut out = Vec::with_capacity(want.len() * vocab);
+        let mut out = Vec::with_capacity(want.len() * width);
         let mut positions = Vec::with_capacity(MAX_CHUNK);
         let mut logits_for = Vec::new();
         for (c, chunk) in tokens.chunks(MAX_CHUNK).enumerate() {
@@ -283,8 +306,10 @@ impl<'m> Session<'m> {
             };
             let (model, kv, scratch) = (self.model, &mut self.kv, &mut self.scratch);
             self.pool.install(|| model.forward(&batch, kv, scratch))?;
-            if !logits_for.is_empty() {
-                out.extend_from_slice(&self.scratch.logits[..logits_for.len() * vocab]);
+            if hidden {
+                out.extend_from_slice(self.scratch.hidden(logits_for.len(), width));
+            } else if !logits_for.is_empty() {
+                out.extend_from_slice(&self.scratch.logits[..logits_for.len() * width]);
             }
             self.cached.extend_from_slice(chunk);
         }

@@ -60,6 +60,9 @@ pub struct Adapter {
     /// cached KV blocks, whatever their names.
     uid: u64,
     layers: Vec<[Option<Pair>; 7]>,
+    /// A reward model's scalar head (`dim` weights on the final hidden state of a
+    /// conversation's last token); `None` for a language-model adapter.
+    pub score: Option<Vec<f32>>,
 }
 
 impl Adapter {
@@ -70,6 +73,7 @@ impl Adapter {
             scale,
             uid: next_uid(),
             layers: (0..n_layers).map(|_| Default::default()).collect(),
+            score: None,
         }
     }
 

@@ -471,6 +471,13 @@ impl Llama {
                 }
             }
         }
+        if let Some(w) = ad.score.as_ref().filter(|w| w.len() != d) {
+            return Err(ModelError::Unsupported(format!(
+                "adapter `{}`: its score head has {} weights, the model's width is {d}",
+                ad.name,
+                w.len()
+            )));
+        }
         if ad.n_layers() != c.n_layers {
             return Err(ModelError::Unsupported(format!(
                 "adapter `{}` has {} layers, the model {}",

@@ -379,6 +379,17 @@ impl Scratch {
         Self::default()
     }
 
+    /// The final hidden states (after the output norm) of the last forward's `logits_for`
+    /// rows, `m × dim`, in that order: what a scalar head (a reward model's score) reads.
+    pub fn hidden(&self, m: usize, dim: usize) -> &[f32] {
+        &self.xb[..m * dim]
+    }
+
+    /// Row `j` of [`Scratch::hidden`].
+    pub fn hidden_row(&self, j: usize, dim: usize) -> &[f32] {
+        &self.xb[j * dim..(j + 1) * dim]
+    }
+
     pub(crate) fn ensure(&mut self, c: &Config, n: usize, n_logits: usize) {
         // The output head reads `n_logits` normed rows from `xb` (indices may repeat).
         let n = n.max(n_logits);

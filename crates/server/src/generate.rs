@@ -675,6 +675,7 @@ async fn collect<F: Format>(mut run: Run, format: F, mut done: oneshot::Sender<A
                     reason,
                     usage,
                     time_to_first_token,
+                    ..
                 } => {
                     let text = std::mem::take(&mut c.text);
                     match run.reply(c, i, text, usage, time_to_first_token).await {
@@ -775,6 +776,7 @@ fn pump<F: Format>(run: Run, mut format: F) -> ReceiverStream<F::Item> {
                     reason,
                     usage,
                     time_to_first_token,
+                    ..
                 } => Some((*reason, *usage, *time_to_first_token)),
                 _ => None,
             };

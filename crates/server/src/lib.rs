@@ -59,6 +59,7 @@ mod ollama;
 mod openai;
 mod preferences;
 mod responses;
+mod rewards;
 pub mod route;
 pub mod stored;
 pub mod tools;
@@ -1137,6 +1138,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/responses", post(responses::create))
         .route("/v1/embeddings", post(embeddings::openai))
+        .route("/v1/rewards", post(rewards::create))
         .route("/api/embed", post(embeddings::ollama))
         .route(
             "/v1/responses/{id}",

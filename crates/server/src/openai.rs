@@ -327,6 +327,55 @@ pub async fn chat(
     conn: Option<Extension<ConnectInfo<ClientConn>>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    // Best-of-n (an extension): sample the candidates as one request with `n`, then let the
+    // reward model choose.
+    let mut v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(_) => return chat_one(s, caller, conn, body).await,
+    };
+    let Some(best) = crate::rewards::BestOf::take(&mut v)? else {
+        return chat_one(s, caller, conn, body).await;
+    };
+    let rm = best.model(&s, &caller)?;
+    let messages = v["messages"].as_array().cloned().unwrap_or_default();
+    let tools = v.get("tools").cloned();
+    let inner = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
+    let resp = chat_one(s.clone(), caller.clone(), conn, inner).await?;
+    if !resp.status().is_success() {
+        return Ok(resp);
+    }
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.map_err(|e| {
+        ApiError::server(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading the candidates: {e}"),
+        )
+    })?;
+    let reply: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::server(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the candidates are not JSON: {e}"),
+        )
+    })?;
+    let chosen = best
+        .choose(&s, &caller, &rm, &messages, tools.as_ref(), reply)
+        .await?;
+    let mut out = Json(chosen).into_response();
+    for (k, val) in parts.headers.iter() {
+        if k != axum::http::header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), val.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// One chat completion request (`n` choices, streamed or not).
+async fn chat_one(
+    s: AppState,
+    caller: Caller,
+    conn: Option<Extension<ConnectInfo<ClientConn>>>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let mut req: ChatRequest = parse(&body)?;
     let stop = Stop::into_vec(req.common.stop.take());
     let c = &req.common;

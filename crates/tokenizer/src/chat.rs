@@ -177,6 +177,17 @@ impl ChatTemplate {
         Self::new(source, &text(tok.bos_id), &text(tok.eos_id))
     }
 
+    /// The token ids of a whole conversation (no generation prompt): what a training
+    /// example is, and what a reward model scores.
+    pub fn conversation_ids(
+        &self,
+        tok: &Tokenizer,
+        messages: &Value,
+        tools: Option<&Value>,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        tok.encode_chat(&self.render(tok, messages, false, tools)?)
+    }
+
     /// Render `messages` (an array of `{role, content, ...}` objects, OpenAI-shaped) with
     /// optional `tools`.
     pub fn render(

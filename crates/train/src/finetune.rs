@@ -28,6 +28,7 @@ use crate::dpo::{self, Dpo, DpoConfig, Pair};
 use crate::lora::{Lora, LoraConfig};
 use crate::model::{self, Activations, Layout};
 use crate::optim::AdamW;
+use crate::reward::Reward;
 use crate::run::{write_json, Event, Summary};
 use crate::sft::{self, Example};
 use crate::trainer::{self, Frozen, Objective, Policy, Sft};
@@ -91,6 +92,8 @@ pub enum ObjectiveConfig {
     Dpo(DpoConfig),
     /// Distillation on a teacher's replies (chat JSONL, with its log-probs for token-level).
     Distill(DistillConfig),
+    /// A reward model (a scalar head, Bradley–Terry loss) on OpenAI preference JSONL.
+    Reward,
 }
 
 pub(crate) fn data_error(path: &Path, errors: &[sft::LineError]) -> TrainError {
@@ -209,6 +212,13 @@ pub fn finetune(
                 .into(),
         });
     }
+    let reward = cfg.objective == ObjectiveConfig::Reward;
+    if reward && cfg.method == Method::Full {
+        return Err(TrainError::Config {
+            what: "--method reward".into(),
+            reason: "a reward model trains LoRA adapters and its score head on a frozen base: use --weights lora (or --qlora); full-weight reward models are not supported".into(),
+        });
+    }
     let dpo = matches!(cfg.objective, ObjectiveConfig::Dpo(_));
     // QLoRA: the base stays in its stored (quantized) form; otherwise dequantized to f32. A
     // new model (`init`): `base` gives only the tokenizer; the weights are drawn below.
@@ -237,13 +247,16 @@ pub fn finetune(
                 None => Vec::new(),
             },
         ),
-        ObjectiveConfig::Dpo(d) => Data::Pairs(
+        ObjectiveConfig::Dpo(_) | ObjectiveConfig::Reward => Data::Pairs(
             dpo::load_pairs(&cfg.train_file, &tok, &template)?,
             match &cfg.val_file {
                 Some(p) => dpo::load_pairs(p, &tok, &template)?,
                 None => Vec::new(),
             },
-            d.clone(),
+            match &cfg.objective {
+                ObjectiveConfig::Dpo(d) => Some(d.clone()),
+                _ => None,
+            },
         ),
         ObjectiveConfig::Distill(d) => {
             let use_logprobs = d.mode == DistillMode::Token && d.teacher.is_none();
@@ -278,12 +291,14 @@ pub fn finetune(
             Data::Taught(load(&cfg.train_file)?, val, d.clone())
         }
     };
+    // Next-token objectives read `ctx` inputs and predict the token after each; a reward
+    // model reads whole sequences (its score is at the last token).
     let ctx = cfg
         .max_len
-        .min(data.longest().saturating_sub(1))
+        .min(data.longest().saturating_sub(usize::from(!reward)))
         .min(mc.context)
         .max(1);
-    if let Data::Pairs(train, val, _) = &data {
+    if let Data::Pairs(train, val, Some(_)) = &data {
         dpo::check_fit(&cfg.train_file, train, ctx)?;
         if let Some(v) = &cfg.val_file {
             dpo::check_fit(v, val, ctx)?;
@@ -325,6 +340,7 @@ pub fn finetune(
     }
     let lora = match &cfg.method {
         Method::Full => None,
+        Method::Lora(l) if reward => Some(Lora::new(&mc, l.clone()).with_score(mc.dim)),
         Method::Lora(l) => Some(Lora::new(&mc, l.clone())),
     };
     let mut policy = Policy {
@@ -391,7 +407,19 @@ pub fn finetune(
     });
     let pad = tok.eos_id.unwrap_or(0);
     let mut objective = match data {
-        Data::Pairs(train, val, d) => {
+        Data::Pairs(train, val, None) => {
+            let (acts, lacts) = policy.scratch(2 * cfg.batch, ctx);
+            Objective::Reward(Box::new(Reward {
+                train,
+                val,
+                batch: cfg.batch,
+                ctx,
+                pad,
+                acts,
+                lacts,
+            }))
+        }
+        Data::Pairs(train, val, Some(d)) => {
             let [rt, rv] = dpo::reference_logps(
                 &policy,
                 &cfg.base,
@@ -485,7 +513,8 @@ pub fn finetune(
 /// settings); each as (train, validation).
 enum Data {
     Sft(Vec<Example>, Vec<Example>),
-    Pairs(Vec<Pair>, Vec<Pair>, DpoConfig),
+    /// Preference pairs, with DPO's settings (`None`: a reward model).
+    Pairs(Vec<Pair>, Vec<Pair>, Option<DpoConfig>),
     Taught(Vec<Taught>, Vec<Taught>, DistillConfig),
 }
 

@@ -29,6 +29,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod peft;
+pub mod reward;
 pub mod run;
 pub mod sft;
 pub mod tokenize;

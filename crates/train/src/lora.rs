@@ -99,6 +99,9 @@ pub struct LoraConfig {
     pub targets: Vec<Target>,
 }
 
+/// PEFT's name for a sequence-classification model's head (`modules_to_save = ["score"]`).
+pub const SCORE_TENSOR: &str = "base_model.model.score.weight";
+
 /// One adapter: where its A and B sit in the flat buffer.
 #[derive(Debug, Clone)]
 struct Adapter {
@@ -119,6 +122,9 @@ pub struct Lora {
     pub len: usize,
     adapters: Vec<Adapter>,
     scale: f32,
+    /// A reward model's scalar head: the offset of its `dim` weights (the last tensor,
+    /// PEFT's `base_model.model.score.weight`, shape `[1, dim]`).
+    pub score: Option<usize>,
 }
 
 /// What forward saves for backward: `x·Aᵀ` of each adapter (rows × r).
@@ -174,7 +180,29 @@ impl Lora {
             len,
             adapters,
             scale,
+            score: None,
         }
+    }
+
+    /// The same adapters with a reward model's scalar head on a model of width `dim`
+    /// (trained with them; Hugging Face's `…ForSequenceClassification.score`).
+    pub fn with_score(mut self, dim: usize) -> Lora {
+        if self.score.is_none() {
+            self.tensors.push(TensorSlot {
+                name: SCORE_TENSOR.into(),
+                shape: vec![1, dim],
+                offset: self.len,
+                decay: false,
+            });
+            self.score = Some(self.len);
+            self.len += dim;
+        }
+        self
+    }
+
+    /// The A and B tensors of every adapter, in pairs (without the score head).
+    pub fn pairs(&self) -> &[TensorSlot] {
+        &self.tensors[..2 * self.adapters.len()]
     }
 
     /// PEFT's initialisation: A ~ U(−1/√in, 1/√in) (Kaiming-uniform with a = √5), B = 0.
@@ -184,6 +212,13 @@ impl Lora {
         for ad in &self.adapters {
             let bound = 1.0 / (ad.n_in as f64).sqrt();
             for x in &mut p[ad.a..ad.a + self.cfg.rank * ad.n_in] {
+                *x = ((2.0 * rng.uniform() - 1.0) * bound) as f32;
+            }
+        }
+        if let Some(off) = self.score {
+            // like Hugging Face's N(0, 0.02) for a new linear head: U(−a, a) with a = 0.02·√3
+            let bound = 0.02 * 3f64.sqrt();
+            for x in &mut p[off..] {
                 *x = ((2.0 * rng.uniform() - 1.0) * bound) as f32;
             }
         }

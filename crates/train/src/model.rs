@@ -375,6 +375,18 @@ impl Activations {
     pub fn shape(&self) -> (usize, usize) {
         (self.batch, self.ctx)
     }
+
+    /// The final hidden states after the output norm (rows × dim), as the last forward left
+    /// them.
+    pub fn hidden(&self) -> &[f32] {
+        &self.hf
+    }
+
+    /// The loss's gradient w.r.t. [`Activations::hidden`], for [`backward_hidden_with`] to
+    /// start from.
+    pub fn hidden_grad_mut(&mut self) -> &mut [f32] {
+        &mut self.dh
+    }
 }
 
 // ---- forward ----------------------------------------------------------------------------------
@@ -486,6 +498,21 @@ pub fn forward_with(
     c: &ModelConfig,
     layout: &Layout,
     params: Weights,
+    lora: Option<LoraRun>,
+    a: &mut Activations,
+) {
+    forward_hidden_with(c, layout, params, lora, a);
+    let head = params.get(layout.head, c.vocab_size * c.dim);
+    let n = a.batch * a.ctx;
+    ops::matmul_nt(&mut a.logits, &a.hf, &head, n, c.vocab_size, c.dim, false);
+}
+
+/// The model up to the final hidden states ([`Activations::hidden`]) without the output head:
+/// what a scalar head (a reward model) reads.
+pub fn forward_hidden_with(
+    c: &ModelConfig,
+    layout: &Layout,
+    params: Weights,
     mut lora: Option<LoraRun>,
     a: &mut Activations,
 ) {
@@ -553,8 +580,6 @@ pub fn forward_with(
         &mut a.hf,
         &mut a.rstd_f,
     );
-    let head = params.get(layout.head, c.vocab_size * d);
-    ops::matmul_nt(&mut a.logits, &a.hf, &head, n, c.vocab_size, d, false);
 }
 
 // ---- backward ---------------------------------------------------------------------------------
@@ -586,6 +611,27 @@ pub fn backward_with(
     layout: &Layout,
     params: Weights,
     mut grads: Option<&mut [f32]>,
+    lora: Option<LoraGrad>,
+    a: &mut Activations,
+) {
+    let n = a.batch * a.ctx;
+    let (d, v) = (c.dim, c.vocab_size);
+    // output head: dW_head += dlogitsᵀ · hf, dhf = dlogits · W_head
+    if let Some(g) = grads.as_deref_mut() {
+        ops::matmul_tn_acc(&mut g[layout.head..][..v * d], &a.logits, &a.hf, v, d, n);
+    }
+    let head = params.get(layout.head, v * d);
+    ops::matmul_nn(&mut a.dh, &a.logits, &head, n, d, v, false);
+    backward_hidden_with(c, layout, params, grads, lora, a);
+}
+
+/// Backward from the gradient w.r.t. the final hidden states that the caller left in
+/// [`Activations::hidden_grad_mut`] (a scalar head's), through the final norm and the blocks.
+pub fn backward_hidden_with(
+    c: &ModelConfig,
+    layout: &Layout,
+    params: Weights,
+    mut grads: Option<&mut [f32]>,
     mut lora: Option<LoraGrad>,
     a: &mut Activations,
 ) {
@@ -607,9 +653,7 @@ pub fn backward_with(
             }
         };
     let mut scratch_dw = vec![0f32; if grads.is_some() { 0 } else { d }];
-    // output head and final norm
-    weight_grad(&mut grads, layout.head, &a.logits, &a.hf, v, d);
-    ops::matmul_nn(&mut a.dh, &a.logits, &w(layout.head, v * d), n, d, v, false);
+    // final norm
     a.dx.fill(0.0);
     {
         let gw: &mut [f32] = match grads.as_deref_mut() {

@@ -117,9 +117,15 @@ pub fn save(
     let st = safetensors::serialize(views, Some(meta)).map_err(|e| bad(&path, e.to_string()))?;
     std::fs::write(&path, st).map_err(TrainError::io(&path))?;
     let modules: Vec<&str> = lora.cfg.targets.iter().map(|t| t.module()).collect();
+    // A reward model is PEFT's sequence classification with one label: the score head is
+    // saved whole beside the adapters.
+    let (task, to_save) = match lora.score {
+        Some(_) => ("SEQ_CLS", json!(["score"])),
+        None => ("CAUSAL_LM", serde_json::Value::Null),
+    };
     let cfg = json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task,
         "base_model_name_or_path": base_name,
         "r": lora.cfg.rank,
         "lora_alpha": lora.cfg.alpha,
@@ -131,7 +137,7 @@ pub fn save(
         "init_lora_weights": true,
         "use_rslora": false,
         "use_dora": false,
-        "modules_to_save": null,
+        "modules_to_save": to_save,
         "layers_to_transform": null,
         "revision": null,
     });
@@ -206,7 +212,7 @@ pub fn load(dir: &Path, c: &ModelConfig) -> Result<(Lora, Vec<f32>), TrainError>
         ));
     }
     let alpha = alpha as f32;
-    let lora = Lora::new(
+    let mut lora = Lora::new(
         c,
         LoraConfig {
             rank,
@@ -214,6 +220,21 @@ pub fn load(dir: &Path, c: &ModelConfig) -> Result<(Lora, Vec<f32>), TrainError>
             targets,
         },
     );
+    match v["task_type"].as_str() {
+        Some("SEQ_CLS") => {
+            if v["num_labels"].as_u64().is_some_and(|n| n != 1) {
+                return Err(bad(&cp, "a sequence classifier with more than one label is not a reward model: ferrolm reads reward models (one score)"));
+            }
+            lora = lora.with_score(c.dim);
+        }
+        None | Some("CAUSAL_LM") => {}
+        Some(other) => {
+            return Err(bad(
+                &cp,
+                format!("task_type {other} is not supported: CAUSAL_LM (a language-model adapter) or SEQ_CLS (a reward model with a score head)"),
+            ))
+        }
+    }
     let path = dir.join("adapter_model.safetensors");
     // F32 values, twice over for tensors the adapter may carry beside ours, and the header.
     let max_bytes = (lora.len as u64).saturating_mul(8).saturating_add(16 << 20);
@@ -250,7 +271,7 @@ pub fn to_inference(
     use ferrolm_models::Proj;
     let r = lora.cfg.rank;
     let mut ad = ferrolm_models::Adapter::new(name, c.n_layers, r, lora.cfg.alpha / r as f32);
-    for pair in lora.tensors.chunks_exact(2) {
+    for pair in lora.pairs().chunks_exact(2) {
         let (a, b) = (&pair[0], &pair[1]);
         let rest = a.name.trim_start_matches("base_model.model.model.layers.");
         let (layer, module) = rest.split_once('.').unwrap_or(("", rest));
@@ -283,6 +304,7 @@ pub fn to_inference(
         )
         .map_err(|e| bad(Path::new(name), e.to_string()))?;
     }
+    ad.score = lora.score.map(|off| params[off..off + c.dim].to_vec());
     Ok(ad)
 }
 
@@ -314,7 +336,7 @@ pub fn merge(c: &ModelConfig, base: &mut [f32], lora: &Lora, params: &[f32]) {
     let layout = crate::model::Layout::new(c);
     let s = lora.cfg.alpha / lora.cfg.rank as f32;
     let r = lora.cfg.rank;
-    for pair in lora.tensors.chunks_exact(2) {
+    for pair in lora.pairs().chunks_exact(2) {
         let (a, b) = (&pair[0], &pair[1]);
         let base_name = a
             .name

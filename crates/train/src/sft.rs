@@ -198,10 +198,9 @@ pub fn encode(
                 })
                 .collect(),
         );
-        let r = template
-            .render(tok, &m, false, tools)
-            .map_err(|e| e.to_string())?;
-        tok.encode_chat(&r).map_err(|e| e.to_string())
+        template
+            .conversation_ids(tok, &m, tools)
+            .map_err(|e| e.to_string())
     };
     let ids = ids_of(msgs.len(), None)?;
     let mut trained = vec![false; ids.len()];

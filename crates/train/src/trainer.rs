@@ -1,5 +1,5 @@
 //! The one training loop (STYLE 16, 18). Pretraining, supervised fine-tuning, preference
-//! tuning and distillation are [`Objective`]s of it; full weights, LoRA and QLoRA are [`Policy`]s. The loop
+//! tuning, reward models and distillation are [`Objective`]s of it; full weights, LoRA and QLoRA are [`Policy`]s. The loop
 //! owns what they share: the schedule, gradient accumulation, clipping, AdamW, evaluation
 //! when due, checkpoints, a stop request, `metrics.jsonl` and the progress events. An
 //! objective only says how to turn the next micro-batches into a loss and gradients, and how
@@ -30,6 +30,7 @@ use crate::model::{
     IGNORE,
 };
 use crate::optim::{clip_grad_norm, AdamW};
+use crate::reward::Reward;
 use crate::run::{diverged, save_reported, Event, Metrics};
 use crate::sft::{self, Example, SftBatcher};
 use crate::TrainError;
@@ -117,6 +118,17 @@ impl Policy {
         model::forward_with(&self.mc, &self.layout, self.base(params), run, acts);
     }
 
+    /// Forward with the trained weights up to the final hidden states, no output head (a
+    /// reward model's scalar head reads them).
+    pub fn forward_hidden(&self, params: &[f32], acts: &mut Activations, lacts: &mut LoraActs) {
+        let run = self.lora.as_ref().map(|l| LoraRun {
+            lora: l,
+            params,
+            acts: lacts,
+        });
+        model::forward_hidden_with(&self.mc, &self.layout, self.base(params), run, acts);
+    }
+
     /// Forward with the reference model — the base with the adapters switched off, or the
     /// starting weights of a full run — logits only. `None` when no reference is kept (full
     /// pretraining and SFT).
@@ -130,6 +142,18 @@ impl Policy {
         Some(())
     }
 
+    /// Accumulate into `grads` the gradient whose hidden-state gradient the caller left in
+    /// `acts.hidden_grad_mut()` (after [`Policy::forward_hidden`]).
+    pub fn backward_hidden(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        acts: &mut Activations,
+        lacts: &mut LoraActs,
+    ) {
+        self.backward_from(params, grads, acts, lacts, true)
+    }
+
     /// Accumulate into `grads` the gradient whose logits gradient the forward left in
     /// `acts.logits`.
     pub fn backward(
@@ -139,6 +163,22 @@ impl Policy {
         acts: &mut Activations,
         lacts: &mut LoraActs,
     ) {
+        self.backward_from(params, grads, acts, lacts, false)
+    }
+
+    fn backward_from(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        acts: &mut Activations,
+        lacts: &mut LoraActs,
+        from_hidden: bool,
+    ) {
+        let backward = if from_hidden {
+            model::backward_hidden_with
+        } else {
+            model::backward_with
+        };
         match &self.lora {
             Some(l) => {
                 let g = LoraGrad {
@@ -147,7 +187,7 @@ impl Policy {
                     grads,
                     acts: lacts,
                 };
-                model::backward_with(
+                backward(
                     &self.mc,
                     &self.layout,
                     self.base(params),
@@ -156,7 +196,7 @@ impl Policy {
                     acts,
                 );
             }
-            None => model::backward_with(
+            None => backward(
                 &self.mc,
                 &self.layout,
                 Weights::F32(params),
@@ -202,6 +242,8 @@ pub(crate) enum Objective<'a> {
     Dpo(Box<Dpo>),
     /// Distillation: the teacher's replies (sequence-level) or distributions (token-level).
     Distill(Box<Distill>),
+    /// A reward model: Bradley–Terry on a scalar head, on preference pairs.
+    Reward(Box<Reward>),
 }
 
 impl Objective<'_> {
@@ -211,6 +253,7 @@ impl Objective<'_> {
             Objective::Sft(o) => o.evaluate(policy, params),
             Objective::Dpo(o) => o.evaluate(policy, params),
             Objective::Distill(o) => o.evaluate(policy, params),
+            Objective::Reward(o) => o.evaluate(policy, params),
         }
     }
 
@@ -227,6 +270,7 @@ impl Objective<'_> {
             Objective::Sft(o) => Ok(o.accumulate(policy, params, grads, state, grad_accum)),
             Objective::Dpo(o) => Ok(o.accumulate(policy, params, grads, state, grad_accum)),
             Objective::Distill(o) => Ok(o.accumulate(policy, params, grads, state, grad_accum)),
+            Objective::Reward(o) => o.accumulate(policy, params, grads, state, grad_accum),
         }
     }
 }

@@ -237,3 +237,49 @@ pub fn create_key(dir: &Path, name: &str, extra: &[&str]) -> String {
         .unwrap();
     json_of(&out)["secret"].as_str().unwrap().to_owned()
 }
+
+pub const FIRST: [&str; 10] = [
+    "Maria", "Jonas", "Aiko", "Pedro", "Lena", "Omar", "Greta", "Ravi", "Sofia", "Tomas",
+];
+pub const LAST: [&str; 10] = [
+    "Keller", "Novak", "Tanaka", "Silva", "Berg", "Haddad", "Lind", "Patel", "Rossi", "Horvat",
+];
+pub const CITY: [&str; 10] = [
+    "Lyon", "Porto", "Osaka", "Ghent", "Tartu", "Leeds", "Graz", "Turin", "Bergen", "Split",
+];
+
+/// `n` preference pairs whose rule a script can check (for "extract name, age and city as
+/// JSON", the JSON answer is preferred to a prose one); held-out ones use names and cities training never shows.
+pub fn preference_pairs(n: usize, held_out: bool, seed: u64) -> String {
+    let mut s = seed;
+    let mut next = |m: usize| {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 33) as usize) % m
+    };
+    let pool = |xs: &'static [&'static str; 10]| if held_out { &xs[7..] } else { &xs[..7] };
+    let mut out = String::new();
+    for _ in 0..n {
+        let name = format!(
+            "{} {}",
+            pool(&FIRST)[next(pool(&FIRST).len())],
+            pool(&LAST)[next(pool(&LAST).len())]
+        );
+        let city = pool(&CITY)[next(pool(&CITY).len())];
+        let age = 18 + next(70);
+        let line = serde_json::json!({
+            "input": {"messages": [{"role": "user", "content": format!(
+                "Extract the person's name, age and city as JSON.\n{name} is {age} years old and lives in {city}."
+            )}]},
+            "preferred_output": [{"role": "assistant",
+                "content": serde_json::json!({"name": name, "age": age, "city": city}).to_string()}],
+            "non_preferred_output": [{"role": "assistant", "content": format!(
+                "Sure! The person is {name}. They are {age} years old and they live in {city}."
+            )}],
+        });
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    out
+}
