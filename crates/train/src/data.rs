@@ -499,6 +499,19 @@ impl Batcher {
         Batcher { seed, cursor: 0 }
     }
 
+    /// The same state read as an epoch order over examples (fine-tuning's conversations,
+    /// pairs, …); [`Batcher::advance_to`] keeps where it got to.
+    pub fn examples(&self) -> crate::sft::SftBatcher {
+        crate::sft::SftBatcher {
+            seed: self.seed,
+            cursor: self.cursor,
+        }
+    }
+
+    pub fn advance_to(&mut self, examples: crate::sft::SftBatcher) {
+        self.cursor = examples.cursor;
+    }
+
     /// Fill `out` with `batch` rows of `ctx + 1` tokens (row-major; inputs are a row's first
     /// `ctx` tokens, targets its last `ctx`), each starting at a uniform offset in
     /// `0..=len - (ctx + 1)`, then advance the cursor.

@@ -29,7 +29,7 @@ use crate::checkpoint::TrainState;
 use crate::lora::LoraActs;
 use crate::model::{self, Activations, Layout, ModelConfig, Weights, IGNORE};
 use crate::ops::{self, Dist};
-use crate::sft::{self, Conversation, Example, LineError, SftBatcher};
+use crate::sft::{self, Conversation, Example, LineError};
 use crate::trainer::{argmax, Evaluation, Policy, StepOut};
 use crate::TrainError;
 
@@ -511,10 +511,7 @@ impl Distill {
         state: &mut TrainState,
         grad_accum: usize,
     ) -> StepOut {
-        let mut sb = SftBatcher {
-            seed: state.batcher.seed,
-            cursor: state.batcher.cursor,
-        };
+        let mut sb = state.batcher.examples();
         let mut tally = Tally::default();
         for _ in 0..grad_accum {
             let idx: Vec<usize> = (0..self.batch).map(|_| sb.take(self.train.len())).collect();
@@ -526,7 +523,7 @@ impl Distill {
             state.tokens_seen += (t.n_teacher + t.n_label) as u64;
             tally.add(&t);
         }
-        state.batcher.cursor = sb.cursor;
+        state.batcher.advance_to(sb);
         let mut metrics = tally.metrics(self.cfg.mode);
         metrics.insert("trained_tokens".into(), json!(state.tokens_seen));
         StepOut {

@@ -34,9 +34,8 @@ use sha2::{Digest, Sha256};
 use crate::checkpoint::TrainState;
 use crate::lora::LoraActs;
 use crate::model::{Activations, IGNORE};
-use crate::ops;
 use crate::run::Event;
-use crate::sft::{self, Conversation, Example, LineError, SftBatcher};
+use crate::sft::{self, Conversation, Example, LineError};
 use crate::trainer::{Evaluation, Policy, StepOut};
 use crate::TrainError;
 
@@ -433,14 +432,14 @@ impl Dpo {
         }
     }
 
-    /// Forward `pairs` (chosen and rejected rows interleaved, logits left in `acts`): each
-    /// sequence's log-prob, each row's log-sum-exp, and the targets.
+    /// Forward `pairs` (chosen and rejected rows interleaved): each sequence's log-prob, each
+    /// row's log-sum-exp, and the targets. The logits are computed at scored positions only
+    /// and never held whole.
     fn forward(&mut self, policy: &Policy, params: &[f32], pairs: &[&Pair]) -> Forwarded {
         let (inputs, targets) = rows(pairs, self.batch, self.ctx, self.pad);
         self.acts.set_scored(&inputs, &targets);
-        policy.forward_logits(params, &mut self.acts, &mut self.lacts);
-        let v = policy.mc.vocab_size;
-        let (logp, lse) = ops::target_logprobs(&self.acts.logits, &targets, v);
+        let (logp, lse) =
+            policy.forward_logprobs(params, &mut self.acts, &mut self.lacts, &targets);
         Forwarded {
             logps: seq_logps(&logp, &targets, pairs.len(), self.ctx),
             lse,
@@ -456,12 +455,8 @@ impl Dpo {
         state: &mut TrainState,
         grad_accum: usize,
     ) -> StepOut {
-        let mut sb = SftBatcher {
-            seed: state.batcher.seed,
-            cursor: state.batcher.cursor,
-        };
+        let mut sb = state.batcher.examples();
         let mut tally = Tally::default();
-        let v = policy.mc.vocab_size;
         for _ in 0..grad_accum {
             let idx: Vec<usize> = (0..self.batch).map(|_| sb.take(self.train.len())).collect();
             let train = std::mem::take(&mut self.train);
@@ -484,12 +479,19 @@ impl Dpo {
                 w[2 * k * self.ctx..][..self.ctx].fill(wc);
                 w[(2 * k + 1) * self.ctx..][..self.ctx].fill(wr);
             }
-            ops::weighted_ce_grad(&mut self.acts.logits, &targets, v, &lse, &w);
-            policy.backward(params, grads, &mut self.acts, &mut self.lacts);
+            policy.backward_logprobs(
+                params,
+                grads,
+                &mut self.acts,
+                &mut self.lacts,
+                &targets,
+                &lse,
+                &w,
+            );
             state.tokens_seen += targets.iter().filter(|&&t| t != IGNORE).count() as u64;
             self.train = train;
         }
-        state.batcher.cursor = sb.cursor;
+        state.batcher.advance_to(sb);
         self.since_eval.n += tally.n;
         self.since_eval.logps_chosen += tally.logps_chosen;
         self.since_eval.reward_chosen += tally.reward_chosen;
@@ -633,7 +635,6 @@ pub(crate) fn reference_logps(
     }
     let started = std::time::Instant::now();
     let (mut acts, _) = policy.scratch(2 * batch, ctx);
-    let v = policy.mc.vocab_size;
     let mut out: [Vec<[SeqLogp; 2]>; 2] = [Vec::new(), Vec::new()];
     for (set, dst) in sets.iter().zip(out.iter_mut()) {
         for chunk in set.chunks(batch) {
@@ -641,12 +642,11 @@ pub(crate) fn reference_logps(
             let (inputs, targets) = rows(&pairs, batch, ctx, pad);
             // batch 2×batch rows: one row per sequence
             acts.set_scored(&inputs, &targets);
-            if policy.reference_logits(&mut acts).is_none() {
+            let Some((logp, _)) = policy.reference_logprobs(&mut acts, &targets) else {
                 // No reference kept (SimPO on a full run needs none): zeros.
                 dst.extend(std::iter::repeat_n([SeqLogp::default(); 2], chunk.len()));
                 continue;
-            }
-            let (logp, _) = ops::target_logprobs(&acts.logits, &targets, v);
+            };
             dst.extend(seq_logps(&logp, &targets, chunk.len(), ctx));
         }
     }

@@ -263,7 +263,6 @@ struct BlockActs {
     rstd1: Vec<f32>,
     h1: Vec<f32>,
     qkv: Vec<f32>,
-    probs: Vec<f32>,
     att: Vec<f32>,
     x_mid: Vec<f32>,
     rstd2: Vec<f32>,
@@ -284,6 +283,10 @@ pub struct Activations {
     blocks: Vec<BlockActs>,
     rstd_f: Vec<f32>,
     hf: Vec<f32>,
+    /// Attention probabilities (batch, heads, ctx, ctx) of one layer at a time: the forward
+    /// writes each layer's and backward recomputes them (keeping every layer's would be the
+    /// largest buffer of a long-context step).
+    probs: Vec<f32>,
     /// (rows, vocab): logits after forward; their gradient after backward starts.
     pub logits: Vec<f32>,
     // backward scratch
@@ -314,7 +317,6 @@ impl Activations {
                     rstd1: z(n),
                     h1: z(n * d),
                     qkv: z(n * c.qkv_dim()),
-                    probs: z(batch * c.n_heads * ctx * ctx),
                     att: z(n * c.q_dim()),
                     x_mid: z(n * d),
                     rstd2: z(n),
@@ -325,7 +327,10 @@ impl Activations {
                 .collect(),
             rstd_f: z(n),
             hf: z(n * d),
-            logits: z(n * c.vocab_size),
+            probs: z(batch * c.n_heads * ctx * ctx),
+            // allocated by the first `forward_with`: objectives that score through
+            // `scored_logprobs` never hold rows × vocab floats
+            logits: Vec::new(),
             dx: z(n * d),
             dh: z(n * d),
             dqkv: z(n * c.qkv_dim()),
@@ -504,7 +509,102 @@ pub fn forward_with(
     forward_hidden_with(c, layout, params, lora, a);
     let head = params.get(layout.head, c.vocab_size * c.dim);
     let n = a.batch * a.ctx;
+    a.logits.resize(n * c.vocab_size, 0.0);
     ops::matmul_nt(&mut a.logits, &a.hf, &head, n, c.vocab_size, c.dim, false);
+}
+
+/// Rows of the output head computed at once by [`scored_logprobs`] and
+/// [`scored_head_backward`]: 64 × a 49,152-token vocabulary is 12.6 MB of logits, where all of
+/// a step's rows (8 sequences × 512 positions) would be 805 MB.
+const HEAD_ROWS: usize = 64;
+
+/// The rows of `targets` that are scored (not [`IGNORE`]).
+fn scored_rows(targets: &[u32]) -> Vec<usize> {
+    (0..targets.len())
+        .filter(|&i| targets[i] != IGNORE)
+        .collect()
+}
+
+/// After [`forward_hidden_with`]: each scored position's target log-prob and log-sum-exp
+/// (zero at unscored ones), with the output head run on the scored rows only, a few at a time.
+pub fn scored_logprobs(
+    c: &ModelConfig,
+    layout: &Layout,
+    params: Weights,
+    a: &Activations,
+    targets: &[u32],
+) -> (Vec<f32>, Vec<f32>) {
+    let (d, v) = (c.dim, c.vocab_size);
+    let head = params.get(layout.head, v * d);
+    let (mut logp, mut lse) = (vec![0f32; targets.len()], vec![0f32; targets.len()]);
+    let mut x = vec![0f32; HEAD_ROWS * d];
+    let mut logits = vec![0f32; HEAD_ROWS * v];
+    for rows in scored_rows(targets).chunks(HEAD_ROWS) {
+        let m = rows.len();
+        for (k, &i) in rows.iter().enumerate() {
+            x[k * d..][..d].copy_from_slice(&a.hf[i * d..][..d]);
+        }
+        ops::matmul_nt(&mut logits[..m * v], &x[..m * d], &head, m, v, d, false);
+        let t: Vec<u32> = rows.iter().map(|&i| targets[i]).collect();
+        let (lp, l) = ops::target_logprobs(&logits[..m * v], &t, v);
+        for (k, &i) in rows.iter().enumerate() {
+            logp[i] = lp[k];
+            lse[i] = l[k];
+        }
+    }
+    (logp, lse)
+}
+
+/// The gradient of `−Σ w_i · log p(target_i)` through the output head, on the scored rows a
+/// few at a time (the logits recomputed): into [`Activations::hidden_grad_mut`] for
+/// [`backward_hidden_with`], and into the head's weights when `grads` is given (the head
+/// trains). `lse` is from [`scored_logprobs`].
+#[allow(clippy::too_many_arguments)]
+pub fn scored_head_backward(
+    c: &ModelConfig,
+    layout: &Layout,
+    params: Weights,
+    mut grads: Option<&mut [f32]>,
+    a: &mut Activations,
+    targets: &[u32],
+    lse: &[f32],
+    w: &[f32],
+) {
+    let (d, v) = (c.dim, c.vocab_size);
+    let head = params.get(layout.head, v * d);
+    a.dh.fill(0.0);
+    let mut x = vec![0f32; HEAD_ROWS * d];
+    let mut dx = vec![0f32; HEAD_ROWS * d];
+    let mut logits = vec![0f32; HEAD_ROWS * v];
+    let rows: Vec<usize> = scored_rows(targets)
+        .into_iter()
+        .filter(|&i| w[i] != 0.0)
+        .collect();
+    for rows in rows.chunks(HEAD_ROWS) {
+        let m = rows.len();
+        for (k, &i) in rows.iter().enumerate() {
+            x[k * d..][..d].copy_from_slice(&a.hf[i * d..][..d]);
+        }
+        ops::matmul_nt(&mut logits[..m * v], &x[..m * d], &head, m, v, d, false);
+        let t: Vec<u32> = rows.iter().map(|&i| targets[i]).collect();
+        let l: Vec<f32> = rows.iter().map(|&i| lse[i]).collect();
+        let wk: Vec<f32> = rows.iter().map(|&i| w[i]).collect();
+        ops::weighted_ce_grad(&mut logits[..m * v], &t, v, &l, &wk);
+        ops::matmul_nn(&mut dx[..m * d], &logits[..m * v], &head, m, d, v, false);
+        for (k, &i) in rows.iter().enumerate() {
+            a.dh[i * d..][..d].copy_from_slice(&dx[k * d..][..d]);
+        }
+        if let Some(g) = grads.as_deref_mut() {
+            ops::matmul_tn_acc(
+                &mut g[layout.head..][..v * d],
+                &logits[..m * v],
+                &x[..m * d],
+                v,
+                d,
+                m,
+            );
+        }
+    }
 }
 
 /// The model up to the final hidden states ([`Activations::hidden`]) without the output head:
@@ -545,7 +645,7 @@ pub fn forward_hidden_with(
         adapt(Group::Qkv, &s.h1, &mut s.qkv, qkvd);
         let rot = qd + c.kv_dim();
         ops::rope(&mut s.qkv, qkvd, rot, c.head_dim(), t, &a.cos, &a.sin, 1.0);
-        ops::attention(shape, &s.qkv, &mut s.probs, &mut s.att);
+        ops::attention(shape, &s.qkv, &mut a.probs, &mut s.att);
         s.x_mid.copy_from_slice(x);
         ops::matmul_nt(&mut s.x_mid, &s.att, &w(o.wo, d * qd), n, d, qd, true);
         adapt(Group::O, &s.att, &mut s.x_mid, d);
@@ -698,7 +798,8 @@ pub fn backward_hidden_with(
         ops::matmul_nn(&mut a.datt, &a.dx, &w(o.wo, d * qd), n, qd, d, false);
         adapt(Group::O, &s.att, &a.dx, d, &mut a.datt);
         weight_grad(&mut grads, o.wo, &a.dx, &s.att, d, qd);
-        ops::attention_backward(shape, &s.qkv, &s.probs, &a.datt, &mut a.dqkv);
+        ops::attention_probs(shape, &s.qkv, &mut a.probs);
+        ops::attention_backward(shape, &s.qkv, &a.probs, &a.datt, &mut a.dqkv);
         let rot = qd + c.kv_dim();
         ops::rope(
             &mut a.dqkv,

@@ -189,25 +189,19 @@ impl AttnShape {
 }
 
 /// Causal softmax attention, scale `1/sqrt(hd)`. `qkv`: (b·t, qkv_dim) with RoPE applied;
-/// `probs`: (b, n_heads, t, t), saved for backward (zero above the diagonal); `out`: (b·t,
+/// `probs`: (b, n_heads, t, t) (zero above the diagonal; see [`attention_probs`]); `out`: (b·t,
 /// q_dim). Parallel over sequences; each head is two small matrix products computed in full
 /// (the masked half costs less than a scalar causal loop saves).
 pub fn attention(s: AttnShape, qkv: &[f32], probs: &mut [f32], out: &mut [f32]) {
+    attention_probs(s, qkv, probs);
     let (t, hd, qd, qkvd) = (s.t, s.hd, s.q_dim(), s.qkv_dim());
-    let scale = 1.0 / (hd as f32).sqrt();
     let serial = Par::Serial;
     out.par_chunks_mut(t * qd)
-        .zip(probs.par_chunks_mut(s.n_heads * t * t))
+        .zip(probs.par_chunks(s.n_heads * t * t))
         .zip(qkv.par_chunks(t * qkvd))
         .for_each(|((out, probs), qkv)| {
-            for (h, p) in probs.chunks_exact_mut(t * t).enumerate() {
-                let (qo, ko, vo) = s.offsets(h);
-                // (t, t) = scale · Q (t, hd) · Kᵀ (hd, t)
-                let (q, k) = (Mat::rows(&qkv[qo..], qkvd), Mat::rows(&qkv[ko..], qkvd));
-                gemm(p, t, q, k.t(), (t, t, hd), false, scale, serial);
-                for (i, row) in p.chunks_exact_mut(t).enumerate() {
-                    softmax_causal(row, i);
-                }
+            for (h, p) in probs.chunks_exact(t * t).enumerate() {
+                let (qo, _, vo) = s.offsets(h);
                 // (t, hd) = P (t, t) · V (t, hd)
                 let v = Mat::rows(&qkv[vo..], qkvd);
                 gemm(
@@ -220,6 +214,28 @@ pub fn attention(s: AttnShape, qkv: &[f32], probs: &mut [f32], out: &mut [f32]) 
                     1.0,
                     serial,
                 );
+            }
+        });
+}
+
+/// The attention probabilities of [`attention`] alone, into `probs` (b, n_heads, t, t): the
+/// backward pass recomputes them layer by layer instead of keeping every layer's.
+pub fn attention_probs(s: AttnShape, qkv: &[f32], probs: &mut [f32]) {
+    let (t, hd, qkvd) = (s.t, s.hd, s.qkv_dim());
+    let scale = 1.0 / (hd as f32).sqrt();
+    let serial = Par::Serial;
+    probs
+        .par_chunks_mut(s.n_heads * t * t)
+        .zip(qkv.par_chunks(t * qkvd))
+        .for_each(|(probs, qkv)| {
+            for (h, p) in probs.chunks_exact_mut(t * t).enumerate() {
+                let (qo, ko, _) = s.offsets(h);
+                // (t, t) = scale · Q (t, hd) · Kᵀ (hd, t)
+                let (q, k) = (Mat::rows(&qkv[qo..], qkvd), Mat::rows(&qkv[ko..], qkvd));
+                gemm(p, t, q, k.t(), (t, t, hd), false, scale, serial);
+                for (i, row) in p.chunks_exact_mut(t).enumerate() {
+                    softmax_causal(row, i);
+                }
             }
         });
 }

@@ -20,7 +20,7 @@ use crate::checkpoint::TrainState;
 use crate::dpo::Pair;
 use crate::lora::LoraActs;
 use crate::model::Activations;
-use crate::sft::{self, Example, SftBatcher};
+use crate::sft::{self, Example};
 use crate::trainer::{Evaluation, Policy, StepOut};
 use crate::TrainError;
 
@@ -152,10 +152,7 @@ impl Reward {
     ) -> Result<StepOut, TrainError> {
         let head = Self::head(policy)?;
         let d = policy.mc.dim;
-        let mut sb = SftBatcher {
-            seed: state.batcher.seed,
-            cursor: state.batcher.cursor,
-        };
+        let mut sb = state.batcher.examples();
         let mut tally = Tally::default();
         for _ in 0..grad_accum {
             let idx: Vec<usize> = (0..self.batch).map(|_| sb.take(self.train.len())).collect();
@@ -194,7 +191,7 @@ impl Reward {
             policy.backward_hidden(params, grads, &mut self.acts, &mut self.lacts);
             self.train = train;
         }
-        state.batcher.cursor = sb.cursor;
+        state.batcher.advance_to(sb);
         Ok(StepOut {
             loss: tally.loss(),
             tokens: (2 * self.batch * self.ctx * grad_accum) as u64,

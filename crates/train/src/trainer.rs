@@ -32,7 +32,7 @@ use crate::model::{
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::reward::Reward;
 use crate::run::{diverged, save_reported, Event, Metrics};
-use crate::sft::{self, Example, SftBatcher};
+use crate::sft::{self, Example};
 use crate::TrainError;
 
 // ---- the policy: which weights train ----------------------------------------------------------
@@ -129,17 +129,73 @@ impl Policy {
         model::forward_hidden_with(&self.mc, &self.layout, self.base(params), run, acts);
     }
 
-    /// Forward with the reference model — the base with the adapters switched off, or the
-    /// starting weights of a full run — logits only. `None` when no reference is kept (full
-    /// pretraining and SFT).
-    pub fn reference_logits(&self, acts: &mut Activations) -> Option<()> {
+    /// Forward with the trained weights; each scored position's target log-prob and
+    /// log-sum-exp (the head runs on the scored rows only, a few at a time: see
+    /// [`model::scored_logprobs`]).
+    pub fn forward_logprobs(
+        &self,
+        params: &[f32],
+        acts: &mut Activations,
+        lacts: &mut LoraActs,
+        targets: &[u32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        self.forward_hidden(params, acts, lacts);
+        model::scored_logprobs(&self.mc, &self.layout, self.base(params), acts, targets)
+    }
+
+    /// Accumulate into `grads` the gradient of `−Σ w_i · log p(target_i)` after
+    /// [`Policy::forward_logprobs`] (`lse` from it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_logprobs(
+        &self,
+        params: &[f32],
+        grads: &mut [f32],
+        acts: &mut Activations,
+        lacts: &mut LoraActs,
+        targets: &[u32],
+        lse: &[f32],
+        w: &[f32],
+    ) {
+        // The head trains only in a full run (its weights are then in `params`).
+        let head_grads = if self.lora.is_none() {
+            Some(&mut *grads)
+        } else {
+            None
+        };
+        model::scored_head_backward(
+            &self.mc,
+            &self.layout,
+            self.base(params),
+            head_grads,
+            acts,
+            targets,
+            lse,
+            w,
+        );
+        self.backward_hidden(params, grads, acts, lacts);
+    }
+
+    /// [`Policy::forward_logprobs`] with the reference model — the base with the adapters
+    /// switched off, or the starting weights of a full run. `None` when no reference is kept
+    /// (full pretraining and SFT).
+    pub fn reference_logprobs(
+        &self,
+        acts: &mut Activations,
+        targets: &[u32],
+    ) -> Option<(Vec<f32>, Vec<f32>)> {
         let w = match &self.frozen {
             Frozen::F32(f) => Weights::F32(f),
             Frozen::Stored(s) => Weights::Stored(s),
             Frozen::None => return None,
         };
-        model::forward_with(&self.mc, &self.layout, w, None, acts);
-        Some(())
+        model::forward_hidden_with(&self.mc, &self.layout, w, None, acts);
+        Some(model::scored_logprobs(
+            &self.mc,
+            &self.layout,
+            w,
+            acts,
+            targets,
+        ))
     }
 
     /// Accumulate into `grads` the gradient whose hidden-state gradient the caller left in
@@ -295,10 +351,7 @@ impl Sft {
         state: &mut TrainState,
         grad_accum: usize,
     ) -> StepOut {
-        let mut sb = SftBatcher {
-            seed: state.batcher.seed,
-            cursor: state.batcher.cursor,
-        };
+        let mut sb = state.batcher.examples();
         let (mut inputs, mut targets) = (Vec::new(), Vec::new());
         let mut loss = 0.0;
         for _ in 0..grad_accum {
@@ -316,7 +369,7 @@ impl Sft {
             policy.backward(params, grads, &mut self.acts, &mut self.lacts);
             state.tokens_seen += targets.iter().filter(|&&t| t != IGNORE).count() as u64;
         }
-        state.batcher.cursor = sb.cursor;
+        state.batcher.advance_to(sb);
         let mut metrics = Map::new();
         metrics.insert("trained_tokens".into(), json!(state.tokens_seen));
         StepOut {

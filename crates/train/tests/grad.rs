@@ -179,3 +179,69 @@ fn lora_gradients_match_finite_differences_with_ignored_targets() {
         }
     }
 }
+
+/// The output head on scored rows only, a chunk at a time (what DPO runs), gives the log-probs
+/// and the gradient of the whole-logits path, head included.
+#[test]
+fn the_scored_rows_head_matches_the_whole_logits_path() {
+    use ferrolm_train::model::{Weights, IGNORE};
+    use ferrolm_train::ops;
+    let c = ModelConfig {
+        context: 80,
+        ..tiny(false, 2)
+    };
+    let layout = Layout::new(&c);
+    let mut rng = SplitMix(5);
+    let params: Vec<f32> = (0..layout.len).map(|_| 0.3 * rng.normal()).collect();
+    let (b, t) = (2, c.context);
+    let inputs: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 13) as u32).collect();
+    // more than one chunk of scored rows, with gaps
+    let targets: Vec<u32> = (0..b * t)
+        .map(|i| {
+            if i % 5 == 0 {
+                IGNORE
+            } else {
+                (rng.next_u64() % 13) as u32
+            }
+        })
+        .collect();
+    let w: Vec<f32> = (0..b * t)
+        .map(|i| {
+            if i % 7 == 0 {
+                0.0
+            } else {
+                0.01 * (i % 3) as f32 + 0.005
+            }
+        })
+        .collect();
+    let p = Weights::F32(&params);
+
+    let mut a = Activations::new(&c, b, t);
+    a.set_scored(&inputs, &targets);
+    model::forward_with(&c, &layout, p, None, &mut a);
+    let (lp_full, lse_full) = ops::target_logprobs(&a.logits, &targets, c.vocab_size);
+    ops::weighted_ce_grad(&mut a.logits, &targets, c.vocab_size, &lse_full, &w);
+    let mut g_full = vec![0f32; layout.len];
+    model::backward_with(&c, &layout, p, Some(&mut g_full), None, &mut a);
+
+    let mut a = Activations::new(&c, b, t);
+    a.set_scored(&inputs, &targets);
+    model::forward_hidden_with(&c, &layout, p, None, &mut a);
+    let (lp, lse) = model::scored_logprobs(&c, &layout, p, &a, &targets);
+    let mut g = vec![0f32; layout.len];
+    model::scored_head_backward(&c, &layout, p, Some(&mut g), &mut a, &targets, &lse, &w);
+    model::backward_hidden_with(&c, &layout, p, Some(&mut g), None, &mut a);
+
+    for i in 0..targets.len() {
+        if targets[i] != IGNORE {
+            assert!((lp[i] - lp_full[i]).abs() < 1e-5, "logp {i}");
+            assert!((lse[i] - lse_full[i]).abs() < 1e-5, "lse {i}");
+        }
+    }
+    let worst = g
+        .iter()
+        .zip(&g_full)
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1e-3))
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-3, "gradients differ by {worst:.2e}");
+}
