@@ -705,7 +705,19 @@ fn run_job(s: &AppState, claim: Claim, stop: &Arc<AtomicBool>, me: &Worker) -> R
         Err(message) => return fail_job(store, id, owner, message),
     };
     // A run started elsewhere (another replica, or this one before its disk was lost) has
-    // its checkpoints in the blob store: continue from them.
+    // its checkpoints in the blob store: continue from them. With object storage, a local
+    // copy left by an earlier claim of this job may be older than the store's (another
+    // worker went on since, mirroring each checkpoint): the store's is the run.
+    if !t.blobs.is_local() && out.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&out) {
+            return fail_job(
+                store,
+                id,
+                owner,
+                format!("cannot clear {}: {e}", out.display()),
+            );
+        }
+    }
     if !out.join("finetune.json").is_file() {
         if let Err(e) = t.blobs.fetch_dir(&run_key(id)) {
             if !e.is_not_found() {
