@@ -16,10 +16,11 @@
 //! stops `serve` with a clear error; an upload whose blob cannot be written leaves no record;
 //! an adapter fine-tuned on one replica is loaded from S3 by another (a `--no-worker` one) on
 //! its first request. Fine-tuning jobs are one queue in PostgreSQL: of two worker replicas
-//! exactly one runs each job, a cancel through a third replica stops the job where it runs, a
-//! `--no-worker` replica never trains, and a job whose replica is killed (`kill -9`) is taken
-//! over by the other, already running, replica once its lease runs out, from its last
-//! checkpoint in S3; its model is then served by every replica.
+//! exactly one runs each job, a pause or cancel through a third replica stops the job where it
+//! runs (and a resumed one continues from its checkpoint), a `--no-worker` replica never
+//! trains, and a job whose replica is killed (`kill -9`) is taken over by the other, already
+//! running, replica once its lease runs out, from its last checkpoint in S3; its model is
+//! then served by every replica.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -1183,11 +1184,28 @@ fn fine_tuning_jobs_are_one_queue_that_worker_replicas_share_under_leases() {
         }
     }
 
-    // A cancel through the serving-only replica stops the job on the worker that runs it
-    // (which hears of it at its next lease renewal).
+    // A pause and a cancel through the serving-only replica stop the job on the worker that
+    // runs it, which hears of them at its next lease renewal; resumed, the job continues from
+    // the checkpoint the pause wrote (in S3: whichever worker claims it fetches the run).
     let long = new_job(&c, &file, 50, 1);
     wait_job(&c, &long, Duration::from_secs(120), |_, m| {
         m.iter().any(|m| m.starts_with("Fine-tuning job started"))
+    });
+    let stopped = |status: &str| {
+        let suffix = format!("the job is {status}");
+        move |_: &str, m: &[String]| {
+            m.iter()
+                .any(|m| m.contains("stopped training at step") && m.ends_with(&suffix))
+        }
+    };
+    let (status, v) = c.post(&format!("/v1/fine_tuning/jobs/{long}/pause"), &json!({}));
+    assert_eq!((status, v["status"].as_str()), (200, Some("paused")), "{v}");
+    wait_job(&c, &long, Duration::from_secs(60), stopped("paused"));
+    let (status, v) = c.post(&format!("/v1/fine_tuning/jobs/{long}/resume"), &json!({}));
+    assert_eq!(status, 200, "{v}");
+    wait_job(&c, &long, Duration::from_secs(120), |_, m| {
+        m.iter()
+            .any(|m| m.starts_with("Fine-tuning job resumed from the checkpoint at step"))
     });
     let (status, v) = c.post(&format!("/v1/fine_tuning/jobs/{long}/cancel"), &json!({}));
     assert_eq!(
@@ -1195,9 +1213,7 @@ fn fine_tuning_jobs_are_one_queue_that_worker_replicas_share_under_leases() {
         (200, Some("cancelled")),
         "{v}"
     );
-    let (status, log) = wait_job(&c, &long, Duration::from_secs(60), |_, m| {
-        m.iter().any(|m| m.contains("stopped training at step"))
-    });
+    let (status, log) = wait_job(&c, &long, Duration::from_secs(60), stopped("cancelled"));
     assert_eq!(status, "cancelled", "{log:#?}");
 
     // The replica that runs a job is killed (SIGKILL) after a checkpoint: the other worker,
