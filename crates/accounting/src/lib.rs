@@ -51,4 +51,4 @@ pub use store::{
     GroupBy, KeyInfo, KeyListing, KeySpec, NewKey, Store, StoreUrl, UsageGroup, UsageQuery,
     UsageRow, DB_FILE, KEY_PREFIX, NO_KEY, SCHEMA_VERSION,
 };
-pub use tuning::{FileRecord, JobCheckpoint, JobEvent, JobRecord, Page};
+pub use tuning::{Claim, FileRecord, JobCheckpoint, JobEvent, JobRecord, Page};

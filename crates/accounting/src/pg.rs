@@ -16,9 +16,10 @@
 //! - A ledger row of an admitted request settles its admission in the same transaction (real
 //!   tokens replace the estimate, the hold is released); a row whose admission is already
 //!   settled is not written again, so a retried write counts the request once.
-//! - Stored chat completions and uploaded files' records live here too (every replica lists
-//!   and exports the same ones; the files' bytes are in the blob store, `--blobs`);
-//!   fine-tuning jobs and stored responses do not yet (`AccountingError::NotInPostgres`).
+//! - Stored chat completions, uploaded files' records and fine-tuning jobs (with their events,
+//!   checkpoints and the queue's leases, see `tuning`) live here too: every replica lists and
+//!   exports the same ones (the files' bytes and the runs are in the blob store, `--blobs`).
+//!   Stored responses do not yet (`AccountingError::NotInPostgres`).
 //! - Calls block the caller, as SQLite's do: each runs on this store's own small tokio runtime
 //!   and is waited for. Nothing waits long: the pool's wait, connect and recycle steps each
 //!   give up after [`STEP_TIMEOUT`], a whole call after [`CALL_TIMEOUT`]; such failures are
@@ -38,7 +39,10 @@ use tokio_postgres::{NoTls, Row};
 use crate::completions::{self, CompletionQuery, CompletionRecord, Owner};
 use crate::limits::{Headroom, Limited, RateLimiter, WINDOW};
 use crate::store::{pick_key, GroupBy, KeyInfo, KeySpec, UsageGroup, UsageRow, KEY_COLUMNS};
-use crate::tuning::{FileRecord, Page, FILE_COLUMNS};
+use crate::tuning::{
+    Claim, FileRecord, JobCheckpoint, JobEvent, JobRecord, Page, CLAIMABLE, FILE_COLUMNS,
+    JOB_COLUMNS,
+};
 use crate::{AccountingError, SCHEMA_VERSION};
 
 /// The most one pool step (waiting for a free connection, connecting, checking one) takes.
@@ -54,6 +58,8 @@ const POOL_SIZE: usize = 8;
 /// An admission not settled after this long is from a replica that died mid-request: its
 /// budget hold lapses (and its row goes).
 const HOLD_LAPSES_MS: i64 = 3_600_000;
+/// The database's clock in unix milliseconds: one clock for every replica (leases, windows).
+const DB_NOW_MS: &str = "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)";
 /// Serialises migrations of replicas that start together (any constant; "ferrolm" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0066_6572_726f_6c6d;
 
@@ -772,6 +778,442 @@ fn file_from_row(shown: &str, r: &Row) -> Result<FileRecord, AccountingError> {
         created_at: r.try_get(3).map_err(bad)?,
         filename: r.try_get(4).map_err(bad)?,
         purpose: r.try_get(5).map_err(bad)?,
+    })
+}
+
+/// Fine-tuning jobs, their events and checkpoints, and the queue's leases (see `tuning`): the
+/// same columns, scoping and rules as SQLite's.
+impl Pg {
+    pub(crate) fn insert_job(&self, j: &JobRecord) -> Result<(), AccountingError> {
+        let j = j.clone();
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let tokens = j
+                .trained_tokens
+                .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+            let (spec, error) = (j.spec.to_string(), j.error.as_ref().map(|e| e.to_string()));
+            c.execute(
+                &format!(
+                    "INSERT INTO ft_jobs ({JOB_COLUMNS})
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                ),
+                &[
+                    &j.id,
+                    &j.key_id,
+                    &j.created_at,
+                    &j.status,
+                    &j.model,
+                    &j.training_file,
+                    &j.validation_file,
+                    &spec,
+                    &j.fine_tuned_model,
+                    &j.finished_at,
+                    &tokens,
+                    &error,
+                ],
+            )
+            .await
+            .map_err(|e| pg_error(&shown, e))?;
+            Ok(())
+        })
+    }
+
+    /// The job `id`; with `Some(key)`, only if it belongs to `key`.
+    pub(crate) fn job(
+        &self,
+        id: &str,
+        key: Option<Option<i64>>,
+    ) -> Result<Option<JobRecord>, AccountingError> {
+        let id = id.to_owned();
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let row = match key {
+                Some(key) => {
+                    c.query_opt(
+                        &format!("SELECT {JOB_COLUMNS} FROM ft_jobs WHERE id = $1 AND key_id IS NOT DISTINCT FROM $2"),
+                        &[&id, &key],
+                    )
+                    .await
+                }
+                None => {
+                    c.query_opt(
+                        &format!("SELECT {JOB_COLUMNS} FROM ft_jobs WHERE id = $1"),
+                        &[&id],
+                    )
+                    .await
+                }
+            }
+            .map_err(|e| pg_error(&shown, e))?;
+            row.map(|r| job_from_row(&shown, &r)).transpose()
+        })
+    }
+
+    pub(crate) fn jobs(
+        &self,
+        key: Option<i64>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page<JobRecord>, AccountingError> {
+        let after = after.map(str::to_owned);
+        self.call(|pool, shown| async move {
+            let err = |e| pg_error(&shown, e);
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let below = match &after {
+                None => i64::MAX,
+                Some(a) => c
+                    .query_opt(
+                        "SELECT seq FROM ft_jobs WHERE id = $1 AND key_id IS NOT DISTINCT FROM $2",
+                        &[a, &key],
+                    )
+                    .await
+                    .map_err(err)?
+                    .ok_or_else(|| {
+                        AccountingError::InvalidQuery(format!(
+                            "after: `{a}` is not an id in this list"
+                        ))
+                    })?
+                    .try_get(0)
+                    .map_err(err)?,
+            };
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {JOB_COLUMNS} FROM ft_jobs WHERE key_id IS NOT DISTINCT FROM $1 AND seq < $2
+                         ORDER BY seq DESC LIMIT $3"
+                    ),
+                    &[&key, &below, &(limit as i64 + 1)],
+                )
+                .await
+                .map_err(err)?;
+            let items = rows
+                .iter()
+                .map(|r| job_from_row(&shown, r))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(page(items, limit))
+        })
+    }
+
+    pub(crate) fn jobs_with_status(
+        &self,
+        statuses: &[&str],
+    ) -> Result<Vec<JobRecord>, AccountingError> {
+        let statuses: Vec<String> = statuses.iter().map(|s| (*s).to_owned()).collect();
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {JOB_COLUMNS} FROM ft_jobs WHERE status = ANY($1) ORDER BY seq"
+                    ),
+                    &[&statuses],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            rows.iter().map(|r| job_from_row(&shown, r)).collect()
+        })
+    }
+
+    pub(crate) fn set_job_status(
+        &self,
+        id: &str,
+        to: &str,
+        from: &[&str],
+    ) -> Result<bool, AccountingError> {
+        let (id, to) = (id.to_owned(), to.to_owned());
+        let from: Vec<String> = from.iter().map(|s| (*s).to_owned()).collect();
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let n = c
+                .execute(
+                    "UPDATE ft_jobs SET status = $1 WHERE id = $2 AND status = ANY($3)",
+                    &[&to, &id, &from],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            Ok(n > 0)
+        })
+    }
+
+    /// See [`crate::Store::finish_job`]; `end` is (status, fine-tuned model, error, end time).
+    pub(crate) fn finish_job(
+        &self,
+        id: &str,
+        from: &[&str],
+        owner: Option<&str>,
+        end: (&str, Option<&str>, Option<&serde_json::Value>, i64),
+    ) -> Result<bool, AccountingError> {
+        let (id, owner) = (id.to_owned(), owner.map(str::to_owned));
+        let from: Vec<String> = from.iter().map(|s| (*s).to_owned()).collect();
+        let (to, model, error, at) = (
+            end.0.to_owned(),
+            end.1.map(str::to_owned),
+            end.2.map(|e| e.to_string()),
+            end.3,
+        );
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            // One statement: the status (and lease) check and the update are atomic.
+            let n = c
+                .execute(
+                    "UPDATE ft_jobs SET status = $2, fine_tuned_model = $3, error = $4, finished_at = $5
+                     WHERE id = $1 AND status = ANY($6) AND ($7::TEXT IS NULL OR lease_owner = $7)",
+                    &[&id, &to, &model, &error, &at, &from, &owner],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            Ok(n > 0)
+        })
+    }
+
+    pub(crate) fn set_trained_tokens(&self, id: &str, tokens: u64) -> Result<(), AccountingError> {
+        let id = id.to_owned();
+        let tokens = i64::try_from(tokens).unwrap_or(i64::MAX);
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            c.execute(
+                "UPDATE ft_jobs SET trained_tokens = $2 WHERE id = $1",
+                &[&id, &tokens],
+            )
+            .await
+            .map_err(|e| pg_error(&shown, e))?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn add_job_event(&self, job: &str, e: &JobEvent) -> Result<i64, AccountingError> {
+        let (job, e) = (job.to_owned(), e.clone());
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let data = e.data.as_ref().map(|d| d.to_string());
+            c.query_one(
+                "INSERT INTO ft_events (job_id, created_at, level, message, type, data)
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
+                &[&job, &e.created_at, &e.level, &e.message, &e.kind, &data],
+            )
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| pg_error(&shown, e))
+        })
+    }
+
+    pub(crate) fn job_events(
+        &self,
+        job: &str,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Page<JobEvent>, AccountingError> {
+        let job = job.to_owned();
+        self.call(|pool, shown| async move {
+            let err = |e| pg_error(&shown, e);
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let rows = c
+                .query(
+                    "SELECT seq, created_at, level, message, type, data FROM ft_events
+                     WHERE job_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+                    &[&job, &after.unwrap_or(i64::MAX), &(limit as i64 + 1)],
+                )
+                .await
+                .map_err(err)?;
+            let mut items = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let data: Option<String> = r.try_get(5).map_err(err)?;
+                items.push(JobEvent {
+                    seq: r.try_get(0).map_err(err)?,
+                    created_at: r.try_get(1).map_err(err)?,
+                    level: r.try_get(2).map_err(err)?,
+                    message: r.try_get(3).map_err(err)?,
+                    kind: r.try_get(4).map_err(err)?,
+                    data: data
+                        .map(|d| json_text(&shown, "ft_events.data", &d))
+                        .transpose()?,
+                });
+            }
+            Ok(page(items, limit))
+        })
+    }
+
+    pub(crate) fn add_job_checkpoint(
+        &self,
+        job: &str,
+        ck: &JobCheckpoint,
+    ) -> Result<(), AccountingError> {
+        let (job, ck) = (job.to_owned(), ck.clone());
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let step = i64::try_from(ck.step).unwrap_or(i64::MAX);
+            c.execute(
+                "INSERT INTO ft_checkpoints (job_id, created_at, step, model, metrics)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[
+                    &job,
+                    &ck.created_at,
+                    &step,
+                    &ck.model,
+                    &ck.metrics.to_string(),
+                ],
+            )
+            .await
+            .map_err(|e| pg_error(&shown, e))?;
+            Ok(())
+        })
+    }
+
+    pub(crate) fn job_checkpoints(
+        &self,
+        job: &str,
+        after: Option<i64>,
+        limit: usize,
+    ) -> Result<Page<JobCheckpoint>, AccountingError> {
+        let job = job.to_owned();
+        self.call(|pool, shown| async move {
+            let err = |e| pg_error(&shown, e);
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let rows = c
+                .query(
+                    "SELECT seq, created_at, step, model, metrics FROM ft_checkpoints
+                     WHERE job_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+                    &[&job, &after.unwrap_or(i64::MAX), &(limit as i64 + 1)],
+                )
+                .await
+                .map_err(err)?;
+            let mut items = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let step: i64 = r.try_get(2).map_err(err)?;
+                let metrics: String = r.try_get(4).map_err(err)?;
+                items.push(JobCheckpoint {
+                    seq: r.try_get(0).map_err(err)?,
+                    created_at: r.try_get(1).map_err(err)?,
+                    step: u64::try_from(step).unwrap_or(0),
+                    model: r.try_get(3).map_err(err)?,
+                    metrics: json_text(&shown, "ft_checkpoints.metrics", &metrics)?,
+                });
+            }
+            Ok(page(items, limit))
+        })
+    }
+
+    /// See [`crate::Store::claim_job`]: the row lock with SKIP LOCKED lets replicas claiming
+    /// at once each take a different job, none waiting on another.
+    pub(crate) fn claim_job(
+        &self,
+        owner: &str,
+        lease_ms: i64,
+    ) -> Result<Option<Claim>, AccountingError> {
+        let owner = owner.to_owned();
+        self.call(|pool, shown| async move {
+            let err = |e| pg_error(&shown, e);
+            let mut c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let tx = c.transaction().await.map_err(err)?;
+            let Some(found) = tx
+                .query_opt(
+                    &format!(
+                        "SELECT id, status, lease_owner FROM ft_jobs WHERE ({})
+                         ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED",
+                        CLAIMABLE.replace('?', DB_NOW_MS)
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(err)?
+            else {
+                return Ok(None);
+            };
+            let id: String = found.try_get(0).map_err(err)?;
+            let status: String = found.try_get(1).map_err(err)?;
+            let was: Option<String> = found.try_get(2).map_err(err)?;
+            let row = tx
+                .query_one(
+                    &format!(
+                        "UPDATE ft_jobs SET status = 'running', lease_owner = $2,
+                         lease_until = {DB_NOW_MS} + $3 WHERE id = $1 RETURNING {JOB_COLUMNS}"
+                    ),
+                    &[&id, &owner, &lease_ms],
+                )
+                .await
+                .map_err(err)?;
+            let job = job_from_row(&shown, &row)?;
+            tx.commit().await.map_err(err)?;
+            Ok(Some(Claim {
+                job,
+                taken_from: (status == "running").then(|| was.unwrap_or_default()),
+            }))
+        })
+    }
+
+    pub(crate) fn renew_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        lease_ms: i64,
+    ) -> Result<bool, AccountingError> {
+        let (id, owner) = (id.to_owned(), owner.to_owned());
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let n = c
+                .execute(
+                    &format!(
+                        "UPDATE ft_jobs SET lease_until = {DB_NOW_MS} + $3
+                         WHERE id = $1 AND lease_owner = $2 AND status = 'running'"
+                    ),
+                    &[&id, &owner, &lease_ms],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            Ok(n > 0)
+        })
+    }
+
+    pub(crate) fn release_lease(&self, id: &str, owner: &str) -> Result<(), AccountingError> {
+        let (id, owner) = (id.to_owned(), owner.to_owned());
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            c.execute(
+                "UPDATE ft_jobs SET lease_until = NULL
+                 WHERE id = $1 AND lease_owner = $2 AND status = 'running'",
+                &[&id, &owner],
+            )
+            .await
+            .map_err(|e| pg_error(&shown, e))?;
+            Ok(())
+        })
+    }
+}
+
+/// The first `limit` of `items` (fetched as `limit + 1` to know whether more follow).
+fn page<T>(mut items: Vec<T>, limit: usize) -> Page<T> {
+    let has_more = items.len() > limit;
+    items.truncate(limit);
+    Page { items, has_more }
+}
+
+/// A JSON column's text, parsed; an error names the column.
+fn json_text(shown: &str, column: &str, text: &str) -> Result<serde_json::Value, AccountingError> {
+    serde_json::from_str(text).map_err(|e| AccountingError::Postgres {
+        store: shown.to_owned(),
+        message: format!("{column} is not valid JSON: {e}"),
+    })
+}
+
+fn job_from_row(shown: &str, r: &Row) -> Result<JobRecord, AccountingError> {
+    let bad = |e: tokio_postgres::Error| pg_error(shown, e);
+    let tokens: Option<i64> = r.try_get(10).map_err(bad)?;
+    let spec: String = r.try_get(7).map_err(bad)?;
+    let error: Option<String> = r.try_get(11).map_err(bad)?;
+    Ok(JobRecord {
+        id: r.try_get(0).map_err(bad)?,
+        key_id: r.try_get(1).map_err(bad)?,
+        created_at: r.try_get(2).map_err(bad)?,
+        status: r.try_get(3).map_err(bad)?,
+        model: r.try_get(4).map_err(bad)?,
+        training_file: r.try_get(5).map_err(bad)?,
+        validation_file: r.try_get(6).map_err(bad)?,
+        spec: json_text(shown, "ft_jobs.spec", &spec)?,
+        fine_tuned_model: r.try_get(8).map_err(bad)?,
+        finished_at: r.try_get(9).map_err(bad)?,
+        trained_tokens: tokens.map(|t| u64::try_from(t).unwrap_or(0)),
+        error: error
+            .map(|e| json_text(shown, "ft_jobs.error", &e))
+            .transpose()?,
     })
 }
 

@@ -32,7 +32,7 @@ use crate::AccountingError;
 /// The database's file name inside the data dir.
 pub const DB_FILE: &str = "ferrolm.db";
 /// The schema version this code writes; `MIGRATIONS[v - 1]` brings version v-1 to v.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 /// What every key starts with, so a leaked one is recognisable (and greppable by scanners).
 pub const KEY_PREFIX: &str = "flm-";
 /// Random characters after `KEY_PREFIX`.
@@ -106,6 +106,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     CREATE INDEX admissions_key_ts ON admissions(key_id, ts);",
     // 8: admin keys, which may administer keys over the API and read every key's usage.
     "ALTER TABLE api_keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0 CHECK (admin IN (0, 1));",
+    // 9: the fine-tuning queue's leases (see `tuning`): which worker runs a job, and until when
+    // its lease holds; a running job whose lease ran out is taken over by another worker.
+    crate::tuning::LEASE_MIGRATION,
 ];
 
 /// What a new key may do. `None` is unlimited. Also the body of the server's `POST /v1/keys`
@@ -559,8 +562,8 @@ impl Store {
         }
     }
 
-    /// The SQLite connection; what is kept only in SQLite so far (files, fine-tuning jobs and
-    /// stored responses) is refused on PostgreSQL.
+    /// The SQLite connection; what is kept only in SQLite so far (stored responses) is
+    /// refused on PostgreSQL.
     pub(crate) fn conn(&self) -> Result<MutexGuard<'_, Connection>, AccountingError> {
         match &self.backend {
             // A panic while holding the lock dropped any open transaction (rolled back), so

@@ -14,8 +14,21 @@
 //!   insertion order (`seq`), which is stable when ids are random.
 //! - What a job was asked for (`spec`), its error and its events' and checkpoints' metrics are
 //!   JSON documents: their shape is the server's, this module only keeps them.
+//! - The jobs are a queue that several workers (one per server replica) share: a worker
+//!   claims the oldest job that is `queued`, or `running` under a lease that ran out (its
+//!   worker died), in one transaction that takes it from every other worker (PostgreSQL:
+//!   `SELECT … FOR UPDATE SKIP LOCKED`; SQLite: an immediate transaction), and holds a lease on
+//!   it (`lease_owner`, `lease_until` in unix ms by the store's clock) that it renews while it
+//!   runs. A renewal fails once the job is no longer `running` under that worker's lease
+//!   (cancelled, paused, taken over), which is how a worker hears of a cancel made through
+//!   another replica. The worker's own end of a job (`finish_job` with an owner) happens only
+//!   while it holds the lease.
+//! - Both backends keep the same rows and answer the same calls (`pg` holds PostgreSQL's
+//!   side); only the SQL differs.
 
-use rusqlite::{params, OptionalExtension, Row};
+use std::time::Duration;
+
+use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
 use serde_json::Value;
 
 use crate::store::{At, Store};
@@ -68,6 +81,18 @@ pub(crate) const MIGRATION: &str = "
         metrics    TEXT    NOT NULL                  -- JSON
     );
     CREATE INDEX ft_checkpoints_job ON ft_checkpoints(job_id, seq);";
+
+/// The queue's leases (schema version 9): the worker that runs a job and until when (unix
+/// milliseconds, the store's clock). A `running` job without a lease (left by a ferrolm
+/// before version 9) is free to take.
+pub(crate) const LEASE_MIGRATION: &str = "
+    ALTER TABLE ft_jobs ADD COLUMN lease_owner TEXT;
+    ALTER TABLE ft_jobs ADD COLUMN lease_until INTEGER;";
+
+/// What a worker may claim: a queued job, or a running one whose lease ran out (`?` is now in
+/// unix ms). Oldest first.
+pub(crate) const CLAIMABLE: &str =
+    "status = 'queued' OR (status = 'running' AND (lease_until IS NULL OR lease_until < ?))";
 
 /// An uploaded file's metadata (its bytes are on disk, named by `id`).
 #[derive(Clone, Debug, PartialEq)]
@@ -123,6 +148,20 @@ pub struct JobCheckpoint {
     pub metrics: Value,
 }
 
+/// A job a worker claimed ([`Store::claim_job`]): it is `running` under the worker's lease.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Claim {
+    pub job: JobRecord,
+    /// The worker whose lease ran out, when the job was running (a takeover); `None` for a
+    /// queued job.
+    pub taken_from: Option<String>,
+}
+
+/// A lease's length in the store's unit (milliseconds).
+pub(crate) fn lease_ms(lease: Duration) -> i64 {
+    i64::try_from(lease.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// One page of a list, newest first.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Page<T> {
@@ -158,7 +197,7 @@ fn file_from_row(r: &Row<'_>) -> rusqlite::Result<FileRecord> {
     })
 }
 
-const JOB_COLUMNS: &str = "id, key_id, created_at, status, model, training_file, validation_file, spec, fine_tuned_model, finished_at, trained_tokens, error";
+pub(crate) const JOB_COLUMNS: &str = "id, key_id, created_at, status, model, training_file, validation_file, spec, fine_tuned_model, finished_at, trained_tokens, error";
 
 fn job_from_row(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let tokens: Option<i64> = r.get(10)?;
@@ -270,6 +309,9 @@ impl Store {
     }
 
     pub fn insert_job(&self, j: &JobRecord) -> Result<(), AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.insert_job(j);
+        }
         self.conn()?
             .execute(
                 &format!(
@@ -296,6 +338,9 @@ impl Store {
 
     /// The job `id` if it belongs to `key`.
     pub fn job(&self, id: &str, key: Option<i64>) -> Result<Option<JobRecord>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.job(id, Some(key));
+        }
         self.conn()?
             .query_row(
                 &format!("SELECT {JOB_COLUMNS} FROM ft_jobs WHERE id = ?1 AND key_id IS ?2"),
@@ -308,6 +353,9 @@ impl Store {
 
     /// The job `id`, whoever owns it (for the worker).
     pub fn job_by_id(&self, id: &str) -> Result<Option<JobRecord>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.job(id, None);
+        }
         self.conn()?
             .query_row(
                 &format!("SELECT {JOB_COLUMNS} FROM ft_jobs WHERE id = ?1"),
@@ -325,6 +373,9 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Page<JobRecord>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.jobs(key, after, limit);
+        }
         let conn = self.conn()?;
         let below = after_seq(self, &conn, "ft_jobs", ("key_id", &key), after)?;
         let mut st = conn
@@ -343,6 +394,9 @@ impl Store {
 
     /// Every job in one of `statuses`, oldest first (for the worker's queue at start).
     pub fn jobs_with_status(&self, statuses: &[&str]) -> Result<Vec<JobRecord>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.jobs_with_status(statuses);
+        }
         let conn = self.conn()?;
         let marks = vec!["?"; statuses.len()].join(", ");
         let mut st = conn
@@ -363,6 +417,9 @@ impl Store {
         to: &str,
         from: &[&str],
     ) -> Result<bool, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.set_job_status(id, to, from);
+        }
         let marks: Vec<String> = (0..from.len()).map(|i| format!("?{}", i + 3)).collect();
         let mut args: Vec<&dyn rusqlite::ToSql> = vec![&to, &id];
         args.extend(from.iter().map(|s| s as &dyn rusqlite::ToSql));
@@ -379,25 +436,39 @@ impl Store {
         Ok(n > 0)
     }
 
-    /// End a job that is in one of `from`: its final status, model, error and end time.
+    /// End a job that is in one of `from` (and, given an `owner`, under that worker's lease):
+    /// its final status, model, error and end time. Whether it ended.
+    #[allow(clippy::too_many_arguments)]
     pub fn finish_job(
         &self,
         id: &str,
         to: &str,
         from: &[&str],
+        owner: Option<&str>,
         fine_tuned_model: Option<&str>,
         error: Option<&Value>,
         finished_at: i64,
     ) -> Result<bool, AccountingError> {
+        if let Some(pg) = self.pg() {
+            let end = (to, fine_tuned_model, error, finished_at);
+            return pg.finish_job(id, from, owner, end);
+        }
         let conn = self.conn()?;
         let tx = conn.unchecked_transaction().at(&self.path)?;
-        let status: Option<String> = tx
-            .query_row("SELECT status FROM ft_jobs WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
+        let row: Option<(String, Option<String>)> = tx
+            .query_row(
+                "SELECT status, lease_owner FROM ft_jobs WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()
             .at(&self.path)?;
-        if !status.is_some_and(|s| from.contains(&s.as_str())) {
+        let Some((status, lease_owner)) = row else {
+            return Ok(false);
+        };
+        if !from.contains(&status.as_str())
+            || owner.is_some_and(|o| lease_owner.as_deref() != Some(o))
+        {
             return Ok(false);
         }
         tx.execute(
@@ -410,6 +481,9 @@ impl Store {
     }
 
     pub fn set_trained_tokens(&self, id: &str, tokens: u64) -> Result<(), AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.set_trained_tokens(id, tokens);
+        }
         self.conn()?
             .execute(
                 "UPDATE ft_jobs SET trained_tokens = ?2 WHERE id = ?1",
@@ -421,6 +495,9 @@ impl Store {
 
     /// Append to a job's log (`e.seq` is ignored); returns the new event's seq.
     pub fn add_job_event(&self, job: &str, e: &JobEvent) -> Result<i64, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.add_job_event(job, e);
+        }
         let conn = self.conn()?;
         conn.execute(
             "INSERT INTO ft_events (job_id, created_at, level, message, type, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -437,6 +514,9 @@ impl Store {
         after: Option<i64>,
         limit: usize,
     ) -> Result<Page<JobEvent>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.job_events(job, after, limit);
+        }
         let conn = self.conn()?;
         let mut st = conn
             .prepare(
@@ -467,6 +547,9 @@ impl Store {
 
     /// Record a checkpoint of a job (`c.seq` is ignored).
     pub fn add_job_checkpoint(&self, job: &str, c: &JobCheckpoint) -> Result<(), AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.add_job_checkpoint(job, c);
+        }
         self.conn()?
             .execute(
                 "INSERT INTO ft_checkpoints (job_id, created_at, step, model, metrics) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -489,6 +572,9 @@ impl Store {
         after: Option<i64>,
         limit: usize,
     ) -> Result<Page<JobCheckpoint>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.job_checkpoints(job, after, limit);
+        }
         let conn = self.conn()?;
         let mut st = conn
             .prepare(
@@ -514,6 +600,97 @@ impl Store {
             rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)?,
             limit,
         )
+    }
+}
+
+/// The queue (see the module's contract).
+impl Store {
+    /// Claim the oldest job that is queued, or running under a lease that ran out, for the
+    /// worker `owner`: it is `running` under `owner`'s lease for `lease` from now. `None` when
+    /// no job is free.
+    pub fn claim_job(
+        &self,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Option<Claim>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.claim_job(owner, lease_ms(lease));
+        }
+        let mut conn = self.conn()?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .at(&self.path)?;
+        let now = crate::time::now_unix_ms();
+        let found: Option<(String, String, Option<String>)> = tx
+            .query_row(
+                &format!("SELECT id, status, lease_owner FROM ft_jobs WHERE ({CLAIMABLE}) ORDER BY seq LIMIT 1"),
+                [now],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .at(&self.path)?;
+        let Some((id, status, was)) = found else {
+            return Ok(None);
+        };
+        tx.execute(
+            "UPDATE ft_jobs SET status = 'running', lease_owner = ?2, lease_until = ?3 WHERE id = ?1",
+            params![id, owner, now.saturating_add(lease_ms(lease))],
+        )
+        .at(&self.path)?;
+        let job = tx
+            .query_row(
+                &format!("SELECT {JOB_COLUMNS} FROM ft_jobs WHERE id = ?1"),
+                [&id],
+                job_from_row,
+            )
+            .at(&self.path)?;
+        tx.commit().at(&self.path)?;
+        Ok(Some(Claim {
+            job,
+            taken_from: if status == "running" {
+                Some(was.unwrap_or_default())
+            } else {
+                None
+            },
+        }))
+    }
+
+    /// Extend `owner`'s lease on the job `id` to `lease` from now. False when the job is no
+    /// longer running under that lease (cancelled, paused, finished or taken over): the worker
+    /// must stop it.
+    pub fn renew_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.renew_lease(id, owner, lease_ms(lease));
+        }
+        let until = crate::time::now_unix_ms().saturating_add(lease_ms(lease));
+        let n = self
+            .conn()?
+            .execute(
+                "UPDATE ft_jobs SET lease_until = ?3 WHERE id = ?1 AND lease_owner = ?2 AND status = 'running'",
+                params![id, owner, until],
+            )
+            .at(&self.path)?;
+        Ok(n > 0)
+    }
+
+    /// Give up `owner`'s lease on the running job `id` (a server stopping mid-job), so that
+    /// another worker takes it over at once rather than when the lease runs out.
+    pub fn release_lease(&self, id: &str, owner: &str) -> Result<(), AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.release_lease(id, owner);
+        }
+        self.conn()?
+            .execute(
+                "UPDATE ft_jobs SET lease_until = NULL WHERE id = ?1 AND lease_owner = ?2 AND status = 'running'",
+                params![id, owner],
+            )
+            .at(&self.path)?;
+        Ok(())
     }
 }
 
@@ -620,11 +797,78 @@ mod tests {
             .unwrap());
         // The worker's end does not overwrite a cancel that came first.
         assert!(!s
-            .finish_job("ftjob-1", "succeeded", &["running"], Some("ft:x"), None, 9)
+            .finish_job(
+                "ftjob-1",
+                "succeeded",
+                &["running"],
+                None,
+                Some("ft:x"),
+                None,
+                9
+            )
             .unwrap());
         let j = s.job_by_id("ftjob-1").unwrap().unwrap();
         assert_eq!((j.status.as_str(), j.fine_tuned_model), ("cancelled", None));
         assert_eq!(s.jobs_with_status(&["queued", "running"]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn workers_claim_each_job_once_and_take_over_a_lapsed_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(dir.path()).unwrap();
+        let b = Store::open(dir.path()).unwrap();
+        let long = Duration::from_secs(60);
+        for i in 0..2 {
+            a.insert_job(&job(&format!("ftjob-{i}"), None)).unwrap();
+        }
+        // Oldest first, each to one worker; nothing is left for a third.
+        let first = a.claim_job("wa", long).unwrap().unwrap();
+        let second = b.claim_job("wb", long).unwrap().unwrap();
+        assert_eq!((first.job.id.as_str(), first.taken_from), ("ftjob-0", None));
+        assert_eq!(second.job.id, "ftjob-1");
+        assert_eq!(first.job.status, "running");
+        assert_eq!(b.claim_job("wc", long).unwrap(), None);
+        // Renewing is the owner's alone.
+        assert!(a.renew_lease("ftjob-0", "wa", long).unwrap());
+        assert!(!a.renew_lease("ftjob-0", "wb", long).unwrap());
+        // A lease that ran out is taken over, and its old owner's renewal then fails.
+        assert!(b.renew_lease("ftjob-1", "wb", Duration::ZERO).unwrap());
+        std::thread::sleep(Duration::from_millis(5));
+        let c = a.claim_job("wc", long).unwrap().unwrap();
+        assert_eq!(
+            (c.job.id.as_str(), c.taken_from.as_deref()),
+            ("ftjob-1", Some("wb"))
+        );
+        assert!(!b.renew_lease("ftjob-1", "wb", long).unwrap());
+        // The old owner's end is refused; the new owner's is not.
+        assert!(!b
+            .finish_job("ftjob-1", "failed", &["running"], Some("wb"), None, None, 9)
+            .unwrap());
+        assert!(a
+            .finish_job(
+                "ftjob-1",
+                "succeeded",
+                &["running"],
+                Some("wc"),
+                Some("ft:x"),
+                None,
+                9
+            )
+            .unwrap());
+        // A cancel ends the lease: the renewal says to stop.
+        assert!(a
+            .finish_job("ftjob-0", "cancelled", &["running"], None, None, None, 9)
+            .unwrap());
+        assert!(!a.renew_lease("ftjob-0", "wa", long).unwrap());
+        // A released lease is free at once.
+        a.insert_job(&job("ftjob-2", None)).unwrap();
+        a.claim_job("wa", long).unwrap().unwrap();
+        a.release_lease("ftjob-2", "wa").unwrap();
+        let again = b.claim_job("wb", long).unwrap().unwrap();
+        assert_eq!(
+            (again.job.id.as_str(), again.taken_from.as_deref()),
+            ("ftjob-2", Some("wa"))
+        );
     }
 
     #[test]

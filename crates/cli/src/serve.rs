@@ -10,6 +10,8 @@
 //! the data dir, or `--store`) and their files and runs in the blob store (`--blobs`: the data
 //! dir's `files/` and `fine_tuning/`, or S3); a job's training runs on `--train-threads`
 //! threads beside the engines, and its model is served (to its key) as soon as it succeeds.
+//! The jobs are a queue in the store that every replica's worker takes from under leases
+//! (`--job-lease`); `--no-worker` makes a replica that never trains.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -55,7 +57,7 @@ pub struct ServeArgs {
     /// The key store and usage ledger: sqlite:PATH (a database file; the default is
     /// DATA_DIR/ferrolm.db) or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE, which several
     /// replicas share as one service (keys, rate limits, budgets, one ledger, stored
-    /// completions and file records; fine-tuning jobs stay SQLite-only for now).
+    /// completions, file records, and fine-tuning jobs as one queue).
     #[arg(long, value_name = "URL")]
     store: Option<String>,
     /// Where uploaded files and fine-tuning runs (checkpoints, adapters, fine-tuned models)
@@ -77,6 +79,15 @@ pub struct ServeArgs {
     /// Threads for fine-tuning jobs (one job runs at a time; default: available cores).
     #[arg(long)]
     train_threads: Option<usize>,
+    /// Run no fine-tuning worker: this replica answers the job endpoints and serves the
+    /// fine-tuned models, and the replicas with a worker (sharing its --store and --blobs)
+    /// train.
+    #[arg(long)]
+    no_worker: bool,
+    /// Seconds a worker's lease on a running job lasts (renewed every third of it): a job
+    /// whose replica died continues on another once its lease runs out.
+    #[arg(long, value_name = "SECONDS", default_value_t = ferrolm_server::tuner::DEFAULT_LEASE.as_secs_f64(), value_parser = parse_lease)]
+    job_lease: f64,
     /// KV cache size in tokens per model, shared by its requests in flight (rounded up to
     /// blocks of 16). One request holds at most this many tokens, and at most the model's
     /// context.
@@ -777,14 +788,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
             path.display()
         );
     }
-    if state.access.store.is_shared() {
-        // File records are shared (their blobs are in --blobs); job records are one
-        // replica's for now (no shared queue yet).
-        eprintln!("ferrolm serve: fine-tuning jobs are off: a postgres:// store does not keep them yet (use a sqlite: store for them); /v1/files is on");
-    }
     let hooks = crate::tuning::hooks(bases, threads(a.train_threads)?, loader)?;
+    let worker_lease = (!a.no_worker).then(|| std::time::Duration::from_secs_f64(a.job_lease));
     state
-        .start_fine_tuning(hooks, &data_dir, blobs)
+        .start_fine_tuning(hooks, &data_dir, blobs, worker_lease)
         .map_err(anyhow::Error::msg)
         .context("cannot start fine-tuning")?;
     let served = rt.block_on(ferrolm_server::serve(
@@ -808,6 +815,17 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .map_err(|_| anyhow::anyhow!("an engine thread panicked"))?;
     }
     Ok(())
+}
+
+/// `--job-lease`: a number of seconds, at least 1 (renewals every third of it must reach the
+/// store in time).
+fn parse_lease(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (1.0..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a lease: give seconds from 1 to 86400, e.g. 30"
+        )),
+    }
 }
 
 /// `--embedding-model`: load it, named by its catalog name (with Ollama's and Hugging Face's

@@ -14,8 +14,13 @@
 //! PyPI, which `.ci/run` installs in target/s3-venv): a file uploaded through one replica is
 //! read through another, deleting it deletes its object; a bad URL or an unreachable endpoint
 //! stops `serve` with a clear error; an upload whose blob cannot be written leaves no record;
-//! an adapter fine-tuned on one replica is loaded from S3 by another on its first request; a
-//! job whose replica is killed continues on another replica from its checkpoint in S3.
+//! an adapter fine-tuned on one replica is loaded from S3 by another (a `--no-worker` one) on
+//! its first request. Fine-tuning jobs are one queue in PostgreSQL: of two worker replicas
+//! exactly one runs each job, a pause or cancel through a third replica stops the job where it
+//! runs (and a resumed one continues from its checkpoint), a `--no-worker` replica never
+//! trains, and a job whose replica is killed (`kill -9`) is taken over by the other, already
+//! running, replica once its lease runs out, from its last checkpoint in S3; its model is
+//! then served by every replica.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -899,14 +904,6 @@ fn files_live_in_s3_blobs_that_two_replicas_share() {
     assert_eq!(status, 200, "{listed}");
     assert_eq!(listed["data"][0]["id"], id.as_str(), "{listed}");
 
-    // Fine-tuning jobs are not kept in PostgreSQL yet: a job is refused, saying so.
-    let (status, v) = a.post(
-        "/v1/fine_tuning/jobs",
-        &json!({"model": "smollm2-135m-instruct", "training_file": id}),
-    );
-    assert_eq!(status, 501, "{v}");
-    assert_eq!(v["error"]["code"], "fine_tuning_unavailable", "{v}");
-
     // Deleted on B: the record is gone on A, and so is the object.
     let r = ureq::delete(&b.url(&format!("/v1/files/{id}")))
         .call()
@@ -973,13 +970,18 @@ fn ask(s: &Server, model: &str) -> (u16, Value) {
 #[test]
 fn an_adapter_tuned_on_one_replica_is_loaded_from_s3_by_another_on_first_use() {
     let s3 = S3::start();
-    // Fine-tuning jobs are kept in SQLite only so far: the replicas share one SQLite file.
-    let db_dir = tempfile::tempdir().unwrap();
-    let store = format!("sqlite:{}", db_dir.path().join("ferrolm.db").display());
+    let pg = Postgres::start();
+    let store = pg.url();
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let blobs = format!("s3://{BUCKET}/tuned");
+    // A trains; B, serving only, never does.
     let a = replica_with_blobs(&store, dirs[0].path(), &blobs, &s3);
-    let b = replica_with_blobs(&store, dirs[1].path(), &blobs, &s3);
+    let b = Server::start_env(
+        &common::default_model(),
+        dirs[1].path(),
+        &["--store", &store, "--blobs", &blobs, "--no-worker"],
+        &s3.env(),
+    );
 
     let lines: String = (0..8)
         .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is {i} plus one?\"}}, {{\"role\": \"assistant\", \"content\": \"Bolt says: {}.\"}}]}}\n", i + 1))
@@ -1078,75 +1080,196 @@ fn job_log(s: &Server, id: &str) -> (String, Vec<String>) {
     (j["status"].as_str().unwrap_or_default().to_owned(), m)
 }
 
-#[test]
-fn a_job_whose_replica_is_killed_continues_on_another_from_its_checkpoints_in_s3() {
-    let s3 = S3::start();
-    let db_dir = tempfile::tempdir().unwrap();
-    let store = format!("sqlite:{}", db_dir.path().join("ferrolm.db").display());
-    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let blobs = format!("s3://{BUCKET}/resume");
-    let mut a = replica_with_blobs(&store, dirs[0].path(), &blobs, &s3);
-    let lines: String = (0..12)
+/// Chat lines `What is i plus one?` → `i+1.`, `n` of them.
+fn sums(n: usize) -> String {
+    (0..n)
         .map(|i| format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"What is {i} plus one?\"}}, {{\"role\": \"assistant\", \"content\": \"{}.\"}}]}}\n", i + 1))
-        .collect();
-    let (status, text) = a.upload(&lines, None);
-    assert_eq!(status, 200, "{text}");
-    let file: Value = serde_json::from_str(&text).unwrap();
-    // 2 epochs × 12 examples / batch 4 = 6 steps, a checkpoint every 2.
-    let (status, job) = a.post(
+        .collect()
+}
+
+/// Create a job on `s` from `file`: its id.
+fn new_job(s: &Server, file: &str, n_epochs: u32, batch_size: u32) -> String {
+    let (status, job) = s.post(
         "/v1/fine_tuning/jobs",
         &json!({
             "model": "smollm2-135m-instruct",
-            "training_file": file["id"],
-            "hyperparameters": {"n_epochs": 2, "batch_size": 4},
+            "training_file": file,
+            "hyperparameters": {"n_epochs": n_epochs, "batch_size": batch_size},
         }),
     );
     assert_eq!(status, 200, "{job}");
-    let id = job["id"].as_str().unwrap().to_owned();
-    let t0 = Instant::now();
-    while !job_log(&a, &id)
-        .1
-        .iter()
-        .any(|m| m.starts_with("Checkpoint created"))
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "{:?}",
-            job_log(&a, &id)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    // SIGKILL, and the machine's disk with it: the checkpoint is in the bucket.
-    a.child.kill().unwrap();
-    a.child.wait().unwrap();
-    let ckpts: Vec<String> = s3
-        .keys(&format!("resume/fine_tuning/{id}/checkpoints/"))
-        .into_iter()
-        .filter(|k| k.ends_with("/model.safetensors"))
-        .collect();
-    assert!(!ckpts.is_empty(), "no checkpoint in the bucket");
-    drop(a);
+    job["id"].as_str().unwrap().to_owned()
+}
 
-    // Another replica, on a fresh data dir, takes the job over from that checkpoint.
-    let b = replica_with_blobs(&store, dirs[1].path(), &blobs, &s3);
+/// Wait until `done` holds of the job's (status, log), at most `limit`; panics on a failed job.
+fn wait_job(
+    s: &Server,
+    id: &str,
+    limit: Duration,
+    done: impl Fn(&str, &[String]) -> bool,
+) -> (String, Vec<String>) {
     let t0 = Instant::now();
-    let m = loop {
-        let (status, m) = job_log(&b, &id);
-        if status == "succeeded" {
-            break m;
+    loop {
+        let (status, m) = job_log(s, id);
+        if done(&status, &m) {
+            return (status, m);
         }
         assert!(
-            status != "failed" && t0.elapsed() < Duration::from_secs(300),
-            "{status}: {m:#?}"
+            status != "failed" && t0.elapsed() < limit,
+            "{id} {status}: {m:#?}"
         );
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The replica (an index into `replicas`) of the worker `owner` (`host:pid:tag`).
+fn replica_of(owner: &str, replicas: &[&Server]) -> usize {
+    let pid = owner.split(':').nth(1).unwrap_or_default();
+    replicas
+        .iter()
+        .position(|r| r.child.id().to_string() == pid)
+        .unwrap_or_else(|| panic!("worker {owner} is none of the replicas"))
+}
+
+#[test]
+fn fine_tuning_jobs_are_one_queue_that_worker_replicas_share_under_leases() {
+    let s3 = S3::start();
+    let pg = Postgres::start();
+    let url = pg.url();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let blobs = format!("s3://{BUCKET}/queue");
+    let start = |dir: &Path, extra: &[&str]| {
+        let mut args = vec!["--store", url.as_str(), "--blobs", blobs.as_str()];
+        args.extend_from_slice(extra);
+        Server::start_env(&common::default_model(), dir, &args, &s3.env())
     };
-    assert!(
+    // Two workers with 5-second leases, and a serving-only replica that takes the requests.
+    let lease = ["--job-lease", "5"];
+    let a = start(dirs[0].path(), &lease);
+    let b = start(dirs[1].path(), &lease);
+    let c = start(dirs[2].path(), &["--no-worker"]);
+    let (status, text) = c.upload(&sums(12), None);
+    assert_eq!(status, 200, "{text}");
+    let file: Value = serde_json::from_str(&text).unwrap();
+    let file = file["id"].as_str().unwrap().to_owned();
+
+    // Several one-step jobs at once: each is claimed once, and trained once, by one worker.
+    let small: Vec<String> = (0..3).map(|_| new_job(&c, &file, 1, 12)).collect();
+    for id in &small {
+        wait_job(&c, id, Duration::from_secs(300), |s, _| s == "succeeded");
+    }
+    let replicas = [&a, &b, &c];
+    let lease_owner = |id: &str| {
+        pg.sql(&format!(
+            "SELECT lease_owner FROM ft_jobs WHERE id = '{id}'"
+        ))
+    };
+    for id in &small {
+        let (_, log) = job_log(&c, id);
+        let count = |p: &str| log.iter().filter(|m| m.starts_with(p)).count();
+        assert_eq!(count("Worker "), 1, "{id}: {log:#?}");
+        assert_eq!(count("Fine-tuning job started"), 1, "{id}: {log:#?}");
+        assert_eq!(count("The lease of worker"), 0, "{id}: {log:#?}");
+        let owner = lease_owner(id);
+        assert!(
+            log.contains(&format!("Worker {owner} claimed the job")),
+            "{owner}: {log:#?}"
+        );
+        let ran = replica_of(&owner, &replicas);
+        assert_ne!(ran, 2, "the --no-worker replica ran {id}");
+        // The run directory is on the replica that trained, and on no other.
+        for (i, d) in dirs.iter().enumerate() {
+            let run = d.path().join("fine_tuning").join(id).join("finetune.json");
+            assert_eq!(run.exists(), i == ran, "{}", run.display());
+        }
+    }
+
+    // A pause and a cancel through the serving-only replica stop the job on the worker that
+    // runs it, which hears of them at its next lease renewal; resumed, the job continues from
+    // the checkpoint the pause wrote (in S3: whichever worker claims it fetches the run).
+    let long = new_job(&c, &file, 50, 1);
+    wait_job(&c, &long, Duration::from_secs(120), |_, m| {
+        m.iter().any(|m| m.starts_with("Fine-tuning job started"))
+    });
+    let stopped = |status: &str| {
+        let suffix = format!("the job is {status}");
+        move |_: &str, m: &[String]| {
+            m.iter()
+                .any(|m| m.contains("stopped training at step") && m.ends_with(&suffix))
+        }
+    };
+    let (status, v) = c.post(&format!("/v1/fine_tuning/jobs/{long}/pause"), &json!({}));
+    assert_eq!((status, v["status"].as_str()), (200, Some("paused")), "{v}");
+    wait_job(&c, &long, Duration::from_secs(60), stopped("paused"));
+    let (status, v) = c.post(&format!("/v1/fine_tuning/jobs/{long}/resume"), &json!({}));
+    assert_eq!(status, 200, "{v}");
+    wait_job(&c, &long, Duration::from_secs(120), |_, m| {
         m.iter()
-            .any(|m| m.starts_with("Fine-tuning job resumed from the checkpoint at step")),
-        "the job did not resume from the bucket's checkpoint: {m:#?}"
+            .any(|m| m.starts_with("Fine-tuning job resumed from the checkpoint at step"))
+    });
+    let (status, v) = c.post(&format!("/v1/fine_tuning/jobs/{long}/cancel"), &json!({}));
+    assert_eq!(
+        (status, v["status"].as_str()),
+        (200, Some("cancelled")),
+        "{v}"
     );
-    let (_, j) = b.get(&format!("/v1/fine_tuning/jobs/{id}"));
-    let (status, r) = ask(&b, j["fine_tuned_model"].as_str().unwrap());
-    assert_eq!(status, 200, "{r}");
+    let (status, log) = wait_job(&c, &long, Duration::from_secs(60), stopped("cancelled"));
+    assert_eq!(status, "cancelled", "{log:#?}");
+
+    // The replica that runs a job is killed (SIGKILL) after a checkpoint: the other worker,
+    // already running, takes the job over once the lease runs out, from that checkpoint.
+    // 2 epochs × 12 examples / batch 4 = 6 steps, a checkpoint every 2.
+    let id = new_job(&c, &file, 2, 4);
+    wait_job(&c, &id, Duration::from_secs(300), |_, m| {
+        m.iter().any(|m| m.starts_with("Checkpoint created"))
+    });
+    let owner = lease_owner(&id);
+    let (mut dead, alive) = if replica_of(&owner, &replicas) == 0 {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    dead.child.kill().unwrap();
+    dead.child.wait().unwrap();
+    let killed = Instant::now();
+    let (_, log) = wait_job(&c, &id, Duration::from_secs(300), |s, _| s == "succeeded");
+    eprintln!(
+        "the killed replica's job succeeded on the other {:?} after the kill",
+        killed.elapsed()
+    );
+    let next = lease_owner(&id);
+    assert!(
+        log.contains(&format!(
+            "The lease of worker {owner} ran out: worker {next} takes the job over"
+        )),
+        "no takeover by {next}: {log:#?}"
+    );
+    assert_eq!(
+        next.split(':').nth(1),
+        Some(alive.child.id().to_string().as_str())
+    );
+    assert!(
+        log.iter()
+            .any(|m| m.starts_with("Fine-tuning job resumed from the checkpoint at step")),
+        "the job did not resume from the bucket's checkpoint: {log:#?}"
+    );
+
+    // The serving-only replica never trained: no job was ever claimed by it, and it holds no
+    // run (it fetches one only to serve it, below).
+    let owners = pg.sql("SELECT string_agg(DISTINCT lease_owner, ',') FROM ft_jobs");
+    assert!(!owners.contains(&format!(":{}:", c.child.id())), "{owners}");
+    assert!(!dirs[2].path().join("fine_tuning").join(&id).exists());
+
+    // The fine-tuned model is served by every replica left, the serving-only one too.
+    let (_, j) = c.get(&format!("/v1/fine_tuning/jobs/{id}"));
+    let model = j["fine_tuned_model"].as_str().unwrap().to_owned();
+    let (status, on_alive) = ask(&alive, &model);
+    assert_eq!(status, 200, "{on_alive}");
+    let (status, on_c) = ask(&c, &model);
+    assert_eq!(status, 200, "{on_c}");
+    assert_eq!(
+        on_alive["choices"][0]["message"]["content"],
+        on_c["choices"][0]["message"]["content"]
+    );
+    drop(dead);
 }

@@ -1,6 +1,6 @@
 //! OpenAI's `/v1/fine_tuning/jobs`: create, list, get, events, checkpoints, cancel, pause,
-//! resume. The handlers check the request, write the store and move jobs in and out of the
-//! [`Tuner`]'s queue; the worker (see `tuner`) trains.
+//! resume. The handlers check the request and write the store, which is the queue; the worker
+//! of this server or of another replica sharing the store (see `tuner`) claims and trains.
 //!
 //! A job's settings: `hyperparameters` at the top level (OpenAI's older shape) and/or in
 //! `method.supervised.hyperparameters` or `method.dpo.hyperparameters` (the newer one, which
@@ -240,30 +240,13 @@ fn training_input(
     validate(t, &bytes, format, param)
 }
 
-/// The tuner, for the job endpoints; a 501 on a shared (postgres://) store, which does not
-/// keep fine-tuning jobs yet (its files it does).
-fn jobs(s: &AppState) -> Result<&Tuner, ApiError> {
-    let t = tuner(s)?;
-    if s.access.store.is_shared() {
-        return Err(ApiError {
-            status: StatusCode::NOT_IMPLEMENTED,
-            code: Some("fine_tuning_unavailable"),
-            ..ApiError::invalid(
-                "fine-tuning jobs are not kept in a postgres:// store yet: run them on a server with a sqlite: --store (the default); /v1/files works here",
-                None,
-            )
-        });
-    }
-    Ok(t)
-}
-
 /// `POST /v1/fine_tuning/jobs`.
 pub async fn create(
     State(s): State<AppState>,
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    jobs(&s)?;
+    tuner(&s)?;
     let req: CreateJob = parse(&body)?;
     if req.integrations.as_ref().is_some_and(|i| !i.is_empty()) {
         return Err(ApiError::invalid(
@@ -351,7 +334,7 @@ pub async fn create(
             .map_err(ApiError::storage)?;
         log_event(store, &job.id, "info", format!("Files validated ({examples} examples), moving job to queued state"), None);
         job.status = "queued".into();
-        t.enqueue(&job.id);
+        t.wake();
         Ok(job)
     })
     .await
@@ -392,7 +375,7 @@ pub async fn list(
     Extension(caller): Extension<Caller>,
     Query(q): Query<PageParams>,
 ) -> Result<Json<Value>, ApiError> {
-    jobs(&s)?;
+    tuner(&s)?;
     let page = s
         .access
         .store
@@ -432,7 +415,7 @@ pub async fn get_one(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    jobs(&s)?;
+    tuner(&s)?;
     Ok(Json(job_object(&own_job(&s, &caller, &id)?)))
 }
 
@@ -472,7 +455,7 @@ pub async fn events(
     Path(id): Path<String>,
     Query(q): Query<PageParams>,
 ) -> Result<Json<Value>, ApiError> {
-    jobs(&s)?;
+    tuner(&s)?;
     let job = own_job(&s, &caller, &id)?;
     let page = s
         .access
@@ -502,7 +485,7 @@ pub async fn checkpoints(
     Path(id): Path<String>,
     Query(q): Query<PageParams>,
 ) -> Result<Json<Value>, ApiError> {
-    jobs(&s)?;
+    tuner(&s)?;
     let job = own_job(&s, &caller, &id)?;
     let page = s
         .access
@@ -529,7 +512,7 @@ fn transition(
     let job = own_job(s, caller, id)?;
     let store = &s.access.store;
     let moved = if to == "cancelled" {
-        store.finish_job(id, to, from, None, None, unix_s())
+        store.finish_job(id, to, from, None, None, None, unix_s())
     } else {
         store.set_job_status(id, to, from)
     }
@@ -553,7 +536,7 @@ pub async fn cancel(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let t = jobs(&s)?;
+    let t = tuner(&s)?;
     let job = transition(
         &s,
         &caller,
@@ -562,7 +545,6 @@ pub async fn cancel(
         &["validating_files", "queued", "running", "paused"],
         "cancelled",
     )?;
-    t.dequeue(&id);
     let stopping = t.stop(&id);
     log_event(
         &s.access.store,
@@ -585,9 +567,8 @@ pub async fn pause(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let t = jobs(&s)?;
+    let t = tuner(&s)?;
     let job = transition(&s, &caller, &id, "paused", &["queued", "running"], "paused")?;
-    t.dequeue(&id);
     t.stop(&id);
     log_event(
         &s.access.store,
@@ -605,7 +586,7 @@ pub async fn resume(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let t = jobs(&s)?;
+    let t = tuner(&s)?;
     let job = transition(&s, &caller, &id, "queued", &["paused"], "resumed")?;
     log_event(
         &s.access.store,
@@ -614,7 +595,7 @@ pub async fn resume(
         "Fine-tuning job resumed: queued again".into(),
         None,
     );
-    t.enqueue(&id);
+    t.wake();
     Ok(Json(job_object(&job)))
 }
 

@@ -1,5 +1,5 @@
-//! The fine-tuning worker: one thread that runs the queued jobs one at a time, first in,
-//! first out, and keeps the store up to date as they go.
+//! The fine-tuning worker: one thread per server that takes jobs from the store's queue one at
+//! a time, oldest first, and keeps the store up to date as they go.
 //!
 //! Contract:
 //! - The server never trains (it never touches tensors): the binary hands it [`Hooks`], which
@@ -9,24 +9,36 @@
 //! - Everything a job is lives in the store (`ferrolm_accounting`'s files and jobs) and in
 //!   the blob store's `fine_tuning/<job id>/` (the run: checkpoints, metrics, the adapter;
 //!   trained in a local directory, mirrored into the blob store at each checkpoint and before
-//!   the job succeeds, see `blobs`); this module
-//!   only keeps the queue's order and the running job's stop flag in memory. So a restart
-//!   (even after `kill -9`) loses nothing: [`AppState::start_fine_tuning`] serves the
-//!   succeeded jobs' models again and queues the jobs that were queued or running; a run
-//!   directory that holds a run is resumed from its latest checkpoint.
+//!   the job succeeds, see `blobs`); this module only keeps the running job's stop flag in
+//!   memory. So a restart (even after `kill -9`) loses nothing: [`AppState::start_fine_tuning`]
+//!   serves the succeeded jobs' models again, and a run directory (local, or in the blob store)
+//!   that holds a run is resumed from its latest checkpoint.
+//! - The queue is the store's (see `ferrolm_accounting`'s `tuning`): the worker claims a job
+//!   under a lease ([`Store::claim_job`]), renews it every third of the lease on a thread of
+//!   its own while the job trains ([`LeaseKeeper`]), and looks for work when a job is queued on
+//!   this server and every [`poll_every`] otherwise: jobs queued through other replicas, and
+//!   jobs whose worker died (its lease ran out). So with replicas sharing a PostgreSQL store
+//!   and a blob store, exactly one worker runs each job, and a killed replica's job continues
+//!   on another from its last checkpoint. `serve --no-worker` starts no worker: the replica
+//!   answers the endpoints and serves the models, and never trains.
+//! - On a store only this server uses (SQLite), a start takes back the jobs the last run left
+//!   `running` at once, without waiting for their leases to run out.
 //! - Cancel and pause are written to the store by the handler first, then the running job's
-//!   stop flag is raised: training stops at the end of its step and writes a checkpoint. The
-//!   worker only ends jobs that are still `running`, so it never overwrites a cancel or pause.
+//!   stop flag is raised: on this replica at once, on another at its next lease renewal (which
+//!   fails, the job being no longer `running`). Training stops at the end of its step and
+//!   writes a checkpoint. The worker only ends jobs that are still `running` under its lease,
+//!   so it never overwrites a cancel, a pause, or another worker's takeover. A server that
+//!   stops mid-job gives up its lease, so another worker continues the job at once.
 //! - A job's log gets a metrics event every [`STEP_EVENT_EVERY`] steps, at the last step, and
 //!   at every evaluation (with the validation loss and token accuracy); every checkpoint is a
 //!   checkpoint row.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
-use ferrolm_accounting::{JobCheckpoint, JobEvent, JobRecord, Store};
+use ferrolm_accounting::{Claim, JobCheckpoint, JobEvent, JobRecord, Store};
 use serde_json::{json, Value};
 
 use crate::blobs::Blobs;
@@ -34,6 +46,18 @@ use crate::{AppState, ServedModel};
 
 /// Steps between two metrics events (every evaluation makes one too).
 pub const STEP_EVENT_EVERY: u64 = 10;
+/// A worker's lease on a job, unless `serve --job-lease` says otherwise: long enough that a
+/// busy store or a slow renewal does not lose it, short enough that a dead replica's job
+/// continues within a minute.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// The longest a worker waits before looking for jobs queued elsewhere or left by a dead one.
+const MAX_POLL: Duration = Duration::from_secs(5);
+
+/// How often a worker with `lease` looks for work it was not told of (a third of the lease,
+/// at most [`MAX_POLL`]).
+pub fn poll_every(lease: Duration) -> Duration {
+    (lease / 3).min(MAX_POLL)
+}
 
 /// One job's training, as the hooks run it.
 #[derive(Debug, Clone)]
@@ -182,15 +206,40 @@ pub struct Hooks {
     pub load: Box<Load>,
 }
 
+/// What the worker thread and the handlers share.
 #[derive(Default)]
 struct Queue {
-    pending: VecDeque<String>,
+    /// A job was queued through this server: look now rather than at the next poll.
+    woken: bool,
     /// The running job and its stop flag.
     running: Option<(String, Arc<AtomicBool>)>,
     shutdown: bool,
 }
 
-/// The queue, the worker and where files and runs live.
+/// The worker's identity in the store and its lease.
+#[derive(Clone, Debug)]
+struct Worker {
+    /// `host:pid:random`, unique among the replicas (and readable in a job's log).
+    owner: String,
+    lease: Duration,
+}
+
+impl Worker {
+    fn new(lease: Duration) -> Worker {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        let tag = crate::random_seed() & 0xff_ffff;
+        Worker {
+            owner: format!("{host}:{}:{tag:06x}", std::process::id()),
+            lease,
+        }
+    }
+}
+
+/// The handlers' view of the queue, the worker and where files and runs live.
 pub struct Tuner {
     pub hooks: Arc<Hooks>,
     /// The data dir (`preferences/` is in it).
@@ -199,6 +248,7 @@ pub struct Tuner {
     /// their local paths.
     pub blobs: Blobs,
     queue: Arc<(Mutex<Queue>, Condvar)>,
+    /// The worker thread; `None` with `--no-worker`.
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -227,21 +277,10 @@ impl Tuner {
         self.queue.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Put a job at the end of the queue (once).
-    pub fn enqueue(&self, id: &str) {
-        let mut q = self.lock();
-        if !q.pending.iter().any(|p| p == id) {
-            q.pending.push_back(id.to_owned());
-        }
+    /// A job was queued in the store: this server's worker (if it has one) looks at once.
+    pub fn wake(&self) {
+        self.lock().woken = true;
         self.queue.1.notify_all();
-    }
-
-    /// Take a job out of the queue; whether it was there.
-    pub fn dequeue(&self, id: &str) -> bool {
-        let mut q = self.lock();
-        let before = q.pending.len();
-        q.pending.retain(|p| p != id);
-        q.pending.len() != before
     }
 
     /// Ask the running job `id` to stop (it writes a checkpoint); whether it was running.
@@ -256,8 +295,9 @@ impl Tuner {
         }
     }
 
-    /// Stop the worker: the running job writes a checkpoint and stays `running` in the store
-    /// (the next start resumes it). Waits for the worker to end.
+    /// Stop the worker: the running job writes a checkpoint and stays `running` in the store,
+    /// its lease given up (another worker, or the next start, resumes it). Waits for the
+    /// worker to end.
     pub fn shutdown(&self) {
         {
             let mut q = self.lock();
@@ -362,15 +402,18 @@ impl AppState {
     }
 
     /// Enable `/v1/files` and `/v1/fine_tuning`: files and runs in `blobs`, other local state
-    /// under `data_dir`. Serves the succeeded jobs' models again (fetching their runs from
-    /// the blob store on first use), queues the jobs a previous run left queued or running,
-    /// and starts the worker. Call [`AppState::stop_fine_tuning`] before dropping the state.
-    /// On a shared (postgres://) store only files are kept: fine-tuning jobs are not yet.
+    /// under `data_dir`. On a store of its own (SQLite), serves the succeeded jobs' models
+    /// again (fetching their runs from the blob store) and queues the jobs a previous run left
+    /// running; on a shared one, other replicas' models are loaded on first use
+    /// ([`AppState::load_tuned`]) and their jobs are theirs until a lease runs out. Starts a
+    /// worker that claims jobs under leases of `worker_lease` (`None`: no worker, this
+    /// server never trains). Call [`AppState::stop_fine_tuning`] before dropping the state.
     pub fn start_fine_tuning(
         &self,
         hooks: Hooks,
         data_dir: &Path,
         blobs: Blobs,
+        worker_lease: Option<Duration>,
     ) -> Result<(), String> {
         for sub in ["files", "fine_tuning"] {
             let d = blobs.local(sub);
@@ -415,32 +458,38 @@ impl AppState {
                 .jobs_with_status(&["validating_files", "queued", "running"])
                 .map_err(|e| e.to_string())?
         };
-        for job in unfinished {
-            if job.status != "queued" {
-                let _ = store.set_job_status(&job.id, "queued", &[job.status.as_str()]);
-                log_event(
-                    store,
-                    &job.id,
-                    "info",
-                    format!(
-                        "The server restarted while the job was {}: it is queued again",
-                        job.status
-                    ),
-                    None,
-                );
-            }
-            tuner.enqueue(&job.id);
+        for job in unfinished.iter().filter(|j| j.status != "queued") {
+            let _ = store.set_job_status(&job.id, "queued", &[job.status.as_str()]);
+            log_event(
+                store,
+                &job.id,
+                "info",
+                format!(
+                    "The server restarted while the job was {}: it is queued again",
+                    job.status
+                ),
+                None,
+            );
         }
-        // The tuner is in place before the worker starts: a job queued above runs at once, and
-        // `run_job` finds the tuner.
+        // The tuner is in place before the worker starts: `run_job` finds it.
         let queue = tuner.queue.clone();
         self.tuning
             .set(tuner)
             .map_err(|_| "fine-tuning was already started".to_owned())?;
+        let Some(lease) = worker_lease else {
+            eprintln!("ferrolm serve: no fine-tuning worker (--no-worker): jobs queued here run on other replicas");
+            return Ok(());
+        };
+        let me = Worker::new(lease);
+        eprintln!(
+            "ferrolm serve: fine-tuning worker {} (lease {:.1} s)",
+            me.owner,
+            lease.as_secs_f64()
+        );
         let state = self.clone();
         let worker = std::thread::Builder::new()
             .name("ferrolm-finetune".into())
-            .spawn(move || work(&state, &queue))
+            .spawn(move || work(&state, &queue, &me))
             .map_err(|e| format!("cannot start the fine-tuning thread: {e}"))?;
         if let Some(t) = self.tuning.get() {
             *t.worker.lock().unwrap_or_else(PoisonError::into_inner) = Some(worker);
@@ -505,31 +554,105 @@ impl AppState {
     }
 }
 
-/// The worker: take the next job, run it, until shutdown.
-fn work(s: &AppState, queue: &(Mutex<Queue>, Condvar)) {
+/// The worker: claim the next job from the store, run it, until shutdown; with nothing to
+/// claim, wait for a job queued here or for the next poll.
+fn work(s: &AppState, queue: &(Mutex<Queue>, Condvar), me: &Worker) {
+    let lock = || queue.0.lock().unwrap_or_else(PoisonError::into_inner);
+    // Whether the last claim failed on the store, so an outage is logged once.
+    let mut failing = false;
     loop {
-        let (id, stop) = {
-            let mut q = queue.0.lock().unwrap_or_else(PoisonError::into_inner);
-            loop {
-                if q.shutdown {
+        if lock().shutdown {
+            return;
+        }
+        match s.access.store.claim_job(&me.owner, me.lease) {
+            Ok(Some(claim)) => {
+                failing = false;
+                let id = claim.job.id.clone();
+                let stop = Arc::new(AtomicBool::new(false));
+                {
+                    let mut q = lock();
+                    // A shutdown that came meanwhile stops the job at its first step.
+                    stop.store(q.shutdown, Ordering::Relaxed);
+                    q.running = Some((id.clone(), stop.clone()));
+                }
+                if let Err(e) = run_job(s, claim, &stop, me) {
+                    eprintln!("ferrolm serve: fine-tuning job {id}: {e}");
+                }
+                lock().running = None;
+                continue;
+            }
+            Ok(None) => failing = false,
+            Err(e) => {
+                if !failing {
+                    eprintln!("ferrolm serve: the fine-tuning worker cannot claim jobs: {e}; it tries again every {} s", poll_every(me.lease).as_secs_f64());
+                }
+                failing = true;
+            }
+        }
+        let mut q = lock();
+        if !q.woken && !q.shutdown {
+            q = queue
+                .1
+                .wait_timeout(q, poll_every(me.lease))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        q.woken = false;
+    }
+}
+
+/// Renews the worker's lease on a job every third of the lease, on a thread of its own, while
+/// the job trains (a step may take longer than a lease); raises the job's stop flag once the
+/// lease is lost: the job was cancelled or paused (through any replica), or taken over. A
+/// renewal the store cannot answer is tried again at the next one. Stops when dropped.
+struct LeaseKeeper {
+    done: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaseKeeper {
+    fn start(s: &AppState, id: &str, me: &Worker, stop: &Arc<AtomicBool>) -> LeaseKeeper {
+        let (done, wait) = mpsc::channel::<()>();
+        let keep = {
+            let (s, id, me, stop) = (s.clone(), id.to_owned(), me.clone(), stop.clone());
+            move || loop {
+                if !matches!(
+                    wait.recv_timeout(me.lease / 3),
+                    Err(mpsc::RecvTimeoutError::Timeout)
+                ) {
                     return;
                 }
-                if let Some(id) = q.pending.pop_front() {
-                    let stop = Arc::new(AtomicBool::new(false));
-                    q.running = Some((id.clone(), stop.clone()));
-                    break (id, stop);
+                match s.access.store.renew_lease(&id, &me.owner, me.lease) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        stop.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(e) => eprintln!("ferrolm serve: {id}: cannot renew the job's lease: {e}"),
                 }
-                q = queue.1.wait(q).unwrap_or_else(PoisonError::into_inner);
             }
         };
-        if let Err(e) = run_job(s, &id, &stop) {
-            eprintln!("ferrolm serve: fine-tuning job {id}: {e}");
+        let thread = std::thread::Builder::new()
+            .name("ferrolm-lease".into())
+            .spawn(keep);
+        if let Err(e) = &thread {
+            // Without renewals the lease runs out and another worker takes the job over: stop.
+            eprintln!("ferrolm serve: {id}: cannot start the lease thread ({e}): the job stops");
+            stop.store(true, Ordering::Relaxed);
         }
-        queue
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .running = None;
+        LeaseKeeper {
+            done: Some(done),
+            thread: thread.ok(),
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -551,22 +674,24 @@ fn num(x: f32) -> Value {
     }
 }
 
-/// Run one queued job to its end (or to a stop).
-fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
-    let Some(t) = s.tuning.get() else {
-        return Ok(());
-    };
+/// Run a job this worker claimed to its end (or to a stop).
+fn run_job(s: &AppState, claim: Claim, stop: &Arc<AtomicBool>, me: &Worker) -> Result<(), String> {
     let store = &s.access.store;
-    let Some(job) = store.job_by_id(id).map_err(|e| e.to_string())? else {
+    let job = claim.job;
+    let id = job.id.as_str();
+    let Some(t) = s.tuning.get() else {
+        let _ = store.release_lease(id, &me.owner);
         return Ok(());
     };
-    // Cancelled or paused while it waited.
-    if !store
-        .set_job_status(id, "running", &["queued"])
-        .map_err(|e| e.to_string())?
-    {
-        return Ok(());
-    }
+    let _lease = LeaseKeeper::start(s, id, me, stop);
+    let owner = me.owner.as_str();
+    let message = match &claim.taken_from {
+        None => format!("Worker {owner} claimed the job"),
+        Some(was) => {
+            format!("The lease of worker {was} ran out: worker {owner} takes the job over")
+        }
+    };
+    log_event(store, id, "info", message, None);
     let out = t.run_dir(id);
     let (n_epochs, batch_size, learning_rate_multiplier) = hyper(&job.spec);
     // The training files as local files (fetched from the blob store on first use).
@@ -577,10 +702,22 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
     });
     let (training_file, validation_file) = match files {
         Ok(f) => f,
-        Err(message) => return fail_job(store, id, message),
+        Err(message) => return fail_job(store, id, owner, message),
     };
     // A run started elsewhere (another replica, or this one before its disk was lost) has
-    // its checkpoints in the blob store: continue from them.
+    // its checkpoints in the blob store: continue from them. With object storage, a local
+    // copy left by an earlier claim of this job may be older than the store's (another
+    // worker went on since, mirroring each checkpoint): the store's is the run.
+    if !t.blobs.is_local() && out.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&out) {
+            return fail_job(
+                store,
+                id,
+                owner,
+                format!("cannot clear {}: {e}", out.display()),
+            );
+        }
+    }
     if !out.join("finetune.json").is_file() {
         if let Err(e) = t.blobs.fetch_dir(&run_key(id)) {
             if !e.is_not_found() {
@@ -720,12 +857,24 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
         }
     };
     let ended = (t.hooks.train)(&spec, stop, &mut on);
-    let fail = |message: String| fail_job(store, id, message);
+    let fail = |message: String| fail_job(store, id, owner, message);
     match ended {
         Err(message) => fail(message),
-        // Cancelled or paused (the handler wrote the status), or the server is stopping
-        // (still `running`: the next start resumes it).
-        Ok(end) if end.interrupted => Ok(()),
+        // Cancelled or paused (the handler wrote the status), taken over, or the server is
+        // stopping: then the job is still `running` under this lease, given up so that
+        // another worker (or the next start) resumes it at once.
+        Ok(end) if end.interrupted => {
+            if let Ok(Some(j)) = store.job_by_id(id) {
+                if j.status != "running" {
+                    let m = format!(
+                        "Worker {owner} stopped training at step {}: the job is {}",
+                        end.steps, j.status
+                    );
+                    log_event(store, id, "info", m, None);
+                }
+            }
+            store.release_lease(id, owner).map_err(|e| e.to_string())
+        }
         Ok(end) => {
             let model = match s.read_run(&t.hooks, &spec.out, &spec.base_model, &name) {
                 Ok(m) => m,
@@ -740,7 +889,15 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
                 .set_trained_tokens(id, tokens)
                 .map_err(|e| e.to_string())?;
             if store
-                .finish_job(id, "succeeded", &["running"], Some(&name), None, unix_s())
+                .finish_job(
+                    id,
+                    "succeeded",
+                    &["running"],
+                    Some(owner),
+                    Some(&name),
+                    None,
+                    unix_s(),
+                )
                 .map_err(|e| e.to_string())?
             {
                 if let Err(e) = s.serve_run(model, &name, job.key_id) {
@@ -769,8 +926,9 @@ fn run_job(s: &AppState, id: &str, stop: &AtomicBool) -> Result<(), String> {
     }
 }
 
-/// End a running job as failed with `message` (an error event and the job's error).
-fn fail_job(store: &Store, id: &str, message: String) -> Result<(), String> {
+/// End a job running under `owner`'s lease as failed with `message` (an error event and the
+/// job's error).
+fn fail_job(store: &Store, id: &str, owner: &str, message: String) -> Result<(), String> {
     log_event(
         store,
         id,
@@ -780,7 +938,15 @@ fn fail_job(store: &Store, id: &str, message: String) -> Result<(), String> {
     );
     let error = json!({"code": "training_failed", "message": message, "param": null});
     store
-        .finish_job(id, "failed", &["running"], None, Some(&error), unix_s())
+        .finish_job(
+            id,
+            "failed",
+            &["running"],
+            Some(owner),
+            None,
+            Some(&error),
+            unix_s(),
+        )
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
