@@ -257,18 +257,17 @@ pub fn init_params(c: &ModelConfig, layout: &Layout, seed: u64) -> Vec<f32> {
 
 // ---- activations ------------------------------------------------------------------------------
 
-/// What one block saves in forward for backward, (rows = batch × context).
+/// What one block saves in forward for backward, (rows = batch × context). The norms'
+/// outputs and the SwiGLU activation are not kept: backward recomputes them from `rstd`s'
+/// inputs and `gu` (cheap elementwise work, a third of a block's floats).
 #[derive(Debug, Default)]
 struct BlockActs {
     rstd1: Vec<f32>,
-    h1: Vec<f32>,
     qkv: Vec<f32>,
     att: Vec<f32>,
     x_mid: Vec<f32>,
     rstd2: Vec<f32>,
-    h2: Vec<f32>,
     gu: Vec<f32>,
-    act: Vec<f32>,
 }
 
 /// Activations and backward scratch for one (batch, context) shape.
@@ -283,6 +282,12 @@ pub struct Activations {
     blocks: Vec<BlockActs>,
     rstd_f: Vec<f32>,
     hf: Vec<f32>,
+    /// A norm's output (rows × dim) and the SwiGLU activation (rows × ffn) of the block at
+    /// hand, in forward and again (recomputed) in backward; `rstd_tmp` takes the recomputed
+    /// norms' reciprocal RMS.
+    hn: Vec<f32>,
+    act: Vec<f32>,
+    rstd_tmp: Vec<f32>,
     /// Attention probabilities (batch, heads, ctx, ctx) of one layer at a time: the forward
     /// writes each layer's and backward recomputes them (keeping every layer's would be the
     /// largest buffer of a long-context step).
@@ -315,19 +320,19 @@ impl Activations {
             blocks: (0..c.n_layers)
                 .map(|_| BlockActs {
                     rstd1: z(n),
-                    h1: z(n * d),
                     qkv: z(n * c.qkv_dim()),
                     att: z(n * c.q_dim()),
                     x_mid: z(n * d),
                     rstd2: z(n),
-                    h2: z(n * d),
                     gu: z(n * 2 * f),
-                    act: z(n * f),
                 })
                 .collect(),
             rstd_f: z(n),
             hf: z(n * d),
             probs: z(batch * c.n_heads * ctx * ctx),
+            hn: z(n * d),
+            act: z(n * f),
+            rstd_tmp: z(n),
             // allocated by the first `forward_with`: objectives that score through
             // `scored_logprobs` never hold rows × vocab floats
             logits: Vec::new(),
@@ -640,9 +645,9 @@ pub fn forward_hidden_with(
             }
         };
         // attention
-        ops::rms_norm(x, &w(o.attn_norm, d), c.rms_eps, &mut s.h1, &mut s.rstd1);
-        ops::matmul_nt(&mut s.qkv, &s.h1, &w(o.wqkv, qkvd * d), n, qkvd, d, false);
-        adapt(Group::Qkv, &s.h1, &mut s.qkv, qkvd);
+        ops::rms_norm(x, &w(o.attn_norm, d), c.rms_eps, &mut a.hn, &mut s.rstd1);
+        ops::matmul_nt(&mut s.qkv, &a.hn, &w(o.wqkv, qkvd * d), n, qkvd, d, false);
+        adapt(Group::Qkv, &a.hn, &mut s.qkv, qkvd);
         let rot = qd + c.kv_dim();
         ops::rope(&mut s.qkv, qkvd, rot, c.head_dim(), t, &a.cos, &a.sin, 1.0);
         ops::attention(shape, &s.qkv, &mut a.probs, &mut s.att);
@@ -654,23 +659,23 @@ pub fn forward_hidden_with(
             &s.x_mid,
             &w(o.ffn_norm, d),
             c.rms_eps,
-            &mut s.h2,
+            &mut a.hn,
             &mut s.rstd2,
         );
         ops::matmul_nt(
             &mut s.gu,
-            &s.h2,
+            &a.hn,
             &w(o.w_gate_up, 2 * f * d),
             n,
             2 * f,
             d,
             false,
         );
-        adapt(Group::GateUp, &s.h2, &mut s.gu, 2 * f);
-        ops::swiglu(&s.gu, f, &mut s.act);
+        adapt(Group::GateUp, &a.hn, &mut s.gu, 2 * f);
+        ops::swiglu(&s.gu, f, &mut a.act);
         x_next.copy_from_slice(&s.x_mid);
-        ops::matmul_nt(x_next, &s.act, &w(o.w_down, d * f), n, d, f, true);
-        adapt(Group::Down, &s.act, x_next, d);
+        ops::matmul_nt(x_next, &a.act, &w(o.w_down, d * f), n, d, f, true);
+        adapt(Group::Down, &a.act, x_next, d);
     }
     let x = &a.xs[c.n_layers];
     ops::rms_norm(
@@ -771,10 +776,19 @@ pub fn backward_hidden_with(
                     .backward(r.params, r.grads, r.acts, l, g, x, dy, stride, dx, n);
             }
         };
-        // feed-forward: x_next = x_mid + down(swiglu(gate_up(norm(x_mid))))
+        // feed-forward: x_next = x_mid + down(swiglu(gate_up(norm(x_mid)))); its norm and
+        // activation recomputed (bit for bit what forward computed)
+        ops::swiglu(&s.gu, f, &mut a.act);
+        ops::rms_norm(
+            &s.x_mid,
+            &w(o.ffn_norm, d),
+            c.rms_eps,
+            &mut a.hn,
+            &mut a.rstd_tmp,
+        );
         ops::matmul_nn(&mut a.dact, &a.dx, &w(o.w_down, d * f), n, f, d, false);
-        adapt(Group::Down, &s.act, &a.dx, d, &mut a.dact);
-        weight_grad(&mut grads, o.w_down, &a.dx, &s.act, d, f);
+        adapt(Group::Down, &a.act, &a.dx, d, &mut a.dact);
+        weight_grad(&mut grads, o.w_down, &a.dx, &a.act, d, f);
         ops::swiglu_backward(&s.gu, &a.dact, f, &mut a.dgu);
         ops::matmul_nn(
             &mut a.dh,
@@ -785,8 +799,8 @@ pub fn backward_hidden_with(
             2 * f,
             false,
         );
-        adapt(Group::GateUp, &s.h2, &a.dgu, 2 * f, &mut a.dh);
-        weight_grad(&mut grads, o.w_gate_up, &a.dgu, &s.h2, 2 * f, d);
+        adapt(Group::GateUp, &a.hn, &a.dgu, 2 * f, &mut a.dh);
+        weight_grad(&mut grads, o.w_gate_up, &a.dgu, &a.hn, 2 * f, d);
         {
             let gw: &mut [f32] = match grads.as_deref_mut() {
                 Some(g) => &mut g[o.ffn_norm..][..d],
@@ -812,8 +826,15 @@ pub fn backward_hidden_with(
             -1.0,
         );
         ops::matmul_nn(&mut a.dh, &a.dqkv, &w(o.wqkv, qkvd * d), n, d, qkvd, false);
-        adapt(Group::Qkv, &s.h1, &a.dqkv, qkvd, &mut a.dh);
-        weight_grad(&mut grads, o.wqkv, &a.dqkv, &s.h1, qkvd, d);
+        ops::rms_norm(
+            &a.xs[l],
+            &w(o.attn_norm, d),
+            c.rms_eps,
+            &mut a.hn,
+            &mut a.rstd_tmp,
+        );
+        adapt(Group::Qkv, &a.hn, &a.dqkv, qkvd, &mut a.dh);
+        weight_grad(&mut grads, o.wqkv, &a.dqkv, &a.hn, qkvd, d);
         {
             let gw: &mut [f32] = match grads.as_deref_mut() {
                 Some(g) => &mut g[o.attn_norm..][..d],
