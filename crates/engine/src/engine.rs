@@ -54,6 +54,9 @@ pub struct EngineConfig {
     /// Most requests running at once.
     pub max_running: usize,
     pub threads: usize,
+    /// Prompt lookup decoding: up to this many draft tokens per greedy request and step, from
+    /// its history's n-grams (0: off; see [`crate::speculate`]).
+    pub lookup: usize,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +68,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_running: 16,
             threads: 2,
+            lookup: 0,
         }
     }
 }
@@ -173,8 +177,12 @@ pub struct EngineStats {
     pub prefix_hit_tokens: AtomicU64,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
-    /// Tokens run through the model (prompt chunks + decode tokens).
+    /// Tokens run through the model (prompt chunks + decode tokens + drafts).
     pub tokens_computed: AtomicU64,
+    /// Draft tokens verified (speculative decoding).
+    pub draft_tokens: AtomicU64,
+    /// Of those, tokens accepted.
+    pub accepted_tokens: AtomicU64,
 }
 
 impl EngineStats {
@@ -198,6 +206,11 @@ struct Seq {
     matcher: Option<Matcher>,
     /// Its prefix-cache namespace: [`cache_salt`] of its adapter and tenant scope.
     salt: u64,
+    /// Draft tokens this step verifies after `tokens` (see [`crate::speculate`]): never part
+    /// of `tokens`, and its K/V slots past `num_computed` are overwritten later.
+    drafts: Vec<u32>,
+    /// Its prompt-lookup proposer.
+    lookup: crate::speculate::Lookup,
 }
 
 impl Seq {
@@ -339,6 +352,8 @@ impl Engine {
             generated: 0,
             admitted: Instant::now(),
             first_token: None,
+            drafts: Vec::new(),
+            lookup: crate::speculate::Lookup::default(),
         });
     }
 
@@ -405,9 +420,14 @@ impl Engine {
         let mut budget = self.cfg.max_batch_tokens;
         let mut plan = Plan::new();
         let mut i = 0;
+        // False while request i retries without drafts (the pool had no room for them).
+        let mut drafting = true;
         while i < self.running.len() && budget > 0 {
+            if drafting {
+                self.propose(i, budget);
+            }
             let s = &self.running[i];
-            let n = (s.tokens.len() - s.num_computed).min(budget);
+            let n = (s.tokens.len() - s.num_computed).min(budget) + s.drafts.len();
             let total = s.num_computed + n;
             match self
                 .blocks
@@ -417,6 +437,12 @@ impl Engine {
                     plan.push((i, n));
                     budget -= n;
                     i += 1;
+                    drafting = true;
+                }
+                Ok(None) if !s.drafts.is_empty() => {
+                    // No room for drafts: run the request without them before preempting.
+                    self.running[i].drafts.clear();
+                    drafting = false;
                 }
                 Ok(None) => {
                     // Pool full: preempt the most recent request (maybe this one) and retry.
@@ -478,7 +504,32 @@ impl Engine {
         let mut s = self.running.remove(idx);
         let _ = self.blocks.free(s.req.id);
         s.num_computed = 0;
+        s.drafts.clear();
         self.waiting.push_front(s);
+    }
+
+    /// Set running request `i`'s drafts for this step: prompt lookup for a greedy request
+    /// that is decoding (only its last token is uncomputed), within the step's token `budget`,
+    /// its `max_tokens` and the context (verifying k drafts yields up to k + 1 tokens).
+    fn propose(&mut self, i: usize, budget: usize) {
+        let limit = self
+            .model
+            .cfg()
+            .context_length
+            .min(self.cfg.num_blocks * self.cfg.block_size);
+        let s = &mut self.running[i];
+        s.drafts.clear();
+        let decoding = s.num_computed + 1 == s.tokens.len() && s.generated > 0;
+        if self.cfg.lookup == 0 || !decoding || !s.req.opts.params.is_greedy() {
+            return;
+        }
+        let k = self
+            .cfg
+            .lookup
+            .min(budget.saturating_sub(1))
+            .min(s.req.opts.max_tokens.saturating_sub(s.generated + 1))
+            .min(limit.saturating_sub(s.tokens.len() + 1));
+        s.lookup.propose(&s.tokens, k, &mut s.drafts);
     }
 
     /// Run the planned tokens; returns, per plan entry, the row of its logits if it has one.
@@ -491,12 +542,16 @@ impl Engine {
         for &(i, n) in plan {
             let s = &self.running[i];
             let start = tokens.len();
-            tokens.extend_from_slice(&s.tokens[s.num_computed..s.num_computed + n]);
+            // The planned tokens: `real` of the request's own, then its drafts.
+            let real = n - s.drafts.len();
+            tokens.extend_from_slice(&s.tokens[s.num_computed..s.num_computed + real]);
+            tokens.extend_from_slice(&s.drafts);
             positions.extend((s.num_computed..s.num_computed + n).map(|p| p as u32));
             spans.push((start, n, s.req.id));
-            if s.num_computed + n == s.tokens.len() {
+            if s.num_computed + real == s.tokens.len() {
+                // Logits for its last token and after each draft.
                 rows.push(Some(logits_for.len()));
-                logits_for.push(start + n - 1);
+                logits_for.extend(start + real - 1..start + n);
             } else {
                 rows.push(None);
             }
@@ -540,82 +595,68 @@ impl Engine {
     fn update(&mut self, plan: &Plan, rows: &[Option<usize>]) {
         let vocab = self.model.cfg().vocab_size;
         let mut finished = Vec::new();
+        let (mut drafted, mut accepted) = (0, 0);
         for (&(i, n), row) in plan.iter().zip(rows) {
             let s = &mut self.running[i];
-            s.num_computed += n;
+            let drafts = std::mem::take(&mut s.drafts);
+            s.num_computed += n - drafts.len();
+            let Some(row) = *row else {
+                let _ = self
+                    .blocks
+                    .cache_full_blocks(s.req.id, &s.tokens, s.num_computed, s.salt);
+                continue;
+            };
+            // Row j's token follows the drafts before it: keep going while it equals draft
+            // j (whose K/V this step computed), exactly as one token per step would.
+            let mut end = None;
+            let mut accepted_here = 0;
+            for j in 0..=drafts.len() {
+                let s = &mut self.running[i];
+                let logits = self.scratch.logits_row(row + j, vocab);
+                let outcome = emit(
+                    s,
+                    logits,
+                    &self.tok,
+                    self.grammar_vocab.as_deref(),
+                    &mut self.sampler,
+                    &mut self.mask,
+                    &self.cfg,
+                    self.model.cfg().context_length,
+                );
+                match outcome {
+                    Emitted::Next(token) if drafts.get(j) == Some(&token) => {
+                        s.num_computed += 1;
+                        accepted_here += 1;
+                    }
+                    Emitted::Next(_) => break,
+                    Emitted::End(reason) => {
+                        end = Some(reason);
+                        break;
+                    }
+                }
+            }
+            drafted += drafts.len();
+            accepted += accepted_here;
+            let s = &mut self.running[i];
+            s.lookup.observe(drafts.len(), accepted_here);
+            // Only accepted tokens are computed: rejected drafts never reach a filed block.
             let _ = self
                 .blocks
                 .cache_full_blocks(s.req.id, &s.tokens, s.num_computed, s.salt);
-            let Some(row) = *row else { continue };
-            let logits = self.scratch.logits_row(row, vocab);
-            let grammar = s.matcher.as_ref().zip(self.grammar_vocab.as_deref());
-            let out = match constrain::sample(
-                &mut self.sampler,
-                logits,
-                &s.req.opts.params,
-                &s.tokens,
-                &mut s.rng,
-                grammar,
-                &self.tok,
-                &s.req.opts.end_ids,
-                &mut self.mask,
-            ) {
-                Ok(out) => out,
-                Err(e) => {
-                    let _ = s
-                        .req
-                        .reply
-                        .send(Event::Error(EngineError::new(ErrorKind::Internal, e)));
-                    finished.push((i, None));
-                    continue;
-                }
-            };
-            s.tokens.push(out.token);
-            s.generated += 1;
-            if s.first_token.is_none() {
-                s.first_token = Some(s.admitted.elapsed().as_secs_f64());
+            if !drafts.is_empty() {
+                // Release the blocks that only held rejected drafts.
+                let _ = self.blocks.truncate(s.req.id, s.tokens.len());
             }
-            let end = s.req.opts.end_ids.contains(&out.token);
-            if let (Some(m), false) = (&mut s.matcher, end) {
-                // `sample` only returns tokens the grammar allows.
-                let _ = m.accept(self.tok.token_bytes(out.token));
-            }
-            let grammar_done = s.matcher.as_ref().is_some_and(Matcher::is_finished);
-            let (text, stopped) = if end {
-                (s.stream.finish(), false)
-            } else {
-                let p = s.stream.push(self.tok.token_bytes(out.token));
-                (p.text, p.stop.is_some())
-            };
-            let ctx_full = s.tokens.len()
-                >= self
-                    .model
-                    .cfg()
-                    .context_length
-                    .min(self.cfg.num_blocks * self.cfg.block_size);
-            let reason = if end || stopped || grammar_done {
-                Some(FinishReason::Stop)
-            } else if s.generated >= s.req.opts.max_tokens || ctx_full {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            let mut text = text;
-            if reason == Some(FinishReason::Length) || (grammar_done && !end && !stopped) {
-                text.push_str(&s.stream.finish());
-            }
-            let sent = s.req.reply.send(Event::Token {
-                id: out.token,
-                text,
-                logprob: out.logprob,
-                top: out.top,
-            });
-            match (sent, reason) {
-                (Err(_), _) => finished.push((i, None)),
-                (Ok(()), Some(r)) => finished.push((i, Some(r))),
-                _ => {}
+            if let Some(reason) = end {
+                finished.push((i, reason));
             }
         }
+        self.stats
+            .draft_tokens
+            .fetch_add(drafted as u64, Ordering::Relaxed);
+        self.stats
+            .accepted_tokens
+            .fetch_add(accepted as u64, Ordering::Relaxed);
         // Remove from the back so indices stay valid.
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
@@ -703,5 +744,91 @@ impl Engine {
                 .reply
                 .send(Event::Error(EngineError::new(ErrorKind::Internal, why)));
         }
+    }
+}
+
+/// What [`emit`] did with one row of logits.
+enum Emitted {
+    /// It sent this token; the request goes on.
+    Next(u32),
+    /// The request ends: `Some(reason)` after its last token was sent, `None` when it failed
+    /// (its `Error` was sent) or its receiver is gone.
+    End(Option<FinishReason>),
+}
+
+/// Sample request `s`'s next token from `logits`, append it, send it with the text it
+/// releases, and apply the stop conditions (end id, stop string, finished grammar,
+/// `max_tokens`, full context).
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    s: &mut Seq,
+    logits: &[f32],
+    tok: &Tokenizer,
+    grammar_vocab: Option<&Vocab>,
+    sampler: &mut Sampler,
+    mask: &mut MaskScratch,
+    cfg: &EngineConfig,
+    context_length: usize,
+) -> Emitted {
+    let grammar = s.matcher.as_ref().zip(grammar_vocab);
+    let out = match constrain::sample(
+        sampler,
+        logits,
+        &s.req.opts.params,
+        &s.tokens,
+        &mut s.rng,
+        grammar,
+        tok,
+        &s.req.opts.end_ids,
+        mask,
+    ) {
+        Ok(out) => out,
+        Err(e) => {
+            let _ = s
+                .req
+                .reply
+                .send(Event::Error(EngineError::new(ErrorKind::Internal, e)));
+            return Emitted::End(None);
+        }
+    };
+    s.tokens.push(out.token);
+    s.generated += 1;
+    if s.first_token.is_none() {
+        s.first_token = Some(s.admitted.elapsed().as_secs_f64());
+    }
+    let end = s.req.opts.end_ids.contains(&out.token);
+    if let (Some(m), false) = (&mut s.matcher, end) {
+        // `sample` only returns tokens the grammar allows.
+        let _ = m.accept(tok.token_bytes(out.token));
+    }
+    let grammar_done = s.matcher.as_ref().is_some_and(Matcher::is_finished);
+    let (text, stopped) = if end {
+        (s.stream.finish(), false)
+    } else {
+        let p = s.stream.push(tok.token_bytes(out.token));
+        (p.text, p.stop.is_some())
+    };
+    let ctx_full = s.tokens.len() >= context_length.min(cfg.num_blocks * cfg.block_size);
+    let reason = if end || stopped || grammar_done {
+        Some(FinishReason::Stop)
+    } else if s.generated >= s.req.opts.max_tokens || ctx_full {
+        Some(FinishReason::Length)
+    } else {
+        None
+    };
+    let mut text = text;
+    if reason == Some(FinishReason::Length) || (grammar_done && !end && !stopped) {
+        text.push_str(&s.stream.finish());
+    }
+    let sent = s.req.reply.send(Event::Token {
+        id: out.token,
+        text,
+        logprob: out.logprob,
+        top: out.top,
+    });
+    match (sent, reason) {
+        (Err(_), _) => Emitted::End(None),
+        (Ok(()), Some(r)) => Emitted::End(Some(r)),
+        (Ok(()), None) => Emitted::Next(out.token),
     }
 }
