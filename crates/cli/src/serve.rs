@@ -106,6 +106,14 @@ pub struct ServeArgs {
     /// replies copy from the prompt. A config `[[model]]` may set its own `lookup`.
     #[arg(long, value_name = "K", default_value_t = 0)]
     lookup: usize,
+    /// Speculative decoding for greedy requests with a draft model: a smaller GGUF model (or
+    /// model name) with the same vocabulary as every served model proposes --draft-tokens
+    /// tokens per step, verified in one forward pass; output unchanged. Not with --lookup.
+    #[arg(long, value_name = "MODEL", conflicts_with = "lookup")]
+    draft: Option<PathBuf>,
+    /// Tokens the --draft model proposes per request and step.
+    #[arg(long, value_name = "K", default_value_t = 4)]
+    draft_tokens: usize,
     /// Most requests waiting per model beyond --max-running; past it, 429 with Retry-After.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
@@ -532,8 +540,23 @@ fn start_model(
     let end_ids = m.end_ids();
     let path = m.path.clone();
     let tok = Arc::new(m.tok);
-    let engine = Engine::new(Arc::new(m.model), tok.clone(), cfg.clone())
+    let mut engine = Engine::new(Arc::new(m.model), tok.clone(), cfg.clone())
         .with_context(|| format!("model `{id}`"))?;
+    if let Some(draft) = &a.draft {
+        if a.draft_tokens == 0 {
+            bail!("--draft-tokens must be at least 1");
+        }
+        let d = load_for_context(
+            &ModelArgs {
+                model: Some(draft.clone()),
+            },
+            Some(context),
+        )
+        .with_context(|| format!("--draft {}", draft.display()))?;
+        engine = engine
+            .with_draft(Arc::new(d.model), a.draft_tokens)
+            .with_context(|| format!("model `{id}`: --draft {}", draft.display()))?;
+    }
     let stats = engine.stats();
     let handle = ferrolm_engine::spawn(engine).context("could not start the engine thread")?;
     let served = ServedModel {

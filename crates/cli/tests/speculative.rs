@@ -192,7 +192,15 @@ fn engine_run(
     prompts: &[Vec<u32>],
     o: &GenerateOptions,
 ) -> (Vec<Outcome>, u64, u64, u64) {
-    let mut e = Engine::new(f.model.clone(), f.tok.clone(), cfg).unwrap();
+    let e = Engine::new(f.model.clone(), f.tok.clone(), cfg).unwrap();
+    engine_drive(e, prompts, o)
+}
+
+fn engine_drive(
+    mut e: Engine,
+    prompts: &[Vec<u32>],
+    o: &GenerateOptions,
+) -> (Vec<Outcome>, u64, u64, u64) {
     let stats = e.stats();
     let mut rxs = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
@@ -290,6 +298,34 @@ fn engine_lookup_under_a_full_pool_and_a_small_budget() {
     assert!(preempted > 0, "the pool should be too small for all three");
 }
 
+#[test]
+fn engine_draft_model_keeps_output_and_rolls_its_own_cache_back() {
+    // The model as its own draft accepts everything; a draft of k = 3 against stop strings,
+    // max_tokens and a pool that preempts exercises the draft cache's rollback and refill.
+    let f = fixture();
+    let ps = prompts(&f);
+    let mut o = opts(64);
+    o.stop = vec!["lazy dog".into()];
+    for cfg in [
+        EngineConfig::default(),
+        EngineConfig {
+            num_blocks: 36,
+            max_batch_tokens: 20,
+            ..EngineConfig::default()
+        },
+    ] {
+        let (plain, _, _, _) = engine_run(&f, cfg.clone(), &ps, &o);
+        let e = Engine::new(f.model.clone(), f.tok.clone(), cfg)
+            .unwrap()
+            .with_draft(f.model.clone(), 3)
+            .unwrap();
+        let (drafted, n, accepted, _) = engine_drive(e, &ps, &o);
+        assert_eq!(drafted, plain);
+        assert!(n > 0);
+        assert_eq!(accepted, n, "a model agrees with itself");
+    }
+}
+
 fn chat_request(user: &str) -> Value {
     json!({"model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": 96,
            "messages": [{"role": "user", "content": user}]})
@@ -363,6 +399,14 @@ fn server_lookup_answers_concurrent_requests_as_without_it() {
     assert_eq!(got, want);
     assert!(!want[0]["content"].as_str().unwrap().is_empty());
     assert!(metric(&look, "ferrolm_spec_accepted_tokens_total") >= 20.0);
+    drop(look);
+    // The model as its own draft model.
+    let model = default_model();
+    let draft = Server::start(&["--draft", model.to_str().unwrap(), "--draft-tokens", "3"]);
+    assert_eq!(answers(&draft), want);
+    let n = metric(&draft, "ferrolm_spec_draft_tokens_total");
+    assert!(n > 0.0);
+    assert_eq!(metric(&draft, "ferrolm_spec_accepted_tokens_total"), n);
 }
 
 #[test]

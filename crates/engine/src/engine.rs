@@ -24,7 +24,7 @@
 //!
 //! The engine owns all of its state (STYLE principle 9); callers talk to it through channels.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -179,7 +179,7 @@ pub struct EngineStats {
     pub steps: AtomicU64,
     /// Tokens run through the model (prompt chunks + decode tokens + drafts).
     pub tokens_computed: AtomicU64,
-    /// Draft tokens verified (speculative decoding).
+    /// Draft tokens checked against the model (speculative decoding; those after a stop are not).
     pub draft_tokens: AtomicU64,
     /// Of those, tokens accepted.
     pub accepted_tokens: AtomicU64,
@@ -214,6 +214,11 @@ struct Seq {
 }
 
 impl Seq {
+    /// Whether it is decoding: only its last (sampled) token is uncomputed.
+    fn decoding(&self) -> bool {
+        self.num_computed + 1 == self.tokens.len() && self.generated > 0
+    }
+
     /// Send the request's last event: why it ended and what it used.
     fn finish(self, reason: FinishReason) {
         let _ = self.req.reply.send(Event::Finished {
@@ -244,6 +249,21 @@ pub struct Engine {
     /// The vocabulary as bytes for grammars, built on the first request that has one.
     grammar_vocab: Option<Arc<Vocab>>,
     mask: MaskScratch,
+    /// The draft model, when drafts come from one instead of prompt lookup.
+    draft: Option<Draft>,
+}
+
+/// A draft model of the target's vocabulary with its own KV pool (as many blocks as the
+/// target's; no prefix cache): before each step it proposes up to `k` tokens greedily for every
+/// greedy request that is decoding, `k` forward passes over all of them at once.
+struct Draft {
+    model: Arc<Model>,
+    k: usize,
+    kv: KvCache,
+    blocks: KvCacheManager,
+    scratch: Scratch,
+    /// Per request, the tokens whose K/V its draft cache holds (its history, then drafts).
+    cached: HashMap<RequestId, Vec<u32>>,
 }
 
 /// What one step runs: (index into `running`, tokens computed this step).
@@ -285,7 +305,32 @@ impl Engine {
             stats,
             grammar_vocab: None,
             mask: MaskScratch::default(),
+            draft: None,
         })
+    }
+
+    /// Draft greedy requests' tokens with `model` (same vocabulary, up to `k` per step) instead
+    /// of prompt lookup; its KV cache has the engine's block size, block count and KV type.
+    pub fn with_draft(mut self, model: Arc<Model>, k: usize) -> Result<Self, SessionError> {
+        let (draft, target) = (model.cfg().vocab_size, self.model.cfg().vocab_size);
+        if draft != target {
+            return Err(SessionError::DraftVocab { draft, target });
+        }
+        let kv = KvCache::with_type(
+            model.cfg(),
+            self.cfg.kv_type,
+            self.cfg.block_size,
+            self.cfg.num_blocks,
+        )?;
+        self.draft = Some(Draft {
+            model,
+            k,
+            kv,
+            blocks: KvCacheManager::new(self.cfg.block_size, self.cfg.num_blocks)?,
+            scratch: Scratch::new(),
+            cached: HashMap::new(),
+        });
+        Ok(self)
     }
 
     /// Queue a request. Invalid ones are answered with [`Event::Error`] at once.
@@ -400,6 +445,7 @@ impl Engine {
 
     /// One step: schedule → execute → update. Returns how many tokens were computed.
     pub fn step(&mut self) -> Result<usize, SessionError> {
+        self.draft_with_model()?;
         let plan = self.schedule();
         if plan.is_empty() {
             self.publish_stats();
@@ -499,6 +545,123 @@ impl Engine {
         plan
     }
 
+    /// With a draft model: set every decoding greedy request's drafts for this step. The draft
+    /// cache of each keeps the longest prefix of what it holds that is still the request's
+    /// history (accepted drafts stay, rejected ones go), computes the rest of the history and
+    /// then its `k - 1` drafts one pass at a time; a request whose draft blocks do not fit
+    /// simply does not draft.
+    fn draft_with_model(&mut self) -> Result<(), SessionError> {
+        let Some(d) = self.draft.as_mut() else {
+            return Ok(());
+        };
+        // Forget requests that left (finished, failed, preempted) since the last step.
+        let running: std::collections::HashSet<RequestId> =
+            self.running.iter().map(|s| s.req.id).collect();
+        d.cached.retain(|id, _| {
+            running.contains(id) || {
+                let _ = d.blocks.free(*id);
+                false
+            }
+        });
+        let limit = self
+            .model
+            .cfg()
+            .context_length
+            .min(self.cfg.num_blocks * self.cfg.block_size);
+        // (index into running, drafts wanted), with each one's draft cache caught up below.
+        let mut who = Vec::new();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            s.drafts.clear();
+            if !s.decoding() || !s.req.opts.params.is_greedy() {
+                continue;
+            }
+            let k =
+                d.k.min(s.req.opts.max_tokens.saturating_sub(s.generated + 1))
+                    .min(limit.saturating_sub(s.tokens.len() + 1));
+            if k == 0 {
+                continue;
+            }
+            let id = s.req.id;
+            let held = d.cached.entry(id).or_default();
+            let keep = held
+                .iter()
+                .zip(&s.tokens)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(s.tokens.len() - 1);
+            held.truncate(keep);
+            if d.blocks.contains(id) {
+                d.blocks.truncate(id, keep)?;
+            }
+            match d
+                .blocks
+                .allocate_slots(id, s.tokens.len() + k - 1, &ComputedBlocks::default())?
+            {
+                Some(()) => who.push((i, k)),
+                None => {
+                    // No room: this request goes without drafts (and starts over next time).
+                    let _ = d.blocks.free(id);
+                    d.cached.remove(&id);
+                }
+            }
+        }
+        let vocab = d.model.cfg().vocab_size;
+        for pass in 0..who.iter().map(|w| w.1).max().unwrap_or(0) {
+            let (mut tokens, mut positions, mut spans, mut logits_for) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut rows = Vec::new();
+            for &(i, k) in &who {
+                if pass >= k {
+                    continue;
+                }
+                let s = &self.running[i];
+                let held = &d.cached[&s.req.id];
+                // Pass 0 catches up on the history; later ones feed the previous draft.
+                let (from, new): (usize, &[u32]) = if pass == 0 {
+                    (held.len(), &s.tokens[held.len()..])
+                } else {
+                    (held.len(), &s.drafts[pass - 1..pass])
+                };
+                let start = tokens.len();
+                tokens.extend_from_slice(new);
+                positions.extend((from..from + new.len()).map(|p| p as u32));
+                spans.push((start, new.len(), s.req.id));
+                logits_for.push(start + new.len() - 1);
+                rows.push(i);
+            }
+            let tables: Vec<&[u32]> = spans
+                .iter()
+                .map(|&(_, _, id)| d.blocks.block_table(id).unwrap_or(&[]))
+                .collect();
+            let seqs: Vec<SeqSpan> = spans
+                .iter()
+                .zip(&tables)
+                .map(|(&(start, len, _), table)| SeqSpan {
+                    start,
+                    len,
+                    block_table: table,
+                })
+                .collect();
+            let batch = Batch {
+                tokens: &tokens,
+                positions: &positions,
+                seqs: &seqs,
+                logits_for: &logits_for,
+                adapters: &[],
+            };
+            let (model, kv, scratch) = (&d.model, &mut d.kv, &mut d.scratch);
+            self.pool.install(|| model.forward(&batch, kv, scratch))?;
+            for (r, (&i, &(start, len, id))) in rows.iter().zip(&spans).enumerate() {
+                let t = crate::speculate::argmax(d.scratch.logits_row(r, vocab));
+                if let Some(held) = d.cached.get_mut(&id) {
+                    held.extend_from_slice(&tokens[start..start + len]);
+                }
+                self.running[i].drafts.push(t);
+            }
+        }
+        Ok(())
+    }
+
     fn preempt(&mut self, idx: usize) {
         self.preemptions += 1;
         let mut s = self.running.remove(idx);
@@ -518,9 +681,17 @@ impl Engine {
             .context_length
             .min(self.cfg.num_blocks * self.cfg.block_size);
         let s = &mut self.running[i];
+        if self.draft.is_some() {
+            // Drafted before the step (`draft_with_model`): only trim to what fits now.
+            let fit = budget
+                .saturating_sub(1)
+                .min(s.req.opts.max_tokens.saturating_sub(s.generated + 1))
+                .min(limit.saturating_sub(s.tokens.len() + 1));
+            s.drafts.truncate(fit);
+            return;
+        }
         s.drafts.clear();
-        let decoding = s.num_computed + 1 == s.tokens.len() && s.generated > 0;
-        if self.cfg.lookup == 0 || !decoding || !s.req.opts.params.is_greedy() {
+        if self.cfg.lookup == 0 || !s.decoding() || !s.req.opts.params.is_greedy() {
             return;
         }
         let k = self
@@ -609,7 +780,7 @@ impl Engine {
             // Row j's token follows the drafts before it: keep going while it equals draft
             // j (whose K/V this step computed), exactly as one token per step would.
             let mut end = None;
-            let mut accepted_here = 0;
+            let (mut compared, mut accepted_here) = (0, 0);
             for j in 0..=drafts.len() {
                 let s = &mut self.running[i];
                 let logits = self.scratch.logits_row(row + j, vocab);
@@ -624,7 +795,12 @@ impl Engine {
                     self.model.cfg().context_length,
                 );
                 match outcome {
-                    Emitted::Next(token) if drafts.get(j) == Some(&token) => {
+                    Emitted::Next(token) if j < drafts.len() => {
+                        // Draft j is checked (drafts after an end never are).
+                        compared += 1;
+                        if drafts[j] != token {
+                            break;
+                        }
                         s.num_computed += 1;
                         accepted_here += 1;
                     }
@@ -635,7 +811,7 @@ impl Engine {
                     }
                 }
             }
-            drafted += drafts.len();
+            drafted += compared;
             accepted += accepted_here;
             let s = &mut self.running[i];
             s.lookup.observe(drafts.len(), accepted_here);

@@ -455,13 +455,17 @@ impl<'m> Session<'m> {
                     finish = reason;
                     break 'decode;
                 }
+                if j == drafts.len() {
+                    break;
+                }
+                // Draft j is checked (drafts after an end never are).
+                spec.drafted += 1;
                 if !hit {
                     break;
                 }
+                spec.accepted += 1;
                 accepted += 1;
             }
-            spec.drafted += drafts.len();
-            spec.accepted += accepted;
             self.lookup.observe(drafts.len(), accepted);
             // The cache holds the history but its last token (the rejected drafts' K/V goes).
             self.truncate(history.len() - 1);

@@ -92,7 +92,7 @@ pub(crate) fn argmax(logits: &[f32]) -> u32 {
 /// Draft and acceptance counts, for reporting the acceptance rate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SpecStats {
-    /// Draft tokens verified.
+    /// Draft tokens checked against the model (those after a stop are not).
     pub drafted: usize,
     /// Of those, tokens accepted (each saved one forward pass).
     pub accepted: usize,
