@@ -186,8 +186,9 @@ pub struct KvArgs {
 #[derive(Args, Clone, Default)]
 pub struct SpecArgs {
     /// Prompt lookup decoding: verify up to K draft tokens per forward pass, copied from where
-    /// the output's last 1–3 tokens occurred earlier in the prompt or output (0: off). Pays
-    /// when the output repeats the prompt (summaries, edits, extraction); greedy output only.
+    /// the output's last 1–3 tokens occurred earlier in the prompt or output (as many as the
+    /// match is long, more while drafts keep being accepted; 0: off). Pays when the output
+    /// repeats the prompt (summaries, edits, extraction); greedy output only.
     #[arg(long, value_name = "K", default_value_t = 0)]
     pub lookup: usize,
     /// Speculative decoding with a draft model: a smaller GGUF model (or model name) with the

@@ -102,7 +102,8 @@ pub struct ServeArgs {
     max_running: usize,
     /// Prompt lookup decoding for greedy requests (temperature 0): verify up to K draft tokens
     /// per request and step, copied from where its last 1–3 tokens occurred earlier in its
-    /// prompt or output (0: off). The output stays token for token the same; it pays when
+    /// prompt or output (as many as the match is long, more while drafts keep being accepted;
+    /// 0: off). The output stays token for token the same; it pays when
     /// replies copy from the prompt. A config `[[model]]` may set its own `lookup`.
     #[arg(long, value_name = "K", default_value_t = 0)]
     lookup: usize,
