@@ -16,6 +16,14 @@
 //!   the request's channel, free the blocks of finished requests. A request whose receiver is
 //!   gone (client disconnected) is dropped and its blocks freed.
 //!
+//! Speculative decoding ([`crate::speculate`], off by default): a greedy request that is
+//! decoding may carry draft tokens — from prompt lookup (`EngineConfig::lookup`) or from a
+//! draft model ([`Engine::with_draft`], run before the schedule) — as extra tokens of its span
+//! in the same flat batch, with logits at each. Update samples them in order as one token per
+//! step would and keeps the drafts up to the first mismatch; `num_computed` counts only those,
+//! so the prefix cache never files a rejected draft, and blocks that held only rejected drafts
+//! are released. The output is the same token for token (batch-invariant kernels).
+//!
 //! Reply channels are tokio's unbounded senders: `send` never blocks and needs no runtime, so
 //! the engine thread writes straight into the server's async handler (no forwarding thread).
 //! Every admitted request ends with exactly one last event: `Finished` (also for an aborted
@@ -563,10 +571,12 @@ impl Engine {
                 false
             }
         });
+        // The draft holds the history and k - 1 drafts, within its own context too.
         let limit = self
             .model
             .cfg()
             .context_length
+            .min(d.model.cfg().context_length + 1)
             .min(self.cfg.num_blocks * self.cfg.block_size);
         // (index into running, drafts wanted), with each one's draft cache caught up below.
         let mut who = Vec::new();
