@@ -5,15 +5,26 @@
 //! greedy, timing only the decode steps. Each figure is the median of `--reps` runs after one
 //! warm-up. Peak RSS is the process' high-water mark (VmHWM) at the end. The KV cache is of
 //! `--kv-type`; its bytes per token are reported.
+//!
+//! With `--lookup K` or `--draft MODEL`, also speculative decoding: the chat-templated prompt
+//! "summarise this document" over `bench/document.txt` (a 330-word town history written for
+//! this benchmark), generated greedily up to `--spec-tokens` tokens without and with
+//! speculation, in turn, `--reps` times after one warm-up pair. It reports each one's median
+//! decode tokens/s (output tokens over the decode time, the prompt's prefill excluded), their
+//! ratio, and the share of drafts accepted; it fails if the two outputs differ by one token.
 
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use ferrolm_engine::Session;
+use ferrolm_engine::{GenerateOptions, Generation, Session, SpecStats};
+use ferrolm_sample::SamplingParams;
 use serde_json::json;
 
-use crate::{load, threads, KvArgs, ModelArgs};
+use crate::{load, threads, KvArgs, Loaded, ModelArgs, SpecArgs};
+
+/// The document of the speculative-decoding measurement.
+const DOCUMENT: &str = include_str!("bench/document.txt");
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -32,8 +43,14 @@ pub struct BenchArgs {
     decode_depth: usize,
     #[command(flatten)]
     kv: KvArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// Most tokens generated in the speculative-decoding measurement (--lookup, --draft).
+    #[arg(long, default_value_t = 256)]
+    spec_tokens: usize,
     /// Print JSON: {"prefill_tps_128", "prefill_tps_512", "decode_tps", "decode_depth",
-    /// "kv_type", "kv_bytes_per_token", "peak_rss_mb", "threads"}.
+    /// "kv_type", "kv_bytes_per_token", "peak_rss_mb", "threads"}, and with --lookup or
+    /// --draft "speculative": {"plain_tps", "spec_tps", "ratio", "acceptance", "tokens"}.
     #[arg(long)]
     json: bool,
 }
@@ -127,13 +144,23 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let decode = median(dv);
     let kv_bpt = session.kv_bytes_per_token();
+    drop(session);
+    let draft = a.spec.load_draft(ctx)?;
+    let spec = if a.spec.lookup > 0 || draft.is_some() {
+        Some(speculative(&a, &m, draft.as_ref(), threads, ctx, reps)?)
+    } else {
+        None
+    };
     let rss = peak_rss_mb();
     if a.json {
         println!(
             "{}",
             json!({"engine": "ferrolm", "prefill_tps_128": p128, "prefill_tps_512": p512, "decode_tps": decode,
                    "decode_depth": depth, "kv_type": a.kv.kv_type.name(), "kv_bytes_per_token": kv_bpt,
-                   "peak_rss_mb": rss, "threads": threads, "isa": m.model.isa().name(), "reps": reps})
+                   "peak_rss_mb": rss, "threads": threads, "isa": m.model.isa().name(), "reps": reps,
+                   "speculative": spec.as_ref().map(|s| json!({"plain_tps": s.plain_tps, "spec_tps": s.spec_tps,
+                       "ratio": s.spec_tps / s.plain_tps, "acceptance": s.stats.acceptance(),
+                       "drafted": s.stats.drafted, "accepted": s.stats.accepted, "tokens": s.tokens}))})
         );
     } else {
         println!("model:         {}", m.path.display());
@@ -154,6 +181,81 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
         println!("KV cache:      {} ({kv_bpt} bytes per token)", a.kv.kv_type);
         println!("peak RSS:      {rss:.1} MiB");
+        if let Some(s) = &spec {
+            println!(
+                "speculative:   {:.1} tokens/s against {:.1} plain: {:.2}x ({} identical tokens of a summary; {:.0}% of {} drafts accepted)",
+                s.spec_tps,
+                s.plain_tps,
+                s.spec_tps / s.plain_tps,
+                s.tokens,
+                100.0 * s.stats.acceptance(),
+                s.stats.drafted
+            );
+        }
     }
     Ok(())
+}
+
+/// The speculative-decoding measurement's medians.
+struct SpecFigures {
+    plain_tps: f64,
+    spec_tps: f64,
+    /// Drafts of one run (every run drafts the same).
+    stats: SpecStats,
+    /// Tokens generated per run.
+    tokens: usize,
+}
+
+fn speculative(
+    a: &BenchArgs,
+    m: &Loaded,
+    draft: Option<&Loaded>,
+    threads: usize,
+    ctx: usize,
+    reps: usize,
+) -> Result<SpecFigures> {
+    let prompt = m.chat_ids(&json!([{"role": "user",
+        "content": format!("Summarise this document.\n\n{DOCUMENT}")}]))?;
+    let ctx = ctx.max(prompt.len() + a.spec_tokens + 1);
+    let mut plain = Session::with_kv_type(&m.model, ctx, threads, a.kv.kv_type)?;
+    let mut spec = Session::with_kv_type(&m.model, ctx, threads, a.kv.kv_type)?;
+    a.spec.apply(&mut spec, draft, threads, a.kv.kv_type)?;
+    let opts = GenerateOptions {
+        params: SamplingParams::greedy(),
+        max_tokens: a.spec_tokens.max(1),
+        stop: Vec::new(),
+        end_ids: m.end_ids(),
+        seed: 0,
+        grammar: None,
+    };
+    let run = |s: &mut Session| -> Result<Generation> {
+        s.reset();
+        Ok(s.generate(&prompt, &m.tok, &opts, |_| true)?)
+    };
+    let tps = |g: &Generation| g.ids.len() as f64 / g.decode_time.as_secs_f64().max(1e-9);
+    let (mut pv, mut sv) = (Vec::new(), Vec::new());
+    let mut last = None;
+    for r in 0..=reps {
+        let p = run(&mut plain)?;
+        let s = run(&mut spec)?;
+        if p.ids != s.ids {
+            let at = p.ids.iter().zip(&s.ids).take_while(|(a, b)| a == b).count();
+            bail!(
+                "speculative decoding changed the greedy output at token {at} of {}: a bug, please report it",
+                p.ids.len()
+            );
+        }
+        if r > 0 {
+            pv.push(tps(&p));
+            sv.push(tps(&s));
+        }
+        last = Some(s);
+    }
+    let last = last.ok_or_else(|| anyhow::anyhow!("no run"))?;
+    Ok(SpecFigures {
+        plain_tps: median(pv),
+        spec_tps: median(sv),
+        stats: last.speculation,
+        tokens: last.ids.len(),
+    })
 }

@@ -21,7 +21,8 @@ pub fn run(a: ChatArgs) -> Result<()> {
     let params = a.sampling.params(None)?;
     let m = load_for_context(&a.run.model, Some(a.run.ctx))?;
     params.validate(m.model.cfg().vocab_size)?;
-    let mut session = a.run.session(&m)?;
+    let draft = a.run.spec.load_draft(a.run.ctx)?;
+    let mut session = a.run.session(&m, draft.as_ref())?;
 
     let generating = Arc::new(AtomicBool::new(false));
     let interrupted = Arc::new(AtomicBool::new(false));
@@ -135,6 +136,15 @@ pub fn run(a: ChatArgs) -> Result<()> {
                         g.ids.len(),
                         g.ids.len() as f64 / g.decode_time.as_secs_f64().max(1e-9)
                     );
+                    let sp = g.speculation;
+                    if sp.drafted > 0 {
+                        eprintln!(
+                            "({} of {} draft tokens accepted, {:.0}%)",
+                            sp.accepted,
+                            sp.drafted,
+                            100.0 * sp.acceptance()
+                        );
+                    }
                 }
                 history.push(json!({"role": "assistant", "content": g.text}));
             }

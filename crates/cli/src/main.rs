@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ferrolm_engine::{GenerateOptions, Session};
+use ferrolm_engine::{GenerateOptions, Session, Speculation};
 use ferrolm_gguf::GgufFile;
 use ferrolm_models::Model;
 use ferrolm_sample::SamplingParams;
@@ -186,6 +186,70 @@ pub struct KvArgs {
     pub kv_type: ferrolm_models::KvType,
 }
 
+/// `--lookup` and `--draft`: speculative decoding of greedy (`--temperature 0`) output, which
+/// stays token for token the same.
+#[derive(Args, Clone, Default)]
+pub struct SpecArgs {
+    /// Prompt lookup decoding: verify up to K draft tokens per forward pass, copied from where
+    /// the output's last 1–3 tokens occurred earlier in the prompt or output (as many as the
+    /// match is long, more while drafts keep being accepted; 0: off). Pays when the output
+    /// repeats the prompt (summaries, edits, extraction); greedy output only.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub lookup: usize,
+    /// Speculative decoding with a draft model: a smaller GGUF model (or model name) with the
+    /// same vocabulary proposes --draft-tokens tokens greedily, verified in one forward pass.
+    /// Greedy output only; not with --lookup.
+    #[arg(long, value_name = "MODEL", conflicts_with = "lookup")]
+    pub draft: Option<PathBuf>,
+    /// Tokens the --draft model proposes per forward pass of the model.
+    #[arg(long, value_name = "K", default_value_t = 4)]
+    pub draft_tokens: usize,
+}
+
+impl SpecArgs {
+    /// The --draft model, loaded, if one was asked for.
+    pub fn load_draft(&self, ctx: usize) -> Result<Option<Loaded>> {
+        let Some(path) = &self.draft else {
+            return Ok(None);
+        };
+        if self.draft_tokens == 0 {
+            bail!("--draft-tokens must be at least 1");
+        }
+        let m = load_for_context(
+            &ModelArgs {
+                model: Some(path.clone()),
+            },
+            Some(ctx),
+        )
+        .with_context(|| format!("--draft {}", path.display()))?;
+        Ok(Some(m))
+    }
+
+    /// Put the speculation asked for on `session` (`draft`: what [`Self::load_draft`] loaded).
+    pub fn apply<'m>(
+        &self,
+        session: &mut Session<'m>,
+        draft: Option<&'m Loaded>,
+        threads: usize,
+        kv_type: ferrolm_models::KvType,
+    ) -> Result<()> {
+        let spec = match draft {
+            Some(d) => {
+                let ds = Session::with_kv_type(&d.model, session.ctx, threads, kv_type)?;
+                Speculation::Draft {
+                    session: Box::new(ds),
+                    k: self.draft_tokens,
+                }
+            }
+            None if self.lookup > 0 => Speculation::Lookup { k: self.lookup },
+            None => Speculation::Off,
+        };
+        session
+            .set_speculation(spec)
+            .context("--draft: not a draft model for this model")
+    }
+}
+
 #[derive(Args, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
@@ -194,6 +258,8 @@ pub struct RunArgs {
     pub lora: LoraArgs,
     #[command(flatten)]
     pub kv: KvArgs,
+    #[command(flatten)]
+    pub spec: SpecArgs,
     /// Threads for the forward pass (default: available cores).
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
@@ -203,11 +269,13 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// A session on `m` with these threads, context, KV type and adapter.
-    pub fn session<'m>(&self, m: &'m Loaded) -> Result<Session<'m>> {
-        let mut s =
-            Session::with_kv_type(&m.model, self.ctx, threads(self.threads)?, self.kv.kv_type)?;
+    /// A session on `m` with these threads, context, KV type, adapter and speculation
+    /// (`draft`: the model [`SpecArgs::load_draft`] loaded).
+    pub fn session<'m>(&self, m: &'m Loaded, draft: Option<&'m Loaded>) -> Result<Session<'m>> {
+        let threads = threads(self.threads)?;
+        let mut s = Session::with_kv_type(&m.model, self.ctx, threads, self.kv.kv_type)?;
         self.lora.apply(m, &mut s)?;
+        self.spec.apply(&mut s, draft, threads, self.kv.kv_type)?;
         Ok(s)
     }
 }
@@ -518,7 +586,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     } else {
         m.chat_ids(&messages(a.system.as_deref(), &prompt))?
     };
-    let mut session = a.run.session(&m)?;
+    let draft = a.run.spec.load_draft(a.run.ctx)?;
+    let mut session = a.run.session(&m, draft.as_ref())?;
     let opts = GenerateOptions {
         params,
         max_tokens: a.max_tokens,
@@ -558,6 +627,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 "decode_s": g.decode_time.as_secs_f64(),
                 "prefill_tps": ids.len() as f64 / g.prefill_time.as_secs_f64().max(1e-9),
                 "decode_tps": n as f64 / g.decode_time.as_secs_f64().max(1e-9),
+                "draft_tokens": g.speculation.drafted,
+                "accepted_tokens": g.speculation.accepted,
                 "threads": session.threads(),
             }
         });

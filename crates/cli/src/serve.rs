@@ -37,7 +37,7 @@ pub struct ServeArgs {
     #[arg(long, short = 'm')]
     model: Vec<PathBuf>,
     /// A TOML file: `[[model]]` entries (local: path, id, aliases, price, context_strategy,
-    /// tool_strategy, lazy_tools_threshold, kv_type;
+    /// tool_strategy, lazy_tools_threshold, kv_type, lookup;
     /// upstream: id, upstream, upstream_model, api_key_env, price) and `[[router]]` virtual
     /// models (id, `[[router.tier]]` model / max_prompt_tokens / tools / json / code);
     /// `[[cache_scope]]` groups of keys that share one prefix cache (name, keys; by default each
@@ -111,6 +111,21 @@ pub struct ServeArgs {
     /// Most requests generating at once per model; later ones wait in the queue.
     #[arg(long, default_value_t = 16)]
     max_running: usize,
+    /// Prompt lookup decoding for greedy requests (temperature 0): verify up to K draft tokens
+    /// per request and step, copied from where its last 1–3 tokens occurred earlier in its
+    /// prompt or output (as many as the match is long, more while drafts keep being accepted;
+    /// 0: off). The output stays token for token the same; it pays when
+    /// replies copy from the prompt. A config `[[model]]` may set its own `lookup`.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    lookup: usize,
+    /// Speculative decoding for greedy requests with a draft model: a smaller GGUF model (or
+    /// model name) with the same vocabulary as every served model proposes --draft-tokens
+    /// tokens per step, verified in one forward pass; output unchanged. Not with --lookup.
+    #[arg(long, value_name = "MODEL", conflicts_with = "lookup")]
+    draft: Option<PathBuf>,
+    /// Tokens the --draft model proposes per request and step.
+    #[arg(long, value_name = "K", default_value_t = 4)]
+    draft_tokens: usize,
     /// Most requests waiting per model beyond --max-running; past it, 429 with Retry-After.
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
@@ -308,6 +323,8 @@ struct ModelEntry {
     lazy_tools_threshold: Option<ferrolm_server::tools::Threshold>,
     /// The model's KV cache type (default: --kv-type).
     kv_type: Option<String>,
+    /// Prompt lookup draft tokens per step (default: --lookup).
+    lookup: Option<usize>,
 }
 
 /// The id clients use: the file name up to its first dot, lowercased
@@ -443,6 +460,7 @@ fn model_entries(a: &ServeArgs, cfg: &ConfigFile) -> Result<Vec<ModelEntry>> {
         tool_strategy: None,
         lazy_tools_threshold: None,
         kv_type: None,
+        lookup: None,
     };
     let mut entries: Vec<ModelEntry> = a
         .model
@@ -502,6 +520,9 @@ fn start_model(
     cfg.kv_type
         .check(&c)
         .with_context(|| format!("model `{id}`"))?;
+    if let Some(k) = e.lookup {
+        cfg.lookup = k;
+    }
     let per_block = cfg.kv_type.bytes_per_token(&c) * cfg.block_size;
     if let Some(bytes) = a.kv_memory {
         cfg.num_blocks = (bytes / per_block as u64) as usize;
@@ -531,8 +552,23 @@ fn start_model(
     let end_ids = m.end_ids();
     let path = m.path.clone();
     let tok = Arc::new(m.tok);
-    let engine = Engine::new(Arc::new(m.model), tok.clone(), cfg.clone())
+    let mut engine = Engine::new(Arc::new(m.model), tok.clone(), cfg.clone())
         .with_context(|| format!("model `{id}`"))?;
+    if let Some(draft) = &a.draft {
+        if a.draft_tokens == 0 {
+            bail!("--draft-tokens must be at least 1");
+        }
+        let d = load_for_context(
+            &ModelArgs {
+                model: Some(draft.clone()),
+            },
+            Some(context),
+        )
+        .with_context(|| format!("--draft {}", draft.display()))?;
+        engine = engine
+            .with_draft(Arc::new(d.model), a.draft_tokens)
+            .with_context(|| format!("model `{id}`: --draft {}", draft.display()))?;
+    }
     let stats = engine.stats();
     let handle = ferrolm_engine::spawn(engine).context("could not start the engine thread")?;
     let served = ServedModel {
@@ -582,6 +618,7 @@ fn run_loader(a: &ServeArgs, cfg: &EngineConfig, catalog: &PriceCatalog) -> Box<
             tool_strategy: None,
             lazy_tools_threshold: None,
             kv_type: None,
+            lookup: None,
         };
         let (m, handle, _) =
             start_model(&entry, &a, &cfg, &catalog).map_err(|e| format!("{e:#}"))?;
@@ -643,6 +680,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_batch_tokens: a.max_batch_tokens,
         max_running: a.max_running,
         threads: threads(a.threads)?,
+        lookup: a.lookup,
     };
     let cfg_file = match &a.config {
         Some(c) => read_config(c)?,
@@ -891,6 +929,7 @@ mod tests {
         assert_eq!(cfg.router.len(), 1);
         assert!(cfg.model[1].upstream.is_some());
         assert_eq!(cfg.model[0].kv_type.as_deref(), Some("q8_0"));
+        assert_eq!(cfg.model[0].lookup, Some(8));
     }
 
     #[test]

@@ -16,6 +16,14 @@
 //!   the request's channel, free the blocks of finished requests. A request whose receiver is
 //!   gone (client disconnected) is dropped and its blocks freed.
 //!
+//! Speculative decoding ([`crate::speculate`], off by default): a greedy request that is
+//! decoding may carry draft tokens — from prompt lookup (`EngineConfig::lookup`) or from a
+//! draft model ([`Engine::with_draft`], run before the schedule) — as extra tokens of its span
+//! in the same flat batch, with logits at each. Update samples them in order as one token per
+//! step would and keeps the drafts up to the first mismatch; `num_computed` counts only those,
+//! so the prefix cache never files a rejected draft, and blocks that held only rejected drafts
+//! are released. The output is the same token for token (batch-invariant kernels).
+//!
 //! Reply channels are tokio's unbounded senders: `send` never blocks and needs no runtime, so
 //! the engine thread writes straight into the server's async handler (no forwarding thread).
 //! Every admitted request ends with exactly one last event: `Finished` (also for an aborted
@@ -24,7 +32,7 @@
 //!
 //! The engine owns all of its state (STYLE principle 9); callers talk to it through channels.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -54,6 +62,9 @@ pub struct EngineConfig {
     /// Most requests running at once.
     pub max_running: usize,
     pub threads: usize,
+    /// Prompt lookup decoding: up to this many draft tokens per greedy request and step, from
+    /// its history's n-grams (0: off; see [`crate::speculate`]).
+    pub lookup: usize,
 }
 
 impl Default for EngineConfig {
@@ -65,6 +76,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_running: 16,
             threads: 2,
+            lookup: 0,
         }
     }
 }
@@ -176,8 +188,12 @@ pub struct EngineStats {
     pub prefix_hit_tokens: AtomicU64,
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
-    /// Tokens run through the model (prompt chunks + decode tokens).
+    /// Tokens run through the model (prompt chunks + decode tokens + drafts).
     pub tokens_computed: AtomicU64,
+    /// Draft tokens checked against the model (speculative decoding; those after a stop are not).
+    pub draft_tokens: AtomicU64,
+    /// Of those, tokens accepted.
+    pub accepted_tokens: AtomicU64,
 }
 
 impl EngineStats {
@@ -203,9 +219,19 @@ struct Seq {
     salt: u64,
     /// A reward model's score of the prompt, once computed.
     score: Option<f32>,
+    /// Draft tokens this step verifies after `tokens` (see [`crate::speculate`]): never part
+    /// of `tokens`, and its K/V slots past `num_computed` are overwritten later.
+    drafts: Vec<u32>,
+    /// Its prompt-lookup proposer.
+    lookup: crate::speculate::Lookup,
 }
 
 impl Seq {
+    /// Whether it is decoding: only its last (sampled) token is uncomputed.
+    fn decoding(&self) -> bool {
+        self.num_computed + 1 == self.tokens.len() && self.generated > 0
+    }
+
     /// Send the request's last event: why it ended and what it used.
     fn finish(self, reason: FinishReason) {
         let _ = self.req.reply.send(Event::Finished {
@@ -237,6 +263,21 @@ pub struct Engine {
     /// The vocabulary as bytes for grammars, built on the first request that has one.
     grammar_vocab: Option<Arc<Vocab>>,
     mask: MaskScratch,
+    /// The draft model, when drafts come from one instead of prompt lookup.
+    draft: Option<Draft>,
+}
+
+/// A draft model of the target's vocabulary with its own KV pool (as many blocks as the
+/// target's; no prefix cache): before each step it proposes up to `k` tokens greedily for every
+/// greedy request that is decoding, `k` forward passes over all of them at once.
+struct Draft {
+    model: Arc<Model>,
+    k: usize,
+    kv: KvCache,
+    blocks: KvCacheManager,
+    scratch: Scratch,
+    /// Per request, the tokens whose K/V its draft cache holds (its history, then drafts).
+    cached: HashMap<RequestId, Vec<u32>>,
 }
 
 /// What one step runs: (index into `running`, tokens computed this step).
@@ -278,7 +319,32 @@ impl Engine {
             stats,
             grammar_vocab: None,
             mask: MaskScratch::default(),
+            draft: None,
         })
+    }
+
+    /// Draft greedy requests' tokens with `model` (same vocabulary, up to `k` per step) instead
+    /// of prompt lookup; its KV cache has the engine's block size, block count and KV type.
+    pub fn with_draft(mut self, model: Arc<Model>, k: usize) -> Result<Self, SessionError> {
+        let (draft, target) = (model.cfg().vocab_size, self.model.cfg().vocab_size);
+        if draft != target {
+            return Err(SessionError::DraftVocab { draft, target });
+        }
+        let kv = KvCache::with_type(
+            model.cfg(),
+            self.cfg.kv_type,
+            self.cfg.block_size,
+            self.cfg.num_blocks,
+        )?;
+        self.draft = Some(Draft {
+            model,
+            k,
+            kv,
+            blocks: KvCacheManager::new(self.cfg.block_size, self.cfg.num_blocks)?,
+            scratch: Scratch::new(),
+            cached: HashMap::new(),
+        });
+        Ok(self)
     }
 
     /// Queue a request. Invalid ones are answered with [`Event::Error`] at once.
@@ -346,6 +412,8 @@ impl Engine {
             admitted: Instant::now(),
             first_token: None,
             score: None,
+            drafts: Vec::new(),
+            lookup: crate::speculate::Lookup::default(),
         });
     }
 
@@ -392,6 +460,7 @@ impl Engine {
 
     /// One step: schedule → execute → update. Returns how many tokens were computed.
     pub fn step(&mut self) -> Result<usize, SessionError> {
+        self.draft_with_model()?;
         let plan = self.schedule();
         if plan.is_empty() {
             self.publish_stats();
@@ -412,9 +481,14 @@ impl Engine {
         let mut budget = self.cfg.max_batch_tokens;
         let mut plan = Plan::new();
         let mut i = 0;
+        // False while request i retries without drafts (the pool had no room for them).
+        let mut drafting = true;
         while i < self.running.len() && budget > 0 {
+            if drafting {
+                self.propose(i, budget);
+            }
             let s = &self.running[i];
-            let n = (s.tokens.len() - s.num_computed).min(budget);
+            let n = (s.tokens.len() - s.num_computed).min(budget) + s.drafts.len();
             let total = s.num_computed + n;
             match self
                 .blocks
@@ -424,6 +498,12 @@ impl Engine {
                     plan.push((i, n));
                     budget -= n;
                     i += 1;
+                    drafting = true;
+                }
+                Ok(None) if !s.drafts.is_empty() => {
+                    // No room for drafts: run the request without them before preempting.
+                    self.running[i].drafts.clear();
+                    drafting = false;
                 }
                 Ok(None) => {
                     // Pool full: preempt the most recent request (maybe this one) and retry.
@@ -480,12 +560,164 @@ impl Engine {
         plan
     }
 
+    /// With a draft model: set every decoding greedy request's drafts for this step. The draft
+    /// cache of each keeps the longest prefix of what it holds that is still the request's
+    /// history (accepted drafts stay, rejected ones go), computes the rest of the history and
+    /// then its `k - 1` drafts one pass at a time; a request whose draft blocks do not fit
+    /// simply does not draft.
+    fn draft_with_model(&mut self) -> Result<(), SessionError> {
+        let Some(d) = self.draft.as_mut() else {
+            return Ok(());
+        };
+        // Forget requests that left (finished, failed, preempted) since the last step.
+        let running: std::collections::HashSet<RequestId> =
+            self.running.iter().map(|s| s.req.id).collect();
+        d.cached.retain(|id, _| {
+            running.contains(id) || {
+                let _ = d.blocks.free(*id);
+                false
+            }
+        });
+        // The draft holds the history and k - 1 drafts, within its own context too.
+        let limit = self
+            .model
+            .cfg()
+            .context_length
+            .min(d.model.cfg().context_length + 1)
+            .min(self.cfg.num_blocks * self.cfg.block_size);
+        // (index into running, drafts wanted), with each one's draft cache caught up below.
+        let mut who = Vec::new();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            s.drafts.clear();
+            if !s.decoding() || !s.req.opts.params.is_greedy() {
+                continue;
+            }
+            let k =
+                d.k.min(s.req.opts.max_tokens.saturating_sub(s.generated + 1))
+                    .min(limit.saturating_sub(s.tokens.len() + 1));
+            if k == 0 {
+                continue;
+            }
+            let id = s.req.id;
+            let held = d.cached.entry(id).or_default();
+            let keep = held
+                .iter()
+                .zip(&s.tokens)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(s.tokens.len() - 1);
+            held.truncate(keep);
+            if d.blocks.contains(id) {
+                d.blocks.truncate(id, keep)?;
+            }
+            match d
+                .blocks
+                .allocate_slots(id, s.tokens.len() + k - 1, &ComputedBlocks::default())?
+            {
+                Some(()) => who.push((i, k)),
+                None => {
+                    // No room: this request goes without drafts (and starts over next time).
+                    let _ = d.blocks.free(id);
+                    d.cached.remove(&id);
+                }
+            }
+        }
+        let vocab = d.model.cfg().vocab_size;
+        for pass in 0..who.iter().map(|w| w.1).max().unwrap_or(0) {
+            let (mut tokens, mut positions, mut spans, mut logits_for) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut rows = Vec::new();
+            for &(i, k) in &who {
+                if pass >= k {
+                    continue;
+                }
+                let s = &self.running[i];
+                let held = &d.cached[&s.req.id];
+                // Pass 0 catches up on the history; later ones feed the previous draft.
+                let (from, new): (usize, &[u32]) = if pass == 0 {
+                    (held.len(), &s.tokens[held.len()..])
+                } else {
+                    (held.len(), &s.drafts[pass - 1..pass])
+                };
+                let start = tokens.len();
+                tokens.extend_from_slice(new);
+                positions.extend((from..from + new.len()).map(|p| p as u32));
+                spans.push((start, new.len(), s.req.id));
+                logits_for.push(start + new.len() - 1);
+                rows.push(i);
+            }
+            let tables: Vec<&[u32]> = spans
+                .iter()
+                .map(|&(_, _, id)| d.blocks.block_table(id).unwrap_or(&[]))
+                .collect();
+            let seqs: Vec<SeqSpan> = spans
+                .iter()
+                .zip(&tables)
+                .map(|(&(start, len, _), table)| SeqSpan {
+                    start,
+                    len,
+                    block_table: table,
+                })
+                .collect();
+            let batch = Batch {
+                tokens: &tokens,
+                positions: &positions,
+                seqs: &seqs,
+                logits_for: &logits_for,
+                adapters: &[],
+            };
+            let (model, kv, scratch) = (&d.model, &mut d.kv, &mut d.scratch);
+            self.pool.install(|| model.forward(&batch, kv, scratch))?;
+            for (r, (&i, &(start, len, id))) in rows.iter().zip(&spans).enumerate() {
+                let t = crate::speculate::argmax(d.scratch.logits_row(r, vocab));
+                if let Some(held) = d.cached.get_mut(&id) {
+                    held.extend_from_slice(&tokens[start..start + len]);
+                }
+                self.running[i].drafts.push(t);
+            }
+        }
+        Ok(())
+    }
+
     fn preempt(&mut self, idx: usize) {
         self.preemptions += 1;
         let mut s = self.running.remove(idx);
         let _ = self.blocks.free(s.req.id);
         s.num_computed = 0;
+        s.drafts.clear();
         self.waiting.push_front(s);
+    }
+
+    /// Set running request `i`'s drafts for this step: prompt lookup for a greedy request
+    /// that is decoding (only its last token is uncomputed), within the step's token `budget`,
+    /// its `max_tokens` and the context (verifying k drafts yields up to k + 1 tokens).
+    fn propose(&mut self, i: usize, budget: usize) {
+        let limit = self
+            .model
+            .cfg()
+            .context_length
+            .min(self.cfg.num_blocks * self.cfg.block_size);
+        let s = &mut self.running[i];
+        if self.draft.is_some() {
+            // Drafted before the step (`draft_with_model`): only trim to what fits now.
+            let fit = budget
+                .saturating_sub(1)
+                .min(s.req.opts.max_tokens.saturating_sub(s.generated + 1))
+                .min(limit.saturating_sub(s.tokens.len() + 1));
+            s.drafts.truncate(fit);
+            return;
+        }
+        s.drafts.clear();
+        if self.cfg.lookup == 0 || !s.decoding() || !s.req.opts.params.is_greedy() {
+            return;
+        }
+        let k = self
+            .cfg
+            .lookup
+            .min(budget.saturating_sub(1))
+            .min(s.req.opts.max_tokens.saturating_sub(s.generated + 1))
+            .min(limit.saturating_sub(s.tokens.len() + 1));
+        s.lookup.propose(&s.tokens, k, &mut s.drafts);
     }
 
     /// Run the planned tokens; returns, per plan entry, the row of its logits if it has one.
@@ -498,12 +730,16 @@ impl Engine {
         for &(i, n) in plan {
             let s = &self.running[i];
             let start = tokens.len();
-            tokens.extend_from_slice(&s.tokens[s.num_computed..s.num_computed + n]);
+            // The planned tokens: `real` of the request's own, then its drafts.
+            let real = n - s.drafts.len();
+            tokens.extend_from_slice(&s.tokens[s.num_computed..s.num_computed + real]);
+            tokens.extend_from_slice(&s.drafts);
             positions.extend((s.num_computed..s.num_computed + n).map(|p| p as u32));
             spans.push((start, n, s.req.id));
-            if s.num_computed + n == s.tokens.len() {
+            if s.num_computed + real == s.tokens.len() {
+                // Logits for its last token and after each draft.
                 rows.push(Some(logits_for.len()));
-                logits_for.push(start + n - 1);
+                logits_for.extend(start + real - 1..start + n);
             } else {
                 rows.push(None);
             }
@@ -547,90 +783,84 @@ impl Engine {
     fn update(&mut self, plan: &Plan, rows: &[Option<usize>]) {
         let vocab = self.model.cfg().vocab_size;
         let mut finished = Vec::new();
+        let (mut drafted, mut accepted) = (0, 0);
         for (&(i, n), row) in plan.iter().zip(rows) {
             let s = &mut self.running[i];
-            s.num_computed += n;
-            let _ = self
-                .blocks
-                .cache_full_blocks(s.req.id, &s.tokens, s.num_computed, s.salt);
-            let Some(row) = *row else { continue };
+            let drafts = std::mem::take(&mut s.drafts);
+            s.num_computed += n - drafts.len();
+            let Some(row) = *row else {
+                let _ = self
+                    .blocks
+                    .cache_full_blocks(s.req.id, &s.tokens, s.num_computed, s.salt);
+                continue;
+            };
             if let Some(w) = s.req.adapter.as_ref().and_then(|a| a.score.as_deref()) {
                 // A reward model: its head on the prompt's last hidden state, and done.
                 let h = self.scratch.hidden_row(row, w.len());
                 s.score = Some(w.iter().zip(h).map(|(a, b)| a * b).sum());
                 s.first_token = Some(s.admitted.elapsed().as_secs_f64());
+                let _ = self
+                    .blocks
+                    .cache_full_blocks(s.req.id, &s.tokens, s.num_computed, s.salt);
                 finished.push((i, Some(FinishReason::Stop)));
                 continue;
             }
-            let logits = self.scratch.logits_row(row, vocab);
-            let grammar = s.matcher.as_ref().zip(self.grammar_vocab.as_deref());
-            let out = match constrain::sample(
-                &mut self.sampler,
-                logits,
-                &s.req.opts.params,
-                &s.tokens,
-                &mut s.rng,
-                grammar,
-                &self.tok,
-                &s.req.opts.end_ids,
-                &mut self.mask,
-            ) {
-                Ok(out) => out,
-                Err(e) => {
-                    let _ = s
-                        .req
-                        .reply
-                        .send(Event::Error(EngineError::new(ErrorKind::Internal, e)));
-                    finished.push((i, None));
-                    continue;
+            // Row j's token follows the drafts before it: keep going while it equals draft
+            // j (whose K/V this step computed), exactly as one token per step would.
+            let mut end = None;
+            let (mut compared, mut accepted_here) = (0, 0);
+            for j in 0..=drafts.len() {
+                let s = &mut self.running[i];
+                let logits = self.scratch.logits_row(row + j, vocab);
+                let outcome = emit(
+                    s,
+                    logits,
+                    &self.tok,
+                    self.grammar_vocab.as_deref(),
+                    &mut self.sampler,
+                    &mut self.mask,
+                    &self.cfg,
+                    self.model.cfg().context_length,
+                );
+                match outcome {
+                    Emitted::Next(token) if j < drafts.len() => {
+                        // Draft j is checked (drafts after an end never are).
+                        compared += 1;
+                        if drafts[j] != token {
+                            break;
+                        }
+                        s.num_computed += 1;
+                        accepted_here += 1;
+                    }
+                    Emitted::Next(_) => break,
+                    Emitted::End(reason) => {
+                        end = Some(reason);
+                        break;
+                    }
                 }
-            };
-            s.tokens.push(out.token);
-            s.generated += 1;
-            if s.first_token.is_none() {
-                s.first_token = Some(s.admitted.elapsed().as_secs_f64());
             }
-            let end = s.req.opts.end_ids.contains(&out.token);
-            if let (Some(m), false) = (&mut s.matcher, end) {
-                // `sample` only returns tokens the grammar allows.
-                let _ = m.accept(self.tok.token_bytes(out.token));
+            drafted += compared;
+            accepted += accepted_here;
+            let s = &mut self.running[i];
+            s.lookup.observe(drafts.len(), accepted_here);
+            // Only accepted tokens are computed: rejected drafts never reach a filed block.
+            let _ = self
+                .blocks
+                .cache_full_blocks(s.req.id, &s.tokens, s.num_computed, s.salt);
+            if !drafts.is_empty() {
+                // Release the blocks that only held rejected drafts.
+                let _ = self.blocks.truncate(s.req.id, s.tokens.len());
             }
-            let grammar_done = s.matcher.as_ref().is_some_and(Matcher::is_finished);
-            let (text, stopped) = if end {
-                (s.stream.finish(), false)
-            } else {
-                let p = s.stream.push(self.tok.token_bytes(out.token));
-                (p.text, p.stop.is_some())
-            };
-            let ctx_full = s.tokens.len()
-                >= self
-                    .model
-                    .cfg()
-                    .context_length
-                    .min(self.cfg.num_blocks * self.cfg.block_size);
-            let reason = if end || stopped || grammar_done {
-                Some(FinishReason::Stop)
-            } else if s.generated >= s.req.opts.max_tokens || ctx_full {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            let mut text = text;
-            if reason == Some(FinishReason::Length) || (grammar_done && !end && !stopped) {
-                text.push_str(&s.stream.finish());
-            }
-            let sent = s.req.reply.send(Event::Token {
-                id: out.token,
-                text,
-                logprob: out.logprob,
-                top: out.top,
-            });
-            match (sent, reason) {
-                (Err(_), _) => finished.push((i, None)),
-                (Ok(()), Some(r)) => finished.push((i, Some(r))),
-                _ => {}
+            if let Some(reason) = end {
+                finished.push((i, reason));
             }
         }
+        self.stats
+            .draft_tokens
+            .fetch_add(drafted as u64, Ordering::Relaxed);
+        self.stats
+            .accepted_tokens
+            .fetch_add(accepted as u64, Ordering::Relaxed);
         // Remove from the back so indices stay valid.
         finished.sort_by_key(|f| std::cmp::Reverse(f.0));
         for (i, reason) in finished {
@@ -718,5 +948,91 @@ impl Engine {
                 .reply
                 .send(Event::Error(EngineError::new(ErrorKind::Internal, why)));
         }
+    }
+}
+
+/// What [`emit`] did with one row of logits.
+enum Emitted {
+    /// It sent this token; the request goes on.
+    Next(u32),
+    /// The request ends: `Some(reason)` after its last token was sent, `None` when it failed
+    /// (its `Error` was sent) or its receiver is gone.
+    End(Option<FinishReason>),
+}
+
+/// Sample request `s`'s next token from `logits`, append it, send it with the text it
+/// releases, and apply the stop conditions (end id, stop string, finished grammar,
+/// `max_tokens`, full context).
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    s: &mut Seq,
+    logits: &[f32],
+    tok: &Tokenizer,
+    grammar_vocab: Option<&Vocab>,
+    sampler: &mut Sampler,
+    mask: &mut MaskScratch,
+    cfg: &EngineConfig,
+    context_length: usize,
+) -> Emitted {
+    let grammar = s.matcher.as_ref().zip(grammar_vocab);
+    let out = match constrain::sample(
+        sampler,
+        logits,
+        &s.req.opts.params,
+        &s.tokens,
+        &mut s.rng,
+        grammar,
+        tok,
+        &s.req.opts.end_ids,
+        mask,
+    ) {
+        Ok(out) => out,
+        Err(e) => {
+            let _ = s
+                .req
+                .reply
+                .send(Event::Error(EngineError::new(ErrorKind::Internal, e)));
+            return Emitted::End(None);
+        }
+    };
+    s.tokens.push(out.token);
+    s.generated += 1;
+    if s.first_token.is_none() {
+        s.first_token = Some(s.admitted.elapsed().as_secs_f64());
+    }
+    let end = s.req.opts.end_ids.contains(&out.token);
+    if let (Some(m), false) = (&mut s.matcher, end) {
+        // `sample` only returns tokens the grammar allows.
+        let _ = m.accept(tok.token_bytes(out.token));
+    }
+    let grammar_done = s.matcher.as_ref().is_some_and(Matcher::is_finished);
+    let (text, stopped) = if end {
+        (s.stream.finish(), false)
+    } else {
+        let p = s.stream.push(tok.token_bytes(out.token));
+        (p.text, p.stop.is_some())
+    };
+    let ctx_full = s.tokens.len() >= context_length.min(cfg.num_blocks * cfg.block_size);
+    let reason = if end || stopped || grammar_done {
+        Some(FinishReason::Stop)
+    } else if s.generated >= s.req.opts.max_tokens || ctx_full {
+        Some(FinishReason::Length)
+    } else {
+        None
+    };
+    let mut text = text;
+    if reason == Some(FinishReason::Length) || (grammar_done && !end && !stopped) {
+        text.push_str(&s.stream.finish());
+    }
+    let sent = s.req.reply.send(Event::Token {
+        id: out.token,
+        text,
+        logprob: out.logprob,
+        top: out.top,
+    });
+    match (sent, reason) {
+        (Err(_), _) => Emitted::End(None),
+        (Ok(()), Some(r)) => Emitted::End(Some(r)),
+        (Ok(()), None) => Emitted::Next(out.token),
     }
 }

@@ -10,6 +10,7 @@ pub mod constrain;
 pub mod embed;
 pub mod engine;
 pub mod session;
+pub mod speculate;
 pub mod text;
 
 pub use embed::{EmbedError, Embedder, Embedding};
@@ -18,5 +19,8 @@ pub use engine::{
     Request, Usage,
 };
 pub use ferrolm_models::Adapter;
-pub use session::{FinishReason, GenerateOptions, Generation, Session, SessionError, TokenEvent};
+pub use session::{
+    FinishReason, GenerateOptions, Generation, Session, SessionError, Speculation, TokenEvent,
+};
+pub use speculate::SpecStats;
 pub use text::TextStream;

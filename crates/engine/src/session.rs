@@ -14,6 +14,7 @@ use ferrolm_models::{Adapter, Batch, KvCache, KvType, Model, ModelError, Scratch
 use ferrolm_sample::{Rng, SampleError, Sampled, Sampler, SamplingParams};
 use ferrolm_tokenizer::Tokenizer;
 
+use crate::speculate::{self, SpecStats};
 use crate::text::TextStream;
 
 /// Tokens per KV block.
@@ -43,6 +44,19 @@ pub enum SessionError {
     Threads { threads: usize, reason: String },
     #[error("{0}")]
     Grammar(String),
+    #[error("the draft model's vocabulary has {draft} tokens but the model's has {target}: a draft model must share the model's tokenizer (e.g. a smaller model of the same family)")]
+    DraftVocab { draft: usize, target: usize },
+}
+
+/// Speculative decoding for a session's greedy generations (see [`crate::speculate`]).
+pub enum Speculation<'m> {
+    /// One token per forward pass.
+    Off,
+    /// Prompt lookup: up to `k` drafts from the history's n-grams.
+    Lookup { k: usize },
+    /// Up to `k` drafts from a draft model (of the same vocabulary) run greedily in its own
+    /// session, whose context must be at least this session's.
+    Draft { session: Box<Session<'m>>, k: usize },
 }
 
 pub struct Session<'m> {
@@ -58,6 +72,9 @@ pub struct Session<'m> {
     sampler: Sampler,
     /// The LoRA adapter every token runs with (llama.cpp's `--lora`).
     adapter: Option<Arc<Adapter>>,
+    spec: Speculation<'m>,
+    /// The prompt-lookup proposer's state within one generation.
+    lookup: speculate::Lookup,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -106,6 +123,8 @@ pub struct Generation {
     pub prompt_tokens: usize,
     /// Prompt tokens served from the cache of earlier turns.
     pub cached_tokens: usize,
+    /// Draft tokens verified and accepted (zero without speculation).
+    pub speculation: SpecStats,
     #[serde(with = "secs")]
     pub prefill_time: Duration,
     #[serde(with = "secs")]
@@ -157,7 +176,56 @@ impl<'m> Session<'m> {
             ctx,
             sampler: Sampler::new(),
             adapter: None,
+            spec: Speculation::Off,
+            lookup: speculate::Lookup::default(),
         })
+    }
+
+    /// Draft tokens for later greedy generations (see [`crate::speculate`]); the output stays
+    /// the same, token for token. A draft model must have this model's vocabulary size.
+    pub fn set_speculation(&mut self, spec: Speculation<'m>) -> Result<(), SessionError> {
+        if let Speculation::Draft { session, .. } = &spec {
+            let (draft, target) = (session.model.cfg().vocab_size, self.model.cfg().vocab_size);
+            if draft != target {
+                return Err(SessionError::DraftVocab { draft, target });
+            }
+        }
+        self.spec = spec;
+        Ok(())
+    }
+
+    /// Up to `k` draft tokens to follow `history` (whose last token is not cached yet), from
+    /// the session's proposer; `out` is cleared first.
+    fn propose(
+        &mut self,
+        history: &[u32],
+        k: usize,
+        out: &mut Vec<u32>,
+    ) -> Result<(), SessionError> {
+        out.clear();
+        match &mut self.spec {
+            Speculation::Off => {}
+            Speculation::Lookup { k: max } => self.lookup.propose(history, k.min(*max), out),
+            Speculation::Draft { session: d, k: max } => {
+                // The draft computes the history's uncached tail, then k - 1 of its own tokens.
+                let k = k.min(*max).min((d.ctx + 1).saturating_sub(history.len()));
+                if k == 0 {
+                    return Ok(());
+                }
+                let common = d.reuse_prefix(history);
+                let tail = &history[common..];
+                let mut logits = d.eval(tail, &[tail.len() - 1])?;
+                loop {
+                    let t = speculate::argmax(&logits);
+                    out.push(t);
+                    if out.len() == k {
+                        break;
+                    }
+                    logits = d.eval(&[t], &[0])?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Run every later token with `adapter` (or none); the cache is cleared, since what it
@@ -356,76 +424,90 @@ impl<'m> Session<'m> {
             .as_ref()
             .map(|_| crate::constrain::grammar_vocab(tok));
         let mut mask = crate::constrain::MaskScratch::default();
+        let n_vocab = self.model.cfg().vocab_size;
+        let spec_on = opts.params.is_greedy() && !matches!(self.spec, Speculation::Off);
+        let mut spec = SpecStats::default();
+        // Drafts verified by the rows of `logits` after its first (see `crate::speculate`).
+        let mut drafts: Vec<u32> = Vec::new();
+        self.lookup = speculate::Lookup::default();
         let finish;
-        loop {
-            let s = crate::constrain::sample(
-                &mut self.sampler,
-                &logits,
-                &opts.params,
-                &history,
-                &mut rng,
-                matcher.as_ref().zip(vocab.as_ref()),
-                tok,
-                &opts.end_ids,
-                &mut mask,
-            )
-            .map_err(SessionError::Grammar)?;
-            ids.push(s.token);
-            history.push(s.token);
-            if opts.params.logprobs.is_some() {
-                logprobs.push((s.logprob, s.top.clone()));
-            }
-            if opts.end_ids.contains(&s.token) {
-                let rest = stream.finish();
-                on_token(TokenEvent {
-                    id: s.token,
-                    text: &rest,
-                    sampled: &s,
-                });
-                finish = FinishReason::Stop;
-                break;
-            }
-            let piece = stream.push(tok.token_bytes(s.token));
-            let keep_going = on_token(TokenEvent {
-                id: s.token,
-                text: &piece.text,
-                sampled: &s,
-            });
-            if piece.stop.is_some() {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if let Some(m) = &mut matcher {
-                // `sample` only returns tokens the grammar allows.
-                let _ = m.accept(tok.token_bytes(s.token));
-                if m.is_finished() {
+        'decode: loop {
+            // Row j's token follows the drafts before it; keep going while it equals draft j.
+            let mut accepted = 0;
+            for j in 0..=drafts.len() {
+                let row = &logits[j * n_vocab..(j + 1) * n_vocab];
+                let s = crate::constrain::sample(
+                    &mut self.sampler,
+                    row,
+                    &opts.params,
+                    &history,
+                    &mut rng,
+                    matcher.as_ref().zip(vocab.as_ref()),
+                    tok,
+                    &opts.end_ids,
+                    &mut mask,
+                )
+                .map_err(SessionError::Grammar)?;
+                let hit = drafts.get(j) == Some(&s.token);
+                ids.push(s.token);
+                history.push(s.token);
+                if opts.params.logprobs.is_some() {
+                    logprobs.push((s.logprob, s.top.clone()));
+                }
+                let end = if opts.end_ids.contains(&s.token) {
                     let rest = stream.finish();
                     on_token(TokenEvent {
                         id: s.token,
                         text: &rest,
                         sampled: &s,
                     });
-                    finish = FinishReason::Stop;
+                    Some(FinishReason::Stop)
+                } else {
+                    emit(
+                        &s,
+                        tok,
+                        opts,
+                        &mut stream,
+                        &mut matcher,
+                        ids.len(),
+                        history.len() >= self.ctx,
+                        &mut on_token,
+                    )
+                };
+                if let Some(reason) = end {
+                    // The drafts after this token were never output: drop their K/V.
+                    self.truncate(history.len() - 1);
+                    finish = reason;
+                    break 'decode;
+                }
+                if j == drafts.len() {
                     break;
                 }
-            }
-            if !keep_going {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            if ids.len() >= opts.max_tokens || self.cached.len() + 1 >= self.ctx {
-                finish = FinishReason::Length;
-                let rest = stream.finish();
-                if !rest.is_empty() {
-                    on_token(TokenEvent {
-                        id: s.token,
-                        text: &rest,
-                        sampled: &s,
-                    });
+                // Draft j is checked (drafts after an end never are).
+                spec.drafted += 1;
+                if !hit {
+                    break;
                 }
-                break;
+                spec.accepted += 1;
+                accepted += 1;
             }
-            logits = self.eval(&[s.token], &[0])?;
+            self.lookup.observe(drafts.len(), accepted);
+            // The cache holds the history but its last token (the rejected drafts' K/V goes).
+            self.truncate(history.len() - 1);
+            let last = history[history.len() - 1];
+            drafts.clear();
+            if spec_on {
+                // Verifying k drafts yields up to k + 1 tokens, all within max_tokens and ctx.
+                let k = (opts.max_tokens - ids.len() - 1).min(self.ctx - history.len());
+                let mut d = std::mem::take(&mut drafts);
+                self.propose(&history, k, &mut d)?;
+                drafts = d;
+            }
+            let mut step = Vec::with_capacity(drafts.len() + 1);
+            step.push(last);
+            step.extend_from_slice(&drafts);
+            let want: Vec<usize> = (0..step.len()).collect();
+            logits = self.eval(&step, &want)?;
         }
         Ok(Generation {
             text: stream.text().to_owned(),
@@ -434,8 +516,62 @@ impl<'m> Session<'m> {
             logprobs,
             prompt_tokens: prompt.len(),
             cached_tokens: cached,
+            speculation: spec,
             prefill_time,
             decode_time: t1.elapsed(),
         })
     }
+}
+
+/// Stream one sampled token that is not an end token, and say whether generation ends with it:
+/// a stop string, a finished grammar, the callback cancelling, `max_tokens` (`generated`
+/// tokens so far, this one included) or a full context.
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    s: &Sampled,
+    tok: &Tokenizer,
+    opts: &GenerateOptions,
+    stream: &mut TextStream,
+    matcher: &mut Option<ferrolm_grammar::Matcher>,
+    generated: usize,
+    ctx_full: bool,
+    on_token: &mut impl FnMut(TokenEvent) -> bool,
+) -> Option<FinishReason> {
+    let piece = stream.push(tok.token_bytes(s.token));
+    let keep_going = on_token(TokenEvent {
+        id: s.token,
+        text: &piece.text,
+        sampled: s,
+    });
+    if piece.stop.is_some() {
+        return Some(FinishReason::Stop);
+    }
+    if let Some(m) = matcher {
+        // `sample` only returns tokens the grammar allows.
+        let _ = m.accept(tok.token_bytes(s.token));
+        if m.is_finished() {
+            let rest = stream.finish();
+            on_token(TokenEvent {
+                id: s.token,
+                text: &rest,
+                sampled: s,
+            });
+            return Some(FinishReason::Stop);
+        }
+    }
+    if !keep_going {
+        return Some(FinishReason::Cancelled);
+    }
+    if generated >= opts.max_tokens || ctx_full {
+        let rest = stream.finish();
+        if !rest.is_empty() {
+            on_token(TokenEvent {
+                id: s.token,
+                text: &rest,
+                sampled: s,
+            });
+        }
+        return Some(FinishReason::Length);
+    }
+    None
 }

@@ -453,6 +453,47 @@ impl KvCacheManager {
             .ok_or(KvError::UnknownRequest(req))
     }
 
+    /// Shrink `req`'s block table to the blocks `num_tokens` tokens need, releasing the rest
+    /// (the rollback of speculative decoding: blocks that only held rejected drafts). Blocks
+    /// already filed in the prefix cache are kept: they hold computed, accepted tokens.
+    /// Released blocks join the free queue as [`Self::free`] puts them.
+    pub fn truncate(&mut self, req: RequestId, num_tokens: usize) -> Result<(), KvError> {
+        let keep = self.blocks_for(num_tokens);
+        let state = self
+            .requests
+            .get_mut(&req)
+            .ok_or(KvError::UnknownRequest(req))?;
+        let keep = keep.max(state.num_settled);
+        if keep >= state.table.len() {
+            return Ok(());
+        }
+        let released: Vec<u32> = state.table.drain(keep..).collect();
+        for &id in released.iter().rev() {
+            self.release(id);
+        }
+        Ok(())
+    }
+
+    /// Drop one reference on block `id`; an unused block joins the free queue (a cached one at
+    /// the back, evicted last; an uncached one at the front, reused first).
+    fn release(&mut self, id: u32) {
+        let Some(meta) = self.blocks.get_mut(id as usize) else {
+            return;
+        };
+        debug_assert!(
+            meta.ref_count > 0,
+            "block {id} in a table with no reference"
+        );
+        meta.ref_count = meta.ref_count.saturating_sub(1);
+        if meta.ref_count == 0 {
+            if meta.cached.is_some() {
+                self.free.push_back(id);
+            } else {
+                self.free.push_front(id);
+            }
+        }
+    }
+
     /// Release all of `req`'s blocks (finished, aborted, disconnected or preempted). Each loses
     /// one reference; those left unused join the free queue, tail of the sequence first — cached
     /// ones at the back (evicted last), uncached ones at the front (reused first).
@@ -462,21 +503,7 @@ impl KvCacheManager {
             .remove(&req)
             .ok_or(KvError::UnknownRequest(req))?;
         for &id in state.table.iter().rev() {
-            let Some(meta) = self.blocks.get_mut(id as usize) else {
-                continue;
-            };
-            debug_assert!(
-                meta.ref_count > 0,
-                "block {id} in a table with no reference"
-            );
-            meta.ref_count = meta.ref_count.saturating_sub(1);
-            if meta.ref_count == 0 {
-                if meta.cached.is_some() {
-                    self.free.push_back(id);
-                } else {
-                    self.free.push_front(id);
-                }
-            }
+            self.release(id);
         }
         Ok(())
     }

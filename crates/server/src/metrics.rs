@@ -249,8 +249,20 @@ impl Metrics {
             (
                 "ferrolm_engine_tokens_computed_total",
                 "counter",
-                "Tokens run through the model (prompt chunks + decode).",
+                "Tokens run through the model (prompt chunks + decode + drafts).",
                 |s| ld(&s.tokens_computed) as f64,
+            ),
+            (
+                "ferrolm_spec_draft_tokens_total",
+                "counter",
+                "Draft tokens verified by speculative decoding (serve --lookup).",
+                |s| ld(&s.draft_tokens) as f64,
+            ),
+            (
+                "ferrolm_spec_accepted_tokens_total",
+                "counter",
+                "Draft tokens accepted: each saved a forward pass.",
+                |s| ld(&s.accepted_tokens) as f64,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -722,3 +722,52 @@ fn random_workload_keeps_invariants() {
         random_workload(seed, 800);
     }
 }
+
+/// Speculative decoding's rollback: a request computes 3 drafts past its 14 tokens (block size
+/// 4: 18 slots, 5 blocks), accepts one, and truncates to its 16 tokens (15 computed + the new
+/// one). The block that only held rejected drafts goes back to the free queue uncached, and
+/// filing stops at the computed tokens, so no hash ever covers a rejected draft.
+#[test]
+fn truncate_releases_blocks_of_rejected_drafts_and_never_files_them() {
+    let mut m = mgr(4, 8);
+    let prompt = seq(0, 13);
+    admit(&mut m, 1, &prompt, 0).unwrap();
+    // Decode: token 13 is uncomputed; verify it with drafts 100, 101, 102 (positions 14..17).
+    let mut tokens = cat(&prompt, &[13]);
+    m.allocate_slots(1, tokens.len() + 3, &none())
+        .unwrap()
+        .unwrap();
+    assert_eq!(table(&m, 1).len(), 5);
+    let held = table(&m, 1);
+    // Draft 100 accepted, 101 rejected: the model's token 7 follows. Computed: 0..=14.
+    tokens.extend([100, 7]);
+    let num_computed = 15;
+    m.cache_full_blocks(1, &tokens, num_computed, 0).unwrap();
+    m.truncate(1, tokens.len()).unwrap();
+    check_invariants(&m);
+    assert_eq!(table(&m, 1), held[..4].to_vec(), "16 tokens need 4 blocks");
+    assert!(!m.is_cached(held[4]));
+    assert_eq!(m.ref_count(held[4]), 0);
+    assert_eq!(
+        free_order(&m)[0],
+        held[4],
+        "an uncached block is reused first"
+    );
+    // Blocks 0..=2 are full of computed tokens and filed; block 3 (12..16) is not computed to
+    // its end, so it is not filed, though it holds the accepted draft.
+    assert_eq!(m.num_cached_blocks(), 3);
+    assert!(!m.is_cached(held[3]));
+    // A prompt that shares the prefix through the accepted draft hits only the filed blocks;
+    // one with the rejected draft 101 in place of 7 hits the same (nothing of it was filed).
+    let with_rejected = cat(&tokens[..15], &[101, 5, 5, 5]);
+    assert_eq!(m.get_computed_blocks(&with_rejected, 0).num_tokens(), 12);
+    // Truncating never drops filed blocks, and a longer length is a no-op.
+    m.truncate(1, 1).unwrap();
+    assert_eq!(table(&m, 1).len(), 3);
+    m.truncate(1, 100).unwrap();
+    assert_eq!(table(&m, 1).len(), 3);
+    check_invariants(&m);
+    assert_eq!(m.truncate(9, 1), Err(KvError::UnknownRequest(9)));
+    m.free(1).unwrap();
+    check_invariants(&m);
+}
