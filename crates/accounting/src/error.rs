@@ -32,7 +32,7 @@ pub enum AccountingError {
     #[error("the store {store} failed: {message}")]
     Postgres { store: String, message: String },
 
-    #[error("stored responses are not kept in PostgreSQL yet: run the server that needs them with a sqlite: --store (the default)")]
+    #[error("this store operation has no PostgreSQL version (a bug: please report it); a sqlite: --store (the default) runs it")]
     NotInPostgres,
 
     #[error("rate limits and budgets are kept in the store only when it is shared (postgres://); a SQLite store's server keeps them in memory")]

@@ -19,7 +19,8 @@
 //! - Stored chat completions, uploaded files' records and fine-tuning jobs (with their events,
 //!   checkpoints and the queue's leases, see `tuning`) live here too: every replica lists and
 //!   exports the same ones (the files' bytes and the runs are in the blob store, `--blobs`).
-//!   Stored responses do not yet (`AccountingError::NotInPostgres`).
+//!   So do stored responses and their items (see `responses`): a `previous_response_id`
+//!   made on one replica continues on any other.
 //! - Calls block the caller, as SQLite's do: each runs on this store's own small tokio runtime
 //!   and is waited for. Nothing waits long: the pool's wait, connect and recycle steps each
 //!   give up after [`STEP_TIMEOUT`], a whole call after [`CALL_TIMEOUT`]; such failures are
@@ -38,6 +39,7 @@ use tokio_postgres::{NoTls, Row};
 
 use crate::completions::{self, CompletionQuery, CompletionRecord, Owner};
 use crate::limits::{Headroom, Limited, RateLimiter, WINDOW};
+use crate::responses::{self, ResponseRecord};
 use crate::store::{pick_key, GroupBy, KeyInfo, KeySpec, UsageGroup, UsageRow, KEY_COLUMNS};
 use crate::tuning::{
     Claim, FileRecord, JobCheckpoint, JobEvent, JobRecord, Page, CLAIMABLE, FILE_COLUMNS,
@@ -1396,6 +1398,161 @@ impl Pg {
                 .await
                 .map_err(|e| pg_error(&shown, e))?;
             Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        })
+    }
+}
+
+/// Stored responses and their items (see `responses`): the same columns, scoping and
+/// transactions as SQLite's.
+impl Pg {
+    pub(crate) fn insert_response(&self, r: &ResponseRecord) -> Result<(), AccountingError> {
+        let (id, key, created_at, body) =
+            (r.id.clone(), r.key_id, r.created_at, r.body.to_string());
+        let items: Vec<(&'static str, String, String)> =
+            [("input", &r.input), ("output", &r.output)]
+                .into_iter()
+                .flat_map(|(kind, items)| {
+                    items
+                        .iter()
+                        .map(move |i| (kind, responses::item_id(i).to_owned(), i.to_string()))
+                })
+                .collect();
+        self.call(|pool, shown| async move {
+            let err = |e| pg_error(&shown, e);
+            let mut c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let tx = c.transaction().await.map_err(err)?;
+            tx.execute(
+                "INSERT INTO responses (id, key_id, created_at, body) VALUES ($1, $2, $3, $4)",
+                &[&id, &key, &created_at, &body],
+            )
+            .await
+            .map_err(err)?;
+            let st = tx
+                .prepare(
+                    "INSERT INTO response_items (response_id, item_id, kind, item)
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .await
+                .map_err(err)?;
+            for (kind, item_id, item) in &items {
+                tx.execute(&st, &[&id, item_id, kind, item])
+                    .await
+                    .map_err(err)?;
+            }
+            tx.commit().await.map_err(err)
+        })
+    }
+
+    pub(crate) fn response(
+        &self,
+        id: &str,
+        key: Option<i64>,
+    ) -> Result<Option<ResponseRecord>, AccountingError> {
+        let id = id.to_owned();
+        self.call(|pool, shown| async move {
+            let err = |e| pg_error(&shown, e);
+            let mut c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            // One snapshot for the response and its items: a delete between them is not seen.
+            let tx = c
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(err)?;
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT created_at, body FROM responses
+                     WHERE id = $1 AND key_id IS NOT DISTINCT FROM $2",
+                    &[&id, &key],
+                )
+                .await
+                .map_err(err)?
+            else {
+                return Ok(None);
+            };
+            let created_at: i64 = row.try_get(0).map_err(err)?;
+            let body: String = row.try_get(1).map_err(err)?;
+            let rows = tx
+                .query(
+                    "SELECT kind, item FROM response_items WHERE response_id = $1 ORDER BY seq",
+                    &[&id],
+                )
+                .await
+                .map_err(err)?;
+            let items = rows
+                .iter()
+                .map(|r| {
+                    let kind: String = r.try_get(0).map_err(err)?;
+                    let item: String = r.try_get(1).map_err(err)?;
+                    Ok((kind, json_text(&shown, "response_items.item", &item)?))
+                })
+                .collect::<Result<Vec<_>, AccountingError>>()?;
+            let [input, output] = responses::split_items(items);
+            Ok(Some(ResponseRecord {
+                id,
+                key_id: key,
+                created_at,
+                body: json_text(&shown, "responses.body", &body)?,
+                input,
+                output,
+            }))
+        })
+    }
+
+    pub(crate) fn response_item(
+        &self,
+        item_id: &str,
+        key: Option<i64>,
+    ) -> Result<Option<serde_json::Value>, AccountingError> {
+        let item_id = item_id.to_owned();
+        self.call(|pool, shown| async move {
+            let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let row = c
+                .query_opt(
+                    "SELECT i.item FROM response_items i JOIN responses r ON r.id = i.response_id
+                     WHERE i.item_id = $1 AND r.key_id IS NOT DISTINCT FROM $2
+                     ORDER BY i.seq DESC LIMIT 1",
+                    &[&item_id, &key],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            row.map(|r| {
+                let item: String = r.try_get(0).map_err(|e| pg_error(&shown, e))?;
+                json_text(&shown, "response_items.item", &item)
+            })
+            .transpose()
+        })
+    }
+
+    pub(crate) fn delete_response(
+        &self,
+        id: &str,
+        key: Option<i64>,
+    ) -> Result<bool, AccountingError> {
+        let id = id.to_owned();
+        self.call(|pool, shown| async move {
+            let err = |e| pg_error(&shown, e);
+            let mut c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
+            let tx = c.transaction().await.map_err(err)?;
+            // Items first: they reference the response.
+            tx.execute(
+                "DELETE FROM response_items WHERE response_id = $1
+                 AND EXISTS (SELECT 1 FROM responses
+                             WHERE id = $1 AND key_id IS NOT DISTINCT FROM $2)",
+                &[&id, &key],
+            )
+            .await
+            .map_err(err)?;
+            let n = tx
+                .execute(
+                    "DELETE FROM responses WHERE id = $1 AND key_id IS NOT DISTINCT FROM $2",
+                    &[&id, &key],
+                )
+                .await
+                .map_err(err)?;
+            tx.commit().await.map_err(err)?;
+            Ok(n > 0)
         })
     }
 }

@@ -9,6 +9,8 @@
 //!   chain already resolved), so a chain is read back with one row, never by walking it.
 //! - Items are JSON documents with an `id`; their shape is the server's, this module only keeps
 //!   them, in order. Deleting a response deletes its items in the same transaction.
+//! - A PostgreSQL store keeps them the same way (`pg`), so a `previous_response_id` made on one
+//!   replica continues on any other.
 
 use rusqlite::{params, OptionalExtension};
 use serde_json::Value;
@@ -54,6 +56,24 @@ fn json_text(v: &Value) -> String {
     v.to_string()
 }
 
+/// The stored `item_id` of an item: its `id` (empty when it has none).
+pub(crate) fn item_id(item: &Value) -> &str {
+    item.get("id").and_then(Value::as_str).unwrap_or_default()
+}
+
+/// Stored items, each `(kind, item)` in order, split into the record's input and output.
+pub(crate) fn split_items(items: impl IntoIterator<Item = (String, Value)>) -> [Vec<Value>; 2] {
+    let (mut input, mut output) = (Vec::new(), Vec::new());
+    for (kind, item) in items {
+        if kind == "input" {
+            input.push(item);
+        } else {
+            output.push(item);
+        }
+    }
+    [input, output]
+}
+
 fn parse(i: usize, text: String) -> rusqlite::Result<Value> {
     serde_json::from_str(&text).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
@@ -63,6 +83,9 @@ fn parse(i: usize, text: String) -> rusqlite::Result<Value> {
 impl Store {
     /// Keep `r` and its items (one transaction).
     pub fn insert_response(&self, r: &ResponseRecord) -> Result<(), AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.insert_response(r);
+        }
         let mut conn = self.conn()?;
         let tx = conn.transaction().at(&self.path)?;
         tx.execute(
@@ -72,10 +95,9 @@ impl Store {
         .at(&self.path)?;
         for (kind, items) in [("input", &r.input), ("output", &r.output)] {
             for item in items {
-                let item_id = item.get("id").and_then(Value::as_str).unwrap_or_default();
                 tx.execute(
                     "INSERT INTO response_items (response_id, item_id, kind, item) VALUES (?1, ?2, ?3, ?4)",
-                    params![r.id, item_id, kind, json_text(item)],
+                    params![r.id, item_id(item), kind, json_text(item)],
                 )
                 .at(&self.path)?;
             }
@@ -89,6 +111,9 @@ impl Store {
         id: &str,
         key: Option<i64>,
     ) -> Result<Option<ResponseRecord>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.response(id, key);
+        }
         let conn = self.conn()?;
         let row = conn
             .query_row(
@@ -107,15 +132,8 @@ impl Store {
         let rows = st
             .query_map([id], |r| Ok((r.get::<_, String>(0)?, parse(1, r.get(1)?)?)))
             .at(&self.path)?;
-        let (mut input, mut output) = (Vec::new(), Vec::new());
-        for row in rows {
-            let (kind, item) = row.at(&self.path)?;
-            if kind == "input" {
-                input.push(item);
-            } else {
-                output.push(item);
-            }
-        }
+        let items = rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)?;
+        let [input, output] = split_items(items);
         Ok(Some(ResponseRecord {
             id: id.to_owned(),
             key_id: key,
@@ -132,6 +150,9 @@ impl Store {
         item_id: &str,
         key: Option<i64>,
     ) -> Result<Option<Value>, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.response_item(item_id, key);
+        }
         self.conn()?
             .query_row(
                 "SELECT i.item FROM response_items i JOIN responses r ON r.id = i.response_id
@@ -145,6 +166,9 @@ impl Store {
 
     /// Forget the response `id` of `key` and its items; false when there was none.
     pub fn delete_response(&self, id: &str, key: Option<i64>) -> Result<bool, AccountingError> {
+        if let Some(pg) = self.pg() {
+            return pg.delete_response(id, key);
+        }
         let mut conn = self.conn()?;
         let tx = conn.transaction().at(&self.path)?;
         // Items first: they reference the response (foreign keys are on).

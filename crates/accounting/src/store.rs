@@ -562,8 +562,8 @@ impl Store {
         }
     }
 
-    /// The SQLite connection; what is kept only in SQLite so far (stored responses) is
-    /// refused on PostgreSQL.
+    /// The SQLite connection. Every store method asks [`Store::pg`] first, so a PostgreSQL
+    /// store reaching here is a bug, refused rather than run against the wrong database.
     pub(crate) fn conn(&self) -> Result<MutexGuard<'_, Connection>, AccountingError> {
         match &self.backend {
             // A panic while holding the lock dropped any open transaction (rolled back), so

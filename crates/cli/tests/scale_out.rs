@@ -6,8 +6,10 @@
 //! revocation stops it on another replica at its next request; `--rpm 60` offered 180 requests
 //! over three replicas admits at most 61; a budget is overshot by at most one request's cost;
 //! the ledger has each request exactly once; a completion stored through one replica is listed
-//! by another and exported; PostgreSQL stopped, or frozen, gives a quick 503, and service
-//! returns by itself when it is back; a database newer than the binary is refused. And
+//! by another and exported; a response stored through one replica is read, continued
+//! (`previous_response_id`) and deleted through another, and by its key only; PostgreSQL
+//! stopped, or frozen, gives a quick 503, and service returns by itself when it is back; a
+//! database newer than the binary is refused. And
 //! `docs/deploy/nginx.conf`, run by a real nginx from Debian in front of three replicas, keeps
 //! each session on one replica and skips a dead one; `/metrics` has the gauges routers read
 //! under vLLM's names. With `--blobs s3://…` on a real S3-compatible server (moto's, from
@@ -280,6 +282,24 @@ fn chat(s: &Server, key: &str, max_tokens: u32) -> (u16, Value) {
     (status, v)
 }
 
+/// `method path` on `s` with `key` and an optional JSON body: (status, body).
+fn keyed(s: &Server, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+    let req = ureq::request(method, &s.url(path))
+        .timeout(Duration::from_secs(60))
+        .set("Authorization", &format!("Bearer {key}"));
+    let r = match body {
+        Some(b) => req.send_string(&b.to_string()),
+        None => req.call(),
+    };
+    let (status, text) = match r {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, v)
+}
+
 /// Send `n` requests of `key` over `replicas` (round robin) from `threads` threads; the
 /// statuses (with the error code of refusals).
 fn offer(
@@ -504,6 +524,110 @@ fn three_replicas_share_keys_limits_budgets_and_one_ledger_on_postgres() {
     );
     let lines = std::fs::read_to_string(&jsonl).unwrap();
     assert_eq!(lines.lines().count(), 1, "{lines}");
+
+    // A stored response made on replica A is read, continued and deleted on replica B, and is
+    // seen by its key only.
+    let first = keyed(
+        a,
+        "POST",
+        "/v1/responses",
+        &shared,
+        Some(json!({
+            "input": "Name a colour.", "max_output_tokens": 2, "temperature": 0, "store": true,
+        })),
+    );
+    assert_eq!(first.0, 200, "{}", first.1);
+    let id = first.1["id"].as_str().unwrap().to_owned();
+    let got = keyed(b, "GET", &format!("/v1/responses/{id}"), &shared, None);
+    assert_eq!(
+        got,
+        (200, first.1.clone()),
+        "replica B's copy of A's response"
+    );
+    let items = keyed(
+        b,
+        "GET",
+        &format!("/v1/responses/{id}/input_items"),
+        &shared,
+        None,
+    );
+    assert_eq!(items.0, 200, "{}", items.1);
+    assert_eq!(
+        items.1["data"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        items.1
+    );
+    assert_eq!(
+        items.1["data"][0]["content"][0]["text"], "Name a colour.",
+        "{}",
+        items.1
+    );
+    let second = keyed(
+        b,
+        "POST",
+        "/v1/responses",
+        &shared,
+        Some(json!({
+            "previous_response_id": id, "input": "Another.", "max_output_tokens": 2,
+            "temperature": 0,
+        })),
+    );
+    assert_eq!(second.0, 200, "{}", second.1);
+    assert_eq!(second.1["previous_response_id"], id.as_str());
+    let second_id = second.1["id"].as_str().unwrap();
+    let chain = keyed(
+        a,
+        "GET",
+        &format!("/v1/responses/{second_id}/input_items?order=asc"),
+        &shared,
+        None,
+    );
+    let chain: Vec<&Value> = chain.1["data"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", chain.1))
+        .iter()
+        .collect();
+    assert_eq!(
+        chain.len(),
+        3,
+        "A's input, A's answer, B's input: {chain:?}"
+    );
+    assert_eq!(chain[1]["id"], first.1["output"][0]["id"], "{chain:?}");
+    let other = create_key(&url, "other", &[]);
+    for (method, path) in [
+        ("GET", format!("/v1/responses/{id}")),
+        ("DELETE", format!("/v1/responses/{id}")),
+    ] {
+        let (status, v) = keyed(b, method, &path, &other, None);
+        assert_eq!(status, 404, "another key's {method} {path}: {v}");
+    }
+    let (status, v) = keyed(
+        a,
+        "POST",
+        "/v1/responses",
+        &other,
+        Some(json!({
+            "previous_response_id": id, "input": "Another.", "max_output_tokens": 1,
+        })),
+    );
+    assert_eq!(status, 400, "another key continued it: {v}");
+    assert_eq!(v["error"]["code"], "previous_response_not_found", "{v}");
+    let (status, v) = keyed(b, "DELETE", &format!("/v1/responses/{id}"), &shared, None);
+    assert_eq!((status, &v["deleted"]), (200, &json!(true)), "{v}");
+    for path in [
+        format!("/v1/responses/{id}"),
+        format!("/v1/responses/{id}/input_items"),
+    ] {
+        let (status, v) = keyed(a, "GET", &path, &shared, None);
+        assert_eq!(status, 404, "deleted on B, yet A has {path}: {v}");
+    }
+    assert_eq!(
+        pg.sql(&format!(
+            "SELECT COUNT(*) FROM response_items WHERE response_id = '{id}'"
+        )),
+        "0"
+    );
 
     // PostgreSQL stopped: a quick 503 in OpenAI's shape; back by itself when it is.
     pg.pg_ctl_stop();
