@@ -120,12 +120,14 @@ class Server:
 
 
 def pairs_for(server, ps, n, max_tokens, max_words, seed):
-    """One pair per prompt whose samples hold both a compliant and a non-compliant answer."""
+    """One pair per prompt whose samples hold both a compliant and a non-compliant answer.
+    The server seeds choice j of a request with seed + j, so each prompt's seeds are n apart:
+    a prompt drawn twice gets other samples."""
     out, skipped = [], 0
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         replies = list(pool.map(
             lambda ip: server.chat(ip[1], n=n, temperature=1.0, top_p=0.95, max_tokens=max_tokens,
-                                   seed=seed + ip[0]), enumerate(ps)))
+                                   seed=seed + n * ip[0]), enumerate(ps)))
     samples = []
     for p, r in zip(ps, replies):
         ch = r["choices"]
@@ -170,7 +172,7 @@ def best_of_compliance(server, ps, n, reward_model, max_tokens, max_words, save=
     with ThreadPoolExecutor(CONCURRENCY // 2) as pool:
         replies = list(pool.map(
             lambda ip: server.chat(ip[1], temperature=1.0, top_p=0.95, max_tokens=max_tokens,
-                                   seed=7 + ip[0], best_of={"n": n, "reward_model": reward_model}),
+                                   seed=7 + n * ip[0], best_of={"n": n, "reward_model": reward_model}),
             enumerate(ps)))
     if save:
         write_jsonl(save, [{"prompt": p, "answer": r["choices"][0]["message"]["content"],
