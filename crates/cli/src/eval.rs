@@ -221,11 +221,7 @@ fn reward_cmd(a: RewardEvalArgs) -> Result<()> {
     for p in &pairs {
         let c = f64::from(rm.score(&mut session, &p.chosen.ids)?);
         let r = f64::from(rm.score(&mut session, &p.rejected.ids)?);
-        correct += match c.partial_cmp(&r) {
-            Some(std::cmp::Ordering::Greater) => 1.0,
-            Some(std::cmp::Ordering::Equal) => 0.5,
-            _ => 0.0,
-        };
+        correct += ferrolm_train::dpo::pair_credit(c, r);
         margin += c - r;
         chosen += c;
         rejected += r;

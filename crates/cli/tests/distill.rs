@@ -53,13 +53,6 @@ fn metrics(run: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn evals(run: &Path) -> Vec<Value> {
-    metrics(run)
-        .into_iter()
-        .filter(|m| m.get("val_loss").is_some())
-        .collect()
-}
-
 #[test]
 fn token_level_from_a_local_teacher_into_a_new_student() {
     let dir = tempfile::tempdir().unwrap();

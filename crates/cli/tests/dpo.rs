@@ -14,35 +14,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-/// `ferrolm finetune --method dpo` with its reference cache in `out`'s parent (each test's
-/// own temp dir), so that what one test or an earlier run cached cannot change what another
-/// sees.
 fn dpo(base: &Path, train: &Path, out: &Path, extra: &[&str]) -> (Value, String) {
-    let home = out.parent().unwrap().join("home");
-    let o = ferrolm()
-        .env("FERROLM_HOME", &home)
-        .args(["finetune", "--method", "dpo", "--model"])
-        .arg(base)
-        .arg("--train")
-        .arg(train)
-        .arg("--out")
-        .arg(out)
-        .args(["--targets", "q,v,o,down", "--batch", "2", "--json"])
-        .args(extra)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "{err}");
-    (json_of(&o), err)
-}
-
-fn evals(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v.get("val_loss").is_some())
-        .collect()
+    finetune_pairs("dpo", base, train, out, extra)
 }
 
 #[test]

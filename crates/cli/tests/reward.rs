@@ -14,23 +14,6 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
-fn reward(base: &Path, train: &Path, out: &Path, extra: &[&str]) -> (Value, String) {
-    let o = ferrolm()
-        .args(["finetune", "--method", "reward", "--model"])
-        .arg(base)
-        .arg("--train")
-        .arg(train)
-        .arg("--out")
-        .arg(out)
-        .args(["--targets", "q,v,o,down", "--batch", "2", "--json"])
-        .args(extra)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(o.status.success(), "{err}");
-    (json_of(&o), err)
-}
-
 fn eval_reward(rm: &Path, data: &Path) -> Value {
     let o = ferrolm()
         .args(["eval", "reward", "--model"])
@@ -62,15 +45,10 @@ fn a_reward_model_ranks_held_out_pairs_and_is_served() {
         "--lr",
         "5e-4",
     ];
-    let (s, err) = reward(&base, &train, &run, &args);
+    let (s, err) = finetune_pairs("reward", &base, &train, &run, &args);
     assert_eq!(s["iters"], 12);
     assert!(err.contains("eval reward"), "{err}");
-    let evals: Vec<Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v.get("val_loss").is_some())
-        .collect();
+    let evals = common::evals(&run);
     let (first, last) = (&evals[0], evals.last().unwrap());
     eprintln!("evaluations: {evals:?}");
     // The head starts random: training must widen the held-out margin and lower the loss.

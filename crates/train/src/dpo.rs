@@ -277,7 +277,8 @@ struct PairLoss {
     reward_rejected: f64,
 }
 
-fn softplus(x: f64) -> f64 {
+/// `log(1 + eˣ)`, the loss `−log σ(−x)` of a pair whose margin is `−x`.
+pub(crate) fn softplus(x: f64) -> f64 {
     if x > 30.0 {
         x
     } else {
@@ -285,7 +286,7 @@ fn softplus(x: f64) -> f64 {
     }
 }
 
-fn sigmoid(x: f64) -> f64 {
+pub(crate) fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
 
@@ -334,6 +335,16 @@ fn pair_loss(cfg: &DpoConfig, c: SeqLogp, r: SeqLogp, rc: SeqLogp, rr: SeqLogp) 
     }
 }
 
+/// A pair's share of the pair accuracy: 1 when the preferred answer scores higher, a half
+/// for a tie (so an untrained model scores 0.5), 0 otherwise.
+pub fn pair_credit(chosen: f64, rejected: f64) -> f64 {
+    match chosen.partial_cmp(&rejected) {
+        Some(std::cmp::Ordering::Greater) => 1.0,
+        Some(std::cmp::Ordering::Equal) => 0.5,
+        _ => 0.0,
+    }
+}
+
 /// Sums of pair figures, for means.
 #[derive(Default)]
 struct Tally {
@@ -352,11 +363,7 @@ impl Tally {
         self.loss += p.loss;
         self.reward_chosen += p.reward_chosen;
         self.reward_rejected += p.reward_rejected;
-        self.correct += match p.reward_chosen.partial_cmp(&p.reward_rejected) {
-            Some(std::cmp::Ordering::Greater) => 1.0,
-            Some(std::cmp::Ordering::Equal) => 0.5,
-            _ => 0.0,
-        };
+        self.correct += pair_credit(p.reward_chosen, p.reward_rejected);
         self.logps_chosen += f64::from(c.sum);
         self.logps_rejected += f64::from(r.sum);
     }

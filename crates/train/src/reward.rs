@@ -17,7 +17,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::checkpoint::TrainState;
-use crate::dpo::Pair;
+use crate::dpo::{pair_credit, sigmoid, softplus, Pair};
 use crate::lora::LoraActs;
 use crate::model::Activations;
 use crate::sft::{self, Example};
@@ -27,18 +27,6 @@ use crate::TrainError;
 /// The position whose hidden state is scored: the last token of `ex` within `ctx`.
 fn last(ex: &Example, ctx: usize) -> usize {
     ex.ids.len().min(ctx).max(1) - 1
-}
-
-fn softplus(x: f64) -> f64 {
-    if x > 30.0 {
-        x
-    } else {
-        x.exp().ln_1p()
-    }
-}
-
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
 }
 
 /// Sums of pair figures, for means.
@@ -57,11 +45,7 @@ impl Tally {
         self.loss += softplus(-(c - r));
         self.chosen += c;
         self.rejected += r;
-        self.correct += match c.partial_cmp(&r) {
-            Some(std::cmp::Ordering::Greater) => 1.0,
-            Some(std::cmp::Ordering::Equal) => 0.5,
-            _ => 0.0,
-        };
+        self.correct += pair_credit(c, r);
     }
 
     fn loss(&self) -> f32 {

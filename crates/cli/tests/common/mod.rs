@@ -283,3 +283,42 @@ pub fn preference_pairs(n: usize, held_out: bool, seed: u64) -> String {
     }
     out
 }
+
+/// `ferrolm finetune --method METHOD` on preference pairs (LoRA on q, v, o, down, batch 2),
+/// with `FERROLM_HOME` (DPO's reference cache) in `out`'s parent, each test's own temp dir, so
+/// that what one test or an earlier run cached cannot change what another sees. Returns the
+/// JSON summary and stderr.
+pub fn finetune_pairs(
+    method: &str,
+    base: &Path,
+    train: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> (Value, String) {
+    let home = out.parent().unwrap().join("home");
+    let o = ferrolm()
+        .env("FERROLM_HOME", &home)
+        .args(["finetune", "--method", method, "--model"])
+        .arg(base)
+        .arg("--train")
+        .arg(train)
+        .arg("--out")
+        .arg(out)
+        .args(["--targets", "q,v,o,down", "--batch", "2", "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    (json_of(&o), err)
+}
+
+/// The evaluation lines of a run's `metrics.jsonl`.
+pub fn evals(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("val_loss").is_some())
+        .collect()
+}
