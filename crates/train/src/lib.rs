@@ -13,6 +13,8 @@
 //!   [`finetune`] SFT, [`dpo`] preference tuning and [`distill`] distillation from a
 //!   teacher, each on full weights, LoRA or QLoRA.
 //! * [`export`] — a checkpoint as GGUF (f32, f16, q8_0).
+//! * [`grader`] — OpenAI's fine-tuning graders (string_check, text_similarity, score_model,
+//!   multi), the reward of reinforcement fine-tuning.
 
 pub mod base;
 pub mod checkpoint;
@@ -23,6 +25,7 @@ pub mod dpo;
 pub mod error;
 pub mod export;
 pub mod finetune;
+pub mod grader;
 pub mod hf;
 pub mod lora;
 pub mod model;
