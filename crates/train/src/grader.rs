@@ -846,7 +846,7 @@ pub fn fuzzy_match(a: &str, b: &str) -> f64 {
 }
 
 /// Counts of the `n`-grams of `toks`.
-fn ngrams<'a, T: std::hash::Hash + Eq>(toks: &'a [T], n: usize) -> HashMap<&'a [T], usize> {
+fn ngrams<T: std::hash::Hash + Eq>(toks: &[T], n: usize) -> HashMap<&[T], usize> {
     let mut m = HashMap::new();
     if n > 0 {
         for w in toks.windows(n) {
