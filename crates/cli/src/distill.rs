@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use ferrolm_engine::{Engine, EngineConfig, Event as EngineEvent, GenerateOptions, Request};
+use ferrolm_engine::{Engine, EngineConfig, GenerateOptions, Job};
 use ferrolm_train::config::ConfigFile;
 use ferrolm_train::distill::{DistillConfig, DistillMode};
 use ferrolm_train::finetune::{self, FinetuneConfig, Method, ObjectiveConfig};
@@ -382,8 +382,7 @@ fn local_replies(
     prompts: &[Prompt],
     first: usize,
 ) -> Result<Vec<Reply>> {
-    let engine = &mut m.engine;
-    let mut rxs = Vec::with_capacity(prompts.len());
+    let mut jobs = Vec::with_capacity(prompts.len());
     for (k, p) in prompts.iter().enumerate() {
         let r = m.template.render(
             &m.tok,
@@ -391,11 +390,8 @@ fn local_replies(
             true,
             p.tools.as_ref(),
         )?;
-        let ids = m.tok.encode_chat(&r)?;
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        engine.add(Request {
-            id: (first + k) as u64,
-            prompt: ids,
+        jobs.push(Job {
+            prompt: m.tok.encode_chat(&r)?,
             opts: GenerateOptions {
                 params: ferrolm_sample::SamplingParams {
                     temperature: a.temperature,
@@ -412,36 +408,25 @@ fn local_replies(
                 grammar: None,
             },
             adapter: None,
-            cache_scope: 0,
-            reply: tx,
         });
-        rxs.push(rx);
     }
-    while engine.has_work() {
-        engine.step()?;
-    }
+    let done = m.engine.run_all(jobs)?;
     let mut out = Vec::with_capacity(prompts.len());
-    for (k, mut rx) in rxs.into_iter().enumerate() {
-        let (mut text, mut tokens) = (String::new(), Vec::new());
-        while let Ok(ev) = rx.try_recv() {
-            match ev {
-                EngineEvent::Token {
-                    id,
-                    text: t,
-                    logprob,
-                    top,
-                } => {
-                    text.push_str(&t);
-                    tokens.push((id, logprob, top));
-                }
-                EngineEvent::Finished { .. } => {}
-                EngineEvent::Error(e) => bail!(
-                    "the teacher failed on prompt {}: {}",
-                    first + k + 1,
-                    e.message
-                ),
-            }
-        }
+    for (k, d) in done.into_iter().enumerate() {
+        let d = d.map_err(|e| {
+            anyhow::anyhow!(
+                "the teacher failed on prompt {}: {}",
+                first + k + 1,
+                e.message
+            )
+        })?;
+        let text = d.text;
+        let mut tokens: Vec<_> = d
+            .ids
+            .into_iter()
+            .zip(d.logprobs)
+            .map(|(id, (lp, top))| (id, lp, top))
+            .collect();
         // the end-of-turn token that stopped the reply is not part of it
         if tokens.last().is_some_and(|t| m.end_ids.contains(&t.0)) {
             tokens.pop();

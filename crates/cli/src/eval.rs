@@ -184,7 +184,7 @@ impl RewardModel {
 }
 
 /// The base model a `ferrolm finetune` run was trained on (from its `finetune.json`).
-fn run_base(dir: &std::path::Path) -> Result<Option<PathBuf>> {
+pub(crate) fn run_base(dir: &std::path::Path) -> Result<Option<PathBuf>> {
     let p = dir.join("finetune.json");
     if !p.is_file() {
         return Ok(None);

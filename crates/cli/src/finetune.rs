@@ -9,6 +9,7 @@ use ferrolm_train::dpo::{DpoConfig, DpoLoss};
 use ferrolm_train::export::{self, ExportType};
 use ferrolm_train::finetune::{self, FinetuneConfig, Method, ObjectiveConfig};
 use ferrolm_train::lora::{LoraConfig, Target};
+use ferrolm_train::rl::{RlConfig, Scorer};
 
 #[derive(Args)]
 pub struct FinetuneCmd {
@@ -19,7 +20,9 @@ pub struct FinetuneCmd {
     /// line; `weight` 0/1 on assistant messages), the loss on assistant tokens only.
     /// `--method dpo` and `--method reward`: OpenAI preference JSONL ({"input": {"messages":
     /// [...]}, "preferred_output": [...], "non_preferred_output": [...]} per line).
-    #[arg(long)]
+    /// `--method rl`: OpenAI reinforcement JSONL prompts ({"messages": [...], ...} per line,
+    /// up to the turn to answer; further fields are what graders read as {{item.field}}).
+    #[arg(long, alias = "prompts")]
     train: PathBuf,
     /// Validation JSONL (same format): loss and token accuracy (SFT), or rewards, margin and
     /// pair accuracy (DPO, reward), at every evaluation.
@@ -32,13 +35,39 @@ pub struct FinetuneCmd {
     /// reference model is the base with the adapter off) or `reward` (a reward model: LoRA
     /// adapters and a scalar score head, Bradley–Terry loss on the pairs; score with `ferrolm
     /// eval reward` or serve it for `/v1/rewards`). `lora` and `full` are accepted as `sft`
-    /// with that `--weights`, as before.
+    /// with that `--weights`, as before. `rl`: reinforcement learning on the policy's own
+    /// samples (GRPO or RLOO, with a KL penalty to the base), scored by `--reward-model` or
+    /// `--grader`.
     #[arg(long, default_value = "sft")]
     method: String,
+    /// RL: score samples with this reward model (a `--method reward` run or PEFT directory).
+    #[arg(long)]
+    reward_model: Option<PathBuf>,
+    /// RL: score samples with this OpenAI grader (a JSON file, or the JSON itself):
+    /// string_check, text_similarity, score_model (a local model) or multi.
+    #[arg(long)]
+    grader: Option<String>,
+    /// RL: samples per prompt (the group their rewards are compared in).
+    #[arg(long, default_value_t = 4)]
+    samples: usize,
+    /// RL: the sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// RL: nucleus sampling.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// RL: most tokens per sample.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// RL: how rewards become advantages, `grpo` (standardized in the group) or `rloo` (less
+    /// the mean of the others).
+    #[arg(long, default_value = "grpo")]
+    advantage: String,
     /// Which weights train: `lora` (adapters on a frozen base) or `full` (every weight).
     #[arg(long, default_value = "lora")]
     weights: String,
     /// DPO: how strongly the policy is held to the reference (default 0.1; 2.0 for simpo).
+    /// RL: the weight of the KL penalty to the base (default 0.04; 0 turns it off).
     #[arg(long)]
     beta: Option<f32>,
     /// DPO: the preference loss, `sigmoid` (DPO), `ipo` or `simpo` (no reference model).
@@ -132,10 +161,43 @@ pub fn run_finetune(a: FinetuneCmd) -> Result<()> {
             }
             (ObjectiveConfig::Reward, "lora")
         }
-        m => bail!("--method {m}: use sft, dpo or reward"),
+        "rl" | "reinforcement" => {
+            if a.weights != "lora" {
+                bail!("--method rl samples with the inference engine and the policy's adapter: use --weights lora (the default), with --qlora if you like");
+            }
+            let scorer = match (&a.reward_model, &a.grader) {
+                (Some(p), None) => Scorer::RewardModel {
+                    path: p
+                        .canonicalize()
+                        .with_context(|| format!("--reward-model {}: no such run", p.display()))?,
+                },
+                (None, Some(g)) => Scorer::Grader {
+                    grader: crate::rl::read_grader(g)?,
+                },
+                _ => {
+                    bail!("--method rl needs exactly one of --reward-model RUN or --grader G.json")
+                }
+            };
+            let cfg = RlConfig {
+                scorer,
+                k: a.samples,
+                beta: a.beta.unwrap_or(0.04),
+                temperature: a.temperature,
+                top_p: a.top_p,
+                max_tokens: a.max_tokens,
+                advantage: a.advantage.parse().map_err(anyhow::Error::msg)?,
+            };
+            (ObjectiveConfig::Rl(cfg), "lora")
+        }
+        m => bail!("--method {m}: use sft, dpo, reward or rl"),
     };
-    if a.beta.is_some() && !matches!(objective, ObjectiveConfig::Dpo(_)) {
-        bail!("--beta applies to --method dpo only");
+    if a.beta.is_some() && !matches!(objective, ObjectiveConfig::Dpo(_) | ObjectiveConfig::Rl(_)) {
+        bail!("--beta applies to --method dpo and rl only");
+    }
+    if !matches!(objective, ObjectiveConfig::Rl(_))
+        && (a.reward_model.is_some() || a.grader.is_some())
+    {
+        bail!("--reward-model and --grader score the samples of --method rl");
     }
     let method = match weights {
         "full" => Method::Full,
@@ -193,7 +255,23 @@ pub fn run_finetune(a: FinetuneCmd) -> Result<()> {
     };
     let out = a.out.clone();
     let summary = crate::train::drive(a.threads, |stop, on| {
-        Ok(finetune::finetune(&cfg, &out, a.resume, stop, on)?)
+        let mut env = match &cfg.objective {
+            ObjectiveConfig::Rl(r) => {
+                let (rows, tokens) = crate::rl::engine_size(&cfg, r);
+                Some(crate::rl::EngineEnv::open(
+                    &cfg.base,
+                    r,
+                    rows,
+                    tokens,
+                    crate::threads(a.threads)?,
+                )?)
+            }
+            _ => None,
+        };
+        let env = env.as_mut().map(|e| e as &mut dyn ferrolm_train::rl::RlEnv);
+        Ok(finetune::finetune_with(
+            &cfg, &out, a.resume, stop, on, env,
+        )?)
     })?;
     let try_args = if cfg.objective == ObjectiveConfig::Reward {
         "eval reward --data pairs.jsonl"

@@ -24,6 +24,7 @@ mod imatrix;
 mod keys;
 mod quantize;
 mod rank;
+mod rl;
 mod serve;
 mod store;
 mod train;

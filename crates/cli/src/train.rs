@@ -269,16 +269,24 @@ pub fn drive(
 /// DPO's figures for a progress line (empty for the other objectives).
 fn preference_figures(m: &serde_json::Map<String, serde_json::Value>) -> String {
     let get = |k: &str| m.get(k).and_then(serde_json::Value::as_f64);
-    match (
+    let mut out = String::new();
+    if let (Some(acc), Some(margin), Some(chosen)) = (
         get("pair_accuracy"),
         get("reward_margin"),
         get("logps_chosen"),
     ) {
-        (Some(acc), Some(margin), Some(chosen)) => {
-            format!(", pair accuracy {acc:.3}, margin {margin:.3}, chosen logp {chosen:.1}")
-        }
-        _ => String::new(),
+        out = format!(", pair accuracy {acc:.3}, margin {margin:.3}, chosen logp {chosen:.1}");
     }
+    // RL: the samples' mean reward and KL (steps), the greedy replies' (evaluations)
+    if let (Some(r), Some(kl), Some(len)) =
+        (get("reward_mean"), get("kl"), get("completion_length"))
+    {
+        out = format!(", reward {r:.3}, kl {kl:.4}, length {len:.0}");
+    }
+    if let (Some(r), Some(len)) = (get("val_reward_mean"), get("val_completion_length")) {
+        out = format!(", greedy reward {r:.3}, length {len:.0}");
+    }
+    out
 }
 
 /// Report a finished (or stopped) run: the loss curve, how to use it, the JSON line.

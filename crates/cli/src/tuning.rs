@@ -19,6 +19,7 @@ use ferrolm_server::tuner::{
 use ferrolm_train::dpo::{self, DpoConfig, DpoLoss};
 use ferrolm_train::finetune::{self, FinetuneConfig, Method, ObjectiveConfig};
 use ferrolm_train::lora::{LoraConfig, Target};
+use ferrolm_train::rl::{self, Advantage, RlConfig, Scorer};
 use ferrolm_train::run::Event;
 use ferrolm_train::sft;
 
@@ -30,26 +31,38 @@ const LORA_LR: f64 = 2e-4;
 /// a model further per step than SFT: a tenth of the SFT rate, as in TRL's examples).
 const DPO_LORA_LR: f64 = 2e-5;
 const MAX_LEN: usize = 512;
+/// LoRA's learning rate for reinforcement jobs at learning_rate_multiplier 1.
+const RL_LORA_LR: f64 = 5e-5;
+/// Most tokens per sampled reply in reinforcement jobs.
+const RL_MAX_TOKENS: usize = 128;
 
 /// The examples of a fine-tuning file in `format`, or its bad lines as `line N: reason`.
 /// A file of either format is judged by its first line's shape: a line with `input` is a
 /// preference pair.
-fn examples(text: &str, format: FileFormat) -> Result<usize, Vec<String>> {
+fn examples(text: &str, format: &FileFormat) -> Result<usize, Vec<String>> {
     let lines = |errors: Vec<sft::LineError>| errors.iter().map(ToString::to_string).collect();
     let format = match format {
         FileFormat::Either => {
             let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
             let v: serde_json::Value = serde_json::from_str(first).unwrap_or_default();
+            let last_role = v["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .and_then(|m| m["role"].as_str());
             if v.get("input").is_some() || v.get("preferred_output").is_some() {
                 FileFormat::Preference
+            } else if last_role.is_some_and(|r| r != "assistant") {
+                // a conversation up to the turn to answer: reinforcement prompts
+                FileFormat::Reinforcement(Vec::new())
             } else {
                 FileFormat::Chat
             }
         }
-        f => f,
+        f => f.clone(),
     };
     match format {
         FileFormat::Preference => dpo::parse_jsonl(text).map(|p| p.len()).map_err(lines),
+        FileFormat::Reinforcement(fields) => rl::validate_jsonl(text, &fields).map_err(lines),
         _ => sft::parse_jsonl(text).map(|c| c.len()).map_err(lines),
     }
 }
@@ -86,7 +99,7 @@ fn relocate(out: &Path, cfg: &FinetuneConfig) -> Result<(), String> {
 fn config(spec: &TrainSpec, base: PathBuf) -> Result<FinetuneConfig, String> {
     let text = std::fs::read_to_string(&spec.training_file)
         .map_err(|e| format!("cannot read {}: {e}", spec.training_file.display()))?;
-    let n = examples(&text, spec.method.format()).map_err(|lines| lines.join("; "))? as u64;
+    let n = examples(&text, &spec.method.format()).map_err(|lines| lines.join("; "))? as u64;
     let iters = (u64::from(spec.n_epochs) * n)
         .div_ceil(spec.batch_size as u64)
         .max(1);
@@ -107,22 +120,44 @@ fn config(spec: &TrainSpec, base: PathBuf) -> Result<FinetuneConfig, String> {
         lr: (match spec.method {
             JobMethod::Supervised => LORA_LR,
             JobMethod::Dpo { .. } => DPO_LORA_LR,
+            JobMethod::Reinforcement { .. } => RL_LORA_LR,
         } * spec.learning_rate_multiplier) as f32,
         min_lr: None,
         warmup: None,
         weight_decay: 0.0,
         grad_clip: 1.0,
-        eval_every: iters.div_ceil(CHECKPOINTS).max(1),
+        eval_every: match &spec.method {
+            JobMethod::Reinforcement {
+                eval_interval: Some(e),
+                ..
+            } => *e,
+            _ => iters.div_ceil(CHECKPOINTS).max(1),
+        },
         seed: spec.seed,
         // Every evaluation's checkpoint, plus those written on a stop.
         keep: 2 * CHECKPOINTS as usize,
         qlora: false,
-        objective: match spec.method {
+        objective: match &spec.method {
             JobMethod::Supervised => ObjectiveConfig::Sft,
             JobMethod::Dpo { beta } => ObjectiveConfig::Dpo(DpoConfig {
-                beta: beta as f32,
+                beta: *beta as f32,
                 loss: DpoLoss::Sigmoid,
                 simpo_gamma: 0.0,
+            }),
+            JobMethod::Reinforcement {
+                grader,
+                compute_multiplier,
+                ..
+            } => ObjectiveConfig::Rl(RlConfig {
+                scorer: Scorer::Grader {
+                    grader: grader.clone(),
+                },
+                k: ((4.0 * compute_multiplier).round() as usize).max(2),
+                beta: 0.04,
+                temperature: 1.0,
+                top_p: 1.0,
+                max_tokens: RL_MAX_TOKENS,
+                advantage: Advantage::Grpo,
             }),
         },
         cache_dir: None,
@@ -144,6 +179,23 @@ fn preference(m: &serde_json::Map<String, serde_json::Value>) -> Option<Preferen
         pair_accuracy: get("pair_accuracy")?,
         logps_chosen: get("logps_chosen")?,
     })
+}
+
+/// A reinforcement run's figures from an event's metrics (none for the other methods).
+fn rl_figures(
+    m: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    [
+        "reward_mean",
+        "reward_std",
+        "kl",
+        "completion_length",
+        "val_reward_mean",
+        "val_completion_length",
+    ]
+    .iter()
+    .filter_map(|k| m.get(*k).map(|v| ((*k).to_owned(), v.clone())))
+    .collect()
 }
 
 /// The hooks: `bases` are the served base models (id, file), `threads` the training pool's
@@ -174,48 +226,69 @@ pub fn hooks(bases: Vec<(String, PathBuf)>, threads: usize, load: Box<Load>) -> 
         if spec.resume {
             relocate(&spec.out, &cfg)?;
         }
+        // Reinforcement: samples from the inference engine, graded by the job's grader.
+        let mut env = match &cfg.objective {
+            ObjectiveConfig::Rl(r) => {
+                let (rows, tokens) = crate::rl::engine_size(&cfg, r);
+                Some(
+                    crate::rl::EngineEnv::open(&cfg.base, r, rows, tokens, threads)
+                        .map_err(|e| format!("{e:#}"))?,
+                )
+            }
+            _ => None,
+        };
+        let env = env.as_mut().map(|e| e as &mut dyn rl::RlEnv);
         let summary = pool.install(|| {
-            finetune::finetune(&cfg, &spec.out, spec.resume, stop, &mut |ev| match ev {
-                Event::Started {
-                    config,
-                    train_tokens,
-                    from_step,
-                    ..
-                } => on(Progress::Started {
-                    from_step,
-                    total_steps: config.train.iters,
-                    tokens_per_epoch: train_tokens,
-                }),
-                Event::Step {
-                    step,
-                    loss,
-                    metrics,
-                    ..
-                } => on(Progress::Step {
-                    step: step + 1,
-                    train_loss: loss,
-                    preference: preference(metrics),
-                }),
-                Event::Eval {
-                    step,
-                    train_loss,
-                    val_loss,
-                    token_accuracy,
-                    metrics,
-                    ..
-                } => on(Progress::Eval {
-                    step,
-                    train_loss,
-                    valid_loss: val_loss,
-                    token_accuracy,
-                    preference: preference(metrics),
-                }),
-                Event::Checkpoint { step, .. } => on(Progress::Checkpoint { step }),
-                Event::Warning { message, .. } => on(Progress::Warning {
-                    message: message.to_owned(),
-                }),
-                Event::Info { .. } => {}
-            })
+            finetune::finetune_with(
+                &cfg,
+                &spec.out,
+                spec.resume,
+                stop,
+                &mut |ev| match ev {
+                    Event::Started {
+                        config,
+                        train_tokens,
+                        from_step,
+                        ..
+                    } => on(Progress::Started {
+                        from_step,
+                        total_steps: config.train.iters,
+                        tokens_per_epoch: train_tokens,
+                    }),
+                    Event::Step {
+                        step,
+                        loss,
+                        metrics,
+                        ..
+                    } => on(Progress::Step {
+                        step: step + 1,
+                        train_loss: loss,
+                        preference: preference(metrics),
+                        extra: rl_figures(metrics),
+                    }),
+                    Event::Eval {
+                        step,
+                        train_loss,
+                        val_loss,
+                        token_accuracy,
+                        metrics,
+                        ..
+                    } => on(Progress::Eval {
+                        step,
+                        train_loss,
+                        valid_loss: val_loss,
+                        token_accuracy,
+                        preference: preference(metrics),
+                        extra: rl_figures(metrics),
+                    }),
+                    Event::Checkpoint { step, .. } => on(Progress::Checkpoint { step }),
+                    Event::Warning { message, .. } => on(Progress::Warning {
+                        message: message.to_owned(),
+                    }),
+                    Event::Info { .. } => {}
+                },
+                env,
+            )
         });
         let summary = summary.map_err(|e| e.to_string())?;
         Ok(TrainEnd {
@@ -225,6 +298,9 @@ pub fn hooks(bases: Vec<(String, PathBuf)>, threads: usize, load: Box<Load>) -> 
     };
     Ok(Hooks {
         validate: Box::new(examples),
+        grader: Box::new(|g: &serde_json::Value| {
+            ferrolm_train::grader::Grader::parse(g).map(|g| g.item_fields())
+        }),
         train: Box::new(train),
         load,
     })

@@ -893,6 +893,79 @@ impl Engine {
     }
 }
 
+/// One request of [`Engine::run_all`].
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub opts: GenerateOptions,
+    pub adapter: Option<Arc<Adapter>>,
+}
+
+/// A request that [`Engine::run_all`] ran to its end.
+#[derive(Debug, Clone, Default)]
+pub struct Done {
+    /// Generated ids, the end token included when the reply ended on one.
+    pub ids: Vec<u32>,
+    /// The reply's text (no end token).
+    pub text: String,
+    /// (log-prob, top alternatives) per generated token, when asked for.
+    pub logprobs: Vec<crate::session::TokenLogprobs>,
+    pub reason: Option<FinishReason>,
+    /// A reward model's score (a request whose adapter has a score head).
+    pub score: Option<f32>,
+}
+
+impl Engine {
+    /// Run `jobs` to their ends in shared batches, in this thread (an idle engine: offline
+    /// work such as distillation and RL sampling); each job's result in order.
+    pub fn run_all(
+        &mut self,
+        jobs: Vec<Job>,
+    ) -> Result<Vec<Result<Done, EngineError>>, SessionError> {
+        let mut rxs = Vec::with_capacity(jobs.len());
+        for (k, j) in jobs.into_iter().enumerate() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            self.add(Request {
+                id: k as RequestId,
+                prompt: j.prompt,
+                opts: j.opts,
+                adapter: j.adapter,
+                cache_scope: 0,
+                reply: tx,
+            });
+            rxs.push(rx);
+        }
+        while self.has_work() {
+            self.step()?;
+        }
+        Ok(rxs
+            .into_iter()
+            .map(|mut rx| {
+                let mut d = Done::default();
+                while let Ok(ev) = rx.try_recv() {
+                    match ev {
+                        Event::Token {
+                            id,
+                            text,
+                            logprob,
+                            top,
+                        } => {
+                            d.ids.push(id);
+                            d.text.push_str(&text);
+                            d.logprobs.push((logprob, top));
+                        }
+                        Event::Finished { reason, score, .. } => {
+                            d.reason = Some(reason);
+                            d.score = score;
+                        }
+                        Event::Error(e) => return Err(e),
+                    }
+                }
+                Ok(d)
+            })
+            .collect())
+    }
+}
+
 /// What callers send to a running engine thread (on a `std` channel: the engine thread blocks
 /// on it while idle).
 pub enum Command {

@@ -15,8 +15,8 @@ pub mod text;
 
 pub use embed::{EmbedError, Embedder, Embedding};
 pub use engine::{
-    spawn, Command, Engine, EngineConfig, EngineError, EngineHandle, EngineStats, ErrorKind, Event,
-    Request, Usage,
+    spawn, Command, Done, Engine, EngineConfig, EngineError, EngineHandle, EngineStats, ErrorKind,
+    Event, Job, Request, Usage,
 };
 pub use ferrolm_models::Adapter;
 pub use session::{

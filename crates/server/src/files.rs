@@ -81,7 +81,7 @@ pub fn no_file(id: &str, param: Option<&'static str>) -> ApiError {
 pub fn validate(
     t: &Tuner,
     bytes: &[u8],
-    format: FileFormat,
+    format: &FileFormat,
     param: &'static str,
 ) -> Result<usize, ApiError> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
@@ -104,7 +104,8 @@ pub fn validate(
             let what = match format {
                 FileFormat::Chat => "chat fine-tuning JSONL",
                 FileFormat::Preference => "preference (DPO) fine-tuning JSONL",
-                FileFormat::Either => "fine-tuning JSONL (chat or preference)",
+                FileFormat::Reinforcement(_) => "reinforcement fine-tuning JSONL",
+                FileFormat::Either => "fine-tuning JSONL (chat, preference or reinforcement)",
             };
             let mut m = format!(
                 "the file is not valid {what}: {}",
@@ -226,7 +227,7 @@ pub async fn keep(
     let state = s.clone();
     let checked = data.clone();
     tokio::task::spawn_blocking(move || -> Result<usize, ApiError> {
-        validate(tuner(&state)?, &checked, FileFormat::Either, "file")
+        validate(tuner(&state)?, &checked, &FileFormat::Either, "file")
     })
     .await
     .map_err(|e| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;

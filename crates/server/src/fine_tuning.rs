@@ -8,8 +8,12 @@
 //! DPO's `beta`) is a number or `"auto"`. "auto" is 3 epochs, a batch of min(4, examples), a
 //! multiplier of 1 (LoRA lr 2e-4 × multiplier; DPO 2e-5 × multiplier) and beta 0.1. The job
 //! object reports the resolved values. `method.type` `dpo` trains on preference files
-//! (`input`, `preferred_output`, `non_preferred_output` per line); `reinforcement` is not
-//! available yet and is refused.
+//! (`input`, `preferred_output`, `non_preferred_output` per line). `reinforcement` trains on
+//! prompt files (`messages` up to the turn to answer, plus the fields its grader reads) with
+//! `method.reinforcement.grader` (string_check, text_similarity, score_model with a local
+//! model, multi), checked when the job is created; its hyperparameters add
+//! `compute_multiplier` (samples per prompt: 4 × it, at least 2) and `eval_interval` (steps
+//! between evaluations), and the LoRA lr is 5e-5 × the multiplier.
 //!
 //! Statuses: `validating_files` → `queued` → `running` → `succeeded` | `failed` | `cancelled`;
 //! `paused` (from queued or running, keeping the checkpoints) → `queued` again on resume.
@@ -56,21 +60,35 @@ fn setting(h: &Value, name: &'static str) -> Result<Option<f64>, ApiError> {
     }
 }
 
-/// The job's method, from `method.type` (absent: supervised).
-fn method_of(req: &CreateJob) -> Result<JobMethod, ApiError> {
+/// The job's method, from `method.type` (absent: supervised); a reinforcement job's grader
+/// is checked by `grader`.
+fn method_of(req: &CreateJob, grader: &crate::tuner::GraderCheck) -> Result<JobMethod, ApiError> {
     let Some(m) = &req.method else {
         return Ok(JobMethod::Supervised);
     };
     match m.get("type").and_then(Value::as_str) {
         None | Some("supervised") => Ok(JobMethod::Supervised),
         Some("dpo") => Ok(JobMethod::Dpo { beta: 0.1 }),
-        Some("reinforcement") => Err(ApiError::invalid(
-            "method.type `reinforcement` is not available here yet: use \"supervised\" or \"dpo\"",
-            Some("method"),
-        )),
+        Some("reinforcement") => {
+            let g = m.pointer("/reinforcement/grader").ok_or_else(|| {
+                ApiError::invalid(
+                    "a reinforcement job needs method.reinforcement.grader, e.g. {\"type\": \"string_check\", \"name\": \"exact\", \"input\": \"{{sample.output_text}}\", \"reference\": \"{{item.answer}}\", \"operation\": \"eq\"}",
+                    Some("method"),
+                )
+            })?;
+            let fields = grader(g).map_err(|e| {
+                ApiError::invalid(format!("method.reinforcement.grader: {e}"), Some("method"))
+            })?;
+            Ok(JobMethod::Reinforcement {
+                grader: g.clone(),
+                fields,
+                compute_multiplier: 1.0,
+                eval_interval: None,
+            })
+        }
         Some(other) => Err(ApiError::invalid(
             format!(
-                "method.type `{other}` is not a fine-tuning method: use \"supervised\" or \"dpo\""
+                "method.type `{other}` is not a fine-tuning method: use \"supervised\", \"dpo\" or \"reinforcement\""
             ),
             Some("method"),
         )),
@@ -99,7 +117,35 @@ fn resolve(
             JobMethod::Dpo { .. } => {
                 &["n_epochs", "batch_size", "learning_rate_multiplier", "beta"]
             }
+            JobMethod::Reinforcement { .. } => &[
+                "n_epochs",
+                "batch_size",
+                "learning_rate_multiplier",
+                "compute_multiplier",
+                "eval_interval",
+                "eval_samples",
+                "reasoning_effort",
+            ],
         };
+        for (k, why) in [
+            (
+                "eval_samples",
+                "each evaluation scores one greedy reply per validation prompt",
+            ),
+            (
+                "reasoning_effort",
+                "the local models have no reasoning-effort setting",
+            ),
+        ] {
+            if matches!(method, JobMethod::Reinforcement { .. })
+                && o.get(k).is_some_and(|v| !v.is_null() && v != "auto")
+            {
+                return Err(ApiError::invalid(
+                    format!("hyperparameters.{k}: leave it out or \"auto\" ({why})"),
+                    Some("hyperparameters"),
+                ));
+            }
+        }
         if let Some(k) = o.keys().find(|k| !allowed.contains(&k.as_str())) {
             return Err(ApiError::invalid(
                 format!(
@@ -124,6 +170,30 @@ fn resolve(
                     ))
                 }
                 None => 0.1,
+            },
+        },
+        JobMethod::Reinforcement { grader, fields, .. } => JobMethod::Reinforcement {
+            grader,
+            fields,
+            eval_interval: match setting(&h, "eval_interval")? {
+                Some(v) if v >= 1.0 && v.fract() == 0.0 => Some(v as u64),
+                Some(v) => {
+                    return Err(ApiError::invalid(
+                        format!("hyperparameters.eval_interval is {v}: give a whole number of steps ≥ 1, or \"auto\""),
+                        Some("hyperparameters"),
+                    ))
+                }
+                None => None,
+            },
+            compute_multiplier: match setting(&h, "compute_multiplier")? {
+                Some(c) if (0.5..=8.0).contains(&c) => c,
+                Some(c) => {
+                    return Err(ApiError::invalid(
+                        format!("hyperparameters.compute_multiplier is {c}: give a number in [0.5, 8] (samples per prompt: 4 × it), or \"auto\""),
+                        Some("hyperparameters"),
+                    ))
+                }
+                None => 1.0,
             },
         },
         m => m,
@@ -166,9 +236,23 @@ fn job_object(j: &JobRecord) -> Value {
         json!({"n_epochs": n_epochs, "batch_size": batch_size, "learning_rate_multiplier": lr});
     let method = JobMethod::of(&j.spec);
     let mut method_hp = hp.clone();
-    if let JobMethod::Dpo { beta } = method {
-        method_hp["beta"] = json!(beta);
+    let mut settings = json!({});
+    match &method {
+        JobMethod::Dpo { beta } => method_hp["beta"] = json!(beta),
+        JobMethod::Reinforcement {
+            grader,
+            compute_multiplier,
+            eval_interval,
+            ..
+        } => {
+            method_hp["compute_multiplier"] = json!(compute_multiplier);
+            method_hp["eval_interval"] = eval_interval.map_or(json!("auto"), |v| json!(v));
+            method_hp["eval_samples"] = json!(1);
+            settings["grader"] = grader.clone();
+        }
+        JobMethod::Supervised => {}
     }
+    settings["hyperparameters"] = method_hp;
     json!({
         "id": j.id,
         "object": "fine_tuning.job",
@@ -189,7 +273,7 @@ fn job_object(j: &JobRecord) -> Value {
         "integrations": [],
         "metadata": j.spec["metadata"],
         "user_provided_suffix": j.spec["suffix"],
-        "method": {"type": method.name(), method.name(): {"hyperparameters": method_hp}},
+        "method": {"type": method.name(), method.name(): settings},
     })
 }
 
@@ -199,7 +283,7 @@ fn training_input(
     t: &Tuner,
     caller: &Caller,
     id: &str,
-    format: FileFormat,
+    format: &FileFormat,
     param: &'static str,
 ) -> Result<usize, ApiError> {
     let f = s
@@ -292,16 +376,25 @@ pub async fn create(
         let s = state;
         let t = tuner(&s)?;
         let store = &s.access.store;
-        let method = method_of(&req)?;
+        let method = method_of(&req, &t.hooks.grader)?;
         let format = method.format();
-        let examples = training_input(&s, t, &caller, &req.training_file, format, "training_file")?;
+        let examples = training_input(&s, t, &caller, &req.training_file, &format, "training_file")?;
         if let Some(v) = &req.validation_file {
-            training_input(&s, t, &caller, v, format, "validation_file")?;
+            training_input(&s, t, &caller, v, &format, "validation_file")?;
         }
         let (n_epochs, batch_size, lr, method) = resolve(&req, examples, method)?;
-        let beta = match method {
+        let beta = match &method {
             JobMethod::Dpo { beta } => json!(beta),
-            JobMethod::Supervised => Value::Null,
+            _ => Value::Null,
+        };
+        let (grader, fields, compute, eval_interval) = match &method {
+            JobMethod::Reinforcement {
+                grader,
+                fields,
+                compute_multiplier,
+                eval_interval,
+            } => (grader.clone(), json!(fields), json!(compute_multiplier), json!(eval_interval)),
+            _ => (Value::Null, Value::Null, Value::Null, Value::Null),
         };
         let seed = req.seed.unwrap_or_else(|| crate::random_seed() >> 33);
         let mut job = JobRecord {
@@ -320,6 +413,10 @@ pub async fn create(
                 "examples": examples,
                 "method": method.name(),
                 "beta": beta,
+                "grader": grader,
+                "grader_fields": fields,
+                "compute_multiplier": compute,
+                "eval_interval": eval_interval,
             }),
             fine_tuned_model: None,
             finished_at: None,
@@ -608,8 +705,17 @@ mod tests {
     }
 
     /// (n_epochs, batch_size, multiplier) as a job would get them.
+    /// The server's side of the grader hook: the binary's parses OpenAI's graders (tested in
+    /// `ferrolm_train::grader`); this one refuses `python` the same way.
+    fn grader(v: &Value) -> Result<Vec<String>, String> {
+        match v["type"].as_str() {
+            Some("python") => Err("no python here".into()),
+            _ => Ok(Vec::new()),
+        }
+    }
+
     fn res(r: &CreateJob, examples: usize) -> Result<(u32, usize, f64), ApiError> {
-        let (e, b, lr, _) = resolve(r, examples, method_of(r)?)?;
+        let (e, b, lr, _) = resolve(r, examples, method_of(r, &grader)?)?;
         Ok((e, b, lr))
     }
 
@@ -653,7 +759,30 @@ mod tests {
         let r =
             req(json!({"model": "m", "training_file": "f", "method": {"type": "reinforcement"}}));
         let e = res(&r, 12).err().map(|e| e.message).unwrap_or_default();
-        assert!(e.contains("not available here yet"), "{e}");
+        assert!(e.contains("needs method.reinforcement.grader"), "{e}");
+        let r = req(
+            json!({"model": "m", "training_file": "f", "method": {"type": "reinforcement",
+            "reinforcement": {"grader": {"type": "python"}}}}),
+        );
+        let e = res(&r, 12).err().map(|e| e.message).unwrap_or_default();
+        assert!(
+            e.starts_with("method.reinforcement.grader: no python"),
+            "{e}"
+        );
+        let r = req(
+            json!({"model": "m", "training_file": "f", "method": {"type": "reinforcement",
+            "reinforcement": {"grader": {"type": "string_check"},
+                              "hyperparameters": {"compute_multiplier": 20}}}}),
+        );
+        let e = res(&r, 12).err().map(|e| e.message).unwrap_or_default();
+        assert!(e.contains("compute_multiplier is 20"), "{e}");
+        let r = req(
+            json!({"model": "m", "training_file": "f", "method": {"type": "reinforcement",
+            "reinforcement": {"grader": {"type": "string_check"},
+                              "hyperparameters": {"reasoning_effort": "high", "eval_samples": "auto"}}}}),
+        );
+        let e = res(&r, 12).err().map(|e| e.message).unwrap_or_default();
+        assert!(e.contains("reasoning_effort"), "{e}");
         let r = req(json!({"model": "m", "training_file": "f", "method": {"type": "ppo"}}));
         assert!(res(&r, 12).is_err());
         // beta belongs to DPO jobs only
@@ -668,8 +797,12 @@ mod tests {
             "model": "m", "training_file": "f",
             "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}},
         }));
-        let (e, b, lr, m) = resolve(&r, 12, method_of(&r).unwrap_or(JobMethod::Supervised))
-            .unwrap_or_else(|e| panic!("{}", e.message));
+        let (e, b, lr, m) = resolve(
+            &r,
+            12,
+            method_of(&r, &grader).unwrap_or(JobMethod::Supervised),
+        )
+        .unwrap_or_else(|e| panic!("{}", e.message));
         assert_eq!((e, b, lr, m), (2, 4, 1.0, JobMethod::Dpo { beta: 0.25 }));
         let r = req(json!({"model": "m", "training_file": "f", "method": {"type": "dpo"}}));
         assert_eq!(

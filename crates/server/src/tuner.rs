@@ -79,10 +79,21 @@ pub struct TrainSpec {
 }
 
 /// A job's objective: OpenAI's `method.type`, with its own settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum JobMethod {
     Supervised,
-    Dpo { beta: f64 },
+    Dpo {
+        beta: f64,
+    },
+    /// Reinforcement fine-tuning: the grader (OpenAI's JSON, checked by [`Hooks::grader`]),
+    /// its item fields, and `compute_multiplier` (samples per prompt = 4 × it, at least 2).
+    Reinforcement {
+        grader: Value,
+        fields: Vec<String>,
+        compute_multiplier: f64,
+        /// Steps between evaluations (`None`: about 1/5 of the run).
+        eval_interval: Option<u64>,
+    },
 }
 
 impl JobMethod {
@@ -92,35 +103,53 @@ impl JobMethod {
             Some("dpo") => JobMethod::Dpo {
                 beta: spec["beta"].as_f64().unwrap_or(0.1),
             },
+            Some("reinforcement") => JobMethod::Reinforcement {
+                grader: spec["grader"].clone(),
+                fields: spec["grader_fields"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|f| f.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                compute_multiplier: spec["compute_multiplier"].as_f64().unwrap_or(1.0),
+                eval_interval: spec["eval_interval"].as_u64(),
+            },
             _ => JobMethod::Supervised,
         }
     }
 
     /// OpenAI's name for it.
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             JobMethod::Supervised => "supervised",
             JobMethod::Dpo { .. } => "dpo",
+            JobMethod::Reinforcement { .. } => "reinforcement",
         }
     }
 
     /// The format its training files are in.
-    pub fn format(self) -> FileFormat {
+    pub fn format(&self) -> FileFormat {
         match self {
             JobMethod::Supervised => FileFormat::Chat,
             JobMethod::Dpo { .. } => FileFormat::Preference,
+            JobMethod::Reinforcement { fields, .. } => FileFormat::Reinforcement(fields.clone()),
         }
     }
 }
 
 /// The JSONL formats of fine-tuning files.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FileFormat {
     /// `{"messages": [...]}` per line (supervised).
     Chat,
     /// `{"input": …, "preferred_output": …, "non_preferred_output": …}` per line (DPO).
     Preference,
-    /// Either (an upload, before a job says which).
+    /// `{"messages": [...up to the turn to answer], …}` per line, with these fields (what the
+    /// grader reads as `{{item.field}}`) on every line (reinforcement).
+    Reinforcement(Vec<String>),
+    /// Any (an upload, before a job says which).
     Either,
 }
 
@@ -162,6 +191,8 @@ pub enum Progress {
         step: u64,
         train_loss: f32,
         preference: Option<PreferenceFigures>,
+        /// Further figures for the event (reinforcement: `reward_mean`, `kl`, …).
+        extra: serde_json::Map<String, Value>,
     },
     Eval {
         step: u64,
@@ -169,6 +200,7 @@ pub enum Progress {
         valid_loss: f32,
         token_accuracy: Option<f32>,
         preference: Option<PreferenceFigures>,
+        extra: serde_json::Map<String, Value>,
     },
     Checkpoint {
         step: u64,
@@ -189,7 +221,10 @@ pub struct TrainEnd {
 
 /// A training file's check in a format: its number of examples, or its bad lines
 /// (`line N: reason`).
-pub type Validate = dyn Fn(&str, FileFormat) -> Result<usize, Vec<String>> + Send + Sync;
+pub type Validate = dyn Fn(&str, &FileFormat) -> Result<usize, Vec<String>> + Send + Sync;
+/// Check a reinforcement job's grader (OpenAI's JSON): the item fields it reads, or what is
+/// wrong with it.
+pub type GraderCheck = dyn Fn(&Value) -> Result<Vec<String>, String> + Send + Sync;
 /// Run one job's training; `Err` is the message the job fails with.
 /// (`Send` callback: the hooks may run training on a thread pool of their own.)
 pub type Train = dyn Fn(&TrainSpec, &AtomicBool, &mut (dyn FnMut(Progress) + Send)) -> Result<TrainEnd, String>
@@ -202,6 +237,7 @@ pub type Load = dyn Fn(&Path, &str) -> Result<ServedModel, String> + Send + Sync
 /// What the binary provides for fine-tuning.
 pub struct Hooks {
     pub validate: Box<Validate>,
+    pub grader: Box<GraderCheck>,
     pub train: Box<Train>,
     pub load: Box<Load>,
 }
@@ -760,6 +796,7 @@ fn run_job(s: &AppState, claim: Claim, stop: &Arc<AtomicBool>, me: &Worker) -> R
             step,
             train_loss,
             preference,
+            extra,
         } => {
             seen.train_loss = Some(train_loss);
             if step % STEP_EVENT_EVERY == 0 || step == seen.total_steps {
@@ -767,6 +804,14 @@ fn run_job(s: &AppState, claim: Claim, stop: &Arc<AtomicBool>, me: &Worker) -> R
                 if let Some(p) = &preference {
                     p.put("train_", &mut data);
                 }
+                for (k, v) in &extra {
+                    data[format!("train_{k}")] = v.clone();
+                }
+                let rl = extra
+                    .get("reward_mean")
+                    .and_then(Value::as_f64)
+                    .map(|r| format!(", mean reward={r:.4}"))
+                    .unwrap_or_default();
                 log_event(
                     store,
                     id,
@@ -779,7 +824,7 @@ fn run_job(s: &AppState, claim: Claim, stop: &Arc<AtomicBool>, me: &Worker) -> R
                                 ", pair accuracy={:.3}, reward margin={:.4}",
                                 p.pair_accuracy, p.reward_margin
                             ))
-                            .unwrap_or_default()
+                            .unwrap_or(rl)
                     ),
                     Some(data),
                 );
@@ -792,18 +837,24 @@ fn run_job(s: &AppState, claim: Claim, stop: &Arc<AtomicBool>, me: &Worker) -> R
             valid_loss,
             token_accuracy,
             preference,
+            extra,
         } => {
             seen.eval = Some((step, valid_loss, token_accuracy));
-            if step > 0 {
+            let rl = extra
+                .get("val_reward_mean")
+                .and_then(Value::as_f64)
+                .map(|r| format!(", validation mean reward={r:.4}"))
+                .unwrap_or_default();
+            if step > 0 || !rl.is_empty() {
                 log_event(
                     store,
                     id,
                     "info",
                     if valid_loss.is_finite() {
-                        format!("Step {step}/{}: training loss={train_loss:.4}, validation loss={valid_loss:.4}", seen.total_steps)
+                        format!("Step {step}/{}: training loss={train_loss:.4}, validation loss={valid_loss:.4}{rl}", seen.total_steps)
                     } else {
                         format!(
-                            "Step {step}/{}: training loss={train_loss:.4}",
+                            "Step {step}/{}: training loss={train_loss:.4}{rl}",
                             seen.total_steps
                         )
                     },
@@ -818,6 +869,10 @@ fn run_job(s: &AppState, claim: Claim, stop: &Arc<AtomicBool>, me: &Worker) -> R
                         });
                         if let Some(p) = &preference {
                             p.put("full_valid_", &mut data);
+                        }
+                        for (k, v) in &extra {
+                            let k = k.strip_prefix("val_").unwrap_or(k);
+                            data[format!("full_valid_{k}")] = v.clone();
                         }
                         data
                     }),

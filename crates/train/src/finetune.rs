@@ -29,6 +29,7 @@ use crate::lora::{Lora, LoraConfig};
 use crate::model::{self, Activations, Layout};
 use crate::optim::AdamW;
 use crate::reward::Reward;
+use crate::rl::{self, Rl, RlConfig, RlEnv, RlItem, Scorer};
 use crate::run::{write_json, Event, Summary};
 use crate::sft::{self, Example};
 use crate::trainer::{self, Frozen, Objective, Policy, Sft};
@@ -94,6 +95,9 @@ pub enum ObjectiveConfig {
     Distill(DistillConfig),
     /// A reward model (a scalar head, Bradley–Terry loss) on OpenAI preference JSONL.
     Reward,
+    /// Reinforcement learning on OpenAI reinforcement JSONL prompts, scored by a reward model
+    /// or a grader.
+    Rl(RlConfig),
 }
 
 pub(crate) fn data_error(path: &Path, errors: &[sft::LineError]) -> TrainError {
@@ -144,6 +148,32 @@ pub fn finetune(
     resume: bool,
     stop: &AtomicBool,
     on: &mut dyn FnMut(Event),
+) -> Result<Summary, TrainError> {
+    finetune_with(cfg, out, resume, stop, on, None)
+}
+
+/// The item fields an RL scorer reads (`{{item.x}}`), after checking it parses.
+pub fn rl_fields(scorer: &Scorer) -> Result<Vec<String>, TrainError> {
+    match scorer {
+        Scorer::RewardModel { .. } => Ok(Vec::new()),
+        Scorer::Grader { grader } => crate::grader::Grader::parse(grader)
+            .map(|g| g.item_fields())
+            .map_err(|reason| TrainError::Config {
+                what: "the grader".into(),
+                reason,
+            }),
+    }
+}
+
+/// [`finetune`], with the environment RL draws its samples and rewards from (`--method rl`
+/// needs one: the CLI's inference engine and scorers).
+pub fn finetune_with(
+    cfg: &FinetuneConfig,
+    out: &Path,
+    resume: bool,
+    stop: &AtomicBool,
+    on: &mut dyn FnMut(Event),
+    env: Option<&mut dyn RlEnv>,
 ) -> Result<Summary, TrainError> {
     let saved = out.join("finetune.json");
     if resume {
@@ -219,6 +249,38 @@ pub fn finetune(
             reason: "a reward model trains LoRA adapters and its score head on a frozen base: use --weights lora (or --qlora); full-weight reward models are not supported".into(),
         });
     }
+    if let ObjectiveConfig::Rl(r) = &cfg.objective {
+        if cfg.method == Method::Full {
+            return Err(TrainError::Config {
+                what: "--method rl".into(),
+                reason: "samples are drawn by the inference engine with the policy's adapter: use --weights lora (or --qlora); full-weight RL is not supported".into(),
+            });
+        }
+        if r.k < 2 {
+            return Err(TrainError::Config {
+                what: "--samples".into(),
+                reason: format!(
+                    "RL compares each sample with its group: use at least 2 per prompt, not {}",
+                    r.k
+                ),
+            });
+        }
+        if r.max_tokens == 0
+            || r.temperature.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+            || r.beta < 0.0
+        {
+            return Err(TrainError::Config {
+                what: "RL settings".into(),
+                reason: "--max-tokens must be ≥ 1, --temperature > 0 (samples must differ) and --beta ≥ 0".into(),
+            });
+        }
+        if env.is_none() {
+            return Err(TrainError::Config {
+                what: "--method rl".into(),
+                reason: "needs the inference engine to sample from: run it through `ferrolm finetune` or the fine-tuning API".into(),
+            });
+        }
+    }
     let dpo = matches!(cfg.objective, ObjectiveConfig::Dpo(_));
     // QLoRA: the base stays in its stored (quantized) form; otherwise dequantized to f32. A
     // new model (`init`): `base` gives only the tokenizer; the weights are drawn below.
@@ -258,6 +320,17 @@ pub fn finetune(
                 _ => None,
             },
         ),
+        ObjectiveConfig::Rl(r) => {
+            let fields = rl_fields(&r.scorer)?;
+            Data::Prompts(
+                rl::load_items(&cfg.train_file, &tok, &template, &fields)?,
+                match &cfg.val_file {
+                    Some(p) => rl::load_items(p, &tok, &template, &fields)?,
+                    None => Vec::new(),
+                },
+                r.clone(),
+            )
+        }
         ObjectiveConfig::Distill(d) => {
             let use_logprobs = d.mode == DistillMode::Token && d.teacher.is_none();
             let mut load = |p: &Path| -> Result<Vec<Taught>, TrainError> {
@@ -298,6 +371,33 @@ pub fn finetune(
         .min(data.longest().saturating_sub(usize::from(!reward)))
         .min(mc.context)
         .max(1);
+    if let Data::Prompts(t, v, r) = &data {
+        let longest = t
+            .iter()
+            .chain(v)
+            .map(|it| it.prompt.len())
+            .max()
+            .unwrap_or(0);
+        if longest + r.max_tokens > ctx + 1 {
+            let (it, path) = t
+                .iter()
+                .map(|it| (it, &cfg.train_file))
+                .chain(
+                    v.iter()
+                        .map(|it| (it, cfg.val_file.as_ref().unwrap_or(&cfg.train_file))),
+                )
+                .max_by_key(|(it, _)| it.prompt.len())
+                .map(|(it, p)| (it.line, p.display().to_string()))
+                .unwrap_or_default();
+            return Err(TrainError::Config {
+                what: format!("{path} line {it}"),
+                reason: format!(
+                    "its prompt ({longest} tokens) and --max-tokens {} do not fit --max-len {} (context {}): raise --max-len, lower --max-tokens, or shorten the prompt",
+                    r.max_tokens, cfg.max_len, mc.context
+                ),
+            });
+        }
+    }
     if let Data::Pairs(train, val, Some(_)) = &data {
         dpo::check_fit(&cfg.train_file, train, ctx)?;
         if let Some(v) = &cfg.val_file {
@@ -405,8 +505,45 @@ pub fn finetune(
         val_tokens: data.trained_tokens(false),
         from_step: state.step,
     });
+    if let Data::Prompts(t, v, r) = &data {
+        let by = match &r.scorer {
+            Scorer::RewardModel { path } => format!("the reward model {}", path.display()),
+            Scorer::Grader { grader } => format!(
+                "the {} grader",
+                grader.get("type").and_then(|t| t.as_str()).unwrap_or("?")
+            ),
+        };
+        on(Event::Info {
+            message: &format!(
+                "RL: {} prompts ({} held out), {} samples each per step, scored by {by}",
+                t.len(),
+                v.len(),
+                r.k
+            ),
+        });
+    }
     let pad = tok.eos_id.unwrap_or(0);
     let mut objective = match data {
+        Data::Prompts(train, val, r) => {
+            let (acts, lacts) = policy.scratch(r.k, ctx);
+            let env = env.ok_or_else(|| TrainError::Config {
+                what: "--method rl".into(),
+                reason: "needs an environment".into(),
+            })?;
+            Objective::Rl(Box::new(Rl {
+                cfg: r,
+                train,
+                val,
+                batch: cfg.batch,
+                ctx,
+                pad,
+                seed: cfg.seed,
+                acts,
+                lacts,
+                env,
+                name: "policy".into(),
+            }))
+        }
         Data::Pairs(train, val, None) => {
             let (acts, lacts) = policy.scratch(2 * cfg.batch, ctx);
             Objective::Reward(Box::new(Reward {
@@ -516,6 +653,8 @@ enum Data {
     /// Preference pairs, with DPO's settings (`None`: a reward model).
     Pairs(Vec<Pair>, Vec<Pair>, Option<DpoConfig>),
     Taught(Vec<Taught>, Vec<Taught>, DistillConfig),
+    /// RL prompts, with the settings.
+    Prompts(Vec<RlItem>, Vec<RlItem>, RlConfig),
 }
 
 /// A local teacher for token-level distillation: its weights in f32 and scratch for `batch`
@@ -558,6 +697,7 @@ impl Data {
             Data::Sft(t, _) => t.len(),
             Data::Pairs(t, _, _) => t.len(),
             Data::Taught(t, _, _) => t.len(),
+            Data::Prompts(t, _, _) => t.len(),
         }
     }
 
@@ -566,6 +706,7 @@ impl Data {
             Data::Sft(_, v) => v.len(),
             Data::Pairs(_, v, _) => v.len(),
             Data::Taught(_, v, _) => v.len(),
+            Data::Prompts(_, v, _) => v.len(),
         }
     }
 
@@ -582,6 +723,11 @@ impl Data {
                 .iter()
                 .chain(v)
                 .flat_map(|x| [x.ex.ids.len(), x.label.as_ref().map_or(0, |l| l.ids.len())])
+                .max(),
+            Data::Prompts(t, v, r) => t
+                .iter()
+                .chain(v)
+                .map(|it| it.prompt.len() + r.max_tokens)
                 .max(),
         };
         m.unwrap_or(2)
@@ -602,6 +748,8 @@ impl Data {
                 .iter()
                 .map(|x| x.ex.trained_tokens())
                 .sum(),
+            // the samples are drawn as it trains
+            Data::Prompts(..) => 0,
         };
         n as u64
     }

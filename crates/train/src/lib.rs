@@ -10,8 +10,10 @@
 //! * [`optim`] — AdamW and the learning-rate schedule.
 //! * [`trainer`] — the one training loop (schedule, accumulation, clipping, AdamW,
 //!   evaluation, checkpoints, exact resume) and its objectives; [`run`] is pretraining,
-//!   [`finetune`] SFT, [`dpo`] preference tuning and [`distill`] distillation from a
-//!   teacher, each on full weights, LoRA or QLoRA.
+//!   [`finetune`] SFT, [`dpo`] preference tuning, [`reward`] reward models, [`rl`]
+//!   reinforcement learning (GRPO/RLOO on the policy's own samples) and [`distill`]
+//!   distillation from a teacher, on full weights, LoRA or QLoRA (RL and reward models: LoRA
+//!   and QLoRA).
 //! * [`export`] — a checkpoint as GGUF (f32, f16, q8_0).
 //! * [`grader`] — OpenAI's fine-tuning graders (string_check, text_similarity, score_model,
 //!   multi), the reward of reinforcement fine-tuning.
@@ -33,6 +35,7 @@ pub mod ops;
 pub mod optim;
 pub mod peft;
 pub mod reward;
+pub mod rl;
 pub mod run;
 pub mod sft;
 pub mod tokenize;

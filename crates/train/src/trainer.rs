@@ -1,5 +1,5 @@
 //! The one training loop (STYLE 16, 18). Pretraining, supervised fine-tuning, preference
-//! tuning, reward models and distillation are [`Objective`]s of it; full weights, LoRA and QLoRA are [`Policy`]s. The loop
+//! tuning, reward models, reinforcement learning and distillation are [`Objective`]s of it; full weights, LoRA and QLoRA are [`Policy`]s. The loop
 //! owns what they share: the schedule, gradient accumulation, clipping, AdamW, evaluation
 //! when due, checkpoints, a stop request, `metrics.jsonl` and the progress events. An
 //! objective only says how to turn the next micro-batches into a loss and gradients, and how
@@ -31,6 +31,7 @@ use crate::model::{
 };
 use crate::optim::{clip_grad_norm, AdamW};
 use crate::reward::Reward;
+use crate::rl::Rl;
 use crate::run::{diverged, save_reported, Event, Metrics};
 use crate::sft::{self, Example};
 use crate::TrainError;
@@ -300,17 +301,26 @@ pub(crate) enum Objective<'a> {
     Distill(Box<Distill>),
     /// A reward model: Bradley–Terry on a scalar head, on preference pairs.
     Reward(Box<Reward>),
+    /// Reinforcement learning on the policy's own samples, scored by a reward model or a
+    /// grader.
+    Rl(Box<Rl<'a>>),
 }
 
 impl Objective<'_> {
-    fn evaluate(&mut self, policy: &Policy, params: &[f32], step: u64) -> Evaluation {
-        match self {
+    fn evaluate(
+        &mut self,
+        policy: &Policy,
+        params: &[f32],
+        step: u64,
+    ) -> Result<Evaluation, TrainError> {
+        Ok(match self {
             Objective::NextToken(o) => o.evaluate(policy, params, step),
             Objective::Sft(o) => o.evaluate(policy, params),
             Objective::Dpo(o) => o.evaluate(policy, params),
             Objective::Distill(o) => o.evaluate(policy, params),
             Objective::Reward(o) => o.evaluate(policy, params),
-        }
+            Objective::Rl(o) => o.evaluate(policy, params)?,
+        })
     }
 
     fn accumulate(
@@ -327,6 +337,7 @@ impl Objective<'_> {
             Objective::Dpo(o) => Ok(o.accumulate(policy, params, grads, state, grad_accum)),
             Objective::Distill(o) => Ok(o.accumulate(policy, params, grads, state, grad_accum)),
             Objective::Reward(o) => o.accumulate(policy, params, grads, state, grad_accum),
+            Objective::Rl(o) => o.accumulate(policy, params, grads, state, grad_accum),
         }
     }
 }
@@ -476,7 +487,7 @@ pub(crate) fn run(
         let step = state.step;
         let due = step.is_multiple_of(lc.eval_every) || step == lc.iters;
         if due && !state.evaluated {
-            let e = objective.evaluate(policy, params, step);
+            let e = objective.evaluate(policy, params, step)?;
             if let Some(t) = e.train_loss {
                 last_train = t;
             }

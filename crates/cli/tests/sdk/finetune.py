@@ -117,6 +117,7 @@ def check_bad_job_requests():
         ({"model": "no-such-model", "training_file": fid}, "model"),
         ({"model": MODEL, "training_file": "file-nope"}, "training_file"),
         ({"model": MODEL, "training_file": fid, "hyperparameters": {"n_epochs": 0}}, "hyperparameters"),
+        # a reinforcement job needs its grader
         ({"model": MODEL, "training_file": fid, "method": {"type": "reinforcement"}}, "method"),
         # a chat file is not a preference file
         ({"model": MODEL, "training_file": fid, "method": {"type": "dpo"}}, "training_file"),
@@ -286,6 +287,54 @@ def check_a_dpo_job_runs_with_preference_metrics():
         assert e.body["param"] == "training_file", e.body
     else:
         raise AssertionError("a supervised job took a preference file")
+
+
+RL_PROMPTS = "".join(
+    json.dumps({"messages": [{"role": "user", "content": q + " Answer in one word."}], "answer": r.rstrip(".")}) + "\n"
+    for q, r in PAIRS[:4]
+).encode()
+GRADER = {"type": "string_check", "name": "has_answer", "input": "{{sample.output_text}}",
+          "reference": "{{item.answer}}", "operation": "ilike"}
+
+
+def check_a_reinforcement_job_runs_with_a_grader():
+    f = a.files.create(file=("prompts.jsonl", io.BytesIO(RL_PROMPTS)), purpose="fine-tune")
+    # a grader that does not parse, and a file without the field the grader reads
+    for method, param, needle in [
+        ({"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "source": "x"}}},
+         "method", "python"),
+        ({"type": "reinforcement", "reinforcement": {"grader": dict(GRADER, reference="{{item.label}}")}},
+         "training_file", "line 1"),
+    ]:
+        try:
+            a.fine_tuning.jobs.create(model=MODEL, training_file=f.id, method=method)
+        except openai.BadRequestError as e:
+            assert e.body["param"] == param and needle in e.body["message"], e.body
+        else:
+            raise AssertionError(f"accepted {method}")
+    job = a.fine_tuning.jobs.create(
+        model=MODEL,
+        training_file=f.id,
+        suffix="rl",
+        method={"type": "reinforcement", "reinforcement": {
+            "grader": GRADER,
+            "hyperparameters": {"n_epochs": 1, "batch_size": 2, "compute_multiplier": 0.5}}},
+    )
+    assert job.method.type == "reinforcement", job.method
+    assert job.method.reinforcement.grader.type == "string_check", job.method
+    assert job.method.reinforcement.hyperparameters.compute_multiplier == 0.5, job.method
+    done = wait_for(job.id, ("succeeded", "failed", "cancelled"), limit=400)
+    assert done.status == "succeeded", done
+    events = a.fine_tuning.jobs.list_events(job.id, limit=100).data
+    metrics = [e.data for e in events if e.type == "metrics"]
+    steps = [m for m in metrics if "train_reward_mean" in m]
+    assert steps and all(0.0 <= m["train_reward_mean"] <= 1.0 for m in steps), metrics
+    assert any("mean reward=" in e.message for e in events), [e.message for e in events]
+    r = a.chat.completions.create(
+        model=done.fine_tuned_model, messages=[{"role": "user", "content": "Capital of France?"}],
+        temperature=0, max_tokens=8,
+    )
+    assert r.choices[0].message.content, r
 
 
 def main():
