@@ -15,7 +15,8 @@
 //!   The decision itself is `limits`'s sliding-window rule, the same as one server's.
 //! - A ledger row of an admitted request settles its admission in the same transaction (real
 //!   tokens replace the estimate, the hold is released); a row whose admission is already
-//!   settled is not written again, so a retried write counts the request once.
+//!   settled is not written again, so a retried write counts the request once. So is any row
+//!   whose `row_key` the ledger holds (a unique index), admitted or not.
 //! - Stored chat completions, uploaded files' records and fine-tuning jobs (with their events,
 //!   checkpoints and the queue's leases, see `tuning`) live here too: every replica lists and
 //!   exports the same ones (the files' bytes and the runs are in the blob store, `--blobs`).
@@ -604,14 +605,15 @@ impl Pg {
             }
             let status = i64::from(row.status);
             let compressed = i64::try_from(row.compressed_tokens).unwrap_or(i64::MAX);
-            tx.execute(
+            let written = tx.execute(
                 "INSERT INTO usage (ts, request_id, key_id, model, endpoint, status, prompt_tokens,
                                     cached_tokens, completion_tokens, latency_ms, ttft_ms, cost_usd,
                                     finish_reason, route, compressed_tokens, saved_by_cache_usd,
                                     saved_by_compression_usd, saved_by_routing_usd,
-                                    lazy_tool_tokens, saved_by_lazy_tools_usd)
+                                    lazy_tool_tokens, saved_by_lazy_tools_usd, row_key)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                         $17, $18, $19, $20)",
+                         $17, $18, $19, $20, $21)
+                 ON CONFLICT (row_key) DO NOTHING",
                 &[
                     &row.ts,
                     &row.request_id,
@@ -633,10 +635,14 @@ impl Pg {
                     &row.saved_by_routing_usd,
                     &row.lazy_tool_tokens,
                     &row.saved_by_lazy_tools_usd,
+                    &row.row_key,
                 ],
             )
             .await
             .map_err(err)?;
+            if written == 0 {
+                return Ok(()); // written before: dropping tx rolls the spend back
+            }
             tx.commit().await.map_err(err)
         })
     }

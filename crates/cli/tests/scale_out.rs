@@ -1397,3 +1397,82 @@ fn fine_tuning_jobs_are_one_queue_that_worker_replicas_share_under_leases() {
     );
     drop(dead);
 }
+
+/// A ledger row written again through the store seam (its first commit landed, its
+/// acknowledgement was lost) lands once on PostgreSQL, for a key without limits (no admission
+/// deduplicates it) and for open access; two rows of one request (best_of's generation and its
+/// reward scoring) both land; and a schema-9 ledger with repeated request ids migrates to
+/// schema 10 with none dropped.
+#[test]
+fn a_retried_ledger_row_lands_once_on_postgres_and_old_rows_migrate() {
+    use ferrolm_accounting::{KeySpec, Store, UsageQuery, UsageRow};
+    let pg = Postgres::start();
+    let store = Store::open_url(&pg.url().parse().unwrap()).unwrap();
+    let (key, _) = store
+        .create_key(&KeySpec {
+            name: "unlimited".into(),
+            ..KeySpec::default()
+        })
+        .unwrap();
+    let row = |key_id: Option<i64>, request_id: &str, cost: f64| UsageRow {
+        ts: 1_000,
+        request_id: request_id.into(),
+        key_id,
+        model: "m".into(),
+        endpoint: "/v1/chat/completions".into(),
+        status: 200,
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        latency_ms: 1.0,
+        cost_usd: cost,
+        row_key: UsageRow::new_key().unwrap(),
+        ..UsageRow::default()
+    };
+    for key_id in [Some(key.id), None] {
+        let r = row(key_id, "retried", 0.5);
+        store.record(&r).unwrap();
+        store.record(&r).unwrap();
+    }
+    let generation = row(Some(key.id), "best-of", 0.25);
+    let scoring = row(Some(key.id), "best-of", 0.125);
+    for r in [&generation, &scoring, &scoring] {
+        store.record(r).unwrap();
+    }
+    assert_eq!(pg.sql("SELECT COUNT(*) FROM usage"), "4");
+    assert_eq!(
+        pg.sql("SELECT COUNT(*) FROM usage WHERE request_id = 'retried'"),
+        "2"
+    );
+    assert_eq!(store.spent_usd(key.id).unwrap(), 0.875);
+    assert_eq!(
+        pg.sql(&format!(
+            "SELECT SUM(cost_usd) FROM usage WHERE key_id = {}",
+            key.id
+        )),
+        "0.875"
+    );
+    drop(store);
+
+    // Back to schema 9 (no row keys), with a request id repeated, then migrated again.
+    pg.sql(
+        "DROP INDEX usage_row_key; ALTER TABLE usage DROP COLUMN row_key;
+         UPDATE schema_version SET version = 9;
+         INSERT INTO usage (ts, request_id, model, endpoint, status, prompt_tokens,
+            cached_tokens, completion_tokens, latency_ms, cost_usd)
+         SELECT ts, request_id, model, endpoint, status, prompt_tokens, cached_tokens,
+            completion_tokens, latency_ms, cost_usd FROM usage",
+    );
+    let store = Store::open_url(&pg.url().parse().unwrap()).unwrap();
+    assert_eq!(pg.sql("SELECT MAX(version) FROM schema_version"), "10");
+    assert_eq!(
+        pg.sql("SELECT COUNT(DISTINCT row_key) FROM usage WHERE row_key IS NOT NULL"),
+        "8"
+    );
+    let total = store.usage(&UsageQuery::default()).unwrap();
+    assert_eq!(total[0].requests, 8);
+    // And the guard holds on the migrated table.
+    let again = row(None, "after", 0.0);
+    store.record(&again).unwrap();
+    store.record(&again).unwrap();
+    assert_eq!(pg.sql("SELECT COUNT(*) FROM usage"), "9");
+}
