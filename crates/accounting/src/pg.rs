@@ -803,7 +803,7 @@ impl Pg {
             c.execute(
                 &format!(
                     "INSERT INTO ft_jobs ({JOB_COLUMNS})
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
                 ),
                 &[
                     &j.id,
@@ -818,6 +818,7 @@ impl Pg {
                     &j.finished_at,
                     &tokens,
                     &error,
+                    &j.epoch,
                 ],
             )
             .await
@@ -1040,29 +1041,37 @@ impl Pg {
         })
     }
 
+    /// See [`crate::Store::add_job_checkpoint`]: `FOR SHARE` waits for a claim of the job
+    /// being committed, then sees its epoch.
     pub(crate) fn add_job_checkpoint(
         &self,
         job: &str,
         ck: &JobCheckpoint,
-    ) -> Result<(), AccountingError> {
-        let (job, ck) = (job.to_owned(), ck.clone());
+        owner: &str,
+    ) -> Result<bool, AccountingError> {
+        let (job, ck, owner) = (job.to_owned(), ck.clone(), owner.to_owned());
         self.call(|pool, shown| async move {
             let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
             let step = i64::try_from(ck.step).unwrap_or(i64::MAX);
-            c.execute(
-                "INSERT INTO ft_checkpoints (job_id, created_at, step, model, metrics)
-                 VALUES ($1, $2, $3, $4, $5)",
-                &[
-                    &job,
-                    &ck.created_at,
-                    &step,
-                    &ck.model,
-                    &ck.metrics.to_string(),
-                ],
-            )
-            .await
-            .map_err(|e| pg_error(&shown, e))?;
-            Ok(())
+            let n = c
+                .execute(
+                    "INSERT INTO ft_checkpoints (job_id, created_at, step, model, metrics, epoch)
+                     SELECT $1::TEXT, $2::BIGINT, $3::BIGINT, $4::TEXT, $5::TEXT, $6::BIGINT
+                     WHERE EXISTS (SELECT 1 FROM ft_jobs
+                                   WHERE id = $1 AND epoch = $6 AND lease_owner = $7 FOR SHARE)",
+                    &[
+                        &job,
+                        &ck.created_at,
+                        &step,
+                        &ck.model,
+                        &ck.metrics.to_string(),
+                        &ck.epoch,
+                        &owner,
+                    ],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            Ok(n > 0)
         })
     }
 
@@ -1078,7 +1087,7 @@ impl Pg {
             let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
             let rows = c
                 .query(
-                    "SELECT seq, created_at, step, model, metrics FROM ft_checkpoints
+                    "SELECT seq, created_at, step, model, metrics, epoch FROM ft_checkpoints
                      WHERE job_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
                     &[&job, &after.unwrap_or(i64::MAX), &(limit as i64 + 1)],
                 )
@@ -1094,6 +1103,7 @@ impl Pg {
                     step: u64::try_from(step).unwrap_or(0),
                     model: r.try_get(3).map_err(err)?,
                     metrics: json_text(&shown, "ft_checkpoints.metrics", &metrics)?,
+                    epoch: r.try_get(5).map_err(err)?,
                 });
             }
             Ok(page(items, limit))
@@ -1133,7 +1143,8 @@ impl Pg {
                 .query_one(
                     &format!(
                         "UPDATE ft_jobs SET status = 'running', lease_owner = $2,
-                         lease_until = {DB_NOW_MS} + $3 WHERE id = $1 RETURNING {JOB_COLUMNS}"
+                         lease_until = {DB_NOW_MS} + $3, epoch = epoch + 1
+                         WHERE id = $1 RETURNING {JOB_COLUMNS}"
                     ),
                     &[&id, &owner, &lease_ms],
                 )
@@ -1222,6 +1233,7 @@ fn job_from_row(shown: &str, r: &Row) -> Result<JobRecord, AccountingError> {
         error: error
             .map(|e| json_text(shown, "ft_jobs.error", &e))
             .transpose()?,
+        epoch: r.try_get(12).map_err(bad)?,
     })
 }
 

@@ -33,7 +33,7 @@ use crate::AccountingError;
 /// The database's file name inside the data dir.
 pub const DB_FILE: &str = "ferrolm.db";
 /// The schema version this code writes; `MIGRATIONS[v - 1]` brings version v-1 to v.
-pub const SCHEMA_VERSION: i64 = 10;
+pub const SCHEMA_VERSION: i64 = 11;
 /// What every key starts with, so a leaked one is recognisable (and greppable by scanners).
 pub const KEY_PREFIX: &str = "flm-";
 /// Random characters after `KEY_PREFIX`.
@@ -116,6 +116,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE usage ADD COLUMN row_key TEXT;
     UPDATE usage SET row_key = 'v9-' || CAST(id AS TEXT);
     CREATE UNIQUE INDEX usage_row_key ON usage(row_key);",
+    // 11: the fine-tuning queue's fencing tokens (see `tuning`): each claim of a job is a new
+    // epoch, and a checkpoint is recorded only under the job's current one.
+    crate::tuning::EPOCH_MIGRATION,
 ];
 
 /// What a new key may do. `None` is unlimited. Also the body of the server's `POST /v1/keys`

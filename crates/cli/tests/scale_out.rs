@@ -1135,8 +1135,9 @@ fn an_adapter_tuned_on_one_replica_is_loaded_from_s3_by_another_on_first_use() {
         std::thread::sleep(Duration::from_millis(500));
     };
     let model = job["fine_tuned_model"].as_str().unwrap().to_owned();
-    // The run is in the bucket (mirrored before the job succeeded): A's run directory, file
-    // for file (pruned checkpoints deleted), the adapter among them.
+    // The run is in the bucket (mirrored before the job succeeded) in the folder of its one
+    // claim (epoch 1): A's run directory, file for file (pruned checkpoints deleted), the
+    // adapter among them.
     let mut keys = s3.keys(&format!("tuned/fine_tuning/{id}/"));
     keys.sort();
     let run = dirs[0].path().join("fine_tuning").join(&id);
@@ -1152,7 +1153,7 @@ fn an_adapter_tuned_on_one_replica_is_loaded_from_s3_by_another_on_first_use() {
                 stack.push(p);
             } else {
                 let rel = p.strip_prefix(&run).unwrap().to_string_lossy().into_owned();
-                files.push(format!("tuned/fine_tuning/{id}/{rel}"));
+                files.push(format!("tuned/fine_tuning/{id}/epoch-1/{rel}"));
             }
         }
     }
@@ -1163,7 +1164,7 @@ fn an_adapter_tuned_on_one_replica_is_loaded_from_s3_by_another_on_first_use() {
         "adapter/adapter_model.safetensors",
     ] {
         assert!(
-            keys.contains(&format!("tuned/fine_tuning/{id}/{k}")),
+            keys.contains(&format!("tuned/fine_tuning/{id}/epoch-1/{k}")),
             "{k} not in {keys:?}"
         );
     }
@@ -1453,9 +1454,11 @@ fn a_retried_ledger_row_lands_once_on_postgres_and_old_rows_migrate() {
     );
     drop(store);
 
-    // Back to schema 9 (no row keys), with a request id repeated, then migrated again.
+    // Back to schema 9 (no row keys, no epochs), with a request id repeated, then migrated
+    // again.
     pg.sql(
         "DROP INDEX usage_row_key; ALTER TABLE usage DROP COLUMN row_key;
+         ALTER TABLE ft_jobs DROP COLUMN epoch; ALTER TABLE ft_checkpoints DROP COLUMN epoch;
          UPDATE schema_version SET version = 9;
          INSERT INTO usage (ts, request_id, model, endpoint, status, prompt_tokens,
             cached_tokens, completion_tokens, latency_ms, cost_usd)
@@ -1463,7 +1466,10 @@ fn a_retried_ledger_row_lands_once_on_postgres_and_old_rows_migrate() {
             completion_tokens, latency_ms, cost_usd FROM usage",
     );
     let store = Store::open_url(&pg.url().parse().unwrap()).unwrap();
-    assert_eq!(pg.sql("SELECT MAX(version) FROM schema_version"), "10");
+    assert_eq!(
+        pg.sql("SELECT MAX(version) FROM schema_version"),
+        ferrolm_accounting::SCHEMA_VERSION.to_string()
+    );
     assert_eq!(
         pg.sql("SELECT COUNT(DISTINCT row_key) FROM usage WHERE row_key IS NOT NULL"),
         "8"
@@ -1475,4 +1481,117 @@ fn a_retried_ledger_row_lands_once_on_postgres_and_old_rows_migrate() {
     store.record(&again).unwrap();
     store.record(&again).unwrap();
     assert_eq!(pg.sql("SELECT COUNT(*) FROM usage"), "9");
+}
+
+/// The S3 blob store of `s3` for this test process (its endpoint and credentials are read
+/// from the environment, as `serve` reads them), with its own cache dir.
+fn s3_blobs(s3: &S3, rt: &tokio::runtime::Runtime, cache: &Path) -> ferrolm_server::blobs::Blobs {
+    for (k, v) in s3.env() {
+        std::env::set_var(k, v);
+    }
+    let url = format!("s3://{BUCKET}/fenced").parse().unwrap();
+    ferrolm_server::blobs::Blobs::open(&url, cache, rt.handle().clone()).unwrap()
+}
+
+/// A worker that stalls (not dies) past its lease while another worker claims its job:
+/// when it wakes and writes its checkpoint through the store seam, the record is refused
+/// (its claim's epoch is no longer the job's) and its blobs went to its own epoch's folder,
+/// so the new owner's checkpoint is what a resume reads, byte for byte. Real PostgreSQL and
+/// moto's S3.
+#[test]
+fn a_stalled_workers_checkpoint_is_refused_and_clobbers_nothing_on_postgres_and_s3() {
+    use ferrolm_accounting::{JobCheckpoint, JobRecord, Store};
+    use ferrolm_server::tuner::{run_blob_key, run_key};
+    let (pg, s3) = (Postgres::start(), S3::start());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open_url(&pg.url().parse().unwrap()).unwrap();
+    let id = "ftjob-fenced";
+    store
+        .insert_job(&JobRecord {
+            id: id.into(),
+            key_id: None,
+            created_at: 1,
+            status: "queued".into(),
+            model: "base".into(),
+            training_file: "file-1".into(),
+            validation_file: None,
+            spec: json!({}),
+            fine_tuned_model: None,
+            finished_at: None,
+            trained_tokens: None,
+            error: None,
+            epoch: 0,
+        })
+        .unwrap();
+    // Worker A claims with a lease that lapses at once; B takes the job over.
+    let a = store
+        .claim_job("worker-a", Duration::from_millis(1))
+        .unwrap()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let b = store
+        .claim_job("worker-b", Duration::from_secs(600))
+        .unwrap()
+        .unwrap();
+    assert_eq!((a.job.epoch, b.job.epoch), (1, 2));
+    assert_eq!(b.taken_from.as_deref(), Some("worker-a"));
+    let checkpoint = |step: u64, epoch: i64| JobCheckpoint {
+        seq: 0,
+        created_at: 1,
+        step,
+        model: format!("ft:base:{id}:ckpt-step-{step}"),
+        metrics: json!({"step": step}),
+        epoch,
+    };
+    // Each worker's run directory (its own replica's cache), with its checkpoint.
+    let write_run = |worker: &str, content: &str| {
+        let blobs = s3_blobs(&s3, &rt, &tmp.path().join(worker));
+        let dir = blobs.local(&run_key(id));
+        std::fs::create_dir_all(dir.join("ckpt")).unwrap();
+        std::fs::write(dir.join("ckpt/model.safetensors"), content).unwrap();
+        std::fs::write(dir.join("finetune.json"), content).unwrap();
+        blobs
+    };
+    // B checkpoints step 4: blob, then record.
+    let blobs_b = write_run("b", "B at step 4");
+    blobs_b
+        .sync_dir(&run_key(id), &run_blob_key(id, b.job.epoch))
+        .unwrap();
+    assert!(store
+        .add_job_checkpoint(id, &checkpoint(4, b.job.epoch), "worker-b")
+        .unwrap());
+    // A wakes up and checkpoints step 6 under its old claim: its blobs go to its own folder,
+    // its record is refused (so its worker stops).
+    let blobs_a = write_run("a", "A, stale, at step 6");
+    blobs_a
+        .sync_dir(&run_key(id), &run_blob_key(id, a.job.epoch))
+        .unwrap();
+    assert!(!store
+        .add_job_checkpoint(id, &checkpoint(6, a.job.epoch), "worker-a")
+        .unwrap());
+    assert!(!store
+        .add_job_checkpoint(id, &checkpoint(6, b.job.epoch), "worker-a")
+        .unwrap());
+    assert_eq!(
+        pg.sql(&format!(
+            "SELECT string_agg(step || '@' || epoch, ',' ORDER BY seq) FROM ft_checkpoints WHERE job_id = '{id}'"
+        )),
+        "4@2"
+    );
+    // A resume (a third replica) reads the run the newest record names: B's, intact.
+    let newest = store.job_checkpoints(id, None, 1).unwrap().items;
+    assert_eq!((newest[0].step, newest[0].epoch), (4, 2));
+    let blobs_c = s3_blobs(&s3, &rt, &tmp.path().join("c"));
+    let run = blobs_c
+        .fetch_dir(&run_blob_key(id, newest[0].epoch), &run_key(id))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(run.join("ckpt/model.safetensors")).unwrap(),
+        "B at step 4"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("finetune.json")).unwrap(),
+        "B at step 4"
+    );
 }

@@ -270,82 +270,99 @@ impl Blobs {
         Ok(path)
     }
 
-    /// The blob folder `key` (a run) as a local directory, fetched whole into the cache on
-    /// first use (blocking).
-    pub fn fetch_dir(&self, key: &str) -> Result<PathBuf, BlobError> {
-        let dir = self.local(key);
-        if self.is_local() || dir.join(FETCHED).is_file() {
+    /// The blob folder `remote` (a run) as the local directory of `local`, fetched whole into
+    /// the cache unless it holds that folder already (blocking). A cached copy of another
+    /// folder (an older claim's run) is replaced. Sub-folders `epoch-*` are other claims' runs
+    /// (see `tuner::run_blob_key`) and are left out.
+    pub fn fetch_dir(&self, remote: &str, local: &str) -> Result<PathBuf, BlobError> {
+        let dir = self.local(local);
+        if self.is_local() || self.holds(&dir, remote) {
             return Ok(dir);
         }
-        let prefix = Key::from(key);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| self.local_err(local, &dir, e))?;
+        }
+        let prefix = Key::from(remote);
         let metas = self.wait(async {
             let mut list = self.store.list(Some(&prefix));
             let mut metas = Vec::new();
             while let Some(m) = list.next().await {
-                metas.push(m.map_err(|e| self.err("list", key, e))?);
+                metas.push(m.map_err(|e| self.err("list", remote, e))?);
             }
             Ok::<_, BlobError>(metas)
         })?;
         if metas.is_empty() {
             return Err(self.err(
                 "fetch",
-                key,
+                remote,
                 object_store::Error::NotFound {
-                    path: key.to_owned(),
+                    path: remote.to_owned(),
                     source: "no blobs under this prefix".into(),
                 },
             ));
         }
         for m in metas {
             let name = m.location.to_string();
+            let Some(rel) = name.strip_prefix(&format!("{remote}/")) else {
+                continue;
+            };
+            if rel.starts_with("epoch-") {
+                continue;
+            }
             let bytes = self.wait(self.get(&name))?;
-            self.write_local(&name, &self.local(&name), &bytes)?;
+            self.write_local(&name, &dir.join(rel), &bytes)?;
         }
-        self.write_local(key, &dir.join(FETCHED), b"")?;
+        self.write_local(local, &dir.join(FETCHED), remote.as_bytes())?;
         Ok(dir)
     }
 
-    /// Mirror the local folder of `key` (a run) into the blob store (blocking): upload the
-    /// files the store lacks or holds older or of another size, deepest first (a run's
-    /// checkpoint folder before the `latest` that names it), then delete the blobs whose
-    /// files are gone (pruned checkpoints). Hidden files (temporaries) are left out. A
-    /// directory back end already holds it.
-    pub fn sync_dir(&self, key: &str) -> Result<(), BlobError> {
+    /// Whether the local directory `dir` is a whole copy of the blob folder `remote`.
+    fn holds(&self, dir: &Path, remote: &str) -> bool {
+        std::fs::read(dir.join(FETCHED)).is_ok_and(|m| m == remote.as_bytes())
+    }
+
+    /// Mirror the local folder of `local` (a run) into the blob folder `remote` (blocking):
+    /// upload the files it lacks or holds older or of another size, deepest first (a run's
+    /// checkpoint folder before the `latest` that names it), then delete the blobs under
+    /// `remote` whose files are gone (pruned checkpoints). Hidden files (temporaries) are left
+    /// out. A directory back end already holds it.
+    pub fn sync_dir(&self, local: &str, remote: &str) -> Result<(), BlobError> {
         if self.is_local() {
             return Ok(());
         }
-        let prefix = Key::from(key);
-        let remote = self.wait(async {
+        let prefix = Key::from(remote);
+        let listed = self.wait(async {
             let mut list = self.store.list(Some(&prefix));
-            let mut remote = std::collections::HashMap::new();
+            let mut listed = std::collections::HashMap::new();
             while let Some(m) = list.next().await {
-                let m = m.map_err(|e| self.err("list", key, e))?;
-                remote.insert(
+                let m = m.map_err(|e| self.err("list", remote, e))?;
+                listed.insert(
                     m.location.to_string(),
                     (m.size, m.last_modified.timestamp()),
                 );
             }
-            Ok::<_, BlobError>(remote)
+            Ok::<_, BlobError>(listed)
         })?;
         // (depth, blob name, path, size, modified: unix seconds)
-        let mut local = Vec::new();
-        let mut stack = vec![self.local(key)];
+        let root = self.local(local);
+        let mut files = Vec::new();
+        let mut stack = vec![root.clone()];
         while let Some(dir) = stack.pop() {
-            let entries = std::fs::read_dir(&dir).map_err(|e| self.local_err(key, &dir, e))?;
+            let entries = std::fs::read_dir(&dir).map_err(|e| self.local_err(local, &dir, e))?;
             for entry in entries {
-                let entry = entry.map_err(|e| self.local_err(key, &dir, e))?;
+                let entry = entry.map_err(|e| self.local_err(local, &dir, e))?;
                 if entry.file_name().to_string_lossy().starts_with('.') {
                     continue;
                 }
                 let path = entry.path();
                 let meta = entry
                     .metadata()
-                    .map_err(|e| self.local_err(key, &path, e))?;
+                    .map_err(|e| self.local_err(local, &path, e))?;
                 if meta.is_dir() {
                     stack.push(path);
                     continue;
                 }
-                let Ok(rel) = path.strip_prefix(&self.local) else {
+                let Ok(rel) = path.strip_prefix(&root) else {
                     continue;
                 };
                 let modified = meta
@@ -353,30 +370,30 @@ impl Blobs {
                     .ok()
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                     .map_or(0.0, |d| d.as_secs_f64());
-                let name = rel.to_string_lossy().into_owned();
-                local.push((rel.components().count(), name, path, meta.len(), modified));
+                let name = format!("{remote}/{}", rel.to_string_lossy());
+                files.push((rel.components().count(), name, path, meta.len(), modified));
             }
         }
-        local.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        for (_, name, path, size, modified) in &local {
+        files.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        for (_, name, path, size, modified) in &files {
             // Remote times are whole seconds of the upload: a file written in the same second
             // as its upload is sent again, never missed.
-            let current = remote
+            let current = listed
                 .get(name)
                 .is_some_and(|&(rsize, rtime)| rsize == *size && (rtime as f64) > *modified);
             if current {
                 continue;
             }
-            let bytes = std::fs::read(path).map_err(|e| self.local_err(key, path, e))?;
+            let bytes = std::fs::read(path).map_err(|e| self.local_err(local, path, e))?;
             self.wait(self.put(name, Bytes::from(bytes)))?;
         }
-        for name in remote.keys() {
-            if !local.iter().any(|l| &l.1 == name) {
+        for name in listed.keys() {
+            if !files.iter().any(|l| &l.1 == name) {
                 self.wait(self.delete(name))?;
             }
         }
         // This replica's copy is whole: no need to fetch it again.
-        self.write_local(key, &self.local(key).join(FETCHED), b"")
+        self.write_local(local, &root.join(FETCHED), remote.as_bytes())
     }
 
     fn local_err(&self, key: &str, path: &Path, e: std::io::Error) -> BlobError {
