@@ -1595,3 +1595,58 @@ fn a_stalled_workers_checkpoint_is_refused_and_clobbers_nothing_on_postgres_and_
         "B at step 4"
     );
 }
+
+/// A blob over the part size goes up as an S3 multipart upload (moto's ETag of a multipart
+/// object ends in `-<parts>`), streamed from its file, and comes back byte for byte through
+/// another replica's cache; a small one is still one PUT.
+#[test]
+fn a_large_blob_goes_up_in_parts_and_round_trips_through_s3() {
+    use ferrolm_server::blobs::MIN_PART_BYTES;
+    let s3 = S3::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let up = s3_blobs(&s3, &rt, &tmp.path().join("up")).with_part_bytes(MIN_PART_BYTES);
+    // Two full parts and a short last one, of bytes that are not all alike.
+    let n = 2 * MIN_PART_BYTES + 12_345;
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let bytes: Vec<u8> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let path = tmp.path().join("big.bin");
+    std::fs::write(&path, &bytes).unwrap();
+    up.wait(up.put_file("files/big", &path)).unwrap();
+    up.wait(up.put_file(
+        "files/small",
+        &tmp.path().join("big.bin").with_file_name("small"),
+    ))
+    .unwrap_err(); // no such file: an error, nothing written
+    std::fs::write(tmp.path().join("small"), b"small").unwrap();
+    up.wait(up.put_file("files/small", &tmp.path().join("small")))
+        .unwrap();
+    let xml = ureq::get(&s3.url(&format!("{BUCKET}?list-type=2&prefix=fenced/files/")))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let etag_of = |key: &str| {
+        let at = xml.find(&format!("<Key>{key}</Key>")).unwrap();
+        let rest = &xml[at..];
+        let tag = &rest[rest.find("<ETag>").unwrap() + 6..rest.find("</ETag>").unwrap()];
+        tag.replace("&#34;", "").replace('"', "")
+    };
+    assert!(etag_of("fenced/files/big").ends_with("-3"), "{xml}");
+    assert!(!etag_of("fenced/files/small").contains('-'), "{xml}");
+    let down = s3_blobs(&s3, &rt, &tmp.path().join("down"));
+    let got = down.fetch_file("files/big").unwrap();
+    assert_ne!(got, path);
+    assert!(std::fs::read(&got).unwrap() == bytes, "the bytes differ");
+    // In-memory uploads over the part size take the same path.
+    up.wait(up.put("files/big2", bytes.clone().into())).unwrap();
+    let got = down.fetch_file("files/big2").unwrap();
+    assert!(std::fs::read(got).unwrap() == bytes, "the bytes differ");
+}
