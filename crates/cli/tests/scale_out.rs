@@ -1650,3 +1650,22 @@ fn a_large_blob_goes_up_in_parts_and_round_trips_through_s3() {
     let got = down.fetch_file("files/big2").unwrap();
     assert!(std::fs::read(got).unwrap() == bytes, "the bytes differ");
 }
+
+/// `serve --no-worker` on a SQLite store says at start-up that its jobs wait for a worker
+/// on the same file; without --no-worker it says nothing of the kind.
+#[test]
+fn no_worker_on_a_sqlite_store_warns_at_start_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    // --kv-memory 0 stops `serve` just after the store is opened: no model is loaded.
+    let err = serve_refused(&["--data-dir", dir, "--no-worker", "--kv-memory", "0"], &[]);
+    assert!(
+        err.contains("warning: --no-worker on the SQLite store")
+            && err.contains(
+                "stay queued until a `ferrolm serve` without --no-worker runs on the same file"
+            ),
+        "{err}"
+    );
+    let err = serve_refused(&["--data-dir", dir, "--kv-memory", "0"], &[]);
+    assert!(!err.contains("--no-worker"), "{err}");
+}
