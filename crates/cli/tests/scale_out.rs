@@ -22,7 +22,11 @@
 //! runs (and a resumed one continues from its checkpoint), a `--no-worker` replica never
 //! trains, and a job whose replica is killed (`kill -9`) is taken over by the other, already
 //! running, replica once its lease runs out, from its last checkpoint in S3; its model is
-//! then served by every replica.
+//! then served by every replica. Through the store and blob seams: a ledger row written
+//! again (its acknowledgement lost) lands once; a worker that stalled past its lease has its
+//! checkpoint refused and clobbers none of the new owner's blobs; a blob over the part size
+//! goes up as a multipart upload and comes back byte for byte. And `serve --no-worker` on a
+//! SQLite store warns at start-up.
 #![allow(clippy::unwrap_used)]
 
 mod common;
