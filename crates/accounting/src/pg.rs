@@ -15,7 +15,8 @@
 //!   The decision itself is `limits`'s sliding-window rule, the same as one server's.
 //! - A ledger row of an admitted request settles its admission in the same transaction (real
 //!   tokens replace the estimate, the hold is released); a row whose admission is already
-//!   settled is not written again, so a retried write counts the request once.
+//!   settled is not written again, so a retried write counts the request once. So is any row
+//!   whose `row_key` the ledger holds (a unique index), admitted or not.
 //! - Stored chat completions, uploaded files' records and fine-tuning jobs (with their events,
 //!   checkpoints and the queue's leases, see `tuning`) live here too: every replica lists and
 //!   exports the same ones (the files' bytes and the runs are in the blob store, `--blobs`).
@@ -604,14 +605,15 @@ impl Pg {
             }
             let status = i64::from(row.status);
             let compressed = i64::try_from(row.compressed_tokens).unwrap_or(i64::MAX);
-            tx.execute(
+            let written = tx.execute(
                 "INSERT INTO usage (ts, request_id, key_id, model, endpoint, status, prompt_tokens,
                                     cached_tokens, completion_tokens, latency_ms, ttft_ms, cost_usd,
                                     finish_reason, route, compressed_tokens, saved_by_cache_usd,
                                     saved_by_compression_usd, saved_by_routing_usd,
-                                    lazy_tool_tokens, saved_by_lazy_tools_usd)
+                                    lazy_tool_tokens, saved_by_lazy_tools_usd, row_key)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-                         $17, $18, $19, $20)",
+                         $17, $18, $19, $20, $21)
+                 ON CONFLICT (row_key) DO NOTHING",
                 &[
                     &row.ts,
                     &row.request_id,
@@ -633,10 +635,14 @@ impl Pg {
                     &row.saved_by_routing_usd,
                     &row.lazy_tool_tokens,
                     &row.saved_by_lazy_tools_usd,
+                    &row.row_key,
                 ],
             )
             .await
             .map_err(err)?;
+            if written == 0 {
+                return Ok(()); // written before: dropping tx rolls the spend back
+            }
             tx.commit().await.map_err(err)
         })
     }
@@ -797,7 +803,7 @@ impl Pg {
             c.execute(
                 &format!(
                     "INSERT INTO ft_jobs ({JOB_COLUMNS})
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
                 ),
                 &[
                     &j.id,
@@ -812,6 +818,7 @@ impl Pg {
                     &j.finished_at,
                     &tokens,
                     &error,
+                    &j.epoch,
                 ],
             )
             .await
@@ -1034,29 +1041,37 @@ impl Pg {
         })
     }
 
+    /// See [`crate::Store::add_job_checkpoint`]: `FOR SHARE` waits for a claim of the job
+    /// being committed, then sees its epoch.
     pub(crate) fn add_job_checkpoint(
         &self,
         job: &str,
         ck: &JobCheckpoint,
-    ) -> Result<(), AccountingError> {
-        let (job, ck) = (job.to_owned(), ck.clone());
+        owner: &str,
+    ) -> Result<bool, AccountingError> {
+        let (job, ck, owner) = (job.to_owned(), ck.clone(), owner.to_owned());
         self.call(|pool, shown| async move {
             let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
             let step = i64::try_from(ck.step).unwrap_or(i64::MAX);
-            c.execute(
-                "INSERT INTO ft_checkpoints (job_id, created_at, step, model, metrics)
-                 VALUES ($1, $2, $3, $4, $5)",
-                &[
-                    &job,
-                    &ck.created_at,
-                    &step,
-                    &ck.model,
-                    &ck.metrics.to_string(),
-                ],
-            )
-            .await
-            .map_err(|e| pg_error(&shown, e))?;
-            Ok(())
+            let n = c
+                .execute(
+                    "INSERT INTO ft_checkpoints (job_id, created_at, step, model, metrics, epoch)
+                     SELECT $1::TEXT, $2::BIGINT, $3::BIGINT, $4::TEXT, $5::TEXT, $6::BIGINT
+                     WHERE EXISTS (SELECT 1 FROM ft_jobs
+                                   WHERE id = $1 AND epoch = $6 AND lease_owner = $7 FOR SHARE)",
+                    &[
+                        &job,
+                        &ck.created_at,
+                        &step,
+                        &ck.model,
+                        &ck.metrics.to_string(),
+                        &ck.epoch,
+                        &owner,
+                    ],
+                )
+                .await
+                .map_err(|e| pg_error(&shown, e))?;
+            Ok(n > 0)
         })
     }
 
@@ -1072,7 +1087,7 @@ impl Pg {
             let c = pool.get().await.map_err(|e| pool_error(&shown, e))?;
             let rows = c
                 .query(
-                    "SELECT seq, created_at, step, model, metrics FROM ft_checkpoints
+                    "SELECT seq, created_at, step, model, metrics, epoch FROM ft_checkpoints
                      WHERE job_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
                     &[&job, &after.unwrap_or(i64::MAX), &(limit as i64 + 1)],
                 )
@@ -1088,6 +1103,7 @@ impl Pg {
                     step: u64::try_from(step).unwrap_or(0),
                     model: r.try_get(3).map_err(err)?,
                     metrics: json_text(&shown, "ft_checkpoints.metrics", &metrics)?,
+                    epoch: r.try_get(5).map_err(err)?,
                 });
             }
             Ok(page(items, limit))
@@ -1127,7 +1143,8 @@ impl Pg {
                 .query_one(
                     &format!(
                         "UPDATE ft_jobs SET status = 'running', lease_owner = $2,
-                         lease_until = {DB_NOW_MS} + $3 WHERE id = $1 RETURNING {JOB_COLUMNS}"
+                         lease_until = {DB_NOW_MS} + $3, epoch = epoch + 1
+                         WHERE id = $1 RETURNING {JOB_COLUMNS}"
                     ),
                     &[&id, &owner, &lease_ms],
                 )
@@ -1216,6 +1233,7 @@ fn job_from_row(shown: &str, r: &Row) -> Result<JobRecord, AccountingError> {
         error: error
             .map(|e| json_text(shown, "ft_jobs.error", &e))
             .transpose()?,
+        epoch: r.try_get(12).map_err(bad)?,
     })
 }
 

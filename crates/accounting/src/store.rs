@@ -12,9 +12,10 @@
 //!   `create_key`. A fast unsalted hash is enough because the secret is random, not a password.
 //! - At most one *active* key has a given name, and a name is never all digits, so a name or an
 //!   id names one key. Ids are never reused (AUTOINCREMENT). Revoking keeps the row.
-//! - The ledger is append-only. Each key carries a running `spent_usd`, updated in the same
-//!   transaction as the ledger row, so a budget check is one indexed read; a test holds it to
-//!   the slow `SUM(cost_usd)` over the ledger.
+//! - The ledger is append-only, and holds a row once: each row carries its own key
+//!   (`UsageRow::row_key`, unique), so writing it again is a no-op. Each key carries a
+//!   running `spent_usd`, updated in the same transaction as the ledger row, so a budget
+//!   check is one indexed read; a test holds it to the slow `SUM(cost_usd)` over the ledger.
 //! - `usage` with `key_id: Some(k)` only ever reads rows of key `k`.
 
 use std::fs::File;
@@ -32,7 +33,7 @@ use crate::AccountingError;
 /// The database's file name inside the data dir.
 pub const DB_FILE: &str = "ferrolm.db";
 /// The schema version this code writes; `MIGRATIONS[v - 1]` brings version v-1 to v.
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 11;
 /// What every key starts with, so a leaked one is recognisable (and greppable by scanners).
 pub const KEY_PREFIX: &str = "flm-";
 /// Random characters after `KEY_PREFIX`.
@@ -109,6 +110,15 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 9: the fine-tuning queue's leases (see `tuning`): which worker runs a job, and until when
     // its lease holds; a running job whose lease ran out is taken over by another worker.
     crate::tuning::LEASE_MIGRATION,
+    // 10: every ledger row's identity (`UsageRow::row_key`), unique, so a retried write of a
+    // row whose first write committed (its acknowledgement lost) lands once. Rows from
+    // before get one each from their id, duplicates included: none is dropped.
+    "ALTER TABLE usage ADD COLUMN row_key TEXT;
+    UPDATE usage SET row_key = 'v9-' || CAST(id AS TEXT);
+    CREATE UNIQUE INDEX usage_row_key ON usage(row_key);",
+    // 11: the fine-tuning queue's fencing tokens (see `tuning`): each claim of a job is a new
+    // epoch, and a checkpoint is recorded only under the job's current one.
+    crate::tuning::EPOCH_MIGRATION,
 ];
 
 /// What a new key may do. `None` is unlimited. Also the body of the server's `POST /v1/keys`
@@ -198,6 +208,28 @@ pub struct UsageRow {
     /// What lazy tool loading saved: the cost with every definition sent in one pass, minus
     /// `cost_usd`.
     pub saved_by_lazy_tools_usd: f64,
+    /// The row's identity ([`UsageRow::new_key`]), made once with the row and kept by its
+    /// retries: the ledger holds at most one row per key, so writing a row again (its first
+    /// write committed, the acknowledgement lost) counts it once. Not the request id, which a
+    /// client may choose (`x-request-id`) and which one request's several rows share (best-of
+    /// generation and its reward scoring).
+    pub row_key: String,
+}
+
+impl UsageRow {
+    /// A fresh row key: `rk_` + 128 random bits from /dev/urandom in hex, so replicas never
+    /// make the same one.
+    pub fn new_key() -> Result<String, AccountingError> {
+        let mut f = File::open("/dev/urandom").map_err(AccountingError::Random)?;
+        let mut buf = [0u8; 16];
+        f.read_exact(&mut buf).map_err(AccountingError::Random)?;
+        let mut s = String::with_capacity(3 + 32);
+        s.push_str("rk_");
+        for b in buf {
+            s.push_str(&format!("{b:02x}"));
+        }
+        Ok(s)
+    }
 }
 
 /// A column to group the usage report by.
@@ -437,6 +469,12 @@ fn check_row(row: &UsageRow) -> Result<[i64; 3], AccountingError> {
     };
     if row.ts < 0 {
         return Err(bad(format!("ts is {}: expected unix milliseconds", row.ts)));
+    }
+    if row.row_key.is_empty() {
+        return Err(bad(
+            "row_key is empty: give each row its own (`UsageRow::new_key`), kept by its retries"
+                .to_owned(),
+        ));
     }
     if row.cached_tokens > row.prompt_tokens {
         return Err(bad(format!(
@@ -724,8 +762,8 @@ impl Store {
 
     /// [`Store::record`] for a request [`Store::admit`] admitted (`admission`: its id): in the
     /// same transaction, its tokens replace its estimate in the rate window and its budget
-    /// hold is released. A row whose admission is already settled is not written again, so a
-    /// retried write counts the request once.
+    /// hold is released. A row whose admission is already settled, or whose `row_key` the
+    /// ledger already holds, is not written again, so a retried write counts the request once.
     pub fn record_admitted(
         &self,
         row: &UsageRow,
@@ -751,38 +789,44 @@ impl Store {
                 });
             }
         }
-        tx.execute(
-            "INSERT INTO usage (ts, request_id, key_id, model, endpoint, status, prompt_tokens,
+        let written = tx
+            .execute(
+                "INSERT INTO usage (ts, request_id, key_id, model, endpoint, status, prompt_tokens,
                                 cached_tokens, completion_tokens, latency_ms, ttft_ms, cost_usd,
                                 finish_reason, route, compressed_tokens, saved_by_cache_usd,
                                 saved_by_compression_usd, saved_by_routing_usd,
-                                lazy_tool_tokens, saved_by_lazy_tools_usd)
+                                lazy_tool_tokens, saved_by_lazy_tools_usd, row_key)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                     ?17, ?18, ?19, ?20)",
-            params![
-                row.ts,
-                row.request_id,
-                row.key_id,
-                row.model,
-                row.endpoint,
-                row.status,
-                prompt,
-                cached,
-                completion,
-                row.latency_ms,
-                row.ttft_ms,
-                row.cost_usd,
-                row.finish_reason,
-                row.route,
-                i64::try_from(row.compressed_tokens).unwrap_or(i64::MAX),
-                row.saved_by_cache_usd,
-                row.saved_by_compression_usd,
-                row.saved_by_routing_usd,
-                row.lazy_tool_tokens,
-                row.saved_by_lazy_tools_usd
-            ],
-        )
-        .at(&self.path)?;
+                     ?17, ?18, ?19, ?20, ?21)
+             ON CONFLICT (row_key) DO NOTHING",
+                params![
+                    row.ts,
+                    row.request_id,
+                    row.key_id,
+                    row.model,
+                    row.endpoint,
+                    row.status,
+                    prompt,
+                    cached,
+                    completion,
+                    row.latency_ms,
+                    row.ttft_ms,
+                    row.cost_usd,
+                    row.finish_reason,
+                    row.route,
+                    i64::try_from(row.compressed_tokens).unwrap_or(i64::MAX),
+                    row.saved_by_cache_usd,
+                    row.saved_by_compression_usd,
+                    row.saved_by_routing_usd,
+                    row.lazy_tool_tokens,
+                    row.saved_by_lazy_tools_usd,
+                    row.row_key
+                ],
+            )
+            .at(&self.path)?;
+        if written == 0 {
+            return Ok(()); // written before: dropping tx rolls the spend back, counted once
+        }
         tx.commit().at(&self.path)
     }
 
@@ -1124,6 +1168,7 @@ mod tests {
             ttft_ms: Some(5.0),
             cost_usd: cost,
             finish_reason: Some("stop".to_owned()),
+            row_key: UsageRow::new_key().unwrap(),
             ..UsageRow::default()
         }
     }
@@ -1405,6 +1450,79 @@ mod tests {
         s.record(&row(Some(b.id), "m", 7_000, 1.0)).unwrap();
         assert_eq!(s.spent_usd(b.id).unwrap(), 3.0);
         assert_eq!(s.spent_usd_by_sum(b.id), 3.0);
+    }
+
+    /// A write whose commit landed but whose acknowledgement was lost is retried with the
+    /// same row: it must count once, for keys without limits too (no admission to settle).
+    #[test]
+    fn a_retried_ledger_row_lands_once_and_rows_of_one_request_each_land() {
+        let (_d, s) = store();
+        let (a, _) = s.create_key(&spec("a")).unwrap();
+        for key in [Some(a.id), None] {
+            let r = row(key, "m", 1_000, 0.5);
+            s.record(&r).unwrap();
+            s.record(&r).unwrap(); // the retry
+            s.record_admitted(&r, None).unwrap();
+        }
+        assert_eq!(s.spent_usd(a.id).unwrap(), 0.5);
+        assert_eq!(s.spent_usd_by_sum(a.id), 0.5);
+        // best_of: the generation and its reward scoring share the request id, not the key.
+        let gen = row(Some(a.id), "policy", 2_000, 0.25);
+        let mut scoring = row(Some(a.id), "reward", 2_000, 0.125);
+        scoring.request_id = gen.request_id.clone();
+        s.record(&gen).unwrap();
+        s.record(&scoring).unwrap();
+        s.record(&scoring).unwrap();
+        assert_eq!(s.spent_usd(a.id).unwrap(), 0.875);
+        assert_eq!(s.spent_usd_by_sum(a.id), 0.875);
+        let total = s.usage(&UsageQuery::default()).unwrap();
+        assert_eq!(total[0].requests, 4);
+        let mut keyless = row(None, "m", 3_000, 0.0);
+        keyless.row_key.clear();
+        assert!(matches!(
+            s.record(&keyless),
+            Err(AccountingError::InvalidUsage { .. })
+        ));
+    }
+
+    /// Schema 10 gives old rows a key each, so a ledger with repeated request ids (best_of,
+    /// or a client reusing `x-request-id`) migrates with none dropped.
+    #[test]
+    fn a_version_9_ledger_with_repeated_request_ids_migrates_to_unique_row_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            for sql in &MIGRATIONS[..9] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL);
+                 INSERT INTO schema_version VALUES (9);",
+            )
+            .unwrap();
+            for cost in [0.5, 0.5, 0.25] {
+                conn.execute(
+                    "INSERT INTO usage (ts, request_id, model, endpoint, status, prompt_tokens,
+                        cached_tokens, completion_tokens, latency_ms, cost_usd)
+                     VALUES (1, 'same', 'm', '/v1/chat/completions', 200, 10, 0, 5, 1.0, ?1)",
+                    [cost],
+                )
+                .unwrap();
+            }
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let total = store.usage(&UsageQuery::default()).unwrap();
+        assert_eq!(total[0].requests, 3);
+        assert!((total[0].cost_usd - 1.25).abs() < 1e-12);
+        let conn = store.conn().unwrap();
+        let keys: i64 = conn
+            .query_row(
+                "SELECT COUNT(DISTINCT row_key) FROM usage WHERE row_key IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(keys, 3);
     }
 
     #[test]

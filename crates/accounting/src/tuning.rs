@@ -23,6 +23,12 @@
 //!   (cancelled, paused, taken over), which is how a worker hears of a cancel made through
 //!   another replica. The worker's own end of a job (`finish_job` with an owner) happens only
 //!   while it holds the lease.
+//! - Each claim starts a new epoch of the job (`epoch`, a fencing token). A checkpoint is
+//!   recorded only under the job's current epoch and owner (`add_job_checkpoint`, one
+//!   conditional statement), so a worker that stalled (not died) past its lease, whose job was
+//!   claimed by another meanwhile, has its checkpoint refused and stops; its blobs went under
+//!   its own epoch's key (the server's), so they clobber nothing either. A resume reads the run
+//!   of the newest recorded checkpoint's epoch.
 //! - Both backends keep the same rows and answer the same calls (`pg` holds PostgreSQL's
 //!   side); only the SQL differs.
 
@@ -89,6 +95,13 @@ pub(crate) const LEASE_MIGRATION: &str = "
     ALTER TABLE ft_jobs ADD COLUMN lease_owner TEXT;
     ALTER TABLE ft_jobs ADD COLUMN lease_until INTEGER;";
 
+/// The fencing tokens (schema version 11): `ft_jobs.epoch` counts the job's claims (0: never
+/// claimed), `ft_checkpoints.epoch` is the claim a checkpoint was written under. Rows from
+/// before are epoch 0, whose runs are at the job's unversioned blob key.
+pub(crate) const EPOCH_MIGRATION: &str = "
+    ALTER TABLE ft_jobs ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE ft_checkpoints ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;";
+
 /// What a worker may claim: a queued job, or a running one whose lease ran out (`?` is now in
 /// unix ms). Oldest first.
 pub(crate) const CLAIMABLE: &str =
@@ -123,6 +136,9 @@ pub struct JobRecord {
     pub finished_at: Option<i64>,
     pub trained_tokens: Option<u64>,
     pub error: Option<Value>,
+    /// How many times the job was claimed: the current claim's fencing token (0 until the
+    /// first claim; see [`Store::claim_job`] and [`Store::add_job_checkpoint`]).
+    pub epoch: i64,
 }
 
 /// One line of a job's log.
@@ -146,6 +162,9 @@ pub struct JobCheckpoint {
     pub step: u64,
     pub model: String,
     pub metrics: Value,
+    /// The claim ([`JobRecord::epoch`]) it was written under: its run's blobs are that
+    /// claim's.
+    pub epoch: i64,
 }
 
 /// A job a worker claimed ([`Store::claim_job`]): it is `running` under the worker's lease.
@@ -197,7 +216,7 @@ fn file_from_row(r: &Row<'_>) -> rusqlite::Result<FileRecord> {
     })
 }
 
-pub(crate) const JOB_COLUMNS: &str = "id, key_id, created_at, status, model, training_file, validation_file, spec, fine_tuned_model, finished_at, trained_tokens, error";
+pub(crate) const JOB_COLUMNS: &str = "id, key_id, created_at, status, model, training_file, validation_file, spec, fine_tuned_model, finished_at, trained_tokens, error, epoch";
 
 fn job_from_row(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
     let tokens: Option<i64> = r.get(10)?;
@@ -214,6 +233,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<JobRecord> {
         finished_at: r.get(9)?,
         trained_tokens: tokens.map(|t| t.max(0) as u64),
         error: json_col(r, 11)?,
+        epoch: r.get(12)?,
     })
 }
 
@@ -315,7 +335,7 @@ impl Store {
         self.conn()?
             .execute(
                 &format!(
-                    "INSERT INTO ft_jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                    "INSERT INTO ft_jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
                 ),
                 params![
                     j.id,
@@ -330,6 +350,7 @@ impl Store {
                     j.finished_at,
                     j.trained_tokens.map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
                     j.error.as_ref().map(Value::to_string),
+                    j.epoch,
                 ],
             )
             .at(&self.path)?;
@@ -545,24 +566,37 @@ impl Store {
         )
     }
 
-    /// Record a checkpoint of a job (`c.seq` is ignored).
-    pub fn add_job_checkpoint(&self, job: &str, c: &JobCheckpoint) -> Result<(), AccountingError> {
+    /// Record a checkpoint of a job (`c.seq` is ignored) that the worker `owner` wrote under
+    /// its claim `c.epoch`: only while that claim is the job's current one (the fence), so a
+    /// worker that stalled past its lease, whose job another worker claimed since, records
+    /// nothing. Whether it was recorded; false tells the worker to stop.
+    pub fn add_job_checkpoint(
+        &self,
+        job: &str,
+        c: &JobCheckpoint,
+        owner: &str,
+    ) -> Result<bool, AccountingError> {
         if let Some(pg) = self.pg() {
-            return pg.add_job_checkpoint(job, c);
+            return pg.add_job_checkpoint(job, c, owner);
         }
-        self.conn()?
+        let n = self
+            .conn()?
             .execute(
-                "INSERT INTO ft_checkpoints (job_id, created_at, step, model, metrics) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO ft_checkpoints (job_id, created_at, step, model, metrics, epoch)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS
+                    (SELECT 1 FROM ft_jobs WHERE id = ?1 AND epoch = ?6 AND lease_owner = ?7)",
                 params![
                     job,
                     c.created_at,
                     i64::try_from(c.step).unwrap_or(i64::MAX),
                     c.model,
-                    c.metrics.to_string()
+                    c.metrics.to_string(),
+                    c.epoch,
+                    owner
                 ],
             )
             .at(&self.path)?;
-        Ok(())
+        Ok(n > 0)
     }
 
     /// A job's checkpoints, newest first, `limit` of them below seq `after`.
@@ -578,7 +612,7 @@ impl Store {
         let conn = self.conn()?;
         let mut st = conn
             .prepare(
-                "SELECT seq, created_at, step, model, metrics FROM ft_checkpoints
+                "SELECT seq, created_at, step, model, metrics, epoch FROM ft_checkpoints
                  WHERE job_id = ?1 AND seq < ?2 ORDER BY seq DESC LIMIT ?3",
             )
             .at(&self.path)?;
@@ -592,6 +626,7 @@ impl Store {
                         step: count(r, 2)?,
                         model: r.get(3)?,
                         metrics: json_col(r, 4)?.unwrap_or(Value::Null),
+                        epoch: r.get(5)?,
                     })
                 },
             )
@@ -606,8 +641,9 @@ impl Store {
 /// The queue (see the module's contract).
 impl Store {
     /// Claim the oldest job that is queued, or running under a lease that ran out, for the
-    /// worker `owner`: it is `running` under `owner`'s lease for `lease` from now. `None` when
-    /// no job is free.
+    /// worker `owner`: it is `running` under `owner`'s lease for `lease` from now, in a new
+    /// epoch (`claim.job.epoch`, one more than the last claim's: the fencing token its
+    /// checkpoints are written under). `None` when no job is free.
     pub fn claim_job(
         &self,
         owner: &str,
@@ -633,7 +669,8 @@ impl Store {
             return Ok(None);
         };
         tx.execute(
-            "UPDATE ft_jobs SET status = 'running', lease_owner = ?2, lease_until = ?3 WHERE id = ?1",
+            "UPDATE ft_jobs SET status = 'running', lease_owner = ?2, lease_until = ?3,
+                    epoch = epoch + 1 WHERE id = ?1",
             params![id, owner, now.saturating_add(lease_ms(lease))],
         )
         .at(&self.path)?;
@@ -725,6 +762,7 @@ mod tests {
             finished_at: None,
             trained_tokens: None,
             error: None,
+            epoch: 0,
         }
     }
 
@@ -893,18 +931,58 @@ mod tests {
         assert_eq!((msgs, p.has_more), (vec!["m2", "m1"], true));
         let p = s.job_events("ftjob-1", Some(seqs[1]), 10).unwrap();
         assert_eq!(p.items.len(), 1);
-        s.add_job_checkpoint(
-            "ftjob-1",
-            &JobCheckpoint {
-                seq: 0,
-                created_at: 1,
-                step: 4,
-                model: "ft:x:ckpt-step-4".into(),
-                metrics: json!({"step": 4}),
-            },
-        )
-        .unwrap();
+        let claim = s.claim_job("w", Duration::from_secs(60)).unwrap().unwrap();
+        assert!(s
+            .add_job_checkpoint("ftjob-1", &checkpoint(4, claim.job.epoch), "w")
+            .unwrap());
         let c = s.job_checkpoints("ftjob-1", None, 10).unwrap();
-        assert_eq!(c.items[0].step, 4);
+        assert_eq!((c.items[0].step, c.items[0].epoch), (4, 1));
+    }
+
+    fn checkpoint(step: u64, epoch: i64) -> JobCheckpoint {
+        JobCheckpoint {
+            seq: 0,
+            created_at: 1,
+            step,
+            model: format!("ft:x:ckpt-step-{step}"),
+            metrics: json!({"step": step}),
+            epoch,
+        }
+    }
+
+    /// A worker that stalled past its lease while another claimed the job: its checkpoint
+    /// (under its old epoch) is refused, the new owner's stands, and every claim is a new
+    /// epoch.
+    #[test]
+    fn a_stalled_workers_checkpoint_is_refused_after_a_takeover() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.insert_job(&job("ftjob-1", None)).unwrap();
+        let lapsed = Duration::from_millis(1);
+        let first = s.claim_job("wa", lapsed).unwrap().unwrap();
+        assert_eq!(first.job.epoch, 1);
+        assert!(s
+            .add_job_checkpoint("ftjob-1", &checkpoint(2, first.job.epoch), "wa")
+            .unwrap());
+        std::thread::sleep(Duration::from_millis(5));
+        let second = s.claim_job("wb", Duration::from_secs(60)).unwrap().unwrap();
+        assert_eq!(
+            (second.job.epoch, second.taken_from.as_deref()),
+            (2, Some("wa"))
+        );
+        assert!(s
+            .add_job_checkpoint("ftjob-1", &checkpoint(4, second.job.epoch), "wb")
+            .unwrap());
+        // The stalled worker wakes up and writes its step-6 checkpoint: refused.
+        assert!(!s
+            .add_job_checkpoint("ftjob-1", &checkpoint(6, first.job.epoch), "wa")
+            .unwrap());
+        // Nor does the new epoch with the old owner's name pass.
+        assert!(!s
+            .add_job_checkpoint("ftjob-1", &checkpoint(6, second.job.epoch), "wa")
+            .unwrap());
+        let c = s.job_checkpoints("ftjob-1", None, 10).unwrap();
+        let got: Vec<(u64, i64)> = c.items.iter().map(|c| (c.step, c.epoch)).collect();
+        assert_eq!(got, vec![(4, 2), (2, 1)]);
     }
 }

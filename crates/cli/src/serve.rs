@@ -661,6 +661,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let store_url = crate::keys::store_url(a.store.as_deref(), Some(&data_dir))?;
     let db = Store::open_url(&store_url)
         .with_context(|| format!("cannot open the store {}", crate::keys::shown(&store_url)))?;
+    if a.no_worker && !db.is_shared() {
+        // Jobs are claimed only by workers on this store; a SQLite file is one machine's.
+        eprintln!(
+            "ferrolm serve: warning: --no-worker on the SQLite store {}: this server never trains, so fine-tuning jobs created through it stay queued until a `ferrolm serve` without --no-worker runs on the same file. Leave --no-worker out, or share jobs between machines with --store postgres://… (and --blobs s3://…)",
+            crate::keys::shown(&store_url)
+        );
+    }
     let has_keys = db.has_keys()?;
     if !a.host.is_loopback() && !has_keys && !a.allow_unauthenticated {
         bail!(

@@ -263,6 +263,7 @@ fn usage_reports_the_ledger() {
         ttft_ms: Some(20.0),
         cost_usd: cost,
         finish_reason: Some("stop".into()),
+        row_key: UsageRow::new_key().unwrap(),
         ..UsageRow::default()
     };
     store

@@ -22,7 +22,11 @@
 //! runs (and a resumed one continues from its checkpoint), a `--no-worker` replica never
 //! trains, and a job whose replica is killed (`kill -9`) is taken over by the other, already
 //! running, replica once its lease runs out, from its last checkpoint in S3; its model is
-//! then served by every replica.
+//! then served by every replica. Through the store and blob seams: a ledger row written
+//! again (its acknowledgement lost) lands once; a worker that stalled past its lease has its
+//! checkpoint refused and clobbers none of the new owner's blobs; a blob over the part size
+//! goes up as a multipart upload and comes back byte for byte. And `serve --no-worker` on a
+//! SQLite store warns at start-up.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -1135,8 +1139,9 @@ fn an_adapter_tuned_on_one_replica_is_loaded_from_s3_by_another_on_first_use() {
         std::thread::sleep(Duration::from_millis(500));
     };
     let model = job["fine_tuned_model"].as_str().unwrap().to_owned();
-    // The run is in the bucket (mirrored before the job succeeded): A's run directory, file
-    // for file (pruned checkpoints deleted), the adapter among them.
+    // The run is in the bucket (mirrored before the job succeeded) in the folder of its one
+    // claim (epoch 1): A's run directory, file for file (pruned checkpoints deleted), the
+    // adapter among them.
     let mut keys = s3.keys(&format!("tuned/fine_tuning/{id}/"));
     keys.sort();
     let run = dirs[0].path().join("fine_tuning").join(&id);
@@ -1152,7 +1157,7 @@ fn an_adapter_tuned_on_one_replica_is_loaded_from_s3_by_another_on_first_use() {
                 stack.push(p);
             } else {
                 let rel = p.strip_prefix(&run).unwrap().to_string_lossy().into_owned();
-                files.push(format!("tuned/fine_tuning/{id}/{rel}"));
+                files.push(format!("tuned/fine_tuning/{id}/epoch-1/{rel}"));
             }
         }
     }
@@ -1163,7 +1168,7 @@ fn an_adapter_tuned_on_one_replica_is_loaded_from_s3_by_another_on_first_use() {
         "adapter/adapter_model.safetensors",
     ] {
         assert!(
-            keys.contains(&format!("tuned/fine_tuning/{id}/{k}")),
+            keys.contains(&format!("tuned/fine_tuning/{id}/epoch-1/{k}")),
             "{k} not in {keys:?}"
         );
     }
@@ -1396,4 +1401,275 @@ fn fine_tuning_jobs_are_one_queue_that_worker_replicas_share_under_leases() {
         on_c["choices"][0]["message"]["content"]
     );
     drop(dead);
+}
+
+/// A ledger row written again through the store seam (its first commit landed, its
+/// acknowledgement was lost) lands once on PostgreSQL, for a key without limits (no admission
+/// deduplicates it) and for open access; two rows of one request (best_of's generation and its
+/// reward scoring) both land; and a schema-9 ledger with repeated request ids migrates to
+/// schema 10 with none dropped.
+#[test]
+fn a_retried_ledger_row_lands_once_on_postgres_and_old_rows_migrate() {
+    use ferrolm_accounting::{KeySpec, Store, UsageQuery, UsageRow};
+    let pg = Postgres::start();
+    let store = Store::open_url(&pg.url().parse().unwrap()).unwrap();
+    let (key, _) = store
+        .create_key(&KeySpec {
+            name: "unlimited".into(),
+            ..KeySpec::default()
+        })
+        .unwrap();
+    let row = |key_id: Option<i64>, request_id: &str, cost: f64| UsageRow {
+        ts: 1_000,
+        request_id: request_id.into(),
+        key_id,
+        model: "m".into(),
+        endpoint: "/v1/chat/completions".into(),
+        status: 200,
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        latency_ms: 1.0,
+        cost_usd: cost,
+        row_key: UsageRow::new_key().unwrap(),
+        ..UsageRow::default()
+    };
+    for key_id in [Some(key.id), None] {
+        let r = row(key_id, "retried", 0.5);
+        store.record(&r).unwrap();
+        store.record(&r).unwrap();
+    }
+    let generation = row(Some(key.id), "best-of", 0.25);
+    let scoring = row(Some(key.id), "best-of", 0.125);
+    for r in [&generation, &scoring, &scoring] {
+        store.record(r).unwrap();
+    }
+    assert_eq!(pg.sql("SELECT COUNT(*) FROM usage"), "4");
+    assert_eq!(
+        pg.sql("SELECT COUNT(*) FROM usage WHERE request_id = 'retried'"),
+        "2"
+    );
+    assert_eq!(store.spent_usd(key.id).unwrap(), 0.875);
+    assert_eq!(
+        pg.sql(&format!(
+            "SELECT SUM(cost_usd) FROM usage WHERE key_id = {}",
+            key.id
+        )),
+        "0.875"
+    );
+    drop(store);
+
+    // Back to schema 9 (no row keys, no epochs), with a request id repeated, then migrated
+    // again.
+    pg.sql(
+        "DROP INDEX usage_row_key; ALTER TABLE usage DROP COLUMN row_key;
+         ALTER TABLE ft_jobs DROP COLUMN epoch; ALTER TABLE ft_checkpoints DROP COLUMN epoch;
+         UPDATE schema_version SET version = 9;
+         INSERT INTO usage (ts, request_id, model, endpoint, status, prompt_tokens,
+            cached_tokens, completion_tokens, latency_ms, cost_usd)
+         SELECT ts, request_id, model, endpoint, status, prompt_tokens, cached_tokens,
+            completion_tokens, latency_ms, cost_usd FROM usage",
+    );
+    let store = Store::open_url(&pg.url().parse().unwrap()).unwrap();
+    assert_eq!(
+        pg.sql("SELECT MAX(version) FROM schema_version"),
+        ferrolm_accounting::SCHEMA_VERSION.to_string()
+    );
+    assert_eq!(
+        pg.sql("SELECT COUNT(DISTINCT row_key) FROM usage WHERE row_key IS NOT NULL"),
+        "8"
+    );
+    let total = store.usage(&UsageQuery::default()).unwrap();
+    assert_eq!(total[0].requests, 8);
+    // And the guard holds on the migrated table.
+    let again = row(None, "after", 0.0);
+    store.record(&again).unwrap();
+    store.record(&again).unwrap();
+    assert_eq!(pg.sql("SELECT COUNT(*) FROM usage"), "9");
+}
+
+/// The S3 blob store of `s3` for this test process (its endpoint and credentials are read
+/// from the environment, as `serve` reads them), with its own cache dir.
+fn s3_blobs(s3: &S3, rt: &tokio::runtime::Runtime, cache: &Path) -> ferrolm_server::blobs::Blobs {
+    for (k, v) in s3.env() {
+        std::env::set_var(k, v);
+    }
+    let url = format!("s3://{BUCKET}/fenced").parse().unwrap();
+    ferrolm_server::blobs::Blobs::open(&url, cache, rt.handle().clone()).unwrap()
+}
+
+/// A worker that stalls (not dies) past its lease while another worker claims its job:
+/// when it wakes and writes its checkpoint through the store seam, the record is refused
+/// (its claim's epoch is no longer the job's) and its blobs went to its own epoch's folder,
+/// so the new owner's checkpoint is what a resume reads, byte for byte. Real PostgreSQL and
+/// moto's S3.
+#[test]
+fn a_stalled_workers_checkpoint_is_refused_and_clobbers_nothing_on_postgres_and_s3() {
+    use ferrolm_accounting::{JobCheckpoint, JobRecord, Store};
+    use ferrolm_server::tuner::{run_blob_key, run_key};
+    let (pg, s3) = (Postgres::start(), S3::start());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open_url(&pg.url().parse().unwrap()).unwrap();
+    let id = "ftjob-fenced";
+    store
+        .insert_job(&JobRecord {
+            id: id.into(),
+            key_id: None,
+            created_at: 1,
+            status: "queued".into(),
+            model: "base".into(),
+            training_file: "file-1".into(),
+            validation_file: None,
+            spec: json!({}),
+            fine_tuned_model: None,
+            finished_at: None,
+            trained_tokens: None,
+            error: None,
+            epoch: 0,
+        })
+        .unwrap();
+    // Worker A claims with a lease that lapses at once; B takes the job over.
+    let a = store
+        .claim_job("worker-a", Duration::from_millis(1))
+        .unwrap()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let b = store
+        .claim_job("worker-b", Duration::from_secs(600))
+        .unwrap()
+        .unwrap();
+    assert_eq!((a.job.epoch, b.job.epoch), (1, 2));
+    assert_eq!(b.taken_from.as_deref(), Some("worker-a"));
+    let checkpoint = |step: u64, epoch: i64| JobCheckpoint {
+        seq: 0,
+        created_at: 1,
+        step,
+        model: format!("ft:base:{id}:ckpt-step-{step}"),
+        metrics: json!({"step": step}),
+        epoch,
+    };
+    // Each worker's run directory (its own replica's cache), with its checkpoint.
+    let write_run = |worker: &str, content: &str| {
+        let blobs = s3_blobs(&s3, &rt, &tmp.path().join(worker));
+        let dir = blobs.local(&run_key(id));
+        std::fs::create_dir_all(dir.join("ckpt")).unwrap();
+        std::fs::write(dir.join("ckpt/model.safetensors"), content).unwrap();
+        std::fs::write(dir.join("finetune.json"), content).unwrap();
+        blobs
+    };
+    // B checkpoints step 4: blob, then record.
+    let blobs_b = write_run("b", "B at step 4");
+    blobs_b
+        .sync_dir(&run_key(id), &run_blob_key(id, b.job.epoch))
+        .unwrap();
+    assert!(store
+        .add_job_checkpoint(id, &checkpoint(4, b.job.epoch), "worker-b")
+        .unwrap());
+    // A wakes up and checkpoints step 6 under its old claim: its blobs go to its own folder,
+    // its record is refused (so its worker stops).
+    let blobs_a = write_run("a", "A, stale, at step 6");
+    blobs_a
+        .sync_dir(&run_key(id), &run_blob_key(id, a.job.epoch))
+        .unwrap();
+    assert!(!store
+        .add_job_checkpoint(id, &checkpoint(6, a.job.epoch), "worker-a")
+        .unwrap());
+    assert!(!store
+        .add_job_checkpoint(id, &checkpoint(6, b.job.epoch), "worker-a")
+        .unwrap());
+    assert_eq!(
+        pg.sql(&format!(
+            "SELECT string_agg(step || '@' || epoch, ',' ORDER BY seq) FROM ft_checkpoints WHERE job_id = '{id}'"
+        )),
+        "4@2"
+    );
+    // A resume (a third replica) reads the run the newest record names: B's, intact.
+    let newest = store.job_checkpoints(id, None, 1).unwrap().items;
+    assert_eq!((newest[0].step, newest[0].epoch), (4, 2));
+    let blobs_c = s3_blobs(&s3, &rt, &tmp.path().join("c"));
+    let run = blobs_c
+        .fetch_dir(&run_blob_key(id, newest[0].epoch), &run_key(id))
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(run.join("ckpt/model.safetensors")).unwrap(),
+        "B at step 4"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("finetune.json")).unwrap(),
+        "B at step 4"
+    );
+}
+
+/// A blob over the part size goes up as an S3 multipart upload (moto's ETag of a multipart
+/// object ends in `-<parts>`), streamed from its file, and comes back byte for byte through
+/// another replica's cache; a small one is still one PUT.
+#[test]
+fn a_large_blob_goes_up_in_parts_and_round_trips_through_s3() {
+    use ferrolm_server::blobs::MIN_PART_BYTES;
+    let s3 = S3::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let up = s3_blobs(&s3, &rt, &tmp.path().join("up")).with_part_bytes(MIN_PART_BYTES);
+    // Two full parts and a short last one, of bytes that are not all alike.
+    let n = 2 * MIN_PART_BYTES + 12_345;
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let bytes: Vec<u8> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let path = tmp.path().join("big.bin");
+    std::fs::write(&path, &bytes).unwrap();
+    up.wait(up.put_file("files/big", &path)).unwrap();
+    up.wait(up.put_file(
+        "files/small",
+        &tmp.path().join("big.bin").with_file_name("small"),
+    ))
+    .unwrap_err(); // no such file: an error, nothing written
+    std::fs::write(tmp.path().join("small"), b"small").unwrap();
+    up.wait(up.put_file("files/small", &tmp.path().join("small")))
+        .unwrap();
+    let xml = ureq::get(&s3.url(&format!("{BUCKET}?list-type=2&prefix=fenced/files/")))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let etag_of = |key: &str| {
+        let at = xml.find(&format!("<Key>{key}</Key>")).unwrap();
+        let rest = &xml[at..];
+        let tag = &rest[rest.find("<ETag>").unwrap() + 6..rest.find("</ETag>").unwrap()];
+        tag.replace("&#34;", "").replace('"', "")
+    };
+    assert!(etag_of("fenced/files/big").ends_with("-3"), "{xml}");
+    assert!(!etag_of("fenced/files/small").contains('-'), "{xml}");
+    let down = s3_blobs(&s3, &rt, &tmp.path().join("down"));
+    let got = down.fetch_file("files/big").unwrap();
+    assert_ne!(got, path);
+    assert!(std::fs::read(&got).unwrap() == bytes, "the bytes differ");
+    // In-memory uploads over the part size take the same path.
+    up.wait(up.put("files/big2", bytes.clone().into())).unwrap();
+    let got = down.fetch_file("files/big2").unwrap();
+    assert!(std::fs::read(got).unwrap() == bytes, "the bytes differ");
+}
+
+/// `serve --no-worker` on a SQLite store says at start-up that its jobs wait for a worker
+/// on the same file; without --no-worker it says nothing of the kind.
+#[test]
+fn no_worker_on_a_sqlite_store_warns_at_start_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    // --kv-memory 0 stops `serve` just after the store is opened: no model is loaded.
+    let err = serve_refused(&["--data-dir", dir, "--no-worker", "--kv-memory", "0"], &[]);
+    assert!(
+        err.contains("warning: --no-worker on the SQLite store")
+            && err.contains(
+                "stay queued until a `ferrolm serve` without --no-worker runs on the same file"
+            ),
+        "{err}"
+    );
+    let err = serve_refused(&["--data-dir", dir, "--kv-memory", "0"], &[]);
+    assert!(!err.contains("--no-worker"), "{err}");
 }

@@ -185,7 +185,7 @@ pub async fn layer(State(s): State<AppState>, mut req: Request, next: Next) -> R
     }
     s.metrics.request(&route, status.as_u16());
     if status.as_u16() >= 400 && is_generation(&method, &path) {
-        let row = UsageRow {
+        let row = UsageRow::new_key().map(|row_key| UsageRow {
             ts: unix_ms(),
             request_id: id.clone(),
             key_id,
@@ -199,9 +199,10 @@ pub async fn layer(State(s): State<AppState>, mut req: Request, next: Next) -> R
             ttft_ms: None,
             cost_usd: 0.0,
             finish_reason: None,
+            row_key,
             ..UsageRow::default()
-        };
-        if let Err(e) = s.access.store.record(&row) {
+        });
+        if let Err(e) = row.and_then(|row| s.access.store.record(&row)) {
             eprintln!("ferrolm serve: {id}: could not write the usage ledger: {e}");
         }
     }

@@ -8,7 +8,9 @@
 //!   standard AWS environment variables). Callers name blobs by relative keys (`files/<id>`,
 //!   `fine_tuning/<job>/…`) and never see which back end holds them.
 //! - A put is whole or nothing: in a directory the bytes go to a staging file, fsynced and
-//!   renamed; an S3 PUT is atomic. Callers write a blob before the record that names it (a
+//!   renamed; an S3 PUT is atomic, and a blob over [`PART_BYTES`] goes up as a multipart
+//!   upload (read from its file a part at a time), completed only once every part is in and
+//!   aborted otherwise. Downloads stream into the cache. Callers write a blob before the record that names it (a
 //!   record never points at a missing or half-written blob) and delete the record before the
 //!   blob (a crash leaves an orphan blob, never a record without one).
 //! - Training reads and writes local files, so each blob has a local path ([`Blobs::local`]):
@@ -20,6 +22,7 @@
 //! - The async calls run on the server's runtime; the blocking ones ([`Blobs::wait`]) are for
 //!   threads outside it (the fine-tuning worker, `spawn_blocking`, startup).
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +33,9 @@ use object_store::aws::AmazonS3ConfigKey::Client;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as Key;
 use object_store::prefix::PrefixStore;
-use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
+use object_store::{
+    ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart,
+};
 use tokio_stream::StreamExt;
 
 /// Marks a run directory fetched whole into the local cache.
@@ -113,7 +118,18 @@ pub struct Blobs {
     /// Local paths of blobs: the directory back end itself, else the cache dir.
     local: PathBuf,
     rt: tokio::runtime::Handle,
+    /// Blobs larger than this go up in parts of this size ([`PART_BYTES`]).
+    part_bytes: usize,
 }
+
+/// Blobs larger than this are uploaded in parts of this size (S3's multipart upload: parts
+/// go up four at a time, a failed upload is aborted, and a file is read a part at a time,
+/// never whole).
+pub const PART_BYTES: usize = 8 << 20;
+/// S3's smallest part (all but the last).
+pub const MIN_PART_BYTES: usize = 5 << 20;
+/// Parts of one blob in flight at once.
+const PARTS_IN_FLIGHT: usize = 4;
 
 impl std::fmt::Debug for Blobs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -179,7 +195,15 @@ impl Blobs {
             shown,
             local,
             rt,
+            part_bytes: PART_BYTES,
         })
+    }
+
+    /// Upload blobs over `bytes` (at least [`MIN_PART_BYTES`]) in parts of that size; tests
+    /// use it to reach the multipart path with smaller blobs.
+    pub fn with_part_bytes(mut self, bytes: usize) -> Blobs {
+        self.part_bytes = bytes.max(MIN_PART_BYTES);
+        self
     }
 
     /// The URL, for messages.
@@ -229,13 +253,89 @@ impl Blobs {
             .map_err(|e| self.err("list", "files/", e))
     }
 
-    /// Write the blob `key` whole (or not at all).
+    /// Write the blob `key` whole (or not at all): one PUT, or above the part size a
+    /// multipart upload that is aborted if any part fails.
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), BlobError> {
-        self.store
-            .put(&Key::from(key), PutPayload::from(bytes))
+        if bytes.len() <= self.part_bytes {
+            return self
+                .store
+                .put(&Key::from(key), PutPayload::from(bytes))
+                .await
+                .map(|_| ())
+                .map_err(|e| self.err("write", key, e));
+        }
+        let mut w = self.multipart(key).await?;
+        w.put(bytes);
+        w.finish()
             .await
             .map(|_| ())
             .map_err(|e| self.err("write", key, e))
+    }
+
+    async fn multipart(&self, key: &str) -> Result<WriteMultipart, BlobError> {
+        let upload = self
+            .store
+            .put_multipart(&Key::from(key))
+            .await
+            .map_err(|e| self.err("write", key, e))?;
+        Ok(WriteMultipart::new_with_chunk_size(upload, self.part_bytes))
+    }
+
+    /// Write the local file `path` as the blob `key`, whole or not at all, reading it a part
+    /// at a time (see [`Blobs::put`]).
+    pub async fn put_file(&self, key: &str, path: &Path) -> Result<(), BlobError> {
+        let local = |e| self.local_err(key, path, e);
+        let size = std::fs::metadata(path).map_err(local)?.len();
+        if size <= self.part_bytes as u64 {
+            let bytes = std::fs::read(path).map_err(local)?;
+            return self.put(key, Bytes::from(bytes)).await;
+        }
+        let mut f = std::fs::File::open(path).map_err(local)?;
+        let mut w = self.multipart(key).await?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = match f.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = w.abort().await;
+                    return Err(local(e));
+                }
+            };
+            if let Err(e) = w.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                let _ = w.abort().await;
+                return Err(self.err("write", key, e));
+            }
+            w.write(&buf[..n]);
+        }
+        // (finish aborts the upload itself when a part or the completion fails.)
+        w.finish()
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err("write", key, e))
+    }
+
+    /// Copy the blob `key` into the local file `path` (a temporary file beside it, renamed),
+    /// streaming it rather than holding it whole.
+    async fn download(&self, key: &str, path: &Path) -> Result<(), BlobError> {
+        let got = self
+            .store
+            .get(&Key::from(key))
+            .await
+            .map_err(|e| self.err("read", key, e))?;
+        let tmp = path.with_extension("part");
+        let local = |e| self.local_err(key, path, e);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(local)?;
+        }
+        let mut f = std::fs::File::create(&tmp).map_err(local)?;
+        let mut stream = got.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| self.err("read", key, e))?;
+            f.write_all(&chunk).map_err(local)?;
+        }
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(local)
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes, BlobError> {
@@ -265,87 +365,102 @@ impl Blobs {
         if self.is_local() || path.is_file() {
             return Ok(path);
         }
-        let bytes = self.wait(self.get(key))?;
-        self.write_local(key, &path, &bytes)?;
+        self.wait(self.download(key, &path))?;
         Ok(path)
     }
 
-    /// The blob folder `key` (a run) as a local directory, fetched whole into the cache on
-    /// first use (blocking).
-    pub fn fetch_dir(&self, key: &str) -> Result<PathBuf, BlobError> {
-        let dir = self.local(key);
-        if self.is_local() || dir.join(FETCHED).is_file() {
+    /// The blob folder `remote` (a run) as the local directory of `local`, fetched whole into
+    /// the cache unless it holds that folder already (blocking). A cached copy of another
+    /// folder (an older claim's run) is replaced. Sub-folders `epoch-*` are other claims' runs
+    /// (see `tuner::run_blob_key`) and are left out.
+    pub fn fetch_dir(&self, remote: &str, local: &str) -> Result<PathBuf, BlobError> {
+        let dir = self.local(local);
+        if self.is_local() || self.holds(&dir, remote) {
             return Ok(dir);
         }
-        let prefix = Key::from(key);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| self.local_err(local, &dir, e))?;
+        }
+        let prefix = Key::from(remote);
         let metas = self.wait(async {
             let mut list = self.store.list(Some(&prefix));
             let mut metas = Vec::new();
             while let Some(m) = list.next().await {
-                metas.push(m.map_err(|e| self.err("list", key, e))?);
+                metas.push(m.map_err(|e| self.err("list", remote, e))?);
             }
             Ok::<_, BlobError>(metas)
         })?;
         if metas.is_empty() {
             return Err(self.err(
                 "fetch",
-                key,
+                remote,
                 object_store::Error::NotFound {
-                    path: key.to_owned(),
+                    path: remote.to_owned(),
                     source: "no blobs under this prefix".into(),
                 },
             ));
         }
         for m in metas {
             let name = m.location.to_string();
-            let bytes = self.wait(self.get(&name))?;
-            self.write_local(&name, &self.local(&name), &bytes)?;
+            let Some(rel) = name.strip_prefix(&format!("{remote}/")) else {
+                continue;
+            };
+            if rel.starts_with("epoch-") {
+                continue;
+            }
+            self.wait(self.download(&name, &dir.join(rel)))?;
         }
-        self.write_local(key, &dir.join(FETCHED), b"")?;
+        self.write_local(local, &dir.join(FETCHED), remote.as_bytes())?;
         Ok(dir)
     }
 
-    /// Mirror the local folder of `key` (a run) into the blob store (blocking): upload the
-    /// files the store lacks or holds older or of another size, deepest first (a run's
-    /// checkpoint folder before the `latest` that names it), then delete the blobs whose
-    /// files are gone (pruned checkpoints). Hidden files (temporaries) are left out. A
-    /// directory back end already holds it.
-    pub fn sync_dir(&self, key: &str) -> Result<(), BlobError> {
+    /// Whether the local directory `dir` is a whole copy of the blob folder `remote`.
+    fn holds(&self, dir: &Path, remote: &str) -> bool {
+        std::fs::read(dir.join(FETCHED)).is_ok_and(|m| m == remote.as_bytes())
+    }
+
+    /// Mirror the local folder of `local` (a run) into the blob folder `remote` (blocking):
+    /// upload the files it lacks or holds older or of another size, deepest first (a run's
+    /// checkpoint folder before the `latest` that names it), then delete the blobs under
+    /// `remote` whose files are gone (pruned checkpoints). Hidden files (temporaries) are left
+    /// out. A directory back end already holds it.
+    pub fn sync_dir(&self, local: &str, remote: &str) -> Result<(), BlobError> {
         if self.is_local() {
             return Ok(());
         }
-        let prefix = Key::from(key);
-        let remote = self.wait(async {
+        let prefix = Key::from(remote);
+        let listed = self.wait(async {
             let mut list = self.store.list(Some(&prefix));
-            let mut remote = std::collections::HashMap::new();
+            let mut listed = std::collections::HashMap::new();
             while let Some(m) = list.next().await {
-                let m = m.map_err(|e| self.err("list", key, e))?;
-                remote.insert(
+                let m = m.map_err(|e| self.err("list", remote, e))?;
+                listed.insert(
                     m.location.to_string(),
                     (m.size, m.last_modified.timestamp()),
                 );
             }
-            Ok::<_, BlobError>(remote)
+            Ok::<_, BlobError>(listed)
         })?;
         // (depth, blob name, path, size, modified: unix seconds)
-        let mut local = Vec::new();
-        let mut stack = vec![self.local(key)];
+        let root = self.local(local);
+        let mut files = Vec::new();
+        let mut stack = vec![root.clone()];
         while let Some(dir) = stack.pop() {
-            let entries = std::fs::read_dir(&dir).map_err(|e| self.local_err(key, &dir, e))?;
+            let entries = std::fs::read_dir(&dir).map_err(|e| self.local_err(local, &dir, e))?;
             for entry in entries {
-                let entry = entry.map_err(|e| self.local_err(key, &dir, e))?;
+                let entry = entry.map_err(|e| self.local_err(local, &dir, e))?;
                 if entry.file_name().to_string_lossy().starts_with('.') {
                     continue;
                 }
                 let path = entry.path();
                 let meta = entry
                     .metadata()
-                    .map_err(|e| self.local_err(key, &path, e))?;
+                    .map_err(|e| self.local_err(local, &path, e))?;
                 if meta.is_dir() {
                     stack.push(path);
                     continue;
                 }
-                let Ok(rel) = path.strip_prefix(&self.local) else {
+                let Ok(rel) = path.strip_prefix(&root) else {
                     continue;
                 };
                 let modified = meta
@@ -353,30 +468,29 @@ impl Blobs {
                     .ok()
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                     .map_or(0.0, |d| d.as_secs_f64());
-                let name = rel.to_string_lossy().into_owned();
-                local.push((rel.components().count(), name, path, meta.len(), modified));
+                let name = format!("{remote}/{}", rel.to_string_lossy());
+                files.push((rel.components().count(), name, path, meta.len(), modified));
             }
         }
-        local.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        for (_, name, path, size, modified) in &local {
+        files.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        for (_, name, path, size, modified) in &files {
             // Remote times are whole seconds of the upload: a file written in the same second
             // as its upload is sent again, never missed.
-            let current = remote
+            let current = listed
                 .get(name)
                 .is_some_and(|&(rsize, rtime)| rsize == *size && (rtime as f64) > *modified);
             if current {
                 continue;
             }
-            let bytes = std::fs::read(path).map_err(|e| self.local_err(key, path, e))?;
-            self.wait(self.put(name, Bytes::from(bytes)))?;
+            self.wait(self.put_file(name, path))?;
         }
-        for name in remote.keys() {
-            if !local.iter().any(|l| &l.1 == name) {
+        for name in listed.keys() {
+            if !files.iter().any(|l| &l.1 == name) {
                 self.wait(self.delete(name))?;
             }
         }
         // This replica's copy is whole: no need to fetch it again.
-        self.write_local(key, &self.local(key).join(FETCHED), b"")
+        self.write_local(local, &root.join(FETCHED), remote.as_bytes())
     }
 
     fn local_err(&self, key: &str, path: &Path, e: std::io::Error) -> BlobError {

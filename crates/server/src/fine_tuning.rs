@@ -422,6 +422,7 @@ pub async fn create(
             finished_at: None,
             trained_tokens: None,
             error: None,
+            epoch: 0,
         };
         store.insert_job(&job).map_err(ApiError::storage)?;
         log_event(store, &job.id, "info", format!("Validating training file: {}", job.training_file), None);

@@ -651,6 +651,9 @@ impl AppState {
             m.queue.avg_request_us.store(avg, Ordering::Relaxed);
         }
         self.metrics.finished(s.model, u, s.ttft, latency);
+        // Made once here, kept by the row's retries (held rows): the ledger writes it once.
+        let row_key =
+            UsageRow::new_key().map_err(|e| ledger_unavailable(&self.access.store, e, 0))?;
         let row = UsageRow {
             ts: auth::unix_ms(),
             request_id: caller.request_id.clone(),
@@ -672,6 +675,7 @@ impl AppState {
             saved_by_cache_usd: saved_by_cache,
             saved_by_compression_usd: saved_by_compression,
             saved_by_routing_usd: saved_by_routing,
+            row_key,
         };
         // Rows held earlier go first, so the ledger stays in order.
         let flushed = self.flush_held_rows();

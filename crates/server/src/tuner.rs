@@ -19,7 +19,11 @@
 //!   this server and every [`poll_every`] otherwise: jobs queued through other replicas, and
 //!   jobs whose worker died (its lease ran out). So with replicas sharing a PostgreSQL store
 //!   and a blob store, exactly one worker runs each job, and a killed replica's job continues
-//!   on another from its last checkpoint. `serve --no-worker` starts no worker: the replica
+//!   on another from its last checkpoint. Each claim is a new epoch of the job (a fencing
+//!   token): the run is mirrored into that claim's own blob folder ([`run_blob_key`]) and its
+//!   checkpoints are recorded only while the claim is current, so a worker that stalled past
+//!   its lease clobbers nothing and stops at its next checkpoint; a resume fetches the folder
+//!   of the newest recorded checkpoint. `serve --no-worker` starts no worker: the replica
 //!   answers the endpoints and serves the models, and never trains.
 //! - On a store only this server uses (SQLite), a start takes back the jobs the last run left
 //!   `running` at once, without waiting for their leases to run out.
@@ -293,9 +297,21 @@ pub fn file_key(id: &str) -> String {
     format!("files/{id}")
 }
 
-/// The blob key (a folder) of a job's run.
+/// The key (a folder) of a job's run: its local directory ([`Blobs::local`]).
 pub fn run_key(id: &str) -> String {
     format!("fine_tuning/{id}")
+}
+
+/// The blob folder of the run a job's claim `epoch` wrote (its fencing token, see
+/// `ferrolm_accounting`'s `tuning`): each claim mirrors its run into its own folder, so a
+/// worker that stalled past its lease overwrites nothing of the new owner's. Epoch 0 (runs
+/// written before claims had epochs) is the job's folder itself.
+pub fn run_blob_key(id: &str, epoch: i64) -> String {
+    if epoch == 0 {
+        run_key(id)
+    } else {
+        format!("fine_tuning/{id}/epoch-{epoch}")
+    }
 }
 
 impl Tuner {
@@ -475,7 +491,7 @@ impl AppState {
             let name = job.fine_tuned_model.clone().unwrap_or_default();
             let served = tuner
                 .blobs
-                .fetch_dir(&run_key(&job.id))
+                .fetch_dir(&run_blob_key(&job.id, job.epoch), &run_key(&job.id))
                 .map_err(|e| e.to_string())
                 .and_then(|run| self.read_run(&tuner.hooks, &run, &job.model, &name))
                 .and_then(|r| self.serve_run(r, &name, job.key_id));
@@ -559,7 +575,7 @@ impl AppState {
         // A blocking fetch and load, off the async executor (the caller may be on it).
         let load = || {
             t.blobs
-                .fetch_dir(&run_key(id))
+                .fetch_dir(&run_blob_key(id, job.epoch), &run_key(id))
                 .map_err(|e| e.to_string())
                 .and_then(|run| self.read_run(&t.hooks, &run, &job.model, name))
                 .and_then(|r| self.serve_run(r, name, job.key_id))
@@ -715,6 +731,7 @@ fn run_job(s: &AppState, claim: Claim, stop: &Arc<AtomicBool>, me: &Worker) -> R
     let store = &s.access.store;
     let job = claim.job;
     let id = job.id.as_str();
+    let epoch = job.epoch;
     let Some(t) = s.tuning.get() else {
         let _ = store.release_lease(id, &me.owner);
         return Ok(());
@@ -741,25 +758,35 @@ fn run_job(s: &AppState, claim: Claim, stop: &Arc<AtomicBool>, me: &Worker) -> R
         Err(message) => return fail_job(store, id, owner, message),
     };
     // A run started elsewhere (another replica, or this one before its disk was lost) has
-    // its checkpoints in the blob store: continue from them. With object storage, a local
-    // copy left by an earlier claim of this job may be older than the store's (another
-    // worker went on since, mirroring each checkpoint): the store's is the run.
-    if !t.blobs.is_local() && out.exists() {
-        if let Err(e) = std::fs::remove_dir_all(&out) {
-            return fail_job(
-                store,
-                id,
-                owner,
-                format!("cannot clear {}: {e}", out.display()),
-            );
+    // its checkpoints in the blob store: continue from the newest one recorded, in the
+    // folder of the claim that recorded it. With object storage, a local copy left by an
+    // earlier claim of this job may be older than the store's (another worker went on since,
+    // mirroring each checkpoint): the store's is the run, and none recorded is a fresh start.
+    if !t.blobs.is_local() {
+        if out.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&out) {
+                return fail_job(
+                    store,
+                    id,
+                    owner,
+                    format!("cannot clear {}: {e}", out.display()),
+                );
+            }
         }
-    }
-    if !out.join("finetune.json").is_file() {
-        if let Err(e) = t.blobs.fetch_dir(&run_key(id)) {
-            if !e.is_not_found() {
+        let newest = match store.job_checkpoints(id, None, 1) {
+            Ok(p) => p.items.into_iter().next(),
+            Err(e) => {
+                // Not a fresh start over a run the store cannot name now: later, or elsewhere.
+                let _ = store.release_lease(id, owner);
+                return Err(format!("cannot read the job's checkpoints: {e}"));
+            }
+        };
+        if let Some(c) = newest {
+            if let Err(e) = t.blobs.fetch_dir(&run_blob_key(id, c.epoch), &run_key(id)) {
                 let m =
                     format!("The run's checkpoints could not be fetched, so it starts over: {e}");
                 log_event(store, id, "warn", m, None);
+                let _ = std::fs::remove_dir_all(&out);
             }
         }
     }
@@ -893,22 +920,30 @@ fn run_job(s: &AppState, claim: Claim, stop: &Arc<AtomicBool>, me: &Worker) -> R
                 step,
                 model: format!("{name}:ckpt-step-{step}"),
                 metrics,
+                epoch,
             };
-            // The checkpoint into the blob store, then its record.
-            if let Err(e) = t.blobs.sync_dir(&run_key(id)) {
-                let m = format!("The checkpoint at step {step} is not in the blob store: {e}");
+            // The checkpoint into this claim's blob folder, then its record, which the store
+            // accepts only while this claim is the job's current one.
+            if let Err(e) = t.blobs.sync_dir(&run_key(id), &run_blob_key(id, epoch)) {
+                let m = format!("The checkpoint at step {step} is not in the blob store, so it is not recorded: {e}");
                 log_event(store, id, "warn", m, None);
+                return;
             }
-            if let Err(e) = store.add_job_checkpoint(id, &c) {
-                eprintln!("ferrolm serve: {id}: could not record a checkpoint: {e}");
+            match store.add_job_checkpoint(id, &c, owner) {
+                Ok(true) => log_event(
+                    store,
+                    id,
+                    "info",
+                    format!("Checkpoint created at step {step}"),
+                    None,
+                ),
+                Ok(false) => {
+                    // Stalled past the lease: another worker claimed the job since.
+                    eprintln!("ferrolm serve: {id}: worker {owner}'s claim (epoch {epoch}) was superseded: the checkpoint at step {step} is not recorded and the job stops here");
+                    stop.store(true, Ordering::Relaxed);
+                }
+                Err(e) => eprintln!("ferrolm serve: {id}: could not record a checkpoint: {e}"),
             }
-            log_event(
-                store,
-                id,
-                "info",
-                format!("Checkpoint created at step {step}"),
-                None,
-            );
         }
     };
     let ended = (t.hooks.train)(&spec, stop, &mut on);
@@ -936,7 +971,7 @@ fn run_job(s: &AppState, claim: Claim, stop: &Arc<AtomicBool>, me: &Worker) -> R
                 Err(e) => return fail(format!("the trained model does not load: {e}")),
             };
             // The run is in the blob store before the job that names it succeeds.
-            if let Err(e) = t.blobs.sync_dir(&run_key(id)) {
+            if let Err(e) = t.blobs.sync_dir(&run_key(id), &run_blob_key(id, epoch)) {
                 return fail(format!("the run cannot be stored: {e}"));
             }
             let tokens = seen.tokens_per_epoch * u64::from(n_epochs);
