@@ -31,6 +31,7 @@ pub mod optim;
 pub mod peft;
 pub mod reward;
 pub mod run;
+pub mod sentencepiece;
 pub mod sft;
 pub mod tokenize;
 pub(crate) mod trainer;
