@@ -287,7 +287,10 @@ fn bad_hugging_face_directories_are_refused_with_a_reason() {
     let t = broken(|d| std::fs::remove_file(d.join("model.safetensors")).unwrap());
     refused(&t.path().join("model"), &["no *.safetensors"]);
     let t = broken(|d| std::fs::remove_file(d.join("tokenizer.json")).unwrap());
-    refused(&t.path().join("model"), &["no tokenizer.json"]);
+    refused(
+        &t.path().join("model"),
+        &["neither tokenizer.json nor tokenizer.model"],
+    );
     let t = broken(|d| edit_config(d, "architectures", serde_json::json!(["GPT2LMHeadModel"])));
     refused(
         &t.path().join("model"),
@@ -320,6 +323,59 @@ fn bad_hugging_face_directories_are_refused_with_a_reason() {
         std::fs::write(d.join("config.json"), serde_json::to_vec(&j).unwrap()).unwrap();
     });
     refused(&t.path().join("model"), &["yarn", "not supported"]);
+    // A Unigram SentencePiece vocabulary: ferrolm and llama.cpp would tokenize it as BPE.
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("model");
+    copy_dir(&golden("hf_tiny_spm_json"), &d);
+    let p = d.join("tokenizer.json");
+    let mut j = json(&p);
+    j["model"] = serde_json::json!({"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0]]});
+    std::fs::write(&p, serde_json::to_vec(&j).unwrap()).unwrap();
+    refused(&d, &["Unigram", "SentencePiece BPE"]);
+}
+
+/// SentencePiece vocabularies (`scripts/hf_spm_reference.py`): a directory with only
+/// `tokenizer.model` (Llama 2 style) and one with only the `tokenizer.json` that
+/// `transformers` converts from it, each imported as `tokenizer.ggml.model = llama`, tokenize
+/// every recorded text (spaces, digits, emoji and CJK by byte fallback, accents, an empty text)
+/// to the ids SentencePiece gives, BOS first, and decode back to the text (after the prefix
+/// space).
+#[test]
+fn sentencepiece_directories_tokenize_as_sentencepiece() {
+    let r = json(&golden("hf_spm_reference.json"));
+    let cases = r["cases"].as_array().unwrap();
+    assert!(cases.len() >= 8);
+    for name in ["hf_tiny_spm_model", "hf_tiny_spm_json"] {
+        let g = import(&golden(name));
+        assert_eq!(
+            g.get_str("tokenizer.ggml.model").unwrap(),
+            "llama",
+            "{name}"
+        );
+        let types = g.get_i64_array("tokenizer.ggml.token_type").unwrap();
+        let tokens = g.get_str_array("tokenizer.ggml.tokens").unwrap();
+        assert_eq!(tokens.len(), r["n_vocab"].as_u64().unwrap() as usize);
+        // Byte-fallback pieces are BYTE (6), `<s>` CONTROL (3), `<unk>` UNKNOWN (2).
+        let ty = |s: &str| types[tokens.iter().position(|t| *t == s).unwrap()];
+        assert_eq!((ty("<0x41>"), ty("<s>"), ty("<unk>")), (6, 3, 2), "{name}");
+        let tok = ferrolm_tokenizer::Tokenizer::from_gguf(&g).unwrap();
+        assert!(tok.add_bos, "{name}");
+        for c in cases {
+            let text = c["text"].as_str().unwrap();
+            let want: Vec<u32> = c["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let mut got = vec![tok.bos_id.unwrap()];
+            got.extend(tok.encode(text, false).unwrap());
+            assert_eq!(got, want, "{name}: {text:?}");
+            // Decoding keeps the `▁` put before the text as a space.
+            let d = tok.decode(&got[1..]);
+            assert_eq!(d.strip_prefix(' ').unwrap_or(&d), text, "{name}: decode");
+        }
+    }
 }
 
 // ---- the default model, out to Hugging Face and back ---------------------------------------

@@ -6,7 +6,7 @@ use ferrolm_gguf::GgufFile;
 use rayon::prelude::*;
 
 use crate::adapter::Proj;
-use crate::kv_cache::hadamard;
+use crate::kv_cache::{rotate, unrotate};
 use crate::linear::dequantize;
 use crate::mat::{gemm, gemm_to_ptr, Mat, Par};
 use crate::quant::{QActs, SendPtr};
@@ -175,7 +175,7 @@ pub(crate) fn attention(
     let n = b.tokens.len();
     if kv.rotated() {
         for row in s.qkv[..n * qkv_dim].chunks_exact_mut(qkv_dim) {
-            row[..q_dim].chunks_exact_mut(hd).for_each(hadamard);
+            row[..q_dim].chunks_exact_mut(hd).for_each(rotate);
         }
     }
     let kl = kv.layer(layer);
@@ -294,7 +294,7 @@ pub(crate) fn attention(
             },
         );
     if kv.rotated() {
-        s.att[..n * q_dim].chunks_exact_mut(hd).for_each(hadamard);
+        s.att[..n * q_dim].chunks_exact_mut(hd).for_each(unrotate);
     }
 }
 

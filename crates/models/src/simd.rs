@@ -193,7 +193,8 @@ unsafe fn raw8<const KIND: u8>(p: *const u16, hd: usize, c: usize) -> std::arch:
                 bytes
             };
             let nib = _mm_and_si128(bytes, _mm_set1_epi8(15));
-            _mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), _mm256_set1_epi32(8))
+            let lut = _mm_loadu_si128(crate::kv_cache::Q4_LEVELS.as_ptr() as *const __m128i);
+            _mm256_cvtepi8_epi32(_mm_shuffle_epi8(lut, nib))
         };
         _mm256_cvtepi32_ps(q)
     }

@@ -44,8 +44,10 @@
 //! - `Split` on Llama 3's regex then `ByteLevel` without a regex → `llama-bpe`;
 //! - `Split` on Qwen2's regex (single digits; the NFC normalizer) → `qwen2`.
 //!
-//! Anything else, SentencePiece tokenizers (Llama 2, Mistral, Gemma: `Metaspace` / byte
-//! fallback or `Unigram`) included, is refused with what was found. `bos`/`eos` come from
+//! A SentencePiece tokenizer (Llama 2, Mistral, Gemma: a `tokenizer.model`, or a
+//! `tokenizer.json` of BPE with byte fallback) becomes `tokenizer.ggml.model = llama` with
+//! scores, token types and byte tokens (see `sentencepiece.rs`). Anything else is refused with
+//! what was found. `bos`/`eos` come from
 //! `tokenizer_config.json` (else `generation_config.json`, else `config.json`), `add_bos_token`
 //! from `tokenizer_config.json` (else whether the post-processor puts BOS first), the chat
 //! template from `tokenizer_config.json` or `chat_template.jinja`.
@@ -111,14 +113,14 @@ impl Family {
     }
 }
 
-fn err(path: &Path, reason: impl Into<String>) -> TrainError {
+pub(crate) fn err(path: &Path, reason: impl Into<String>) -> TrainError {
     TrainError::HfImport {
         path: path.to_owned(),
         reason: reason.into(),
     }
 }
 
-fn read_json(path: &Path) -> Result<Json, TrainError> {
+pub(crate) fn read_json(path: &Path) -> Result<Json, TrainError> {
     let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
     serde_json::from_str(&text).map_err(|e| err(path, format!("not valid JSON: {e}")))
 }
@@ -614,11 +616,10 @@ pub fn gguf_bytes(dir: &Path) -> Result<Vec<u8>, TrainError> {
             "has no *.safetensors weights (a pytorch_model.bin checkpoint is not read: download the safetensors files, or convert with transformers' save_pretrained(safe_serialization=True))",
         ));
     }
-    let tok_path = dir.join("tokenizer.json");
-    if !tok_path.is_file() {
+    if !dir.join("tokenizer.json").is_file() && !dir.join("tokenizer.model").is_file() {
         return Err(err(
             dir,
-            "has no tokenizer.json (ferrolm reads the fast tokenizer's file; download it with the weights)",
+            "has neither tokenizer.json nor tokenizer.model (ferrolm reads the fast tokenizer's file, or a SentencePiece model; download them with the weights)",
         ));
     }
     for p in &files {
@@ -1010,38 +1011,23 @@ fn gemma3_meta(
 }
 
 /// A special token's string: `"<s>"` or `{"content": "<s>", …}`.
-fn token_str(v: &Json) -> Option<&str> {
+pub(crate) fn token_str(v: &Json) -> Option<&str> {
     v.as_str()
         .or_else(|| v.get("content").and_then(Json::as_str))
 }
 
-/// The `tokenizer.*` metadata of `tokenizer.json` (+ `tokenizer_config.json`,
-/// `generation_config.json`, `chat_template.jinja`), padded to `n_vocab` tokens.
-fn tokenizer_meta(
-    dir: &Path,
-    c: &HfConfig,
-    n_vocab: usize,
-) -> Result<Vec<(String, Value)>, TrainError> {
-    let tp = dir.join("tokenizer.json");
-    let tj = read_json(&tp)?;
+/// A byte-level BPE `tokenizer.json` (`model = gpt2`).
+fn bpe_vocab(tp: &Path, tj: &Json, n_vocab: usize) -> Result<Vocab, TrainError> {
+    let tp = tp.to_path_buf();
     let model = &tj["model"];
     let mtype = model.get("type").and_then(Json::as_str).unwrap_or("BPE");
-    let sentencepiece = |what: String| {
-        err(
-            &tp,
-            format!("{what}: a SentencePiece-style tokenizer (Llama 2, Mistral, Gemma, Phi-3), which ferrolm cannot import yet; it imports byte-level BPE tokenizers (Llama 3, Qwen, SmolLM, GPT-2 style). Convert this model with llama.cpp's convert_hf_to_gguf.py and load the GGUF")
-        )
-    };
     if mtype != "BPE" {
-        return Err(sentencepiece(format!("model type `{mtype}`")));
+        return Err(err(
+            &tp,
+            format!("model type `{mtype}`: ferrolm imports byte-level BPE tokenizers (Llama 3, Qwen, SmolLM, GPT-2 style) and SentencePiece BPE ones (Llama 2, Mistral, Gemma); convert this model with llama.cpp's convert_hf_to_gguf.py and load the GGUF"),
+        ));
     }
-    let pre = pre_name(&tj).map_err(|e| {
-        if e.starts_with("no ByteLevel") {
-            sentencepiece(e)
-        } else {
-            err(&tp, e)
-        }
-    })?;
+    let pre = pre_name(tj).map_err(|e| err(&tp, e))?;
 
     let vocab = model
         .get("vocab")
@@ -1114,6 +1100,64 @@ fn tokenizer_meta(
         .map(Value::String)
         .collect();
 
+    let ids_out = ids;
+    Ok(Vocab {
+        model: "gpt2",
+        entries: vec![
+            ("tokenizer.ggml.pre".to_owned(), Value::String(pre.into())),
+            ("tokenizer.ggml.tokens".to_owned(), Value::Array(tokens)),
+            ("tokenizer.ggml.token_type".to_owned(), Value::Array(types)),
+            ("tokenizer.ggml.merges".to_owned(), Value::Array(merges)),
+        ],
+        ids: ids_out,
+        post_processor: tj["post_processor"].clone(),
+    })
+}
+
+/// A vocabulary as GGUF arrays, before the specials and options every kind shares.
+pub(crate) struct Vocab {
+    /// `tokenizer.ggml.model`: `gpt2` (byte-level BPE) or `llama` (SentencePiece).
+    pub(crate) model: &'static str,
+    pub(crate) entries: Vec<(String, Value)>,
+    /// Token string → id, for `tokenizer_config.json`'s named specials.
+    pub(crate) ids: HashMap<String, u64>,
+    /// `tokenizer.json`'s post-processor (Null without one), for whether it adds BOS.
+    pub(crate) post_processor: Json,
+}
+
+/// The vocabulary of a directory: a byte-level BPE `tokenizer.json`; else a SentencePiece
+/// `tokenizer.model`; else a SentencePiece-style `tokenizer.json` (BPE with byte fallback).
+fn read_vocab(dir: &Path, n_vocab: usize) -> Result<Vocab, TrainError> {
+    let tp = dir.join("tokenizer.json");
+    let mp = dir.join("tokenizer.model");
+    let tj = if tp.is_file() {
+        Some(read_json(&tp)?)
+    } else {
+        None
+    };
+    let sp_style = |tj: &Json| {
+        let m = &tj["model"];
+        m.get("byte_fallback").and_then(Json::as_bool) == Some(true)
+            || m.get("type").and_then(Json::as_str) == Some("Unigram")
+            || pre_name(tj).is_err_and(|e| e.starts_with("no ByteLevel"))
+    };
+    match &tj {
+        Some(tj) if !sp_style(tj) => bpe_vocab(&tp, tj, n_vocab),
+        _ if mp.is_file() => crate::sentencepiece::vocab_from_model(&mp, tj.as_ref(), n_vocab),
+        Some(tj) => crate::sentencepiece::vocab_from_json(&tp, tj, n_vocab),
+        None => Err(err(dir, "has no tokenizer.json or tokenizer.model")),
+    }
+}
+
+/// The `tokenizer.*` metadata of the directory's vocabulary (+ `tokenizer_config.json`,
+/// `generation_config.json`, `chat_template.jinja`), padded to `n_vocab` tokens.
+fn tokenizer_meta(
+    dir: &Path,
+    c: &HfConfig,
+    n_vocab: usize,
+) -> Result<Vec<(String, Value)>, TrainError> {
+    let v = read_vocab(dir, n_vocab)?;
+    let ids = v.ids;
     let tcp = dir.join("tokenizer_config.json");
     let tc = if tcp.is_file() {
         read_json(&tcp)?
@@ -1141,16 +1185,11 @@ fn tokenizer_meta(
     let bos = special("bos_token");
     let eos = special("eos_token");
 
-    let mut out = vec![
-        (
-            "tokenizer.ggml.model".to_owned(),
-            Value::String("gpt2".into()),
-        ),
-        ("tokenizer.ggml.pre".to_owned(), Value::String(pre.into())),
-        ("tokenizer.ggml.tokens".to_owned(), Value::Array(tokens)),
-        ("tokenizer.ggml.token_type".to_owned(), Value::Array(types)),
-        ("tokenizer.ggml.merges".to_owned(), Value::Array(merges)),
-    ];
+    let mut out = vec![(
+        "tokenizer.ggml.model".to_owned(),
+        Value::String(v.model.into()),
+    )];
+    out.extend(v.entries);
     if let Some(b) = bos {
         out.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b as u32)));
     }
@@ -1159,7 +1198,9 @@ fn tokenizer_meta(
     }
     let add_bos = match opt(&tc, "add_bos_token").and_then(Json::as_bool) {
         Some(b) => b,
-        None => post_processor_adds(&tj["post_processor"], bos, &ids),
+        // A `tokenizer.model` alone: LlamaTokenizer's default, BOS first.
+        None if v.post_processor.is_null() && v.model == "llama" => true,
+        None => post_processor_adds(&v.post_processor, bos, &ids),
     };
     out.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(add_bos)));
     if opt(&tc, "add_eos_token").and_then(Json::as_bool) == Some(true) {

@@ -37,6 +37,7 @@ pub mod peft;
 pub mod reward;
 pub mod rl;
 pub mod run;
+pub mod sentencepiece;
 pub mod sft;
 pub mod tokenize;
 pub(crate) mod trainer;
