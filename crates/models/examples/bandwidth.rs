@@ -2,8 +2,8 @@
 //! model's weights no longer fit in the last-level cache (issue 20). `cargo run --release -p
 //! ferrolm-models --example bandwidth -- [--mib N] [--reps R] [--json]`.
 //!
-//! Three f32 arrays of N MiB each (default 1024: together 12× this machine's 260 MiB L3) are
-//! filled once (so their pages exist), then timed, best of R runs (default 5), on 1 and 2
+//! Three f32 arrays of N MiB each (default 1024: together 10× the 260–300 MiB L3 of the dev
+//! machines) are filled once (so their pages exist), then timed, best of R runs (default 5), on 1 and 2
 //! threads, each thread taking a contiguous share of the indices:
 //! - `read`: sum of all three arrays (3·N MiB read, nothing written) — what a decode step does
 //!   with the weights;
