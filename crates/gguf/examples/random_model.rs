@@ -97,7 +97,7 @@ fn main() -> ExitCode {
         kv_heads,
         ffn,
     };
-    if shape.hidden % shape.heads != 0 || shape.heads % shape.kv_heads != 0 {
+    if !shape.hidden.is_multiple_of(shape.heads) || !shape.heads.is_multiple_of(shape.kv_heads) {
         eprintln!("--hidden must be a multiple of --heads, and --heads a multiple of --kv-heads");
         return ExitCode::from(2);
     }
