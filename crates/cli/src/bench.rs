@@ -1,6 +1,7 @@
 //! `ferrolm bench`: prefill and decode speed, and peak memory, the way llama-bench reports them.
 //!
-//! Prefill N: N prompt tokens evaluated from an empty cache in one pass, tokens/s.
+//! Prefill N (each `--prefill` length, 128 and 512 by default): N prompt tokens evaluated from
+//! an empty cache in one pass, tokens/s.
 //! Decode: 128 tokens generated one at a time after a 16-token prompt (`--decode-depth`),
 //! greedy, timing only the decode steps. Each figure is the median of `--reps` runs after one
 //! warm-up. Peak RSS is the process' high-water mark (VmHWM) at the end. The KV cache is of
@@ -41,6 +42,10 @@ pub struct BenchArgs {
     /// Prompt tokens in the cache before the decode measurement starts (at least 1).
     #[arg(long, default_value_t = 16)]
     decode_depth: usize,
+    /// Prompt lengths timed for prefill, comma separated (`--prefill 0`: none, e.g. when only
+    /// decode at a long depth is wanted).
+    #[arg(long, value_delimiter = ',', default_values_t = [128, 512])]
+    prefill: Vec<usize>,
     #[command(flatten)]
     kv: KvArgs,
     #[command(flatten)]
@@ -48,7 +53,7 @@ pub struct BenchArgs {
     /// Most tokens generated in the speculative-decoding measurement (--lookup, --draft).
     #[arg(long, default_value_t = 256)]
     spec_tokens: usize,
-    /// Print JSON: {"prefill_tps_128", "prefill_tps_512", "decode_tps", "decode_depth",
+    /// Print JSON: {"prefill_tps_N" for each --prefill N, "decode_tps", "decode_depth",
     /// "kv_type", "kv_bytes_per_token", "peak_rss_mb", "threads"}, and with --lookup or
     /// --draft "speculative": {"plain_tps", "spec_tps", "ratio", "acceptance", "tokens"}.
     #[arg(long)]
@@ -94,13 +99,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--decode-depth must be at least 1");
     }
     let depth = a.decode_depth;
+    let lens: Vec<usize> = a.prefill.iter().copied().filter(|&n| n > 0).collect();
     let stream: Vec<u32> = base
         .iter()
         .copied()
         .cycle()
-        .take(512.max(depth) + a.decode_tokens)
+        .take(lens.iter().copied().max().unwrap_or(0).max(depth) + a.decode_tokens)
         .collect();
-    let ctx = 1024.max(depth + a.decode_tokens + 1);
+    let longest = lens.iter().copied().max().unwrap_or(0);
+    let ctx = 1024.max(longest).max(depth + a.decode_tokens + 1);
     let mut session = Session::with_kv_type(&m.model, ctx, threads, a.kv.kv_type)?;
     if depth + a.decode_tokens + 1 > m.model.cfg().context_length {
         bail!(
@@ -125,8 +132,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     // A model with a shorter context (a small trained one) measures the prompts that fit.
     let fits = |n: usize| n <= m.model.cfg().context_length;
-    let p128 = if fits(128) { Some(prefill(128)?) } else { None };
-    let p512 = if fits(512) { Some(prefill(512)?) } else { None };
+    let mut prefills: Vec<(usize, Option<f64>)> = Vec::new();
+    for &n in &lens {
+        prefills.push((n, if fits(n) { Some(prefill(n)?) } else { None }));
+    }
     let mut dv = Vec::new();
     for r in 0..=reps {
         session.reset();
@@ -153,15 +162,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let rss = peak_rss_mb();
     if a.json {
-        println!(
-            "{}",
-            json!({"engine": "ferrolm", "prefill_tps_128": p128, "prefill_tps_512": p512, "decode_tps": decode,
+        let mut out = json!({"engine": "ferrolm", "decode_tps": decode,
                    "decode_depth": depth, "kv_type": a.kv.kv_type.name(), "kv_bytes_per_token": kv_bpt,
                    "peak_rss_mb": rss, "threads": threads, "isa": m.model.isa().name(), "reps": reps,
                    "speculative": spec.as_ref().map(|s| json!({"plain_tps": s.plain_tps, "spec_tps": s.spec_tps,
                        "ratio": s.spec_tps / s.plain_tps, "acceptance": s.stats.acceptance(),
-                       "drafted": s.stats.drafted, "accepted": s.stats.accepted, "tokens": s.tokens}))})
-        );
+                       "drafted": s.stats.drafted, "accepted": s.stats.accepted, "tokens": s.tokens}))});
+        for (n, p) in &prefills {
+            out[format!("prefill_tps_{n}")] = json!(p);
+        }
+        println!("{out}");
     } else {
         println!("model:         {}", m.path.display());
         println!(
@@ -169,7 +179,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             m.model.isa().name()
         );
         let ctx = m.model.cfg().context_length;
-        for (n, p) in [(128, p128), (512, p512)] {
+        for &(n, p) in &prefills {
             match p {
                 Some(p) => println!("prefill {n}:   {p:.1} tokens/s"),
                 None => println!("prefill {n}:   - (the model's context is {ctx} tokens)"),

@@ -293,6 +293,44 @@ fn info_and_bench_report() {
     }
 }
 
+/// `--prefill` picks the timed prompt lengths (bench_matrix.py times decode at 8k depth
+/// without them, and the 1.7B shape's prefill at 512 only).
+#[test]
+fn bench_prefill_lengths_are_chosen() {
+    let m = default_model();
+    let v = json_of(
+        &ferrolm()
+            .args(["bench", "--json", "--threads", "1", "--reps", "1"])
+            .args([
+                "--decode-tokens",
+                "4",
+                "--decode-depth",
+                "40",
+                "--prefill",
+                "0",
+            ])
+            .arg("--model")
+            .arg(&m)
+            .output()
+            .unwrap(),
+    );
+    assert!(v.get("prefill_tps_128").is_none(), "{v}");
+    assert!(v.get("prefill_tps_512").is_none(), "{v}");
+    assert_eq!(v["decode_depth"].as_u64(), Some(40), "{v}");
+    assert!(v["decode_tps"].as_f64().unwrap() > 0.0, "{v}");
+    let v = json_of(
+        &ferrolm()
+            .args(["bench", "--json", "--threads", "1", "--reps", "1"])
+            .args(["--decode-tokens", "4", "--prefill", "64"])
+            .arg("--model")
+            .arg(&m)
+            .output()
+            .unwrap(),
+    );
+    assert!(v["prefill_tps_64"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v.get("prefill_tps_512").is_none(), "{v}");
+}
+
 #[test]
 fn pull_without_python_says_what_to_do() {
     let home = tempfile::tempdir().unwrap();
