@@ -646,19 +646,7 @@ impl Engine {
                 logits_for.push(start + new.len() - 1);
                 rows.push(i);
             }
-            let tables: Vec<&[u32]> = spans
-                .iter()
-                .map(|&(_, _, id)| d.blocks.block_table(id).unwrap_or(&[]))
-                .collect();
-            let seqs: Vec<SeqSpan> = spans
-                .iter()
-                .zip(&tables)
-                .map(|(&(start, len, _), table)| SeqSpan {
-                    start,
-                    len,
-                    block_table: table,
-                })
-                .collect();
+            let seqs = seq_spans(&d.blocks, &spans);
             let batch = Batch {
                 tokens: &tokens,
                 positions: &positions,
@@ -744,19 +732,7 @@ impl Engine {
                 rows.push(None);
             }
         }
-        let tables: Vec<&[u32]> = spans
-            .iter()
-            .map(|&(_, _, id)| self.blocks.block_table(id).unwrap_or(&[]))
-            .collect();
-        let seqs: Vec<SeqSpan> = spans
-            .iter()
-            .zip(&tables)
-            .map(|(&(start, len, _), table)| SeqSpan {
-                start,
-                len,
-                block_table: table,
-            })
-            .collect();
+        let seqs = seq_spans(&self.blocks, &spans);
         // Each sequence's adapter, or none at all when no request in the step has one.
         let adapters: Vec<Option<&Adapter>> = if plan
             .iter()
@@ -891,6 +867,21 @@ impl Engine {
     pub fn num_free_blocks(&self) -> usize {
         self.blocks.num_free_blocks()
     }
+}
+
+/// The batch's sequences, `(start, len, request)` each, with their block tables in `blocks`.
+fn seq_spans<'a>(
+    blocks: &'a KvCacheManager,
+    spans: &[(usize, usize, RequestId)],
+) -> Vec<SeqSpan<'a>> {
+    spans
+        .iter()
+        .map(|&(start, len, id)| SeqSpan {
+            start,
+            len,
+            block_table: blocks.block_table(id).unwrap_or(&[]),
+        })
+        .collect()
 }
 
 /// One request of [`Engine::run_all`].
