@@ -215,6 +215,18 @@ def perplexity(ferrolm, model, text_path):
     return json.loads(out.strip().splitlines()[-1])["ppl"]
 
 
+def guard(ferrolm, run, out):
+    """The guard: perplexity of the base and of `run` on a held-out text (the last 12,000
+    characters of the repo's tinyshakespeare, written to OUT/heldout.txt)."""
+    text = os.path.join(out, "heldout.txt")
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "..", "data", "tinyshakespeare.txt")) as f:
+        corpus = f.read()
+    with open(text, "w") as f:
+        f.write(corpus[-12000:])
+    return perplexity(ferrolm, None, text), perplexity(ferrolm, run, text)
+
+
 def write_jsonl(path, rows):
     with open(path, "w") as f:
         for r in rows:
@@ -294,13 +306,7 @@ def main():
     after, after_median = compliance(tuned, held_p, a.max_tokens, a.max_words,
                                      os.path.join(a.out, "answers_after.jsonl"))
     tuned.close()
-    text = os.path.join(a.out, "heldout.txt")
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "..", "data", "tinyshakespeare.txt")) as f:
-        corpus = f.read()
-    with open(text, "w") as f:
-        f.write(corpus[-12000:])
-    ppl0, ppl1 = perplexity(a.ferrolm, None, text), perplexity(a.ferrolm, run, text)
+    ppl0, ppl1 = guard(a.ferrolm, run, a.out)
 
     summary = {
         "train_pairs": len(train_pairs), "heldout_pairs": len(held_pairs),

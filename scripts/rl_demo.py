@@ -90,13 +90,7 @@ def main():
     after, after_median = d.compliance(tuned, held_p, a.max_tokens, a.max_words,
                                        os.path.join(a.out, "answers_after.jsonl"))
     tuned.close()
-    text = os.path.join(a.out, "heldout.txt")
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "..", "data", "tinyshakespeare.txt")) as f:
-        corpus = f.read()
-    with open(text, "w") as f:
-        f.write(corpus[-12000:])
-    ppl0, ppl1 = d.perplexity(a.ferrolm, None, text), d.perplexity(a.ferrolm, run, text)
+    ppl0, ppl1 = d.guard(a.ferrolm, run, a.out)
 
     summary = {
         "train_prompts": len(train_p), "heldout_prompts": len(held_p),

@@ -45,14 +45,6 @@ fn prompts(n: usize, offset: usize) -> String {
 
 const TINY: &str = "[model]\nlayers = 2\nheads = 2\nwidth = 64\ncontext = 256\n";
 
-fn metrics(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn token_level_from_a_local_teacher_into_a_new_student() {
     let dir = tempfile::tempdir().unwrap();

@@ -58,14 +58,6 @@ fn rl(dir: &Path, train: &Path, extra: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn metrics(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn rl_with_a_grader_samples_scores_and_steps() {
     let dir = tempfile::tempdir().unwrap();

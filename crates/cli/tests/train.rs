@@ -117,16 +117,6 @@ fn summary(out: &Output) -> Value {
         .unwrap_or_else(|e| panic!("last stdout line is not JSON ({e}): {stdout}"))
 }
 
-/// The complete lines of `metrics.jsonl` (a line still being written is left out).
-fn metrics(run: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad metrics line ({e}): {l}")))
-        .collect()
-}
-
 fn step_lines(run: &Path) -> Vec<Value> {
     metrics(run)
         .into_iter()

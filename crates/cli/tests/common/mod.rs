@@ -313,12 +313,20 @@ pub fn finetune_pairs(
     (json_of(&o), err)
 }
 
+/// The complete lines of a run's `metrics.jsonl` (a line still being written is left out).
+pub fn metrics(run: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad metrics line ({e}): {l}")))
+        .collect()
+}
+
 /// The evaluation lines of a run's `metrics.jsonl`.
 pub fn evals(run: &Path) -> Vec<Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    metrics(run)
+        .into_iter()
         .filter(|v| v.get("val_loss").is_some())
         .collect()
 }
