@@ -1,5 +1,6 @@
-//! `ferrolm finetune` (SFT on chat JSONL, DPO on preference JSONL; LoRA, QLoRA or full
-//! weights) and `ferrolm merge` (an adapter folded into its base as one GGUF).
+//! `ferrolm finetune` (SFT on chat JSONL; DPO and reward models on preference JSONL; RL on
+//! prompts scored by a reward model or a grader; LoRA, QLoRA or full weights) and `ferrolm
+//! merge` (an adapter folded into its base as one GGUF).
 
 use std::path::PathBuf;
 
