@@ -146,24 +146,29 @@ pub struct RewardModel {
 
 impl RewardModel {
     /// Open the reward model at `path` (a `finetune --method reward` run or a PEFT
-    /// directory) on `base` (default: the run's base, else the default model).
-    pub fn open(path: &std::path::Path, base: Option<&std::path::Path>) -> Result<Self> {
+    /// directory) on `base` (default: the run's base, else the default model); errors name
+    /// it as `flag` (the option that gave it).
+    pub fn open(
+        path: &std::path::Path,
+        base: Option<&std::path::Path>,
+        flag: &str,
+    ) -> Result<Self> {
         let base = match base {
             Some(b) => Some(b.to_owned()),
             None => run_base(path)?,
         };
         let base = load(&ModelArgs { model: base })?;
         let ad = ferrolm_train::peft::load_for_serving(path, &base.path, "reward")
-            .with_context(|| format!("--model {}", path.display()))?;
+            .with_context(|| format!("{flag} {}", path.display()))?;
         if ad.score.is_none() {
             bail!(
-                "--model {}: a language-model adapter, not a reward model (it has no score head); train one with `ferrolm finetune --method reward`",
+                "{flag} {}: a language-model adapter, not a reward model (it has no score head); train one with `ferrolm finetune --method reward`",
                 path.display()
             );
         }
         base.model.check_adapter(&ad).with_context(|| {
             format!(
-                "--model {}: not an adapter for {}",
+                "{flag} {}: not an adapter for {}",
                 path.display(),
                 base.path.display()
             )
@@ -184,7 +189,7 @@ impl RewardModel {
 }
 
 /// The base model a `ferrolm finetune` run was trained on (from its `finetune.json`).
-pub(crate) fn run_base(dir: &std::path::Path) -> Result<Option<PathBuf>> {
+fn run_base(dir: &std::path::Path) -> Result<Option<PathBuf>> {
     let p = dir.join("finetune.json");
     if !p.is_file() {
         return Ok(None);
@@ -196,7 +201,7 @@ pub(crate) fn run_base(dir: &std::path::Path) -> Result<Option<PathBuf>> {
 }
 
 fn reward_cmd(a: RewardEvalArgs) -> Result<()> {
-    let rm = RewardModel::open(&a.model, a.base.as_deref())?;
+    let rm = RewardModel::open(&a.model, a.base.as_deref(), "--model")?;
     let (tok, template) = (&rm.base.tok, &rm.base.template);
     let pairs = ferrolm_train::dpo::load_pairs(&a.data, tok, template)?;
     let longest = pairs

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use ferrolm_engine::{Adapter, Engine, EngineConfig, GenerateOptions, Job};
 use ferrolm_tokenizer::{chat::ChatTemplate, Tokenizer};
 use ferrolm_train::grader::{Grader, Judge, Sample};
@@ -161,30 +161,10 @@ impl EngineEnv {
         let policy = Local::open(base, rows, tokens, threads)?;
         let scoring = match &cfg.scorer {
             Scorer::RewardModel { path } => {
-                let run_base = crate::eval::run_base(path)?;
-                let rm_base = crate::store::resolve(run_base.as_deref())?;
-                let ad = ferrolm_train::peft::load_for_serving(path, &rm_base, "reward")
-                    .with_context(|| format!("--reward-model {}", path.display()))?;
-                if ad.score.is_none() {
-                    bail!(
-                        "--reward-model {}: a language-model adapter, not a reward model (it has no score head); train one with `ferrolm finetune --method reward`",
-                        path.display()
-                    );
-                }
-                let m = load(&ModelArgs {
-                    model: Some(rm_base.clone()),
-                })?;
-                m.model.check_adapter(&ad).with_context(|| {
-                    format!(
-                        "--reward-model {}: not an adapter for {}",
-                        path.display(),
-                        rm_base.display()
-                    )
-                })?;
-                let rm = Local::with(m, rows, tokens, threads)?;
+                let rm = crate::eval::RewardModel::open(path, None, "--reward-model")?;
                 Scoring::Reward {
-                    rm: Box::new(rm),
-                    adapter: Arc::new(ad),
+                    rm: Box::new(Local::with(rm.base, rows, tokens, threads)?),
+                    adapter: rm.adapter,
                 }
             }
             Scorer::Grader { grader } => Scoring::Grader {
@@ -250,6 +230,7 @@ impl RlEnv for EngineEnv {
             }
             if let Some(g) = out.last_mut() {
                 g.push(Completion {
+                    truncated: d.reason == Some(ferrolm_engine::FinishReason::Length),
                     ids: d.ids,
                     text: d.text,
                 });

@@ -3,7 +3,8 @@
 //! name, age and city as JSON" beats a prose one), `ferrolm eval reward` on held-out pairs
 //! (names and cities never trained on), and the same model served: `POST /v1/rewards` scores a
 //! conversation as `eval reward` does, and chat completions with `best_of` return the
-//! candidate it ranks highest with every candidate's score. A language-model adapter is not a
+//! candidate it ranks highest with every candidate's score; `finetune --method rl
+//! --reward-model` takes a step on samples it scores. A language-model adapter is not a
 //! reward model: 400.
 #![allow(clippy::unwrap_used)]
 
@@ -74,6 +75,52 @@ fn a_reward_model_ranks_held_out_pairs_and_is_served() {
     assert_eq!(e["pairs"], 8);
     assert!(e["pair_accuracy"].as_f64().unwrap() >= 0.8, "{e}");
     assert!(e["mean_margin"].as_f64().unwrap() > 0.0, "{e}");
+
+    // RL against it: the samples scored by the reward model in an engine of its own.
+    let prompts: String = std::fs::read_to_string(&val)
+        .unwrap()
+        .lines()
+        .take(2)
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            json!({"messages": v["input"]["messages"]}).to_string() + "\n"
+        })
+        .collect();
+    let p = dir.path().join("prompts.jsonl");
+    std::fs::write(&p, prompts).unwrap();
+    let rl_run = dir.path().join("rl");
+    let o = ferrolm()
+        .env("FERROLM_HOME", dir.path().join("home"))
+        .args(["finetune", "--method", "rl", "--model"])
+        .arg(&base)
+        .arg("--prompts")
+        .arg(&p)
+        .arg("--reward-model")
+        .arg(&run)
+        .arg("--out")
+        .arg(&rl_run)
+        .args([
+            "--samples",
+            "3",
+            "--batch",
+            "2",
+            "--iters",
+            "1",
+            "--max-tokens",
+            "12",
+        ])
+        .args(["--max-len", "160", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let step = common::metrics(&rl_run)
+        .into_iter()
+        .find(|l| l.get("reward_mean").is_some())
+        .unwrap();
+    // reward-model scores (unbounded), differing between samples: the step has a gradient
+    assert!(step["reward_mean"].as_f64().unwrap().is_finite(), "{step}");
+    assert!(step["reward_std"].as_f64().unwrap() > 0.0, "{step}");
+    assert!(step["grad_norm"].as_f64().unwrap() > 0.0, "{step}");
 
     // A language-model adapter is not a reward model.
     let o = ferrolm()

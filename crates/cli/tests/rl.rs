@@ -175,7 +175,10 @@ fn bad_rl_input_is_refused_with_what_is_wrong() {
     )
     .unwrap();
     let e = fails(&bad, &["--grader", &g]);
-    assert!(e.contains("line 2") && e.contains("item.answer"), "{e}");
+    assert!(
+        e.contains("line 2") && e.contains("no field `answer`"),
+        "{e}"
+    );
     assert!(
         e.contains("line 3") && e.contains("ends with an assistant"),
         "{e}"

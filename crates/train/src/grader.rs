@@ -271,11 +271,7 @@ impl Grader {
     /// Err naming the first field of [`Grader::item_fields`] that `item` lacks, so a dataset
     /// can be checked line by line before training starts.
     pub fn check_item(&self, item: &Value) -> Result<(), String> {
-        for field in self.item_fields() {
-            let path: Vec<String> = field.split('.').map(str::to_string).collect();
-            lookup_item(item, &path)?;
-        }
-        Ok(())
+        check_fields(item, &self.item_fields())
     }
 
     /// Calls `f` on this grader and every grader inside it.
@@ -753,6 +749,16 @@ fn lookup_item<'a>(item: &'a Value, path: &[String]) -> Result<&'a Value, String
             path.join(".")
         )
     })
+}
+
+/// Err naming the first of `fields` (as [`Grader::item_fields`] names them: `a.b`, `a.0`) that
+/// `item` lacks: a dataset line checked before training, with or without the grader at hand.
+pub fn check_fields(item: &Value, fields: &[String]) -> Result<(), String> {
+    for field in fields {
+        let path: Vec<String> = field.split('.').map(str::to_string).collect();
+        lookup_item(item, &path)?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

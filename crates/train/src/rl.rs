@@ -105,6 +105,8 @@ pub struct RlItem {
 pub struct Completion {
     pub ids: Vec<u32>,
     pub text: String,
+    /// It hit the token limit rather than ending.
+    pub truncated: bool,
 }
 
 /// Where RL's samples and rewards come from: the CLI implements it with the inference engine,
@@ -147,18 +149,7 @@ fn parse_line(line: &str, required: &[String]) -> Result<(Value, Value), String>
     if list.last().and_then(|m| m.get("role")) == Some(&json!("assistant")) {
         return Err("the conversation ends with an assistant message: give it up to the turn the model should answer".into());
     }
-    for f in required {
-        let mut at = &v;
-        for part in f.split('.') {
-            let next = match (at, part.parse::<usize>()) {
-                (Value::Array(a), Ok(i)) => a.get(i),
-                _ => at.get(part),
-            };
-            at = next.ok_or_else(|| {
-                format!("no `{f}`: the grader reads {{{{item.{f}}}}}, so every line needs it")
-            })?;
-        }
-    }
+    crate::grader::check_fields(&v, required)?;
     Ok((msgs.clone(), v))
 }
 
@@ -287,6 +278,15 @@ pub struct Rl<'e> {
     pub name: String,
 }
 
+/// A prompt and one sample as a training row: the sample's tokens are scored.
+fn example(prompt: &[u32], c: &Completion) -> Example {
+    let mut ids = prompt.to_vec();
+    ids.extend_from_slice(&c.ids);
+    let mut trained = vec![false; prompt.len()];
+    trained.resize(ids.len(), true);
+    Example { ids, trained }
+}
+
 fn env_error(what: &str, e: String) -> TrainError {
     TrainError::Config {
         what: what.into(),
@@ -310,15 +310,6 @@ impl Rl<'_> {
         )?))
     }
 
-    /// A prompt and one sample as a training row: the sample's tokens are scored.
-    fn example(&self, prompt: &[u32], c: &Completion) -> Example {
-        let mut ids = prompt.to_vec();
-        ids.extend_from_slice(&c.ids);
-        let mut trained = vec![false; prompt.len()];
-        trained.resize(ids.len(), true);
-        Example { ids, trained }
-    }
-
     pub(crate) fn accumulate(
         &mut self,
         policy: &Policy,
@@ -331,7 +322,6 @@ impl Rl<'_> {
         let mut sb = state.batcher.examples();
         let k = self.cfg.k;
         let mut tally = Tally::default();
-        let mut tokens = 0u64;
         let seed = self.seed ^ state.step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         for micro in 0..grad_accum {
             let idx: Vec<usize> = (0..self.batch).map(|_| sb.take(self.train.len())).collect();
@@ -356,37 +346,31 @@ impl Rl<'_> {
                 .map_err(|e| env_error("scoring", e))?;
             tally.secs[1] += t.elapsed().as_secs_f64();
             let t = std::time::Instant::now();
-            let groups: Vec<(Vec<Example>, Vec<f64>, Vec<f64>)> = items
-                .iter()
-                .zip(&samples)
-                .zip(&rewards)
-                .map(|((it, s), r)| {
-                    let ex = s.iter().map(|c| self.example(&it.prompt, c)).collect();
-                    (ex, r.clone(), advantages(self.cfg.advantage, r))
-                })
-                .collect();
             let scale = 1.0 / (grad_accum * self.batch * k) as f64;
-            for ((exs, r, adv), s) in groups.iter().zip(&samples) {
+            let prompts: Vec<Vec<u32>> = items.iter().map(|it| it.prompt.clone()).collect();
+            for ((prompt, group), r) in prompts.iter().zip(&samples).zip(&rewards) {
                 tally.groups += 1.0;
                 if r.iter().all(|x| *x == r[0]) {
                     tally.flat_groups += 1.0;
                 }
-                for (c, x) in s.iter().zip(r) {
+                for (c, x) in group.iter().zip(r) {
                     tally.n += 1.0;
                     tally.reward += x;
                     tally.reward_sq += x * x;
                     tally.len += c.ids.len() as f64;
-                    tally.truncated += f64::from(u8::from(c.ids.len() >= self.cfg.max_tokens));
+                    tally.truncated += f64::from(u8::from(c.truncated));
                 }
-                tokens += self.group_step(policy, params, grads, exs, adv, scale, &mut tally);
+                let exs: Vec<Example> = group.iter().map(|c| example(prompt, c)).collect();
+                let adv = advantages(self.cfg.advantage, r);
+                state.tokens_seen +=
+                    self.group_step(policy, params, grads, &exs, &adv, scale, &mut tally);
             }
             tally.secs[2] += t.elapsed().as_secs_f64();
         }
         state.batcher.advance_to(sb);
-        state.tokens_seen += tokens;
         Ok(StepOut {
             loss: (tally.loss / tally.n.max(1.0)) as f32,
-            tokens,
+            tokens: (grad_accum * self.batch * k * self.ctx) as u64,
             metrics: tally.metrics(),
         })
     }
@@ -535,7 +519,11 @@ mod tests {
         let errs = validate_jsonl(text, &["answer".into()]).unwrap_err();
         let lines: Vec<usize> = errs.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![2, 3, 4, 5]);
-        assert!(errs[1].reason.contains("item.answer"), "{}", errs[1].reason);
+        assert!(
+            errs[1].reason.contains("no field `answer`"),
+            "{}",
+            errs[1].reason
+        );
         assert!(errs[2].reason.contains("ends with an assistant"));
         assert!(errs[3].reason.contains("no `messages`"));
         assert_eq!(validate_jsonl(text.lines().next().unwrap(), &[]), Ok(1));
