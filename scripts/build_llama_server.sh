@@ -15,8 +15,8 @@
 # compiler (gcc/g++), make. On Debian/Ubuntu: apt-get install -y cmake build-essential.
 # No network access is needed beyond PyPI: CURL/OpenSSL are off and the web UI is not
 # downloaded (LLAMA_USE_PREBUILT_UI=OFF; the server then serves no web UI, the API is
-# unaffected). The build uses -march=native (GGML_NATIVE=ON): rebuild on the machine that
-# runs the benchmark. On 2 shared cores it took about 23 minutes. The libraries are shared
+# unaffected). The build uses -march=native (GGML_NATIVE=ON; on CPUs that list AMX, the listed ISA without
+# AMX, see below): rebuild on the machine that runs the benchmark. On 2 shared cores it took about 23 minutes. The libraries are shared
 # (libllama.so, libggml*.so in build/bin, found via RPATH): keep build/bin together.
 set -euo pipefail
 
@@ -55,10 +55,24 @@ if [ ! -f "$DEST/CMakeLists.txt" ]; then
 fi
 
 cd "$DEST"
+# -march=native, except where the CPU lists AMX: in the Firecracker VMs this was measured on
+# (Intel Xeon, 2026-12-05) /proc/cpuinfo lists amx_tile/amx_int8, but llama.cpp's AMX matmul
+# (tinygemm_kernel_amx) dies with SIGILL at its first `tilezero`. There the ISA is named
+# flag by flag from /proc/cpuinfo with AMX left out, which is what BENCHMARKS.md measured.
+ISA=(-DGGML_NATIVE=ON)
+if grep -qw amx_tile /proc/cpuinfo; then
+    has() { grep -qw "$1" /proc/cpuinfo && echo ON || echo OFF; }
+    ISA=(-DGGML_NATIVE=OFF -DGGML_AVX="$(has avx)" -DGGML_AVX2="$(has avx2)" -DGGML_FMA="$(has fma)"
+        -DGGML_F16C="$(has f16c)" -DGGML_BMI2="$(has bmi2)" -DGGML_AVX_VNNI="$(has avx_vnni)"
+        -DGGML_AVX512="$(has avx512f)" -DGGML_AVX512_VBMI="$(has avx512vbmi)"
+        -DGGML_AVX512_VNNI="$(has avx512_vnni)" -DGGML_AVX512_BF16="$(has avx512_bf16)"
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+    echo ">> the CPU lists AMX: building without it (${ISA[*]})"
+fi
 echo ">> configuring"
 nice -n 10 cmake -B build \
     -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON \
+    "${ISA[@]}" \
     -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF \
     -DLLAMA_BUILD_EXAMPLES=OFF \
