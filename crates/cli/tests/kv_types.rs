@@ -74,11 +74,19 @@ fn kv_types_stay_within_their_perplexity_bounds_of_f16() {
     );
     assert!(ppl_change(&raw) > d4, "{raw} vs {q4}");
 
-    // Without the rotation 4-bit keys cost far more: the reason q4_0 rotates.
-    let plain = kld_vs_f16("q4_0", &[("FERROLM_KV_HADAMARD", "0")]);
+    // Without the rotation 4-bit keys cost far more: the reason q4_0 rotates (compared
+    // without the calibration on either side, as BENCHMARKS.md measured it: 0.142 vs 0.040).
+    let plain = kld_vs_f16(
+        "q4_0",
+        &[
+            ("FERROLM_KV_HADAMARD", "0"),
+            ("FERROLM_KV_KEY_SHIFT", "0"),
+            ("FERROLM_KV_KEY_SCALE", "0"),
+        ],
+    );
     let kp = plain["kld_mean"].as_f64().unwrap();
-    assert!(kp > 1.5 * k4, "unrotated q4_0 KL {kp} vs rotated {k4}");
-    assert!(ppl_change(&plain) > d4, "{plain} vs {q4}");
+    assert!(kp > 1.5 * kr, "unrotated q4_0 KL {kp} vs rotated {kr}");
+    assert!(ppl_change(&plain) > ppl_change(&raw), "{plain} vs {raw}");
 
     // `eval perplexity --kv-type` scores the same positions the same way.
     let out = ferrolm()
