@@ -45,6 +45,7 @@ fn readers(g: &GgufFile, l: usize, site: Site) -> Vec<String> {
         Site::AttnOut => &["attn_output"],
         Site::FfnIn => &["ffn_gate", "ffn_up"],
         Site::FfnDownIn => &["ffn_down"],
+        Site::Qkv => &[],
     };
     names
         .iter()

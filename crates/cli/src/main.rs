@@ -509,7 +509,7 @@ pub fn load_file(gguf: GgufFile, path: PathBuf, context: Option<usize>) -> Resul
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default(),
     );
-    let model = Model::load_for_context(&gguf, context, &mut |done, total| {
+    let mut model = Model::load_for_context(&gguf, context, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
@@ -522,6 +522,10 @@ pub fn load_file(gguf: GgufFile, path: PathBuf, context: Option<usize>) -> Resul
             tok.vocab_size()
         );
     }
+    // The text a q4_0 KV cache takes the model's key statistics from (when one is built).
+    let mut calibration = tok.encode(quantize::DEFAULT_CALIBRATION, false)?;
+    calibration.truncate(KEY_CALIBRATION_TOKENS);
+    model.set_calibration(calibration);
     Ok(Loaded {
         gguf,
         model,
@@ -530,6 +534,11 @@ pub fn load_file(gguf: GgufFile, path: PathBuf, context: Option<usize>) -> Resul
         path,
     })
 }
+
+/// Tokens of the built-in calibration text a q4_0 KV cache averages keys over
+/// ([`Model::set_calibration`]); computing them is one forward pass over these at the first
+/// q4_0 cache.
+const KEY_CALIBRATION_TOKENS: usize = 512;
 
 pub fn threads(t: Option<usize>) -> Result<usize> {
     match t {

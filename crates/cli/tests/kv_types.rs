@@ -1,6 +1,6 @@
 //! KV cache types (`--kv-type`) against f16 KV on the default model: perplexity and KL
 //! divergence on a fixed text of the repo (`data/tinyshakespeare.txt`), what the Hadamard
-//! rotation buys q4_0, the error for a head size a type cannot take, and a server pool sized in
+//! rotation and the key calibration buy q4_0, the error for a head size a type cannot take, and a server pool sized in
 //! bytes.
 #![allow(clippy::unwrap_used)]
 
@@ -33,9 +33,9 @@ fn ppl_change(r: &Value) -> f64 {
 
 /// Bounds from the measurements in BENCHMARKS.md ("KV cache types"), with headroom for the
 /// rounding differences of other CPUs' kernels and for the small sample (4,088 scored tokens;
-/// on the first 2,044 q8_0 moved by −0.32% and q4_0 by +4.2%; the targets are measured
-/// over 8,176 in BENCHMARKS.md): q8_0 within 0.5% of f16 and a KL divergence under 0.008, q4_0
-/// within 4.5% (its target of 2% is not met on this 135M model; see BENCHMARKS.md).
+/// the targets are measured over 8,176 in BENCHMARKS.md): q8_0 within 0.5% of f16 and
+/// a KL divergence under 0.008, q4_0 within 3% and under 0.04 (measured on the first 2,044:
+/// +1.36%, 0.023; over 8,176 it meets the 2% target).
 #[test]
 fn kv_types_stay_within_their_perplexity_bounds_of_f16() {
     let f16 = kld_vs_f16("f16", &[]);
@@ -54,17 +54,39 @@ fn kv_types_stay_within_their_perplexity_bounds_of_f16() {
     let q4 = kld_vs_f16("q4_0", &[]);
     let (d4, k4) = (ppl_change(&q4), q4["kld_mean"].as_f64().unwrap());
     assert!(
-        d4.abs() <= 0.045,
+        d4.abs() <= 0.03,
         "q4_0 perplexity {:+.3}%: {q4}",
         100.0 * d4
     );
-    assert!(k4 > k8 && k4 < 0.08, "q4_0 KL divergence {k4}: {q4}");
+    assert!(k4 > k8 && k4 < 0.04, "q4_0 KL divergence {k4}: {q4}");
 
-    // Without the rotation 4-bit keys cost far more: the reason q4_0 rotates.
-    let plain = kld_vs_f16("q4_0", &[("FERROLM_KV_HADAMARD", "0")]);
+    // Without the key calibration (the model's mean key subtracted, channels scaled by what
+    // their error costs; measured on real keys here) 4-bit keys cost more: the reason q4_0
+    // calibrates (on the first 2,044 tokens the KL divergence is 1.8 times as large).
+    let raw = kld_vs_f16(
+        "q4_0",
+        &[("FERROLM_KV_KEY_SHIFT", "0"), ("FERROLM_KV_KEY_SCALE", "0")],
+    );
+    let kr = raw["kld_mean"].as_f64().unwrap();
+    assert!(
+        kr > 1.3 * k4,
+        "uncalibrated q4_0 KL {kr} vs calibrated {k4}"
+    );
+    assert!(ppl_change(&raw) > d4, "{raw} vs {q4}");
+
+    // Without the rotation 4-bit keys cost far more: the reason q4_0 rotates (compared
+    // without the calibration on either side, as BENCHMARKS.md measured it: 0.142 vs 0.040).
+    let plain = kld_vs_f16(
+        "q4_0",
+        &[
+            ("FERROLM_KV_HADAMARD", "0"),
+            ("FERROLM_KV_KEY_SHIFT", "0"),
+            ("FERROLM_KV_KEY_SCALE", "0"),
+        ],
+    );
     let kp = plain["kld_mean"].as_f64().unwrap();
-    assert!(kp > 1.5 * k4, "unrotated q4_0 KL {kp} vs rotated {k4}");
-    assert!(ppl_change(&plain) > d4, "{plain} vs {q4}");
+    assert!(kp > 1.5 * kr, "unrotated q4_0 KL {kp} vs rotated {kr}");
+    assert!(ppl_change(&plain) > ppl_change(&raw), "{plain} vs {raw}");
 
     // `eval perplexity --kv-type` scores the same positions the same way.
     let out = ferrolm()

@@ -298,7 +298,7 @@ impl Engine {
                 threads: cfg.threads,
                 reason: e.to_string(),
             })?;
-        let kv = KvCache::with_type(model.cfg(), cfg.kv_type, cfg.block_size, cfg.num_blocks)?;
+        let kv = KvCache::for_model(&model, cfg.kv_type, cfg.block_size, cfg.num_blocks)?;
         let stats = Arc::<EngineStats>::default();
         stats.kv_bytes_per_block.store(
             (kv.bytes_per_token() * cfg.block_size) as u64,
@@ -330,8 +330,8 @@ impl Engine {
         if draft != target {
             return Err(SessionError::DraftVocab { draft, target });
         }
-        let kv = KvCache::with_type(
-            model.cfg(),
+        let kv = KvCache::for_model(
+            &model,
             self.cfg.kv_type,
             self.cfg.block_size,
             self.cfg.num_blocks,

@@ -167,7 +167,7 @@ impl<'m> Session<'m> {
             })?;
         Ok(Session {
             model,
-            kv: KvCache::with_type(model.cfg(), kv_type, BLOCK_SIZE, num_blocks)?,
+            kv: KvCache::for_model(model, kv_type, BLOCK_SIZE, num_blocks)?,
             scratch: Scratch::new(),
             blocks: BlockAllocator::new(BLOCK_SIZE, num_blocks),
             table: Vec::new(),

@@ -19,6 +19,10 @@ pub enum Site {
     FfnIn,
     /// The gated hidden state: read by down.
     FfnDownIn,
+    /// q, k and v of every head after RoPE (the attention's inputs; no weight matrix reads
+    /// them): the KV cache's calibration ([`crate::kv_cache::key_calibration`]) takes the
+    /// queries' magnitudes from here.
+    Qkv,
 }
 
 /// Per (layer, site): Σ x² per column (f64) and the tokens seen.

@@ -322,6 +322,7 @@ impl Gemma3 {
             }
             qk_norm(c, n, &mut s.qkv, &layer.q_norm, &layer.k_norm);
             apply_rope(c, n, s);
+            s.record(c, l, Site::Qkv, n);
             store_kv(c, l, &slots, s, kv);
             let window = if local { c.sliding_window } else { None };
             attention(c, l, batch, kv, s, p.attn_scale, window);

@@ -21,11 +21,32 @@
 //! attention rotates q the same way, so `(Hq)·(Hk) = q·k`, and un-rotates its output, since
 //! `Σ w_j (H v_j) = H (Σ w_j v_j)`. `FERROLM_KV_HADAMARD=0` turns the rotation off (only to
 //! measure what it buys; see BENCHMARKS.md).
+//!
+//! q4_0 also calibrates keys before rotating them ([`KvType::calibrates_keys`], [`KeyCalibration`]):
+//! it stores `(k − m) / s` per (layer, KV head, channel) and the attention multiplies its
+//! queries by `s` ([`KvCache::query_to_stored`]). Softmax attention sees q·k only up to a
+//! constant per query: `(q·s)·((k − m)/s) = q·k − q·m`, and `q·m` is the same for every key a
+//! query sees (whole context or sliding window), so this is exact in real arithmetic and
+//! changes only what gets rounded. `m` is the model's mean post-RoPE key: the large, nearly
+//! constant part of its outlier channels (RoPE's low-frequency pairs barely turn over a
+//! context), which set the block scales while telling attention nothing. `s = sqrt(σ_k /
+//! rms_q)` weighs each channel by what its error costs: quantizing adds error in proportion to
+//! the keys' spread and it reaches the score in proportion to the queries' size, and this `s`
+//! minimizes the product of the two. Both come from one forward pass over a calibration text
+//! at the first q4_0 cache of a model ([`key_calibration`], [`Model::set_calibration`]; the CLI
+//! sets its built-in text at load). It would not be exact with soft-capped attention scores
+//! (Gemma 2) or a per-key additive bias (ALiBi); no architecture here has either (Gemma 3
+//! caps only the final logits). Prefix caching copies stored rows between sequences of one
+//! model, which share `m` and `s`. On SmolLM2-135M over 8,192 tokens it takes q4_0's
+//! perplexity loss against f16 KV from +2.81% to +1.35% (the shift alone: +1.84%) and the KL
+//! divergence from 0.040 to 0.024, at the same 4.5 bits a value (BENCHMARKS.md, "KV cache
+//! types"). `FERROLM_KV_KEY_SHIFT=0` and `FERROLM_KV_KEY_SCALE=0` turn each part off, only to
+//! measure it.
 
 use std::fmt;
 use std::str::FromStr;
 
-use crate::{Config, ModelError};
+use crate::{Batch, Config, Model, ModelError, Scratch, SeqSpan};
 
 /// Values per quantization block (each with one f16 scale).
 pub const QK: usize = 32;
@@ -80,6 +101,12 @@ impl KvType {
             KvType::Q8_0 => head_dim.is_power_of_two(),
             KvType::Q4_0 => true,
         }
+    }
+
+    /// The cache calibrates keys of this type with the model's [`KeyCalibration`] (see the
+    /// module docs): q4_0, where it lowers the error that 4-bit keys add to attention.
+    pub fn calibrates_keys(self) -> bool {
+        matches!(self, KvType::Q4_0)
     }
 
     /// Why this type cannot store heads of `head_dim` values, if it cannot.
@@ -155,6 +182,21 @@ pub struct KvCache {
     v: Vec<u16>,
     /// One head, rotated before it is quantized.
     tmp: Vec<f32>,
+    /// What the cache does to every key before it rotates and stores it, `(k − shift) / scale`,
+    /// and to every query, `q · scale` (`n_layers · n_kv_heads · head_dim` values each, per
+    /// (layer, KV head, channel)); `None`: nothing. See the module docs.
+    keys: Option<KeyCalibration>,
+}
+
+/// A model's key statistics for the cache ([`key_calibration`]): per (layer, KV head, channel),
+/// `n_layers · n_kv_heads · head_dim` values each.
+#[derive(Debug, Clone)]
+pub struct KeyCalibration {
+    /// The mean post-RoPE key.
+    pub shift: Vec<f32>,
+    /// Divides keys and multiplies queries: `sqrt(σ_k / rms_q)`, the scale that minimizes the
+    /// error quantizing keys adds to q·k when it is the same in every channel.
+    pub scale: Vec<f32>,
 }
 
 impl KvCache {
@@ -192,7 +234,46 @@ impl KvCache {
             k: vec![0; n],
             v: vec![0; n],
             tmp: vec![0.0; cfg.head_dim],
+            keys: None,
         }
+    }
+
+    /// A cache of `kind` for `model`: [`Self::with_type`], with the model's key calibration
+    /// ([`Model::key_calibration`]) applied where the type asks ([`KvType::calibrates_keys`]) and
+    /// the model has one. Every engine and session cache is built here.
+    pub fn for_model(
+        model: &Model,
+        kind: KvType,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Result<Self, ModelError> {
+        let mut kv = Self::with_type(model.cfg(), kind, block_size, num_blocks)?;
+        if kind.calibrates_keys() {
+            if let Some(k) = model.key_calibration()? {
+                let mut k = k.clone();
+                if std::env::var_os("FERROLM_KV_KEY_SHIFT").is_some_and(|v| v == "0") {
+                    k.shift.fill(0.0);
+                }
+                if std::env::var_os("FERROLM_KV_KEY_SCALE").is_some_and(|v| v == "0") {
+                    k.scale.fill(1.0);
+                }
+                kv.set_keys(k);
+            }
+        }
+        Ok(kv)
+    }
+
+    /// Store keys as `(k − shift) / scale` from now on, and have the attention multiply queries
+    /// by `scale`. Attention is unchanged: `(q·s)·((k − m)/s) = q·k − q·m`, and `q·m` is the
+    /// same for every key a query sees, which softmax ignores. So set it before the first write,
+    /// and only for a model whose attention is a plain softmax of q·k (no soft cap on scores).
+    pub fn set_keys(&mut self, k: KeyCalibration) {
+        let n = self.n_layers * self.n_kv_heads * self.head_dim;
+        assert!(
+            k.shift.len() == n && k.scale.len() == n,
+            "one key shift and scale per (layer, KV head, channel)"
+        );
+        self.keys = Some(k);
     }
 
     pub fn kind(&self) -> KvType {
@@ -202,6 +283,25 @@ impl KvCache {
     /// Stored heads are Hadamard-rotated: the attention rotates q and un-rotates its output.
     pub fn rotated(&self) -> bool {
         self.rotate
+    }
+
+    /// The attention must pass its queries through [`Self::query_to_stored`].
+    pub(crate) fn transforms_queries(&self) -> bool {
+        self.rotate || self.keys.is_some()
+    }
+
+    /// Query head `q` (of KV head `kvh` in `layer`) into the basis the keys are stored in:
+    /// times the key scale, then rotated, so its dot product with a stored key is q·k less a
+    /// constant.
+    pub(crate) fn query_to_stored(&self, layer: usize, kvh: usize, q: &mut [f32]) {
+        if let Some(k) = &self.keys {
+            let i = (layer * self.n_kv_heads + kvh) * self.head_dim;
+            let s = &k.scale[i..i + self.head_dim];
+            q.iter_mut().zip(s).for_each(|(x, &s)| *x *= s);
+        }
+        if self.rotate {
+            rotate(q);
+        }
     }
 
     pub fn num_slots(&self) -> usize {
@@ -225,18 +325,40 @@ impl KvCache {
 
     /// Store one token's K and V (`n_kv_heads · head_dim` values each) at `slot` of `layer`.
     pub(crate) fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
-        let (hd, row) = (self.head_dim, self.row);
-        let base = layer * self.layer_len() + slot * self.n_kv_heads * row;
-        for (src, dst) in [(k, &mut self.k), (v, &mut self.v)] {
-            let dst = &mut dst[base..base + self.n_kv_heads * row];
-            for (x, out) in src.chunks_exact(hd).zip(dst.chunks_exact_mut(row)) {
-                if self.rotate {
+        let (hd, row, nkv) = (self.head_dim, self.row, self.n_kv_heads);
+        let base = layer * self.layer_len() + slot * nkv * row;
+        let span = layer * nkv * hd..(layer + 1) * nkv * hd;
+        let keys = self
+            .keys
+            .as_ref()
+            .map(|k| (&k.shift[span.clone()], &k.scale[span]));
+        for (src, dst, keys) in [(k, &mut self.k, keys), (v, &mut self.v, None)] {
+            let dst = &mut dst[base..base + nkv * row];
+            for (h, (x, out)) in src
+                .chunks_exact(hd)
+                .zip(dst.chunks_exact_mut(row))
+                .enumerate()
+            {
+                if let Some((shift, scale)) = keys {
+                    let r = h * hd..(h + 1) * hd;
+                    for ((t, &x), (&m, &s)) in self
+                        .tmp
+                        .iter_mut()
+                        .zip(x)
+                        .zip(shift[r.clone()].iter().zip(&scale[r]))
+                    {
+                        *t = (x - m) / s;
+                    }
+                } else if self.rotate {
                     self.tmp.copy_from_slice(x);
-                    rotate(&mut self.tmp);
-                    quantize_row(self.kind, &self.tmp, out);
                 } else {
                     quantize_row(self.kind, x, out);
+                    continue;
                 }
+                if self.rotate {
+                    rotate(&mut self.tmp);
+                }
+                quantize_row(self.kind, &self.tmp, out);
             }
         }
     }
@@ -306,6 +428,101 @@ impl<'a> KvLayer<'a> {
     pub fn v_f32(&self, off: usize, out: &mut [f32]) {
         dequantize_row(self.kind, &self.v[off..off + self.row], out);
     }
+}
+
+/// Positions of the calibration text [`key_calibration`] leaves out: the first, where LLMs
+/// park attention they do not need (the "attention sink"), has keys unlike the rest.
+const SINK_POSITIONS: usize = 1;
+
+/// Key statistics of `model` over `tokens` (a calibration text, at most the model's context),
+/// leaving out the first [`SINK_POSITIONS`]: per (layer, KV head, channel), the mean post-RoPE
+/// key `m`, and the scale `s = sqrt(σ_k / rms_q)` (σ_k the keys' standard deviation, rms_q the
+/// root mean square of the queries of that KV head's group; geometric mean 1 per head). One
+/// forward pass with an f16 cache, whose keys are read back; queries are recorded on the way.
+pub fn key_calibration(model: &Model, tokens: &[u32]) -> Result<KeyCalibration, ModelError> {
+    let c = model.cfg();
+    let n = tokens.len().min(c.context_length);
+    if n <= SINK_POSITIONS {
+        return Err(ModelError::Batch(format!(
+            "key calibration needs more than {SINK_POSITIONS} tokens, got {n}"
+        )));
+    }
+    const BS: usize = 16;
+    let table: Vec<u32> = (0..n.div_ceil(BS) as u32).collect();
+    let mut kv = KvCache::new(c, BS, table.len());
+    let positions: Vec<u32> = (0..n as u32).collect();
+    let seqs = [SeqSpan {
+        start: 0,
+        len: n,
+        block_table: &table,
+    }];
+    let batch = Batch {
+        tokens: &tokens[..n],
+        positions: &positions,
+        seqs: &seqs,
+        logits_for: &[],
+        adapters: &[],
+    };
+    let mut s = Scratch::new();
+    s.activations = Some(crate::ActivationStats::default());
+    model.forward(&batch, &mut kv, &mut s)?;
+    let (hd, nkv, q_dim) = (c.head_dim, c.n_kv_heads, c.q_dim());
+    let group = c.n_heads / nkv;
+    let size = c.n_layers * nkv * hd;
+    let (mut sum, mut sum2) = (vec![0f64; size], vec![0f64; size]);
+    let mut row = vec![0f32; hd];
+    for (l, (sum, sum2)) in sum
+        .chunks_exact_mut(nkv * hd)
+        .zip(sum2.chunks_exact_mut(nkv * hd))
+        .enumerate()
+    {
+        let kl = kv.layer(l);
+        for p in SINK_POSITIONS..n {
+            for (h, (sum, sum2)) in sum
+                .chunks_exact_mut(hd)
+                .zip(sum2.chunks_exact_mut(hd))
+                .enumerate()
+            {
+                kl.k_f32(kl.row_offset(p, h), &mut row);
+                for ((s, s2), &x) in sum.iter_mut().zip(sum2.iter_mut()).zip(&row) {
+                    *s += f64::from(x);
+                    *s2 += f64::from(x) * f64::from(x);
+                }
+            }
+        }
+    }
+    let count = (n - SINK_POSITIONS) as f64;
+    let shift: Vec<f32> = sum.iter().map(|&s| (s / count) as f32).collect();
+    let acts = s.activations.take().unwrap_or_default();
+    let mut scale = vec![1f32; size];
+    for (l, scale) in scale.chunks_exact_mut(nkv * hd).enumerate() {
+        let Some((q2, qn)) = acts.sites.get(&(l, crate::Site::Qkv)) else {
+            continue;
+        };
+        for (h, scale) in scale.chunks_exact_mut(hd).enumerate() {
+            let at = (l * nkv + h) * hd;
+            let ratio: Vec<f64> = (0..hd)
+                .map(|ch| {
+                    let m = sum[at + ch] / count;
+                    let var = (sum2[at + ch] / count - m * m).max(0.0);
+                    let q = (0..group)
+                        .map(|g| q2[(h * group + g) * hd + ch])
+                        .sum::<f64>()
+                        / (group as f64 * *qn as f64);
+                    debug_assert!((h * group + group) * hd <= q_dim);
+                    (var.sqrt() + 1e-6) / (q.sqrt() + 1e-6)
+                })
+                .collect();
+            // sqrt(σ_k / rms_q), bounded to [1/16, 16] of its geometric mean over the head.
+            let log_mean = ratio.iter().map(|r| 0.5 * r.ln()).sum::<f64>() / hd as f64;
+            for (s, r) in scale.iter_mut().zip(&ratio) {
+                *s = (0.5 * r.ln() - log_mean)
+                    .clamp(-16f64.ln(), 16f64.ln())
+                    .exp() as f32;
+            }
+        }
+    }
+    Ok(KeyCalibration { shift, scale })
 }
 
 /// The bytes of `u16`s (quants are stored two or four to a `u16`).

@@ -377,6 +377,7 @@ impl Llama {
                 qk_norm(c, n, &mut s.qkv, qn, kn);
             }
             apply_rope(c, n, s);
+            s.record(c, l, Site::Qkv, n);
             store_kv(c, l, &slots, s, kv);
             let scale = 1.0 / (c.head_dim as f32).sqrt();
             attention(c, l, batch, kv, s, scale, c.sliding_window);

@@ -7,7 +7,7 @@
 //! window) is a variant of [`Arch`] (with its GGUF names) and an arm in [`Model::load`], plus
 //! what its file reads differently (as `qwen3` and `phi3` in `llama.rs`). A block of its own:
 //! write its file (config extras → weights → load → forward, using [`crate::ops`]), then add a
-//! variant to [`Arch`], to [`Model`], and an arm to [`Model::load`] and to the `each!` dispatch
+//! variant to [`Arch`], to [`Net`], and an arm to [`Model::load`] and to the `each!` dispatch
 //! below.
 //!
 //! Embedding models are [`Encoder`]s: a text in, one vector out, no KV cache and no logits, so
@@ -15,12 +15,14 @@
 //! [`Encoder::embed`]) instead of the decoder's paged-KV `forward`.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use ferrolm_gguf::GgufFile;
 
 use crate::bert::Bert;
 
 use crate::gemma3::Gemma3;
+use crate::kv_cache::KeyCalibration;
 use crate::llama::Llama;
 use crate::{Adapter, Batch, Config, Isa, KvCache, ModelError, Scratch};
 
@@ -72,9 +74,21 @@ impl Arch {
     }
 }
 
-/// A loaded model of any supported architecture.
+/// A loaded model: its network, of any supported architecture, and what the KV cache derives
+/// from it once (the key calibration a q4_0 cache applies, from a text set at load).
 #[derive(Debug)]
-pub enum Model {
+pub struct Model {
+    pub net: Net,
+    /// Token ids of a calibration text ([`Self::set_calibration`]); empty: none.
+    calibration: Vec<u32>,
+    /// [`crate::kv_cache::key_calibration`] over `calibration`, computed by the first cache
+    /// that asks for it.
+    keys: OnceLock<KeyCalibration>,
+}
+
+/// The network of each architecture.
+#[derive(Debug)]
+pub enum Net {
     Llama(Llama),
     Gemma3(Gemma3),
 }
@@ -82,9 +96,9 @@ pub enum Model {
 /// Run `$body` on whichever architecture `$model` holds, bound to `$m`.
 macro_rules! each {
     ($model:expr, $m:ident => $body:expr) => {
-        match $model {
-            Model::Llama($m) => $body,
-            Model::Gemma3($m) => $body,
+        match &$model.net {
+            Net::Llama($m) => $body,
+            Net::Gemma3($m) => $body,
         }
     };
 }
@@ -103,12 +117,34 @@ impl Model {
         context: Option<usize>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self, ModelError> {
-        Ok(match Arch::from_gguf(g)? {
+        let net = match Arch::from_gguf(g)? {
             Arch::Llama | Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => {
-                Model::Llama(Llama::load_for_context(g, context, progress)?)
+                Net::Llama(Llama::load_for_context(g, context, progress)?)
             }
-            Arch::Gemma3 => Model::Gemma3(Gemma3::load(g, progress)?),
-        })
+            Arch::Gemma3 => Net::Gemma3(Gemma3::load(g, progress)?),
+        };
+        Ok(net.into())
+    }
+
+    /// The calibration text (token ids, a few hundred are enough) from which a q4_0 KV cache
+    /// takes the model's key statistics ([`Self::key_calibration`]); set once, at load, before
+    /// any cache is built. Without one, caches store keys uncalibrated.
+    pub fn set_calibration(&mut self, tokens: Vec<u32>) {
+        self.calibration = tokens;
+        self.keys = OnceLock::new();
+    }
+
+    /// The key statistics a q4_0 cache applies, over the calibration text, computed on the
+    /// first call (one forward pass over it); `None` without a calibration text.
+    pub fn key_calibration(&self) -> Result<Option<&KeyCalibration>, ModelError> {
+        if self.calibration.is_empty() {
+            return Ok(None);
+        }
+        if let Some(k) = self.keys.get() {
+            return Ok(Some(k));
+        }
+        let k = crate::kv_cache::key_calibration(self, &self.calibration)?;
+        Ok(Some(self.keys.get_or_init(|| k)))
     }
 
     /// The shared blueprint: sizes, heads, context, vocabulary.
@@ -150,6 +186,16 @@ impl Model {
     /// How each kind of matrix is held (for `ferrolm info`).
     pub fn kernel_summary(&self) -> String {
         each!(self, m => m.kernel_summary())
+    }
+}
+
+impl From<Net> for Model {
+    fn from(net: Net) -> Self {
+        Model {
+            net,
+            calibration: Vec::new(),
+            keys: OnceLock::new(),
+        }
     }
 }
 

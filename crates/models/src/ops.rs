@@ -6,7 +6,7 @@ use ferrolm_gguf::GgufFile;
 use rayon::prelude::*;
 
 use crate::adapter::Proj;
-use crate::kv_cache::{rotate, unrotate};
+use crate::kv_cache::unrotate;
 use crate::linear::dequantize;
 use crate::mat::{gemm, gemm_to_ptr, Mat, Par};
 use crate::quant::{QActs, SendPtr};
@@ -173,9 +173,11 @@ pub(crate) fn attention(
     let qkv_dim = q_dim + 2 * kv_dim;
     let bs = kv.block_size;
     let n = b.tokens.len();
-    if kv.rotated() {
+    if kv.transforms_queries() {
         for row in s.qkv[..n * qkv_dim].chunks_exact_mut(qkv_dim) {
-            row[..q_dim].chunks_exact_mut(hd).for_each(rotate);
+            for (h, qh) in row[..q_dim].chunks_exact_mut(hd).enumerate() {
+                kv.query_to_stored(layer, h / group, qh);
+            }
         }
     }
     let kl = kv.layer(layer);
@@ -421,6 +423,7 @@ impl Scratch {
             xb,
             att,
             h,
+            qkv,
             ..
         } = self;
         let Some(a) = activations.as_mut() else {
@@ -430,6 +433,7 @@ impl Scratch {
             Site::AttnIn | Site::FfnIn => (xb, c.dim),
             Site::AttnOut => (att, c.q_dim()),
             Site::FfnDownIn => (h, c.ffn_dim),
+            Site::Qkv => (qkv, c.q_dim() + 2 * c.kv_dim()),
         };
         a.add(layer, site, &buf[..n * cols], cols);
     }

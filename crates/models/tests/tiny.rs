@@ -966,7 +966,73 @@ fn model_registry_loads_a_llama_file_as_the_llama_variant() {
     let f = write_model(&LLAMA);
     let g = GgufFile::open(f.path()).unwrap();
     let m = ferrolm_models::Model::load(&g, &mut |_, _| {}).unwrap();
-    assert!(matches!(m, ferrolm_models::Model::Llama(_)));
+    assert!(matches!(m.net, ferrolm_models::model::Net::Llama(_)));
     assert_eq!(m.cfg().n_layers, LLAMA.n_layers);
     assert_eq!(m.cfg().arch, ferrolm_models::Arch::Llama);
+}
+
+/// The key calibration a q4_0 cache applies (keys stored as `(k − m)/s`, queries times `s`)
+/// leaves attention as it was: here on an f16 cache, so only f16 rounding separates the two,
+/// through a prefill long enough for the matrix-product attention and then token-by-token
+/// decode steps, for the calibrated shift and for one 5 times larger the other way (any
+/// constant shift cancels in the softmax). A cache that stored scaled keys without scaling
+/// the queries, or shifted V, would fail it.
+#[test]
+fn key_calibration_leaves_attention_unchanged() {
+    let f = write_model(&LLAMA);
+    let g = GgufFile::open(f.path()).unwrap();
+    let model = ferrolm_models::Model::load(&g, &mut |_, _| {}).unwrap();
+    let ferrolm_models::model::Net::Llama(llama) = &model.net else {
+        panic!("a llama file loads as Llama");
+    };
+    let calib = Rng(21).tokens(80, LLAMA.vocab);
+    let keys = ferrolm_models::kv_cache::key_calibration(&model, &calib).unwrap();
+    let (hd, n) = (LLAMA.dim / LLAMA.n_heads, LLAMA.n_layers * LLAMA.n_kv_heads);
+    assert_eq!(keys.shift.len(), n * hd);
+    // Not the identity: the test would hold for any shift and scale otherwise.
+    let shift_rms = (keys.shift.iter().map(|m| m * m).sum::<f32>() / (n * hd) as f32).sqrt();
+    assert!(shift_rms > 1e-3, "shift rms {shift_rms}");
+    let spread = keys.scale.iter().fold(1f32, |m, &s| m.max(s.max(1.0 / s)));
+    assert!(spread > 1.1, "scales all near 1: {spread}");
+
+    let tokens = Rng(22).tokens(48, LLAMA.vocab);
+    let table: Vec<u32> = (0..tokens.len().div_ceil(BLOCK) as u32).collect();
+    let run = |keys: Option<ferrolm_models::kv_cache::KeyCalibration>| -> Vec<Vec<f32>> {
+        let mut kv = KvCache::new(&llama.cfg, BLOCK, table.len());
+        if let Some(k) = keys {
+            kv.set_keys(k);
+        }
+        let mut s = Scratch::new();
+        let mut out = vec![];
+        // 40 tokens in one prefill (the matrix-product path), then one at a time.
+        let mut pos = 0;
+        for len in [40, 1, 1, 1, 1, 1, 1, 1, 1] {
+            let parts = [Part {
+                tokens: &tokens[pos..pos + len],
+                pos0: pos as u32,
+                table: &table,
+            }];
+            out.extend(step(llama, &mut kv, &mut s, &parts).unwrap().remove(0));
+            pos += len;
+        }
+        out
+    };
+    let plain = run(None);
+    let (rel, agree) = compare(&run(Some(keys.clone())), &plain);
+    eprintln!("calibrated vs plain f16 cache: max rel diff {rel:.2e}");
+    assert!(
+        rel <= 2.0 * TOL_FLOAT,
+        "calibrated keys change logits by {rel:e}"
+    );
+    assert_eq!(agree, tokens.len());
+    let wrong = ferrolm_models::kv_cache::KeyCalibration {
+        shift: keys.shift.iter().map(|m| -m * 5.0).collect(),
+        scale: keys.scale.clone(),
+    };
+    let (rel_big, _) = compare(&run(Some(wrong)), &plain);
+    eprintln!("with the shift times -5: max rel diff {rel_big:.2e}");
+    assert!(
+        rel_big <= 4.0 * TOL_FLOAT,
+        "a constant shift changes logits by {rel_big:e}"
+    );
 }
