@@ -1,7 +1,9 @@
 //! Times the quantized matmul on a SmolLM2-shaped FFN matrix (1536 × 576, random weights of
-//! TYPE — q4_1, q5_0 or q8_0 —, one thread), row-major and in 16-row groups (AVX-512 VNNI), and
-//! prints how far the two results are apart: `cargo run --release -p ferrolm-models --example
-//! matmul -- [TOKENS] [REPS] [TYPE]`. On AVX2 the matrix is prepared as the loader does
+//! TYPE — q4_1, q5_0 or q8_0 —, one thread; 1536 × 768 for the K-quants q2_k, q3_k, q4_k and
+//! q6_k, whose rows are whole 256-element super-blocks), row-major and in 16-row groups
+//! (AVX-512 VNNI), and prints how far the two results are apart: `cargo run --release -p
+//! ferrolm-models --example matmul -- [TOKENS] [REPS] [TYPE]`. (On AVX-512, row-major
+//! q2_k/q3_k/q6_k run the AVX2 kernel, as rows not in 16s do.) On AVX2 the matrix is prepared as the loader does
 //! (`prepare_avx2`), and the prompt's result is checked bitwise against the same tokens one at
 //! a time (batch invariance); `FERROLM_BATCH_INVARIANT=0` times the f32 GEMM path instead. Valgrind cannot run the AVX-512 kernels and this VM exposes no cycle counters, so
 //! A/B kernel changes here by interleaved timings (repeat, take medians).
@@ -12,7 +14,7 @@ fn main() {
     let n: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(16);
     let reps: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(20);
     let ty = args.next().unwrap_or_else(|| "q4_1".into());
-    let (rows, cols) = (1536, 576);
+    use ferrolm_gguf::GgmlType as G;
     let mut seed = 0x9E37_79B9_u64;
     let mut next = || {
         seed = seed
@@ -20,23 +22,35 @@ fn main() {
             .wrapping_add(1442695040888963407);
         (seed >> 33) as u32
     };
-    // GGML blocks of 32: f16 d, then Q4_1 f16 m and 16 bytes of nibbles, Q5_0 4 bytes of
-    // fifth bits and 16 of nibbles, Q8_0 32 signed bytes.
-    let (gty, quant_bytes) = match ty.as_str() {
-        "q4_1" => (ferrolm_gguf::GgmlType::Q4_1, 16),
-        "q5_0" => (ferrolm_gguf::GgmlType::Q5_0, 20),
-        "q8_0" => (ferrolm_gguf::GgmlType::Q8_0, 32),
-        other => panic!("TYPE must be q4_1, q5_0 or q8_0, not {other}"),
+    let gty = match ty.as_str() {
+        "q4_1" => G::Q4_1,
+        "q5_0" => G::Q5_0,
+        "q8_0" => G::Q8_0,
+        "q2_k" => G::Q2K,
+        "q3_k" => G::Q3K,
+        "q4_k" => G::Q4K,
+        "q6_k" => G::Q6K,
+        other => panic!("TYPE must be q4_1, q5_0, q8_0, q2_k, q3_k, q4_k or q6_k, not {other}"),
     };
+    let (rows, cols) = (1536, if gty.block_size() == 256 { 768 } else { 576 });
+    // Random GGML blocks with sane f16 scales at their offsets: Q4_1 also an f16 m, Q4_K
+    // f16 d and dmin first, Q2_K d and dmin at 80, Q3_K d at 108, Q6_K d at 208.
+    let f16_at: &[usize] = match gty {
+        G::Q4_1 | G::Q4K => &[0, 2],
+        G::Q2K => &[80, 82],
+        G::Q3K => &[108],
+        G::Q6K => &[208],
+        _ => &[0],
+    };
+    let bb = gty.block_bytes() as usize;
     let mut raw = Vec::new();
-    for _ in 0..rows * cols / 32 {
-        raw.extend_from_slice(
-            &half::f16::from_f32(0.01 + (next() % 100) as f32 * 1e-4).to_le_bytes(),
-        );
-        if gty == ferrolm_gguf::GgmlType::Q4_1 {
-            raw.extend_from_slice(&half::f16::from_f32(-0.1).to_le_bytes());
+    for _ in 0..rows * cols / gty.block_size() as usize {
+        let mut blk: Vec<u8> = (0..bb).map(|_| next() as u8).collect();
+        for &at in f16_at {
+            let v = half::f16::from_f32(0.01 + (next() % 100) as f32 * 1e-4);
+            blk[at..at + 2].copy_from_slice(&v.to_le_bytes());
         }
-        raw.extend((0..quant_bytes).map(|_| next() as u8));
+        raw.extend_from_slice(&blk);
     }
     let mut w = QMatrix::from_ggml(gty, rows, cols, &raw).expect("the type repacks");
     if Isa::detect() == Isa::Avx2 {

@@ -27,14 +27,16 @@
 //! own the same way (element `j` low, `j + 16` high). 8-bit rows are plain bytes.
 //!
 //! Kernels: AVX-512 VNNI, AVX2 and scalar, picked at run time ([`Isa::detect`]); the scalar one
-//! is the obviously-correct path the tests hold the others to. [`Grain::Sub16`] matrices have no
-//! AVX-512 kernel: they run the AVX2 one on AVX-512 machines. With AVX-512 VNNI the model
+//! is the obviously-correct path the tests hold the others to. With AVX-512 VNNI the model
 //! re-lays every matrix whose rows come in 16s as [`Layout::Group16`] (16 rows interleaved
 //! per block) at load: its kernel keeps one row per vector lane, so a block costs eight
 //! `vpdpbusd` and three float ops for 16 rows instead of a shuffle, a convert and a horizontal
 //! sum per row — 2–4× the multiply-adds per second of the row-major tile at 16–128 tokens and
 //! ~1.7× at one (`crates/models/examples/matmul.rs`), with the same integer sums (results
-//! differ only in float summation order, ~1e-6).
+//! differ only in float summation order, ~1e-6). [`Grain::Sub16`] matrices share the layout
+//! and the `vpdpbusd`s (`x86::group16_sub16`), weighting the two 16-element halves of each
+//! block by their rows' integer sub-block scales; a [`Grain::Sub16`] matrix whose rows do not
+//! come in 16s runs the AVX2 kernel on AVX-512 machines.
 //!
 //! On AVX2 (no AVX-512) the loader re-lays 8-bit matrices whose values are all below 32 (the
 //! Q5 types) as [`Layout::Packed5`], 5 bits per quant, since decoding one token is bound by
@@ -106,7 +108,8 @@ pub enum Layout {
     /// Row by row (module docs): every kernel reads it.
     Rows,
     /// 16 rows interleaved per block (AVX-512 VNNI only, see [`QMatrix::interleave16`]): for
-    /// group `g` of 16 rows and block `b`, 16 scales, 16 offsets, then the quants as 64-byte
+    /// group `g` of 16 rows and block `b`, 16 scales, 16 offsets ([`Grain::Sub16`]: per
+    /// super-block instead, with the sub-block scales), then the quants as 64-byte
     /// vectors whose 32-bit lane `r` holds 4 consecutive elements of row `16g + r` — one
     /// `vpdpbusd` against 4 broadcast activation bytes advances 16 rows at once, and the block
     /// sums come out one row per lane (no horizontal sums, no scale shuffles).
@@ -508,12 +511,13 @@ impl QMatrix {
 
     /// Repack into [`Layout::Group16`] (same bytes, other order); `false` (unchanged) unless
     /// the rows come in whole groups of 16 and the layout is [`Layout::Rows`].
+    ///
+    /// [`Grain::Sub16`] matrices keep the same quant order; their scales go per (group,
+    /// super-block): `D` and `M` as 16 f32 (one per row), and `scm` as 512 bytes, byte
+    /// `16·j + r` the `sc` of sub-block `j` of row `r`, byte `256 + 16·j + r` its `mn` — the
+    /// same bytes per weight as [`Layout::Rows`].
     pub fn interleave16(&mut self) -> bool {
-        if self.layout != Layout::Rows
-            || self.grain != Grain::Block32
-            || self.m_fixed.is_some()
-            || !self.rows.is_multiple_of(16)
-        {
+        if self.layout != Layout::Rows || self.m_fixed.is_some() || !self.rows.is_multiple_of(16) {
             return false;
         }
         let nb = self.nb();
@@ -521,15 +525,29 @@ impl QMatrix {
         let gbb = self.group_block_bytes();
         let mut d = vec![0f32; self.d.len()];
         let mut m = vec![0f32; self.m.len()];
+        let mut scm = vec![0i8; self.scm.len()];
         let mut qs = vec![0u8; self.qs.len()];
+        let nsb = self.cols / QK_K;
         for g in 0..groups {
             for r in 0..16 {
                 let row = g * 16 + r;
                 let vals = self.row_values(row);
+                if self.grain == Grain::Sub16 {
+                    for sb in 0..nsb {
+                        let (gsb, at) = (g * nsb + sb, (row * nsb + sb) * 32);
+                        d[gsb * 16 + r] = self.d[row * nsb + sb];
+                        m[gsb * 16 + r] = self.m[row * nsb + sb];
+                        for j in 0..32 {
+                            scm[gsb * 512 + 16 * j + r] = self.scm[at + j];
+                        }
+                    }
+                }
                 for b in 0..nb {
                     let gb = g * nb + b;
-                    d[gb * 16 + r] = self.d[row * nb + b];
-                    m[gb * 16 + r] = self.m[row * nb + b];
+                    if self.grain == Grain::Block32 {
+                        d[gb * 16 + r] = self.d[row * nb + b];
+                        m[gb * 16 + r] = self.m[row * nb + b];
+                    }
                     let v = &vals[b * QK..(b + 1) * QK];
                     let out = &mut qs[gb * gbb..(gb + 1) * gbb];
                     for i in 0..4 {
@@ -550,7 +568,7 @@ impl QMatrix {
                 }
             }
         }
-        (self.d, self.m, self.qs) = (d, m, qs);
+        (self.d, self.m, self.scm, self.qs) = (d, m, scm, qs);
         self.layout = Layout::Group16;
         true
     }
@@ -631,10 +649,16 @@ impl QMatrix {
                 .zip(vals.chunks_exact(16))
                 .enumerate()
             {
-                let sb = r * nsb + j / 16;
-                let at = sb * 32 + j % 16;
+                // (index of D and M, index of sc; mn is `step` bytes after sc)
+                let (sb, at, step) = match self.layout {
+                    Layout::Group16 => {
+                        let gsb = (r / 16) * nsb + j / 16;
+                        (gsb * 16 + r % 16, gsb * 512 + (j % 16) * 16 + r % 16, 256)
+                    }
+                    _ => (r * nsb + j / 16, (r * nsb + j / 16) * 32 + j % 16, 16),
+                };
                 let d = self.d[sb] * self.scm[at] as f32;
-                let m = self.m[sb] * self.scm[at + 16] as f32;
+                let m = self.m[sb] * self.scm[at + step] as f32;
                 for (o, &q) in o.iter_mut().zip(v) {
                     *o = d * q as f32 + m;
                 }
@@ -1185,6 +1209,48 @@ mod x86 {
         }
     }
 
+    /// The 16 rows' quants of one block of a [`super::Layout::Group16`] matrix at `q`: vector
+    /// `k` holds elements `4k..4k+4` of row `r` in lane `r` (4-bit pairs unpacked).
+    #[inline(always)]
+    unsafe fn group_block(q: *const u8, four: bool) -> [__m512i; 8] {
+        let mut wz = [_mm512_setzero_si512(); 8];
+        unsafe {
+            if four {
+                let mask = _mm512_set1_epi8(0x0F);
+                for p in 0..4 {
+                    let v = _mm512_loadu_si512(q.add(p * 64) as *const __m512i);
+                    wz[2 * p] = _mm512_and_si512(v, mask);
+                    wz[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                }
+            } else {
+                for (k, z) in wz.iter_mut().enumerate() {
+                    *z = _mm512_loadu_si512(q.add(k * 64) as *const __m512i);
+                }
+            }
+        }
+        wz
+    }
+
+    /// The integer dots of a block's 16 rows (`wz`, see [`group_block`]) with one token's 32
+    /// activation bytes at `xq`, one row per lane: over elements 0..16 and 16..32 (the two
+    /// halves are the sub-blocks of [`super::Grain::Sub16`] weights).
+    #[inline(always)]
+    unsafe fn group_isums(wz: &[__m512i; 8], xq: *const i32) -> (__m512i, __m512i) {
+        let mut i0 = _mm512_setzero_si512();
+        let mut i1 = _mm512_setzero_si512();
+        unsafe {
+            for k in 0..4 {
+                i0 = _mm512_dpbusd_epi32(i0, wz[k], _mm512_set1_epi32(xq.add(k).read_unaligned()));
+                i1 = _mm512_dpbusd_epi32(
+                    i1,
+                    wz[k + 4],
+                    _mm512_set1_epi32(xq.add(k + 4).read_unaligned()),
+                );
+            }
+        }
+        (i0, i1)
+    }
+
     /// Rows `16g..16g+16` (a [`super::Layout::Group16`] matrix) against tokens
     /// `t0..t0+NT`: per block, the weights are loaded (and unpacked) once for all NT tokens,
     /// eight `vpdpbusd` give the 16 rows' integer block sums in the lanes, and one scale
@@ -1201,50 +1267,96 @@ mod x86 {
         let nb = w.cols / QK;
         let four = w.bits == super::QBits::Four;
         let gbb = w.group_block_bytes();
-        let mask = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); NT];
         unsafe {
             let qbase = w.qs.as_ptr().add(g * nb * gbb);
             let dbase = w.d.as_ptr().add(g * nb * 16);
             let mbase = w.m.as_ptr().add(g * nb * 16);
             for b in 0..nb {
-                let q = qbase.add(b * gbb);
-                let mut wz = [_mm512_setzero_si512(); 8];
-                if four {
-                    for p in 0..4 {
-                        let v = _mm512_loadu_si512(q.add(p * 64) as *const __m512i);
-                        wz[2 * p] = _mm512_and_si512(v, mask);
-                        wz[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-                    }
-                } else {
-                    for (k, z) in wz.iter_mut().enumerate() {
-                        *z = _mm512_loadu_si512(q.add(k * 64) as *const __m512i);
-                    }
-                }
+                let wz = group_block(qbase.add(b * gbb), four);
                 let wd = _mm512_loadu_ps(dbase.add(b * 16));
                 let wm = _mm512_loadu_ps(mbase.add(b * 16));
                 for (t, a) in acc.iter_mut().enumerate() {
                     let tok = t0 + t;
                     let xq = x.qs.as_ptr().add(tok * w.cols + b * QK) as *const i32;
-                    let mut i0 = _mm512_setzero_si512();
-                    let mut i1 = _mm512_setzero_si512();
-                    for k in (0..8).step_by(2) {
-                        i0 = _mm512_dpbusd_epi32(
-                            i0,
-                            wz[k],
-                            _mm512_set1_epi32(xq.add(k).read_unaligned()),
-                        );
-                        i1 = _mm512_dpbusd_epi32(
-                            i1,
-                            wz[k + 1],
-                            _mm512_set1_epi32(xq.add(k + 1).read_unaligned()),
-                        );
-                    }
+                    let (i0, i1) = group_isums(&wz, xq);
                     let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1));
                     let xd = *x.d.get_unchecked(tok * nb + b);
                     let xs = *x.sx.get_unchecked(tok * nb + b);
                     *a = _mm512_fmadd_ps(isum, _mm512_mul_ps(wd, _mm512_set1_ps(xd)), *a);
                     *a = _mm512_fmadd_ps(wm, _mm512_set1_ps(xs), *a);
+                }
+            }
+            for (t, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.add((t0 + t) * m + g * 16), *a);
+            }
+        }
+    }
+
+    /// [`group16`] for a [`super::Grain::Sub16`] matrix: the same quants and `vpdpbusd`s, whose
+    /// two sub-block sums per row are weighted by that row's integer sub-block scales (in f32:
+    /// `sc·Σ` is below 2²⁴, so `sc_lo·lo + sc_hi·hi` is the exact integer sum rounded once, as
+    /// [`super::dot_sub16_scalar`] rounds it), then per super-block
+    /// `acc += D·Σ_b dx_b·(…) + M·Σ_j mn_j·s16_j`. Each token's result is the same float
+    /// operations whatever NT is (batch invariance).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512dq,avx2,fma")]
+    pub unsafe fn group16_sub16<const NT: usize>(
+        w: &super::QMatrix,
+        g: usize,
+        x: &super::QActs,
+        t0: usize,
+        out: *mut f32,
+        m: usize,
+    ) {
+        let (nb, nsb, n16) = (w.cols / QK, w.cols / super::QK_K, w.cols / 16);
+        let four = w.bits == super::QBits::Four;
+        let gbb = w.group_block_bytes();
+        assert!((g + 1) * nsb * 512 <= w.scm.len() && (g + 1) * nb * gbb <= w.qs.len());
+        assert!((g + 1) * nsb * 16 <= w.d.len() && (g + 1) * nsb * 16 <= w.m.len());
+        assert!((t0 + NT) * w.cols <= x.qs.len() && (t0 + NT) * n16 <= x.s16.len());
+        // 16 i8 scales (one per row) → 16 f32 lanes.
+        let scales = |p: *const i8| unsafe {
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+        };
+        let mut acc = [_mm512_setzero_ps(); NT];
+        // SAFETY (whole body): every read stays inside the group and tokens asserted above.
+        unsafe {
+            let qbase = w.qs.as_ptr().add(g * nb * gbb);
+            for sb in 0..nsb {
+                let gsb = g * nsb + sb;
+                let scm = w.scm.as_ptr().add(gsb * 512);
+                let mut fsum = [_mm512_setzero_ps(); NT];
+                for bb in 0..8 {
+                    let b = sb * 8 + bb;
+                    let wz = group_block(qbase.add(b * gbb), four);
+                    let sc0 = scales(scm.add(32 * bb));
+                    let sc1 = scales(scm.add(32 * bb + 16));
+                    for (t, f) in fsum.iter_mut().enumerate() {
+                        let tok = t0 + t;
+                        let xq = x.qs.as_ptr().add(tok * w.cols + b * QK) as *const i32;
+                        let (i0, i1) = group_isums(&wz, xq);
+                        let s = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(i1),
+                            sc1,
+                            _mm512_mul_ps(_mm512_cvtepi32_ps(i0), sc0),
+                        );
+                        let xd = *x.d.get_unchecked(tok * nb + b);
+                        *f = _mm512_fmadd_ps(s, _mm512_set1_ps(xd), *f);
+                    }
+                }
+                let mut off = [_mm512_setzero_ps(); NT];
+                for j in 0..16 {
+                    let mn = scales(scm.add(256 + 16 * j));
+                    for (t, o) in off.iter_mut().enumerate() {
+                        let s16 = *x.s16.get_unchecked((t0 + t) * n16 + sb * 16 + j);
+                        *o = _mm512_fmadd_ps(mn, _mm512_set1_ps(s16), *o);
+                    }
+                }
+                let dsb = _mm512_loadu_ps(w.d.as_ptr().add(gsb * 16));
+                let msb = _mm512_loadu_ps(w.m.as_ptr().add(gsb * 16));
+                for t in 0..NT {
+                    acc[t] = _mm512_fmadd_ps(fsum[t], dsb, acc[t]);
+                    acc[t] = _mm512_fmadd_ps(off[t], msb, acc[t]);
                 }
             }
             for (t, a) in acc.iter().enumerate() {
@@ -1688,9 +1800,10 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
         "activation width must equal the weight's input width"
     );
     assert!(out.len() >= n * m);
-    // The AVX-512 kernels read [`Grain::Block32`] scales only; AVX2 runs on those CPUs too.
-    let isa = match (isa, w.grain) {
-        (Isa::Avx512Vnni, Grain::Sub16) => Isa::Avx2,
+    // The row-major AVX-512 tile reads [`Grain::Block32`] scales only: row-major Sub16
+    // matrices (rows not in 16s) run the AVX2 kernel, which those CPUs have too.
+    let isa = match (isa, w.grain, w.layout) {
+        (Isa::Avx512Vnni, Grain::Sub16, Layout::Rows) => Isa::Avx2,
         _ => isa,
     };
     let ptr = SendPtr(out.as_mut_ptr());
@@ -1765,7 +1878,14 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
                 for g in groups.clone() {
                     macro_rules! go {
                         ($nt:literal) => {
-                            unsafe { x86::group16::<$nt>(w, g, x, t, p.0, m) }
+                            match w.grain {
+                                Grain::Block32 => unsafe {
+                                    x86::group16::<$nt>(w, g, x, t, p.0, m)
+                                },
+                                Grain::Sub16 => unsafe {
+                                    x86::group16_sub16::<$nt>(w, g, x, t, p.0, m)
+                                },
+                            }
                         };
                     }
                     match nt {
