@@ -345,7 +345,11 @@ def svg_plot(path, title, xlabel, ylabel, xcats, series, logy=False):
         lo, hi = 10 ** math.floor(math.log10(lo)), 10 ** math.ceil(math.log10(hi))
         f = lambda y: math.log10(y)  # noqa: E731
     else:
-        lo, hi = 0, hi * 1.1
+        # a round tick step (1, 2 or 5 × 10^k) and the axis up to the tick above the highest value
+        raw = hi * 1.05 / 5
+        mag = 10 ** math.floor(math.log10(raw))
+        step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+        lo, hi = 0, step * math.ceil(hi * 1.05 / step)
         f = lambda y: y  # noqa: E731
     px = lambda i: ml + (i + 0.5) * (w - ml - mr) / len(xcats)  # noqa: E731
     py = lambda y: mt + (h - mt - mb) * (1 - (f(y) - f(lo)) / (f(hi) - f(lo)))  # noqa: E731
@@ -358,7 +362,7 @@ def svg_plot(path, title, xlabel, ylabel, xcats, series, logy=False):
          f'<text x="16" y="{(mt + h - mb) / 2}" text-anchor="middle" '
          f'transform="rotate(-90 16 {(mt + h - mb) / 2})">{ylabel}</text>']
     ticks = ([lo * 10 ** k for k in range(int(round(math.log10(hi / lo))) + 1)] if logy
-             else [hi / 5 * k for k in range(6)])
+             else [step * k for k in range(int(round(hi / step)) + 1)])
     for t in ticks:
         o.append(f'<line x1="{ml}" y1="{py(t):.1f}" x2="{w - mr}" y2="{py(t):.1f}" stroke="#ddd"/>'
                  f'<text x="{ml - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
