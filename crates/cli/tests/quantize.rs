@@ -26,18 +26,25 @@ fn ok(out: &std::process::Output) {
     );
 }
 
-/// The default model dequantized to f32 (lossless: every Q4_1 value is exactly an f32).
-fn f32_source(dir: &Path) -> std::path::PathBuf {
-    let f32 = dir.join("f32.gguf");
-    let m = default_model();
-    ok(&quantize(&[
-        m.to_str().unwrap(),
-        f32.to_str().unwrap(),
-        "--type",
-        "f32",
-        "--no-receipt",
-    ]));
-    f32
+/// The default model dequantized to f32 (lossless: every Q4_1 value is exactly an f32), made
+/// once per test process and shared by its tests: it is 538 MB, and CI machines can be short of
+/// disk (one such run failed with ENOSPC while two tests each held a copy).
+fn f32_source() -> &'static Path {
+    static SOURCE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    SOURCE.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("quantize-tests");
+        std::fs::create_dir_all(&dir).unwrap();
+        let f32 = dir.join("f32.gguf");
+        let m = default_model();
+        ok(&quantize(&[
+            m.to_str().unwrap(),
+            f32.to_str().unwrap(),
+            "--type",
+            "f32",
+            "--no-receipt",
+        ]));
+        f32
+    })
 }
 
 /// Each tensor as "TYPE:first 16 hex digits of sha256", as the golden file writes them.
@@ -97,7 +104,7 @@ fn every_type_is_bit_identical_to_llama_quantize_from_the_same_f32_source() {
         serde_json::from_str(&std::fs::read_to_string(golden("quantize_llamacpp.json")).unwrap())
             .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let f32 = f32_source(dir.path());
+    let f32 = f32_source();
     let sha: String = Sha256::digest(std::fs::read(&f32).unwrap())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -149,7 +156,7 @@ fn every_type_is_bit_identical_to_llama_quantize_from_the_same_f32_source() {
 #[test]
 fn a_q4_k_m_file_carries_its_receipt_which_info_shows_and_it_generates() {
     let dir = tempfile::tempdir().unwrap();
-    let f32 = f32_source(dir.path());
+    let f32 = f32_source();
     let q = dir.path().join("q4km.gguf");
     let out = quantize(&[
         f32.to_str().unwrap(),
@@ -347,7 +354,7 @@ fn bad_input_gets_a_clear_error_and_leaves_no_output_file() {
 #[test]
 fn an_imatrix_of_the_models_own_activations_lowers_q4_0_kl_divergence() {
     let dir = tempfile::tempdir().unwrap();
-    let f32 = f32_source(dir.path());
+    let f32 = f32_source();
     // Calibration for the imatrix: the start of the corpus (the receipts use its held-out end).
     let text: String =
         std::fs::read_to_string(common::repo_root().join("data/tinyshakespeare.txt"))
