@@ -169,26 +169,35 @@ def layer_macs(shape):
     return s["layers"] * (2 * s["hidden"] ** 2 + 2 * s["hidden"] * kv + 3 * s["hidden"] * s["ffn"])
 
 
-def kv_bytes_per_token(shape):
+# Bytes per cached element of each KV cache type: f16; q8_0 (32 int8 + an f16 scale); q4_0 (32
+# nibbles + an f16 scale). Both engines store these formats at these sizes.
+KV_ELEM_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def kv_bytes_per_token(shape, kv="f16"):
     s = SHAPES[shape]
-    return 2 * s["layers"] * s["hidden"] // s["heads"] * s["kv_heads"] * 2  # K and V, f16
+    return 2 * s["layers"] * s["hidden"] // s["heads"] * s["kv_heads"] * KV_ELEM_BYTES[kv]  # K and V
 
 
 # ---------------------------------------------------------------------------------------------
 # one measurement per engine
 
 
-def ferrolm_bench(args, path, threads, prefill, decode_tokens, depth, reps):
+def ferrolm_bench(args, path, threads, prefill, decode_tokens, depth, reps, kv="f16"):
     cmd = [args.ferrolm, "bench", "--json", "--model", path, "--threads", threads, "--reps", reps,
-           "--decode-tokens", decode_tokens, "--decode-depth", max(depth, 1), "--prefill", prefill or 0]
+           "--decode-tokens", decode_tokens, "--decode-depth", max(depth, 1), "--prefill", prefill or 0,
+           "--kv-type", kv]
     v = json.loads(run(cmd).strip().splitlines()[-1])
     return {"prefill": v.get(f"prefill_tps_{prefill}") if prefill else None, "decode": v["decode_tps"]}
 
 
-def llama_bench(args, path, threads, prefill, decode_tokens, depth, reps):
+def llama_bench(args, path, threads, prefill, decode_tokens, depth, reps, kv="f16"):
     exe = os.path.join(args.llama_bin, "llama-bench")
     cmd = [exe, "-m", path, "-t", threads, "-r", reps, "-o", "json",
            "-p", prefill or 0, "-n", decode_tokens, "-d", depth]
+    if kv != "f16":
+        # llama.cpp quantizes the V cache only with flash attention on.
+        cmd += ["-ctk", kv, "-ctv", kv, "-fa", 1]
     rows = json.loads(run(cmd))
     out = {"prefill": None, "decode": None}
     for r in rows:
@@ -216,8 +225,9 @@ def measure_cells(args, cells, rounds):
                 c[e]["load1"].append(os.getloadavg()[0])
                 t0 = time.time()
                 v = ENGINES[e](args, c["path"], c["threads"], c["prefill"], c["decode_tokens"], c["depth"],
-                               c["reps"])
-                log(f"  {e:9} {c['shape']:>4} {c['type']:6} t={c['threads']} depth={c['depth']:>5}: "
+                               c["reps"], c.get("kv", "f16"))
+                log(f"  {e:9} {c['shape']:>4} {c['type']:6} t={c['threads']} depth={c['depth']:>5} "
+                    f"kv={c.get('kv', 'f16')}: "
                     f"prefill {v['prefill']} decode {v['decode']} ({time.time() - t0:.0f} s)")
                 c[e]["prefill_all"].append(v["prefill"])
                 c[e]["decode_all"].append(v["decode"])
@@ -235,7 +245,7 @@ def add_bounds(args, cells, bw, mach):
         if c["path"] not in wb:
             wb[c["path"]] = weight_bytes(args, c["path"])
         c["weight_bytes"] = wb[c["path"]]
-        c["kv_bytes_per_token"] = kv_bytes_per_token(c["shape"])
+        c["kv_bytes_per_token"] = kv_bytes_per_token(c["shape"], c.get("kv", "f16"))
         bytes_per_token = c["weight_bytes"] + c["depth"] * c["kv_bytes_per_token"]
         gbs = bw[c["threads"]]["read_gbs"] * 1e9
         macs = layer_macs(c["shape"]) + (
@@ -401,7 +411,9 @@ def plots(args, doc):
     series = {}
     for c in ctx_cells:
         for e in ENGINES:
-            series.setdefault(f"{e} {c['type']} {c['threads']}t", [None] * len(depths))[depths.index(c["depth"])] = \
+            kv = c.get("kv", "f16")
+            series.setdefault(f"{e} {c['type']} {c['threads']}t{'' if kv == 'f16' else ' kv ' + kv}",
+                              [None] * len(depths))[depths.index(c["depth"])] = \
                 c[e]["decode"]
     svg_plot(os.path.join(args.out, "bench_matrix_context.svg"),
              f"Decode tok/s against context ({ctx_cells[0]['shape'] if ctx_cells else ''} shape)",
@@ -426,8 +438,8 @@ def fmt(x, d=1):
 
 
 def table(doc):
-    lines = ["| what | shape | type | threads | ctx | ferrolm tok/s | llama.cpp tok/s | ratio | "
-             "ferrolm / llama.cpp fraction of bound |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| what | shape | type | threads | ctx | KV | ferrolm tok/s | llama.cpp tok/s | ratio | "
+             "ferrolm / llama.cpp fraction of bound |", "|---|---|---|---|---|---|---|---|---|---|"]
     for part in ("size", "context"):
         for c in doc[part]:
             for kind, key, frac in (("prefill", "prefill", "prefill_compute_fraction"),
@@ -439,11 +451,12 @@ def table(doc):
                 r = f / l if f and l else None
                 lines.append(
                     f"| {kind}{' ' + str(c['prefill']) if kind == 'prefill' else ''} | {c['shape']} | {c['type']} | "
-                    f"{c['threads']} | {c['depth'] if kind == 'decode' else 0} | {fmt(f)} | {fmt(l)} | {fmt(r, 2)} | "
+                    f"{c['threads']} | {c['depth'] if kind == 'decode' else 0} | {c.get('kv', 'f16')} | "
+                    f"{fmt(f)} | {fmt(l)} | {fmt(r, 2)} | "
                     f"{fmt(fe.get(frac), 2)} / {fmt(le.get(frac), 2)} |")
     for name, s in doc["serving"].items():
         for r in s["levels"]:
-            lines.append(f"| serve {r['streams']} streams | {name} | | 2 | | {fmt(r.get('ferrolm'))} | "
+            lines.append(f"| serve {r['streams']} streams | {name} | | 2 | | | {fmt(r.get('ferrolm'))} | "
                          f"{fmt(r.get('llama.cpp'))} | {fmt(r['ratio'], 2)} | |")
     return "\n".join(lines)
 
@@ -462,6 +475,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2; --quick 1)")
     ap.add_argument("--shapes", default=None, help="comma-separated subset of 135M,360M,1.7B")
     ap.add_argument("--types", default=None, help="comma-separated subset of q4_k_m,q4_0,q8_0")
+    ap.add_argument("--kv-types", default="f16",
+                    help="KV cache types the context part runs, comma separated (default f16; "
+                         "also q8_0, q4_0: llama.cpp runs them with flash attention on)")
     ap.add_argument("--depths", default=None, help="decode contexts (default 0,1024,4096,8000; --quick 0,1024)")
     ap.add_argument("--streams", default=None, help="server concurrency levels (default 1,4,16,32; --quick 1,4)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: size,context,serving")
@@ -497,6 +513,9 @@ def main():
     levels = ([int(x) for x in args.streams.split(",")] if args.streams
               else [1, 4] if args.quick else [1, 4, 16, 32])
     skip = set(filter(None, args.skip.split(",")))
+    kv_types = args.kv_types.split(",")
+    if not kv_types or any(k not in KV_ELEM_BYTES for k in kv_types):
+        sys.exit(f"--kv-types: a comma-separated subset of {','.join(KV_ELEM_BYTES)}")
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
 
@@ -533,8 +552,8 @@ def main():
         shape = "360M" if "360M" in shapes else shapes[0]
         ty = "q4_k_m" if "q4_k_m" in types else types[0]
         cells = [dict(shape=shape, type=ty, path=files[(shape, ty)], threads=t, prefill=None,
-                      decode_tokens=64, depth=d, reps=1)
-                 for t in ((2,) if args.quick else (1, 2)) for d in depths]
+                      decode_tokens=64, depth=d, reps=1, kv=kv)
+                 for kv in kv_types for t in ((2,) if args.quick else (1, 2)) for d in depths]
         measure_cells(args, cells, 1)
         add_bounds(args, cells, bw, mach)
         doc["context"] = cells
