@@ -105,7 +105,7 @@ fn every_type_is_bit_identical_to_llama_quantize_from_the_same_f32_source() {
             .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let f32 = f32_source();
-    let sha: String = Sha256::digest(std::fs::read(&f32).unwrap())
+    let sha: String = Sha256::digest(std::fs::read(f32).unwrap())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
@@ -116,7 +116,7 @@ fn every_type_is_bit_identical_to_llama_quantize_from_the_same_f32_source() {
     let cases = want["cases"].as_object().unwrap();
     assert!(cases.len() >= 26, "golden has {} cases", cases.len());
     let imatrix = dir.path().join("imatrix.gguf");
-    synthetic_imatrix(&f32, &imatrix);
+    synthetic_imatrix(f32, &imatrix);
     let mut report = Vec::new();
     for (case, tensors) in cases {
         let mut words = case.split_whitespace();
