@@ -277,7 +277,8 @@ impl Linear {
     }
 
     /// Put the weights in the layout `isa`'s fastest kernel reads (16-row groups for AVX-512
-    /// VNNI, 5-bit packing of Q5 matrices for AVX2); a no-op for others.
+    /// VNNI; for AVX2 16-row groups of the K-quants and Q4_1, 5-bit packing of Q5 matrices,
+    /// see [`crate::quant::QMatrix::prepare_avx2`]); a no-op for others.
     pub fn prepare(&mut self, isa: Isa) {
         match (self, isa) {
             (Linear::Q(q), Isa::Avx512Vnni) => {

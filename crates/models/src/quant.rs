@@ -38,13 +38,19 @@
 //! block by their rows' integer sub-block scales; a [`Grain::Sub16`] matrix whose rows do not
 //! come in 16s runs the AVX2 kernel on AVX-512 machines.
 //!
-//! On AVX2 (no AVX-512) the loader re-lays 8-bit matrices whose values are all below 32 (the
+//! On AVX2 (no AVX-512) the loader interleaves the K-quants (and Q4_1) as [`Layout::Group16`]
+//! too where their rows come in 16s ([`QMatrix::prepare_avx2`]): `x86::group16_avx2` and
+//! `x86::group16_sub16_avx2` run each 16-row group as two halves of 8, one row per 32-bit
+//! lane, `vpmaddubsw` against 4 broadcast activation bytes standing in for `vpdpbusd` (the
+//! i16 sums are kept below saturation, see the kernels), then one `vpmaddwd` per block.
+//! It re-lays 8-bit matrices whose values are all below 32 (the
 //! Q5 types) as [`Layout::Packed5`], 5 bits per quant, since decoding one token is bound by
 //! the bytes it reads; the decode kernel (`x86::rows_avx2`) takes four rows per pass. From
-//! [`GEMM_MIN_TOKENS`] tokens on (prefill), AVX2 matmuls instead dequantize each chunk of rows
-//! to an f32 panel and run `gemm`'s register-blocked f32 kernel on the dequantized
-//! activations: the same quantized operands, ~3× the multiply-adds per second of the integer
-//! kernel at 512 tokens.
+//! [`GEMM_MIN_TOKENS`] tokens on (prefill) and with [`batch_invariant`] off, AVX2 matmuls of
+//! row-major matrices instead dequantize each chunk of rows to an f32 panel and run `gemm`'s
+//! register-blocked f32 kernel on the dequantized activations: the same quantized operands,
+//! ~3× the multiply-adds per second of the row integer kernel at 512 tokens ([`Layout::Group16`]
+//! matrices stay on their group kernels in that mode).
 
 use crate::mat::{gemm_to_ptr, Mat, Par};
 use half::f16;
@@ -403,20 +409,24 @@ impl QMatrix {
     /// Re-lay a row-major [`Grain::Block32`] matrix for the AVX2 kernels, which are bound by
     /// the bytes decoding reads: drop `m` where every offset is a fixed multiple of `d`
     /// ([`Self::m_fixed`]), pack 8-bit matrices whose values are all below 32 (the Q5 types)
-    /// as [`Layout::Packed5`], and store Q8_0 as [`Layout::Signed8`]. Lossless; a no-op for
-    /// anything else.
+    /// as [`Layout::Packed5`], store Q8_0 as [`Layout::Signed8`], and interleave the rest of
+    /// what the AVX2 group kernels read ([`Self::avx2_groups`]: Q4_K, Q4_1, Q2_K, Q3_K, Q6_K)
+    /// as [`Layout::Group16`] where the rows come in 16s. Lossless; a no-op for anything else.
     pub fn prepare_avx2(&mut self) {
-        if self.layout != Layout::Rows || self.grain != Grain::Block32 {
+        if self.layout != Layout::Rows {
             return;
         }
-        let fixed = [-8.0f32, -16.0, -128.0]
-            .into_iter()
-            .find(|&c| self.d.iter().zip(&self.m).all(|(&d, &m)| m == c * d));
+        let fixed = [-8.0f32, -16.0, -128.0].into_iter().find(|&c| {
+            self.grain == Grain::Block32 && self.d.iter().zip(&self.m).all(|(&d, &m)| m == c * d)
+        });
         if let Some(c) = fixed {
             self.m_fixed = Some(c);
             self.m = Vec::new();
         }
-        if self.bits != QBits::Eight {
+        if self.avx2_groups() && self.interleave16() {
+            return;
+        }
+        if self.grain != Grain::Block32 || self.bits != QBits::Eight {
             return;
         }
         if self.qs.iter().all(|&v| v < 32) {
@@ -502,6 +512,17 @@ impl QMatrix {
             small: vmax < 64,
             m_fixed: None,
         })
+    }
+
+    /// The AVX2 group kernels (`x86::group16_avx2`, `x86::group16_sub16_avx2`) read this
+    /// matrix once it is in [`Layout::Group16`]: 4-bit [`Grain::Block32`] quants (Q4_K, Q4_1)
+    /// or [`Grain::Sub16`] ones below 64 (Q2_K, Q3_K, Q6_K), whose `vpmaddubsw` sums cannot
+    /// saturate. 8-bit [`Grain::Block32`] matrices keep their AVX2 row layouts.
+    fn avx2_groups(&self) -> bool {
+        match self.grain {
+            Grain::Block32 => self.bits == QBits::Four && self.m_fixed.is_none(),
+            Grain::Sub16 => self.small,
+        }
     }
 
     /// Bytes of one (16-row group, block) of quants in [`Layout::Group16`].
@@ -1365,6 +1386,192 @@ mod x86 {
         }
     }
 
+    /// Rows `8h..8h+8` of one block of a [`super::Layout::Group16`] group at `q`, four
+    /// quant vectors `k0..k0+4` (elements `4k..4k+4` of row `8h + r` in 32-bit lane `r`; 4-bit
+    /// pairs unpacked): the AVX2 half of [`group_block`].
+    #[inline(always)]
+    unsafe fn group_quarter(q: *const u8, four: bool, h: usize, k0: usize) -> [__m256i; 4] {
+        unsafe {
+            if four {
+                let mask = _mm256_set1_epi8(0x0F);
+                let p0 = k0 / 2;
+                let v0 = _mm256_loadu_si256(q.add(p0 * 64 + h * 32) as *const __m256i);
+                let v1 = _mm256_loadu_si256(q.add((p0 + 1) * 64 + h * 32) as *const __m256i);
+                [
+                    _mm256_and_si256(v0, mask),
+                    _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask),
+                    _mm256_and_si256(v1, mask),
+                    _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask),
+                ]
+            } else {
+                std::array::from_fn(|i| {
+                    _mm256_loadu_si256(q.add((k0 + i) * 64 + h * 32) as *const __m256i)
+                })
+            }
+        }
+    }
+
+    /// `Σ_i vpmaddubsw(wz[i], 4 activation bytes k0+i broadcast)` in i16: for each row lane,
+    /// two i16 sums of products. With quants below 16 a lane's i16 is at most 4·2·15·127 =
+    /// 15240; with quants below 64, two terms are at most 2·2·63·127 = 32004 (`pairs`).
+    #[inline(always)]
+    unsafe fn maddubs_bcast(wz: &[__m256i], xq: *const i32, k0: usize) -> __m256i {
+        unsafe {
+            let mut s = _mm256_maddubs_epi16(wz[0], _mm256_set1_epi32(xq.add(k0).read_unaligned()));
+            for (i, w) in wz.iter().enumerate().skip(1) {
+                let x = _mm256_set1_epi32(xq.add(k0 + i).read_unaligned());
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(*w, x));
+            }
+            s
+        }
+    }
+
+    /// [`group16`] with AVX2 for a 4-bit [`super::Grain::Block32`] matrix (Q4_K, Q4_1): the
+    /// 16 rows as two halves of 8, one row per 32-bit lane. Per block and token, eight
+    /// `vpmaddubsw` against broadcast activation bytes summed in i16 (quants below 16: at
+    /// most 8·2·15·127 = 30480, no saturation), one `vpmaddwd` by ones, then the scale FMA and
+    /// the offset FMA, the same float operations whatever NT is (batch invariance).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn group16_avx2<const NT: usize>(
+        w: &super::QMatrix,
+        g: usize,
+        x: &super::QActs,
+        t0: usize,
+        out: *mut f32,
+        m: usize,
+    ) {
+        let nb = w.cols / QK;
+        let gbb = w.group_block_bytes();
+        assert!(w.bits == super::QBits::Four && w.grain == super::Grain::Block32);
+        assert!((g + 1) * nb * gbb <= w.qs.len() && (g + 1) * nb * 16 <= w.d.len());
+        assert!((g + 1) * nb * 16 <= w.m.len() && (t0 + NT) * nb <= x.d.len());
+        assert!((t0 + NT) * w.cols <= x.qs.len() && (t0 + NT) * nb <= x.sx.len());
+        let ones = _mm256_set1_epi16(1);
+        // SAFETY (whole body): every read stays inside the group and tokens asserted above.
+        unsafe {
+            let qbase = w.qs.as_ptr().add(g * nb * gbb);
+            let dbase = w.d.as_ptr().add(g * nb * 16);
+            let mbase = w.m.as_ptr().add(g * nb * 16);
+            for h in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); NT];
+                for b in 0..nb {
+                    let q = qbase.add(b * gbb);
+                    let mut s = [_mm256_setzero_si256(); NT];
+                    for k0 in [0, 4] {
+                        let wz = group_quarter(q, true, h, k0);
+                        for (t, s) in s.iter_mut().enumerate() {
+                            let xq = x.qs.as_ptr().add((t0 + t) * w.cols + b * QK) as *const i32;
+                            *s = _mm256_add_epi16(*s, maddubs_bcast(&wz, xq, k0));
+                        }
+                    }
+                    let wd = _mm256_loadu_ps(dbase.add(b * 16 + h * 8));
+                    let wm = _mm256_loadu_ps(mbase.add(b * 16 + h * 8));
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let tok = t0 + t;
+                        let isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[t], ones));
+                        let xd = _mm256_set1_ps(*x.d.get_unchecked(tok * nb + b));
+                        let xs = _mm256_set1_ps(*x.sx.get_unchecked(tok * nb + b));
+                        *a = _mm256_fmadd_ps(isum, _mm256_mul_ps(wd, xd), *a);
+                        *a = _mm256_fmadd_ps(wm, xs, *a);
+                    }
+                }
+                for (t, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.add((t0 + t) * m + g * 16 + h * 8), *a);
+                }
+            }
+        }
+    }
+
+    /// [`group16_sub16`] with AVX2: the 16 rows as two halves of 8, one row per 32-bit lane.
+    /// Per 16-element sub-block and token, four `vpmaddubsw` against broadcast activation
+    /// bytes, summed two by two in i16 (quants below 64: at most 32004), and two `vpmaddwd`
+    /// whose multiplier is the row's integer sub-block scale in both i16 halves of its lane:
+    /// the block's `sc_lo·Σ_lo + sc_hi·Σ_hi` comes out exact in i32, as
+    /// [`super::dot_sub16_scalar`] forms it, then one convert and one FMA by `dx`. Each token's
+    /// result is the same float operations whatever NT is (batch invariance).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn group16_sub16_avx2<const NT: usize>(
+        w: &super::QMatrix,
+        g: usize,
+        x: &super::QActs,
+        t0: usize,
+        out: *mut f32,
+        m: usize,
+    ) {
+        let (nb, nsb, n16) = (w.cols / QK, w.cols / super::QK_K, w.cols / 16);
+        let four = w.bits == super::QBits::Four;
+        let gbb = w.group_block_bytes();
+        assert!(w.grain == super::Grain::Sub16 && w.small);
+        assert!((g + 1) * nsb * 512 <= w.scm.len() && (g + 1) * nb * gbb <= w.qs.len());
+        assert!((g + 1) * nsb * 16 <= w.d.len() && (g + 1) * nsb * 16 <= w.m.len());
+        assert!((t0 + NT) * w.cols <= x.qs.len() && (t0 + NT) * n16 <= x.s16.len());
+        assert!((t0 + NT) * nb <= x.d.len());
+        // 8 i8 scales (one per row) → each row's scale in both i16 halves of its lane.
+        let both = _mm256_set_epi8(
+            13, 12, 13, 12, 9, 8, 9, 8, 5, 4, 5, 4, 1, 0, 1, 0, 13, 12, 13, 12, 9, 8, 9, 8, 5, 4,
+            5, 4, 1, 0, 1, 0,
+        );
+        let scales = |p: *const i8| unsafe {
+            let s = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i));
+            _mm256_shuffle_epi8(s, both)
+        };
+        // SAFETY (whole body): every read stays inside the group and tokens asserted above.
+        unsafe {
+            let qbase = w.qs.as_ptr().add(g * nb * gbb);
+            for h in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); NT];
+                for sb in 0..nsb {
+                    let gsb = g * nsb + sb;
+                    let scm = w.scm.as_ptr().add(gsb * 512 + h * 8);
+                    let mut fsum = [_mm256_setzero_ps(); NT];
+                    for bb in 0..8 {
+                        let b = sb * 8 + bb;
+                        let q = qbase.add(b * gbb);
+                        let mut isum = [_mm256_setzero_si256(); NT];
+                        for half in 0..2 {
+                            let sc = scales(scm.add(32 * bb + 16 * half));
+                            let wz = group_quarter(q, four, h, 4 * half);
+                            for (t, i) in isum.iter_mut().enumerate() {
+                                let xq =
+                                    x.qs.as_ptr().add((t0 + t) * w.cols + b * QK) as *const i32;
+                                let s0 = maddubs_bcast(&wz[..2], xq, 4 * half);
+                                let s1 = maddubs_bcast(&wz[2..], xq, 4 * half + 2);
+                                let p = _mm256_add_epi32(
+                                    _mm256_madd_epi16(s0, sc),
+                                    _mm256_madd_epi16(s1, sc),
+                                );
+                                *i = _mm256_add_epi32(*i, p);
+                            }
+                        }
+                        for (t, f) in fsum.iter_mut().enumerate() {
+                            let xd = _mm256_set1_ps(*x.d.get_unchecked((t0 + t) * nb + b));
+                            *f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), xd, *f);
+                        }
+                    }
+                    let mut off = [_mm256_setzero_ps(); NT];
+                    for j in 0..16 {
+                        let mn = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                            scm.add(256 + 16 * j) as *const __m128i,
+                        )));
+                        for (t, o) in off.iter_mut().enumerate() {
+                            let s16 = *x.s16.get_unchecked((t0 + t) * n16 + sb * 16 + j);
+                            *o = _mm256_fmadd_ps(mn, _mm256_set1_ps(s16), *o);
+                        }
+                    }
+                    let dsb = _mm256_loadu_ps(w.d.as_ptr().add(gsb * 16 + h * 8));
+                    let msb = _mm256_loadu_ps(w.m.as_ptr().add(gsb * 16 + h * 8));
+                    for t in 0..NT {
+                        acc[t] = _mm256_fmadd_ps(fsum[t], dsb, acc[t]);
+                        acc[t] = _mm256_fmadd_ps(off[t], msb, acc[t]);
+                    }
+                }
+                for (t, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.add((t0 + t) * m + g * 16 + h * 8), *a);
+                }
+            }
+        }
+    }
+
     #[inline(always)]
     unsafe fn load2(p: *const f32) -> __m128 {
         unsafe { _mm_castpd_ps(_mm_load_sd(p as *const f64)) }
@@ -1853,11 +2060,13 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
         let p = ptr;
         let rows = c * chunk..((c + 1) * chunk).min(m);
         // SAFETY (all writes below): (t, r) pairs are disjoint across chunks and in bounds.
-        if (w.layout == Layout::Group16 && isa != Isa::Avx512Vnni)
+        if (w.layout == Layout::Group16
+            && (isa == Isa::Scalar || (isa == Isa::Avx2 && !w.avx2_groups())))
             || ((w.m_fixed.is_some() || matches!(w.layout, Layout::Packed5 | Layout::Signed8))
                 && isa != Isa::Avx2)
         {
-            // Only the AVX-512 loader interleaves; anyone else gets a slow, correct answer.
+            // The loaders interleave only what their ISA's group kernels read; anything else
+            // gets a slow, correct answer.
             let mut wr = vec![0f32; w.cols];
             for r in rows {
                 w.dequantize_row(r, &mut wr);
@@ -1878,12 +2087,18 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
                 for g in groups.clone() {
                     macro_rules! go {
                         ($nt:literal) => {
-                            match w.grain {
-                                Grain::Block32 => unsafe {
+                            match (isa, w.grain) {
+                                (Isa::Avx512Vnni, Grain::Block32) => unsafe {
                                     x86::group16::<$nt>(w, g, x, t, p.0, m)
                                 },
-                                Grain::Sub16 => unsafe {
+                                (Isa::Avx512Vnni, Grain::Sub16) => unsafe {
                                     x86::group16_sub16::<$nt>(w, g, x, t, p.0, m)
+                                },
+                                (_, Grain::Block32) => unsafe {
+                                    x86::group16_avx2::<$nt>(w, g, x, t, p.0, m)
+                                },
+                                (_, Grain::Sub16) => unsafe {
+                                    x86::group16_sub16_avx2::<$nt>(w, g, x, t, p.0, m)
                                 },
                             }
                         };
@@ -2172,8 +2387,12 @@ mod tests {
                 qa.quantize(&x, n, cols);
                 let mut want = vec![0f32; n * rows];
                 matmul(Isa::Scalar, &w, &qa, &mut want);
-                // The group kernel where the CPU has it, the fallback everywhere.
+                // The group kernels where the CPU has them (AVX2's reads the 4-bit types, the
+                // 8-bit one takes its fallback), the fallback everywhere.
                 let mut isas = vec![Isa::Scalar];
+                if Isa::detect() != Isa::Scalar {
+                    isas.push(Isa::Avx2);
+                }
                 if Isa::detect() == Isa::Avx512Vnni {
                     isas.push(Isa::Avx512Vnni);
                 }
