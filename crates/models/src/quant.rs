@@ -46,11 +46,12 @@
 //! It re-lays 8-bit matrices whose values are all below 32 (the
 //! Q5 types) as [`Layout::Packed5`], 5 bits per quant, since decoding one token is bound by
 //! the bytes it reads; the decode kernel (`x86::rows_avx2`) takes four rows per pass. From
-//! [`GEMM_MIN_TOKENS`] tokens on (prefill) and with [`batch_invariant`] off, AVX2 matmuls of
-//! row-major matrices instead dequantize each chunk of rows to an f32 panel and run `gemm`'s
-//! register-blocked f32 kernel on the dequantized activations: the same quantized operands,
-//! ~3× the multiply-adds per second of the row integer kernel at 512 tokens ([`Layout::Group16`]
-//! matrices stay on their group kernels in that mode).
+//! [`GEMM_MIN_TOKENS`] tokens on (prefill) and with [`batch_invariant`] off, AVX2 matmuls
+//! instead dequantize each chunk of rows to an f32 panel and run `gemm`'s register-blocked f32
+//! kernel on the dequantized activations: the same quantized operands, ~3× the multiply-adds
+//! per second of the row integer kernel at 512 tokens, and ~1.4× the group kernels' (Q4_1
+//! SmolLM2 with `FERROLM_ISA=avx2`: ~480 against ~335 tok/s at 512 tokens, 1 thread), so the
+//! loader leaves matrices row-major in that mode.
 
 use crate::mat::{gemm_to_ptr, Mat, Par};
 use half::f16;
@@ -423,7 +424,10 @@ impl QMatrix {
             self.m_fixed = Some(c);
             self.m = Vec::new();
         }
-        if self.avx2_groups() && self.interleave16() {
+        // Prompts with batch invariance off (`FERROLM_BATCH_INVARIANT=0`, read once at load
+        // here) take the f32 GEMM panels, which dequantize row-major matrices fastest: grouped,
+        // Q4_1 SmolLM2 prefill-512 fell from ~480 to ~330 tok/s on one thread.
+        if batch_invariant() && self.avx2_groups() && self.interleave16() {
             return;
         }
         if self.grain != Grain::Block32 || self.bits != QBits::Eight {
@@ -875,6 +879,13 @@ impl QActs {
     /// Quantize `x` (`n × cols`, row-major) in place of the previous contents; buffers are
     /// reused, so steady-state decoding allocates nothing.
     pub fn quantize(&mut self, x: &[f32], n: usize, cols: usize) {
+        self.quantize_with(x, n, cols, n >= GEMM_MIN_TOKENS && !batch_invariant());
+    }
+
+    /// [`Self::quantize`], choosing the path: `gemm` also keeps the dequantized activations,
+    /// and AVX2 matmuls of them take the f32 GEMM path (what `FERROLM_BATCH_INVARIANT=0` picks
+    /// from [`GEMM_MIN_TOKENS`] tokens on; tests take it without the process-wide switch).
+    pub fn quantize_with(&mut self, x: &[f32], n: usize, cols: usize, gemm: bool) {
         debug_assert_eq!(x.len(), n * cols);
         let nb = cols / QK;
         self.n = n;
@@ -903,7 +914,7 @@ impl QActs {
             self.s16[2 * bi] = d * s0 as f32;
             self.s16[2 * bi + 1] = d * (sum - s0) as f32;
         }
-        self.gemm = n >= GEMM_MIN_TOKENS && !batch_invariant();
+        self.gemm = gemm;
         if self.gemm {
             self.xf.resize(n * cols, 0.0);
             for (bi, (o, q)) in self
@@ -2016,10 +2027,7 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
     let ptr = SendPtr(out.as_mut_ptr());
     // Enough chunks for work stealing to absorb a busy core, few enough to stay cheap.
     let chunk = (m / (4 * rayon::current_num_threads().max(1))).clamp(16, 512) / 16 * 16;
-    if isa == Isa::Avx2
-        && x.gemm
-        && matches!(w.layout, Layout::Rows | Layout::Packed5 | Layout::Signed8)
-    {
+    if isa == Isa::Avx2 && x.gemm {
         // Prefill on AVX2: each chunk of rows dequantized to an f32 panel, multiplied by the
         // dequantized activations with `gemm`'s register-blocked kernel. The integer path does
         // one (row, token) dot product at a time; this one reuses every loaded weight across
@@ -2037,7 +2045,16 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
                 let rows = c * chunk..((c + 1) * chunk).min(m);
                 let rn = rows.len();
                 panel.resize(rn * w.cols, 0.0);
-                w.dequantize_rows(rows.clone(), panel);
+                if w.layout == Layout::Group16 {
+                    // Grouped for the integer kernels (batch invariance was on at load and
+                    // is off now, or the matrix came grouped): row by row, slower than the
+                    // row-major panels but correct.
+                    for (o, r) in panel.chunks_exact_mut(w.cols).zip(rows.clone()) {
+                        w.dequantize_row(r, o);
+                    }
+                } else {
+                    w.dequantize_rows(rows.clone(), panel);
+                }
                 // SAFETY: writes the n × rn block of `out` at column `rows.start` with row
                 // stride m, which is in bounds (asserted above) and disjoint across chunks.
                 unsafe {

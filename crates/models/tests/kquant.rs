@@ -8,7 +8,7 @@
 
 use ferrolm_gguf::{writer::GgufWriter, GgmlType, GgufFile};
 use ferrolm_models::linear::{dequantize, Linear};
-use ferrolm_models::quant::{matmul, Isa, QActs, QMatrix};
+use ferrolm_models::quant::{matmul, Isa, QActs, QMatrix, GEMM_MIN_TOKENS};
 use half::f16;
 
 const ALL: [GgmlType; 10] = [
@@ -194,6 +194,20 @@ fn every_kernel_matches_scalar_and_f32_on_every_type() {
                 }
                 let mut got = vec![0f32; n * rows];
                 matmul(isa, &wi, &acts, &mut got);
+                if isa == Isa::Avx2 && n >= GEMM_MIN_TOKENS {
+                    // The f32 GEMM prompt path (`FERROLM_BATCH_INVARIANT=0`), which reads
+                    // grouped matrices too: the same operands, float rounding apart.
+                    let mut fa = QActs::default();
+                    fa.quantize_with(&x, n, cols, true);
+                    let mut by_gemm = vec![0f32; n * rows];
+                    matmul(isa, &wi, &fa, &mut by_gemm);
+                    for (i, (a, b)) in by_gemm.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 2e-5 * scale,
+                            "{ty:?} GEMM path {rows}×{cols}, {n} tokens, output {i}: {a} vs scalar {b}"
+                        );
+                    }
+                }
                 let mut via_linear = vec![0f32; n * rows];
                 lin.forward(isa, &x, n, &mut QActs::default(), &mut via_linear)
                     .unwrap();
@@ -228,8 +242,8 @@ fn every_kernel_matches_scalar_and_f32_on_every_type() {
 /// token blocks, row and token tails) equal the same tokens' one-token products bit for bit,
 /// so a token's logits do not depend on what it is batched with. Row counts in 16s take the
 /// AVX-512 16-row group kernels, the others the row kernels. (With
-/// `FERROLM_BATCH_INVARIANT=0` the AVX2 prompt path is an f32 GEMM instead, which this test
-/// does not cover: the process default is on.)
+/// `FERROLM_BATCH_INVARIANT=0` the AVX2 prompt path is an f32 GEMM instead, not batch
+/// invariant by design; the every-kernel test above holds it to the scalar kernel.)
 #[test]
 fn prompts_equal_one_token_products_bitwise_on_every_type() {
     assert!(ferrolm_models::quant::batch_invariant());
