@@ -2027,13 +2027,14 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
     let ptr = SendPtr(out.as_mut_ptr());
     // Enough chunks for work stealing to absorb a busy core, few enough to stay cheap.
     let chunk = (m / (4 * rayon::current_num_threads().max(1))).clamp(16, 512) / 16 * 16;
-    if isa == Isa::Avx2 && x.gemm {
+    if isa == Isa::Avx2 && x.gemm && w.layout != Layout::Group16 {
         // Prefill on AVX2: each chunk of rows dequantized to an f32 panel, multiplied by the
         // dequantized activations with `gemm`'s register-blocked kernel. The integer path does
         // one (row, token) dot product at a time; this one reuses every loaded weight across
         // tokens (3.6× the multiply-adds per second at 512 tokens, `examples/matmul.rs`).
         // Same quantized operands, so results differ from the integer path only in float
-        // rounding.
+        // rounding. (A grouped matrix, which the loader makes only with batch invariance
+        // on, takes its integer group kernel below, as with invariance on.)
         assert!(
             x.xf.len() >= n * w.cols,
             "activations were quantized for the integer path"
@@ -2045,16 +2046,7 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
                 let rows = c * chunk..((c + 1) * chunk).min(m);
                 let rn = rows.len();
                 panel.resize(rn * w.cols, 0.0);
-                if w.layout == Layout::Group16 {
-                    // Grouped for the integer kernels (batch invariance was on at load and
-                    // is off now, or the matrix came grouped): row by row, slower than the
-                    // row-major panels but correct.
-                    for (o, r) in panel.chunks_exact_mut(w.cols).zip(rows.clone()) {
-                        w.dequantize_row(r, o);
-                    }
-                } else {
-                    w.dequantize_rows(rows.clone(), panel);
-                }
+                w.dequantize_rows(rows.clone(), panel);
                 // SAFETY: writes the n × rn block of `out` at column `rows.start` with row
                 // stride m, which is in bounds (asserted above) and disjoint across chunks.
                 unsafe {

@@ -195,8 +195,10 @@ fn every_kernel_matches_scalar_and_f32_on_every_type() {
                 let mut got = vec![0f32; n * rows];
                 matmul(isa, &wi, &acts, &mut got);
                 if isa == Isa::Avx2 && n >= GEMM_MIN_TOKENS {
-                    // The f32 GEMM prompt path (`FERROLM_BATCH_INVARIANT=0`), which reads
-                    // grouped matrices too: the same operands, float rounding apart.
+                    // Activations quantized for the f32 GEMM prompt path
+                    // (`FERROLM_BATCH_INVARIANT=0`): row-major matrices take the GEMM panels,
+                    // grouped ones their integer group kernel; the same operands either way,
+                    // float rounding apart.
                     let mut fa = QActs::default();
                     fa.quantize_with(&x, n, cols, true);
                     let mut by_gemm = vec![0f32; n * rows];
