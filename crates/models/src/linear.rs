@@ -280,14 +280,8 @@ impl Linear {
     /// VNNI; for AVX2 16-row groups of the K-quants and Q4_1, 5-bit packing of Q5 matrices,
     /// see [`crate::quant::QMatrix::prepare_avx2`]); a no-op for others.
     pub fn prepare(&mut self, isa: Isa) {
-        match (self, isa) {
-            (Linear::Q(q), Isa::Avx512Vnni) => {
-                q.interleave16();
-            }
-            (Linear::Q(q), Isa::Avx2) => {
-                q.prepare_avx2();
-            }
-            _ => {}
+        if let Linear::Q(q) = self {
+            q.prepare(isa);
         }
     }
 
