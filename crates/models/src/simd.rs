@@ -98,8 +98,10 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// Attention of the `g = q.len() / kv.head_dim` query heads that share one KV head (GQA):
 /// `out_h = softmax(scale · q_h·K_j) · V_j` over the rows of `kv` that start at `offs[j]`.
 /// `q` and `out` hold the `g` heads back to back; `scores` is scratch. Doing the group together
-/// reads (and dequantizes) each K and V row once for all its heads.
-pub fn attend(
+/// reads (and dequantizes) each K and V row once for all its heads. (The attention runs
+/// [`attend_partial`] and merges; this whole-context form is for the kernels' tests.)
+#[cfg(test)]
+pub(crate) fn attend(
     q: &[f32],
     kv: &KvLayer,
     offs: &[usize],
@@ -107,24 +109,47 @@ pub fn attend(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    let mut ml = vec![[0f32; 2]; q.len() / kv.head_dim];
+    attend_partial(q, kv, offs, scale, scores, out, &mut ml);
+    for (oh, &[_, l]) in out.chunks_exact_mut(kv.head_dim).zip(&ml) {
+        let inv = 1.0 / l;
+        oh.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// [`attend`] over one part of a context, left for the caller to merge with the other parts
+/// (flash-decoding): `out_h = Σ_j e^(s_hj − m_h) · V_j` unnormalized, and `ml[h] = [m_h, l_h]`
+/// with `s_hj = scale · q_h·K_j`, `m_h = max_j s_hj` and `l_h = Σ_j e^(s_hj − m_h)`. `offs`
+/// must not be empty.
+pub fn attend_partial(
+    q: &[f32],
+    kv: &KvLayer,
+    offs: &[usize],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    ml: &mut [[f32; 2]],
+) {
     debug_assert_eq!(q.len(), out.len());
+    debug_assert!(!offs.is_empty());
     let hd = kv.head_dim;
+    debug_assert_eq!(ml.len(), q.len() / hd);
     #[cfg(target_arch = "x86_64")]
     if has_f16c() && hd.is_multiple_of(8) && q.len() / hd <= MAX_GROUP {
         // SAFETY: features checked above; every row is bounds-checked inside.
         unsafe {
             match kv.kind {
-                KvType::F16 => attend_avx2::<F16>(q, kv, offs, scale, scores, out),
-                KvType::Q8_0 => attend_avx2::<Q8>(q, kv, offs, scale, scores, out),
-                KvType::Q4_0 => attend_avx2::<Q4>(q, kv, offs, scale, scores, out),
+                KvType::F16 => attend_avx2::<F16>(q, kv, offs, scale, scores, out, ml),
+                KvType::Q8_0 => attend_avx2::<Q8>(q, kv, offs, scale, scores, out, ml),
+                KvType::Q4_0 => attend_avx2::<Q4>(q, kv, offs, scale, scores, out, ml),
             }
         }
         return;
     }
-    attend_scalar(q, kv, offs, scale, scores, out);
+    attend_scalar(q, kv, offs, scale, scores, out, ml);
 }
 
-/// [`attend`] the obvious way: each row dequantized, then dot products, softmax, axpys.
+/// [`attend_partial`] the obvious way: each row dequantized, then dot products, exps, axpys.
 fn attend_scalar(
     q: &[f32],
     kv: &KvLayer,
@@ -132,6 +157,7 @@ fn attend_scalar(
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
+    ml: &mut [[f32; 2]],
 ) {
     let hd = kv.head_dim;
     let n = offs.len();
@@ -144,10 +170,9 @@ fn attend_scalar(
             scores[h * n + j] = qh.iter().zip(&row).map(|(a, b)| a * b).sum::<f32>() * scale;
         }
     }
-    for sc in scores.chunks_exact_mut(n.max(1)) {
+    for (sc, ml) in scores.chunks_exact_mut(n.max(1)).zip(ml.iter_mut()) {
         let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-        let inv = 1.0 / exp_sub_sum(sc, mx);
-        sc.iter_mut().for_each(|x| *x *= inv);
+        *ml = [mx, exp_sub_sum(sc, mx)];
     }
     out.fill(0.0);
     for (j, &o) in offs.iter().enumerate() {
@@ -159,9 +184,12 @@ fn attend_scalar(
     }
 }
 
-/// Most query heads per KV head the vectorized [`attend`] takes in one pass (one accumulator
-/// register each).
-const MAX_GROUP: usize = 8;
+/// Most query heads the vectorized [`attend_partial`] takes in one pass (one accumulator
+/// register each): a KV head's group of query heads, for one token or several (the
+/// attention's one-token path stacks up to `MAX_GROUP / group` tokens of a sequence that
+/// share a chunk of positions, so each K row is loaded once for all of them). Each head's
+/// arithmetic is the same however many share the pass.
+pub(crate) const MAX_GROUP: usize = 12;
 
 /// Row formats of the vectorized [`attend`], as its const parameter (see [`raw8`]).
 const F16: u8 = 0;
@@ -209,8 +237,9 @@ unsafe fn block_scale(p: *const u16, b: usize) -> std::arch::x86_64::__m256 {
     unsafe { _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(*p.add(b))))) }
 }
 
-/// [`attend`] with the dot products, exp and axpys inlined into one AVX2 function, K and V
-/// rows loaded in their stored format by [`raw8`], each block's scale applied once per block.
+/// [`attend_partial`] with the dot products, exp and axpys inlined into one AVX2 function, K
+/// and V rows loaded in their stored format by [`raw8`], each block's scale applied once per
+/// block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2<const KIND: u8>(
@@ -220,6 +249,7 @@ unsafe fn attend_avx2<const KIND: u8>(
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
+    ml: &mut [[f32; 2]],
 ) {
     use std::arch::x86_64::*;
     let hd = kv.head_dim;
@@ -265,10 +295,9 @@ unsafe fn attend_avx2<const KIND: u8>(
                 scores[h * n + j] = _mm_cvtss_f32(s) * scale;
             }
         }
-        for row in scores.chunks_exact_mut(n.max(1)).take(g) {
+        for (row, ml) in scores.chunks_exact_mut(n.max(1)).take(g).zip(ml.iter_mut()) {
             let mx = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-            let inv = 1.0 / exp_sub_sum_avx2(row, mx);
-            row.iter_mut().for_each(|x| *x *= inv);
+            *ml = [mx, exp_sub_sum_avx2(row, mx)];
         }
         // out_h = Σ_j w_hj · V_j, with the output row held in registers across all j (a
         // load-add-store per row would chain every step through memory).
@@ -730,7 +759,19 @@ mod tests {
                 let mut fast = vec![0.0; g * hd];
                 super::attend(&q, &layer, &offs, 0.125, &mut Vec::new(), &mut fast);
                 let mut slow = vec![0.0; g * hd];
-                super::attend_scalar(&q, &layer, &offs, 0.125, &mut Vec::new(), &mut slow);
+                let mut ml = vec![[0f32; 2]; g];
+                super::attend_scalar(
+                    &q,
+                    &layer,
+                    &offs,
+                    0.125,
+                    &mut Vec::new(),
+                    &mut slow,
+                    &mut ml,
+                );
+                for (oh, &[_, l]) in slow.chunks_exact_mut(hd).zip(&ml) {
+                    oh.iter_mut().for_each(|x| *x /= l);
+                }
                 for h in 0..g {
                     let qh = &q[h * hd..(h + 1) * hd];
                     let sc: Vec<f64> = order
