@@ -284,7 +284,7 @@ fn attention_paths(
         s.attn_tasks
             .par_iter()
             .for_each_init(AttnBufs::default, |w, t| {
-                let parts = parts;
+                let parts = &parts;
                 let nt = t.n as usize;
                 let table = b.seqs[t.seq as usize].block_table;
                 w.q.resize(nt * gh, 0.0);
@@ -422,7 +422,7 @@ fn attend_tiled(
     (0..c.n_kv_heads * tiles)
         .into_par_iter()
         .for_each_init(TileScratch::default, |ts, task| {
-            let out = out;
+            let out = &out;
             let (kvh, tile) = (task / tiles, task % tiles);
             let i0 = tile * ATTN_ROWS;
             let l = (sq.len - i0).min(ATTN_ROWS);
@@ -812,7 +812,7 @@ mod tests {
         let values: Vec<f32> = (0..ctx * kv_dim).map(|_| gauss()).collect();
         // Queries: a 300-token run ending at ctx - 1 (tiled), then 3 tokens and 1 token of two
         // more sequences over the same blocks (one-token path).
-        let runs = [(ctx - 300, 300), (ctx - 3, 3), (1700, 1)];
+        let runs = [(ctx - 300, 300), (ctx - 3, 3), (1700, 1), (0, 27)];
         let n: usize = runs.iter().map(|r| r.1).sum();
         let positions: Vec<u32> = runs
             .iter()
