@@ -98,8 +98,10 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// Attention of the `g = q.len() / kv.head_dim` query heads that share one KV head (GQA):
 /// `out_h = softmax(scale · q_h·K_j) · V_j` over the rows of `kv` that start at `offs[j]`.
 /// `q` and `out` hold the `g` heads back to back; `scores` is scratch. Doing the group together
-/// reads (and dequantizes) each K and V row once for all its heads.
-pub fn attend(
+/// reads (and dequantizes) each K and V row once for all its heads. (The attention runs
+/// [`attend_partial`] and merges; this whole-context form is for the kernels' tests.)
+#[cfg(test)]
+pub(crate) fn attend(
     q: &[f32],
     kv: &KvLayer,
     offs: &[usize],
@@ -107,24 +109,58 @@ pub fn attend(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    let mut ml = vec![[0f32; 2]; q.len() / kv.head_dim];
+    attend_partial(q, kv, offs, scale, scores, out, &mut ml);
+}
+
+/// [`attend`] over one part of a context, left for the caller to merge with the other parts
+/// (flash-decoding): `out_h` is this part's attention (softmax over its rows only), and
+/// `ml[h] = [m_h, l_h]` with `s_hj = scale · q_h·K_j`, `m_h = max_j s_hj` and
+/// `l_h = Σ_j e^(s_hj − m_h)`, the part's weight in a merge. The weights are normalized before
+/// they multiply V (not the sum after), as the whole-context kernel always did: a context of
+/// one part then gets that kernel's bits, and the quantized models' golden tests, whose
+/// near-ties sit inside the noise of a last-bit change here, keep their margins. `offs` must
+/// not be empty.
+pub fn attend_partial(
+    q: &[f32],
+    kv: &KvLayer,
+    offs: &[usize],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    ml: &mut [[f32; 2]],
+) {
     debug_assert_eq!(q.len(), out.len());
+    debug_assert!(!offs.is_empty());
     let hd = kv.head_dim;
+    debug_assert_eq!(ml.len(), q.len() / hd);
     #[cfg(target_arch = "x86_64")]
     if has_f16c() && hd.is_multiple_of(8) && q.len() / hd <= MAX_GROUP {
         // SAFETY: features checked above; every row is bounds-checked inside.
         unsafe {
             match kv.kind {
-                KvType::F16 => attend_avx2::<F16>(q, kv, offs, scale, scores, out),
-                KvType::Q8_0 => attend_avx2::<Q8>(q, kv, offs, scale, scores, out),
-                KvType::Q4_0 => attend_avx2::<Q4>(q, kv, offs, scale, scores, out),
+                KvType::F16 => attend_avx2::<F16>(q, kv, offs, scale, scores, out, ml),
+                KvType::Q8_0 => attend_avx2::<Q8>(q, kv, offs, scale, scores, out, ml),
+                KvType::Q4_0 => attend_avx2::<Q4>(q, kv, offs, scale, scores, out, ml),
             }
         }
         return;
     }
-    attend_scalar(q, kv, offs, scale, scores, out);
+    attend_scalar(q, kv, offs, scale, scores, out, ml);
 }
 
-/// [`attend`] the obvious way: each row dequantized, then dot products, softmax, axpys.
+/// Whether [`attend_partial`] takes its AVX2 kernel for heads of `hd` in groups of `g` (the
+/// tests that model its arithmetic bit for bit).
+#[cfg(test)]
+pub(crate) fn attend_is_vectorized(hd: usize, g: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if has_f16c() && hd.is_multiple_of(8) && g <= MAX_GROUP {
+        return true;
+    }
+    false
+}
+
+/// [`attend_partial`] the obvious way: each row dequantized, then dot products, exps, axpys.
 fn attend_scalar(
     q: &[f32],
     kv: &KvLayer,
@@ -132,6 +168,7 @@ fn attend_scalar(
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
+    ml: &mut [[f32; 2]],
 ) {
     let hd = kv.head_dim;
     let n = offs.len();
@@ -144,9 +181,11 @@ fn attend_scalar(
             scores[h * n + j] = qh.iter().zip(&row).map(|(a, b)| a * b).sum::<f32>() * scale;
         }
     }
-    for sc in scores.chunks_exact_mut(n.max(1)) {
+    for (sc, ml) in scores.chunks_exact_mut(n.max(1)).zip(ml.iter_mut()) {
         let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-        let inv = 1.0 / exp_sub_sum(sc, mx);
+        let l = exp_sub_sum(sc, mx);
+        *ml = [mx, l];
+        let inv = 1.0 / l;
         sc.iter_mut().for_each(|x| *x *= inv);
     }
     out.fill(0.0);
@@ -159,9 +198,12 @@ fn attend_scalar(
     }
 }
 
-/// Most query heads per KV head the vectorized [`attend`] takes in one pass (one accumulator
-/// register each).
-const MAX_GROUP: usize = 8;
+/// Most query heads the vectorized [`attend_partial`] takes in one pass (one accumulator
+/// register each): a KV head's group of query heads, for one token or several (the
+/// attention's one-token path stacks up to `MAX_GROUP / group` tokens of a sequence that
+/// share a chunk of positions, so each K row is loaded once for all of them). Each head's
+/// arithmetic is the same however many share the pass.
+pub(crate) const MAX_GROUP: usize = 12;
 
 /// Row formats of the vectorized [`attend`], as its const parameter (see [`raw8`]).
 const F16: u8 = 0;
@@ -209,8 +251,9 @@ unsafe fn block_scale(p: *const u16, b: usize) -> std::arch::x86_64::__m256 {
     unsafe { _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(*p.add(b))))) }
 }
 
-/// [`attend`] with the dot products, exp and axpys inlined into one AVX2 function, K and V
-/// rows loaded in their stored format by [`raw8`], each block's scale applied once per block.
+/// [`attend_partial`] with the dot products, exp and axpys inlined into one AVX2 function, K
+/// and V rows loaded in their stored format by [`raw8`], each block's scale applied once per
+/// block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_avx2<const KIND: u8>(
@@ -220,8 +263,8 @@ unsafe fn attend_avx2<const KIND: u8>(
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
+    ml: &mut [[f32; 2]],
 ) {
-    use std::arch::x86_64::*;
     let hd = kv.head_dim;
     let g = q.len() / hd;
     let n = offs.len();
@@ -233,13 +276,71 @@ unsafe fn attend_avx2<const KIND: u8>(
     scores.resize(g * n, 0.0);
     let qp = q.as_ptr();
     unsafe {
-        // scores[h·n + j] = scale · q_h · K_j
+        // scores[h·n + j] = scale · q_h · K_j, heads four at a time (accumulators in
+        // registers: with a run-time count they were kept on the stack, a store and a reload
+        // around every FMA).
+        let kp = k.as_ptr();
+        for h0 in (0..g).step_by(4) {
+            let (qh, sc) = (qp.add(h0 * hd), &mut scores[h0 * n..]);
+            match g - h0 {
+                1 => scores_block::<KIND, 1>(qh, kp, offs, hd, scale, sc),
+                2 => scores_block::<KIND, 2>(qh, kp, offs, hd, scale, sc),
+                3 => scores_block::<KIND, 3>(qh, kp, offs, hd, scale, sc),
+                _ => scores_block::<KIND, 4>(qh, kp, offs, hd, scale, sc),
+            }
+        }
+        for (row, ml) in scores.chunks_exact_mut(n.max(1)).take(g).zip(ml.iter_mut()) {
+            let mx = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+            let l = exp_sub_sum_avx2(row, mx);
+            *ml = [mx, l];
+            let inv = 1.0 / l;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+        // out_h = Σ_j w_hj · V_j, with the output rows held in registers across all j (a
+        // load-add-store per row would chain every step through memory): up to four heads by
+        // 16 columns at a time, so each slice of a V row is loaded (and dequantized) once for
+        // the four.
+        for h0 in (0..g).step_by(4) {
+            let (w, o) = (&scores[h0 * n..], &mut out[h0 * hd..]);
+            for c0 in (0..hd).step_by(16) {
+                match (g - h0, hd - c0 >= 16) {
+                    (1, true) => weighted_sum::<KIND, 1, 2>(w, v, offs, hd, c0, o),
+                    (2, true) => weighted_sum::<KIND, 2, 2>(w, v, offs, hd, c0, o),
+                    (3, true) => weighted_sum::<KIND, 3, 2>(w, v, offs, hd, c0, o),
+                    (_, true) => weighted_sum::<KIND, 4, 2>(w, v, offs, hd, c0, o),
+                    (1, false) => weighted_sum::<KIND, 1, 1>(w, v, offs, hd, c0, o),
+                    (2, false) => weighted_sum::<KIND, 2, 1>(w, v, offs, hd, c0, o),
+                    (3, false) => weighted_sum::<KIND, 3, 1>(w, v, offs, hd, c0, o),
+                    (_, false) => weighted_sum::<KIND, 4, 1>(w, v, offs, hd, c0, o),
+                }
+            }
+        }
+    }
+}
+
+/// `out[h·n + j] = scale · q_h · K_j` for the `H` query heads at `q` (back to back) and the
+/// K rows at `k + offs[j]` (`n = offs.len()`), in their stored format: f16 rows 8 values at a
+/// time, quantized ones a block (32) at a time with its scale applied to the dequantized
+/// values once for all `H` heads. A head's arithmetic does not depend on `H`. Rows are
+/// bounds-checked by the caller.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_block<const KIND: u8, const H: usize>(
+    q: *const f32,
+    k: *const u16,
+    offs: &[usize],
+    hd: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = offs.len();
+    assert!(out.len() >= H * n);
+    let step = if KIND == F16 { 8 } else { QK };
+    unsafe {
         for (j, &o) in offs.iter().enumerate() {
-            let kr = k.as_ptr().add(o);
-            let mut acc = [_mm256_setzero_ps(); MAX_GROUP];
-            // f16 rows 8 values at a time; quantized ones a block (32) at a time, its scale
-            // applied to the dequantized values (once for all g heads).
-            let step = if KIND == F16 { 8 } else { QK };
+            let kr = k.add(o);
+            let mut acc = [_mm256_setzero_ps(); H];
             for c0 in (0..hd).step_by(step) {
                 let d = if KIND == F16 {
                     _mm256_set1_ps(1.0)
@@ -253,55 +354,29 @@ unsafe fn attend_avx2<const KIND: u8>(
                     } else {
                         _mm256_mul_ps(d, raw)
                     };
-                    for (h, a) in acc.iter_mut().enumerate().take(g) {
-                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(h * hd + c)), kv, *a);
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(h * hd + c)), kv, *a);
                     }
                 }
             }
-            for (h, a) in acc.iter().enumerate().take(g) {
+            for (h, a) in acc.iter().enumerate() {
                 let s = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
                 let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
                 let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                scores[h * n + j] = _mm_cvtss_f32(s) * scale;
-            }
-        }
-        for row in scores.chunks_exact_mut(n.max(1)).take(g) {
-            let mx = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-            let inv = 1.0 / exp_sub_sum_avx2(row, mx);
-            row.iter_mut().for_each(|x| *x *= inv);
-        }
-        // out_h = Σ_j w_hj · V_j, with the output row held in registers across all j (a
-        // load-add-store per row would chain every step through memory).
-        for (h, oh) in out.chunks_exact_mut(hd).enumerate().take(g) {
-            let w = &scores[h * n..(h + 1) * n];
-            // Columns in slices of at most 128 (16 accumulators: all of AVX2's registers).
-            let mut c0 = 0;
-            while c0 < hd {
-                let o = &mut oh[c0..];
-                let step = match hd - c0 {
-                    128.. => 128,
-                    64.. => 64,
-                    32.. => 32,
-                    _ => 8,
-                };
-                match step {
-                    128 => weighted_sum::<KIND, 16>(w, v, offs, hd, c0, &mut o[..128]),
-                    64 => weighted_sum::<KIND, 8>(w, v, offs, hd, c0, &mut o[..64]),
-                    32 => weighted_sum::<KIND, 4>(w, v, offs, hd, c0, &mut o[..32]),
-                    _ => weighted_sum::<KIND, 1>(w, v, offs, hd, c0, &mut o[..8]),
-                }
-                c0 += step;
+                out[h * n + j] = _mm_cvtss_f32(s) * scale;
             }
         }
     }
 }
 
-/// `out = Σ_j w[j] · V_j[c0..][..8·C]` for the rows `V_j` at `offs[j]`, the `C` accumulators
-/// in registers; for quantized rows `c0` starts a block and `w[j]` is folded into each block's
-/// scale. Rows are bounds-checked by the caller.
+/// `out_h[c0..][..8·C] = Σ_j w_h[j] · V_j[c0..][..8·C]` for `H` heads (`w_h` at `w[h·n..]`,
+/// `out_h` at `out[h·hd..]`, `n = offs.len()`) over the rows `V_j` at `offs[j]`, the `H·C`
+/// accumulators in registers; for quantized rows the `8·C ≤ 16` columns lie in one block and
+/// `w_h[j]` is folded into its scale. A head's arithmetic does not depend on `H`. Rows are
+/// bounds-checked by the caller.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weighted_sum<const KIND: u8, const C: usize>(
+unsafe fn weighted_sum<const KIND: u8, const H: usize, const C: usize>(
     w: &[f32],
     v: &[u16],
     offs: &[usize],
@@ -310,26 +385,37 @@ unsafe fn weighted_sum<const KIND: u8, const C: usize>(
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    debug_assert_eq!(out.len(), 8 * C);
+    let n = offs.len();
+    assert!(w.len() >= H * n && out.len() >= (H - 1) * hd + c0 + 8 * C);
     unsafe {
-        let mut acc = [_mm256_setzero_ps(); C];
-        for (&o, &wj) in offs.iter().zip(w) {
-            let ws = _mm256_set1_ps(wj);
+        let mut acc = [[_mm256_setzero_ps(); C]; H];
+        for (j, &o) in offs.iter().enumerate() {
             let vr = v.as_ptr().add(o);
-            // One coefficient per block of 32 columns (C / 4 of them; f16: w itself).
-            let mut coef = [ws; 4];
-            if KIND != F16 {
-                for (b, cf) in coef.iter_mut().enumerate().take(C.div_ceil(4)) {
-                    *cf = _mm256_mul_ps(ws, block_scale(vr, c0 / QK + b));
+            let mut raw = [_mm256_setzero_ps(); C];
+            for (c, r) in raw.iter_mut().enumerate() {
+                *r = raw8::<KIND>(vr, hd, c0 + 8 * c);
+            }
+            let d = if KIND == F16 {
+                _mm256_set1_ps(1.0)
+            } else {
+                block_scale(vr, c0 / QK)
+            };
+            for (h, a) in acc.iter_mut().enumerate() {
+                let ws = _mm256_set1_ps(*w.get_unchecked(h * n + j));
+                let coef = if KIND == F16 {
+                    ws
+                } else {
+                    _mm256_mul_ps(ws, d)
+                };
+                for (ac, &r) in a.iter_mut().zip(&raw) {
+                    *ac = _mm256_fmadd_ps(coef, r, *ac);
                 }
             }
-            for (c, a) in acc.iter_mut().enumerate() {
-                let vv = raw8::<KIND>(vr, hd, c0 + 8 * c);
-                *a = _mm256_fmadd_ps(coef[c / 4], vv, *a);
-            }
         }
-        for (c, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), *a);
+        for (h, a) in acc.iter().enumerate() {
+            for (c, ac) in a.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(h * hd + c0 + 8 * c), *ac);
+            }
         }
     }
 }
@@ -730,7 +816,16 @@ mod tests {
                 let mut fast = vec![0.0; g * hd];
                 super::attend(&q, &layer, &offs, 0.125, &mut Vec::new(), &mut fast);
                 let mut slow = vec![0.0; g * hd];
-                super::attend_scalar(&q, &layer, &offs, 0.125, &mut Vec::new(), &mut slow);
+                let mut ml = vec![[0f32; 2]; g];
+                super::attend_scalar(
+                    &q,
+                    &layer,
+                    &offs,
+                    0.125,
+                    &mut Vec::new(),
+                    &mut slow,
+                    &mut ml,
+                );
                 for h in 0..g {
                     let qh = &q[h * hd..(h + 1) * hd];
                     let sc: Vec<f64> = order
