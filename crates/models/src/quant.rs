@@ -43,9 +43,14 @@
 //! `x86::group16_sub16_avx2` run each 16-row group as two halves of 8, one row per 32-bit
 //! lane, `vpmaddubsw` against 4 broadcast activation bytes standing in for `vpdpbusd` (the
 //! i16 sums are kept below saturation, see the kernels), then one `vpmaddwd` per block.
-//! It re-lays 8-bit matrices whose values are all below 32 (the
-//! Q5 types) as [`Layout::Packed5`], 5 bits per quant, since decoding one token is bound by
-//! the bytes it reads; the decode kernel (`x86::rows_avx2`) takes four rows per pass. From
+//! 8-bit matrices whose values are all below 32 (the Q5 types, most matrices of the "Q4_K_M"
+//! files of models whose rows are not whole 256-element super-blocks) keep 5 bits per quant,
+//! since decoding one token is bound by the bytes it reads: in 16-row groups as
+//! [`Layout::Group16Packed5`] (`x86::group16_5_avx2`, the 4-bit group kernel plus one shift,
+//! mask and OR per quant vector for the fifth bits: SmolLM2 Q4_K_M prefill-512 ~2.1× the
+//! row kernel's, decode unchanged), else row-major as [`Layout::Packed5`], whose kernel
+//! (`x86::rows_avx2`) takes four rows per pass when decoding. Q8_0 stays row-major
+//! ([`Layout::Signed8`]). From
 //! [`GEMM_MIN_TOKENS`] tokens on (prefill) and with [`batch_invariant`] off, AVX2 matmuls
 //! instead dequantize each chunk of rows to an f32 panel and run `gemm`'s register-blocked f32
 //! kernel on the dequantized activations: the same quantized operands, ~3× the multiply-adds
@@ -114,14 +119,16 @@ pub enum QBits {
 pub enum Layout {
     /// Row by row (module docs): every kernel reads it.
     Rows,
-    /// 16 rows interleaved per block (AVX-512 VNNI only, see [`QMatrix::interleave16`]): for
+    /// 16 rows interleaved per block (AVX-512 VNNI; on AVX2 the 4-bit [`Grain::Block32`] and
+    /// the [`Grain::Sub16`] types, see [`QMatrix::interleave16`], [`QMatrix::prepare_avx2`]): for
     /// group `g` of 16 rows and block `b`, 16 scales, 16 offsets ([`Grain::Sub16`]: per
     /// super-block instead, with the sub-block scales), then the quants as 64-byte
     /// vectors whose 32-bit lane `r` holds 4 consecutive elements of row `16g + r` — one
     /// `vpdpbusd` against 4 broadcast activation bytes advances 16 rows at once, and the block
     /// sums come out one row per lane (no horizontal sums, no scale shuffles).
     Group16,
-    /// Row-major 5-bit quants (AVX2 only, see [`QMatrix::pack5`]): an 8-bit
+    /// Row-major 5-bit quants (AVX2 only, see [`QMatrix::pack5`]; where the rows do not come
+    /// in 16s, or with [`batch_invariant`] off): an 8-bit
     /// [`Grain::Block32`] matrix whose values are all below 32 (Q5_0, Q5_1, Q5_K) stored as
     /// each row's low nibbles in the 4-bit pair layout (`cols / 2` bytes), then its fifth bits,
     /// 4 bytes per block, bit `j` of a block's word for element `j` (`cols / 8` bytes): 20 bytes
@@ -2111,8 +2118,9 @@ pub const GEMM_MIN_TOKENS: usize = 32;
 /// token) as single tokens, so a request's output does not depend on what it is batched with,
 /// how its prompt is chunked, whether its prefix was cached, or whether it was preempted and
 /// recomputed. `FERROLM_BATCH_INVARIANT=0` trades that for speed: prompts of
-/// [`GEMM_MIN_TOKENS`] or more take the f32 GEMM paths (~1.3–1.6× faster at 512 tokens on
-/// AVX2), whose float rounding differs from the one-token kernels' and can flip a near-tied
+/// [`GEMM_MIN_TOKENS`] or more take the f32 GEMM paths (on AVX2 at 512 tokens ~1.4× faster
+/// for Q4_1 SmolLM2, ~1.07× for its Q4_K_M file, whose Q5_0 matrices have a group kernel),
+/// whose float rounding differs from the one-token kernels' and can flip a near-tied
 /// greedy token — llama.cpp's and vLLM's default
 /// behaviour (vLLM's `VLLM_BATCH_INVARIANT=1` is the opposite switch). [`set_batch_invariant`]
 /// sets it in code.
