@@ -2251,14 +2251,14 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
                     macro_rules! go {
                         ($nt:literal) => {
                             match (isa, w.grain) {
-                                _ if w.layout == Layout::Group16Packed5 => unsafe {
-                                    x86::group16_5_avx2::<$nt>(w, g, x, t, p.0, m)
-                                },
                                 (Isa::Avx512Vnni, Grain::Block32) => unsafe {
                                     x86::group16::<$nt>(w, g, x, t, p.0, m)
                                 },
                                 (Isa::Avx512Vnni, Grain::Sub16) => unsafe {
                                     x86::group16_sub16::<$nt>(w, g, x, t, p.0, m)
+                                },
+                                (_, Grain::Block32) if w.layout == Layout::Group16Packed5 => unsafe {
+                                    x86::group16_5_avx2::<$nt>(w, g, x, t, p.0, m)
                                 },
                                 (_, Grain::Block32) => unsafe {
                                     x86::group16_avx2::<$nt>(w, g, x, t, p.0, m)
