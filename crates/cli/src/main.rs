@@ -73,7 +73,7 @@ enum Cmd {
     /// Measure prefill and decode speed and peak memory.
     ///
     /// Prompts run batch invariant (the one-token kernels' arithmetic) unless FERROLM_BATCH_INVARIANT=0,
-    /// which gives them ~1.3-1.6x faster f32 GEMM paths on AVX2 (see README and BENCHMARKS.md).
+    /// which gives them f32 GEMM paths on AVX2, up to ~1.4x faster (see README and BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// Serve models over HTTP: the OpenAI and Ollama APIs.
     ///

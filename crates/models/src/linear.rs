@@ -195,7 +195,14 @@ impl Linear {
 
     pub fn kind(&self) -> &'static str {
         match self {
-            Linear::Q(q) if q.layout == crate::quant::Layout::Packed5 => "q5 (ferrolm kernels)",
+            Linear::Q(q)
+                if matches!(
+                    q.layout,
+                    crate::quant::Layout::Packed5 | crate::quant::Layout::Group16Packed5
+                ) =>
+            {
+                "q5 (ferrolm kernels)"
+            }
             Linear::Q(q) => match (q.bits, q.grain) {
                 (crate::quant::QBits::Four, Grain::Block32) => "q4 (ferrolm kernels)",
                 (crate::quant::QBits::Eight, Grain::Block32) => "q8 (ferrolm kernels)",
@@ -277,7 +284,7 @@ impl Linear {
     }
 
     /// Put the weights in the layout `isa`'s fastest kernel reads (16-row groups for AVX-512
-    /// VNNI; for AVX2 16-row groups of the K-quants and Q4_1, 5-bit packing of Q5 matrices,
+    /// VNNI; for AVX2 16-row groups of the K-quants, Q4_1 and the Q5 types (5 bits per quant),
     /// see [`crate::quant::QMatrix::prepare_avx2`]); a no-op for others.
     pub fn prepare(&mut self, isa: Isa) {
         if let Linear::Q(q) = self {

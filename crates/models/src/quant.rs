@@ -43,9 +43,14 @@
 //! `x86::group16_sub16_avx2` run each 16-row group as two halves of 8, one row per 32-bit
 //! lane, `vpmaddubsw` against 4 broadcast activation bytes standing in for `vpdpbusd` (the
 //! i16 sums are kept below saturation, see the kernels), then one `vpmaddwd` per block.
-//! It re-lays 8-bit matrices whose values are all below 32 (the
-//! Q5 types) as [`Layout::Packed5`], 5 bits per quant, since decoding one token is bound by
-//! the bytes it reads; the decode kernel (`x86::rows_avx2`) takes four rows per pass. From
+//! 8-bit matrices whose values are all below 32 (the Q5 types, most matrices of the "Q4_K_M"
+//! files of models whose rows are not whole 256-element super-blocks) keep 5 bits per quant,
+//! since decoding one token is bound by the bytes it reads: in 16-row groups as
+//! [`Layout::Group16Packed5`] (`x86::group16_5_avx2`, the 4-bit group kernel plus one shift,
+//! mask and OR per quant vector for the fifth bits: SmolLM2 Q4_K_M prefill-512 ~2.1× the
+//! row kernel's, decode unchanged), else row-major as [`Layout::Packed5`], whose kernel
+//! (`x86::rows_avx2`) takes four rows per pass when decoding. Q8_0 stays row-major
+//! ([`Layout::Signed8`]). From
 //! [`GEMM_MIN_TOKENS`] tokens on (prefill) and with [`batch_invariant`] off, AVX2 matmuls
 //! instead dequantize each chunk of rows to an f32 panel and run `gemm`'s register-blocked f32
 //! kernel on the dequantized activations: the same quantized operands, ~3× the multiply-adds
@@ -114,19 +119,30 @@ pub enum QBits {
 pub enum Layout {
     /// Row by row (module docs): every kernel reads it.
     Rows,
-    /// 16 rows interleaved per block (AVX-512 VNNI only, see [`QMatrix::interleave16`]): for
+    /// 16 rows interleaved per block (AVX-512 VNNI; on AVX2 the 4-bit [`Grain::Block32`] and
+    /// the [`Grain::Sub16`] types, see [`QMatrix::interleave16`], [`QMatrix::prepare_avx2`]): for
     /// group `g` of 16 rows and block `b`, 16 scales, 16 offsets ([`Grain::Sub16`]: per
     /// super-block instead, with the sub-block scales), then the quants as 64-byte
     /// vectors whose 32-bit lane `r` holds 4 consecutive elements of row `16g + r` — one
     /// `vpdpbusd` against 4 broadcast activation bytes advances 16 rows at once, and the block
     /// sums come out one row per lane (no horizontal sums, no scale shuffles).
     Group16,
-    /// Row-major 5-bit quants (AVX2 only, see [`QMatrix::pack5`]): an 8-bit
+    /// Row-major 5-bit quants (AVX2 only, see [`QMatrix::pack5`]; where the rows do not come
+    /// in 16s, or with [`batch_invariant`] off): an 8-bit
     /// [`Grain::Block32`] matrix whose values are all below 32 (Q5_0, Q5_1, Q5_K) stored as
     /// each row's low nibbles in the 4-bit pair layout (`cols / 2` bytes), then its fifth bits,
     /// 4 bytes per block, bit `j` of a block's word for element `j` (`cols / 8` bytes): 20 bytes
     /// of quants per block instead of 32, which is what decoding reads from memory.
     Packed5,
+    /// [`Layout::Group16`]'s order with [`Layout::Packed5`]'s 5 bits per quant (AVX2 only,
+    /// see [`QMatrix::prepare_avx2`]; read by `x86::group16_5_avx2`): per group `g` of 16 rows
+    /// and block `b`, 16 scales and 16 offsets (none when [`QMatrix::m_fixed`] holds them),
+    /// then 320 bytes of quants: the low nibbles as the 4-bit [`Layout::Group16`] holds them
+    /// (vector `p`, 64 bytes, lane `r` byte `i`: element `8p + i` of row `16g + r` low,
+    /// `8p + 4 + i` high), then the fifth bits, lane `r` (4 bytes) for row `16g + r`, bit `k`
+    /// of byte `i` the fifth bit of element `4k + i` — so the fifth bits of quant vector `k`
+    /// are one shift of that word by `4 − k` and a mask away from bit 4 of each byte.
+    Group16Packed5,
     /// Row-major signed bytes (AVX2 only, see [`QMatrix::prepare_avx2`]): a Q8_0 matrix (value
     /// `u`, offset `−128·d`) stored as `u ^ 0x80`, the signed quant itself, so the kernel takes
     /// `vpsignb`'s cheap signed product and no offset term.
@@ -426,7 +442,7 @@ impl QMatrix {
 
     fn row_bytes(&self) -> usize {
         match (self.layout, self.bits) {
-            (Layout::Packed5, _) => self.cols / 2 + self.cols / 8,
+            (Layout::Packed5 | Layout::Group16Packed5, _) => self.cols / 2 + self.cols / 8,
             (_, QBits::Four) => self.cols / 2,
             (_, QBits::Eight) => self.cols,
         }
@@ -475,19 +491,21 @@ impl QMatrix {
                     self.m[gsb * 16 + r % 16] * mn,
                 )
             }
-            Layout::Group16 => {
+            Layout::Group16 | Layout::Group16Packed5 => {
                 let at = ((r / 16) * nb + b) * 16 + r % 16;
                 (self.d[at], self.m_of(at))
             }
         }
     }
 
-    /// Re-lay a row-major [`Grain::Block32`] matrix for the AVX2 kernels, which are bound by
-    /// the bytes decoding reads: drop `m` where every offset is a fixed multiple of `d`
-    /// ([`Self::m_fixed`]), pack 8-bit matrices whose values are all below 32 (the Q5 types)
-    /// as [`Layout::Packed5`], store Q8_0 as [`Layout::Signed8`], and interleave the rest of
-    /// what the AVX2 group kernels read ([`Self::avx2_groups`]: Q4_K, Q4_1, Q2_K, Q3_K, Q6_K)
-    /// as [`Layout::Group16`] where the rows come in 16s. Lossless; a no-op for anything else.
+    /// Re-lay a row-major matrix for the AVX2 kernels, which are bound by the bytes decoding
+    /// reads: drop `m` where every offset is a fixed multiple of `d` ([`Self::m_fixed`]); where
+    /// the rows come in 16s (and [`batch_invariant`] is on), interleave what the AVX2 group
+    /// kernels read ([`Self::avx2_groups`]: Q4_K, Q4_1, Q2_K, Q3_K, Q6_K) as
+    /// [`Layout::Group16`] and 8-bit [`Grain::Block32`] matrices whose values are all below 32
+    /// (Q5_0, Q5_1, Q5_K) as [`Layout::Group16Packed5`]; otherwise pack those as
+    /// [`Layout::Packed5`] and store Q8_0 as [`Layout::Signed8`]. Lossless; a no-op for
+    /// anything else.
     pub fn prepare_avx2(&mut self) {
         if self.layout != Layout::Rows {
             return;
@@ -509,6 +527,9 @@ impl QMatrix {
             return;
         }
         if self.qs.iter().all(|&v| v < 32) {
+            if batch_invariant() && self.regroup(Layout::Group16Packed5) {
+                return;
+            }
             self.pack5();
         } else if fixed == Some(-128.0) {
             self.qs.iter_mut().for_each(|v| *v ^= 0x80);
@@ -596,7 +617,9 @@ impl QMatrix {
     /// The AVX2 group kernels (`x86::group16_avx2`, `x86::group16_sub16_avx2`) read this
     /// matrix once it is in [`Layout::Group16`]: 4-bit [`Grain::Block32`] quants (Q4_K, Q4_1)
     /// or [`Grain::Sub16`] ones below 64 (Q2_K, Q3_K, Q6_K), whose `vpmaddubsw` sums cannot
-    /// saturate. 8-bit [`Grain::Block32`] matrices keep their AVX2 row layouts.
+    /// saturate. 8-bit [`Grain::Block32`] matrices below 32 (the Q5 types) have their own
+    /// grouped layout, [`Layout::Group16Packed5`] (`x86::group16_5_avx2`); Q8_0 keeps its
+    /// AVX2 row layout.
     fn avx2_groups(&self) -> bool {
         match self.grain {
             Grain::Block32 => self.bits == QBits::Four && self.m_fixed.is_none(),
@@ -617,18 +640,32 @@ impl QMatrix {
     /// `16·j + r` the `sc` of sub-block `j` of row `r`, byte `256 + 16·j + r` its `mn` — the
     /// same bytes per weight as [`Layout::Rows`].
     pub fn interleave16(&mut self) -> bool {
-        if self.layout != Layout::Rows || self.m_fixed.is_some() || !self.rows.is_multiple_of(16) {
+        self.m_fixed.is_none() && self.regroup(Layout::Group16)
+    }
+
+    /// [`Self::interleave16`] into `to`: [`Layout::Group16`], or [`Layout::Group16Packed5`]
+    /// for an 8-bit [`Grain::Block32`] matrix whose values are all below 32 (whose fixed
+    /// offsets, if [`Self::m_fixed`], stay unstored).
+    fn regroup(&mut self, to: Layout) -> bool {
+        if self.layout != Layout::Rows || !self.rows.is_multiple_of(16) {
             return false;
         }
+        let five = to == Layout::Group16Packed5;
+        assert!(
+            to == Layout::Group16 || (five && self.grain == Grain::Block32),
+            "regroup makes the 16-row layouts"
+        );
         let nb = self.nb();
         let groups = self.rows / 16;
+        self.layout = to;
         let gbb = self.group_block_bytes();
+        self.layout = Layout::Rows;
         let nsb = self.cols / QK_K;
-        // Block32 K-quant scales stay integer (see [`Self::kscales`]).
-        let kq = self.grain == Grain::Block32 && !self.scm.is_empty();
+        // Block32 K-quant scales stay integer in Group16 (see [`Self::kscales`]).
+        let kq = self.grain == Grain::Block32 && !self.scm.is_empty() && !five;
         let scale_len = if kq { groups * nsb * 16 } else { self.d.len() };
         let mut d = vec![0f32; scale_len];
-        let mut m = vec![0f32; scale_len];
+        let mut m = vec![0f32; if self.m_fixed.is_some() { 0 } else { scale_len }];
         let mut scm = vec![0i8; self.scm.len()];
         let mut qs = huge_zeroed(self.qs.len());
         let mut exact = true;
@@ -673,11 +710,22 @@ impl QMatrix {
                     let gb = g * nb + b;
                     if self.grain == Grain::Block32 && !kq {
                         d[gb * 16 + r] = self.d[row * nb + b];
-                        m[gb * 16 + r] = self.m[row * nb + b];
+                        if self.m_fixed.is_none() {
+                            m[gb * 16 + r] = self.m[row * nb + b];
+                        }
                     }
                     let v = &vals[b * QK..(b + 1) * QK];
                     let out = &mut qs[gb * gbb..(gb + 1) * gbb];
                     for i in 0..4 {
+                        if five {
+                            for p in 0..4 {
+                                out[p * 64 + r * 4 + i] =
+                                    (v[8 * p + i] & 0x0F) | ((v[8 * p + 4 + i] & 0x0F) << 4);
+                            }
+                            out[256 + r * 4 + i] =
+                                (0..8).fold(0u8, |a, k| a | (((v[4 * k + i] >> 4) & 1) << k));
+                            continue;
+                        }
                         match self.bits {
                             QBits::Eight => {
                                 for k in 0..8 {
@@ -699,10 +747,10 @@ impl QMatrix {
             // Scales that are not an f32 times small integers (not from a ggml K-quant block):
             // group them as f32 per block instead.
             self.scm = Vec::new();
-            return self.interleave16();
+            return self.regroup(to);
         }
         (self.d, self.m, self.scm, self.qs) = (d, m, scm, qs);
-        self.layout = Layout::Group16;
+        self.layout = to;
         true
     }
 
@@ -714,6 +762,21 @@ impl QMatrix {
 
     /// Unpacked quant values of row `r` (one per element).
     fn row_values(&self, r: usize) -> Vec<u8> {
+        if self.layout == Layout::Group16Packed5 {
+            let (nb, gbb) = (self.nb(), self.group_block_bytes());
+            let (g, rr) = (r / 16, r % 16);
+            let mut out = vec![0u8; self.cols];
+            for b in 0..nb {
+                let q = &self.qs[(g * nb + b) * gbb..(g * nb + b + 1) * gbb];
+                for (e, o) in out[b * QK..(b + 1) * QK].iter_mut().enumerate() {
+                    let (k, i) = (e / 4, e % 4);
+                    let byte = q[(k / 2) * 64 + rr * 4 + i];
+                    let nib = if k % 2 == 0 { byte & 0x0F } else { byte >> 4 };
+                    *o = nib | (((q[256 + rr * 4 + i] >> k) & 1) << 4);
+                }
+            }
+            return out;
+        }
         if self.layout == Layout::Group16 {
             let (nb, gbb) = (self.nb(), self.group_block_bytes());
             let (g, rr) = (r / 16, r % 16);
@@ -1721,6 +1784,95 @@ mod x86 {
         }
     }
 
+    /// [`group16_avx2`] for a [`super::Layout::Group16Packed5`] matrix (Q5_0, Q5_1, Q5_K):
+    /// per half of 8 rows and block, the nibbles unpack as the 4-bit group's and each quant
+    /// vector `k` takes its fifth bits from one 32-byte load, shifted by `4 − k` and masked to
+    /// bit 4 of each byte. Quants below 32: a `vpmaddubsw` pair is at most 2·31·127 = 7874,
+    /// so four are summed in i16 (31496, no saturation) before each of a block's two
+    /// `vpmaddwd` by ones. Then the scale FMA and the offset FMA (a fixed offset `c·d` formed
+    /// as `d·c` in the register: exact, `c` being a power of two), the same float operations
+    /// whatever NT is (batch invariance).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn group16_5_avx2<const NT: usize>(
+        w: &super::QMatrix,
+        g: usize,
+        x: &super::QActs,
+        t0: usize,
+        out: *mut f32,
+        m: usize,
+    ) {
+        let nb = w.cols / QK;
+        let gbb = w.group_block_bytes();
+        assert!(w.layout == super::Layout::Group16Packed5 && w.grain == super::Grain::Block32);
+        assert!((g + 1) * nb * gbb <= w.qs.len() && (g + 1) * nb * 16 <= w.d.len());
+        assert!(w.m_fixed.is_some() || (g + 1) * nb * 16 <= w.m.len());
+        assert!((t0 + NT) * w.cols <= x.qs.len() && (t0 + NT) * nb <= x.sx.len());
+        assert!((t0 + NT) * nb <= x.d.len());
+        let ones = _mm256_set1_epi16(1);
+        let bit4 = _mm256_set1_epi8(0x10);
+        let fixed = w.m_fixed.map(|c| _mm256_set1_ps(c));
+        // Bit k of each byte of `hb` to bit 4 (the shifts cross no byte that the mask keeps).
+        let fifth = |hb: __m256i, k: usize| {
+            let v = match k {
+                0 => _mm256_slli_epi32(hb, 4),
+                1 => _mm256_slli_epi32(hb, 3),
+                2 => _mm256_slli_epi32(hb, 2),
+                3 => _mm256_slli_epi32(hb, 1),
+                4 => hb,
+                5 => _mm256_srli_epi32(hb, 1),
+                6 => _mm256_srli_epi32(hb, 2),
+                _ => _mm256_srli_epi32(hb, 3),
+            };
+            _mm256_and_si256(v, bit4)
+        };
+        // SAFETY (whole body): every read stays inside the group and tokens asserted above.
+        unsafe {
+            let qbase = w.qs.as_ptr().add(g * nb * gbb);
+            let dbase = w.d.as_ptr().add(g * nb * 16);
+            let mbase = w.m.as_ptr().wrapping_add(g * nb * 16);
+            for h in 0..2 {
+                let mut acc = [_mm256_setzero_ps(); NT];
+                for b in 0..nb {
+                    let q = qbase.add(b * gbb);
+                    if h == 0 && t0 == 0 {
+                        prefetch_ahead(q, gbb);
+                    }
+                    let hb = _mm256_loadu_si256(q.add(256 + h * 32) as *const __m256i);
+                    let mut s = [[_mm256_setzero_si256(); 2]; NT];
+                    for (half, k0) in [0, 4].into_iter().enumerate() {
+                        let mut wz = group_quarter(q, true, h, k0);
+                        for (i, z) in wz.iter_mut().enumerate() {
+                            *z = _mm256_or_si256(*z, fifth(hb, k0 + i));
+                        }
+                        for (t, s) in s.iter_mut().enumerate() {
+                            let xq = x.qs.as_ptr().add((t0 + t) * w.cols + b * QK) as *const i32;
+                            s[half] = maddubs_bcast(&wz, xq, k0);
+                        }
+                    }
+                    let wd = _mm256_loadu_ps(dbase.add(b * 16 + h * 8));
+                    let wm = match fixed {
+                        Some(c) => _mm256_mul_ps(wd, c),
+                        None => _mm256_loadu_ps(mbase.add(b * 16 + h * 8)),
+                    };
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let tok = t0 + t;
+                        let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(
+                            _mm256_madd_epi16(s[t][0], ones),
+                            _mm256_madd_epi16(s[t][1], ones),
+                        ));
+                        let xd = _mm256_set1_ps(*x.d.get_unchecked(tok * nb + b));
+                        let xs = _mm256_set1_ps(*x.sx.get_unchecked(tok * nb + b));
+                        *a = _mm256_fmadd_ps(isum, _mm256_mul_ps(wd, xd), *a);
+                        *a = _mm256_fmadd_ps(wm, xs, *a);
+                    }
+                }
+                for (t, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.add((t0 + t) * m + g * 16 + h * 8), *a);
+                }
+            }
+        }
+    }
+
     /// [`group16_sub16`] with AVX2: the 16 rows as two halves of 8, one row per 32-bit lane.
     /// Per 16-element sub-block and token, four `vpmaddubsw` against broadcast activation
     /// bytes, summed two by two in i16 (quants below 64: at most 32004), and two `vpmaddwd`
@@ -2200,8 +2352,9 @@ pub const GEMM_MIN_TOKENS: usize = 32;
 /// token) as single tokens, so a request's output does not depend on what it is batched with,
 /// how its prompt is chunked, whether its prefix was cached, or whether it was preempted and
 /// recomputed. `FERROLM_BATCH_INVARIANT=0` trades that for speed: prompts of
-/// [`GEMM_MIN_TOKENS`] or more take the f32 GEMM paths (~1.3–1.6× faster at 512 tokens on
-/// AVX2), whose float rounding differs from the one-token kernels' and can flip a near-tied
+/// [`GEMM_MIN_TOKENS`] or more take the f32 GEMM paths (on AVX2 at 512 tokens ~1.4× faster
+/// for Q4_1 SmolLM2, ~1.07× for its Q4_K_M file, whose Q5_0 matrices have a group kernel),
+/// whose float rounding differs from the one-token kernels' and can flip a near-tied
 /// greedy token — llama.cpp's and vLLM's default
 /// behaviour (vLLM's `VLLM_BATCH_INVARIANT=1` is the opposite switch). [`set_batch_invariant`]
 /// sets it in code.
@@ -2258,7 +2411,7 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
     let ptr = SendPtr(out.as_mut_ptr());
     // Enough chunks for work stealing to absorb a busy core, few enough to stay cheap.
     let chunk = (m / (4 * rayon::current_num_threads().max(1))).clamp(16, 512) / 16 * 16;
-    if isa == Isa::Avx2 && x.gemm && w.layout != Layout::Group16 {
+    if isa == Isa::Avx2 && x.gemm && !matches!(w.layout, Layout::Group16 | Layout::Group16Packed5) {
         // Prefill on AVX2: each chunk of rows dequantized to an f32 panel, multiplied by the
         // dequantized activations with `gemm`'s register-blocked kernel. The integer path does
         // one (row, token) dot product at a time; this one reuses every loaded weight across
@@ -2302,7 +2455,11 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
         // SAFETY (all writes below): (t, r) pairs are disjoint across chunks and in bounds.
         if (w.layout == Layout::Group16
             && (isa == Isa::Scalar || (isa == Isa::Avx2 && !w.avx2_groups())))
-            || ((w.m_fixed.is_some() || matches!(w.layout, Layout::Packed5 | Layout::Signed8))
+            || ((w.m_fixed.is_some()
+                || matches!(
+                    w.layout,
+                    Layout::Packed5 | Layout::Signed8 | Layout::Group16Packed5
+                ))
                 && isa != Isa::Avx2)
         {
             // The loaders interleave only what their ISA's group kernels read; anything else
@@ -2318,7 +2475,7 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
             return;
         }
         #[cfg(target_arch = "x86_64")]
-        if w.layout == Layout::Group16 {
+        if matches!(w.layout, Layout::Group16 | Layout::Group16Packed5) {
             // Chunks are whole groups (`chunk` is a multiple of 16 when m is).
             let groups = rows.start / 16..rows.end / 16;
             let mut t = 0;
@@ -2333,6 +2490,9 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
                                 },
                                 (Isa::Avx512Vnni, Grain::Sub16) => unsafe {
                                     x86::group16_sub16::<$nt>(w, g, x, t, p.0, m)
+                                },
+                                (_, Grain::Block32) if w.layout == Layout::Group16Packed5 => unsafe {
+                                    x86::group16_5_avx2::<$nt>(w, g, x, t, p.0, m)
                                 },
                                 (_, Grain::Block32) => unsafe {
                                     x86::group16_avx2::<$nt>(w, g, x, t, p.0, m)

@@ -8,7 +8,7 @@
 
 use ferrolm_gguf::{writer::GgufWriter, GgmlType, GgufFile};
 use ferrolm_models::linear::{dequantize, Linear};
-use ferrolm_models::quant::{matmul, Isa, QActs, QMatrix, GEMM_MIN_TOKENS};
+use ferrolm_models::quant::{matmul, Isa, Layout, QActs, QMatrix, GEMM_MIN_TOKENS};
 use half::f16;
 
 const ALL: [GgmlType; 10] = [
@@ -147,8 +147,26 @@ fn isas() -> Vec<Isa> {
     v
 }
 
+/// Check that `lin`, prepared for `isa`, is in the layout the AVX2 kernels are meant to read
+/// (so a test cannot pass through a slow fallback): the Q5 types grouped in 16 rows where the
+/// rows come in 16s, else 5-bit row-major.
+fn assert_avx2_layout(ty: GgmlType, rows: usize, isa: Isa, lin: &Linear) {
+    let Linear::Q(q) = lin else {
+        panic!("{ty:?}: not a quantized matrix")
+    };
+    if isa != Isa::Avx2 || !matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q5K) {
+        return;
+    }
+    let want = if rows.is_multiple_of(16) {
+        Layout::Group16Packed5
+    } else {
+        Layout::Packed5
+    };
+    assert_eq!(q.layout, want, "{ty:?} {rows} rows prepared for AVX2");
+}
+
 /// Every kernel against the scalar one, on every type, at row counts that are and are not
-/// multiples of 16 (the AVX-512 path regroups those that are) and 1..70 tokens; and the scalar
+/// multiples of 16 (the SIMD paths regroup those that are) and 1..70 tokens; and the scalar
 /// one against f32 math on the dequantized weights, where the only difference is the
 /// activations' 8-bit rounding: |err| ≤ Σ|w|·max|x|/127/2 per output.
 #[test]
@@ -162,6 +180,7 @@ fn every_kernel_matches_scalar_and_f32_on_every_type() {
         (33, 16),
         (48, 33),
         (7, 70),
+        (32, 5),
     ];
     for ty in ALL {
         for (si, &(rows, n)) in shapes.iter().enumerate() {
@@ -179,9 +198,11 @@ fn every_kernel_matches_scalar_and_f32_on_every_type() {
                 let mut wi = w.clone();
                 let mut lin = Linear::Q(Box::new(w.clone()));
                 lin.prepare(isa);
+                assert_avx2_layout(ty, rows, isa, &lin);
                 if isa != Isa::Scalar {
                     // Both SIMD ISAs have 16-row group kernels (AVX2's read 4-bit Block32 and
-                    // Sub16 matrices; it takes the slow fallback for the other groups).
+                    // Sub16 matrices, and the Q5 types in their own 5-bit grouped layout that
+                    // `lin.prepare` makes; it takes the slow fallback for 8-bit Group16).
                     let grouped = wi.interleave16();
                     assert_eq!(grouped, rows % 16 == 0, "{ty:?} {rows}");
                     // The regrouped matrix holds the same values (the embedding lookup).
@@ -243,7 +264,8 @@ fn every_kernel_matches_scalar_and_f32_on_every_type() {
 /// Batch invariance: on every type and kernel, a prompt's products (tiles of rows × tokens,
 /// token blocks, row and token tails) equal the same tokens' one-token products bit for bit,
 /// so a token's logits do not depend on what it is batched with. Row counts in 16s take the
-/// AVX-512 16-row group kernels, the others the row kernels. (With
+/// 16-row group kernels (AVX-512's for every type, AVX2's for all but Q4_0 and Q8_0), the
+/// others the row kernels. (With
 /// `FERROLM_BATCH_INVARIANT=0` the AVX2 prompt path is an f32 GEMM instead, not batch
 /// invariant by design; the every-kernel test above holds it to the scalar kernel.)
 #[test]
@@ -261,6 +283,7 @@ fn prompts_equal_one_token_products_bitwise_on_every_type() {
                 let mut lin =
                     Linear::Q(Box::new(QMatrix::from_ggml(ty, rows, cols, &raw).unwrap()));
                 lin.prepare(isa);
+                assert_avx2_layout(ty, rows, isa, &lin);
                 let mut prompt = vec![0f32; n * rows];
                 lin.forward(isa, &x, n, &mut QActs::default(), &mut prompt)
                     .unwrap();
