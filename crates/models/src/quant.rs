@@ -1468,10 +1468,11 @@ mod x86 {
 
     /// Prefetch the `len` bytes at `p + PF_BYTES` into L1 (a hint: never faults, so it may
     /// run past the matrix). The group kernels ask only on their first pass over a group
-    /// (`t0 == 0`): a prompt's later token tiles find it in cache, and prefetching there cost
-    /// Q4_K_M prefill-512 about 8%. One core's hardware prefetchers alone leave decoding well below
-    /// the memory bandwidth on a large matrix (SmolLM2-1.7B-shaped Q4_K_M, 1 thread: 6.3 →
-    /// 8.4 tok/s with it).
+    /// (`t0 == 0`): a prompt's later token tiles find it in cache. (Prefetching on every pass
+    /// first read ~8% lower Q4_K_M prefill-512, but main read as low in the next round:
+    /// noise.) One core's hardware prefetchers alone leave decoding well below the memory
+    /// bandwidth on a large matrix (SmolLM2-1.7B-shaped Q4_K_M, 1 thread: 6.3 → 8.4 tok/s
+    /// with it).
     #[inline(always)]
     unsafe fn prefetch_ahead(p: *const u8, len: usize) {
         unsafe {
