@@ -400,9 +400,9 @@ pub struct KvLayer<'a> {
 }
 
 impl<'a> KvLayer<'a> {
-    /// Rows of one KV head, back to back (for kernels' tests).
-    #[cfg(test)]
-    pub(crate) fn of_rows(kind: KvType, head_dim: usize, k: &'a [u16], v: &'a [u16]) -> Self {
+    /// Rows of one KV head, back to back, or anywhere the caller's offsets say (for the
+    /// kernels' tests and `examples/attention.rs`).
+    pub fn of_rows(kind: KvType, head_dim: usize, k: &'a [u16], v: &'a [u16]) -> Self {
         KvLayer {
             kind,
             head_dim,

@@ -17,6 +17,15 @@ fn has_f16c() -> bool {
     *HAS.get_or_init(|| has_avx2() && is_x86_feature_detected!("f16c"))
 }
 
+/// The AVX-512 attention kernel may run: the CPU has it and `FERROLM_ISA` does not ask for
+/// less (see [`crate::quant::Isa::detect`]).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| has_f16c() && crate::quant::Isa::detect() == crate::quant::Isa::Avx512Vnni)
+}
+
 /// `out[i] = x[i]` rounded to f16 (round to nearest even), as bits.
 pub fn to_f16(x: &[f32], out: &mut [u16]) {
     use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -134,6 +143,18 @@ pub fn attend_partial(
     debug_assert!(!offs.is_empty());
     let hd = kv.head_dim;
     debug_assert_eq!(ml.len(), q.len() / hd);
+    #[cfg(target_arch = "x86_64")]
+    if kv.kind != KvType::F16 && hd.is_multiple_of(64) && q.len() / hd <= MAX_GROUP && has_avx512()
+    {
+        // SAFETY: features checked above; every row is bounds-checked inside.
+        unsafe {
+            match kv.kind {
+                KvType::Q8_0 => attend_avx512::<Q8>(q, kv, offs, scale, scores, out, ml),
+                _ => attend_avx512::<Q4>(q, kv, offs, scale, scores, out, ml),
+            }
+        }
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if has_f16c() && hd.is_multiple_of(8) && q.len() / hd <= MAX_GROUP {
         // SAFETY: features checked above; every row is bounds-checked inside.
@@ -289,13 +310,7 @@ unsafe fn attend_avx2<const KIND: u8>(
                 _ => scores_block::<KIND, 4>(qh, kp, offs, hd, scale, sc),
             }
         }
-        for (row, ml) in scores.chunks_exact_mut(n.max(1)).take(g).zip(ml.iter_mut()) {
-            let mx = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-            let l = exp_sub_sum_avx2(row, mx);
-            *ml = [mx, l];
-            let inv = 1.0 / l;
-            row.iter_mut().for_each(|x| *x *= inv);
-        }
+        softmax_rows(scores, g, n, ml);
         // out_h = Σ_j w_hj · V_j, with the output rows held in registers across all j (a
         // load-add-store per row would chain every step through memory): up to four heads by
         // 16 columns at a time, so each slice of a V row is loaded (and dequantized) once for
@@ -313,6 +328,285 @@ unsafe fn attend_avx2<const KIND: u8>(
                     (3, false) => weighted_sum::<KIND, 3, 1>(w, v, offs, hd, c0, o),
                     (_, false) => weighted_sum::<KIND, 4, 1>(w, v, offs, hd, c0, o),
                 }
+            }
+        }
+    }
+}
+
+/// Each of the `g` rows of `n` scores becomes its softmax, and `ml[h]` its `[max, Σ e^(s − max)]`
+/// (the weights are normalized here, before they multiply V: see [`attend_partial`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn softmax_rows(scores: &mut [f32], g: usize, n: usize, ml: &mut [[f32; 2]]) {
+    for (row, ml) in scores.chunks_exact_mut(n.max(1)).take(g).zip(ml.iter_mut()) {
+        let mx = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let l = unsafe { exp_sub_sum_avx2(row, mx) };
+        *ml = [mx, l];
+        let inv = 1.0 / l;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+/// [`attend_partial`]'s AVX-512 kernel for quantized rows (q8_0, q4_0) whose heads are a
+/// multiple of 64 values: each K and V row is dequantized 64 values (two blocks) at a time into
+/// four 16-lane registers ([`deq64`]), once for all the heads of the pass, and a head's dot
+/// products with 16 rows are summed across lanes together ([`sum16`]) instead of one by one.
+/// The products are [`attend_avx2`]'s (value times block scale, then times q or the weight);
+/// only the order of the sums differs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
+unsafe fn attend_avx512<const KIND: u8>(
+    q: &[f32],
+    kv: &KvLayer,
+    offs: &[usize],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+    ml: &mut [[f32; 2]],
+) {
+    let hd = kv.head_dim;
+    let g = q.len() / hd;
+    let n = offs.len();
+    let (k, v) = (kv.k, kv.v);
+    assert!(offs
+        .iter()
+        .all(|&o| o + kv.row <= k.len() && o + kv.row <= v.len()));
+    assert!(KIND != F16 && hd.is_multiple_of(64) && out.len() == q.len());
+    scores.clear();
+    scores.resize(g * n, 0.0);
+    let qp = q.as_ptr();
+    unsafe {
+        let rows = (k.as_ptr(), v.as_ptr(), kv.row);
+        for h0 in (0..g).step_by(4) {
+            let (qh, sc) = (qp.add(h0 * hd), &mut scores[h0 * n..]);
+            match g - h0 {
+                1 => scores16::<KIND, 1>(qh, rows, offs, hd, scale, sc),
+                2 => scores16::<KIND, 2>(qh, rows, offs, hd, scale, sc),
+                3 => scores16::<KIND, 3>(qh, rows, offs, hd, scale, sc),
+                _ => scores16::<KIND, 4>(qh, rows, offs, hd, scale, sc),
+            }
+        }
+        softmax_rows(scores, g, n, ml);
+        let vp = v.as_ptr();
+        for h0 in (0..g).step_by(4) {
+            let (w, o) = (&scores[h0 * n..], &mut out[h0 * hd..]);
+            for s in 0..hd / 64 {
+                match g - h0 {
+                    1 => weighted_sum64::<KIND, 1>(w, vp, offs, hd, s, o),
+                    2 => weighted_sum64::<KIND, 2>(w, vp, offs, hd, s, o),
+                    3 => weighted_sum64::<KIND, 3>(w, vp, offs, hd, s, o),
+                    _ => weighted_sum64::<KIND, 4>(w, vp, offs, hd, s, o),
+                }
+            }
+        }
+    }
+}
+
+/// Values `64·s .. 64·s + 64` of the quantized (q8_0 or q4_0) row at `p` of `hd` values, times
+/// their block scales, as four registers of 16 in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
+#[inline]
+unsafe fn deq64<const KIND: u8>(
+    p: *const u16,
+    hd: usize,
+    s: usize,
+) -> [std::arch::x86_64::__m512; 4] {
+    use std::arch::x86_64::*;
+    unsafe {
+        // The two blocks' f16 scales, side by side.
+        let two = (p.add(2 * s) as *const i32).read_unaligned();
+        let d = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
+        let (d0, d1) = (
+            _mm512_broadcastss_ps(d),
+            _mm512_broadcastss_ps(_mm_movehdup_ps(d)),
+        );
+        let qs = p.add(hd / QK) as *const u8;
+        if KIND == Q8 {
+            let at = qs.add(64 * s) as *const __m128i;
+            let mut z = [d0, d0, d1, d1];
+            for (c, z) in z.iter_mut().enumerate() {
+                let b = _mm_loadu_si128(at.add(c));
+                *z = _mm512_mul_ps(*z, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
+            }
+            return z;
+        }
+        // Two blocks of 16 bytes; byte i of a block holds element i (low nibble) and element
+        // i + 16 (high nibble). Each block's 16 levels times its scale make a table that
+        // `vpermps` indexes with the nibbles (it reads the low 4 bits of each index, so the
+        // other bits need no masking): one lookup per 16 values, already scaled.
+        let x = _mm256_loadu_si256(qs.add(32 * s) as *const __m256i);
+        let xh = _mm256_srli_epi16(x, 4);
+        let levels = _mm512_loadu_ps(Q4_LEVELS_F32.as_ptr());
+        let (t0, t1) = (_mm512_mul_ps(d0, levels), _mm512_mul_ps(d1, levels));
+        let look = |b: __m128i, t: __m512| _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(b), t);
+        [
+            look(_mm256_castsi256_si128(x), t0),
+            look(_mm256_castsi256_si128(xh), t0),
+            look(_mm256_extracti128_si256(x, 1), t1),
+            look(_mm256_extracti128_si256(xh, 1), t1),
+        ]
+    }
+}
+
+/// Rows [`scores16`] asks for ahead of the one it multiplies: about a DRAM latency of work.
+const PF_ROWS: usize = 8;
+
+/// Prefetch the `row` `u16`s at `p` into L1: the lines of its first and last bytes (a row of
+/// at most 64 bytes touches no other).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_row(p: *const u16, row: usize) {
+    use std::arch::x86_64::*;
+    unsafe {
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(row - 1) as *const i8);
+    }
+}
+
+/// [`crate::kv_cache::Q4_LEVELS`] as f32, for [`deq64`]'s table lookups.
+static Q4_LEVELS_F32: [f32; 16] = {
+    let lv = crate::kv_cache::Q4_LEVELS;
+    let mut t = [0f32; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = lv[i] as f32;
+        i += 1;
+    }
+    t
+};
+
+/// Lane `i` of the result is the sum of the 16 lanes of `v[i]`: 16 horizontal sums for 46
+/// shuffles and adds (a tree that halves the lanes per row while it doubles the rows per
+/// register), where one at a time they take about 8 each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
+#[inline]
+unsafe fn sum16(v: &[std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // (Plain loops: a closure would not inherit this function's target features, and
+    // returning a 512-bit vector from one without them miscompiles.)
+    let z = _mm512_setzero_ps();
+    // Rows 2i and 2i+1: each 128-bit quarter a half-sum, a's in quarters 0–1, b's in 2–3.
+    let mut a = [z; 8];
+    for (i, a) in a.iter_mut().enumerate() {
+        let (x, y) = (v[2 * i], v[2 * i + 1]);
+        *a = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(x, y),
+            _mm512_shuffle_f32x4::<0xEE>(x, y),
+        );
+    }
+    // Rows 4k..4k+4: quarter m holds four partial sums of row 4k + m.
+    let mut b = [z; 4];
+    for (k, b) in b.iter_mut().enumerate() {
+        let (x, y) = (a[2 * k], a[2 * k + 1]);
+        *b = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(x, y),
+            _mm512_shuffle_f32x4::<0xDD>(x, y),
+        );
+    }
+    // Rows 8m..8m+8: quarter m holds two partials of row 8m + m, then two of row 8m + 4 + m.
+    let mut c = [z; 2];
+    for (m, c) in c.iter_mut().enumerate() {
+        let (x, y) = (_mm512_castps_pd(b[2 * m]), _mm512_castps_pd(b[2 * m + 1]));
+        *c = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)),
+        );
+    }
+    // Lane 4m + e: row m + 4e.
+    let d = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x88>(c[0], c[1]),
+        _mm512_shuffle_ps::<0xDD>(c[0], c[1]),
+    );
+    let rows = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(rows, d)
+}
+
+/// `out[h·n + j] = scale · q_h · K_j` for the `H` heads at `q` and the quantized K rows at
+/// `k + offs[j]`, 16 rows at a time: each row dequantized once for the `H` heads, each head's
+/// 16 dot products summed across lanes by one [`sum16`]. Rows are bounds-checked by the caller.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
+unsafe fn scores16<const KIND: u8, const H: usize>(
+    q: *const f32,
+    (k, v, row): (*const u16, *const u16, usize),
+    offs: &[usize],
+    hd: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = offs.len();
+    assert!(out.len() >= H * n);
+    unsafe {
+        let mut part = [[_mm512_setzero_ps(); 16]; H];
+        for j0 in (0..n).step_by(16) {
+            let rows = (n - j0).min(16);
+            for (r, &o) in offs[j0..j0 + rows].iter().enumerate() {
+                // The rows are scattered (one head's row of each slot), so the hardware
+                // prefetchers do not see them coming: ask for the K row PF_ROWS ahead, and
+                // for this row's V, which the weighted sum reads next.
+                if let Some(&ahead) = offs.get(j0 + r + PF_ROWS) {
+                    prefetch_row(k.add(ahead), row);
+                }
+                prefetch_row(v.add(o), row);
+                let kr = k.add(o);
+                let mut acc = [_mm512_setzero_ps(); H];
+                for s in 0..hd / 64 {
+                    let z = deq64::<KIND>(kr, hd, s);
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        let qh = q.add(h * hd + 64 * s);
+                        for (c, &zc) in z.iter().enumerate() {
+                            *a = _mm512_fmadd_ps(_mm512_loadu_ps(qh.add(16 * c)), zc, *a);
+                        }
+                    }
+                }
+                for (p, &a) in part.iter_mut().zip(&acc) {
+                    p[r] = a;
+                }
+            }
+            for p in part.iter_mut() {
+                p[rows..].fill(_mm512_setzero_ps());
+            }
+            let mask = (u32::MAX >> (32 - rows)) as u16;
+            for (h, p) in part.iter().enumerate() {
+                let s = _mm512_mul_ps(sum16(p), _mm512_set1_ps(scale));
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(h * n + j0), mask, s);
+            }
+        }
+    }
+}
+
+/// `out_h[64·s..][..64] = Σ_j w_h[j] · V_j[64·s..][..64]` for `H` heads (`w_h` at `w[h·n..]`,
+/// `out_h` at `out[h·hd..]`) over the quantized rows `V_j` at `v + offs[j]`, the `4·H`
+/// accumulators in registers. Rows are bounds-checked by the caller.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
+unsafe fn weighted_sum64<const KIND: u8, const H: usize>(
+    w: &[f32],
+    v: *const u16,
+    offs: &[usize],
+    hd: usize,
+    s: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = offs.len();
+    assert!(w.len() >= H * n && out.len() >= (H - 1) * hd + 64 * (s + 1));
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 4]; H];
+        for (j, &o) in offs.iter().enumerate() {
+            let z = deq64::<KIND>(v.add(o), hd, s);
+            for (h, a) in acc.iter_mut().enumerate() {
+                let wj = _mm512_set1_ps(*w.get_unchecked(h * n + j));
+                for (ac, &zc) in a.iter_mut().zip(&z) {
+                    *ac = _mm512_fmadd_ps(wj, zc, *ac);
+                }
+            }
+        }
+        for (h, a) in acc.iter().enumerate() {
+            for (c, ac) in a.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(h * hd + 64 * s + 16 * c), *ac);
             }
         }
     }
@@ -699,6 +993,8 @@ unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(target_arch = "x86_64")]
+    use super::{attend_avx2, attend_avx512, has_avx512, has_f16c, F16, MAX_GROUP, Q4, Q8};
     use crate::kv_cache::{dequantize_row, quantize_row, KvLayer, KvType, KV_TYPES};
 
     fn f16s(x: &[f32]) -> Vec<u16> {
@@ -815,6 +1111,50 @@ mod tests {
                 let offs: Vec<usize> = order.iter().map(|r| r * ru).collect();
                 let mut fast = vec![0.0; g * hd];
                 super::attend(&q, &layer, &offs, 0.125, &mut Vec::new(), &mut fast);
+                // Each vectorized kernel this CPU has, called directly (`attend` takes the best
+                // one for the row type and head size).
+                let mut kernels = vec![("fast", fast)];
+                #[cfg(target_arch = "x86_64")]
+                if has_f16c() && hd % 8 == 0 && g <= MAX_GROUP {
+                    let mut o = vec![0.0; g * hd];
+                    let mut ml = vec![[0f32; 2]; g];
+                    let (k, sc) = (&layer, &mut Vec::new());
+                    // SAFETY: F16C checked above.
+                    unsafe {
+                        match kind {
+                            KvType::F16 => {
+                                attend_avx2::<F16>(&q, k, &offs, 0.125, sc, &mut o, &mut ml)
+                            }
+                            KvType::Q8_0 => {
+                                attend_avx2::<Q8>(&q, k, &offs, 0.125, sc, &mut o, &mut ml)
+                            }
+                            KvType::Q4_0 => {
+                                attend_avx2::<Q4>(&q, k, &offs, 0.125, sc, &mut o, &mut ml)
+                            }
+                        }
+                    }
+                    kernels.push(("avx2", o));
+                }
+                #[cfg(target_arch = "x86_64")]
+                if has_avx512() && kind != KvType::F16 && hd % 64 == 0 && g <= MAX_GROUP {
+                    let mut o = vec![0.0; g * hd];
+                    let mut ml = vec![[0f32; 2]; g];
+                    let (k, sc) = (&layer, &mut Vec::new());
+                    // SAFETY: AVX-512 checked above.
+                    unsafe {
+                        match kind {
+                            KvType::Q8_0 => {
+                                attend_avx512::<Q8>(&q, k, &offs, 0.125, sc, &mut o, &mut ml)
+                            }
+                            _ => attend_avx512::<Q4>(&q, k, &offs, 0.125, sc, &mut o, &mut ml),
+                        }
+                    }
+                    assert_eq!(
+                        o, kernels[0].1,
+                        "{kind} hd={hd} g={g}: attend takes the AVX-512 kernel"
+                    );
+                    kernels.push(("avx512", o));
+                }
                 let mut slow = vec![0.0; g * hd];
                 let mut ml = vec![[0f32; 2]; g];
                 super::attend_scalar(
@@ -846,7 +1186,11 @@ mod tests {
                             .zip(&sc)
                             .map(|(&r, x)| (x - mx).exp() / z * f64::from(v[r * hd + d]))
                             .sum();
-                        for (name, got) in [("fast", &fast), ("scalar", &slow)] {
+                        for (name, got) in kernels
+                            .iter()
+                            .map(|(n, o)| (*n, o))
+                            .chain([("scalar", &slow)])
+                        {
                             let e = (f64::from(got[h * hd + d]) - want).abs();
                             assert!(
                                 e < 2e-5 * want.abs().max(1.0),
