@@ -526,7 +526,7 @@ impl QMatrix {
         if self.grain != Grain::Block32 || self.bits != QBits::Eight {
             return;
         }
-        if self.qs.iter().all(|&v| v < 32) {
+        if self.five_bit() {
             if batch_invariant() && self.regroup(Layout::Group16Packed5) {
                 return;
             }
@@ -535,6 +535,16 @@ impl QMatrix {
             self.qs.iter_mut().for_each(|v| *v ^= 0x80);
             self.layout = Layout::Signed8;
         }
+    }
+
+    /// An 8-bit [`Grain::Block32`] matrix whose quants all fit in 5 bits (Q5_0, Q5_1, Q5_K
+    /// repacked), which the AVX2 kernels read as [`Layout::Group16Packed5`] or
+    /// [`Layout::Packed5`].
+    fn five_bit(&self) -> bool {
+        self.bits == QBits::Eight
+            && self.grain == Grain::Block32
+            && self.layout == Layout::Rows
+            && self.qs.iter().all(|&v| v < 32)
     }
 
     /// The offset of block `at` (an index into `d`).
@@ -1003,7 +1013,10 @@ impl QMatrix {
     }
 
     /// Stack matrices of the same width, bits and scale grain along the rows. `None` if they
-    /// differ.
+    /// differ, or if some are [`Self::five_bit`] and others not: fused, a Q5_0 q‖k with a Q8_0
+    /// v (llama-quantize's fallbacks for 576-wide Q4_K and Q6_K rows) would be a full 8-bit
+    /// matrix, which AVX2 runs on its slowest row kernel (nibble-split 8-bit, ~12% of SmolLM2
+    /// Q4_K_M prefill); apart, q and k take the 5-bit group kernel and v the signed-byte one.
     pub fn concat_rows(parts: &[QMatrix]) -> Option<QMatrix> {
         let first = parts.first()?;
         if parts.iter().any(|p| {
@@ -1012,6 +1025,7 @@ impl QMatrix {
                 || p.grain != first.grain
                 || p.layout != Layout::Rows
                 || p.m_fixed.is_some()
+                || p.five_bit() != first.five_bit()
         }) {
             return None;
         }
