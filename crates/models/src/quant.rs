@@ -1853,17 +1853,22 @@ mod x86 {
                         prefetch_ahead(q, gbb);
                     }
                     let hb = _mm256_loadu_si256(q.add(256 + h * 32) as *const __m256i);
-                    let mut s = [[_mm256_setzero_si256(); 2]; NT];
-                    for (half, k0) in [0, 4].into_iter().enumerate() {
+                    let xq = |t: usize| x.qs.as_ptr().add((t0 + t) * w.cols + b * QK) as *const i32;
+                    let unpack = |k0: usize| {
                         let mut wz = group_quarter(q, true, h, k0);
                         for (i, z) in wz.iter_mut().enumerate() {
                             *z = _mm256_or_si256(*z, fifth(hb, k0 + i));
                         }
-                        for (t, s) in s.iter_mut().enumerate() {
-                            let xq = x.qs.as_ptr().add((t0 + t) * w.cols + b * QK) as *const i32;
-                            s[half] = maddubs_bcast(&wz, xq, k0);
-                        }
+                        wz
+                    };
+                    // Quant vectors 0..4 for every token, kept as i32 sums (NT registers,
+                    // not 2·NT i16 ones), then 4..8 finishing each token's block.
+                    let wz = unpack(0);
+                    let mut s = [_mm256_setzero_si256(); NT];
+                    for (t, s) in s.iter_mut().enumerate() {
+                        *s = _mm256_madd_epi16(maddubs_bcast(&wz, xq(t), 0), ones);
                     }
+                    let wz = unpack(4);
                     let wd = _mm256_loadu_ps(dbase.add(b * 16 + h * 8));
                     let wm = match fixed {
                         Some(c) => _mm256_mul_ps(wd, c),
@@ -1871,10 +1876,8 @@ mod x86 {
                     };
                     for (t, a) in acc.iter_mut().enumerate() {
                         let tok = t0 + t;
-                        let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(
-                            _mm256_madd_epi16(s[t][0], ones),
-                            _mm256_madd_epi16(s[t][1], ones),
-                        ));
+                        let hi = _mm256_madd_epi16(maddubs_bcast(&wz, xq(t), 4), ones);
+                        let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s[t], hi));
                         let xd = _mm256_set1_ps(*x.d.get_unchecked(tok * nb + b));
                         let xs = _mm256_set1_ps(*x.sx.get_unchecked(tok * nb + b));
                         *a = _mm256_fmadd_ps(isum, _mm256_mul_ps(wd, xd), *a);
@@ -2395,6 +2398,10 @@ static BATCH_INVARIANT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU
 
 /// Tokens per tile of the AVX-512 kernels: one unpacked weight row serves this many tokens.
 const TILE: usize = 4;
+/// Tokens per pass of the AVX2 group kernels at prompts (tails in 4s, then 1–3): each
+/// block's quants are unpacked once per pass, so wider passes spread the unpack (for the
+/// 5-bit groups a shift, mask and OR per quant vector on top of the nibbles) over more tokens.
+const AVX2_GROUP_TILE: usize = 8;
 /// Weight rows per tile when decoding one token with the row-major AVX-512 tile (matrices not
 /// in [`Layout::Group16`]). 2 and 4 measured slower here (decode 68 and 61 tok/s against 95 on
 /// one thread): the row tiles spill.
@@ -2493,9 +2500,13 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
         if matches!(w.layout, Layout::Group16 | Layout::Group16Packed5) {
             // Chunks are whole groups (`chunk` is a multiple of 16 when m is).
             let groups = rows.start / 16..rows.end / 16;
+            let tile = if isa == Isa::Avx2 { AVX2_GROUP_TILE } else { TILE };
             let mut t = 0;
             while t < n {
-                let nt = (n - t).min(TILE);
+                let nt = match (n - t).min(tile) {
+                    k if k >= 8 => 8,
+                    k => k.min(4),
+                };
                 for g in groups.clone() {
                     macro_rules! go {
                         ($nt:literal) => {
@@ -2519,6 +2530,7 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
                         };
                     }
                     match nt {
+                        8 => go!(8),
                         4 => go!(4),
                         3 => go!(3),
                         2 => go!(2),
