@@ -526,7 +526,7 @@ impl QMatrix {
         if self.grain != Grain::Block32 || self.bits != QBits::Eight {
             return;
         }
-        if self.qs.iter().all(|&v| v < 32) {
+        if self.five_bit() {
             if batch_invariant() && self.regroup(Layout::Group16Packed5) {
                 return;
             }
@@ -535,6 +535,16 @@ impl QMatrix {
             self.qs.iter_mut().for_each(|v| *v ^= 0x80);
             self.layout = Layout::Signed8;
         }
+    }
+
+    /// An 8-bit [`Grain::Block32`] matrix whose quants all fit in 5 bits (Q5_0, Q5_1, Q5_K
+    /// repacked), which the AVX2 kernels read as [`Layout::Group16Packed5`] or
+    /// [`Layout::Packed5`].
+    fn five_bit(&self) -> bool {
+        self.bits == QBits::Eight
+            && self.grain == Grain::Block32
+            && self.layout == Layout::Rows
+            && self.qs.iter().all(|&v| v < 32)
     }
 
     /// The offset of block `at` (an index into `d`).
@@ -1003,7 +1013,10 @@ impl QMatrix {
     }
 
     /// Stack matrices of the same width, bits and scale grain along the rows. `None` if they
-    /// differ.
+    /// differ, or if some are [`Self::five_bit`] and others not: fused, a Q5_0 q‖k with a Q8_0
+    /// v (llama-quantize's fallbacks for 576-wide Q4_K and Q6_K rows) would be a full 8-bit
+    /// matrix, which AVX2 runs on its slowest row kernel (nibble-split 8-bit, ~12% of SmolLM2
+    /// Q4_K_M prefill); apart, q and k take the 5-bit group kernel and v the signed-byte one.
     pub fn concat_rows(parts: &[QMatrix]) -> Option<QMatrix> {
         let first = parts.first()?;
         if parts.iter().any(|p| {
@@ -1012,6 +1025,7 @@ impl QMatrix {
                 || p.grain != first.grain
                 || p.layout != Layout::Rows
                 || p.m_fixed.is_some()
+                || p.five_bit() != first.five_bit()
         }) {
             return None;
         }
@@ -1839,17 +1853,22 @@ mod x86 {
                         prefetch_ahead(q, gbb);
                     }
                     let hb = _mm256_loadu_si256(q.add(256 + h * 32) as *const __m256i);
-                    let mut s = [[_mm256_setzero_si256(); 2]; NT];
-                    for (half, k0) in [0, 4].into_iter().enumerate() {
+                    let xq = |t: usize| x.qs.as_ptr().add((t0 + t) * w.cols + b * QK) as *const i32;
+                    let unpack = |k0: usize| {
                         let mut wz = group_quarter(q, true, h, k0);
                         for (i, z) in wz.iter_mut().enumerate() {
                             *z = _mm256_or_si256(*z, fifth(hb, k0 + i));
                         }
-                        for (t, s) in s.iter_mut().enumerate() {
-                            let xq = x.qs.as_ptr().add((t0 + t) * w.cols + b * QK) as *const i32;
-                            s[half] = maddubs_bcast(&wz, xq, k0);
-                        }
+                        wz
+                    };
+                    // Quant vectors 0..4 for every token, kept as i32 sums (NT registers,
+                    // not 2·NT i16 ones), then 4..8 finishing each token's block.
+                    let wz = unpack(0);
+                    let mut s = [_mm256_setzero_si256(); NT];
+                    for (t, s) in s.iter_mut().enumerate() {
+                        *s = _mm256_madd_epi16(maddubs_bcast(&wz, xq(t), 0), ones);
                     }
+                    let wz = unpack(4);
                     let wd = _mm256_loadu_ps(dbase.add(b * 16 + h * 8));
                     let wm = match fixed {
                         Some(c) => _mm256_mul_ps(wd, c),
@@ -1857,10 +1876,8 @@ mod x86 {
                     };
                     for (t, a) in acc.iter_mut().enumerate() {
                         let tok = t0 + t;
-                        let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(
-                            _mm256_madd_epi16(s[t][0], ones),
-                            _mm256_madd_epi16(s[t][1], ones),
-                        ));
+                        let hi = _mm256_madd_epi16(maddubs_bcast(&wz, xq(t), 4), ones);
+                        let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(s[t], hi));
                         let xd = _mm256_set1_ps(*x.d.get_unchecked(tok * nb + b));
                         let xs = _mm256_set1_ps(*x.sx.get_unchecked(tok * nb + b));
                         *a = _mm256_fmadd_ps(isum, _mm256_mul_ps(wd, xd), *a);
@@ -2381,6 +2398,10 @@ static BATCH_INVARIANT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU
 
 /// Tokens per tile of the AVX-512 kernels: one unpacked weight row serves this many tokens.
 const TILE: usize = 4;
+/// Tokens per pass of the AVX2 group kernels at prompts (tails in 4s, then 1–3): each
+/// block's quants are unpacked once per pass, so wider passes spread the unpack (for the
+/// 5-bit groups a shift, mask and OR per quant vector on top of the nibbles) over more tokens.
+const AVX2_GROUP_TILE: usize = 8;
 /// Weight rows per tile when decoding one token with the row-major AVX-512 tile (matrices not
 /// in [`Layout::Group16`]). 2 and 4 measured slower here (decode 68 and 61 tok/s against 95 on
 /// one thread): the row tiles spill.
@@ -2479,9 +2500,13 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
         if matches!(w.layout, Layout::Group16 | Layout::Group16Packed5) {
             // Chunks are whole groups (`chunk` is a multiple of 16 when m is).
             let groups = rows.start / 16..rows.end / 16;
+            let tile = if isa == Isa::Avx2 { AVX2_GROUP_TILE } else { TILE };
             let mut t = 0;
             while t < n {
-                let nt = (n - t).min(TILE);
+                let nt = match (n - t).min(tile) {
+                    k if k >= 8 => 8,
+                    k => k.min(4),
+                };
                 for g in groups.clone() {
                     macro_rules! go {
                         ($nt:literal) => {
@@ -2505,6 +2530,7 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
                         };
                     }
                     match nt {
+                        8 => go!(8),
                         4 => go!(4),
                         3 => go!(3),
                         2 => go!(2),

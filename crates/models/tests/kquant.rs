@@ -311,9 +311,9 @@ fn prompts_equal_one_token_products_bitwise_on_every_type() {
     }
 }
 
-/// q‖k‖v and gate‖up fuse when their repacked forms agree (Q4_K with Q4_0/Q4_1, Q5_x with
-/// Q8_0, Q6_K with itself), and the fused product is the parts' products side by side; forms
-/// that differ (Q4_K with Q6_K) stay apart.
+/// q‖k‖v and gate‖up fuse when their repacked forms agree (Q4_K with Q4_0/Q4_1, the Q5 types
+/// together, Q8_0 with itself, Q6_K with itself), and the fused product is the parts' products
+/// side by side; forms that differ (Q4_K with Q6_K, 5-bit Q5_0 with 8-bit Q8_0) stay apart.
 #[test]
 fn concat_fuses_matching_forms_and_keeps_their_products() {
     let mut rng = Rng(3);
@@ -324,7 +324,8 @@ fn concat_fuses_matching_forms_and_keeps_their_products() {
     };
     let fuse = [
         vec![GgmlType::Q4K, GgmlType::Q4_0, GgmlType::Q4_1],
-        vec![GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q5K],
+        vec![GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q5K],
+        vec![GgmlType::Q8_0, GgmlType::Q8_0],
         vec![GgmlType::Q6K, GgmlType::Q6K],
         vec![GgmlType::Q3K, GgmlType::Q2K],
     ];
@@ -378,6 +379,16 @@ fn concat_fuses_matching_forms_and_keeps_their_products() {
     assert!(
         Linear::concat(apart).is_err(),
         "Q4_K and Q6_K repack differently"
+    );
+    // Regression: a Q5_0 q‖k fused with a Q8_0 v (SmolLM2 Q4_K_M) was one full 8-bit matrix,
+    // which AVX2 ran on its slowest row kernel instead of the 5-bit group kernel.
+    let apart = vec![
+        load(GgmlType::Q5_0, 32, &mut rng),
+        load(GgmlType::Q8_0, 16, &mut rng),
+    ];
+    assert!(
+        Linear::concat(apart).is_err(),
+        "Q5_0 (5-bit) and Q8_0 (8-bit) take different AVX2 layouts"
     );
 }
 
