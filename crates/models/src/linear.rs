@@ -227,8 +227,9 @@ impl Linear {
     }
 
     /// Stack matrices with the same input width and the same repacked form along the output
-    /// dimension (q‖k‖v, gate‖up), so one parallel pass computes them all. `None` if they differ.
-    pub fn concat(parts: Vec<Linear>) -> Result<Linear, Vec<Linear>> {
+    /// dimension (q‖k‖v, gate‖up), so one parallel pass computes them all, for the kernels of
+    /// `isa` ([`QMatrix::concat_rows`]). The parts back if they do not fuse.
+    pub fn concat(parts: Vec<Linear>, isa: Isa) -> Result<Linear, Vec<Linear>> {
         let all_q = parts.iter().all(|p| matches!(p, Linear::Q(_)));
         if !all_q {
             return Err(parts);
@@ -240,7 +241,7 @@ impl Linear {
                 _ => None,
             })
             .collect();
-        match QMatrix::concat_rows(&qs) {
+        match QMatrix::concat_rows(&qs, isa) {
             Some(q) => Ok(Linear::Q(Box::new(q))),
             None => Err(qs.into_iter().map(|q| Linear::Q(Box::new(q))).collect()),
         }

@@ -119,7 +119,7 @@ impl Llama {
                     Linear::load(g, &n("attn_k.weight"), kv_dim, dim)?,
                     Linear::load(g, &n("attn_v.weight"), kv_dim, dim)?,
                 ];
-                match Linear::concat(parts) {
+                match Linear::concat(parts, Isa::detect()) {
                     Ok(f) => Qkv::Fused(f),
                     Err(mut p) => {
                         let v = p.pop();
@@ -155,7 +155,7 @@ impl Llama {
                     Linear::load(g, &n("ffn_gate.weight"), ffn, dim)?,
                     Linear::load(g, &n("ffn_up.weight"), ffn, dim)?,
                 ];
-                match Linear::concat(gu) {
+                match Linear::concat(gu, Isa::detect()) {
                     Ok(f) => GateUp::Fused(f),
                     Err(mut p) => {
                         let up = p.pop();

@@ -1012,12 +1012,15 @@ impl QMatrix {
         (self.d.len() + self.m.len()) * 4 + self.scm.len() + self.qs.len()
     }
 
-    /// Stack matrices of the same width, bits and scale grain along the rows. `None` if they
-    /// differ, or if some are [`Self::five_bit`] and others not: fused, a Q5_0 q‖k with a Q8_0
-    /// v (llama-quantize's fallbacks for 576-wide Q4_K and Q6_K rows) would be a full 8-bit
-    /// matrix, which AVX2 runs on its slowest row kernel (nibble-split 8-bit, ~12% of SmolLM2
-    /// Q4_K_M prefill); apart, q and k take the 5-bit group kernel and v the signed-byte one.
-    pub fn concat_rows(parts: &[QMatrix]) -> Option<QMatrix> {
+    /// Stack matrices of the same width, bits and scale grain along the rows, for the kernels
+    /// of `isa`. `None` if they differ, or on AVX2 if some are [`Self::five_bit`] and others
+    /// not: fused, a Q5_0 q‖k with a Q8_0 v (llama-quantize's fallbacks for 576-wide Q4_K and
+    /// Q6_K rows) would be a full 8-bit matrix, which AVX2 runs on its slowest row kernel
+    /// (nibble-split 8-bit, ~12% of SmolLM2 Q4_K_M prefill); apart, q and k take the 5-bit
+    /// group kernel and v the signed-byte one. AVX-512 runs the fused 8-bit matrix on its
+    /// 8-bit group kernel, so there the parts stay one matrix and one parallel pass (apart
+    /// was not measured faster: SmolLM2 Q4_K_M at 2 threads read the same within the noise).
+    pub fn concat_rows(parts: &[QMatrix], isa: Isa) -> Option<QMatrix> {
         let first = parts.first()?;
         if parts.iter().any(|p| {
             p.cols != first.cols
@@ -1025,7 +1028,7 @@ impl QMatrix {
                 || p.grain != first.grain
                 || p.layout != Layout::Rows
                 || p.m_fixed.is_some()
-                || p.five_bit() != first.five_bit()
+                || (isa == Isa::Avx2 && p.five_bit() != first.five_bit())
         }) {
             return None;
         }
@@ -2800,7 +2803,10 @@ mod tests {
                 let grouped = g.interleave16();
                 assert_eq!(grouped, rows % 16 == 0, "{ty:?} {rows}");
                 assert!(!g.clone().interleave16(), "interleaving twice");
-                assert!(QMatrix::concat_rows(&[g.clone(), g.clone()]).is_none() || !grouped);
+                assert!(
+                    QMatrix::concat_rows(&[g.clone(), g.clone()], Isa::detect()).is_none()
+                        || !grouped
+                );
                 let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
                 for r in 0..rows {
                     w.dequantize_row(r, &mut a);

@@ -345,7 +345,8 @@ fn concat_fuses_matching_forms_and_keeps_their_products() {
                 .unwrap();
             separate.push(y);
         }
-        let fused = Linear::concat(parts).unwrap_or_else(|_| panic!("{types:?} should fuse"));
+        let fused = Linear::concat(parts, Isa::detect())
+            .unwrap_or_else(|_| panic!("{types:?} should fuse"));
         let total = fused.rows();
         for isa in isas() {
             let mut f = Linear::Q(match &fused {
@@ -377,19 +378,23 @@ fn concat_fuses_matching_forms_and_keeps_their_products() {
         load(GgmlType::Q6K, 16, &mut rng),
     ];
     assert!(
-        Linear::concat(apart).is_err(),
+        Linear::concat(apart, Isa::detect()).is_err(),
         "Q4_K and Q6_K repack differently"
     );
     // Regression: a Q5_0 q‖k fused with a Q8_0 v (SmolLM2 Q4_K_M) was one full 8-bit matrix,
     // which AVX2 ran on its slowest row kernel instead of the 5-bit group kernel.
-    let apart = vec![
-        load(GgmlType::Q5_0, 32, &mut rng),
-        load(GgmlType::Q8_0, 16, &mut rng),
-    ];
-    assert!(
-        Linear::concat(apart).is_err(),
-        "Q5_0 (5-bit) and Q8_0 (8-bit) take different AVX2 layouts"
-    );
+    // AVX-512 runs the fused 8-bit matrix on its group kernel, so there they still fuse.
+    for (isa, fuses) in [(Isa::Avx2, false), (Isa::Avx512Vnni, true)] {
+        let parts = vec![
+            load(GgmlType::Q5_0, 32, &mut rng),
+            load(GgmlType::Q8_0, 16, &mut rng),
+        ];
+        assert_eq!(
+            Linear::concat(parts, isa).is_ok(),
+            fuses,
+            "Q5_0 (5-bit) with Q8_0 (8-bit) for {isa:?}"
+        );
+    }
 }
 
 /// Regression: a K-quant tensor whose rows are not whole 256-element super-blocks (SmolLM2's
