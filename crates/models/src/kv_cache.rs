@@ -869,17 +869,7 @@ mod tests {
     #[test]
     fn rotated_q4_0_attention_matches_exact_attention() {
         let (hd, n) = (64, 48);
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut gauss = || {
-            let mut u = || {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 11) as f64 / (1u64 << 53) as f64).max(1e-12)
-            };
-            let (a, b) = (u(), u());
-            ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
-        };
+        let mut gauss = crate::ops::tests::gaussian(0x9e37_79b9_7f4a_7c15);
         let mut head = |outlier: f32| -> Vec<f32> {
             let mut h: Vec<f32> = (0..hd).map(|_| gauss()).collect();
             h[7] += outlier;

@@ -724,7 +724,7 @@ pub(crate) fn adapt(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::kv_cache::{KeyCalibration, KvType, KV_TYPES};
     use crate::model::Arch;
@@ -750,8 +750,9 @@ mod tests {
         }
     }
 
-    /// Standard normal samples (xorshift64 and Box-Muller) from `state`.
-    fn gaussian(mut state: u64) -> impl FnMut() -> f32 {
+    /// Standard normal samples (xorshift64 and Box-Muller) from `state` (also for `kv_cache`'s
+    /// tests).
+    pub(crate) fn gaussian(mut state: u64) -> impl FnMut() -> f32 {
         move || {
             let mut u = || {
                 state ^= state << 13;

@@ -290,11 +290,7 @@ unsafe fn attend_avx2<const KIND: u8>(
     let g = q.len() / hd;
     let n = offs.len();
     let (k, v) = (kv.k, kv.v);
-    assert!(offs
-        .iter()
-        .all(|&o| o + kv.row <= k.len() && o + kv.row <= v.len()));
-    scores.clear();
-    scores.resize(g * n, 0.0);
+    start_rows(kv, offs, scores, g * n);
     let qp = q.as_ptr();
     unsafe {
         // scores[h·n + j] = scale · q_h · K_j, heads four at a time (accumulators in
@@ -333,6 +329,16 @@ unsafe fn attend_avx2<const KIND: u8>(
     }
 }
 
+/// The vectorized kernels' start: every row at `offs` lies inside `kv` (they read rows
+/// unchecked), and `scores` holds `len` zeros.
+fn start_rows(kv: &KvLayer, offs: &[usize], scores: &mut Vec<f32>, len: usize) {
+    assert!(offs
+        .iter()
+        .all(|&o| o + kv.row <= kv.k.len() && o + kv.row <= kv.v.len()));
+    scores.clear();
+    scores.resize(len, 0.0);
+}
+
 /// Each of the `g` rows of `n` scores becomes its softmax, and `ml[h]` its `[max, Σ e^(s − max)]`
 /// (the weights are normalized here, before they multiply V: see [`attend_partial`]).
 #[cfg(target_arch = "x86_64")]
@@ -367,12 +373,8 @@ unsafe fn attend_avx512<const KIND: u8>(
     let g = q.len() / hd;
     let n = offs.len();
     let (k, v) = (kv.k, kv.v);
-    assert!(offs
-        .iter()
-        .all(|&o| o + kv.row <= k.len() && o + kv.row <= v.len()));
     assert!(KIND != F16 && hd.is_multiple_of(64) && out.len() == q.len());
-    scores.clear();
-    scores.resize(g * n, 0.0);
+    start_rows(kv, offs, scores, g * n);
     let qp = q.as_ptr();
     unsafe {
         let rows = (k.as_ptr(), v.as_ptr(), kv.row);
