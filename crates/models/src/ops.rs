@@ -1010,9 +1010,11 @@ pub(crate) mod tests {
         }
         let scale = 0.125;
         attention_paths(&c, 0, &b, &kv, &mut s, scale, None, false);
-        // The kernel for f16 rows: 8-lane FMA dot products reduced as `attend_avx2` does (or
-        // the scalar kernel's plain sums), its exp, weights times 1/sum, FMA weighted sum.
-        let vector = simd::attend_is_vectorized(hd, nh / nkv);
+        // The kernel for f16 rows: 8-lane FMA dot products reduced as `attend_avx2` does,
+        // 16-lane ones reduced by `sum16`'s tree as `attend_avx512` does (or the scalar
+        // kernel's plain sums), its exp, weights times 1/sum, FMA weighted sum.
+        let kernel = simd::attend_kernel(hd, nh / nkv);
+        let vector = kernel != simd::AttendKernel::Scalar;
         for (i, &p) in positions.iter().enumerate() {
             for h in 0..nh {
                 let kvh = h / (nh / nkv);
@@ -1020,14 +1022,24 @@ pub(crate) mod tests {
                 let mut w: Vec<f32> = (0..=p as usize)
                     .map(|p| {
                         let k = &ks[p * nkv + kvh];
-                        if !vector {
-                            return q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                        }
-                        let mut acc = [0f32; 8];
-                        for c0 in (0..hd).step_by(8) {
-                            for (l, a) in acc.iter_mut().enumerate() {
+                        let lanes = match kernel {
+                            simd::AttendKernel::Scalar => {
+                                return q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+                            }
+                            simd::AttendKernel::Avx2 => 8,
+                            simd::AttendKernel::Avx512 => 16,
+                        };
+                        let mut acc = [0f32; 16];
+                        for c0 in (0..hd).step_by(lanes) {
+                            for (l, a) in acc[..lanes].iter_mut().enumerate() {
                                 *a = q[c0 + l].mul_add(k[c0 + l], *a);
                             }
+                        }
+                        if lanes == 16 {
+                            // sum16: lane l + 8, then + 4 (quarters), then + 2, then + 1.
+                            let t: Vec<f32> = (0..8).map(|l| acc[l] + acc[l + 8]).collect();
+                            let t: Vec<f32> = (0..4).map(|l| t[l] + t[l + 4]).collect();
+                            return ((t[0] + t[2]) + (t[1] + t[3])) * scale;
                         }
                         let t: Vec<f32> = (0..4).map(|l| acc[l] + acc[l + 4]).collect();
                         ((t[0] + t[2]) + (t[1] + t[3])) * scale

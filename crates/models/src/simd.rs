@@ -144,13 +144,13 @@ pub fn attend_partial(
     let hd = kv.head_dim;
     debug_assert_eq!(ml.len(), q.len() / hd);
     #[cfg(target_arch = "x86_64")]
-    if kv.kind != KvType::F16 && hd.is_multiple_of(64) && q.len() / hd <= MAX_GROUP && has_avx512()
-    {
+    if hd.is_multiple_of(64) && q.len() / hd <= MAX_GROUP && has_avx512() {
         // SAFETY: features checked above; every row is bounds-checked inside.
         unsafe {
             match kv.kind {
+                KvType::F16 => attend_avx512::<F16>(q, kv, offs, scale, scores, out, ml),
                 KvType::Q8_0 => attend_avx512::<Q8>(q, kv, offs, scale, scores, out, ml),
-                _ => attend_avx512::<Q4>(q, kv, offs, scale, scores, out, ml),
+                KvType::Q4_0 => attend_avx512::<Q4>(q, kv, offs, scale, scores, out, ml),
             }
         }
         return;
@@ -170,15 +170,27 @@ pub fn attend_partial(
     attend_scalar(q, kv, offs, scale, scores, out, ml);
 }
 
-/// Whether [`attend_partial`] takes its AVX2 kernel for heads of `hd` in groups of `g` (the
-/// tests that model its arithmetic bit for bit).
+/// The kernel [`attend_partial`] takes for heads of `hd` in groups of `g` (for the tests that
+/// model its arithmetic bit for bit).
 #[cfg(test)]
-pub(crate) fn attend_is_vectorized(hd: usize, g: usize) -> bool {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AttendKernel {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+#[cfg(test)]
+pub(crate) fn attend_kernel(hd: usize, g: usize) -> AttendKernel {
+    #[cfg(target_arch = "x86_64")]
+    if hd.is_multiple_of(64) && g <= MAX_GROUP && has_avx512() {
+        return AttendKernel::Avx512;
+    }
     #[cfg(target_arch = "x86_64")]
     if has_f16c() && hd.is_multiple_of(8) && g <= MAX_GROUP {
-        return true;
+        return AttendKernel::Avx2;
     }
-    false
+    AttendKernel::Scalar
 }
 
 /// [`attend_partial`] the obvious way: each row dequantized, then dot products, exps, axpys.
@@ -352,12 +364,13 @@ unsafe fn softmax_rows(scores: &mut [f32], g: usize, n: usize, ml: &mut [[f32; 2
         row.iter_mut().for_each(|x| *x *= inv);
     }
 }
-/// [`attend_partial`]'s AVX-512 kernel for quantized rows (q8_0, q4_0) whose heads are a
-/// multiple of 64 values: each K and V row is dequantized 64 values (two blocks) at a time into
-/// four 16-lane registers ([`deq64`]), once for all the heads of the pass, and a head's dot
-/// products with 16 rows are summed across lanes together ([`sum16`]) instead of one by one.
-/// The products are [`attend_avx2`]'s (value times block scale, then times q or the weight);
-/// only the order of the sums differs.
+/// [`attend_partial`]'s AVX-512 kernel for heads that are a multiple of 64 values: each K and
+/// V row is converted (f16) or dequantized (q8_0, q4_0) 64 values at a time into four 16-lane
+/// registers ([`deq64`]), once for all the heads of the pass, and a head's dot products with
+/// 16 rows are summed across lanes together ([`sum16`]) instead of one by one. The products
+/// are [`attend_avx2`]'s (value times block scale, then times q or the weight); only the order
+/// of the score sums differs (16 lanes, then `sum16`'s tree), and the weighted sum of V is
+/// bit for bit the AVX2 one (each output value gains its rows in order).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
 unsafe fn attend_avx512<const KIND: u8>(
@@ -373,7 +386,7 @@ unsafe fn attend_avx512<const KIND: u8>(
     let g = q.len() / hd;
     let n = offs.len();
     let (k, v) = (kv.k, kv.v);
-    assert!(KIND != F16 && hd.is_multiple_of(64) && out.len() == q.len());
+    assert!(hd.is_multiple_of(64) && out.len() == q.len());
     start_rows(kv, offs, scores, g * n);
     let qp = q.as_ptr();
     unsafe {
@@ -403,8 +416,8 @@ unsafe fn attend_avx512<const KIND: u8>(
     }
 }
 
-/// Values `64·s .. 64·s + 64` of the quantized (q8_0 or q4_0) row at `p` of `hd` values, times
-/// their block scales, as four registers of 16 in order.
+/// Values `64·s .. 64·s + 64` of the row at `p` of `hd` values as four registers of 16 in
+/// order: f16 converted, quantized (q8_0 or q4_0) times their block scales.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
 #[inline]
@@ -415,6 +428,15 @@ unsafe fn deq64<const KIND: u8>(
 ) -> [std::arch::x86_64::__m512; 4] {
     use std::arch::x86_64::*;
     unsafe {
+        if KIND == F16 {
+            let at = p.add(64 * s) as *const __m256i;
+            return [
+                _mm512_cvtph_ps(_mm256_loadu_si256(at)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(at.add(1))),
+                _mm512_cvtph_ps(_mm256_loadu_si256(at.add(2))),
+                _mm512_cvtph_ps(_mm256_loadu_si256(at.add(3))),
+            ];
+        }
         // The two blocks' f16 scales, side by side.
         let two = (p.add(2 * s) as *const i32).read_unaligned();
         let d = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
@@ -453,15 +475,15 @@ unsafe fn deq64<const KIND: u8>(
 /// Rows [`scores16`] asks for ahead of the one it multiplies: about a DRAM latency of work.
 const PF_ROWS: usize = 8;
 
-/// Prefetch the `row` `u16`s at `p` into L1: the lines of its first and last bytes (a row of
-/// at most 64 bytes touches no other).
+/// Prefetch the `row` `u16`s at `p` into L1: every 64-byte line they touch.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn prefetch_row(p: *const u16, row: usize) {
     use std::arch::x86_64::*;
-    unsafe {
-        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(row - 1) as *const i8);
+    let (first, last) = (p as usize & !63, p.wrapping_add(row - 1) as usize);
+    for line in (first..=last).step_by(64) {
+        // SAFETY: a prefetch never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
     }
 }
 
@@ -1138,17 +1160,22 @@ mod tests {
                     kernels.push(("avx2", o));
                 }
                 #[cfg(target_arch = "x86_64")]
-                if has_avx512() && kind != KvType::F16 && hd % 64 == 0 && g <= MAX_GROUP {
+                if has_avx512() && hd % 64 == 0 && g <= MAX_GROUP {
                     let mut o = vec![0.0; g * hd];
                     let mut ml = vec![[0f32; 2]; g];
                     let (k, sc) = (&layer, &mut Vec::new());
                     // SAFETY: AVX-512 checked above.
                     unsafe {
                         match kind {
+                            KvType::F16 => {
+                                attend_avx512::<F16>(&q, k, &offs, 0.125, sc, &mut o, &mut ml)
+                            }
                             KvType::Q8_0 => {
                                 attend_avx512::<Q8>(&q, k, &offs, 0.125, sc, &mut o, &mut ml)
                             }
-                            _ => attend_avx512::<Q4>(&q, k, &offs, 0.125, sc, &mut o, &mut ml),
+                            KvType::Q4_0 => {
+                                attend_avx512::<Q4>(&q, k, &offs, 0.125, sc, &mut o, &mut ml)
+                            }
                         }
                     }
                     assert_eq!(
