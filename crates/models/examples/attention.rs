@@ -90,7 +90,7 @@ fn main() {
                         offs.clear();
                         offs.extend((lo..hi).map(|p| (p * nkv + kvh) * ru));
                         let qh = &q[kvh * group * hd..][..group * hd];
-                        simd::attend_partial(qh, &layer, offs, 0.125, scores, out, ml);
+                        simd::attend_partial(qh, &layer, offs, &[], 0.125, scores, out, ml);
                     }
                 },
             );

@@ -170,8 +170,9 @@ pub(crate) fn store_kv(c: &Config, layer: usize, slots: &[usize], s: &Scratch, k
 ///   [`simd::attend_partial`] straight on the stored rows, its positions split into chunks of
 ///   [`ATTN_SPLIT`] aligned to absolute positions (flash-decoding): a task is one chunk of
 ///   one sequence for every KV head (rows contiguous in the cache) and for up to
-///   `MAX_GROUP / group` neighbouring tokens that all see the whole chunk (each K and V row
-///   read once for all of them), and each token's chunks are merged in position order. Each
+///   `MAX_GROUP / group` neighbouring tokens that see the chunk from the same start (each K
+///   and V row read once for all of them; a prompt token sees the rows of its last chunk up
+///   to its own position), and each token's chunks are merged in position order. Each
 ///   (token, head)'s arithmetic depends only on its own query, position and window, never on
 ///   the tokens it shares a task with, the rest of the batch or the thread count: a prompt
 ///   token gets bit for bit what it would decoding alone, which batch invariance asks.
@@ -256,20 +257,24 @@ fn attention_paths(
                 }
                 slots_of[i] = (base, slots - base);
             }
-            // Tokens that share a chunk share its task (stable: in token order).
+            // Tokens whose parts start at the same position share a task (stable: in token
+            // order), each seeing its own rows of it: a prompt's tokens see different ends of
+            // their last chunk.
             pending.sort_by_key(|&(lo, hi, _, _)| (lo, hi));
-            for e in pending.chunk_by(|x, y| (x.0, x.1) == (y.0, y.1)) {
+            for e in pending.chunk_by(|x, y| x.0 == y.0) {
                 let mut t = AttnTask {
                     seq: si as u32,
                     lo: e[0].0,
-                    hi: e[0].1,
+                    hi: e[e.len() - 1].1,
                     n: e.len() as u32,
                     tokens: [0; TASK_TOKENS],
                     slots: [0; TASK_TOKENS],
+                    seen: [0; TASK_TOKENS],
                 };
-                for (k, &(_, _, i, slot)) in e.iter().enumerate() {
+                for (k, &(lo, hi, i, slot)) in e.iter().enumerate() {
                     t.tokens[k] = i;
                     t.slots[k] = slot;
+                    t.seen[k] = hi - lo;
                 }
                 tasks.push(t);
             }
@@ -290,6 +295,13 @@ fn attention_paths(
                 w.q.resize(nt * gh, 0.0);
                 w.o.resize(nt * gh, 0.0);
                 w.ml.resize(nt * group, [0.0; 2]);
+                // Each head sees its token's rows (none of it when all see the whole task).
+                w.seen.clear();
+                if t.seen[..nt].iter().any(|&l| l != t.hi - t.lo) {
+                    let each = t.seen[..nt].iter().map(|&l| l as usize);
+                    w.seen
+                        .extend(each.flat_map(|l| std::iter::repeat_n(l, group)));
+                }
                 // The rows of KV head 0, a block at a time (a division per position cost
                 // about half as much as the kernel at long context); head h's rows are h
                 // rows further on.
@@ -315,6 +327,7 @@ fn attention_paths(
                         &w.q,
                         kl,
                         &w.offs,
+                        &w.seen,
                         scale,
                         &mut w.scores,
                         &mut w.o,
@@ -368,6 +381,7 @@ struct AttnBufs {
     ml: Vec<[f32; 2]>,
     scores: Vec<f32>,
     offs: Vec<usize>,
+    seen: Vec<usize>,
 }
 
 /// One token's attention from its chunks' parts (each `n_heads · hd` outputs, each chunk's
@@ -396,7 +410,8 @@ fn merge_parts(parts: &[f32], n_heads: usize, hd: usize, out: &mut [f32]) {
 }
 
 /// One task of [`attention`]'s one-token path: positions `lo..hi` of sequence `seq` for its
-/// first `n` tokens, whose results go to their `slots` of `attn_parts`.
+/// first `n` tokens, whose results go to their `slots` of `attn_parts`; token `k` sees the
+/// first `seen[k]` of them.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct AttnTask {
     seq: u32,
@@ -405,6 +420,7 @@ pub(crate) struct AttnTask {
     n: u32,
     tokens: [u32; TASK_TOKENS],
     slots: [u32; TASK_TOKENS],
+    seen: [u32; TASK_TOKENS],
 }
 
 /// [`attention`] of sequence `sq`'s new tokens (positions `p0..p0 + sq.len`, consecutive) into

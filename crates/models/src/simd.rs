@@ -119,7 +119,7 @@ pub(crate) fn attend(
     out: &mut [f32],
 ) {
     let mut ml = vec![[0f32; 2]; q.len() / kv.head_dim];
-    attend_partial(q, kv, offs, scale, scores, out, &mut ml);
+    attend_partial(q, kv, offs, &[], scale, scores, out, &mut ml);
 }
 
 /// [`attend`] over one part of a context, left for the caller to merge with the other parts
@@ -130,10 +130,18 @@ pub(crate) fn attend(
 /// one part then gets that kernel's bits, and the quantized models' golden tests, whose
 /// near-ties sit inside the noise of a last-bit change here, keep their margins. `offs` must
 /// not be empty.
+///
+/// `seen` (empty: every head sees every row) gives each head the rows it sees, a prefix of
+/// `offs` of at least one: prompt tokens at neighbouring positions share one pass over a
+/// chunk though each sees a different part of it. A head's result is bit for bit what it gets
+/// alone over its own rows: every score is its row's own, the softmax runs over exactly the
+/// head's rows, and the rows past them weigh exactly zero in the weighted sum of V.
+#[allow(clippy::too_many_arguments)]
 pub fn attend_partial(
     q: &[f32],
     kv: &KvLayer,
     offs: &[usize],
+    seen: &[usize],
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
@@ -148,9 +156,9 @@ pub fn attend_partial(
         // SAFETY: features checked above; every row is bounds-checked inside.
         unsafe {
             match kv.kind {
-                KvType::F16 => attend_avx512::<F16>(q, kv, offs, scale, scores, out, ml),
-                KvType::Q8_0 => attend_avx512::<Q8>(q, kv, offs, scale, scores, out, ml),
-                KvType::Q4_0 => attend_avx512::<Q4>(q, kv, offs, scale, scores, out, ml),
+                KvType::F16 => attend_avx512::<F16>(q, kv, offs, seen, scale, scores, out, ml),
+                KvType::Q8_0 => attend_avx512::<Q8>(q, kv, offs, seen, scale, scores, out, ml),
+                KvType::Q4_0 => attend_avx512::<Q4>(q, kv, offs, seen, scale, scores, out, ml),
             }
         }
         return;
@@ -160,14 +168,14 @@ pub fn attend_partial(
         // SAFETY: features checked above; every row is bounds-checked inside.
         unsafe {
             match kv.kind {
-                KvType::F16 => attend_avx2::<F16>(q, kv, offs, scale, scores, out, ml),
-                KvType::Q8_0 => attend_avx2::<Q8>(q, kv, offs, scale, scores, out, ml),
-                KvType::Q4_0 => attend_avx2::<Q4>(q, kv, offs, scale, scores, out, ml),
+                KvType::F16 => attend_avx2::<F16>(q, kv, offs, seen, scale, scores, out, ml),
+                KvType::Q8_0 => attend_avx2::<Q8>(q, kv, offs, seen, scale, scores, out, ml),
+                KvType::Q4_0 => attend_avx2::<Q4>(q, kv, offs, seen, scale, scores, out, ml),
             }
         }
         return;
     }
-    attend_scalar(q, kv, offs, scale, scores, out, ml);
+    attend_scalar(q, kv, offs, seen, scale, scores, out, ml);
 }
 
 /// The kernel [`attend_partial`] takes for heads of `hd` in groups of `g` (for the tests that
@@ -194,10 +202,12 @@ pub(crate) fn attend_kernel(hd: usize, g: usize) -> AttendKernel {
 }
 
 /// [`attend_partial`] the obvious way: each row dequantized, then dot products, exps, axpys.
+#[allow(clippy::too_many_arguments)]
 fn attend_scalar(
     q: &[f32],
     kv: &KvLayer,
     offs: &[usize],
+    seen: &[usize],
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
@@ -214,7 +224,12 @@ fn attend_scalar(
             scores[h * n + j] = qh.iter().zip(&row).map(|(a, b)| a * b).sum::<f32>() * scale;
         }
     }
-    for (sc, ml) in scores.chunks_exact_mut(n.max(1)).zip(ml.iter_mut()) {
+    for (h, (sc, ml)) in scores
+        .chunks_exact_mut(n.max(1))
+        .zip(ml.iter_mut())
+        .enumerate()
+    {
+        let sc = visible(sc, seen, h);
         let mx = sc.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
         let l = exp_sub_sum(sc, mx);
         *ml = [mx, l];
@@ -229,6 +244,15 @@ fn attend_scalar(
             oh.iter_mut().zip(&row).for_each(|(y, &x)| *y += w * x);
         }
     }
+}
+
+/// Head `h`'s scores as far as it sees (`seen[h]` rows, all when `seen` is empty), the rows
+/// past that zeroed: zero weights, which add exactly nothing to the weighted sum of V.
+fn visible<'a>(row: &'a mut [f32], seen: &[usize], h: usize) -> &'a mut [f32] {
+    let len = seen.get(h).map_or(row.len(), |&l| l.min(row.len()));
+    let (mine, rest) = row.split_at_mut(len);
+    rest.fill(0.0);
+    mine
 }
 
 /// Most query heads the vectorized [`attend_partial`] takes in one pass (one accumulator
@@ -289,10 +313,12 @@ unsafe fn block_scale(p: *const u16, b: usize) -> std::arch::x86_64::__m256 {
 /// block.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn attend_avx2<const KIND: u8>(
     q: &[f32],
     kv: &KvLayer,
     offs: &[usize],
+    seen: &[usize],
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
@@ -318,7 +344,7 @@ unsafe fn attend_avx2<const KIND: u8>(
                 _ => scores_block::<KIND, 4>(qh, kp, offs, hd, scale, sc),
             }
         }
-        softmax_rows(scores, g, n, ml);
+        softmax_rows(scores, g, n, seen, ml);
         // out_h = Σ_j w_hj · V_j, with the output rows held in registers across all j (a
         // load-add-store per row would chain every step through memory): up to four heads by
         // 16 columns at a time, so each slice of a V row is loaded (and dequantized) once for
@@ -355,8 +381,16 @@ fn start_rows(kv: &KvLayer, offs: &[usize], scores: &mut Vec<f32>, len: usize) {
 /// (the weights are normalized here, before they multiply V: see [`attend_partial`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn softmax_rows(scores: &mut [f32], g: usize, n: usize, ml: &mut [[f32; 2]]) {
-    for (row, ml) in scores.chunks_exact_mut(n.max(1)).take(g).zip(ml.iter_mut()) {
+unsafe fn softmax_rows(
+    scores: &mut [f32],
+    g: usize,
+    n: usize,
+    seen: &[usize],
+    ml: &mut [[f32; 2]],
+) {
+    let rows = scores.chunks_exact_mut(n.max(1)).take(g).zip(ml.iter_mut());
+    for (h, (row, ml)) in rows.enumerate() {
+        let row = visible(row, seen, h);
         let mx = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
         let l = unsafe { exp_sub_sum_avx2(row, mx) };
         *ml = [mx, l];
@@ -373,10 +407,12 @@ unsafe fn softmax_rows(scores: &mut [f32], g: usize, n: usize, ml: &mut [[f32; 2
 /// bit for bit the AVX2 one (each output value gains its rows in order).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn attend_avx512<const KIND: u8>(
     q: &[f32],
     kv: &KvLayer,
     offs: &[usize],
+    seen: &[usize],
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
@@ -400,7 +436,7 @@ unsafe fn attend_avx512<const KIND: u8>(
                 _ => scores16::<KIND, 4>(qh, rows, offs, hd, scale, sc),
             }
         }
-        softmax_rows(scores, g, n, ml);
+        softmax_rows(scores, g, n, seen, ml);
         let vp = v.as_ptr();
         for h0 in (0..g).step_by(4) {
             let (w, o) = (&scores[h0 * n..], &mut out[h0 * hd..]);
@@ -1150,13 +1186,13 @@ mod tests {
                     unsafe {
                         match kind {
                             KvType::F16 => {
-                                attend_avx2::<F16>(&q, k, &offs, 0.125, sc, &mut o, &mut ml)
+                                attend_avx2::<F16>(&q, k, &offs, &[], 0.125, sc, &mut o, &mut ml)
                             }
                             KvType::Q8_0 => {
-                                attend_avx2::<Q8>(&q, k, &offs, 0.125, sc, &mut o, &mut ml)
+                                attend_avx2::<Q8>(&q, k, &offs, &[], 0.125, sc, &mut o, &mut ml)
                             }
                             KvType::Q4_0 => {
-                                attend_avx2::<Q4>(&q, k, &offs, 0.125, sc, &mut o, &mut ml)
+                                attend_avx2::<Q4>(&q, k, &offs, &[], 0.125, sc, &mut o, &mut ml)
                             }
                         }
                     }
@@ -1171,13 +1207,13 @@ mod tests {
                     unsafe {
                         match kind {
                             KvType::F16 => {
-                                attend_avx512::<F16>(&q, k, &offs, 0.125, sc, &mut o, &mut ml)
+                                attend_avx512::<F16>(&q, k, &offs, &[], 0.125, sc, &mut o, &mut ml)
                             }
                             KvType::Q8_0 => {
-                                attend_avx512::<Q8>(&q, k, &offs, 0.125, sc, &mut o, &mut ml)
+                                attend_avx512::<Q8>(&q, k, &offs, &[], 0.125, sc, &mut o, &mut ml)
                             }
                             KvType::Q4_0 => {
-                                attend_avx512::<Q4>(&q, k, &offs, 0.125, sc, &mut o, &mut ml)
+                                attend_avx512::<Q4>(&q, k, &offs, &[], 0.125, sc, &mut o, &mut ml)
                             }
                         }
                     }
@@ -1193,6 +1229,7 @@ mod tests {
                     &q,
                     &layer,
                     &offs,
+                    &[],
                     0.125,
                     &mut Vec::new(),
                     &mut slow,
@@ -1230,6 +1267,67 @@ mod tests {
                                 got[h * hd + d]
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Heads that see only the first rows of a pass (prompt tokens sharing a chunk) get bit
+    /// for bit what each gets alone over its own rows: output and `[max, sum]`, for every KV
+    /// type, on the kernel this CPU takes and on the scalar one.
+    #[test]
+    fn heads_seeing_a_prefix_get_their_bits_alone() {
+        for kind in KV_TYPES {
+            for (hd, seen) in [
+                (64, vec![37, 20, 1]),
+                (64, vec![16, 17, 15, 33, 33, 2]),
+                (128, vec![5, 40, 40, 39]),
+                (40, vec![9, 3, 8]),
+            ] {
+                if kind != KvType::F16 && hd % 32 != 0 {
+                    continue;
+                }
+                let (g, rows) = (seen.len(), *seen.iter().max().expect("heads"));
+                let f = |i: usize, a: f32| ((i as f32) * a).sin() * (1.0 + (i % 5) as f32);
+                let q: Vec<f32> = (0..g * hd).map(|i| f(i, 0.31)).collect();
+                let ru = kind.row_units(hd);
+                let mut k16 = vec![0u16; rows * ru];
+                let mut v16 = vec![0u16; rows * ru];
+                for r in 0..rows {
+                    let kx: Vec<f32> = (0..hd).map(|i| f(r * hd + i, 0.17)).collect();
+                    let vx: Vec<f32> = (0..hd).map(|i| f(r * hd + i, 0.07)).collect();
+                    quantize_row(kind, &kx, &mut k16[r * ru..][..ru]);
+                    quantize_row(kind, &vx, &mut v16[r * ru..][..ru]);
+                }
+                let layer = KvLayer::of_rows(kind, hd, &k16, &v16);
+                let offs: Vec<usize> = (0..rows).rev().map(|r| r * ru).collect();
+                type Kernel<'a> =
+                    &'a dyn Fn(&[f32], &[usize], &[usize], &mut [f32], &mut [[f32; 2]]);
+                let fast = |q: &[f32],
+                            offs: &[usize],
+                            seen: &[usize],
+                            o: &mut [f32],
+                            ml: &mut [[f32; 2]]| {
+                    super::attend_partial(q, &layer, offs, seen, 0.125, &mut Vec::new(), o, ml)
+                };
+                let scalar = |q: &[f32],
+                              offs: &[usize],
+                              seen: &[usize],
+                              o: &mut [f32],
+                              ml: &mut [[f32; 2]]| {
+                    super::attend_scalar(q, &layer, offs, seen, 0.125, &mut Vec::new(), o, ml)
+                };
+                let kernels: [(&str, Kernel); 2] = [("attend_partial", &fast), ("scalar", &scalar)];
+                for (name, run) in kernels {
+                    let (mut o, mut ml) = (vec![0.0; g * hd], vec![[0f32; 2]; g]);
+                    run(&q, &offs, &seen, &mut o, &mut ml);
+                    for (h, &l) in seen.iter().enumerate() {
+                        let (mut oh, mut mlh) = (vec![0.0; hd], vec![[0f32; 2]; 1]);
+                        run(&q[h * hd..][..hd], &offs[..l], &[], &mut oh, &mut mlh);
+                        let got = &o[h * hd..][..hd];
+                        assert_eq!(got, &oh[..], "{kind} {name} hd={hd} head {h} sees {l}");
+                        assert_eq!(ml[h], mlh[0], "{kind} {name} hd={hd} head {h}: [max, sum]");
                     }
                 }
             }
