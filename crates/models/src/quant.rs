@@ -2399,12 +2399,16 @@ pub fn set_batch_invariant(on: bool) {
 /// 0: not read yet, 1: off, 2: on.
 static BATCH_INVARIANT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// Tokens per tile of the AVX-512 kernels: one unpacked weight row serves this many tokens.
+/// Tokens per tile of the row-major AVX-512 kernel (`x86::tile`): one unpacked weight row
+/// serves this many tokens.
 const TILE: usize = 4;
-/// Tokens per pass of the AVX2 group kernels at prompts (tails in 4s, then 1–3): each
-/// block's quants are unpacked once per pass, so wider passes spread the unpack (for the
-/// 5-bit groups a shift, mask and OR per quant vector on top of the nibbles) over more tokens.
-const AVX2_GROUP_TILE: usize = 8;
+/// Tokens per pass of the group kernels (AVX-512 and AVX2) at prompts (tails in 4s, then
+/// 1–3): each block's quants are unpacked once per pass, so wider passes spread the unpack
+/// (for the 5-bit groups a shift, mask and OR per quant vector on top of the nibbles) over
+/// more tokens. AVX-512 took 4 until 2026-12-06: 8 read 1.1–1.2× its prefill-512 on the
+/// 1.7B shape (Q4_K_M 119/120 → 144/131 tok/s, Q4_0 130/127 → 154/148, 2 threads); 16
+/// measured no better than 8.
+const GROUP_TILE: usize = 8;
 /// Weight rows per tile when decoding one token with the row-major AVX-512 tile (matrices not
 /// in [`Layout::Group16`]). 2 and 4 measured slower here (decode 68 and 61 tok/s against 95 on
 /// one thread): the row tiles spill.
@@ -2503,10 +2507,9 @@ pub fn matmul(isa: Isa, w: &QMatrix, x: &QActs, out: &mut [f32]) {
         if matches!(w.layout, Layout::Group16 | Layout::Group16Packed5) {
             // Chunks are whole groups (`chunk` is a multiple of 16 when m is).
             let groups = rows.start / 16..rows.end / 16;
-            let tile = if isa == Isa::Avx2 { AVX2_GROUP_TILE } else { TILE };
             let mut t = 0;
             while t < n {
-                let nt = match (n - t).min(tile) {
+                let nt = match (n - t).min(GROUP_TILE) {
                     k if k >= 8 => 8,
                     k => k.min(4),
                 };
