@@ -295,7 +295,7 @@ fn attention_paths(
                 w.q.resize(nt * gh, 0.0);
                 w.o.resize(nt * gh, 0.0);
                 w.ml.resize(nt * group, [0.0; 2]);
-                // Each head sees its token's rows (none of it when all see the whole task).
+                // Each head sees its token's rows (left empty when every token sees them all).
                 w.seen.clear();
                 if t.seen[..nt].iter().any(|&l| l != t.hi - t.lo) {
                     let each = t.seen[..nt].iter().map(|&l| l as usize);
@@ -1029,7 +1029,7 @@ pub(crate) mod tests {
         // The kernel for f16 rows: 8-lane FMA dot products reduced as `attend_avx2` does,
         // 16-lane ones reduced by `sum16`'s tree as `attend_avx512` does (or the scalar
         // kernel's plain sums), its exp, weights times 1/sum, FMA weighted sum.
-        let kernel = simd::attend_kernel(hd, nh / nkv);
+        let kernel = simd::AttendKernel::pick(hd, nh / nkv);
         let vector = kernel != simd::AttendKernel::Scalar;
         for (i, &p) in positions.iter().enumerate() {
             for h in 0..nh {

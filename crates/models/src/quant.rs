@@ -2405,9 +2405,9 @@ const TILE: usize = 4;
 /// Tokens per pass of the group kernels (AVX-512 and AVX2) at prompts (tails in 4s, then
 /// 1–3): each block's quants are unpacked once per pass, so wider passes spread the unpack
 /// (for the 5-bit groups a shift, mask and OR per quant vector on top of the nibbles) over
-/// more tokens. AVX-512 took 4 until 2026-12-06: 8 read 1.1–1.2× its prefill-512 on the
-/// 1.7B shape (Q4_K_M 119/120 → 144/131 tok/s, Q4_0 130/127 → 154/148, 2 threads); 16
-/// measured no better than 8.
+/// more tokens. AVX-512 took 4 until 2026-12-06: 8 read 1.1–1.3× its prefill-512 (2
+/// threads, two rounds: SmolLM2-135M Q4_1 1260/1447 → 1396/1712 tok/s, the 1.7B shape's
+/// Q4_K_M 135/144 → 172/177); 16 measured no better than 8.
 const GROUP_TILE: usize = 8;
 /// Weight rows per tile when decoding one token with the row-major AVX-512 tile (matrices not
 /// in [`Layout::Group16`]). 2 and 4 measured slower here (decode 68 and 61 tok/s against 95 on

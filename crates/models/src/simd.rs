@@ -151,54 +151,73 @@ pub fn attend_partial(
     debug_assert!(!offs.is_empty());
     let hd = kv.head_dim;
     debug_assert_eq!(ml.len(), q.len() / hd);
-    #[cfg(target_arch = "x86_64")]
-    if hd.is_multiple_of(64) && q.len() / hd <= MAX_GROUP && has_avx512() {
-        // SAFETY: features checked above; every row is bounds-checked inside.
-        unsafe {
-            match kv.kind {
-                KvType::F16 => attend_avx512::<F16>(q, kv, offs, seen, scale, scores, out, ml),
-                KvType::Q8_0 => attend_avx512::<Q8>(q, kv, offs, seen, scale, scores, out, ml),
-                KvType::Q4_0 => attend_avx512::<Q4>(q, kv, offs, seen, scale, scores, out, ml),
-            }
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_f16c() && hd.is_multiple_of(8) && q.len() / hd <= MAX_GROUP {
-        // SAFETY: features checked above; every row is bounds-checked inside.
-        unsafe {
-            match kv.kind {
-                KvType::F16 => attend_avx2::<F16>(q, kv, offs, seen, scale, scores, out, ml),
-                KvType::Q8_0 => attend_avx2::<Q8>(q, kv, offs, seen, scale, scores, out, ml),
-                KvType::Q4_0 => attend_avx2::<Q4>(q, kv, offs, seen, scale, scores, out, ml),
-            }
-        }
-        return;
-    }
-    attend_scalar(q, kv, offs, seen, scale, scores, out, ml);
+    let run = AttendKernel::pick(hd, q.len() / hd).function(kv.kind);
+    // SAFETY: `pick` takes a kernel only where the CPU has its features; every row is
+    // bounds-checked inside.
+    unsafe { run(q, kv, offs, seen, scale, scores, out, ml) }
 }
 
-/// The kernel [`attend_partial`] takes for heads of `hd` in groups of `g` (for the tests that
-/// model its arithmetic bit for bit).
-#[cfg(test)]
+/// The kernels of [`attend_partial`], fastest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum AttendKernel {
-    Scalar,
-    Avx2,
     Avx512,
+    Avx2,
+    Scalar,
 }
 
-#[cfg(test)]
-pub(crate) fn attend_kernel(hd: usize, g: usize) -> AttendKernel {
-    #[cfg(target_arch = "x86_64")]
-    if hd.is_multiple_of(64) && g <= MAX_GROUP && has_avx512() {
-        return AttendKernel::Avx512;
+/// The signature every [`AttendKernel`] shares (that of [`attend_partial`]).
+type AttendFn = unsafe fn(
+    &[f32],
+    &KvLayer,
+    &[usize],
+    &[usize],
+    f32,
+    &mut Vec<f32>,
+    &mut [f32],
+    &mut [[f32; 2]],
+);
+
+impl AttendKernel {
+    /// Whether this kernel runs on this CPU for heads of `hd` in groups of `g`.
+    pub(crate) fn fits(self, hd: usize, g: usize) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            AttendKernel::Avx512 => hd.is_multiple_of(64) && g <= MAX_GROUP && has_avx512(),
+            #[cfg(target_arch = "x86_64")]
+            AttendKernel::Avx2 => hd.is_multiple_of(8) && g <= MAX_GROUP && has_f16c(),
+            AttendKernel::Scalar => true,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
     }
-    #[cfg(target_arch = "x86_64")]
-    if has_f16c() && hd.is_multiple_of(8) && g <= MAX_GROUP {
-        return AttendKernel::Avx2;
+
+    /// The fastest kernel that [`fits`](Self::fits).
+    pub(crate) fn pick(hd: usize, g: usize) -> Self {
+        [AttendKernel::Avx512, AttendKernel::Avx2]
+            .into_iter()
+            .find(|k| k.fits(hd, g))
+            .unwrap_or(AttendKernel::Scalar)
     }
-    AttendKernel::Scalar
+
+    /// This kernel's function for rows of `kind`; unsafe to call where it does not
+    /// [`fit`](Self::fits).
+    fn function(self, kind: KvType) -> AttendFn {
+        match (self, kind) {
+            #[cfg(target_arch = "x86_64")]
+            (AttendKernel::Avx512, KvType::F16) => attend_avx512::<F16>,
+            #[cfg(target_arch = "x86_64")]
+            (AttendKernel::Avx512, KvType::Q8_0) => attend_avx512::<Q8>,
+            #[cfg(target_arch = "x86_64")]
+            (AttendKernel::Avx512, KvType::Q4_0) => attend_avx512::<Q4>,
+            #[cfg(target_arch = "x86_64")]
+            (AttendKernel::Avx2, KvType::F16) => attend_avx2::<F16>,
+            #[cfg(target_arch = "x86_64")]
+            (AttendKernel::Avx2, KvType::Q8_0) => attend_avx2::<Q8>,
+            #[cfg(target_arch = "x86_64")]
+            (AttendKernel::Avx2, KvType::Q4_0) => attend_avx2::<Q4>,
+            _ => attend_scalar,
+        }
+    }
 }
 
 /// [`attend_partial`] the obvious way: each row dequantized, then dot products, exps, axpys.
@@ -402,9 +421,10 @@ unsafe fn softmax_rows(
 /// V row is converted (f16) or dequantized (q8_0, q4_0) 64 values at a time into four 16-lane
 /// registers ([`deq64`]), once for all the heads of the pass, and a head's dot products with
 /// 16 rows are summed across lanes together ([`sum16`]) instead of one by one. The products
-/// are [`attend_avx2`]'s (value times block scale, then times q or the weight); only the order
-/// of the score sums differs (16 lanes, then `sum16`'s tree), and the weighted sum of V is
-/// bit for bit the AVX2 one (each output value gains its rows in order).
+/// are [`attend_avx2`]'s for K (value times block scale, then times q) and the order of the
+/// score sums differs (16 lanes, then `sum16`'s tree). For V, an f16 cache gets the AVX2 bits
+/// (each output value gains `w·v` row by row in the same order); a quantized one multiplies
+/// `w · (scale · value)` where AVX2 folds the weight into the scale, `(w · scale) · value`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
@@ -585,8 +605,8 @@ unsafe fn sum16(v: &[std::arch::x86_64::__m512; 16]) -> std::arch::x86_64::__m51
     _mm512_permutexvar_ps(rows, d)
 }
 
-/// `out[h·n + j] = scale · q_h · K_j` for the `H` heads at `q` and the quantized K rows at
-/// `k + offs[j]`, 16 rows at a time: each row dequantized once for the `H` heads, each head's
+/// `out[h·n + j] = scale · q_h · K_j` for the `H` heads at `q` and the K rows at
+/// `k + offs[j]`, 16 rows at a time: each row converted ([`deq64`]) once for the `H` heads, each head's
 /// 16 dot products summed across lanes by one [`sum16`]. Rows are bounds-checked by the caller.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
@@ -641,7 +661,7 @@ unsafe fn scores16<const KIND: u8, const H: usize>(
 }
 
 /// `out_h[64·s..][..64] = Σ_j w_h[j] · V_j[64·s..][..64]` for `H` heads (`w_h` at `w[h·n..]`,
-/// `out_h` at `out[h·hd..]`) over the quantized rows `V_j` at `v + offs[j]`, the `4·H`
+/// `out_h` at `out[h·hd..]`) over the rows `V_j` at `v + offs[j]` ([`deq64`]), the `4·H`
 /// accumulators in registers. Rows are bounds-checked by the caller.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
@@ -1056,8 +1076,7 @@ unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
 
 #[cfg(test)]
 mod tests {
-    #[cfg(target_arch = "x86_64")]
-    use super::{attend_avx2, attend_avx512, has_avx512, has_f16c, F16, MAX_GROUP, Q4, Q8};
+    use super::AttendKernel;
     use crate::kv_cache::{dequantize_row, quantize_row, KvLayer, KvType, KV_TYPES};
 
     fn f16s(x: &[f32]) -> Vec<u16> {
@@ -1175,53 +1194,31 @@ mod tests {
                 let mut fast = vec![0.0; g * hd];
                 super::attend(&q, &layer, &offs, 0.125, &mut Vec::new(), &mut fast);
                 // Each vectorized kernel this CPU has, called directly (`attend` takes the best
-                // one for the row type and head size).
+                // one for the row type and head size, and gets its bits).
                 let mut kernels = vec![("fast", fast)];
-                #[cfg(target_arch = "x86_64")]
-                if has_f16c() && hd % 8 == 0 && g <= MAX_GROUP {
+                for kernel in [AttendKernel::Avx2, AttendKernel::Avx512] {
+                    if !kernel.fits(hd, g) {
+                        continue;
+                    }
                     let mut o = vec![0.0; g * hd];
                     let mut ml = vec![[0f32; 2]; g];
-                    let (k, sc) = (&layer, &mut Vec::new());
-                    // SAFETY: F16C checked above.
-                    unsafe {
-                        match kind {
-                            KvType::F16 => {
-                                attend_avx2::<F16>(&q, k, &offs, &[], 0.125, sc, &mut o, &mut ml)
-                            }
-                            KvType::Q8_0 => {
-                                attend_avx2::<Q8>(&q, k, &offs, &[], 0.125, sc, &mut o, &mut ml)
-                            }
-                            KvType::Q4_0 => {
-                                attend_avx2::<Q4>(&q, k, &offs, &[], 0.125, sc, &mut o, &mut ml)
-                            }
-                        }
+                    let (run, sc) = (kernel.function(kind), &mut Vec::new());
+                    // SAFETY: the kernel fits this CPU (checked above).
+                    unsafe { run(&q, &layer, &offs, &[], 0.125, sc, &mut o, &mut ml) };
+                    if kernel == AttendKernel::pick(hd, g) {
+                        assert_eq!(
+                            o, kernels[0].1,
+                            "{kind} hd={hd} g={g}: attend takes {kernel:?}"
+                        );
                     }
-                    kernels.push(("avx2", o));
-                }
-                #[cfg(target_arch = "x86_64")]
-                if has_avx512() && hd % 64 == 0 && g <= MAX_GROUP {
-                    let mut o = vec![0.0; g * hd];
-                    let mut ml = vec![[0f32; 2]; g];
-                    let (k, sc) = (&layer, &mut Vec::new());
-                    // SAFETY: AVX-512 checked above.
-                    unsafe {
-                        match kind {
-                            KvType::F16 => {
-                                attend_avx512::<F16>(&q, k, &offs, &[], 0.125, sc, &mut o, &mut ml)
-                            }
-                            KvType::Q8_0 => {
-                                attend_avx512::<Q8>(&q, k, &offs, &[], 0.125, sc, &mut o, &mut ml)
-                            }
-                            KvType::Q4_0 => {
-                                attend_avx512::<Q4>(&q, k, &offs, &[], 0.125, sc, &mut o, &mut ml)
-                            }
-                        }
-                    }
-                    assert_eq!(
-                        o, kernels[0].1,
-                        "{kind} hd={hd} g={g}: attend takes the AVX-512 kernel"
-                    );
-                    kernels.push(("avx512", o));
+                    kernels.push((
+                        if kernel == AttendKernel::Avx2 {
+                            "avx2"
+                        } else {
+                            "avx512"
+                        },
+                        o,
+                    ));
                 }
                 let mut slow = vec![0.0; g * hd];
                 let mut ml = vec![[0f32; 2]; g];
@@ -1302,32 +1299,37 @@ mod tests {
                 }
                 let layer = KvLayer::of_rows(kind, hd, &k16, &v16);
                 let offs: Vec<usize> = (0..rows).rev().map(|r| r * ru).collect();
-                type Kernel<'a> =
-                    &'a dyn Fn(&[f32], &[usize], &[usize], &mut [f32], &mut [[f32; 2]]);
-                let fast = |q: &[f32],
-                            offs: &[usize],
-                            seen: &[usize],
-                            o: &mut [f32],
-                            ml: &mut [[f32; 2]]| {
-                    super::attend_partial(q, &layer, offs, seen, 0.125, &mut Vec::new(), o, ml)
-                };
-                let scalar = |q: &[f32],
-                              offs: &[usize],
-                              seen: &[usize],
-                              o: &mut [f32],
-                              ml: &mut [[f32; 2]]| {
-                    super::attend_scalar(q, &layer, offs, seen, 0.125, &mut Vec::new(), o, ml)
-                };
-                let kernels: [(&str, Kernel); 2] = [("attend_partial", &fast), ("scalar", &scalar)];
-                for (name, run) in kernels {
+                let kernels = [
+                    AttendKernel::Avx512,
+                    AttendKernel::Avx2,
+                    AttendKernel::Scalar,
+                ];
+                for kernel in kernels.into_iter().filter(|k| k.fits(hd, g)) {
+                    let run = kernel.function(kind);
                     let (mut o, mut ml) = (vec![0.0; g * hd], vec![[0f32; 2]; g]);
-                    run(&q, &offs, &seen, &mut o, &mut ml);
+                    // SAFETY (both calls): the kernel fits this CPU (filtered above).
+                    unsafe {
+                        run(
+                            &q,
+                            &layer,
+                            &offs,
+                            &seen,
+                            0.125,
+                            &mut Vec::new(),
+                            &mut o,
+                            &mut ml,
+                        )
+                    };
                     for (h, &l) in seen.iter().enumerate() {
                         let (mut oh, mut mlh) = (vec![0.0; hd], vec![[0f32; 2]; 1]);
-                        run(&q[h * hd..][..hd], &offs[..l], &[], &mut oh, &mut mlh);
+                        let (qh, sc) = (&q[h * hd..][..hd], &mut Vec::new());
+                        unsafe { run(qh, &layer, &offs[..l], &[], 0.125, sc, &mut oh, &mut mlh) };
                         let got = &o[h * hd..][..hd];
-                        assert_eq!(got, &oh[..], "{kind} {name} hd={hd} head {h} sees {l}");
-                        assert_eq!(ml[h], mlh[0], "{kind} {name} hd={hd} head {h}: [max, sum]");
+                        assert_eq!(got, &oh[..], "{kind} {kernel:?} hd={hd} head {h} sees {l}");
+                        assert_eq!(
+                            ml[h], mlh[0],
+                            "{kind} {kernel:?} hd={hd} head {h}: [max, sum]"
+                        );
                     }
                 }
             }
