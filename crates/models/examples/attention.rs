@@ -10,7 +10,8 @@
 //! 256-position chunks of the one-token path and the chunks run in parallel, each over every
 //! KV head, as `ops::attention` does (its per-chunk merge is left out: a few hundred flops).
 //! `FERROLM_ISA=avx2` measures the AVX2 kernel on an AVX-512 machine. Prints the median of
-//! `--reps` steps, in ms and as the tok/s attention alone would allow.
+//! `--reps` steps, in ms and as the tok/s attention alone would allow. `--flush MB` reads that
+//! many MB between steps (untimed), as a decode step reads the weights, so each starts cold.
 use std::time::Instant;
 
 use ferrolm_models::kv_cache::{quantize_row, KvLayer};
@@ -38,6 +39,10 @@ fn main() {
     let threads: usize = arg(&args, "--threads", 2);
     let reps: usize = arg(&args, "--reps", 20);
     let kind: KvType = arg(&args, "--kv-type", KvType::Q4_0);
+    // MB read between steps (untimed), as a decode step reads the weights between one
+    // token's attention and the next: the cache then starts cold, as in a real decode.
+    let flush_mb: usize = arg(&args, "--flush", 0);
+    let flush: Vec<u64> = vec![1; flush_mb << 17];
     const CHUNK: usize = 256;
 
     let ru = kind.row_units(hd);
@@ -100,6 +105,7 @@ fn main() {
         step();
         let mut ms: Vec<f64> = (0..reps)
             .map(|_| {
+                std::hint::black_box(flush.iter().fold(0u64, |a, &x| a ^ x));
                 let t = Instant::now();
                 step();
                 t.elapsed().as_secs_f64() * 1e3
