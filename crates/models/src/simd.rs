@@ -204,8 +204,7 @@ impl AttendKernel {
     /// AVX-512 one over a q4_0 cache.
     #[cfg(test)]
     pub(crate) fn rounds_to_int(self, kind: KvType, hd: usize) -> bool {
-        let fits = hd.is_multiple_of(64) && hd.is_power_of_two() && hd <= Q8_MAX_HD;
-        self == AttendKernel::Avx512 && kind == KvType::Q4_0 && fits
+        self == AttendKernel::Avx512 && kind == KvType::Q4_0 && q4_as_int(hd)
     }
 
     /// `q` (heads of `hd`) as this kernel multiplies it for rows of `kind`: rounded to int8
@@ -414,13 +413,16 @@ unsafe fn attend_avx2<const KIND: u8>(
 }
 
 /// The vectorized kernels' start: every row at `offs` lies inside `kv` (they read rows
-/// unchecked), and `scores` holds `len` zeros.
-fn start_rows(kv: &KvLayer, offs: &[usize], scores: &mut Vec<f32>, len: usize) {
+/// unchecked), and `scores` holds `len` zeros. Returns the smallest and largest offset.
+fn start_rows(kv: &KvLayer, offs: &[usize], scores: &mut Vec<f32>, len: usize) -> (usize, usize) {
     // (The largest offset, checked once: a check per row took 6% of the q4_0 kernel's time.)
-    let last = offs.iter().fold(0, |a, &o| a.max(o));
+    let (first, last) = offs
+        .iter()
+        .fold((usize::MAX, 0), |(a, b), &o| (a.min(o), b.max(o)));
     assert!(last + kv.row <= kv.k.len().min(kv.v.len()));
     scores.clear();
     scores.resize(len, 0.0);
+    (first, last)
 }
 
 /// Each of the `g` rows of `n` scores becomes its softmax, and `ml[h]` its `[max, Σ e^(s − max)]`
@@ -461,7 +463,7 @@ unsafe fn softmax_rows(
 /// by `vpdpwssd` with each weight times its row's block scale rounded to int16
 /// ([`weighted_sum_q4`]). Those two roundings are the only new error, far below the 4-bit
 /// values' own; at 8000 positions of a 360M-shaped cache this takes a token's attention from
-/// about 15.8 ms to 12.6–13.4 at 2 threads (BENCHMARKS.md).
+/// 16.1–16.7 ms to 10.5–10.7 at 2 threads (BENCHMARKS.md).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
@@ -480,20 +482,15 @@ unsafe fn attend_avx512<const KIND: u8>(
     let n = offs.len();
     let (k, v) = (kv.k, kv.v);
     assert!(hd.is_multiple_of(64) && out.len() == q.len());
-    start_rows(kv, offs, scores, g * n);
+    let (first, last) = start_rows(kv, offs, scores, g * n);
     let qp = q.as_ptr();
     unsafe {
         let rows = (k.as_ptr(), v.as_ptr(), kv.row);
         // q4_0 keys: integer dot products with q rounded to int8 ([`quantize_q8`]), the rows
         // gathered by 32-bit byte offsets from one another (a cache whose rows lie over 2 GiB
         // apart takes the f32 products).
-        // (A loop: a closure here is not inlined, and a fold's cost 6% of the kernel.)
-        let (mut first, mut last) = (usize::MAX, 0);
-        for &o in offs {
-            (first, last) = (first.min(o), last.max(o));
-        }
-        let near = 2 * (last - first) < i32::MAX as usize;
-        if KIND == Q4 && hd.is_power_of_two() && hd <= Q8_MAX_HD && near {
+        let q4 = KIND == Q4 && q4_as_int(hd);
+        if q4 && 2 * (last - first) < i32::MAX as usize {
             let (mut qi, mut qd) = ([0i8; MAX_GROUP * Q8_MAX_HD], [0f32; MAX_GROUP]);
             quantize_q8(q, hd, &mut qi, &mut qd);
             for h0 in (0..g).step_by(4) {
@@ -529,7 +526,6 @@ unsafe fn attend_avx512<const KIND: u8>(
         }
         softmax_rows(scores, g, n, seen, ml);
         let vp = v.as_ptr();
-        let q4 = KIND == Q4 && hd.is_power_of_two() && hd <= Q8_MAX_HD;
         for h0 in (0..g).step_by(4) {
             let (w, o) = (&scores[h0 * n..], &mut out[h0 * hd..]);
             for s in 0..hd / 64 {
@@ -740,6 +736,12 @@ unsafe fn scores16<const KIND: u8, const H: usize>(
 /// Largest head the integer q4_0 scores take (the int8 queries live on the stack).
 const Q8_MAX_HD: usize = 256;
 
+/// The AVX-512 kernel multiplies a q4_0 cache with heads of `hd` as integers
+/// ([`scores16_q4`], [`weighted_sum_q4`]): 64, 128 or 256.
+fn q4_as_int(hd: usize) -> bool {
+    hd.is_multiple_of(64) && hd.is_power_of_two() && hd <= Q8_MAX_HD
+}
+
 /// Each head of `q` (`hd` values, `g = q.len() / hd` heads) rounded to int8 with one scale:
 /// `qi[h·hd + i] = round(q[h·hd + i] · 127 / amax_h)` (to nearest even) and `qd[h] = amax_h /
 /// 127`, so `q_h ≈ qd[h] · qi_h`. The heads reaching a q4_0 cache are Hadamard-rotated, which
@@ -770,8 +772,6 @@ unsafe fn quantize_q8(q: &[f32], hd: usize, qi: &mut [i8], qd: &mut [f32]) {
 }
 
 /// The 32-bit words at `base + at[i]` bytes for the lanes `i` in `lanes`, zero elsewhere.
-/// (A function with the target features, not a closure: a closure does not inherit them, and
-/// was called for every gather.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
 #[inline]
@@ -997,7 +997,7 @@ unsafe fn weighted_sum_q4<const H: usize>(
                 let two = (v.add(o + 2 * s) as *const u32).read_unaligned();
                 (dr[0][j], dr[1][j]) = (two as u16, (two >> 16) as u16);
             }
-            // ui[2h + b][j] and σ[h][b] for head h, block b.
+            // ui[2h + b][j] and σ[h][b] for head h, block b (two blocks for up to 4 heads).
             let mut ui = [[0i16; V16_ROWS]; 8];
             let mut sigma = [[0f32; 2]; H];
             for h in 0..H {
