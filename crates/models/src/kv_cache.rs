@@ -188,6 +188,16 @@ pub struct KvCache {
     keys: Option<KeyCalibration>,
 }
 
+/// Tokens from which [`KvCache::write_batch`] splits a quantized cache's writes across threads.
+const WRITE_PAR_MIN: usize = 4;
+
+/// A pointer into a cache's storage that [`KvCache::write_batch`]'s tasks share; each writes
+/// its own tokens' rows.
+struct Ptr16(*mut u16);
+// SAFETY: only used for disjoint writes (see `write_batch`).
+unsafe impl Send for Ptr16 {}
+unsafe impl Sync for Ptr16 {}
+
 /// A model's key statistics for the cache ([`key_calibration`]): per (layer, KV head, channel),
 /// `n_layers · n_kv_heads · head_dim` values each.
 #[derive(Debug, Clone)]
@@ -325,15 +335,97 @@ impl KvCache {
 
     /// Store one token's K and V (`n_kv_heads · head_dim` values each) at `slot` of `layer`.
     pub(crate) fn write(&mut self, layer: usize, slot: usize, k: &[f32], v: &[f32]) {
+        let (base, per) = (self.row_base(layer, slot), self.n_kv_heads * self.row);
+        let mut tmp = std::mem::take(&mut self.tmp);
+        let mut dk = std::mem::take(&mut self.k);
+        let mut dv = std::mem::take(&mut self.v);
+        self.store(
+            layer,
+            k,
+            v,
+            &mut dk[base..base + per],
+            &mut dv[base..base + per],
+            &mut tmp,
+        );
+        (self.tmp, self.k, self.v) = (tmp, dk, dv);
+    }
+
+    /// Store the K and V of a batch's tokens, token `i`'s (`rows(i)`, `n_kv_heads · head_dim`
+    /// values each) at `slots[i]` of `layer`, as [`Self::write`] stores each. A quantized
+    /// cache splits the tokens across the rayon pool: its scale search is most of the
+    /// cost (a q4_0 cache's writes were a fifth of a 512-token prompt's time on one thread).
+    pub(crate) fn write_batch<'a>(
+        &mut self,
+        layer: usize,
+        slots: &[usize],
+        rows: impl Fn(usize) -> (&'a [f32], &'a [f32]) + Sync,
+    ) {
+        use rayon::prelude::*;
+        let distinct = || {
+            let mut s = slots.to_vec();
+            s.sort_unstable();
+            s.windows(2).all(|w| w[0] != w[1])
+        };
+        if self.kind == KvType::F16 || slots.len() < WRITE_PAR_MIN || !distinct() {
+            for (i, &slot) in slots.iter().enumerate() {
+                let (k, v) = rows(i);
+                self.write(layer, slot, k, v);
+            }
+            return;
+        }
+        let per = self.n_kv_heads * self.row;
+        let len = self.k.len();
+        assert!(slots.iter().all(|&s| self.row_base(layer, s) + per <= len));
+        let (kp, vp) = (Ptr16(self.k.as_mut_ptr()), Ptr16(self.v.as_mut_ptr()));
+        let this = &*self;
+        let chunk = slots
+            .len()
+            .div_ceil(4 * rayon::current_num_threads().max(1));
+        slots
+            .par_chunks(chunk)
+            .enumerate()
+            .for_each_init(Vec::new, |tmp, (c, ch)| {
+                let (kp, vp) = (&kp, &vp);
+                tmp.resize(this.head_dim, 0.0);
+                for (j, &slot) in ch.iter().enumerate() {
+                    let (k, v) = rows(c * chunk + j);
+                    let base = this.row_base(layer, slot);
+                    // SAFETY: in bounds (asserted above), and the slots are distinct (checked),
+                    // so no two tokens write the same rows.
+                    let (dk, dv) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(kp.0.add(base), per),
+                            std::slice::from_raw_parts_mut(vp.0.add(base), per),
+                        )
+                    };
+                    this.store(layer, k, v, dk, dv, tmp);
+                }
+            });
+    }
+
+    /// Where `slot`'s rows of `layer` start in `k` and `v`.
+    fn row_base(&self, layer: usize, slot: usize) -> usize {
+        layer * self.layer_len() + slot * self.n_kv_heads * self.row
+    }
+
+    /// One token's K and V into its rows `dk`, `dv` (`n_kv_heads` rows each): keys shifted and
+    /// scaled by the calibration, if any, rotated if the cache rotates, then quantized.
+    fn store(
+        &self,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        dk: &mut [u16],
+        dv: &mut [u16],
+        tmp: &mut [f32],
+    ) {
         let (hd, row, nkv) = (self.head_dim, self.row, self.n_kv_heads);
-        let base = layer * self.layer_len() + slot * nkv * row;
         let span = layer * nkv * hd..(layer + 1) * nkv * hd;
         let keys = self
             .keys
             .as_ref()
             .map(|k| (&k.shift[span.clone()], &k.scale[span]));
-        for (src, dst, keys) in [(k, &mut self.k, keys), (v, &mut self.v, None)] {
-            let dst = &mut dst[base..base + nkv * row];
+        for (src, dst, keys) in [(k, dk, keys), (v, dv, None)] {
             for (h, (x, out)) in src
                 .chunks_exact(hd)
                 .zip(dst.chunks_exact_mut(row))
@@ -341,8 +433,7 @@ impl KvCache {
             {
                 if let Some((shift, scale)) = keys {
                     let r = h * hd..(h + 1) * hd;
-                    for ((t, &x), (&m, &s)) in self
-                        .tmp
+                    for ((t, &x), (&m, &s)) in tmp
                         .iter_mut()
                         .zip(x)
                         .zip(shift[r.clone()].iter().zip(&scale[r]))
@@ -350,15 +441,15 @@ impl KvCache {
                         *t = (x - m) / s;
                     }
                 } else if self.rotate {
-                    self.tmp.copy_from_slice(x);
+                    tmp.copy_from_slice(x);
                 } else {
                     quantize_row(self.kind, x, out);
                     continue;
                 }
                 if self.rotate {
-                    rotate(&mut self.tmp);
+                    rotate(tmp);
                 }
-                quantize_row(self.kind, &self.tmp, out);
+                quantize_row(self.kind, tmp, out);
             }
         }
     }
@@ -567,57 +658,52 @@ pub fn quantize_row(kind: KvType, x: &[f32], out: &mut [u16]) {
                 .zip(scales)
                 .zip(qs.chunks_exact_mut(QK / 2))
             {
-                let (d, qv) = q4_block(blk);
+                let (d, qv) = q4_block(blk.try_into().expect("a block of QK values"));
                 *s = half::f16::from_f32(d).to_bits();
-                for (i, qi) in q.iter_mut().enumerate() {
-                    *qi = qv[i] | (qv[i + QK / 2] << 4);
-                }
+                q.copy_from_slice(&qv);
             }
         }
     }
 }
 
-/// One q4_0 block: its scale and quants (`0..=15`, value `Q4_LEVELS[q] · d`). The scale is the
-/// least-squares one for the quants of the best of a few candidate grids (the largest
-/// magnitude mapped near -127, the grid's end, as llama.cpp's IQ4_NL quantizer searches).
-fn q4_block(x: &[f32]) -> (f32, [u8; QK]) {
-    let lv = &Q4_LEVELS;
+/// One q4_0 block: its scale and quants (byte `i`: element `i` in the low nibble, element
+/// `i + 16` in the high one; value `Q4_LEVELS[q] · d`). The scale is the least-squares one for
+/// the quants of the best of a few candidate grids (the largest magnitude mapped near -127,
+/// the grid's end, as llama.cpp's IQ4_NL quantizer searches). Every token writes one block
+/// per 32 values of each K and V head, so each candidate's quants and sums are one vectorized
+/// pass ([`crate::simd::q4_stats`]); the search with a binary search per value took 37% of a
+/// 16-stream server's time (BENCHMARKS.md).
+fn q4_block(x: &[f32; QK]) -> (f32, [u8; QK / 2]) {
     // Midpoints between neighbouring levels: a value goes to the level whose interval holds it.
+    let lv = &Q4_LEVELS;
     let mids: [f32; 15] = std::array::from_fn(|i| 0.5 * (f32::from(lv[i]) + f32::from(lv[i + 1])));
     let m = x
         .iter()
         .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-    let mut q = [8u8; QK];
+    let mut q = [0x88u8; QK / 2];
     if m == 0.0 {
         return (0.0, q);
     }
-    let quant = |is: f32, q: &mut [u8; QK]| -> (f32, f32) {
-        let (mut sxq, mut sqq) = (0f32, 0f32);
-        for (qi, &v) in q.iter_mut().zip(x) {
-            let t = v * is;
-            let i = mids.partition_point(|&b| b < t);
-            *qi = i as u8;
-            let l = f32::from(lv[i]);
-            sxq += v * l;
-            sqq += l * l;
-        }
-        (sxq, sqq)
-    };
     // The largest magnitude mapped near the grid's end, -127 (as llama.cpp's IQ4_NL search).
-    let mut best = (f32::NEG_INFINITY, -127.0 / m);
-    for is in (0..15).map(|t| (-134.0 + 2.0 * t as f32) / m) {
-        let (sxq, sqq) = quant(is, &mut q);
-        // Error with the least-squares scale: Σx² − (Σxq)²/Σq²; maximize the subtrahend.
+    // Error with the least-squares scale: Σx² − (Σxq)²/Σq²; maximize the subtrahend.
+    let scales: [f32; 15] = std::array::from_fn(|t| (-134.0 + 2.0 * t as f32) / m);
+    let mut stats = [[0f32; 2]; 15];
+    crate::simd::q4_stats(x, &scales, &mids, &mut stats, None);
+    let mut best = (f32::NEG_INFINITY, -127.0 / m, None);
+    for (&is, &[sxq, sqq]) in scales.iter().zip(&stats) {
         if sqq > 0.0 && sxq * sxq / sqq > best.0 {
-            best = (sxq * sxq / sqq, is);
+            best = (sxq * sxq / sqq, is, Some([sxq, sqq]));
         }
     }
-    let (sxq, sqq) = quant(best.1, &mut q);
+    let [sxq, sqq] = best.2.unwrap_or_else(|| {
+        let mut s = [[0f32; 2]];
+        crate::simd::q4_stats(x, &[best.1], &mids, &mut s, None);
+        s[0]
+    });
     let d = half::f16::from_f32(sxq / sqq).to_f32();
-    // Quants again against the stored (f16) scale.
-    if d != 0.0 {
-        quant(1.0 / d, &mut q);
-    }
+    // Quants against the stored (f16) scale.
+    let is = if d != 0.0 { 1.0 / d } else { best.1 };
+    crate::simd::q4_stats(x, &[is], &mids, &mut [[0f32; 2]], Some(&mut q));
     (d, q)
 }
 
@@ -822,20 +908,21 @@ mod tests {
         };
         let (mut searched, mut plain) = (0f64, 0f64);
         for _ in 0..2000 {
-            let x: Vec<f32> = (0..QK)
-                .map(|_| {
-                    let (u, v) = (uniform().max(1e-12), uniform());
-                    ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-                })
-                .collect();
+            let x: [f32; QK] = std::array::from_fn(|_| {
+                let (u, v) = (uniform().max(1e-12), uniform());
+                ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+            });
             let (d, q) = q4_block(&x);
-            let lv = |i: u8| f32::from(Q4_LEVELS[usize::from(i)]);
+            let lv = |i: usize| {
+                let b = q[i % 16];
+                f32::from(Q4_LEVELS[usize::from(if i < 16 { b & 15 } else { b >> 4 })])
+            };
             let m = x
                 .iter()
                 .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
             let d0 = half::f16::from_f32(m / -8.0).to_f32();
             for (i, &v) in x.iter().enumerate() {
-                searched += f64::from(v - d * lv(q[i])).powi(2);
+                searched += f64::from(v - d * lv(i)).powi(2);
                 let l = (v / d0).round().clamp(-8.0, 7.0);
                 plain += f64::from(v - d0 * l).powi(2);
             }

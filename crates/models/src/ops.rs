@@ -141,15 +141,11 @@ pub(crate) fn apply_rope(c: &Config, n: usize, s: &mut Scratch) {
 pub(crate) fn store_kv(c: &Config, layer: usize, slots: &[usize], s: &Scratch, kv: &mut KvCache) {
     let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
     let qkv_dim = q_dim + 2 * kv_dim;
-    for (i, &slot) in slots.iter().enumerate() {
-        let row = &s.qkv[i * qkv_dim..(i + 1) * qkv_dim];
-        kv.write(
-            layer,
-            slot,
-            &row[q_dim..q_dim + kv_dim],
-            &row[q_dim + kv_dim..],
-        );
-    }
+    let qkv = &s.qkv;
+    kv.write_batch(layer, slots, |i| {
+        let row = &qkv[i * qkv_dim..(i + 1) * qkv_dim];
+        (&row[q_dim..q_dim + kv_dim], &row[q_dim + kv_dim..])
+    });
 }
 
 /// Causal attention of every (token, head) over its sequence's cached positions

@@ -1565,6 +1565,209 @@ unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// The statistics of one q4_0 KV block `x` (32 values) quantized at each inverse scale of
+/// `is`: each value `t = x_j · is` goes to the level of [`crate::kv_cache::Q4_LEVELS`] whose
+/// interval holds it (index = how many of the 15 midpoints `mids` lie below `t`), and
+/// `out[c] = [Σ x_j·l_j, Σ l_j²]` for `is[c]`, the sums taken in one fixed order whatever the
+/// kernel ([`q4_sum`]). With `q`, the indices at the last scale of `is` too, byte `j` holding
+/// element `j` in its low nibble and element `j + 16` in its high one. [`crate::kv_cache`]'s
+/// scale search calls it for every K and V row a token writes.
+pub(crate) fn q4_stats(
+    x: &[f32; QK],
+    is: &[f32],
+    mids: &[f32; 15],
+    out: &mut [[f32; 2]],
+    q: Option<&mut [u8; QK / 2]>,
+) {
+    assert!(out.len() >= is.len() && !is.is_empty());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx512() {
+            // SAFETY: the CPU has the features (checked).
+            return unsafe { q4_stats_avx512(x, is, mids, out, q) };
+        }
+        if has_avx2() {
+            // SAFETY: as above.
+            return unsafe { q4_stats_avx2(x, is, mids, out, q) };
+        }
+    }
+    q4_stats_scalar(x, is, mids, out, q)
+}
+
+/// The signature of the [`q4_stats`] kernels.
+#[cfg(test)]
+type Q4StatsFn = fn(&[f32; QK], &[f32], &[f32; 15], &mut [[f32; 2]], Option<&mut [u8; QK / 2]>);
+
+/// The order [`q4_stats`] sums in, from the 16 pair sums `p_j = x_j·l_j + x_{j+16}·l_{j+16}`
+/// (each product rounded, then the sum): halves added lane by lane (`p_j + p_{j+8}`), then
+/// again (`+4`, `+2`, `+1`), as a 16-lane register folds down.
+fn q4_sum(p: &[f32; 16]) -> f32 {
+    let s8: [f32; 8] = std::array::from_fn(|i| p[i] + p[i + 8]);
+    let s4: [f32; 4] = std::array::from_fn(|i| s8[i] + s8[i + 4]);
+    let s2: [f32; 2] = std::array::from_fn(|i| s4[i] + s4[i + 2]);
+    s2[0] + s2[1]
+}
+
+/// [`q4_stats`] one value at a time.
+fn q4_stats_scalar(
+    x: &[f32; QK],
+    is: &[f32],
+    mids: &[f32; 15],
+    out: &mut [[f32; 2]],
+    mut q: Option<&mut [u8; QK / 2]>,
+) {
+    let lv = &crate::kv_cache::Q4_LEVELS;
+    for (&is, o) in is.iter().zip(out.iter_mut()) {
+        let idx: [usize; QK] = std::array::from_fn(|j| {
+            let t = x[j] * is;
+            mids.iter().map(|&b| usize::from(b < t)).sum()
+        });
+        let l = |j: usize| f32::from(lv[idx[j]]);
+        let xl: [f32; 16] = std::array::from_fn(|j| x[j] * l(j) + x[j + 16] * l(j + 16));
+        let ll: [f32; 16] = std::array::from_fn(|j| l(j) * l(j) + l(j + 16) * l(j + 16));
+        if let Some(q) = q.as_deref_mut() {
+            for (j, b) in q.iter_mut().enumerate() {
+                *b = idx[j] as u8 | (idx[j + 16] as u8) << 4;
+            }
+        }
+        *o = [q4_sum(&xl), q4_sum(&ll)];
+    }
+}
+
+/// [`q4_sum`] of the 16 lanes of `p`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn q4_sum8x2(lo: std::arch::x86_64::__m256, hi: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s8 = _mm256_add_ps(lo, hi);
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)))
+}
+
+/// [`q4_stats`] 16 values a register: each value's level index found by a binary search over
+/// the midpoints (four `vpermps` lookups and compares), its level by one more lookup.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
+unsafe fn q4_stats_avx512(
+    x: &[f32; QK],
+    is: &[f32],
+    mids: &[f32; 15],
+    out: &mut [[f32; 2]],
+    q: Option<&mut [u8; QK / 2]>,
+) {
+    use std::arch::x86_64::*;
+    unsafe {
+        let lv = _mm512_loadu_ps(Q4_LEVELS_F32.as_ptr());
+        let mut m16 = [f32::INFINITY; 16];
+        m16[..15].copy_from_slice(mids);
+        let mv = _mm512_loadu_ps(m16.as_ptr());
+        let xv = [
+            _mm512_loadu_ps(x.as_ptr()),
+            _mm512_loadu_ps(x.as_ptr().add(16)),
+        ];
+        let mut idx = [_mm512_setzero_si512(); 2];
+        for (&is, o) in is.iter().zip(out.iter_mut()) {
+            let s = _mm512_set1_ps(is);
+            let mut l = [_mm512_setzero_ps(); 2];
+            for h in 0..2 {
+                let t = _mm512_mul_ps(xv[h], s);
+                // idx = how many midpoints lie below t: take each power of two while the
+                // midpoint it would step past (mids[idx + step − 1]) lies below t.
+                let mut i = _mm512_setzero_si512();
+                for step in [8, 4, 2, 1] {
+                    let probe = _mm512_add_epi32(i, _mm512_set1_epi32(step - 1));
+                    let below =
+                        _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_permutexvar_ps(probe, mv), t);
+                    i = _mm512_mask_add_epi32(i, below, i, _mm512_set1_epi32(step));
+                }
+                idx[h] = i;
+                l[h] = _mm512_permutexvar_ps(i, lv);
+            }
+            let xl = _mm512_add_ps(_mm512_mul_ps(xv[0], l[0]), _mm512_mul_ps(xv[1], l[1]));
+            let ll = _mm512_add_ps(_mm512_mul_ps(l[0], l[0]), _mm512_mul_ps(l[1], l[1]));
+            // (No closure for the halves: closures do not take this function's features.)
+            let (xl0, xl1) = (
+                _mm512_castps512_ps256(xl),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(xl))),
+            );
+            let (ll0, ll1) = (
+                _mm512_castps512_ps256(ll),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(ll))),
+            );
+            *o = [q4_sum8x2(xl0, xl1), q4_sum8x2(ll0, ll1)];
+        }
+        if let Some(q) = q {
+            let b = _mm512_cvtepi32_epi8(_mm512_or_si512(idx[0], _mm512_slli_epi32::<4>(idx[1])));
+            _mm_storeu_si128(q.as_mut_ptr() as *mut __m128i, b);
+        }
+    }
+}
+
+/// [`q4_stats`] 8 values a register: 15 compares count each value's midpoints below it; the
+/// 16-level lookup is two `vpermps` and a blend on the index's bit 3.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4_stats_avx2(
+    x: &[f32; QK],
+    is: &[f32],
+    mids: &[f32; 15],
+    out: &mut [[f32; 2]],
+    q: Option<&mut [u8; QK / 2]>,
+) {
+    use std::arch::x86_64::*;
+    unsafe {
+        let (lv_lo, lv_hi) = (
+            _mm256_loadu_ps(Q4_LEVELS_F32.as_ptr()),
+            _mm256_loadu_ps(Q4_LEVELS_F32.as_ptr().add(8)),
+        );
+        let mut xv = [_mm256_setzero_ps(); 4];
+        for (c, v) in xv.iter_mut().enumerate() {
+            *v = _mm256_loadu_ps(x.as_ptr().add(8 * c));
+        }
+        let mut idx = [_mm256_setzero_si256(); 4];
+        for (&is, o) in is.iter().zip(out.iter_mut()) {
+            let s = _mm256_set1_ps(is);
+            let mut l = [_mm256_setzero_ps(); 4];
+            for c in 0..4 {
+                let t = _mm256_mul_ps(xv[c], s);
+                let mut i = _mm256_setzero_si256();
+                for &b in mids {
+                    let below = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_set1_ps(b), t);
+                    // A true compare is all ones, -1 as an integer.
+                    i = _mm256_sub_epi32(i, _mm256_castps_si256(below));
+                }
+                let hi = _mm256_castsi256_ps(_mm256_slli_epi32::<28>(i));
+                l[c] = _mm256_blendv_ps(
+                    _mm256_permutevar8x32_ps(lv_lo, i),
+                    _mm256_permutevar8x32_ps(lv_hi, i),
+                    hi,
+                );
+                idx[c] = i;
+            }
+            // Pair sums j = 0..8 (elements j and j + 16), then j = 8..16.
+            let (mut xl, mut ll) = ([_mm256_setzero_ps(); 2], [_mm256_setzero_ps(); 2]);
+            for h in 0..2 {
+                let (a, b) = (h, h + 2);
+                xl[h] = _mm256_add_ps(_mm256_mul_ps(xv[a], l[a]), _mm256_mul_ps(xv[b], l[b]));
+                ll[h] = _mm256_add_ps(_mm256_mul_ps(l[a], l[a]), _mm256_mul_ps(l[b], l[b]));
+            }
+            *o = [q4_sum8x2(xl[0], xl[1]), q4_sum8x2(ll[0], ll[1])];
+        }
+        if let Some(q) = q {
+            for h in 0..2 {
+                let b = _mm256_or_si256(idx[h], _mm256_slli_epi32::<4>(idx[h + 2]));
+                let mut w = [0u32; 8];
+                _mm256_storeu_si256(w.as_mut_ptr() as *mut __m256i, b);
+                for (k, &v) in w.iter().enumerate() {
+                    q[8 * h + k] = v as u8;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::AttendKernel;
@@ -1901,6 +2104,82 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// Every q4_0 search kernel gives the scalar one's bits (the sums in [`super::q4_sum`]'s
+    /// order, the indices exact), and the indices are the levels whose intervals hold the
+    /// values, as a binary search over the midpoints finds them.
+    #[test]
+    fn q4_search_kernels_agree_bit_for_bit() {
+        use crate::kv_cache::{Q4_LEVELS, QK};
+        let lv = &Q4_LEVELS;
+        let mids: [f32; 15] =
+            std::array::from_fn(|i| 0.5 * (f32::from(lv[i]) + f32::from(lv[i + 1])));
+        let mut g = crate::ops::tests::gaussian(7);
+        let mut blocks: Vec<[f32; QK]> = (0..300).map(|_| std::array::from_fn(|_| g())).collect();
+        // Outliers, ties on a midpoint, zeros, a constant block, a negative maximum.
+        blocks[0][5] = 40.0;
+        blocks[1] = [0.0; QK];
+        blocks[2] = [1.5; QK];
+        blocks[3][31] = -9.0;
+        blocks[4] = std::array::from_fn(|j| mids[j % 15] / 100.0);
+        let mut kernels: Vec<(&str, super::Q4StatsFn)> = vec![("scalar", super::q4_stats_scalar)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::has_avx2() {
+                kernels.push(("avx2", |x, is, m, o, q| unsafe {
+                    super::q4_stats_avx2(x, is, m, o, q)
+                }));
+            }
+            if super::has_avx512() {
+                kernels.push(("avx512", |x, is, m, o, q| unsafe {
+                    super::q4_stats_avx512(x, is, m, o, q)
+                }));
+            }
+        }
+        eprintln!(
+            "q4_0 search kernels checked: {:?}",
+            kernels.iter().map(|k| k.0).collect::<Vec<_>>()
+        );
+        for (b, x) in blocks.iter().enumerate() {
+            let m = x
+                .iter()
+                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let scales = [-134.0 / m, -127.0 / m, -120.0 / m, 100.0, 0.0];
+            let mut want = [[0f32; 2]; 5];
+            let mut want_q = [0u8; QK / 2];
+            super::q4_stats_scalar(x, &scales, &mids, &mut want, Some(&mut want_q));
+            for (j, &v) in x.iter().enumerate() {
+                let i = mids.partition_point(|&b| b < v * scales[4]) as u8;
+                let got = if j < 16 {
+                    want_q[j] & 15
+                } else {
+                    want_q[j - 16] >> 4
+                };
+                assert_eq!(got, i, "block {b}, element {j}");
+            }
+            for (c, &is) in scales.iter().enumerate() {
+                // One scale at a time gives the same sums and the same indices.
+                let (mut one, mut q) = ([[0f32; 2]; 1], [0u8; QK / 2]);
+                super::q4_stats_scalar(x, &[is], &mids, &mut one, Some(&mut q));
+                assert_eq!(one[0].map(f32::to_bits), want[c].map(f32::to_bits));
+                for (j, &v) in x.iter().enumerate() {
+                    let i = mids.partition_point(|&b| b < v * is) as u8;
+                    let got = if j < 16 { q[j] & 15 } else { q[j - 16] >> 4 };
+                    assert_eq!(got, i, "block {b}, is {is}, element {j}");
+                }
+            }
+            for (name, k) in &kernels {
+                let (mut got, mut q) = ([[0f32; 2]; 5], [0u8; QK / 2]);
+                k(x, &scales, &mids, &mut got, Some(&mut q));
+                let bits = |v: &[[f32; 2]; 5]| v.map(|p| p.map(f32::to_bits));
+                assert_eq!(bits(&got), bits(&want), "{name}, block {b}");
+                assert_eq!(q, want_q, "{name}, block {b}");
+                let mut again = [[0f32; 2]; 5];
+                k(x, &scales, &mids, &mut again, None);
+                assert_eq!(bits(&again), bits(&got), "{name}, block {b}");
             }
         }
     }
