@@ -7,6 +7,15 @@
 //! warm-up. Peak RSS is the process' high-water mark (VmHWM) at the end. The KV cache is of
 //! `--kv-type`; its bytes per token are reported.
 //!
+//! With `--parallel N,…`, also batched decoding as a server runs it: for each N, N requests
+//! with their own `--decode-depth`-token prompts (no two alike, so none finds a cached
+//! block) go into one engine (the server's scheduler and
+//! kernels, `--max-batch-tokens` per step), which generates `--decode-tokens` tokens for each,
+//! greedily and without stopping at an end token. It reports the tokens/s of all N sequences
+//! together from the step after the last prompt's prefill to the last token (and so the time
+//! of one decode step of N sequences), and the prompts' prefill time, the median of `--reps`
+//! runs after one warm-up: what `llama-batched-bench` calls S_TG and S_PP.
+//!
 //! With `--lookup K` or `--draft MODEL`, also speculative decoding: the chat-templated prompt
 //! "summarise this document" over `bench/document.txt` (a 330-word town history written for
 //! this benchmark), generated greedily up to `--spec-tokens` tokens without and with
@@ -18,8 +27,14 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use ferrolm_engine::{GenerateOptions, Generation, Session, SpecStats};
+use std::sync::Arc;
+
+use ferrolm_engine::{
+    Engine, EngineConfig, Event, GenerateOptions, Generation, Request, Session, SpecStats,
+};
+use ferrolm_models::Model;
 use ferrolm_sample::SamplingParams;
+use ferrolm_tokenizer::Tokenizer;
 use serde_json::json;
 
 use crate::{load, threads, KvArgs, Loaded, ModelArgs, SpecArgs};
@@ -53,9 +68,20 @@ pub struct BenchArgs {
     /// Most tokens generated in the speculative-decoding measurement (--lookup, --draft).
     #[arg(long, default_value_t = 256)]
     spec_tokens: usize,
+    /// Batched decoding: for each N (comma separated), N greedy requests of --decode-depth
+    /// prompt tokens and --decode-tokens generated tokens run together in the server's engine;
+    /// reports the N sequences' total tokens/s from the step after the last prompt's prefill
+    /// (as llama-batched-bench's S_TG), the time of one such step, and the prompts' prefill time.
+    #[arg(long, value_delimiter = ',')]
+    parallel: Vec<usize>,
+    /// Most tokens one engine step computes in the --parallel measurement (prompt chunks plus
+    /// decode tokens), as `ferrolm serve --max-batch-tokens`.
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
     /// Print JSON: {"prefill_tps_N" for each --prefill N, "decode_tps", "decode_depth",
-    /// "kv_type", "kv_bytes_per_token", "peak_rss_mb", "threads"}, and with --lookup or
-    /// --draft "speculative": {"plain_tps", "spec_tps", "ratio", "acceptance", "tokens"}.
+    /// "kv_type", "kv_bytes_per_token", "peak_rss_mb", "threads"}, with --lookup or --draft
+    /// "speculative": {"plain_tps", "spec_tps", "ratio", "acceptance", "tokens"}, and with
+    /// --parallel "parallel": [{"sequences", "decode_tps", "step_ms", "prefill_s"}, …].
     #[arg(long)]
     json: bool,
 }
@@ -77,6 +103,19 @@ pub fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// The memory the kernel says is available (`MemAvailable`), in bytes, where it says.
+fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = s
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 fn argmax(x: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
@@ -88,6 +127,12 @@ fn argmax(x: &[f32]) -> u32 {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
+    if a.parallel.contains(&0) {
+        bail!("--parallel takes sequence counts of at least 1");
+    }
+    if a.max_batch_tokens == 0 {
+        bail!("--max-batch-tokens must be at least 1");
+    }
     let m = load(&a.model)?;
     let threads = threads(a.threads)?;
     let reps = a.reps.max(1);
@@ -160,25 +205,37 @@ pub fn run(a: BenchArgs) -> Result<()> {
     } else {
         None
     };
+    let (path, isa) = (m.path.clone(), m.model.isa().name());
+    let Loaded { model, tok, .. } = m;
+    let (model, tok) = (Arc::new(model), Arc::new(tok));
+    let par = a
+        .parallel
+        .iter()
+        .map(|&n| parallel(&a, &model, &tok, &stream, n, threads, reps))
+        .collect::<Result<Vec<_>>>()?;
     let rss = peak_rss_mb();
     if a.json {
         let mut out = json!({"engine": "ferrolm", "decode_tps": decode,
                    "decode_depth": depth, "kv_type": a.kv.kv_type.name(), "kv_bytes_per_token": kv_bpt,
-                   "peak_rss_mb": rss, "threads": threads, "isa": m.model.isa().name(), "reps": reps,
+                   "peak_rss_mb": rss, "threads": threads, "isa": isa, "reps": reps,
                    "speculative": spec.as_ref().map(|s| json!({"plain_tps": s.plain_tps, "spec_tps": s.spec_tps,
                        "ratio": s.spec_tps / s.plain_tps, "acceptance": s.stats.acceptance(),
                        "drafted": s.stats.drafted, "accepted": s.stats.accepted, "tokens": s.tokens}))});
         for (n, p) in &prefills {
             out[format!("prefill_tps_{n}")] = json!(p);
         }
+        if !par.is_empty() {
+            out["parallel"] = json!(par
+                .iter()
+                .map(|p| json!({"sequences": p.n, "decode_tps": p.decode_tps,
+                    "step_ms": p.step_ms, "prefill_s": p.prefill_s}))
+                .collect::<Vec<_>>());
+        }
         println!("{out}");
     } else {
-        println!("model:         {}", m.path.display());
-        println!(
-            "threads:       {threads} (kernels: {})",
-            m.model.isa().name()
-        );
-        let ctx = m.model.cfg().context_length;
+        println!("model:         {}", path.display());
+        println!("threads:       {threads} (kernels: {isa})");
+        let ctx = model.cfg().context_length;
         for &(n, p) in &prefills {
             match p {
                 Some(p) => println!("prefill {n}:   {p:.1} tokens/s"),
@@ -191,6 +248,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         );
         println!("KV cache:      {} ({kv_bpt} bytes per token)", a.kv.kv_type);
         println!("peak RSS:      {rss:.1} MiB");
+        for p in &par {
+            println!(
+                "parallel {}:   {:.1} tokens/s decoding ({:.2} ms a step of {} sequences; their {}-token prompts took {:.3} s)",
+                p.n, p.decode_tps, p.step_ms, p.n, depth, p.prefill_s
+            );
+        }
         if let Some(s) = &spec {
             println!(
                 "speculative:   {:.1} tokens/s against {:.1} plain: {:.2}x ({} identical tokens of a summary; {:.0}% of {} drafts accepted)",
@@ -204,6 +267,131 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `--parallel` measurement's medians for one sequence count.
+struct ParallelFigures {
+    n: usize,
+    /// Tokens of all sequences per second, from the first step after the last prefill.
+    decode_tps: f64,
+    /// One decode step of the `n` sequences.
+    step_ms: f64,
+    /// From adding the requests to the step that gave the last prompt its first token.
+    prefill_s: f64,
+}
+
+/// `n` greedy requests of `--decode-depth` prompt tokens and `--decode-tokens` generated
+/// tokens each, run to their ends by one engine (see the module docs).
+fn parallel(
+    a: &BenchArgs,
+    model: &Arc<Model>,
+    tok: &Arc<Tokenizer>,
+    stream: &[u32],
+    n: usize,
+    threads: usize,
+    reps: usize,
+) -> Result<ParallelFigures> {
+    let (depth, gen) = (a.decode_depth, a.decode_tokens.max(2));
+    let per_seq = (depth + gen + 1).div_ceil(16);
+    let num_blocks = n * per_seq + 1;
+    let kv_bytes = num_blocks * 16 * a.kv.kv_type.bytes_per_token(model.cfg());
+    if let Some(avail) = mem_available() {
+        if kv_bytes as u64 > avail / 2 {
+            bail!(
+                "--parallel {n} needs {:.1} GiB of KV cache ({n} sequences of {} tokens), more than half of the {:.1} GiB of memory available: lower N, --decode-depth or --decode-tokens, or take --kv-type q8_0 or q4_0",
+                kv_bytes as f64 / (1u64 << 30) as f64,
+                depth + gen,
+                avail as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
+    let cfg = EngineConfig {
+        block_size: 16,
+        num_blocks,
+        kv_type: a.kv.kv_type,
+        max_batch_tokens: a.max_batch_tokens,
+        max_running: n,
+        threads,
+        lookup: 0,
+    };
+    let opts = GenerateOptions {
+        params: SamplingParams::greedy(),
+        max_tokens: gen,
+        stop: Vec::new(),
+        end_ids: Vec::new(),
+        seed: 0,
+        grammar: None,
+    };
+    // One engine for every run, as a server keeps one: its KV pages are touched by the
+    // warm-up, not timed.
+    let mut engine = Engine::new(model.clone(), tok.clone(), cfg)?;
+    let vocab = model.cfg().vocab_size;
+    let (mut dv, mut sv, mut pv) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..=reps {
+        // Request i of run r: its own first token (an ordinary id, different for every request
+        // of every run, so no prompt finds a cached block), then the stream from token i.
+        let prompts = (0..n).map(|i| {
+            let first = (1000 + r * n + i) % vocab;
+            std::iter::once(first as u32)
+                .chain((0..depth - 1).map(move |k| stream[(i + k) % stream.len()]))
+                .collect::<Vec<u32>>()
+        });
+        let mut rxs = Vec::with_capacity(n);
+        let t0 = Instant::now();
+        for (i, p) in prompts.enumerate() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            engine.add(Request {
+                id: (r * n + i) as u64,
+                prompt: p,
+                opts: opts.clone(),
+                adapter: None,
+                cache_scope: 0,
+                reply: tx,
+            });
+            rxs.push(rx);
+        }
+        let mut got = vec![0usize; n];
+        let mut done = 0;
+        let (mut first, mut after, mut steps) = (None, 0usize, 0usize);
+        while engine.has_work() {
+            engine.step()?;
+            if first.is_some() {
+                steps += 1;
+            }
+            for (g, rx) in got.iter_mut().zip(rxs.iter_mut()) {
+                while let Ok(ev) = rx.try_recv() {
+                    match ev {
+                        Event::Token { .. } => *g += 1,
+                        Event::Finished { .. } => done += 1,
+                        Event::Error(e) => bail!("--parallel {n}: a request failed: {e}"),
+                    }
+                }
+            }
+            if first.is_none() && got.iter().all(|&g| g > 0) {
+                // Every prompt is in: from here on, steps decode only.
+                first = Some(Instant::now());
+                after = got.iter().sum();
+            }
+        }
+        let end = Instant::now();
+        if done != n || got.iter().any(|&g| g != gen) {
+            bail!("--parallel {n}: expected {gen} tokens from each of {n} requests, got {got:?}");
+        }
+        let first = first.unwrap_or(end);
+        let decoded = n * gen - after;
+        let dt = (end - first).as_secs_f64().max(1e-9);
+        if r > 0 {
+            dv.push(decoded as f64 / dt);
+            sv.push(1e3 * dt / steps.max(1) as f64);
+            pv.push((first - t0).as_secs_f64());
+        }
+    }
+    Ok(ParallelFigures {
+        n,
+        decode_tps: median(dv),
+        step_ms: median(sv),
+        prefill_s: median(pv),
+    })
 }
 
 /// The speculative-decoding measurement's medians.

@@ -331,6 +331,58 @@ fn bench_prefill_lengths_are_chosen() {
     assert!(v.get("prefill_tps_512").is_none(), "{v}");
 }
 
+/// `--parallel` decodes N sequences together in the server's engine and reports each N.
+#[test]
+fn bench_parallel_reports_each_batch() {
+    let m = default_model();
+    let v = json_of(
+        &ferrolm()
+            .args(["bench", "--json", "--threads", "2", "--reps", "1"])
+            .args([
+                "--decode-tokens",
+                "6",
+                "--decode-depth",
+                "20",
+                "--prefill",
+                "0",
+            ])
+            .args(["--parallel", "1,3"])
+            .arg("--model")
+            .arg(&m)
+            .output()
+            .unwrap(),
+    );
+    let par = v["parallel"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(par.len(), 2, "{v}");
+    for (p, n) in par.iter().zip([1, 3]) {
+        assert_eq!(p["sequences"].as_u64(), Some(n), "{v}");
+        for k in ["decode_tps", "step_ms", "prefill_s"] {
+            assert!(p[k].as_f64().unwrap() > 0.0, "{k}: {v}");
+        }
+    }
+    let out = ferrolm()
+        .args(["bench", "--parallel", "0", "--model"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "--parallel takes sequence counts of at least 1");
+    let out = ferrolm()
+        .args([
+            "bench",
+            "--prefill",
+            "0",
+            "--reps",
+            "1",
+            "--decode-tokens",
+            "2",
+        ])
+        .args(["--parallel", "100000000", "--model"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "GiB of KV cache");
+}
+
 #[test]
 fn pull_without_python_says_what_to_do() {
     let home = tempfile::tempdir().unwrap();

@@ -2,7 +2,8 @@
 //! TYPE — q4_1, q5_0 or q8_0 —, one thread; 1536 × 768 for the K-quants q2_k, q3_k, q4_k and
 //! q6_k, whose rows are whole 256-element super-blocks), row-major and in 16-row groups
 //! (AVX-512 VNNI), and prints how far the two results are apart: `cargo run --release -p
-//! ferrolm-models --example matmul -- [TOKENS] [REPS] [TYPE]`. (On AVX-512, row-major
+//! ferrolm-models --example matmul -- [TOKENS] [REPS] [TYPE]` (`MM_THREADS=N`: N threads
+//! instead of one). (On AVX-512, row-major
 //! q2_k/q3_k/q6_k run the AVX2 kernel, as rows not in 16s do.) On AVX2 the matrix is prepared
 //! as the loader does (`prepare_avx2`: q5_0 in 16-row 5-bit groups, q8_0 row-major; the
 //! printed layout says which), and the prompt's result is checked bitwise against the same tokens one at
@@ -84,7 +85,12 @@ fn main() {
         );
     }
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
+        .num_threads(
+            std::env::var("MM_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1),
+        )
         .build()
         .expect("pool");
     let isa = Isa::detect();
