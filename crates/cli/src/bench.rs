@@ -250,8 +250,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         println!("peak RSS:      {rss:.1} MiB");
         for p in &par {
             println!(
-                "parallel {}:   {:.1} tokens/s decoding ({:.2} ms a step of {} sequences; their {}-token prompts took {:.3} s)",
-                p.n, p.decode_tps, p.step_ms, p.n, depth, p.prefill_s
+                "parallel {}:   {:.1} tokens/s decoding ({:.2} ms a step of {} sequence{}; their {}-token prompts took {:.3} s)",
+                p.n,
+                p.decode_tps,
+                p.step_ms,
+                p.n,
+                if p.n == 1 { "" } else { "s" },
+                depth,
+                p.prefill_s
             );
         }
         if let Some(s) = &spec {
