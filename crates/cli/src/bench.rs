@@ -133,6 +133,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.max_batch_tokens == 0 {
         bail!("--max-batch-tokens must be at least 1");
     }
+    if !a.parallel.is_empty() && a.decode_tokens < 2 {
+        bail!("--parallel times the steps after each request's first token: give --decode-tokens 2 or more");
+    }
     let m = load(&a.model)?;
     let threads = threads(a.threads)?;
     let reps = a.reps.max(1);
@@ -297,7 +300,7 @@ fn parallel(
     threads: usize,
     reps: usize,
 ) -> Result<ParallelFigures> {
-    let (depth, gen) = (a.decode_depth, a.decode_tokens.max(2));
+    let (depth, gen) = (a.decode_depth, a.decode_tokens);
     let per_seq = (depth + gen + 1).div_ceil(16);
     let num_blocks = n * per_seq + 1;
     let kv_bytes = num_blocks * 16 * a.kv.kv_type.bytes_per_token(model.cfg());

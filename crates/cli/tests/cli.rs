@@ -369,6 +369,19 @@ fn bench_parallel_reports_each_batch() {
     let out = ferrolm()
         .args([
             "bench",
+            "--parallel",
+            "2",
+            "--decode-tokens",
+            "1",
+            "--model",
+        ])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert_clean_error(&out, "--decode-tokens 2 or more");
+    let out = ferrolm()
+        .args([
+            "bench",
             "--prefill",
             "0",
             "--reps",

@@ -1,13 +1,13 @@
 //! Times the quantized matmul on a SmolLM2-shaped FFN matrix (1536 × 576, random weights of
-//! TYPE — q4_1, q5_0 or q8_0 —, one thread; 1536 × 768 for the K-quants q2_k, q3_k, q4_k and
-//! q6_k, whose rows are whole 256-element super-blocks), row-major and in 16-row groups
-//! (AVX-512 VNNI), and prints how far the two results are apart: `cargo run --release -p
-//! ferrolm-models --example matmul -- [TOKENS] [REPS] [TYPE]` (`MM_THREADS=N`: N threads
-//! instead of one). (On AVX-512, row-major
-//! q2_k/q3_k/q6_k run the AVX2 kernel, as rows not in 16s do.) On AVX2 the matrix is prepared
-//! as the loader does (`prepare_avx2`: q5_0 in 16-row 5-bit groups, q8_0 row-major; the
-//! printed layout says which), and the prompt's result is checked bitwise against the same tokens one at
-//! a time (batch invariance); `FERROLM_BATCH_INVARIANT=0` times the f32 GEMM path instead. Valgrind cannot run the AVX-512 kernels and this VM exposes no cycle counters, so
+//! TYPE — q4_1, q5_0 or q8_0 —, one thread, or `MM_THREADS`; 1536 × 768 for the K-quants
+//! q2_k, q3_k, q4_k and q6_k, whose rows are whole 256-element super-blocks), row-major and in
+//! 16-row groups (AVX-512 VNNI), and prints how far the two results are apart: `cargo run
+//! --release -p ferrolm-models --example matmul -- [TOKENS] [REPS] [TYPE]`. (On AVX-512,
+//! row-major q2_k/q3_k/q6_k run the AVX2 kernel, as rows not in 16s do.) On AVX2 the matrix is
+//! prepared as the loader does (`prepare_avx2`: q5_0 in 16-row 5-bit groups, q8_0 row-major;
+//! the printed layout says which), and the prompt's result is checked bitwise against the same
+//! tokens one at a time (batch invariance); `FERROLM_BATCH_INVARIANT=0` times the f32 GEMM path
+//! instead. Valgrind cannot run the AVX-512 kernels and this VM exposes no cycle counters, so
 //! A/B kernel changes here by interleaved timings (repeat, take medians).
 use ferrolm_models::quant::{matmul, Isa, QActs, QMatrix};
 

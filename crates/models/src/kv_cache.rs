@@ -675,9 +675,6 @@ pub fn quantize_row(kind: KvType, x: &[f32], out: &mut [u16]) {
 /// pass ([`crate::simd::q4_stats`]); the search with a binary search per value took 37% of a
 /// 16-stream server's time (BENCHMARKS.md).
 fn q4_block(x: &[f32; QK]) -> (f32, [u8; QK / 2]) {
-    // Midpoints between neighbouring levels: a value goes to the level whose interval holds it.
-    let lv = &Q4_LEVELS;
-    let mids: [f32; 15] = std::array::from_fn(|i| 0.5 * (f32::from(lv[i]) + f32::from(lv[i + 1])));
     let m = x
         .iter()
         .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
@@ -689,7 +686,7 @@ fn q4_block(x: &[f32; QK]) -> (f32, [u8; QK / 2]) {
     // Error with the least-squares scale: Σx² − (Σxq)²/Σq²; maximize the subtrahend.
     let scales: [f32; 15] = std::array::from_fn(|t| (-134.0 + 2.0 * t as f32) / m);
     let mut stats = [[0f32; 2]; 15];
-    crate::simd::q4_stats(x, &scales, &mids, &mut stats, None);
+    crate::simd::q4_stats(x, &scales, &mut stats, None);
     let mut best = (f32::NEG_INFINITY, -127.0 / m, None);
     for (&is, &[sxq, sqq]) in scales.iter().zip(&stats) {
         if sqq > 0.0 && sxq * sxq / sqq > best.0 {
@@ -698,13 +695,13 @@ fn q4_block(x: &[f32; QK]) -> (f32, [u8; QK / 2]) {
     }
     let [sxq, sqq] = best.2.unwrap_or_else(|| {
         let mut s = [[0f32; 2]];
-        crate::simd::q4_stats(x, &[best.1], &mids, &mut s, None);
+        crate::simd::q4_stats(x, &[best.1], &mut s, None);
         s[0]
     });
     let d = half::f16::from_f32(sxq / sqq).to_f32();
     // Quants against the stored (f16) scale.
     let is = if d != 0.0 { 1.0 / d } else { best.1 };
-    crate::simd::q4_stats(x, &[is], &mids, &mut [[0f32; 2]], Some(&mut q));
+    crate::simd::q4_stats(x, &[is], &mut [[0f32; 2]], Some(&mut q));
     (d, q)
 }
 
@@ -754,6 +751,18 @@ pub fn dequantize_row(kind: KvType, row: &[u16], out: &mut [f32]) {
 pub(crate) const Q4_LEVELS: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
+
+/// The midpoints between neighbouring [`Q4_LEVELS`], then +∞ (16 lanes for one register): a
+/// value goes to the level whose interval holds it, its index the number of midpoints below it.
+pub(crate) static Q4_MIDS: [f32; 16] = {
+    let mut m = [f32::INFINITY; 16];
+    let mut i = 0;
+    while i < 15 {
+        m[i] = 0.5 * (Q4_LEVELS[i] as f32 + Q4_LEVELS[i + 1] as f32);
+        i += 1;
+    }
+    m
+};
 
 /// `x ← H·x`, the rotation the cache applies to every stored head and the attention to q.
 pub fn rotate(x: &mut [f32]) {

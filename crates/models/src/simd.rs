@@ -1567,7 +1567,8 @@ unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
 
 /// The statistics of one q4_0 KV block `x` (32 values) quantized at each inverse scale of
 /// `is`: each value `t = x_j · is` goes to the level of [`crate::kv_cache::Q4_LEVELS`] whose
-/// interval holds it (index = how many of the 15 midpoints `mids` lie below `t`), and
+/// interval holds it (index = how many of the 15 midpoints [`crate::kv_cache::Q4_MIDS`] lie
+/// below `t`), and
 /// `out[c] = [Σ x_j·l_j, Σ l_j²]` for `is[c]`, the sums taken in one fixed order whatever the
 /// kernel ([`q4_sum`]). With `q`, the indices at the last scale of `is` too, byte `j` holding
 /// element `j` in its low nibble and element `j + 16` in its high one. [`crate::kv_cache`]'s
@@ -1575,7 +1576,6 @@ unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
 pub(crate) fn q4_stats(
     x: &[f32; QK],
     is: &[f32],
-    mids: &[f32; 15],
     out: &mut [[f32; 2]],
     q: Option<&mut [u8; QK / 2]>,
 ) {
@@ -1584,19 +1584,19 @@ pub(crate) fn q4_stats(
     {
         if has_avx512() {
             // SAFETY: the CPU has the features (checked).
-            return unsafe { q4_stats_avx512(x, is, mids, out, q) };
+            return unsafe { q4_stats_avx512(x, is, out, q) };
         }
         if has_avx2() {
             // SAFETY: as above.
-            return unsafe { q4_stats_avx2(x, is, mids, out, q) };
+            return unsafe { q4_stats_avx2(x, is, out, q) };
         }
     }
-    q4_stats_scalar(x, is, mids, out, q)
+    q4_stats_scalar(x, is, out, q)
 }
 
 /// The signature of the [`q4_stats`] kernels.
 #[cfg(test)]
-type Q4StatsFn = fn(&[f32; QK], &[f32], &[f32; 15], &mut [[f32; 2]], Option<&mut [u8; QK / 2]>);
+type Q4StatsFn = fn(&[f32; QK], &[f32], &mut [[f32; 2]], Option<&mut [u8; QK / 2]>);
 
 /// The order [`q4_stats`] sums in, from the 16 pair sums `p_j = x_j·l_j + x_{j+16}·l_{j+16}`
 /// (each product rounded, then the sum): halves added lane by lane (`p_j + p_{j+8}`), then
@@ -1612,11 +1612,10 @@ fn q4_sum(p: &[f32; 16]) -> f32 {
 fn q4_stats_scalar(
     x: &[f32; QK],
     is: &[f32],
-    mids: &[f32; 15],
     out: &mut [[f32; 2]],
     mut q: Option<&mut [u8; QK / 2]>,
 ) {
-    let lv = &crate::kv_cache::Q4_LEVELS;
+    let (lv, mids) = (&crate::kv_cache::Q4_LEVELS, &crate::kv_cache::Q4_MIDS[..15]);
     for (&is, o) in is.iter().zip(out.iter_mut()) {
         let idx: [usize; QK] = std::array::from_fn(|j| {
             let t = x[j] * is;
@@ -1653,16 +1652,13 @@ unsafe fn q4_sum8x2(lo: std::arch::x86_64::__m256, hi: std::arch::x86_64::__m256
 unsafe fn q4_stats_avx512(
     x: &[f32; QK],
     is: &[f32],
-    mids: &[f32; 15],
     out: &mut [[f32; 2]],
     q: Option<&mut [u8; QK / 2]>,
 ) {
     use std::arch::x86_64::*;
     unsafe {
         let lv = _mm512_loadu_ps(Q4_LEVELS_F32.as_ptr());
-        let mut m16 = [f32::INFINITY; 16];
-        m16[..15].copy_from_slice(mids);
-        let mv = _mm512_loadu_ps(m16.as_ptr());
+        let mv = _mm512_loadu_ps(crate::kv_cache::Q4_MIDS.as_ptr());
         let xv = [
             _mm512_loadu_ps(x.as_ptr()),
             _mm512_loadu_ps(x.as_ptr().add(16)),
@@ -1674,7 +1670,7 @@ unsafe fn q4_stats_avx512(
             for h in 0..2 {
                 let t = _mm512_mul_ps(xv[h], s);
                 // idx = how many midpoints lie below t: take each power of two while the
-                // midpoint it would step past (mids[idx + step − 1]) lies below t.
+                // midpoint it would step past (Q4_MIDS[idx + step − 1]) lies below t.
                 let mut i = _mm512_setzero_si512();
                 for step in [8, 4, 2, 1] {
                     let probe = _mm512_add_epi32(i, _mm512_set1_epi32(step - 1));
@@ -1712,7 +1708,6 @@ unsafe fn q4_stats_avx512(
 unsafe fn q4_stats_avx2(
     x: &[f32; QK],
     is: &[f32],
-    mids: &[f32; 15],
     out: &mut [[f32; 2]],
     q: Option<&mut [u8; QK / 2]>,
 ) {
@@ -1733,7 +1728,7 @@ unsafe fn q4_stats_avx2(
             for c in 0..4 {
                 let t = _mm256_mul_ps(xv[c], s);
                 let mut i = _mm256_setzero_si256();
-                for &b in mids {
+                for &b in &crate::kv_cache::Q4_MIDS[..15] {
                     let below = _mm256_cmp_ps::<_CMP_LT_OQ>(_mm256_set1_ps(b), t);
                     // A true compare is all ones, -1 as an integer.
                     i = _mm256_sub_epi32(i, _mm256_castps_si256(below));
@@ -2129,13 +2124,13 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         {
             if super::has_avx2() {
-                kernels.push(("avx2", |x, is, m, o, q| unsafe {
-                    super::q4_stats_avx2(x, is, m, o, q)
+                kernels.push(("avx2", |x, is, o, q| unsafe {
+                    super::q4_stats_avx2(x, is, o, q)
                 }));
             }
             if super::has_avx512() {
-                kernels.push(("avx512", |x, is, m, o, q| unsafe {
-                    super::q4_stats_avx512(x, is, m, o, q)
+                kernels.push(("avx512", |x, is, o, q| unsafe {
+                    super::q4_stats_avx512(x, is, o, q)
                 }));
             }
         }
@@ -2150,7 +2145,7 @@ mod tests {
             let scales = [-134.0 / m, -127.0 / m, -120.0 / m, 100.0, 0.0];
             let mut want = [[0f32; 2]; 5];
             let mut want_q = [0u8; QK / 2];
-            super::q4_stats_scalar(x, &scales, &mids, &mut want, Some(&mut want_q));
+            super::q4_stats_scalar(x, &scales, &mut want, Some(&mut want_q));
             for (j, &v) in x.iter().enumerate() {
                 let i = mids.partition_point(|&b| b < v * scales[4]) as u8;
                 let got = if j < 16 {
@@ -2163,7 +2158,7 @@ mod tests {
             for (c, &is) in scales.iter().enumerate() {
                 // One scale at a time gives the same sums and the same indices.
                 let (mut one, mut q) = ([[0f32; 2]; 1], [0u8; QK / 2]);
-                super::q4_stats_scalar(x, &[is], &mids, &mut one, Some(&mut q));
+                super::q4_stats_scalar(x, &[is], &mut one, Some(&mut q));
                 assert_eq!(one[0].map(f32::to_bits), want[c].map(f32::to_bits));
                 for (j, &v) in x.iter().enumerate() {
                     let i = mids.partition_point(|&b| b < v * is) as u8;
@@ -2173,12 +2168,12 @@ mod tests {
             }
             for (name, k) in &kernels {
                 let (mut got, mut q) = ([[0f32; 2]; 5], [0u8; QK / 2]);
-                k(x, &scales, &mids, &mut got, Some(&mut q));
+                k(x, &scales, &mut got, Some(&mut q));
                 let bits = |v: &[[f32; 2]; 5]| v.map(|p| p.map(f32::to_bits));
                 assert_eq!(bits(&got), bits(&want), "{name}, block {b}");
                 assert_eq!(q, want_q, "{name}, block {b}");
                 let mut again = [[0f32; 2]; 5];
-                k(x, &scales, &mids, &mut again, None);
+                k(x, &scales, &mut again, None);
                 assert_eq!(bits(&again), bits(&got), "{name}, block {b}");
             }
         }
