@@ -262,6 +262,8 @@ fn attention_paths(
                     seq: si as u32,
                     lo: e[0].0,
                     hi: e[e.len() - 1].1,
+                    h0: 0,
+                    h1: c.n_kv_heads as u32,
                     n: e.len() as u32,
                     tokens: [0; TASK_TOKENS],
                     slots: [0; TASK_TOKENS],
@@ -276,11 +278,25 @@ fn attention_paths(
             }
         }
     }
+    // Too few tasks to keep every thread busy (one sequence's decode over a context of one
+    // to a few ATTN_SPLIT chunks): one task per KV head instead. Each head's arithmetic is its
+    // own either way, so the bits do not change.
+    let threads = rayon::current_num_threads();
+    if threads > 1 && tasks.len() < 2 * threads && c.n_kv_heads > 1 {
+        let whole = tasks.len();
+        for i in 0..whole {
+            for h in 0..c.n_kv_heads as u32 {
+                let mut t = tasks[i];
+                (t.h0, t.h1) = (h, h + 1);
+                tasks.push(t);
+            }
+        }
+        tasks.drain(..whole);
+    }
     if !tasks.is_empty() {
         s.attn_parts.resize(slots as usize * per, 0.0);
         let parts = SendPtr(s.attn_parts.as_mut_ptr());
         let qkv = &s.qkv;
-        let nkv = c.n_kv_heads;
         let gh = group * hd;
         s.attn_tasks
             .par_iter()
@@ -307,12 +323,13 @@ fn attention_paths(
                     let (blk, end) = (p / bs, (p / bs + 1) * bs);
                     let first = table[blk] as usize * bs + p % bs;
                     w.offs.extend(
-                        (first..first + end.min(hi) - p).map(|slot| kl.row_offset(slot, 0)),
+                        (first..first + end.min(hi) - p)
+                            .map(|slot| kl.row_offset(slot, t.h0 as usize)),
                     );
                     p = end;
                 }
-                for kvh in 0..nkv {
-                    if kvh > 0 {
+                for kvh in t.h0 as usize..t.h1 as usize {
+                    if kvh > t.h0 as usize {
                         w.offs.iter_mut().for_each(|o| *o += kl.row);
                     }
                     for (k, qt) in w.q.chunks_exact_mut(gh).enumerate() {
@@ -330,20 +347,24 @@ fn attention_paths(
                         &mut w.ml,
                     );
                     for k in 0..nt {
-                        // SAFETY: slot t.slots[k] belongs to this task alone (each (token,
-                        // chunk) is one slot of one task), and `attn_parts` holds every slot.
-                        let part = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                parts.0.add(t.slots[k] as usize * per),
-                                per,
+                        // SAFETY: KV head kvh of slot t.slots[k] belongs to this task alone
+                        // (each (token, chunk) is one slot of one task, or of one task per KV
+                        // head), these two ranges are that head's outputs and [max, sum]s,
+                        // and `attn_parts` holds every slot.
+                        let (out, ml) = unsafe {
+                            let part = parts.0.add(t.slots[k] as usize * per);
+                            (
+                                std::slice::from_raw_parts_mut(part.add(kvh * gh), gh),
+                                std::slice::from_raw_parts_mut(
+                                    part.add(c.n_heads * hd + 2 * kvh * group),
+                                    2 * group,
+                                ),
                             )
                         };
-                        part[kvh * gh..(kvh + 1) * gh].copy_from_slice(&w.o[k * gh..(k + 1) * gh]);
-                        let ml = &mut part[c.n_heads * hd..];
+                        out.copy_from_slice(&w.o[k * gh..(k + 1) * gh]);
                         for (g, &[m, l]) in w.ml[k * group..(k + 1) * group].iter().enumerate() {
-                            let h = kvh * group + g;
-                            ml[2 * h] = m;
-                            ml[2 * h + 1] = l;
+                            ml[2 * g] = m;
+                            ml[2 * g + 1] = l;
                         }
                     }
                 }
@@ -405,14 +426,16 @@ fn merge_parts(parts: &[f32], n_heads: usize, hd: usize, out: &mut [f32]) {
     }
 }
 
-/// One task of [`attention`]'s one-token path: positions `lo..hi` of sequence `seq` for its
-/// first `n` tokens, whose results go to their `slots` of `attn_parts`; token `k` sees the
-/// first `seen[k]` of them.
+/// One task of [`attention`]'s one-token path: positions `lo..hi` of sequence `seq`, KV
+/// heads `h0..h1`, for its first `n` tokens, whose results go to their `slots` of
+/// `attn_parts` (those heads' parts of them); token `k` sees the first `seen[k]` of them.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct AttnTask {
     seq: u32,
     lo: u32,
     hi: u32,
+    h0: u32,
+    h1: u32,
     n: u32,
     tokens: [u32; TASK_TOKENS],
     slots: [u32; TASK_TOKENS],
@@ -1082,6 +1105,76 @@ pub(crate) mod tests {
                 }
                 let got = &s.att[i * q_dim + h * hd..][..hd];
                 assert_eq!(got, &want[..], "token {i} (position {p}) head {h}");
+            }
+        }
+    }
+
+    /// With more threads than a step's attention tasks (one sequence decoding over one or a
+    /// few chunks), the one-token path splits each task by KV head; every head's output must
+    /// keep the bits it gets unsplit, on one thread, for every cache type.
+    #[test]
+    fn splitting_decode_attention_by_kv_head_keeps_the_bits() {
+        let (nh, nkv, hd, bs) = (9, 3, 64, 16);
+        let c = config(nh, nkv, hd);
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let ctx = ATTN_SPLIT + 90;
+        let blocks = ctx.div_ceil(bs);
+        let table: Vec<u32> = (0..blocks as u32)
+            .map(|b| (b * 7) % blocks as u32)
+            .collect();
+        let slot = |p: usize| table[p / bs] as usize * bs + p % bs;
+        for kind in [KvType::F16, KvType::Q8_0, KvType::Q4_0] {
+            let mut gauss = gaussian(0x5eed_0000 + kind as u64);
+            let mut kv = KvCache::with_type(&c, kind, bs, blocks).expect("cache");
+            for p in 0..ctx {
+                let k: Vec<f32> = (0..kv_dim).map(|_| gauss()).collect();
+                let v: Vec<f32> = (0..kv_dim).map(|_| gauss()).collect();
+                kv.write(0, slot(p), &k, &v);
+            }
+            // One token at position 100 (one chunk), then one at the last position (two).
+            for p in [100u32, ctx as u32 - 1] {
+                let seqs = [SeqSpan {
+                    start: 0,
+                    len: 1,
+                    block_table: &table,
+                }];
+                let b = Batch {
+                    tokens: &[0],
+                    positions: &[p],
+                    seqs: &seqs,
+                    logits_for: &[],
+                    adapters: &[],
+                };
+                let q: Vec<f32> = (0..q_dim).map(|_| 2.0 * gauss()).collect();
+                let run = |threads: usize| {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .expect("pool");
+                    pool.install(|| {
+                        let mut s = Scratch::new();
+                        s.ensure(&c, 1, 0);
+                        s.qkv[..q_dim].copy_from_slice(&q);
+                        attention_paths(&c, 0, &b, &kv, &mut s, 0.125, None, false);
+                        let split = s.attn_tasks.iter().all(|t| t.h1 - t.h0 == 1);
+                        assert!(s.att[..q_dim].iter().all(|x| x.is_finite()));
+                        (s.att[..q_dim].to_vec(), split, s.attn_tasks.len())
+                    })
+                };
+                let (whole, split1, n1) = run(1);
+                let (parts, split4, n4) = run(4);
+                assert!(
+                    !split1 && split4,
+                    "{kind:?} at {p}: tasks {n1} on 1 thread, {n4} on 4"
+                );
+                assert_eq!(n4, n1 * nkv);
+                for (h, (a, b)) in whole.chunks(hd).zip(parts.chunks(hd)).enumerate() {
+                    let (a, b): (Vec<u32>, Vec<u32>) = (
+                        a.iter().map(|x| x.to_bits()).collect(),
+                        b.iter().map(|x| x.to_bits()).collect(),
+                    );
+                    assert_eq!(a, b, "{kind:?} at position {p}, head {h}");
+                }
             }
         }
     }
