@@ -255,7 +255,7 @@ pub struct Engine {
     blocks: KvCacheManager,
     scratch: Scratch,
     sampler: Sampler,
-    pool: rayon::ThreadPool,
+    pool: Arc<rayon::ThreadPool>,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     preemptions: u64,
@@ -312,7 +312,7 @@ impl Engine {
             blocks,
             scratch: Scratch::new(),
             sampler: Sampler::new(),
-            pool,
+            pool: Arc::new(pool),
             waiting: VecDeque::new(),
             running: Vec::new(),
             preemptions: 0,
@@ -460,6 +460,15 @@ impl Engine {
 
     /// One step: schedule → execute → update. Returns how many tokens were computed.
     pub fn step(&mut self) -> Result<usize, SessionError> {
+        // The whole step runs on a worker of the engine's pool, not only the forward pass:
+        // scheduling and sampling on a third thread competed for the two cores with workers
+        // still spinning after the pass (one stream at ~190 positions decoded at 157–212
+        // tok/s in `bench --parallel 1`, 224–282 with this; BENCHMARKS.md).
+        let pool = self.pool.clone();
+        pool.install(|| self.step_in_pool())
+    }
+
+    fn step_in_pool(&mut self) -> Result<usize, SessionError> {
         self.draft_with_model()?;
         let plan = self.schedule();
         if plan.is_empty() {
