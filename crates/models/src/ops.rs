@@ -170,10 +170,10 @@ pub(crate) fn store_kv(c: &Config, layer: usize, slots: &[usize], s: &Scratch, k
 ///   and V row read once for all of them; a prompt token sees the rows of its last chunk up
 ///   to its own position), and each token's chunks are merged in position order. A step with
 ///   fewer tasks than twice the threads (one sequence over a short context) splits each task
-///   into one per KV head, so every thread attends. Each
-///   (token, head)'s arithmetic depends only on its own query, position and window, never on
-///   the tokens it shares a task with, the rest of the batch or the thread count: a prompt
-///   token gets bit for bit what it would decoding alone, which batch invariance asks.
+///   into one per KV head, so every thread attends. Each (token, head)'s arithmetic depends
+///   only on its own query, position and window, never on the tokens it shares a task with,
+///   the rest of the batch or the thread count: a prompt token gets bit for bit what it would
+///   decoding alone, which batch invariance asks.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     c: &Config,
