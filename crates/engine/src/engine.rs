@@ -462,8 +462,9 @@ impl Engine {
     pub fn step(&mut self) -> Result<usize, SessionError> {
         // The whole step runs on a worker of the engine's pool, not only the forward pass:
         // scheduling and sampling on a third thread competed for the two cores with workers
-        // still spinning after the pass (one stream at ~190 positions decoded at 157–212
-        // tok/s in `bench --parallel 1`, 224–282 with this; BENCHMARKS.md).
+        // still spinning after the pass (one stream at ~190 positions decoded at 156–212
+        // tok/s in `bench --parallel 1` before the KV-head split, 162–201 with it, 224–282
+        // with this; BENCHMARKS.md).
         let pool = self.pool.clone();
         pool.install(|| self.step_in_pool())
     }

@@ -1568,9 +1568,8 @@ unsafe fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
 /// The statistics of one q4_0 KV block `x` (32 values) quantized at each inverse scale of
 /// `is`: each value `t = x_j · is` goes to the level of [`crate::kv_cache::Q4_LEVELS`] whose
 /// interval holds it (index = how many of the 15 midpoints [`crate::kv_cache::Q4_MIDS`] lie
-/// below `t`), and
-/// `out[c] = [Σ x_j·l_j, Σ l_j²]` for `is[c]`, the sums taken in one fixed order whatever the
-/// kernel ([`q4_sum`]). With `q`, the indices at the last scale of `is` too, byte `j` holding
+/// below `t`), and `out[c] = [Σ x_j·l_j, Σ l_j²]` for `is[c]`, the sums taken in one fixed
+/// order whatever the kernel ([`q4_sum`]). With `q`, the indices at the last scale of `is` too, byte `j` holding
 /// element `j` in its low nibble and element `j + 16` in its high one. [`crate::kv_cache`]'s
 /// scale search calls it for every K and V row a token writes.
 pub(crate) fn q4_stats(
