@@ -330,13 +330,35 @@ pub fn pull(e: &Entry, quiet: bool) -> Result<PathBuf> {
         );
     }
     fs::File::open(&checked)?.sync_all()?;
-    fs::rename(&assembled, &dest)
-        .with_context(|| format!("moving the model into {}", dest.display()))?;
+    if !move_into_place(&assembled, &dest, e.sha256)? {
+        eprintln!(
+            "{} was installed at {} meanwhile by another pull (sha256 verified)",
+            e.name,
+            dest.display()
+        );
+        return Ok(dest);
+    }
     if let Ok(d) = fs::File::open(&models) {
         let _ = d.sync_all();
     }
     eprintln!("installed {} (sha256 verified)", dest.display());
     Ok(dest)
+}
+
+/// Move a verified install from `assembled` to `dest`. A file replaces whatever is there; a
+/// directory cannot replace another, so when a concurrent `pull` of the same model moved its
+/// copy in first (two tests starting at once did), that copy is kept if its
+/// `model.safetensors` has the pinned `sha256`, and this one is left for the temp dir's
+/// cleanup. Returns whether this copy was moved in.
+fn move_into_place(assembled: &Path, dest: &Path, sha256: &str) -> Result<bool> {
+    let Err(err) = fs::rename(assembled, dest) else {
+        return Ok(true);
+    };
+    let theirs = dest.join("model.safetensors");
+    if assembled.is_dir() && theirs.is_file() && sha256_file(&theirs)? == sha256 {
+        return Ok(false);
+    }
+    Err(err).with_context(|| format!("moving the model into {}", dest.display()))
 }
 
 /// `ferrolm pull [NAME]`: NAME from the catalog, the default model without one.
@@ -514,5 +536,36 @@ mod tests {
         // Once old enough it is an interrupted pull's, and goes.
         remove_stale_pulls(models.path(), std::time::Duration::ZERO);
         assert!(!busy.exists());
+    }
+
+    /// Two pulls of a directory model at once: the second to finish keeps the first's copy
+    /// when it is the pinned one, and fails (keeping it too) when it is not.
+    #[test]
+    fn a_directory_model_installed_meanwhile_is_kept() {
+        let models = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let copy = |name: &str, bytes: &[u8]| {
+            let d = models.path().join(name);
+            fs::create_dir(&d).unwrap_or_else(|e| panic!("{e}"));
+            fs::write(d.join("model.safetensors"), bytes).unwrap_or_else(|e| panic!("{e}"));
+            fs::write(d.join("config.json"), b"{}").unwrap_or_else(|e| panic!("{e}"));
+            d
+        };
+        let (first, second) = (copy(".pull-a", b"weights"), copy(".pull-b", b"weights"));
+        let sha = sha256_file(&first.join("model.safetensors")).unwrap_or_else(|e| panic!("{e}"));
+        let dest = models.path().join("model");
+        assert!(move_into_place(&first, &dest, &sha).unwrap_or_else(|e| panic!("{e}")));
+        assert!(!move_into_place(&second, &dest, &sha).unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(
+            fs::read(dest.join("model.safetensors")).ok(),
+            Some(b"weights".to_vec())
+        );
+        // An install that is not the pinned one is an error, and stays as it was.
+        let third = copy(".pull-c", b"weights");
+        let err = move_into_place(&third, &dest, &"0".repeat(64))
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(err.contains("moving the model into"), "{err}");
+        assert!(third.join("model.safetensors").is_file() && dest.join("config.json").is_file());
     }
 }
