@@ -466,6 +466,7 @@ impl KvCache {
             n_kv_heads: self.n_kv_heads,
             k: &self.k[r.clone()],
             v: &self.v[r],
+            prefetch: self.row,
         }
     }
 
@@ -482,6 +483,7 @@ impl KvCache {
 }
 
 /// One layer's K and V as stored: rows of `row` `u16`s, one per (slot, KV head).
+#[derive(Clone, Copy)]
 pub struct KvLayer<'a> {
     pub kind: KvType,
     pub head_dim: usize,
@@ -489,6 +491,8 @@ pub struct KvLayer<'a> {
     n_kv_heads: usize,
     pub k: &'a [u16],
     pub v: &'a [u16],
+    /// `u16`s from each row's start that the kernels prefetch (see [`Self::prefetching`]).
+    pub(crate) prefetch: usize,
 }
 
 impl<'a> KvLayer<'a> {
@@ -502,6 +506,19 @@ impl<'a> KvLayer<'a> {
             n_kv_heads: 1,
             k,
             v,
+            prefetch: kind.row_units(head_dim),
+        }
+    }
+
+    /// The same rows, with the kernels prefetching `units` `u16`s from the start of each row
+    /// they read instead of the row (0: none). A pass over the first of several KV heads
+    /// whose rows lie side by side in each slot can fetch every head's rows at once, and the
+    /// passes over the others none: a slot's rows are then fetched as one run of lines,
+    /// which the memory system streams faster than five scattered ones.
+    pub fn prefetching(self, units: usize) -> Self {
+        KvLayer {
+            prefetch: units,
+            ..self
         }
     }
 

@@ -448,6 +448,49 @@ unsafe fn softmax_rows(
         row.iter_mut().for_each(|x| *x *= inv);
     }
 }
+/// [`softmax_rows`] for the q4_0 weighted sum, which takes the weights unnormalized: each of
+/// the `g` rows of `n` scores becomes `e^(s − max)` over the head's visible rows (zero past
+/// them), `ml[h] = [max, Σ]`, and `post[h] = 1 / Σ`, the factor [`weighted_sum_q4`] applies
+/// to the head's sum once instead of to each weight. `top[h]`, where given, is the row's
+/// largest score (the score pass's, over all `n`: only when every head sees every row). The
+/// exps are 16 lanes at a time and summed in 16 lanes, the same for a head whatever the other
+/// heads see.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
+unsafe fn softmax_q4(
+    scores: &mut [f32],
+    g: usize,
+    n: usize,
+    seen: &[usize],
+    top: Option<&[f32]>,
+    ml: &mut [[f32; 2]],
+    post: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let rows = scores.chunks_exact_mut(n.max(1)).take(g);
+    for (h, (row, (ml, post))) in rows.zip(ml.iter_mut().zip(post.iter_mut())).enumerate() {
+        let row = visible(row, seen, h);
+        let len = row.len();
+        unsafe {
+            let mx = match top {
+                Some(t) => t[h],
+                None => max_avx2(row),
+            };
+            let (m, p) = (_mm512_set1_ps(mx), row.as_mut_ptr());
+            let mut acc = _mm512_setzero_ps();
+            for i in (0..len).step_by(16) {
+                let k = (u32::MAX >> (32 - (len - i).min(16))) as u16;
+                let e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, p.add(i)), m));
+                _mm512_mask_storeu_ps(p.add(i), k, e);
+                acc = _mm512_mask_add_ps(acc, k, acc, e);
+            }
+            let l = _mm512_reduce_add_ps(acc);
+            *ml = [mx, l];
+            *post = 1.0 / l;
+        }
+    }
+}
+
 /// [`attend_partial`]'s AVX-512 kernel for heads that are a multiple of 64 values: each K and
 /// V row is converted (f16) or dequantized (q8_0, q4_0) 64 values at a time into four 16-lane
 /// registers ([`deq64`]), once for all the heads of the pass, and a head's dot products with
@@ -458,12 +501,14 @@ unsafe fn softmax_rows(
 /// `w · (scale · value)` where AVX2 folds the weight into the scale, `(w · scale) · value`.
 ///
 /// A q4_0 cache (heads of 64, 128 or 256) is multiplied as integers instead, its 4-bit values
-/// looked up as int8 levels 64 at a time by `vpshufb` ([`levels64`]): the scores by `vpdpbusd`
-/// with each query head rounded to int8 ([`quantize_q8`], [`scores16_q4`]), the weighted sum
-/// by `vpdpwssd` with each weight times its row's block scale rounded to int16
-/// ([`weighted_sum_q4`]). Those two roundings are the only new error, far below the 4-bit
-/// values' own; at 8000 positions of a 360M-shaped cache this takes a token's attention from
-/// 16.1–16.7 ms to 10.5–10.7 at 2 threads (BENCHMARKS.md).
+/// looked up as their levels: the scores by `vpdpbusd` with each query head rounded to int8
+/// ([`quantize_q8`], [`scores16_q4`], which also finds each head's largest score), the
+/// weighted sum by `vpdpwssd` with each weight times its row's block scale rounded to int16
+/// ([`weighted_sum_q4`]; the weights unnormalized, [`softmax_q4`]). Those two roundings are the
+/// only new error, far below the 4-bit values' own; at 8000 positions of a 360M-shaped cache
+/// this takes a token's attention from 16.1–16.7 ms to 10.5–10.7 at 2 threads, and the
+/// passes' overheads trimmed (`softmax_q4`, the weighted sum's lookups and scales) to
+/// 10.1–10.2 (BENCHMARKS.md).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
@@ -485,32 +530,36 @@ unsafe fn attend_avx512<const KIND: u8>(
     let (first, last) = start_rows(kv, offs, scores, g * n);
     let qp = q.as_ptr();
     unsafe {
-        let rows = (k.as_ptr(), v.as_ptr(), kv.row);
+        let rows = (k.as_ptr(), v.as_ptr(), kv.prefetch);
         // q4_0 keys: integer dot products with q rounded to int8 ([`quantize_q8`]), the rows
         // gathered by 32-bit byte offsets from one another (a cache whose rows lie over 2 GiB
         // apart takes the f32 products).
         let q4 = KIND == Q4 && q4_as_int(hd);
+        // Each head's largest score, where the score pass finds it on the way.
+        let mut top = [f32::NEG_INFINITY; MAX_GROUP];
+        let mut found = false;
         if q4 && 2 * (last - first) < i32::MAX as usize {
+            found = seen.is_empty();
             let (mut qi, mut qd) = ([0i8; MAX_GROUP * Q8_MAX_HD], [0f32; MAX_GROUP]);
             quantize_q8(q, hd, &mut qi, &mut qd);
             for h0 in (0..g).step_by(4) {
                 let (qh, sc) = (qi.as_ptr().add(h0 * hd), &mut scores[h0 * n..]);
-                let d = &qd[h0..];
+                let (d, mx) = (&qd[h0..], &mut top[h0..]);
                 // (The head size as a constant too: with a run-time count of 64s, the loop
                 // over them stayed a loop and copied each head's start into place.)
                 match (g - h0, hd / 64) {
-                    (1, 1) => scores16_q4::<1, 1>(qh, d, rows, offs, scale, sc),
-                    (2, 1) => scores16_q4::<2, 1>(qh, d, rows, offs, scale, sc),
-                    (3, 1) => scores16_q4::<3, 1>(qh, d, rows, offs, scale, sc),
-                    (_, 1) => scores16_q4::<4, 1>(qh, d, rows, offs, scale, sc),
-                    (1, 2) => scores16_q4::<1, 2>(qh, d, rows, offs, scale, sc),
-                    (2, 2) => scores16_q4::<2, 2>(qh, d, rows, offs, scale, sc),
-                    (3, 2) => scores16_q4::<3, 2>(qh, d, rows, offs, scale, sc),
-                    (_, 2) => scores16_q4::<4, 2>(qh, d, rows, offs, scale, sc),
-                    (1, _) => scores16_q4::<1, 4>(qh, d, rows, offs, scale, sc),
-                    (2, _) => scores16_q4::<2, 4>(qh, d, rows, offs, scale, sc),
-                    (3, _) => scores16_q4::<3, 4>(qh, d, rows, offs, scale, sc),
-                    (_, _) => scores16_q4::<4, 4>(qh, d, rows, offs, scale, sc),
+                    (1, 1) => scores16_q4::<1, 1>(qh, d, rows, offs, scale, sc, mx),
+                    (2, 1) => scores16_q4::<2, 1>(qh, d, rows, offs, scale, sc, mx),
+                    (3, 1) => scores16_q4::<3, 1>(qh, d, rows, offs, scale, sc, mx),
+                    (_, 1) => scores16_q4::<4, 1>(qh, d, rows, offs, scale, sc, mx),
+                    (1, 2) => scores16_q4::<1, 2>(qh, d, rows, offs, scale, sc, mx),
+                    (2, 2) => scores16_q4::<2, 2>(qh, d, rows, offs, scale, sc, mx),
+                    (3, 2) => scores16_q4::<3, 2>(qh, d, rows, offs, scale, sc, mx),
+                    (_, 2) => scores16_q4::<4, 2>(qh, d, rows, offs, scale, sc, mx),
+                    (1, _) => scores16_q4::<1, 4>(qh, d, rows, offs, scale, sc, mx),
+                    (2, _) => scores16_q4::<2, 4>(qh, d, rows, offs, scale, sc, mx),
+                    (3, _) => scores16_q4::<3, 4>(qh, d, rows, offs, scale, sc, mx),
+                    (_, _) => scores16_q4::<4, 4>(qh, d, rows, offs, scale, sc, mx),
                 }
             }
         } else {
@@ -524,17 +573,31 @@ unsafe fn attend_avx512<const KIND: u8>(
                 }
             }
         }
-        softmax_rows(scores, g, n, seen, ml);
+        // q4_0 values take the weights unnormalized (`post` divides each head's sum once).
+        let mut post = [1f32; MAX_GROUP];
+        if q4 {
+            softmax_q4(
+                scores,
+                g,
+                n,
+                seen,
+                found.then_some(&top[..g]),
+                ml,
+                &mut post,
+            );
+        } else {
+            softmax_rows(scores, g, n, seen, ml);
+        }
         let vp = v.as_ptr();
         for h0 in (0..g).step_by(4) {
             let (w, o) = (&scores[h0 * n..], &mut out[h0 * hd..]);
             for s in 0..hd / 64 {
                 match g - h0 {
                     // q4_0 values: integer products with the weights rounded to int16.
-                    1 if q4 => weighted_sum_q4::<1>(w, vp, offs, hd, s, o),
-                    2 if q4 => weighted_sum_q4::<2>(w, vp, offs, hd, s, o),
-                    3 if q4 => weighted_sum_q4::<3>(w, vp, offs, hd, s, o),
-                    _ if q4 => weighted_sum_q4::<4>(w, vp, offs, hd, s, o),
+                    1 if q4 => weighted_sum_q4::<1>(w, vp, offs, hd, s, &post[h0..], o),
+                    2 if q4 => weighted_sum_q4::<2>(w, vp, offs, hd, s, &post[h0..], o),
+                    3 if q4 => weighted_sum_q4::<3>(w, vp, offs, hd, s, &post[h0..], o),
+                    _ if q4 => weighted_sum_q4::<4>(w, vp, offs, hd, s, &post[h0..], o),
                     1 => weighted_sum64::<KIND, 1>(w, vp, offs, hd, s, o),
                     2 => weighted_sum64::<KIND, 2>(w, vp, offs, hd, s, o),
                     3 => weighted_sum64::<KIND, 3>(w, vp, offs, hd, s, o),
@@ -604,18 +667,28 @@ unsafe fn deq64<const KIND: u8>(
 /// Rows [`scores16`] asks for ahead of the one it multiplies: about a DRAM latency of work.
 const PF_ROWS: usize = 8;
 
-/// Prefetch the `row` `u16`s at `p` into L1: every 64-byte line they touch.
+/// Prefetch the `row` `u16`s at `p` into L1: every 64-byte line they touch, as one prefetch
+/// every 64 bytes from `p` and one of its last byte. The count depends only on `row`, so the
+/// loop's exit is predicted: walking the lines from `p`'s own, whose count alternates between
+/// 1 and 2 for a 36-byte q4_0 row, left it to chance, and the attention of
+/// `examples/attention` was ~5% slower at 1 thread with its cache in L3.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn prefetch_row(p: *const u16, row: usize) {
     use std::arch::x86_64::*;
-    // (A plain loop: `(a..=b).step_by(64)` compiled to overflow checks that took a fifth of
-    // the kernel's time at short context.)
-    let (mut line, last) = (p as usize & !63, p.wrapping_add(row - 1) as usize);
-    while line <= last {
+    if row == 0 {
+        return;
+    }
+    let (p, bytes) = (p as *const i8, 2 * row);
+    let mut at = 0;
+    while at + 64 < bytes {
         // SAFETY: a prefetch never faults.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
-        line += 64;
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at)) };
+        at += 64;
+    }
+    unsafe {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at));
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(bytes - 1));
     }
 }
 
@@ -804,11 +877,12 @@ unsafe fn scores16_q4<const H: usize, const S: usize>(
     offs: &[usize],
     scale: f32,
     out: &mut [f32],
+    top: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     let (n, hd) = (offs.len(), 64 * S);
     let blocks = 2 * S;
-    assert!(out.len() >= H * n && qd.len() >= H);
+    assert!(out.len() >= H * n && qd.len() >= H && top.len() >= H);
     unsafe {
         let lut = levels_lut(128);
         let low = _mm512_set1_epi8(15);
@@ -828,6 +902,7 @@ unsafe fn scores16_q4<const H: usize, const S: usize>(
             }
         }
         let kb = k as *const u8;
+        let mut most = [_mm512_set1_ps(f32::NEG_INFINITY); H];
         for j0 in (0..n).step_by(16) {
             let rows = (n - j0).min(16);
             let lanes = (u32::MAX >> (32 - rows)) as u16;
@@ -858,18 +933,22 @@ unsafe fn scores16_q4<const H: usize, const S: usize>(
             let base = kb.add(2 * here[0]);
             let gather = |byte: usize| gather16(base.add(byte), at, lanes);
             let mut score = [_mm512_setzero_ps(); H];
+            let mut pair = _mm512_setzero_si512();
             for b in 0..blocks {
-                // Block b's scale in each row (an f16 pair holds blocks 2c and 2c + 1).
-                let pair = gather(4 * (b / 2));
+                // Block b's scale in each row (an f16 pair holds blocks 2c and 2c + 1, one
+                // gather for both).
                 let bits = if b % 2 == 0 {
+                    pair = gather(4 * (b / 2));
                     pair
                 } else {
                     _mm512_srli_epi32::<16>(pair)
                 };
                 let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(bits));
-                let mut acc = [_mm512_setzero_si512(); H];
+                // Two sums per head (low nibbles, high), added at the end: chains of 4
+                // dependent `vpdpbusd` instead of 8. (Integers: the sum is the same.)
+                let mut acc = [[_mm512_setzero_si512(); 2]; H];
                 for (h, a) in acc.iter_mut().enumerate() {
-                    *a = start[h][b];
+                    a[0] = start[h][b];
                 }
                 for t in 0..4 {
                     let x = gather(2 * blocks + 16 * b + 4 * t);
@@ -877,18 +956,24 @@ unsafe fn scores16_q4<const H: usize, const S: usize>(
                     let hi =
                         _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16::<4>(x), low));
                     for (h, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_dpbusd_epi32(*a, lo, _mm512_set1_epi32(qw[h][b][t]));
-                        *a = _mm512_dpbusd_epi32(*a, hi, _mm512_set1_epi32(qw[h][b][4 + t]));
+                        a[0] = _mm512_dpbusd_epi32(a[0], lo, _mm512_set1_epi32(qw[h][b][t]));
+                        a[1] = _mm512_dpbusd_epi32(a[1], hi, _mm512_set1_epi32(qw[h][b][4 + t]));
                     }
                 }
                 for (sc, a) in score.iter_mut().zip(&acc) {
-                    *sc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*a), d, *sc);
+                    let a = _mm512_add_epi32(a[0], a[1]);
+                    *sc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), d, *sc);
                 }
             }
             for (h, sc) in score.iter().enumerate() {
                 let s = _mm512_mul_ps(*sc, _mm512_set1_ps(scale * qd[h]));
                 _mm512_mask_storeu_ps(out.as_mut_ptr().add(h * n + j0), lanes, s);
+                // (`max(s, m)` is `m` where `s` is NaN: passed over, as `max_avx2` does.)
+                most[h] = _mm512_mask_max_ps(most[h], lanes, s, most[h]);
             }
+        }
+        for (t, m) in top.iter_mut().zip(&most) {
+            *t = _mm512_reduce_max_ps(*m);
         }
     }
 }
@@ -922,32 +1007,6 @@ unsafe fn dpwssd(
 /// stays below 2^31.
 const V16_ROWS: usize = 256;
 
-/// Values `64·s .. 64·s + 64` of the q4_0 row at `p` (`hd` values) as their int8 levels
-/// (unscaled), in order: two blocks' 32 bytes, the low nibbles of each block's 16 bytes
-/// before its high ones, looked up in `lut` (`levels + bias` in every 128-bit lane).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx2,fma,f16c")]
-#[inline]
-unsafe fn levels64(
-    p: *const u16,
-    hd: usize,
-    s: usize,
-    lut: std::arch::x86_64::__m512i,
-) -> std::arch::x86_64::__m512i {
-    use std::arch::x86_64::*;
-    unsafe {
-        let qs = p.add(hd / QK) as *const u8;
-        let x = _mm512_castsi256_si512(_mm256_loadu_si256(qs.add(32 * s) as *const __m256i));
-        // Quarters: block 0's bytes twice, block 1's twice; quarters 1 and 3 take the high
-        // nibbles (their 16-bit words shifted right by 4).
-        let x = _mm512_shuffle_i64x2::<0x50>(x, x);
-        let four = 0x0004_0004_0004_0004;
-        let shifts = _mm512_set_epi64(four, four, 0, 0, four, four, 0, 0);
-        let x = _mm512_and_si512(_mm512_srlv_epi16(x, shifts), _mm512_set1_epi8(15));
-        _mm512_shuffle_epi8(lut, x)
-    }
-}
-
 /// [`crate::kv_cache::Q4_LEVELS`] plus `bias`, as bytes in each 128-bit lane of a register
 /// (the table `vpshufb` looks the nibbles up in).
 #[cfg(target_arch = "x86_64")]
@@ -965,8 +1024,9 @@ unsafe fn levels_lut(bias: i16) -> std::arch::x86_64::__m512i {
 /// [`weighted_sum64`] for q4_0 rows by integer products (`vpdpwssd`), for 256 rows
 /// ([`V16_ROWS`]) at a time: each head's weight times each row's block scale, `u = w·d`, is
 /// rounded to int16 against the largest of the 256 (`u ≈ σ · ui`, `σ = max |u| / 32767`),
-/// two rows' int8 levels are interleaved as int16 pairs, and each head's 64 columns of the two
-/// rows are four instructions. The integer sums are exact, so the one rounding is `ui`'s:
+/// two rows' levels are looked up as int16 pairs (`vpermw`), and each head's 64 columns of the
+/// two rows are four instructions; each head's sum is then scaled by `post[h]` (the softmax's
+/// `1/Σ`, [`softmax_q4`]). The integer sums are exact, so the one rounding is `ui`'s:
 /// at most `σ/2` a weight, 2^-16 of the largest, where the f16 cache rounds each value to
 /// 2^-11 and q4_0 to a sixteenth of its block's range. A head's result depends only on its
 /// own weights (a zero weight adds exactly nothing and leaves `σ` alone, so a head that sees
@@ -980,45 +1040,77 @@ unsafe fn weighted_sum_q4<const H: usize>(
     offs: &[usize],
     hd: usize,
     s: usize,
+    post: &[f32],
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     let n = offs.len();
-    assert!(w.len() >= H * n && out.len() >= (H - 1) * hd + 64 * (s + 1));
+    assert!(w.len() >= H * n && out.len() >= (H - 1) * hd + 64 * (s + 1) && post.len() >= H);
     unsafe {
-        let lut = levels_lut(0);
+        // The 16 levels as int16, twice; word k of a (row a, row b) pair of blocks goes to
+        // word 2k, row b's to word 2k + 1.
+        let table = {
+            let mut t = [0i16; 32];
+            for (i, t) in t.iter_mut().enumerate() {
+                *t = i16::from(crate::kv_cache::Q4_LEVELS[i % 16]);
+            }
+            _mm512_loadu_si512(t.as_ptr() as *const __m512i)
+        };
+        let pairs = {
+            let mut t = [0i16; 32];
+            for (i, t) in t.iter_mut().enumerate() {
+                *t = (i / 2 + 16 * (i % 2)) as i16;
+            }
+            _mm512_loadu_si512(t.as_ptr() as *const __m512i)
+        };
         let mut total = [[_mm512_setzero_ps(); 4]; H];
         for j0 in (0..n).step_by(V16_ROWS) {
             let m = (n - j0).min(V16_ROWS);
             let rows = &offs[j0..j0 + m];
-            // The rows' two block scales (f16 bits; a missing row's are zero).
-            let mut dr = [[0u16; V16_ROWS]; 2];
-            for (j, &o) in rows.iter().enumerate() {
-                let two = (v.add(o + 2 * s) as *const u32).read_unaligned();
-                (dr[0][j], dr[1][j]) = (two as u16, (two >> 16) as u16);
+            // The rows' two block scales (an f16 pair; a missing row's are zero), then as f32:
+            // once for all the heads.
+            let mut dr = [0u32; V16_ROWS];
+            for (d, &o) in dr.iter_mut().zip(rows) {
+                *d = (v.add(o + 2 * s) as *const u32).read_unaligned();
             }
-            // ui[2h + b][j] and σ[h][b] for head h, block b (two blocks for up to 4 heads).
+            let mut df = [[0f32; V16_ROWS]; 2];
+            for j in (0..m).step_by(16) {
+                let two = _mm512_loadu_si512(dr.as_ptr().add(j) as *const __m512i);
+                let (d0, d1) = (two, _mm512_srli_epi32::<16>(two));
+                _mm512_storeu_ps(
+                    df[0].as_mut_ptr().add(j),
+                    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d0)),
+                );
+                _mm512_storeu_ps(
+                    df[1].as_mut_ptr().add(j),
+                    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d1)),
+                );
+            }
+            // ui[2h + b][j] and σ[h][b] for head h, block b (two blocks for up to 4 heads):
+            // u = w·d once into `uf`, its largest magnitude on the way, then rounded.
             let mut ui = [[0i16; V16_ROWS]; 8];
             let mut sigma = [[0f32; 2]; H];
+            let mut uf = [0f32; V16_ROWS];
             for h in 0..H {
                 let wh = w.as_ptr().add(h * n + j0);
                 for b in 0..2 {
-                    let u = |j: usize| {
-                        let k = (u32::MAX >> (32 - (m - j).min(16))) as u16;
-                        let d = _mm512_cvtph_ps(_mm256_loadu_si256(
-                            dr[b].as_ptr().add(j) as *const __m256i
-                        ));
-                        _mm512_mul_ps(_mm512_maskz_loadu_ps(k, wh.add(j)), d)
-                    };
                     let mut mx = _mm512_setzero_ps();
                     for j in (0..m).step_by(16) {
-                        mx = _mm512_max_ps(mx, _mm512_abs_ps(u(j)));
+                        let wj = if j + 16 <= m {
+                            _mm512_loadu_ps(wh.add(j))
+                        } else {
+                            _mm512_maskz_loadu_ps((u32::MAX >> (32 - (m - j))) as u16, wh.add(j))
+                        };
+                        let u = _mm512_mul_ps(wj, _mm512_loadu_ps(df[b].as_ptr().add(j)));
+                        _mm512_storeu_ps(uf.as_mut_ptr().add(j), u);
+                        mx = _mm512_max_ps(mx, _mm512_abs_ps(u));
                     }
                     let amax = _mm512_reduce_max_ps(mx);
                     sigma[h][b] = amax / 32767.0;
                     let inv = _mm512_set1_ps(if amax > 0.0 { 32767.0 / amax } else { 0.0 });
                     for j in (0..m).step_by(16) {
-                        let i = _mm512_cvtps_epi32(_mm512_mul_ps(u(j), inv));
+                        let u = _mm512_loadu_ps(uf.as_ptr().add(j));
+                        let i = _mm512_cvtps_epi32(_mm512_mul_ps(u, inv));
                         let at = ui[2 * h + b].as_mut_ptr().add(j) as *mut __m256i;
                         _mm256_storeu_si256(at, _mm512_cvtsepi32_epi16(i));
                     }
@@ -1026,20 +1118,28 @@ unsafe fn weighted_sum_q4<const H: usize>(
             }
             let mut acc = [[_mm512_setzero_si512(); 4]; H];
             for j in (0..m).step_by(2) {
-                let a = levels64(v.add(rows[j]), hd, s, lut);
-                let b = match rows.get(j + 1) {
-                    Some(&o) => levels64(v.add(o), hd, s, lut),
-                    None => _mm512_setzero_si512(),
-                };
-                // Column pairs (row j, row j + 1) as int16: p[0] columns 0..8 and 16..24,
-                // p[2] 8..16 and 24..32 (block 0), p[1] and p[3] the same 32 further on.
-                let (lo, hi) = (_mm512_unpacklo_epi8(a, b), _mm512_unpackhi_epi8(a, b));
-                let p = [
-                    _mm512_cvtepi8_epi16(_mm512_castsi512_si256(lo)),
-                    _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64::<1>(lo)),
-                    _mm512_cvtepi8_epi16(_mm512_castsi512_si256(hi)),
-                    _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64::<1>(hi)),
-                ];
+                // A missing second row takes the first's values at weight zero (`ui` is zero
+                // past `m`).
+                let (a, b) = (rows[j], rows.get(j + 1).copied().unwrap_or(rows[j]));
+                let (qa, qb) = (
+                    v.add(a + hd / QK) as *const u8,
+                    v.add(b + hd / QK) as *const u8,
+                );
+                // Per block: the two rows' 16 bytes as words side by side, paired (a, b) per
+                // dword, then each nibble looked up as its int16 level by `vpermw` (it reads
+                // the low 5 bits of each word: `table` holds the 16 levels twice). `p[2c]`
+                // holds block c's columns 0..16, `p[2c + 1]` its 16..32.
+                let mut p = [_mm512_setzero_si512(); 4];
+                for c in 0..2 {
+                    let at = 32 * s + 16 * c;
+                    let x = _mm256_inserti128_si256::<1>(
+                        _mm256_castsi128_si256(_mm_loadu_si128(qa.add(at) as *const __m128i)),
+                        _mm_loadu_si128(qb.add(at) as *const __m128i),
+                    );
+                    let w = _mm512_permutexvar_epi16(pairs, _mm512_cvtepu8_epi16(x));
+                    p[2 * c] = _mm512_permutexvar_epi16(w, table);
+                    p[2 * c + 1] = _mm512_permutexvar_epi16(_mm512_srli_epi16::<4>(w), table);
+                }
                 for (h, acc) in acc.iter_mut().enumerate() {
                     let pair = |b: usize| {
                         let at = ui[2 * h + b].as_ptr().add(j) as *const i32;
@@ -1047,27 +1147,23 @@ unsafe fn weighted_sum_q4<const H: usize>(
                     };
                     let (w0, w1) = (pair(0), pair(1));
                     acc[0] = dpwssd(acc[0], p[0], w0);
-                    acc[1] = dpwssd(acc[1], p[1], w1);
-                    acc[2] = dpwssd(acc[2], p[2], w0);
+                    acc[1] = dpwssd(acc[1], p[1], w0);
+                    acc[2] = dpwssd(acc[2], p[2], w1);
                     acc[3] = dpwssd(acc[3], p[3], w1);
                 }
             }
             for ((t, a), sg) in total.iter_mut().zip(&acc).zip(&sigma) {
-                let f = |i: usize, b: usize| {
-                    _mm512_mul_ps(_mm512_cvtepi32_ps(a[i]), _mm512_set1_ps(sg[b]))
-                };
-                let (c0, c2, c1, c3) = (f(0, 0), f(2, 0), f(1, 1), f(3, 1));
-                // Back into column order: quarters 0–1 of each pair's first register, then
-                // of its second; then quarters 2–3.
-                t[0] = _mm512_add_ps(t[0], _mm512_shuffle_f32x4::<0x44>(c0, c2));
-                t[1] = _mm512_add_ps(t[1], _mm512_shuffle_f32x4::<0xEE>(c0, c2));
-                t[2] = _mm512_add_ps(t[2], _mm512_shuffle_f32x4::<0x44>(c1, c3));
-                t[3] = _mm512_add_ps(t[3], _mm512_shuffle_f32x4::<0xEE>(c1, c3));
+                for (i, (t, a)) in t.iter_mut().zip(a).enumerate() {
+                    let f = _mm512_mul_ps(_mm512_cvtepi32_ps(*a), _mm512_set1_ps(sg[i / 2]));
+                    *t = _mm512_add_ps(*t, f);
+                }
             }
         }
         for (h, t) in total.iter().enumerate() {
+            let post = _mm512_set1_ps(post[h]);
             for (c, t) in t.iter().enumerate() {
-                _mm512_storeu_ps(out.as_mut_ptr().add(h * hd + 64 * s + 16 * c), *t);
+                let t = _mm512_mul_ps(*t, post);
+                _mm512_storeu_ps(out.as_mut_ptr().add(h * hd + 64 * s + 16 * c), t);
             }
         }
     }
