@@ -95,13 +95,8 @@ fn main() {
                         offs.clear();
                         offs.extend((lo..hi).map(|p| (p * nkv + kvh) * ru));
                         let qh = &q[kvh * group * hd..][..group * hd];
-                        // As `ops::attention`: the first head's pass prefetches every
-                        // head's rows of each slot, the others none.
-                        let layer = match (nkv, kvh) {
-                            (1, _) => layer,
-                            (_, 0) => layer.prefetching(nkv * ru),
-                            _ => layer.prefetching(0),
-                        };
+                        // As `ops::attention` reads a task of every KV head.
+                        let layer = layer.for_head_pass(nkv, kvh == 0);
                         simd::attend_partial(qh, &layer, offs, &[], 0.125, scores, out, ml);
                     }
                 },

@@ -491,7 +491,7 @@ pub struct KvLayer<'a> {
     n_kv_heads: usize,
     pub k: &'a [u16],
     pub v: &'a [u16],
-    /// `u16`s from each row's start that the kernels prefetch (see [`Self::prefetching`]).
+    /// `u16`s from each row's start that the kernels prefetch (see [`Self::for_head_pass`]).
     pub(crate) prefetch: usize,
 }
 
@@ -510,14 +510,14 @@ impl<'a> KvLayer<'a> {
         }
     }
 
-    /// The same rows, with the kernels prefetching `units` `u16`s from the start of each row
-    /// they read instead of the row (0: none). A pass over the first of several KV heads
-    /// whose rows lie side by side in each slot can fetch every head's rows at once, and the
-    /// passes over the others none: a slot's rows are then fetched as one run of lines,
-    /// which the memory system streams faster than five scattered ones.
-    pub fn prefetching(self, units: usize) -> Self {
+    /// The layer as the pass over one of a task's `heads` KV heads reads it. A slot's rows of
+    /// those heads lie side by side, so the pass over the `first` prefetches all of them for
+    /// each slot and the others prefetch nothing: a slot's rows are then fetched as one run of
+    /// lines, which the memory system streams faster than scattered ones. (One head: its own
+    /// rows, as by default.)
+    pub fn for_head_pass(self, heads: usize, first: bool) -> Self {
         KvLayer {
-            prefetch: units,
+            prefetch: if first { heads * self.row } else { 0 },
             ..self
         }
     }

@@ -324,8 +324,9 @@ fn attention_paths(
                 while p < hi {
                     let (blk, end) = (p / bs, (p / bs + 1) * bs);
                     // (Slots of a block are consecutive: their rows one stride apart. Added,
-                    // not multiplied: 64-bit products per slot were 7% of a cache-resident
-                    // layer's attention.)
+                    // not multiplied: a 64-bit product per slot, SSE2 emulation in this
+                    // closure, was 7% of a cache-resident layer in `examples/attention`,
+                    // which builds its offsets the same way.)
                     let mut o = kl.row_offset(table[blk] as usize * bs + p % bs, t.h0 as usize);
                     let stride = kl.row_offset(1, 0);
                     w.offs.extend((p..end.min(hi)).map(|_| {
@@ -339,14 +340,7 @@ fn attention_paths(
                     if kvh > t.h0 as usize {
                         w.offs.iter_mut().for_each(|o| *o += kl.row);
                     }
-                    // The pass over the first head prefetches every head's rows of each slot
-                    // (side by side), the others none.
-                    let kl = match (heads, kvh == t.h0 as usize) {
-                        (1, _) => *kl,
-                        (_, true) => kl.prefetching(heads * kl.row),
-                        (_, false) => kl.prefetching(0),
-                    };
-                    let kl = &kl;
+                    let kl = &kl.for_head_pass(heads, kvh == t.h0 as usize);
                     for (k, qt) in w.q.chunks_exact_mut(gh).enumerate() {
                         let at = t.tokens[k] as usize * qkv_dim + kvh * gh;
                         qt.copy_from_slice(&qkv[at..at + gh]);

@@ -448,6 +448,7 @@ unsafe fn softmax_rows(
         row.iter_mut().for_each(|x| *x *= inv);
     }
 }
+
 /// [`softmax_rows`] for the q4_0 weighted sum, which takes the weights unnormalized: each of
 /// the `g` rows of `n` scores becomes `e^(s − max)` over the head's visible rows (zero past
 /// them), `ml[h] = [max, Σ]`, and `post[h] = 1 / Σ`, the factor [`weighted_sum_q4`] applies
