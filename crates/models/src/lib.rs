@@ -24,6 +24,7 @@ pub mod llama;
 pub mod mat;
 pub mod model;
 pub mod ops;
+mod pool;
 pub mod quant;
 pub mod reference;
 pub mod simd;

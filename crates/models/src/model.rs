@@ -158,14 +158,16 @@ impl Model {
     }
 
     /// Run the batch: write its K/V into `kv` at its slots, and return logits (`vocab` floats
-    /// per entry of `batch.logits_for`, in that order) in `s.logits`.
+    /// per entry of `batch.logits_for`, in that order) in `s.logits`. On a rayon pool of more
+    /// than one thread, the other workers poll for the pass's work until it ends
+    /// ([`crate::pool`]) instead of parking between its parallel regions.
     pub fn forward(
         &self,
         batch: &Batch,
         kv: &mut KvCache,
         s: &mut Scratch,
     ) -> Result<(), ModelError> {
-        each!(self, m => m.forward(batch, kv, s))
+        crate::pool::spinning(|| each!(self, m => m.forward(batch, kv, s)))
     }
 
     /// An adapter fits this model (or the refusal says why not).
