@@ -1082,7 +1082,6 @@ impl QActs {
     /// and AVX2 matmuls of them take the f32 GEMM path (what `FERROLM_BATCH_INVARIANT=0` picks
     /// from [`GEMM_MIN_TOKENS`] tokens on; tests take it without the process-wide switch).
     pub fn quantize_with(&mut self, x: &[f32], n: usize, cols: usize, gemm: bool) {
-        use rayon::prelude::*;
         debug_assert_eq!(x.len(), n * cols);
         let nb = cols / QK;
         self.n = n;
@@ -1091,22 +1090,24 @@ impl QActs {
         self.sx.resize(n * nb, 0.0);
         self.s16.resize(2 * n * nb, 0.0);
         self.qs.resize(n * cols, 0);
-        let rows = x
-            .chunks_exact(cols)
-            .zip(self.qs.chunks_exact_mut(cols))
-            .zip(self.d.chunks_exact_mut(nb))
-            .zip(self.sx.chunks_exact_mut(nb))
-            .zip(self.s16.chunks_exact_mut(2 * nb))
-            .map(|((((x, q), d), sx), s16)| (x, q, d, sx, s16));
-        // A step of 16 tokens quantizes 16 × 1536 values before the FFN's down projection,
-        // ~20 µs that the other threads would wait through: split by tokens from there on
-        // (each token's blocks are the same whichever thread rounds them).
-        if n > 1 && n * cols >= PAR_QUANTIZE_MIN && rayon::current_num_threads() > 1 {
-            let rows: Vec<_> = rows.collect();
-            rows.into_par_iter()
-                .for_each(|(x, q, d, sx, s16)| quantize_row(x, q, d, sx, s16));
-        } else {
-            rows.for_each(|(x, q, d, sx, s16)| quantize_row(x, q, d, sx, s16));
+        #[cfg(target_arch = "x86_64")]
+        let simd = simd_quantize();
+        for (bi, blk) in x.chunks_exact(QK).enumerate() {
+            let q = &mut self.qs[bi * QK..(bi + 1) * QK];
+            #[cfg(target_arch = "x86_64")]
+            let (d, sum) = if simd {
+                // SAFETY: AVX2 checked by `simd_quantize`; both slices are exactly one block.
+                unsafe { x86::quantize_block_avx2(blk, q) }
+            } else {
+                quantize_block(blk, q)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (d, sum) = quantize_block(blk, q);
+            self.d[bi] = d;
+            self.sx[bi] = d * sum as f32;
+            let s0: i32 = q[..16].iter().map(|&v| v as i32).sum();
+            self.s16[2 * bi] = d * s0 as f32;
+            self.s16[2 * bi + 1] = d * (sum - s0) as f32;
         }
         self.gemm = gemm;
         if self.gemm {
@@ -1154,34 +1155,6 @@ impl QActs {
                 self.d[t * nb + b] * s
             })
             .sum()
-    }
-}
-
-/// Values of [`QActs::quantize_with`]'s activations from which it splits the rounding across
-/// threads.
-const PAR_QUANTIZE_MIN: usize = 8192;
-
-/// One token's activations `x` rounded to int8 blocks of [`QK`]: quants `q`, each block's
-/// scale `d`, `d · Σ q` in `sx` and the two halves' `d · Σ q` in `s16`.
-fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], sx: &mut [f32], s16: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    let simd = simd_quantize();
-    let blocks = x.chunks_exact(QK).zip(q.chunks_exact_mut(QK));
-    for (bi, (blk, q)) in blocks.enumerate() {
-        #[cfg(target_arch = "x86_64")]
-        let (db, sum) = if simd {
-            // SAFETY: AVX2 checked by `simd_quantize`; both slices are exactly one block.
-            unsafe { x86::quantize_block_avx2(blk, q) }
-        } else {
-            quantize_block(blk, q)
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let (db, sum) = quantize_block(blk, q);
-        d[bi] = db;
-        sx[bi] = db * sum as f32;
-        let s0: i32 = q[..16].iter().map(|&v| v as i32).sum();
-        s16[2 * bi] = db * s0 as f32;
-        s16[2 * bi + 1] = db * (sum - s0) as f32;
     }
 }
 
