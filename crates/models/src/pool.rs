@@ -8,12 +8,12 @@
 //! Measured with SmolLM2-135M at 16 sequences a step (`ferrolm bench --parallel 16`, 2
 //! threads): ~200 context switches a step, and two threads only 1.2× one.
 //!
-//! [`spinning`] runs the pass with one more job beside it that, on the other worker, polls the
-//! pool for work (`rayon::yield_now`, which runs a stolen job in place) until the pass ends:
+//! [`spinning`] runs the pass beside one poller job per other worker, which polls the pool for
+//! work (`rayon::yield_now`, which runs a stolen job in place) until the pass ends:
 //! what ggml's thread pool gets by spinning at its barriers, while keeping rayon's work
 //! stealing, so a worker that the OS takes away for a while delays only the chunks it holds.
-//! Each idle poll yields the core to the OS now and then, so a busy core's other tenant is
-//! not starved for a whole pass.
+//! Every 256th idle poll yields the core to the OS, so a busy core's other tenant is not
+//! starved for a whole pass.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

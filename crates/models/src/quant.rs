@@ -1158,15 +1158,13 @@ impl QActs {
     }
 }
 
-/// Whether activations are rounded by the AVX2 kernel: the CPU has it and `FERROLM_ISA` does
-/// not ask for scalar code (read once: an environment lookup per call was measurable).
+/// Whether activations are rounded by the AVX2+FMA kernel: [`Isa::detect`] finds at least
+/// AVX2 (the CPU has AVX2 and FMA, and `FERROLM_ISA` does not ask for scalar code). Read once,
+/// not per call, as the attention kernels' checks are.
 #[cfg(target_arch = "x86_64")]
 fn simd_quantize() -> bool {
     static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SIMD.get_or_init(|| {
-        is_x86_feature_detected!("avx2")
-            && std::env::var_os("FERROLM_ISA").is_none_or(|v| v != "scalar")
-    })
+    *SIMD.get_or_init(|| Isa::detect() != Isa::Scalar)
 }
 
 /// One block of 32 activations → i8 with scale `amax / 127`, rounding half to even (as
